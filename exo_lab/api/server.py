@@ -1,0 +1,178 @@
+"""Run the API on a background thread with its own event loop.
+
+The server never shares the caller's loop: in a notebook kernel it keeps
+answering while a cell runs, even a cell that blocks (a synchronous client
+call to this very server, a long computation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+from tornado.httpserver import HTTPServer
+
+from exo_lab.api.app import make_app
+from exo_lab.api.registry import Backend, ModelRegistry
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 52415
+
+
+class Server:
+    """An API server on ``host:port`` serving the models of a registry."""
+
+    def __init__(self, registry: ModelRegistry, host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> None:
+        self.registry = registry
+        self.host = host
+        self.port = port
+        self._owned: list[Any] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._http: HTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    @property
+    def openai_base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self) -> "Server":
+        """Bind and start serving; returns once the port is listening."""
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(loop)
+            self._loop = loop
+            try:
+                self._http = HTTPServer(make_app(self.registry), idle_connection_timeout=3600)
+                self._http.listen(self.port, self.host)
+                sock = next(iter(self._http._sockets.values()))
+                self.port = sock.getsockname()[1]
+            except BaseException as exc:
+                failure.append(exc)
+                ready.set()
+                loop.close()
+                return
+            ready.set()
+            try:
+                loop.run_forever()
+            finally:
+                loop.run_until_complete(loop.shutdown_asyncgens())
+                loop.close()
+                self._stopped.set()
+
+        self._thread = threading.Thread(target=run, name=f"exo-lab-api-{self.port}", daemon=True)
+        self._thread.start()
+        ready.wait()
+        if failure:
+            self._thread.join()
+            exc = failure[0]
+            if isinstance(exc, OSError):
+                raise OSError(exc.errno, f"cannot listen on {self.host}:{self.port}: {exc.strerror}; pass another port") from exc
+            raise exc
+        log.info("exo_lab API listening on %s", self.url)
+        return self
+
+    def own(self, thing: Any) -> None:
+        """Close ``thing`` (an Engine) when the server stops."""
+        self._owned.append(thing)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop listening, end the loop, close owned engines."""
+        loop, http = self._loop, self._http
+        if loop is not None and self.running:
+            async def shutdown() -> None:
+                if http is not None:
+                    http.stop()
+                    await asyncio.wait_for(http.close_all_connections(), timeout)
+
+            fut = asyncio.run_coroutine_threadsafe(shutdown(), loop)
+            try:
+                fut.result(timeout + 1)
+            except Exception:  # noqa: BLE001 - best effort; the loop stops anyway
+                log.debug("closing connections timed out", exc_info=True)
+            loop.call_soon_threadsafe(loop.stop)
+            self._thread.join(timeout)
+        for thing in self._owned:
+            thing.close()
+        self._owned.clear()
+
+    def wait(self) -> None:
+        """Block until the server stops (Ctrl-C stops it)."""
+        try:
+            while self.running:
+                self._stopped.wait(0.5)
+        except KeyboardInterrupt:
+            self.stop()
+
+    def __enter__(self) -> "Server":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __repr__(self) -> str:
+        state = "running" if self.running else "stopped"
+        return f"<exo_lab Server {self.url} {state} models={self.registry.names()}>"
+
+    def _repr_html_(self) -> str:
+        state = "running" if self.running else "stopped"
+        models = ", ".join(self.registry.names())
+        return (
+            f"<b>exo_lab API</b> {state} at <a href='{self.url}/v1/models' target='_blank'>{self.url}</a>"
+            f" &mdash; models: <code>{models}</code>; OpenAI base URL <code>{self.openai_base_url}</code>"
+        )
+
+
+def default_name(model: str | Path) -> str:
+    """The id clients use for a model: a directory's name, else what was given."""
+    path = Path(str(model)).expanduser()
+    return path.name if path.is_dir() else str(model)
+
+
+def serve(
+    model: str | Path | Backend,
+    port: int = DEFAULT_PORT,
+    host: str = "127.0.0.1",
+    name: str | None = None,
+) -> Server:
+    """Serve ``model`` (a name, a path, or an Engine) and return the running Server.
+
+    Returns at once; the server runs on its own thread until ``server.stop()``.
+    """
+    from exo_lab.engine.generator import Engine
+
+    registry = ModelRegistry()
+    owned = None
+    if isinstance(model, (str, Path)):
+        model_name = name or default_name(model)
+        owned = backend = Engine(model, name=model_name)
+    else:
+        backend = model
+        model_name = name or backend.name
+    registry.add(backend, model_name)
+    server = Server(registry, host, port)
+    try:
+        server.start()
+    except BaseException:
+        if owned is not None:
+            owned.close()
+        raise
+    if owned is not None:
+        server.own(owned)
+    return server

@@ -1,0 +1,125 @@
+"""The ``exo-lab`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+
+import exo_lab
+from exo_lab.api.server import DEFAULT_PORT
+
+
+def _serve(args: argparse.Namespace) -> int:
+    print(f"loading {args.model} ...", flush=True)
+    server = exo_lab.serve(args.model, port=args.port, host=args.host, name=args.name)
+    _announce(server)
+    _wait_for_signal(server)
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    print(f"exo_lab {exo_lab.__version__}: starting a local node with model {args.model!r} ...", flush=True)
+    server = exo_lab.serve(args.model, port=args.port, host=args.host, name=args.name)
+    _announce(server)
+    _wait_for_signal(server)
+    return 0
+
+
+def _announce(server: exo_lab.Server) -> None:
+    name = server.registry.names()[0]
+    from exo_lab import _blas
+
+    print(f"exo_lab API: {server.url}  (OpenAI base URL {server.openai_base_url}, BLAS: {_blas.name()})")
+    print(f"  models:  curl {server.url}/v1/models")
+    print(
+        f"  chat:    curl {server.url}/v1/chat/completions -H 'Content-Type: application/json' "
+        f"-d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'"
+    )
+    print("Press Ctrl-C to stop.", flush=True)
+
+
+def _wait_for_signal(server: exo_lab.Server) -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while server.running and not stop.wait(0.5):
+        pass
+    print("stopping ...", flush=True)
+    server.stop()
+
+
+def _models_list(args: argparse.Namespace) -> int:
+    from exo_lab.models import list_cached
+    from exo_lab.models.synthetic import PRESETS
+    from exo_lab.paths import models_dir
+
+    print(f"cached in {models_dir()}:")
+    for name in list_cached():
+        print(f"  {name}")
+    print("synthetic presets (use as 'synthetic:<preset>'; 'demo' is 'tiny'):")
+    for name, preset in PRESETS.items():
+        print(f"  {name:12s} {preset.description}")
+    return 0
+
+
+def _models_card(args: argparse.Namespace) -> int:
+    card = exo_lab.ModelCard.from_dir(exo_lab.resolve(args.model), name=args.model)
+    print(json.dumps(card.to_json(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="exo-lab", description="Distributed LLM inference on MLX, from Jupyter.")
+    parser.add_argument("--version", action="version", version=f"exo_lab {exo_lab.__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def api_args(p: argparse.ArgumentParser, model_default: str | None) -> None:
+        if model_default is None:
+            p.add_argument("--model", "-m", required=True, help="path, cached name, hub id, 'demo' or 'synthetic:<preset>'")
+        else:
+            p.add_argument("--model", "-m", default=model_default, help="model to serve (default: %(default)s)")
+        p.add_argument("--name", help="the model id clients send (default: the model's name)")
+        p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+        p.add_argument("--port", type=int, default=DEFAULT_PORT)
+
+    p = sub.add_parser("serve", help="serve one model behind the OpenAI-compatible API")
+    api_args(p, None)
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("up", help="the main job: a local node serving the demo model")
+    api_args(p, "demo")
+    p.set_defaults(func=_up)
+
+    models = sub.add_parser("models", help="synthetic models and the model cache")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    from exo_lab.models import synthetic
+
+    synthetic.add_cli(msub)
+    p = msub.add_parser("list", help="cached models and synthetic presets")
+    p.set_defaults(func=_models_list)
+    p = msub.add_parser("card", help="print a model's card (shape, bytes per layer) as JSON")
+    p.add_argument("model")
+    p.set_defaults(func=_models_card)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
+    )
+    logging.getLogger("tornado.access").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    try:
+        return args.func(args) or 0
+    except (exo_lab.models.ModelNotFoundError, FileExistsError, ValueError, OSError) as exc:
+        print(f"exo-lab: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""Single-process generation: one model, one worker thread, streamed tokens.
+
+All MLX work for a model runs on the engine's own thread, so callers on an
+event loop (a notebook kernel, the API server) are never blocked by it.
+Requests queue in arrival order; each returns a :class:`Generation` handle
+that can be iterated synchronously or asynchronously and cancelled from any
+thread (effective within one token).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+
+from exo_lab.engine.chat import chat_prompt_tokens
+from exo_lab.engine.sampling import SamplingParams, make_sampler
+from exo_lab.engine.stopping import StopMatcher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What to generate: prompt tokens, limits, sampling and stop rules."""
+
+    prompt_tokens: tuple[int, ...]
+    max_tokens: int = 256
+    sampling: SamplingParams = SamplingParams()
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+    def __post_init__(self) -> None:
+        if not self.prompt_tokens:
+            raise ValueError("the prompt is empty")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+
+
+@dataclass
+class Usage:
+    """Token counts and timings of one generation."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_s: float = 0.0
+    prompt_tps: float = 0.0
+    generation_tps: float = 0.0
+    total_s: float = 0.0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "total_tokens": self.total_tokens}
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of output: new text (may be empty) and the token ids behind it.
+
+    The last chunk has ``finish_reason`` (``stop``, ``length``, ``cancelled`` or
+    ``error``) and ``usage``.
+    """
+
+    text: str
+    tokens: tuple[int, ...] = ()
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    error: str | None = None
+    stop_sequence: str | None = None
+
+
+class GenerationError(RuntimeError):
+    """Generation failed inside the engine."""
+
+
+class Generation:
+    """Handle on a queued or running generation; iterate it for chunks."""
+
+    def __init__(self, request: GenerationRequest) -> None:
+        self.request = request
+        self._events: queue.Queue[Chunk] = queue.Queue()
+        self._cancel = threading.Event()
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._wakers: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self.usage: Usage | None = None
+        self.finish_reason: str | None = None
+
+    # producer side (engine thread)
+    def _push(self, chunk: Chunk) -> None:
+        if chunk.finish_reason is not None:
+            self.usage, self.finish_reason = chunk.usage, chunk.finish_reason
+        self._events.put(chunk)
+        if chunk.finish_reason is not None:
+            self._done.set()
+        with self._lock:
+            wakers = list(self._wakers)
+        for loop, event in wakers:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # the consumer's loop has closed
+                pass
+
+    # consumer side
+    def cancel(self) -> None:
+        """Stop generating; takes effect within one token."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def __iter__(self) -> Iterator[Chunk]:
+        while True:
+            chunk = self._events.get()
+            yield chunk
+            if chunk.finish_reason is not None:
+                return
+
+    async def __aiter__(self) -> AsyncIterator[Chunk]:
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        with self._lock:
+            self._wakers.append((loop, wake))
+        try:
+            while True:
+                try:
+                    chunk = self._events.get_nowait()
+                except queue.Empty:
+                    await wake.wait()
+                    wake.clear()
+                    continue
+                yield chunk
+                if chunk.finish_reason is not None:
+                    return
+        finally:
+            with self._lock:
+                self._wakers.remove((loop, wake))
+
+    def text(self) -> str:
+        """Block until done; the whole generated text (raises on engine errors)."""
+        parts = []
+        for chunk in self:
+            if chunk.error:
+                raise GenerationError(chunk.error)
+            parts.append(chunk.text)
+        return "".join(parts)
+
+
+class Engine:
+    """A model loaded with mlx_lm, generating on its own worker thread."""
+
+    def __init__(self, model: str | Path, name: str | None = None) -> None:
+        from exo_lab.models import resolve
+
+        self.path = resolve(model)
+        self.name = name or str(model)
+        self.created = int(time.time())
+        self._queue: queue.Queue[Generation | None] = queue.Queue()
+        self._loaded = threading.Event()
+        self._load_error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=f"exo-lab-engine-{self.name}", daemon=True)
+        self._thread.start()
+        self._loaded.wait()
+        if self._load_error is not None:
+            raise self._load_error
+
+    # public API
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+
+    def chat_tokens(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+        """Prompt tokens for chat ``messages`` (raises ValueError on bad messages)."""
+        return chat_prompt_tokens(self.tokenizer, messages)
+
+    def submit(self, request: GenerationRequest) -> Generation:
+        """Queue ``request``; returns at once with a handle to iterate."""
+        if not self._thread.is_alive():
+            raise GenerationError("the engine is closed")
+        gen = Generation(request)
+        self._queue.put(gen)
+        return gen
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
+        ignore_eos: bool = False,
+    ) -> Generation:
+        """Generate from raw text (or token ids); returns a streaming handle."""
+        tokens = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        return self.submit(
+            GenerationRequest(
+                tuple(tokens), max_tokens, SamplingParams(temperature, top_p, top_k, seed), tuple(stop), ignore_eos
+            )
+        )
+
+    def chat(self, messages: Sequence[dict[str, Any]], **kwargs: Any) -> Generation:
+        """Generate a reply to chat ``messages``; same keywords as :meth:`generate`."""
+        return self.generate(self.chat_tokens(messages), **kwargs)
+
+    def close(self) -> None:
+        """Finish queued work and stop the worker thread."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout=30)
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # worker thread
+    def _run(self) -> None:
+        try:
+            from mlx_lm import load
+
+            self.model, self.tokenizer, config = load(str(self.path), return_config=True)
+            self.config = config
+            self.context_length = config.get("max_position_embeddings")
+            self.eos_ids = set(self.tokenizer.eos_token_ids)
+            self.stream = mx.new_stream(mx.default_device())
+        except BaseException as exc:  # reported to the constructor's caller
+            self._load_error = exc
+            self._loaded.set()
+            return
+        self._loaded.set()
+        while True:
+            gen = self._queue.get()
+            if gen is None:
+                return
+            if gen.cancelled:
+                gen._push(Chunk("", finish_reason="cancelled", usage=Usage(len(gen.request.prompt_tokens))))
+                continue
+            try:
+                self._generate(gen)
+            except Exception as exc:
+                log.exception("generation %s failed", gen.request.id)
+                gen._push(Chunk("", finish_reason="error", error=f"{type(exc).__name__}: {exc}", usage=Usage()))
+
+    def _generate(self, gen: Generation) -> None:
+        from mlx_lm.generate import generate_step
+
+        req = gen.request
+        detok = self.tokenizer.detokenizer
+        stopper = StopMatcher(req.stop)
+        usage = Usage(prompt_tokens=len(req.prompt_tokens))
+        start = time.perf_counter()
+        first = start
+        finish = "length"
+        n = 0
+        steps = generate_step(
+            mx.array(req.prompt_tokens),
+            self.model,
+            self.stream,
+            max_tokens=req.max_tokens,
+            sampler=make_sampler(req.sampling),
+        )
+        try:
+            for token, _logprobs in steps:
+                if n == 0:
+                    first = time.perf_counter()
+                    usage.ttft_s = first - start
+                n += 1
+                if gen.cancelled:
+                    finish = "cancelled"
+                    break
+                if token in self.eos_ids and not req.ignore_eos:
+                    finish = "stop"
+                    break
+                detok.add_token(token)
+                text, hit = stopper.feed(detok.last_segment)
+                if hit:
+                    if text:
+                        gen._push(Chunk(text, (token,)))
+                    finish = "stop"
+                    break
+                gen._push(Chunk(text, (token,)))
+        finally:
+            steps.close()
+        if finish in ("length", "stop") and stopper.matched is None:
+            detok.finalize()
+            tail, hit = stopper.feed(detok.last_segment)
+            tail += "" if hit else stopper.flush()
+            if tail:
+                gen._push(Chunk(tail))
+        end = time.perf_counter()
+        usage.completion_tokens = n
+        usage.prompt_tps = usage.prompt_tokens / usage.ttft_s if usage.ttft_s else 0.0
+        usage.generation_tps = (n - 1) / (end - first) if n > 1 and end > first else 0.0
+        usage.total_s = end - start
+        gen._push(Chunk("", finish_reason=finish, usage=usage, stop_sequence=stopper.matched))

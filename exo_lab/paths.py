@@ -1,0 +1,21 @@
+"""Where exo_lab keeps its files (models cache, tokenizers, node state)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def cache_dir() -> Path:
+    """Root of exo_lab's cache: ``$EXO_LAB_CACHE_DIR`` or ``$XDG_CACHE_HOME/exo_lab``."""
+    root = os.environ.get("EXO_LAB_CACHE_DIR")
+    if root:
+        return Path(root).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "exo_lab"
+
+
+def models_dir() -> Path:
+    """Directory of cached models: ``$EXO_LAB_MODELS_DIR`` or ``<cache>/models``."""
+    override = os.environ.get("EXO_LAB_MODELS_DIR")
+    return Path(override).expanduser() if override else cache_dir() / "models"
