@@ -73,6 +73,7 @@ def parse_chat_request(data: dict[str, Any], registry: ModelRegistry) -> ChatReq
     top_k = get_int(data, "top_k", 0, minimum=0)
     seed = get_int(data, "seed", None)
     stop = get_stop(data)
+    ignore_eos = get_bool(data, "ignore_eos", False)  # vLLM-style extension: generate exactly max_tokens
     stream = get_bool(data, "stream", False)
     options = data.get("stream_options")
     if options is not None and not isinstance(options, dict):
@@ -100,6 +101,7 @@ def parse_chat_request(data: dict[str, Any], registry: ModelRegistry) -> ChatReq
         max_tokens=max_tokens,
         sampling=SamplingParams(temperature, top_p, top_k, seed),
         stop=stop,
+        ignore_eos=ignore_eos,
     )
     return ChatRequest(model, backend, request, stream, include_usage)
 

@@ -50,7 +50,8 @@ class SamplingParams:
 def _top_k(logits: mx.array, k: int) -> mx.array:
     if k <= 0 or k >= logits.shape[-1]:
         return logits
-    kth = mx.sort(logits, axis=-1)[..., -k : -k + 1]
+    n = logits.shape[-1]
+    kth = mx.sort(logits, axis=-1)[..., n - k : n - k + 1]
     return mx.where(logits < kth, -mx.inf, logits)
 
 

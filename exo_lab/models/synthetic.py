@@ -9,7 +9,7 @@ through exactly the path a downloaded model takes (``mlx_lm.load``).
 Initialisation: plain random weights make greedy decoding repeat one token.
 Here the embedding is small next to the blocks' outputs (so the next token is
 not simply the current one), attention projections get a gain so context
-mixes in, and the head rows of ids the tokenizer never produces (padding and
+mixes in (sharp queries and keys), and the head rows of ids the tokenizer never produces (padding and
 special tokens) are damped so generations look like text and rarely stop.
 Same arguments give byte-identical files.
 """
@@ -106,8 +106,9 @@ PRESETS: dict[str, Preset] = {
 
 # Initialisation gains (see module docstring); chosen so greedy output varies.
 EMBED_STD = 0.25
-ATTN_GAIN = 2.0
-MLP_GAIN = 1.5
+QK_GAIN = 4.0  # sharp attention: context, not a uniform average, steers the output
+VO_GAIN = 1.0
+MLP_GAIN = 2.0
 HEAD_GAIN = 3.0
 DAMPED_ROW_SCALE = 0.05
 
@@ -159,7 +160,12 @@ def _initial_weights(model: nn.Module, seed: int, damped_ids: list[int]) -> dict
             w = EMBED_STD * mx.random.normal(shape, key=key)
         else:
             fan_in = shape[-1]
-            gain = ATTN_GAIN if "self_attn" in name else MLP_GAIN
+            if "q_proj" in name or "k_proj" in name:
+                gain = QK_GAIN
+            elif "self_attn" in name:
+                gain = VO_GAIN
+            else:
+                gain = MLP_GAIN
             if name.startswith("lm_head"):
                 gain = HEAD_GAIN
             w = (gain / math.sqrt(fan_in)) * mx.random.normal(shape, key=key)

@@ -1,0 +1,162 @@
+"""notebooks/quickstart.ipynb runs top to bottom in a real kernel, and its server
+keeps answering other processes while the kernel lives."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import openai
+import pytest
+from ipykernel.kernelspec import install as install_kernelspec
+from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_client.manager import AsyncKernelManager
+from nbclient import NotebookClient
+
+from conftest import ARTIFACTS, REPO, free_port
+
+NOTEBOOK = REPO / "notebooks" / "quickstart.ipynb"
+CELL_TIMEOUT_S = 60
+
+
+def venv_kernel_manager(tmp_path: Path) -> AsyncKernelManager:
+    """A kernel manager for a ``python3`` kernel run by this interpreter (the venv's).
+
+    The kernelspec is installed into a private prefix and looked up only there, so
+    no kernel installed elsewhere on the machine (user, system, another env) is used.
+    """
+    spec_dir = Path(install_kernelspec(prefix=str(tmp_path / "jupyter"), kernel_name="python3"))
+    specs = KernelSpecManager(kernel_dirs=[str(spec_dir.parent)], ensure_native_kernel=False)
+    km = AsyncKernelManager(kernel_name="python3", kernel_spec_manager=specs)
+    assert km.kernel_spec.argv[0] == sys.executable, km.kernel_spec.argv
+    return km
+
+
+def cell_errors(nb: nbformat.NotebookNode) -> list[str]:
+    return [
+        f"cell {i} ({cell.get('id')}): {out.ename}: {out.evalue}"
+        for i, cell in enumerate(nb.cells)
+        if cell.cell_type == "code"
+        for out in cell.outputs
+        if out.output_type == "error"
+    ]
+
+
+def cell_text(nb: nbformat.NotebookNode, cell_id: str) -> str:
+    """Everything a code cell printed or displayed, as text (HTML included)."""
+    (cell,) = [c for c in nb.cells if c.get("id") == cell_id]
+    parts = []
+    for out in cell.outputs:
+        if out.output_type == "stream":
+            parts.append(out.text)
+        elif out.output_type in ("execute_result", "display_data"):
+            parts.extend(str(v) for k, v in out.data.items() if k.startswith("text/"))
+    return "".join(parts)
+
+
+def query_from_outside(base_url: str) -> None:
+    """The kernel's server answers a client in another process, plain and streaming."""
+    client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=30)
+    messages = [{"role": "user", "content": "Hello from the test process."}]
+
+    reply = client.chat.completions.create(model="demo", messages=messages, max_tokens=8, temperature=0)
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage is not None and reply.usage.completion_tokens == 8
+    assert reply.choices[0].message.content
+
+    stream = client.chat.completions.create(
+        model="demo",
+        messages=messages,
+        max_tokens=8,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    text, finish, usage = [], None, None
+    for event in stream:
+        for choice in event.choices:
+            text.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+        usage = event.usage or usage
+    assert finish == "length"
+    assert usage is not None and usage.completion_tokens == 8
+    assert "".join(text) == reply.choices[0].message.content  # greedy: same text either way
+
+
+def port_closes(port: int, deadline_s: float = 10.0) -> bool:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                pass
+        except OSError:
+            return True
+        time.sleep(0.05)  # poll interval, not a wait for an event
+    return False
+
+
+async def run_notebook(nb: nbformat.NotebookNode, km: AsyncKernelManager, env: dict[str, str], port: int) -> None:
+    client = NotebookClient(
+        nb,
+        km=km,
+        kernel_name="python3",
+        timeout=CELL_TIMEOUT_S,
+        startup_timeout=CELL_TIMEOUT_S,
+        resources={"metadata": {"path": str(NOTEBOOK.parent)}},
+    )
+    try:
+        # We own ``km``, so leaving this block keeps the kernel (and its server) alive.
+        async with client.async_setup_kernel(env=env):
+            for index, cell in enumerate(nb.cells):
+                await client.async_execute_cell(cell, index)
+            assert not cell_errors(nb), cell_errors(nb)
+            await asyncio.to_thread(query_from_outside, f"http://127.0.0.1:{port}/v1")
+    finally:
+        if client.kc is not None:
+            client.kc.stop_channels()
+        if await km.is_alive():
+            await km.shutdown_kernel()
+
+
+def test_notebook_is_committed_clean():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(nb)
+    assert nb.metadata.kernelspec.name == "python3"
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            assert cell.outputs == [] and cell.execution_count is None, f"cell {cell.id} has outputs"
+    first = next(c for c in nb.cells if c.cell_type == "code")
+    assert first.source.splitlines()[0].startswith("import exo_lab"), "exo_lab must be the first import"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_quickstart_runs_and_keeps_serving(tmp_path: Path) -> None:
+    port = free_port()
+    env = {
+        **os.environ,
+        "EXO_LAB_PORT": str(port),
+        "EXO_LAB_MODELS_DIR": str(tmp_path / "models"),  # empty cache: the demo model is made fresh
+        "EXO_LAB_CACHE_DIR": str(tmp_path / "cache"),
+        "IPYTHONDIR": str(tmp_path / "ipython"),
+        "HF_HUB_OFFLINE": "1",
+    }
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    km = venv_kernel_manager(tmp_path)
+    try:
+        asyncio.run(run_notebook(nb, km, env, port))
+    finally:
+        ARTIFACTS.mkdir(exist_ok=True)
+        nbformat.write(nb, ARTIFACTS / NOTEBOOK.name)
+
+    assert "BLAS: " in cell_text(nb, "import")
+    assert (tmp_path / "models" / "demo" / "config.json").is_file()
+    assert "finish_reason: length" in cell_text(nb, "usage")
+    assert f"127.0.0.1:{port}" in cell_text(nb, "serve")
+    assert "usage: CompletionUsage(completion_tokens=32" in cell_text(nb, "stream")
+    assert port_closes(port), f"port {port} still open after the kernel shut down"
