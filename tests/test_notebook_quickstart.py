@@ -159,4 +159,6 @@ def test_quickstart_runs_and_keeps_serving(tmp_path: Path) -> None:
     assert "finish_reason: length" in cell_text(nb, "usage")
     assert f"127.0.0.1:{port}" in cell_text(nb, "serve")
     assert "usage: CompletionUsage(completion_tokens=32" in cell_text(nb, "stream")
+    engine_text = cell_text(nb, "generate")
+    assert engine_text and engine_text in cell_text(nb, "client") and engine_text in cell_text(nb, "stream")
     assert port_closes(port), f"port {port} still open after the kernel shut down"

@@ -27,6 +27,7 @@ from exo_lab.engine.sampling import SamplingParams, make_sampler
 from exo_lab.engine.stopping import StopMatcher
 
 log = logging.getLogger(__name__)
+_parked = threading.Condition()  # closed engines' worker threads wait here forever
 
 
 @dataclass(frozen=True)
@@ -176,6 +177,7 @@ class Engine:
         self._queue: queue.Queue[Generation | None] = queue.Queue()
         self._loaded = threading.Event()
         self._load_error: BaseException | None = None
+        self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"exo-lab-engine-{self.name}", daemon=True)
         self._thread.start()
         self._loaded.wait()
@@ -192,7 +194,7 @@ class Engine:
 
     def submit(self, request: GenerationRequest) -> Generation:
         """Queue ``request``; returns at once with a handle to iterate."""
-        if not self._thread.is_alive():
+        if self._closed.is_set():
             raise GenerationError("the engine is closed")
         gen = Generation(request)
         self._queue.put(gen)
@@ -222,10 +224,10 @@ class Engine:
         return self.generate(self.chat_tokens(messages), **kwargs)
 
     def close(self) -> None:
-        """Finish queued work and stop the worker thread."""
-        if self._thread.is_alive():
+        """Finish queued work, then free the model; later submissions fail."""
+        if not self._closed.is_set():
             self._queue.put(None)
-            self._thread.join(timeout=30)
+            self._closed.wait(timeout=30)
 
     def __enter__(self) -> "Engine":
         return self
@@ -246,11 +248,12 @@ class Engine:
         except BaseException as exc:  # reported to the constructor's caller
             self._load_error = exc
             self._loaded.set()
-            return
+            self._release()
         self._loaded.set()
         while True:
             gen = self._queue.get()
             if gen is None:
+                self._release()
                 return
             if gen.cancelled:
                 gen._push(Chunk("", finish_reason="cancelled", usage=Usage(len(gen.request.prompt_tokens))))
@@ -260,6 +263,21 @@ class Engine:
             except Exception as exc:
                 log.exception("generation %s failed", gen.request.id)
                 gen._push(Chunk("", finish_reason="error", error=f"{type(exc).__name__}: {exc}", usage=Usage()))
+
+    def _release(self) -> None:
+        """Drop the model and park this thread for good.
+
+        A thread that ran MLX work and then exits makes the process abort at
+        exit now and then ("terminate called without an active exception");
+        a parked daemon thread does not, so the worker never returns.
+        """
+        self.model = None
+        mx.synchronize()
+        mx.clear_cache()
+        self._closed.set()
+        while True:
+            with _parked:
+                _parked.wait()
 
     def _generate(self, gen: Generation) -> None:
         from mlx_lm.generate import generate_step
