@@ -18,7 +18,7 @@ from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import AsyncKernelManager
 from nbclient import NotebookClient
 
-from conftest import ARTIFACTS, REPO, free_port
+from tests.conftest import ARTIFACTS, REPO, free_port
 
 NOTEBOOK = REPO / "notebooks" / "quickstart.ipynb"
 CELL_TIMEOUT_S = 60
