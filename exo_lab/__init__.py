@@ -7,7 +7,24 @@ from exo_lab import _blas
 _blas.preload()  # before anything imports mlx: OpenBLAS for MLX's CPU matmuls
 
 from exo_lab.api.server import Server, serve  # noqa: E402
+from exo_lab.cluster.client import Cluster, ClusterError, connect, discover, local_cluster  # noqa: E402
+from exo_lab.cluster.topology import LinkProfile, NodeInfo, Topology  # noqa: E402
 from exo_lab.engine.generator import Engine  # noqa: E402
 from exo_lab.models import ModelCard, resolve  # noqa: E402
 
-__all__ = ["Engine", "ModelCard", "Server", "__version__", "resolve", "serve"]
+__all__ = [
+    "Cluster",
+    "ClusterError",
+    "Engine",
+    "LinkProfile",
+    "ModelCard",
+    "NodeInfo",
+    "Server",
+    "Topology",
+    "__version__",
+    "connect",
+    "discover",
+    "local_cluster",
+    "resolve",
+    "serve",
+]

@@ -72,6 +72,42 @@ def _models_card(args: argparse.Namespace) -> int:
     return 0
 
 
+def _node(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from exo_lab.cluster.agent import AgentConfig, default_state_dir, run_agent
+
+    config = AgentConfig(
+        name=args.name or __import__("socket").gethostname(),
+        host=args.host,
+        port=args.port,
+        probe_port=args.probe_port,
+        state_dir=Path(args.state_dir) if args.state_dir else default_state_dir(),
+        cluster_key=args.cluster_key,
+        peers=args.peer,
+        mdns=not args.no_mdns,
+        probe_interval_s=args.probe_interval,
+        refresh_profile=args.refresh_profile,
+    )
+    return run_agent(config)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from exo_lab.cluster.display import topology_text
+
+    if args.connect:
+        cluster = exo_lab.connect(args.connect, cluster_key=args.cluster_key)
+    else:
+        cluster = exo_lab.discover(timeout=args.timeout, cluster_key=args.cluster_key)
+    if args.probe:
+        cluster.probe_links()
+    if args.json:
+        print(json.dumps(cluster.topology.to_json(), indent=2))
+    else:
+        print(topology_text(cluster.topology))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="exo-lab", description="Distributed LLM inference on MLX, from Jupyter.")
     parser.add_argument("--version", action="version", version=f"exo_lab {exo_lab.__version__}")
@@ -95,6 +131,27 @@ def build_parser() -> argparse.ArgumentParser:
     api_args(p, "demo")
     p.set_defaults(func=_up)
 
+    p = sub.add_parser("node", help="run the node agent of this machine")
+    p.add_argument("--name", help="node name (default: the hostname)")
+    p.add_argument("--host", default="0.0.0.0", help="address to bind (default: all, so peers can reach it)")
+    p.add_argument("--port", type=int, default=52416)
+    p.add_argument("--probe-port", type=int, help="link-probe port (default: port + 1; 0 picks one)")
+    p.add_argument("--state-dir", help="where the node id and cluster key live")
+    p.add_argument("--cluster-key", help="shared secret of the cluster (or EXO_LAB_CLUSTER_KEY)")
+    p.add_argument("--peer", action="append", default=[], metavar="HOST:PORT", help="a peer to join without mDNS")
+    p.add_argument("--no-mdns", action="store_true", help="do not advertise or browse with mDNS")
+    p.add_argument("--probe-interval", type=float, default=60.0, help="seconds between link measurements")
+    p.add_argument("--refresh-profile", action="store_true", help="re-run the device microbenchmarks")
+    p.set_defaults(func=_node)
+
+    p = sub.add_parser("status", help="nodes and links of the cluster, as tables")
+    p.add_argument("--connect", nargs="+", metavar="HOST:PORT", help="agents to ask (default: discover by mDNS)")
+    p.add_argument("--cluster-key")
+    p.add_argument("--timeout", type=float, default=3.0, help="mDNS discovery time")
+    p.add_argument("--probe", action="store_true", help="measure links now")
+    p.add_argument("--json", action="store_true", help="print the topology JSON")
+    p.set_defaults(func=_status)
+
     models = sub.add_parser("models", help="synthetic models and the model cache")
     msub = models.add_subparsers(dest="models_command", required=True)
     from exo_lab.models import synthetic
@@ -116,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("tornado.access").setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     try:
         return args.func(args) or 0
-    except (exo_lab.models.ModelNotFoundError, FileExistsError, ValueError, OSError) as exc:
+    except (exo_lab.models.ModelNotFoundError, exo_lab.ClusterError, FileExistsError, ValueError, OSError) as exc:
         print(f"exo-lab: error: {exc}", file=sys.stderr)
         return 2
 

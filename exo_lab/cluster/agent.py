@@ -1,0 +1,450 @@
+"""The node agent (``exo-lab node``): one per machine.
+
+It reports its profile, finds peers (mDNS and manual ``--peer``), checks they
+are alive, measures every link to them, and (later) starts shard workers.
+HTTP API (tornado, JSON):
+
+- ``GET /node``: id, name, addresses, ports, profile (memory read live);
+- ``GET /node/links``: latest measurement of every link to every peer;
+- ``GET /node/peers``: peers with their state (``alive`` / ``gone``);
+- ``POST /node/hello``: the peer handshake (signed; the answer proves the key);
+- ``POST /node/links/probe``: measure all links now (signed);
+- ``POST /node/peers``: ``{"address": "host:port"}`` adds a manual peer (signed).
+
+Read-only endpoints answer unsigned requests only from loopback; everything
+else needs the cluster key's signature (see :mod:`exo_lab.cluster.auth`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import signal
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import secrets
+
+import psutil
+import tornado.web
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+from tornado.httpserver import HTTPServer
+
+from exo_lab import __version__
+from exo_lab.cluster.auth import Verifier, fingerprint, load_or_create_key, sign_headers
+from exo_lab.cluster.discovery import Advert, Discovery
+from exo_lab.cluster.links import ProbeServer, probe_link
+from exo_lab.cluster.topology import LinkProfile, NodeInfo
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NODE_PORT = 52416
+
+
+def default_state_dir() -> Path:
+    import os
+
+    if os.environ.get("EXO_LAB_STATE_DIR"):
+        return Path(os.environ["EXO_LAB_STATE_DIR"]).expanduser()
+    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(xdg) / "exo_lab" / "node"
+
+
+def load_or_create_id(state_dir: Path) -> str:
+    """The node's stable id, made once and kept in the state dir."""
+    path = state_dir / "node_id"
+    if path.exists():
+        return path.read_text().strip()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    node_id = uuid.uuid4().hex[:12]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(node_id + "\n")
+    tmp.replace(path)
+    return node_id
+
+
+def local_addresses(host: str) -> list[str]:
+    """IPv4 addresses peers can reach this node on."""
+    if host not in ("0.0.0.0", ""):
+        return [host]
+    out = []
+    stats = psutil.net_if_stats()
+    for ifname, addrs in sorted(psutil.net_if_addrs().items()):
+        if ifname in stats and not stats[ifname].isup:
+            continue
+        for a in addrs:
+            if a.family == socket.AF_INET and not ipaddress.ip_address(a.address).is_loopback:
+                out.append(a.address)
+    return out or ["127.0.0.1"]
+
+
+def proof(key: str, challenge: str, node_id: str) -> str:
+    """What a node answers to a hello's challenge to show it holds the key."""
+    return hmac.new(key.encode(), f"hello\n{challenge}\n{node_id}".encode(), hashlib.sha256).hexdigest()
+
+
+def is_loopback(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class Peer:
+    """A peer agent as this node tracks it."""
+
+    info: NodeInfo
+    source: str
+    last_seen: float = 0.0
+    joined_at: float = 0.0
+    contact: str | None = None  # "host:port" that answered last
+
+    def to_json(self) -> dict[str, Any]:
+        return {**self.info.to_json(), "source": self.source, "last_seen": self.last_seen, "contact": self.contact}
+
+
+@dataclass
+class AgentConfig:
+    """How to run a node agent."""
+
+    name: str = field(default_factory=socket.gethostname)
+    host: str = "0.0.0.0"
+    port: int = DEFAULT_NODE_PORT
+    probe_port: int | None = None  # default: port + 1
+    state_dir: Path = field(default_factory=default_state_dir)
+    cluster_key: str | None = None
+    peers: list[str] = field(default_factory=list)
+    mdns: bool = True
+    probe_interval_s: float = 60.0
+    liveness_interval_s: float = 1.5
+    gone_after_s: float = 6.0
+    probe_samples: int = 50
+    probe_bytes: int = 4 << 20
+    refresh_profile: bool = False
+
+
+class NodeAgent:
+    """A running node agent on the current event loop."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.key = load_or_create_key(config.state_dir, config.cluster_key)
+        self.id = load_or_create_id(config.state_dir)
+        self.verifier = Verifier(self.key)
+        self.fingerprint = fingerprint(self.key)
+        self.addresses = local_addresses(config.host)
+        self.port = config.port
+        self.probe_port = config.probe_port if config.probe_port is not None else config.port + 1
+        self.profile: dict[str, Any] = {}
+        self.peers: dict[str, Peer] = {}
+        self.manual: dict[str, str | None] = {a: None for a in config.peers}  # address -> node id
+        self.links: dict[tuple[str, str], LinkProfile] = {}
+        self.started_at = time.time()
+        self._http: HTTPServer | None = None
+        self._probe_server = ProbeServer(self.verifier)
+        self._discovery: Discovery | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._probe_lock = asyncio.Lock()
+        self._client = AsyncHTTPClient(force_instance=True)
+        self.stopped = asyncio.Event()
+
+    # lifecycle
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        profile = await loop.run_in_executor(None, self._measure_profile)
+        self.profile = profile.to_json()
+        self._http = HTTPServer(self._app())
+        self._http.listen(self.port, self.config.host)
+        self.port = next(iter(self._http._sockets.values())).getsockname()[1]
+        self.probe_port = await self._probe_server.start(self.config.host, self.probe_port)
+        if self.config.mdns:
+            self._discovery = Discovery(self.id, self.config.name, self.addresses, self.port, self.probe_port,
+                                        self.fingerprint, self._on_advert, self._on_lost)
+            try:
+                await self._discovery.start()
+            except OSError as exc:
+                log.warning("mDNS unavailable (%s); use --peer host:port", exc)
+                self._discovery = None
+        self._tasks = [asyncio.ensure_future(self._liveness_loop()), asyncio.ensure_future(self._probe_loop())]
+        log.info("node %s (%s) on %s:%d, probes on %d, addresses %s", self.id, self.config.name, self.config.host,
+                 self.port, self.probe_port, self.addresses)
+
+    def _measure_profile(self):
+        """The cached device profile; one agent of a host measures, the others wait for it."""
+        from filelock import FileLock
+
+        from exo_lab.cluster.profile import load_or_measure
+        from exo_lab.paths import cache_dir
+
+        cache_dir().mkdir(parents=True, exist_ok=True)
+        with FileLock(str(cache_dir() / "profiles.lock")):
+            return load_or_measure(refresh=self.config.refresh_profile)
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        if self._discovery is not None:
+            await self._discovery.stop()
+        if self._http is not None:
+            self._http.stop()
+        await self._probe_server.stop()
+        self._client.close()
+        self.stopped.set()
+
+    # views
+    def node_info(self) -> NodeInfo:
+        from exo_lab.cluster.profile import memory_now
+
+        total, available = memory_now()
+        profile = {**self.profile, "memory_total_bytes": total, "memory_available_bytes": available}
+        return NodeInfo(self.id, self.config.name, self.addresses, self.port, self.probe_port, "alive", profile,
+                        __version__)
+
+    def links_json(self) -> list[dict[str, Any]]:
+        return [link.to_json() for _, link in sorted(self.links.items())]
+
+    # peers
+    async def _fetch_node(self, address: str) -> NodeInfo:
+        """Mutually authenticated hello: the peer checks our signature, we check its proof."""
+        path = "/node/hello"
+        challenge = secrets.token_hex(16)
+        body = json.dumps({"id": self.id, "challenge": challenge}).encode()
+        req = HTTPRequest(f"http://{address}{path}", method="POST", body=body,
+                          headers=sign_headers(self.key, "POST", path, body), request_timeout=2.0, connect_timeout=2.0)
+        resp = await self._client.fetch(req)
+        data = json.loads(resp.body)
+        info = NodeInfo.from_json(data["node"])
+        if not hmac.compare_digest(data.get("proof", ""), proof(self.key, challenge, info.id)):
+            raise ValueError(f"{address} could not prove it holds the cluster key")
+        return info
+
+    async def _contact(self, addresses: list[str], source: str, expected_id: str | None = None) -> Peer | None:
+        for address in addresses:
+            try:
+                info = await self._fetch_node(address)
+            except HTTPClientError as exc:
+                if exc.code == 401:
+                    log.warning("peer %s refused our signature: it has another cluster key; not joining", address)
+                continue
+            except (OSError, asyncio.TimeoutError, ValueError):
+                continue
+            if info.id == self.id or (expected_id and info.id != expected_id):
+                continue
+            now = time.time()
+            peer = self.peers.get(info.id)
+            if peer is None or peer.info.state == "gone":
+                log.info("peer %s (%s) %s via %s", info.id, info.name, "joined" if peer is None else "re-joined",
+                         address)
+                peer = Peer(info, source, now, now, address)
+                self.peers[info.id] = peer
+                asyncio.ensure_future(self.probe_peer(info.id))
+            else:
+                peer.info = info
+            peer.last_seen = now
+            peer.contact = address
+            return peer
+        return None
+
+    async def _on_advert(self, advert: Advert) -> None:
+        addrs = [f"{a}:{advert.port}" for a in advert.addresses]
+        known = self.peers.get(advert.id)
+        if known is not None and known.contact:
+            addrs.insert(0, known.contact)
+        await self._contact(addrs, "mdns", advert.id)
+
+    async def _on_lost(self, peer_id: str) -> None:
+        peer = self.peers.get(peer_id)
+        if peer and peer.info.state == "alive" and not await self._contact(self._peer_addrs(peer), peer.source, peer_id):
+            self._mark_gone(peer)
+
+    def _peer_addrs(self, peer: Peer) -> list[str]:
+        addrs = [peer.contact] if peer.contact else []
+        addrs += [f"{a}:{peer.info.port}" for a in peer.info.addresses if f"{a}:{peer.info.port}" != peer.contact]
+        return addrs
+
+    def _mark_gone(self, peer: Peer) -> None:
+        if peer.info.state != "gone":
+            log.info("peer %s (%s) is gone", peer.info.id, peer.info.name)
+        peer.info.state = "gone"
+
+    async def _liveness_loop(self) -> None:
+        while True:
+            checks = [self._check_manual(a) for a in self.manual]
+            checks += [self._check_peer(p) for p in list(self.peers.values())]
+            await asyncio.gather(*checks, return_exceptions=True)
+            await asyncio.sleep(self.config.liveness_interval_s)
+
+    async def _check_manual(self, address: str) -> None:
+        peer = await self._contact([address], "manual", None)
+        if peer is not None:
+            self.manual[address] = peer.info.id
+
+    async def _check_peer(self, peer: Peer) -> None:
+        if peer.info.id in self.manual.values() and peer.source == "manual":
+            pass  # _check_manual covers it
+        elif await self._contact(self._peer_addrs(peer), peer.source, peer.info.id):
+            return
+        if time.time() - peer.last_seen > self.config.gone_after_s:
+            self._mark_gone(peer)
+
+    # links
+    async def probe_peer(self, peer_id: str) -> list[LinkProfile]:
+        """Measure every address of one peer (one probe at a time per agent)."""
+        peer = self.peers.get(peer_id)
+        if peer is None or peer.info.state != "alive" or not peer.info.probe_port:
+            return []
+        loop = asyncio.get_running_loop()
+        out = []
+        async with self._probe_lock:
+            for address in peer.info.addresses:
+                link = await loop.run_in_executor(
+                    None,
+                    lambda a=address: probe_link(self.key, self.id, peer_id, a, peer.info.probe_port,
+                                                 self.config.probe_samples, self.config.probe_bytes),
+                )
+                self.links[(peer_id, address)] = link
+                out.append(link)
+        return out
+
+    async def probe_all(self) -> list[LinkProfile]:
+        out = []
+        for peer_id in [p.info.id for p in self.peers.values() if p.info.state == "alive"]:
+            out += await self.probe_peer(peer_id)
+        return out
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.probe_interval_s)
+            try:
+                await self.probe_all()
+            except Exception:  # keep probing later; report why now
+                log.exception("link probe round failed")
+
+    # HTTP
+    def _app(self) -> tornado.web.Application:
+        kw = {"agent": self}
+        return tornado.web.Application(
+            [
+                (r"/node", NodeHandler, kw),
+                (r"/node/hello", HelloHandler, kw),
+                (r"/node/links", LinksHandler, kw),
+                (r"/node/links/probe", ProbeHandler, kw),
+                (r"/node/peers", PeersHandler, kw),
+            ],
+            default_handler_class=AgentNotFound,
+            default_handler_args=kw,
+        )
+
+
+class AgentHandler(tornado.web.RequestHandler):
+    """JSON responses, signature checks."""
+
+    def initialize(self, agent: NodeAgent) -> None:
+        self.agent = agent
+
+    def set_default_headers(self) -> None:
+        self.set_header("Content-Type", "application/json")
+
+    def send(self, data: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.finish(json.dumps(data))
+
+    def authorised(self, read_only: bool) -> bool:
+        """True if the request may proceed; otherwise a 401 has been sent."""
+        if read_only and is_loopback(self.request.remote_ip or ""):
+            return True
+        problem = self.agent.verifier.problem(
+            self.request.method, self.request.uri, self.request.body, dict(self.request.headers)
+        )
+        if problem is None:
+            return True
+        self.send({"error": f"unauthorised: {problem}"}, 401)
+        return False
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        self.finish(json.dumps({"error": self._reason}))
+
+
+class AgentNotFound(AgentHandler):
+    def prepare(self) -> None:
+        self.send({"error": f"unknown path {self.request.path}"}, 404)
+
+
+class NodeHandler(AgentHandler):
+    def get(self) -> None:
+        if self.authorised(read_only=True):
+            self.send(self.agent.node_info().to_json())
+
+
+class HelloHandler(AgentHandler):
+    """``POST /node/hello``: peer-to-peer handshake; always signed, answered with a proof."""
+
+    def post(self) -> None:
+        if not self.authorised(read_only=False):
+            return
+        try:
+            challenge = str(json.loads(self.request.body)["challenge"])
+        except (ValueError, KeyError, TypeError):
+            self.send({"error": "send {\"id\": ..., \"challenge\": ...}"}, 400)
+            return
+        info = self.agent.node_info()
+        self.send({"node": info.to_json(), "proof": proof(self.agent.key, challenge, info.id)})
+
+
+class LinksHandler(AgentHandler):
+    def get(self) -> None:
+        if self.authorised(read_only=True):
+            self.send({"node": self.agent.id, "links": self.agent.links_json()})
+
+
+class ProbeHandler(AgentHandler):
+    async def post(self) -> None:
+        if self.authorised(read_only=False):
+            links = await self.agent.probe_all()
+            self.send({"node": self.agent.id, "links": [link.to_json() for link in links]})
+
+
+class PeersHandler(AgentHandler):
+    def get(self) -> None:
+        if self.authorised(read_only=True):
+            self.send({"node": self.agent.id, "peers": [p.to_json() for p in self.agent.peers.values()]})
+
+    async def post(self) -> None:
+        if not self.authorised(read_only=False):
+            return
+        try:
+            address = json.loads(self.request.body)["address"]
+            host, port = address.rsplit(":", 1)
+            int(port)
+        except (ValueError, KeyError, TypeError):
+            self.send({"error": "send {\"address\": \"host:port\"}"}, 400)
+            return
+        self.agent.manual[address] = None
+        peer = await self.agent._contact([address], "manual")
+        self.send({"added": address, "peer": peer.info.id if peer else None})
+
+
+def run_agent(config: AgentConfig) -> int:
+    """Run an agent until SIGTERM/SIGINT; returns the exit code."""
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        agent = NodeAgent(config)
+        await agent.start()
+        print(f"exo_lab node {agent.id} ({config.name}) listening on {config.host}:{agent.port}", flush=True)
+        await stop.wait()
+        await agent.stop()
+
+    asyncio.run(main())
+    return 0

@@ -1,0 +1,300 @@
+"""The coordinator's view of a cluster: ``exo_lab.discover / connect / local_cluster``.
+
+A :class:`Cluster` talks to node agents over HTTP (signed with the cluster
+key when it has one; unsigned reads work on loopback). Connecting to one
+agent is enough: the peers it knows are added on :meth:`Cluster.refresh`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from exo_lab.cluster.auth import ENV_KEY, fingerprint, sign_headers
+from exo_lab.cluster.topology import LinkProfile, NodeInfo, Topology
+
+log = logging.getLogger(__name__)
+
+
+class ClusterError(RuntimeError):
+    """A node could not be reached or refused a request."""
+
+
+def _normalise(address: str) -> str:
+    address = address.removeprefix("http://").rstrip("/")
+    return address if ":" in address else f"{address}:52416"
+
+
+class Cluster:
+    """Node agents seen from a coordinator (a notebook kernel or ``exo-lab up``)."""
+
+    def __init__(self, addresses: list[str], cluster_key: str | None = None, *, _processes: list | None = None,
+                 _tmpdir: str | None = None) -> None:
+        self.cluster_key = cluster_key or os.environ.get(ENV_KEY) or _default_key()
+        self._addresses: dict[str, str | None] = {_normalise(a): None for a in addresses}  # address -> node id
+        self._processes = _processes or []
+        self._tmpdir = _tmpdir
+        self._topology = Topology()
+        self._contacts: dict[str, str] = {}  # node id -> "host:port"
+        self._peers: dict[str, list[dict[str, Any]]] = {}  # node id -> its peer table
+        self.refresh()
+
+    # HTTP
+    def request(self, address: str, method: str, path: str, body: Any = None, timeout: float = 30.0) -> Any:
+        """A JSON request to the agent at ``address``, signed when the cluster key is known."""
+        data = json.dumps(body).encode() if body is not None else b""
+        headers = {"Content-Type": "application/json"}
+        if self.cluster_key:
+            headers.update(sign_headers(self.cluster_key, method, path, data))
+        req = urllib.request.Request(f"http://{address}{path}", data=data if method != "GET" else None,
+                                     headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                return json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")
+            hint = " (pass cluster_key= or set EXO_LAB_CLUSTER_KEY)" if exc.code == 401 else ""
+            raise ClusterError(f"{method} {address}{path}: HTTP {exc.code} {detail}{hint}") from exc
+        except (OSError, ValueError) as exc:
+            raise ClusterError(f"{method} {address}{path}: {exc}") from exc
+
+    # state
+    def refresh(self) -> "Cluster":
+        """Re-read every node, its peers and its links."""
+        nodes: dict[str, NodeInfo] = {}
+        links: list[LinkProfile] = []
+        pending = list(self._addresses)
+        seen: set[str] = set()
+        with ThreadPoolExecutor(8) as pool:
+            while pending:
+                batch = [a for a in pending if a not in seen]
+                seen.update(batch)
+                pending = []
+                for address, result in zip(batch, pool.map(self._read_agent, batch)):
+                    if isinstance(result, ClusterError):
+                        log.debug("%s", result)
+                        continue
+                    info, peers, node_links = result
+                    self._peers[info.id] = peers
+                    self._addresses[address] = info.id
+                    self._contacts[info.id] = address
+                    nodes[info.id] = info
+                    links += node_links
+                    for p in peers:
+                        if p["id"] not in nodes and p["id"] not in self._contacts and p.get("contact"):
+                            pending.append(p["contact"])
+                        elif p["id"] not in nodes and p.get("state") == "gone":
+                            nodes.setdefault(p["id"], NodeInfo.from_json({**p, "state": "gone"}))
+        for node_id, contact in self._contacts.items():
+            if node_id not in nodes:
+                old = self._topology.nodes.get(node_id)
+                if old is not None:
+                    old.state = "gone"
+                    nodes[node_id] = old
+        if not nodes:
+            raise ClusterError(f"no node agent answered at {', '.join(self._addresses) or '(no addresses)'}")
+        self._topology = Topology(nodes, links)
+        return self
+
+    def _read_agent(self, address: str):
+        try:
+            info = NodeInfo.from_json(self.request(address, "GET", "/node", timeout=5))
+            peers = self.request(address, "GET", "/node/peers", timeout=5)["peers"]
+            links = [LinkProfile.from_json(x) for x in self.request(address, "GET", "/node/links", timeout=5)["links"]]
+            return info, peers, links
+        except ClusterError as exc:
+            return exc
+
+    @property
+    def topology(self) -> Topology:
+        return self._topology
+
+    @property
+    def nodes(self) -> list[NodeInfo]:
+        return sorted(self._topology.nodes.values(), key=lambda n: n.name)
+
+    def node(self, name_or_id: str) -> NodeInfo:
+        for n in self._topology.nodes.values():
+            if name_or_id in (n.id, n.name):
+                return n
+        raise KeyError(f"no node {name_or_id!r}; nodes: {', '.join(n.name for n in self.nodes)}")
+
+    def address_of(self, node_id: str) -> str:
+        return self._contacts[node_id]
+
+    def probe_links(self) -> Topology:
+        """Ask every live node to measure its links now, then refresh."""
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda a: self.request(a, "POST", "/node/links/probe", {}, timeout=120),
+                          [self._contacts[n.id] for n in self.nodes if n.state == "alive"]))
+        self.refresh()
+        return self._topology
+
+    def wait_for(self, nodes: int, links: bool = True, timeout: float = 60.0) -> "Cluster":
+        """Poll until ``nodes`` nodes are alive, each sees the others, and (optionally) has measured its links."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.refresh()
+            alive = [n.id for n in self._topology.alive()]
+            ok = len(alive) >= nodes and all(
+                len([p for p in self._peers.get(a, []) if p.get("state") == "alive"]) >= nodes - 1 for a in alive
+            )
+            if ok and links:
+                measured = {(link.src, link.dst) for link in self._topology.links if link.ok}
+                ok = all((a, b) in measured for a in alive for b in alive if a != b)
+            if ok:
+                return self
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"cluster has {len(alive)}/{nodes} nodes alive after {timeout:.0f} s")
+            time.sleep(0.2)
+
+    def close(self) -> None:
+        """Stop the agents this object started (local clusters); others keep running."""
+        for proc in self._processes:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in self._processes:
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self._processes.clear()
+        if self._tmpdir:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+            self._tmpdir = None
+
+    def __enter__(self) -> "Cluster":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        from exo_lab.cluster.display import nodes_text
+
+        return nodes_text(self._topology)
+
+    def _repr_html_(self) -> str:
+        from exo_lab.cluster.display import nodes_html
+
+        return nodes_html(self._topology)
+
+
+def _default_key() -> str | None:
+    from exo_lab.cluster.agent import default_state_dir
+
+    path = default_state_dir() / "cluster.key"
+    return path.read_text().strip() if path.exists() else None
+
+
+def connect(addresses: list[str], cluster_key: str | None = None) -> Cluster:
+    """A cluster from agent addresses (``host:port``); their peers are found too."""
+    return Cluster(addresses, cluster_key)
+
+
+def discover(timeout: float = 3.0, cluster_key: str | None = None) -> Cluster:
+    """Find agents on the local network by mDNS (those with our key's fingerprint)."""
+    import socket
+
+    from zeroconf import IPVersion, ServiceBrowser, Zeroconf
+
+    from exo_lab.cluster.discovery import SERVICE_TYPE
+
+    key = cluster_key or os.environ.get(ENV_KEY) or _default_key()
+    fp = fingerprint(key) if key else None
+    found: dict[str, str] = {}
+    zc = Zeroconf(ip_version=IPVersion.V4Only)
+
+    class Listener:
+        def add_service(self, zc_: Zeroconf, type_: str, name: str) -> None:
+            info = zc_.get_service_info(type_, name, 3000)
+            if info is None:
+                return
+            props = {k.decode(): (v or b"").decode() for k, v in info.properties.items()}
+            if fp and props.get("fp") != fp:
+                return
+            addrs = info.parsed_addresses(IPVersion.V4Only)
+            if addrs:
+                found[props.get("id", name)] = f"{addrs[0]}:{info.port}"
+
+        update_service = add_service
+
+        def remove_service(self, *args: Any) -> None:
+            pass
+
+    browser = ServiceBrowser(zc, SERVICE_TYPE, Listener())
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+    browser.cancel()
+    zc.close()
+    if not found:
+        raise ClusterError(
+            f"no exo_lab node answered mDNS within {timeout} s on {socket.gethostname()}: start one with "
+            "'exo-lab node', or use exo_lab.connect(['host:port'])"
+        )
+    return Cluster(sorted(found.values()), key)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def local_cluster(n: int = 2, cluster_key: str | None = None, probe_interval_s: float = 60.0,
+                  timeout: float = 90.0) -> Cluster:
+    """Start ``n`` node agents as processes on loopback (no root needed) and connect to them."""
+    import secrets
+
+    from exo_lab import _blas
+
+    if n < 1:
+        raise ValueError("a cluster needs at least one node")
+    key = cluster_key or secrets.token_hex(32)
+    tmp = tempfile.mkdtemp(prefix="exo-lab-local-")
+    ports = [_free_port() for _ in range(n)]
+    env = _blas.child_env()
+    procs = []
+    for i, port in enumerate(ports):
+        cmd = [sys.executable, "-m", "exo_lab.cli", "node", "--host", "127.0.0.1", "--port", str(port),
+               "--probe-port", "0", "--name", f"local-{i}", "--state-dir", str(Path(tmp) / f"node-{i}"),
+               "--cluster-key", key, "--no-mdns", "--probe-interval", str(probe_interval_s)]
+        for j, other in enumerate(ports):
+            if j != i:
+                cmd += ["--peer", f"127.0.0.1:{other}"]
+        log_file = open(Path(tmp) / f"node-{i}.log", "wb")
+        procs.append(subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env))
+    deadline = time.monotonic() + timeout
+    addresses = [f"127.0.0.1:{p}" for p in ports]
+    while True:
+        dead = [p for p in procs if p.poll() is not None]
+        if dead:
+            logs = (Path(tmp) / f"node-{procs.index(dead[0])}.log").read_text(errors="replace")[-2000:]
+            for p in procs:
+                p.kill()
+            raise ClusterError(f"a local node exited with {dead[0].returncode}:\n{logs}")
+        try:
+            cluster = Cluster(addresses, key, _processes=procs, _tmpdir=tmp)
+            break
+        except ClusterError:
+            if time.monotonic() > deadline:
+                for p in procs:
+                    p.kill()
+                raise
+            time.sleep(0.2)
+    return cluster.wait_for(n, links=n > 1, timeout=max(1.0, deadline - time.monotonic()))

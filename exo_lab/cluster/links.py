@@ -1,0 +1,170 @@
+"""Link probes: round-trip time and throughput between two node agents.
+
+Each agent runs a small TCP probe service beside its HTTP API. A probing
+agent opens one connection per peer address, authenticates with a signed
+hello line, then:
+
+- ``E`` + 63 bytes: echoed back (RTT samples; median and p95 are reported);
+- ``U`` + 8-byte length + payload: acknowledged with ``A`` once all arrived
+  (send throughput, prober -> peer);
+- ``D`` + 8-byte length: the peer sends that many bytes (receive throughput).
+
+The client side is blocking (run it on a thread): Python's event-loop jitter
+would otherwise show up as latency.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import statistics
+import struct
+import time
+
+from exo_lab.cluster.auth import Verifier, sign_headers
+from exo_lab.cluster.topology import LinkProfile
+
+log = logging.getLogger(__name__)
+
+FRAME = 64
+CHUNK = 1 << 16
+_ZEROS = bytes(CHUNK)
+
+
+class ProbeServer:
+    """The peer side of link probes (asyncio)."""
+
+    def __init__(self, verifier: Verifier) -> None:
+        self.verifier = verifier
+        self.server: asyncio.base_events.Server | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        self.server = await asyncio.start_server(self._handle, host, port)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            hello = json.loads(await asyncio.wait_for(reader.readline(), 5))
+            problem = self.verifier.problem("PROBE", "/probe", b"", hello)
+            if problem:
+                writer.write(f"NO {problem}\n".encode())
+                await writer.drain()
+                return
+            writer.write(b"OK\n")
+            await writer.drain()
+            while True:
+                cmd = await reader.readexactly(1)
+                if cmd == b"E":
+                    writer.write(b"E" + await reader.readexactly(FRAME - 1))
+                    await writer.drain()
+                elif cmd == b"U":
+                    (n,) = struct.unpack("<Q", await reader.readexactly(8))
+                    while n:
+                        got = await reader.read(min(n, 1 << 20))
+                        if not got:
+                            return
+                        n -= len(got)
+                    writer.write(b"A")
+                    await writer.drain()
+                elif cmd == b"D":
+                    (n,) = struct.unpack("<Q", await reader.readexactly(8))
+                    while n:
+                        k = min(n, CHUNK)
+                        writer.write(_ZEROS[:k])
+                        n -= k
+                        await writer.drain()
+                else:
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError, ValueError, OSError):
+            return
+        finally:
+            writer.close()
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        got = sock.recv(min(n - len(buf), 1 << 20))
+        if not got:
+            raise ConnectionError("peer closed the probe connection")
+        buf += got
+    return bytes(buf)
+
+
+def probe_link(
+    key: str,
+    src: str,
+    dst: str,
+    address: str,
+    port: int,
+    samples: int = 50,
+    transfer_bytes: int = 4 << 20,
+    timeout_s: float = 10.0,
+) -> LinkProfile:
+    """Measure RTT and throughput to ``address:port``; errors come back in the profile."""
+    link = LinkProfile(src=src, dst=dst, src_address=None, dst_address=address, measured_at=time.time())
+    try:
+        with socket.create_connection((address, port), timeout=timeout_s) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            link.src_address = sock.getsockname()[0]
+            sock.sendall(json.dumps(sign_headers(key, "PROBE", "/probe")).encode() + b"\n")
+            reply = b""
+            while not reply.endswith(b"\n"):
+                got = sock.recv(256)
+                if not got:
+                    break
+                reply += got
+            if not reply.startswith(b"OK"):
+                raise PermissionError(reply.decode(errors="replace").strip() or "probe refused")
+            frame = b"E" + bytes(FRAME - 1)
+            rtts = []
+            for i in range(samples + 2):
+                t = time.perf_counter()
+                sock.sendall(frame)
+                _recv_exact(sock, FRAME)
+                if i >= 2:  # the first round trips warm up the path
+                    rtts.append((time.perf_counter() - t) * 1000)
+            rtts.sort()
+            link.rtt_ms_median = statistics.median(rtts)
+            link.rtt_ms_p95 = rtts[min(len(rtts) - 1, int(0.95 * len(rtts)))]
+            if transfer_bytes > 0:
+                link.send_mbit_per_s = _send_rate(sock, transfer_bytes)
+                link.recv_mbit_per_s = _recv_rate(sock, transfer_bytes)
+    except (OSError, ConnectionError, PermissionError, ValueError) as exc:
+        link.error = f"{type(exc).__name__}: {exc}"
+    return link
+
+
+def _send_rate(sock: socket.socket, n: int) -> float:
+    t = time.perf_counter()
+    sock.sendall(b"U" + struct.pack("<Q", n))
+    left = n
+    while left:
+        k = min(left, CHUNK)
+        sock.sendall(_ZEROS[:k])
+        left -= k
+    if _recv_exact(sock, 1) != b"A":
+        raise ConnectionError("bad upload acknowledgement")
+    return n * 8 / (time.perf_counter() - t) / 1e6
+
+
+def _recv_rate(sock: socket.socket, n: int) -> float:
+    t = time.perf_counter()
+    sock.sendall(b"D" + struct.pack("<Q", n))
+    left = n
+    while left:
+        got = sock.recv(min(left, 1 << 20))
+        if not got:
+            raise ConnectionError("peer closed during download")
+        left -= len(got)
+    return n * 8 / (time.perf_counter() - t) / 1e6

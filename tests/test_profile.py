@@ -1,0 +1,222 @@
+"""DeviceProfile: JSON, cache, cgroup-aware memory and cores, the real microbenchmarks."""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from exo_lab.cluster import profile as prof
+from exo_lab.cluster.profile import DeviceProfile, load_or_measure, measure_profile, memory_now
+
+GIB = 1 << 30
+KEYS = ("float32_m512", "float32_m1", "bfloat16_m512", "bfloat16_m1", "q4_m512", "q4_m1")
+
+
+def fake_profile(**changes) -> DeviceProfile:
+    data = dict(
+        memory_total_bytes=8 * GIB, memory_available_bytes=6 * GIB, cpu_model="Test CPU", cpu_count=2,
+        system="Linux", machine="x86_64", hostname="h", mlx_version="0.0", mlx_devices=["cpu"],
+        benchmark_device="cpu", blas="openblas", matmul_gflops={k: 1.5 for k in KEYS},
+        matmul_weight_read_gb_per_s={k: 2.5 for k in KEYS if k.endswith("_m1")},
+        matmul_shapes={k: [1 if k.endswith("_m1") else 512, 2048, 2048] for k in KEYS},
+        memory_read_gb_per_s_reduce=8.0, memory_read_gb_per_s_gemv=12.0, memory_bandwidth_gb_per_s=12.0,
+        measured_at=1.0, measure_seconds=3.0, cache_key=prof.cache_key(),
+    )
+    return DeviceProfile(**{**data, **changes})
+
+
+def test_json_round_trip():
+    p = fake_profile(gpu_name="Apple M3", gpu_memory_bytes=96 * GIB)
+    assert DeviceProfile.from_json(json.loads(json.dumps(p.to_json()))) == p
+
+
+def test_partial_profile_loads_with_defaults():
+    p = DeviceProfile.from_json({"memory_total_bytes": GIB, "matmul_gflops": {"bfloat16_m1": 700.0}, "unknown": 1})
+    assert p.memory_total_bytes == GIB and p.matmul_gflops == {"bfloat16_m1": 700.0}
+    assert p.cpu_count == 0 and p.mlx_devices == [] and p.gpu_memory_bytes is None
+
+
+def test_static_facts():
+    assert prof.cpu_count() == len(os.sched_getaffinity(0))
+    assert prof.cpu_model()
+    assert prof.mlx_devices()[0] == "cpu"
+    key = prof.cache_key()
+    assert key == prof.cache_key() and len(key) == 16 and int(key, 16) >= 0
+
+
+def test_memory_now_is_sane():
+    total, available = memory_now()
+    assert 0 < available <= total
+
+
+def write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_cgroup_v2_limit_of_a_parent_binds(tmp_path):
+    mount = tmp_path / "cg"
+    proc = tmp_path / "proc"
+    write(proc / "cgroup", "0::/node/worker\n")
+    write(proc / "mountinfo", f"30 25 0:26 / {mount} rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n")
+    write(mount / "node" / "memory.max", f"{GIB}\n")
+    write(mount / "node" / "memory.current", f"{300 << 20}\n")
+    write(mount / "node" / "memory.stat", f"anon 1\ninactive_file {100 << 20}\n")
+    write(mount / "node" / "worker" / "memory.max", "max\n")
+    write(mount / "node" / "worker" / "memory.current", f"{300 << 20}\n")
+    assert prof._cgroup_memory(proc, host_total=64 * GIB) == (GIB, GIB - (200 << 20))
+    assert prof._cgroup_memory(proc, host_total=GIB // 2) is None  # a limit above the host's memory is no limit
+
+
+def test_cgroup_v1_tightest_level_wins(tmp_path):
+    mount = tmp_path / "memory"
+    proc = tmp_path / "proc"
+    write(proc / "cgroup", "5:cpuset:/\n4:memory:/sim/node1\n0::/\n")
+    write(proc / "mountinfo", f"40 25 0:30 / {mount} rw - cgroup cgroup rw,memory\n")
+    write(mount / "sim" / "memory.limit_in_bytes", f"{4 * GIB}\n")
+    write(mount / "sim" / "memory.usage_in_bytes", f"{3 * GIB}\n")
+    write(mount / "sim" / "node1" / "memory.limit_in_bytes", f"{2 * GIB}\n")
+    write(mount / "sim" / "node1" / "memory.usage_in_bytes", f"{GIB // 2}\n")
+    assert prof._cgroup_memory(proc, host_total=64 * GIB) == (2 * GIB, GIB)
+
+
+def test_decode_rows_shrink_on_small_nodes():
+    assert prof._decode_rows(64 * GIB) == 32768
+    assert prof._decode_rows(GIB) == 16384
+    assert prof._decode_rows(0) == 2048
+
+
+@pytest.fixture
+def counted(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """measure_profile replaced by a fake that counts its calls; memory_now by a fixed value."""
+    calls: list[int] = []
+
+    def fake_measure(budget_s: float = 5.0, progress: bool = False) -> DeviceProfile:
+        calls.append(1)
+        return fake_profile(measured_at=float(len(calls)))
+
+    monkeypatch.setattr(prof, "measure_profile", fake_measure)
+    monkeypatch.setattr(prof, "memory_now", lambda: (3 * GIB, GIB))
+    return calls
+
+
+def test_cache_measures_once_and_refreshes_memory(counted, tmp_path):
+    first = load_or_measure(cache_dir=tmp_path)
+    assert counted == [1]
+    assert (tmp_path / f"{prof.cache_key()}.json").exists()
+    second = load_or_measure(cache_dir=tmp_path)
+    assert counted == [1]
+    assert second.matmul_gflops == first.matmul_gflops and second.measured_at == first.measured_at
+    assert (second.memory_total_bytes, second.memory_available_bytes) == (3 * GIB, GIB)  # live, not cached
+    third = load_or_measure(refresh=True, cache_dir=tmp_path)
+    assert counted == [1, 1] and third.measured_at == 2.0
+    assert load_or_measure(cache_dir=tmp_path).measured_at == 2.0
+
+
+def test_cache_defaults_to_the_exo_lab_cache_dir(counted, tmp_path, monkeypatch):
+    monkeypatch.setenv("EXO_LAB_CACHE_DIR", str(tmp_path))
+    load_or_measure()
+    assert (tmp_path / "profiles" / f"{prof.cache_key()}.json").exists()
+
+
+def test_unreadable_cache_is_measured_again(counted, tmp_path):
+    (tmp_path / f"{prof.cache_key()}.json").write_text("{not json")
+    assert load_or_measure(cache_dir=tmp_path).matmul_gflops["q4_m1"] == 1.5
+    assert counted == [1]
+
+
+@pytest.mark.slow
+def test_measure_profile_is_real_and_bounded():
+    start = time.monotonic()
+    p = measure_profile()
+    elapsed = time.monotonic() - start
+    assert elapsed <= 6.0, f"microbenchmarks took {elapsed:.1f} s"
+    assert 0 < p.measure_seconds <= elapsed
+    assert set(p.matmul_gflops) == set(KEYS) == set(p.matmul_shapes)
+    assert set(p.matmul_weight_read_gb_per_s) == {k for k in KEYS if k.endswith("_m1")}
+    rates = [*p.matmul_gflops.values(), *p.matmul_weight_read_gb_per_s.values(),
+             p.memory_read_gb_per_s_reduce, p.memory_read_gb_per_s_gemv]
+    assert all(isinstance(v, float) and 0 < v < math.inf for v in rates)
+    assert p.memory_bandwidth_gb_per_s == max(p.memory_read_gb_per_s_reduce, p.memory_read_gb_per_s_gemv)
+    assert all(m in (1, 512) and k == 2048 and n >= 128 for m, k, n in p.matmul_shapes.values())
+    assert 0 < p.memory_available_bytes <= p.memory_total_bytes
+    assert isinstance(p.cpu_model, str) and p.cpu_model and p.cpu_count >= 1
+    assert p.system and p.machine and p.hostname and p.mlx_version and "cpu" in p.mlx_devices
+    assert p.cache_key == prof.cache_key() and abs(p.measured_at - time.time()) < 60
+    assert (p.gpu_memory_bytes is None) == ("gpu" not in p.mlx_devices)
+    if p.system == "Linux" and p.benchmark_device == "cpu" and p.blas == "openblas":
+        assert p.matmul_gflops["float32_m512"] > p.matmul_gflops["bfloat16_m512"]
+    assert DeviceProfile.from_json(json.loads(json.dumps(p.to_json()))) == p
+
+
+# --- real cgroups (v1, as root) ------------------------------------------------
+
+_PROBE = """
+import json, os, sys
+with open(sys.argv[1], "w") as f:
+    f.write(str(os.getpid()))
+from exo_lab.cluster.profile import cpu_count, memory_now
+total, available = memory_now()
+print(json.dumps({"total": total, "available": available, "cpu_count": cpu_count()}))
+"""
+
+
+@contextmanager
+def v1_cgroup(controller: str, settings: dict[str, str]) -> Iterator[Path]:
+    """A fresh cgroup v1 under ``/sys/fs/cgroup/<controller>``, removed afterwards."""
+    root = Path("/sys/fs/cgroup") / controller
+    if os.geteuid() != 0:
+        pytest.skip("creating cgroups needs root")
+    if not (root / "cgroup.procs").exists() or not os.access(root, os.W_OK):
+        pytest.skip(f"no writable cgroup v1 {controller} hierarchy at {root}")
+    path = root / f"exolab-test-{os.getpid()}"
+    try:
+        path.mkdir()
+    except OSError as err:
+        pytest.skip(f"cannot create {path}: {err}")
+    try:
+        for name, value in settings.items():
+            (path / name).write_text(value)
+        yield path
+    finally:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                path.rmdir()
+                break
+            except OSError as err:  # EBUSY while the exited child is still being torn down
+                if err.errno != errno.EBUSY or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+
+def run_probe(cgroup: Path) -> dict[str, int]:
+    out = subprocess.run([sys.executable, "-c", _PROBE, str(cgroup / "cgroup.procs")],
+                         capture_output=True, text=True, timeout=120, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_memory_cgroup_limit_is_reported():
+    with v1_cgroup("memory", {"memory.limit_in_bytes": str(GIB)}) as cgroup:
+        seen = run_probe(cgroup)
+    assert seen["total"] == GIB
+    assert 0 < seen["available"] <= GIB
+
+
+def test_cpuset_cgroup_limits_cpu_count():
+    cpu = min(os.sched_getaffinity(0))
+    mems = Path("/sys/fs/cgroup/cpuset/cpuset.mems")
+    mems_value = mems.read_text().strip() if mems.exists() else "0"
+    with v1_cgroup("cpuset", {"cpuset.cpus": str(cpu), "cpuset.mems": mems_value}) as cgroup:
+        seen = run_probe(cgroup)
+    assert seen["cpu_count"] == 1
