@@ -56,3 +56,17 @@ def test_in_memory_parameters_match_the_card(tiny_model):
     model, _ = load(str(tiny_model))
     card = ModelCard.from_dir(tiny_model)
     assert sum(v.nbytes for _, v in tree_flatten(model.parameters())) == card.weight_bytes
+
+
+@pytest.mark.parametrize("preset", ["tiny", "qwen2-tiny", "qwen3-tiny"])
+def test_card_from_config_alone_matches_the_files(tmp_path, preset):
+    import json
+
+    from exo_lab.models.card import card_from_config
+
+    path = synthetic.create(tmp_path / preset, preset)
+    real = ModelCard.from_dir(path)
+    computed = card_from_config(json.loads((path / "config.json").read_text()), real.name)
+    assert computed.layer_bytes == real.layer_bytes
+    assert computed.weight_bytes == real.weight_bytes
+    assert computed.kv_bytes_per_token == real.kv_bytes_per_token

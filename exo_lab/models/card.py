@@ -176,6 +176,47 @@ class ModelCard:
         )
 
 
+def _bytes_per_weight(dtype: str, quantization: dict[str, int] | None) -> float:
+    if quantization:
+        bits, group = quantization.get("bits", 4), quantization.get("group_size", 64)
+        return bits / 8 + 2 * _TORCH_DTYPE_BYTES.get(dtype, 2) / group  # packed weights + scale and bias per group
+    return _TORCH_DTYPE_BYTES.get(dtype, 2)
+
+
+def card_from_config(config: dict[str, Any], name: str, dtype: str | None = None,
+                     quantization: dict[str, int] | None = None) -> ModelCard:
+    """A card computed from a Hugging Face ``config.json`` alone (no weights needed).
+
+    For studying models you do not have: sizes follow the Llama/Qwen layout
+    (q/k/v/o projections, gated MLP, two norms per layer). Quantized sizes
+    count packed weights plus one scale and bias per group (mlx's format).
+    """
+    c = config.get("text_config", config)
+    dtype = dtype or c.get("torch_dtype") or "bfloat16"
+    quantization = quantization if quantization is not None else c.get("quantization")
+    hidden, layers = int(c["hidden_size"]), int(c["num_hidden_layers"])
+    heads = int(c["num_attention_heads"])
+    kv = int(c.get("num_key_value_heads") or heads)
+    head_dim = int(c.get("head_dim") or hidden // heads)
+    inter = int(c["intermediate_size"])
+    vocab = int(c["vocab_size"])
+    tied = bool(c.get("tie_word_embeddings", False))
+    bpw = _bytes_per_weight(dtype, quantization)
+    act = _TORCH_DTYPE_BYTES.get(dtype, 2)
+    linear = hidden * heads * head_dim * 2 + hidden * kv * head_dim * 2 + 3 * hidden * inter
+    bias = (heads + 2 * kv) * head_dim if c.get("attention_bias") else 0
+    qk_norm = 2 * head_dim if c.get("model_type") == "qwen3" else 0
+    per_layer = int(linear * bpw) + (2 * hidden + bias + qk_norm) * act
+    emb = int(vocab * hidden * bpw)
+    return ModelCard(
+        name=name, path="", architecture=c.get("model_type", "llama"), num_layers=layers, hidden_size=hidden,
+        num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim, intermediate_size=inter,
+        vocab_size=vocab, dtype=dtype, quantization=quantization, tie_word_embeddings=tied,
+        layer_bytes=[per_layer] * layers, embedding_bytes=emb, head_bytes=0 if tied else emb, norm_bytes=hidden * act,
+        max_position_embeddings=c.get("max_position_embeddings"),
+    )
+
+
 def _dtype_from_tensors(tensors: list[TensorInfo]) -> str:
     for t in tensors:
         if t.dtype in ("BF16", "F16", "F32"):
