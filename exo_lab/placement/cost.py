@@ -1,0 +1,154 @@
+"""Cost model: predicted time of each stage, hop and all-reduce of a plan.
+
+Notation: a plan is an ordered list of *stages*; a stage is a tensor group of
+``k`` ranks (``k = 1`` for a plain pipeline stage) holding layers ``[a, b)``.
+For a node ``n`` computing in dtype ``d``:
+
+- ``R_dec(n, d)``: weight bytes read per second at decode (M = 1). From the
+  profile's ``matmul_weight_read_gb_per_s[d_m1]``, else
+  ``min(memory_bandwidth, GFLOP/s[d_m1] * bytes_per_weight / 2)``.
+- ``F_pre(n, d)``: GFLOP/s at prompt-like M = 512 (``matmul_gflops[d_m512]``).
+- ``q4`` models use the ``q4_*`` entries (quantized weights, fp32 activations).
+
+Ranks that share a host share its cores and memory bandwidth. MLX's CPU
+backend runs one core per process; ``r`` ranks on a host with ``c`` cores run
+``min(r, c) ** HOST_SCALING`` times as fast in aggregate as one (fitted:
+tensor-2 on one 2-core host measured 1.39x, ``2 ** 0.5 = 1.41``), so each rank
+gets ``s(r) = min(r, c) ** HOST_SCALING / r`` of the single-process rates.
+GPU nodes host one rank.
+
+Per token of decode, at context length ``T``:
+
+    stage time  = (W_stage / k) / (R_dec * s) + T * KV_layer * (b - a) / k / (R_dec * s)
+                + [last stage] head bytes / (R_dec * s)
+    all-reduce  = 2 per layer for k > 1:  2 (k - 1) * lat + 2 (k - 1) / k * H * act / BW
+    hop         = lat + H * act / BW                (between consecutive stages)
+    decode s/token = sum(stage times) + sum(all-reduces) + sum(hops) + return hop (token id, latency only)
+
+Prefill of ``P`` prompt tokens (serial through the pipeline for one request):
+
+    stage time  = 2 * P * params_stage / k / (F_pre * s) + attention 4 * P^2/2 * heads*head_dim * (b-a) / k / (F_pre * s)
+    hop         = lat + P * H * act / BW
+    all-reduce  = 2 per layer with P * H * act bytes
+    TTFT        = sum of all of them (+ one decode step for the first token)
+
+``lat`` is the one-way latency (half the measured median RTT), ``BW`` the
+link's slower direction; ranks on the same node talk over loopback
+(``LOOPBACK_LAT_S``, ``LOOPBACK_BW``). Memory per node: weights of its ranks'
+shards in the compute dtype, KV cache for ``context * batch`` tokens of its
+layers, and ``RANK_OVERHEAD_BYTES`` plus prefill activations per rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from exo_lab.models.card import ModelCard
+
+HOST_SCALING = 0.5
+LOOPBACK_LAT_S = 0.0001
+LOOPBACK_BW_BYTES_S = 4e9
+RANK_OVERHEAD_BYTES = 300 * 2**20
+PREFILL_CHUNK = 2048
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+@dataclass(frozen=True)
+class NodeRates:
+    """What the cost model needs from one node's profile."""
+
+    node_id: str
+    host: str
+    cores: int
+    gpu: bool
+    memory_bytes: int
+    bandwidth_bytes_s: float
+    gflops: dict[str, float]
+    weight_read_bytes_s: dict[str, float]
+
+    @classmethod
+    def from_profile(cls, node_id: str, profile: dict[str, Any]) -> "NodeRates":
+        devices = profile.get("mlx_devices") or ["cpu"]
+        gpu = "gpu" in devices
+        mem = int(profile.get("memory_available_bytes") or profile.get("memory_total_bytes") or 0)
+        if gpu and profile.get("gpu_memory_bytes"):
+            mem = min(mem, int(profile["gpu_memory_bytes"])) if mem else int(profile["gpu_memory_bytes"])
+        reads = {k: v * 1e9 for k, v in (profile.get("matmul_weight_read_gb_per_s") or {}).items()}
+        return cls(
+            node_id=node_id,
+            host=str(profile.get("hostname") or node_id),
+            cores=int(profile.get("cpu_count") or 1),
+            gpu=gpu,
+            memory_bytes=mem,
+            bandwidth_bytes_s=float(profile.get("memory_bandwidth_gb_per_s") or 1.0) * 1e9,
+            gflops={k: float(v) for k, v in (profile.get("matmul_gflops") or {}).items()},
+            weight_read_bytes_s=reads,
+        )
+
+    def kernel(self, dtype: str, quantized: bool) -> str:
+        return "q4" if quantized else dtype
+
+    def decode_read_rate(self, dtype: str, quantized: bool, bytes_per_weight: float) -> float:
+        """Weight bytes per second one process reads at decode."""
+        key = f"{self.kernel(dtype, quantized)}_m1"
+        if key in self.weight_read_bytes_s:
+            return self.weight_read_bytes_s[key]
+        gf = self.gflops.get(key)
+        if not gf:
+            return self.bandwidth_bytes_s * (0.1 if dtype != "float32" else 0.5)
+        return min(self.bandwidth_bytes_s, gf * 1e9 * bytes_per_weight / 2)
+
+    def prefill_flops(self, dtype: str, quantized: bool) -> float:
+        """FLOP/s of one process at prompt-like shapes."""
+        key = f"{self.kernel(dtype, quantized)}_m512"
+        return self.gflops.get(key, 1.0) * 1e9
+
+    def has(self, dtype: str, quantized: bool) -> bool:
+        return f"{self.kernel(dtype, quantized)}_m1" in self.gflops
+
+
+def share(ranks_on_host: int, cores: int, gpu: bool) -> float:
+    """Fraction of single-process speed each of ``ranks_on_host`` ranks gets."""
+    if gpu:
+        return 1.0 / ranks_on_host
+    return min(ranks_on_host, cores) ** HOST_SCALING / ranks_on_host
+
+
+@dataclass(frozen=True)
+class LinkCost:
+    """One-way latency (s) and bandwidth (bytes/s) between two ranks."""
+
+    latency_s: float
+    bandwidth_bytes_s: float
+
+    def transfer(self, nbytes: float) -> float:
+        return self.latency_s + nbytes / self.bandwidth_bytes_s
+
+    def all_reduce(self, nbytes: float, k: int) -> float:
+        if k <= 1:
+            return 0.0
+        return 2 * (k - 1) * self.latency_s + 2 * (k - 1) / k * nbytes / self.bandwidth_bytes_s
+
+
+LOOPBACK = LinkCost(LOOPBACK_LAT_S, LOOPBACK_BW_BYTES_S)
+
+
+def layer_params(card: ModelCard) -> float:
+    """Weights per layer as a count of parameters (for FLOPs)."""
+    h, hd = card.hidden_size, card.head_dim
+    return h * card.num_attention_heads * hd * 2 + h * card.num_key_value_heads * hd * 2 + 3 * h * card.intermediate_size
+
+
+def bytes_per_weight(card: ModelCard, dtype: str) -> float:
+    if card.quantization:
+        bits, group = card.quantization.get("bits", 4), card.quantization.get("group_size", 64)
+        return bits / 8 + 2 * DTYPE_BYTES.get(card.dtype, 2) / group
+    return DTYPE_BYTES.get(dtype, 2)
+
+
+def weight_scale(card: ModelCard, dtype: str) -> float:
+    """Bytes in ``dtype`` per stored byte (upcasting bf16 to fp32 doubles them)."""
+    if card.quantization:
+        return 1.0
+    return DTYPE_BYTES.get(dtype, 2) / DTYPE_BYTES.get(card.dtype, 2)

@@ -1,0 +1,522 @@
+"""The planner: (topology, model card, request shape) -> ranked plans. Pure: no I/O, no clocks.
+
+Candidates:
+
+- every node alone (``single``), and alone with a local tensor group of up to
+  ``cores`` ranks where heads divide (``tensor``) — on Linux CPU, where MLX
+  computes on one core per process, this is how a machine is used fully;
+- pipelines over ordered node sequences: all of them for clusters of up to
+  ``max_exhaustive`` nodes (exact, so adding a node or speeding up a link
+  never makes the best plan worse), else chains through the fastest links
+  from every start node plus chains over the largest nodes, each prefix up to
+  a few nodes past the first that holds the model; each stage optionally a
+  local tensor group (``pipeline-tensor``);
+- tensor groups across ``k`` nodes (``tensor``), where heads and KV heads divide.
+
+Each candidate is tried with every node in its fastest measured dtype and in
+the model's own dtype, and with two layer splits: in proportion to each
+stage's decode speed under its memory cap (balanced stages: what a pipeline
+with several requests in flight needs), and fastest stages first up to their
+caps (least time for one stream, where stages run one after another). Candidates that cannot fit come back in
+``Plans.infeasible`` with the reason. See :mod:`exo_lab.placement.cost` for
+the formulas.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+from exo_lab.cluster.topology import Topology
+from exo_lab.models.card import ModelCard
+from exo_lab.placement.cost import (
+    DTYPE_BYTES,
+    LOOPBACK,
+    PREFILL_CHUNK,
+    RANK_OVERHEAD_BYTES,
+    LinkCost,
+    NodeRates,
+    bytes_per_weight,
+    layer_params,
+    share,
+    weight_scale,
+)
+from exo_lab.placement.plan import Plan, Plans, RankSpec
+
+OBJECTIVES = ("decode", "ttft")
+TENSOR_SIZES = (2, 4, 8)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A pipeline stage: ``k`` tensor ranks, all on ``nodes[0]`` (local) or one per node."""
+
+    nodes: tuple[str, ...]
+    k: int = 1
+
+    @property
+    def local(self) -> bool:
+        return len(self.nodes) == 1
+
+    def ranks_on(self, node: str) -> int:
+        if node not in self.nodes:
+            return 0
+        return self.k if self.local else 1
+
+
+class _Context:
+    """Everything shared by the evaluation of one planning request."""
+
+    def __init__(self, topology: Topology, card: ModelCard, context: int, prompt_tokens: int, batch: int) -> None:
+        self.topology = topology
+        self.card = card
+        self.context = context
+        self.prompt = prompt_tokens
+        self.batch = batch
+        self.nodes = [n for n in topology.alive() if n.profile]
+        self.names = {n.id: n.name for n in self.nodes}
+        self.rates = {n.id: NodeRates.from_profile(n.id, n.profile) for n in self.nodes}
+        self._links: dict[tuple[str, str], LinkCost | None] = {}
+        self.act = DTYPE_BYTES.get(card.dtype, 2)
+        self.hidden_bytes = card.hidden_size * self.act
+        self.kv_layer = card.kv_bytes_per_token_per_layer()
+        self.avg_ctx = min(context, prompt_tokens + context // 4)
+
+    def link(self, a: str, b: str) -> LinkCost | None:
+        if a == b:
+            return LOOPBACK
+        key = (a, b)
+        if key not in self._links:
+            best = self.topology.best_link(a, b)
+            if best is None or not best.bandwidth_mbit_per_s:
+                self._links[key] = None
+            else:
+                self._links[key] = LinkCost((best.rtt_ms_median or 0.0) / 2000.0, best.bandwidth_mbit_per_s * 1e6 / 8)
+        return self._links[key]
+
+    def address(self, src: str, dst: str) -> str:
+        if src == dst:
+            node = self.topology.nodes[dst]
+            return node.addresses[0] if node.addresses else "127.0.0.1"
+        best = self.topology.best_link(src, dst)
+        return best.dst_address if best else self.topology.nodes[dst].addresses[0]
+
+    def dtype_options(self, node: str) -> list[str]:
+        native = self.card.dtype
+        if self.card.quantization or native == "float32":
+            return [native]
+        return [native, "float32"]
+
+    def layers_per_s(self, node: str, dtype: str) -> float:
+        """Decode speed of one process in parameters read per second (weights only)."""
+        bpw = bytes_per_weight(self.card, dtype)
+        return self.rates[node].decode_read_rate(dtype, bool(self.card.quantization), bpw) / bpw
+
+    def fastest_dtype(self, node: str) -> tuple[str, str]:
+        opts = self.dtype_options(node)
+        if len(opts) == 1:
+            why = "quantized weights" if self.card.quantization else "the model's dtype"
+            return opts[0], why
+        speeds = {d: self.layers_per_s(node, d) for d in opts if self.rates[node].has(d, False)}
+        if not speeds:
+            return self.card.dtype, "no measurement; the model's dtype"
+        best = max(speeds, key=speeds.get)
+        if best == self.card.dtype:
+            return best, "the model's dtype is also the fastest measured here"
+        other = self.card.dtype
+        ratio = speeds[best] / speeds[other] if speeds.get(other) else float("inf")
+        return best, f"{best} decodes {ratio:.1f}x faster than {other} on this node (measured), at {weight_scale(self.card, best):.0f}x the memory"
+
+
+def _sig(x: float, digits: int = 3) -> float:
+    if x <= 0 or not math.isfinite(x):
+        return x
+    return round(x, -int(math.floor(math.log10(x))) + digits - 1)
+
+
+def _split_layers(total: int, speeds: list[float], caps: list[int]) -> list[int] | None:
+    """Integer layer counts proportional to ``speeds`` under ``caps`` (None if they cannot hold ``total``)."""
+    n = len(speeds)
+    if sum(caps) < total or any(c < 1 for c in caps) or total < n:
+        return None
+    alloc = [0] * n
+    free = list(range(n))
+    remaining = total
+    while free:
+        weight = sum(speeds[i] for i in free)
+        ideal = {i: remaining * speeds[i] / weight for i in free}
+        over = [i for i in free if ideal[i] >= caps[i]]
+        if not over:
+            floors = {i: max(1, int(ideal[i])) for i in free}
+            left = remaining - sum(floors.values())
+            order = sorted(free, key=lambda i: (-(ideal[i] - int(ideal[i])), i))
+            for i in order:
+                if left <= 0:
+                    break
+                if floors[i] < caps[i]:
+                    floors[i] += 1
+                    left -= 1
+            while left < 0:  # max(1, ...) over-assigned: take back from the largest
+                i = max(free, key=lambda j: floors[j])
+                floors[i] -= 1
+                left += 1
+            if left > 0:
+                return None
+            for i in free:
+                alloc[i] = floors[i]
+            break
+        for i in over:
+            alloc[i] = caps[i]
+            remaining -= caps[i]
+            free.remove(i)
+    if any(a < 1 for a in alloc) or sum(alloc) != total:
+        return None
+    return alloc
+
+
+def _fill_fastest(total: int, speeds: list[float], caps: list[int]) -> list[int] | None:
+    """Layers to the fastest stages first, each up to its cap (every stage at least one)."""
+    n = len(speeds)
+    if sum(caps) < total or any(c < 1 for c in caps) or total < n:
+        return None
+    alloc = [1] * n
+    left = total - n
+    for i in sorted(range(n), key=lambda i: (-speeds[i], i)):
+        take = min(left, caps[i] - 1)
+        alloc[i] += take
+        left -= take
+    return alloc if left == 0 else None
+
+
+def _evaluate(ctx: _Context, stages: list[Stage], native: bool, split: str = "proportional") -> Plan:
+    card = ctx.card
+    quant = bool(card.quantization)
+    used = list(dict.fromkeys(n for s in stages for n in s.nodes))
+    ranks_on_node = {n: sum(s.ranks_on(n) for s in stages) for n in used}
+    host_ranks: dict[str, int] = {}
+    for n in used:
+        host = ctx.rates[n].host
+        host_ranks[host] = host_ranks.get(host, 0) + ranks_on_node[n]
+    dtypes, reasons = {}, {}
+    for n in used:
+        if native:
+            dtypes[n], reasons[n] = card.dtype, "the model's dtype (fits where a faster one may not)"
+        else:
+            dtypes[n], reasons[n] = ctx.fastest_dtype(n)
+
+    def node_share(n: str) -> float:
+        r = ctx.rates[n]
+        return share(host_ranks[r.host], r.cores, r.gpu)
+
+    # memory: fixed bytes per node (overhead, embedding, head), then bytes per layer
+    first, last = stages[0], stages[-1]
+    fixed = {n: RANK_OVERHEAD_BYTES * ranks_on_node[n] for n in used}
+    act_peak = PREFILL_CHUNK * (card.hidden_size * 4 + card.intermediate_size * 2) * ctx.act
+    for n in used:
+        fixed[n] += act_peak * ranks_on_node[n]
+    emb = card.embedding_bytes
+    for n in first.nodes:
+        fixed[n] += emb * weight_scale(card, dtypes[n])
+    for n in last.nodes:
+        head = (card.embedding_bytes if card.tie_word_embeddings else card.head_bytes) + card.norm_bytes
+        if not (card.tie_word_embeddings and n in first.nodes):
+            fixed[n] += head * weight_scale(card, dtypes[n])
+    avg_layer = sum(card.layer_bytes) / card.num_layers
+    kv_ctx = ctx.kv_layer * ctx.context * ctx.batch
+    caps, speeds = [], []
+    for s in stages:
+        per_node = []
+        for n in s.nodes:
+            frac = 1.0 if s.local else 1.0 / s.k
+            per_layer = avg_layer * weight_scale(card, dtypes[n]) * frac + kv_ctx * frac
+            room = ctx.rates[n].memory_bytes - fixed[n]
+            per_node.append(int(room // per_layer) if room > 0 else 0)
+        caps.append(min(per_node))
+        agg = sum(ctx.layers_per_s(n, dtypes[n]) * node_share(n) * s.ranks_on(n) for n in s.nodes)
+        speeds.append(agg)
+    splitter = _fill_fastest if split == "fastest" else _split_layers
+    alloc = splitter(card.num_layers, speeds, caps)
+    strategy = _strategy(stages)
+    plan = Plan(model=card.name, strategy=strategy, ranks=[], context=ctx.context, prompt_tokens=ctx.prompt,
+                batch=ctx.batch, dtypes=dtypes, dtype_reasons=reasons, node_names={n: ctx.names[n] for n in used},
+                model_dtype=card.dtype, split=split if len(stages) > 1 else "whole")
+    # links between consecutive stages must exist
+    for a, b in zip(stages, stages[1:]):
+        if ctx.link(a.nodes[0], b.nodes[0]) is None:
+            return _infeasible(plan, stages, f"no measured link between {ctx.names[a.nodes[0]]} and {ctx.names[b.nodes[0]]}")
+    if alloc is None:
+        return _infeasible(plan, stages, _memory_reason(ctx, stages, caps, speeds, fixed, avg_layer, kv_ctx, dtypes))
+
+    # ranks, layers and memory
+    start = 0
+    rank = 0
+    mem = {n: fixed[n] for n in used}
+    prev_node = stages[-1].nodes[0]
+    for si, (s, count) in enumerate(zip(stages, alloc)):
+        layers = (start, start + count)
+        lb = sum(card.layer_bytes[start:start + count])
+        for ti in range(s.k):
+            node = s.nodes[0] if s.local else s.nodes[ti]
+            frac = 1.0 / s.k
+            mem[node] += int(lb * weight_scale(card, dtypes[node]) * frac + kv_ctx * count * frac)
+            addr = "127.0.0.1" if len(used) == 1 else ctx.address(prev_node, node)
+            plan.ranks.append(RankSpec(rank, node, ctx.names[node], si, layers, ti, s.k, addr, dtypes[node]))
+            rank += 1
+        prev_node = s.nodes[0]
+        start += count
+    plan.memory_bytes = {n: int(v) for n, v in mem.items()}
+    plan.memory_capacity_bytes = {n: ctx.rates[n].memory_bytes for n in used}
+    over = [n for n in used if mem[n] > ctx.rates[n].memory_bytes]
+    if over:
+        n = over[0]
+        return _infeasible(plan, stages, f"needs {mem[n] / 1e9:.1f} GB on {ctx.names[n]}, has {ctx.rates[n].memory_bytes / 1e9:.1f} GB")
+    _predict(ctx, plan, stages, alloc, dtypes, node_share)
+    plan.backend = _backend(ctx, used)
+    return plan
+
+
+def _predict(ctx: _Context, plan: Plan, stages: list[Stage], alloc: list[int], dtypes: dict[str, str], node_share) -> None:
+    card = ctx.card
+    quant = bool(card.quantization)
+    params = layer_params(card)
+    attn_width = card.num_attention_heads * card.head_dim
+    dec: dict[str, float] = {}
+    pre: dict[str, float] = {}
+    for si, (s, count) in enumerate(zip(stages, alloc)):
+        label = "+".join(ctx.names[n] for n in s.nodes) + (f" x{s.k}" if s.k > 1 else "")
+        t_dec = t_pre = 0.0
+        for ti in range(s.k):
+            node = s.nodes[0] if s.local else s.nodes[ti]
+            r = ctx.rates[node]
+            sh = node_share(node)
+            bpw = bytes_per_weight(card, dtypes[node])
+            read = r.decode_read_rate(dtypes[node], quant, bpw) * sh
+            weights = count * params * bpw / s.k
+            kv = ctx.avg_ctx * ctx.kv_layer * count / s.k
+            head = (card.vocab_size * card.hidden_size * bpw) if si == len(stages) - 1 else 0.0
+            t_dec = max(t_dec, (weights + kv + head / s.k) / read)
+            flops = r.prefill_flops(dtypes[node], quant) * sh
+            attn = 4 * ctx.prompt * ctx.prompt / 2 * attn_width * count / s.k
+            head_flops = 2 * card.vocab_size * card.hidden_size if si == len(stages) - 1 else 0.0
+            t_pre = max(t_pre, (2 * ctx.prompt * params * count / s.k + attn + head_flops) / flops)
+        dec[f"compute {label}"] = t_dec
+        pre[f"compute {label}"] = t_pre
+        if s.k > 1:
+            link = LOOPBACK if s.local else _worst_link(ctx, s.nodes)
+            dec[f"all-reduce {label}"] = 2 * count * link.all_reduce(ctx.hidden_bytes, s.k)
+            pre[f"all-reduce {label}"] = 2 * count * link.all_reduce(ctx.prompt * ctx.hidden_bytes, s.k)
+    for a, b in zip(stages, stages[1:]):
+        link = ctx.link(a.nodes[0], b.nodes[0])
+        key = f"link {ctx.names[a.nodes[0]]}->{ctx.names[b.nodes[0]]}"
+        dec[key] = link.transfer(ctx.hidden_bytes)
+        pre[key] = link.transfer(ctx.prompt * ctx.hidden_bytes)
+    if len(stages) > 1:  # the sampled token goes back to the first stage
+        back = ctx.link(stages[-1].nodes[0], stages[0].nodes[0]) or LOOPBACK
+        dec[f"link {ctx.names[stages[-1].nodes[0]]}->{ctx.names[stages[0].nodes[0]]} (token)"] = back.latency_s
+    t_token = sum(dec.values())
+    t_prefill = sum(pre.values())
+    plan.decode_tps = 1.0 / t_token
+    plan.prefill_tps = ctx.prompt / t_prefill
+    plan.ttft_s = t_prefill + t_token
+    plan.breakdown = dec
+    worst = max(dec, key=dec.get)
+    plan.bottleneck = f"{worst} ({100 * dec[worst] / t_token:.0f}% of each token)"
+
+
+def _worst_link(ctx: _Context, nodes: tuple[str, ...]) -> LinkCost:
+    links = [ctx.link(a, b) for a, b in itertools.combinations(nodes, 2)]
+    if any(link is None for link in links):
+        return LinkCost(1.0, 1e3)
+    return max(links, key=lambda link: (link.latency_s, -link.bandwidth_bytes_s))
+
+
+def _backend(ctx: _Context, used: list[str]) -> str:
+    profiles = [ctx.topology.nodes[n].profile for n in used]
+    if all("gpu" in (p.get("mlx_devices") or []) and p.get("system") == "Linux" for p in profiles) and len(used) > 1:
+        return "nccl"
+    if len(used) > 1 and all(
+        (link := ctx.topology.best_link(a, b)) is not None and link.rdma for a, b in itertools.combinations(used, 2)
+    ):
+        return "jaccl"
+    return "ring"
+
+
+def _strategy(stages: list[Stage]) -> str:
+    tensor = any(s.k > 1 for s in stages)
+    if len(stages) == 1:
+        return "tensor" if tensor else "single"
+    return "pipeline-tensor" if tensor else "pipeline"
+
+
+def _infeasible(plan: Plan, stages: list[Stage], reason: str) -> Plan:
+    plan.feasible = False
+    plan.reason = reason
+    if not plan.ranks:
+        rank = 0
+        for si, s in enumerate(stages):
+            for ti in range(s.k):
+                node = s.nodes[0] if s.local else s.nodes[ti]
+                plan.ranks.append(RankSpec(rank, node, plan.node_names.get(node, node), si, (0, 0), ti, s.k))
+                rank += 1
+    return plan
+
+
+def _memory_reason(ctx, stages, caps, speeds, fixed, avg_layer, kv_ctx, dtypes) -> str:
+    """Name the node that falls shortest of its proportional share."""
+    card = ctx.card
+    total = sum(speeds) or 1.0
+    worst = None
+    for s, sp in zip(stages, speeds):
+        share_layers = card.num_layers * sp / total
+        for n in s.nodes:
+            frac = 1.0 if s.local else 1.0 / s.k
+            need = fixed[n] + share_layers * (avg_layer * weight_scale(card, dtypes[n]) + kv_ctx) * frac
+            have = ctx.rates[n].memory_bytes
+            if worst is None or need - have > worst[0]:
+                worst = (need - have, n, need, have)
+    _, n, need, have = worst
+    return f"needs {need / 1e9:.1f} GB on {ctx.names[n]}, has {have / 1e9:.1f} GB"
+
+
+def _link_score(ctx: _Context, a: str, b: str) -> tuple[float, float]:
+    link = ctx.link(a, b)
+    if link is None:
+        return (0.0, -1e9)
+    return (link.bandwidth_bytes_s, -link.latency_s)
+
+
+def _sequences(ctx: _Context, max_exhaustive: int) -> list[tuple[str, ...]]:
+    ids = sorted(ctx.rates)
+    limit = min(len(ids), ctx.card.num_layers)
+    if len(ids) <= max_exhaustive:
+        return [p for m in range(1, limit + 1) for p in itertools.permutations(ids, m)]
+    seqs: set[tuple[str, ...]] = set()
+    total_mem = ctx.card.weight_bytes
+
+    def chain(start: str, pool: list[str]) -> list[str]:
+        out, left = [start], [n for n in pool if n != start]
+        while left:
+            nxt = max(left, key=lambda n: (_link_score(ctx, out[-1], n), ctx.rates[n].memory_bytes, n))
+            out.append(nxt)
+            left.remove(nxt)
+        return out
+
+    def prefixes(order: list[str]) -> None:
+        held = 0
+        first_fit = None
+        for m in range(1, limit + 1):
+            held += ctx.rates[order[m - 1]].memory_bytes
+            if first_fit is None and held >= total_mem:
+                first_fit = m
+            seqs.add(tuple(order[:m]))
+            if first_fit is not None and m >= first_fit + 3:
+                break
+
+    for start in ids:
+        prefixes(chain(start, ids))
+    by_mem = sorted(ids, key=lambda n: (-ctx.rates[n].memory_bytes, n))
+    by_speed = sorted(ids, key=lambda n: (-ctx.layers_per_s(n, ctx.card.dtype), n))
+    for ranked in (by_mem, by_speed):
+        for m in range(1, limit + 1):
+            subset = ranked[:m]
+            seqs.add(tuple(chain(subset[0], subset)))
+            if sum(ctx.rates[n].memory_bytes for n in subset) >= total_mem * 1.5 and m > 4:
+                break
+    return sorted(seqs)
+
+
+def _candidates(ctx: _Context, max_exhaustive: int) -> list[list[Stage]]:
+    ks = [k for k in TENSOR_SIZES if ctx.card.can_split_tensor(k)]
+    out: list[list[Stage]] = []
+    for seq in _sequences(ctx, max_exhaustive):
+        out.append([Stage((n,)) for n in seq])
+        local = []
+        for n in seq:
+            r = ctx.rates[n]
+            fit = [k for k in ks if k <= r.cores] if not r.gpu else []
+            local.append(Stage((n,), max(fit)) if fit else Stage((n,)))
+        if any(s.k > 1 for s in local):
+            out.append(local)
+    ids = sorted(ctx.rates)
+    for k in ks:
+        if k > len(ids):
+            continue
+        if len(ids) <= max_exhaustive:
+            groups = itertools.combinations(ids, k)
+        else:
+            groups = {tuple(sorted(_greedy_group(ctx, s, k))) for s in ids}
+        for g in groups:
+            out.append([Stage(tuple(g), k)])
+    return out
+
+
+def _greedy_group(ctx: _Context, start: str, k: int) -> list[str]:
+    out = [start]
+    left = [n for n in ctx.rates if n != start]
+    while len(out) < k and left:
+        nxt = max(left, key=lambda n: (min(_link_score(ctx, m, n) for m in out), n))
+        out.append(nxt)
+        left.remove(nxt)
+    return out
+
+
+def plan(
+    topology: Topology,
+    card: ModelCard,
+    context: int = 4096,
+    prompt_tokens: int = 512,
+    batch: int = 1,
+    objective: str = "decode",
+    max_exhaustive: int = 6,
+) -> Plans:
+    """Ranked plans (best first) to run ``card`` on ``topology``'s live nodes."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, not {objective!r}")
+    if prompt_tokens < 1 or context < prompt_tokens or batch < 1:
+        raise ValueError("need 1 <= prompt_tokens <= context and batch >= 1")
+    ctx = _Context(topology, card, context, prompt_tokens, batch)
+    if not ctx.nodes:
+        return Plans([], [], objective, card.name)
+    feasible: dict[tuple, Plan] = {}
+    infeasible: dict[tuple, Plan] = {}
+    for stages in _candidates(ctx, max_exhaustive):
+        for split in ("proportional", "fastest") if len(stages) > 1 else ("proportional",):
+            for native in (False, True):
+                p = _evaluate(ctx, stages, native, split)
+                bucket = feasible if p.feasible else infeasible
+                if p.key not in bucket:
+                    bucket[p.key] = p
+    ranked = sorted(feasible.values(), key=lambda p: _rank_key(p, objective))
+    _explain(ranked, objective)
+    bad = sorted(infeasible.values(), key=lambda p: (p.num_nodes, p.describe()))
+    return Plans(ranked, bad, objective, card.name)
+
+
+def _rank_key(p: Plan, objective: str) -> tuple:
+    if objective == "ttft":
+        return (_sig(p.ttft_s), p.num_nodes, len(p.ranks), -p.decode_tps, p.describe())
+    return (-_sig(p.decode_tps), p.num_nodes, len(p.ranks), p.ttft_s, p.describe())
+
+
+def _explain(plans: list[Plan], objective: str) -> None:
+    if not plans:
+        return
+    best = plans[0]
+    metric = (lambda p: p.decode_tps) if objective == "decode" else (lambda p: 1 / p.ttft_s)
+    unit = "decode tok/s" if objective == "decode" else "TTFT"
+    for i, p in enumerate(plans):
+        where = f"{p.num_nodes} node{'s' if p.num_nodes > 1 else ''}"
+        if i == 0:
+            p.explanation = (f"Best {unit} on {where}; limited by {p.bottleneck}.")
+            continue
+        ratio = metric(p) / metric(best)
+        if ratio >= 0.999:
+            p.explanation = f"As fast as #0 but uses more nodes or ranks ({where})."
+        else:
+            extra = ""
+            links = sum(v for k, v in p.breakdown.items() if not k.startswith("compute"))
+            best_links = sum(v for k, v in best.breakdown.items() if not k.startswith("compute"))
+            if links > best_links * 1.2 and links > 0.1 / max(p.decode_tps, 1e-9) * 0.1:
+                extra = f"; spends {1000 * links:.2f} ms per token on links and all-reduces"
+            p.explanation = f"{100 * (1 - ratio):.0f}% slower than #0 ({where}); limited by {p.bottleneck}{extra}."
