@@ -108,6 +108,26 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _preview(args: argparse.Namespace) -> int:
+    from exo_lab.cluster.topology import Topology
+    from exo_lab.placement.preview import preview, this_machine
+
+    if args.topology:
+        topology = Topology.load(args.topology)
+    elif args.connect:
+        topology = exo_lab.connect(args.connect, cluster_key=args.cluster_key).topology
+    elif args.discover:
+        topology = exo_lab.discover(cluster_key=args.cluster_key).topology
+    else:
+        topology = this_machine()
+    plans = preview(topology, args.model, args.context, args.prompt_tokens, args.batch, args.objective)
+    if args.json:
+        print(json.dumps(plans.to_json(), indent=2))
+    else:
+        print(plans.table(args.limit))
+    return 0 if plans.plans else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="exo-lab", description="Distributed LLM inference on MLX, from Jupyter.")
     parser.add_argument("--version", action="version", version=f"exo_lab {exo_lab.__version__}")
@@ -151,6 +171,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe", action="store_true", help="measure links now")
     p.add_argument("--json", action="store_true", help="print the topology JSON")
     p.set_defaults(func=_status)
+
+    p = sub.add_parser("preview", help="ranked ways to split a model over a cluster (live, what-if, or this machine)")
+    p.add_argument("model", help="model name/path, or a config.json (for models you do not have)")
+    p.add_argument("--topology", help="a what-if cluster spec (JSON/YAML, see exo_lab/sim/specs)")
+    p.add_argument("--connect", nargs="+", metavar="HOST:PORT", help="plan on the live cluster of these agents")
+    p.add_argument("--discover", action="store_true", help="plan on the cluster found by mDNS")
+    p.add_argument("--cluster-key")
+    p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--prompt-tokens", type=int, default=512)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--objective", choices=["decode", "ttft"], default="decode")
+    p.add_argument("--limit", type=int, default=10, help="rows to print")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_preview)
 
     models = sub.add_parser("models", help="synthetic models and the model cache")
     msub = models.add_subparsers(dest="models_command", required=True)

@@ -10,8 +10,10 @@ from exo_lab.api.openai_chat import ChatCompletionsHandler
 from exo_lab.api.registry import ModelRegistry
 
 
-def make_app(registry: ModelRegistry) -> tornado.web.Application:
-    """Routes for ``registry``'s models."""
+def make_app(registry: ModelRegistry, topology_source=None) -> tornado.web.Application:
+    """Routes for ``registry``'s models; ``topology_source()`` gives the cluster's topology for previews."""
+    from exo_lab.api.previews import PreviewsHandler
+
     kw = {"registry": registry}
     return tornado.web.Application(
         [
@@ -19,6 +21,7 @@ def make_app(registry: ModelRegistry) -> tornado.web.Application:
             (r"/v1/models", ModelsHandler, kw),
             (r"/v1/models/(.+)", ModelHandler, kw),
             (r"/health", HealthHandler, kw),
+            (r"/instance/previews", PreviewsHandler, {**kw, "topology_source": topology_source}),
         ],
         default_handler_class=NotFoundHandler,
         default_handler_args=kw,

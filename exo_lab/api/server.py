@@ -26,8 +26,10 @@ DEFAULT_PORT = 52415
 class Server:
     """An API server on ``host:port`` serving the models of a registry."""
 
-    def __init__(self, registry: ModelRegistry, host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> None:
+    def __init__(self, registry: ModelRegistry, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
+                 cluster: Any = None) -> None:
         self.registry = registry
+        self.cluster = cluster
         self.host = host
         self.port = port
         self._owned: list[Any] = []
@@ -59,7 +61,8 @@ class Server:
             asyncio.set_event_loop(loop)
             self._loop = loop
             try:
-                self._http = HTTPServer(make_app(self.registry), idle_connection_timeout=3600)
+                source = (lambda: self.cluster.topology) if self.cluster is not None else None
+                self._http = HTTPServer(make_app(self.registry, source), idle_connection_timeout=3600)
                 self._http.listen(self.port, self.host)
                 sock = next(iter(self._http._sockets.values()))
                 self.port = sock.getsockname()[1]
@@ -150,10 +153,12 @@ def serve(
     port: int = DEFAULT_PORT,
     host: str = "127.0.0.1",
     name: str | None = None,
+    cluster: Any = None,
 ) -> Server:
     """Serve ``model`` (a name, a path, or an Engine) and return the running Server.
 
     Returns at once; the server runs on its own thread until ``server.stop()``.
+    With a ``cluster``, ``GET /instance/previews`` plans on its topology.
     """
     from exo_lab.engine.generator import Engine
 
@@ -166,7 +171,7 @@ def serve(
         backend = model
         model_name = name or backend.name
     registry.add(backend, model_name)
-    server = Server(registry, host, port)
+    server = Server(registry, host, port, cluster)
     try:
         server.start()
     except BaseException:

@@ -105,6 +105,7 @@ class Cluster:
         if not nodes:
             raise ClusterError(f"no node agent answered at {', '.join(self._addresses) or '(no addresses)'}")
         self._topology = Topology(nodes, links)
+        self._topology._source = self  # so that displaying it in a notebook shows the live graph
         return self
 
     def _read_agent(self, address: str):
@@ -140,6 +141,15 @@ class Cluster:
                           [self._contacts[n.id] for n in self.nodes if n.state == "alive"]))
         self.refresh()
         return self._topology
+
+    def preview(self, model, context: int = 4096, prompt_tokens: int = 512, objective: str = "decode",
+                batch: int = 1):
+        """Ranked ways to run ``model`` on this cluster (see :func:`exo_lab.placement.plan`)."""
+        from exo_lab.placement.preview import preview
+
+        plans = preview(self._topology, model, context, prompt_tokens, batch, objective)
+        plans.cluster = self
+        return plans
 
     def wait_for(self, nodes: int, links: bool = True, timeout: float = 60.0) -> "Cluster":
         """Poll until ``nodes`` nodes are alive, each sees the others, and (optionally) has measured its links."""

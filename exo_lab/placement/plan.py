@@ -132,6 +132,7 @@ class Plans:
     objective: str = "decode"
     model: str = ""
     selected: int = 0
+    cluster: Any = field(default=None, repr=False, compare=False)  # set by Cluster.preview
 
     def __getitem__(self, i: int) -> Plan:
         return self.plans[i]

@@ -1,0 +1,41 @@
+"""Previews: plans for a named model on a live cluster, a what-if spec, or this machine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from exo_lab.cluster.topology import NodeInfo, Topology
+from exo_lab.models.card import ModelCard, card_from_config
+from exo_lab.placement.plan import Plans
+from exo_lab.placement.planner import plan
+
+
+def model_card(model: str | Path | ModelCard) -> ModelCard:
+    """A card for ``model``: a card, a ``config.json`` file (what-if), or anything ``resolve`` accepts."""
+    if isinstance(model, ModelCard):
+        return model
+    path = Path(str(model)).expanduser()
+    if path.is_file() and path.suffix == ".json":
+        return card_from_config(json.loads(path.read_text()), path.parent.name or path.stem)
+    from exo_lab.models import resolve
+
+    return ModelCard.from_dir(resolve(model), name=str(model))
+
+
+def this_machine() -> Topology:
+    """A one-node topology of the machine this runs on (its cached profile)."""
+    import socket
+
+    from exo_lab.cluster.profile import load_or_measure
+
+    profile = load_or_measure().to_json()
+    node = NodeInfo("local", socket.gethostname(), ["127.0.0.1"], profile=profile)
+    return Topology({"local": node}, [])
+
+
+def preview(topology: Topology, model: str | Path | ModelCard, context: int = 4096, prompt_tokens: int = 512,
+            batch: int = 1, objective: str = "decode") -> Plans:
+    """Ranked plans for ``model`` on ``topology``."""
+    return plan(topology, model_card(model), context=context, prompt_tokens=prompt_tokens, batch=batch,
+                objective=objective)
