@@ -19,6 +19,7 @@ $(VENV)/.installed: $(VENV)/.created pyproject.toml
 	@touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
+	@scripts/install-chromium.sh
 	$(PY) -m pip install -q -e '.[test]'
 	@touch $@
 

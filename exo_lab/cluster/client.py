@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -48,6 +49,7 @@ class Cluster:
         self._topology = Topology()
         self._contacts: dict[str, str] = {}  # node id -> "host:port"
         self._peers: dict[str, list[dict[str, Any]]] = {}  # node id -> its peer table
+        self._lock = threading.RLock()
         self.refresh()
 
     # HTTP
@@ -71,7 +73,11 @@ class Cluster:
 
     # state
     def refresh(self) -> "Cluster":
-        """Re-read every node, its peers and its links."""
+        """Re-read every node, its peers and its links (thread-safe: widgets refresh in the background)."""
+        with self._lock:
+            return self._refresh()
+
+    def _refresh(self) -> "Cluster":
         nodes: dict[str, NodeInfo] = {}
         links: list[LinkProfile] = []
         pending = list(self._addresses)

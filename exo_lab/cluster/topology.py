@@ -132,6 +132,7 @@ class Topology:
 
     nodes: dict[str, NodeInfo] = field(default_factory=dict)
     links: list[LinkProfile] = field(default_factory=list)
+    _source = None  # not a field: the Cluster that produced this topology (set by Cluster.refresh), never serialised
 
     def alive(self) -> list[NodeInfo]:
         return [n for n in self.nodes.values() if n.state == "alive"]
@@ -196,6 +197,12 @@ class Topology:
 
             return cls.from_json(yaml.safe_load(text))
         return cls.from_json(json.loads(text))
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """In a Jupyter kernel: the live graph widget (``_repr_html_`` tables stay as the fallback)."""
+        from exo_lab.ui.topology_widget import topology_mimebundle
+
+        return topology_mimebundle(self, **kwargs)
 
     def _repr_html_(self) -> str:
         from exo_lab.cluster.display import topology_html
