@@ -1,0 +1,129 @@
+"""One rank's part of a model: a range of layers, optionally split over a tensor group.
+
+A shard is built from the model's own mlx_lm classes (Llama, Qwen2, Qwen3 and
+others with ``model.embed_tokens / layers / norm``) and loads only the
+tensors it needs: its layers, plus the embedding on the first stage and the
+final norm and head on the last. The forward pass runs the same operations
+as the whole model, so splitting layers changes no bits.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_map
+
+from exo_lab.models.tensors import read_tensors
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """Which part of the model a rank holds."""
+
+    start: int
+    end: int
+    num_layers: int
+    dtype: str | None = None  # compute dtype; None keeps the stored one
+
+    @property
+    def first(self) -> bool:
+        return self.start == 0
+
+    @property
+    def last(self) -> bool:
+        return self.end == self.num_layers
+
+
+def _model_classes(config: dict):
+    from mlx_lm.utils import _get_classes
+
+    return _get_classes(config)
+
+
+def tensor_names(model_dir: Path, spec: ShardSpec, tied: bool) -> list[str]:
+    """Names of the stored tensors a shard needs."""
+    from exo_lab.models.card import read_tensor_index
+
+    names = []
+    for t in read_tensor_index(model_dir):
+        n = t.name
+        if n.startswith("model.layers."):
+            if spec.start <= int(n.split(".")[2]) < spec.end:
+                names.append(n)
+        elif "embed_tokens" in n:
+            if spec.first or (spec.last and tied):
+                names.append(n)
+        elif n.startswith("lm_head") or n.startswith("model.norm"):
+            if spec.last:
+                names.append(n)
+    return names
+
+
+class Shard(nn.Module):
+    """Layers ``[start, end)`` of a model, with embedding/head where the stage needs them."""
+
+    def __init__(self, model: nn.Module, spec: ShardSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        inner = model.model
+        self.layers = inner.layers[spec.start : spec.end]
+        self.embed_tokens = inner.embed_tokens if (spec.first or (spec.last and model.args.tie_word_embeddings)) else None
+        self.norm = inner.norm if spec.last else None
+        self.lm_head = getattr(model, "lm_head", None) if spec.last else None
+        self.tied = bool(model.args.tie_word_embeddings)
+
+    def __call__(self, x: mx.array, cache: list) -> mx.array:
+        """Tokens (first stage) or hidden states in; hidden states or logits (last stage) out."""
+        from mlx_lm.models.base import create_attention_mask
+
+        h = self.embed_tokens(x) if self.spec.first else x
+        mask = create_attention_mask(h, cache[0] if cache else None)
+        for layer, c in zip(self.layers, cache):
+            h = layer(h, mask, cache=c)
+        if not self.spec.last:
+            return h
+        h = self.norm(h)
+        return self.embed_tokens.as_linear(h) if self.tied else self.lm_head(h)
+
+    def make_cache(self) -> list:
+        from mlx_lm.models.cache import KVCache
+
+        return [KVCache() for _ in self.layers]
+
+
+def load_shard(model_dir: str | Path, spec: ShardSpec, tensor_group: mx.distributed.Group | None = None) -> tuple[Shard, dict]:
+    """Build a shard reading only its tensors; split it over ``tensor_group`` when given."""
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    model_cls, args_cls = _model_classes(config)
+    model = model_cls(args_cls.from_dict(config))  # lazy: parameters are not materialised
+    tied = bool(getattr(model.args, "tie_word_embeddings", False))
+    weights = read_tensors(model_dir, tensor_names(model_dir, spec, tied))
+    if hasattr(model, "sanitize"):
+        weights = model.sanitize(weights)
+    quant = config.get("quantization")
+    if quant:
+        nn.quantize(model, group_size=quant["group_size"], bits=quant["bits"],
+                    class_predicate=lambda p, m: f"{p}.scales" in weights)
+    model.load_weights(list(weights.items()), strict=False)
+    if tensor_group is not None and tensor_group.size() > 1:
+        inner_layers = model.model.layers
+        model.model.layers = inner_layers[spec.start : spec.end]
+        model.shard(tensor_group)
+        model.model.layers = inner_layers[: spec.start] + model.model.layers + inner_layers[spec.end :]
+    shard = Shard(model, spec)
+    if spec.dtype and not quant:
+        target = getattr(mx, spec.dtype)
+        shard.update(tree_map(lambda a: a.astype(target) if mx.issubdtype(a.dtype, mx.floating) else a,
+                              shard.parameters()))
+    mx.eval(shard.parameters())
+    log.info("shard [%d, %d) of %d layers: %.1f MB", spec.start, spec.end, spec.num_layers,
+             sum(v.nbytes for _, v in tree_flatten(shard.parameters())) / 1e6)
+    return shard, config
