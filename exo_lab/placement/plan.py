@@ -60,6 +60,7 @@ class Plan:
     node_names: dict[str, str] = field(default_factory=dict)
     model_dtype: str = ""
     split: str = "whole"  # how layers were split: proportional, fastest (first), or whole (one stage)
+    model_ref: str = ""  # how to find the model's files (path or name), for launching
 
     @property
     def nodes(self) -> list[str]:
@@ -111,6 +112,13 @@ class Plan:
         data = {k: v for k, v in d.items() if k in names}
         data["ranks"] = [RankSpec.from_json(r) for r in d["ranks"]]
         return cls(**data)
+
+    def launch(self, cluster: Any = None, name: str | None = None, wait: bool = True):
+        """Launch this plan on ``cluster`` (default: the cluster that previewed it)."""
+        cluster = cluster or getattr(self, "_cluster", None)
+        if cluster is None:
+            raise RuntimeError("this plan is not tied to a cluster: call plan.launch(cluster) or cluster.launch(model, plan)")
+        return cluster.launch(self.model_ref or self.model, plan=self, name=name, wait=wait)
 
     def __repr__(self) -> str:
         if not self.feasible:
@@ -176,6 +184,12 @@ class Plans:
 
     def __repr__(self) -> str:
         return f"Plans for {self.model} (objective: {self.objective})\n{self.table()}"
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """In a Jupyter kernel: the plan comparison widget (``_repr_html_`` tables stay as the fallback)."""
+        from exo_lab.ui.plan_comparison import plans_mimebundle
+
+        return plans_mimebundle(self, **kwargs)
 
     def _repr_html_(self) -> str:
         rows = self.rows()[:20]

@@ -1,5 +1,6 @@
-"""Notebook widgets: the live topology graph (and, later, plan comparison)."""
+"""Notebook widgets: the live topology graph and the plan comparison."""
 
+from exo_lab.ui.plan_comparison import PlanComparison
 from exo_lab.ui.topology_widget import TopologyWidget
 
-__all__ = ["TopologyWidget"]
+__all__ = ["PlanComparison", "TopologyWidget"]
