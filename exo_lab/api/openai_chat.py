@@ -83,6 +83,13 @@ def parse_chat_request(data: dict[str, Any], registry: ModelRegistry) -> ChatReq
     include_usage = get_bool(options or {}, "include_usage", False)
 
     backend = registry.get(model)
+    state = getattr(backend, "state", "ready")
+    if state in ("launching", "loading", "replacing"):
+        raise ApiError(503, f"The model {model!r} is {state}; retry shortly.", type="server_error",
+                       code="model_not_ready", headers={"Retry-After": "5"})
+    if state in ("failed", "stopped"):
+        raise ApiError(503, f"The model {model!r} is {state}: {getattr(backend, 'error', '')}", type="server_error",
+                       code="model_unavailable", headers={"Retry-After": "30"})
     try:
         prompt = backend.chat_tokens(messages)
     except ValueError as exc:

@@ -156,6 +156,9 @@ class NodeAgent:
         self._probe_lock = asyncio.Lock()
         self._client = AsyncHTTPClient(force_instance=True)
         self.stopped = asyncio.Event()
+        from exo_lab.cluster.workers import WorkerManager
+
+        self.workers = WorkerManager(config.state_dir, self.key, config.host)
 
     # lifecycle
     async def start(self) -> None:
@@ -174,7 +177,8 @@ class NodeAgent:
             except OSError as exc:
                 log.warning("mDNS unavailable (%s); use --peer host:port", exc)
                 self._discovery = None
-        self._tasks = [asyncio.ensure_future(self._liveness_loop()), asyncio.ensure_future(self._probe_loop())]
+        self._tasks = [asyncio.ensure_future(self._liveness_loop()), asyncio.ensure_future(self._probe_loop()),
+                       asyncio.ensure_future(self._worker_loop())]
         log.info("node %s (%s) on %s:%d, probes on %d, addresses %s", self.id, self.config.name, self.config.host,
                  self.port, self.probe_port, self.addresses)
 
@@ -189,9 +193,15 @@ class NodeAgent:
         with FileLock(str(cache_dir() / "profiles.lock")):
             return load_or_measure(refresh=self.config.refresh_profile)
 
+    async def _worker_loop(self) -> None:
+        while True:
+            self.workers.poll()
+            await asyncio.sleep(0.5)
+
     async def stop(self) -> None:
         for t in self._tasks:
             t.cancel()
+        self.workers.stop_all()
         if self._discovery is not None:
             await self._discovery.stop()
         if self._http is not None:
@@ -339,6 +349,9 @@ class NodeAgent:
                 (r"/node/links", LinksHandler, kw),
                 (r"/node/links/probe", ProbeHandler, kw),
                 (r"/node/peers", PeersHandler, kw),
+                (r"/instances", InstancesHandler, kw),
+                (r"/instances/([0-9a-zA-Z_-]+)", InstanceHandler, kw),
+                (r"/instances/([0-9a-zA-Z_-]+)/(prepare|start)", InstanceActionHandler, kw),
             ],
             default_handler_class=AgentNotFound,
             default_handler_args=kw,
@@ -431,6 +444,65 @@ class PeersHandler(AgentHandler):
         self.agent.manual[address] = None
         peer = await self.agent._contact([address], "manual")
         self.send({"added": address, "peer": peer.info.id if peer else None})
+
+
+class InstancesHandler(AgentHandler):
+    """``GET /instances``: this node's instances, their workers and reservations."""
+
+    def get(self) -> None:
+        if self.authorised(read_only=True):
+            w = self.agent.workers
+            self.send({"node": self.agent.id, "reserved_bytes": w.reserved_bytes,
+                       "instances": [i.to_json() for i in w.instances.values()]})
+
+
+class InstanceHandler(AgentHandler):
+    """``GET``/``DELETE /instances/{id}``."""
+
+    def get(self, iid: str) -> None:
+        if not self.authorised(read_only=True):
+            return
+        inst = self.agent.workers.instances.get(iid)
+        if inst is None:
+            self.send({"error": f"no instance {iid} on this node"}, 404)
+            return
+        data = inst.to_json()
+        if inst.state == "failed":
+            data["logs"] = {r.rank: self.agent.workers.log_tail(iid, r.rank) for r in inst.ranks.values()}
+        self.send(data)
+
+    def delete(self, iid: str) -> None:
+        if self.authorised(read_only=False):
+            self.send({"stopped": self.agent.workers.stop(iid)})
+
+
+class InstanceActionHandler(AgentHandler):
+    """``POST /instances/{id}/prepare`` and ``/start`` (signed)."""
+
+    def post(self, iid: str, action: str) -> None:
+        from exo_lab.cluster.profile import memory_now
+        from exo_lab.cluster.workers import ReservationError
+
+        if not self.authorised(read_only=False):
+            return
+        try:
+            body = json.loads(self.request.body)
+            if action == "prepare":
+                _, available = memory_now()
+                ports = self.agent.workers.prepare(iid, body["ranks"], int(body["reserve_bytes"]), available)
+                self.send({"node": self.agent.id, "ranks": ports})
+            else:
+                from exo_lab.models import resolve
+
+                common = dict(body["common"])
+                common["model_dir"] = str(resolve(common.pop("model")))
+                self.send(self.agent.workers.start(iid, body["hostfile"], common, body["ranks"]))
+        except ReservationError as exc:
+            self.send({"error": str(exc)}, 409)
+        except (KeyError, ValueError, TypeError) as exc:
+            self.send({"error": f"bad request: {exc}"}, 400)
+        except LookupError as exc:
+            self.send({"error": str(exc)}, 404)
 
 
 def run_agent(config: AgentConfig) -> int:

@@ -50,6 +50,7 @@ class Cluster:
         self._contacts: dict[str, str] = {}  # node id -> "host:port"
         self._peers: dict[str, list[dict[str, Any]]] = {}  # node id -> its peer table
         self._lock = threading.RLock()
+        self.instances: list = []
         self.refresh()
 
     # HTTP
@@ -155,7 +156,26 @@ class Cluster:
 
         plans = preview(self._topology, model, context, prompt_tokens, batch, objective)
         plans.cluster = self
+        for p in [*plans.plans, *plans.infeasible]:
+            p._cluster = self
+            p.model_ref = str(model)
         return plans
+
+    def launch(self, model, plan=None, name: str | None = None, auto_replace: bool = True, wait: bool = True):
+        """Launch ``model`` with ``plan`` (default: the best plan) and return the :class:`Instance`."""
+        from exo_lab.instance import Instance
+
+        if plan is None:
+            plans = self.preview(model)
+            launchable = [p for p in plans if p.strategy != "pipeline-tensor"]
+            if not launchable:
+                raise ClusterError(f"no launchable plan for {model}: {plans.infeasible[:1]}")
+            plan = launchable[0]
+        inst = Instance(self, str(model), plan, name=name, auto_replace=auto_replace)
+        self.instances.append(inst)
+        if wait:
+            inst.wait_ready()
+        return inst
 
     def wait_for(self, nodes: int, links: bool = True, timeout: float = 60.0) -> "Cluster":
         """Poll until ``nodes`` nodes are alive, each sees the others, and (optionally) has measured its links."""
@@ -176,7 +196,12 @@ class Cluster:
             time.sleep(0.2)
 
     def close(self) -> None:
-        """Stop the agents this object started (local clusters); others keep running."""
+        """Delete this coordinator's instances; stop the agents it started (local clusters)."""
+        for inst in list(self.instances):
+            try:
+                inst.delete()
+            except Exception as exc:  # noqa: BLE001 - nodes may already be gone
+                log.debug("deleting %s: %s", inst, exc)
         for proc in self._processes:
             if proc.poll() is None:
                 proc.terminate()

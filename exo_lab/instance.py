@@ -1,0 +1,400 @@
+"""Instances: a plan launched as MLX distributed workers on the cluster's nodes.
+
+``cluster.launch(model, plan=None)`` (or ``plan.launch()``) asks each node
+agent to reserve memory and ports for its ranks, then to start the workers
+with the full hostfile. The :class:`Instance` tracks loading, sends each
+request to every rank in one global order (the ranks run it in lock step),
+streams the tokens back from rank 0, and watches the workers: if one dies,
+the request in flight ends with an error, the other workers are stopped, and
+(with ``auto_replace``) the model is re-planned on the nodes that remain.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+from exo_lab.cluster.auth import sign_headers
+from exo_lab.engine.chat import chat_prompt_tokens
+from exo_lab.engine.generator import Chunk, Generation, GenerationRequest, Usage
+from exo_lab.engine.sampling import SamplingParams
+from exo_lab.placement.plan import Plan
+
+log = logging.getLogger(__name__)
+
+STATES = ("launching", "loading", "ready", "replacing", "failed", "stopped")
+
+
+class LaunchError(RuntimeError):
+    """A plan could not be launched (a node refused, or workers failed to start)."""
+
+
+class Instance:
+    """A running model split over ranks; generates like an :class:`~exo_lab.Engine`."""
+
+    def __init__(self, cluster: Any, model: str, plan: Plan, name: str | None = None, auto_replace: bool = True) -> None:
+        from mlx_lm.utils import load_tokenizer
+
+        from exo_lab.models import resolve
+
+        self.cluster = cluster
+        self.model = model
+        self.name = name or str(model)
+        self.plan = plan
+        self.auto_replace = auto_replace
+        self.created = int(time.time())
+        self.path = resolve(model)
+        config = json.loads((self.path / "config.json").read_text())
+        self.tokenizer = load_tokenizer(self.path, eos_token_ids=config.get("eos_token_id"))
+        self.context_length = config.get("max_position_embeddings")
+        self.state = "launching"
+        self.error: str | None = None
+        self.progress: dict[int, tuple[int, int]] = {}
+        self.replacements = 0
+        self._seq = 0
+        self._queue: queue.Queue[Generation | None] = queue.Queue()
+        self._current: Generation | None = None
+        self._lock = threading.RLock()
+        self._closed = threading.Event()
+        self._start(plan)
+        threading.Thread(target=self._dispatch_loop, name=f"exo-lab-instance-{self.name}", daemon=True).start()
+        threading.Thread(target=self._watch_loop, name=f"exo-lab-watch-{self.name}", daemon=True).start()
+
+    # ---------------------------------------------------------------- launch
+    def _start(self, plan: Plan) -> None:
+        if plan.strategy == "pipeline-tensor":
+            raise LaunchError("pipelines of tensor groups cannot be launched yet; choose a pipeline or tensor plan")
+        if not plan.feasible:
+            raise LaunchError(f"the plan is infeasible: {plan.reason}")
+        self.plan = plan
+        self.id = uuid.uuid4().hex[:10]
+        self.controls: dict[int, str] = {}
+        nodes = plan.nodes
+        prepared: list[str] = []
+        try:
+            for node in nodes:
+                ranks = [{"rank": r.rank, "address": r.address} for r in plan.ranks if r.node_id == node]
+                resp = self._agent(node, "POST", f"/instances/{self.id}/prepare",
+                                   {"ranks": ranks, "reserve_bytes": plan.memory_bytes.get(node, 0)})
+                prepared.append(node)
+                for rank, ports in resp["ranks"].items():
+                    self.controls[int(rank)] = ports["control"]
+                    self.progress[int(rank)] = (0, 1)
+                    ports_by_rank = self.__dict__.setdefault("_rings", {})
+                    ports_by_rank[int(rank)] = ports["ring"]
+            hostfile = [[self._rings[r.rank]] for r in sorted(plan.ranks, key=lambda r: r.rank)]
+            stages: dict[int, list[int]] = {}
+            for r in plan.ranks:
+                stages.setdefault(r.stage, []).append(r.rank)
+            common = {"instance_id": self.id, "model": str(self.path), "num_layers": _num_layers(plan),
+                      "stages": [stages[s] for s in sorted(stages)], "backend": plan.backend}
+            for node in nodes:
+                per_rank = {str(r.rank): {"layers": list(r.layers),
+                                          "dtype": None if r.dtype == plan.model_dtype else r.dtype}
+                            for r in plan.ranks if r.node_id == node}
+                self._agent(node, "POST", f"/instances/{self.id}/start",
+                            {"hostfile": hostfile, "common": common, "ranks": per_rank})
+        except Exception as exc:
+            for node in prepared:
+                self._agent_quiet(node, "DELETE", f"/instances/{self.id}")
+            raise LaunchError(f"launching {self.name} failed: {exc}") from exc
+        self.state = "loading"
+
+    def _agent(self, node_id: str, method: str, path: str, body: Any = None) -> Any:
+        return self.cluster.request(self.cluster.address_of(node_id), method, path, body, timeout=30)
+
+    def _agent_quiet(self, node_id: str, method: str, path: str) -> None:
+        try:
+            self._agent(node_id, method, path)
+        except Exception as exc:  # best effort: the node may be gone
+            log.debug("%s %s on %s: %s", method, path, node_id, exc)
+
+    def _worker(self, rank: int, method: str, path: str, body: Any = None, timeout: float = 5.0) -> Any:
+        host, port = self.controls[rank].rsplit(":", 1)
+        data = json.dumps(body).encode() if body is not None else b""
+        conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+        try:
+            conn.request(method, path, body=data if method != "GET" else None,
+                         headers=sign_headers(self.cluster.cluster_key, method, path, data))
+            resp = conn.getresponse()
+            return json.loads(resp.read() or b"{}")
+        finally:
+            conn.close()
+
+    # ---------------------------------------------------------------- status
+    @property
+    def loaded(self) -> tuple[int, int]:
+        """Layers loaded and layers in total, over all ranks."""
+        done = sum(d for d, _ in self.progress.values())
+        total = sum(t for _, t in self.progress.values())
+        return done, total
+
+    def wait_ready(self, timeout: float = 300.0, progress: bool = True) -> "Instance":
+        """Block until every rank is ready (a progress bar shows layers loaded)."""
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=max(1, self.loaded[1]), desc=f"loading {self.name}", unit="layer", disable=not progress)
+        deadline = time.monotonic() + timeout
+        try:
+            while self.state not in ("ready", "failed", "stopped"):
+                done, total = self.loaded
+                bar.total = max(total, 1)
+                bar.n = done
+                bar.refresh()
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"{self.name} not ready after {timeout:.0f} s (state {self.state})")
+                time.sleep(0.1)
+            bar.n = bar.total
+            bar.refresh()
+        finally:
+            bar.close()
+        if self.state != "ready":
+            raise LaunchError(f"{self.name} is {self.state}: {self.error}")
+        return self
+
+    def _watch_loop(self) -> None:
+        while not self._closed.is_set():
+            if self.state in ("loading", "ready"):
+                problem = self._check_workers()
+                if problem:
+                    self._fail(problem)
+            time.sleep(0.3)
+
+    def _rank_process_problem(self, rank: int) -> str | None:
+        """Ask the rank's node agent whether its process is alive (None if it is)."""
+        node = next(r.node_id for r in self.plan.ranks if r.rank == rank)
+        try:
+            data = self._agent(node, "GET", f"/instances/{self.id}")
+        except Exception as exc:  # noqa: BLE001 - the node itself is unreachable
+            return f"the node {self.plan.node_names.get(node, node)} of rank {rank} is unreachable ({exc})"
+        info = next((r for r in data.get("ranks", []) if r["rank"] == rank), None)
+        if info is None or info.get("alive"):
+            return None
+        tail = (data.get("logs") or {}).get(str(rank)) or (data.get("logs") or {}).get(rank) or ""
+        return f"rank {rank} exited with code {info.get('exit_code')}" + (f": {tail.strip()[-500:]}" if tail else "")
+
+    def _check_workers(self) -> str | None:
+        states = []
+        for rank in list(self.controls):
+            try:
+                st = self._worker(rank, "GET", "/status", timeout=2.0)
+            except OSError as exc:
+                problem = self._rank_process_problem(rank)
+                if problem:
+                    return problem
+                if self.state == "ready":
+                    return f"rank {rank} ({self.controls[rank]}) stopped answering: {exc}"
+                states.append("starting")
+                continue
+            if st.get("state") == "failed":
+                return f"rank {rank} failed: {st.get('error')}"
+            self.progress[rank] = (st.get("loaded", 0), max(1, st.get("total", 1)))
+            states.append(st.get("state"))
+        if self.state == "loading" and states and all(s == "ready" for s in states):
+            self.state = "ready"
+        return None
+
+    def _fail(self, problem: str) -> None:
+        with self._lock:
+            if self.state in ("failed", "stopped", "replacing"):
+                return
+            log.warning("instance %s failed: %s", self.name, problem)
+            self.error = problem
+            self.state = "failed"
+            current = self._current
+        if current is not None and not current.done:
+            current._push(Chunk("", finish_reason="error", error=f"instance failed: {problem}", usage=Usage()))
+        self._stop_workers(graceful=False)
+        if self.auto_replace and not self._closed.is_set():
+            threading.Thread(target=self._replace, daemon=True).start()
+
+    def _replace(self) -> None:
+        self.state = "replacing"
+        try:
+            self.cluster.refresh()
+            alive = {n.id for n in self.cluster.topology.alive()}
+            dead_nodes = [n for n in self.plan.nodes if n not in alive]
+            plans = self.cluster.preview(self.path, context=self.plan.context, prompt_tokens=self.plan.prompt_tokens)
+            candidates = [p for p in plans if p.strategy != "pipeline-tensor" and not (set(p.nodes) & set(dead_nodes))]
+            if not candidates:
+                raise LaunchError("the model fits on none of the nodes that remain")
+            self.replacements += 1
+            self._start(candidates[0])
+            log.info("instance %s re-placed on %s", self.name, candidates[0].describe())
+        except Exception as exc:
+            self.state = "failed"
+            self.error = f"{self.error}; re-placing failed: {exc}"
+
+    # ---------------------------------------------------------------- generation
+    def chat_tokens(self, messages: Sequence[dict[str, Any]]) -> list[int]:
+        return chat_prompt_tokens(self.tokenizer, messages)
+
+    def submit(self, request: GenerationRequest) -> Generation:
+        if self.state in ("failed", "stopped"):
+            raise RuntimeError(f"instance {self.name} is {self.state}: {self.error}")
+        gen = Generation(request)
+        self._queue.put(gen)
+        return gen
+
+    def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, temperature: float = 0.0,
+                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: Sequence[str] = (),
+                 ignore_eos: bool = False) -> Generation:
+        """Like :meth:`exo_lab.Engine.generate`: a streaming handle."""
+        tokens = list(self.tokenizer.encode(prompt)) if isinstance(prompt, str) else list(prompt)
+        return self.submit(GenerationRequest(tuple(tokens), max_tokens, SamplingParams(temperature, top_p, top_k, seed),
+                                             tuple(stop), ignore_eos))
+
+    def stream(self, prompt: str | Sequence[int], **kwargs: Any):
+        """Yield text pieces as they are generated."""
+        for chunk in self.generate(prompt, **kwargs):
+            if chunk.error:
+                raise RuntimeError(chunk.error)
+            if chunk.text:
+                yield chunk.text
+
+    def chat(self, messages: Sequence[dict[str, Any]], **kwargs: Any) -> Generation:
+        return self.generate(self.chat_tokens(messages), **kwargs)
+
+    def _dispatch_loop(self) -> None:
+        while True:
+            gen = self._queue.get()
+            if gen is None:
+                return
+            if gen.cancelled:
+                gen._push(Chunk("", finish_reason="cancelled", usage=Usage(len(gen.request.prompt_tokens))))
+                continue
+            deadline = time.monotonic() + 600
+            while self.state in ("launching", "loading", "replacing") and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if self.state != "ready":
+                gen._push(Chunk("", finish_reason="error", error=f"instance {self.state}: {self.error}", usage=Usage()))
+                continue
+            with self._lock:
+                self._seq += 1
+                seq = self._seq
+                self._current = gen
+            try:
+                self._run(seq, gen)
+            except Exception as exc:
+                if not gen.done:
+                    gen._push(Chunk("", finish_reason="error", error=f"{type(exc).__name__}: {exc}", usage=Usage()))
+            finally:
+                with self._lock:
+                    self._current = None
+
+    def _run(self, seq: int, gen: Generation) -> None:
+        req = gen.request
+        body = {"seq": seq, "prompt": list(req.prompt_tokens), "max_tokens": req.max_tokens,
+                "sampling": asdict(req.sampling), "stop": list(req.stop), "ignore_eos": req.ignore_eos}
+        for rank in sorted(self.controls):
+            if rank != 0:
+                self._worker(rank, "POST", "/generate", body)
+        lines: queue.Queue = queue.Queue()
+        host, port = self.controls[0].rsplit(":", 1)
+        data = json.dumps(body).encode()
+        conn = http.client.HTTPConnection(host, int(port))
+        conn.request("POST", "/generate", body=data, headers=sign_headers(self.cluster.cluster_key, "POST", "/generate", data))
+
+        def reader() -> None:
+            try:
+                resp = conn.getresponse()
+                for line in resp:
+                    lines.put(json.loads(line))
+            except (OSError, ValueError, AttributeError, http.client.HTTPException) as exc:
+                lines.put(exc)  # AttributeError: the connection was closed under us (request over)
+            lines.put(None)
+
+        reading = threading.Thread(target=reader, daemon=True)
+        reading.start()
+        cancel_sent = False
+        try:
+            while True:
+                try:
+                    item = lines.get(timeout=0.1)
+                except queue.Empty:
+                    if gen.cancelled and not cancel_sent:
+                        self._worker(0, "POST", "/cancel", {"seq": seq})
+                        cancel_sent = True
+                    if gen.done:  # the watcher ended it (a worker died)
+                        return
+                    continue
+                if item is None or isinstance(item, Exception):
+                    if not gen.done:
+                        gen._push(Chunk("", finish_reason="error", error=f"lost rank 0: {item}", usage=Usage()))
+                    return
+                if item.get("finish_reason"):
+                    usage = Usage(**item["usage"]) if item.get("usage") else Usage()
+                    reason = item["finish_reason"]
+                    if gen.cancelled and reason != "error":
+                        reason = "cancelled"
+                    gen._push(Chunk(item.get("text", ""), tuple(item.get("tokens", [])), reason, usage,
+                                    item.get("error"), item.get("stop_sequence")))
+                    return
+                gen._push(Chunk(item.get("text", ""), tuple(item.get("tokens", []))))
+        finally:
+            reading.join(1.0)
+            conn.close()
+
+    # ---------------------------------------------------------------- teardown
+    def _stop_workers(self, graceful: bool) -> None:
+        if graceful and self.state == "ready":
+            with self._lock:
+                self._seq += 1
+                seq = self._seq
+            for rank in sorted(self.controls):
+                try:
+                    self._worker(rank, "POST", "/shutdown", {"seq": seq}, timeout=2.0)
+                except OSError:
+                    pass
+            time.sleep(0.3)
+        for node in self.plan.nodes:
+            self._agent_quiet(node, "DELETE", f"/instances/{self.id}")
+
+    def delete(self) -> None:
+        """Stop every worker and free every reservation."""
+        if self.state == "stopped":
+            return
+        self._closed.set()
+        self._queue.put(None)
+        self._stop_workers(graceful=True)
+        self.state = "stopped"
+
+    close = delete
+
+    def pids(self) -> dict[str, list[int]]:
+        """Worker process ids per node (for checking that none are left)."""
+        out: dict[str, list[int]] = {}
+        for node in self.plan.nodes:
+            try:
+                data = self._agent(node, "GET", f"/instances/{self.id}")
+                out[node] = [r["pid"] for r in data["ranks"] if r.get("pid")]
+            except Exception:  # noqa: BLE001 - a stopped instance is unknown to its nodes
+                out[node] = []
+        return out
+
+    def __repr__(self) -> str:
+        done, total = self.loaded
+        return f"<Instance {self.name} {self.state} {self.plan.describe()} loaded {done}/{total}>"
+
+    def _repr_html_(self) -> str:
+        import html
+
+        done, total = self.loaded
+        pct = 100 * done / total if total else 0
+        return (f"<b>{html.escape(self.name)}</b> &mdash; <code>{self.state}</code> "
+                f"<span style='display:inline-block;width:120px;height:8px;background:var(--jp-layout-color3,#ddd)'>"
+                f"<span style='display:block;height:8px;width:{pct:.0f}%;background:var(--jp-brand-color1,#1976d2)'></span>"
+                f"</span> {done}/{total} layers<br><small>{html.escape(self.plan.describe())}</small>"
+                + (f"<br><small style='color:#c62828'>{html.escape(self.error)}</small>" if self.error else ""))
+
+
+def _num_layers(plan: Plan) -> int:
+    return max(r.layers[1] for r in plan.ranks)
