@@ -98,14 +98,27 @@ class Shard(nn.Module):
         return [KVCache() for _ in self.layers]
 
 
-def load_shard(model_dir: str | Path, spec: ShardSpec, tensor_group: mx.distributed.Group | None = None) -> tuple[Shard, dict]:
-    """Build a shard reading only its tensors; split it over ``tensor_group`` when given."""
+def load_shard(model_dir: str | Path, spec: ShardSpec, tensor_group: mx.distributed.Group | None = None,
+               progress=None) -> tuple[Shard, dict]:
+    """Build a shard reading only its tensors; split it over ``tensor_group`` when given.
+
+    ``progress(layers_loaded, layers_total)`` is called as layers arrive.
+    """
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     model_cls, args_cls = _model_classes(config)
     model = model_cls(args_cls.from_dict(config))  # lazy: parameters are not materialised
     tied = bool(getattr(model.args, "tie_word_embeddings", False))
-    weights = read_tensors(model_dir, tensor_names(model_dir, spec, tied))
+    names = tensor_names(model_dir, spec, tied)
+    total = spec.end - spec.start
+    weights: dict[str, mx.array] = {}
+    by_layer: dict[int, list[str]] = {}
+    for n in names:
+        by_layer.setdefault(int(n.split(".")[2]) if n.startswith("model.layers.") else -1, []).append(n)
+    for i, layer in enumerate(sorted(by_layer)):
+        weights.update(read_tensors(model_dir, by_layer[layer]))
+        if progress is not None and layer >= 0:
+            progress(min(total, layer - spec.start + 1), total)
     if hasattr(model, "sanitize"):
         weights = model.sanitize(weights)
     quant = config.get("quantization")
