@@ -77,6 +77,7 @@ class Instance:
         self.plan = plan
         self.id = uuid.uuid4().hex[:10]
         self.controls: dict[int, str] = {}
+        self._seq = 0  # new workers count jobs from 1
         nodes = plan.nodes
         prepared: list[str] = []
         try:

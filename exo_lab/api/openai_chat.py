@@ -131,7 +131,12 @@ class ChatCompletionsHandler(ApiHandler):
         except ApiError as err:
             self.send_api_error(err)
             return
-        self.generation = req.backend.submit(req.generation)
+        try:
+            self.generation = req.backend.submit(req.generation)
+        except RuntimeError as exc:  # the instance failed between validation and submission
+            self.send_api_error(ApiError(503, str(exc), type="server_error", code="model_unavailable",
+                                         headers={"Retry-After": "5"}))
+            return
         if self.client_gone:
             self.generation.cancel()
         cid = f"chatcmpl-{uuid.uuid4().hex[:24]}"

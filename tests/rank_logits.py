@@ -1,0 +1,44 @@
+"""Run as one MLX rank: print the last stage's logits for a prompt (for bit-exactness tests).
+
+Usage: MLX_RANK=r MLX_HOSTFILE=hosts.json python tests/rank_logits.py MODEL_DIR SPLITS_JSON PROMPT_JSON OUT.npy
+"""
+
+import json
+import sys
+
+import exo_lab  # noqa: F401
+
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from exo_lab.engine.lockstep import Layout, Lockstep  # noqa: E402
+from exo_lab.engine.shard import ShardSpec, load_shard  # noqa: E402
+
+
+def main() -> None:
+    model_dir, splits, prompt, out = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
+    group = mx.distributed.init(backend="ring", strict=True)
+    rank = group.rank()
+    cfg = json.load(open(f"{model_dir}/config.json"))
+    start = sum(splits[:rank])
+    spec = ShardSpec(start, start + splits[rank], cfg["num_hidden_layers"])
+    shard, _ = load_shard(model_dir, spec)
+    layout = Layout(rank, tuple((i,) for i in range(group.size())))
+    ls = Lockstep(shard, group, layout, cfg["hidden_size"], getattr(mx, cfg["torch_dtype"]), prefill_step_size=64)
+    cache = shard.make_cache()
+    tokens = mx.array(prompt, mx.int32)
+    pos = 0
+    while len(prompt) - pos > 1:  # the same chunking as generate_step
+        n = min(64, len(prompt) - pos - 1)
+        o = ls._forward(tokens[pos:pos + n][None], cache, logits=False)
+        mx.eval(o, [c.state for c in cache])
+        pos += n
+    o = ls._forward(tokens[pos:][None], cache, logits=True)
+    mx.eval(o)
+    if layout.last:
+        np.save(out, np.array(o[:, -1, :].astype(mx.float32)))
+    ls.barrier()
+
+
+if __name__ == "__main__":
+    main()
