@@ -196,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = msub.add_parser("card", help="print a model's card (shape, bytes per layer) as JSON")
     p.add_argument("model")
     p.set_defaults(func=_models_card)
+
+    from exo_lab.sim.cli import add_cli as add_sim
+
+    add_sim(sub)
     return parser
 
 

@@ -13,6 +13,7 @@ import traitlets
 from exo_lab.cluster.topology import Topology
 from exo_lab.models.card import card_from_config
 from exo_lab.placement import Plan, Plans, RankSpec, plan
+from exo_lab.ui.plan_comparison import NO_LAUNCH
 from exo_lab.ui import PlanComparison, TopologyWidget
 from exo_lab.ui import plan_comparison as pc
 from exo_lab.ui import topology_widget as tw
@@ -80,7 +81,7 @@ def test_table_rows_are_the_ranked_plans(plans, home_lab, widgets):
     s = w.table.summary
     assert (s["model"], s["objective"], s["count"], s["infeasible"]) == ("llama-3.1-8b-shaped", "decode", len(plans), 0)
     assert (s["context"], s["prompt_tokens"], s["batch"], s["initial_limit"]) == (4096, 512, 1, 10)
-    assert s["no_launch"] == "launching arrives with instances"
+    assert s["no_launch"] == NO_LAUNCH
     assert w.table.infeasible == []
     assert w.children == (w.table, w.topology_widget)
 
@@ -194,7 +195,7 @@ def test_no_feasible_plan(home_lab, widgets):
 
 
 def test_launch_is_disabled_until_plans_can_launch(plans, home_lab, widgets):
-    assert not hasattr(plans[0], "launch"), "Plan.launch arrived: enable the button and update this test"
+    assert getattr(plans[0], "_cluster", None) is None  # planned on a what-if topology: nothing to launch on
     w = PlanComparison(plans, home_lab)
     widgets.append(w)
     assert not any(r["launchable"] for r in w.table.rows)
@@ -212,19 +213,20 @@ def test_launch_shows_the_result_or_the_error(plans, home_lab, widgets):
     def boom() -> None:
         raise RuntimeError("node mbp refused: out of memory")
 
-    plans[1].launch = ok  # type: ignore[attr-defined]  (what the instances issue adds)
-    plans[2].launch = boom  # type: ignore[attr-defined]
+    plans[3].launch = ok  # type: ignore[method-assign]  (stand-ins for cluster launches)
+    plans[4].launch = boom  # type: ignore[method-assign]
+    plans[3]._cluster = plans[4]._cluster = object()
     w = PlanComparison(plans, home_lab)
     widgets.append(w)
-    assert [r["launchable"] for r in w.table.rows[:3]] == [False, True, True]
-    w.table._handle_custom_msg({"event": "launch", "index": 1}, [])  # the Launch button
+    assert [r["launchable"] for r in w.table.rows[:5]] == [False, False, False, True, True]  # no cluster: no launch
+    w.table._handle_custom_msg({"event": "launch", "index": 3}, [])  # the Launch button
     assert poll(lambda: w.table.launch.get("state") == "done")
-    assert w.table.launch == {"index": 1, "state": "done", "text": "'Instance(llama-3.1-8b-shaped, 2 ranks)'"}
+    assert w.table.launch == {"index": 3, "state": "done", "text": "'Instance(llama-3.1-8b-shaped, 2 ranks)'"}
     assert calls == [1]
-    thread = w.launch(2)
+    thread = w.launch(4)
     assert thread is not None
     thread.join(5)
-    assert w.table.launch == {"index": 2, "state": "error", "text": "RuntimeError: node mbp refused: out of memory"}
+    assert w.table.launch == {"index": 4, "state": "error", "text": "RuntimeError: node mbp refused: out of memory"}
 
 
 def test_esm_contract():

@@ -18,6 +18,7 @@ import pytest
 from exo_lab.cluster.topology import Topology
 from exo_lab.models.card import card_from_config
 from exo_lab.placement import plan
+from exo_lab.ui.plan_comparison import NO_LAUNCH
 from exo_lab.ui import PlanComparison
 from exo_lab.ui.plan_comparison import _STATIC as PLAN_STATIC
 from exo_lab.ui.topology_widget import _STATIC as TOPO_STATIC
@@ -152,7 +153,7 @@ def test_click_selects_and_redraws_the_highlight(page, tmp_path: Path) -> None:
         assert "single" in rows.nth(0).inner_text() and "34.2" in rows.nth(0).inner_text()
         assert hi_labels(page) == {"mbp": "stage 0 · layers 0-31"}
         assert page.locator(".exo-launch-btn").is_disabled()
-        assert page.locator(".exo-launch").get_attribute("title") == "launching arrives with instances"
+        assert page.locator(".exo-launch").get_attribute("title") == NO_LAUNCH
         shot(page, "plan-comparison")
 
         rows.nth(2).click()
@@ -183,12 +184,14 @@ def test_measured_infeasible_and_launch_dark(page, tmp_path: Path) -> None:
     def launch() -> None:
         raise RuntimeError("macbook-pro-m4-max: only 96.0 GB free now, the plan needs 103.0 GB")
 
-    plans[0].launch = launch  # type: ignore[attr-defined]  (what the instances issue adds)
+    first = 0
+    plans[first].launch = launch  # type: ignore[method-assign]  (a stand-in for a cluster launch)
+    plans[first]._cluster = object()
     w = PlanComparison(plans, topo, limit=5)
     try:
         w.measured = {0: {"decode_tps": 1.41, "ttft_s": 9.6, "prefill_tps": 58.0},  # within 10%: grey
                       1: {"decode_tps": 1.85, "ttft_s": 12.0}}  # faster decode (green), slower TTFT (red)
-        thread = w.launch(0)
+        thread = w.launch(first)
         assert thread is not None
         thread.join(5)
         assert w.table.launch["state"] == "error"

@@ -40,8 +40,9 @@ def _normalise(address: str) -> str:
 class Cluster:
     """Node agents seen from a coordinator (a notebook kernel or ``exo-lab up``)."""
 
-    def __init__(self, addresses: list[str], cluster_key: str | None = None, *, _processes: list | None = None,
-                 _tmpdir: str | None = None) -> None:
+    def __init__(self, addresses: list[str], cluster_key: str | None = None, *, follow_peers: bool = True,
+                 _processes: list | None = None, _tmpdir: str | None = None) -> None:
+        self.follow_peers = follow_peers
         self.cluster_key = cluster_key or os.environ.get(ENV_KEY) or _default_key()
         self._addresses: dict[str, str | None] = {_normalise(a): None for a in addresses}  # address -> node id
         self._processes = _processes or []
@@ -87,7 +88,7 @@ class Cluster:
             while pending:
                 batch = [a for a in pending if a not in seen]
                 seen.update(batch)
-                pending = []
+                peers_seen: list[dict[str, Any]] = []
                 for address, result in zip(batch, pool.map(self._read_agent, batch)):
                     if isinstance(result, ClusterError):
                         log.debug("%s", result)
@@ -98,11 +99,17 @@ class Cluster:
                     self._contacts[info.id] = address
                     nodes[info.id] = info
                     links += node_links
-                    for p in peers:
-                        if p["id"] not in nodes and p["id"] not in self._contacts and p.get("contact"):
-                            pending.append(p["contact"])
-                        elif p["id"] not in nodes and p.get("state") == "gone":
+                    peers_seen += peers
+                # follow peers only after the whole batch, and only to nodes never reached before:
+                # a node we already know keeps the address we reach it on (a relay, a tunnel, ...)
+                pending = []
+                for p in peers_seen:
+                    if p["id"] in nodes or p["id"] in self._contacts:
+                        if p["id"] not in nodes and p.get("state") == "gone":
                             nodes.setdefault(p["id"], NodeInfo.from_json({**p, "state": "gone"}))
+                        continue
+                    if self.follow_peers and p.get("contact") and p.get("state") == "alive":
+                        pending.append(p["contact"])
         for node_id, contact in self._contacts.items():
             if node_id not in nodes:
                 old = self._topology.nodes.get(node_id)
@@ -240,9 +247,9 @@ def _default_key() -> str | None:
     return path.read_text().strip() if path.exists() else None
 
 
-def connect(addresses: list[str], cluster_key: str | None = None) -> Cluster:
-    """A cluster from agent addresses (``host:port``); their peers are found too."""
-    return Cluster(addresses, cluster_key)
+def connect(addresses: list[str], cluster_key: str | None = None, follow_peers: bool = True) -> Cluster:
+    """A cluster from agent addresses (``host:port``); with ``follow_peers``, their peers are found too."""
+    return Cluster(addresses, cluster_key, follow_peers=follow_peers)
 
 
 def discover(timeout: float = 3.0, cluster_key: str | None = None) -> Cluster:

@@ -29,7 +29,12 @@ _SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 # One colour per pipeline stage, the same in the table and on the graph (readable on light and dark).
 STAGE_COLORS = ("#1e88e5", "#d81b60", "#43a047", "#f4511e", "#8e24aa", "#00897b", "#6d4c41", "#3949ab")
 METRICS = ("decode_tps", "prefill_tps", "ttft_s")  # what a bench can measure, in ``measured``
-NO_LAUNCH = "launching arrives with instances"
+NO_LAUNCH = "preview on a live cluster (cluster.preview) to launch"
+
+
+def can_launch(plan: Plan) -> bool:
+    """A plan launches when it came from a live cluster's preview (the launch itself reports other problems)."""
+    return callable(getattr(plan, "launch", None)) and getattr(plan, "_cluster", None) is not None and plan.feasible
 INFEASIBLE_SHOWN = 50
 
 
@@ -141,7 +146,7 @@ def plan_row(index: int, plan: Plan, best_decode_tps: float, measured: dict[str,
         "bottleneck": plan.bottleneck, "explanation": plan.explanation, "breakdown": breakdown,
         "dtypes": [{"node": plan.node_names.get(n, n), "dtype": d, "reason": plan.dtype_reasons.get(n, "")}
                    for n, d in plan.dtypes.items()],
-        "launchable": hasattr(plan, "launch"), "measured": compare_measured(plan, measured),
+        "launchable": can_launch(plan), "measured": compare_measured(plan, measured),
     }
 
 
@@ -262,7 +267,7 @@ class PlanComparison(ipywidgets.VBox):
         if not 0 <= index < len(self.plans):
             raise IndexError(f"no plan #{index}; there are {len(self.plans)}")
         plan = self.plans.plans[index]
-        if not hasattr(plan, "launch"):
+        if not can_launch(plan):
             log.info("plan #%d has no launch(): %s", index, NO_LAUNCH)
             return None
         if not self._launch_lock.acquire(blocking=False):
@@ -275,7 +280,7 @@ class PlanComparison(ipywidgets.VBox):
 
     def _run_launch(self, index: int, plan: Plan) -> None:
         try:
-            result = plan.launch()  # type: ignore[attr-defined]  (comes with instances)
+            result = plan.launch()
         except Exception as exc:  # noqa: BLE001  (shown in the widget, which is where the user looks)
             log.warning("launching plan #%d failed: %s", index, exc)
             self.table.launch = {"index": index, "state": "error", "text": f"{type(exc).__name__}: {exc}"}

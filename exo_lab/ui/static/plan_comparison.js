@@ -217,7 +217,7 @@ function drawDetail(parent, state, onLaunch) {
   html("span", "exo-plan-meta", `${row.backend} backend · decode ${fmtTps(row.decode_tps)} tok/s · TTFT ${fmtSeconds(row.ttft_s)}`, title);
 
   const act = html("div", "exo-launch", null, head);
-  if (!row.launchable) html("span", "exo-launch-hint", summary.no_launch || "launching arrives with instances", act);
+  if (!row.launchable) html("span", "exo-launch-hint", summary.no_launch || "cannot launch this plan", act);
   const running = launch && launch.index === row.index && launch.state === "running";
   const btn = html("button", "exo-launch-btn", running ? "Launching…" : "Launch", act);
   btn.type = "button";
@@ -226,7 +226,7 @@ function drawDetail(parent, state, onLaunch) {
     btn.disabled = true;
     btn.setAttribute("aria-disabled", "true");
   }
-  btn.title = row.launchable ? `Start plan #${row.index} on the cluster` : summary.no_launch || "launching arrives with instances";
+  btn.title = row.launchable ? `Start plan #${row.index} on the cluster` : summary.no_launch || "cannot launch this plan";
   // A disabled button gets no mouse events: the wrapper carries the tooltip too.
   act.title = btn.title;
   btn.addEventListener("click", (ev) => {
