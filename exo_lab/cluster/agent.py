@@ -25,6 +25,7 @@ import json
 import logging
 import signal
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -154,6 +155,7 @@ class NodeAgent:
         self._discovery: Discovery | None = None
         self._tasks: list[asyncio.Task] = []
         self._probe_lock = asyncio.Lock()
+        self._cancel_probes = threading.Event()
         self._client = AsyncHTTPClient(force_instance=True)
         self.stopped = asyncio.Event()
         from exo_lab.cluster.workers import WorkerManager
@@ -199,6 +201,7 @@ class NodeAgent:
             await asyncio.sleep(0.5)
 
     async def stop(self) -> None:
+        self._cancel_probes.set()
         for t in self._tasks:
             t.cancel()
         self.workers.stop_all()
@@ -319,7 +322,8 @@ class NodeAgent:
                 link = await loop.run_in_executor(
                     None,
                     lambda a=address: probe_link(self.key, self.id, peer_id, a, peer.info.probe_port,
-                                                 self.config.probe_samples, self.config.probe_bytes),
+                                                 self.config.probe_samples, self.config.probe_bytes,
+                                                 cancel=self._cancel_probes),
                 )
                 self.links[(peer_id, address)] = link
                 out.append(link)

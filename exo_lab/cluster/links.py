@@ -21,6 +21,7 @@ import logging
 import socket
 import statistics
 import struct
+import threading
 import time
 
 from exo_lab.cluster.auth import Verifier, sign_headers
@@ -101,6 +102,10 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
+class ProbeCancelled(Exception):
+    """The agent is shutting down."""
+
+
 def probe_link(
     key: str,
     src: str,
@@ -110,8 +115,13 @@ def probe_link(
     samples: int = 50,
     transfer_bytes: int = 4 << 20,
     timeout_s: float = 10.0,
+    cancel: "threading.Event | None" = None,
 ) -> LinkProfile:
-    """Measure RTT and throughput to ``address:port``; errors come back in the profile."""
+    """Measure RTT and throughput to ``address:port``; errors come back in the profile.
+
+    ``cancel`` (set by a stopping agent) ends the probe within one chunk.
+    """
+    cancel = cancel or threading.Event()
     link = LinkProfile(src=src, dst=dst, src_address=None, dst_address=address, measured_at=time.time())
     try:
         with socket.create_connection((address, port), timeout=timeout_s) as sock:
@@ -129,6 +139,8 @@ def probe_link(
             frame = b"E" + bytes(FRAME - 1)
             rtts = []
             for i in range(samples + 2):
+                if cancel.is_set():
+                    raise ProbeCancelled("agent stopping")
                 t = time.perf_counter()
                 sock.sendall(frame)
                 _recv_exact(sock, FRAME)
@@ -138,18 +150,20 @@ def probe_link(
             link.rtt_ms_median = statistics.median(rtts)
             link.rtt_ms_p95 = rtts[min(len(rtts) - 1, int(0.95 * len(rtts)))]
             if transfer_bytes > 0:
-                link.send_mbit_per_s = _send_rate(sock, transfer_bytes)
-                link.recv_mbit_per_s = _recv_rate(sock, transfer_bytes)
-    except (OSError, ConnectionError, PermissionError, ValueError) as exc:
+                link.send_mbit_per_s = _send_rate(sock, transfer_bytes, cancel)
+                link.recv_mbit_per_s = _recv_rate(sock, transfer_bytes, cancel)
+    except (OSError, ConnectionError, PermissionError, ValueError, ProbeCancelled) as exc:
         link.error = f"{type(exc).__name__}: {exc}"
     return link
 
 
-def _send_rate(sock: socket.socket, n: int) -> float:
+def _send_rate(sock: socket.socket, n: int, cancel: threading.Event) -> float:
     t = time.perf_counter()
     sock.sendall(b"U" + struct.pack("<Q", n))
     left = n
     while left:
+        if cancel.is_set():
+            raise ProbeCancelled("agent stopping")
         k = min(left, CHUNK)
         sock.sendall(_ZEROS[:k])
         left -= k
@@ -158,11 +172,13 @@ def _send_rate(sock: socket.socket, n: int) -> float:
     return n * 8 / (time.perf_counter() - t) / 1e6
 
 
-def _recv_rate(sock: socket.socket, n: int) -> float:
+def _recv_rate(sock: socket.socket, n: int, cancel: threading.Event) -> float:
     t = time.perf_counter()
     sock.sendall(b"D" + struct.pack("<Q", n))
     left = n
     while left:
+        if cancel.is_set():
+            raise ProbeCancelled("agent stopping")
         got = sock.recv(min(left, 1 << 20))
         if not got:
             raise ConnectionError("peer closed during download")

@@ -1,0 +1,170 @@
+"""Real node agents in a simulated 4-host cluster (network namespaces, shaped cables, mDNS).
+
+Needs root and iproute2; skipped otherwise. Prints the discovery time and a
+shaped-vs-measured table (run with -s to see it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from exo_lab.cluster.auth import sign_headers
+from exo_lab.sim.cluster import SimCluster
+from exo_lab.sim.spec import SimSpec
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root"),
+    pytest.mark.skipif(shutil.which("ip") is None, reason="iproute2 ('ip') is not installed"),
+]
+
+SPEC = {
+    "name": "agents4",
+    "hosts": ["a", "b", "c", "d"],
+    "lan": {},
+    "links": [
+        {"a": "a", "b": "b", "rate": "50mbit", "delay": "5ms"},
+        {"a": "b", "b": "c", "rate": "200mbit", "delay": "2ms"},
+        {"a": "c", "b": "d", "rate": "20mbit", "delay": "10ms"},
+    ],
+}
+
+
+def http(url: str, method: str = "GET", body: bytes = b"", headers: dict | None = None):
+    req = urllib.request.Request(url, data=body if method != "GET" else None, headers=headers or {}, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"{}")
+    except urllib.error.URLError:
+        return 0, {}
+
+
+def peers(url: str) -> dict[str, dict]:
+    status, data = http(url + "/node/peers")
+    return {p["id"]: p for p in data.get("peers", [])} if status == 200 else {}
+
+
+def poll(fn, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = fn()
+        if got:
+            return got
+        time.sleep(0.05)
+    raise AssertionError(f"not within {timeout} s: {what}")
+
+
+@pytest.fixture(scope="module")
+def sim():
+    s = SimCluster(SimSpec.from_json(SPEC), peers=False)  # no --peer: nodes must find each other by mDNS
+    s.up()
+    s.ready_at = time.monotonic()
+    yield s
+    s.down()
+    assert not any(line.startswith("exolab-agents4") for line in subprocess.run(
+        ["ip", "netns", "list"], capture_output=True, text=True).stdout.splitlines())
+
+
+@pytest.fixture(scope="module")
+def ids(sim):
+    return {name: http(h.local_url + "/node")[1]["id"] for name, h in sim.hosts.items()}
+
+
+def test_every_node_discovers_every_other_by_mdns_within_5_s(sim, ids):
+    def all_found():
+        return all(
+            {i for i, p in peers(h.local_url).items() if p["state"] == "alive" and p["source"] == "mdns"}
+            >= set(ids.values()) - {ids[name]}
+            for name, h in sim.hosts.items()
+        )
+
+    poll(all_found, 5.0, "mDNS discovery of all 4 nodes")
+    print(f"\nmDNS: all 4 nodes found each other {time.monotonic() - sim.ready_at:.2f} s after every agent answered")
+
+
+def test_measured_links_match_the_shapes(sim, ids):
+    cluster = sim.cluster()
+    cluster.wait_for(4, links=True, timeout=60)
+    for h in sim.hosts.values():  # one node at a time, so probes do not share a cable
+        status, _ = http(h.local_url + "/node/links/probe", "POST", b"{}",
+                         sign_headers(sim.cluster_key, "POST", "/node/links/probe", b"{}"))
+        assert status == 200
+    topo = cluster.refresh().topology
+    rows = []
+    for link in SPEC["links"]:
+        a, b = link["a"], link["b"]
+        cable_addr = next(hl.addr for hl in sim.hosts[b].links if hl.peer == a)
+        measured = [lk for lk in topo.links if lk.src == ids[a] and lk.dst == ids[b] and lk.ok
+                    and lk.dst_address == cable_addr]
+        assert measured, f"no measurement over the {a}-{b} cable"
+        lk = measured[0]
+        want_rtt = 2 * float(link["delay"].removesuffix("ms"))
+        want_mbit = float(link["rate"].removesuffix("mbit"))
+        got_mbit = min(lk.send_mbit_per_s, lk.recv_mbit_per_s)
+        rows.append((f"{a}-{b}", want_rtt, lk.rtt_ms_median, lk.rtt_ms_p95, want_mbit, lk.send_mbit_per_s,
+                     lk.recv_mbit_per_s))
+        assert abs(lk.rtt_ms_median - want_rtt) <= max(0.2 * want_rtt, 1.0), rows[-1]
+        assert abs(got_mbit - want_mbit) <= 0.25 * want_mbit, rows[-1]
+    lan = [lk for lk in topo.links if lk.ok and lk.dst_address == sim.hosts["b"].lan_addr and lk.src == ids["a"]]
+    assert lan and lan[0].rtt_ms_median < 1.0
+    print("\ncable  shaped RTT ms  measured median / p95  shaped Mbit/s  measured send / recv")
+    for r in rows:
+        print(f"{r[0]:5s}  {r[1]:13.1f}  {r[2]:8.2f} / {r[3]:6.2f}  {r[4]:13.0f}  {r[5]:8.1f} / {r[6]:6.1f}")
+    print(f"LAN a-b: {lan[0].rtt_ms_median:.3f} ms, {lan[0].send_mbit_per_s:.0f} / {lan[0].recv_mbit_per_s:.0f} Mbit/s")
+
+
+def test_a_node_with_another_key_is_never_joined(sim, ids):
+    stranger = sim.popen("d", [sim.node_argv("d")[0], "-m", "exo_lab.cli", "node", "--host", "0.0.0.0", "--port", "52430",
+                               "--name", "stranger", "--state-dir", "/tmp/exo-lab-stranger-" + secrets.token_hex(4),
+                               "--cluster-key", "not-the-cluster-key"],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        def stranger_up():
+            out = sim.exec("d", ["python3", "-c", "import urllib.request;print(urllib.request.urlopen("
+                                 "'http://127.0.0.1:52430/node',timeout=2).read().decode())"],
+                           check=False, capture_output=True, text=True)
+            return json.loads(out.stdout)["id"] if out.returncode == 0 and out.stdout.strip() else None
+
+        sid = poll(stranger_up, 30, "stranger agent answers")
+        time.sleep(4)  # mDNS has long announced it; liveness rounds have run
+        for h in sim.hosts.values():
+            assert sid not in peers(h.local_url)
+    finally:
+        os.killpg(stranger.pid, signal.SIGTERM)
+        stranger.wait(15)
+
+
+def test_unsigned_or_replayed_mutations_get_401(sim):
+    url = sim.hosts["a"].local_url
+    assert http(url + "/node/links/probe", "POST", b"{}")[0] == 401
+    body = json.dumps({"address": "10.213.250.250:1"}).encode()
+    h = sign_headers(sim.cluster_key, "POST", "/node/peers", body)
+    assert http(url + "/node/peers", "POST", body, h)[0] == 200
+    status, data = http(url + "/node/peers", "POST", body, h)
+    assert status == 401 and "replayed" in data["error"]
+
+
+def test_a_killed_agent_is_gone_within_10_s_and_rejoins_with_its_id(sim, ids):
+    proc = sim._nodes["c"]
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    t = time.monotonic()
+    poll(lambda: all(peers(sim.hosts[n].local_url).get(ids["c"], {}).get("state") == "gone" for n in "abd"),
+         10.0, "c marked gone by a, b and d")
+    print(f"\nkilled agent marked gone after {time.monotonic() - t:.1f} s")
+    sim._start_node("c")
+    poll(lambda: all(peers(sim.hosts[n].local_url).get(ids["c"], {}).get("state") == "alive" for n in "abd"),
+         30.0, "c re-joined")
+    assert http(sim.hosts["c"].local_url + "/node")[1]["id"] == ids["c"]
