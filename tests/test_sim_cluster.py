@@ -168,3 +168,11 @@ def test_a_killed_agent_is_gone_within_10_s_and_rejoins_with_its_id(sim, ids):
     poll(lambda: all(peers(sim.hosts[n].local_url).get(ids["c"], {}).get("state") == "alive" for n in "abd"),
          30.0, "c re-joined")
     assert http(sim.hosts["c"].local_url + "/node")[1]["id"] == ids["c"]
+
+
+def test_discover_from_inside_the_cluster_finds_all_nodes(sim, ids):
+    code = ("import exo_lab, json; c = exo_lab.discover(timeout=3, cluster_key=%r, follow_peers=False); "
+            "print(json.dumps(sorted(n.id for n in c.nodes)))" % sim.cluster_key)
+    out = sim.exec("a", [sim.node_argv("a")[0], "-c", code], check=False, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == sorted(ids.values())

@@ -23,6 +23,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import os
 import signal
 import socket
 import threading
@@ -520,7 +521,13 @@ def run_agent(config: AgentConfig) -> int:
         await agent.start()
         print(f"exo_lab node {agent.id} ({config.name}) listening on {config.host}:{agent.port}", flush=True)
         await stop.wait()
-        await agent.stop()
+        try:
+            await asyncio.wait_for(agent.stop(), 5.0)
+        except asyncio.TimeoutError:
+            log.warning("shutdown took over 5 s; exiting anyway")
 
     asyncio.run(main())
-    return 0
+    # Workers are stopped and mDNS said goodbye; do not wait for probe or profile threads
+    # blocked in socket timeouts (asyncio.run would join its executor for minutes).
+    logging.shutdown()
+    os._exit(0)

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from exo_lab.cluster.auth import ENV_KEY, fingerprint, sign_headers
+from exo_lab.cluster.coordinators import register as register_coordinator
 from exo_lab.cluster.topology import LinkProfile, NodeInfo, Topology
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class Cluster:
     """Node agents seen from a coordinator (a notebook kernel or ``exo-lab up``)."""
 
     def __init__(self, addresses: list[str], cluster_key: str | None = None, *, follow_peers: bool = True,
-                 _processes: list | None = None, _tmpdir: str | None = None) -> None:
+                 register: bool = True, _processes: list | None = None, _tmpdir: str | None = None) -> None:
         self.follow_peers = follow_peers
         self.cluster_key = cluster_key or os.environ.get(ENV_KEY) or _default_key()
         self._addresses: dict[str, str | None] = {_normalise(a): None for a in addresses}  # address -> node id
@@ -53,6 +54,8 @@ class Cluster:
         self._lock = threading.RLock()
         self.instances: list = []
         self.refresh()
+        # announce this coordinator to the Jupyter server extension (see exo_lab.cluster.coordinators)
+        self.registration = register_coordinator(self) if register else None
 
     # HTTP
     def request(self, address: str, method: str, path: str, body: Any = None, timeout: float = 30.0) -> Any:
@@ -204,6 +207,8 @@ class Cluster:
 
     def close(self) -> None:
         """Delete this coordinator's instances; stop the agents it started (local clusters)."""
+        if getattr(self, "registration", None) is not None:
+            self.registration.close()
         for inst in list(self.instances):
             try:
                 inst.delete()
@@ -252,48 +257,64 @@ def connect(addresses: list[str], cluster_key: str | None = None, follow_peers: 
     return Cluster(addresses, cluster_key, follow_peers=follow_peers)
 
 
-def discover(timeout: float = 3.0, cluster_key: str | None = None) -> Cluster:
+def discover(timeout: float = 3.0, cluster_key: str | None = None, follow_peers: bool = True) -> Cluster:
     """Find agents on the local network by mDNS (those with our key's fingerprint)."""
     import socket
 
-    from zeroconf import IPVersion, ServiceBrowser, Zeroconf
+    from zeroconf import DNSQuestionType, IPVersion, ServiceBrowser, Zeroconf
 
     from exo_lab.cluster.discovery import SERVICE_TYPE
 
     key = cluster_key or os.environ.get(ENV_KEY) or _default_key()
     fp = fingerprint(key) if key else None
-    found: dict[str, str] = {}
+    names: set[str] = set()
     zc = Zeroconf(ip_version=IPVersion.V4Only)
 
     class Listener:
         def add_service(self, zc_: Zeroconf, type_: str, name: str) -> None:
-            info = zc_.get_service_info(type_, name, 3000)
-            if info is None:
-                return
-            props = {k.decode(): (v or b"").decode() for k, v in info.properties.items()}
-            if fp and props.get("fp") != fp:
-                return
-            addrs = info.parsed_addresses(IPVersion.V4Only)
-            if addrs:
-                found[props.get("id", name)] = f"{addrs[0]}:{info.port}"
+            names.add(name)
 
         update_service = add_service
 
-        def remove_service(self, *args: Any) -> None:
-            pass
+        def remove_service(self, zc_: Zeroconf, type_: str, name: str) -> None:
+            names.discard(name)
 
-    browser = ServiceBrowser(zc, SERVICE_TYPE, Listener())
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        time.sleep(0.1)
+    # multicast questions (QM): answers reach this process even when an agent on the same
+    # host holds the mDNS port, which would swallow unicast (QU) answers
+    browser = ServiceBrowser(zc, SERVICE_TYPE, Listener(), question_type=DNSQuestionType.QM)
+    time.sleep(timeout)
     browser.cancel()
+    found: dict[str, str] = {}
+    for name in sorted(names):  # resolve after browsing, so a slow answer does not hide the others
+        info = zc.get_service_info(SERVICE_TYPE, name, 3000, question_type=DNSQuestionType.QM)
+        if info is None:
+            continue
+        props = {k.decode(): (v or b"").decode() for k, v in info.properties.items()}
+        if fp and props.get("fp") != fp:
+            continue
+        reachable = _first_reachable(info.parsed_addresses(IPVersion.V4Only), info.port)
+        if reachable:
+            found[props.get("id", name)] = reachable
     zc.close()
     if not found:
         raise ClusterError(
             f"no exo_lab node answered mDNS within {timeout} s on {socket.gethostname()}: start one with "
             "'exo-lab node', or use exo_lab.connect(['host:port'])"
         )
-    return Cluster(sorted(found.values()), key)
+    return Cluster(sorted(found.values()), key, follow_peers=follow_peers)
+
+
+def _first_reachable(addresses: list[str], port: int, timeout: float = 0.5) -> str | None:
+    """The first ``address:port`` that accepts a TCP connection (a node may list addresses we cannot route to)."""
+    import socket
+
+    for address in addresses:
+        try:
+            with socket.create_connection((address, port), timeout=timeout):
+                return f"{address}:{port}"
+        except OSError:
+            continue
+    return None
 
 
 def _free_port() -> int:
