@@ -18,6 +18,7 @@ import queue
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
@@ -31,6 +32,7 @@ from exo_lab.placement.plan import Plan
 log = logging.getLogger(__name__)
 
 STATES = ("launching", "loading", "ready", "replacing", "failed", "stopped")
+USAGE_HISTORY = 256  # finished requests kept in ``Instance.usage_history``
 
 
 class LaunchError(RuntimeError):
@@ -59,6 +61,7 @@ class Instance:
         self.error: str | None = None
         self.progress: dict[int, tuple[int, int]] = {}
         self.replacements = 0
+        self.usage_history: deque[tuple[float, Usage]] = deque(maxlen=USAGE_HISTORY)  # (unix time, usage)
         self._seq = 0
         self._queue: queue.Queue[Generation | None] = queue.Queue()
         self._current: Generation | None = None
@@ -95,19 +98,42 @@ class Instance:
             stages: dict[int, list[int]] = {}
             for r in plan.ranks:
                 stages.setdefault(r.stage, []).append(r.rank)
-            common = {"instance_id": self.id, "model": str(self.path), "num_layers": _num_layers(plan),
-                      "stages": [stages[s] for s in sorted(stages)], "backend": plan.backend}
+            common = {"instance_id": self.id, "model_name": self.path.name, "model_path": str(self.path),
+                      "num_layers": _num_layers(plan), "stages": [stages[s] for s in sorted(stages)],
+                      "backend": plan.backend}
+            holders = self._holders(nodes)
             for node in nodes:
                 per_rank = {str(r.rank): {"layers": list(r.layers),
                                           "dtype": None if r.dtype == plan.model_dtype else r.dtype}
                             for r in plan.ranks if r.node_id == node}
-                self._agent(node, "POST", f"/instances/{self.id}/start",
-                            {"hostfile": hostfile, "common": common, "ranks": per_rank})
+                body = {"hostfile": hostfile, "common": common, "ranks": per_rank}
+                if holders and node not in holders:
+                    body["sources"] = [self._agent_address(node, h) for h in holders]
+                self._agent(node, "POST", f"/instances/{self.id}/start", body)
         except Exception as exc:
             for node in prepared:
                 self._agent_quiet(node, "DELETE", f"/instances/{self.id}")
             raise LaunchError(f"launching {self.name} failed: {exc}") from exc
         self.state = "loading"
+
+    def _holders(self, nodes: list[str]) -> list[str]:
+        """Nodes of the cluster whose store holds this model (peers fetch shards from them)."""
+        out = []
+        for node in [n.id for n in self.cluster.topology.alive()]:
+            try:
+                if self.path.name in self._agent(node, "GET", "/models").get("models", []):
+                    out.append(node)
+            except Exception as exc:  # noqa: BLE001 - an older or unreachable agent holds nothing for us
+                log.debug("models of %s: %s", node, exc)
+        return sorted(out, key=lambda n: (n not in nodes, n))
+
+    def _agent_address(self, src: str, dst: str) -> str:
+        """How ``src`` reaches ``dst``'s agent: the best measured link's address, else its first address."""
+        topo = self.cluster.topology
+        link = topo.best_link(src, dst) if src != dst else None
+        node = topo.nodes[dst]
+        host = link.dst_address if link is not None else (node.addresses[0] if node.addresses else "127.0.0.1")
+        return f"{host}:{node.port}"
 
     def _agent(self, node_id: str, method: str, path: str, body: Any = None) -> Any:
         return self.cluster.request(self.cluster.address_of(node_id), method, path, body, timeout=30)
@@ -336,6 +362,8 @@ class Instance:
                     reason = item["finish_reason"]
                     if gen.cancelled and reason != "error":
                         reason = "cancelled"
+                    if reason != "error":
+                        self.usage_history.append((time.time(), usage))
                     gen._push(Chunk(item.get("text", ""), tuple(item.get("tokens", [])), reason, usage,
                                     item.get("error"), item.get("stop_sequence")))
                     return
@@ -384,6 +412,12 @@ class Instance:
     def __repr__(self) -> str:
         done, total = self.loaded
         return f"<Instance {self.name} {self.state} {self.plan.describe()} loaded {done}/{total}>"
+
+    def _repr_mimebundle_(self, **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        """In a Jupyter kernel: the live monitor widget (``_repr_html_`` stays as the fallback)."""
+        from exo_lab.ui.instance_monitor import instance_mimebundle
+
+        return instance_mimebundle(self, **kwargs)
 
     def _repr_html_(self) -> str:
         import html

@@ -229,3 +229,14 @@ def test_ttft_objective_and_json_round_trip():
     assert "<table>" in plans._repr_html_() and "TTFT" in repr(plans)
     with pytest.raises(ValueError):
         plan(topo, model(32), objective="speed")
+
+
+def test_ties_go_to_nodes_that_already_hold_the_files():
+    a, b = node(0, 64, 100, cores=1), node(1, 64, 100, cores=1)
+    card = model(16)
+    object.__setattr__(card, "path", "/models/m")
+    b.models = ["m"]  # only b has the files; a and b are otherwise identical
+    plans = plan(cluster([a, b], rtt_ms=5.0, mbit=100), card)
+    assert plans.best.nodes == ["n1"] and plans.best.fetch_nodes == []
+    other = next(p for p in plans if p.nodes == ["n0"])
+    assert other.fetch_nodes == ["n0"] and other.decode_tps == plans.best.decode_tps

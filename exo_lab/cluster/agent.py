@@ -41,6 +41,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.httpserver import HTTPServer
 
 from exo_lab import __version__
+from exo_lab.paths import models_dir
 from exo_lab.cluster.auth import Verifier, fingerprint, load_or_create_key, sign_headers
 from exo_lab.cluster.discovery import Advert, Discovery
 from exo_lab.cluster.links import ProbeServer, probe_link
@@ -221,7 +222,7 @@ class NodeAgent:
         total, available = memory_now()
         profile = {**self.profile, "memory_total_bytes": total, "memory_available_bytes": available}
         return NodeInfo(self.id, self.config.name, self.addresses, self.port, self.probe_port, "alive", profile,
-                        __version__)
+                        __version__, sorted(_local_models()))
 
     def links_json(self) -> list[dict[str, Any]]:
         return [link.to_json() for _, link in sorted(self.links.items())]
@@ -354,6 +355,11 @@ class NodeAgent:
                 (r"/node/links", LinksHandler, kw),
                 (r"/node/links/probe", ProbeHandler, kw),
                 (r"/node/peers", PeersHandler, kw),
+                (r"/models", ModelsHandler, kw),
+                (r"/models/([^/]+)", ModelFilesHandler, kw),
+                (r"/models/([^/]+)/checksums", ChecksumsHandler, kw),
+                (r"/models/([^/]+)/files/(.+)", ModelFileHandler,
+                 {"path": str(models_dir()), "agent": self}),
                 (r"/instances", InstancesHandler, kw),
                 (r"/instances/([0-9a-zA-Z_-]+)", InstanceHandler, kw),
                 (r"/instances/([0-9a-zA-Z_-]+)/(prepare|start)", InstanceActionHandler, kw),
@@ -451,6 +457,74 @@ class PeersHandler(AgentHandler):
         self.send({"added": address, "peer": peer.info.id if peer else None})
 
 
+def _local_models() -> dict[str, Path]:
+    from exo_lab.models.store import is_model_dir
+
+    root = models_dir()
+    return {p.name: p for p in sorted(root.iterdir()) if is_model_dir(p)} if root.is_dir() else {}
+
+
+class ModelsHandler(AgentHandler):
+    """``GET /models``: the models in this node's store (what peers can fetch from it)."""
+
+    def get(self) -> None:
+        if self.authorised(read_only=True):
+            self.send({"node": self.agent.id, "models": sorted(_local_models())})
+
+
+class ModelFilesHandler(AgentHandler):
+    """``GET /models/{name}``: the model's files and sizes (signed: peers only)."""
+
+    def get(self, name: str) -> None:
+        if not self.authorised(read_only=False):
+            return
+        path = _local_models().get(name)
+        if path is None:
+            self.send({"error": f"no model {name} on this node"}, 404)
+            return
+        self.send({"name": name, "files": {p.name: p.stat().st_size for p in sorted(path.iterdir())
+                                           if p.is_file() and not p.name.startswith(".")}})
+
+
+class ChecksumsHandler(AgentHandler):
+    """``POST /models/{name}/checksums``: SHA-256 of byte ranges ``{"ranges": [[file, start, end], ...]}``."""
+
+    def post(self, name: str) -> None:
+        from exo_lab.models.fetch import range_checksums
+
+        if not self.authorised(read_only=False):
+            return
+        path = _local_models().get(name)
+        if path is None:
+            self.send({"error": f"no model {name} on this node"}, 404)
+            return
+        try:
+            ranges = [(str(f), int(a), int(b)) for f, a, b in json.loads(self.request.body)["ranges"]]
+            self.send({"sha256": range_checksums(path, ranges)})
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            self.send({"error": f"bad request: {exc}"}, 400)
+
+
+class ModelFileHandler(tornado.web.StaticFileHandler):
+    """``GET /models/{name}/files/{file}`` with HTTP range requests (signed: peers only)."""
+
+    def initialize(self, path: str, agent: NodeAgent) -> None:  # type: ignore[override]
+        super().initialize(path)
+        self.agent = agent
+
+    def prepare(self) -> None:
+        problem = self.agent.verifier.problem(self.request.method, self.request.uri, self.request.body,
+                                              dict(self.request.headers))
+        if problem:
+            self.set_status(401)
+            self.finish(json.dumps({"error": f"unauthorised: {problem}"}))
+
+    async def get(self, name: str, file: str, include_body: bool = True) -> None:  # type: ignore[override]
+        if name.startswith(".") or "/" in file or file.startswith("."):
+            raise tornado.web.HTTPError(404)
+        await super().get(f"{name}/{file}", include_body)
+
+
 class InstancesHandler(AgentHandler):
     """``GET /instances``: this node's instances, their workers and reservations."""
 
@@ -497,10 +571,19 @@ class InstanceActionHandler(AgentHandler):
                 ports = self.agent.workers.prepare(iid, body["ranks"], int(body["reserve_bytes"]), available)
                 self.send({"node": self.agent.id, "ranks": ports})
             else:
-                from exo_lab.models import resolve
-
                 common = dict(body["common"])
-                common["model_dir"] = str(resolve(common.pop("model")))
+                name = common.pop("model_name")
+                path = common.pop("model_path", None)
+                local = _local_models().get(name)
+                if local is not None:
+                    common["model_dir"] = str(local)
+                elif body.get("sources"):  # the worker fetches its shard's tensors from a peer
+                    common["model_dir"] = str(models_dir() / name)
+                    common["fetch"] = {"name": name, "sources": body["sources"]}
+                elif path and Path(path).is_dir():
+                    common["model_dir"] = path
+                else:
+                    raise LookupError(f"node {self.agent.config.name} has no copy of {name} and no peer has one")
                 self.send(self.agent.workers.start(iid, body["hostfile"], common, body["ranks"]))
         except ReservationError as exc:
             self.send({"error": str(exc)}, 409)

@@ -326,8 +326,12 @@ def _free_port() -> int:
 
 
 def local_cluster(n: int = 2, cluster_key: str | None = None, probe_interval_s: float = 60.0,
-                  timeout: float = 90.0) -> Cluster:
-    """Start ``n`` node agents as processes on loopback (no root needed) and connect to them."""
+                  timeout: float = 90.0, separate_stores: bool = False) -> Cluster:
+    """Start ``n`` node agents as processes on loopback (no root needed) and connect to them.
+
+    ``separate_stores`` gives each node a model store of its own (``<tmp>/node-i/models``), as
+    separate machines have, so launches fetch shards from peers.
+    """
     import secrets
 
     from exo_lab import _blas
@@ -347,7 +351,10 @@ def local_cluster(n: int = 2, cluster_key: str | None = None, probe_interval_s: 
             if j != i:
                 cmd += ["--peer", f"127.0.0.1:{other}"]
         log_file = open(Path(tmp) / f"node-{i}.log", "wb")
-        procs.append(subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env))
+        node_env = dict(env)
+        if separate_stores:
+            node_env["EXO_LAB_MODELS_DIR"] = str(Path(tmp) / f"node-{i}" / "models")
+        procs.append(subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=node_env))
     deadline = time.monotonic() + timeout
     addresses = [f"127.0.0.1:{p}" for p in ports]
     while True:
@@ -366,4 +373,5 @@ def local_cluster(n: int = 2, cluster_key: str | None = None, probe_interval_s: 
                     p.kill()
                 raise
             time.sleep(0.2)
+    cluster.stores = [Path(tmp) / f"node-{i}" / "models" for i in range(n)] if separate_stores else []
     return cluster.wait_for(n, links=n > 1, timeout=max(1.0, deadline - time.monotonic()))

@@ -94,6 +94,7 @@ class NodeInfo:
     state: str = "alive"
     profile: dict[str, Any] = field(default_factory=dict)
     version: str | None = None
+    models: list[str] = field(default_factory=list)  # models in this node's store
 
     @property
     def url(self) -> str:

@@ -47,23 +47,22 @@ def _model_classes(config: dict):
     return _get_classes(config)
 
 
+def needs_tensor(name: str, spec: ShardSpec, tied: bool) -> bool:
+    """Whether a shard needs the stored tensor ``name``."""
+    if name.startswith("model.layers."):
+        return spec.start <= int(name.split(".")[2]) < spec.end
+    if "embed_tokens" in name:
+        return spec.first or (spec.last and tied)
+    if name.startswith("lm_head") or name.startswith("model.norm"):
+        return spec.last
+    return False
+
+
 def tensor_names(model_dir: Path, spec: ShardSpec, tied: bool) -> list[str]:
     """Names of the stored tensors a shard needs."""
     from exo_lab.models.card import read_tensor_index
 
-    names = []
-    for t in read_tensor_index(model_dir):
-        n = t.name
-        if n.startswith("model.layers."):
-            if spec.start <= int(n.split(".")[2]) < spec.end:
-                names.append(n)
-        elif "embed_tokens" in n:
-            if spec.first or (spec.last and tied):
-                names.append(n)
-        elif n.startswith("lm_head") or n.startswith("model.norm"):
-            if spec.last:
-                names.append(n)
-    return names
+    return [t.name for t in read_tensor_index(model_dir) if needs_tensor(t.name, spec, tied)]
 
 
 class Shard(nn.Module):

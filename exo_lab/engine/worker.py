@@ -72,7 +72,9 @@ class Worker:
 
     def status(self) -> dict[str, Any]:
         return {"state": self.state, "rank": self.rank, "loaded": self.loaded, "total": self.total,
-                "error": self.error, "last_done": self.last_done, "pid": os.getpid()}
+                "error": self.error, "last_done": self.last_done, "pid": os.getpid(),
+                "fetched_bytes": getattr(self, "fetched_bytes", 0),
+                "fetch_progress": getattr(self, "fetch_progress", None)}
 
     def enqueue(self, job: Job) -> Job:
         with self.cond:
@@ -134,6 +136,9 @@ class Worker:
         start, end = cfg["layers"]
         spec = ShardSpec(start, end, cfg["num_layers"], cfg.get("dtype"))
         model_dir = Path(cfg["model_dir"])
+        if cfg.get("fetch"):
+            self._fetch(cfg["fetch"], model_dir, spec)
+            self.state = "loading"
         self.shard, config = load_shard(model_dir, spec, tensor_group, progress=self._progress)
         act = getattr(mx, cfg.get("dtype") or config.get("torch_dtype") or "bfloat16")
         self.lockstep = Lockstep(self.shard, self.group, layout, config["hidden_size"], act,
@@ -148,6 +153,27 @@ class Worker:
 
         list(self.lockstep.generate([1, 2], 1, make_sampler(SamplingParams()), lambda: False))
         mx.synchronize()
+
+    def _fetch(self, fetch: dict[str, Any], model_dir: Path, spec) -> None:
+        """Copy this shard's tensors from the first peer that has the model."""
+        from exo_lab.engine.shard import needs_tensor
+        from exo_lab.models.fetch import FetchError, fetch_tensors
+
+        self.state = "fetching"
+
+        def wanted(name: str) -> bool:
+            cfg = json.loads((model_dir / "config.json").read_text())
+            return needs_tensor(name, spec, bool(cfg.get("tie_word_embeddings", False)))
+
+        errors = []
+        for source in fetch["sources"]:
+            try:
+                self.fetched_bytes = fetch_tensors(source, self.config["cluster_key"], fetch["name"], model_dir, wanted,
+                                                   progress=lambda d, t: setattr(self, "fetch_progress", (d, t)))
+                return
+            except FetchError as exc:
+                errors.append(str(exc))
+        raise RuntimeError("could not fetch the model: " + "; ".join(errors))
 
     def _progress(self, done: int, total: int) -> None:
         self.loaded, self.total = done, total

@@ -61,6 +61,7 @@ class Plan:
     model_dtype: str = ""
     split: str = "whole"  # how layers were split: proportional, fastest (first), or whole (one stage)
     model_ref: str = ""  # how to find the model's files (path or name), for launching
+    fetch_nodes: list[str] = field(default_factory=list)  # nodes that would first fetch their shard from a peer
 
     @property
     def nodes(self) -> list[str]:

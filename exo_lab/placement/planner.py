@@ -273,6 +273,10 @@ def _evaluate(ctx: _Context, stages: list[Stage], native: bool, split: str = "pr
         return _infeasible(plan, stages, f"needs {mem[n] / 1e9:.1f} GB on {ctx.names[n]}, has {ctx.rates[n].memory_bytes / 1e9:.1f} GB")
     _predict(ctx, plan, stages, alloc, dtypes, node_share)
     plan.backend = _backend(ctx, used)
+    model_name = card.path.rstrip("/").rsplit("/", 1)[-1] if card.path else card.name
+    holders = [n for n in ctx.nodes if model_name in n.models]
+    if holders:  # somebody has the files: the others would fetch their shards first
+        plan.fetch_nodes = [n for n in used if model_name not in ctx.topology.nodes[n].models]
     return plan
 
 
@@ -494,9 +498,10 @@ def plan(
 
 
 def _rank_key(p: Plan, objective: str) -> tuple:
+    """Objective first; ties go to plans whose nodes already hold the files, then to fewer nodes."""
     if objective == "ttft":
-        return (_sig(p.ttft_s), p.num_nodes, len(p.ranks), -p.decode_tps, p.describe())
-    return (-_sig(p.decode_tps), p.num_nodes, len(p.ranks), p.ttft_s, p.describe())
+        return (_sig(p.ttft_s), len(p.fetch_nodes), p.num_nodes, len(p.ranks), -p.decode_tps, p.describe())
+    return (-_sig(p.decode_tps), len(p.fetch_nodes), p.num_nodes, len(p.ranks), p.ttft_s, p.describe())
 
 
 def _explain(plans: list[Plan], objective: str) -> None:
