@@ -73,8 +73,8 @@ class Instance:
 
     # ---------------------------------------------------------------- launch
     def _start(self, plan: Plan) -> None:
-        if plan.strategy == "pipeline-tensor":
-            raise LaunchError("pipelines of tensor groups cannot be launched yet; choose a pipeline or tensor plan")
+        if plan.strategy == "pipeline-tensor" and any(r.tensor_size > 2 for r in plan.ranks):
+            raise LaunchError("inside a pipeline, a stage's tensor group can be a pair (2 ranks), not more")
         if not plan.feasible:
             raise LaunchError(f"the plan is infeasible: {plan.reason}")
         self.plan = plan
@@ -250,7 +250,7 @@ class Instance:
             alive = {n.id for n in self.cluster.topology.alive()}
             dead_nodes = [n for n in self.plan.nodes if n not in alive]
             plans = self.cluster.preview(self.path, context=self.plan.context, prompt_tokens=self.plan.prompt_tokens)
-            candidates = [p for p in plans if p.strategy != "pipeline-tensor" and not (set(p.nodes) & set(dead_nodes))]
+            candidates = [p for p in plans if not (set(p.nodes) & set(dead_nodes))]
             if not candidates:
                 raise LaunchError("the model fits on none of the nodes that remain")
             self.replacements += 1

@@ -232,9 +232,15 @@ def test_a_dead_worker_fails_fast_then_the_instance_is_replaced(cluster, models)
         inst.delete()
 
 
-def test_pipeline_of_tensor_groups_is_refused_clearly(cluster, models):
-    plans = cluster.preview(models["tiny"], context=2048, prompt_tokens=64)
-    pt = [p for p in plans if p.strategy == "pipeline-tensor"]
-    if pt:
-        with pytest.raises(LaunchError, match="pipelines of tensor groups"):
-            pt[0].launch()
+def test_pipeline_of_tensor_pairs_gives_the_same_tokens(cluster, models):
+    path = models["tiny"]
+    plans = cluster.preview(path, context=2048, prompt_tokens=64)
+    plan = next(p for p in plans if p.strategy == "pipeline-tensor" and p.num_nodes == 2
+                and all(r.tensor_size == 2 for r in p.ranks))
+    inst = plan.launch()
+    try:
+        assert len(inst.plan.ranks) == 4
+        for prompt in (SHORT, LONG[:300]):
+            assert tokens_of(inst, prompt, 16) == reference(path, prompt, 16)
+    finally:
+        inst.delete()

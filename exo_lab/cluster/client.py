@@ -177,10 +177,9 @@ class Cluster:
 
         if plan is None:
             plans = self.preview(model)
-            launchable = [p for p in plans if p.strategy != "pipeline-tensor"]
-            if not launchable:
-                raise ClusterError(f"no launchable plan for {model}: {plans.infeasible[:1]}")
-            plan = launchable[0]
+            if not plans.plans:
+                raise ClusterError(f"no plan fits {model}: {plans.infeasible[:1]}")
+            plan = plans.best
         inst = Instance(self, str(model), plan, name=name, auto_replace=auto_replace)
         self.instances.append(inst)
         if wait:

@@ -62,16 +62,33 @@ class Lockstep:
         self.prefill_step_size = prefill_step_size
 
     def _forward(self, tokens: mx.array, cache: list, logits: bool) -> mx.array | None:
-        """This stage's part of one forward pass over ``tokens`` (shape ``[1, n]``)."""
+        """This stage's part of one forward pass over ``tokens`` (shape ``[1, n]``).
+
+        Between stages the last rank of a stage hands the hidden states to the
+        first rank of the next (ring neighbours); inside a multi-rank stage of a
+        pipeline, the first rank passes them on to the others.
+        """
         lay = self.layout
         n = tokens.shape[1]
+        mine = lay.stages[lay.stage]
+        multi = len(lay.stages) > 1 and len(mine) > 1
         if lay.first:
             x = tokens
-        else:
+        elif not multi:
             x = mx.distributed.recv((1, n, self.hidden), self.act_dtype, lay.peer(lay.stage - 1), group=self.group)
+        elif lay.rank == mine[0]:
+            x = mx.distributed.recv((1, n, self.hidden), self.act_dtype, lay.stages[lay.stage - 1][-1], group=self.group)
+            sent = mx.distributed.send(x, mine[1], group=self.group)
+            (x,) = mx.depends([x], [sent])
+        else:
+            x = mx.distributed.recv((1, n, self.hidden), self.act_dtype, mine[0], group=self.group)
         out = self.shard(x, cache) if (logits or not lay.last) else self._hidden_only(x, cache)
         if not lay.last:
-            return mx.distributed.send(out, lay.peer(lay.stage + 1), group=self.group)
+            if not multi and len(lay.stages[lay.stage + 1]) == 1:
+                return mx.distributed.send(out, lay.peer(lay.stage + 1), group=self.group)
+            if lay.rank == mine[-1]:
+                return mx.distributed.send(out, lay.stages[lay.stage + 1][0], group=self.group)
+            return out
         return out
 
     def _hidden_only(self, x: mx.array, cache: list) -> mx.array:

@@ -98,10 +98,11 @@ class Shard(nn.Module):
 
 
 def load_shard(model_dir: str | Path, spec: ShardSpec, tensor_group: mx.distributed.Group | None = None,
-               progress=None) -> tuple[Shard, dict]:
+               progress=None, pair=None) -> tuple[Shard, dict]:
     """Build a shard reading only its tensors; split it over ``tensor_group`` when given.
 
-    ``progress(layers_loaded, layers_total)`` is called as layers arrive.
+    ``progress(layers_loaded, layers_total)`` is called as layers arrive. ``pair`` is
+    ``(index, exchange)`` for a tensor pair inside a pipeline stage (see :mod:`exo_lab.engine.pairs`).
     """
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
@@ -130,6 +131,10 @@ def load_shard(model_dir: str | Path, spec: ShardSpec, tensor_group: mx.distribu
         model.model.layers = inner_layers[spec.start : spec.end]
         model.shard(tensor_group)
         model.model.layers = inner_layers[: spec.start] + model.model.layers + inner_layers[spec.end :]
+    if pair is not None:
+        from exo_lab.engine.pairs import shard_pair
+
+        shard_pair(model.model.layers[spec.start : spec.end], pair[0], pair[1])
     shard = Shard(model, spec)
     if spec.dtype and not quant:
         target = getattr(mx, spec.dtype)

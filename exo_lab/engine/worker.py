@@ -133,13 +133,23 @@ class Worker:
         stages = tuple(tuple(s) for s in cfg["stages"])
         layout = Layout(self.rank, stages)
         tensor_group = self.group if len(stages) == 1 and len(stages[0]) > 1 else None
+        pair = None
+        mine = stages[layout.stage]
+        if len(stages) > 1 and len(mine) > 1:
+            if len(mine) != 2:
+                raise RuntimeError("a pipeline stage can hold a tensor pair (2 ranks), not more")
+            from exo_lab.engine.pairs import Exchange
+
+            index = mine.index(self.rank)
+            peer = mine[1 - index]
+            pair = (index, Exchange(self.group, peer, lower=self.rank < peer))
         start, end = cfg["layers"]
         spec = ShardSpec(start, end, cfg["num_layers"], cfg.get("dtype"))
         model_dir = Path(cfg["model_dir"])
         if cfg.get("fetch"):
             self._fetch(cfg["fetch"], model_dir, spec)
             self.state = "loading"
-        self.shard, config = load_shard(model_dir, spec, tensor_group, progress=self._progress)
+        self.shard, config = load_shard(model_dir, spec, tensor_group, progress=self._progress, pair=pair)
         act = getattr(mx, cfg.get("dtype") or config.get("torch_dtype") or "bfloat16")
         self.lockstep = Lockstep(self.shard, self.group, layout, config["hidden_size"], act,
                                  cfg.get("prefill_step_size", 2048))

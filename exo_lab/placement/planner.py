@@ -439,6 +439,8 @@ def _candidates(ctx: _Context, max_exhaustive: int) -> list[list[Stage]]:
         for n in seq:
             r = ctx.rates[n]
             fit = [k for k in ks if k <= r.cores] if not r.gpu else []
+            if len(seq) > 1:
+                fit = [k for k in fit if k <= 2]  # inside a pipeline a stage's tensor group is a pair
             local.append(Stage((n,), max(fit)) if fit else Stage((n,)))
         if any(s.k > 1 for s in local):
             out.append(local)
