@@ -21,14 +21,22 @@ from exo_lab.api.registry import Backend, ModelRegistry
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 52415
+_parked = threading.Event()
+
+
+def _park() -> None:
+    """Keep a finished server thread alive: a thread that ran MLX work (a handler that
+    profiled or planned) and then exits can make the process abort at exit."""
+    _parked.wait()
 
 
 class Server:
     """An API server on ``host:port`` serving the models of a registry."""
 
     def __init__(self, registry: ModelRegistry, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
-                 cluster: Any = None) -> None:
+                 cluster: Any = None, api_key: str | None = None) -> None:
         self.registry = registry
+        self.api_key = api_key or None
         self.cluster = cluster
         self.host = host
         self.port = port
@@ -49,7 +57,7 @@ class Server:
 
     @property
     def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return self._thread is not None and self._thread.is_alive() and not self._stopped.is_set()
 
     def start(self) -> "Server":
         """Bind and start serving; returns once the port is listening."""
@@ -62,7 +70,7 @@ class Server:
             self._loop = loop
             try:
                 source = (lambda: self.cluster.topology) if self.cluster is not None else None
-                self._http = HTTPServer(make_app(self.registry, source), idle_connection_timeout=3600)
+                self._http = HTTPServer(make_app(self.registry, source, self.api_key), idle_connection_timeout=3600)
                 self._http.listen(self.port, self.host)
                 sock = next(iter(self._http._sockets.values()))
                 self.port = sock.getsockname()[1]
@@ -78,6 +86,7 @@ class Server:
                 loop.run_until_complete(loop.shutdown_asyncgens())
                 loop.close()
                 self._stopped.set()
+            _park()
 
         self._thread = threading.Thread(target=run, name=f"exo-lab-api-{self.port}", daemon=True)
         self._thread.start()
@@ -110,7 +119,7 @@ class Server:
             except Exception:  # noqa: BLE001 - best effort; the loop stops anyway
                 log.debug("closing connections timed out", exc_info=True)
             loop.call_soon_threadsafe(loop.stop)
-            self._thread.join(timeout)
+            self._stopped.wait(timeout)
         for thing in self._owned:
             thing.close()
         self._owned.clear()
@@ -142,6 +151,18 @@ class Server:
         )
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine."""
+    import ipaddress
+
+    if host in ("localhost", "localhost.localdomain"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def default_name(model: str | Path) -> str:
     """The id clients use for a model: a directory's name, else what was given."""
     path = Path(str(model)).expanduser()
@@ -154,12 +175,26 @@ def serve(
     host: str = "127.0.0.1",
     name: str | None = None,
     cluster: Any = None,
+    api_key: str | None = None,
 ) -> Server:
     """Serve ``model`` (a name, a path, or an Engine) and return the running Server.
 
     Returns at once; the server runs on its own thread until ``server.stop()``.
     With a ``cluster``, ``GET /instance/previews`` plans on its topology.
+    With ``api_key`` (default: ``$EXO_LAB_API_KEY``), every endpoint but
+    ``/health`` and ``GET /`` needs ``Authorization: Bearer KEY`` or ``x-api-key: KEY``.
     """
+    import os
+
+    if api_key is None:
+        api_key = os.environ.get("EXO_LAB_API_KEY") or None
+    if api_key is None and not is_loopback(host):
+        import secrets
+
+        api_key = secrets.token_urlsafe(24)
+        print(f"exo_lab: {host} is reachable from other machines, so the API needs a key; clients must send "
+              f"'Authorization: Bearer {api_key}' (or 'x-api-key'). Pass --api-key / api_key= to choose it.",
+              flush=True)
     from exo_lab.engine.generator import Engine
 
     registry = ModelRegistry()
@@ -171,7 +206,7 @@ def serve(
         backend = model
         model_name = name or backend.name
     registry.add(backend, model_name)
-    server = Server(registry, host, port, cluster)
+    server = Server(registry, host, port, cluster, api_key)
     try:
         server.start()
     except BaseException:
