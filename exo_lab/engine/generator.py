@@ -15,12 +15,14 @@ import queue
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import mlx_lm.generate  # noqa: F401  (import here, not on the engine thread: its module-level stream is thread-local)
 
 from exo_lab.engine.chat import chat_prompt_tokens
 from exo_lab.engine.sampling import SamplingParams, make_sampler
@@ -40,12 +42,18 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    #: report each token's log-probability and this many most likely alternatives (None: no logprobs)
+    logprobs: int | None = None
+    #: a :class:`~exo_lab.engine.constrain.Grammar` the output must follow (e.g. JSON), or None
+    grammar: Any = None
 
     def __post_init__(self) -> None:
         if not self.prompt_tokens:
             raise ValueError("the prompt is empty")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError(f"logprobs must be between 0 and 20, got {self.logprobs}")
 
 
 @dataclass
@@ -68,6 +76,16 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability and the most likely alternatives ``(id, text, logprob)``."""
+
+    token: int
+    text: str
+    logprob: float
+    top: tuple[tuple[int, str, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Chunk:
     """A piece of output: new text (may be empty) and the token ids behind it.
 
@@ -81,6 +99,7 @@ class Chunk:
     usage: Usage | None = None
     error: str | None = None
     stop_sequence: str | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 class GenerationError(RuntimeError):
@@ -168,16 +187,22 @@ class Generation:
 class Engine:
     """A model loaded with mlx_lm, generating on its own worker thread."""
 
+    #: what this backend does beyond plain generation (the API checks before asking for it)
+    features = frozenset({"logprobs", "grammar"})
+
     def __init__(self, model: str | Path, name: str | None = None) -> None:
         from exo_lab.models import resolve
 
         self.path = resolve(model)
         self.name = name or str(model)
         self.created = int(time.time())
+        self.usage_history: deque[tuple[float, Usage]] = deque(maxlen=256)  # (unix time, usage) per request
         self._queue: queue.Queue[Generation | None] = queue.Queue()
         self._loaded = threading.Event()
         self._load_error: BaseException | None = None
         self._closed = threading.Event()
+        self._index: Any = None
+        self._index_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"exo-lab-engine-{self.name}", daemon=True)
         self._thread.start()
         self._loaded.wait()
@@ -191,6 +216,15 @@ class Engine:
     def chat_tokens(self, messages: Sequence[dict[str, Any]]) -> list[int]:
         """Prompt tokens for chat ``messages`` (raises ValueError on bad messages)."""
         return chat_prompt_tokens(self.tokenizer, messages)
+
+    def vocab_index(self) -> Any:
+        """The vocabulary trie that grammars mask (built on first use)."""
+        with self._index_lock:
+            if self._index is None:
+                from exo_lab.engine.constrain import VocabIndex
+
+                self._index = VocabIndex(self.tokenizer)
+            return self._index
 
     def submit(self, request: GenerationRequest) -> Generation:
         """Queue ``request``; returns at once with a handle to iterate."""
@@ -264,6 +298,21 @@ class Engine:
                 log.exception("generation %s failed", gen.request.id)
                 gen._push(Chunk("", finish_reason="error", error=f"{type(exc).__name__}: {exc}", usage=Usage()))
 
+    def _token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    def _logprob(self, token: int, logprobs: mx.array, top: int) -> TokenLogprob:
+        """``token``'s log-probability and the ``top`` most likely tokens at its step."""
+        import numpy as np
+
+        values = np.array(logprobs.astype(mx.float32))
+        alternatives: tuple[tuple[int, str, float], ...] = ()
+        if top:
+            ids = np.argpartition(-values, top - 1)[:top]
+            ids = ids[np.argsort(-values[ids], kind="stable")]
+            alternatives = tuple((int(i), self._token_text(int(i)), float(values[i])) for i in ids)
+        return TokenLogprob(token, self._token_text(token), float(values[token]), alternatives)
+
     def _release(self) -> None:
         """Drop the model and park this thread for good.
 
@@ -290,15 +339,21 @@ class Engine:
         first = start
         finish = "length"
         n = 0
+        processors = None
+        if req.grammar is not None:
+            from exo_lab.engine.constrain import TokenConstraint
+
+            processors = [TokenConstraint(req.grammar, self.vocab_index(), req.max_tokens)]
         steps = generate_step(
             mx.array(req.prompt_tokens),
             self.model,
             self.stream,
             max_tokens=req.max_tokens,
             sampler=make_sampler(req.sampling),
+            logits_processors=processors,
         )
         try:
-            for token, _logprobs in steps:
+            for token, logprobs in steps:
                 if n == 0:
                     first = time.perf_counter()
                     usage.ttft_s = first - start
@@ -309,14 +364,15 @@ class Engine:
                 if token in self.eos_ids and not req.ignore_eos:
                     finish = "stop"
                     break
+                lp = (self._logprob(token, logprobs, req.logprobs),) if req.logprobs is not None else ()
                 detok.add_token(token)
                 text, hit = stopper.feed(detok.last_segment)
                 if hit:
-                    if text:
-                        gen._push(Chunk(text, (token,)))
+                    if text or lp:
+                        gen._push(Chunk(text, (token,), logprobs=lp))
                     finish = "stop"
                     break
-                gen._push(Chunk(text, (token,)))
+                gen._push(Chunk(text, (token,), logprobs=lp))
         finally:
             steps.close()
         if finish in ("length", "stop") and stopper.matched is None:
@@ -330,4 +386,5 @@ class Engine:
         usage.prompt_tps = usage.prompt_tokens / usage.ttft_s if usage.ttft_s else 0.0
         usage.generation_tps = (n - 1) / (end - first) if n > 1 and end > first else 0.0
         usage.total_s = end - start
+        self.usage_history.append((time.time(), usage))
         gen._push(Chunk("", finish_reason=finish, usage=usage, stop_sequence=stopper.matched))
