@@ -20,10 +20,15 @@ def main() -> None:
     group = mx.distributed.init(backend="ring", strict=True)
     rank = group.rank()
     cfg = json.load(open(f"{model_dir}/config.json"))
-    start = sum(splits[:rank])
-    spec = ShardSpec(start, start + splits[rank], cfg["num_hidden_layers"])
-    shard, _ = load_shard(model_dir, spec)
-    layout = Layout(rank, tuple((i,) for i in range(group.size())))
+    if splits == "tensor":  # every rank holds every layer, split by heads and MLP
+        spec = ShardSpec(0, cfg["num_hidden_layers"], cfg["num_hidden_layers"])
+        shard, _ = load_shard(model_dir, spec, tensor_group=group)
+        layout = Layout(rank, (tuple(range(group.size())),))
+    else:
+        start = sum(splits[:rank])
+        spec = ShardSpec(start, start + splits[rank], cfg["num_hidden_layers"])
+        shard, _ = load_shard(model_dir, spec)
+        layout = Layout(rank, tuple((i,) for i in range(group.size())))
     ls = Lockstep(shard, group, layout, cfg["hidden_size"], getattr(mx, cfg["torch_dtype"]), prefill_step_size=64)
     cache = shard.make_cache()
     tokens = mx.array(prompt, mx.int32)
@@ -35,7 +40,7 @@ def main() -> None:
         pos += n
     o = ls._forward(tokens[pos:][None], cache, logits=True)
     mx.eval(o)
-    if layout.last:
+    if layout.last and rank == layout.stages[-1][0]:
         np.save(out, np.array(o[:, -1, :].astype(mx.float32)))
     ls.barrier()
 

@@ -114,6 +114,64 @@ def test_tensor_parallel_fp32_gives_the_same_tokens(cluster, models):
         inst.delete()
 
 
+def single_process_logits(path: Path, prompt: list[int]) -> np.ndarray:
+    from mlx_lm import load
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model, _ = load(str(path))
+    cache = make_prompt_cache(model)
+    toks = mx.array(prompt)
+    pos = 0
+    while len(prompt) - pos > 1:
+        n = min(64, len(prompt) - pos - 1)
+        model(toks[pos:pos + n][None], cache=cache)
+        mx.eval([c.state for c in cache])
+        pos += n
+    return np.array(model(toks[pos:][None], cache=cache)[:, -1, :].astype(mx.float32))
+
+
+def ranks_logits(path: Path, tmp_path: Path, splits, n: int, prompt: list[int]) -> np.ndarray:
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(json.dumps([[f"127.0.0.1:{free_port()}"] for _ in range(n)]))
+    out = tmp_path / "logits.npy"
+    procs = [subprocess.Popen([sys.executable, str(HERE / "rank_logits.py"), str(path), json.dumps(splits),
+                               json.dumps(prompt), str(out)],
+                              env={**os.environ, "MLX_RANK": str(r), "MLX_HOSTFILE": str(hosts)})
+             for r in range(n)]
+    assert [p.wait(120) for p in procs] == [0] * n
+    return np.load(out)
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_tensor_logits_on_bf16_agree_within_tolerance(tmp_path, ranks):
+    """Tensor ranks sum partial products in another order: bf16 logits differ by rounding only."""
+    path = synthetic.create(tmp_path / "bf16", "tiny-mha", dtype="bfloat16")
+    prompt = [(i * 31) % 8000 + 3 for i in range(50)]
+    ref = single_process_logits(path, prompt)
+    got = ranks_logits(path, tmp_path, "tensor", ranks, prompt)
+    # stated tolerance: |diff| <= 0.05 * max|logit| (a few bf16 ulps at the logits' scale)
+    assert np.max(np.abs(got - ref)) <= 0.05 * np.max(np.abs(ref))
+    assert np.argmax(got) == np.argmax(ref)
+
+
+def test_tensor_over_four_ranks_gives_the_same_tokens(cluster, models, tmp_path):
+    from exo_lab.placement.plan import Plan, RankSpec
+
+    path = synthetic.create(tmp_path / "mha", "tiny-mha")  # fp32, 4 KV heads
+    nodes = cluster.nodes[:2]
+    base = cluster.preview(path, context=2048, prompt_tokens=64).best
+    ranks = [RankSpec(i, nodes[i // 2].id, nodes[i // 2].name, 0, (0, 4), i, 4, "127.0.0.1", "float32")
+             for i in range(4)]
+    plan = Plan(model=base.model, strategy="tensor", ranks=ranks, memory_bytes={n.id: 0 for n in nodes},
+                memory_capacity_bytes={n.id: n.memory_total_bytes for n in nodes}, model_dtype="float32",
+                node_names={n.id: n.name for n in nodes})
+    inst = cluster.launch(path, plan=plan)
+    try:
+        assert tokens_of(inst, SHORT, 16) == reference(path, SHORT, 16)
+    finally:
+        inst.delete()
+
+
 @pytest.mark.parametrize("splits,prompt_len", [([2, 2], 40), ([1, 2, 1], 150)])
 def test_pipeline_logits_are_bit_identical(models, tmp_path, splits, prompt_len):
     from mlx_lm import load

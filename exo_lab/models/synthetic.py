@@ -67,6 +67,11 @@ PRESETS: dict[str, Preset] = {
         {**_TINY, "rope_theta": 10000.0, "tie_word_embeddings": False},
         description="Llama architecture, 4 layers, hidden 128 (~5 MB): for tests and the demo",
     ),
+    "tiny-mha": Preset(
+        "llama",
+        {**_TINY, "num_key_value_heads": 4, "rope_theta": 10000.0, "tie_word_embeddings": False},
+        description="tiny with 4 KV heads (splits over 4 tensor ranks)",
+    ),
     "qwen2-tiny": Preset(
         "qwen2",
         {**_TINY, "rope_theta": 1000000.0, "tie_word_embeddings": False},
