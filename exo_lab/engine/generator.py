@@ -275,6 +275,10 @@ class Engine:
             from mlx_lm import load
 
             self.model, self.tokenizer, config = load(str(self.path), return_config=True)
+            # materialise non-parameter arrays too (e.g. RoPE frequency tables): a lazy array made on
+            # this thread's stream cannot be evaluated from another thread
+            mx.eval([v for m in self.model.modules() for v in [*vars(m).values(), *m.values()]
+                     if isinstance(v, mx.array)])
             self.config = config
             self.context_length = config.get("max_position_embeddings")
             self.eos_ids = set(self.tokenizer.eos_token_ids)
