@@ -302,3 +302,14 @@ def test_pipeline_of_tensor_pairs_gives_the_same_tokens(cluster, models):
             assert tokens_of(inst, prompt, 16) == reference(path, prompt, 16)
     finally:
         inst.delete()
+
+
+def test_a_single_node_plan_launches(cluster, models):
+    path = models["tiny"]
+    plan = pick(cluster.preview(path, context=2048, prompt_tokens=64), "single", 1)
+    inst = plan.launch()
+    try:
+        assert len(inst.plan.ranks) == 1
+        assert tokens_of(inst, SHORT, 12) == reference(path, SHORT, 12)
+    finally:
+        inst.delete()

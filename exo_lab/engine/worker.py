@@ -126,7 +126,12 @@ class Worker:
 
         cfg = self.config
         backend = cfg.get("backend", "ring")
-        self.group = mx.distributed.init(backend=backend, strict=True)
+        world = sum(len(s) for s in cfg["stages"])
+        if world == 1:  # a ring of one cannot form; a single rank needs no group
+            os.environ.pop("MLX_HOSTFILE", None)
+            self.group = mx.distributed.init()
+        else:
+            self.group = mx.distributed.init(backend=backend, strict=True)
         if self.group.rank() != self.rank:
             raise RuntimeError(f"MLX rank {self.group.rank()} != configured rank {self.rank}")
         self.state = "loading"
