@@ -2,28 +2,56 @@
 
 from __future__ import annotations
 
+import logging
+
 import tornado.web
 
+from exo_lab.api import ollama
+from exo_lab.api.anthropic import CountTokensHandler, MessagesHandler
 from exo_lab.api.base import NotFoundHandler
 from exo_lab.api.info import HealthHandler, ModelHandler, ModelsHandler
 from exo_lab.api.openai_chat import ChatCompletionsHandler
+from exo_lab.api.openai_responses import ResponsesHandler
+from exo_lab.api.openapi import OpenApiHandler
 from exo_lab.api.registry import ModelRegistry
 
 
-def make_app(registry: ModelRegistry, topology_source=None) -> tornado.web.Application:
-    """Routes for ``registry``'s models; ``topology_source()`` gives the cluster's topology for previews."""
+access_log = logging.getLogger("tornado.access")
+
+
+def log_request(handler: tornado.web.RequestHandler) -> None:
+    """Access log: server errors at ERROR; client mistakes (4xx) and the rest at INFO, so they never flood a console."""
+    status = handler.get_status()
+    level = logging.ERROR if status >= 500 else logging.INFO
+    if access_log.isEnabledFor(level):
+        access_log.log(level, "%d %s %.2fms", status, handler._request_summary(), 1000.0 * handler.request.request_time())
+
+
+def make_app(registry: ModelRegistry, topology_source=None, api_key: str | None = None) -> tornado.web.Application:
+    """Routes for ``registry``'s models; ``topology_source()`` gives the cluster's topology for previews.
+
+    With ``api_key``, every route but ``/health`` and Ollama's ``GET /`` needs
+    it (``Authorization: Bearer KEY`` or ``x-api-key: KEY``).
+    """
     from exo_lab.api.previews import PreviewsHandler
 
     kw = {"registry": registry}
     return tornado.web.Application(
         [
             (r"/v1/chat/completions", ChatCompletionsHandler, kw),
+            (r"/v1/responses", ResponsesHandler, kw),
+            (r"/v1/messages", MessagesHandler, kw),
+            (r"/v1/messages/count_tokens", CountTokensHandler, kw),
             (r"/v1/models", ModelsHandler, kw),
             (r"/v1/models/(.+)", ModelHandler, kw),
             (r"/health", HealthHandler, kw),
+            (r"/openapi.json", OpenApiHandler, kw),
             (r"/instance/previews", PreviewsHandler, {**kw, "topology_source": topology_source}),
+            *ollama.routes(kw),
         ],
         default_handler_class=NotFoundHandler,
         default_handler_args=kw,
         compress_response=False,
+        log_function=log_request,
+        api_key=api_key or None,
     )

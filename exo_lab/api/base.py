@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 from typing import Any
@@ -17,10 +18,33 @@ from exo_lab.engine.generator import Generation
 log = logging.getLogger(__name__)
 
 
+def presented_key(headers: Any) -> str | None:
+    """The API key a request carries: ``Authorization: Bearer KEY`` or ``x-api-key: KEY``."""
+    auth = headers.get("Authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip()
+    return headers.get("x-api-key") or headers.get("api-key")
+
+
+def key_matches(expected: str, headers: Any) -> bool:
+    """Whether either header carries ``expected`` (constant-time comparison)."""
+    auth = headers.get("Authorization", "")
+    candidates = [auth[7:].strip()] if auth[:7].lower() == "bearer " else []
+    candidates += [v for v in (headers.get("x-api-key"), headers.get("api-key")) if v]
+    want = expected.encode()
+    return any(hmac.compare_digest(c.encode(), want) for c in candidates)
+
+
 class ApiHandler(RequestHandler):
-    """Base for API handlers: parses JSON, renders ApiError, cancels on disconnect."""
+    """Base for API handlers: parses JSON, renders ApiError, checks the API key, cancels on disconnect.
+
+    ``family`` picks the error shape: ``openai``, ``anthropic``, ``ollama``, or
+    ``auto`` (Anthropic's when the client sends ``anthropic-version``, else OpenAI's).
+    """
 
     registry: ModelRegistry
+    family = "openai"
+    auth_required = True
 
     def initialize(self, registry: ModelRegistry) -> None:
         self.registry = registry
@@ -30,6 +54,16 @@ class ApiHandler(RequestHandler):
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json")
 
+    def prepare(self) -> None:
+        key = self.settings.get("api_key")
+        if key and self.auth_required and not key_matches(key, self.request.headers):
+            given = presented_key(self.request.headers)
+            why = "No API key was sent" if not given else "The API key is not valid"
+            how = ("send it as 'x-api-key: KEY'" if self.error_family() == "anthropic"
+                   else "send it as 'Authorization: Bearer KEY'")
+            self.send_api_error(ApiError(401, f"{why}: this server requires its API key; {how}.",
+                                         type="invalid_request_error", code="invalid_api_key"))
+
     def json_body(self) -> dict[str, Any]:
         return parse_json_object(self.request.body)
 
@@ -37,9 +71,14 @@ class ApiHandler(RequestHandler):
         self.set_status(status)
         self.finish(json.dumps(data))
 
+    def error_family(self) -> str:
+        if self.family == "auto":
+            return "anthropic" if "anthropic-version" in self.request.headers else "openai"
+        return self.family
+
     def render_error(self, err: ApiError) -> dict[str, Any]:
-        """The error body in this API's shape (OpenAI's by default)."""
-        return err.openai()
+        """The error body in this API's shape."""
+        return err.render(self.error_family())
 
     def send_api_error(self, err: ApiError) -> None:
         if self._finished:
@@ -62,7 +101,7 @@ class ApiHandler(RequestHandler):
             message = self._reason
         kind = "server_error" if status_code >= 500 else "invalid_request_error"
         self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps(self.render_error(ApiError(status_code, message, type=kind))))
+        self.finish(json.dumps(self.render_error(ApiError(status_code, message or "error", type=kind))))
 
     def on_connection_close(self) -> None:
         self.client_gone = True
@@ -89,9 +128,31 @@ class ApiHandler(RequestHandler):
             return False
         return True
 
+    async def send_line(self, data: Any) -> bool:
+        """Write one NDJSON line; False when the client has gone (generation cancelled)."""
+        if self.client_gone:
+            return False
+        try:
+            self.write(json.dumps(data) + "\n")
+            await self.flush()
+        except StreamClosedError:
+            self.on_connection_close()
+            return False
+        return True
+
 
 class NotFoundHandler(ApiHandler):
-    """Any unknown path: a 404 in OpenAI's error shape."""
+    """Any unknown path: a 404 in the shape of the family the path belongs to."""
+
+    def error_family(self) -> str:
+        path = self.request.path
+        if path.startswith(("/api/", "/ollama/")):
+            return "ollama"
+        if path.startswith("/v1/messages"):
+            return "anthropic"
+        return "anthropic" if "anthropic-version" in self.request.headers else "openai"
 
     def prepare(self) -> None:
-        self.send_api_error(ApiError(404, f"Unknown path {self.request.path}.", code="not_found"))
+        super().prepare()
+        if not self._finished:
+            self.send_api_error(ApiError(404, f"Unknown path {self.request.path}.", code="not_found"))

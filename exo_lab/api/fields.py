@@ -18,9 +18,30 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"The request body is not valid JSON: {exc}", code="invalid_json") from exc
+    except RecursionError:
+        raise ApiError(400, "The request body nests too deeply to parse.", code="invalid_json") from None
     if not isinstance(data, dict):
         raise ApiError(400, f"The request body must be a JSON object, not {type(data).__name__}.", code="invalid_json")
+    _check_text(data)
     return data
+
+
+def _check_text(value: Any) -> None:
+    """400 for strings no UTF-8 text can hold (lone surrogates such as ``"\\ud800"``)."""
+    todo = [value]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ApiError(400, f"The request body holds invalid Unicode (a lone surrogate {item[exc.start]!r}); "
+                                    "send well-formed UTF-8 text.", code="invalid_json") from None
+        elif isinstance(item, dict):
+            todo.extend(item.keys())
+            todo.extend(item.values())
+        elif isinstance(item, list):
+            todo.extend(item)
 
 
 def get_str(data: dict, name: str, default: Any = _MISSING) -> Any:

@@ -2,9 +2,14 @@
 
 All MLX work for a model runs on the engine's own thread, so callers on an
 event loop (a notebook kernel, the API server) are never blocked by it.
-Requests queue in arrival order; each returns a :class:`Generation` handle
-that can be iterated synchronously or asynchronously and cancelled from any
-thread (effective within one token).
+Requests are batched continuously (mlx_lm's ``BatchGenerator``): a request
+joins the running batch at the next step and leaves it when it finishes or
+is cancelled, so concurrent requests share decode steps. Up to ``max_batch``
+decode together; up to ``max_queue`` more wait; beyond that ``submit``
+raises :class:`EngineBusy`. Each request returns a :class:`Generation`
+handle that can be iterated synchronously or asynchronously and cancelled
+from any thread (effective within one token). Greedy output is the same
+alone or batched.
 """
 
 from __future__ import annotations
@@ -106,6 +111,24 @@ class GenerationError(RuntimeError):
     """Generation failed inside the engine."""
 
 
+class EngineBusy(GenerationError):
+    """Every decode slot and queue place is taken; retry later."""
+
+
+@dataclass
+class _Active:
+    """A generation in the running batch (engine thread only)."""
+
+    gen: Generation
+    uid: int
+    detok: Any
+    stopper: StopMatcher
+    usage: Usage
+    start: float
+    first: float = 0.0
+    n: int = 0
+
+
 class Generation:
     """Handle on a queued or running generation; iterate it for chunks."""
 
@@ -190,12 +213,21 @@ class Engine:
     #: what this backend does beyond plain generation (the API checks before asking for it)
     features = frozenset({"logprobs", "grammar"})
 
-    def __init__(self, model: str | Path, name: str | None = None) -> None:
+    def __init__(self, model: str | Path, name: str | None = None, max_batch: int = 16, max_queue: int = 256) -> None:
         from exo_lab.models import resolve
 
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
         self.path = resolve(model)
         self.name = name or str(model)
         self.created = int(time.time())
+        self.max_batch = max_batch
+        self.max_queue = max_queue
+        #: decode steps taken, tokens they produced, and the most sequences one step decoded
+        self.stats = {"decode_steps": 0, "decode_tokens": 0, "peak_batch": 0}
+        self._pending = 0  # submitted and not finished
+        self._pending_lock = threading.Lock()
+        self._closing = False
         self.usage_history: deque[tuple[float, Usage]] = deque(maxlen=256)  # (unix time, usage) per request
         self._queue: queue.Queue[Generation | None] = queue.Queue()
         self._loaded = threading.Event()
@@ -227,12 +259,25 @@ class Engine:
             return self._index
 
     def submit(self, request: GenerationRequest) -> Generation:
-        """Queue ``request``; returns at once with a handle to iterate."""
-        if self._closed.is_set():
+        """Queue ``request``; returns at once with a handle to iterate.
+
+        Raises :class:`EngineBusy` when ``max_batch + max_queue`` requests are already in.
+        """
+        if self._closing or self._closed.is_set():
             raise GenerationError("the engine is closed")
+        with self._pending_lock:
+            if self._pending >= self.max_batch + self.max_queue:
+                raise EngineBusy(f"{self.name} is busy: {self._pending} requests are generating or queued "
+                                 f"(at most {self.max_batch} + {self.max_queue}); retry shortly")
+            self._pending += 1
         gen = Generation(request)
         self._queue.put(gen)
         return gen
+
+    @property
+    def pending(self) -> int:
+        """Requests generating or waiting."""
+        return self._pending
 
     def generate(
         self,
@@ -260,6 +305,7 @@ class Engine:
     def close(self) -> None:
         """Finish queued work, then free the model; later submissions fail."""
         if not self._closed.is_set():
+            self._closing = True
             self._queue.put(None)
             self._closed.wait(timeout=30)
 
@@ -288,19 +334,137 @@ class Engine:
             self._loaded.set()
             self._release()
         self._loaded.set()
+        self._batch: Any = None
+        active: dict[int, _Active] = {}
+        closing = False
         while True:
-            gen = self._queue.get()
-            if gen is None:
+            closing = self._take_new(active, block=not active and not closing) or closing
+            if closing and not active:
+                if self._batch is not None:
+                    self._batch.close()
                 self._release()
                 return
+            if active:
+                self._step(active)
+
+    # ---------------------------------------------------------------- batching (engine thread)
+    def _take_new(self, active: dict[int, _Active], block: bool) -> bool:
+        """Move queued requests into the batch; True once ``close()`` was asked for."""
+        while True:
+            try:
+                gen = self._queue.get(block=block)
+            except queue.Empty:
+                return False
+            block = False
+            if gen is None:
+                return True
             if gen.cancelled:
-                gen._push(Chunk("", finish_reason="cancelled", usage=Usage(len(gen.request.prompt_tokens))))
+                self._finish(gen, Chunk("", finish_reason="cancelled", usage=Usage(len(gen.request.prompt_tokens))))
                 continue
             try:
-                self._generate(gen)
+                self._admit(gen, active)
             except Exception as exc:
-                log.exception("generation %s failed", gen.request.id)
-                gen._push(Chunk("", finish_reason="error", error=f"{type(exc).__name__}: {exc}", usage=Usage()))
+                log.exception("generation %s could not start", gen.request.id)
+                self._finish(gen, Chunk("", finish_reason="error", error=f"{type(exc).__name__}: {exc}", usage=Usage()))
+
+    def _admit(self, gen: Generation, active: dict[int, _Active]) -> None:
+        from mlx_lm.generate import BatchGenerator
+
+        req = gen.request
+        if self._batch is None:
+            self._batch = BatchGenerator(self.model, max_tokens=256, completion_batch_size=self.max_batch,
+                                         prefill_batch_size=min(8, self.max_batch), stream=self.stream)
+        processors: list = []
+        if req.grammar is not None:
+            from exo_lab.engine.constrain import TokenConstraint
+
+            processors = [TokenConstraint(req.grammar, self.vocab_index(), req.max_tokens)]
+        (uid,) = self._batch.insert([list(req.prompt_tokens)], max_tokens=[req.max_tokens],
+                                    samplers=[make_sampler(req.sampling)], logits_processors=[processors])
+        active[uid] = _Active(gen, uid, self.tokenizer.detokenizer, StopMatcher(req.stop),
+                              Usage(prompt_tokens=len(req.prompt_tokens)), time.perf_counter())
+
+    def _step(self, active: dict[int, _Active]) -> None:
+        """One decode step for the whole batch (joining prompts are prefilled as part of it)."""
+        for uid in [u for u, a in active.items() if a.gen.cancelled]:
+            self._batch.remove([uid])
+            self._complete(active.pop(uid), "cancelled")
+        if not active:
+            return
+        try:
+            responses = self._batch.next_generated()
+        except Exception as exc:  # the batch is unusable: fail what it held, start afresh
+            log.exception("batch step failed")
+            for a in active.values():
+                self._finish(a.gen, Chunk("", finish_reason="error", error=f"{type(exc).__name__}: {exc}", usage=Usage()))
+            active.clear()
+            self._batch = None
+            return
+        if not responses:  # the batch holds nothing, so these were lost: never leave a caller waiting
+            for a in active.values():
+                self._finish(a.gen, Chunk("", finish_reason="error", error="the batch lost this request",
+                                          usage=Usage()))
+            active.clear()
+            return
+        self.stats["decode_steps"] += 1
+        self.stats["decode_tokens"] += len(responses)
+        self.stats["peak_batch"] = max(self.stats["peak_batch"], len(responses))
+        now = time.perf_counter()
+        for r in responses:
+            a = active.get(r.uid)
+            if a is None:
+                continue
+            finish = self._on_token(a, r.token, r.logprobs, now)
+            if finish is None and r.finish_reason is not None:
+                finish = "length"  # the batch stopped it at max_tokens
+            if finish is not None:
+                if r.finish_reason is None:
+                    self._batch.remove([r.uid])
+                self._complete(active.pop(r.uid), finish)
+
+    def _on_token(self, a: _Active, token: int, logprobs: mx.array, now: float) -> str | None:
+        """Stream one new token of ``a``; the finish reason if it ends here."""
+        gen, req = a.gen, a.gen.request
+        if a.n == 0:
+            a.first = now
+            a.usage.ttft_s = now - a.start
+        a.n += 1
+        if gen.cancelled:
+            return "cancelled"
+        if token in self.eos_ids and not req.ignore_eos:
+            return "stop"
+        lp = (self._logprob(token, logprobs, req.logprobs),) if req.logprobs is not None else ()
+        a.detok.add_token(token)
+        text, hit = a.stopper.feed(a.detok.last_segment)
+        if hit:
+            if text or lp:
+                gen._push(Chunk(text, (token,), logprobs=lp))
+            return "stop"
+        gen._push(Chunk(text, (token,), logprobs=lp))
+        return None
+
+    def _complete(self, a: _Active, finish: str) -> None:
+        """Flush held text, then the final chunk with usage."""
+        gen, stopper, detok = a.gen, a.stopper, a.detok
+        if finish in ("length", "stop") and stopper.matched is None:
+            detok.finalize()
+            tail, hit = stopper.feed(detok.last_segment)
+            tail += "" if hit else stopper.flush()
+            if tail:
+                gen._push(Chunk(tail))
+        end = time.perf_counter()
+        usage, n = a.usage, a.n
+        usage.completion_tokens = n
+        usage.prompt_tps = usage.prompt_tokens / usage.ttft_s if usage.ttft_s else 0.0
+        usage.generation_tps = (n - 1) / (end - a.first) if n > 1 and end > a.first else 0.0
+        usage.total_s = end - a.start
+        self.usage_history.append((time.time(), usage))
+        self._finish(gen, Chunk("", finish_reason=finish, usage=usage, stop_sequence=stopper.matched))
+
+    def _finish(self, gen: Generation, final: Chunk) -> None:
+        with self._pending_lock:
+            self._pending -= 1
+        gen._push(final)
 
     def _token_text(self, token: int) -> str:
         return self.tokenizer.decode([token])
@@ -331,64 +495,3 @@ class Engine:
         while True:
             with _parked:
                 _parked.wait()
-
-    def _generate(self, gen: Generation) -> None:
-        from mlx_lm.generate import generate_step
-
-        req = gen.request
-        detok = self.tokenizer.detokenizer
-        stopper = StopMatcher(req.stop)
-        usage = Usage(prompt_tokens=len(req.prompt_tokens))
-        start = time.perf_counter()
-        first = start
-        finish = "length"
-        n = 0
-        processors = None
-        if req.grammar is not None:
-            from exo_lab.engine.constrain import TokenConstraint
-
-            processors = [TokenConstraint(req.grammar, self.vocab_index(), req.max_tokens)]
-        steps = generate_step(
-            mx.array(req.prompt_tokens),
-            self.model,
-            self.stream,
-            max_tokens=req.max_tokens,
-            sampler=make_sampler(req.sampling),
-            logits_processors=processors,
-        )
-        try:
-            for token, logprobs in steps:
-                if n == 0:
-                    first = time.perf_counter()
-                    usage.ttft_s = first - start
-                n += 1
-                if gen.cancelled:
-                    finish = "cancelled"
-                    break
-                if token in self.eos_ids and not req.ignore_eos:
-                    finish = "stop"
-                    break
-                lp = (self._logprob(token, logprobs, req.logprobs),) if req.logprobs is not None else ()
-                detok.add_token(token)
-                text, hit = stopper.feed(detok.last_segment)
-                if hit:
-                    if text or lp:
-                        gen._push(Chunk(text, (token,), logprobs=lp))
-                    finish = "stop"
-                    break
-                gen._push(Chunk(text, (token,), logprobs=lp))
-        finally:
-            steps.close()
-        if finish in ("length", "stop") and stopper.matched is None:
-            detok.finalize()
-            tail, hit = stopper.feed(detok.last_segment)
-            tail += "" if hit else stopper.flush()
-            if tail:
-                gen._push(Chunk(tail))
-        end = time.perf_counter()
-        usage.completion_tokens = n
-        usage.prompt_tps = usage.prompt_tokens / usage.ttft_s if usage.ttft_s else 0.0
-        usage.generation_tps = (n - 1) / (end - first) if n > 1 and end > first else 0.0
-        usage.total_s = end - start
-        self.usage_history.append((time.time(), usage))
-        gen._push(Chunk("", finish_reason=finish, usage=usage, stop_sequence=stopper.matched))

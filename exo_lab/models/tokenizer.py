@@ -101,21 +101,58 @@ def build(vocab_size: int, family: str) -> Tokenizer:
     return tok
 
 
-LLAMA_TEMPLATE = (
-    "{{- bos_token }}"
-    "{%- for message in messages %}"
-    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
-    "{{- message['content'] | trim }}{{- '<|eot_id|>' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{%- endif %}"
+# Tools (when given) are listed in a system turn in the Hermes format; the
+# assistant calls them as <tool_call>{"name", "arguments"}</tool_call>, which
+# mlx_lm's ``json_tools`` parser reads; tool results come back as <tool_response>.
+_TOOLS_INTRO = (
+    "You may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>"
+)
+_TOOLS_OUTRO = (
+    "\n</tools>\n\nFor each function call, return a json object with function name and arguments within "
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{"name": <function-name>, "arguments": <args-json-object>}\n</tool_call>'
 )
 
-CHATML_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
+
+def _template(open_: str, close: str, trim: bool, bos: bool) -> str:
+    """A chat template: turns ``open_(role) + content + close``, tools in the Hermes format."""
+    content = "message['content'] | trim" if trim else "message['content']"
+    sys_content = "messages[0]['content'] | trim" if trim else "messages[0]['content']"
+    return (
+        ("{{- bos_token }}" if bos else "")
+        + "{%- if tools %}"
+        + "{{- " + open_.format(role="'system'") + " }}"
+        + "{%- if messages[0]['role'] == 'system' %}{{- " + sys_content + " + '\\n\\n' }}{%- endif %}"
+        + "{{- " + repr(_TOOLS_INTRO) + " }}"
+        + "{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}"
+        + "{{- " + repr(_TOOLS_OUTRO) + " + " + close + " }}"
+        + "{%- endif %}"
+        + "{%- for message in messages %}"
+        + "{%- if tools and loop.first and message['role'] == 'system' %}"
+        + "{%- elif message['role'] == 'assistant' and message.tool_calls %}"
+        + "{{- " + open_.format(role="'assistant'") + " }}{{- " + content + " }}"
+        + "{%- for tool_call in message.tool_calls %}"
+        + "{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}"
+        + "{%- if message['content'] or not loop.first %}{{- '\\n' }}{%- endif %}"
+        + "{{- '<tool_call>\\n{\"name\": \"' + tool_call.name + '\", \"arguments\": ' }}"
+        + "{%- if tool_call.arguments is string %}{{- tool_call.arguments }}{%- else %}{{- tool_call.arguments | tojson }}{%- endif %}"
+        + "{{- '}\\n</tool_call>' }}"
+        + "{%- endfor %}"
+        + "{{- " + close + " }}"
+        + "{%- elif message['role'] == 'tool' %}"
+        + "{{- " + open_.format(role="'tool'") + " + '<tool_response>\\n' + message['content'] + '\\n</tool_response>' + "
+        + close + " }}"
+        + "{%- else %}"
+        + "{{- " + open_.format(role="message['role']") + " }}{{- " + content + " }}{{- " + close + " }}"
+        + "{%- endif %}"
+        + "{%- endfor %}"
+        + "{%- if add_generation_prompt %}{{- " + open_.format(role="'assistant'") + " }}{%- endif %}"
+    )
+
+
+LLAMA_TEMPLATE = _template("'<|start_header_id|>' + {role} + '<|end_header_id|>\\n\\n'", "'<|eot_id|>'", True, True)
+CHATML_TEMPLATE = _template("'<|im_start|>' + {role} + '\\n'", "'<|im_end|>\\n'", False, False)
 
 
 def tokenizer_config(family: str, tok: Tokenizer) -> dict:

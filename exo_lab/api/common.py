@@ -1,0 +1,167 @@
+"""What every API family does the same way: find a ready model, build a generation request, submit it.
+
+Each step raises :class:`ApiError` (400 / 404 / 503) before any response
+starts, so a handler renders it in its own family's shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from exo_lab.api.errors import ApiError, bad_request
+from exo_lab.api.registry import Backend, ModelRegistry
+from exo_lab.engine.chat import chat_prompt_tokens
+from exo_lab.engine.generator import Chunk, EngineBusy, Generation, GenerationRequest, TokenLogprob, Usage
+from exo_lab.engine.sampling import SamplingParams
+
+DEFAULT_MAX_TOKENS = 4096
+#: a requested token limit above this (and above the model's context) is a mistake, answered with a 400;
+#: below it, a limit beyond the room left in the context is cut to that room
+MAX_TOKENS_CEILING = 1 << 20
+
+
+def ready_backend(registry: ModelRegistry, model: str) -> Backend:
+    """The backend serving ``model``: 404 if there is none, 503 (with Retry-After) while it is not ready."""
+    backend = registry.get(model)
+    state = getattr(backend, "state", "ready")
+    if state in ("launching", "loading", "replacing"):
+        raise ApiError(503, f"The model {model!r} is {state}; retry shortly.", type="server_error",
+                       code="model_not_ready", headers={"Retry-After": "5"})
+    if state in ("failed", "stopped"):
+        raise ApiError(503, f"The model {model!r} is {state}: {getattr(backend, 'error', '')}", type="server_error",
+                       code="model_unavailable", headers={"Retry-After": "30"})
+    return backend
+
+
+def chat_tokens(backend: Backend, messages: Sequence[dict[str, Any]], tools: Sequence[dict] | None = None,
+                param: str = "messages") -> list[int]:
+    """Prompt tokens for chat messages (400 when the messages cannot be rendered)."""
+    try:
+        if tools:
+            return chat_prompt_tokens(backend.tokenizer, messages, tools)
+        return backend.chat_tokens(messages)
+    except ValueError as exc:
+        raise bad_request(str(exc), param) from exc
+    except Exception as exc:  # a chat template that raises (jinja errors) on what the client sent
+        if type(exc).__module__.startswith("jinja2"):
+            raise bad_request(f"The model's chat template rejected the messages: {exc}", param) from exc
+        raise
+
+
+def text_tokens(backend: Backend, text: str, param: str = "prompt") -> list[int]:
+    """Raw text to tokens (with the tokenizer's BOS, as the model expects)."""
+    ids = list(backend.tokenizer.encode(text))
+    if not ids:
+        raise bad_request(f"'{param}' encodes to no tokens; send some text.", param)
+    return ids
+
+
+def generation_request(
+    backend: Backend,
+    prompt: Sequence[int],
+    max_tokens: int | None,
+    sampling: SamplingParams,
+    stop: Sequence[str] = (),
+    *,
+    max_tokens_param: str = "max_tokens",
+    prompt_param: str = "messages",
+    ignore_eos: bool = False,
+    logprobs: int | None = None,
+    grammar: Any = None,
+    grammar_param: str = "response_format",
+) -> GenerationRequest:
+    """A GenerationRequest within the model's context; 400 for what the backend cannot do."""
+    context = getattr(backend, "context_length", None)
+    if context and len(prompt) >= context:
+        raise bad_request(f"The prompt has {len(prompt)} tokens; this model's context is {context} tokens.",
+                          prompt_param, "context_length_exceeded")
+    ceiling = max(context or 0, MAX_TOKENS_CEILING)
+    if max_tokens is not None and max_tokens > ceiling:
+        raise bad_request(f"'{max_tokens_param}' is {max_tokens}, more than any context this server offers "
+                          f"({ceiling} tokens); ask for fewer.", max_tokens_param)
+    features = getattr(backend, "features", frozenset())
+    if logprobs is not None and "logprobs" not in features:
+        raise bad_request("This model's backend (a distributed instance) does not report logprobs yet.", "logprobs")
+    if grammar is not None and "grammar" not in features:
+        raise bad_request(f"This model's backend (a distributed instance) cannot constrain output yet; "
+                          f"leave out '{grammar_param}'.", grammar_param)
+    room = (context - len(prompt)) if context else DEFAULT_MAX_TOKENS
+    limit = min(max_tokens or DEFAULT_MAX_TOKENS, room)
+    if grammar is not None and hasattr(backend, "vocab_index"):
+        need = backend.vocab_index().tokens_to_spell(grammar.completion(grammar.start()))
+        if limit < need:
+            raise bad_request(f"'{max_tokens_param}' is {limit}, too few for the shortest output '{grammar_param}' "
+                              f"asks for ({need} tokens); ask for more.", max_tokens_param)
+    return GenerationRequest(
+        tuple(prompt),
+        max_tokens=limit,
+        sampling=sampling,
+        stop=tuple(stop),
+        ignore_eos=ignore_eos,
+        logprobs=logprobs,
+        grammar=grammar,
+    )
+
+
+def submit(backend: Backend, request: GenerationRequest) -> Generation:
+    """Queue the request: 429 when the backend's queue is full, 503 when it failed since validation."""
+    try:
+        return backend.submit(request)
+    except EngineBusy as exc:
+        raise ApiError(429, str(exc), type="rate_limit_error", code="rate_limit_exceeded",
+                       headers={"Retry-After": "1"}) from exc
+    except RuntimeError as exc:
+        raise ApiError(503, str(exc), type="server_error", code="model_unavailable",
+                       headers={"Retry-After": "5"}) from exc
+
+
+def sampling_params(temperature: float, top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> SamplingParams:
+    return SamplingParams(temperature, top_p, top_k, seed)
+
+
+@dataclass
+class Collected:
+    """A whole generation, gathered for a non-streaming answer."""
+
+    text: str = ""
+    finish_reason: str | None = None
+    usage: Usage = field(default_factory=Usage)
+    stop_sequence: str | None = None
+    error: str | None = None
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+async def collect(generation: Generation) -> Collected:
+    parts: list[str] = []
+    out = Collected()
+    last: Chunk | None = None
+    async for chunk in generation:
+        parts.append(chunk.text)
+        out.tokens.extend(chunk.tokens)
+        out.logprobs.extend(chunk.logprobs)
+        last = chunk
+    out.text = "".join(parts)
+    if last is None:
+        out.error = "generation produced nothing"
+        return out
+    out.finish_reason = last.finish_reason
+    out.usage = last.usage or Usage()
+    out.stop_sequence = last.stop_sequence
+    out.error = last.error
+    return out
+
+
+def json_schema_root(schema: Any) -> str:
+    """The JSON grammar root for a JSON schema: ``object``, ``array`` or ``any``."""
+    if isinstance(schema, dict):
+        kind = schema.get("type")
+        if kind in ("object", "array"):
+            return kind
+        if kind is None and "properties" in schema:
+            return "object"
+        if kind is not None:
+            return "any"
+    return "object"
