@@ -87,6 +87,11 @@ class DeviceProfile:
     measured_at: float = 0.0  # unix time
     measure_seconds: float = 0.0
     cache_key: str = ""
+    # the cost model's constants fitted by ``exo-lab bench --calibrate`` (see :mod:`exo_lab.bench`):
+    # ``decode_efficiency``, ``prefill_efficiency`` (factors on the rates above), ``hop_overhead_s``
+    # (seconds per message between ranks) and how they were fitted.
+    # A new measurement (``--refresh-profile``) drops them: they are relative to the microbenchmarks.
+    calibration: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -421,6 +426,27 @@ def _progress_bar(total: int) -> Any:
 
 
 # --- cache -------------------------------------------------------------------
+
+
+def save_calibration(calibration: dict[str, Any], key: str | None = None, cache_dir: Path | None = None) -> Path | None:
+    """Store ``calibration`` in the cached profile ``key`` (default: this machine's); returns its path.
+
+    None when there is no cached profile to store it with (the caller keeps it in memory only).
+    Takes the profiles lock the node agents take, so a profile being measured is never overwritten.
+    """
+    from filelock import FileLock
+
+    directory = Path(cache_dir) if cache_dir is not None else paths.cache_dir() / "profiles"
+    path = directory / f"{key or cache_key()}.json"
+    if not path.exists():
+        return None
+    with FileLock(str(directory.parent / "profiles.lock")):
+        data = json.loads(path.read_text())
+        data["calibration"] = dict(calibration)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    return path
 
 
 def load_or_measure(refresh: bool = False, cache_dir: Path | None = None) -> DeviceProfile:

@@ -46,7 +46,27 @@ class RankProcess:
         alive = self.proc is not None and self.proc.poll() is None
         code = self.proc.poll() if self.proc is not None else None
         return {"rank": self.rank, "ring": self.ring, "control": self.control,
-                "pid": self.proc.pid if self.proc else None, "alive": alive, "exit_code": code}
+                "pid": self.proc.pid if self.proc else None, "alive": alive, "exit_code": code,
+                **(process_memory(self.proc.pid) if alive else {})}
+
+
+def process_memory(pid: int) -> dict[str, int]:
+    """``rss_bytes`` now and ``peak_rss_bytes`` (Linux: VmHWM; elsewhere the current RSS) of a live process."""
+    import psutil
+
+    try:
+        rss = int(psutil.Process(pid).memory_info().rss)
+    except psutil.Error:
+        return {}
+    peak = rss
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                peak = max(rss, int(line.split()[1]) * 1024)
+                break
+    except (OSError, ValueError, IndexError):
+        pass
+    return {"rss_bytes": rss, "peak_rss_bytes": peak}
 
 
 @dataclass

@@ -32,6 +32,15 @@ Prefill of ``P`` prompt tokens (serial through the pipeline for one request):
     all-reduce  = 2 per layer with P * H * act bytes
     TTFT        = sum of all of them (+ one decode step for the first token)
 
+Calibration: a node profile's ``calibration`` dict (fitted from measurements by
+``exo-lab bench --calibrate``, see :mod:`exo_lab.bench`) holds ``decode_efficiency``
+and ``prefill_efficiency``, which :class:`NodeRates` multiplies ``R_dec`` and
+``F_pre`` by, and ``hop_overhead_s``, the time every message between ranks costs
+beyond the link's latency (framework and scheduling); :func:`calibrated_link` adds
+the mean of the two ends' overheads to a link's ``lat``, so each hop pays it once
+and each ring all-reduce ``2 (k - 1)`` times. Without a calibration the factors are
+1 and the overhead 0 (the microbenchmarks and probes taken as they are).
+
 ``lat`` is the one-way latency (half the measured median RTT), ``BW`` the
 link's slower direction; ranks on the same node talk over loopback
 (``LOOPBACK_LAT_S``, ``LOOPBACK_BW``). Memory per node: weights of its ranks'
@@ -66,6 +75,9 @@ class NodeRates:
     bandwidth_bytes_s: float
     gflops: dict[str, float]
     weight_read_bytes_s: dict[str, float]
+    decode_efficiency: float = 1.0  # calibration: measured / microbenchmarked decode read rate
+    prefill_efficiency: float = 1.0  # calibration: measured / microbenchmarked prefill FLOP/s
+    hop_overhead_s: float = 0.0  # calibration: seconds each message to or from this node costs beyond latency
 
     @classmethod
     def from_profile(cls, node_id: str, profile: dict[str, Any]) -> "NodeRates":
@@ -75,6 +87,7 @@ class NodeRates:
         if gpu and profile.get("gpu_memory_bytes"):
             mem = min(mem, int(profile["gpu_memory_bytes"])) if mem else int(profile["gpu_memory_bytes"])
         reads = {k: v * 1e9 for k, v in (profile.get("matmul_weight_read_gb_per_s") or {}).items()}
+        cal = profile.get("calibration") or {}
         return cls(
             node_id=node_id,
             host=str(profile.get("hostname") or node_id),
@@ -84,28 +97,50 @@ class NodeRates:
             bandwidth_bytes_s=float(profile.get("memory_bandwidth_gb_per_s") or 1.0) * 1e9,
             gflops={k: float(v) for k, v in (profile.get("matmul_gflops") or {}).items()},
             weight_read_bytes_s=reads,
+            decode_efficiency=_factor(cal.get("decode_efficiency")),
+            prefill_efficiency=_factor(cal.get("prefill_efficiency")),
+            hop_overhead_s=_seconds(cal.get("hop_overhead_s")),
         )
 
     def kernel(self, dtype: str, quantized: bool) -> str:
         return "q4" if quantized else dtype
 
     def decode_read_rate(self, dtype: str, quantized: bool, bytes_per_weight: float) -> float:
-        """Weight bytes per second one process reads at decode."""
+        """Weight bytes per second one process reads at decode (times the calibrated efficiency)."""
         key = f"{self.kernel(dtype, quantized)}_m1"
         if key in self.weight_read_bytes_s:
-            return self.weight_read_bytes_s[key]
-        gf = self.gflops.get(key)
-        if not gf:
-            return self.bandwidth_bytes_s * (0.1 if dtype != "float32" else 0.5)
-        return min(self.bandwidth_bytes_s, gf * 1e9 * bytes_per_weight / 2)
+            rate = self.weight_read_bytes_s[key]
+        elif not (gf := self.gflops.get(key)):
+            rate = self.bandwidth_bytes_s * (0.1 if dtype != "float32" else 0.5)
+        else:
+            rate = min(self.bandwidth_bytes_s, gf * 1e9 * bytes_per_weight / 2)
+        return rate * self.decode_efficiency
 
     def prefill_flops(self, dtype: str, quantized: bool) -> float:
-        """FLOP/s of one process at prompt-like shapes."""
+        """FLOP/s of one process at prompt-like shapes (times the calibrated efficiency)."""
         key = f"{self.kernel(dtype, quantized)}_m512"
-        return self.gflops.get(key, 1.0) * 1e9
+        return self.gflops.get(key, 1.0) * 1e9 * self.prefill_efficiency
 
     def has(self, dtype: str, quantized: bool) -> bool:
         return f"{self.kernel(dtype, quantized)}_m1" in self.gflops
+
+
+def _factor(value: Any) -> float:
+    """A calibration factor from a profile: positive and finite, else 1."""
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return 1.0
+    return f if 0.0 < f < float("inf") else 1.0
+
+
+def _seconds(value: Any) -> float:
+    """A calibrated overhead from a profile: finite and >= 0, else 0."""
+    try:
+        s = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return s if 0.0 <= s < float("inf") else 0.0
 
 
 def share(ranks_on_host: int, cores: int, gpu: bool) -> float:
@@ -132,6 +167,12 @@ class LinkCost:
 
 
 LOOPBACK = LinkCost(LOOPBACK_LAT_S, LOOPBACK_BW_BYTES_S)
+
+
+def calibrated_link(link: LinkCost, a: NodeRates | None, b: NodeRates | None) -> LinkCost:
+    """``link`` with the mean calibrated per-message overhead of its ends added to its latency."""
+    extra = ((a.hop_overhead_s if a else 0.0) + (b.hop_overhead_s if b else 0.0)) / 2
+    return LinkCost(link.latency_s + extra, link.bandwidth_bytes_s) if extra > 0 else link
 
 
 def layer_params(card: ModelCard) -> float:

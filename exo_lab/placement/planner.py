@@ -38,6 +38,7 @@ from exo_lab.placement.cost import (
     LinkCost,
     NodeRates,
     bytes_per_weight,
+    calibrated_link,
     layer_params,
     share,
     weight_scale,
@@ -84,15 +85,16 @@ class _Context:
         self.avg_ctx = min(context, prompt_tokens + context // 4)
 
     def link(self, a: str, b: str) -> LinkCost | None:
-        if a == b:
-            return LOOPBACK
+        """Latency and bandwidth between ranks on ``a`` and ``b`` (loopback when equal; None: not measured),
+        with the nodes' calibrated per-message overhead."""
         key = (a, b)
         if key not in self._links:
-            best = self.topology.best_link(a, b)
-            if best is None or not best.bandwidth_mbit_per_s:
-                self._links[key] = None
-            else:
-                self._links[key] = LinkCost((best.rtt_ms_median or 0.0) / 2000.0, best.bandwidth_mbit_per_s * 1e6 / 8)
+            base: LinkCost | None = LOOPBACK
+            if a != b:
+                best = self.topology.best_link(a, b)
+                base = None if best is None or not best.bandwidth_mbit_per_s else LinkCost(
+                    (best.rtt_ms_median or 0.0) / 2000.0, best.bandwidth_mbit_per_s * 1e6 / 8)
+            self._links[key] = base and calibrated_link(base, self.rates.get(a), self.rates.get(b))
         return self._links[key]
 
     def address(self, src: str, dst: str) -> str:
@@ -307,7 +309,7 @@ def _predict(ctx: _Context, plan: Plan, stages: list[Stage], alloc: list[int], d
         dec[f"compute {label}"] = t_dec
         pre[f"compute {label}"] = t_pre
         if s.k > 1:
-            link = LOOPBACK if s.local else _worst_link(ctx, s.nodes)
+            link = ctx.link(s.nodes[0], s.nodes[0]) if s.local else _worst_link(ctx, s.nodes)
             dec[f"all-reduce {label}"] = 2 * count * link.all_reduce(ctx.hidden_bytes, s.k)
             pre[f"all-reduce {label}"] = 2 * count * link.all_reduce(ctx.prompt * ctx.hidden_bytes, s.k)
     for a, b in zip(stages, stages[1:]):
