@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 52415
 PYTEST_ARGS ?=
 
-.PHONY: run test setup setup-test clean bench
+.PHONY: run test setup setup-test clean bench labextension
 
 $(VENV)/.created:
 	@py="$$(scripts/find-python.sh)" && echo "creating $(VENV) with $$py" && $$py -m venv $(VENV)
@@ -26,16 +26,37 @@ $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 setup: $(VENV)/.installed
 setup-test: $(VENV)/.installed-test
 
+## labextension: build the JupyterLab side panel (extensions/jupyterlab -> exo_lab/labextension) and
+## link it into the venv, like `jupyter labextension develop`; skipped when the build is newer than its sources
+LABEXT_SRC := extensions/jupyterlab
+LABEXT_OUT := exo_lab/labextension
+LABEXT_LINK := $(VENV)/share/jupyter/labextensions/exo-lab
+LABEXT_INPUTS := $(wildcard $(LABEXT_SRC)/src/*.ts $(LABEXT_SRC)/style/*) $(addprefix $(LABEXT_SRC)/,package.json tsconfig.json yarn.lock .yarnrc.yml)
+JLPM := PATH="$(abspath $(VENV))/bin:$$PATH" jlpm
+
+$(LABEXT_SRC)/node_modules/.installed: $(addprefix $(LABEXT_SRC)/,package.json yarn.lock .yarnrc.yml) | $(VENV)/.installed-test
+	cd $(LABEXT_SRC) && $(JLPM) install --immutable
+	@touch $@
+
+$(LABEXT_OUT)/package.json: $(LABEXT_INPUTS) $(LABEXT_SRC)/node_modules/.installed
+	cd $(LABEXT_SRC) && $(JLPM) clean && $(JLPM) build
+	@touch $@
+
+labextension: $(LABEXT_OUT)/package.json
+	@mkdir -p $(dir $(LABEXT_LINK))
+	@if [ "$$(readlink $(LABEXT_LINK))" != "$(abspath $(LABEXT_OUT))" ]; then \
+		rm -rf $(LABEXT_LINK) && ln -s $(abspath $(LABEXT_OUT)) $(LABEXT_LINK) && echo "linked $(LABEXT_LINK)"; fi
+
 ## run: a local node serving the built-in synthetic demo model (OpenAI API on $(HOST):$(PORT))
 run: setup
 	$(VENV)/bin/exo-lab up --host $(HOST) --port $(PORT)
 
 ## test: set up everything and run the whole test suite
-test: setup-test
+test: setup-test labextension
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) benchmarks/single_node.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache $(LABEXT_OUT) $(addprefix $(LABEXT_SRC)/,node_modules lib tsconfig.tsbuildinfo)

@@ -19,3 +19,13 @@ def models_dir() -> Path:
     """Directory of cached models: ``$EXO_LAB_MODELS_DIR`` or ``<cache>/models``."""
     override = os.environ.get("EXO_LAB_MODELS_DIR")
     return Path(override).expanduser() if override else cache_dir() / "models"
+
+
+def runtime_dir() -> Path:
+    """Files of running processes (coordinator registrations): ``$EXO_LAB_RUNTIME_DIR`` or ``<cache>/run``.
+
+    Deliberately not ``$XDG_RUNTIME_DIR``: a kernel, a terminal and a Jupyter server started by a
+    service manager must all agree on it, and only the home directory is sure to be shared.
+    """
+    override = os.environ.get("EXO_LAB_RUNTIME_DIR")
+    return Path(override).expanduser() if override else cache_dir() / "run"

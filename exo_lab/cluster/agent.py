@@ -9,7 +9,9 @@ HTTP API (tornado, JSON):
 - ``GET /node/peers``: peers with their state (``alive`` / ``gone``);
 - ``POST /node/hello``: the peer handshake (signed; the answer proves the key);
 - ``POST /node/links/probe``: measure all links now (signed);
-- ``POST /node/peers``: ``{"address": "host:port"}`` adds a manual peer (signed).
+- ``POST /node/peers``: ``{"address": "host:port"}`` adds a manual peer (signed);
+- ``POST /node/calibration``: ``{"calibration": {...}}`` stores the cost model's fitted
+  constants with this node's cached profile, reported from then on in ``/node`` (signed).
 
 Read-only endpoints answer unsigned requests only from loopback; everything
 else needs the cluster key's signature (see :mod:`exo_lab.cluster.auth`).
@@ -355,6 +357,7 @@ class NodeAgent:
                 (r"/node/links", LinksHandler, kw),
                 (r"/node/links/probe", ProbeHandler, kw),
                 (r"/node/peers", PeersHandler, kw),
+                (r"/node/calibration", CalibrationHandler, kw),
                 (r"/models", ModelsHandler, kw),
                 (r"/models/([^/]+)", ModelFilesHandler, kw),
                 (r"/models/([^/]+)/checksums", ChecksumsHandler, kw),
@@ -523,6 +526,26 @@ class ModelFileHandler(tornado.web.StaticFileHandler):
         if name.startswith(".") or "/" in file or file.startswith("."):
             raise tornado.web.HTTPError(404)
         await super().get(f"{name}/{file}", include_body)
+
+
+class CalibrationHandler(AgentHandler):
+    """``POST /node/calibration``: keep fitted cost-model constants with the profile (see :mod:`exo_lab.bench`)."""
+
+    def post(self) -> None:
+        from exo_lab.cluster.profile import save_calibration
+
+        if not self.authorised(read_only=False):
+            return
+        try:
+            calibration = json.loads(self.request.body)["calibration"]
+            if not isinstance(calibration, dict):
+                raise TypeError("calibration must be an object")
+        except (ValueError, KeyError, TypeError) as exc:
+            self.send({"error": f"send {{\"calibration\": {{...}}}}: {exc}"}, 400)
+            return
+        path = save_calibration(calibration, self.agent.profile.get("cache_key") or None)
+        self.agent.profile = {**self.agent.profile, "calibration": calibration}
+        self.send({"node": self.agent.id, "calibration": calibration, "stored": str(path) if path else None})
 
 
 class InstancesHandler(AgentHandler):

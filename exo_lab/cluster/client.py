@@ -186,6 +186,23 @@ class Cluster:
             inst.wait_ready()
         return inst
 
+    def bench(self, plans, pp: int = 512, tg: int = 128, repeat: int = 3, concurrency=(1,), *,
+              select: str | int = "all", strategies=None, warmup: int = 1, calibrate: bool = False,
+              progress: bool = True, widget=None, launch_timeout: float = 300.0):
+        """Launch each of ``plans`` in turn and measure it against its predictions (a :class:`~exo_lab.bench.BenchResult`).
+
+        ``plans``: the result of :meth:`preview`, a list of plans, one plan, or a model (previewed for
+        ``pp``); ``select``: ``"all"``, ``"best"`` or how many launchable plans, best first. Prompts are
+        exactly ``pp`` tokens after the chat template and generate exactly ``tg`` tokens, ``repeat`` times
+        alone and ``repeat`` times at each ``concurrency``. ``calibrate`` fits the cost model's per-node
+        factors to the measurements and stores them with the node profiles. See :mod:`exo_lab.bench`.
+        """
+        from exo_lab.bench import run
+
+        return run(self, plans, pp=pp, tg=tg, repeat=repeat, concurrency=concurrency, select=select,
+                   strategies=strategies, warmup=warmup, calibrate=calibrate, progress=progress, widget=widget,
+                   launch_timeout=launch_timeout)
+
     def wait_for(self, nodes: int, links: bool = True, timeout: float = 60.0) -> "Cluster":
         """Poll until ``nodes`` nodes are alive, each sees the others, and (optionally) has measured its links."""
         deadline = time.monotonic() + timeout

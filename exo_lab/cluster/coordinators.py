@@ -14,6 +14,7 @@ of processes that died without cleaning up.
 from __future__ import annotations
 
 import atexit
+import functools
 import itertools
 import json
 import logging
@@ -58,6 +59,7 @@ class CoordinatorInfo:
     api_url: str | None = None
     dashboard_url: str | None = None
     instances: list[dict[str, Any]] = field(default_factory=list)
+    local_topology: dict[str, Any] | None = None  # the topology of a coordinator without agents (exo-lab up)
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
     version: int = FORMAT_VERSION
@@ -108,7 +110,9 @@ def _describe_process() -> tuple[str, str]:
     if kernel:
         return "kernel", f"kernel {kernel[:8]}"
     argv0 = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
-    if argv0 in ("exo-lab", "cli.py") or (argv0 == "__main__.py" and "exo_lab" in " ".join(sys.argv)):
+    if argv0 == "__main__.py":  # python -m package
+        argv0 = Path(sys.argv[0]).parent.name
+    if argv0 in ("exo-lab", "cli.py"):
         sub = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
         return f"exo-lab {sub}".strip(), f"exo-lab {sub} (pid {os.getpid()})".strip()
     return "python", f"{argv0} (pid {os.getpid()})"
@@ -144,25 +148,35 @@ def instance_summary(inst: Any) -> dict[str, Any]:
 
 
 class Registration:
-    """One coordinator's file, kept up to date by a daemon thread until :meth:`close`."""
+    """One coordinator's file, kept up to date by a daemon thread until :meth:`close`.
 
-    def __init__(self, cluster: Any, kind: str | None = None, label: str | None = None,
+    The source is a :class:`~exo_lab.Cluster` (its agents and instances), or an API server
+    without node agents (``exo-lab up`` / ``serve``: this machine as its one node, the models
+    it serves as its instances). Only a weak reference is kept: a source that is garbage
+    collected unregisters.
+    """
+
+    def __init__(self, cluster: Any = None, *, server: Any = None, kind: str | None = None, label: str | None = None,
                  interval_s: float = 1.0, directory: Path | None = None) -> None:
         from exo_lab.cluster.auth import fingerprint
 
+        if (cluster is None) == (server is None):
+            raise ValueError("register either a cluster or a server")
         auto_kind, auto_label = _describe_process()
-        key = cluster.cluster_key
+        key = cluster.cluster_key if cluster is not None else None
         self.info = CoordinatorInfo(
             id=f"{os.getpid()}-{next(_ids)}", pid=os.getpid(), process_started=_process_started(os.getpid()) or 0.0,
             kind=kind or auto_kind, label=label or auto_label, agents=[],
-            follow_peers=cluster.follow_peers, cluster_key=key, fingerprint=fingerprint(key) if key else None,
-            kernel_id=_kernel_id(),
+            follow_peers=getattr(cluster, "follow_peers", True), cluster_key=key,
+            fingerprint=fingerprint(key) if key else None, kernel_id=_kernel_id(),
+            api_url=getattr(server, "url", None),
         )
         self.directory = directory or registry_dir()
         self.path = self.directory / f"{self.info.id}.json"
         self.interval_s = interval_s
-        self._cluster = weakref.ref(cluster, lambda _ref: self._stop.set())
         self._stop = threading.Event()
+        self._source = weakref.ref(cluster if cluster is not None else server, lambda _ref: self._stop.set())
+        self._is_cluster = cluster is not None
         self._lock = threading.Lock()
         self._written: dict[str, Any] | None = None
         self._thread: threading.Thread | None = None
@@ -193,23 +207,22 @@ class Registration:
             self._sync()
 
     def _snapshot(self) -> bool:
-        """Refresh ``info`` from the cluster; False once the cluster is gone."""
-        cluster = self._cluster()
-        if cluster is None:
+        """Refresh ``info`` from the source; False once the source is gone."""
+        source = self._source()
+        if source is None:
             return False
-        for _ in range(3):  # the cluster's dicts may change while a refresh runs on another thread
+        read = _cluster_fields if self._is_cluster else _server_fields
+        for _ in range(3):  # a cluster's dicts may change while a refresh runs on another thread
             try:
-                contacts = list(dict(cluster._contacts).values())
-                agents = list(dict.fromkeys([*contacts, *dict(cluster._addresses)]))
-                instances = [instance_summary(i) for i in list(cluster.instances)]
+                fields = read(source)
                 break
             except RuntimeError:
                 time.sleep(0.01)
         else:
             return True
         with self._lock:
-            self.info.agents = agents
-            self.info.instances = instances
+            for k, v in fields.items():
+                setattr(self.info, k, v)
         return True
 
     def _sync(self) -> None:
@@ -252,9 +265,52 @@ class Registration:
         self._remove()
 
 
+def _cluster_fields(cluster: Any) -> dict[str, Any]:
+    contacts = list(dict(cluster._contacts).values())
+    return {"agents": list(dict.fromkeys([*contacts, *dict(cluster._addresses)])),
+            "instances": [instance_summary(i) for i in list(cluster.instances)]}
+
+
+def _server_fields(server: Any) -> dict[str, Any]:
+    """An API server without agents: this machine as a one-node topology, its models as ready instances."""
+    import socket
+
+    from exo_lab.cluster.profile import memory_now
+
+    total, available = memory_now()
+    host = socket.gethostname()
+    node = {"id": "local", "name": host, "addresses": [server.host], "port": server.port, "state": "alive",
+            "profile": {**_machine_facts(), "memory_total_bytes": total, "memory_available_bytes": available}}
+    instances = []
+    for name in server.registry.names():
+        backend = server.registry.get(name)
+        instances.append({
+            "id": f"api-{name}", "name": name, "model": str(getattr(backend, "path", name)), "state": "ready",
+            "error": None, "strategy": "single", "description": f"one process on {host}, served at {server.url}/v1",
+            "nodes": ["local"], "node_names": [host],
+        })
+    return {"local_topology": {"nodes": [node], "links": []}, "instances": instances}
+
+
+@functools.cache
+def _machine_facts() -> dict[str, Any]:
+    import platform
+
+    from exo_lab import _blas
+    from exo_lab.cluster.profile import cpu_count, cpu_model
+
+    return {"cpu_model": cpu_model(), "cpu_count": cpu_count(), "system": platform.system(),
+            "machine": platform.machine(), "blas": _blas.name()}
+
+
 def register(cluster: Any, **kwargs: Any) -> Registration:
     """Announce ``cluster``'s coordinator (this process) until it closes."""
     return Registration(cluster, **kwargs).start()
+
+
+def register_server(server: Any, **kwargs: Any) -> Registration:
+    """Announce an API server without node agents (``exo-lab up`` / ``exo-lab serve``)."""
+    return Registration(server=server, **kwargs).start()
 
 
 def read(path: Path) -> CoordinatorInfo | None:

@@ -1,0 +1,310 @@
+"""``/exo-lab/api/*``: the cluster of a registered coordinator, as JSON, behind Jupyter's auth.
+
+- ``GET coordinators``: the coordinators running on this machine (kernels, ``exo-lab up``), newest first.
+- ``GET topology``: nodes, links and the drawn edges (what the topology widget draws).
+- ``GET instances``: the coordinator's instances, with what each node agent says of its ranks.
+- ``GET previews?model_id=...``: ranked placement plans for a model on the cluster.
+- ``GET dashboard-url``: where the Panel dashboard is served, if anywhere.
+
+Every route takes ``?coordinator=<id>`` (default: the newest). The server reads the agents
+itself (so the view is live even when the coordinator is busy), caching each read for a moment
+so that several open panels cost the agents one read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tornado.web
+from jupyter_server.auth.decorator import authorized
+from jupyter_server.base.handlers import APIHandler
+from jupyter_server.utils import url_path_join
+
+from exo_lab.cluster.coordinators import CoordinatorInfo, coordinators
+
+log = logging.getLogger(__name__)
+
+NO_CLUSTER_HINT = ("No exo_lab cluster is running on this machine. Start one in a notebook with "
+                   "`cluster = exo_lab.local_cluster(2)` (or `exo_lab.discover()`), or run `exo-lab up`.")
+DASHBOARD_HINT = "Start the dashboard with `exo-lab dashboard` (or `exo-lab up`)."
+ENV_DASHBOARD_URL = "EXO_LAB_DASHBOARD_URL"
+
+
+def _finite(obj: Any) -> Any:
+    """``obj`` with non-finite floats as None (browsers reject ``NaN``/``Infinity`` in JSON)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def coordinator_summary(info: CoordinatorInfo) -> dict[str, Any]:
+    """A coordinator as the browser sees it: no key, no instance details."""
+    d = info.public_json()
+    d.pop("instances", None)
+    d["agent_count"] = len(info.agents)
+    d["instance_count"] = len(info.instances)
+    return d
+
+
+@dataclass
+class _View:
+    info: CoordinatorInfo
+    cluster: Any = None
+    read_at: float = 0.0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class ClusterViews:
+    """This server's live copies of the registered coordinators' clusters."""
+
+    def __init__(self, directory: Path | None = None, max_age_s: float = 1.5) -> None:
+        self.directory = directory
+        self.max_age_s = max_age_s
+        self._views: dict[str, _View] = {}
+        self._pool = ThreadPoolExecutor(4, thread_name_prefix="exo-lab-jupyter")
+
+    def coordinators(self) -> list[CoordinatorInfo]:
+        found = coordinators(self.directory)
+        for gone in set(self._views) - {c.id for c in found}:
+            self._views.pop(gone)
+        return found
+
+    def pick(self, wanted: str | None) -> tuple[CoordinatorInfo | None, list[CoordinatorInfo]]:
+        """The coordinator asked for (or the newest) and all of them; raises 404 for an unknown id."""
+        found = self.coordinators()
+        if wanted:
+            match = next((c for c in found if c.id == wanted), None)
+            if match is None:
+                raise tornado.web.HTTPError(404, f"no running coordinator {wanted!r}; running: "
+                                                 f"{', '.join(c.id for c in found) or 'none'}")
+            return match, found
+        return (found[0] if found else None), found
+
+    async def run(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def cluster(self, info: CoordinatorInfo) -> Any:
+        """A :class:`~exo_lab.Cluster` on ``info``'s agents, read at most ``max_age_s`` ago."""
+        from exo_lab.cluster.client import Cluster, ClusterError
+
+        view = self._views.get(info.id)
+        if view is None or (view.info.agents, view.info.cluster_key) != (info.agents, info.cluster_key):
+            view = self._views[info.id] = _View(info)
+        view.info = info
+        async with view.lock:
+            if view.cluster is not None and time.monotonic() - view.read_at < self.max_age_s:
+                return view.cluster
+            if not info.agents:
+                raise tornado.web.HTTPError(502, f"coordinator {info.label} has no node agents yet")
+            try:
+                if view.cluster is None:
+                    view.cluster = await self.run(lambda: Cluster(info.agents, info.cluster_key,
+                                                                  follow_peers=info.follow_peers, register=False))
+                else:
+                    await self.run(view.cluster.refresh)
+            except ClusterError as exc:
+                raise tornado.web.HTTPError(502, f"the cluster of {info.label} does not answer: {exc}") from exc
+            view.read_at = time.monotonic()
+            return view.cluster
+
+    async def topology(self, info: CoordinatorInfo) -> Any:
+        """The live :class:`~exo_lab.Topology` of ``info``'s cluster (the snapshot of one without agents)."""
+        from exo_lab.cluster.topology import Topology
+
+        if not info.agents and info.local_topology is not None:
+            return Topology.from_json(info.local_topology)
+        return (await self.cluster(info)).topology
+
+    async def agent_instances(self, info: CoordinatorInfo) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+        """``GET /instances`` of every live node (node id -> its answer; nodes that fail are left out), and node names."""
+        if not info.agents:
+            return {}, {}
+        cluster = await self.cluster(info)
+        return await self._agent_instances(cluster), {n.id: n.name for n in cluster.nodes}
+
+    async def _agent_instances(self, cluster: Any) -> dict[str, dict[str, Any]]:
+        """``GET /instances`` of every live node: node id -> its answer (nodes that fail are left out)."""
+        from exo_lab.cluster.client import ClusterError
+
+        def read() -> dict[str, dict[str, Any]]:
+            out = {}
+            for node in cluster.nodes:
+                if node.state != "alive":
+                    continue
+                try:
+                    out[node.id] = cluster.request(cluster.address_of(node.id), "GET", "/instances", timeout=3)
+                except (ClusterError, KeyError) as exc:
+                    log.debug("instances of %s: %s", node.name, exc)
+            return out
+
+        return await self.run(read)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class ExoLabHandler(APIHandler):
+    """Authenticated JSON handlers of the exo_lab routes."""
+
+    auth_resource = "exo_lab"
+
+    def initialize(self, views: ClusterViews) -> None:
+        self.views = views
+
+    def send(self, data: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "no-store")
+        self.finish(json.dumps(_finite(data)))
+
+    def picked(self) -> tuple[CoordinatorInfo | None, list[CoordinatorInfo]]:
+        return self.views.pick(self.get_query_argument("coordinator", None))
+
+
+class CoordinatorsHandler(ExoLabHandler):
+    @tornado.web.authenticated
+    @authorized
+    async def get(self) -> None:
+        found = self.views.coordinators()
+        self.send({"coordinators": [coordinator_summary(c) for c in found], "hint": None if found else NO_CLUSTER_HINT})
+
+
+class TopologyHandler(ExoLabHandler):
+    @tornado.web.authenticated
+    @authorized
+    async def get(self) -> None:
+        from exo_lab.ui.topology_widget import graph_json
+
+        info, found = self.picked()
+        if info is None:
+            self.send({"coordinator": None, "coordinators": [], "topology": {"nodes": [], "links": [], "edges": []},
+                       "hint": NO_CLUSTER_HINT})
+            return
+        topology = await self.views.topology(info)
+        self.send({"coordinator": coordinator_summary(info), "coordinators": [coordinator_summary(c) for c in found],
+                   "topology": graph_json(topology), "hint": None})
+
+
+class InstancesHandler(ExoLabHandler):
+    @tornado.web.authenticated
+    @authorized
+    async def get(self) -> None:
+        info, _ = self.picked()
+        if info is None:
+            self.send({"coordinator": None, "instances": [], "other_instances": [], "hint": NO_CLUSTER_HINT})
+            return
+        per_node, names = await self.views.agent_instances(info)
+        on_nodes: dict[str, list[dict[str, Any]]] = {}
+        for node_id, answer in per_node.items():
+            for inst in answer.get("instances", []):
+                ranks = inst.get("ranks", [])
+                on_nodes.setdefault(inst["id"], []).append({
+                    "node": node_id, "node_name": names.get(node_id, node_id), "state": inst.get("state"),
+                    "ranks": len(ranks), "ranks_alive": sum(1 for r in ranks if r.get("alive")),
+                    "reserved_bytes": inst.get("reserved_bytes", 0),
+                })
+        mine = [{**inst, "on_nodes": on_nodes.get(inst.get("id"), [])} for inst in info.instances]
+        known = {inst.get("id") for inst in info.instances}
+        others = [{"id": iid, "state": _agents_state(nodes), "on_nodes": nodes}
+                  for iid, nodes in on_nodes.items()
+                  if iid not in known and any(n["state"] != "stopped" for n in nodes)]
+        self.send({"coordinator": coordinator_summary(info), "instances": mine, "other_instances": others,
+                   "hint": None})
+
+
+def _agents_state(nodes: list[dict[str, Any]]) -> str:
+    states = {n["state"] for n in nodes}
+    for s in ("failed", "running", "prepared"):
+        if s in states:
+            return s
+    return next(iter(states), "unknown")
+
+
+class PreviewsHandler(ExoLabHandler):
+    def _int(self, name: str, default: int, minimum: int = 1) -> int:
+        raw = self.get_query_argument(name, None)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise tornado.web.HTTPError(400, f"'{name}' must be an integer, got {raw!r}") from None
+        if value < minimum:
+            raise tornado.web.HTTPError(400, f"'{name}' must be at least {minimum}")
+        return value
+
+    @tornado.web.authenticated
+    @authorized
+    async def get(self) -> None:
+        from exo_lab.models import ModelNotFoundError
+        from exo_lab.placement.preview import preview
+
+        model = self.get_query_argument("model_id", None)
+        if not model:
+            raise tornado.web.HTTPError(400, "missing query parameter 'model_id' (a model name, path or hub id)")
+        context = self._int("context", 4096)
+        prompt = self._int("prompt_tokens", min(512, context))
+        batch = self._int("batch", 1)
+        objective = self.get_query_argument("objective", "decode")
+        if objective not in ("decode", "ttft"):
+            raise tornado.web.HTTPError(400, "'objective' must be 'decode' or 'ttft'")
+        if prompt > context:
+            raise tornado.web.HTTPError(400, "'prompt_tokens' must not exceed 'context'")
+        info, _ = self.picked()
+        if info is None:
+            raise tornado.web.HTTPError(409, NO_CLUSTER_HINT)
+        topology = await self.views.topology(info)
+        try:
+            plans = await self.views.run(preview, topology, model, context, prompt, batch, objective)
+        except ModelNotFoundError as exc:
+            raise tornado.web.HTTPError(404, str(exc)) from exc
+        self.send({"coordinator": coordinator_summary(info), **plans.to_json()})
+
+
+class DashboardUrlHandler(ExoLabHandler):
+    @tornado.web.authenticated
+    @authorized
+    async def get(self) -> None:
+        info, found = self.picked()
+        if os.environ.get(ENV_DASHBOARD_URL):
+            self.send({"url": os.environ[ENV_DASHBOARD_URL], "source": "environment", "coordinator": None,
+                       "hint": None})
+            return
+        with_url = [c for c in ([info] if info else []) + found if c.dashboard_url]
+        if with_url:
+            self.send({"url": with_url[0].dashboard_url, "source": "coordinator", "coordinator": with_url[0].id,
+                       "hint": None})
+            return
+        self.send({"url": None, "source": None, "coordinator": None, "hint": DASHBOARD_HINT})
+
+
+ROUTES = {
+    "coordinators": CoordinatorsHandler,
+    "topology": TopologyHandler,
+    "instances": InstancesHandler,
+    "previews": PreviewsHandler,
+    "dashboard-url": DashboardUrlHandler,
+}
+
+
+def setup_handlers(web_app: Any, directory: Path | None = None) -> ClusterViews:
+    """Add the ``/exo-lab/api/*`` routes to a Jupyter server's tornado application."""
+    views = ClusterViews(directory)
+    base = web_app.settings.get("base_url", "/")
+    web_app.add_handlers(".*$", [(url_path_join(base, "exo-lab", "api", name), handler, {"views": views})
+                                 for name, handler in ROUTES.items()])
+    web_app.settings["exo_lab_views"] = views
+    return views
