@@ -11,21 +11,98 @@ import threading
 
 import exo_lab
 from exo_lab.api.server import DEFAULT_PORT
+from exo_lab.cluster.coordinators import register_server
+
+DASHBOARD_PORT = 52418  # exo_lab.ui.dashboard.DEFAULT_PORT (not imported here: Panel loads only when used)
 
 
 def _serve(args: argparse.Namespace) -> int:
     print(f"loading {args.model} ...", flush=True)
-    server = exo_lab.serve(args.model, port=args.port, host=args.host, name=args.name)
+    server = exo_lab.serve(args.model, port=args.port, host=args.host, name=args.name, api_key=args.api_key)
     _announce(server)
+    register_server(server)  # the JupyterLab side panel finds it (exo_lab.cluster.coordinators)
     _wait_for_signal(server)
     return 0
 
 
 def _up(args: argparse.Namespace) -> int:
     print(f"exo_lab {exo_lab.__version__}: starting a local node with model {args.model!r} ...", flush=True)
-    server = exo_lab.serve(args.model, port=args.port, host=args.host, name=args.name)
+    server = exo_lab.serve(args.model, port=args.port, host=args.host, name=args.name, api_key=args.api_key)
     _announce(server)
+    registration = register_server(server)  # the JupyterLab side panel finds it (exo_lab.cluster.coordinators)
+    stop_dashboard = None if args.no_dashboard else _start_up_dashboard(server, args, registration)
     _wait_for_signal(server)
+    if stop_dashboard is not None:
+        stop_dashboard()
+    return 0
+
+
+def _quiet_dashboard_logs(args: argparse.Namespace) -> None:
+    """Panel and Bokeh log every session and periodic callback at INFO: keep them for -v."""
+    for name in ("bokeh", "panel"):
+        logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+
+
+def _start_up_dashboard(server: exo_lab.Server, args: argparse.Namespace, registration):
+    """The dashboard of ``exo-lab up`` (this machine, the served model, a chat box) on another port.
+
+    It starts on a thread, so that Ctrl-C and SIGTERM are handled at once (Panel takes a moment to
+    import); returns a function that stops it.
+    """
+    started: list = []
+
+    def start() -> None:
+        from exo_lab.ui.dashboard import DashboardSource, serve_dashboard
+
+        _quiet_dashboard_logs(args)
+        try:
+            started.append(serve_dashboard(DashboardSource(registry=server.registry, api_url=server.url),
+                                           port=args.dashboard_port, host=args.host))
+        except OSError as exc:  # the API keeps serving without it
+            print(f"exo-lab: warning: {exc}", file=sys.stderr, flush=True)
+            return
+        registration.update(dashboard_url=started[0].url)  # the panel's "Open dashboard" button
+        print(f"exo_lab dashboard: {started[0].url}", flush=True)
+
+    thread = threading.Thread(target=start, name="exo-lab-dashboard-start", daemon=True)
+    thread.start()
+
+    def stop() -> None:
+        thread.join(30)
+        for dashboard in started:
+            dashboard.stop()
+
+    return stop
+
+
+def _dashboard(args: argparse.Namespace) -> int:
+    from exo_lab.cluster.topology import Topology
+    from exo_lab.ui.dashboard import DashboardSource, serve_dashboard
+
+    _quiet_dashboard_logs(args)
+    cluster = topology = None
+    if args.local:
+        print(f"starting {args.local} local node agent(s) ...", flush=True)
+        cluster = exo_lab.local_cluster(args.local, cluster_key=args.cluster_key)
+    elif args.connect:
+        cluster = exo_lab.connect(args.connect, cluster_key=args.cluster_key)
+    elif args.discover:
+        cluster = exo_lab.discover(cluster_key=args.cluster_key)
+    elif args.topology:
+        topology = Topology.load(args.topology)
+    try:
+        dashboard = serve_dashboard(DashboardSource(cluster=cluster, topology=topology, bench=args.bench),
+                                    port=args.port, host=args.host)
+        what = (f"{len(cluster.nodes)} node(s)" if cluster is not None else
+                "a what-if cluster" if topology is not None else "this machine")
+        print(f"exo_lab dashboard for {what}: {dashboard.url}", flush=True)
+        if cluster is not None and cluster.registration is not None:
+            cluster.registration.update(dashboard_url=dashboard.url)  # the JupyterLab panel's dashboard button
+        print("Press Ctrl-C to stop.", flush=True)
+        _wait_for_signal(dashboard)
+    finally:
+        if cluster is not None:
+            cluster.close()  # deletes the instances launched from the dashboard; stops --local agents
     return 0
 
 
@@ -88,6 +165,7 @@ def _node(args: argparse.Namespace) -> int:
         mdns=not args.no_mdns,
         probe_interval_s=args.probe_interval,
         refresh_profile=args.refresh_profile,
+        parent_pid=args.exit_with_parent,
     )
     return run_agent(config)
 
@@ -128,6 +206,40 @@ def _preview(args: argparse.Namespace) -> int:
     return 0 if plans.plans else 1
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from exo_lab.bench import BenchError
+
+    select = args.plans if args.plans in ("all", "best") else int(args.plans)
+    if args.local:
+        cluster = exo_lab.local_cluster(args.local, cluster_key=args.cluster_key)
+    elif args.connect:
+        cluster = exo_lab.connect(args.connect, cluster_key=args.cluster_key)
+    else:
+        cluster = exo_lab.discover(cluster_key=args.cluster_key)
+    try:
+        try:
+            result = cluster.bench(args.model, pp=args.pp, tg=args.tg, repeat=args.repeat,
+                                   concurrency=args.concurrency, select=select,
+                                   strategies=args.strategy.split(",") if args.strategy else None,
+                                   warmup=args.warmup, calibrate=args.calibrate, progress=not args.no_progress)
+        except BenchError as exc:
+            print(f"exo-lab: error: {exc}", file=sys.stderr)
+            return 2
+        print(result.table())
+        if result.calibration:
+            for node, where in result.calibration.stored.items():
+                c = result.calibration.constants[node]
+                print(f"  {cluster.node(node).name}: decode x{c['decode_efficiency']:.3g}, "
+                      f"prefill x{c['prefill_efficiency']:.3g}, +{1000 * c['hop_overhead_s']:.3g} ms per message "
+                      f"-> {where or 'NOT stored'}")
+        if args.json:
+            print(f"wrote {result.save(args.json)}")
+        return 0 if result.ok else 1
+    finally:
+        if args.local:
+            cluster.close()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="exo-lab", description="Distributed LLM inference on MLX, from Jupyter.")
     parser.add_argument("--version", action="version", version=f"exo_lab {exo_lab.__version__}")
@@ -142,14 +254,30 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--name", help="the model id clients send (default: the model's name)")
         p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
         p.add_argument("--port", type=int, default=DEFAULT_PORT)
+        p.add_argument("--api-key", help="require this key from API clients (or EXO_LAB_API_KEY; default: none)")
 
     p = sub.add_parser("serve", help="serve one model behind the OpenAI-compatible API")
     api_args(p, None)
     p.set_defaults(func=_serve)
 
-    p = sub.add_parser("up", help="the main job: a local node serving the demo model")
+    p = sub.add_parser("up", help="the main job: a local node serving the demo model, with the dashboard")
     api_args(p, "demo")
+    p.add_argument("--dashboard-port", type=int, default=DASHBOARD_PORT,
+                   help="port of the dashboard (default: %(default)s; 0 picks one)")
+    p.add_argument("--no-dashboard", action="store_true", help="serve the API only")
     p.set_defaults(func=_up)
+
+    p = sub.add_parser("dashboard", help="the cluster dashboard in the browser (Panel)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--connect", nargs="+", metavar="HOST:PORT", help="the node agents of a running cluster")
+    where.add_argument("--local", type=int, metavar="N", help="start N node agents on this machine (loopback)")
+    where.add_argument("--discover", action="store_true", help="find the cluster's agents by mDNS")
+    where.add_argument("--topology", help="show a what-if cluster spec (JSON/YAML, see exo_lab/sim/specs)")
+    p.add_argument("--cluster-key", help="shared secret of the cluster (or EXO_LAB_CLUSTER_KEY)")
+    p.add_argument("--bench", metavar="FILE", help="bench results to chart (JSON from exo-lab bench --json)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=DASHBOARD_PORT, help="(default: %(default)s; 0 picks one)")
+    p.set_defaults(func=_dashboard)
 
     p = sub.add_parser("node", help="run the node agent of this machine")
     p.add_argument("--name", help="node name (default: the hostname)")
@@ -162,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-mdns", action="store_true", help="do not advertise or browse with mDNS")
     p.add_argument("--probe-interval", type=float, default=60.0, help="seconds between link measurements")
     p.add_argument("--refresh-profile", action="store_true", help="re-run the device microbenchmarks")
+    p.add_argument("--exit-with-parent", type=int, metavar="PID", help=argparse.SUPPRESS)
     p.set_defaults(func=_node)
 
     p = sub.add_parser("status", help="nodes and links of the cluster, as tables")
@@ -185,6 +314,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=10, help="rows to print")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_preview)
+
+    p = sub.add_parser("bench", help="launch plans in turn and measure them against their predictions")
+    p.add_argument("model", help="model name/path, 'demo' or 'synthetic:<preset>'")
+    p.add_argument("--plans", default="best", help="all, best, or N (the N best launchable plans; default: best)")
+    p.add_argument("--strategy", help="only these strategies, comma-separated (single,pipeline,tensor)")
+    p.add_argument("--pp", type=int, default=512, help="prompt tokens, after the chat template (default: 512)")
+    p.add_argument("--tg", type=int, default=128, help="generated tokens, EOS ignored (default: 128)")
+    p.add_argument("--repeat", type=int, default=3, help="runs per measurement; medians are reported (default: 3)")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured requests after launching (default: 1)")
+    p.add_argument("--concurrency", default="1,4,8", help="concurrent request counts (default: 1,4,8)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="fit the cost model's per-node factors to the measurements and store them on the nodes")
+    p.add_argument("--json", metavar="PATH", help="write the result document (schema exo_lab.bench/1)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--connect", nargs="+", metavar="HOST:PORT", help="agents to bench on (default: discover)")
+    where.add_argument("--local", type=int, metavar="N", help="start N local agents on loopback for the run")
+    p.add_argument("--cluster-key")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_bench)
 
     models = sub.add_parser("models", help="synthetic models and the model cache")
     msub = models.add_subparsers(dest="models_command", required=True)

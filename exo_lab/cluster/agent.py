@@ -135,6 +135,7 @@ class AgentConfig:
     probe_samples: int = 50
     probe_bytes: int = 4 << 20
     refresh_profile: bool = False
+    parent_pid: int | None = None  # exit when this process is gone (agents of a local cluster)
 
 
 class NodeAgent:
@@ -295,6 +296,9 @@ class NodeAgent:
 
     async def _liveness_loop(self) -> None:
         while True:
+            if self.config.parent_pid and not psutil.pid_exists(self.config.parent_pid):
+                log.warning("the process that started this node (%d) is gone; stopping", self.config.parent_pid)
+                os.kill(os.getpid(), signal.SIGTERM)
             checks = [self._check_manual(a) for a in self.manual]
             checks += [self._check_peer(p) for p in list(self.peers.values())]
             await asyncio.gather(*checks, return_exceptions=True)
