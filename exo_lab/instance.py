@@ -62,6 +62,7 @@ class Instance:
         self.progress: dict[int, tuple[int, int]] = {}
         self.replacements = 0
         self.usage_history: deque[tuple[float, Usage]] = deque(maxlen=USAGE_HISTORY)  # (unix time, usage)
+        self.requests_completed = 0  # all finished requests, not only those still in the history
         self._seq = 0
         self._queue: queue.Queue[Generation | None] = queue.Queue()
         self._current: Generation | None = None
@@ -364,6 +365,7 @@ class Instance:
                         reason = "cancelled"
                     if reason != "error":
                         self.usage_history.append((time.time(), usage))
+                        self.requests_completed += 1
                     gen._push(Chunk(item.get("text", ""), tuple(item.get("tokens", [])), reason, usage,
                                     item.get("error"), item.get("stop_sequence")))
                     return

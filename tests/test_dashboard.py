@@ -122,7 +122,7 @@ def test_chat_streams_a_reply_from_a_served_engine(engine, ultra):
     assert dash.chat_model.options == ["tiny"] and dash.chat_model.value == "tiny"
     dash.chat_max_tokens.value = 40
     dash.chat_input.value_input = "Hello there"
-    before = len(engine.usage_history)
+    before = engine.requests_completed
     asyncio.run(dash._on_send())
     user, reply = dash.messages
     assert user == {"role": "user", "content": "Hello there"}
@@ -132,7 +132,7 @@ def test_chat_streams_a_reply_from_a_served_engine(engine, ultra):
     assert html.escape(expected) in dash.transcript.object
     dash.tick()
     frame = dash.instance_table.value
-    assert frame.loc[0, "name"] == "tiny" and frame.loc[0, "requests"] == len(engine.usage_history) > before
+    assert frame.loc[0, "name"] == "tiny" and frame.loc[0, "requests"] == engine.requests_completed > before
     assert "API <a href='http://127.0.0.1:1/v1/models'" in dash.header.object
 
 

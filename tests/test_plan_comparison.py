@@ -134,13 +134,13 @@ def test_selecting_a_row_updates_plans_and_the_highlight(plans, home_lab, widget
     hi = w.topology_widget.highlight
     assert hi == pc.plan_highlight(plans[2])
     assert set(hi["nodes"]) == set(plans[2].nodes) and hi["edges"] == [["workstation", "mbp"]]
-    assert hi["nodes"]["workstation"]["label"] == "stage 0 · layer 0 · x8"
+    assert hi["nodes"]["workstation"]["label"] == "stage 0 · layer 0 · x2"
     assert hi["nodes"]["mbp"]["label"] == "stage 1 · layers 1-31"
     assert hi["nodes"]["workstation"]["color"] != hi["nodes"]["mbp"]["color"]
     assert w.topology_widget.title == "Plan #2 on the cluster"
     w.selected = 1  # from Python: the table follows
     assert w.table.selected == 1 and plans.selected == 1 and seen == [2, 1]
-    assert w.topology_widget.highlight["nodes"]["workstation"]["label"] == "stage 0 · layer 0 · x8 fp32"
+    assert w.topology_widget.highlight["nodes"]["workstation"]["label"] == "stage 0 · layer 0 · x2 fp32"
     with pytest.raises(traitlets.TraitError, match="plan rank from 0 to"):
         w.selected = len(plans)
 

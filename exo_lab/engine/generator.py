@@ -229,6 +229,7 @@ class Engine:
         self._pending_lock = threading.Lock()
         self._closing = False
         self.usage_history: deque[tuple[float, Usage]] = deque(maxlen=256)  # (unix time, usage) per request
+        self.requests_completed = 0  # all of them, not only those still in the history
         self._queue: queue.Queue[Generation | None] = queue.Queue()
         self._loaded = threading.Event()
         self._load_error: BaseException | None = None
@@ -459,6 +460,7 @@ class Engine:
         usage.generation_tps = (n - 1) / (end - a.first) if n > 1 and end > a.first else 0.0
         usage.total_s = end - a.start
         self.usage_history.append((time.time(), usage))
+        self.requests_completed += 1
         self._finish(gen, Chunk("", finish_reason=finish, usage=usage, stop_sequence=stopper.matched))
 
     def _finish(self, gen: Generation, final: Chunk) -> None:

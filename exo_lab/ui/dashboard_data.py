@@ -178,7 +178,7 @@ def instance_frame(instances: list[tuple[str, Any]]) -> pd.DataFrame:
     for name, inst in instances:
         summary = im.instance_summary(inst)
         progress = im.loading_progress(inst)
-        stats = im.request_stats(im.request_rows(inst))
+        stats = im.request_stats(im.request_rows(inst), getattr(inst, "requests_completed", None))
         plan = summary["plan"]
         rows.append({
             "name": name, "state": summary["state"],

@@ -90,12 +90,15 @@ def request_rows(obj: Any, limit: int = RECENT_REQUESTS) -> list[dict[str, Any]]
     return rows
 
 
-def request_stats(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Totals and the latest/mean decode speed and TTFT over ``rows`` (requests that decoded 2+ tokens)."""
+def request_stats(rows: list[dict[str, Any]], total: int | None = None) -> dict[str, Any]:
+    """Totals and the latest/mean decode speed and TTFT over ``rows`` (requests that decoded 2+ tokens).
+
+    ``total`` is the number of requests ever finished (``rows`` holds only the recent ones).
+    """
     decoded = [r for r in rows if r["completion_tokens"] > 1 and r["generation_tps"] > 0]
     started = [r for r in rows if r["completion_tokens"] > 0]
     return {
-        "requests": len(rows), "tokens": sum(r["completion_tokens"] for r in rows),
+        "requests": total if total is not None else len(rows), "tokens": sum(r["completion_tokens"] for r in rows),
         "last_decode_tps": decoded[-1]["generation_tps"] if decoded else None,
         "mean_decode_tps": sum(r["generation_tps"] for r in decoded) / len(decoded) if decoded else None,
         "last_ttft_s": started[-1]["ttft_s"] if started else None,
@@ -136,7 +139,7 @@ class InstanceMonitor(anywidget.AnyWidget):
             return False
         rows = request_rows(self.instance)
         new = {"summary": instance_summary(self.instance), "progress": loading_progress(self.instance),
-               "requests": rows, "stats": request_stats(rows)}
+               "requests": rows, "stats": request_stats(rows, getattr(self.instance, "requests_completed", None))}
         changed = {k: v for k, v in new.items() if getattr(self, k) != v}
         if changed:
             with self.hold_sync():
