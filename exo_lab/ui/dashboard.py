@@ -573,7 +573,8 @@ class Dashboard:
                 "labels: round-trip time and bandwidth" + ("" if links else " (a single node: no links)") + "</div>")
         elif topo is None:
             self.graph_note.object = "<div class='exo-hint'>Profiling this machine…</div>"
-        inst_key = tuple((n, str(im.instance_summary(o)), len(getattr(o, "usage_history", ()) or ()),
+        inst_key = tuple((n, str(im.instance_summary(o)), getattr(o, "requests_completed", None),
+                          len(getattr(o, "usage_history", ()) or ()),
                           str(im.loading_progress(o))) for n, o in instances)
         if inst_key != self._instances_key:
             self._instances_key = inst_key
