@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,6 +17,11 @@ import exo_lab  # noqa: F401  (first: preloads OpenBLAS before mlx)
 
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = REPO / "test-artifacts"
+# Debian chromium, driven by Playwright (never `playwright install`): no GPU, no background traffic
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--no-first-run", "--disable-sync"]
+NEEDS_CHROMIUM = pytest.mark.skipif(shutil.which("chromium") is None,
+                                    reason="Debian chromium is not installed (apt-get install -y chromium)")
 
 
 @pytest.fixture(scope="session", autouse=True)

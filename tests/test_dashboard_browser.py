@@ -31,8 +31,7 @@ pytestmark = [
 ]
 
 SPECS = Path(__file__).resolve().parents[1] / "exo_lab" / "sim" / "specs"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--no-first-run", "--disable-sync"]
+from tests.conftest import CHROMIUM_FLAGS as FLAGS  # noqa: E402
 VIEWPORT = {"width": 1400, "height": 1000}
 
 # Page-side helpers: Panel renders into shadow roots, so look through all of them; record every text the

@@ -17,8 +17,7 @@ pytestmark = [
                        reason="Debian chromium is not installed (apt-get install -y chromium)"),
 ]
 
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--no-first-run", "--disable-sync"]
+from tests.conftest import CHROMIUM_FLAGS as FLAGS  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -174,30 +174,10 @@ def test_tensor_over_four_ranks_gives_the_same_tokens(cluster, models, tmp_path)
 
 @pytest.mark.parametrize("splits,prompt_len", [([2, 2], 40), ([1, 2, 1], 150)])
 def test_pipeline_logits_are_bit_identical(models, tmp_path, splits, prompt_len):
-    from mlx_lm import load
-    from mlx_lm.models.cache import make_prompt_cache
-
     path = models["tiny"]
     prompt = [(i * 31) % 8000 + 3 for i in range(prompt_len)]
-    model, _ = load(str(path))
-    cache = make_prompt_cache(model)
-    toks = mx.array(prompt)
-    pos = 0
-    while len(prompt) - pos > 1:
-        n = min(64, len(prompt) - pos - 1)
-        model(toks[pos:pos + n][None], cache=cache)
-        mx.eval([c.state for c in cache])
-        pos += n
-    ref = np.array(model(toks[pos:][None], cache=cache)[:, -1, :].astype(mx.float32))
-    hosts = tmp_path / "hosts.json"
-    hosts.write_text(json.dumps([[f"127.0.0.1:{free_port()}"] for _ in splits]))
-    out = tmp_path / "logits.npy"
-    procs = [subprocess.Popen([sys.executable, str(HERE / "rank_logits.py"), str(path), json.dumps(splits),
-                               json.dumps(prompt), str(out)],
-                              env={**os.environ, "MLX_RANK": str(r), "MLX_HOSTFILE": str(hosts)})
-             for r in range(len(splits))]
-    assert [p.wait(120) for p in procs] == [0] * len(splits)
-    got = np.load(out)
+    ref = single_process_logits(path, prompt)
+    got = ranks_logits(path, tmp_path, splits, len(splits), prompt)
     assert got.shape == ref.shape and np.array_equal(got, ref)  # bit-identical, not merely close
 
 

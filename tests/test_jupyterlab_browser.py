@@ -32,8 +32,7 @@ pytestmark = [
                        reason="Debian chromium is not installed (apt-get install -y chromium)"),
 ]
 
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--no-first-run", "--disable-sync"]
+from tests.conftest import CHROMIUM_FLAGS as FLAGS  # noqa: E402
 LABEXTENSION = Path(sys.prefix) / "share" / "jupyter" / "labextensions" / "exo-lab" / "package.json"
 PANEL = "#exo-lab-panel"
 SPECS = Path(__file__).resolve().parents[1] / "exo_lab" / "sim" / "specs"

@@ -33,8 +33,7 @@ pytestmark = [
 ]
 
 SPECS = Path(__file__).resolve().parents[1] / "exo_lab" / "sim" / "specs"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--no-first-run", "--disable-sync"]
+from tests.conftest import CHROMIUM_FLAGS as FLAGS  # noqa: E402
 TABLE_KEYS = ("rows", "infeasible", "summary", "selected", "limit", "measured", "launch")
 TOPO_KEYS = ("topology", "selected_node", "highlight", "title", "error")
 

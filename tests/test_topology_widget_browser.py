@@ -19,8 +19,7 @@ pytestmark = [
 ]
 
 SPECS = Path(__file__).resolve().parents[1] / "exo_lab" / "sim" / "specs"
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--no-first-run", "--disable-sync"]
+from tests.conftest import CHROMIUM_FLAGS as FLAGS  # noqa: E402
 
 # A pipeline plan over the four Ultras, to show the highlight overlay.
 ULTRA_PLAN = {
