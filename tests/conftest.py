@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -20,8 +19,7 @@ ARTIFACTS = REPO / "test-artifacts"
 # Debian chromium, driven by Playwright (never `playwright install`): no GPU, no background traffic
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--no-first-run", "--disable-sync"]
-NEEDS_CHROMIUM = pytest.mark.skipif(shutil.which("chromium") is None,
-                                    reason="Debian chromium is not installed (apt-get install -y chromium)")
+
 
 
 @pytest.fixture(scope="session", autouse=True)
