@@ -17,21 +17,23 @@ DASHBOARD_PORT = 52418  # exo_lab.ui.dashboard.DEFAULT_PORT (not imported here: 
 
 
 def _serve(args: argparse.Namespace) -> int:
+    stop = _stop_on_signal()
     print(f"loading {args.model} ...", flush=True)
     server = exo_lab.serve(args.model, port=args.port, host=args.host, name=args.name, api_key=args.api_key)
     _announce(server)
     register_server(server)  # the JupyterLab side panel finds it (exo_lab.cluster.coordinators)
-    _wait_for_signal(server)
+    _wait_for_signal(server, stop)
     return 0
 
 
 def _up(args: argparse.Namespace) -> int:
+    stop = _stop_on_signal()
     print(f"exo_lab {exo_lab.__version__}: starting a local node with model {args.model!r} ...", flush=True)
     server = exo_lab.serve(args.model, port=args.port, host=args.host, name=args.name, api_key=args.api_key)
     _announce(server)
     registration = register_server(server)  # the JupyterLab side panel finds it (exo_lab.cluster.coordinators)
     stop_dashboard = None if args.no_dashboard else _start_up_dashboard(server, args, registration)
-    _wait_for_signal(server)
+    _wait_for_signal(server, stop)
     if stop_dashboard is not None:
         stop_dashboard()
     return 0
@@ -79,6 +81,7 @@ def _dashboard(args: argparse.Namespace) -> int:
     from exo_lab.cluster.topology import Topology
     from exo_lab.ui.dashboard import DashboardSource, serve_dashboard
 
+    stop = _stop_on_signal()
     _quiet_dashboard_logs(args)
     cluster = topology = None
     if args.local:
@@ -99,7 +102,7 @@ def _dashboard(args: argparse.Namespace) -> int:
         if cluster is not None and cluster.registration is not None:
             cluster.registration.update(dashboard_url=dashboard.url)  # the JupyterLab panel's dashboard button
         print("Press Ctrl-C to stop.", flush=True)
-        _wait_for_signal(dashboard)
+        _wait_for_signal(dashboard, stop)
     finally:
         if cluster is not None:
             cluster.close()  # deletes the instances launched from the dashboard; stops --local agents
@@ -119,10 +122,20 @@ def _announce(server: exo_lab.Server) -> None:
     print("Press Ctrl-C to stop.", flush=True)
 
 
-def _wait_for_signal(server: exo_lab.Server) -> None:
+def _stop_on_signal() -> threading.Event:
+    """An event set by SIGINT or SIGTERM, installed before anything starts serving.
+
+    A signal that arrives while the model loads or the server starts still stops it cleanly
+    (exit status 0) once it is up, instead of killing the process half-way.
+    """
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+def _wait_for_signal(server, stop: threading.Event) -> None:
+    """Serve until ``stop`` is set (or the server stops by itself), then stop the server."""
     while server.running and not stop.wait(0.5):
         pass
     print("stopping ...", flush=True)
