@@ -3,8 +3,9 @@
 ``cluster.launch(model, plan=None)`` (or ``plan.launch()``) asks each node
 agent to reserve memory and ports for its ranks, then to start the workers
 with the full hostfile. The :class:`Instance` tracks loading, sends each
-request to every rank in one global order (the ranks run it in lock step),
-streams the tokens back from rank 0, and watches the workers: if one dies,
+request to every rank with a sequence number (the ranks admit requests in
+that order and decode up to ``max_batch`` of them together, in lock step),
+streams each request's tokens back from rank 0, and watches the workers: if one dies,
 the request in flight ends with an error, the other workers are stopped, and
 (with ``auto_replace``) the model is re-planned on the nodes that remain.
 """
@@ -25,7 +26,7 @@ from typing import Any
 
 from exo_lab.cluster.auth import sign_headers
 from exo_lab.engine.chat import chat_prompt_tokens
-from exo_lab.engine.generator import Chunk, Generation, GenerationRequest, Usage
+from exo_lab.engine.generator import Chunk, EngineBusy, Generation, GenerationRequest, Usage
 from exo_lab.engine.sampling import SamplingParams
 from exo_lab.placement.plan import Plan
 
@@ -42,7 +43,8 @@ class LaunchError(RuntimeError):
 class Instance:
     """A running model split over ranks; generates like an :class:`~exo_lab.Engine`."""
 
-    def __init__(self, cluster: Any, model: str, plan: Plan, name: str | None = None, auto_replace: bool = True) -> None:
+    def __init__(self, cluster: Any, model: str, plan: Plan, name: str | None = None, auto_replace: bool = True,
+                 max_batch: int = 16, max_queue: int = 256) -> None:
         from mlx_lm.utils import load_tokenizer
 
         from exo_lab.models import resolve
@@ -53,6 +55,10 @@ class Instance:
         self.plan = plan
         self.auto_replace = auto_replace
         self.created = int(time.time())
+        if max_batch < 1 or max_queue < 0:
+            raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+        self.max_batch = max_batch  # requests decoding together on the ranks
+        self.max_queue = max_queue  # more waiting; beyond that submit() raises EngineBusy
         self.path = resolve(model)
         config = json.loads((self.path / "config.json").read_text())
         self.tokenizer = load_tokenizer(self.path, eos_token_ids=config.get("eos_token_id"))
@@ -65,7 +71,8 @@ class Instance:
         self.requests_completed = 0  # all finished requests, not only those still in the history
         self._seq = 0
         self._queue: queue.Queue[Generation | None] = queue.Queue()
-        self._current: Generation | None = None
+        self._inflight: set[Generation] = set()  # sent to the ranks, not finished
+        self._pending = 0  # submitted, not finished
         self._lock = threading.RLock()
         self._closed = threading.Event()
         self._start(plan)
@@ -101,7 +108,8 @@ class Instance:
                 stages.setdefault(r.stage, []).append(r.rank)
             common = {"instance_id": self.id, "model_name": self.path.name, "model_path": str(self.path),
                       "num_layers": _num_layers(plan), "stages": [stages[s] for s in sorted(stages)],
-                      "backend": plan.backend}
+                      "backend": plan.backend, "max_batch": self.max_batch,
+                      "eos_token_ids": sorted(self.tokenizer.eos_token_ids)}
             holders = self._holders(nodes)
             for node in nodes:
                 per_rank = {str(r.rank): {"layers": list(r.layers),
@@ -237,9 +245,10 @@ class Instance:
             log.warning("instance %s failed: %s", self.name, problem)
             self.error = problem
             self.state = "failed"
-            current = self._current
-        if current is not None and not current.done:
-            current._push(Chunk("", finish_reason="error", error=f"instance failed: {problem}", usage=Usage()))
+            inflight = list(self._inflight)
+        for gen in inflight:
+            if not gen.done:
+                self._finish(gen, Chunk("", finish_reason="error", error=f"instance failed: {problem}", usage=Usage()))
         self._stop_workers(graceful=False)
         if self.auto_replace and not self._closed.is_set():
             threading.Thread(target=self._replace, daemon=True).start()
@@ -268,9 +277,37 @@ class Instance:
     def submit(self, request: GenerationRequest) -> Generation:
         if self.state in ("failed", "stopped"):
             raise RuntimeError(f"instance {self.name} is {self.state}: {self.error}")
+        with self._lock:
+            if self._pending >= self.max_batch + self.max_queue:
+                raise EngineBusy(f"{self.name} is busy: {self._pending} requests are generating or queued "
+                                 f"(at most {self.max_batch} + {self.max_queue}); retry shortly")
+            self._pending += 1
         gen = Generation(request)
         self._queue.put(gen)
         return gen
+
+    @property
+    def pending(self) -> int:
+        """Requests generating or waiting."""
+        return self._pending
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Rank 0's batching counters: ``decode_steps`` taken and ``peak_batch`` (most sequences in one step)."""
+        try:
+            status = self._worker(0, "GET", "/status", timeout=2.0)
+        except OSError:
+            return {"decode_steps": 0, "peak_batch": 0}
+        return {k: int(status.get(k, 0)) for k in ("decode_steps", "peak_batch")}
+
+    def _finish(self, gen: Generation, final: Chunk) -> None:
+        """Push ``gen``'s final chunk (once) and free its place."""
+        with self._lock:
+            if gen.done:
+                return
+            self._pending -= 1
+            self._inflight.discard(gen)
+            gen._push(final)
 
     def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, temperature: float = 0.0,
                  top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: Sequence[str] = (),
@@ -292,39 +329,50 @@ class Instance:
         return self.generate(self.chat_tokens(messages), **kwargs)
 
     def _dispatch_loop(self) -> None:
+        """Number each request and send it to every rank; a thread per request streams it back from rank 0."""
         while True:
             gen = self._queue.get()
             if gen is None:
                 return
             if gen.cancelled:
-                gen._push(Chunk("", finish_reason="cancelled", usage=Usage(len(gen.request.prompt_tokens))))
+                self._finish(gen, Chunk("", finish_reason="cancelled", usage=Usage(len(gen.request.prompt_tokens))))
                 continue
             deadline = time.monotonic() + 600
             while self.state in ("launching", "loading", "replacing") and time.monotonic() < deadline:
                 time.sleep(0.05)
             if self.state != "ready":
-                gen._push(Chunk("", finish_reason="error", error=f"instance {self.state}: {self.error}", usage=Usage()))
+                self._finish(gen, Chunk("", finish_reason="error", error=f"instance {self.state}: {self.error}",
+                                        usage=Usage()))
                 continue
+            req = gen.request
             with self._lock:
                 self._seq += 1
                 seq = self._seq
-                self._current = gen
-            try:
-                self._run(seq, gen)
-            except Exception as exc:
-                if not gen.done:
-                    gen._push(Chunk("", finish_reason="error", error=f"{type(exc).__name__}: {exc}", usage=Usage()))
-            finally:
-                with self._lock:
-                    self._current = None
+                self._inflight.add(gen)
+            body = {"seq": seq, "prompt": list(req.prompt_tokens), "max_tokens": req.max_tokens,
+                    "sampling": asdict(req.sampling), "stop": list(req.stop), "ignore_eos": req.ignore_eos}
+            try:  # the other ranks first: rank 0 admits a job only once it has it, so they must have it too
+                for rank in sorted(self.controls):
+                    if rank != 0:
+                        self._worker(rank, "POST", "/generate", body)
+            except OSError as exc:  # a rank that misses a job would wait for it for ever: the instance is broken
+                self._fail(f"could not send request {seq} to every rank: {exc}")
+                self._finish(gen, Chunk("", finish_reason="error", error=f"instance failed: {exc}", usage=Usage()))
+                continue
+            threading.Thread(target=self._stream, args=(seq, gen, body), daemon=True,
+                             name=f"exo-lab-request-{seq}").start()
 
-    def _run(self, seq: int, gen: Generation) -> None:
-        req = gen.request
-        body = {"seq": seq, "prompt": list(req.prompt_tokens), "max_tokens": req.max_tokens,
-                "sampling": asdict(req.sampling), "stop": list(req.stop), "ignore_eos": req.ignore_eos}
-        for rank in sorted(self.controls):
-            if rank != 0:
-                self._worker(rank, "POST", "/generate", body)
+    def _stream(self, seq: int, gen: Generation, body: dict[str, Any]) -> None:
+        try:
+            self._run(seq, gen, body)
+        except Exception as exc:
+            self._finish(gen, Chunk("", finish_reason="error", error=f"{type(exc).__name__}: {exc}", usage=Usage()))
+        finally:  # never leave a request counted when its stream is over
+            if not gen.done:
+                self._finish(gen, Chunk("", finish_reason="error", error="the stream from rank 0 ended early",
+                                        usage=Usage()))
+
+    def _run(self, seq: int, gen: Generation, body: dict[str, Any]) -> None:
         lines: queue.Queue = queue.Queue()
         host, port = self.controls[0].rsplit(":", 1)
         data = json.dumps(body).encode()
@@ -345,18 +393,17 @@ class Instance:
         cancel_sent = False
         try:
             while True:
+                if gen.cancelled and not cancel_sent:  # checked on every chunk: a busy stream is never empty
+                    self._worker(0, "POST", "/cancel", {"seq": seq})
+                    cancel_sent = True
                 try:
                     item = lines.get(timeout=0.1)
                 except queue.Empty:
-                    if gen.cancelled and not cancel_sent:
-                        self._worker(0, "POST", "/cancel", {"seq": seq})
-                        cancel_sent = True
                     if gen.done:  # the watcher ended it (a worker died)
                         return
                     continue
                 if item is None or isinstance(item, Exception):
-                    if not gen.done:
-                        gen._push(Chunk("", finish_reason="error", error=f"lost rank 0: {item}", usage=Usage()))
+                    self._finish(gen, Chunk("", finish_reason="error", error=f"lost rank 0: {item}", usage=Usage()))
                     return
                 if item.get("finish_reason"):
                     usage = Usage(**item["usage"]) if item.get("usage") else Usage()
@@ -366,8 +413,8 @@ class Instance:
                     if reason != "error":
                         self.usage_history.append((time.time(), usage))
                         self.requests_completed += 1
-                    gen._push(Chunk(item.get("text", ""), tuple(item.get("tokens", [])), reason, usage,
-                                    item.get("error"), item.get("stop_sequence")))
+                    self._finish(gen, Chunk(item.get("text", ""), tuple(item.get("tokens", [])), reason, usage,
+                                            item.get("error"), item.get("stop_sequence")))
                     return
                 gen._push(Chunk(item.get("text", ""), tuple(item.get("tokens", []))))
         finally:
@@ -395,6 +442,13 @@ class Instance:
             return
         self._closed.set()
         self._queue.put(None)
+        with self._lock:
+            inflight = list(self._inflight)
+        for gen in inflight:  # the ranks drain their batch before they shut down: end it now
+            gen.cancel()
+        deadline = time.monotonic() + 5
+        while any(not g.done for g in inflight) and time.monotonic() < deadline:
+            time.sleep(0.05)
         self._stop_workers(graceful=True)
         self.state = "stopped"
 

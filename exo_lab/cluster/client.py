@@ -171,8 +171,13 @@ class Cluster:
             p.model_ref = str(model)
         return plans
 
-    def launch(self, model, plan=None, name: str | None = None, auto_replace: bool = True, wait: bool = True):
-        """Launch ``model`` with ``plan`` (default: the best plan) and return the :class:`Instance`."""
+    def launch(self, model, plan=None, name: str | None = None, auto_replace: bool = True, wait: bool = True,
+               max_batch: int = 16, max_queue: int = 256):
+        """Launch ``model`` with ``plan`` (default: the best plan) and return the :class:`Instance`.
+
+        Up to ``max_batch`` requests decode together on the ranks; ``max_queue`` more wait (beyond
+        that the API answers 429).
+        """
         from exo_lab.instance import Instance
 
         if plan is None:
@@ -180,7 +185,8 @@ class Cluster:
             if not plans.plans:
                 raise ClusterError(f"no plan fits {model}: {plans.infeasible[:1]}")
             plan = plans.best
-        inst = Instance(self, str(model), plan, name=name, auto_replace=auto_replace)
+        inst = Instance(self, str(model), plan, name=name, auto_replace=auto_replace, max_batch=max_batch,
+                        max_queue=max_queue)
         self.instances.append(inst)
         if wait:
             inst.wait_ready()

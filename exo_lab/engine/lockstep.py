@@ -1,14 +1,20 @@
-"""Generation in lock step across the ranks of an instance.
+"""Generation in lock step across the ranks of an instance, batched continuously.
 
-Every rank runs this same loop on the same request. Pipeline stages pass
+Every rank runs the same loop over the same sequences. Pipeline stages pass
 hidden states to the next stage with ``send``/``recv``; tensor ranks share
-each layer through the all-reduces inside their sharded linears. After each
-step one small ``all_sum`` gives every rank the sampled token and a stop
-flag (rank 0's: cancellation or a stop string), so all ranks stop together.
+each layer through the all-reduces inside their sharded linears. Sequences
+decode together in a :class:`Batch` (one ``BatchKVCache`` per layer, as in
+mlx_lm's ``BatchGenerator``): a sequence's prompt is prefilled alone, then it
+joins the batch at the next step and leaves it when it ends.
+
+After each decode step one small ``all_sum`` (:meth:`Lockstep.share`) gives
+every rank the step's sampled tokens (from the last stage), a stop flag per
+sequence and the admission mark (both from rank 0), so all ranks change the
+batch at the same step in the same way.
 
 Prefill is chunked exactly like ``mlx_lm.generate.generate_step`` (all but
-the last prompt token in chunks of ``prefill_step_size``, then the last one
-with sampling), so a pipeline gives bit-identical logits to one process.
+the last prompt token in chunks of ``prefill_step_size``), so a pipeline gives
+bit-identical logits to one process.
 """
 
 from __future__ import annotations
@@ -49,6 +55,44 @@ class Layout:
         return self.stages[stage][mine.index(self.rank) % len(self.stages[stage])]
 
 
+class Batch:
+    """The sequences decoding together on one rank: KV caches, next inputs and samplers, row by row."""
+
+    def __init__(self) -> None:
+        self.cache: list | None = None  # one BatchKVCache per layer of the shard
+        self.inputs: list[int] = []  # each row's next input token
+        self.samplers: list[Callable[[mx.array], mx.array]] = []
+        self.greedy: list[bool] = []
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+    def add(self, cache: list, first_input: int, sampler: Callable[[mx.array], mx.array], greedy: bool) -> None:
+        """Append a prefilled sequence (its per-layer ``KVCache``) as the last row."""
+        merged = [c.merge([c]) for c in cache]
+        if self.cache is None:
+            self.cache = merged
+        else:
+            for mine, new in zip(self.cache, merged):
+                mine.extend(new)
+        self.inputs.append(first_input)
+        self.samplers.append(sampler)
+        self.greedy.append(greedy)
+
+    def keep(self, rows: list[int]) -> None:
+        """Keep only ``rows`` (in this order)."""
+        if len(rows) == len(self):
+            return
+        self.inputs = [self.inputs[i] for i in rows]
+        self.samplers = [self.samplers[i] for i in rows]
+        self.greedy = [self.greedy[i] for i in rows]
+        if not rows:
+            self.cache = None
+        else:
+            for c in self.cache or []:
+                c.filter(rows)
+
+
 class Lockstep:
     """Runs one shard's part of generation in step with the other ranks."""
 
@@ -62,26 +106,26 @@ class Lockstep:
         self.prefill_step_size = prefill_step_size
 
     def _forward(self, tokens: mx.array, cache: list, logits: bool) -> mx.array | None:
-        """This stage's part of one forward pass over ``tokens`` (shape ``[1, n]``).
+        """This stage's part of one forward pass over ``tokens`` (shape ``[batch, n]``).
 
         Between stages the last rank of a stage hands the hidden states to the
         first rank of the next (ring neighbours); inside a multi-rank stage of a
         pipeline, the first rank passes them on to the others.
         """
         lay = self.layout
-        n = tokens.shape[1]
+        b, n = tokens.shape
         mine = lay.stages[lay.stage]
         multi = len(lay.stages) > 1 and len(mine) > 1
         if lay.first:
             x = tokens
         elif not multi:
-            x = mx.distributed.recv((1, n, self.hidden), self.act_dtype, lay.peer(lay.stage - 1), group=self.group)
+            x = mx.distributed.recv((b, n, self.hidden), self.act_dtype, lay.peer(lay.stage - 1), group=self.group)
         elif lay.rank == mine[0]:
-            x = mx.distributed.recv((1, n, self.hidden), self.act_dtype, lay.stages[lay.stage - 1][-1], group=self.group)
+            x = mx.distributed.recv((b, n, self.hidden), self.act_dtype, lay.stages[lay.stage - 1][-1], group=self.group)
             sent = mx.distributed.send(x, mine[1], group=self.group)
             (x,) = mx.depends([x], [sent])
         else:
-            x = mx.distributed.recv((1, n, self.hidden), self.act_dtype, mine[0], group=self.group)
+            x = mx.distributed.recv((b, n, self.hidden), self.act_dtype, mine[0], group=self.group)
         out = self.shard(x, cache) if (logits or not lay.last) else self._hidden_only(x, cache)
         if not lay.last:
             if not multi and len(lay.stages[lay.stage + 1]) == 1:
@@ -100,46 +144,64 @@ class Lockstep:
             h = layer(h, mask, cache=c)
         return h
 
-    def _share(self, token: mx.array | None, flag: int) -> tuple[int, int]:
-        """All ranks learn the sampled token (from the last stage) and the stop flag (from rank 0)."""
-        lead = self.layout.stages[-1][0]
-        tok = token.astype(mx.int32).reshape(1) if (token is not None and self.layout.rank == lead) else mx.zeros((1,), mx.int32)
-        fl = mx.array([flag if self.layout.rank == 0 else 0], mx.int32)
-        both = mx.distributed.all_sum(mx.concatenate([tok, fl]), group=self.group)
-        mx.eval(both)
-        t, f = both.tolist()
-        return int(t), int(f)
-
-    def generate(self, prompt: list[int], max_tokens: int, sampler: Callable[[mx.array], mx.array],
-                 stop_flag: Callable[[], bool]) -> Iterator[int]:
-        """Yield sampled tokens; every rank yields the same ones and stops at the same step."""
+    def prefill(self, prompt: list[int]) -> list:
+        """Run all but the last prompt token through this stage; the sequence's per-layer KV cache."""
         cache = self.shard.make_cache()
         tokens = mx.array(prompt, mx.int32)
-        pos = 0
-        total = len(prompt)
-        while total - pos > 1:  # prefill: same chunking as mlx_lm's generate_step
+        pos, total = 0, len(prompt)
+        while total - pos > 1:  # the same chunking as mlx_lm's generate_step
             n = min(self.prefill_step_size, total - pos - 1)
             out = self._forward(tokens[pos : pos + n][None], cache, logits=False)
             mx.eval(out, [c.state for c in cache])
             pos += n
             mx.clear_cache()
-        y = tokens[pos:][None]
+        return cache
+
+    def step(self, batch: Batch) -> mx.array | None:
+        """One decode step of every row of ``batch``: the sampled tokens on the last stage's lead rank, else None."""
+        out = self._forward(mx.array(batch.inputs, mx.int32)[:, None], batch.cache, logits=True)
+        lay = self.layout
+        if not lay.last:
+            mx.eval(out)
+            return None
+        logits = out[:, -1, :]
+        if lay.rank != lay.stages[-1][0]:
+            mx.eval(logits)  # tensor peers: run the step's all-reduces even though the lead samples
+            return None
+        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        if all(batch.greedy):
+            tokens = mx.argmax(logprobs, axis=-1)
+        else:
+            tokens = mx.concatenate([s(logprobs[i : i + 1]) for i, s in enumerate(batch.samplers)], axis=0)
+        mx.eval(tokens)
+        return tokens
+
+    def share(self, tokens: mx.array | None, flags: list[int], admit: int) -> tuple[list[int], list[int], int]:
+        """All ranks learn the step's tokens (last stage's lead), and rank 0's stop flags and admission mark."""
+        width = len(flags)
+        lead = self.layout.stages[-1][0]
+        tok = (tokens.astype(mx.int32).reshape(-1) if tokens is not None and self.layout.rank == lead
+               else mx.zeros((width,), mx.int32))
+        mine = mx.array([*flags, admit] if self.layout.rank == 0 else [0] * (width + 1), mx.int32)
+        both = mx.distributed.all_sum(mx.concatenate([tok, mine]), group=self.group)
+        mx.eval(both)
+        values = both.tolist()
+        return values[:width], values[width : 2 * width], values[-1]
+
+    def generate(self, prompt: list[int], max_tokens: int, sampler: Callable[[mx.array], mx.array],
+                 stop_flag: Callable[[], bool], greedy: bool = False) -> Iterator[int]:
+        """One sequence alone (a batch of one): yield its tokens; every rank yields the same ones.
+
+        ``stop_flag`` is read on rank 0; the step in flight when it turns true is discarded.
+        """
+        batch = Batch()
+        batch.add(self.prefill(prompt), prompt[-1], sampler, greedy)
         for _ in range(max_tokens):
-            out = self._forward(y, cache, logits=True)
-            token = None
-            if self.layout.last:
-                logits = out[:, -1, :]
-                logprobs = logits - mx.logsumexp(logits, keepdims=True)
-                token = sampler(logprobs)
-                if self.layout.rank != self.layout.stages[-1][0]:
-                    mx.eval(token)  # tensor peers: run the step's all-reduces even though rank lead samples
-            else:
-                mx.eval(out)
-            t, flag = self._share(token, 1 if stop_flag() else 0)
-            if flag:
+            tokens, flags, _ = self.share(self.step(batch), [1 if stop_flag() else 0], 0)
+            if flags[0]:
                 return
-            yield t
-            y = mx.array([[t]], mx.int32)
+            yield tokens[0]
+            batch.inputs = tokens
 
     def barrier(self) -> None:
         """Drain and wait for every rank (before exiting: a rank that leaves early breaks its peers)."""

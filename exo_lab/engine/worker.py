@@ -4,12 +4,16 @@
 ``MLX_HOSTFILE`` set. It serves a small control API (signed with the cluster
 key) as soon as it starts, joins the MLX distributed group, loads only its
 shard (reporting layers loaded), warms up in step with the other ranks, and
-then runs generation jobs in the order of their sequence numbers:
+then generates: jobs are admitted in the order of their sequence numbers and
+decode together, up to ``max_batch`` at a time (continuous batching, see
+:mod:`exo_lab.engine.lockstep`); rank 0 decides when a job joins or stops and
+every rank follows at the same step:
 
 - ``GET /status``: state (``connecting``, ``loading``, ``warming``, ``ready``,
   ``failed``), layers loaded / total, last finished sequence number;
 - ``POST /generate``: ``{"seq", "prompt", "max_tokens", "sampling", "stop",
-  "ignore_eos"}``; rank 0 streams NDJSON chunks, the other ranks answer at once;
+  "ignore_eos"}``; rank 0 streams NDJSON chunks, the other ranks answer at once
+  (every rank must get every job: a rank waits for the jobs rank 0 admits);
 - ``POST /cancel``: ``{"seq"}`` (rank 0 turns it into the shared stop flag);
 - ``POST /shutdown``: ``{"seq"}``: drain, barrier with every rank, exit.
 """
@@ -47,11 +51,28 @@ class Job:
     stop: bool = False
     done: bool = False
     wakers: list = field(default_factory=list)
+    arrived: float = field(default_factory=time.perf_counter)
 
     def push(self, chunk: dict[str, Any]) -> None:
         self.chunks.append(chunk)
         for loop, ev in list(self.wakers):
             loop.call_soon_threadsafe(ev.set)
+
+
+@dataclass
+class _Row:
+    """A job decoding in the batch (compute thread only); detokenizing and stop strings on rank 0."""
+
+    job: Job
+    prompt_tokens: int
+    max_tokens: int
+    ignore_eos: bool
+    start: float
+    n: int = 0
+    first: float = 0.0
+    ended: bool = False
+    detok: Any = None
+    stopper: Any = None
 
 
 class Worker:
@@ -66,13 +87,18 @@ class Worker:
         self.error: str | None = None
         self.jobs: dict[int, Job] = {}
         self.cond = threading.Condition()
-        self.next_seq = 1
+        self.admitted = 0  # the last sequence number that joined the batch
+        self.admit_to = 0  # the last one rank 0 has let join
         self.last_done = 0
+        self.max_batch = int(config.get("max_batch", 16))
+        self.eos = {int(t) for t in config.get("eos_token_ids") or []}
+        #: decode steps taken and the most sequences one step decoded
+        self.stats = {"decode_steps": 0, "peak_batch": 0}
         self.verifier = Verifier(config["cluster_key"])
 
     def status(self) -> dict[str, Any]:
         return {"state": self.state, "rank": self.rank, "loaded": self.loaded, "total": self.total,
-                "error": self.error, "last_done": self.last_done, "pid": os.getpid(),
+                "error": self.error, "last_done": self.last_done, "pid": os.getpid(), **self.stats,
                 "fetched_bytes": getattr(self, "fetched_bytes", 0),
                 "fetch_progress": getattr(self, "fetch_progress", None)}
 
@@ -95,30 +121,132 @@ class Worker:
             self.state = "failed"
             return
         self.state = "ready"
-        while True:
-            with self.cond:
-                while self.next_seq not in self.jobs:
-                    self.cond.wait()
-                job = self.jobs[self.next_seq]
+        from exo_lab.engine.lockstep import Batch
+
+        batch, rows = Batch(), []
+        try:
+            while True:
+                rows = self._serve_step(batch, rows)
+        except Exception as exc:  # reported to the coordinator; the ranks may now be out of step
+            log.exception("generation failed")
+            for row in rows:
+                self._fail_row(row, f"{type(exc).__name__}: {exc}")
+            self.state = "failed"
+            self.error = str(exc)
+
+    def _serve_step(self, batch, rows: list[_Row]) -> list[_Row]:
+        """Admit what rank 0 admits, decode one step of the batch, drop the rows that ended; the rows left."""
+        ls = self.lockstep
+        if not rows:  # idle: wait for the next job, then agree on how many join
+            job = self._job(self.admitted + 1)
             if job.kind == "shutdown":
-                self.lockstep.barrier()
+                ls.barrier()
                 job.done = True
                 job.push({"finish_reason": "shutdown"})
                 self.state = "stopped"
                 time.sleep(0.2)
                 os._exit(0)
-            try:
-                self._generate(job)
-            except Exception as exc:  # reported to the coordinator; the ranks may now be out of step
-                log.exception("job %d failed", job.seq)
-                job.push({"text": "", "finish_reason": "error", "error": f"{type(exc).__name__}: {exc}"})
-                self.state = "failed"
-                self.error = str(exc)
+            _, _, self.admit_to = ls.share(None, [], self._admissible(0))
+        for seq in range(self.admitted + 1, self.admit_to + 1):
+            rows.append(self._admit(self._job(seq), batch))
+            self.admitted = seq
+        tokens = ls.step(batch)
+        flags = [1 if r.job.stop else 0 for r in rows] if self.rank == 0 else [0] * len(rows)
+        tokens_all, flags, self.admit_to = ls.share(tokens, flags, self._admissible(len(rows)))
+        batch.inputs = tokens_all
+        keep = []
+        for i, (row, token, flag) in enumerate(zip(rows, tokens_all, flags)):
+            if flag:  # stopped by rank 0 (cancelled, or a stop string): this step's token is discarded
+                self._end(row, "cancelled")
+            elif self._accept(row, token):
+                keep.append(i)
+        batch.keep(keep)
+        self.stats["decode_steps"] += 1
+        self.stats["peak_batch"] = max(self.stats["peak_batch"], len(rows))
+        return [rows[i] for i in keep]
+
+    def _job(self, seq: int) -> Job:
+        """The job ``seq``, once it has arrived."""
+        with self.cond:
+            while seq not in self.jobs:
+                self.cond.wait()
+            return self.jobs[seq]
+
+    def _admissible(self, running: int) -> int:
+        """Rank 0: the last sequence number that may join now (generation jobs that arrived, up to ``max_batch``)."""
+        if self.rank != 0:
+            return 0
+        last, room = self.admitted, self.max_batch - running
+        with self.cond:
+            while room > 0 and (job := self.jobs.get(last + 1)) is not None and job.kind == "generate":
+                last, room = last + 1, room - 1
+        return last
+
+    def _admit(self, job: Job, batch) -> _Row:
+        """Prefill ``job``'s prompt and add it as the last row of ``batch``."""
+        from exo_lab.engine.sampling import SamplingParams, make_sampler
+        from exo_lab.engine.stopping import StopMatcher
+
+        b = job.body
+        params = SamplingParams(**b.get("sampling", {}))
+        prompt = list(b["prompt"])
+        row = _Row(job, len(prompt), int(b["max_tokens"]), bool(b.get("ignore_eos")), time.perf_counter())
+        if self.rank == 0:
+            row.detok = self.tokenizer.detokenizer
+            row.stopper = StopMatcher(b.get("stop") or [])
+        batch.add(self.lockstep.prefill(prompt), prompt[-1], make_sampler(params), params.greedy)
+        return row
+
+    def _accept(self, row: _Row, token: int) -> bool:
+        """Take ``row``'s new token (rank 0 streams it); False when the row ends with it."""
+        row.n += 1
+        if row.n == 1:
+            row.first = time.perf_counter()
+        if token in self.eos and not row.ignore_eos:  # every rank knows the EOS ids: ends at once everywhere
+            self._end(row, "stop")
+            return False
+        if self.rank == 0 and not row.ended:
+            row.detok.add_token(token)
+            text, hit = row.stopper.feed(row.detok.last_segment)
+            row.job.push({"text": text, "tokens": [token]})
+            if hit:  # only rank 0 sees text: the row ends here, the other ranks drop it at the next step
+                self._end(row, "stop")
+                row.job.stop = True
+                return row.n < row.max_tokens
+        if row.n >= row.max_tokens:
+            self._end(row, "length")
+            return False
+        return True
+
+    def _end(self, row: _Row, finish: str) -> None:
+        """Rank 0: flush held text and send the final chunk with usage (once); every rank: forget the job."""
+        job = row.job
+        with self.cond:
+            self.jobs.pop(job.seq, None)
+            self.last_done = max(self.last_done, job.seq)
+        if self.rank != 0 or row.ended:
             job.done = True
-            with self.cond:
-                self.jobs.pop(job.seq, None)
-                self.last_done = job.seq
-                self.next_seq += 1
+            return
+        row.ended = True
+        if finish in ("length", "stop") and row.stopper.matched is None:
+            row.detok.finalize()
+            tail, hit = row.stopper.feed(row.detok.last_segment)
+            tail += "" if hit else row.stopper.flush()
+            if tail:
+                job.push({"text": tail, "tokens": []})
+        end = time.perf_counter()
+        n, first = row.n, row.first or end
+        usage = {"prompt_tokens": row.prompt_tokens, "completion_tokens": n, "ttft_s": first - job.arrived,
+                 "prompt_tps": row.prompt_tokens / (first - row.start) if first > row.start else 0.0,
+                 "generation_tps": (n - 1) / (end - first) if n > 1 and end > first else 0.0,
+                 "total_s": end - job.arrived}
+        job.done = True
+        job.push({"text": "", "finish_reason": finish, "usage": usage, "stop_sequence": row.stopper.matched})
+
+    def _fail_row(self, row: _Row, error: str) -> None:
+        if self.rank == 0 and not row.ended:
+            row.ended = True
+            row.job.push({"text": "", "finish_reason": "error", "error": error})
 
     def _setup(self) -> None:
         from exo_lab.engine.lockstep import Layout, Lockstep
@@ -162,11 +290,10 @@ class Worker:
             from mlx_lm.utils import load_tokenizer
 
             self.tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
-            self.eos = set(self.tokenizer.eos_token_ids)
         self.state = "warming"
         from exo_lab.engine.sampling import SamplingParams, make_sampler
 
-        list(self.lockstep.generate([1, 2], 1, make_sampler(SamplingParams()), lambda: False))
+        list(self.lockstep.generate([1, 2], 2, make_sampler(SamplingParams()), lambda: False, greedy=True))
         mx.synchronize()
 
     def _fetch(self, fetch: dict[str, Any], model_dir: Path, spec) -> None:
@@ -193,53 +320,22 @@ class Worker:
     def _progress(self, done: int, total: int) -> None:
         self.loaded, self.total = done, total
 
-    def _generate(self, job: Job) -> None:
-        from exo_lab.engine.sampling import SamplingParams, make_sampler
-        from exo_lab.engine.stopping import StopMatcher
+def _job_problem(body: Any) -> str | None:
+    """What makes a generation job unusable (the compute loop must never meet one), or None."""
+    if not isinstance(body, dict) or not isinstance(body.get("seq"), int) or body["seq"] < 1:
+        return "a job needs a positive integer seq"
+    prompt = body.get("prompt")
+    if not isinstance(prompt, list) or not prompt or not all(isinstance(t, int) and t >= 0 for t in prompt):
+        return "prompt must be a non-empty list of token ids"
+    if not isinstance(body.get("max_tokens"), int) or body["max_tokens"] < 1:
+        return "max_tokens must be a positive integer"
+    try:
+        from exo_lab.engine.sampling import SamplingParams
 
-        b = job.body
-        sampler = make_sampler(SamplingParams(**b.get("sampling", {})))
-        prompt = list(b["prompt"])
-        max_tokens = int(b["max_tokens"])
-        if self.rank != 0:
-            for _ in self.lockstep.generate(prompt, max_tokens, sampler, lambda: False):
-                pass
-            return
-        detok = self.tokenizer.detokenizer
-        stopper = StopMatcher(b.get("stop") or [])
-        ignore_eos = bool(b.get("ignore_eos"))
-        start = time.perf_counter()
-        first = start
-        n = 0
-        finish = "length"
-        for t in self.lockstep.generate(prompt, max_tokens, sampler, lambda: job.stop):
-            if job.stop:
-                continue  # the step in flight when the stop was decided: discarded by every rank
-            if n == 0:
-                first = time.perf_counter()
-            n += 1
-            if t in self.eos and not ignore_eos:
-                finish, job.stop = "stop", True
-                continue
-            detok.add_token(t)
-            text, hit = stopper.feed(detok.last_segment)
-            job.push({"text": text, "tokens": [t]})
-            if hit:
-                finish, job.stop = "stop", True
-        if job.stop and finish == "length":
-            finish = "cancelled"
-        if finish in ("length",) or (finish == "stop" and stopper.matched is None):
-            detok.finalize()
-            tail, hit = stopper.feed(detok.last_segment)
-            tail += "" if hit else stopper.flush()
-            if tail:
-                job.push({"text": tail, "tokens": []})
-        end = time.perf_counter()
-        usage = {"prompt_tokens": len(prompt), "completion_tokens": n, "ttft_s": first - start,
-                 "prompt_tps": len(prompt) / (first - start) if first > start else 0.0,
-                 "generation_tps": (n - 1) / (end - first) if n > 1 and end > first else 0.0,
-                 "total_s": end - start}
-        job.push({"text": "", "finish_reason": finish, "usage": usage, "stop_sequence": stopper.matched})
+        SamplingParams(**(body.get("sampling") or {}))
+    except (TypeError, ValueError) as exc:
+        return f"bad sampling parameters: {exc}"
+    return None
 
 
 class _Handler(tornado.web.RequestHandler):
@@ -270,6 +366,11 @@ class GenerateHandler(_Handler):
         if not self.check():
             return
         b = self.body()
+        problem = _job_problem(b)
+        if problem:
+            self.set_status(400)
+            self.finish({"error": problem})
+            return
         job = self.worker.enqueue(Job(int(b["seq"]), "generate", b))
         if self.worker.rank != 0:
             self.finish({"queued": job.seq})
