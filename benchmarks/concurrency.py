@@ -1,9 +1,12 @@
 """Continuous batching: aggregate tokens/s of N concurrent streams against one stream, through the API.
 
 Run: .venv/bin/python benchmarks/concurrency.py [--preset llama-1b --dtype float32] [--streams 8] [--tokens 32]
+     [--instance pipeline|tensor]
 
 One exo_lab server (the engine batches concurrent requests); the official
-openai client streams from it. Baseline: one stream at a time. Each
+openai client streams from it. With ``--instance``, the server serves a
+distributed instance instead: a local cluster of 2 node agents, the model
+split over both (separate MLX ranks in lock step, batched the same way). Baseline: one stream at a time. Each
 configuration is measured ``--repeat`` times, alternating, and the median
 aggregate tokens/s is compared. Target (issue [api]): 8 streams >= 3x one stream.
 """
@@ -46,6 +49,8 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--instance", choices=["pipeline", "tensor"], default=None,
+                    help="serve a 2-rank distributed instance with this split instead of one process")
     args = ap.parse_args()
 
     from exo_lab.models.store import cache_name
@@ -56,7 +61,15 @@ def main() -> None:
     if not (path / "config.json").exists():
         print(f"creating {path} ...", flush=True)
         create(path, args.preset, dtype=args.dtype, overwrite=True)
-    engine = exo_lab.Engine(path, name="bench")
+    cluster = None
+    if args.instance:
+        cluster = exo_lab.local_cluster(2)
+        plans = cluster.preview(path, context=2048, prompt_tokens=64)
+        plan = next(p for p in plans if p.strategy == args.instance and p.num_nodes == 2)
+        print(f"launching {plan.describe()} ...", flush=True)
+        engine = cluster.launch(path, plan=plan, name="bench")
+    else:
+        engine = exo_lab.Engine(path, name="bench")
     server = exo_lab.serve(engine, port=0)
     client = openai.OpenAI(base_url=server.openai_base_url, api_key="x", max_retries=0, timeout=600)
     try:
@@ -69,12 +82,15 @@ def main() -> None:
         a, b = statistics.median(one), statistics.median(many)
         ratio = b / a
         verdict = "ok" if ratio >= 3 else "BELOW TARGET"
-        print(f"\nmodel {args.preset} {args.dtype}, {args.tokens} tokens per stream, median of {args.repeat}")
+        where = f"distributed instance ({engine.plan.describe()})" if cluster else "one process"
+        print(f"\nmodel {args.preset} {args.dtype} on {where}, {args.tokens} tokens per stream, median of {args.repeat}")
         print(f"aggregate tok/s: 1 stream {a:.2f}, {args.streams} concurrent streams {b:.2f}")
         print(f"ratio {args.streams} streams / 1 stream = {ratio:.2f}x  [target >= 3x: {verdict}]")
     finally:
         server.stop()
         engine.close()
+        if cluster is not None:
+            cluster.close()
 
 
 if __name__ == "__main__":

@@ -141,9 +141,12 @@ def test_determinism_and_seed(client):
 def test_format_json(client):
     r = chat(client, 60, format="json")
     assert isinstance(json.loads(r.message.content), dict)
-    schema = {"type": "object", "properties": {"name": {"type": "string"}}}
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 5},
+                                               "n": {"type": "integer", "minimum": 1, "maximum": 9}},
+              "required": ["name", "n"], "additionalProperties": False}
     r = chat(client, 60, format=schema)
-    assert isinstance(json.loads(r.message.content), dict)
+    value = json.loads(r.message.content)
+    assert set(value) == {"name", "n"} and len(value["name"]) <= 5 and 1 <= value["n"] <= 9
     parts = list(client.generate(model="tiny", prompt="A cat as JSON", format="json", options={**GREEDY, "num_predict": 40},
                                  stream=True))
     assert isinstance(json.loads("".join(p.response for p in parts)), dict)
@@ -192,6 +195,7 @@ def test_malformed_bodies(server, path, body):
         ("/api/chat", {"model": "tiny", "messages": MSGS, "options": {"stop": 5}}),
         ("/api/chat", {"model": "tiny", "messages": MSGS, "options": "fast"}),
         ("/api/chat", {"model": "tiny", "messages": MSGS, "format": "yaml"}),
+        ("/api/chat", {"model": "tiny", "messages": MSGS, "format": {"type": "bogus"}}),
         ("/api/chat", {"model": "tiny", "messages": MSGS, "stream": "no"}),
         ("/api/chat", {"model": 5, "messages": MSGS}),
         ("/api/generate", {"model": "tiny", "prompt": 5}),

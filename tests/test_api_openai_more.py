@@ -65,12 +65,39 @@ def test_json_object_sampled_and_streamed(client):
     assert text == full.choices[0].message.content and isinstance(json.loads(text), dict)
 
 
-def test_json_schema(client):
-    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": {
-        "type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}}}
-    assert isinstance(json.loads(create(client, response_format=fmt, max_tokens=50).choices[0].message.content), dict)
-    fmt = {"type": "json_schema", "json_schema": {"name": "list", "schema": {"type": "array", "items": {"type": "number"}}}}
-    assert isinstance(json.loads(create(client, response_format=fmt, max_tokens=50).choices[0].message.content), list)
+# every part bounded, so that even a model with random weights finishes within the token budget
+PERSON = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "pet": {"enum": ["cat", "dog", None]},
+        "tags": {"type": "array", "items": {"type": "string", "pattern": "^[a-z]{1,3}$"}, "maxItems": 2},
+        "home": {"type": "object", "properties": {"x": {"type": "boolean"}}, "required": ["x"],
+                 "additionalProperties": False},
+    },
+    "required": ["name", "age", "pet", "tags", "home"],
+    "additionalProperties": False,
+}
+
+
+def test_json_schema_is_followed_in_full(client):
+    import jsonschema
+
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    for kw in ({}, {"temperature": 1.0, "seed": 3}, {"temperature": 1.0, "seed": 4}):
+        r = create(client, response_format=fmt, max_tokens=120, **kw)
+        value = json.loads(r.choices[0].message.content)
+        jsonschema.validate(value, PERSON)
+        assert list(value) == list(PERSON["properties"])  # properties in the schema's order
+        assert r.choices[0].finish_reason == "stop"
+    chunks = list(create(client, response_format=fmt, max_tokens=120, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    jsonschema.validate(json.loads(text), PERSON)
+    fmt = {"type": "json_schema", "json_schema": {"name": "list", "schema": {
+        "type": "array", "items": {"type": "integer", "minimum": -5, "maximum": 5}, "minItems": 1, "maxItems": 4}}}
+    value = json.loads(create(client, response_format=fmt, max_tokens=50).choices[0].message.content)
+    assert isinstance(value, list) and 1 <= len(value) <= 4 and all(-5 <= v <= 5 for v in value)
 
 
 def test_json_mode_ends_with_end_of_sequence_when_the_object_closes(client):
@@ -147,6 +174,10 @@ def test_tools_auto_and_none_give_text(client):
         ({"response_format": {"type": "xml"}}, "response_format.type"),
         ({"response_format": "json"}, "response_format"),
         ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}},
+         "response_format.json_schema.schema"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}},
+         "response_format.json_schema.schema"),
         ({"top_logprobs": 3}, "top_logprobs"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"logprobs": "yes"}, "logprobs"),

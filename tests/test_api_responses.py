@@ -104,6 +104,16 @@ def test_completed_when_the_model_stops(client):
     assert events[-1].response.output_text == r.output_text
 
 
+def test_json_schema_text_format(client):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "maximum": 99,
+                                                                              "minimum": 0}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    r = create(client, max_output_tokens=60, text={"format": {"type": "json_schema", "name": "s", "schema": schema}})
+    value = json.loads(r.output_text)
+    assert set(value) == {"ok", "n"} and isinstance(value["ok"], bool) and 0 <= value["n"] <= 99
+    assert r.status == "completed" and r.text.format.type == "json_schema"
+
+
 def test_streaming_sse_has_event_lines(server):
     body = json.dumps({"model": "tiny", "input": PROMPT, "max_output_tokens": 3, "stream": True})
     status, data = raw(server, "POST", "/v1/responses", body)
@@ -150,6 +160,9 @@ def test_function_call_items_round_trip(client):
         (json.dumps({"model": "tiny", "input": "hi", "stream": 1}).encode(), "stream"),
         (json.dumps({"model": "tiny", "input": "hi", "previous_response_id": "resp_1"}).encode(), "previous_response_id"),
         (json.dumps({"model": "tiny", "input": "hi", "text": {"format": {"type": "xml"}}}).encode(), "text.format.type"),
+        (json.dumps({"model": "tiny", "input": "hi", "text": {"format": {"type": "json_schema", "name": "s",
+                                                                         "schema": {"type": "bogus"}}}}).encode(),
+         "text.format.schema"),
     ],
 )
 def test_malformed_requests_get_400(server, body, param):

@@ -84,12 +84,12 @@ def generation_request(
     features = getattr(backend, "features", frozenset())
     if logprobs is not None and "logprobs" not in features:
         raise bad_request("This model's backend (a distributed instance) does not report logprobs yet.", "logprobs")
-    if grammar is not None and "grammar" not in features:
-        raise bad_request(f"This model's backend (a distributed instance) cannot constrain output yet; "
-                          f"leave out '{grammar_param}'.", grammar_param)
+    if grammar is not None and _grammar_feature(grammar) not in features:
+        raise bad_request(f"This model's backend (a distributed instance) can constrain output to a JSON schema "
+                          f"only, not this '{grammar_param}'.", grammar_param)
     room = (context - len(prompt)) if context else DEFAULT_MAX_TOKENS
     limit = min(max_tokens or DEFAULT_MAX_TOKENS, room)
-    if grammar is not None and hasattr(backend, "vocab_index"):
+    if grammar is not None and hasattr(grammar, "completion") and hasattr(backend, "vocab_index"):
         need = backend.vocab_index().tokens_to_spell(grammar.completion(grammar.start()))
         if limit < need:
             raise bad_request(f"'{max_tokens_param}' is {limit}, too few for the shortest output '{grammar_param}' "
@@ -103,6 +103,13 @@ def generation_request(
         logprobs=logprobs,
         grammar=grammar,
     )
+
+
+def _grammar_feature(grammar: Any) -> str:
+    """The backend feature a constraint needs: ``schema`` (llguidance) or ``grammar`` (character automata)."""
+    from exo_lab.engine.guided import SchemaGrammar
+
+    return "schema" if isinstance(grammar, SchemaGrammar) else "grammar"
 
 
 def submit(backend: Backend, request: GenerationRequest) -> Generation:
@@ -154,14 +161,19 @@ async def collect(generation: Generation) -> Collected:
     return out
 
 
-def json_schema_root(schema: Any) -> str:
-    """The JSON grammar root for a JSON schema: ``object``, ``array`` or ``any``."""
-    if isinstance(schema, dict):
-        kind = schema.get("type")
-        if kind in ("object", "array"):
-            return kind
-        if kind is None and "properties" in schema:
-            return "object"
-        if kind is not None:
-            return "any"
-    return "object"
+def schema_grammar(schema: Any, param: str) -> Any:
+    """The constraint for a ``json_schema`` request: the whole schema (llguidance), or any JSON object without one.
+
+    A schema that cannot be followed is the client's mistake: 400, naming ``param``.
+    """
+    from exo_lab.engine.constrain import Json
+    from exo_lab.engine.guided import SchemaError, SchemaGrammar
+
+    if schema is None:
+        return Json("object")
+    if not isinstance(schema, dict):
+        raise bad_request(f"'{param}' must be an object.", param, "invalid_type")
+    try:
+        return SchemaGrammar.from_schema(schema)
+    except SchemaError as exc:
+        raise bad_request(f"'{param}' is not a JSON schema this server can follow: {exc}", param) from exc

@@ -186,7 +186,7 @@ def _grammar(data: dict[str, Any]) -> Any:
     if fmt == "json":
         return Json("object")
     if isinstance(fmt, dict):
-        return Json(common.json_schema_root(fmt))
+        return common.schema_grammar(fmt, "format")
     raise bad_request(f'format must be "json" or a JSON schema object, got {json.dumps(fmt)}', "format")
 
 

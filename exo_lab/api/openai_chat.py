@@ -89,11 +89,7 @@ def _grammar_for_format(data: dict[str, Any]) -> Any:
         if not isinstance(spec, dict):
             raise bad_request("'response_format.json_schema' must be an object with a 'schema'.",
                               "response_format.json_schema")
-        schema = spec.get("schema")
-        if schema is not None and not isinstance(schema, dict):
-            raise bad_request("'response_format.json_schema.schema' must be an object.",
-                              "response_format.json_schema.schema")
-        return Json(common.json_schema_root(schema))
+        return common.schema_grammar(spec.get("schema"), "response_format.json_schema.schema")
     raise bad_request(f"'response_format.type' must be 'text', 'json_object' or 'json_schema', got {kind!r}.",
                       "response_format.type")
 

@@ -136,10 +136,7 @@ def _text_format(data: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     if kind == "json_object":
         return fmt, Json("object")
     if kind == "json_schema":
-        schema = fmt.get("schema")
-        if schema is not None and not isinstance(schema, dict):
-            raise bad_request("'text.format.schema' must be an object.", "text.format.schema", "invalid_type")
-        return fmt, Json(common.json_schema_root(schema))
+        return fmt, common.schema_grammar(fmt.get("schema"), "text.format.schema")
     raise bad_request(f"'text.format.type' must be 'text', 'json_object' or 'json_schema', got {kind!r}.",
                       "text.format.type")
 
