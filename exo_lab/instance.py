@@ -43,6 +43,9 @@ class LaunchError(RuntimeError):
 class Instance:
     """A running model split over ranks; generates like an :class:`~exo_lab.Engine`."""
 
+    #: what it does beyond plain generation: JSON-schema constraints (applied on the rank that samples)
+    features = frozenset({"schema"})
+
     def __init__(self, cluster: Any, model: str, plan: Plan, name: str | None = None, auto_replace: bool = True,
                  max_batch: int = 16, max_queue: int = 256) -> None:
         from mlx_lm.utils import load_tokenizer
@@ -350,7 +353,8 @@ class Instance:
                 seq = self._seq
                 self._inflight.add(gen)
             body = {"seq": seq, "prompt": list(req.prompt_tokens), "max_tokens": req.max_tokens,
-                    "sampling": asdict(req.sampling), "stop": list(req.stop), "ignore_eos": req.ignore_eos}
+                    "sampling": asdict(req.sampling), "stop": list(req.stop), "ignore_eos": req.ignore_eos,
+                    "grammar": _grammar_text(req.grammar)}
             try:  # the other ranks first: rank 0 admits a job only once it has it, so they must have it too
                 for rank in sorted(self.controls):
                     if rank != 0:
@@ -485,6 +489,17 @@ class Instance:
                 f"<span style='display:block;height:8px;width:{pct:.0f}%;background:var(--jp-brand-color1,#1976d2)'></span>"
                 f"</span> {done}/{total} layers<br><small>{html.escape(self.plan.describe())}</small>"
                 + (f"<br><small style='color:#c62828'>{html.escape(self.error)}</small>" if self.error else ""))
+
+
+def _grammar_text(grammar: Any) -> str | None:
+    """The llguidance grammar the ranks follow (a JSON schema compiled by the API), or None."""
+    if grammar is None:
+        return None
+    from exo_lab.engine.guided import SchemaGrammar
+
+    if not isinstance(grammar, SchemaGrammar):
+        raise ValueError("a distributed instance follows JSON schemas only")
+    return grammar.grammar
 
 
 def _num_layers(plan: Plan) -> int:

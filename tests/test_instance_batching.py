@@ -6,6 +6,7 @@ a request's greedy tokens are the same batched or alone, for every split.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -152,6 +153,38 @@ def test_concurrent_api_streams_on_a_pipeline(cluster, tiny):
             t.join(60)
         assert got == expected
         assert inst.stats["peak_batch"] >= 2
+    finally:
+        server.stop()
+        inst.delete()
+
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6},
+                                           "n": {"type": "integer", "minimum": 0, "maximum": 50},
+                                           "ok": {"type": "boolean"}},
+          "required": ["name", "n", "ok"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("strategy", ["pipeline", "tensor"])
+def test_json_schema_on_the_rank_that_samples_batched_with_plain_requests(cluster, tiny, references, strategy):
+    import jsonschema
+
+    inst = cluster.launch(tiny, plan=pick(cluster, tiny, strategy), name="tiny-dist")
+    server = exo_lab.serve(inst, port=free_port())
+    try:
+        client = openai.OpenAI(base_url=server.openai_base_url, api_key="x", max_retries=0)
+        plain = [inst.generate(p, max_tokens=n, temperature=0, ignore_eos=True) for p, n in zip(PROMPTS, MAX_TOKENS)]
+        fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMA}}
+        replies = [client.chat.completions.create(model="tiny-dist", messages=[{"role": "user", "content": f"item {i}"}],
+                                                  max_tokens=60, temperature=t, seed=i, response_format=fmt)
+                   for i, t in enumerate((0, 1.0))]
+        for r in replies:
+            jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
+            assert r.choices[0].finish_reason == "stop"
+        r = client.chat.completions.create(model="tiny-dist", messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=80, temperature=0, response_format={"type": "json_object"})
+        if r.choices[0].finish_reason == "stop":
+            assert isinstance(json.loads(r.choices[0].message.content), dict)
+        assert [tokens(g) for g in plain] == references  # the plain requests beside them are unchanged
     finally:
         server.stop()
         inst.delete()

@@ -84,6 +84,8 @@ def generation_request(
     features = getattr(backend, "features", frozenset())
     if logprobs is not None and "logprobs" not in features:
         raise bad_request("This model's backend (a distributed instance) does not report logprobs yet.", "logprobs")
+    if grammar is not None and _grammar_feature(grammar) not in features and "schema" in features:
+        grammar = _as_schema(grammar)
     if grammar is not None and _grammar_feature(grammar) not in features:
         raise bad_request(f"This model's backend (a distributed instance) can constrain output to a JSON schema "
                           f"only, not this '{grammar_param}'.", grammar_param)
@@ -103,6 +105,16 @@ def generation_request(
         logprobs=logprobs,
         grammar=grammar,
     )
+
+
+def _as_schema(grammar: Any) -> Any:
+    """The JSON-schema form of a character grammar where there is one (any JSON object, array or value)."""
+    from exo_lab.engine.constrain import Json
+    from exo_lab.engine.guided import SchemaGrammar
+
+    if isinstance(grammar, Json):
+        return SchemaGrammar.from_schema({"type": grammar.root} if grammar.root != "any" else {})
+    return grammar
 
 
 def _grammar_feature(grammar: Any) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import mlx.core as mx
 
@@ -63,11 +64,13 @@ class Batch:
         self.inputs: list[int] = []  # each row's next input token
         self.samplers: list[Callable[[mx.array], mx.array]] = []
         self.greedy: list[bool] = []
+        self.constraints: list[Any] = []  # a SchemaConstraint or None per row (only where the rank samples)
 
     def __len__(self) -> int:
         return len(self.inputs)
 
-    def add(self, cache: list, first_input: int, sampler: Callable[[mx.array], mx.array], greedy: bool) -> None:
+    def add(self, cache: list, first_input: int, sampler: Callable[[mx.array], mx.array], greedy: bool,
+            constraint: Any = None) -> None:
         """Append a prefilled sequence (its per-layer ``KVCache``) as the last row."""
         merged = [c.merge([c]) for c in cache]
         if self.cache is None:
@@ -78,6 +81,13 @@ class Batch:
         self.inputs.append(first_input)
         self.samplers.append(sampler)
         self.greedy.append(greedy)
+        self.constraints.append(constraint)
+
+    def follow(self, tokens: list[int], flags: list[int]) -> None:
+        """Constrained rows follow the token they took this step (not the rows stopped by a flag)."""
+        for constraint, token, flag in zip(self.constraints, tokens, flags):
+            if constraint is not None and not flag:
+                constraint.consume(token)
 
     def keep(self, rows: list[int]) -> None:
         """Keep only ``rows`` (in this order)."""
@@ -86,6 +96,7 @@ class Batch:
         self.inputs = [self.inputs[i] for i in rows]
         self.samplers = [self.samplers[i] for i in rows]
         self.greedy = [self.greedy[i] for i in rows]
+        self.constraints = [self.constraints[i] for i in rows]
         if not rows:
             self.cache = None
         else:
@@ -168,6 +179,9 @@ class Lockstep:
         if lay.rank != lay.stages[-1][0]:
             mx.eval(logits)  # tensor peers: run the step's all-reduces even though the lead samples
             return None
+        if any(c is not None for c in batch.constraints):
+            logits = mx.concatenate([logits[i : i + 1] if c is None else c.mask(logits[i : i + 1])
+                                     for i, c in enumerate(batch.constraints)], axis=0)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         if all(batch.greedy):
             tokens = mx.argmax(logprobs, axis=-1)

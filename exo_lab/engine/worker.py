@@ -12,7 +12,7 @@ every rank follows at the same step:
 - ``GET /status``: state (``connecting``, ``loading``, ``warming``, ``ready``,
   ``failed``), layers loaded / total, last finished sequence number;
 - ``POST /generate``: ``{"seq", "prompt", "max_tokens", "sampling", "stop",
-  "ignore_eos"}``; rank 0 streams NDJSON chunks, the other ranks answer at once
+  "ignore_eos", "grammar"}`` (``grammar``: an llguidance grammar string, or absent); rank 0 streams NDJSON chunks, the other ranks answer at once
   (every rank must get every job: a rank waits for the jobs rank 0 admits);
 - ``POST /cancel``: ``{"seq"}`` (rank 0 turns it into the shared stop flag);
 - ``POST /shutdown``: ``{"seq"}``: drain, barrier with every rank, exit.
@@ -95,6 +95,7 @@ class Worker:
         #: decode steps taken and the most sequences one step decoded
         self.stats = {"decode_steps": 0, "peak_batch": 0}
         self.verifier = Verifier(config["cluster_key"])
+        self.guide = None  # the llguidance tokenizer, on the rank that samples (JSON-schema constraints)
 
     def status(self) -> dict[str, Any]:
         return {"state": self.state, "rank": self.rank, "loaded": self.loaded, "total": self.total,
@@ -148,11 +149,15 @@ class Worker:
                 os._exit(0)
             _, _, self.admit_to = ls.share(None, [], self._admissible(0))
         for seq in range(self.admitted + 1, self.admit_to + 1):
+            t = time.perf_counter()
             rows.append(self._admit(self._job(seq), batch))
             self.admitted = seq
+            log.debug("job %d joined (prefill %.3f s)", seq, time.perf_counter() - t)
+        t = time.perf_counter()
         tokens = ls.step(batch)
         flags = [1 if r.job.stop else 0 for r in rows] if self.rank == 0 else [0] * len(rows)
         tokens_all, flags, self.admit_to = ls.share(tokens, flags, self._admissible(len(rows)))
+        batch.follow(tokens_all, flags)
         batch.inputs = tokens_all
         keep = []
         for i, (row, token, flag) in enumerate(zip(rows, tokens_all, flags)):
@@ -161,6 +166,7 @@ class Worker:
             elif self._accept(row, token):
                 keep.append(i)
         batch.keep(keep)
+        log.debug("step of %d rows: %.3f s", len(rows), time.perf_counter() - t)
         self.stats["decode_steps"] += 1
         self.stats["peak_batch"] = max(self.stats["peak_batch"], len(rows))
         return [rows[i] for i in keep]
@@ -194,7 +200,12 @@ class Worker:
         if self.rank == 0:
             row.detok = self.tokenizer.detokenizer
             row.stopper = StopMatcher(b.get("stop") or [])
-        batch.add(self.lockstep.prefill(prompt), prompt[-1], make_sampler(params), params.greedy)
+        constraint = None
+        if b.get("grammar") and self.guide is not None:  # the rank that samples keeps the output in the schema
+            from exo_lab.engine.guided import SchemaConstraint
+
+            constraint = SchemaConstraint(b["grammar"], self.guide)
+        batch.add(self.lockstep.prefill(prompt), prompt[-1], make_sampler(params), params.greedy, constraint)
         return row
 
     def _accept(self, row: _Row, token: int) -> bool:
@@ -286,10 +297,15 @@ class Worker:
         act = getattr(mx, cfg.get("dtype") or config.get("torch_dtype") or "bfloat16")
         self.lockstep = Lockstep(self.shard, self.group, layout, config["hidden_size"], act,
                                  cfg.get("prefill_step_size", 2048))
-        if self.rank == 0:
+        samples = self.rank == stages[-1][0]  # the last stage's lead rank samples every token
+        if self.rank == 0 or samples:
             from mlx_lm.utils import load_tokenizer
 
             self.tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
+        if samples:
+            from exo_lab.engine.guided import guide_tokenizer
+
+            self.guide = guide_tokenizer(self.tokenizer, int(config["vocab_size"]))
         self.state = "warming"
         from exo_lab.engine.sampling import SamplingParams, make_sampler
 
@@ -329,6 +345,8 @@ def _job_problem(body: Any) -> str | None:
         return "prompt must be a non-empty list of token ids"
     if not isinstance(body.get("max_tokens"), int) or body["max_tokens"] < 1:
         return "max_tokens must be a positive integer"
+    if body.get("grammar") is not None and not isinstance(body["grammar"], str):
+        return "grammar must be an llguidance grammar string"
     try:
         from exo_lab.engine.sampling import SamplingParams
 
@@ -419,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
 
     argv = argv if argv is not None else sys.argv[1:]
     config = json.loads(Path(argv[0]).read_text())
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s rank{config.get('rank')} %(levelname)s %(message)s")
+    logging.basicConfig(level=os.environ.get("EXO_LAB_WORKER_LOG", "INFO").upper(), format=f"%(asctime)s rank{config.get('rank')} %(levelname)s %(message)s")
     worker = Worker(config)
     compute = threading.Thread(target=worker.run, name="exo-lab-rank", daemon=True)
 
