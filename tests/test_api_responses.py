@@ -136,6 +136,20 @@ def test_function_call_items_round_trip(client):
     assert r.output_text and r.usage.output_tokens == 12
 
 
+WEATHER = {"type": "function", "name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"]}}
+
+
+def test_forced_tool_call_on_a_real_model(client):
+    for choice in ("required", {"type": "function", "name": "get_weather"}):
+        r = create(client, tools=[WEATHER], tool_choice=choice, max_output_tokens=80)
+        calls = [o for o in r.output if o.type == "function_call"]
+        assert len(calls) == 1 and calls[0].name == "get_weather"
+        assert isinstance(json.loads(calls[0].arguments), dict)
+    events = list(create(client, tools=[WEATHER], tool_choice="required", max_output_tokens=80, stream=True))
+    assert [o.type for o in events[-1].response.output if o.type == "function_call"] == ["function_call"]
+
+
 # --- errors: OpenAI's shape ----------------------------------------------------------------
 
 @pytest.mark.parametrize(
@@ -159,6 +173,15 @@ def test_function_call_items_round_trip(client):
         (json.dumps({"model": "tiny", "input": "hi", "instructions": 5}).encode(), "instructions"),
         (json.dumps({"model": "tiny", "input": "hi", "stream": 1}).encode(), "stream"),
         (json.dumps({"model": "tiny", "input": "hi", "previous_response_id": "resp_1"}).encode(), "previous_response_id"),
+        (json.dumps({"model": "tiny", "input": "hi", "tools": "get_weather"}).encode(), "tools"),
+        (json.dumps({"model": "tiny", "input": "hi", "tools": [{"type": "web_search"}]}).encode(), "tools[0].type"),
+        (json.dumps({"model": "tiny", "input": "hi", "tools": [{"type": "function"}]}).encode(), "tools[0].name"),
+        (json.dumps({"model": "tiny", "input": "hi", "tools": [{"type": "function", "name": "f", "parameters": 3}]}
+                    ).encode(), "tools[0].parameters"),
+        (json.dumps({"model": "tiny", "input": "hi", "tools": [{"type": "function", "name": "f"}],
+                     "tool_choice": "sometimes"}).encode(), "tool_choice"),
+        (json.dumps({"model": "tiny", "input": "hi", "tools": [{"type": "function", "name": "f"}],
+                     "tool_choice": {"type": "function", "name": "g"}}).encode(), "tool_choice"),
         (json.dumps({"model": "tiny", "input": "hi", "text": {"format": {"type": "xml"}}}).encode(), "text.format.type"),
         (json.dumps({"model": "tiny", "input": "hi", "text": {"format": {"type": "json_schema", "name": "s",
                                                                          "schema": {"type": "bogus"}}}}).encode(),

@@ -90,6 +90,45 @@ def test_openai_chat(server):
     assert plain.choices[0].message.content == SCRIPT and plain.choices[0].message.tool_calls is None
 
 
+RESPONSES_TOOL = {"type": "function", "name": "get_weather", "description": "The weather in a city",
+                  "parameters": OPENAI_TOOL["function"]["parameters"]}
+
+
+def test_openai_responses(server):
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+    r = client.responses.create(model="m", input="Weather in Paris?", tools=[RESPONSES_TOOL])
+    assert [o.type for o in r.output] == ["message", "function_call"]
+    assert r.output_text == "Let me check." and r.status == "completed"
+    call = r.output[1]
+    assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"} and call.call_id
+    assert r.tools[0].name == "get_weather" and r.tool_choice == "auto"
+    assert b"<tools>" in bytes(server.backend.prompts[-1])
+
+    events = list(client.responses.create(model="m", input="Weather in Paris?", tools=[RESPONSES_TOOL], stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    # one item at a time: the message is done before the call's item is added
+    assert kinds.index("response.output_item.done") < kinds.index("response.function_call_arguments.delta")
+    done = next(e for e in events if e.type == "response.function_call_arguments.done")
+    assert json.loads(done.arguments) == {"city": "Paris"}
+    final = events[-1].response
+    assert [o.type for o in final.output] == ["message", "function_call"] and final.output_text == "Let me check."
+    assert final.output[1].arguments == done.arguments
+    added = [e.item.type for e in events if e.type == "response.output_item.added"]
+    assert added == ["message", "function_call"]
+
+    # the call and its output go back in as input items
+    history = [{"role": "user", "content": "Weather in Paris?"},
+               {"type": "function_call", "call_id": call.call_id, "name": "get_weather", "arguments": call.arguments},
+               {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}]
+    assert client.responses.create(model="m", input=history, tools=[RESPONSES_TOOL]).status == "completed"
+    assert b"<tool_response>\nsunny\n</tool_response>" in bytes(server.backend.prompts[-1])
+
+    plain = client.responses.create(model="m", input="Weather in Paris?")  # no tools: the text as it is
+    assert plain.output_text == SCRIPT and [o.type for o in plain.output] == ["message"]
+
+
 def test_anthropic_messages(server):
     client = anthropic.Anthropic(base_url=server.url, api_key="x", max_retries=0)
     tool = {"name": "get_weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}

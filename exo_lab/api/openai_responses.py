@@ -10,13 +10,20 @@ the system message. Streaming sends ``response.created``,
 ``response.incomplete`` when ``max_output_tokens`` cut it short), each with
 its ``sequence_number``. Responses are not stored: ``previous_response_id``
 is refused with a 400.
+
+Function tools (``tools: [{"type": "function", "name", "parameters"}]``,
+``tool_choice``): calls the model writes become ``function_call`` output
+items (``call_id``, ``name``, ``arguments`` as a JSON string); streamed as
+``response.output_item.added``, ``response.function_call_arguments.delta`` /
+``.done`` and ``response.output_item.done``. With tools, the message item
+opens only when there is text to show.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from exo_lab.api import common
@@ -24,6 +31,7 @@ from exo_lab.api.base import ApiHandler
 from exo_lab.api.errors import ApiError, bad_request
 from exo_lab.api.fields import get_bool, get_float, get_int, get_str
 from exo_lab.api.registry import Backend, ModelRegistry
+from exo_lab.api.tools import ToolCallScanner, ToolFormat, check_tool_choice, check_tools, tool_format, tool_names
 from exo_lab.engine.chat import ROLES
 from exo_lab.engine.generator import GenerationRequest, Usage
 
@@ -37,6 +45,40 @@ class ResponsesRequest:
     generation: GenerationRequest
     stream: bool
     echo: dict[str, Any]  # request settings echoed in the response object
+    tools: list[dict[str, Any]] = field(default_factory=list)  # as Chat Completions function tools
+    tool_format: ToolFormat | None = None  # how the model writes calls (None: no tools)
+
+
+def parse_tools(data: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Responses ``tools`` (flat function tools): as Chat Completions tools, and as echoed back."""
+    tools = data.get("tools")
+    if tools is None:
+        return [], []
+    if not isinstance(tools, list):
+        raise bad_request("'tools' must be an array of tools.", "tools", "invalid_type")
+    chat_tools, echo = [], []
+    for i, tool in enumerate(tools):
+        where = f"tools[{i}]"
+        if not isinstance(tool, dict):
+            raise bad_request(f"'{where}' must be an object.", where, "invalid_type")
+        if tool.get("type") != "function":
+            raise bad_request(f"Tool type {tool.get('type')!r} at '{where}' is not available here: only "
+                              "'function' tools (the caller runs them).", f"{where}.type")
+        if not isinstance(tool.get("name"), str) or not tool["name"]:
+            raise bad_request(f"Missing required parameter: '{where}.name'.", f"{where}.name",
+                              "missing_required_parameter")
+        description = tool.get("description")
+        if description is not None and not isinstance(description, str):
+            raise bad_request(f"'{where}.description' must be a string.", f"{where}.description", "invalid_type")
+        if tool.get("parameters") is not None and not isinstance(tool["parameters"], dict):
+            raise bad_request(f"'{where}.parameters' must be a JSON schema object.", f"{where}.parameters",
+                              "invalid_type")
+        function = {"name": tool["name"], "description": description or "", "parameters": tool.get("parameters")}
+        chat_tools.append({"type": "function", "function": function})
+        echo.append({"type": "function", "name": tool["name"], "description": description,
+                     "parameters": tool.get("parameters"), "strict": tool.get("strict", True)})
+    check_tools(chat_tools, "tools")
+    return chat_tools, echo
 
 
 def _content(content: Any, where: str) -> str:
@@ -153,19 +195,26 @@ def parse_responses_request(data: dict[str, Any], registry: ModelRegistry) -> Re
     if data.get("previous_response_id") is not None:
         raise bad_request("This server does not store responses, so 'previous_response_id' cannot be used: "
                           "send the whole conversation in 'input'.", "previous_response_id")
-    if data.get("tools"):
-        raise bad_request("Tools are not supported on /v1/responses yet; use /v1/chat/completions for tool calls.",
-                          "tools")
+    tools, tools_echo = parse_tools(data)
+    mode, forced = check_tool_choice(data.get("tool_choice"), tools)
     fmt, grammar = _text_format(data)
+    grammar_param = "text.format"
     backend = common.ready_backend(registry, model)
-    prompt = common.chat_tokens(backend, messages, param="input")
+    calls_format = tool_format(backend.tokenizer) if tools and mode != "none" else None
+    if calls_format is not None and calls_format.hermes and mode in ("required", "function"):
+        from exo_lab.engine.constrain import tool_call_grammar
+
+        grammar, grammar_param = tool_call_grammar([forced] if forced else tool_names(tools)), "tool_choice"
+    prompt = common.chat_tokens(backend, messages, tools or None, param="input")
     request = common.generation_request(backend, prompt, max_tokens, common.sampling_params(temperature, top_p),
                                         max_tokens_param="max_output_tokens", prompt_param="input", grammar=grammar,
-                                        grammar_param="text.format")
+                                        grammar_param=grammar_param)
     metadata = data.get("metadata") if isinstance(data.get("metadata"), dict) else {}
+    choice = data.get("tool_choice", "auto" if tools else "none")
     echo = {"instructions": data.get("instructions"), "max_output_tokens": max_tokens, "temperature": temperature,
-            "top_p": top_p, "text": {"format": fmt}, "metadata": metadata, "user": data.get("user")}
-    return ResponsesRequest(model, backend, request, stream, echo)
+            "top_p": top_p, "text": {"format": fmt}, "metadata": metadata, "user": data.get("user"),
+            "tools": tools_echo, "tool_choice": choice}
+    return ResponsesRequest(model, backend, request, stream, echo, tools, calls_format)
 
 
 def responses_usage(usage: Usage | None) -> dict[str, Any]:
@@ -218,12 +267,16 @@ class ResponsesHandler(ApiHandler):
             "previous_response_id": None,
             "reasoning": {"effort": None, "summary": None},
             "store": False,
-            "tool_choice": "auto",
-            "tools": [],
             "truncation": "disabled",
             "usage": responses_usage(usage) if usage is not None else None,
             **req.echo,
         }
+
+    @staticmethod
+    def _call_item(call: dict[str, Any]) -> dict[str, Any]:
+        """A Chat Completions tool call as a Responses ``function_call`` output item."""
+        return {"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": call["id"],
+                "name": call["function"]["name"], "arguments": call["function"]["arguments"], "status": "completed"}
 
     async def _complete(self, req: ResponsesRequest) -> None:
         out = await common.collect(self.generation)
@@ -233,7 +286,15 @@ class ResponsesHandler(ApiHandler):
             self.send_api_error(ApiError(500, f"Generation failed: {out.error}", type="server_error"))
             return
         status = "incomplete" if out.finish_reason == "length" else "completed"
-        self.send_json(self._response(req, status, [self._item(out.text, status)], out.usage))
+        text, calls = out.text, []
+        if req.tool_format is not None:
+            scanner = ToolCallScanner(req.tool_format, req.tools)
+            shown, _ = scanner.feed(out.text)
+            rest, _ = scanner.finish()
+            text, calls = shown + rest, scanner.calls
+        output = [self._item(text, status)] if (text.strip() or not calls) else []
+        output += [self._call_item(c) for c in calls]
+        self.send_json(self._response(req, status, output, out.usage))
 
     async def _stream(self, req: ResponsesRequest) -> None:
         self.start_sse()
@@ -245,38 +306,91 @@ class ResponsesHandler(ApiHandler):
             seq += 1
             return ok
 
-        where = {"item_id": self.mid, "output_index": 0, "content_index": 0}
-        opening = [
-            ("response.created", {"response": self._response(req, "in_progress", [])}),
-            ("response.in_progress", {"response": self._response(req, "in_progress", [])}),
-            ("response.output_item.added", {"output_index": 0, "item": self._item(None, "in_progress")}),
-            ("response.content_part.added", {**where, "part": self._part("")}),
-        ]
-        for kind, fields in opening:
-            if not await send(kind, **fields):
+        for kind in ("response.created", "response.in_progress"):
+            if not await send(kind, response=self._response(req, "in_progress", [])):
                 return
+        items: list[dict[str, Any]] = []  # finished output items, in output order
+        message: int | None = None  # output index of the message item once it is open
         parts: list[str] = []
+        held = ""
+        closed = False  # whether the open message item was closed (a call followed it)
+
+        async def open_message() -> bool:
+            nonlocal message
+            if message is not None:  # text after a call: a new message item
+                self.mid = f"msg_{uuid.uuid4().hex}"
+                parts.clear()
+            message = len(items)
+            items.append(self._item(None, "in_progress"))  # replaced when the text is done
+            return (await send("response.output_item.added", output_index=message, item=items[message])
+                    and await send("response.content_part.added", item_id=self.mid, output_index=message,
+                                   content_index=0, part=self._part("")))
+
+        async def close_message(status: str) -> bool:
+            text = "".join(parts)
+            where = {"item_id": self.mid, "output_index": message, "content_index": 0}
+            items[message] = self._item(text, status)
+            return (await send("response.output_text.done", **where, text=text, logprobs=[])
+                    and await send("response.content_part.done", **where, part=self._part(text))
+                    and await send("response.output_item.done", output_index=message, item=items[message]))
+
+        async def emit_call(call: dict[str, Any]) -> bool:
+            nonlocal closed
+            if message is not None and not closed:  # one item at a time: the text before the call is done
+                closed = True
+                if not await close_message("completed"):
+                    return False
+            item = self._call_item(call)
+            index = len(items)
+            items.append(item)
+            where = {"item_id": item["id"], "output_index": index}
+            return (await send("response.output_item.added", output_index=index,
+                               item={**item, "arguments": "", "status": "in_progress"})
+                    and await send("response.function_call_arguments.delta", **where, delta=item["arguments"])
+                    and await send("response.function_call_arguments.done", **where, name=item["name"],
+                                   arguments=item["arguments"])
+                    and await send("response.output_item.done", output_index=index, item=item))
+
+        if req.tool_format is None and not await open_message():  # plain text: the message opens at once
+            return
+        scanner = ToolCallScanner(req.tool_format, req.tools) if req.tool_format is not None else None
         async for piece in self.generation:
             if piece.error:
                 error = {"code": "server_error", "message": f"Generation failed: {piece.error}"}
                 await send("response.failed", response=self._response(req, "failed", [], piece.usage, error))
                 break
-            if piece.text:
-                parts.append(piece.text)
-                if not await send("response.output_text.delta", **where, delta=piece.text, logprobs=[]):
+            text, calls = scanner.feed(piece.text) if scanner else (piece.text, [])
+            if piece.finish_reason is not None and scanner:
+                rest, more = scanner.finish()
+                text, calls = text + rest, calls + more
+            if (message is None or closed) and text and not text.strip():
+                held += text  # blank text before any message: shown only if text follows
+                text = ""
+            if text:
+                if message is None or closed:
+                    if not await open_message():
+                        return
+                    text, held, closed = held + text, "", False
+                parts.append(text)
+                if not await send("response.output_text.delta", item_id=self.mid, output_index=message,
+                                  content_index=0, delta=text, logprobs=[]):
+                    return
+            for call in calls:
+                if not await emit_call(call):
                     return
             if piece.finish_reason is not None:
-                text = "".join(parts)
                 status = "incomplete" if piece.finish_reason == "length" else "completed"
-                item = self._item(text, status)
-                closing = [
-                    ("response.output_text.done", {**where, "text": text, "logprobs": []}),
-                    ("response.content_part.done", {**where, "part": self._part(text)}),
-                    ("response.output_item.done", {"output_index": 0, "item": item}),
-                    (f"response.{status}", {"response": self._response(req, status, [item], piece.usage)}),
-                ]
-                for kind, fields in closing:
-                    if not await send(kind, **fields):
+                if message is None and not any(i["type"] == "function_call" for i in items):
+                    if not await open_message():  # no call and no text: the (blank) message after all
                         return
+                    if held:
+                        parts.append(held)
+                        if not await send("response.output_text.delta", item_id=self.mid, output_index=message,
+                                          content_index=0, delta=held, logprobs=[]):
+                            return
+                if message is not None and not closed and not await close_message(status):
+                    return
+                if not await send(f"response.{status}", response=self._response(req, status, items, piece.usage)):
+                    return
         if not self.client_gone:
             self.finish()
