@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 import exo_lab
+from exo_lab.bench import aggregate_tps
 from exo_lab import paths
 from exo_lab.bench import (
     SCHEMA,
@@ -298,3 +299,10 @@ def test_the_cli_writes_the_json(cluster, tiny_model, tmp_path):
     assert [p["strategy"] for p in doc["plans"]] == ["pipeline"]
     assert doc["plans"][0]["measured"]["completion_tokens"] == [4]
     assert doc["plans"][0]["measured"]["prompt_tokens"] == [32]
+
+
+def test_predicted_aggregate_rate_counts_sequential_prefills_and_batched_steps():
+    pred = {"decode_tps": 10.0, "ttft_s": 0.6, "decode_row_s": 0.02}  # prefill 0.5 s, a step 0.1 s
+    assert aggregate_tps(pred, 20) == pytest.approx(20 / (0.5 + 20 * 0.1))
+    assert aggregate_tps(pred, 20, 4) == pytest.approx(4 * 20 / (4 * 0.5 + 20 * (0.1 + 3 * 0.02)))
+    assert aggregate_tps(pred, 20) < aggregate_tps(pred, 20, 4) < aggregate_tps(pred, 20, 8)

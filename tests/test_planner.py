@@ -84,6 +84,10 @@ def test_every_feasible_plan_fits_and_covers_each_layer_once(spec, mspec):
         assert covered[0][0] == 0 and covered[-1][1] == card.num_layers
         assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(covered, covered[1:]))
         assert p.decode_tps > 0 and p.ttft_s > 0
+        # batched decoding: more sequences give more tokens/s in all, each of them fewer
+        rates = [p.batched_decode_tps(b) for b in (1, 2, 8)]
+        assert rates[0] == pytest.approx(p.decode_tps) and rates[0] < rates[1] < rates[2] < 8 * rates[0]
+        assert p.decode_row_s > 0
     for p in plans.infeasible:
         assert p.reason
 

@@ -79,7 +79,11 @@ RESPONSES_REQUEST = {
         "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
         "stream": BOOL,
         "text": {"type": "object", "properties": {"format": {"type": "object", "required": ["type"], "properties": {
-            "type": {"enum": ["text", "json_object", "json_schema"]}, "schema": OBJ}}}},
+            "type": {"enum": ["text", "json_object", "json_schema"]}, "name": STR, "schema": OBJ, "strict": BOOL}}}},
+        "tools": {"type": "array", "items": {"type": "object", "required": ["type", "name"], "properties": {
+            "type": {"const": "function"}, "name": STR, "description": STR, "parameters": OBJ, "strict": BOOL}}},
+        "tool_choice": {"anyOf": [{"enum": ["none", "auto", "required"]}, {
+            "type": "object", "required": ["type", "name"], "properties": {"type": {"const": "function"}, "name": STR}}]},
         "metadata": OBJ,
     },
 }

@@ -145,7 +145,7 @@ class Predictor:
         out = copy.copy(plan)
         _predict(ctx, out, stages, alloc, dict(plan.dtypes), node_share)
         return {"decode_tps": out.decode_tps, "prefill_tps": out.prefill_tps, "ttft_s": out.ttft_s,
-                "breakdown": dict(out.breakdown)}
+                "breakdown": dict(out.breakdown), "decode_row_s": out.decode_row_s}
 
 
 def predict(topology: Any, card: ModelCard, plan: Plan, pp: int, tg: int) -> dict[str, Any] | None:
@@ -154,9 +154,16 @@ def predict(topology: Any, card: ModelCard, plan: Plan, pp: int, tg: int) -> dic
     return Predictor(topology, card, pp, tg).predict(plan)
 
 
-def aggregate_tps(pred: dict[str, Any], tg: int) -> float:
-    """Predicted completion tokens/s of back-to-back requests (an instance runs them in lock step)."""
-    return tg / (pred["ttft_s"] + (tg - 1) / pred["decode_tps"])
+def aggregate_tps(pred: dict[str, Any], tg: int, concurrency: int = 1) -> float:
+    """Predicted completion tokens/s of ``concurrency`` requests submitted together.
+
+    The ranks prefill each prompt alone (the batch waits), then decode the requests together: a
+    step costs one token's time plus ``decode_row_s`` for each more sequence in the batch.
+    """
+    step = 1.0 / pred["decode_tps"]
+    prefill = pred["ttft_s"] - step
+    batched = step + (concurrency - 1) * pred.get("decode_row_s", 0.0)
+    return concurrency * tg / (concurrency * prefill + tg * batched)
 
 
 def link_traffic(plan: Plan, card: ModelCard, pp: int, tg: int) -> list[LinkTraffic]:
@@ -340,8 +347,8 @@ def _bench_plan(cluster: Any, index: int, plan: Plan, tokens: list[int], cfg: di
                 bar.update(1)
                 done += 1
             points[c] = ConcurrencyPoint(c, stat(aggs), stat(cf), stat(cw))
-        for p in points.values():
-            p.predicted_aggregate_tps = pred["aggregate_tps"]
+        for c, p in points.items():
+            p.predicted_aggregate_tps = aggregate_tps(pred, tg, c) if pred else None
         res.concurrency = [points[c] for c in sorted(points)]
         res.memory = _memory(cluster, inst, plan)
         res.ratios = {m: res.median(m) / pred[m] for m in METRICS if res.median(m) and pred.get(m)}

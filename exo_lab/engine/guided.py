@@ -50,9 +50,9 @@ class SchemaGrammar:
             raise SchemaError("the schema must be a JSON object")
         try:
             grammar = LLMatcher.grammar_from_json_schema(schema, defaults=dict(COMPILE_OPTIONS))
-        except (ValueError, TypeError) as exc:
+            problem = LLMatcher.validate_grammar(grammar)
+        except Exception as exc:  # noqa: BLE001 - whatever the compiler objects to is the schema's fault
             raise SchemaError(str(exc)) from exc
-        problem = LLMatcher.validate_grammar(grammar)
         if problem:
             raise SchemaError(problem)
         return cls(json.dumps(schema, sort_keys=True), grammar)

@@ -57,6 +57,8 @@ class Plan:
     prompt_tokens: int = 512
     batch: int = 1
     breakdown: dict[str, float] = field(default_factory=dict)  # decode seconds per component
+    #: extra seconds per decode step for each sequence decoding beside the first (continuous batching)
+    decode_row_s: float = 0.0
     node_names: dict[str, str] = field(default_factory=dict)
     model_dtype: str = ""
     split: str = "whole"  # how layers were split: proportional, fastest (first), or whole (one stage)
@@ -100,6 +102,12 @@ class Plan:
             parts.append(f"{'+'.join(names)}{tp}[{rs[0].layers[0]}:{rs[0].layers[1]}]{note}")
         split = " (fastest-first)" if self.split == "fastest" else ""
         return f"{self.strategy}: " + " -> ".join(parts) + split
+
+    def batched_decode_tps(self, sequences: int) -> float:
+        """Predicted aggregate decode tokens/s with ``sequences`` decoding together."""
+        if not self.decode_tps:
+            return 0.0
+        return sequences / (1.0 / self.decode_tps + (sequences - 1) * self.decode_row_s)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

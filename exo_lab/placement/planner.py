@@ -289,9 +289,10 @@ def _predict(ctx: _Context, plan: Plan, stages: list[Stage], alloc: list[int], d
     attn_width = card.num_attention_heads * card.head_dim
     dec: dict[str, float] = {}
     pre: dict[str, float] = {}
+    row_s = 0.0  # a batched step: each more sequence adds its matmuls, at the rate of a many-row product
     for si, (s, count) in enumerate(zip(stages, alloc)):
         label = "+".join(ctx.names[n] for n in s.nodes) + (f" x{s.k}" if s.k > 1 else "")
-        t_dec = t_pre = 0.0
+        t_dec = t_pre = t_row = 0.0
         for ti in range(s.k):
             node = s.nodes[0] if s.local else s.nodes[ti]
             r = ctx.rates[node]
@@ -306,6 +307,8 @@ def _predict(ctx: _Context, plan: Plan, stages: list[Stage], alloc: list[int], d
             attn = 4 * ctx.prompt * ctx.prompt / 2 * attn_width * count / s.k
             head_flops = 2 * card.vocab_size * card.hidden_size if si == len(stages) - 1 else 0.0
             t_pre = max(t_pre, (2 * ctx.prompt * params * count / s.k + attn + head_flops) / flops)
+            t_row = max(t_row, (2 * params * count / s.k + head_flops / s.k) / flops)
+        row_s += t_row
         dec[f"compute {label}"] = t_dec
         pre[f"compute {label}"] = t_pre
         if s.k > 1:
@@ -326,6 +329,7 @@ def _predict(ctx: _Context, plan: Plan, stages: list[Stage], alloc: list[int], d
     plan.prefill_tps = ctx.prompt / t_prefill
     plan.ttft_s = t_prefill + t_token
     plan.breakdown = dec
+    plan.decode_row_s = row_s
     worst = max(dec, key=dec.get)
     plan.bottleneck = f"{worst} ({100 * dec[worst] / t_token:.0f}% of each token)"
 
