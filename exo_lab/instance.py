@@ -26,7 +26,7 @@ from typing import Any
 
 from exo_lab.cluster.auth import sign_headers
 from exo_lab.engine.chat import chat_prompt_tokens
-from exo_lab.engine.generator import Chunk, EngineBusy, Generation, GenerationRequest, Usage
+from exo_lab.engine.generator import Chunk, EngineBusy, Generation, GenerationRequest, TokenLogprob, Usage
 from exo_lab.engine.sampling import SamplingParams
 from exo_lab.placement.plan import Plan
 
@@ -43,8 +43,8 @@ class LaunchError(RuntimeError):
 class Instance:
     """A running model split over ranks; generates like an :class:`~exo_lab.Engine`."""
 
-    #: what it does beyond plain generation: JSON-schema constraints (applied on the rank that samples)
-    features = frozenset({"schema"})
+    #: what it does beyond plain generation: JSON-schema constraints and logprobs (on the rank that samples)
+    features = frozenset({"schema", "logprobs"})
 
     def __init__(self, cluster: Any, model: str, plan: Plan, name: str | None = None, auto_replace: bool = True,
                  max_batch: int = 16, max_queue: int = 256) -> None:
@@ -354,7 +354,7 @@ class Instance:
                 self._inflight.add(gen)
             body = {"seq": seq, "prompt": list(req.prompt_tokens), "max_tokens": req.max_tokens,
                     "sampling": asdict(req.sampling), "stop": list(req.stop), "ignore_eos": req.ignore_eos,
-                    "grammar": _grammar_text(req.grammar)}
+                    "grammar": _grammar_text(req.grammar), "logprobs": req.logprobs}
             try:  # the other ranks first: rank 0 admits a job only once it has it, so they must have it too
                 for rank in sorted(self.controls):
                     if rank != 0:
@@ -420,7 +420,7 @@ class Instance:
                     self._finish(gen, Chunk(item.get("text", ""), tuple(item.get("tokens", [])), reason, usage,
                                             item.get("error"), item.get("stop_sequence")))
                     return
-                gen._push(Chunk(item.get("text", ""), tuple(item.get("tokens", []))))
+                gen._push(Chunk(item.get("text", ""), tuple(item.get("tokens", [])), logprobs=_logprobs(item)))
         finally:
             reading.join(1.0)
             conn.close()
@@ -489,6 +489,12 @@ class Instance:
                 f"<span style='display:block;height:8px;width:{pct:.0f}%;background:var(--jp-brand-color1,#1976d2)'></span>"
                 f"</span> {done}/{total} layers<br><small>{html.escape(self.plan.describe())}</small>"
                 + (f"<br><small style='color:#c62828'>{html.escape(self.error)}</small>" if self.error else ""))
+
+
+def _logprobs(item: dict[str, Any]) -> tuple[TokenLogprob, ...]:
+    """A worker chunk's ``logprobs`` (``[token, text, logprob, [[id, text, logprob], ...]]`` each)."""
+    return tuple(TokenLogprob(int(t), text, float(lp), tuple((int(i), s, float(v)) for i, s, v in top))
+                 for t, text, lp, top in item.get("logprobs") or ())
 
 
 def _grammar_text(grammar: Any) -> str | None:

@@ -71,3 +71,34 @@ def test_the_logits_mask_keeps_only_allowed_tokens(tokenizer):
 def test_schemas_it_cannot_follow_are_refused(schema):
     with pytest.raises(SchemaError):
         SchemaGrammar.from_schema(schema)
+
+
+def test_a_forced_tool_call_follows_the_chosen_tools_parameters(tokenizer):
+    tok, guide = tokenizer
+    weather = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 6}}, "required": ["city"],
+               "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": weather}},
+             {"type": "function", "function": {"name": "get_time", "parameters": {
+                 "type": "object", "properties": {}, "additionalProperties": False}}}]
+    grammar = SchemaGrammar.tool_call(tools, "<tool_call>\n", "\n</tool_call>")
+    eos = set(tok.eos_token_ids)
+    names = set()
+    for seed in range(10):
+        rng = random.Random(seed)
+        constraint = SchemaConstraint(grammar, guide)
+        out: list[int] = []
+        for _ in range(300):
+            allowed = [i for i, ok in enumerate(constraint.allowed()) if ok and i not in eos]
+            if not allowed:
+                break
+            out.append(rng.choice(allowed))
+            constraint.consume(out[-1])
+        text = tok.decode(out)
+        assert text.startswith("<tool_call>\n") and text.endswith("\n</tool_call>"), text
+        call = json.loads(text[len("<tool_call>\n"):-len("\n</tool_call>")])
+        names.add(call["name"])
+        if call["name"] == "get_weather":
+            jsonschema.validate(call["arguments"], weather)
+        else:
+            assert call == {"name": "get_time", "arguments": {}}
+    assert names == {"get_weather", "get_time"}

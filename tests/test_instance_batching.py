@@ -14,7 +14,7 @@ import openai
 import pytest
 
 import exo_lab
-from exo_lab.engine.generator import EngineBusy
+from exo_lab.engine.generator import EngineBusy, GenerationRequest
 from exo_lab.models import synthetic
 from tests.conftest import free_port
 
@@ -185,6 +185,46 @@ def test_json_schema_on_the_rank_that_samples_batched_with_plain_requests(cluste
         if r.choices[0].finish_reason == "stop":
             assert isinstance(json.loads(r.choices[0].message.content), dict)
         assert [tokens(g) for g in plain] == references  # the plain requests beside them are unchanged
+        # a forced tool call: its arguments follow the tool's parameters
+        tool = {"type": "function", "function": {"name": "lookup", "parameters": SCHEMA}}
+        r = client.chat.completions.create(model="tiny-dist", messages=[{"role": "user", "content": "look it up"}],
+                                           max_tokens=80, temperature=0, tools=[tool], tool_choice="required")
+        (call,) = r.choices[0].message.tool_calls
+        assert call.function.name == "lookup" and r.choices[0].finish_reason == "tool_calls"
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMA)
     finally:
+        server.stop()
+        inst.delete()
+
+
+def test_logprobs_from_the_rank_that_samples_match_one_process(cluster, tiny):
+    inst = cluster.launch(tiny, plan=pick(cluster, tiny, "pipeline"), name="tiny-lp")
+    server = exo_lab.serve(inst, port=free_port())
+    one = exo_lab.Engine(tiny, name="tiny-lp")
+    local = exo_lab.serve(one, port=free_port())
+    try:
+        msgs = [{"role": "user", "content": "Tell me about Python."}]
+        got = []
+        for srv in (server, local):
+            client = openai.OpenAI(base_url=srv.openai_base_url, api_key="x", max_retries=0)
+            got.append(client.chat.completions.create(model="tiny-lp", messages=msgs, max_tokens=8, temperature=0,
+                                                      logprobs=True, top_logprobs=3).choices[0].logprobs.content)
+        dist, ref = got
+        assert [t.token for t in dist] == [t.token for t in ref] and len(dist) == 8
+        for a, b in zip(dist, ref):
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+            assert [x.token for x in a.top_logprobs] == [x.token for x in b.top_logprobs]
+            assert [x.logprob for x in a.top_logprobs] == pytest.approx([x.logprob for x in b.top_logprobs], abs=1e-4)
+        # batched beside plain requests, and with no alternatives asked for
+        plain = [inst.generate(p, max_tokens=6, temperature=0, ignore_eos=True) for p in PROMPTS[:3]]
+        req = GenerationRequest(tuple(PROMPTS[0]), max_tokens=6, logprobs=0, ignore_eos=True)
+        chunks = list(inst.submit(req))
+        lps = [lp for c in chunks for lp in c.logprobs]
+        assert len(lps) == 6 and all(lp.top == () and lp.logprob <= 0 for lp in lps)
+        assert [lp.token for lp in lps] == [t for c in chunks for t in c.tokens]
+        assert all(list(g)[-1].finish_reason == "length" for g in plain)
+    finally:
+        local.stop()
+        one.close()
         server.stop()
         inst.delete()

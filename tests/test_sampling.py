@@ -20,9 +20,9 @@ def test_greedy_is_argmax():
 @settings(max_examples=50, deadline=None)
 def test_top_k_one_is_greedy(values, seed):
     lp = logprobs(values)
-    expected = int(mx.argmax(lp, axis=-1).item())
     token = make_sampler(SamplingParams(temperature=1.5, top_k=1, seed=seed))(lp).item()
-    assert values[token] == values[expected]
+    scaled = (lp / 1.5)[0].tolist()  # what the sampler ranks: ties (to float32 precision) may go either way
+    assert scaled[token] == max(scaled)
 
 
 def test_top_p_keeps_smallest_set_with_mass_p():

@@ -107,6 +107,28 @@ def generation_request(
     )
 
 
+def forced_tool_grammar(backend: Backend, tools: Sequence[dict[str, Any]], forced: str | None,
+                        param: str = "tool_choice") -> Any:
+    """The constraint that forces a call of ``forced`` (or of any of ``tools``) in the Hermes format.
+
+    One process uses the character grammar (a call that always finishes within ``max_tokens``); a
+    distributed instance, which follows llguidance grammars only, gets one whose arguments also
+    follow the tool's ``parameters`` schema.
+    """
+    from exo_lab.engine.chat import HERMES_END, HERMES_START
+    from exo_lab.engine.constrain import tool_call_grammar
+    from exo_lab.engine.guided import SchemaError, SchemaGrammar
+
+    chosen = [t for t in tools if forced is None or t["function"]["name"] == forced]
+    features = getattr(backend, "features", frozenset())
+    if "grammar" in features or "schema" not in features:
+        return tool_call_grammar([t["function"]["name"] for t in chosen])
+    try:
+        return SchemaGrammar.tool_call(list(chosen), f"{HERMES_START}\n", f"\n{HERMES_END}")
+    except SchemaError as exc:
+        raise bad_request(f"A tool's parameters are not a JSON schema this server can follow: {exc}", param) from exc
+
+
 def _as_schema(grammar: Any) -> Any:
     """The JSON-schema form of a character grammar where there is one (any JSON object, array or value)."""
     from exo_lab.engine.constrain import Json

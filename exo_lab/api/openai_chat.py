@@ -20,7 +20,7 @@ from exo_lab.api.base import ApiHandler
 from exo_lab.api.errors import ApiError, bad_request
 from exo_lab.api.fields import get_bool, get_float, get_int, get_stop, get_str
 from exo_lab.api.registry import Backend, ModelRegistry
-from exo_lab.api.tools import ToolCallScanner, ToolFormat, check_tool_choice, check_tools, tool_format, tool_names
+from exo_lab.api.tools import ToolCallScanner, ToolFormat, check_tool_choice, check_tools, tool_format
 from exo_lab.engine.chat import ROLES
 from exo_lab.engine.generator import GenerationRequest, TokenLogprob, Usage
 
@@ -96,8 +96,6 @@ def _grammar_for_format(data: dict[str, Any]) -> Any:
 
 def parse_chat_request(data: dict[str, Any], registry: ModelRegistry) -> ChatRequest:
     """Validate a request body; raises ApiError (400 / 404 / 503) before any generation."""
-    from exo_lab.engine.constrain import tool_call_grammar
-
     messages = _check_messages(data.get("messages"))
     model = get_str(data, "model")
     n = get_int(data, "n", 1)
@@ -135,7 +133,7 @@ def parse_chat_request(data: dict[str, Any], registry: ModelRegistry) -> ChatReq
     fmt = tool_format(backend.tokenizer) if tools and mode != "none" else None
     grammar_param = "response_format"
     if fmt is not None and fmt.hermes and mode in ("required", "function"):
-        grammar = tool_call_grammar([forced] if forced else tool_names(tools))
+        grammar = common.forced_tool_grammar(backend, tools, forced)
         grammar_param = "tool_choice"
     prompt = common.chat_tokens(backend, messages, tools)
     request = common.generation_request(

@@ -31,7 +31,7 @@ from exo_lab.api.base import ApiHandler
 from exo_lab.api.errors import ApiError, bad_request
 from exo_lab.api.fields import get_bool, get_float, get_int, get_str
 from exo_lab.api.registry import Backend, ModelRegistry
-from exo_lab.api.tools import ToolCallScanner, ToolFormat, check_tool_choice, check_tools, tool_format, tool_names
+from exo_lab.api.tools import ToolCallScanner, ToolFormat, check_tool_choice, check_tools, tool_format
 from exo_lab.engine.chat import ROLES
 from exo_lab.engine.generator import GenerationRequest, Usage
 
@@ -202,9 +202,7 @@ def parse_responses_request(data: dict[str, Any], registry: ModelRegistry) -> Re
     backend = common.ready_backend(registry, model)
     calls_format = tool_format(backend.tokenizer) if tools and mode != "none" else None
     if calls_format is not None and calls_format.hermes and mode in ("required", "function"):
-        from exo_lab.engine.constrain import tool_call_grammar
-
-        grammar, grammar_param = tool_call_grammar([forced] if forced else tool_names(tools)), "tool_choice"
+        grammar, grammar_param = common.forced_tool_grammar(backend, tools, forced), "tool_choice"
     prompt = common.chat_tokens(backend, messages, tools or None, param="input")
     request = common.generation_request(backend, prompt, max_tokens, common.sampling_params(temperature, top_p),
                                         max_tokens_param="max_output_tokens", prompt_param="input", grammar=grammar,

@@ -57,6 +57,31 @@ class SchemaGrammar:
             raise SchemaError(problem)
         return cls(json.dumps(schema, sort_keys=True), grammar)
 
+    @classmethod
+    def tool_call(cls, tools: list[dict[str, Any]], start: str, end: str) -> "SchemaGrammar":
+        """A call of one of ``tools`` (Chat Completions function tools) between ``start`` and ``end``.
+
+        ``{"name": ..., "arguments": {...}}`` with the arguments following that tool's ``parameters``.
+        """
+        from llguidance import LLMatcher
+
+        calls = []
+        for tool in tools:
+            fn = tool["function"]
+            calls.append({"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
+                          "properties": {"name": {"const": fn["name"]},
+                                         "arguments": fn.get("parameters") or {"type": "object"}}})
+        schema = {"x-guidance": dict(COMPILE_OPTIONS), "anyOf": calls}
+        lark = f"start: {json.dumps(start)} call {json.dumps(end)}\ncall: %json {json.dumps(schema)}"
+        try:
+            grammar = LLMatcher.grammar_from_lark(lark)
+            problem = LLMatcher.validate_grammar(grammar)
+        except Exception as exc:  # noqa: BLE001 - a tool's parameters the compiler cannot follow
+            raise SchemaError(str(exc)) from exc
+        if problem:
+            raise SchemaError(problem)
+        return cls(json.dumps(schema, sort_keys=True), grammar)
+
 
 def guide_tokenizer(tokenizer: Any, vocab_size: int) -> Any:
     """An llguidance tokenizer for an mlx_lm ``TokenizerWrapper`` over a model with ``vocab_size`` logits.

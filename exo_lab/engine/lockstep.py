@@ -65,12 +65,13 @@ class Batch:
         self.samplers: list[Callable[[mx.array], mx.array]] = []
         self.greedy: list[bool] = []
         self.constraints: list[Any] = []  # a SchemaConstraint or None per row (only where the rank samples)
+        self.logprobs: list[int | None] = []  # per row: how many alternatives to report with each token, or None
 
     def __len__(self) -> int:
         return len(self.inputs)
 
     def add(self, cache: list, first_input: int, sampler: Callable[[mx.array], mx.array], greedy: bool,
-            constraint: Any = None) -> None:
+            constraint: Any = None, logprobs: int | None = None) -> None:
         """Append a prefilled sequence (its per-layer ``KVCache``) as the last row."""
         merged = [c.merge([c]) for c in cache]
         if self.cache is None:
@@ -82,6 +83,7 @@ class Batch:
         self.samplers.append(sampler)
         self.greedy.append(greedy)
         self.constraints.append(constraint)
+        self.logprobs.append(logprobs)
 
     def follow(self, tokens: list[int], flags: list[int]) -> None:
         """Constrained rows follow the token they took this step (not the rows stopped by a flag)."""
@@ -97,6 +99,7 @@ class Batch:
         self.samplers = [self.samplers[i] for i in rows]
         self.greedy = [self.greedy[i] for i in rows]
         self.constraints = [self.constraints[i] for i in rows]
+        self.logprobs = [self.logprobs[i] for i in rows]
         if not rows:
             self.cache = None
         else:
@@ -188,6 +191,7 @@ class Lockstep:
         else:
             tokens = mx.concatenate([s(logprobs[i : i + 1]) for i, s in enumerate(batch.samplers)], axis=0)
         mx.eval(tokens)
+        self._logprobs = logprobs
         return tokens
 
     def share(self, tokens: mx.array | None, flags: list[int], admit: int) -> tuple[list[int], list[int], int]:
@@ -201,6 +205,44 @@ class Lockstep:
         mx.eval(both)
         values = both.tolist()
         return values[:width], values[width : 2 * width], values[-1]
+
+    def share_logprobs(self, batch: Batch, tokens: list[int]) -> list[tuple[float, list[tuple[int, float]]] | None]:
+        """Per row that asked for them: its token's log-probability and the most likely alternatives.
+
+        The sampling rank has the step's log-probabilities; a float all_sum (only in steps where a
+        row wants them) gives them to every rank. Token ids travel as float32, exact below 2**24.
+        """
+        import numpy as np
+
+        want = batch.logprobs
+        width = sum(1 + 2 * k for k in want if k is not None)
+        if not width:
+            return [None] * len(want)
+        lay = self.layout
+        values = np.zeros(width, np.float32)
+        if lay.last and lay.rank == lay.stages[-1][0]:
+            at = 0
+            for i, k in enumerate(want):
+                if k is None:
+                    continue
+                row = np.array(self._logprobs[i].astype(mx.float32))
+                top = np.argpartition(-row, k - 1)[:k] if k else np.zeros(0, np.int64)
+                top = top[np.argsort(-row[top], kind="stable")]
+                values[at : at + 1 + 2 * k] = [row[tokens[i]], *top, *row[top]]
+                at += 1 + 2 * k
+        both = mx.distributed.all_sum(mx.array(values), group=self.group)
+        mx.eval(both)
+        flat = both.tolist()
+        out: list[tuple[float, list[tuple[int, float]]] | None] = []
+        at = 0
+        for k in want:
+            if k is None:
+                out.append(None)
+                continue
+            ids, lps = flat[at + 1 : at + 1 + k], flat[at + 1 + k : at + 1 + 2 * k]
+            out.append((flat[at], [(int(t), lp) for t, lp in zip(ids, lps)]))
+            at += 1 + 2 * k
+        return out
 
     def generate(self, prompt: list[int], max_tokens: int, sampler: Callable[[mx.array], mx.array],
                  stop_flag: Callable[[], bool], greedy: bool = False) -> Iterator[int]:

@@ -12,7 +12,8 @@ every rank follows at the same step:
 - ``GET /status``: state (``connecting``, ``loading``, ``warming``, ``ready``,
   ``failed``), layers loaded / total, last finished sequence number;
 - ``POST /generate``: ``{"seq", "prompt", "max_tokens", "sampling", "stop",
-  "ignore_eos", "grammar"}`` (``grammar``: an llguidance grammar string, or absent); rank 0 streams NDJSON chunks, the other ranks answer at once
+  "ignore_eos", "grammar", "logprobs"}`` (``grammar``: an llguidance grammar string;
+  ``logprobs``: alternatives to report per token; both may be absent); rank 0 streams NDJSON chunks, the other ranks answer at once
   (every rank must get every job: a rank waits for the jobs rank 0 admits);
 - ``POST /cancel``: ``{"seq"}`` (rank 0 turns it into the shared stop flag);
 - ``POST /shutdown``: ``{"seq"}``: drain, barrier with every rank, exit.
@@ -157,13 +158,14 @@ class Worker:
         tokens = ls.step(batch)
         flags = [1 if r.job.stop else 0 for r in rows] if self.rank == 0 else [0] * len(rows)
         tokens_all, flags, self.admit_to = ls.share(tokens, flags, self._admissible(len(rows)))
+        logprobs = ls.share_logprobs(batch, tokens_all)
         batch.follow(tokens_all, flags)
         batch.inputs = tokens_all
         keep = []
-        for i, (row, token, flag) in enumerate(zip(rows, tokens_all, flags)):
+        for i, (row, token, flag, lp) in enumerate(zip(rows, tokens_all, flags, logprobs)):
             if flag:  # stopped by rank 0 (cancelled, or a stop string): this step's token is discarded
                 self._end(row, "cancelled")
-            elif self._accept(row, token):
+            elif self._accept(row, token, lp):
                 keep.append(i)
         batch.keep(keep)
         log.debug("step of %d rows: %.3f s", len(rows), time.perf_counter() - t)
@@ -205,10 +207,11 @@ class Worker:
             from exo_lab.engine.guided import SchemaConstraint
 
             constraint = SchemaConstraint(b["grammar"], self.guide)
-        batch.add(self.lockstep.prefill(prompt), prompt[-1], make_sampler(params), params.greedy, constraint)
+        batch.add(self.lockstep.prefill(prompt), prompt[-1], make_sampler(params), params.greedy, constraint,
+                  b.get("logprobs"))
         return row
 
-    def _accept(self, row: _Row, token: int) -> bool:
+    def _accept(self, row: _Row, token: int, logprob: tuple[float, list[tuple[int, float]]] | None = None) -> bool:
         """Take ``row``'s new token (rank 0 streams it); False when the row ends with it."""
         row.n += 1
         if row.n == 1:
@@ -219,7 +222,12 @@ class Worker:
         if self.rank == 0 and not row.ended:
             row.detok.add_token(token)
             text, hit = row.stopper.feed(row.detok.last_segment)
-            row.job.push({"text": text, "tokens": [token]})
+            chunk: dict[str, Any] = {"text": text, "tokens": [token]}
+            if logprob is not None:  # [token, text, logprob, [[id, text, logprob], ...]]
+                decode = self.tokenizer.decode
+                chunk["logprobs"] = [[token, decode([token]), logprob[0],
+                                      [[t, decode([t]), lp] for t, lp in logprob[1]]]]
+            row.job.push(chunk)
             if hit:  # only rank 0 sees text: the row ends here, the other ranks drop it at the next step
                 self._end(row, "stop")
                 row.job.stop = True
@@ -347,6 +355,9 @@ def _job_problem(body: Any) -> str | None:
         return "max_tokens must be a positive integer"
     if body.get("grammar") is not None and not isinstance(body["grammar"], str):
         return "grammar must be an llguidance grammar string"
+    lp = body.get("logprobs")
+    if lp is not None and (not isinstance(lp, int) or not 0 <= lp <= 20):
+        return "logprobs must be an integer from 0 to 20, or absent"
     try:
         from exo_lab.engine.sampling import SamplingParams
 
