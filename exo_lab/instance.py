@@ -299,7 +299,7 @@ class Instance:
         """Rank 0's batching counters: ``decode_steps`` taken and ``peak_batch`` (most sequences in one step)."""
         try:
             status = self._worker(0, "GET", "/status", timeout=2.0)
-        except OSError:
+        except (OSError, KeyError, ValueError):  # not started, gone, or not answering
             return {"decode_steps": 0, "peak_batch": 0}
         return {k: int(status.get(k, 0)) for k in ("decode_steps", "peak_batch")}
 
