@@ -7,6 +7,7 @@ a request's greedy tokens are the same batched or alone, for every split.
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 
@@ -153,6 +154,24 @@ def test_concurrent_api_streams_on_a_pipeline(cluster, tiny):
             t.join(60)
         assert got == expected
         assert inst.stats["peak_batch"] >= 2
+        # a client that goes away mid-stream frees its place in the batch at once
+        body = json.dumps({"model": "tiny-pipe", "messages": msgs[0], "max_tokens": 100000, "stream": True,
+                           "temperature": 0}).encode()
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        data = b""
+        while data.count(b"data:") < 5:
+            data += sock.recv(65536)
+        assert inst.pending == 1
+        sock.close()
+        deadline = time.monotonic() + 5
+        while inst.pending and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert inst.pending == 0
+        steps = inst.stats["decode_steps"]
+        time.sleep(0.3)
+        assert inst.stats["decode_steps"] == steps  # the ranks stopped decoding it
     finally:
         server.stop()
         inst.delete()
