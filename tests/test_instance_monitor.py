@@ -35,6 +35,9 @@ def test_snapshot_of_a_loading_pipeline():
     assert progress["total"] == 32 and 0 < progress["done"] < 32
     assert [r["layers"] for r in progress["ranks"]] == [list(r.layers) for r in inst.plan.ranks]
     assert im.request_rows(inst) == [] and im.request_stats([])["last_decode_tps"] is None
+    inst.pending = 3  # requests decoding together (continuous batching) or waiting
+    summary = im.instance_summary(inst)
+    assert summary["busy"] and summary["pending"] == 3
 
 
 def test_request_rows_and_stats():

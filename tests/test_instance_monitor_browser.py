@@ -55,6 +55,7 @@ def test_loading_then_ready_with_requests(browser, tmp_path: Path) -> None:
         # what the sampler pushes once the instance is ready and has served requests
         inst.load(1.0)
         inst.state = "ready"
+        inst.pending = 3
         busy_history(inst)
         state = monitor_state(inst)
         for key, value in state.items():
@@ -64,6 +65,7 @@ def test_loading_then_ready_with_requests(browser, tmp_path: Path) -> None:
         assert page.locator(".exo-im-point").count() == len(inst.usage_history)
         assert page.locator(".exo-im-predicted").count() == 1  # the plan's prediction is in range
         assert page.locator(".exo-im-requests tbody tr").count() == 6
+        assert page.locator(".exo-im-busy").inner_text() == "generating 3 requests…"
         last = inst.usage_history[-1][1]
         assert f"{last.generation_tps:.1f}" in page.locator(".exo-im-tile").nth(1).inner_text()
         page.screenshot(path=str(ARTIFACTS / "instance-monitor-ready.png"), full_page=True)

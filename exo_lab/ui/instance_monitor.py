@@ -47,9 +47,11 @@ def instance_summary(obj: Any) -> dict[str, Any]:
     out: dict[str, Any] = {
         "name": str(getattr(obj, "name", "model")),
         "model": model if isinstance(model, str) else str(getattr(obj, "path", "")),  # an Engine's .model is MLX's
-        "state": _state(obj), "error": getattr(obj, "error", None) or "", "busy": getattr(obj, "_current", None) is not None,
+        "state": _state(obj), "error": getattr(obj, "error", None) or "",
+        "pending": int(getattr(obj, "pending", 0) or 0),  # requests decoding together or waiting
         "replacements": int(getattr(obj, "replacements", 0) or 0), "plan": None,
     }
+    out["busy"] = out["pending"] > 0
     if plan is not None:
         names = getattr(plan, "node_names", {}) or {}
         out["plan"] = {

@@ -1,5 +1,5 @@
 // exo_lab instance monitor: plain DOM + SVG, no external libraries (works offline).
-// Model traits (all computed in Python): summary {name, model, state, error, busy, replacements, plan},
+// Model traits (all computed in Python): summary {name, model, state, error, busy, pending, replacements, plan},
 // progress {done, total, ranks: [{rank, node, layers, done, total}]},
 // requests [{t, prompt_tokens, completion_tokens, ttft_s, prompt_tps, generation_tps, total_s}] (oldest first),
 // stats {requests, tokens, last_decode_tps, mean_decode_tps, last_ttft_s, last_prompt_tps}.
@@ -94,7 +94,10 @@ function drawHeader(head, summary) {
   }
   if (summary.replacements) meta.push(`re-placed ${summary.replacements}×`);
   html("span", "exo-im-meta", meta.join(" · "), top);
-  if (summary.busy) html("span", "exo-im-busy", "generating…", top);
+  if (summary.busy) {
+    const n = summary.pending || 1;
+    html("span", "exo-im-busy", n > 1 ? `generating ${n} requests…` : "generating…", top);
+  }
   if (plan) html("div", "exo-im-plan", plan.description, head);
   else if (summary.model) html("div", "exo-im-plan", summary.model, head);
   if (summary.error) html("div", "exo-im-error", summary.error, head);
