@@ -28,3 +28,17 @@ def test_single_node_benchmark_smoke(tmp_path: Path) -> None:
     assert re.search(rf"^tiny-fp32: BLAS gain .*prompt {number}x +gen {number}x", out, re.M), out
     assert "target: exo_lab / mlx_lm >= 0.97" in out
     assert (tmp_path / "models" / "bench" / "tiny-fp32" / "config.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", [[], ["--instance", "pipeline"]], ids=["one-process", "instance"])
+def test_concurrency_benchmark_smoke(tmp_path: Path, where: list[str]) -> None:
+    script = SCRIPT.parent / "concurrency.py"
+    env = {**os.environ, "EXO_LAB_MODELS_DIR": str(tmp_path / "models")}
+    proc = subprocess.run(
+        [sys.executable, str(script), "--preset", "tiny", "--streams", "3", "--tokens", "4", "--repeat", "1", *where],
+        env=env, capture_output=True, text=True, timeout=240, check=False,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    assert re.search(r"^ratio 3 streams / 1 stream = \d+\.\d+x", proc.stdout, re.M), proc.stdout
+    assert ("distributed instance (pipeline" in proc.stdout) == bool(where)
