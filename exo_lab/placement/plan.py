@@ -177,10 +177,11 @@ class Plans:
             mem = ", ".join(f"{p.node_names.get(n, n)} {_gb(p.memory_bytes[n])}/{_gb(p.memory_capacity_bytes[n])}"
                             for n in p.nodes)
             out.append([str(i), p.describe(), mem, f"{p.ttft_s:.2f}", f"{p.prefill_tps:.1f}", f"{p.decode_tps:.2f}",
-                        p.bottleneck, p.explanation])
+                        f"{p.batched_decode_tps(8):.2f}", p.bottleneck, p.explanation])
         return out
 
-    HEADER = ["#", "plan", "memory GB (used/free)", "TTFT s", "prefill tok/s", "decode tok/s", "bottleneck", "why"]
+    HEADER = ["#", "plan", "memory GB (used/free)", "TTFT s", "prefill tok/s", "decode tok/s", "8 streams tok/s",
+              "bottleneck", "why"]
 
     def table(self, limit: int = 10) -> str:
         from exo_lab.cluster.display import text_table
