@@ -376,12 +376,28 @@ class Instance:
                 self._finish(gen, Chunk("", finish_reason="error", error="the stream from rank 0 ended early",
                                         usage=Usage()))
 
-    def _run(self, seq: int, gen: Generation, body: dict[str, Any]) -> None:
-        lines: queue.Queue = queue.Queue()
+    def _send_to_rank0(self, seq: int, body: dict[str, Any]) -> http.client.HTTPConnection:
+        """Post job ``seq`` to rank 0 (retried: the other ranks hold it already, and rank 0 admits jobs in
+        order, so a job it never gets would stall every later one); the instance fails if it cannot."""
         host, port = self.controls[0].rsplit(":", 1)
         data = json.dumps(body).encode()
-        conn = http.client.HTTPConnection(host, int(port))
-        conn.request("POST", "/generate", body=data, headers=sign_headers(self.cluster.cluster_key, "POST", "/generate", data))
+        for attempt in range(3):
+            conn = http.client.HTTPConnection(host, int(port))
+            try:
+                conn.request("POST", "/generate", body=data,
+                             headers=sign_headers(self.cluster.cluster_key, "POST", "/generate", data))
+                return conn
+            except OSError as exc:
+                conn.close()
+                if attempt == 2:
+                    self._fail(f"could not send request {seq} to rank 0: {exc}")
+                    raise
+                time.sleep(0.2)
+        raise AssertionError("unreachable")
+
+    def _run(self, seq: int, gen: Generation, body: dict[str, Any]) -> None:
+        lines: queue.Queue = queue.Queue()
+        conn = self._send_to_rank0(seq, body)
 
         def reader() -> None:
             try:
