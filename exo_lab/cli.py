@@ -19,7 +19,8 @@ DASHBOARD_PORT = 52418  # exo_lab.ui.dashboard.DEFAULT_PORT (not imported here: 
 def _serve(args: argparse.Namespace) -> int:
     stop = _stop_on_signal()
     print(f"loading {args.model} ...", flush=True)
-    server = exo_lab.serve(args.model, port=args.port, host=args.host, name=args.name, api_key=args.api_key)
+    server = exo_lab.serve(args.model, port=args.port, host=args.host, name=args.name, api_key=args.api_key,
+                           max_batch=args.max_batch, max_queue=args.max_queue)
     _announce(server)
     register_server(server)  # the JupyterLab side panel finds it (exo_lab.cluster.coordinators)
     _wait_for_signal(server, stop)
@@ -29,7 +30,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _up(args: argparse.Namespace) -> int:
     stop = _stop_on_signal()
     print(f"exo_lab {exo_lab.__version__}: starting a local node with model {args.model!r} ...", flush=True)
-    server = exo_lab.serve(args.model, port=args.port, host=args.host, name=args.name, api_key=args.api_key)
+    server = exo_lab.serve(args.model, port=args.port, host=args.host, name=args.name, api_key=args.api_key,
+                           max_batch=args.max_batch, max_queue=args.max_queue)
     _announce(server)
     registration = register_server(server)  # the JupyterLab side panel finds it (exo_lab.cluster.coordinators)
     stop_dashboard = None if args.no_dashboard else _start_up_dashboard(server, args, registration)
@@ -268,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
         p.add_argument("--port", type=int, default=DEFAULT_PORT)
         p.add_argument("--api-key", help="require this key from API clients (or EXO_LAB_API_KEY; default: none)")
+        p.add_argument("--max-batch", type=int, default=16, help="requests decoding together (default: %(default)s)")
+        p.add_argument("--max-queue", type=int, default=256,
+                       help="requests waiting beyond those; more get 429 (default: %(default)s)")
 
     p = sub.add_parser("serve", help="serve one model behind the OpenAI-compatible API")
     api_args(p, None)

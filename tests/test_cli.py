@@ -66,3 +66,34 @@ def test_port_in_use_is_a_clear_error(tiny_model):
         s.listen()
         out = run("serve", "--model", str(tiny_model), "--port", str(s.getsockname()[1]))
     assert out.returncode == 2 and "cannot listen" in out.stderr
+
+
+@pytest.mark.slow
+def test_max_batch_and_queue_bound_the_served_engine(tiny_model):
+    import socket
+    import urllib.error
+
+    port = free_port()
+    proc = subprocess.Popen([*EXO, "serve", "--model", str(tiny_model), "--port", str(port), "--max-batch", "1",
+                             "--max-queue", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc=proc)
+        body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000,
+                           "stream": True, "ignore_eos": True}).encode()
+        sock = socket.create_connection(("127.0.0.1", port))  # holds the one place
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        data = b""
+        while data.count(b"data:") < 2:
+            data += sock.recv(65536)
+        second = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body.replace(
+            b'"stream": true', b'"stream": false'), headers={"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(second, timeout=30)
+        assert err.value.code == 429 and json.load(err.value)["error"]["type"] == "rate_limit_error"
+        sock.close()
+    finally:
+        proc.terminate()
+        proc.communicate(timeout=30)
+    out = run("serve", "--model", str(tiny_model), "--port", str(free_port()), "--max-batch", "0")
+    assert out.returncode == 2 and "max_batch must be >= 1" in out.stderr

@@ -176,11 +176,15 @@ def serve(
     name: str | None = None,
     cluster: Any = None,
     api_key: str | None = None,
+    max_batch: int = 16,
+    max_queue: int = 256,
 ) -> Server:
     """Serve ``model`` (a name, a path, or an Engine) and return the running Server.
 
     Returns at once; the server runs on its own thread until ``server.stop()``.
-    With a ``cluster``, ``GET /instance/previews`` plans on its topology.
+    With a ``cluster``, ``GET /instance/previews`` plans on its topology. ``max_batch`` and
+    ``max_queue`` size the Engine made for a model given by name (requests decoding together,
+    and waiting; beyond both the API answers 429).
     With ``api_key`` (default: ``$EXO_LAB_API_KEY``), every endpoint but
     ``/health`` and ``GET /`` needs ``Authorization: Bearer KEY`` or ``x-api-key: KEY``.
     """
@@ -201,7 +205,7 @@ def serve(
     owned = None
     if isinstance(model, (str, Path)):
         model_name = name or default_name(model)
-        owned = backend = Engine(model, name=model_name)
+        owned = backend = Engine(model, name=model_name, max_batch=max_batch, max_queue=max_queue)
     else:
         backend = model
         model_name = name or backend.name
