@@ -289,7 +289,7 @@ def test_the_cli_writes_the_json(cluster, tiny_model, tmp_path):
     out = tmp_path / "bench.json"
     addresses = [cluster.address_of(n.id) for n in cluster.nodes]
     cmd = [sys.executable, "-m", "exo_lab.cli", "bench", str(tiny_model), "--connect", *addresses,
-           "--cluster-key", cluster.cluster_key, "--plans", "best", "--strategy", "pipeline", "--pp", "32",
+           f"--cluster-key={cluster.cluster_key}", "--plans", "best", "--strategy", "pipeline", "--pp", "32",
            "--tg", "4", "--repeat", "1", "--concurrency", "1", "--json", str(out), "--no-progress"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr

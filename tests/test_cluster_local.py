@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 def start_agent(port: int, state: Path, key: str, peers: list[int], name: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "exo_lab.cli", "node", "--host", "127.0.0.1", "--port", str(port), "--probe-port", "0",
-           "--name", name, "--state-dir", str(state), "--cluster-key", key, "--no-mdns"]
+           "--name", name, "--state-dir", str(state), f"--cluster-key={key}", "--no-mdns"]
     for p in peers:
         cmd += ["--peer", f"127.0.0.1:{p}"]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -139,7 +139,7 @@ def test_other_key_is_never_joined_and_gone_then_rejoined(tmp_path):
 def test_status_cli_prints_tables(cluster):
     out = subprocess.run(
         [sys.executable, "-m", "exo_lab.cli", "status", "--connect", cluster.address_of(cluster.nodes[0].id),
-         "--cluster-key", cluster.cluster_key],
+         f"--cluster-key={cluster.cluster_key}"],
         capture_output=True, text=True, timeout=60,
     )
     assert out.returncode == 0, out.stderr

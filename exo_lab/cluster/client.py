@@ -368,7 +368,7 @@ def local_cluster(n: int = 2, cluster_key: str | None = None, probe_interval_s: 
     for i, port in enumerate(ports):
         cmd = [sys.executable, "-m", "exo_lab.cli", "node", "--host", "127.0.0.1", "--port", str(port),
                "--probe-port", "0", "--name", f"local-{i}", "--state-dir", str(Path(tmp) / f"node-{i}"),
-               "--cluster-key", key, "--no-mdns", "--probe-interval", str(probe_interval_s),
+               f"--cluster-key={key}", "--no-mdns", "--probe-interval", str(probe_interval_s),
                "--exit-with-parent", str(os.getpid())]
         for j, other in enumerate(ports):
             if j != i:

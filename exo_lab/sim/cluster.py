@@ -49,7 +49,7 @@ DEFAULT_PORT = 52416
 # fmt: off
 DEFAULT_NODE_COMMAND: tuple[str, ...] = (
     "{python}", "-m", "exo_lab.cli", "node", "--host", "0.0.0.0", "--port", "{port}", "--name", "{name}",
-    "--state-dir", "{state_dir}", "--cluster-key", "{cluster_key}", "{peers}",
+    "--state-dir", "{state_dir}", "--cluster-key={cluster_key}", "{peers}",
 )
 # fmt: on
 """Placeholders: ``{python}``, ``{port}``, ``{name}``, ``{state_dir}``, ``{cluster_key}``,
@@ -133,7 +133,7 @@ class SimCluster:
     ) -> None:
         self.spec = SimSpec.coerce(spec)
         self.node_command: NodeCommand = DEFAULT_NODE_COMMAND if node_command is None else node_command
-        self._key = cluster_key or secrets.token_urlsafe(24)
+        self._key = cluster_key or secrets.token_hex(24)  # hex: never starts with "-", which argparse would misread
         if base_dir is None:
             from exo_lab.paths import cache_dir
 
