@@ -195,7 +195,7 @@ def serve(
     if api_key is None and not is_loopback(host):
         import secrets
 
-        api_key = secrets.token_urlsafe(24)
+        api_key = secrets.token_hex(24)  # hex: safe to paste after --api-key (never starts with "-")
         print(f"exo_lab: {host} is reachable from other machines, so the API needs a key; clients must send "
               f"'Authorization: Bearer {api_key}' (or 'x-api-key'). Pass --api-key / api_key= to choose it.",
               flush=True)
