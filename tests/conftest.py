@@ -13,12 +13,7 @@ from pathlib import Path
 import pytest
 
 import exo_lab  # noqa: F401  (first: preloads OpenBLAS before mlx)
-
-REPO = Path(__file__).resolve().parents[1]
-ARTIFACTS = REPO / "test-artifacts"
-# Debian chromium, driven by Playwright (never `playwright install`): no GPU, no background traffic
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--no-first-run", "--disable-sync"]
+from tests.helpers.servers import ServerProcess
 
 
 
@@ -49,52 +44,10 @@ def engine(tiny_model: Path) -> Iterator[exo_lab.Engine]:
     eng.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def wait_http(url: str, deadline_s: float = 60.0, proc: subprocess.Popen | None = None) -> None:
-    import urllib.request
-
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"server exited early with {proc.returncode}: {proc.stdout.read() if proc.stdout else ''}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.1)
-    raise TimeoutError(f"{url} did not answer within {deadline_s} s")
 
 
-class ServerProcess:
-    """``exo-lab serve`` in a subprocess."""
-
-    def __init__(self, model: Path, name: str = "tiny") -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.name = name
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "exo_lab.cli", "serve", "--model", str(model), "--name", name, "--port", str(self.port)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        wait_http(self.url + "/health", proc=self.proc)
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def stop(self) -> int:
-        self.proc.terminate()
-        try:
-            return self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait()
 
 
 @pytest.fixture(scope="module")

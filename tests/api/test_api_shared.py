@@ -1,0 +1,154 @@
+"""Behaviour every API family shares, on stub backends in process: 503 while loading, engine errors
+mid-stream and before it, and options a backend cannot honour."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+
+from exo_lab.api.registry import ModelRegistry
+from exo_lab.api.server import Server
+from exo_lab.engine.generator import Chunk, Generation, Usage
+from tests.helpers.http import raw
+
+MSGS = [{"role": "user", "content": "Hello"}]
+REQUESTS = {
+    "/v1/chat/completions": {"model": "m", "messages": MSGS, "max_tokens": 5},
+    "/v1/responses": {"model": "m", "input": "hi", "max_output_tokens": 5},
+    "/v1/messages": {"model": "m", "messages": MSGS, "max_tokens": 5},
+    "/api/chat": {"model": "m", "messages": MSGS, "options": {"num_predict": 5}},
+}
+
+
+class Stub:
+    """A backend in a given state whose generations say 'hello' and then fail."""
+
+    created = 1_700_000_000
+    tokenizer = None
+    context_length = 100
+
+    def __init__(self, state: str = "ready") -> None:
+        self.name = "m"
+        self.state = state
+        self.error = "a worker died"
+
+    def chat_tokens(self, messages):
+        return [1, 2, 3]
+
+    def submit(self, request):
+        gen = Generation(request)
+
+        def run():
+            gen._push(Chunk("hello", (5,)))
+            gen._push(Chunk("", finish_reason="error", error="rank 1 vanished", usage=Usage(3, 1)))
+
+        threading.Thread(target=run, daemon=True).start()
+        return gen
+
+
+@pytest.fixture
+def serve_stub():
+    servers = []
+
+    def start(state: str = "ready") -> Server:
+        registry = ModelRegistry()
+        registry.add(Stub(state), "m")
+        srv = Server(registry, port=0).start()
+        servers.append(srv)
+        return srv
+
+    yield start
+    for srv in servers:
+        srv.stop()
+
+
+def shape(path: str, data: dict) -> str:
+    if path.startswith("/api"):
+        assert list(data) == ["error"] and data["error"]
+        return "ollama"
+    if path.startswith("/v1/messages"):
+        assert data["type"] == "error" and data["error"]["message"]
+        return data["error"]["type"]
+    assert set(data["error"]) == {"message", "type", "param", "code"}
+    return data["error"]["type"]
+
+
+@pytest.mark.parametrize("state", ["loading", "replacing", "launching", "failed"])
+def test_503_with_retry_after_while_not_ready(serve_stub, state):
+    srv = serve_stub(state)
+    for path, body in {**REQUESTS, "/v1/messages/count_tokens": {"model": "m", "messages": MSGS},
+                       "/api/generate": {"model": "m", "prompt": "x"}}.items():
+        for stream in (False, True):
+            conn_body = json.dumps({**body, "stream": stream})
+            status, data = _raw_with_headers(srv, path, conn_body)
+            assert status == 503, (path, data)
+            kind = shape(path, json.loads(data[0]))
+            assert int(data[1]["Retry-After"]) > 0
+            if path.startswith("/v1/messages"):
+                assert kind == "overloaded_error"
+            assert state in data[0].decode()
+
+
+def _raw_with_headers(srv, path, body):
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
+    conn.request("POST", path, body=body)
+    resp = conn.getresponse()
+    out = resp.read(), dict(resp.getheaders())
+    conn.close()
+    return resp.status, out
+
+
+@pytest.mark.parametrize("path", list(REQUESTS))
+def test_engine_error_before_any_output_is_a_family_shaped_500(serve_stub, path):
+    srv = serve_stub()
+    body = {**REQUESTS[path], "stream": False}
+    status, data = raw(srv, "POST", path, json.dumps(body))
+    assert status == 500
+    kind = shape(path, json.loads(data))
+    assert kind in ("server_error", "api_error", "ollama")
+    assert b"rank 1 vanished" in data
+
+
+def test_engine_error_mid_stream_in_each_family_shape(serve_stub):
+    srv = serve_stub()
+    status, data = raw(srv, "POST", "/v1/chat/completions", json.dumps({**REQUESTS["/v1/chat/completions"], "stream": True}))
+    events = [b[6:] for b in data.decode().strip().split("\n\n")]
+    assert status == 200 and events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["type"] == "server_error"
+
+    status, data = raw(srv, "POST", "/v1/messages", json.dumps({**REQUESTS["/v1/messages"], "stream": True}))
+    blocks = data.decode().strip().split("\n\n")
+    assert blocks[-1].startswith("event: error\n")
+    err = json.loads(blocks[-1].split("\n")[1][6:])
+    assert err == {"type": "error", "error": {"type": "api_error", "message": err["error"]["message"]}}
+    assert "rank 1 vanished" in err["error"]["message"]
+    assert any(b.startswith("event: content_block_delta") for b in blocks)
+
+    status, data = raw(srv, "POST", "/v1/responses", json.dumps({**REQUESTS["/v1/responses"], "stream": True}))
+    last = json.loads(data.decode().strip().split("\n\n")[-1].split("\n")[1][6:])
+    assert last["type"] == "response.failed" and last["response"]["status"] == "failed"
+    assert "rank 1 vanished" in last["response"]["error"]["message"]
+
+    status, data = raw(srv, "POST", "/api/chat", json.dumps({**REQUESTS["/api/chat"], "stream": True}))
+    lines = [json.loads(line) for line in data.decode().strip().split("\n")]
+    assert lines[0]["message"]["content"] == "hello" and "rank 1 vanished" in lines[-1]["error"]
+
+
+@pytest.mark.parametrize(
+    "path,extra",
+    [
+        ("/v1/chat/completions", {"logprobs": True}),
+        ("/v1/chat/completions", {"response_format": {"type": "json_object"}}),
+        ("/v1/responses", {"text": {"format": {"type": "json_object"}}}),
+        ("/api/chat", {"format": "json"}),
+    ],
+)
+def test_options_a_backend_cannot_honour_are_400(serve_stub, path, extra):
+    srv = serve_stub()
+    status, data = raw(srv, "POST", path, json.dumps({**REQUESTS[path], **extra}))
+    assert status == 400, data
+    shape(path, json.loads(data))

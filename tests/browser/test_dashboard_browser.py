@@ -1,0 +1,293 @@
+"""The dashboard in headless Chromium: the graph's nodes (Bokeh model on both sides), a streamed chat reply,
+``exo-lab up`` serving API and dashboard together, and a plan launched from the page. Screenshots saved."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+import exo_lab.ui.instance_monitor as im
+
+import exo_lab
+from exo_lab.api.registry import ModelRegistry
+from exo_lab.cluster.topology import Topology
+from exo_lab.ui.dashboard import DashboardSource, serve_dashboard
+from tests.helpers.net import free_port
+from tests.helpers.paths import ARTIFACTS
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(shutil.which("chromium") is None,
+                       reason="Debian chromium is not installed (apt-get install -y chromium)"),
+]
+
+SPECS = Path(__file__).resolve().parents[2] / "exo_lab" / "sim" / "specs"
+from tests.helpers.browser import CHROMIUM_FLAGS as FLAGS  # noqa: E402
+VIEWPORT = {"width": 1400, "height": 1000}
+
+# Page-side helpers: Panel renders into shadow roots, so look through all of them; record every text the
+# newest assistant bubble shows (a MutationObserver sees each streamed update the server pushes).
+HELPERS = """
+() => {
+  window.exoDeep = (sel) => {
+    const out = [];
+    const walk = (root) => {
+      root.querySelectorAll(sel).forEach((e) => out.push(e));
+      root.querySelectorAll("*").forEach((e) => { if (e.shadowRoot) walk(e.shadowRoot); });
+    };
+    walk(document);
+    return out;
+  };
+  window.exoModelData = (name, column) => {
+    for (const doc of window.Bokeh.documents) {
+      const m = doc.get_model_by_name(name);
+      if (m) return Array.from(m.data[column]);
+    }
+    return null;
+  };
+  window.exoReplies = [];
+  const chat = window.exoDeep(".exo-chat")[0];
+  const root = chat.getRootNode();
+  new MutationObserver(() => {
+    const bubbles = window.exoDeep(".exo-msg.assistant .exo-bubble");
+    const last = bubbles[bubbles.length - 1];
+    if (!last) return;
+    const streaming = last.parentElement.classList.contains("streaming");
+    const prev = window.exoReplies[window.exoReplies.length - 1];
+    if (!prev || prev.text !== last.textContent || prev.streaming !== streaming)
+      window.exoReplies.push({ text: last.textContent, streaming });
+  }).observe(root, { childList: true, subtree: true, characterData: true });
+}
+"""
+
+
+def poll(cond: Callable[[], Any], deadline_s: float, what: str) -> Any:
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        got = cond()
+        if got:
+            return got
+        time.sleep(0.05)
+    raise AssertionError(f"not within {deadline_s} s: {what}")
+
+
+def open_dashboard(browser, url: str, nodes: int):
+    """Open the page and wait until the browser's Bokeh document holds the graph with ``nodes`` nodes."""
+    page = browser.new_page(viewport=VIEWPORT)
+    page.errors = []
+    page.external = []
+    page.on("pageerror", lambda exc: page.errors.append(str(exc)))
+    page.on("request", lambda r: page.external.append(r.url)
+            if r.url.startswith(("http:", "https:")) and not r.url.startswith(url) else None)  # works offline
+    page.goto(url)
+    page.wait_for_function("() => window.Bokeh && Bokeh.documents.length > 0", timeout=30_000)
+    page.wait_for_selector(".exo-chat", timeout=30_000)
+    page.evaluate(HELPERS)
+    page.wait_for_function(
+        "(n) => { const ids = window.exoModelData('exo-node-source', 'id'); return ids && ids.length === n; }",
+        arg=nodes, timeout=30_000)
+    return page
+
+
+def chat(page, text: str, deadline_s: float = 60.0) -> tuple[str, list[dict]]:
+    """Send ``text`` from the page; the final reply and what the page showed while it streamed."""
+    box = page.locator("input[placeholder='Message the model…']")
+    box.fill(text)
+    box.press("Enter")
+    poll(lambda: page.evaluate("() => window.exoReplies.some((r) => r.streaming)"), 20, "a reply starts streaming")
+    seen = poll(lambda: (lambda r: r if r and not r[-1]["streaming"] else None)(
+        page.evaluate("() => window.exoReplies")), deadline_s, "the reply finishes")
+    page.evaluate("() => { window.exoReplies = []; }")
+    return seen[-1]["text"], seen
+
+
+def requests_shown(page, name: str) -> str:
+    """The instances table's request count for ``name``."""
+    row = page.locator(".tabulator-row").filter(has=page.locator(f".tabulator-cell[tabulator-field='name']",
+                                                                   has_text=name))
+    return row.locator(".tabulator-cell[tabulator-field='requests']").first.inner_text().strip()
+
+
+def assert_streamed(seen: list[dict], final: str) -> None:
+    partial = [r["text"] for r in seen if r["streaming"] and r["text"]]
+    assert partial, f"no partial reply was shown before the end: {seen}"
+    assert all(final.startswith(p) for p in partial) and len(partial[0]) < len(final), seen
+
+
+def test_what_if_cluster_graph_and_a_streamed_chat(browser, engine) -> None:
+    topo = Topology.load(SPECS / "m3-ultra-4x-tb5.json")
+    registry = ModelRegistry()
+    registry.add(engine, "tiny")
+    source = DashboardSource(topology=topo, registry=registry, api_url="http://127.0.0.1:52415")
+    server = serve_dashboard(source, port=0)
+    page = None
+    try:
+        page = open_dashboard(browser, server.url, nodes=4)
+        (session,) = list(source.sessions)  # server side: the session's Bokeh models
+        assert list(session.node_source.data["id"]) == list(topo.nodes)
+        assert session.graph.select_one({"name": "exo-nodes"}).data_source is session.node_source
+        assert len(session.edge_source.data["label"]) == 6
+        assert page.evaluate("() => exoModelData('exo-node-source', 'name')") == [n.name for n in topo.nodes.values()]
+        assert page.evaluate("() => exoModelData('exo-edge-source', 'label')") == ["0.05 ms · 65 Gbit/s"] * 6
+        assert "4 nodes" in page.locator(".exo-header").inner_text()
+
+        page.get_by_label("max tokens").fill("120")  # a longer reply streams for longer
+        page.get_by_label("max tokens").press("Enter")
+        poll(lambda: session.chat_max_tokens.value == 120, 10, "max tokens reaches Python")
+        final, seen = chat(page, "Tell me about clusters.")
+        expected = engine.chat([{"role": "user", "content": "Tell me about clusters."}], max_tokens=120,
+                               temperature=0).text()
+        assert final == expected
+        assert_streamed(seen, final)
+        assert session.chat_updates >= 3
+        assert "120 tokens" in page.locator(".exo-usage").inner_text()
+        poll(lambda: requests_shown(page, "tiny") == str(engine.requests_completed), 10,
+             "the instances table counts the request")
+        charted = len([r for r in im.request_rows(engine) if r["completion_tokens"] > 1 and r["generation_tps"] > 0])
+        poll(lambda: len(page.evaluate("() => exoModelData('exo-tps-points', 'tps')")) == charted,
+             10, "the tokens/s chart has a point per recent request")
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "dashboard-what-if-chat.png"), full_page=True)
+        assert page.errors == [] and page.external == []
+    finally:
+        if page is not None:
+            page.close()
+        server.stop()
+
+
+def test_exo_lab_up_serves_the_api_and_the_dashboard(browser, tiny_model, tmp_path) -> None:
+    port = free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "exo_lab.cli", "up", "--model", str(tiny_model), "--name", "tiny",
+                             "--port", str(port), "--dashboard-port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    page = None
+    try:
+        lines: list[str] = []
+        start = time.monotonic()
+        while True:
+            line = proc.stdout.readline()
+            assert line, f"exo-lab up exited ({proc.poll()}):\n{''.join(lines)}"
+            lines.append(line)
+            match = re.match(r"exo_lab dashboard: (http://127\.0\.0\.1:\d+)", line)
+            if match:
+                url = match.group(1)
+                break
+            assert time.monotonic() - start < 90, "".join(lines)
+        assert f"http://127.0.0.1:{port}" in "".join(lines)
+        page = open_dashboard(browser, url, nodes=1)
+        assert "this machine" in page.locator(".exo-header").inner_text()
+        final, seen = chat(page, "Hello from the dashboard.")  # 64 tokens by default
+        assert_streamed(seen, final)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=30)
+        reply = client.chat.completions.create(model="tiny", max_tokens=8, temperature=0,
+                                               messages=[{"role": "user", "content": "and from the API"}])
+        assert reply.choices[0].message.content
+        poll(lambda: requests_shown(page, "tiny") == "2", 10, "the dashboard counts the API request too")
+        poll(lambda: len(page.evaluate("() => exoModelData('exo-tps-points', 'tps')")) == 2, 10,
+             "the tokens/s chart has both requests")
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "dashboard-up.png"), full_page=True)
+        assert page.errors == [] and page.external == []
+    finally:
+        if page is not None:
+            page.close()
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+
+
+def test_launch_a_plan_from_the_page_and_chat_with_it(browser, tiny_model) -> None:
+    cluster = exo_lab.local_cluster(2)
+    source = DashboardSource(cluster=cluster, refresh_s=1.0)
+    server = serve_dashboard(source, port=0)
+    page = None
+    try:
+        page = open_dashboard(browser, server.url, nodes=2)
+        (session,) = list(source.sessions)
+        assert len(session.edge_source.data["label"]) == 1
+        model_box = page.locator("input[placeholder^='a model name']")
+        model_box.fill(str(tiny_model))
+        page.get_by_role("button", name="Preview").click()
+        wanted = "pipeline: local-0[0:2] -> local-1[2:4]"
+        row = page.locator(".tabulator-row").filter(has_text=wanted).first
+        row.wait_for(timeout=30_000)
+        row.click()
+        poll(lambda: [session.plans.plans[i].describe() for i in session.plan_table.selection] == [wanted], 10,
+             "the row click selects the plan in Python")
+        assert model_box.input_value() == str(tiny_model)  # not replaced by a suggestion
+        poll(lambda: f"Plan #{session.plan_table.selection[0]}: " in page.locator(".exo-note").filter(
+            has_text="feasible plan").inner_text(), 10, "the page describes the selected plan")
+        page.get_by_role("button", name="Launch selected plan").click()
+        inst = poll(lambda: cluster.instances[0] if cluster.instances else None, 30, "the instance is created")
+        poll(lambda: inst.state == "ready", 90, "the instance loads")
+        assert inst.name == tiny_model.name  # named after the model, not its path
+        poll(lambda: sorted(page.evaluate("() => exoModelData('exo-node-source', 'shard')")) ==
+             ["tiny · layers 0-1", "tiny · layers 2-3"], 15, "the graph shows the shards")
+        poll(lambda: page.evaluate("() => { const s = exoDeep('select')[0]; return s && s.value; }"), 15,
+             "the chat offers the instance")
+        final, seen = chat(page, "Which node holds layer 3?")
+        tokens = inst.chat([{"role": "user", "content": "Which node holds layer 3?"}], max_tokens=64,
+                           temperature=0).text()
+        assert final == tokens  # the instance answered, greedy and exact
+        poll(lambda: "ready" in page.locator(".tabulator-row").filter(has_text=inst.name).first.inner_text(), 10,
+             "the instances table shows it ready")
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "dashboard-cluster-launched.png"), full_page=True)
+        assert page.errors == [] and page.external == []
+    finally:
+        if page is not None:
+            page.close()
+        server.stop()
+        cluster.close()
+
+
+def bench_document() -> dict:
+    """An ``exo_lab.bench/1`` document for three plans (built from the bench module's own classes)."""
+    bench = pytest.importorskip("exo_lab.bench")
+    from exo_lab.bench.results import ConcurrencyPoint, PlanBench, stat
+
+    plans = []
+    for i, (desc, strategy, pred, meas) in enumerate([
+        ("single: local-0[0:4]", "single", 820.0, 540.0), ("pipeline: local-0[0:2] -> local-1[2:4]", "pipeline",
+                                                           420.0, 260.0),
+        ("tensor: local-0+local-1 x2[0:4]", "tensor", 800.0, 310.0)]):
+        predicted = {"decode_tps": pred, "prefill_tps": 30 * pred, "ttft_s": 2.0 / pred}
+        measured = {"decode_tps": stat([meas * f for f in (0.97, 1.0, 1.02)]),
+                    "prefill_tps": stat([25 * meas]), "ttft_s": stat([2.4 / meas])}
+        conc = [ConcurrencyPoint(c, stat([meas * min(c, 3) ** 0.5]), stat([0.01 * c]), stat([1.0]), pred)
+                for c in (1, 4, 8)]
+        plans.append(PlanBench(i, desc, strategy, "ok", {"description": desc}, predicted=predicted, measured=measured,
+                               ratios={"decode_tps": meas / pred}, concurrency=conc))
+    return bench.BenchResult("tiny", "tiny", 64, 32, 3, 1, [1, 4, 8], plans).to_json()
+
+
+def test_bench_results_are_charted(browser, tmp_path) -> None:
+    path = tmp_path / "bench.json"
+    import json
+
+    path.write_text(json.dumps(bench_document()))
+    source = DashboardSource(topology=Topology.load(SPECS / "home-lab-mixed.json"), bench=path)
+    server = serve_dashboard(source, port=0)
+    page = None
+    try:
+        page = open_dashboard(browser, server.url, nodes=3)
+        names = page.evaluate("() => Bokeh.documents.flatMap((d) => [...d.all_models].map((m) => m.name))")
+        assert {"exo-bench-decode-bars", "exo-bench-scatter", "exo-bench-concurrency"} <= set(names)
+        assert "3 plans measured for tiny" in page.locator(".exo-note").filter(has_text="measured").inner_text()
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "dashboard-bench.png"), full_page=True)
+        assert page.errors == [] and page.external == []
+    finally:
+        if page is not None:
+            page.close()
+        server.stop()

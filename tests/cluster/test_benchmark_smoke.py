@@ -1,0 +1,44 @@
+"""The single-node benchmark runs end to end in its tiny configuration (no speed asserted)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "single_node.py"
+SMOKE = ["--presets", "tiny", "--variants", "fp32", "--pp", "64", "--tg", "8", "--repeat", "1"]
+
+
+@pytest.mark.slow
+def test_single_node_benchmark_smoke(tmp_path: Path) -> None:
+    env = {**os.environ, "EXO_LAB_MODELS_DIR": str(tmp_path / "models")}
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *SMOKE], env=env, capture_output=True, text=True, timeout=240, check=False
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    out = proc.stdout
+    number = r"\d+\.\d+"
+    assert re.search(rf"^tiny-fp32: ratio gen +exo/mlx_lm +in-proc {number} .*API {number}", out, re.M), out
+    assert re.search(rf"^tiny-fp32: ratio prompt +exo/mlx_lm +in-proc {number} +API {number}", out, re.M), out
+    assert re.search(rf"^tiny-fp32: BLAS gain .*prompt {number}x +gen {number}x", out, re.M), out
+    assert "target: exo_lab / mlx_lm >= 0.97" in out
+    assert (tmp_path / "models" / "bench" / "tiny-fp32" / "config.json").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", [[], ["--instance", "pipeline"]], ids=["one-process", "instance"])
+def test_concurrency_benchmark_smoke(tmp_path: Path, where: list[str]) -> None:
+    script = SCRIPT.parent / "concurrency.py"
+    env = {**os.environ, "EXO_LAB_MODELS_DIR": str(tmp_path / "models")}
+    proc = subprocess.run(
+        [sys.executable, str(script), "--preset", "tiny", "--streams", "3", "--tokens", "4", "--repeat", "1", *where],
+        env=env, capture_output=True, text=True, timeout=240, check=False,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    assert re.search(r"^ratio 3 streams / 1 stream = \d+\.\d+x", proc.stdout, re.M), proc.stdout
+    assert ("distributed instance (pipeline" in proc.stdout) == bool(where)

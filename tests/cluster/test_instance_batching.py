@@ -1,0 +1,248 @@
+"""Continuous batching on distributed instances: concurrent requests share decode steps across real ranks.
+
+Every rank admits the same requests at the same step (rank 0 decides, one all_sum tells the others), so
+a request's greedy tokens are the same batched or alone, for every split.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+
+import openai
+import pytest
+
+import exo_lab
+from exo_lab.engine.generator import EngineBusy, GenerationRequest
+from exo_lab.models import synthetic
+from tests.helpers.net import free_port
+pytestmark = pytest.mark.slow
+
+PROMPTS = [list(range(5, 60)), [(i * 7919) % 8000 + 10 for i in range(300)], [3, 4, 5], list(range(100, 140)),
+           [7] * 90, list(range(1000, 1010))]
+MAX_TOKENS = [20, 12, 24, 6, 16, 9]  # different lengths: rows leave the batch at different steps
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = exo_lab.local_cluster(2)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return synthetic.create(tmp_path_factory.mktemp("batch-models") / "tiny", "tiny")
+
+
+@pytest.fixture(scope="module")
+def references(tiny):
+    """Each prompt generated alone in one process."""
+    with exo_lab.Engine(tiny, max_batch=1) as eng:
+        return [[t for c in eng.generate(p, max_tokens=n, temperature=0, ignore_eos=True) for t in c.tokens]
+                for p, n in zip(PROMPTS, MAX_TOKENS)]
+
+
+def pick(cluster, path, strategy: str):
+    plans = cluster.preview(path, context=2048, prompt_tokens=64)
+    return next(p for p in plans if p.strategy == strategy and p.num_nodes == 2
+                and (strategy != "pipeline-tensor" or all(r.tensor_size == 2 for r in p.ranks)))
+
+
+def tokens(gen) -> list[int]:
+    chunks = list(gen)
+    assert chunks[-1].error is None, chunks[-1].error
+    return [t for c in chunks for t in c.tokens]
+
+
+@pytest.mark.parametrize("strategy", ["pipeline", "tensor", "pipeline-tensor"])
+def test_concurrent_requests_share_steps_and_match_one_process(cluster, tiny, references, strategy):
+    inst = cluster.launch(tiny, plan=pick(cluster, tiny, strategy))
+    try:
+        before = inst.stats["decode_steps"]
+        gens = [inst.generate(p, max_tokens=n, temperature=0, ignore_eos=True) for p, n in zip(PROMPTS, MAX_TOKENS)]
+        assert [tokens(g) for g in gens] == references
+        assert all(g.finish_reason == "length" for g in gens)
+        assert [g.usage.completion_tokens for g in gens] == MAX_TOKENS
+        stats = inst.stats
+        assert stats["peak_batch"] >= 2
+        assert stats["decode_steps"] - before < sum(MAX_TOKENS)  # steps were shared
+    finally:
+        inst.delete()
+
+
+def test_joining_leaving_cancelling_and_stopping_mid_batch(cluster, tiny, references):
+    inst = cluster.launch(tiny, plan=pick(cluster, tiny, "pipeline"))
+    try:
+        long = inst.generate("x", max_tokens=100_000, temperature=0, ignore_eos=True)
+        it = iter(long)
+        next(it)  # decoding; the next requests join the running batch
+        text = "".join(inst.stream("def main():", max_tokens=30, temperature=0))
+        with exo_lab.Engine(tiny) as eng:
+            assert text == eng.generate("def main():", max_tokens=30, temperature=0).text()
+        stop = text[12:16]
+        stopped = inst.generate("def main():", max_tokens=30, temperature=0, stop=[stop])
+        joined = [inst.generate(p, max_tokens=n, temperature=0, ignore_eos=True) for p, n in zip(PROMPTS, MAX_TOKENS)]
+        assert stopped.text() == text[: text.index(stop)] and stopped.finish_reason == "stop"
+        assert [tokens(g) for g in joined] == references
+        long.cancel()
+        assert list(it)[-1].finish_reason == "cancelled"
+        # a seeded sampled request gives the same tokens batched or alone
+        alone = tokens(inst.generate(PROMPTS[0], max_tokens=16, temperature=0.8, seed=7, ignore_eos=True))
+        others = [inst.generate(p, max_tokens=16, temperature=0, ignore_eos=True) for p in PROMPTS[1:4]]
+        batched = inst.generate(PROMPTS[0], max_tokens=16, temperature=0.8, seed=7, ignore_eos=True)
+        assert tokens(batched) == alone
+        for g, ref in zip(others, references[1:4]):
+            k = min(16, len(ref))
+            assert tokens(g)[:k] == ref[:k]
+        assert inst.stats["peak_batch"] >= 3
+    finally:
+        inst.delete()
+
+
+def test_max_batch_bounds_the_batch_and_a_full_queue_is_busy(cluster, tiny, references):
+    inst = cluster.launch(tiny, plan=pick(cluster, tiny, "pipeline"), name="tiny-small", max_batch=2, max_queue=5)
+    server = exo_lab.serve(inst, port=free_port())
+    try:
+        gens = [inst.generate(p, max_tokens=n, temperature=0, ignore_eos=True) for p, n in zip(PROMPTS, MAX_TOKENS)]
+        assert [tokens(g) for g in gens] == references
+        assert inst.stats["peak_batch"] == 2
+        # 2 decoding + 5 queued: the 8th is refused at once, in the API family's shape
+        hold = [inst.generate("x", max_tokens=100_000, temperature=0, ignore_eos=True) for _ in range(7)]
+        with pytest.raises(EngineBusy):
+            inst.generate("x", max_tokens=4)
+        client = openai.OpenAI(base_url=server.openai_base_url, api_key="x", max_retries=0)
+        with pytest.raises(openai.RateLimitError):
+            client.chat.completions.create(model="tiny-small", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        for g in hold:
+            g.cancel()
+        assert all(list(g)[-1].finish_reason == "cancelled" for g in hold)
+        deadline = time.monotonic() + 10
+        while inst.pending and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert inst.pending == 0  # every place freed
+        r = client.chat.completions.create(model="tiny-small", messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=4, temperature=0)
+        assert r.usage.completion_tokens <= 4 and r.choices[0].finish_reason in ("length", "stop")
+    finally:
+        server.stop()
+        inst.delete()
+
+
+def test_concurrent_api_streams_on_a_pipeline(cluster, tiny):
+    inst = cluster.launch(tiny, plan=pick(cluster, tiny, "pipeline"), name="tiny-pipe")
+    server = exo_lab.serve(inst, port=free_port())
+    try:
+        client = openai.OpenAI(base_url=server.openai_base_url, api_key="x", max_retries=0)
+        msgs = [[{"role": "user", "content": f"question {i}"}] for i in range(6)]
+        with exo_lab.Engine(tiny) as eng:
+            expected = [eng.chat(m, max_tokens=10, temperature=0).text() for m in msgs]
+        got: list[str | None] = [None] * len(msgs)
+
+        def ask(i: int) -> None:
+            stream = client.chat.completions.create(model="tiny-pipe", messages=msgs[i], max_tokens=10,
+                                                    temperature=0, stream=True)
+            got[i] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(msgs))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert got == expected
+        assert inst.stats["peak_batch"] >= 2
+        # a client that goes away mid-stream frees its place in the batch at once
+        body = json.dumps({"model": "tiny-pipe", "messages": msgs[0], "max_tokens": 100000, "stream": True,
+                           "temperature": 0}).encode()
+        sock = socket.create_connection(("127.0.0.1", server.port))
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        data = b""
+        while data.count(b"data:") < 5:
+            data += sock.recv(65536)
+        assert inst.pending == 1
+        sock.close()
+        deadline = time.monotonic() + 5
+        while inst.pending and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert inst.pending == 0
+        steps = inst.stats["decode_steps"]
+        time.sleep(0.3)
+        assert inst.stats["decode_steps"] == steps  # the ranks stopped decoding it
+    finally:
+        server.stop()
+        inst.delete()
+
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6},
+                                           "n": {"type": "integer", "minimum": 0, "maximum": 50},
+                                           "ok": {"type": "boolean"}},
+          "required": ["name", "n", "ok"], "additionalProperties": False}
+
+
+@pytest.mark.parametrize("strategy", ["pipeline", "tensor"])
+def test_json_schema_on_the_rank_that_samples_batched_with_plain_requests(cluster, tiny, references, strategy):
+    import jsonschema
+
+    inst = cluster.launch(tiny, plan=pick(cluster, tiny, strategy), name="tiny-dist")
+    server = exo_lab.serve(inst, port=free_port())
+    try:
+        client = openai.OpenAI(base_url=server.openai_base_url, api_key="x", max_retries=0)
+        plain = [inst.generate(p, max_tokens=n, temperature=0, ignore_eos=True) for p, n in zip(PROMPTS, MAX_TOKENS)]
+        fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMA}}
+        replies = [client.chat.completions.create(model="tiny-dist", messages=[{"role": "user", "content": f"item {i}"}],
+                                                  max_tokens=60, temperature=t, seed=i, response_format=fmt)
+                   for i, t in enumerate((0, 1.0))]
+        for r in replies:
+            jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
+            assert r.choices[0].finish_reason == "stop"
+        r = client.chat.completions.create(model="tiny-dist", messages=[{"role": "user", "content": "hi"}],
+                                           max_tokens=80, temperature=0, response_format={"type": "json_object"})
+        if r.choices[0].finish_reason == "stop":
+            assert isinstance(json.loads(r.choices[0].message.content), dict)
+        assert [tokens(g) for g in plain] == references  # the plain requests beside them are unchanged
+        # a forced tool call: its arguments follow the tool's parameters
+        tool = {"type": "function", "function": {"name": "lookup", "parameters": SCHEMA}}
+        r = client.chat.completions.create(model="tiny-dist", messages=[{"role": "user", "content": "look it up"}],
+                                           max_tokens=80, temperature=0, tools=[tool], tool_choice="required")
+        (call,) = r.choices[0].message.tool_calls
+        assert call.function.name == "lookup" and r.choices[0].finish_reason == "tool_calls"
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMA)
+    finally:
+        server.stop()
+        inst.delete()
+
+
+def test_logprobs_from_the_rank_that_samples_match_one_process(cluster, tiny):
+    inst = cluster.launch(tiny, plan=pick(cluster, tiny, "pipeline"), name="tiny-lp")
+    server = exo_lab.serve(inst, port=free_port())
+    one = exo_lab.Engine(tiny, name="tiny-lp")
+    local = exo_lab.serve(one, port=free_port())
+    try:
+        msgs = [{"role": "user", "content": "Tell me about Python."}]
+        got = []
+        for srv in (server, local):
+            client = openai.OpenAI(base_url=srv.openai_base_url, api_key="x", max_retries=0)
+            got.append(client.chat.completions.create(model="tiny-lp", messages=msgs, max_tokens=8, temperature=0,
+                                                      logprobs=True, top_logprobs=3).choices[0].logprobs.content)
+        dist, ref = got
+        assert [t.token for t in dist] == [t.token for t in ref] and len(dist) == 8
+        for a, b in zip(dist, ref):
+            assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
+            assert [x.token for x in a.top_logprobs] == [x.token for x in b.top_logprobs]
+            assert [x.logprob for x in a.top_logprobs] == pytest.approx([x.logprob for x in b.top_logprobs], abs=1e-4)
+        # batched beside plain requests, and with no alternatives asked for
+        plain = [inst.generate(p, max_tokens=6, temperature=0, ignore_eos=True) for p in PROMPTS[:3]]
+        req = GenerationRequest(tuple(PROMPTS[0]), max_tokens=6, logprobs=0, ignore_eos=True)
+        chunks = list(inst.submit(req))
+        lps = [lp for c in chunks for lp in c.logprobs]
+        assert len(lps) == 6 and all(lp.top == () and lp.logprob <= 0 for lp in lps)
+        assert [lp.token for lp in lps] == [t for c in chunks for t in c.tokens]
+        assert all(list(g)[-1].finish_reason == "length" for g in plain)
+    finally:
+        local.stop()
+        one.close()
+        server.stop()
+        inst.delete()

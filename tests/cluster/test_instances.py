@@ -1,0 +1,294 @@
+"""Instances: plans launched as real MLX distributed ranks (separate processes), exact and resilient."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import openai
+import psutil
+import pytest
+
+import exo_lab
+from exo_lab.engine.generator import GenerationRequest
+from exo_lab.engine.sampling import SamplingParams
+from exo_lab.instance import Instance, LaunchError
+from exo_lab.models import synthetic
+from tests.helpers.net import free_port
+pytestmark = pytest.mark.slow
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    c = exo_lab.local_cluster(3)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inst-models")
+    return {p: synthetic.create(root / p, p) for p in ("tiny", "qwen2-tiny", "qwen3-tiny")}
+
+
+def reference(path: Path, prompt: list[int], n: int) -> list[int]:
+    with exo_lab.Engine(path) as eng:
+        gen = eng.generate(prompt, max_tokens=n, temperature=0, ignore_eos=True)
+        return [t for c in gen for t in c.tokens]
+
+
+def tokens_of(inst: Instance, prompt: list[int], n: int) -> list[int]:
+    gen = inst.generate(prompt, max_tokens=n, temperature=0, ignore_eos=True)
+    chunks = list(gen)
+    assert chunks[-1].error is None, chunks[-1].error
+    return [t for c in chunks for t in c.tokens]
+
+
+def pick(plans, strategy: str, nodes: int, split: str | None = None):
+    for p in plans:
+        if p.strategy == strategy and p.num_nodes == nodes and (split is None or p.split == split):
+            return p
+    raise AssertionError(f"no {strategy} plan over {nodes} nodes in {[p.describe() for p in plans]}")
+
+
+def no_pids_left(pids: dict[str, list[int]]) -> bool:
+    return not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
+                   for ps in pids.values() for p in ps)
+
+
+SHORT = list(range(5, 60))
+LONG = [(i * 7919) % 8000 + 10 for i in range(2300)]  # longer than one 2048-token prefill chunk
+
+
+@pytest.mark.parametrize("nodes", [2, 3])
+def test_pipeline_gives_the_same_tokens_as_one_process(cluster, models, nodes):
+    path = models["tiny"]
+    plans = cluster.preview(path, context=4096, prompt_tokens=64)
+    plan = pick(plans, "pipeline", nodes)
+    inst = plan.launch()
+    try:
+        assert inst.state == "ready"
+        assert len({r.layers for r in inst.plan.ranks}) == nodes
+        for prompt in (SHORT, LONG):
+            assert tokens_of(inst, prompt, 24) == reference(path, prompt, 24)
+    finally:
+        pids = inst.pids()
+        inst.delete()
+    assert inst.state == "stopped"
+    deadline = time.monotonic() + 10
+    while not no_pids_left(pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert no_pids_left(pids), pids
+
+
+def test_uneven_layer_ranges_and_other_architectures(cluster, models):
+    for name in ("qwen2-tiny", "qwen3-tiny"):
+        path = models[name]
+        plans = cluster.preview(path, context=2048, prompt_tokens=64)
+        plan = pick(plans, "pipeline", 2, split="fastest")  # an uneven split: 3 + 1 layers
+        assert sorted(r.layers[1] - r.layers[0] for r in plan.ranks) == [1, 3]
+        inst = cluster.launch(path, plan=plan)
+        try:
+            assert tokens_of(inst, SHORT, 16) == reference(path, SHORT, 16), name
+        finally:
+            inst.delete()
+
+
+def test_tensor_parallel_fp32_gives_the_same_tokens(cluster, models):
+    path = models["tiny"]  # float32
+    plan = pick(cluster.preview(path, context=2048, prompt_tokens=64), "tensor", 2)
+    inst = plan.launch()
+    try:
+        assert {r.tensor_size for r in inst.plan.ranks} == {2}
+        assert tokens_of(inst, SHORT, 24) == reference(path, SHORT, 24)
+    finally:
+        inst.delete()
+
+
+def single_process_logits(path: Path, prompt: list[int]) -> np.ndarray:
+    from mlx_lm import load
+    from mlx_lm.models.cache import make_prompt_cache
+
+    model, _ = load(str(path))
+    cache = make_prompt_cache(model)
+    toks = mx.array(prompt)
+    pos = 0
+    while len(prompt) - pos > 1:
+        n = min(64, len(prompt) - pos - 1)
+        model(toks[pos:pos + n][None], cache=cache)
+        mx.eval([c.state for c in cache])
+        pos += n
+    return np.array(model(toks[pos:][None], cache=cache)[:, -1, :].astype(mx.float32))
+
+
+def ranks_logits(path: Path, tmp_path: Path, splits, n: int, prompt: list[int]) -> np.ndarray:
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(json.dumps([[f"127.0.0.1:{free_port()}"] for _ in range(n)]))
+    out = tmp_path / "logits.npy"
+    procs = [subprocess.Popen([sys.executable, str(HERE.parent / "helpers" / "rank_logits.py"), str(path), json.dumps(splits),
+                               json.dumps(prompt), str(out)],
+                              env={**os.environ, "MLX_RANK": str(r), "MLX_HOSTFILE": str(hosts)})
+             for r in range(n)]
+    assert [p.wait(120) for p in procs] == [0] * n
+    return np.load(out)
+
+
+@pytest.mark.parametrize("ranks", [2, 4])
+def test_tensor_logits_on_bf16_agree_within_tolerance(tmp_path, ranks):
+    """Tensor ranks sum partial products in another order: bf16 logits differ by rounding only."""
+    path = synthetic.create(tmp_path / "bf16", "tiny-mha", dtype="bfloat16")
+    prompt = [(i * 31) % 8000 + 3 for i in range(50)]
+    ref = single_process_logits(path, prompt)
+    got = ranks_logits(path, tmp_path, "tensor", ranks, prompt)
+    # stated tolerance: |diff| <= 0.05 * max|logit| (a few bf16 ulps at the logits' scale)
+    assert np.max(np.abs(got - ref)) <= 0.05 * np.max(np.abs(ref))
+    assert np.argmax(got) == np.argmax(ref)
+
+
+def test_tensor_over_four_ranks_gives_the_same_tokens(cluster, models, tmp_path):
+    from exo_lab.placement.plan import Plan, RankSpec
+
+    path = synthetic.create(tmp_path / "mha", "tiny-mha")  # fp32, 4 KV heads
+    nodes = cluster.nodes[:2]
+    base = cluster.preview(path, context=2048, prompt_tokens=64).best
+    ranks = [RankSpec(i, nodes[i // 2].id, nodes[i // 2].name, 0, (0, 4), i, 4, "127.0.0.1", "float32")
+             for i in range(4)]
+    plan = Plan(model=base.model, strategy="tensor", ranks=ranks, memory_bytes={n.id: 0 for n in nodes},
+                memory_capacity_bytes={n.id: n.memory_total_bytes for n in nodes}, model_dtype="float32",
+                node_names={n.id: n.name for n in nodes})
+    inst = cluster.launch(path, plan=plan)
+    try:
+        assert tokens_of(inst, SHORT, 16) == reference(path, SHORT, 16)
+    finally:
+        inst.delete()
+
+
+@pytest.mark.parametrize("splits,prompt_len", [([2, 2], 40), ([1, 2, 1], 150)])
+def test_pipeline_logits_are_bit_identical(models, tmp_path, splits, prompt_len):
+    path = models["tiny"]
+    prompt = [(i * 31) % 8000 + 3 for i in range(prompt_len)]
+    ref = single_process_logits(path, prompt)
+    got = ranks_logits(path, tmp_path, splits, len(splits), prompt)
+    assert got.shape == ref.shape and np.array_equal(got, ref)  # bit-identical, not merely close
+
+
+def test_streaming_cancel_and_stop_strings(cluster, models):
+    path = models["tiny"]
+    inst = cluster.launch(path, plan=pick(cluster.preview(path, context=2048, prompt_tokens=64), "pipeline", 2))
+    try:
+        full = "".join(inst.stream("def main():", max_tokens=30, temperature=0))
+        with exo_lab.Engine(path) as eng:
+            assert full == eng.generate("def main():", max_tokens=30, temperature=0).text()
+        stop = full[12:16]
+        gen = inst.generate("def main():", max_tokens=30, temperature=0, stop=[stop])
+        assert gen.text() == full[: full.index(stop)] and gen.finish_reason == "stop"
+        gen = inst.generate("x", max_tokens=100_000, temperature=0, ignore_eos=True)
+        it = iter(gen)
+        next(it)
+        gen.cancel()
+        rest = list(it)
+        assert rest[-1].finish_reason == "cancelled"
+        assert tokens_of(inst, SHORT, 5) == reference(path, SHORT, 5)  # still in step after a cancel
+    finally:
+        inst.delete()
+
+
+def test_served_through_the_openai_api(cluster, models):
+    path = models["tiny"]
+    inst = cluster.launch(path, plan=pick(cluster.preview(path, context=2048, prompt_tokens=64), "pipeline", 2),
+                          name="tiny-pipe")
+    server = exo_lab.serve(inst, port=free_port())
+    try:
+        client = openai.OpenAI(base_url=server.openai_base_url, api_key="x", max_retries=0)
+        msgs = [{"role": "user", "content": "hello"}]
+        r = client.chat.completions.create(model="tiny-pipe", messages=msgs, max_tokens=12, temperature=0)
+        with exo_lab.Engine(path) as eng:
+            assert r.choices[0].message.content == eng.chat(msgs, max_tokens=12, temperature=0).text()
+        assert r.usage.completion_tokens == 12
+    finally:
+        server.stop()
+        inst.delete()
+
+
+def test_reservations_refuse_overcommit(cluster, models):
+    node = cluster.nodes[0]
+    addr = cluster.address_of(node.id)
+    too_much = node.memory_total_bytes * 2
+    with pytest.raises(exo_lab.ClusterError, match="409"):
+        cluster.request(addr, "POST", "/instances/bogus1/prepare",
+                        {"ranks": [{"rank": 0, "address": "127.0.0.1"}], "reserve_bytes": too_much})
+    assert cluster.request(addr, "GET", "/instances")["reserved_bytes"] == 0
+
+
+def test_a_dead_worker_fails_fast_then_the_instance_is_replaced(cluster, models):
+    path = models["tiny"]
+    plan = pick(cluster.preview(path, context=2048, prompt_tokens=64), "pipeline", 2)
+    inst = cluster.launch(path, plan=plan, name="resilient")
+    server = exo_lab.serve(inst, port=free_port())
+    try:
+        old_pids = inst.pids()
+        gen = inst.generate("x", max_tokens=100_000, temperature=0, ignore_eos=True)
+        it = iter(gen)
+        next(it)
+        victim = old_pids[plan.nodes[1]][0]
+        os.kill(victim, signal.SIGKILL)
+        t = time.monotonic()
+        rest = list(it)
+        assert rest[-1].finish_reason == "error" and time.monotonic() - t < 5
+        # meanwhile the API says "retry later"
+        import urllib.error
+        import urllib.request
+
+        body = json.dumps({"model": "resilient", "messages": [{"role": "user", "content": "hi"}]}).encode()
+        saw_503 = False
+        deadline = time.monotonic() + 60
+        while not (inst.state == "ready" and inst.replacements == 1) and time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(urllib.request.Request(server.url + "/v1/chat/completions", data=body), timeout=5)
+            except urllib.error.HTTPError as e:
+                if e.code == 503:
+                    saw_503 = saw_503 or e.headers.get("Retry-After") is not None
+            time.sleep(0.1)
+        assert inst.state == "ready" and inst.replacements == 1
+        deadline = time.monotonic() + 10
+        while not no_pids_left(old_pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert no_pids_left(old_pids)  # the surviving worker of the old placement was stopped too
+        assert tokens_of(inst, SHORT, 8) == reference(path, SHORT, 8)
+        assert saw_503 or inst.state == "ready"
+    finally:
+        server.stop()
+        inst.delete()
+
+
+def test_pipeline_of_tensor_pairs_gives_the_same_tokens(cluster, models):
+    path = models["tiny"]
+    plans = cluster.preview(path, context=2048, prompt_tokens=64)
+    plan = next(p for p in plans if p.strategy == "pipeline-tensor" and p.num_nodes == 2
+                and all(r.tensor_size == 2 for r in p.ranks))
+    inst = plan.launch()
+    try:
+        assert len(inst.plan.ranks) == 4
+        for prompt in (SHORT, LONG[:300]):
+            assert tokens_of(inst, prompt, 16) == reference(path, prompt, 16)
+    finally:
+        inst.delete()
+
+
+def test_a_single_node_plan_launches(cluster, models):
+    path = models["tiny"]
+    plan = pick(cluster.preview(path, context=2048, prompt_tokens=64), "single", 1)
+    inst = plan.launch()
+    try:
+        assert len(inst.plan.ranks) == 1
+        assert tokens_of(inst, SHORT, 12) == reference(path, SHORT, 12)
+    finally:
+        inst.delete()

@@ -1,0 +1,1 @@
+"""Shared test helpers: paths, ports, servers, raw HTTP, browser flags, page harnesses."""

@@ -1,0 +1,210 @@
+"""The Panel dashboard without a browser: graph data, tables, chat, previews, bench charts, the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from exo_lab.api.registry import ModelRegistry
+from exo_lab.cli import build_parser
+from exo_lab.cluster.topology import NodeInfo, Topology
+from exo_lab.ui import dashboard as db
+from exo_lab.ui import dashboard_data as dd
+from tests.helpers.net import free_port
+from tests.helpers.monitor_harness import FakeInstance, busy_history, pipeline_plan
+
+SPECS = Path(__file__).resolve().parents[2] / "exo_lab" / "sim" / "specs"
+
+
+@pytest.fixture
+def ultra() -> Topology:
+    return Topology.load(SPECS / "m3-ultra-4x-tb5.json")
+
+
+def test_graph_data_has_every_node_and_one_labelled_edge_per_pair(ultra):
+    data = dd.graph_data(ultra)
+    nodes, edges = data["nodes"], data["edges"]
+    assert nodes["id"] == ["ultra-0", "ultra-1", "ultra-2", "ultra-3"]
+    assert nodes["mem"] == ["512 GiB"] * 4 and nodes["chip"] == ["Apple M3 Ultra"] * 4
+    assert len(edges["label"]) == 6 and set(edges["label"]) == {"0.05 ms · 65 Gbit/s"}
+    assert all(len(set(col)) == 1 for col in (edges["width"], nodes["size"]))
+    for a in range(6):  # labels were slid apart where the diagonals cross
+        for b in range(a):
+            assert (abs(edges["mx"][a] - edges["mx"][b]) >= dd.LABEL_W
+                    or abs(edges["my"][a] - edges["my"][b]) >= dd.LABEL_H)
+    upper = [i for i, y in enumerate(nodes["y"]) if y > 0]
+    assert upper and all(nodes["name_dy"][i] < 0 for i in upper)  # labels above the upper nodes
+
+
+def test_graph_data_of_one_node_and_of_a_gone_node():
+    one = Topology({"a": NodeInfo("a", "alpha", ["127.0.0.1"], profile={"memory_total_bytes": 8 << 30,
+                                                                        "memory_available_bytes": 2 << 30})})
+    data = dd.graph_data(one)
+    assert data["nodes"]["x"] == [0.0] and data["edges"]["label"] == []
+    assert data["nodes"]["free"] == ["2.0 / 8.0 GiB free"] and data["nodes"]["ring_color"] == [dd.WARN]
+    one.nodes["a"].state = "gone"
+    assert dd.graph_data(one)["nodes"]["name"] == ["alpha (gone)"]
+
+
+def test_instance_shards_and_frames():
+    inst = FakeInstance(pipeline_plan())
+    inst.load(1.0)
+    inst.state = "ready"
+    busy_history(inst, n=3)
+    shards = dd.instance_shards([("llama", inst)])
+    assert shards == {"workstation": ["llama · layer 0"], "mbp": ["llama · layers 1-31"]}
+    frame = dd.instance_frame([("llama", inst)])
+    assert frame.loc[0, "state"] == "ready" and frame.loc[0, "loaded"] == "32/32 layers"
+    assert frame.loc[0, "requests"] == 3
+    assert frame.loc[0, "decode tok/s"] == round(inst.usage_history[-1][1].generation_tps, 1)
+    series = dd.tps_series([("llama", inst)])
+    assert series["lines"]["name"] == ["llama"] and len(series["points"]["t"]) == 3
+    assert str(dd.instance_frame([]).dtypes["decode tok/s"]) == "float64"  # empty tables keep number columns
+
+
+def bench_doc() -> dict:
+    return {"schema": "exo_lab.bench/0-test", "model": "tiny", "pp": 64, "tg": 32, "plans": [
+        {"description": "single: a[0:4]", "status": "ok",
+         "predicted": {"decode_tps": 100.0, "ttft_s": 0.05, "prefill_tps": 900.0},
+         "measured": {"decode_tps": {"median": 80.0}, "ttft_s": {"median": 0.06}, "prefill_tps": {"median": 700}}},
+        {"description": "pipeline: a[0:2] -> b[2:4]", "status": "skipped", "predicted": {"decode_tps": 90.0},
+         "measured": {}},
+        {"description": "pipeline: b[0:2] -> a[2:4]", "status": "ok", "predicted": {"decode_tps": 90.0, "ttft_s": 0.1},
+         "measured": {"decode_tps": {"median": 60.0}, "ttft_s": {"median": 0.12}}},
+    ]}
+
+
+def test_bench_rows_read_measured_and_predicted():
+    rows = dd.bench_rows(bench_doc())
+    assert [r["label"] for r in rows] == ["single: a[0:4]", "pipeline: b[0:2] -> a[2:4]"]
+    assert rows[0]["measured_decode_tps"] == 80.0 and rows[0]["predicted_decode_tps"] == 100.0
+    assert rows[1]["measured_ttft_s"] == 0.12 and rows[1]["measured_prefill_tps"] is None
+    flat = dd.bench_rows([{"name": "x", "decode_tps": 5.0, "predicted_decode_tps": 6.0}])
+    assert flat[0]["measured_decode_tps"] == 5.0 and flat[0]["predicted_decode_tps"] == 6.0
+    with pytest.raises(ValueError, match="list of results"):
+        dd.bench_rows({"hello": 1})
+    with pytest.raises(ValueError, match="no measured"):
+        dd.bench_rows([{"name": "x"}])
+    figs = db.bench_figures(rows)
+    assert [f.name for f in figs] == ["exo-bench-decode_tps", "exo-bench-ttft_s"]
+
+
+def test_a_session_shows_the_topology_tables_and_bench(ultra, tmp_path):
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(bench_doc()))
+    src = db.DashboardSource(topology=ultra, bench=path)
+    dash = db.Dashboard(src)
+    assert list(dash.node_source.data["id"]) == ["ultra-0", "ultra-1", "ultra-2", "ultra-3"]
+    assert len(dash.edge_source.data["label"]) == 6
+    assert list(dash.node_table.value["node"]) == ["m3-ultra-0", "m3-ultra-1", "m3-ultra-2", "m3-ultra-3"]
+    assert "<b>4</b> nodes" in dash.header.object and "what-if cluster" in dash.header.object
+    assert dash in src.sessions
+    assert len(dash.bench_area.objects) == 2 and "2 plans measured" in dash.bench_area.objects[0].object
+    assert not dash.launch_button.visible  # nothing to launch on without a live cluster
+
+
+def test_chat_streams_a_reply_from_a_served_engine(engine, ultra):
+    registry = ModelRegistry()
+    registry.add(engine, "tiny")
+    dash = db.Dashboard(db.DashboardSource(topology=ultra, registry=registry, api_url="http://127.0.0.1:1"))
+    assert dash.chat_model.options == ["tiny"] and dash.chat_model.value == "tiny"
+    dash.chat_max_tokens.value = 40
+    dash.chat_input.value_input = "Hello there"
+    before = engine.requests_completed
+    asyncio.run(dash._on_send())
+    user, reply = dash.messages
+    assert user == {"role": "user", "content": "Hello there"}
+    expected = engine.chat([{"role": "user", "content": "Hello there"}], max_tokens=40, temperature=0).text()
+    assert reply["content"] == expected and not reply.get("error") and not reply["streaming"]
+    assert reply["usage"].startswith("40 tokens")
+    assert html.escape(expected) in dash.transcript.object
+    dash.tick()
+    frame = dash.instance_table.value
+    assert frame.loc[0, "name"] == "tiny" and frame.loc[0, "requests"] == engine.requests_completed > before
+    assert "API <a href='http://127.0.0.1:1/v1/models'" in dash.header.object
+
+
+def test_preview_ranks_plans_for_a_model(tiny_model, ultra):
+    dash = db.Dashboard(db.DashboardSource(topology=ultra))
+    dash.preview_model.value_input = str(tiny_model)
+    asyncio.run(dash._on_preview())
+    frame = dash.plan_table.value
+    assert dash.plan_table.visible and len(frame) == len(dash.plans.plans) > 4
+    assert frame.loc[0, "plan"].startswith("single:") and "feasible plans" in dash.plan_note.object
+    dash.preview_model.value_input = "no-such-model-anywhere"
+    asyncio.run(dash._on_preview())
+    assert "exo-error" in dash.plan_note.object and not dash.plan_table.visible
+
+
+def test_cli_parses_dashboard_and_up_options():
+    parser = build_parser()
+    args = parser.parse_args(["dashboard", "--local", "2", "--port", "0"])
+    assert args.local == 2 and args.port == 0 and args.host == "127.0.0.1"
+    args = parser.parse_args(["dashboard", "--connect", "10.0.0.1:52416", "10.0.0.2:52416", "--bench", "b.json"])
+    assert args.connect == ["10.0.0.1:52416", "10.0.0.2:52416"] and args.bench == "b.json"
+    assert parser.parse_args(["dashboard"]).port == db.DEFAULT_PORT
+    args = parser.parse_args(["up"])
+    assert args.dashboard_port == db.DEFAULT_PORT and not args.no_dashboard
+    with pytest.raises(SystemExit):
+        parser.parse_args(["dashboard", "--local", "2", "--connect", "h:1"])
+
+
+@pytest.mark.slow
+def test_panel_serve_runs_the_module(tmp_path):
+    """``panel serve exo_lab/ui/dashboard.py`` serves the page (this machine, no cluster)."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "panel", "serve", str(Path(db.__file__)), "--port", str(port),
+                             "--address", "127.0.0.1", "--allow-websocket-origin", f"127.0.0.1:{port}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:  # listening yet? (a GET would build a whole session per try)
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "panel serve did not listen within 60 s"
+                time.sleep(0.1)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/dashboard", timeout=60) as resp:
+            page = resp.read().decode()
+        assert resp.status == 200 and "exo_lab dashboard" in page, page[:500]
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+@pytest.mark.slow
+def test_exo_lab_dashboard_serves_a_what_if_spec_and_stops_on_sigterm():
+    proc = subprocess.Popen([sys.executable, "-m", "exo_lab.cli", "dashboard", "--topology",
+                             str(SPECS / "home-lab-mixed.json"), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        lines: list[str] = []
+        while not (match := re.match(r"exo_lab dashboard for a what-if cluster: (http://127\.0\.0\.1:\d+)$",
+                                     lines[-1].strip() if lines else "")):
+            line = proc.stdout.readline()
+            assert line and len(lines) < 20, "".join(lines)
+            lines.append(line)
+        with urllib.request.urlopen(match.group(1), timeout=60) as resp:
+            assert resp.status == 200 and "exo_lab dashboard" in resp.read().decode()
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert "periodic callback" not in out and "WebSocket" not in out  # Panel's INFO logs stay quiet

@@ -1,0 +1,246 @@
+"""The planner: properties over random clusters and models, and scenarios."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from exo_lab.cluster.topology import LinkProfile, NodeInfo, Topology
+from exo_lab.models.card import card_from_config
+from exo_lab.placement import plan
+from exo_lab.placement.planner import _split_layers
+
+SPECS = Path(__file__).resolve().parents[2] / "exo_lab" / "sim" / "specs"
+GB = 2**30
+
+
+def node(i: int, mem_gb: float, bw: float = 100.0, cores: int = 8, gpu: bool = False, host: str | None = None) -> NodeInfo:
+    return NodeInfo(f"n{i}", f"node{i}", [f"10.0.0.{i + 1}"], profile={
+        "memory_total_bytes": int(mem_gb * GB), "memory_available_bytes": int(mem_gb * GB), "cpu_count": cores,
+        "hostname": host or f"host{i}", "mlx_devices": ["cpu", "gpu"] if gpu else ["cpu"],
+        "memory_bandwidth_gb_per_s": bw,
+        "matmul_gflops": {"bfloat16_m1": bw, "bfloat16_m512": bw * 20, "float32_m1": bw / 2, "float32_m512": bw * 10}})
+
+
+def link(a: NodeInfo, b: NodeInfo, rtt_ms: float, mbit: float) -> LinkProfile:
+    return LinkProfile(a.id, b.id, a.addresses[0], b.addresses[0], rtt_ms, rtt_ms * 1.2, mbit, mbit)
+
+
+def cluster(nodes: list[NodeInfo], rtt_ms: float = 0.3, mbit: float = 10000, overrides: dict | None = None) -> Topology:
+    links = []
+    for i, a in enumerate(nodes):
+        for b in nodes[i + 1:]:
+            r, m = (overrides or {}).get((a.id, b.id), (rtt_ms, mbit))
+            links.append(link(a, b, r, m))
+    return Topology({n.id: n for n in nodes}, links)
+
+
+def model(layers: int = 32, hidden: int = 4096, heads: int = 32, kv: int = 8, inter: int = 14336, dtype: str = "bfloat16",
+          name: str = "m"):
+    return card_from_config(dict(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=inter,
+                                 num_attention_heads=heads, num_key_value_heads=kv, vocab_size=32000,
+                                 model_type="llama", tie_word_embeddings=False), name, dtype)
+
+
+LLAMA_405B = dict(hidden_size=16384, num_hidden_layers=126, intermediate_size=53248, num_attention_heads=128,
+                  num_key_value_heads=8, vocab_size=128256, model_type="llama", tie_word_embeddings=False,
+                  max_position_embeddings=131072)
+
+# --- properties ------------------------------------------------------------------------------------
+
+clusters = st.lists(
+    st.tuples(st.floats(4, 64), st.floats(20, 400), st.integers(1, 8), st.booleans()), min_size=1, max_size=4
+)
+models = st.tuples(st.integers(2, 40), st.sampled_from([(1024, 8, 8), (2048, 16, 4), (4096, 32, 8), (1536, 12, 2)]))
+settings_ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def build(spec, mspec, rtt=0.5, mbit=5000):
+    nodes = [node(i, m, bw, c, g) for i, (m, bw, c, g) in enumerate(spec)]
+    layers, (hidden, heads, kv) = mspec
+    return cluster(nodes, rtt, mbit), model(layers, hidden, heads, kv, hidden * 3)
+
+
+@given(clusters, models)
+@settings_
+def test_every_feasible_plan_fits_and_covers_each_layer_once(spec, mspec):
+    topo, card = build(spec, mspec)
+    plans = plan(topo, card, context=2048, prompt_tokens=256)
+    for p in plans:
+        for n in p.nodes:
+            assert p.memory_bytes[n] <= p.memory_capacity_bytes[n]
+        stages = {}
+        for r in p.ranks:
+            stages.setdefault(r.stage, set()).add(r.layers)
+            if r.tensor_size > 1:
+                assert card.num_attention_heads % r.tensor_size == 0
+                assert card.num_key_value_heads % r.tensor_size == 0
+        covered = sorted(next(iter(v)) for v in stages.values())
+        assert all(len(v) == 1 for v in stages.values())  # tensor ranks of a stage share its layers
+        assert covered[0][0] == 0 and covered[-1][1] == card.num_layers
+        assert all(a[1] == b[0] and a[0] < a[1] for a, b in zip(covered, covered[1:]))
+        assert p.decode_tps > 0 and p.ttft_s > 0
+        # batched decoding: more sequences give more tokens/s in all, each of them fewer
+        rates = [p.batched_decode_tps(b) for b in (1, 2, 8)]
+        assert rates[0] == pytest.approx(p.decode_tps) and rates[0] < rates[1] < rates[2] < 8 * rates[0]
+        assert p.decode_row_s > 0
+    for p in plans.infeasible:
+        assert p.reason
+
+
+@given(clusters, models, st.floats(1.5, 20))
+@settings_
+def test_a_faster_link_never_slows_a_plan(spec, mspec, factor):
+    topo, card = build(spec, mspec)
+    plans = plan(topo, card, context=2048, prompt_tokens=256)
+    faster = copy.deepcopy(topo)
+    target = faster.links[0] if faster.links else None
+    if target is None:
+        return
+    target.rtt_ms_median /= factor
+    target.send_mbit_per_s *= factor
+    target.recv_mbit_per_s *= factor
+    again = {p.key: p for p in plan(faster, card, context=2048, prompt_tokens=256)}
+    for p in plans:
+        if p.key in again:
+            assert again[p.key].decode_tps >= p.decode_tps * (1 - 1e-9)
+            assert again[p.key].ttft_s <= p.ttft_s * (1 + 1e-9)
+
+
+@given(clusters, models, st.tuples(st.floats(4, 64), st.floats(20, 400), st.integers(1, 8), st.booleans()))
+@settings_
+def test_adding_a_node_never_makes_the_best_worse(spec, mspec, extra):
+    topo, card = build(spec, mspec)
+    before = plan(topo, card, context=2048, prompt_tokens=256)
+    bigger, _ = build([*spec, extra], mspec)
+    after = plan(bigger, card, context=2048, prompt_tokens=256)
+    if before.plans:
+        assert after.plans and after.best.decode_tps >= before.best.decode_tps * (1 - 1e-9)
+
+
+@given(st.integers(1, 200), st.lists(st.floats(0.1, 10), min_size=1, max_size=8), st.integers(1, 100))
+@settings(max_examples=200, deadline=None)
+def test_layer_split_respects_caps_and_total(total, speeds, cap):
+    caps = [cap] * len(speeds)
+    alloc = _split_layers(total, speeds, caps)
+    if alloc is None:
+        assert sum(caps) < total or total < len(speeds)
+    else:
+        assert sum(alloc) == total and all(1 <= a <= c for a, c in zip(alloc, caps))
+
+
+# --- scenarios -------------------------------------------------------------------------------------
+
+def test_fits_on_one_node_stays_there_when_links_are_slow():
+    a, b = node(0, 64, 100, cores=1), node(1, 64, 100, cores=1)
+    plans = plan(cluster([a, b], rtt_ms=5.0, mbit=100), model(32))
+    assert plans.best.strategy == "single" and plans.best.num_nodes == 1
+
+
+def test_tensor_over_a_fast_link_wins_when_it_predicts_faster():
+    a, b = node(0, 64, 100, cores=1), node(1, 64, 100, cores=1)
+    plans = plan(cluster([a, b], rtt_ms=0.02, mbit=80000), model(32))
+    assert plans.best.strategy == "tensor" and plans.best.num_nodes == 2
+    single = next(p for p in plans if p.strategy == "single")
+    assert plans.best.decode_tps > single.decode_tps
+
+
+def test_a_slow_wifi_link_is_avoided_when_a_cable_path_exists():
+    a, b, c = node(0, 12, 100), node(1, 12, 100), node(2, 12, 100)
+    wifi = {("n0", "n2"): (8.0, 200)}
+    topo = cluster([a, b, c], rtt_ms=0.2, mbit=10000, overrides=wifi)
+    plans = plan(topo, model(32, dtype="bfloat16"), context=1024)  # ~14 GB: needs two nodes
+    best = plans.best
+    assert best.num_nodes == 2 and set(best.nodes) != {"n0", "n2"}
+    for p in plans[:3]:
+        stages = [r.node_id for r in p.ranks]
+        assert ("n0", "n2") not in zip(stages, stages[1:]) and ("n2", "n0") not in zip(stages, stages[1:])
+
+
+def test_too_big_for_any_node_is_pipelined_over_the_fewest_large_nodes_in_proportion():
+    nodes = [node(0, 64, 120, cores=1), node(1, 64, 100, cores=1), node(2, 16, 100, cores=1), node(3, 16, 100, cores=1)]
+    card = model(48, hidden=8192, heads=64, kv=8, inter=28672)  # ~ 83 GB in bf16
+    # 5 ms links: 96 all-reduces per token would cost more than splitting layers saves
+    plans = plan(cluster(nodes, rtt_ms=5.0, mbit=1000), card, context=1024)
+    assert not any(p.num_nodes == 1 for p in plans)
+    best = plans.best
+    assert best.strategy == "pipeline" and set(best.nodes) == {"n0", "n1"}
+    balanced = next(p for p in plans if p.split == "proportional" and set(p.nodes) == {"n0", "n1"})
+    layers = {r.node_id: r.layers[1] - r.layers[0] for r in balanced.ranks}
+    assert abs(layers["n0"] / card.num_layers - 120 / 220) < 0.05  # in proportion to speed
+    assert any("needs" in (p.reason or "") for p in plans.infeasible)
+
+
+def test_405b_on_four_m3_ultras():
+    card = card_from_config(LLAMA_405B, "llama-3.1-405b-shaped", "bfloat16")
+    assert 790e9 < card.weight_bytes < 830e9
+    topo = Topology.load(SPECS / "m3-ultra-4x-tb5.json")
+    plans = plan(topo, card, context=8192)
+    assert all("needs" in p.reason for p in plans.infeasible if p.num_nodes == 1)
+    pipelines = [p for p in plans if p.strategy == "pipeline"]
+    assert pipelines[0].num_nodes == 2  # the fewest nodes that hold ~810 GB
+    # over RDMA Thunderbolt 5, splitting every layer four ways reads a quarter of the weights per node:
+    assert plans.best.strategy == "tensor" and plans.best.backend == "jaccl"
+    # the same Macs on Wi-Fi (5 ms): 252 all-reduces per token cost more than they save; a 2-node pipeline wins
+    slow = copy.deepcopy(topo)
+    for lk in slow.links:
+        lk.rtt_ms_median, lk.send_mbit_per_s, lk.recv_mbit_per_s, lk.rdma = 5.0, 400.0, 400.0, False
+    best = plan(slow, card, context=8192).best
+    assert best.strategy == "pipeline" and best.num_nodes == 2 and best.backend == "ring"
+
+
+def test_cpu_node_uses_its_cores_as_a_tensor_group():
+    a = node(0, 64, 20, cores=2)
+    plans = plan(cluster([a]), model(16, hidden=2048, heads=32, kv=8, inter=8192))
+    assert plans.best.strategy == "tensor" and len(plans.best.ranks) == 2
+    single = next(p for p in plans if p.strategy == "single")
+    assert 1.3 < plans.best.decode_tps / single.decode_tps < 1.5  # the measured 1.39x
+
+
+def test_fp32_chosen_on_cpu_when_it_decodes_faster_and_fits():
+    a = node(0, 64, 20, cores=1)
+    a.profile["matmul_gflops"].update({"float32_m1": 8.5, "bfloat16_m1": 3.0})
+    a.profile["matmul_weight_read_gb_per_s"] = {"float32_m1": 17.0, "bfloat16_m1": 3.1}
+    best = plan(cluster([a]), model(16, hidden=2048, heads=32, kv=8, inter=8192)).best
+    assert best.dtypes["n0"] == "float32" and "faster" in best.dtype_reasons["n0"]
+    tight = node(0, 3.5, 20, cores=1)
+    tight.profile["matmul_weight_read_gb_per_s"] = {"float32_m1": 17.0, "bfloat16_m1": 3.1}
+    best = plan(cluster([tight]), model(16, hidden=2048, heads=32, kv=8, inter=8192), context=1024).best
+    assert best.dtypes["n0"] == "bfloat16"  # fp32 would not fit
+
+
+def test_nodes_sharing_a_host_share_its_speed():
+    alone = plan(cluster([node(0, 32, 100, cores=1)]), model(16)).best
+    shared = [node(0, 32, 100, cores=1, host="same"), node(1, 32, 100, cores=1, host="same")]
+    plans = plan(cluster(shared, rtt_ms=0.05, mbit=40000), model(16))
+    two = next(p for p in plans if p.num_nodes == 2)
+    assert two.decode_tps <= alone.decode_tps  # two processes on one core are no faster
+
+
+def test_ttft_objective_and_json_round_trip():
+    from exo_lab.placement import Plan
+
+    topo = Topology.load(SPECS / "home-lab-mixed.json")
+    plans = plan(topo, model(32), objective="ttft")
+    assert [p.ttft_s for p in plans[:5]] == sorted(p.ttft_s for p in plans[:5])
+    p = plans.best
+    again = Plan.from_json(p.to_json())
+    assert again.key == p.key and again.decode_tps == p.decode_tps
+    assert "<table>" in plans._repr_html_() and "TTFT" in repr(plans)
+    with pytest.raises(ValueError):
+        plan(topo, model(32), objective="speed")
+
+
+def test_ties_go_to_nodes_that_already_hold_the_files():
+    a, b = node(0, 64, 100, cores=1), node(1, 64, 100, cores=1)
+    card = model(16)
+    object.__setattr__(card, "path", "/models/m")
+    b.models = ["m"]  # only b has the files; a and b are otherwise identical
+    plans = plan(cluster([a, b], rtt_ms=5.0, mbit=100), card)
+    assert plans.best.nodes == ["n1"] and plans.best.fetch_nodes == []
+    other = next(p for p in plans if p.nodes == ["n0"])
+    assert other.fetch_nodes == ["n0"] and other.decode_tps == plans.best.decode_tps
