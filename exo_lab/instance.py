@@ -43,9 +43,6 @@ class LaunchError(RuntimeError):
 class Instance:
     """A running model split over ranks; generates like an :class:`~exo_lab.Engine`."""
 
-    #: what it does beyond plain generation: JSON-schema constraints and logprobs (on the rank that samples)
-    features = frozenset({"schema", "logprobs"})
-
     def __init__(self, cluster: Any, model: str, plan: Plan, name: str | None = None, auto_replace: bool = True,
                  max_batch: int = 16, max_queue: int = 256) -> None:
         from mlx_lm.utils import load_tokenizer
@@ -513,15 +510,9 @@ def _logprobs(item: dict[str, Any]) -> tuple[TokenLogprob, ...]:
                  for t, text, lp, top in item.get("logprobs") or ())
 
 
-def _grammar_text(grammar: Any) -> str | None:
-    """The llguidance grammar the ranks follow (a JSON schema compiled by the API), or None."""
-    if grammar is None:
-        return None
-    from exo_lab.engine.guided import SchemaGrammar
-
-    if not isinstance(grammar, SchemaGrammar):
-        raise ValueError("a distributed instance follows JSON schemas only")
-    return grammar.grammar
+def _grammar_text(grammar: Any) -> dict[str, str] | None:
+    """The constraint the rank that samples follows (a :class:`~exo_lab.engine.guided.SchemaGrammar`), or None."""
+    return None if grammar is None else grammar.to_json()
 
 
 def _num_layers(plan: Plan) -> int:
