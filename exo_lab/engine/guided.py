@@ -157,10 +157,11 @@ def tool_calls(tools: Sequence[dict[str, Any]], forced: str | None = None) -> Sc
 class Vocabulary:
     """A model's tokens for llguidance: the ``LLTokenizer``, each token's bytes, and spelling of texts."""
 
-    def __init__(self, ll: Any) -> None:
+    def __init__(self, ll: Any, ends: Sequence[int] = ()) -> None:
         self.ll = ll
         self.size: int = ll.vocab_size
         self.eos: int = ll.eos_token
+        self.ends = frozenset([self.eos, *ends])  # every end-of-sequence token
         self.texts: list[bytes] = [b"" if ll.is_special_token(i) else ll.decode_bytes([i]) for i in range(self.size)]
         self._byte_token: dict[int, int] = {}
         for i, text in enumerate(self.texts):
@@ -206,8 +207,8 @@ def vocabulary(tokenizer: Any, vocab_size: int | None = None) -> Vocabulary:
         held = _vocabularies.get(id(tokenizer))
         if held is not None and held[0] is tokenizer and vocab_size in (None, held[1].size):
             return held[1]
-        ll = from_tokenizer(tokenizer._tokenizer, n_vocab=vocab_size, eos_token=sorted(tokenizer.eos_token_ids))
-        vocab = Vocabulary(ll)
+        ends = sorted(tokenizer.eos_token_ids)
+        vocab = Vocabulary(from_tokenizer(tokenizer._tokenizer, n_vocab=vocab_size, eos_token=ends), ends)
         _vocabularies[id(tokenizer)] = (tokenizer, vocab)
         return vocab
 
@@ -291,7 +292,7 @@ class SchemaConstraint:
             self._follow(token)
             return token
         if not self.forcing:
-            if token == self.vocab.eos:
+            if token in self.vocab.ends:
                 self._follow(token)
                 return token
             if self.matcher.consume_token(token) and not self.matcher.is_error():
@@ -367,7 +368,7 @@ class SchemaConstraint:
 
         fill_next_token_bitmask(self.matcher, self._bits, 0)
         allowed = np.unpackbits(self._bits.view(np.uint8), bitorder="little")[: self.vocab.size].astype(bool)
-        allowed[self.vocab.eos] = False
+        allowed[[t for t in self.vocab.ends if t < self.vocab.size]] = False
         for b in _FALLBACK_BYTES:
             t = self.vocab._byte_token.get(b)
             if t is not None and allowed[t]:
