@@ -43,6 +43,9 @@ class LaunchError(RuntimeError):
 class Instance:
     """A running model split over ranks; generates like an :class:`~exo_lab.Engine`."""
 
+    #: what it does beyond plain generation (on the rank that samples): logprobs, and output constrained by a grammar
+    features = frozenset({"logprobs", "grammar"})
+
     def __init__(self, cluster: Any, model: str, plan: Plan, name: str | None = None, auto_replace: bool = True,
                  max_batch: int = 16, max_queue: int = 256) -> None:
         from mlx_lm.utils import load_tokenizer

@@ -82,6 +82,11 @@ def generation_request(
     if max_tokens is not None and max_tokens > ceiling:
         raise bad_request(f"'{max_tokens_param}' is {max_tokens}, more than any context this server offers "
                           f"({ceiling} tokens); ask for fewer.", max_tokens_param)
+    features = getattr(backend, "features", frozenset())
+    if logprobs is not None and "logprobs" not in features:
+        raise bad_request("This model's backend does not report logprobs.", "logprobs")
+    if grammar is not None and "grammar" not in features:
+        raise bad_request(f"This model's backend cannot constrain its output ('{grammar_param}').", grammar_param)
     room = (context - len(prompt)) if context else DEFAULT_MAX_TOKENS
     limit = min(max_tokens or DEFAULT_MAX_TOKENS, room)
     if grammar is not None:

@@ -211,6 +211,9 @@ class Generation:
 class Engine:
     """A model loaded with mlx_lm, generating on its own worker thread."""
 
+    #: what this backend does beyond plain generation: logprobs, and output constrained by a grammar
+    features = frozenset({"logprobs", "grammar"})
+
     def __init__(self, model: str | Path, name: str | None = None, max_batch: int = 16, max_queue: int = 256) -> None:
         from exo_lab.models import resolve
 
