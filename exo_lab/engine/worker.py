@@ -12,7 +12,7 @@ every rank follows at the same step:
 - ``GET /status``: state (``connecting``, ``loading``, ``warming``, ``ready``,
   ``failed``), layers loaded / total, last finished sequence number;
 - ``POST /generate``: ``{"seq", "prompt", "max_tokens", "sampling", "stop",
-  "ignore_eos", "grammar", "logprobs"}`` (``grammar``: an llguidance grammar string;
+  "ignore_eos", "grammar", "logprobs"}`` (``grammar``: a constraint, ``SchemaGrammar.to_json()``;
   ``logprobs``: alternatives to report per token; both may be absent); rank 0 streams NDJSON chunks, the other ranks answer at once
   (every rank must get every job: a rank waits for the jobs rank 0 admits);
 - ``POST /cancel``: ``{"seq"}`` (rank 0 turns it into the shared stop flag);
@@ -352,8 +352,10 @@ def _job_problem(body: Any) -> str | None:
         return "prompt must be a non-empty list of token ids"
     if not isinstance(body.get("max_tokens"), int) or body["max_tokens"] < 1:
         return "max_tokens must be a positive integer"
-    if body.get("grammar") is not None and not isinstance(body["grammar"], str):
-        return "grammar must be an llguidance grammar string"
+    grammar = body.get("grammar")
+    if grammar is not None and not (isinstance(grammar, dict) and isinstance(grammar.get("grammar"), str) and all(
+            isinstance(grammar.get(k, ""), str) for k in ("schema", "prefix", "suffix", "empty"))):
+        return "grammar must be a constraint object (SchemaGrammar.to_json())"
     lp = body.get("logprobs")
     if lp is not None and (not isinstance(lp, int) or not 0 <= lp <= 20):
         return "logprobs must be an integer from 0 to 20, or absent"
