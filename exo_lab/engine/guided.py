@@ -3,31 +3,33 @@
 Every constraint is an llguidance grammar (:class:`SchemaGrammar`): any JSON
 object (:func:`json_object`, ``response_format`` ``json_object``), a JSON
 schema (:func:`json_schema`), or a forced tool call in the Hermes format
-(:func:`tool_calls`). The grammar is a plain string, so it travels to the
-ranks of a distributed instance in the job body, where the rank that samples
-applies it (:mod:`exo_lab.engine.worker`).
+(:func:`tool_calls`). It travels to the ranks of a distributed instance in
+the job body (``to_json``), where the rank that samples applies it
+(:mod:`exo_lab.engine.lockstep`); the Engine applies it in its batch.
 
 :class:`SchemaConstraint` keeps one generation inside its grammar: it masks
 the logits each step (end-of-sequence only once the output is complete) and
-keeps the output completable within ``max_tokens``. It always holds a *plan*:
+keeps the output completable within ``max_tokens``. It holds a *plan*:
 tokens, checked by the matcher, that complete the output from where it is
-(found by :func:`_complete`: the shortest JSON closing of
+(found by ``_complete``: the shortest JSON closing of
 :class:`~exo_lab.engine.json_closer.JsonCloser`, spelled in the model's
-tokens, helped by llguidance's forced tokens where the grammar wants more).
-A sampled token is kept only if the output after it can still be completed
-within the tokens left; otherwise the plan is written out instead, and the
-generation ends there. So:
+tokens, helped by llguidance's forced tokens and a few fallback bytes where
+the grammar wants more). A sampled token is kept only if the output after
+it has a plan that fits in the tokens left; otherwise the current plan is
+written out instead (masked to its next token each step) and the generation
+ends there. By induction, once a plan fits at the start, the output is
+complete when ``max_tokens`` runs out. So:
 
-* ``json_object``: the output is always a complete JSON object within
-  ``max_tokens``, if ``max_tokens`` allows the shortest one at all (the API
-  refuses a smaller budget with a 400 naming ``max_tokens``; see
-  :func:`shortest_output`).
-* ``json_schema`` and forced tool calls: the same holds whenever a plan is
-  found from the start (:func:`shortest_output` is not None). A plan is
-  searched for at most :data:`MAX_PLAN` tokens; for a schema whose shortest
-  valid value is longer, or that the search cannot complete, the output
-  follows the schema but may be cut off at ``max_tokens`` (``finish_reason``
-  ``length``, as with OpenAI).
+* ``json_object``: the plan from the start is ``{}``; the output is always a
+  complete JSON object within ``max_tokens`` (a smaller budget is a 400
+  naming ``max_tokens`` in the API; see :func:`shortest_output`).
+* ``json_schema`` and forced tool calls: the same whenever a plan is found
+  from the start (:func:`shortest_output` is not None; plans are searched up
+  to :data:`MAX_PLAN` tokens). Otherwise the output follows the schema but
+  may be cut off at ``max_tokens`` (``finish_reason`` ``length``, as with
+  OpenAI).
+
+A stop sequence or a cancel can still end any output early.
 """
 
 from __future__ import annotations
@@ -168,6 +170,10 @@ class Vocabulary:
             if len(text) == 1:
                 self._byte_token.setdefault(text[0], i)
         self._spelled: dict[bytes, list[int] | None] = {}
+
+    def byte_token(self, byte: int) -> int | None:
+        """A token that is exactly ``byte``, if there is one."""
+        return self._byte_token.get(byte)
 
     def text(self, tokens: Sequence[int]) -> bytes:
         return b"".join(self.texts[t] if 0 <= t < self.size else b"" for t in tokens)
@@ -370,7 +376,7 @@ class SchemaConstraint:
         allowed = np.unpackbits(self._bits.view(np.uint8), bitorder="little")[: self.vocab.size].astype(bool)
         allowed[[t for t in self.vocab.ends if t < self.vocab.size]] = False
         for b in _FALLBACK_BYTES:
-            t = self.vocab._byte_token.get(b)
+            t = self.vocab.byte_token(b)
             if t is not None and allowed[t]:
                 return [t]
         ids = allowed.nonzero()[0]
