@@ -9,7 +9,6 @@ import random
 import jsonschema
 import mlx.core as mx
 import pytest
-
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -141,7 +140,7 @@ def parse(grammar: SchemaGrammar, text: bytes):
 @given(seed=st.integers(0, 10**6), extra=st.integers(0, 40))
 @settings(max_examples=60, deadline=None)
 def test_json_object_is_complete_within_any_max_tokens_from_the_minimum(tokenizer, seed, extra):
-    tok, vocab = tokenizer
+    _, vocab = tokenizer
     grammar = json_object()
     max_tokens = shortest_output(grammar, vocab) + extra
     value = parse(grammar, walk(SchemaConstraint(grammar, vocab, max_tokens), vocab, random.Random(seed), max_tokens))
@@ -150,7 +149,7 @@ def test_json_object_is_complete_within_any_max_tokens_from_the_minimum(tokenize
 
 @pytest.mark.parametrize("which", ["object", "enum-array", "ref-anyof", "tools"])
 def test_schemas_and_tool_calls_with_a_plan_are_complete_within_max_tokens(tokenizer, which):
-    tok, vocab = tokenizer
+    _, vocab = tokenizer
     grammar = tool_calls([WEATHER, TIME]) if which == "tools" else SchemaGrammar.from_schema(
         SCHEMAS[["object", "enum-array", "ref-anyof"].index(which)])
     need = shortest_output(grammar, vocab)
@@ -169,7 +168,7 @@ def test_schemas_and_tool_calls_with_a_plan_are_complete_within_max_tokens(token
 
 def test_without_a_plan_the_output_follows_the_schema_but_may_be_cut_off(tokenizer):
     """A schema whose shortest value is longer than the plan search reaches: no completion is promised."""
-    tok, vocab = tokenizer
+    _, vocab = tokenizer
     long = {"type": "object", "properties": {f"k{i}": {"type": "string", "minLength": 8} for i in range(12)},
             "required": [f"k{i}" for i in range(12)], "additionalProperties": False}
     grammar = SchemaGrammar.from_schema(long)
@@ -190,7 +189,7 @@ def test_the_shortest_outputs(tokenizer):
 
 def test_a_plan_being_written_out_is_masked_to_its_next_token(tokenizer):
     """Once the budget is spent, the mask allows only the plan's next token (then end-of-sequence)."""
-    tok, vocab = tokenizer
+    _, vocab = tokenizer
     forced = 0
     for seed in range(10):
         rng = random.Random(seed)

@@ -231,8 +231,9 @@ def test_constrained_output_is_complete_within_a_tight_max_tokens_as_in_one_proc
         cases = [(json_object(), p, n) for p in PROMPTS[:3] for n in (1, 2, 4, 9)]
         cases += [(call, PROMPTS[0], n) for n in (need, need + 2, need + 7)]
 
-        def run(backend, grammar, prompt, n, sampling=SamplingParams()):
-            gen = backend.submit(GenerationRequest(tuple(prompt), max_tokens=n, sampling=sampling, grammar=grammar))
+        def run(backend, grammar, prompt, n, sampling=None):
+            gen = backend.submit(GenerationRequest(tuple(prompt), max_tokens=n, sampling=sampling or SamplingParams(),
+                                                   grammar=grammar))
             out = tokens(gen)
             assert len(out) <= n
             text = one.tokenizer.decode(out)

@@ -76,7 +76,7 @@ class SchemaGrammar:
     empty: str = "0"
 
     @classmethod
-    def from_schema(cls, schema: dict[str, Any]) -> "SchemaGrammar":
+    def from_schema(cls, schema: dict[str, Any]) -> SchemaGrammar:
         """Compile ``schema``; raises :class:`SchemaError` for a schema llguidance cannot follow."""
         from llguidance import LLMatcher
 
@@ -94,7 +94,7 @@ class SchemaGrammar:
         return cls(json.dumps(schema, sort_keys=True), grammar, empty=empty)
 
     @classmethod
-    def tool_call(cls, tools: Sequence[dict[str, Any]], start: str, end: str) -> "SchemaGrammar":
+    def tool_call(cls, tools: Sequence[dict[str, Any]], start: str, end: str) -> SchemaGrammar:
         """A call of one of ``tools`` (Chat Completions function tools) between ``start`` and ``end``.
 
         ``{"name": ..., "arguments": {...}}`` with the arguments following that tool's ``parameters``.
@@ -126,7 +126,7 @@ class SchemaGrammar:
                 "empty": self.empty}
 
     @classmethod
-    def from_json(cls, data: dict[str, str]) -> "SchemaGrammar":
+    def from_json(cls, data: dict[str, str]) -> SchemaGrammar:
         return cls(data["schema"], data["grammar"], data.get("prefix", ""), data.get("suffix", ""),
                    data.get("empty", "0"))
 

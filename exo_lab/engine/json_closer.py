@@ -133,7 +133,7 @@ def _value(stack: bytes, b: int) -> tuple[str, bytes, Any] | None:
 
 
 def _in_string(mode: str, stack: bytes, aux: tuple[str, int, int], b: int) -> tuple[str, bytes, Any] | None:
-    esc, need, lead = aux
+    esc, need, _ = aux
     if need:  # inside a multi-byte UTF-8 character
         return (mode, stack, ("", need - 1, 0)) if 0x80 <= b <= 0xBF else None
     if esc == "":
