@@ -354,7 +354,7 @@ class Instance:
                 self._inflight.add(gen)
             body = {"seq": seq, "prompt": list(req.prompt_tokens), "max_tokens": req.max_tokens,
                     "sampling": asdict(req.sampling), "stop": list(req.stop), "ignore_eos": req.ignore_eos,
-                    "grammar": _grammar_text(req.grammar), "logprobs": req.logprobs}
+                    "grammar": req.grammar.to_json() if req.grammar else None, "logprobs": req.logprobs}
             try:  # the other ranks first: rank 0 admits a job only once it has it, so they must have it too
                 for rank in sorted(self.controls):
                     if rank != 0:
@@ -511,11 +511,6 @@ def _logprobs(item: dict[str, Any]) -> tuple[TokenLogprob, ...]:
     """A worker chunk's ``logprobs`` (``[token, text, logprob, [[id, text, logprob], ...]]`` each)."""
     return tuple(TokenLogprob(int(t), text, float(lp), tuple((int(i), s, float(v)) for i, s, v in top))
                  for t, text, lp, top in item.get("logprobs") or ())
-
-
-def _grammar_text(grammar: Any) -> dict[str, str] | None:
-    """The constraint the rank that samples follows (a :class:`~exo_lab.engine.guided.SchemaGrammar`), or None."""
-    return None if grammar is None else grammar.to_json()
 
 
 def _num_layers(plan: Plan) -> int:
