@@ -147,6 +147,20 @@ def test_json_object_is_complete_within_any_max_tokens_from_the_minimum(tokenize
     assert isinstance(value, dict)
 
 
+@given(prompt=st.lists(st.integers(5, 8000), min_size=1, max_size=40), max_tokens=st.integers(1, 30),
+       seed=st.integers(0, 2**31))
+@settings(max_examples=30, deadline=None)
+def test_json_object_from_the_engine_parses_for_any_prompt_and_max_tokens(engine, prompt, max_tokens, seed):
+    """On a real model, sampled hot (keys and strings open often), the reply is a whole object within max_tokens."""
+    from exo_lab.engine.generator import GenerationRequest
+    from exo_lab.engine.sampling import SamplingParams
+
+    chunks = list(engine.submit(GenerationRequest(tuple(prompt), max_tokens=max_tokens, grammar=json_object(),
+                                                  sampling=SamplingParams(2.0, seed=seed))))
+    assert isinstance(json.loads("".join(c.text for c in chunks)), dict)
+    assert chunks[-1].usage.completion_tokens <= max_tokens
+
+
 @pytest.mark.parametrize("which", ["object", "enum-array", "ref-anyof", "tools"])
 def test_schemas_and_tool_calls_with_a_plan_are_complete_within_max_tokens(tokenizer, which):
     _, vocab = tokenizer
