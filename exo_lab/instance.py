@@ -43,8 +43,8 @@ class LaunchError(RuntimeError):
 class Instance:
     """A running model split over ranks; generates like an :class:`~exo_lab.Engine`."""
 
-    #: what it does beyond plain generation: JSON-schema constraints and logprobs (on the rank that samples)
-    features = frozenset({"schema", "logprobs"})
+    #: what it does beyond plain generation (on the rank that samples): logprobs, and output constrained by a grammar
+    features = frozenset({"logprobs", "grammar"})
 
     def __init__(self, cluster: Any, model: str, plan: Plan, name: str | None = None, auto_replace: bool = True,
                  max_batch: int = 16, max_queue: int = 256) -> None:
@@ -354,7 +354,7 @@ class Instance:
                 self._inflight.add(gen)
             body = {"seq": seq, "prompt": list(req.prompt_tokens), "max_tokens": req.max_tokens,
                     "sampling": asdict(req.sampling), "stop": list(req.stop), "ignore_eos": req.ignore_eos,
-                    "grammar": _grammar_text(req.grammar), "logprobs": req.logprobs}
+                    "grammar": req.grammar.to_json() if req.grammar else None, "logprobs": req.logprobs}
             try:  # the other ranks first: rank 0 admits a job only once it has it, so they must have it too
                 for rank in sorted(self.controls):
                     if rank != 0:
@@ -511,17 +511,6 @@ def _logprobs(item: dict[str, Any]) -> tuple[TokenLogprob, ...]:
     """A worker chunk's ``logprobs`` (``[token, text, logprob, [[id, text, logprob], ...]]`` each)."""
     return tuple(TokenLogprob(int(t), text, float(lp), tuple((int(i), s, float(v)) for i, s, v in top))
                  for t, text, lp, top in item.get("logprobs") or ())
-
-
-def _grammar_text(grammar: Any) -> str | None:
-    """The llguidance grammar the ranks follow (a JSON schema compiled by the API), or None."""
-    if grammar is None:
-        return None
-    from exo_lab.engine.guided import SchemaGrammar
-
-    if not isinstance(grammar, SchemaGrammar):
-        raise ValueError("a distributed instance follows JSON schemas only")
-    return grammar.grammar
 
 
 def _num_layers(plan: Plan) -> int:

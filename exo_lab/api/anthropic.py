@@ -220,7 +220,7 @@ def parse_messages_request(data: dict[str, Any], registry: ModelRegistry) -> Mes
     fmt = tool_format(backend.tokenizer) if tools and mode != "none" else None
     grammar = None
     if fmt is not None and fmt.hermes and mode in ("required", "function") and not prefill:
-        grammar = common.forced_tool_grammar(backend, tools, forced)
+        grammar = common.forced_tool_grammar(tools, forced)
     prompt = _prompt(backend, messages, prefill, tools)
     request = common.generation_request(backend, prompt, max_tokens, common.sampling_params(temperature, top_p, top_k),
                                         stop, grammar=grammar, grammar_param="tool_choice")

@@ -14,6 +14,7 @@ from exo_lab.api.errors import ApiError, bad_request
 from exo_lab.api.registry import Backend, ModelRegistry
 from exo_lab.engine.chat import chat_prompt_tokens
 from exo_lab.engine.generator import Chunk, EngineBusy, Generation, GenerationRequest, TokenLogprob, Usage
+from exo_lab.engine.guided import SchemaError, json_object, json_schema, shortest_output, tool_calls, vocabulary
 from exo_lab.engine.sampling import SamplingParams
 
 DEFAULT_MAX_TOKENS = 4096
@@ -83,17 +84,14 @@ def generation_request(
                           f"({ceiling} tokens); ask for fewer.", max_tokens_param)
     features = getattr(backend, "features", frozenset())
     if logprobs is not None and "logprobs" not in features:
-        raise bad_request("This model's backend (a distributed instance) does not report logprobs yet.", "logprobs")
-    if grammar is not None and _grammar_feature(grammar) not in features and "schema" in features:
-        grammar = _as_schema(grammar)
-    if grammar is not None and _grammar_feature(grammar) not in features:
-        raise bad_request(f"This model's backend (a distributed instance) can constrain output to a JSON schema "
-                          f"only, not this '{grammar_param}'.", grammar_param)
+        raise bad_request("This model's backend does not report logprobs.", "logprobs")
+    if grammar is not None and "grammar" not in features:
+        raise bad_request(f"This model's backend cannot constrain its output ('{grammar_param}').", grammar_param)
     room = (context - len(prompt)) if context else DEFAULT_MAX_TOKENS
     limit = min(max_tokens or DEFAULT_MAX_TOKENS, room)
-    if grammar is not None and hasattr(grammar, "completion") and hasattr(backend, "vocab_index"):
-        need = backend.vocab_index().tokens_to_spell(grammar.completion(grammar.start()))
-        if limit < need:
+    if grammar is not None:
+        need = shortest_output(grammar, vocabulary(backend.tokenizer))
+        if need is not None and limit < need:
             raise bad_request(f"'{max_tokens_param}' is {limit}, too few for the shortest output '{grammar_param}' "
                               f"asks for ({need} tokens); ask for more.", max_tokens_param)
     return GenerationRequest(
@@ -107,43 +105,15 @@ def generation_request(
     )
 
 
-def forced_tool_grammar(backend: Backend, tools: Sequence[dict[str, Any]], forced: str | None,
-                        param: str = "tool_choice") -> Any:
+def forced_tool_grammar(tools: Sequence[dict[str, Any]], forced: str | None, param: str = "tool_choice") -> Any:
     """The constraint that forces a call of ``forced`` (or of any of ``tools``) in the Hermes format.
 
-    One process uses the character grammar (a call that always finishes within ``max_tokens``); a
-    distributed instance, which follows llguidance grammars only, gets one whose arguments also
-    follow the tool's ``parameters`` schema.
+    The call's arguments follow the tool's ``parameters`` schema.
     """
-    from exo_lab.engine.chat import HERMES_END, HERMES_START
-    from exo_lab.engine.constrain import tool_call_grammar
-    from exo_lab.engine.guided import SchemaError, SchemaGrammar
-
-    chosen = [t for t in tools if forced is None or t["function"]["name"] == forced]
-    features = getattr(backend, "features", frozenset())
-    if "grammar" in features or "schema" not in features:
-        return tool_call_grammar([t["function"]["name"] for t in chosen])
     try:
-        return SchemaGrammar.tool_call(list(chosen), f"{HERMES_START}\n", f"\n{HERMES_END}")
+        return tool_calls(tools, forced)
     except SchemaError as exc:
         raise bad_request(f"A tool's parameters are not a JSON schema this server can follow: {exc}", param) from exc
-
-
-def _as_schema(grammar: Any) -> Any:
-    """The JSON-schema form of a character grammar where there is one (any JSON object, array or value)."""
-    from exo_lab.engine.constrain import Json
-    from exo_lab.engine.guided import SchemaGrammar
-
-    if isinstance(grammar, Json):
-        return SchemaGrammar.from_schema({"type": grammar.root} if grammar.root != "any" else {})
-    return grammar
-
-
-def _grammar_feature(grammar: Any) -> str:
-    """The backend feature a constraint needs: ``schema`` (llguidance) or ``grammar`` (character automata)."""
-    from exo_lab.engine.guided import SchemaGrammar
-
-    return "schema" if isinstance(grammar, SchemaGrammar) else "grammar"
 
 
 def submit(backend: Backend, request: GenerationRequest) -> Generation:
@@ -200,14 +170,11 @@ def schema_grammar(schema: Any, param: str) -> Any:
 
     A schema that cannot be followed is the client's mistake: 400, naming ``param``.
     """
-    from exo_lab.engine.constrain import Json
-    from exo_lab.engine.guided import SchemaError, SchemaGrammar
-
     if schema is None:
-        return Json("object")
+        return json_object()
     if not isinstance(schema, dict):
         raise bad_request(f"'{param}' must be an object.", param, "invalid_type")
     try:
-        return SchemaGrammar.from_schema(schema)
+        return json_schema(schema)
     except SchemaError as exc:
         raise bad_request(f"'{param}' is not a JSON schema this server can follow: {exc}", param) from exc

@@ -178,13 +178,13 @@ def _stop(opts: dict[str, Any]) -> tuple[str, ...]:
 
 
 def _grammar(data: dict[str, Any]) -> Any:
-    from exo_lab.engine.constrain import Json
+    from exo_lab.engine.guided import json_object
 
     fmt = data.get("format")
     if fmt is None or fmt == "":
         return None
     if fmt == "json":
-        return Json("object")
+        return json_object()
     if isinstance(fmt, dict):
         return common.schema_grammar(fmt, "format")
     raise bad_request(f'format must be "json" or a JSON schema object, got {json.dumps(fmt)}', "format")

@@ -72,7 +72,7 @@ def _check_messages(messages: Any) -> list[dict[str, Any]]:
 
 def _grammar_for_format(data: dict[str, Any]) -> Any:
     """The grammar ``response_format`` asks for, or None for plain text."""
-    from exo_lab.engine.constrain import Json
+    from exo_lab.engine.guided import json_object
 
     fmt = data.get("response_format")
     if fmt is None:
@@ -83,7 +83,7 @@ def _grammar_for_format(data: dict[str, Any]) -> Any:
     if kind == "text":
         return None
     if kind == "json_object":
-        return Json("object")
+        return json_object()
     if kind == "json_schema":
         spec = fmt.get("json_schema")
         if not isinstance(spec, dict):
@@ -133,7 +133,7 @@ def parse_chat_request(data: dict[str, Any], registry: ModelRegistry) -> ChatReq
     fmt = tool_format(backend.tokenizer) if tools and mode != "none" else None
     grammar_param = "response_format"
     if fmt is not None and fmt.hermes and mode in ("required", "function"):
-        grammar = common.forced_tool_grammar(backend, tools, forced)
+        grammar = common.forced_tool_grammar(tools, forced)
         grammar_param = "tool_choice"
     prompt = common.chat_tokens(backend, messages, tools)
     request = common.generation_request(

@@ -160,7 +160,7 @@ def input_messages(data: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _text_format(data: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     """The ``text.format`` echoed back and the grammar it asks for."""
-    from exo_lab.engine.constrain import Json
+    from exo_lab.engine.guided import json_object
 
     text = data.get("text")
     if text is None:
@@ -176,7 +176,7 @@ def _text_format(data: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     if kind == "text":
         return fmt, None
     if kind == "json_object":
-        return fmt, Json("object")
+        return fmt, json_object()
     if kind == "json_schema":
         return fmt, common.schema_grammar(fmt.get("schema"), "text.format.schema")
     raise bad_request(f"'text.format.type' must be 'text', 'json_object' or 'json_schema', got {kind!r}.",
@@ -202,7 +202,7 @@ def parse_responses_request(data: dict[str, Any], registry: ModelRegistry) -> Re
     backend = common.ready_backend(registry, model)
     calls_format = tool_format(backend.tokenizer) if tools and mode != "none" else None
     if calls_format is not None and calls_format.hermes and mode in ("required", "function"):
-        grammar, grammar_param = common.forced_tool_grammar(backend, tools, forced), "tool_choice"
+        grammar, grammar_param = common.forced_tool_grammar(tools, forced), "tool_choice"
     prompt = common.chat_tokens(backend, messages, tools or None, param="input")
     request = common.generation_request(backend, prompt, max_tokens, common.sampling_params(temperature, top_p),
                                         max_tokens_param="max_output_tokens", prompt_param="input", grammar=grammar,

@@ -49,8 +49,8 @@ class GenerationRequest:
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
     #: report each token's log-probability and this many most likely alternatives (None: no logprobs)
     logprobs: int | None = None
-    #: what the output must follow: a :class:`~exo_lab.engine.constrain.Grammar` (e.g. any JSON object),
-    #: a :class:`~exo_lab.engine.guided.SchemaGrammar` (a JSON schema), or None
+    #: what the output must follow: a :class:`~exo_lab.engine.guided.SchemaGrammar` (any JSON object, a JSON
+    #: schema, a forced tool call), complete within ``max_tokens`` where it can be; or None
     grammar: Any = None
 
     def __post_init__(self) -> None:
@@ -211,8 +211,8 @@ class Generation:
 class Engine:
     """A model loaded with mlx_lm, generating on its own worker thread."""
 
-    #: what this backend does beyond plain generation (the API checks before asking for it)
-    features = frozenset({"logprobs", "grammar", "schema"})
+    #: what this backend does beyond plain generation: logprobs, and output constrained by a grammar
+    features = frozenset({"logprobs", "grammar"})
 
     def __init__(self, model: str | Path, name: str | None = None, max_batch: int = 16, max_queue: int = 256) -> None:
         from exo_lab.models import resolve
@@ -235,9 +235,6 @@ class Engine:
         self._loaded = threading.Event()
         self._load_error: BaseException | None = None
         self._closed = threading.Event()
-        self._index: Any = None
-        self._guide: Any = None
-        self._index_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"exo-lab-engine-{self.name}", daemon=True)
         self._thread.start()
         self._loaded.wait()
@@ -251,24 +248,6 @@ class Engine:
     def chat_tokens(self, messages: Sequence[dict[str, Any]]) -> list[int]:
         """Prompt tokens for chat ``messages`` (raises ValueError on bad messages)."""
         return chat_prompt_tokens(self.tokenizer, messages)
-
-    def vocab_index(self) -> Any:
-        """The vocabulary trie that grammars mask (built on first use)."""
-        with self._index_lock:
-            if self._index is None:
-                from exo_lab.engine.constrain import VocabIndex
-
-                self._index = VocabIndex(self.tokenizer)
-            return self._index
-
-    def guide_tokenizer(self) -> Any:
-        """The llguidance tokenizer that JSON-schema constraints use (built on first use)."""
-        with self._index_lock:
-            if self._guide is None:
-                from exo_lab.engine.guided import guide_tokenizer
-
-                self._guide = guide_tokenizer(self.tokenizer, int(self.config.get("vocab_size") or len(self.tokenizer._tokenizer)))
-            return self._guide
 
     def submit(self, request: GenerationRequest) -> Generation:
         """Queue ``request``; returns at once with a handle to iterate.
@@ -387,16 +366,15 @@ class Engine:
             self._batch = BatchGenerator(self.model, max_tokens=256, completion_batch_size=self.max_batch,
                                          prefill_batch_size=min(8, self.max_batch), stream=self.stream)
         processors: list = []
-        if req.grammar is not None:
-            from exo_lab.engine.constrain import TokenConstraint
-            from exo_lab.engine.guided import SchemaConstraint, SchemaGrammar
+        sampler = make_sampler(req.sampling)
+        if req.grammar is not None:  # the constraint masks the logits, then picks the token to keep
+            from exo_lab.engine.guided import SchemaConstraint, vocabulary
 
-            if isinstance(req.grammar, SchemaGrammar):
-                processors = [SchemaConstraint(req.grammar, self.guide_tokenizer())]
-            else:
-                processors = [TokenConstraint(req.grammar, self.vocab_index(), req.max_tokens)]
+            vocab = vocabulary(self.tokenizer, int(self.config.get("vocab_size") or len(self.tokenizer._tokenizer)))
+            constraint = SchemaConstraint(req.grammar, vocab, req.max_tokens)
+            processors, sampler = [constraint], constraint.sampler(sampler)
         (uid,) = self._batch.insert([list(req.prompt_tokens)], max_tokens=[req.max_tokens],
-                                    samplers=[make_sampler(req.sampling)], logits_processors=[processors])
+                                    samplers=[sampler], logits_processors=[processors])
         active[uid] = _Active(gen, uid, self.tokenizer.detokenizer, StopMatcher(req.stop),
                               Usage(prompt_tokens=len(req.prompt_tokens)), time.perf_counter())
 

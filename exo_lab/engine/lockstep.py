@@ -64,7 +64,7 @@ class Batch:
         self.inputs: list[int] = []  # each row's next input token
         self.samplers: list[Callable[[mx.array], mx.array]] = []
         self.greedy: list[bool] = []
-        self.constraints: list[Any] = []  # a SchemaConstraint or None per row (only where the rank samples)
+        self.constraints: list[Any] = []  # a SchemaConstraint or None per row (only on the rank that samples)
         self.logprobs: list[int | None] = []  # per row: how many alternatives to report with each token, or None
 
     def __len__(self) -> int:
@@ -84,12 +84,6 @@ class Batch:
         self.greedy.append(greedy)
         self.constraints.append(constraint)
         self.logprobs.append(logprobs)
-
-    def follow(self, tokens: list[int], flags: list[int]) -> None:
-        """Constrained rows follow the token they took this step (not the rows stopped by a flag)."""
-        for constraint, token, flag in zip(self.constraints, tokens, flags):
-            if constraint is not None and not flag:
-                constraint.consume(token)
 
     def keep(self, rows: list[int]) -> None:
         """Keep only ``rows`` (in this order)."""
@@ -191,6 +185,9 @@ class Lockstep:
         else:
             tokens = mx.concatenate([s(logprobs[i : i + 1]) for i, s in enumerate(batch.samplers)], axis=0)
         mx.eval(tokens)
+        if any(c is not None for c in batch.constraints):  # each constraint keeps its token or writes its plan
+            tokens = mx.array([t if c is None else c.choose(t) for c, t in zip(batch.constraints, tokens.tolist())],
+                              tokens.dtype)
         self._logprobs = logprobs
         return tokens
 

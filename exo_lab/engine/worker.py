@@ -12,7 +12,7 @@ every rank follows at the same step:
 - ``GET /status``: state (``connecting``, ``loading``, ``warming``, ``ready``,
   ``failed``), layers loaded / total, last finished sequence number;
 - ``POST /generate``: ``{"seq", "prompt", "max_tokens", "sampling", "stop",
-  "ignore_eos", "grammar", "logprobs"}`` (``grammar``: an llguidance grammar string;
+  "ignore_eos", "grammar", "logprobs"}`` (``grammar``: a constraint, ``SchemaGrammar.to_json()``;
   ``logprobs``: alternatives to report per token; both may be absent); rank 0 streams NDJSON chunks, the other ranks answer at once
   (every rank must get every job: a rank waits for the jobs rank 0 admits);
 - ``POST /cancel``: ``{"seq"}`` (rank 0 turns it into the shared stop flag);
@@ -96,7 +96,7 @@ class Worker:
         #: decode steps taken and the most sequences one step decoded
         self.stats = {"decode_steps": 0, "peak_batch": 0}
         self.verifier = Verifier(config["cluster_key"])
-        self.guide = None  # the llguidance tokenizer, on the rank that samples (JSON-schema constraints)
+        self.guide = None  # the llguidance vocabulary, on the rank that samples (constrained output)
 
     def status(self) -> dict[str, Any]:
         return {"state": self.state, "rank": self.rank, "loaded": self.loaded, "total": self.total,
@@ -159,7 +159,6 @@ class Worker:
         flags = [1 if r.job.stop else 0 for r in rows] if self.rank == 0 else [0] * len(rows)
         tokens_all, flags, self.admit_to = ls.share(tokens, flags, self._admissible(len(rows)))
         logprobs = ls.share_logprobs(batch, tokens_all)
-        batch.follow(tokens_all, flags)
         batch.inputs = tokens_all
         keep = []
         for i, (row, token, flag, lp) in enumerate(zip(rows, tokens_all, flags, logprobs)):
@@ -203,10 +202,10 @@ class Worker:
             row.detok = self.tokenizer.detokenizer
             row.stopper = StopMatcher(b.get("stop") or [])
         constraint = None
-        if b.get("grammar") and self.guide is not None:  # the rank that samples keeps the output in the schema
+        if b.get("grammar") and self.guide is not None:  # the rank that samples keeps the output in the grammar
             from exo_lab.engine.guided import SchemaConstraint
 
-            constraint = SchemaConstraint(b["grammar"], self.guide)
+            constraint = SchemaConstraint(b["grammar"], self.guide, int(b["max_tokens"]))
         batch.add(self.lockstep.prefill(prompt), prompt[-1], make_sampler(params), params.greedy, constraint,
                   b.get("logprobs"))
         return row
@@ -311,9 +310,9 @@ class Worker:
 
             self.tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
         if samples:
-            from exo_lab.engine.guided import guide_tokenizer
+            from exo_lab.engine.guided import vocabulary
 
-            self.guide = guide_tokenizer(self.tokenizer, int(config["vocab_size"]))
+            self.guide = vocabulary(self.tokenizer, int(config["vocab_size"]))
         self.state = "warming"
         from exo_lab.engine.sampling import SamplingParams, make_sampler
 
@@ -353,8 +352,10 @@ def _job_problem(body: Any) -> str | None:
         return "prompt must be a non-empty list of token ids"
     if not isinstance(body.get("max_tokens"), int) or body["max_tokens"] < 1:
         return "max_tokens must be a positive integer"
-    if body.get("grammar") is not None and not isinstance(body["grammar"], str):
-        return "grammar must be an llguidance grammar string"
+    grammar = body.get("grammar")
+    if grammar is not None and not (isinstance(grammar, dict) and isinstance(grammar.get("grammar"), str) and all(
+            isinstance(grammar.get(k, ""), str) for k in ("schema", "prefix", "suffix", "empty"))):
+        return "grammar must be a constraint object (SchemaGrammar.to_json())"
     lp = body.get("logprobs")
     if lp is not None and (not isinstance(lp, int) or not 0 <= lp <= 20):
         return "logprobs must be an integer from 0 to 20, or absent"

@@ -10,7 +10,7 @@ import time
 import pytest
 
 import exo_lab
-from exo_lab.engine.constrain import Json
+from exo_lab.engine.guided import json_object
 from exo_lab.engine.generator import EngineBusy, GenerationRequest
 from exo_lab.engine.sampling import SamplingParams
 from tests.helpers.http import raw
@@ -58,7 +58,7 @@ def test_seeded_sampling_and_features_are_per_request(engine):
     reqs = [
         request(0, sampling=SamplingParams(1.0, 0.9, 40, seed=3)),
         request(1, logprobs=2),
-        request(2, grammar=Json("object")),
+        request(2, grammar=json_object()),
         request(3),
         request(4, sampling=SamplingParams(0.7, seed=11), stop=("e",)),
     ]

@@ -47,7 +47,7 @@ def test_content_as_list_of_parts(client):
 
 # --- response_format: output constrained to valid JSON --------------------------------------
 
-@pytest.mark.parametrize("max_tokens", [2, 5, 40, 120])
+@pytest.mark.parametrize("max_tokens", [1, 2, 5, 40, 120])
 def test_json_object_is_always_valid_json(client, max_tokens):
     r = create(client, response_format={"type": "json_object"}, max_tokens=max_tokens)
     content = r.choices[0].message.content
@@ -123,6 +123,22 @@ def test_tool_choice_required_gives_a_parsed_call(client):
     assert isinstance(json.loads(call.function.arguments), dict)
 
 
+def test_a_forced_call_is_complete_within_a_tight_max_tokens(client):
+    """From the shortest call's length (the 400 for a smaller budget says it) upward, every call is complete."""
+    import re
+
+    with pytest.raises(openai.BadRequestError) as refused:
+        create(client, tools=[WEATHER, TIME], tool_choice="required", max_tokens=1)
+    need = int(re.search(r"\((\d+) tokens\)", str(refused.value)).group(1))
+    for max_tokens in (need, need + 1, need + 4):
+        for seed in range(3):
+            r = create(client, tools=[WEATHER, TIME], tool_choice="required", max_tokens=max_tokens,
+                       temperature=1.0, seed=seed)
+            (call,) = r.choices[0].message.tool_calls
+            assert isinstance(json.loads(call.function.arguments), dict)
+            assert r.usage.completion_tokens <= max_tokens
+
+
 def test_named_tool_choice(client):
     for name, tool in (("get_time", TIME), ("get_weather", WEATHER)):
         r = create(client, tools=[WEATHER, TIME], tool_choice={"type": "function", "function": {"name": name}},
@@ -182,6 +198,7 @@ def test_tools_auto_and_none_give_text(client):
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"logprobs": "yes"}, "logprobs"),
         ({"max_tokens": 10**9}, "max_tokens"),
+        ({"tools": [WEATHER], "tool_choice": "required", "max_tokens": 5}, "max_tokens"),  # no call fits in 5
         ({"messages": [{"role": "user", "content": "x", "tool_calls": "f"}]}, "messages[0].tool_calls"),
     ],
 )

@@ -200,8 +200,7 @@ def test_json_schema_on_the_rank_that_samples_batched_with_plain_requests(cluste
             assert r.choices[0].finish_reason == "stop"
         r = client.chat.completions.create(model="tiny-dist", messages=[{"role": "user", "content": "hi"}],
                                            max_tokens=80, temperature=0, response_format={"type": "json_object"})
-        if r.choices[0].finish_reason == "stop":
-            assert isinstance(json.loads(r.choices[0].message.content), dict)
+        assert isinstance(json.loads(r.choices[0].message.content), dict)  # complete, whatever the finish
         assert [tokens(g) for g in plain] == references  # the plain requests beside them are unchanged
         # a forced tool call: its arguments follow the tool's parameters
         tool = {"type": "function", "function": {"name": "lookup", "parameters": SCHEMA}}
@@ -212,6 +211,45 @@ def test_json_schema_on_the_rank_that_samples_batched_with_plain_requests(cluste
         jsonschema.validate(json.loads(call.function.arguments), SCHEMA)
     finally:
         server.stop()
+        inst.delete()
+
+
+def test_constrained_output_is_complete_within_a_tight_max_tokens_as_in_one_process(cluster, tiny):
+    """json_object and forced tool calls end complete within max_tokens on a 2-rank pipeline, token for token
+    as in one process (greedy), and complete for any seed when sampled."""
+    from exo_lab.engine.guided import json_object, shortest_output, tool_calls, vocabulary
+    from exo_lab.engine.sampling import SamplingParams
+
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    inst = cluster.launch(tiny, plan=pick(cluster, tiny, "pipeline"), name="tiny-json")
+    one = exo_lab.Engine(tiny, name="tiny-json")
+    try:
+        call = tool_calls([weather])
+        need = shortest_output(call, vocabulary(one.tokenizer))
+        cases = [(json_object(), p, n) for p in PROMPTS[:3] for n in (1, 2, 4, 9)]
+        cases += [(call, PROMPTS[0], n) for n in (need, need + 2, need + 7)]
+
+        def run(backend, grammar, prompt, n, sampling=None):
+            gen = backend.submit(GenerationRequest(tuple(prompt), max_tokens=n, sampling=sampling or SamplingParams(),
+                                                   grammar=grammar))
+            out = tokens(gen)
+            assert len(out) <= n
+            text = one.tokenizer.decode(out)
+            if grammar is call:
+                assert text.startswith("<tool_call>\n") and text.endswith("\n</tool_call>"), text
+                value = json.loads(text[len("<tool_call>\n"):-len("\n</tool_call>")])
+                assert value["name"] == "get_weather" and isinstance(value["arguments"]["city"], str)
+            else:
+                assert isinstance(json.loads(text), dict), text
+            return out
+
+        assert [run(inst, *case) for case in cases] == [run(one, *case) for case in cases]
+        for seed in range(6):
+            for grammar, prompt, n in cases[3::4]:
+                run(inst, grammar, prompt, n, SamplingParams(1.0, seed=seed))
+    finally:
+        one.close()
         inst.delete()
 
 
