@@ -1,6 +1,10 @@
-// exo_lab topology widget: plain SVG, no external libraries (works offline).
-// Model traits: topology (Topology.to_json() + precomputed "edges"), selected_node,
-// highlight ({nodes: {id: {label, color}}, edges: [[a, b], ...]}), title, error.
+// exo_lab's one cluster-graph renderer: plain SVG, no external libraries (works offline).
+//
+// The default export is an anywidget module ({render}) with model traits: topology (Topology.to_json()
+// + precomputed "edges"), selected_node, highlight ({nodes: {id: {label, color}}, edges: [[a, b], ...]}),
+// title, error. It runs in notebooks (exo_lab.ui.TopologyWidget) and in the Panel dashboard (Panel's
+// AnyWidgetComponent). The JupyterLab side panel bundles this same file and calls the named exports
+// drawGraph / drawLegend (and the small helpers gib, memory, usageClass) for its graph.
 
 const SVG_NS = "http://www.w3.org/2000/svg";
 const GIB = 1024 ** 3;
@@ -23,7 +27,7 @@ function html(tag, cls = "", text = null, parent = null) {
   return node;
 }
 
-function gib(bytes) {
+export function gib(bytes) {
   const v = (bytes || 0) / GIB;
   return v >= 100 ? v.toFixed(0) : v >= 10 ? v.toFixed(0) : v.toFixed(1);
 }
@@ -41,14 +45,14 @@ function textWidth(text, font = LABEL_FONT) {
   return measureCtx.measureText(text).width;
 }
 
-function memory(node) {
+export function memory(node) {
   const p = node.profile || {};
   const total = p.memory_total_bytes || 0;
   const avail = p.memory_available_bytes ?? total;
   return { total, avail, used: Math.max(0, total - avail), frac: total ? Math.min(1, Math.max(0, (total - avail) / total)) : 0 };
 }
 
-function usageClass(frac) {
+export function usageClass(frac) {
   return frac >= 0.9 ? "crit" : frac >= 0.7 ? "warn" : "ok";
 }
 
@@ -130,10 +134,12 @@ function edgeKey(a, b) {
   return a < b ? `${a}\u0000${b}` : `${b}\u0000${a}`;
 }
 
-function drawGraph(svgEl, state, width, height, onSelect) {
+/** Draw ``state`` ({topology, highlight, selected}) into ``svgEl``, ``width`` x ``height`` px;
+ *  ``onSelect(id)`` is called with a clicked node's id ("" to clear the selection). */
+export function drawGraph(svgEl, state, width, height, onSelect) {
   const { topology, highlight, selected } = state;
-  const nodes = topology.nodes || [];
-  const edges = topology.edges || [];
+  const nodes = (topology && topology.nodes) || [];
+  const edges = (topology && topology.edges) || [];
   svgEl.replaceChildren();
   svgEl.setAttribute("width", width);
   svgEl.setAttribute("height", height);
@@ -184,7 +190,8 @@ function drawGraph(svgEl, state, width, height, onSelect) {
     const touchesSel = selected && (e.source === selected || e.target === selected);
     const cls = ["exo-edge", e.ok ? "" : "failed", e.gone ? "gone" : "", e.rdma ? "rdma" : "", hi ? "hi" : "",
       dimEdges && !hi ? "dim" : "", touchesSel ? "sel" : ""].filter(Boolean).join(" ");
-    const g = svg("g", { class: cls }, edgeLayer);
+    const ends = { "data-source": e.source, "data-target": e.target };
+    const g = svg("g", { class: cls, ...ends }, edgeLayer);
     svg("line", { class: "exo-edge-hit", x1: p.x, y1: p.y, x2: q.x, y2: q.y }, g);
     svg("line", { class: "exo-edge-line", x1: p.x, y1: p.y, x2: q.x, y2: q.y, "stroke-width": e.width }, g);
     const tip = e.ok
@@ -193,7 +200,8 @@ function drawGraph(svgEl, state, width, height, onSelect) {
     svg("title", {}, g).textContent = tip;
 
     const spot = labelSpot.get(e);
-    const lg = svg("g", { class: cls.replace("exo-edge", "exo-edge-label"), transform: `translate(${spot.x},${spot.y})` }, labelLayer);
+    const lg = svg("g", { class: cls.replace("exo-edge", "exo-edge-label"), transform: `translate(${spot.x},${spot.y})`, ...ends },
+      labelLayer);
     svg("rect", { x: -spot.w / 2, y: -10, width: spot.w, height: 20, rx: 10 }, lg);
     svg("text", { x: 0, y: 0.5, "text-anchor": "middle", "dominant-baseline": "middle" }, lg).textContent = e.label;
     svg("title", {}, lg).textContent = tip;
@@ -207,7 +215,7 @@ function drawGraph(svgEl, state, width, height, onSelect) {
     const cls = ["exo-node", gone ? "gone" : "", n.id === selected ? "selected" : "", hi ? "hi" : "",
       dimNodes && !hi ? "dim" : ""].filter(Boolean).join(" ");
     const g = svg("g", {
-      class: cls, transform: `translate(${p.x},${p.y})`, "data-node-id": n.id, tabindex: 0, role: "button",
+      class: cls, transform: `translate(${p.x},${p.y})`, "data-node-id": n.id, "data-node-name": n.name, tabindex: 0, role: "button",
       "aria-label": `${n.name}: ${gib(mem.avail)} of ${gib(mem.total)} GiB free${gone ? ", gone" : ""}`,
     }, nodeLayer);
     if (hi && hi.color) g.style.setProperty("--exo-node-color", hi.color);
@@ -373,7 +381,8 @@ function drawDetails(box, state) {
   }
 }
 
-function drawLegend(legend, topology) {
+/** The legend under the graph: what sizes, rings and line styles mean (only those in use). */
+export function drawLegend(legend, topology) {
   const edges = topology.edges || [];
   const items = [["lg-node", "area ∝ memory"], ["lg-ring", "ring = memory in use"], ["lg-edge", "width ∝ log bandwidth"]];
   if (edges.some((e) => e.rdma)) items.push(["lg-rdma", "RDMA"]);
