@@ -46,7 +46,7 @@ def test_the_graph_is_the_topology_widgets_renderer_fed_with_the_same_data(ultra
     view.update(ultra, 1, [])
     graph = view.graph
     assert isinstance(graph, pn.custom.AnyWidgetComponent)
-    assert graph._esm == tw.RENDERER_JS and graph._stylesheets == [str(tw.RENDERER_CSS)]
+    assert graph._esm == tw.RENDERER_JS and graph._stylesheets == [tw.RENDERER_CSS.read_text()]
     assert str(tw.TopologyWidget._esm) == tw.RENDERER_JS.read_text()  # the notebook widget's module, the same file
     assert graph.topology == tw.graph_json(ultra) == tw.TopologyWidget(topology=ultra).topology
     assert {e["label"] for e in graph.topology["edges"]} == {"0.05 ms · 65 Gbit/s"} and graph.highlight == {}

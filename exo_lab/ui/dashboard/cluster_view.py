@@ -23,7 +23,7 @@ class ClusterGraph(pn.custom.AnyWidgetComponent):
     """The cluster graph: the same ES module and the same data (``graph_json``) as the notebook's TopologyWidget."""
 
     _esm = RENDERER_JS
-    _stylesheets = [str(RENDERER_CSS)]
+    _stylesheets = [RENDERER_CSS.read_text()]  # as text: Panel serves files only from the component's own folder
 
     topology = param.Dict(default={}, doc="Topology.to_json() plus the drawn edges (graph_json)")
     selected_node = param.String(default="", doc="the node whose profile the details box shows")

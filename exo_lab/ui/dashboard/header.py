@@ -11,7 +11,7 @@ from exo_lab.ui.dashboard.theme import gib
 
 HEADER_CSS = """
 :host { width: 100%; }
-.exo-header { display: flex; align-items: center; gap: 18px; flex-wrap: wrap; padding: 14px 22px;
+.exo-page-header { display: flex; align-items: center; gap: 18px; flex-wrap: wrap; padding: 14px 22px;
   background: #10243e; color: #fff; font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; }
 .exo-logo { font-size: 20px; font-weight: 700; letter-spacing: -0.01em; }
 .exo-logo span { color: #64b5f6; }
@@ -40,6 +40,6 @@ def header_html(source: Any, topo: Topology | None, instances: list[tuple[str, A
         chips.append(f"API <a href='{html.escape(source.api_url)}/v1/models' target='_blank'>"
                      f"{html.escape(source.api_url)}/v1</a>")
     err = f"<span class='exo-chip err'>{html.escape(source.error)}</span>" if source.error else ""
-    return (f"<div class='exo-header'><div class='exo-logo'>exo<span>_</span>lab</div>"
+    return (f"<div class='exo-page-header'><div class='exo-logo'>exo<span>_</span>lab</div>"
             f"<div class='exo-mode'>{html.escape(MODES[source.mode])}</div><div class='exo-chips'>{err}"
             + "".join(f"<span class='exo-chip'>{c}</span>" for c in chips) + "</div></div>")
