@@ -76,7 +76,8 @@ class Lab:
         (tmp / "root").mkdir()
         self.runtime = tmp / "jrun"
         env = {**os.environ, "JUPYTER_CONFIG_DIR": str(tmp / "config"), "JUPYTER_RUNTIME_DIR": str(self.runtime),
-               "JUPYTER_DATA_DIR": str(tmp / "data"), "JUPYTER_PLATFORM_DIRS": "1"}
+               "JUPYTER_DATA_DIR": str(tmp / "data"), "JUPYTER_PLATFORM_DIRS": "1",
+               "JUPYTER_PREFER_ENV_PATH": "0"}  # the private data dir (this checkout's build) ahead of the venv's
         self.log = open(tmp / "jupyter-lab.log", "w+")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", f"--port={self.port}",
