@@ -2,7 +2,8 @@
 
 The notebook widget, the Panel dashboard and the JupyterLab side panel all draw with that one ES module, so
 browser tests in the three places check the same thing: one ``g.exo-node`` per node, one labelled edge per
-connected pair (``data-source``/``data-target``, the measured latency · bandwidth label), the same parts per node.
+connected pair (``data-source``/``data-target``, the measured latency · bandwidth label, on one line or two),
+the same parts per node.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ _READ = """
     nodes: nodes.map((g) => g.getAttribute("data-node-id")).sort(),
     names: nodes.map((g) => g.getAttribute("data-node-name")).sort(),
     edges: [...svg.querySelectorAll("g.exo-edge-labels > g")].map((g) =>
-      [g.getAttribute("data-source"), g.getAttribute("data-target"), g.querySelector("text").textContent]).sort(),
+      [g.getAttribute("data-source"), g.getAttribute("data-target"),
+       [...g.querySelectorAll("text")].map((t) => t.textContent).join(" · ")]).sort(),  // one line or two
     lines: svg.querySelectorAll("g.exo-edges > g.exo-edge > line.exo-edge-line").length,
     node_parts: [...nodes[0].children].map((c) => `${c.tagName}.${(c.getAttribute("class") || "").split(" ")[0]}`),
     pills: [...svg.querySelectorAll(".exo-node-pill text")].map((t) => t.textContent).sort(),
