@@ -105,7 +105,7 @@ def open_dashboard(browser, url: str, nodes: int):
     page.wait_for_function("() => window.Bokeh && Bokeh.documents.length > 0", timeout=30_000)
     page.wait_for_selector(".exo-chat", timeout=30_000)
     page.evaluate(HELPERS)
-    poll(lambda: (lambda d: d and len(d["nodes"]) == nodes)(drawn_graph(page)), 30, f"the graph shows {nodes} nodes")
+    poll(lambda: len((drawn_graph(page) or {}).get("nodes", [])) == nodes, 30, f"the graph shows {nodes} nodes")
     return page
 
 

@@ -4,7 +4,8 @@ Panel's AnyWidgetComponent) with what each node runs, and the node table."""
 from __future__ import annotations
 
 import json
-from typing import Any
+from itertools import pairwise
+from typing import Any, ClassVar
 
 import pandas as pd
 import panel as pn
@@ -23,7 +24,7 @@ class ClusterGraph(pn.custom.AnyWidgetComponent):
     """The cluster graph: the same ES module and the same data (``graph_json``) as the notebook's TopologyWidget."""
 
     _esm = RENDERER_JS
-    _stylesheets = [RENDERER_CSS.read_text()]  # as text: Panel serves files only from the component's own folder
+    _stylesheets: ClassVar[list[str]] = [RENDERER_CSS.read_text()]  # as text: Panel serves files only from the component's own folder
 
     topology = param.Dict(default={}, doc="Topology.to_json() plus the drawn edges (graph_json)")
     selected_node = param.String(default="", doc="the node whose profile the details box shows")
@@ -58,8 +59,7 @@ def shard_highlight(instances: list[tuple[str, Any]]) -> dict[str, Any]:
     for i, (name, inst) in enumerate(running):
         color = SERIES[i % len(SERIES)]
         stages = list(dict.fromkeys(r.node_id for r in inst.plan.ranks))
-        for a, b in zip(stages, stages[1:]):
-            edges.append([a, b])
+        edges += [[a, b] for a, b in pairwise(stages)]
         for node_id in stages:
             nodes.setdefault(node_id, {"color": color})
     for node_id, labels in instance_shards(running).items():
