@@ -15,12 +15,13 @@ $(VENV)/.created:
 
 $(VENV)/.installed: $(VENV)/.created pyproject.toml
 	@scripts/install-openblas.sh
-	$(PY) -m pip install -q -e .
+	@$(PY) -m pip install -q 'hatchling>=1.25' editables 'hatch-jupyter-builder>=0.9'  # pyproject's build-system
+	SKIP_JUPYTER_BUILDER=1 $(PY) -m pip install -q --no-build-isolation -e .
 	@touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 	@scripts/install-chromium.sh
-	$(PY) -m pip install -q -e '.[test]'
+	SKIP_JUPYTER_BUILDER=1 $(PY) -m pip install -q --no-build-isolation -e '.[test]'
 	@touch $@
 
 setup: $(VENV)/.installed
@@ -28,17 +29,22 @@ setup-test: $(VENV)/.installed-test
 
 ## labextension: build the JupyterLab side panel (extensions/jupyterlab -> exo_lab/labextension) and
 ## link it into the venv, like `jupyter labextension develop`; skipped when the build is newer than its sources
+## (its own and the graph renderer it bundles from exo_lab/ui/static). Installs above skip the build hook
+## (SKIP_JUPYTER_BUILDER=1) that builds the same thing for a wheel (pyproject.toml, hatch-jupyter-builder),
+## and build in the venv (no isolated env with JupyterLab for jlpm, which only the hook needs).
 LABEXT_SRC := extensions/jupyterlab
 LABEXT_OUT := exo_lab/labextension
 LABEXT_LINK := $(VENV)/share/jupyter/labextensions/exo-lab
-LABEXT_INPUTS := $(wildcard $(LABEXT_SRC)/src/*.ts $(LABEXT_SRC)/style/*) $(addprefix $(LABEXT_SRC)/,package.json tsconfig.json yarn.lock .yarnrc.yml)
+LABEXT_INPUTS := $(wildcard $(LABEXT_SRC)/src/*.ts $(LABEXT_SRC)/style/*) $(addprefix $(LABEXT_SRC)/,package.json tsconfig.json yarn.lock .yarnrc.yml) \
+	exo_lab/ui/static/topology.js exo_lab/ui/static/topology.css
 JLPM := PATH="$(abspath $(VENV))/bin:$$PATH" jlpm
 
 $(LABEXT_SRC)/node_modules/.installed: $(addprefix $(LABEXT_SRC)/,package.json yarn.lock .yarnrc.yml) | $(VENV)/.installed-test
 	cd $(LABEXT_SRC) && $(JLPM) install --immutable
 	@touch $@
 
-$(LABEXT_OUT)/package.json: $(LABEXT_INPUTS) $(LABEXT_SRC)/node_modules/.installed
+# after a reinstall too: pip may have replaced the linked build with the copy an editable wheel carries
+$(LABEXT_OUT)/package.json: $(LABEXT_INPUTS) $(LABEXT_SRC)/node_modules/.installed $(VENV)/.installed-test
 	cd $(LABEXT_SRC) && $(JLPM) clean && $(JLPM) build
 	@touch $@
 

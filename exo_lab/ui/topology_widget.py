@@ -22,6 +22,10 @@ from exo_lab.cluster.topology import LinkProfile, Topology
 log = logging.getLogger(__name__)
 
 _STATIC = Path(__file__).parent / "static"
+# exo_lab's one cluster-graph renderer (an anywidget ES module) and its styles: this widget, the dashboard's
+# graph (Panel's AnyWidgetComponent) and the JupyterLab side panel (which bundles it) all draw with it
+RENDERER_JS = _STATIC / "topology.js"
+RENDERER_CSS = _STATIC / "topology.css"
 WIDGET_VIEW_MIME = "application/vnd.jupyter.widget-view+json"
 
 
@@ -101,8 +105,8 @@ class TopologyWidget(anywidget.AnyWidget):
     "edges": [[a, b], ...]}``.
     """
 
-    _esm = _STATIC / "topology.js"
-    _css = _STATIC / "topology.css"
+    _esm = RENDERER_JS
+    _css = RENDERER_CSS
 
     topology = traitlets.Dict().tag(sync=True)
     selected_node = traitlets.Unicode("").tag(sync=True)

@@ -1,5 +1,6 @@
-"""The dashboard in headless Chromium: the graph's nodes (Bokeh model on both sides), a streamed chat reply,
-``exo-lab up`` serving API and dashboard together, and a plan launched from the page. Screenshots saved."""
+"""The dashboard in headless Chromium: the cluster graph drawn by exo_lab's one renderer (the topology widget's
+ES module, through Panel's AnyWidgetComponent), a streamed chat reply, ``exo-lab up`` serving API and dashboard
+together, and a plan launched from the page, its shards shown on the graph. Screenshots saved."""
 
 from __future__ import annotations
 
@@ -22,8 +23,11 @@ import exo_lab
 from exo_lab.api.registry import ModelRegistry
 from exo_lab.cluster.topology import Topology
 from exo_lab.ui.dashboard import DashboardSource, serve_dashboard
+from exo_lab.ui.topology_widget import graph_json
 from tests.helpers.net import free_port
 from tests.helpers.paths import ARTIFACTS
+from tests.helpers.drawn_graph import assert_drawn, drawn_graph
+
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(shutil.which("chromium") is None,
@@ -81,7 +85,7 @@ def poll(cond: Callable[[], Any], deadline_s: float, what: str) -> Any:
 
 
 def open_dashboard(browser, url: str, nodes: int):
-    """Open the page and wait until the browser's Bokeh document holds the graph with ``nodes`` nodes."""
+    """Open the page and wait until the renderer has drawn the graph with ``nodes`` nodes."""
     page = browser.new_page(viewport=VIEWPORT)
     page.errors = []
     page.external = []
@@ -92,9 +96,7 @@ def open_dashboard(browser, url: str, nodes: int):
     page.wait_for_function("() => window.Bokeh && Bokeh.documents.length > 0", timeout=30_000)
     page.wait_for_selector(".exo-chat", timeout=30_000)
     page.evaluate(HELPERS)
-    page.wait_for_function(
-        "(n) => { const ids = window.exoModelData('exo-node-source', 'id'); return ids && ids.length === n; }",
-        arg=nodes, timeout=30_000)
+    poll(lambda: len((drawn_graph(page) or {}).get("nodes", [])) == nodes, 30, f"the graph shows {nodes} nodes")
     return page
 
 
@@ -132,23 +134,26 @@ def test_what_if_cluster_graph_and_a_streamed_chat(browser, engine) -> None:
     page = None
     try:
         page = open_dashboard(browser, server.url, nodes=4)
-        (session,) = list(source.sessions)  # server side: the session's Bokeh models
-        assert list(session.node_source.data["id"]) == list(topo.nodes)
-        assert session.graph.select_one({"name": "exo-nodes"}).data_source is session.node_source
-        assert len(session.edge_source.data["label"]) == 6
-        assert page.evaluate("() => exoModelData('exo-node-source', 'name')") == [n.name for n in topo.nodes.values()]
-        assert page.evaluate("() => exoModelData('exo-edge-source', 'label')") == ["0.05 ms · 65 Gbit/s"] * 6
-        assert "4 nodes" in page.locator(".exo-header").inner_text()
+        (session,) = list(source.sessions)  # server side: the graph component holds graph_json
+        assert session.cluster.graph.topology == graph_json(topo)
+        drawn = drawn_graph(page)  # the page: the renderer drew every node and every labelled link
+        assert_drawn(drawn, graph_json(topo))
+        assert {label for _, _, label in drawn["edges"]} == {"0.05 ms · 65 Gbit/s"}
+        assert "4 nodes" in page.locator(".exo-page-header").inner_text()
+        page.locator(".exo-node[data-node-id='ultra-2']").click()  # the widget's selection reaches Python
+        poll(lambda: session.cluster.graph.selected_node == "ultra-2", 10, "the click selects the node in Python")
+        assert drawn_graph(page)["selected"] == ["ultra-2"]
+        assert "m3-ultra-2" in page.locator(".exo-details").inner_text()
 
         page.get_by_label("max tokens").fill("120")  # a longer reply streams for longer
         page.get_by_label("max tokens").press("Enter")
-        poll(lambda: session.chat_max_tokens.value == 120, 10, "max tokens reaches Python")
+        poll(lambda: session.chat.max_tokens.value == 120, 10, "max tokens reaches Python")
         final, seen = chat(page, "Tell me about clusters.")
         expected = engine.chat([{"role": "user", "content": "Tell me about clusters."}], max_tokens=120,
                                temperature=0).text()
         assert final == expected
         assert_streamed(seen, final)
-        assert session.chat_updates >= 3
+        assert session.chat.updates >= 3
         assert "120 tokens" in page.locator(".exo-usage").inner_text()
         poll(lambda: requests_shown(page, "tiny") == str(engine.requests_completed), 10,
              "the instances table counts the request")
@@ -185,7 +190,8 @@ def test_exo_lab_up_serves_the_api_and_the_dashboard(browser, tiny_model, tmp_pa
             assert time.monotonic() - start < 90, "".join(lines)
         assert f"http://127.0.0.1:{port}" in "".join(lines)
         page = open_dashboard(browser, url, nodes=1)
-        assert "this machine" in page.locator(".exo-header").inner_text()
+        assert "this machine" in page.locator(".exo-page-header").inner_text()
+        assert drawn_graph(page)["edges"] == []  # one node, no links
         final, seen = chat(page, "Hello from the dashboard.")  # 64 tokens by default
         assert_streamed(seen, final)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=30)
@@ -214,7 +220,8 @@ def test_launch_a_plan_from_the_page_and_chat_with_it(browser, tiny_model) -> No
     try:
         page = open_dashboard(browser, server.url, nodes=2)
         (session,) = list(source.sessions)
-        assert len(session.edge_source.data["label"]) == 1
+        assert_drawn(drawn_graph(page), graph_json(cluster.topology))
+        assert len(drawn_graph(page)["edges"]) == 1
         model_box = page.locator("input[placeholder^='a model name']")
         model_box.fill(str(tiny_model))
         page.get_by_role("button", name="Preview").click()
@@ -222,17 +229,18 @@ def test_launch_a_plan_from_the_page_and_chat_with_it(browser, tiny_model) -> No
         row = page.locator(".tabulator-row").filter(has_text=wanted).first
         row.wait_for(timeout=30_000)
         row.click()
-        poll(lambda: [session.plans.plans[i].describe() for i in session.plan_table.selection] == [wanted], 10,
+        plans = session.plans
+        poll(lambda: [plans.plans.plans[i].describe() for i in plans.table.selection] == [wanted], 10,
              "the row click selects the plan in Python")
         assert model_box.input_value() == str(tiny_model)  # not replaced by a suggestion
-        poll(lambda: f"Plan #{session.plan_table.selection[0]}: " in page.locator(".exo-note").filter(
+        poll(lambda: f"Plan #{plans.table.selection[0]}: " in page.locator(".exo-note").filter(
             has_text="feasible plan").inner_text(), 10, "the page describes the selected plan")
         page.get_by_role("button", name="Launch selected plan").click()
         inst = poll(lambda: cluster.instances[0] if cluster.instances else None, 30, "the instance is created")
         poll(lambda: inst.state == "ready", 90, "the instance loads")
         assert inst.name == tiny_model.name  # named after the model, not its path
-        poll(lambda: sorted(page.evaluate("() => exoModelData('exo-node-source', 'shard')")) ==
-             ["tiny · layers 0-1", "tiny · layers 2-3"], 15, "the graph shows the shards")
+        poll(lambda: drawn_graph(page)["pills"] == ["tiny · layers 0-1", "tiny · layers 2-3"], 15,
+             "the graph shows the shards")
         poll(lambda: page.evaluate("() => { const s = exoDeep('select')[0]; return s && s.value; }"), 15,
              "the chat offers the instance")
         final, seen = chat(page, "Which node holds layer 3?")

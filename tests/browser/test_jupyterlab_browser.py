@@ -1,7 +1,8 @@
 """JupyterLab in headless Chromium: the exo_lab side panel finds a running local cluster by itself.
 
 A real ``jupyter lab`` (the server extension enabled by the installed config, the side panel
-built by ``make labextension``) runs against a private runtime dir. The panel first shows its
+built by ``make labextension``) runs against a private runtime dir. The panel's graph is drawn by
+exo_lab's one renderer (exo_lab/ui/static/topology.js, bundled into the extension). The panel first shows its
 empty state; a ``local_cluster(2)`` started afterwards appears without a reload, with its two
 nodes, the link between them, then an instance and the dashboard button. Screenshots go to
 ``test-artifacts/jupyterlab-*.png``.
@@ -24,8 +25,12 @@ import pytest
 import requests
 
 import exo_lab
+from exo_lab.cluster.topology import Topology
+from exo_lab.ui.topology_widget import graph_json
 from tests.helpers.net import free_port, wait_http
 from tests.helpers.paths import ARTIFACTS
+from tests.helpers.drawn_graph import assert_drawn, drawn_graph
+
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(shutil.which("chromium") is None,
@@ -34,6 +39,7 @@ pytestmark = [
 
 from tests.helpers.browser import CHROMIUM_FLAGS as FLAGS  # noqa: E402
 LABEXTENSION = Path(sys.prefix) / "share" / "jupyter" / "labextensions" / "exo-lab" / "package.json"
+BUILT = Path(exo_lab.__file__).parent / "labextension"  # this checkout's build (make labextension)
 PANEL = "#exo-lab-panel"
 SPECS = Path(__file__).resolve().parents[2] / "exo_lab" / "sim" / "specs"
 NOTIFICATION_SETTINGS = {"fetchNews": "false", "checkForUpdates": False}
@@ -54,7 +60,10 @@ def runtime_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 class Lab:
     def __init__(self, tmp: Path) -> None:
-        if not LABEXTENSION.is_file():
+        if (BUILT / "package.json").is_file():  # the build of the code under test, ahead of what the venv links
+            (tmp / "data" / "labextensions").mkdir(parents=True)
+            (tmp / "data" / "labextensions" / "exo-lab").symlink_to(BUILT)
+        elif not LABEXTENSION.is_file():
             message = f"the JupyterLab extension is not installed at {LABEXTENSION.parent}: run `make labextension`"
             if os.environ.get("CI"):
                 pytest.fail(message)
@@ -68,7 +77,8 @@ class Lab:
         (tmp / "root").mkdir()
         self.runtime = tmp / "jrun"
         env = {**os.environ, "JUPYTER_CONFIG_DIR": str(tmp / "config"), "JUPYTER_RUNTIME_DIR": str(self.runtime),
-               "JUPYTER_DATA_DIR": str(tmp / "data"), "JUPYTER_PLATFORM_DIRS": "1"}
+               "JUPYTER_DATA_DIR": str(tmp / "data"), "JUPYTER_PLATFORM_DIRS": "1",
+               "JUPYTER_PREFER_ENV_PATH": "0"}  # the private data dir (this checkout's build) ahead of the venv's
         self.log = open(tmp / "jupyter-lab.log", "w+")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", f"--port={self.port}",
@@ -141,7 +151,6 @@ def shot(page, name: str) -> None:
 def write_spec_coordinator(runtime_dir: Path) -> str:
     """A coordinator without agents whose snapshot is the 4x M3 Ultra what-if cluster."""
     from exo_lab.cluster.coordinators import CoordinatorInfo, _process_started
-    from exo_lab.cluster.topology import Topology
 
     topo = Topology.load(SPECS / "m3-ultra-4x-tb5.json")
     info = CoordinatorInfo(id=f"{os.getpid()}-spec", pid=os.getpid(), process_started=_process_started(os.getpid()),
@@ -178,12 +187,12 @@ def test_side_panel_lists_the_nodes_of_a_running_local_cluster(lab: Lab, browser
         rows = page.locator(f"{PANEL} .exo-lab-node-row")
         page.wait_for_function(f"document.querySelectorAll('{PANEL} .exo-lab-node-row').length === 2", timeout=20_000)
         assert sorted(rows.locator(".exo-lab-node-name").all_inner_texts()) == names
-        assert page.locator(f"{PANEL} .exo-lab-graph .exo-lab-node").count() == 2
-        assert page.locator(f"{PANEL} .exo-lab-graph .exo-lab-edge").count() == 1
         assert "2 of 2 nodes alive" in page.locator(f"{PANEL} .exo-lab-subtitle").inner_text()
         assert page.locator(f"{PANEL} .exo-lab-dashboard-button").is_disabled()
         topo = lab.api("topology").json()
         assert sorted(n["name"] for n in topo["topology"]["nodes"]) == names
+        # the renderer drew both nodes and the link, labelled with its measured latency and bandwidth
+        assert_drawn(drawn_graph(page, PANEL), topo["topology"])
         shot(page, "panel")
 
         # an instance shows up with its state; the dashboard button opens the dashboard
@@ -197,7 +206,8 @@ def test_side_panel_lists_the_nodes_of_a_running_local_cluster(lab: Lab, browser
         page.wait_for_function(f"!document.querySelector('{PANEL} .exo-lab-dashboard-button').disabled",
                                timeout=10_000)
         page.locator(f"{PANEL} .exo-lab-node-row", has_text="local-1").click()  # select a node: details open
-        page.locator(f"{PANEL} .exo-lab-graph .exo-lab-node.selected").wait_for(timeout=5_000)
+        page.locator(f"{PANEL} .exo-svg .exo-node.selected").wait_for(timeout=5_000)
+        assert drawn_graph(page, PANEL)["selected"] == [n.id for n in cluster.nodes if n.name == "local-1"]
         shot(page, "instance")
         with page.context.expect_page() as opened:
             button.click()
@@ -213,6 +223,7 @@ def test_side_panel_lists_the_nodes_of_a_running_local_cluster(lab: Lab, browser
         select.wait_for(timeout=10_000)
         select.select_option(spec)
         page.wait_for_function(f"document.querySelectorAll('{PANEL} .exo-lab-node-row').length === 4", timeout=10_000)
+        assert_drawn(drawn_graph(page, PANEL), graph_json(Topology.load(SPECS / "m3-ultra-4x-tb5.json")))
         shot(page, "panel-4-nodes")
         select.select_option(cluster.registration.info.id)
         page.wait_for_function(f"document.querySelectorAll('{PANEL} .exo-lab-node-row').length === 2", timeout=10_000)

@@ -9,7 +9,9 @@ from pathlib import Path
 import pytest
 
 from exo_lab.cluster.topology import Topology
+from exo_lab.ui.topology_widget import graph_json
 from tests.helpers.paths import ARTIFACTS
+from tests.helpers.drawn_graph import assert_drawn, drawn_graph
 from tests.helpers.topology_harness import write_harness
 
 pytestmark = [
@@ -49,6 +51,7 @@ def test_render_click_and_screenshot(browser, tmp_path: Path, case: str) -> None
         page.wait_for_selector("body[data-ready='1']", timeout=10_000)
         assert page.locator(".exo-node").count() == len(topo.nodes)
         assert page.locator(".exo-edge").count() == len(topo.nodes) * (len(topo.nodes) - 1) // 2
+        assert_drawn(drawn_graph(page), graph_json(topo))  # what the dashboard and the JupyterLab panel draw too
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / f"topology-{case}.png"), full_page=True)
 
@@ -59,7 +62,7 @@ def test_render_click_and_screenshot(browser, tmp_path: Path, case: str) -> None
         details = page.locator(".exo-details")
         assert node.name in details.inner_text()
         assert "Matmul GFLOP/s".upper() in details.inner_text().upper()
-        assert page.locator(f".exo-node.selected[data-node-id='{node.id}']").count() == 1
+        assert drawn_graph(page)["selected"] == [node.id]
         page.screenshot(path=str(ARTIFACTS / f"topology-{case}-selected.png"), full_page=True)
 
         page.locator(f".exo-node[data-node-id='{node.id}']").click()  # a second click deselects

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from exo_lab.cluster.topology import Topology
-from exo_lab.ui.topology_widget import _STATIC, graph_json
+from exo_lab.ui.topology_widget import RENDERER_CSS, RENDERER_JS, graph_json
 
 # JupyterLab's dark theme variables, to check that the widget follows the theme.
 DARK = {
@@ -61,7 +61,7 @@ def write_harness(path: Path, topology: Topology, *, title: str = "Cluster topol
     theme = "; ".join(f"{k}: {v}" for k, v in DARK.items()) if dark else ""
     page = _PAGE.format(
         page_bg=DARK["--jp-layout-color1"] if dark else "#ffffff", width=width, theme=theme,
-        css=(_STATIC / "topology.css").read_text(), esm=json.dumps((_STATIC / "topology.js").read_text()).replace("</", "<\\/"),
+        css=RENDERER_CSS.read_text(), esm=json.dumps(RENDERER_JS.read_text()).replace("</", "<\\/"),
         state=json.dumps(state).replace("</", "<\\/"),
     )
     path.write_text(page)

@@ -1,4 +1,5 @@
-"""The Panel dashboard without a browser: graph data, tables, chat, previews, bench charts, the CLI."""
+"""The Panel dashboard without a browser: the graph (the topology widget's renderer), tables, chat, previews,
+bench charts, the CLI."""
 
 from __future__ import annotations
 
@@ -15,13 +16,19 @@ import time
 import urllib.request
 from pathlib import Path
 
+import panel as pn
 import pytest
 
 from exo_lab.api.registry import ModelRegistry
 from exo_lab.cli import build_parser
-from exo_lab.cluster.topology import NodeInfo, Topology
+from exo_lab.cluster.topology import Topology
 from exo_lab.ui import dashboard as db
-from exo_lab.ui import dashboard_data as dd
+from exo_lab.ui import topology_widget as tw
+from exo_lab.ui.dashboard import bench_view as bv
+from exo_lab.ui.dashboard import cluster_view as cv
+from exo_lab.ui.dashboard import instances_view as iv
+from exo_lab.ui.dashboard import panel_app
+from exo_lab.ui.dashboard.theme import SERIES
 from tests.helpers.net import free_port
 from tests.helpers.monitor_harness import FakeInstance, busy_history, pipeline_plan
 
@@ -33,29 +40,19 @@ def ultra() -> Topology:
     return Topology.load(SPECS / "m3-ultra-4x-tb5.json")
 
 
-def test_graph_data_has_every_node_and_one_labelled_edge_per_pair(ultra):
-    data = dd.graph_data(ultra)
-    nodes, edges = data["nodes"], data["edges"]
-    assert nodes["id"] == ["ultra-0", "ultra-1", "ultra-2", "ultra-3"]
-    assert nodes["mem"] == ["512 GiB"] * 4 and nodes["chip"] == ["Apple M3 Ultra"] * 4
-    assert len(edges["label"]) == 6 and set(edges["label"]) == {"0.05 ms · 65 Gbit/s"}
-    assert all(len(set(col)) == 1 for col in (edges["width"], nodes["size"]))
-    for a in range(6):  # labels were slid apart where the diagonals cross
-        for b in range(a):
-            assert (abs(edges["mx"][a] - edges["mx"][b]) >= dd.LABEL_W
-                    or abs(edges["my"][a] - edges["my"][b]) >= dd.LABEL_H)
-    upper = [i for i, y in enumerate(nodes["y"]) if y > 0]
-    assert upper and all(nodes["name_dy"][i] < 0 for i in upper)  # labels above the upper nodes
-
-
-def test_graph_data_of_one_node_and_of_a_gone_node():
-    one = Topology({"a": NodeInfo("a", "alpha", ["127.0.0.1"], profile={"memory_total_bytes": 8 << 30,
-                                                                        "memory_available_bytes": 2 << 30})})
-    data = dd.graph_data(one)
-    assert data["nodes"]["x"] == [0.0] and data["edges"]["label"] == []
-    assert data["nodes"]["free"] == ["2.0 / 8.0 GiB free"] and data["nodes"]["ring_color"] == [dd.WARN]
-    one.nodes["a"].state = "gone"
-    assert dd.graph_data(one)["nodes"]["name"] == ["alpha (gone)"]
+def test_the_graph_is_the_topology_widgets_renderer_fed_with_the_same_data(ultra):
+    """The dashboard draws the cluster with the notebook widget's ES module and CSS, from ``graph_json``."""
+    view = cv.ClusterView()
+    view.update(ultra, 1, [])
+    graph = view.graph
+    assert isinstance(graph, pn.custom.AnyWidgetComponent)
+    assert graph._esm == tw.RENDERER_JS and graph._stylesheets == [tw.RENDERER_CSS.read_text()]
+    assert str(tw.TopologyWidget._esm) == tw.RENDERER_JS.read_text()  # the notebook widget's module, the same file
+    assert graph.topology == tw.graph_json(ultra) == tw.TopologyWidget(topology=ultra).topology
+    assert {e["label"] for e in graph.topology["edges"]} == {"0.05 ms · 65 Gbit/s"} and graph.highlight == {}
+    assert list(view.node_table.value["node"]) == ["m3-ultra-0", "m3-ultra-1", "m3-ultra-2", "m3-ultra-3"]
+    view.update(None, 2, [])
+    assert "Profiling" in view.note.object
 
 
 def test_instance_shards_and_frames():
@@ -63,15 +60,22 @@ def test_instance_shards_and_frames():
     inst.load(1.0)
     inst.state = "ready"
     busy_history(inst, n=3)
-    shards = dd.instance_shards([("llama", inst)])
+    shards = cv.instance_shards([("llama", inst)])
     assert shards == {"workstation": ["llama · layer 0"], "mbp": ["llama · layers 1-31"]}
-    frame = dd.instance_frame([("llama", inst)])
+    highlight = cv.shard_highlight([("llama", inst)])
+    assert highlight["nodes"] == {"workstation": {"color": SERIES[0], "label": "llama · layer 0"},
+                                  "mbp": {"color": SERIES[0], "label": "llama · layers 1-31"}}
+    assert highlight["edges"] == [["workstation", "mbp"]]  # the link between the pipeline's stages
+    inst.state = "stopped"
+    assert cv.shard_highlight([("llama", inst)]) == {}
+    inst.state = "ready"
+    frame = iv.instance_frame([("llama", inst)])
     assert frame.loc[0, "state"] == "ready" and frame.loc[0, "loaded"] == "32/32 layers"
     assert frame.loc[0, "requests"] == 3
     assert frame.loc[0, "decode tok/s"] == round(inst.usage_history[-1][1].generation_tps, 1)
-    series = dd.tps_series([("llama", inst)])
+    series = iv.tps_series([("llama", inst)])
     assert series["lines"]["name"] == ["llama"] and len(series["points"]["t"]) == 3
-    assert str(dd.instance_frame([]).dtypes["decode tok/s"]) == "float64"  # empty tables keep number columns
+    assert str(iv.instance_frame([]).dtypes["decode tok/s"]) == "float64"  # empty tables keep number columns
 
 
 def bench_doc() -> dict:
@@ -87,17 +91,17 @@ def bench_doc() -> dict:
 
 
 def test_bench_rows_read_measured_and_predicted():
-    rows = dd.bench_rows(bench_doc())
+    rows = bv.bench_rows(bench_doc())
     assert [r["label"] for r in rows] == ["single: a[0:4]", "pipeline: b[0:2] -> a[2:4]"]
     assert rows[0]["measured_decode_tps"] == 80.0 and rows[0]["predicted_decode_tps"] == 100.0
     assert rows[1]["measured_ttft_s"] == 0.12 and rows[1]["measured_prefill_tps"] is None
-    flat = dd.bench_rows([{"name": "x", "decode_tps": 5.0, "predicted_decode_tps": 6.0}])
+    flat = bv.bench_rows([{"name": "x", "decode_tps": 5.0, "predicted_decode_tps": 6.0}])
     assert flat[0]["measured_decode_tps"] == 5.0 and flat[0]["predicted_decode_tps"] == 6.0
     with pytest.raises(ValueError, match="list of results"):
-        dd.bench_rows({"hello": 1})
+        bv.bench_rows({"hello": 1})
     with pytest.raises(ValueError, match="no measured"):
-        dd.bench_rows([{"name": "x"}])
-    figs = db.bench_figures(rows)
+        bv.bench_rows([{"name": "x"}])
+    figs = bv.bench_figures(rows)
     assert [f.name for f in figs] == ["exo-bench-decode_tps", "exo-bench-ttft_s"]
 
 
@@ -106,46 +110,47 @@ def test_a_session_shows_the_topology_tables_and_bench(ultra, tmp_path):
     path.write_text(json.dumps(bench_doc()))
     src = db.DashboardSource(topology=ultra, bench=path)
     dash = db.Dashboard(src)
-    assert list(dash.node_source.data["id"]) == ["ultra-0", "ultra-1", "ultra-2", "ultra-3"]
-    assert len(dash.edge_source.data["label"]) == 6
-    assert list(dash.node_table.value["node"]) == ["m3-ultra-0", "m3-ultra-1", "m3-ultra-2", "m3-ultra-3"]
+    assert [n["id"] for n in dash.cluster.graph.topology["nodes"]] == ["ultra-0", "ultra-1", "ultra-2", "ultra-3"]
+    assert len(dash.cluster.graph.topology["edges"]) == 6
+    assert list(dash.cluster.node_table.value["node"]) == ["m3-ultra-0", "m3-ultra-1", "m3-ultra-2", "m3-ultra-3"]
     assert "<b>4</b> nodes" in dash.header.object and "what-if cluster" in dash.header.object
     assert dash in src.sessions
-    assert len(dash.bench_area.objects) == 2 and "2 plans measured" in dash.bench_area.objects[0].object
-    assert not dash.launch_button.visible  # nothing to launch on without a live cluster
+    assert len(dash.bench.area.objects) == 2 and "2 plans measured" in dash.bench.area.objects[0].object
+    assert not dash.plans.launch_button.visible  # nothing to launch on without a live cluster
 
 
 def test_chat_streams_a_reply_from_a_served_engine(engine, ultra):
     registry = ModelRegistry()
     registry.add(engine, "tiny")
     dash = db.Dashboard(db.DashboardSource(topology=ultra, registry=registry, api_url="http://127.0.0.1:1"))
-    assert dash.chat_model.options == ["tiny"] and dash.chat_model.value == "tiny"
-    dash.chat_max_tokens.value = 40
-    dash.chat_input.value_input = "Hello there"
+    chat = dash.chat
+    assert chat.model.options == ["tiny"] and chat.model.value == "tiny"
+    chat.max_tokens.value = 40
+    chat.input.value_input = "Hello there"
     before = engine.requests_completed
-    asyncio.run(dash._on_send())
-    user, reply = dash.messages
+    asyncio.run(chat._on_send())
+    user, reply = chat.messages
     assert user == {"role": "user", "content": "Hello there"}
     expected = engine.chat([{"role": "user", "content": "Hello there"}], max_tokens=40, temperature=0).text()
     assert reply["content"] == expected and not reply.get("error") and not reply["streaming"]
     assert reply["usage"].startswith("40 tokens")
-    assert html.escape(expected) in dash.transcript.object
+    assert html.escape(expected) in chat.transcript.object
     dash.tick()
-    frame = dash.instance_table.value
+    frame = dash.instances.table.value
     assert frame.loc[0, "name"] == "tiny" and frame.loc[0, "requests"] == engine.requests_completed > before
     assert "API <a href='http://127.0.0.1:1/v1/models'" in dash.header.object
 
 
 def test_preview_ranks_plans_for_a_model(tiny_model, ultra):
-    dash = db.Dashboard(db.DashboardSource(topology=ultra))
-    dash.preview_model.value_input = str(tiny_model)
-    asyncio.run(dash._on_preview())
-    frame = dash.plan_table.value
-    assert dash.plan_table.visible and len(frame) == len(dash.plans.plans) > 4
-    assert frame.loc[0, "plan"].startswith("single:") and "feasible plans" in dash.plan_note.object
-    dash.preview_model.value_input = "no-such-model-anywhere"
-    asyncio.run(dash._on_preview())
-    assert "exo-error" in dash.plan_note.object and not dash.plan_table.visible
+    plans = db.Dashboard(db.DashboardSource(topology=ultra)).plans
+    plans.model.value_input = str(tiny_model)
+    asyncio.run(plans._on_preview())
+    frame = plans.table.value
+    assert plans.table.visible and len(frame) == len(plans.plans.plans) > 4
+    assert frame.loc[0, "plan"].startswith("single:") and "feasible plans" in plans.note.object
+    plans.model.value_input = "no-such-model-anywhere"
+    asyncio.run(plans._on_preview())
+    assert "exo-error" in plans.note.object and not plans.table.visible
 
 
 def test_cli_parses_dashboard_and_up_options():
@@ -163,9 +168,9 @@ def test_cli_parses_dashboard_and_up_options():
 
 @pytest.mark.slow
 def test_panel_serve_runs_the_module(tmp_path):
-    """``panel serve exo_lab/ui/dashboard.py`` serves the page (this machine, no cluster)."""
+    """``panel serve exo_lab/ui/dashboard/panel_app.py`` serves the page (this machine, no cluster)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "panel", "serve", str(Path(db.__file__)), "--port", str(port),
+    proc = subprocess.Popen([sys.executable, "-m", "panel", "serve", str(Path(panel_app.__file__)), "--port", str(port),
                              "--address", "127.0.0.1", "--allow-websocket-origin", f"127.0.0.1:{port}"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -178,7 +183,7 @@ def test_panel_serve_runs_the_module(tmp_path):
             except OSError:
                 assert time.monotonic() < deadline, "panel serve did not listen within 60 s"
                 time.sleep(0.1)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/dashboard", timeout=60) as resp:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/panel_app", timeout=60) as resp:
             page = resp.read().decode()
         assert resp.status == 200 and "exo_lab dashboard" in page, page[:500]
     finally:

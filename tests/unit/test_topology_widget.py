@@ -143,13 +143,18 @@ def test_refresh_failure_is_shown_and_cleared(widgets):
     assert poll(lambda: w.error == "")
 
 
-def test_esm_exports_render():
-    esm = tw._STATIC / "topology.js"
-    source = esm.read_text()
+def test_esm_exports_render_and_the_drawing_functions():
+    """One renderer: anywidget's ``render`` (notebook, Panel dashboard) and the named exports the JupyterLab panel
+    bundles (extensions/jupyterlab/src/renderer.ts imports this very file)."""
+    source = tw.RENDERER_JS.read_text()
     assert str(TopologyWidget._esm) == source, "_esm is loaded from the .js file"
     assert re.search(r"export\s+default\s*\{\s*render\s*\}", source) or re.search(r"export\s+function\s+render", source)
+    for name in ("drawGraph", "drawLegend", "gib", "memory", "usageClass"):
+        assert re.search(rf"export\s+function\s+{name}\(", source), name
     assert not re.search(r"https?://(?!www\.w3\.org/2000/svg)", source), "the front end must not fetch anything"
-    assert (tw._STATIC / "topology.css").is_file()
+    assert tw.RENDERER_CSS.is_file()
+    panel = (Path(__file__).resolve().parents[1] / "extensions" / "jupyterlab" / "src" / "renderer.ts").read_text()
+    assert "from '../../../exo_lab/ui/static/topology.js'" in panel
 
 
 def test_topology_mimebundle_is_a_live_widget_view(monkeypatch):

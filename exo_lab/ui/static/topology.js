@@ -1,6 +1,10 @@
-// exo_lab topology widget: plain SVG, no external libraries (works offline).
-// Model traits: topology (Topology.to_json() + precomputed "edges"), selected_node,
-// highlight ({nodes: {id: {label, color}}, edges: [[a, b], ...]}), title, error.
+// exo_lab's one cluster-graph renderer: plain SVG, no external libraries (works offline).
+//
+// The default export is an anywidget module ({render}) with model traits: topology (Topology.to_json()
+// + precomputed "edges"), selected_node, highlight ({nodes: {id: {label, color}}, edges: [[a, b], ...]}),
+// title, error. It runs in notebooks (exo_lab.ui.TopologyWidget) and in the Panel dashboard (Panel's
+// AnyWidgetComponent). The JupyterLab side panel bundles this same file and calls the named exports
+// drawGraph / drawLegend (and the small helpers gib, memory, usageClass) for its graph.
 
 const SVG_NS = "http://www.w3.org/2000/svg";
 const GIB = 1024 ** 3;
@@ -23,7 +27,7 @@ function html(tag, cls = "", text = null, parent = null) {
   return node;
 }
 
-function gib(bytes) {
+export function gib(bytes) {
   const v = (bytes || 0) / GIB;
   return v >= 100 ? v.toFixed(0) : v >= 10 ? v.toFixed(0) : v.toFixed(1);
 }
@@ -41,14 +45,14 @@ function textWidth(text, font = LABEL_FONT) {
   return measureCtx.measureText(text).width;
 }
 
-function memory(node) {
+export function memory(node) {
   const p = node.profile || {};
   const total = p.memory_total_bytes || 0;
   const avail = p.memory_available_bytes ?? total;
   return { total, avail, used: Math.max(0, total - avail), frac: total ? Math.min(1, Math.max(0, (total - avail) / total)) : 0 };
 }
 
-function usageClass(frac) {
+export function usageClass(frac) {
   return frac >= 0.9 ? "crit" : frac >= 0.7 ? "warn" : "ok";
 }
 
@@ -112,16 +116,45 @@ function circleHitsRect(c, r) {
   return (c.x - nx) ** 2 + (c.y - ny) ** 2 < (c.r + 6) ** 2;
 }
 
-// Edge labels at the midpoint, slid along the edge when they would cover another label or a node.
-function placeEdgeLabel(p, q, w, h, placed, circles) {
+function overlapArea(a, b) {
+  return Math.max(0, Math.min(a.x + a.w, b.x + b.w) - Math.max(a.x, b.x)) *
+    Math.max(0, Math.min(a.y + a.h, b.y + b.h) - Math.max(a.y, b.y));
+}
+
+// An edge's label on one line ("0.05 ms · 65 Gbit/s") or, where an edge is short, on two.
+function labelShapes(label) {
+  const one = { lines: [label], w: textWidth(label) + 14, h: 20 };
+  const parts = label.split(" · ");
+  if (parts.length < 2) return [one];
+  return [one, { lines: parts, w: Math.max(...parts.map((t) => textWidth(t))) + 12, h: 8 + 13 * parts.length }];
+}
+
+// Edge labels at the midpoint, slid along the edge when they would cover another label or a node; then on
+// two lines; then beside the edge; else where they cover least. Labels stay inside the drawing (``bounds``).
+function placeEdgeLabel(p, q, label, placed, circles, bounds) {
+  const shapes = labelShapes(label);
+  const len = Math.hypot(q.x - p.x, q.y - p.y) || 1;
+  const nx = -(q.y - p.y) / len;
+  const ny = (q.x - p.x) / len;
+  const spots = [];
+  for (const shape of shapes) {
+    for (const t of [0.5, 0.4, 0.6, 0.32, 0.68, 0.25, 0.75]) {
+      spots.push({ shape, x: p.x + (q.x - p.x) * t, y: p.y + (q.y - p.y) * t });
+    }
+  }
+  for (const d of [1, -1, 2, -2, 3, -3]) {
+    const shape = shapes[shapes.length - 1];
+    const off = d * (shape.h / 2 + 6);
+    spots.push({ shape, x: (p.x + q.x) / 2 + nx * off, y: (p.y + q.y) / 2 + ny * off });
+  }
   let best = null;
-  for (const t of [0.5, 0.4, 0.6, 0.32, 0.68, 0.25, 0.75]) {
-    const x = p.x + (q.x - p.x) * t;
-    const y = p.y + (q.y - p.y) * t;
-    const box = { x: x - w / 2, y: y - h / 2, w, h };
-    const clash = placed.some((b) => rectsOverlap(box, b)) || circles.some((c) => circleHitsRect(c, box));
-    if (!clash) return { x, y, box };
-    if (!best) best = { x, y, box };
+  for (const s of spots) {
+    const box = { x: s.x - s.shape.w / 2, y: s.y - s.shape.h / 2, w: s.shape.w, h: s.shape.h };
+    const outside = box.w * box.h - overlapArea(box, bounds);
+    const covered = outside + placed.reduce((a, b) => a + overlapArea(box, b), 0) +
+      circles.reduce((a, c) => a + (circleHitsRect(c, box) ? overlapArea(box, { x: c.x - c.r, y: c.y - c.r, w: 2 * c.r, h: 2 * c.r }) + 1 : 0), 0);
+    if (covered === 0) return { ...s, box };
+    if (!best || covered < best.covered) best = { ...s, box, covered };
   }
   return best;
 }
@@ -130,10 +163,12 @@ function edgeKey(a, b) {
   return a < b ? `${a}\u0000${b}` : `${b}\u0000${a}`;
 }
 
-function drawGraph(svgEl, state, width, height, onSelect) {
+/** Draw ``state`` ({topology, highlight, selected}) into ``svgEl``, ``width`` x ``height`` px;
+ *  ``onSelect(id)`` is called with a clicked node's id ("" to clear the selection). */
+export function drawGraph(svgEl, state, width, height, onSelect) {
   const { topology, highlight, selected } = state;
-  const nodes = topology.nodes || [];
-  const edges = topology.edges || [];
+  const nodes = (topology && topology.nodes) || [];
+  const edges = (topology && topology.edges) || [];
   svgEl.replaceChildren();
   svgEl.setAttribute("width", width);
   svgEl.setAttribute("height", height);
@@ -171,10 +206,9 @@ function drawGraph(svgEl, state, width, height, onSelect) {
     const p = at.get(e.source);
     const q = at.get(e.target);
     if (!p || !q) continue;
-    const w = textWidth(e.label) + 14;
-    const spot = placeEdgeLabel(p, q, w, 20, placed, circles);
+    const spot = placeEdgeLabel(p, q, e.label, placed, circles, { x: 0, y: 0, w: width, h: height });
     placed.push(spot.box);
-    labelSpot.set(e, { ...spot, w });
+    labelSpot.set(e, spot);
   }
   for (const e of ordered) {
     const p = at.get(e.source);
@@ -184,7 +218,8 @@ function drawGraph(svgEl, state, width, height, onSelect) {
     const touchesSel = selected && (e.source === selected || e.target === selected);
     const cls = ["exo-edge", e.ok ? "" : "failed", e.gone ? "gone" : "", e.rdma ? "rdma" : "", hi ? "hi" : "",
       dimEdges && !hi ? "dim" : "", touchesSel ? "sel" : ""].filter(Boolean).join(" ");
-    const g = svg("g", { class: cls }, edgeLayer);
+    const ends = { "data-source": e.source, "data-target": e.target };
+    const g = svg("g", { class: cls, ...ends }, edgeLayer);
     svg("line", { class: "exo-edge-hit", x1: p.x, y1: p.y, x2: q.x, y2: q.y }, g);
     svg("line", { class: "exo-edge-line", x1: p.x, y1: p.y, x2: q.x, y2: q.y, "stroke-width": e.width }, g);
     const tip = e.ok
@@ -193,9 +228,14 @@ function drawGraph(svgEl, state, width, height, onSelect) {
     svg("title", {}, g).textContent = tip;
 
     const spot = labelSpot.get(e);
-    const lg = svg("g", { class: cls.replace("exo-edge", "exo-edge-label"), transform: `translate(${spot.x},${spot.y})` }, labelLayer);
-    svg("rect", { x: -spot.w / 2, y: -10, width: spot.w, height: 20, rx: 10 }, lg);
-    svg("text", { x: 0, y: 0.5, "text-anchor": "middle", "dominant-baseline": "middle" }, lg).textContent = e.label;
+    const lg = svg("g", { class: cls.replace("exo-edge", "exo-edge-label"), transform: `translate(${spot.x},${spot.y})`, ...ends },
+      labelLayer);
+    const { w, h, lines } = spot.shape;
+    svg("rect", { x: -w / 2, y: -h / 2, width: w, height: h, rx: Math.min(10, h / 2) }, lg);
+    lines.forEach((line, i) => {
+      const y = lines.length === 1 ? 0.5 : -h / 2 + 4 + 13 * i + 6.5;
+      svg("text", { x: 0, y, "text-anchor": "middle", "dominant-baseline": "middle" }, lg).textContent = line;
+    });
     svg("title", {}, lg).textContent = tip;
   }
 
@@ -207,7 +247,7 @@ function drawGraph(svgEl, state, width, height, onSelect) {
     const cls = ["exo-node", gone ? "gone" : "", n.id === selected ? "selected" : "", hi ? "hi" : "",
       dimNodes && !hi ? "dim" : ""].filter(Boolean).join(" ");
     const g = svg("g", {
-      class: cls, transform: `translate(${p.x},${p.y})`, "data-node-id": n.id, tabindex: 0, role: "button",
+      class: cls, transform: `translate(${p.x},${p.y})`, "data-node-id": n.id, "data-node-name": n.name, tabindex: 0, role: "button",
       "aria-label": `${n.name}: ${gib(mem.avail)} of ${gib(mem.total)} GiB free${gone ? ", gone" : ""}`,
     }, nodeLayer);
     if (hi && hi.color) g.style.setProperty("--exo-node-color", hi.color);
@@ -373,7 +413,8 @@ function drawDetails(box, state) {
   }
 }
 
-function drawLegend(legend, topology) {
+/** The legend under the graph: what sizes, rings and line styles mean (only those in use). */
+export function drawLegend(legend, topology) {
   const edges = topology.edges || [];
   const items = [["lg-node", "area ∝ memory"], ["lg-ring", "ring = memory in use"], ["lg-edge", "width ∝ log bandwidth"]];
   if (edges.some((e) => e.rdma)) items.push(["lg-rdma", "RDMA"]);

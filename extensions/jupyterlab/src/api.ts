@@ -32,7 +32,10 @@ export interface IEdge {
   rdma: boolean;
   gone: boolean;
   rtt_ms?: number;
+  rtt_ms_p95?: number;
   bandwidth_mbit_per_s?: number;
+  src_address?: string;
+  dst_address?: string;
   error?: string;
 }
 

@@ -14,7 +14,7 @@ import {
   ITopologyReply,
   requestAPI
 } from './api';
-import { drawGraph, gib, memory, svg, usageClass } from './graph';
+import { drawGraph, drawLegend, gib, memory, usageClass } from './renderer';
 
 export const REFRESH_MS = 3000;
 
@@ -93,18 +93,15 @@ export class ClusterPanel extends Widget {
     this.emptyBox = el('div', 'exo-lab-empty', null, this.node);
 
     this.body = el('div', 'exo-lab-body', null, this.node);
-    const graphSection = el('section', 'exo-lab-section exo-lab-graph-section', null, this.body);
-    this.graphHost = svg('svg', { class: 'exo-lab-graph', role: 'img', 'aria-label': 'cluster graph' }, graphSection) as SVGSVGElement;
-    this.legend = el('div', 'exo-lab-legend', null, graphSection);
-    for (const [cls, text] of [
-      ['lg-node', 'area ∝ memory'],
-      ['lg-ring', 'memory in use'],
-      ['lg-edge', 'latency · bandwidth']
-    ]) {
-      const item = el('span', '', null, this.legend);
-      el('i', cls, null, item);
-      item.append(text);
-    }
+    // the graph: drawn by the renderer the notebook widget and the dashboard use (classes exo-*)
+    const graphSection = el('section', 'exo-lab-section exo-lab-graph-section exo-topo exo-topo-bare', null, this.body);
+    const graph = el('div', 'exo-graph', null, graphSection);
+    this.graphHost = document.createElementNS('http://www.w3.org/2000/svg', 'svg');
+    this.graphHost.setAttribute('class', 'exo-svg');
+    this.graphHost.setAttribute('role', 'img');
+    this.graphHost.setAttribute('aria-label', 'cluster graph');
+    graph.appendChild(this.graphHost);
+    this.legend = el('div', 'exo-legend', null, graph);
 
     const instSection = el('section', 'exo-lab-section', null, this.body);
     const instHead = el('div', 'exo-lab-section-head', null, instSection);
@@ -289,11 +286,15 @@ export class ClusterPanel extends Widget {
       return;
     }
     const width = Math.max(220, this.graphHost.parentElement?.clientWidth || 300);
-    drawGraph(this.graphHost, topo.topology, width, this.selected, id => {
+    const n = (topo.topology.nodes || []).length;
+    const height = n <= 2 ? 210 : Math.min(560, 380 + Math.max(0, n - 4) * 30);
+    const state = { topology: topo.topology, highlight: {}, selected: this.selected };
+    drawGraph(this.graphHost, state, width, height, id => {
       this.selected = id;
       this.redrawGraph();
       this.renderNodes(topo.topology.nodes || []);
     });
+    drawLegend(this.legend, topo.topology);
   }
 
   private renderNodes(nodes: INode[]): void {

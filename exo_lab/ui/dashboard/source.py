@@ -1,0 +1,190 @@
+"""What every dashboard session shows, shared per process: a cluster (or a fixed topology, or this machine),
+the models served here, plans being launched and bench results. A thread of its own refreshes it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import subprocess
+import sys
+import threading
+import weakref
+from pathlib import Path
+from typing import Any
+
+from exo_lab.cluster.topology import NodeInfo, Topology
+from exo_lab.ui import instance_monitor as im
+from exo_lab.ui.dashboard.bench_view import bench_rows
+
+log = logging.getLogger(__name__)
+
+
+def machine_topology() -> Topology:
+    """This machine as a one-node topology, measured in a child process (MLX stays out of this one)."""
+    code = ("import json, exo_lab\nfrom exo_lab.placement.preview import this_machine\n"
+            "print(json.dumps(this_machine().to_json()))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"profiling this machine failed: {out.stderr.strip()[-500:]}")
+    return Topology.from_json(json.loads(out.stdout.strip().splitlines()[-1]))
+
+
+class DashboardSource:
+    """What every dashboard session shows: a cluster (or a fixed topology, or this machine), models, bench results.
+
+    ``cluster``: an :class:`exo_lab.Cluster` (refreshed every ``refresh_s`` seconds; its instances are listed
+    and its plans can be launched). ``topology``: a fixed topology instead (a what-if spec). Neither: this
+    machine, profiled in the background. ``registry``: the models served in this process (an API server's
+    :class:`~exo_lab.api.registry.ModelRegistry`); they can be chatted with. ``api_url``: shown in the header.
+    ``bench``: a bench JSON document (or a path to one).
+    """
+
+    def __init__(self, cluster: Any = None, topology: Topology | None = None, registry: Any = None,
+                 api_url: str | None = None, bench: Any = None, refresh_s: float = 2.0) -> None:
+        self.cluster = cluster
+        self.registry = registry
+        self.api_url = api_url
+        self.refresh_s = refresh_s
+        self.mode = "cluster" if cluster is not None else "what-if" if topology is not None else "this machine"
+        self._topology = cluster.topology if cluster is not None else topology
+        self.version = 1 if self._topology is not None else 0
+        self.error = ""
+        self.bench: dict[str, Any] | None = None
+        self.bench_version = 0
+        if bench is not None:
+            self.load_bench(bench)
+        self.sessions: weakref.WeakSet[Any] = weakref.WeakSet()  # the open pages (app.Dashboard)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.launches: dict[str, str] = {}  # plan description -> "launching…", "launched as NAME…", "launch failed: …"
+
+    # lifecycle
+    def start(self) -> "DashboardSource":
+        """Start the background refresh (idempotent)."""
+        if self._thread is None and (self.cluster is not None or self.mode == "this machine"):
+            self._thread = threading.Thread(target=self._refresh_loop, name="exo-lab-dashboard-refresh", daemon=True)
+            self._thread.start()
+        return self
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+
+    def _set_topology(self, topo: Topology) -> None:
+        with self._lock:
+            if self._topology is None or topo.to_json() != self._topology.to_json():
+                self._topology = topo
+                self.version += 1
+
+    def _refresh_loop(self) -> None:
+        if self.cluster is None:
+            try:
+                self._set_topology(machine_topology())
+            except (RuntimeError, OSError, ValueError, subprocess.TimeoutExpired) as exc:
+                log.warning("%s", exc)
+                self.error = str(exc)
+                self._set_topology(Topology({"local": NodeInfo("local", socket.gethostname(), ["127.0.0.1"])}))
+        while not self._stop.wait(self.refresh_s):
+            try:
+                if self.cluster is not None:
+                    self.cluster.refresh()
+                    topo = self.cluster.topology
+                else:
+                    topo = self._with_live_memory()
+            except Exception as exc:  # noqa: BLE001  (shown in the header; the next round retries)
+                log.warning("dashboard refresh failed: %s", exc)
+                self.error = f"refresh failed: {exc}"
+                continue
+            self.error = ""
+            self._set_topology(topo)
+
+    def _with_live_memory(self) -> Topology:
+        from exo_lab.cluster.profile import memory_now
+
+        topo = Topology.from_json(self._topology.to_json())
+        total, available = memory_now()
+        for node in topo.nodes.values():
+            node.profile = {**node.profile, "memory_total_bytes": total, "memory_available_bytes": available}
+        return topo
+
+    # reads
+    @property
+    def topology(self) -> Topology | None:
+        """The latest topology (None while this machine is still being profiled)."""
+        return self._topology
+
+    def instances(self) -> list[tuple[str, Any]]:
+        """``(name, object)`` for each model served here and each instance of the cluster, in that order."""
+        out: list[tuple[str, Any]] = []
+        if self.registry is not None:
+            out += list(self.registry.items())
+        if self.cluster is not None:
+            seen = {id(b) for _, b in out}
+            out += [(inst.name, inst) for inst in list(self.cluster.instances) if id(inst) not in seen]
+        return out
+
+    def chat_models(self) -> dict[str, Any]:
+        """What the chat box can talk to: served models and ready instances."""
+        return {name: obj for name, obj in self.instances() if im.instance_summary(obj)["state"] == "ready"}
+
+    def model_suggestions(self) -> list[str]:
+        """Models to preview: those served here, cached ones and the synthetic presets."""
+        from exo_lab.models import list_cached
+        from exo_lab.models.synthetic import PRESETS
+
+        names: list[str] = []
+        for name, obj in self.instances():
+            path = getattr(obj, "path", None)
+            names.append(str(path) if path is not None else name)
+        try:
+            names += list_cached()
+        except OSError:
+            pass
+        names += [f"synthetic:{p}" for p in PRESETS]
+        return list(dict.fromkeys(names))
+
+    def preview(self, model: str, context: int, prompt_tokens: int, objective: str) -> Any:
+        """Ranked plans for ``model`` on the current topology (launchable when there is a cluster)."""
+        if self.cluster is not None:
+            return self.cluster.preview(model, context=context, prompt_tokens=prompt_tokens, objective=objective)
+        from exo_lab.placement.preview import preview
+
+        topo = self.topology
+        if topo is None:
+            raise RuntimeError("this machine is still being profiled; try again in a moment")
+        return preview(topo, model, context, prompt_tokens, 1, objective)
+
+    def launch(self, plan: Any, name: str | None = None) -> threading.Thread:
+        """Launch ``plan`` on the cluster in the background; the instance appears in the instances table."""
+        if self.cluster is None:
+            raise RuntimeError("launching needs a live cluster: start the dashboard with --connect or --local N")
+        key = plan.describe()
+
+        def run() -> None:
+            self.launches[key] = "launching…"
+            try:
+                inst = plan.launch(name=name, wait=False)
+            except Exception as exc:  # noqa: BLE001  (reported in the page)
+                log.warning("launching %s failed: %s", key, exc)
+                self.launches[key] = f"launch failed: {exc}"
+            else:
+                self.launches[key] = f"launched as {inst.name}: see Instances"
+
+        thread = threading.Thread(target=run, name="exo-lab-dashboard-launch", daemon=True)
+        thread.start()
+        return thread
+
+    def load_bench(self, bench: Any) -> None:
+        """Load bench results: a JSON document, its text or bytes, or a path to a file."""
+        if isinstance(bench, (str, Path)) and not str(bench).lstrip().startswith(("{", "[")):
+            bench = Path(bench).read_text()
+        if isinstance(bench, bytes):
+            bench = bench.decode()
+        if isinstance(bench, str):
+            bench = json.loads(bench)
+        bench_rows(bench)  # raises ValueError when there is nothing to show
+        self.bench = bench
+        self.bench_version += 1
