@@ -153,7 +153,7 @@ def test_esm_exports_render_and_the_drawing_functions():
         assert re.search(rf"export\s+function\s+{name}\(", source), name
     assert not re.search(r"https?://(?!www\.w3\.org/2000/svg)", source), "the front end must not fetch anything"
     assert tw.RENDERER_CSS.is_file()
-    panel = (Path(__file__).resolve().parents[1] / "extensions" / "jupyterlab" / "src" / "renderer.ts").read_text()
+    panel = (Path(__file__).resolve().parents[2] / "extensions" / "jupyterlab" / "src" / "renderer.ts").read_text()
     assert "from '../../../exo_lab/ui/static/topology.js'" in panel
 
 
