@@ -489,12 +489,6 @@ class Instance:
         done, total = self.loaded
         return f"<Instance {self.name} {self.state} {self.plan.describe()} loaded {done}/{total}>"
 
-    def _repr_mimebundle_(self, **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
-        """In a Jupyter kernel: the live monitor widget (``_repr_html_`` stays as the fallback)."""
-        from exo_lab.ui.instance_monitor import instance_mimebundle
-
-        return instance_mimebundle(self, **kwargs)
-
     def _repr_html_(self) -> str:
         import html
 

@@ -42,7 +42,7 @@ import tornado.web
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.httpserver import HTTPServer
 
-from exo_lab import __version__
+from exo_lab import __version__, defaults, paths
 from exo_lab.paths import models_dir
 from exo_lab.cluster.auth import Verifier, fingerprint, load_or_create_key, sign_headers
 from exo_lab.cluster.discovery import Advert, Discovery
@@ -51,16 +51,12 @@ from exo_lab.cluster.topology import LinkProfile, NodeInfo
 
 log = logging.getLogger(__name__)
 
-DEFAULT_NODE_PORT = 52416
+DEFAULT_NODE_PORT = defaults.AGENT_PORT
 
 
 def default_state_dir() -> Path:
-    import os
-
-    if os.environ.get("EXO_LAB_STATE_DIR"):
-        return Path(os.environ["EXO_LAB_STATE_DIR"]).expanduser()
-    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(xdg) / "exo_lab" / "node"
+    """Where a node agent keeps its id, key and profile (:func:`exo_lab.paths.node_state_dir`)."""
+    return paths.node_state_dir()
 
 
 def load_or_create_id(state_dir: Path) -> str:
@@ -497,7 +493,7 @@ class ChecksumsHandler(AgentHandler):
     """``POST /models/{name}/checksums``: SHA-256 of byte ranges ``{"ranges": [[file, start, end], ...]}``."""
 
     def post(self, name: str) -> None:
-        from exo_lab.models.fetch import range_checksums
+        from exo_lab.cluster.fetch import range_checksums
 
         if not self.authorised(read_only=False):
             return

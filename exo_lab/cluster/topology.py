@@ -199,12 +199,6 @@ class Topology:
             return cls.from_json(yaml.safe_load(text))
         return cls.from_json(json.loads(text))
 
-    def _repr_mimebundle_(self, **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
-        """In a Jupyter kernel: the live graph widget (``_repr_html_`` tables stay as the fallback)."""
-        from exo_lab.ui.topology_widget import topology_mimebundle
-
-        return topology_mimebundle(self, **kwargs)
-
     def _repr_html_(self) -> str:
         from exo_lab.cluster.display import topology_html
 

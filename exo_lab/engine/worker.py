@@ -323,7 +323,7 @@ class Worker:
     def _fetch(self, fetch: dict[str, Any], model_dir: Path, spec) -> None:
         """Copy this shard's tensors from the first peer that has the model."""
         from exo_lab.engine.shard import needs_tensor
-        from exo_lab.models.fetch import FetchError, fetch_tensors
+        from exo_lab.cluster.fetch import FetchError, fetch_tensors
 
         self.state = "fetching"
 

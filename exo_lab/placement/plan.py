@@ -195,12 +195,6 @@ class Plans:
     def __repr__(self) -> str:
         return f"Plans for {self.model} (objective: {self.objective})\n{self.table()}"
 
-    def _repr_mimebundle_(self, **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
-        """In a Jupyter kernel: the plan comparison widget (``_repr_html_`` tables stay as the fallback)."""
-        from exo_lab.ui.plan_comparison import plans_mimebundle
-
-        return plans_mimebundle(self, **kwargs)
-
     def _repr_html_(self) -> str:
         rows = self.rows()[:20]
         head = "".join(f"<th style='text-align:left'>{html.escape(h)}</th>" for h in self.HEADER)
