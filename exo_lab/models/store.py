@@ -38,6 +38,10 @@ def is_model_dir(path: Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("model*.safetensors"))
 
 
+# exo_lab.models.synthetic (MLX) is imported only to make or name a synthetic model, so that
+# resolving a path or a cached name loads no MLX; huggingface_hub only to download.
+
+
 def _synthesize(name: str, preset: str) -> Path:
     from exo_lab.models import synthetic
 
@@ -72,8 +76,6 @@ def _download(repo_id: str) -> Path:
 
 def resolve(model: str | Path) -> Path:
     """The local directory of ``model`` (see the module docstring for what it accepts)."""
-    from exo_lab.models.synthetic import PRESETS
-
     text = str(model)
     path = Path(text).expanduser()
     if path.is_dir():
@@ -84,6 +86,8 @@ def resolve(model: str | Path) -> Path:
         return _synthesize(DEMO_MODEL, DEMO_PRESET)
     if text.startswith("synthetic:"):
         preset = text.split(":", 1)[1]
+        from exo_lab.models.synthetic import PRESETS  # MLX: see the note above _synthesize
+
         if preset not in PRESETS:
             raise ModelNotFoundError(f"unknown synthetic preset {preset!r}; choose one of {', '.join(PRESETS)}")
         return _synthesize(text, preset)

@@ -17,6 +17,7 @@ Same arguments give byte-identical files.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import math
@@ -119,8 +120,6 @@ DAMPED_ROW_SCALE = 0.05
 
 
 def _model_class(model_type: str):
-    import importlib
-
     module = importlib.import_module(f"mlx_lm.models.{model_type}")
     return module.Model, module.ModelArgs
 

@@ -6,6 +6,8 @@ import html
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from exo_lab.cluster.display import text_table
+
 STRATEGIES = ("single", "pipeline", "tensor", "pipeline-tensor")
 _SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -184,8 +186,6 @@ class Plans:
               "bottleneck", "why"]
 
     def table(self, limit: int = 10) -> str:
-        from exo_lab.cluster.display import text_table
-
         text = text_table(self.HEADER, self.rows()[:limit])
         if self.infeasible:
             text += f"\n{len(self.infeasible)} infeasible, e.g.: " + "; ".join(
