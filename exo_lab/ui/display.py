@@ -24,17 +24,18 @@ HOOKS: tuple[tuple[str, str, Callable[..., Any]], ...] = (
 )
 
 
-def register_display_hooks(shell: Any = None) -> bool:
-    """Register the widget displays with ``shell`` (default: the running IPython); False without one."""
-    if shell is None:
+def register_display_hooks(formatter: Any = None) -> bool:
+    """Register the widget displays with an IPython ``DisplayFormatter`` (default: the running shell's);
+    False when there is none."""
+    if formatter is None:
         try:
             from IPython import get_ipython  # optional: only a notebook or IPython has a shell
         except ImportError:
             return False
         shell = get_ipython()
-    if shell is None:
-        return False
-    formatter = shell.display_formatter.mimebundle_formatter
+        if shell is None:
+            return False
+        formatter = shell.display_formatter
     for module, name, hook in HOOKS:
-        formatter.for_type_by_name(module, name, hook)
+        formatter.mimebundle_formatter.for_type_by_name(module, name, hook)
     return True
