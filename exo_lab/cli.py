@@ -18,6 +18,7 @@ from exo_lab.cluster.coordinators import register_server
 from exo_lab.cluster.display import topology_text
 from exo_lab.cluster.topology import Topology
 from exo_lab.models import list_cached
+from exo_lab.models.presets import PRESETS
 from exo_lab.paths import models_dir
 from exo_lab.placement.preview import preview, this_machine
 from exo_lab.sim.cli import add_cli as add_sim
@@ -155,8 +156,6 @@ def _wait_for_signal(server, stop: threading.Event) -> None:
 
 
 def _models_list(args: argparse.Namespace) -> int:
-    from exo_lab.models.synthetic import PRESETS
-
     print(f"cached in {models_dir()}:")
     for name in list_cached():
         print(f"  {name}")

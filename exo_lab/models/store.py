@@ -17,6 +17,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from exo_lab.models.presets import PRESETS
 from exo_lab.paths import models_dir
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ def is_model_dir(path: Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("model*.safetensors"))
 
 
-# exo_lab.models.synthetic (MLX) is imported only to make or name a synthetic model, so that
+# exo_lab.models.synthetic (MLX) is imported only to make a synthetic model, so that
 # resolving a path or a cached name loads no MLX; huggingface_hub only to download.
 
 
@@ -86,8 +87,6 @@ def resolve(model: str | Path) -> Path:
         return _synthesize(DEMO_MODEL, DEMO_PRESET)
     if text.startswith("synthetic:"):
         preset = text.split(":", 1)[1]
-        from exo_lab.models.synthetic import PRESETS  # MLX: see the note above _synthesize
-
         if preset not in PRESETS:
             raise ModelNotFoundError(f"unknown synthetic preset {preset!r}; choose one of {', '.join(PRESETS)}")
         return _synthesize(text, preset)
