@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 import subprocess
 import sys
@@ -90,7 +91,7 @@ def _loaded_after(module: str) -> dict:
     code = ("import importlib, json, sys; importlib.import_module(%r); "
             "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm', 'exo_lab'))))")
     run = subprocess.run([sys.executable, "-c", code % module], capture_output=True, text=True, timeout=120,
-                         cwd=REPO, env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+                         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
 
@@ -138,7 +139,7 @@ def test_openblas_is_loaded_before_mlx_by_a_plain_import():
     code = ("import exo_lab, sys; assert 'mlx.core' not in sys.modules; from exo_lab import _blas; "
             "import mlx.core; print(_blas.find_openblas() is None or _blas.in_use())")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
-                         env={**__import__("os").environ, "PYTHONPATH": str(REPO)})
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip() == "True"
 
@@ -220,3 +221,14 @@ def test_every_variable_has_an_accessor(monkeypatch):
     assert defaults.blas() == "openblas" and defaults.blas({defaults.BLAS: "Reference"}) == "reference"
     monkeypatch.setenv(defaults.WORKER_LOG, "debug")
     assert defaults.worker_log_level() == "DEBUG"
+
+
+def test_in_an_ipython_shell_the_package_registers_the_widget_displays():
+    code = ("from IPython.core.interactiveshell import InteractiveShell; shell = InteractiveShell.instance(); "
+            "import exo_lab, sys; assert 'mlx' not in sys.modules; "
+            "print(sorted(shell.display_formatter.mimebundle_formatter.deferred_printers))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == str([("exo_lab.cluster.topology", "Topology"), ("exo_lab.instance", "Instance"),
+                                      ("exo_lab.placement.plan", "Plans")])
