@@ -14,6 +14,7 @@ from pathlib import Path
 import exo_lab
 from exo_lab import _blas, defaults
 from exo_lab.cluster.agent import AgentConfig, default_state_dir, run_agent
+from exo_lab.cluster.client import ClusterClient
 from exo_lab.cluster.coordinators import register_server
 from exo_lab.cluster.display import topology_text
 from exo_lab.cluster.topology import Topology
@@ -189,10 +190,10 @@ def _node(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    if args.connect:
-        cluster = exo_lab.connect(args.connect, cluster_key=args.cluster_key)
+    if args.connect:  # the low-level client: reading the topology needs no MLX
+        cluster = ClusterClient.connect(args.connect, cluster_key=args.cluster_key)
     else:
-        cluster = exo_lab.discover(timeout=args.timeout, cluster_key=args.cluster_key)
+        cluster = ClusterClient.discover(timeout=args.timeout, cluster_key=args.cluster_key)
     if args.probe:
         cluster.probe_links()
     if args.json:
@@ -206,9 +207,9 @@ def _preview(args: argparse.Namespace) -> int:
     if args.topology:
         topology = Topology.load(args.topology)
     elif args.connect:
-        topology = exo_lab.connect(args.connect, cluster_key=args.cluster_key).topology
+        topology = ClusterClient.connect(args.connect, cluster_key=args.cluster_key).topology
     elif args.discover:
-        topology = exo_lab.discover(cluster_key=args.cluster_key).topology
+        topology = ClusterClient.discover(cluster_key=args.cluster_key).topology
     else:
         topology = this_machine()
     plans = preview(topology, args.model, args.context, args.prompt_tokens, args.batch, args.objective)

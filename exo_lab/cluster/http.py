@@ -51,9 +51,12 @@ class LineStream:
         if resp.status >= 400:
             detail = resp.read()[:500].decode(errors="replace")
             raise RequestError(f"{self._what}: HTTP {resp.status} {detail}", resp.status, detail)
-        for line in resp:
-            if line.strip():
-                yield json.loads(line)
+        try:
+            for line in resp:
+                if line.strip():
+                    yield json.loads(line)
+        except http.client.HTTPException as exc:  # e.g. the stream ended mid-chunk
+            raise RequestError(f"{self._what}: {exc!r}") from exc
 
     def close(self) -> None:
         self._conn.close()
