@@ -19,7 +19,7 @@ from exo_lab.cluster.coordinators import register_server
 from exo_lab.cluster.display import topology_text
 from exo_lab.cluster.topology import Topology
 from exo_lab.models import list_cached
-from exo_lab.models.presets import PRESETS
+from exo_lab.models.presets import DTYPE_NAMES, PRESETS
 from exo_lab.paths import models_dir
 from exo_lab.placement.preview import preview, this_machine
 from exo_lab.sim.cli import add_cli as add_sim
@@ -163,6 +163,13 @@ def _models_list(args: argparse.Namespace) -> int:
     print("synthetic presets (use as 'synthetic:<preset>'; 'demo' is 'tiny'):")
     for name, preset in PRESETS.items():
         print(f"  {name:12s} {preset.description}")
+    return 0
+
+
+def _models_synth(args: argparse.Namespace) -> int:
+    from exo_lab.models.synthetic import create  # MLX: see the note at the top
+
+    print(create(args.path, args.preset, args.seed, args.dtype, args.quantize, args.overwrite))
     return 0
 
 
@@ -353,9 +360,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="synthetic models and the model cache")
     msub = models.add_subparsers(dest="models_command", required=True)
-    from exo_lab.models import synthetic  # MLX: see the note at the top
-
-    synthetic.add_cli(msub)
+    p = msub.add_parser("synth", help="create a synthetic model in the Hugging Face layout")
+    p.add_argument("path")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=sorted(DTYPE_NAMES))
+    p.add_argument("--quantize", type=int, metavar="BITS")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_models_synth)
     p = msub.add_parser("list", help="cached models and synthetic presets")
     p.set_defaults(func=_models_list)
     p = msub.add_parser("card", help="print a model's card (shape, bytes per layer) as JSON")

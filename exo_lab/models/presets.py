@@ -10,6 +10,8 @@ from typing import Any
 
 from exo_lab.models import tokenizer as bpe
 
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  #: the dtypes a synthetic model can be saved in
+
 
 @dataclass(frozen=True)
 class Preset:

@@ -16,7 +16,6 @@ Same arguments give byte-identical files.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import logging
@@ -31,12 +30,12 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from exo_lab.models import tokenizer as bpe
-from exo_lab.models.presets import PRESETS, Preset
+from exo_lab.models.presets import DTYPE_NAMES, PRESETS, Preset
 
 log = logging.getLogger(__name__)
 
 SHARD_BYTES = 2 << 30  # the hub shards above 2 GiB; so do we
-DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+DTYPES = {name: getattr(mx, name) for name in DTYPE_NAMES}
 FAMILY = {"llama": "llama", "qwen2": "chatml", "qwen3": "chatml"}
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
@@ -212,18 +211,6 @@ def create(
         path.rmdir()
     tmp.rename(path)
     return path
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    """Register ``models synth`` on an ``exo-lab models`` sub-parser."""
-    p = sub.add_parser("synth", help="create a synthetic model in the Hugging Face layout")
-    p.add_argument("path")
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=sorted(DTYPES))
-    p.add_argument("--quantize", type=int, metavar="BITS")
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=lambda a: print(create(a.path, a.preset, a.seed, a.dtype, a.quantize, a.overwrite)))
 
 
 def with_dtype(preset: str, dtype: str) -> Preset:

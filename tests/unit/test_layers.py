@@ -232,3 +232,14 @@ def test_in_an_ipython_shell_the_package_registers_the_widget_displays():
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip() == str([("exo_lab.cluster.topology", "Topology"), ("exo_lab.instance", "Instance"),
                                       ("exo_lab.placement.plan", "Plans")])
+
+
+def test_the_command_line_parses_without_mlx():
+    """`exo-lab node` (every node agent) and `exo-lab sim` start without loading MLX."""
+    code = ("import sys; from exo_lab.cli import build_parser; "
+            "build_parser().parse_args(['node', '--no-mdns']); build_parser().parse_args(['sim', 'status']); "
+            "print([m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm')])")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip() == "[]"
