@@ -17,6 +17,8 @@ import logging
 import os
 import sys
 
+from exo_lab import defaults
+
 log = logging.getLogger(__name__)
 
 _CANDIDATES = (
@@ -42,7 +44,7 @@ def find_openblas() -> str | None:
 
 def wanted() -> bool:
     """Whether the user allows OpenBLAS (``EXO_LAB_BLAS`` is not ``reference``)."""
-    return os.environ.get("EXO_LAB_BLAS", "openblas").lower() != "reference"
+    return defaults.blas() != "reference"
 
 
 def preload() -> bool:
@@ -91,7 +93,7 @@ def name() -> str:
 def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
     """An environment for a child process that preloads OpenBLAS when allowed."""
     env = dict(os.environ if env is None else env)
-    path = find_openblas() if wanted() and env.get("EXO_LAB_BLAS", "") != "reference" else None
+    path = find_openblas() if wanted() and defaults.blas(env) != "reference" else None
     if path:
         current = env.get("LD_PRELOAD", "")
         if path not in current.split():

@@ -6,14 +6,29 @@ import argparse
 import json
 import logging
 import signal
+import socket
 import sys
 import threading
+from pathlib import Path
 
 import exo_lab
-from exo_lab.api.server import DEFAULT_PORT
+from exo_lab import _blas, defaults
+from exo_lab.cluster.agent import AgentConfig, default_state_dir, run_agent
+from exo_lab.cluster.client import ClusterClient
 from exo_lab.cluster.coordinators import register_server
+from exo_lab.cluster.display import topology_text
+from exo_lab.cluster.topology import Topology
+from exo_lab.models import list_cached
+from exo_lab.models.presets import DTYPE_NAMES, PRESETS
+from exo_lab.paths import models_dir
+from exo_lab.placement.preview import preview, this_machine
+from exo_lab.sim.cli import add_cli as add_sim
 
-DASHBOARD_PORT = 52418  # exo_lab.ui.dashboard.DEFAULT_PORT (not imported here: Panel loads only when used)
+# Imported inside the commands that need them, so that `exo-lab node` and `exo-lab sim` start
+# without them: exo_lab.ui.dashboard (Panel and Bokeh, seconds to import), exo_lab.bench and
+# exo_lab.models.synthetic (MLX).
+
+DASHBOARD_PORT = defaults.DASHBOARD_PORT
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -80,7 +95,6 @@ def _start_up_dashboard(server: exo_lab.Server, args: argparse.Namespace, regist
 
 
 def _dashboard(args: argparse.Namespace) -> int:
-    from exo_lab.cluster.topology import Topology
     from exo_lab.ui.dashboard import DashboardSource, serve_dashboard
 
     stop = _stop_on_signal()
@@ -113,8 +127,6 @@ def _dashboard(args: argparse.Namespace) -> int:
 
 def _announce(server: exo_lab.Server) -> None:
     name = server.registry.names()[0]
-    from exo_lab import _blas
-
     print(f"exo_lab API: {server.url}  (OpenAI base URL {server.openai_base_url}, BLAS: {_blas.name()})")
     print(f"  models:  curl {server.url}/v1/models")
     print(
@@ -145,16 +157,19 @@ def _wait_for_signal(server, stop: threading.Event) -> None:
 
 
 def _models_list(args: argparse.Namespace) -> int:
-    from exo_lab.models import list_cached
-    from exo_lab.models.synthetic import PRESETS
-    from exo_lab.paths import models_dir
-
     print(f"cached in {models_dir()}:")
     for name in list_cached():
         print(f"  {name}")
     print("synthetic presets (use as 'synthetic:<preset>'; 'demo' is 'tiny'):")
     for name, preset in PRESETS.items():
         print(f"  {name:12s} {preset.description}")
+    return 0
+
+
+def _models_synth(args: argparse.Namespace) -> int:
+    from exo_lab.models.synthetic import create  # MLX: see the note at the top
+
+    print(create(args.path, args.preset, args.seed, args.dtype, args.quantize, args.overwrite))
     return 0
 
 
@@ -165,12 +180,8 @@ def _models_card(args: argparse.Namespace) -> int:
 
 
 def _node(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from exo_lab.cluster.agent import AgentConfig, default_state_dir, run_agent
-
     config = AgentConfig(
-        name=args.name or __import__("socket").gethostname(),
+        name=args.name or socket.gethostname(),
         host=args.host,
         port=args.port,
         probe_port=args.probe_port,
@@ -186,12 +197,10 @@ def _node(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from exo_lab.cluster.display import topology_text
-
-    if args.connect:
-        cluster = exo_lab.connect(args.connect, cluster_key=args.cluster_key)
+    if args.connect:  # the low-level client: reading the topology needs no MLX
+        cluster = ClusterClient.connect(args.connect, cluster_key=args.cluster_key)
     else:
-        cluster = exo_lab.discover(timeout=args.timeout, cluster_key=args.cluster_key)
+        cluster = ClusterClient.discover(timeout=args.timeout, cluster_key=args.cluster_key)
     if args.probe:
         cluster.probe_links()
     if args.json:
@@ -202,15 +211,12 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _preview(args: argparse.Namespace) -> int:
-    from exo_lab.cluster.topology import Topology
-    from exo_lab.placement.preview import preview, this_machine
-
     if args.topology:
         topology = Topology.load(args.topology)
     elif args.connect:
-        topology = exo_lab.connect(args.connect, cluster_key=args.cluster_key).topology
+        topology = ClusterClient.connect(args.connect, cluster_key=args.cluster_key).topology
     elif args.discover:
-        topology = exo_lab.discover(cluster_key=args.cluster_key).topology
+        topology = ClusterClient.discover(cluster_key=args.cluster_key).topology
     else:
         topology = this_machine()
     plans = preview(topology, args.model, args.context, args.prompt_tokens, args.batch, args.objective)
@@ -268,8 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--model", "-m", default=model_default, help="model to serve (default: %(default)s)")
         p.add_argument("--name", help="the model id clients send (default: the model's name)")
         p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-        p.add_argument("--port", type=int, default=DEFAULT_PORT)
-        p.add_argument("--api-key", help="require this key from API clients (or EXO_LAB_API_KEY; default: none)")
+        p.add_argument("--port", type=int, default=defaults.API_PORT)
+        p.add_argument("--api-key", help=f"require this key from API clients (or {defaults.API_KEY}; default: none)")
         p.add_argument("--max-batch", type=int, default=16, help="requests decoding together (default: %(default)s)")
         p.add_argument("--max-queue", type=int, default=256,
                        help="requests waiting beyond those; more get 429 (default: %(default)s)")
@@ -291,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--local", type=int, metavar="N", help="start N node agents on this machine (loopback)")
     where.add_argument("--discover", action="store_true", help="find the cluster's agents by mDNS")
     where.add_argument("--topology", help="show a what-if cluster spec (JSON/YAML, see exo_lab/sim/specs)")
-    p.add_argument("--cluster-key", help="shared secret of the cluster (or EXO_LAB_CLUSTER_KEY)")
+    p.add_argument("--cluster-key", help=f"shared secret of the cluster (or {defaults.CLUSTER_KEY})")
     p.add_argument("--bench", metavar="FILE", help="bench results to chart (JSON from exo-lab bench --json)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=DASHBOARD_PORT, help="(default: %(default)s; 0 picks one)")
@@ -300,10 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("node", help="run the node agent of this machine")
     p.add_argument("--name", help="node name (default: the hostname)")
     p.add_argument("--host", default="0.0.0.0", help="address to bind (default: all, so peers can reach it)")
-    p.add_argument("--port", type=int, default=52416)
+    p.add_argument("--port", type=int, default=defaults.AGENT_PORT)
     p.add_argument("--probe-port", type=int, help="link-probe port (default: port + 1; 0 picks one)")
     p.add_argument("--state-dir", help="where the node id and cluster key live")
-    p.add_argument("--cluster-key", help="shared secret of the cluster (or EXO_LAB_CLUSTER_KEY)")
+    p.add_argument("--cluster-key", help=f"shared secret of the cluster (or {defaults.CLUSTER_KEY})")
     p.add_argument("--peer", action="append", default=[], metavar="HOST:PORT", help="a peer to join without mDNS")
     p.add_argument("--no-mdns", action="store_true", help="do not advertise or browse with mDNS")
     p.add_argument("--probe-interval", type=float, default=60.0, help="seconds between link measurements")
@@ -354,16 +360,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     models = sub.add_parser("models", help="synthetic models and the model cache")
     msub = models.add_subparsers(dest="models_command", required=True)
-    from exo_lab.models import synthetic
-
-    synthetic.add_cli(msub)
+    p = msub.add_parser("synth", help="create a synthetic model in the Hugging Face layout")
+    p.add_argument("path")
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=sorted(DTYPE_NAMES))
+    p.add_argument("--quantize", type=int, metavar="BITS")
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_models_synth)
     p = msub.add_parser("list", help="cached models and synthetic presets")
     p.set_defaults(func=_models_list)
     p = msub.add_parser("card", help="print a model's card (shape, bytes per layer) as JSON")
     p.add_argument("model")
     p.set_defaults(func=_models_card)
-
-    from exo_lab.sim.cli import add_cli as add_sim
 
     add_sim(sub)
     return parser

@@ -12,7 +12,7 @@ the request in flight ends with an error, the other workers are stopped, and
 
 from __future__ import annotations
 
-import http.client
+import html
 import json
 import logging
 import queue
@@ -21,13 +21,17 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import asdict
 from typing import Any
 
-from exo_lab.cluster.auth import sign_headers
+from mlx_lm.utils import load_tokenizer
+from tqdm.auto import tqdm
+
+from exo_lab.cluster.http import LineStream, RequestError, SignedClient
 from exo_lab.engine.chat import chat_prompt_tokens
 from exo_lab.engine.generator import Chunk, EngineBusy, Generation, GenerationRequest, TokenLogprob, Usage
+from exo_lab.engine.job import Job
 from exo_lab.engine.sampling import SamplingParams
+from exo_lab.models.store import resolve
 from exo_lab.placement.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -48,10 +52,6 @@ class Instance:
 
     def __init__(self, cluster: Any, model: str, plan: Plan, name: str | None = None, auto_replace: bool = True,
                  max_batch: int = 16, max_queue: int = 256) -> None:
-        from mlx_lm.utils import load_tokenizer
-
-        from exo_lab.models import resolve
-
         self.cluster = cluster
         self.model = model
         self.name = name or str(model)
@@ -157,16 +157,8 @@ class Instance:
             log.debug("%s %s on %s: %s", method, path, node_id, exc)
 
     def _worker(self, rank: int, method: str, path: str, body: Any = None, timeout: float = 5.0) -> Any:
-        host, port = self.controls[rank].rsplit(":", 1)
-        data = json.dumps(body).encode() if body is not None else b""
-        conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
-        try:
-            conn.request(method, path, body=data if method != "GET" else None,
-                         headers=sign_headers(self.cluster.cluster_key, method, path, data))
-            resp = conn.getresponse()
-            return json.loads(resp.read() or b"{}")
-        finally:
-            conn.close()
+        """A JSON request to rank ``rank``'s control API (:class:`RequestError`, an OSError, when it fails)."""
+        return SignedClient(self.controls[rank], self.cluster.cluster_key, timeout).json(method, path, body)
 
     # ---------------------------------------------------------------- status
     @property
@@ -178,8 +170,6 @@ class Instance:
 
     def wait_ready(self, timeout: float = 300.0, progress: bool = True) -> "Instance":
         """Block until every rank is ready (a progress bar shows layers loaded)."""
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=max(1, self.loaded[1]), desc=f"loading {self.name}", unit="layer", disable=not progress)
         deadline = time.monotonic() + timeout
         try:
@@ -352,9 +342,14 @@ class Instance:
                 self._seq += 1
                 seq = self._seq
                 self._inflight.add(gen)
-            body = {"seq": seq, "prompt": list(req.prompt_tokens), "max_tokens": req.max_tokens,
-                    "sampling": asdict(req.sampling), "stop": list(req.stop), "ignore_eos": req.ignore_eos,
-                    "grammar": req.grammar.to_json() if req.grammar else None, "logprobs": req.logprobs}
+            try:
+                body = Job(seq, tuple(req.prompt_tokens), req.max_tokens, req.sampling, tuple(req.stop), req.ignore_eos,
+                           req.grammar.to_json() if req.grammar else None, req.logprobs).to_json()
+            except ValueError as exc:  # a JobError, or a grammar the ranks cannot follow: this request only
+                self._finish(gen, Chunk("", finish_reason="error", error=str(exc), usage=Usage()))
+                with self._lock:
+                    self._seq -= 1  # nobody was sent job seq: the next request takes its number
+                continue
             try:  # the other ranks first: rank 0 admits a job only once it has it, so they must have it too
                 for rank in sorted(self.controls):
                     if rank != 0:
@@ -376,19 +371,14 @@ class Instance:
                 self._finish(gen, Chunk("", finish_reason="error", error="the stream from rank 0 ended early",
                                         usage=Usage()))
 
-    def _send_to_rank0(self, seq: int, body: dict[str, Any]) -> http.client.HTTPConnection:
+    def _send_to_rank0(self, seq: int, body: dict[str, Any]) -> LineStream:
         """Post job ``seq`` to rank 0 (retried: the other ranks hold it already, and rank 0 admits jobs in
         order, so a job it never gets would stall every later one); the instance fails if it cannot."""
-        host, port = self.controls[0].rsplit(":", 1)
-        data = json.dumps(body).encode()
+        client = SignedClient(self.controls[0], self.cluster.cluster_key, timeout=None)
         for attempt in range(3):
-            conn = http.client.HTTPConnection(host, int(port))
             try:
-                conn.request("POST", "/generate", body=data,
-                             headers=sign_headers(self.cluster.cluster_key, "POST", "/generate", data))
-                return conn
-            except OSError as exc:
-                conn.close()
+                return client.stream_lines("POST", "/generate", body)
+            except RequestError as exc:
                 if attempt == 2:
                     self._fail(f"could not send request {seq} to rank 0: {exc}")
                     raise
@@ -397,14 +387,13 @@ class Instance:
 
     def _run(self, seq: int, gen: Generation, body: dict[str, Any]) -> None:
         lines: queue.Queue = queue.Queue()
-        conn = self._send_to_rank0(seq, body)
+        stream = self._send_to_rank0(seq, body)
 
         def reader() -> None:
             try:
-                resp = conn.getresponse()
-                for line in resp:
-                    lines.put(json.loads(line))
-            except (OSError, ValueError, AttributeError, http.client.HTTPException) as exc:
+                for line in stream:
+                    lines.put(line)
+            except (OSError, ValueError, AttributeError) as exc:
                 lines.put(exc)  # AttributeError: the connection was closed under us (request over)
             lines.put(None)
 
@@ -439,7 +428,7 @@ class Instance:
                 gen._push(Chunk(item.get("text", ""), tuple(item.get("tokens", [])), logprobs=_logprobs(item)))
         finally:
             reading.join(1.0)
-            conn.close()
+            stream.close()
 
     # ---------------------------------------------------------------- teardown
     def _stop_workers(self, graceful: bool) -> None:
@@ -489,15 +478,7 @@ class Instance:
         done, total = self.loaded
         return f"<Instance {self.name} {self.state} {self.plan.describe()} loaded {done}/{total}>"
 
-    def _repr_mimebundle_(self, **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
-        """In a Jupyter kernel: the live monitor widget (``_repr_html_`` stays as the fallback)."""
-        from exo_lab.ui.instance_monitor import instance_mimebundle
-
-        return instance_mimebundle(self, **kwargs)
-
     def _repr_html_(self) -> str:
-        import html
-
         done, total = self.loaded
         pct = 100 * done / total if total else 0
         return (f"<b>{html.escape(self.name)}</b> &mdash; <code>{self.state}</code> "

@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from exo_lab import defaults
+
 
 def cache_dir() -> Path:
     """Root of exo_lab's cache: ``$EXO_LAB_CACHE_DIR`` or ``$XDG_CACHE_HOME/exo_lab``."""
-    root = os.environ.get("EXO_LAB_CACHE_DIR")
+    root = defaults.cache_dir()
     if root:
         return Path(root).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
@@ -17,7 +19,7 @@ def cache_dir() -> Path:
 
 def models_dir() -> Path:
     """Directory of cached models: ``$EXO_LAB_MODELS_DIR`` or ``<cache>/models``."""
-    override = os.environ.get("EXO_LAB_MODELS_DIR")
+    override = defaults.models_dir()
     return Path(override).expanduser() if override else cache_dir() / "models"
 
 
@@ -27,5 +29,14 @@ def runtime_dir() -> Path:
     Deliberately not ``$XDG_RUNTIME_DIR``: a kernel, a terminal and a Jupyter server started by a
     service manager must all agree on it, and only the home directory is sure to be shared.
     """
-    override = os.environ.get("EXO_LAB_RUNTIME_DIR")
+    override = defaults.runtime_dir()
     return Path(override).expanduser() if override else cache_dir() / "run"
+
+
+def node_state_dir() -> Path:
+    """A node agent's state (id, cluster key, profile): ``$EXO_LAB_STATE_DIR`` or ``$XDG_STATE_HOME/exo_lab/node``."""
+    override = defaults.state_dir()
+    if override:
+        return Path(override).expanduser()
+    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(xdg) / "exo_lab" / "node"

@@ -58,7 +58,8 @@ from exo_lab.bench.results import (
     PlanBench,
     validate,
 )
-from exo_lab.bench.runner import Predictor, aggregate_tps, exact_prompt, link_traffic, predict, run
+from exo_lab.bench.runner import exact_prompt, link_traffic, run
+from exo_lab.placement.predict import Predictor, aggregate_tps, predict
 
 __all__ = [
     "JSON_SCHEMA",

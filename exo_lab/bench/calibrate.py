@@ -9,9 +9,10 @@ from dataclasses import replace
 from typing import Any
 
 from exo_lab.bench.results import METRICS, SCHEMA, BenchResult, Calibration, _errors, _mape
-from exo_lab.bench.runner import Predictor
+from exo_lab.cluster.topology import Topology
 from exo_lab.models.card import ModelCard
 from exo_lab.placement.plan import Plan
+from exo_lab.placement.predict import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +40,6 @@ def fit_calibration(result: BenchResult, topology: Any = None, card: ModelCard |
     search), starting from the calibration the nodes have now; a step is taken only when it lowers the
     error, so the error after is never above the error before on the same measurements.
     """
-    from exo_lab.cluster.topology import Topology
-
     ok = result.ok
     if not ok:
         return None

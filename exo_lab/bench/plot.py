@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from exo_lab.bench.results import METRICS, BenchResult
+from exo_lab.bench.metrics import METRICS
+
+if TYPE_CHECKING:
+    from exo_lab.bench.results import BenchResult
+
+# bokeh is imported inside each chart function: it takes about a second to import and only
+# drawing needs it (a bench result is made, saved and printed without it)
 
 PALETTE = ("#1e88e5", "#d81b60", "#43a047", "#f4511e", "#8e24aa", "#00897b", "#6d4c41", "#3949ab")
 LABELS = {"decode_tps": "decode tok/s", "prefill_tps": "prefill tok/s", "ttft_s": "TTFT s"}

@@ -12,11 +12,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from exo_lab.bench.metrics import FIT_METRICS, METRICS
+from exo_lab.bench.plot import plot as _plot
+from exo_lab.cluster.display import html_table, text_table
 from exo_lab.placement.plan import Plan, Plans
 
 SCHEMA = "exo_lab.bench/1"
-METRICS = ("decode_tps", "prefill_tps", "ttft_s")  # measured and predicted, per plan
-FIT_METRICS = ("decode_tps", "ttft_s")  # what calibration fits and its error is reported over
 LINKS_SOURCE = "computed-from-plan"
 
 
@@ -239,8 +240,6 @@ class BenchResult:
         return out
 
     def table(self) -> str:
-        from exo_lab.cluster.display import text_table
-
         lines = [f"bench {self.model}: pp={self.pp} tg={self.tg} repeat={self.repeat} "
                  f"concurrency={','.join(map(str, self.concurrency))}", text_table(self.HEADER, self.rows()),
                  f"* {self.notes.get('links', '')}"]
@@ -255,8 +254,6 @@ class BenchResult:
         return self.table()
 
     def _repr_html_(self) -> str:
-        from exo_lab.cluster.display import html_table
-
         cal = f"<p>{html.escape(self.calibration.summary())}</p>" if self.calibration else ""
         return (f"<b>bench {html.escape(self.model)}</b> pp={self.pp} tg={self.tg} repeat={self.repeat} "
                 f"concurrency={','.join(map(str, self.concurrency))}" + html_table(self.HEADER, self.rows())
@@ -265,9 +262,7 @@ class BenchResult:
     def plot(self) -> Any:
         """Bokeh layout: decode tok/s per plan (measured and predicted bars), measured against predicted
         for every metric (log axes, y = x is a perfect prediction), and tokens/s against concurrency."""
-        from exo_lab.bench.plot import plot
-
-        return plot(self)
+        return _plot(self)
 
 
 def _num(x: float | None) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import threading
@@ -11,6 +10,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
+from exo_lab._version import __version__
 from exo_lab.bench.results import (
     LINKS_SOURCE,
     METRICS,
@@ -21,10 +23,16 @@ from exo_lab.bench.results import (
     PlanBench,
     stat,
 )
+from exo_lab.bench.calibrate import fit_calibration, store_calibration
 from exo_lab.engine.chat import chat_prompt_tokens
+from exo_lab.engine.generator import GenerationRequest
+from exo_lab.engine.sampling import SamplingParams
 from exo_lab.models.card import ModelCard
-from exo_lab.placement.cost import DTYPE_BYTES, NodeRates, share
+from exo_lab.models.store import resolve
+from exo_lab.placement.cost import DTYPE_BYTES
 from exo_lab.placement.plan import Plan, Plans
+from exo_lab.placement.predict import Predictor, aggregate_tps
+from exo_lab.placement.preview import model_card
 
 log = logging.getLogger(__name__)
 
@@ -84,86 +92,6 @@ def exact_prompt(tokenizer: Any, pp: int, seed: int = 0) -> tuple[list[int], dic
 
 
 # ----------------------------------------------------------------------------- predictions
-
-
-def _layout(plan: Plan) -> tuple[list[Any], list[int]]:
-    """The planner's stages and layer counts behind ``plan``."""
-    from exo_lab.placement.planner import Stage
-
-    by_stage: dict[int, list] = {}
-    for r in plan.ranks:
-        by_stage.setdefault(r.stage, []).append(r)
-    stages, alloc = [], []
-    for s in sorted(by_stage):
-        rs = sorted(by_stage[s], key=lambda r: r.tensor_index)
-        nodes = tuple(dict.fromkeys(r.node_id for r in rs))
-        stages.append(Stage(nodes, rs[0].tensor_size))
-        alloc.append(rs[0].layers[1] - rs[0].layers[0])
-    return stages, alloc
-
-
-class Predictor:
-    """The cost model's predictions for given plans at one request shape (``pp``, ``tg``).
-
-    The planner's own formulas (:func:`exo_lab.placement.planner._predict`) on the plan's exact
-    split; the KV cache read at decode is that of the average context ``pp + tg / 2``.
-    ``rates`` may be replaced per node (calibration candidates).
-    """
-
-    def __init__(self, topology: Any, card: ModelCard, pp: int, tg: int) -> None:
-        from exo_lab.placement.planner import _Context
-
-        self.ctx = _Context(topology, card, max(pp + tg, pp), pp, 1)
-        self.ctx.avg_ctx = pp + tg / 2
-        self.base = dict(self.ctx.rates)
-
-    def set_rates(self, rates: dict[str, NodeRates]) -> None:
-        """Use ``rates`` for these nodes (the profiles' own for the others)."""
-        self.ctx.rates = {**self.base, **rates}
-        self.ctx._links.clear()  # links carry the nodes' calibrated overheads
-
-    def predict(self, plan: Plan) -> dict[str, Any] | None:
-        from exo_lab.placement.planner import _predict
-
-        ctx = self.ctx
-        stages, alloc = _layout(plan)
-        used = list(dict.fromkeys(n for s in stages for n in s.nodes))
-        if any(n not in ctx.rates for n in used):
-            return None  # a node of the plan is gone or has no profile
-        host_ranks: dict[str, int] = {}
-        for n in used:
-            host = ctx.rates[n].host
-            host_ranks[host] = host_ranks.get(host, 0) + sum(s.ranks_on(n) for s in stages)
-
-        def node_share(n: str) -> float:
-            r = ctx.rates[n]
-            return share(host_ranks[r.host], r.cores, r.gpu)
-
-        for a, b in zip(stages, stages[1:]):
-            if ctx.link(a.nodes[0], b.nodes[0]) is None:
-                return None
-        out = copy.copy(plan)
-        _predict(ctx, out, stages, alloc, dict(plan.dtypes), node_share)
-        return {"decode_tps": out.decode_tps, "prefill_tps": out.prefill_tps, "ttft_s": out.ttft_s,
-                "breakdown": dict(out.breakdown), "decode_row_s": out.decode_row_s}
-
-
-def predict(topology: Any, card: ModelCard, plan: Plan, pp: int, tg: int) -> dict[str, Any] | None:
-    """Predicted ``decode_tps``, ``prefill_tps``, ``ttft_s`` and the decode breakdown of ``plan``
-    for a ``pp``-token prompt and ``tg`` generated tokens (None if a node of the plan is gone)."""
-    return Predictor(topology, card, pp, tg).predict(plan)
-
-
-def aggregate_tps(pred: dict[str, Any], tg: int, concurrency: int = 1) -> float:
-    """Predicted completion tokens/s of ``concurrency`` requests submitted together.
-
-    The ranks prefill each prompt alone (the batch waits), then decode the requests together: a
-    step costs one token's time plus ``decode_row_s`` for each more sequence in the batch.
-    """
-    step = 1.0 / pred["decode_tps"]
-    prefill = pred["ttft_s"] - step
-    batched = step + (concurrency - 1) * pred.get("decode_row_s", 0.0)
-    return concurrency * tg / (concurrency * prefill + tg * batched)
 
 
 def link_traffic(plan: Plan, card: ModelCard, pp: int, tg: int) -> list[LinkTraffic]:
@@ -229,9 +157,6 @@ def _select(cluster: Any, plans: Any, pp: int, tg: int, select: str | int,
 
 def _request(inst: Any, tokens: list[int], tg: int, count: int) -> tuple[list[Any], list[float], float]:
     """Submit ``count`` requests at once; (usages, submit-to-first-token times, wall seconds)."""
-    from exo_lab.engine.generator import GenerationRequest
-    from exo_lab.engine.sampling import SamplingParams
-
     t0 = time.perf_counter()
     gens = [inst.submit(GenerationRequest(tuple(tokens), tg, SamplingParams(temperature=0.0), ignore_eos=True))
             for _ in range(count)]
@@ -283,8 +208,6 @@ def _memory(cluster: Any, inst: Any, plan: Plan) -> dict[str, dict[str, Any]]:
 
 def _bench_plan(cluster: Any, index: int, plan: Plan, tokens: list[int], cfg: dict[str, Any],
                 predictor: Predictor, card: ModelCard, bar: Any) -> PlanBench:
-    from exo_lab.instance import LaunchError
-
     pp, tg, repeat = cfg["pp"], cfg["tg"], cfg["repeat"]
     res = PlanBench(index, plan.describe(), plan.strategy, "ok", plan.to_json())
     pred = predictor.predict(plan)
@@ -352,7 +275,7 @@ def _bench_plan(cluster: Any, index: int, plan: Plan, tokens: list[int], cfg: di
         res.concurrency = [points[c] for c in sorted(points)]
         res.memory = _memory(cluster, inst, plan)
         res.ratios = {m: res.median(m) / pred[m] for m in METRICS if res.median(m) and pred.get(m)}
-    except (LaunchError, TimeoutError, BenchError, RuntimeError, OSError) as exc:
+    except (TimeoutError, BenchError, RuntimeError, OSError) as exc:  # a LaunchError is a RuntimeError
         log.warning("bench of plan #%d (%s) failed: %s", index, plan.describe(), exc)
         res.status, res.reason = "failed", f"{type(exc).__name__}: {exc}"
     finally:
@@ -392,12 +315,7 @@ def run(cluster: Any, plans: Any, pp: int = 512, tg: int = 128, repeat: int = 3,
     ``select``: ``"all"``, ``"best"`` or a count of launchable plans, best first; ``strategies``
     keeps only those strategies; ``widget``: a plan comparison widget to show the measurements in.
     """
-    import exo_lab
-    from mlx_lm.utils import load_tokenizer
-    from tqdm.auto import tqdm
-
-    from exo_lab.models import resolve
-    from exo_lab.placement.preview import model_card
+    from mlx_lm.utils import load_tokenizer  # MLX loads only when a bench runs, not with the package
 
     levels = _levels(concurrency)
     if pp < 1 or tg < 1 or repeat < 1 or warmup < 0:
@@ -426,7 +344,7 @@ def run(cluster: Any, plans: Any, pp: int = 512, tg: int = 128, repeat: int = 3,
         model=card.name, model_ref=str(model_ref), pp=pp, tg=tg, repeat=repeat, warmup=warmup, concurrency=levels,
         plans=results, topology=topology.to_json(),
         profiles={n.id: n.profile for n in topology.nodes.values()}, card=card.to_json(), prompt=prompt_info,
-        exo_lab_version=exo_lab.__version__,
+        exo_lab_version=__version__,
         notes={"links": f"bytes per link are {LINKS_SOURCE}: hidden * activation bytes per token per pipeline hop "
                         "(pp tokens at prefill), 2 ring all-reduces per layer in tensor groups; not measured",
                "concurrency": "an instance runs requests one after another in lock step: aggregate tokens/s "
@@ -435,8 +353,6 @@ def run(cluster: Any, plans: Any, pp: int = 512, tg: int = 128, repeat: int = 3,
                               "is the engine's pp / TTFT"},
     )
     if calibrate:
-        from exo_lab.bench.calibrate import fit_calibration, store_calibration
-
         result.calibration = fit_calibration(result, topology, card)
         if result.calibration is not None:
             result.calibration.stored = store_calibration(cluster, result.calibration, result)

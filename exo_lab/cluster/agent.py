@@ -38,29 +38,30 @@ from typing import Any
 import secrets
 
 import psutil
+from filelock import FileLock
 import tornado.web
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.httpserver import HTTPServer
 
-from exo_lab import __version__
+from exo_lab import __version__, defaults, paths
 from exo_lab.paths import models_dir
 from exo_lab.cluster.auth import Verifier, fingerprint, load_or_create_key, sign_headers
 from exo_lab.cluster.discovery import Advert, Discovery
+from exo_lab.cluster.fetch import range_checksums
 from exo_lab.cluster.links import ProbeServer, probe_link
+from exo_lab.cluster.machine import memory_now
 from exo_lab.cluster.topology import LinkProfile, NodeInfo
+from exo_lab.cluster.workers import ReservationError, WorkerManager
+from exo_lab.models.store import is_model_dir
 
 log = logging.getLogger(__name__)
 
-DEFAULT_NODE_PORT = 52416
+DEFAULT_NODE_PORT = defaults.AGENT_PORT
 
 
 def default_state_dir() -> Path:
-    import os
-
-    if os.environ.get("EXO_LAB_STATE_DIR"):
-        return Path(os.environ["EXO_LAB_STATE_DIR"]).expanduser()
-    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(xdg) / "exo_lab" / "node"
+    """Where a node agent keeps its id, key and profile (:func:`exo_lab.paths.node_state_dir`)."""
+    return paths.node_state_dir()
 
 
 def load_or_create_id(state_dir: Path) -> str:
@@ -163,8 +164,6 @@ class NodeAgent:
         self._cancel_probes = threading.Event()
         self._client = AsyncHTTPClient(force_instance=True)
         self.stopped = asyncio.Event()
-        from exo_lab.cluster.workers import WorkerManager
-
         self.workers = WorkerManager(config.state_dir, self.key, config.host)
 
     # lifecycle
@@ -191,13 +190,10 @@ class NodeAgent:
 
     def _measure_profile(self):
         """The cached device profile; one agent of a host measures, the others wait for it."""
-        from filelock import FileLock
+        from exo_lab.cluster.profile import load_or_measure  # MLX: only to measure, once per machine
 
-        from exo_lab.cluster.profile import load_or_measure
-        from exo_lab.paths import cache_dir
-
-        cache_dir().mkdir(parents=True, exist_ok=True)
-        with FileLock(str(cache_dir() / "profiles.lock")):
+        paths.cache_dir().mkdir(parents=True, exist_ok=True)
+        with FileLock(str(paths.cache_dir() / "profiles.lock")):
             return load_or_measure(refresh=self.config.refresh_profile)
 
     async def _worker_loop(self) -> None:
@@ -220,8 +216,6 @@ class NodeAgent:
 
     # views
     def node_info(self) -> NodeInfo:
-        from exo_lab.cluster.profile import memory_now
-
         total, available = memory_now()
         profile = {**self.profile, "memory_total_bytes": total, "memory_available_bytes": available}
         return NodeInfo(self.id, self.config.name, self.addresses, self.port, self.probe_port, "alive", profile,
@@ -465,8 +459,6 @@ class PeersHandler(AgentHandler):
 
 
 def _local_models() -> dict[str, Path]:
-    from exo_lab.models.store import is_model_dir
-
     root = models_dir()
     return {p.name: p for p in sorted(root.iterdir()) if is_model_dir(p)} if root.is_dir() else {}
 
@@ -497,8 +489,6 @@ class ChecksumsHandler(AgentHandler):
     """``POST /models/{name}/checksums``: SHA-256 of byte ranges ``{"ranges": [[file, start, end], ...]}``."""
 
     def post(self, name: str) -> None:
-        from exo_lab.models.fetch import range_checksums
-
         if not self.authorised(read_only=False):
             return
         path = _local_models().get(name)
@@ -536,7 +526,7 @@ class CalibrationHandler(AgentHandler):
     """``POST /node/calibration``: keep fitted cost-model constants with the profile (see :mod:`exo_lab.bench`)."""
 
     def post(self) -> None:
-        from exo_lab.cluster.profile import save_calibration
+        from exo_lab.cluster.profile import save_calibration  # MLX: the profile module measures with it
 
         if not self.authorised(read_only=False):
             return
@@ -586,9 +576,6 @@ class InstanceActionHandler(AgentHandler):
     """``POST /instances/{id}/prepare`` and ``/start`` (signed)."""
 
     def post(self, iid: str, action: str) -> None:
-        from exo_lab.cluster.profile import memory_now
-        from exo_lab.cluster.workers import ReservationError
-
         if not self.authorised(read_only=False):
             return
         try:

@@ -17,19 +17,21 @@ import threading
 import time
 from pathlib import Path
 
+from exo_lab import defaults
+
 WINDOW_S = 30.0
 HEADER_TS = "X-Exo-Lab-Timestamp"
 HEADER_NONCE = "X-Exo-Lab-Nonce"
 HEADER_SIG = "X-Exo-Lab-Signature"
-ENV_KEY = "EXO_LAB_CLUSTER_KEY"
 
 
 def load_or_create_key(state_dir: Path, explicit: str | None = None) -> str:
     """The cluster key: ``explicit``, else ``$EXO_LAB_CLUSTER_KEY``, else the state dir's (made once, mode 0600)."""
     if explicit:
         return explicit
-    if os.environ.get(ENV_KEY):
-        return os.environ[ENV_KEY]
+    from_env = defaults.cluster_key()
+    if from_env:
+        return from_env
     path = state_dir / "cluster.key"
     if path.exists():
         return path.read_text().strip()

@@ -1,29 +1,30 @@
-"""The coordinator's view of a cluster: ``exo_lab.discover / connect / local_cluster``.
+"""The coordinator's view of the node agents: their nodes, peers and links, read over HTTP.
 
-A :class:`Cluster` talks to node agents over HTTP (signed with the cluster
-key when it has one; unsigned reads work on loopback). Connecting to one
-agent is enough: the peers it knows are added on :meth:`Cluster.refresh`.
+A :class:`ClusterClient` talks to node agents with a :class:`~exo_lab.cluster.http.SignedClient`
+(signed with the cluster key when it has one; unsigned reads work on loopback). Connecting to
+one agent is enough: the peers it knows are added on :meth:`ClusterClient.refresh`. The
+workbench :class:`exo_lab.Cluster` (previews, launches, benches) builds on it; the Jupyter
+server extension uses it directly.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
+import secrets
 import shutil
+import socket
 import subprocess
-import sys
-import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
-from exo_lab.cluster.auth import ENV_KEY, fingerprint, sign_headers
+from exo_lab import defaults, paths
+from exo_lab.cluster import display, local
+from exo_lab.cluster.auth import fingerprint
 from exo_lab.cluster.coordinators import register as register_coordinator
+from exo_lab.cluster.discovery import browse
+from exo_lab.cluster.http import RequestError, SignedClient
 from exo_lab.cluster.topology import LinkProfile, NodeInfo, Topology
 
 log = logging.getLogger(__name__)
@@ -35,16 +36,16 @@ class ClusterError(RuntimeError):
 
 def _normalise(address: str) -> str:
     address = address.removeprefix("http://").rstrip("/")
-    return address if ":" in address else f"{address}:52416"
+    return address if ":" in address else f"{address}:{defaults.AGENT_PORT}"
 
 
-class Cluster:
-    """Node agents seen from a coordinator (a notebook kernel or ``exo-lab up``)."""
+class ClusterClient:
+    """Node agents seen from a coordinator (a notebook kernel, ``exo-lab up``, the Jupyter server)."""
 
     def __init__(self, addresses: list[str], cluster_key: str | None = None, *, follow_peers: bool = True,
                  register: bool = True, _processes: list | None = None, _tmpdir: str | None = None) -> None:
         self.follow_peers = follow_peers
-        self.cluster_key = cluster_key or os.environ.get(ENV_KEY) or _default_key()
+        self.cluster_key = cluster_key or defaults.cluster_key() or _default_key()
         self._addresses: dict[str, str | None] = {_normalise(a): None for a in addresses}  # address -> node id
         self._processes = _processes or []
         self._tmpdir = _tmpdir
@@ -52,7 +53,7 @@ class Cluster:
         self._contacts: dict[str, str] = {}  # node id -> "host:port"
         self._peers: dict[str, list[dict[str, Any]]] = {}  # node id -> its peer table
         self._lock = threading.RLock()
-        self.instances: list = []
+        self.instances: list = []  # what this coordinator launched (the workbench Cluster adds them)
         self.refresh()
         # announce this coordinator to the Jupyter server extension (see exo_lab.cluster.coordinators)
         self.registration = register_coordinator(self) if register else None
@@ -60,29 +61,21 @@ class Cluster:
     # HTTP
     def request(self, address: str, method: str, path: str, body: Any = None, timeout: float = 30.0) -> Any:
         """A JSON request to the agent at ``address``, signed when the cluster key is known."""
-        data = json.dumps(body).encode() if body is not None else b""
-        headers = {"Content-Type": "application/json"}
-        if self.cluster_key:
-            headers.update(sign_headers(self.cluster_key, method, path, data))
-        req = urllib.request.Request(f"http://{address}{path}", data=data if method != "GET" else None,
-                                     headers=headers, method=method)
         try:
-            with urllib.request.urlopen(req, timeout=timeout) as resp:
-                return json.loads(resp.read())
-        except urllib.error.HTTPError as exc:
-            detail = exc.read().decode(errors="replace")
-            hint = " (pass cluster_key= or set EXO_LAB_CLUSTER_KEY)" if exc.code == 401 else ""
-            raise ClusterError(f"{method} {address}{path}: HTTP {exc.code} {detail}{hint}") from exc
-        except (OSError, ValueError) as exc:
+            return SignedClient(address, self.cluster_key, timeout).json(method, path, body)
+        except RequestError as exc:
+            hint = f" (pass cluster_key= or set {defaults.CLUSTER_KEY})" if exc.status == 401 else ""
+            raise ClusterError(f"{exc}{hint}") from exc
+        except ValueError as exc:  # not host:port
             raise ClusterError(f"{method} {address}{path}: {exc}") from exc
 
     # state
-    def refresh(self) -> "Cluster":
+    def refresh(self) -> Self:
         """Re-read every node, its peers and its links (thread-safe: widgets refresh in the background)."""
         with self._lock:
             return self._refresh()
 
-    def _refresh(self) -> "Cluster":
+    def _refresh(self) -> Self:
         nodes: dict[str, NodeInfo] = {}
         links: list[LinkProfile] = []
         pending = list(self._addresses)
@@ -159,57 +152,7 @@ class Cluster:
         self.refresh()
         return self._topology
 
-    def preview(self, model, context: int = 4096, prompt_tokens: int = 512, objective: str = "decode",
-                batch: int = 1):
-        """Ranked ways to run ``model`` on this cluster (see :func:`exo_lab.placement.plan`)."""
-        from exo_lab.placement.preview import preview
-
-        plans = preview(self._topology, model, context, prompt_tokens, batch, objective)
-        plans.cluster = self
-        for p in [*plans.plans, *plans.infeasible]:
-            p._cluster = self
-            p.model_ref = str(model)
-        return plans
-
-    def launch(self, model, plan=None, name: str | None = None, auto_replace: bool = True, wait: bool = True,
-               max_batch: int = 16, max_queue: int = 256):
-        """Launch ``model`` with ``plan`` (default: the best plan) and return the :class:`Instance`.
-
-        Up to ``max_batch`` requests decode together on the ranks; ``max_queue`` more wait (beyond
-        that the API answers 429).
-        """
-        from exo_lab.instance import Instance
-
-        if plan is None:
-            plans = self.preview(model)
-            if not plans.plans:
-                raise ClusterError(f"no plan fits {model}: {plans.infeasible[:1]}")
-            plan = plans.best
-        inst = Instance(self, str(model), plan, name=name, auto_replace=auto_replace, max_batch=max_batch,
-                        max_queue=max_queue)
-        self.instances.append(inst)
-        if wait:
-            inst.wait_ready()
-        return inst
-
-    def bench(self, plans, pp: int = 512, tg: int = 128, repeat: int = 3, concurrency=(1,), *,
-              select: str | int = "all", strategies=None, warmup: int = 1, calibrate: bool = False,
-              progress: bool = True, widget=None, launch_timeout: float = 300.0):
-        """Launch each of ``plans`` in turn and measure it against its predictions (a :class:`~exo_lab.bench.BenchResult`).
-
-        ``plans``: the result of :meth:`preview`, a list of plans, one plan, or a model (previewed for
-        ``pp``); ``select``: ``"all"``, ``"best"`` or how many launchable plans, best first. Prompts are
-        exactly ``pp`` tokens after the chat template and generate exactly ``tg`` tokens, ``repeat`` times
-        alone and ``repeat`` times at each ``concurrency``. ``calibrate`` fits the cost model's per-node
-        factors to the measurements and stores them with the node profiles. See :mod:`exo_lab.bench`.
-        """
-        from exo_lab.bench import run
-
-        return run(self, plans, pp=pp, tg=tg, repeat=repeat, concurrency=concurrency, select=select,
-                   strategies=strategies, warmup=warmup, calibrate=calibrate, progress=progress, widget=widget,
-                   launch_timeout=launch_timeout)
-
-    def wait_for(self, nodes: int, links: bool = True, timeout: float = 60.0) -> "Cluster":
+    def wait_for(self, nodes: int, links: bool = True, timeout: float = 60.0) -> Self:
         """Poll until ``nodes`` nodes are alive, each sees the others, and (optionally) has measured its links."""
         deadline = time.monotonic() + timeout
         while True:
@@ -250,151 +193,66 @@ class Cluster:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
 
-    def __enter__(self) -> "Cluster":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __repr__(self) -> str:
-        from exo_lab.cluster.display import nodes_text
-
-        return nodes_text(self._topology)
+        return display.nodes_text(self._topology)
 
     def _repr_html_(self) -> str:
-        from exo_lab.cluster.display import nodes_html
+        return display.nodes_html(self._topology)
 
-        return nodes_html(self._topology)
+    # ways to make one
+    @classmethod
+    def connect(cls, addresses: list[str], cluster_key: str | None = None, follow_peers: bool = True) -> Self:
+        """A cluster from agent addresses (``host:port``); with ``follow_peers``, their peers are found too."""
+        return cls(addresses, cluster_key, follow_peers=follow_peers)
+
+    @classmethod
+    def discover(cls, timeout: float = 3.0, cluster_key: str | None = None, follow_peers: bool = True) -> Self:
+        """Find agents on the local network by mDNS (those with our key's fingerprint)."""
+        key = cluster_key or defaults.cluster_key() or _default_key()
+        found = browse(timeout, fingerprint(key) if key else None)
+        if not found:
+            raise ClusterError(
+                f"no exo_lab node answered mDNS within {timeout} s on {socket.gethostname()}: start one with "
+                "'exo-lab node', or use exo_lab.connect(['host:port'])"
+            )
+        return cls(found, key, follow_peers=follow_peers)
+
+    @classmethod
+    def start_local(cls, n: int = 2, cluster_key: str | None = None, probe_interval_s: float = 60.0,
+                    timeout: float = 90.0, separate_stores: bool = False) -> Self:
+        """Start ``n`` node agents as processes on loopback (no root needed) and connect to them.
+
+        ``separate_stores`` gives each node a model store of its own (``<tmp>/node-i/models``), as
+        separate machines have, so launches fetch shards from peers.
+        """
+        if n < 1:
+            raise ValueError("a cluster needs at least one node")
+        key = cluster_key or secrets.token_hex(32)
+        agents = local.start_agents(n, key, probe_interval_s, separate_stores)
+        deadline = time.monotonic() + timeout
+        while True:
+            problem = agents.exited()
+            if problem:
+                agents.kill()
+                raise ClusterError(problem)
+            try:
+                cluster = cls(agents.addresses, key, _processes=agents.processes, _tmpdir=str(agents.tmpdir))
+                break
+            except ClusterError:
+                if time.monotonic() > deadline:
+                    agents.kill()
+                    raise
+                time.sleep(0.2)
+        cluster.stores = agents.stores
+        return cluster.wait_for(n, links=n > 1, timeout=max(1.0, deadline - time.monotonic()))
 
 
 def _default_key() -> str | None:
-    from exo_lab.cluster.agent import default_state_dir
-
-    path = default_state_dir() / "cluster.key"
+    path = paths.node_state_dir() / "cluster.key"
     return path.read_text().strip() if path.exists() else None
-
-
-def connect(addresses: list[str], cluster_key: str | None = None, follow_peers: bool = True) -> Cluster:
-    """A cluster from agent addresses (``host:port``); with ``follow_peers``, their peers are found too."""
-    return Cluster(addresses, cluster_key, follow_peers=follow_peers)
-
-
-def discover(timeout: float = 3.0, cluster_key: str | None = None, follow_peers: bool = True) -> Cluster:
-    """Find agents on the local network by mDNS (those with our key's fingerprint)."""
-    import socket
-
-    from zeroconf import DNSQuestionType, IPVersion, ServiceBrowser, Zeroconf
-
-    from exo_lab.cluster.discovery import SERVICE_TYPE
-
-    key = cluster_key or os.environ.get(ENV_KEY) or _default_key()
-    fp = fingerprint(key) if key else None
-    names: set[str] = set()
-    zc = Zeroconf(ip_version=IPVersion.V4Only)
-
-    class Listener:
-        def add_service(self, zc_: Zeroconf, type_: str, name: str) -> None:
-            names.add(name)
-
-        update_service = add_service
-
-        def remove_service(self, zc_: Zeroconf, type_: str, name: str) -> None:
-            names.discard(name)
-
-    # multicast questions (QM): answers reach this process even when an agent on the same
-    # host holds the mDNS port, which would swallow unicast (QU) answers
-    browser = ServiceBrowser(zc, SERVICE_TYPE, Listener(), question_type=DNSQuestionType.QM)
-    time.sleep(timeout)
-    browser.cancel()
-    found: dict[str, str] = {}
-    for name in sorted(names):  # resolve after browsing, so a slow answer does not hide the others
-        info = zc.get_service_info(SERVICE_TYPE, name, 3000, question_type=DNSQuestionType.QM)
-        if info is None:
-            continue
-        props = {k.decode(): (v or b"").decode() for k, v in info.properties.items()}
-        if fp and props.get("fp") != fp:
-            continue
-        reachable = _first_reachable(info.parsed_addresses(IPVersion.V4Only), info.port)
-        if reachable:
-            found[props.get("id", name)] = reachable
-    zc.close()
-    if not found:
-        raise ClusterError(
-            f"no exo_lab node answered mDNS within {timeout} s on {socket.gethostname()}: start one with "
-            "'exo-lab node', or use exo_lab.connect(['host:port'])"
-        )
-    return Cluster(sorted(found.values()), key, follow_peers=follow_peers)
-
-
-def _first_reachable(addresses: list[str], port: int, timeout: float = 0.5) -> str | None:
-    """The first ``address:port`` that accepts a TCP connection (a node may list addresses we cannot route to)."""
-    import socket
-
-    for address in addresses:
-        try:
-            with socket.create_connection((address, port), timeout=timeout):
-                return f"{address}:{port}"
-        except OSError:
-            continue
-    return None
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def local_cluster(n: int = 2, cluster_key: str | None = None, probe_interval_s: float = 60.0,
-                  timeout: float = 90.0, separate_stores: bool = False) -> Cluster:
-    """Start ``n`` node agents as processes on loopback (no root needed) and connect to them.
-
-    ``separate_stores`` gives each node a model store of its own (``<tmp>/node-i/models``), as
-    separate machines have, so launches fetch shards from peers.
-    """
-    import secrets
-
-    from exo_lab import _blas
-
-    if n < 1:
-        raise ValueError("a cluster needs at least one node")
-    key = cluster_key or secrets.token_hex(32)
-    tmp = tempfile.mkdtemp(prefix="exo-lab-local-")
-    ports = [_free_port() for _ in range(n)]
-    env = _blas.child_env()
-    procs = []
-    for i, port in enumerate(ports):
-        cmd = [sys.executable, "-m", "exo_lab.cli", "node", "--host", "127.0.0.1", "--port", str(port),
-               "--probe-port", "0", "--name", f"local-{i}", "--state-dir", str(Path(tmp) / f"node-{i}"),
-               f"--cluster-key={key}", "--no-mdns", "--probe-interval", str(probe_interval_s),
-               "--exit-with-parent", str(os.getpid())]
-        for j, other in enumerate(ports):
-            if j != i:
-                cmd += ["--peer", f"127.0.0.1:{other}"]
-        log_file = open(Path(tmp) / f"node-{i}.log", "wb")
-        node_env = dict(env)
-        if separate_stores:
-            node_env["EXO_LAB_MODELS_DIR"] = str(Path(tmp) / f"node-{i}" / "models")
-        procs.append(subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=node_env))
-    deadline = time.monotonic() + timeout
-    addresses = [f"127.0.0.1:{p}" for p in ports]
-    while True:
-        dead = [p for p in procs if p.poll() is not None]
-        if dead:
-            logs = (Path(tmp) / f"node-{procs.index(dead[0])}.log").read_text(errors="replace")[-2000:]
-            for p in procs:
-                p.kill()
-            raise ClusterError(f"a local node exited with {dead[0].returncode}:\n{logs}")
-        try:
-            cluster = Cluster(addresses, key, _processes=procs, _tmpdir=tmp)
-            break
-        except ClusterError:
-            if time.monotonic() > deadline:
-                for p in procs:
-                    p.kill()
-                raise
-            time.sleep(0.2)
-    cluster.stores = [Path(tmp) / f"node-{i}" / "models" for i in range(n)] if separate_stores else []
-    return cluster.wait_for(n, links=n > 1, timeout=max(1.0, deadline - time.monotonic()))

@@ -19,6 +19,8 @@ import itertools
 import json
 import logging
 import os
+import platform
+import socket
 import stat
 import sys
 import threading
@@ -28,6 +30,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+
+from exo_lab import _blas
+from exo_lab.cluster.auth import fingerprint
+from exo_lab.cluster.machine import cpu_count, cpu_model, memory_now
 from exo_lab.paths import runtime_dir
 
 log = logging.getLogger(__name__)
@@ -84,8 +91,6 @@ class CoordinatorInfo:
 
 
 def _process_started(pid: int) -> float | None:
-    import psutil
-
     try:
         return round(psutil.Process(pid).create_time(), 2)
     except (psutil.NoSuchProcess, psutil.AccessDenied, ValueError):
@@ -97,7 +102,7 @@ def _kernel_id() -> str | None:
     if "ipykernel" not in sys.modules:
         return None
     try:
-        from ipykernel import get_connection_file
+        from ipykernel import get_connection_file  # only in a kernel (ipykernel is in sys.modules)
 
         name = Path(get_connection_file()).stem  # kernel-<id>
     except (RuntimeError, AttributeError, ImportError):
@@ -158,8 +163,6 @@ class Registration:
 
     def __init__(self, cluster: Any = None, *, server: Any = None, kind: str | None = None, label: str | None = None,
                  interval_s: float = 1.0, directory: Path | None = None) -> None:
-        from exo_lab.cluster.auth import fingerprint
-
         if (cluster is None) == (server is None):
             raise ValueError("register either a cluster or a server")
         auto_kind, auto_label = _describe_process()
@@ -273,10 +276,6 @@ def _cluster_fields(cluster: Any) -> dict[str, Any]:
 
 def _server_fields(server: Any) -> dict[str, Any]:
     """An API server without agents: this machine as a one-node topology, its models as ready instances."""
-    import socket
-
-    from exo_lab.cluster.profile import memory_now
-
     total, available = memory_now()
     host = socket.gethostname()
     node = {"id": "local", "name": host, "addresses": [server.host], "port": server.port, "state": "alive",
@@ -294,11 +293,6 @@ def _server_fields(server: Any) -> dict[str, Any]:
 
 @functools.cache
 def _machine_facts() -> dict[str, Any]:
-    import platform
-
-    from exo_lab import _blas
-    from exo_lab.cluster.profile import cpu_count, cpu_model
-
     return {"cpu_model": cpu_model(), "cpu_count": cpu_count(), "system": platform.system(),
             "machine": platform.machine(), "blas": _blas.name()}
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from zeroconf import IPVersion, ServiceStateChange
+from zeroconf import DNSQuestionType, IPVersion, ServiceBrowser, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 log = logging.getLogger(__name__)
@@ -63,8 +65,6 @@ class Discovery:
         self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
-        import socket
-
         self.zc = AsyncZeroconf(ip_version=IPVersion.V4Only)
         self.info = AsyncServiceInfo(
             SERVICE_TYPE,
@@ -116,3 +116,51 @@ class Discovery:
             await self.zc.async_close()
         for task in list(self._tasks):
             task.cancel()
+
+
+def browse(timeout: float = 3.0, key_fingerprint: str | None = None) -> list[str]:
+    """``host:port`` of every agent that answers mDNS within ``timeout`` seconds (with this key
+    fingerprint when given), one reachable address each (a node may list addresses we cannot route to)."""
+    names: set[str] = set()
+    zc = Zeroconf(ip_version=IPVersion.V4Only)
+
+    class Listener:
+        def add_service(self, zc_: Zeroconf, type_: str, name: str) -> None:
+            names.add(name)
+
+        update_service = add_service
+
+        def remove_service(self, zc_: Zeroconf, type_: str, name: str) -> None:
+            names.discard(name)
+
+    # multicast questions (QM): answers reach this process even when an agent on the same
+    # host holds the mDNS port, which would swallow unicast (QU) answers
+    browser = ServiceBrowser(zc, SERVICE_TYPE, Listener(), question_type=DNSQuestionType.QM)
+    time.sleep(timeout)
+    browser.cancel()
+    found: dict[str, str] = {}
+    try:
+        for name in sorted(names):  # resolve after browsing, so a slow answer does not hide the others
+            info = zc.get_service_info(SERVICE_TYPE, name, 3000, question_type=DNSQuestionType.QM)
+            if info is None:
+                continue
+            props = _decode(info.properties)
+            if key_fingerprint and props.get("fp") != key_fingerprint:
+                continue
+            reachable = first_reachable(info.parsed_addresses(IPVersion.V4Only), info.port)
+            if reachable:
+                found[props.get("id", name)] = reachable
+    finally:
+        zc.close()
+    return sorted(found.values())
+
+
+def first_reachable(addresses: list[str], port: int, timeout: float = 0.5) -> str | None:
+    """The first ``address:port`` that accepts a TCP connection."""
+    for address in addresses:
+        try:
+            with socket.create_connection((address, port), timeout=timeout):
+                return f"{address}:{port}"
+        except OSError:
+            continue
+    return None

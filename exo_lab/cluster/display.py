@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import html
+from typing import TYPE_CHECKING
 
-from exo_lab.cluster.topology import Topology
+if TYPE_CHECKING:  # topology.py renders itself with these functions
+    from exo_lab.cluster.topology import Topology
 
 
 def _gb(n: int | float | None) -> str:

@@ -36,18 +36,24 @@ import math
 import os
 import platform
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
-import psutil
+from filelock import FileLock
+from tqdm.auto import tqdm
 
 from exo_lab import _blas, paths
+from exo_lab.cluster.machine import (  # noqa: F401  (re-exported: the profile's facts without MLX)
+    DeviceProfile,
+    _cgroup_memory,
+    cpu_count,
+    cpu_model,
+    memory_now,
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,178 +64,6 @@ _N_DECODE_MAX = 32768  # 32768 x 2048 fp32 = 256 MB
 _N_PROBE = 128
 _MAX_ITERS = 10
 _Q_BITS, _Q_GROUP = 4, 64
-
-
-@dataclass(frozen=True)
-class DeviceProfile:
-    """One machine as a node sees it. Every field has a default, so a partial
-    (what-if) profile loads too."""
-
-    memory_total_bytes: int = 0
-    memory_available_bytes: int = 0
-    cpu_model: str = ""
-    cpu_count: int = 0
-    system: str = ""
-    machine: str = ""
-    hostname: str = ""
-    mlx_version: str = ""
-    mlx_devices: list[str] = field(default_factory=list)
-    benchmark_device: str = ""  # the MLX device the numbers below were measured on
-    blas: str = ""
-    gpu_name: str | None = None
-    gpu_memory_bytes: int | None = None
-    matmul_gflops: dict[str, float] = field(default_factory=dict)  # "<dtype>_m<M>"
-    matmul_weight_read_gb_per_s: dict[str, float] = field(default_factory=dict)  # M=1 keys only
-    matmul_shapes: dict[str, list[int]] = field(default_factory=dict)  # key -> [M, K, N] measured
-    memory_read_gb_per_s_reduce: float = 0.0
-    memory_read_gb_per_s_gemv: float = 0.0
-    memory_bandwidth_gb_per_s: float = 0.0
-    measured_at: float = 0.0  # unix time
-    measure_seconds: float = 0.0
-    cache_key: str = ""
-    # the cost model's constants fitted by ``exo-lab bench --calibrate`` (see :mod:`exo_lab.bench`):
-    # ``decode_efficiency``, ``prefill_efficiency`` (factors on the rates above), ``hop_overhead_s``
-    # (seconds per message between ranks) and how they were fitted.
-    # A new measurement (``--refresh-profile``) drops them: they are relative to the microbenchmarks.
-    calibration: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "DeviceProfile":
-        names = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in names})
-
-
-# --- memory (cgroup-aware) ---------------------------------------------------
-
-
-def memory_now() -> tuple[int, int]:
-    """(total, available) bytes: the tightest cgroup limit below the host's
-    memory, else psutil's host values."""
-    vm = psutil.virtual_memory()
-    limited = _cgroup_memory(Path("/proc/self"), vm.total)
-    if limited is None:
-        return int(vm.total), int(vm.available)
-    total, headroom = limited
-    return total, min(headroom, int(vm.available))
-
-
-def _cgroup_memory(proc: Path, host_total: int) -> tuple[int, int] | None:
-    """(limit, limit - usage) of the tightest memory cgroup above this process.
-
-    Walks from the process's cgroup up to the hierarchy's root (a parent's limit
-    binds its children too). Usage leaves out inactive page cache, which the
-    kernel reclaims before it hits the limit (as ``docker stats`` does).
-    """
-    limits, headrooms = [], []
-    for version, chain in _cgroup_dirs("memory", proc):
-        if version == 1:
-            limit_file, usage_file, inactive = "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"
-        else:
-            limit_file, usage_file, inactive = "memory.max", "memory.current", "inactive_file"
-        for level in chain:
-            limit, usage = _read_int(level / limit_file), _read_int(level / usage_file)
-            if limit is None or usage is None or limit >= host_total:
-                continue
-            usage = max(0, usage - _memory_stat(level / "memory.stat").get(inactive, 0))
-            limits.append(limit)
-            headrooms.append(max(0, limit - usage))
-    return (min(limits), min(headrooms)) if limits else None
-
-
-def _cgroup_dirs(controller: str, proc: Path) -> list[tuple[int, list[Path]]]:
-    """For v1 (``controller``) and v2: (version, [own cgroup dir, parent, ..., mount root])."""
-    try:
-        own = (proc / "cgroup").read_text().splitlines()
-        mounts = (proc / "mountinfo").read_text().splitlines()
-    except OSError:
-        return []
-    paths_by_version: dict[int, str] = {}
-    for line in own:
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        if parts[0] == "0" and parts[1] == "":
-            paths_by_version[2] = parts[2]
-        elif controller in parts[1].split(","):
-            paths_by_version[1] = parts[2]
-    found = []
-    for line in mounts:
-        left, _, right = line.partition(" - ")
-        fields, tail = left.split(), right.split()
-        if len(fields) < 5 or len(tail) < 3:
-            continue
-        root, mount_point, fstype, options = fields[3], Path(fields[4]), tail[0], tail[2].split(",")
-        version = 2 if fstype == "cgroup2" else 1 if fstype == "cgroup" and controller in options else 0
-        if version not in paths_by_version:
-            continue
-        rel = paths_by_version[version]
-        if root != "/" and (rel == root or rel.startswith(root + "/")):
-            rel = rel[len(root):]
-        directory = mount_point / rel.lstrip("/")
-        if not directory.is_dir():  # a cgroup namespace we cannot map: use the mount's root
-            directory = mount_point
-        chain = [directory, *[p for p in directory.parents if p.is_relative_to(mount_point)]]
-        found.append((version, chain))
-    return found
-
-
-def _read_int(path: Path) -> int | None:
-    try:
-        text = path.read_text().strip()
-    except OSError:
-        return None
-    if text == "max":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        return None
-
-
-def _memory_stat(path: Path) -> dict[str, int]:
-    try:
-        lines = path.read_text().splitlines()
-    except OSError:
-        return {}
-    stat = {}
-    for line in lines:
-        key, _, value = line.partition(" ")
-        if value.strip().isdigit():
-            stat[key] = int(value)
-    return stat
-
-
-# --- static facts ------------------------------------------------------------
-
-
-def cpu_count() -> int:
-    """Cores this process may run on (honours cpuset cgroups and taskset)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
-def cpu_model() -> str:
-    """The CPU's marketing name, as well as the OS tells it."""
-    if sys.platform == "linux":
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and value.strip():
-                    return value.strip()
-        except OSError:
-            pass
-    elif sys.platform == "darwin":
-        try:
-            out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=5)
-            if out.returncode == 0 and out.stdout.strip():
-                return out.stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            pass
-    return platform.processor() or platform.machine()
 
 
 def mlx_devices() -> list[str]:
@@ -420,8 +254,6 @@ def measure_profile(budget_s: float = 5.0, progress: bool = False) -> DeviceProf
 
 
 def _progress_bar(total: int) -> Any:
-    from tqdm.auto import tqdm
-
     return tqdm(total=total, desc="profiling", unit="step")
 
 
@@ -434,8 +266,6 @@ def save_calibration(calibration: dict[str, Any], key: str | None = None, cache_
     None when there is no cached profile to store it with (the caller keeps it in memory only).
     Takes the profiles lock the node agents take, so a profile being measured is never overwritten.
     """
-    from filelock import FileLock
-
     directory = Path(cache_dir) if cache_dir is not None else paths.cache_dir() / "profiles"
     path = directory / f"{key or cache_key()}.json"
     if not path.exists():

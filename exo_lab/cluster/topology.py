@@ -38,6 +38,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import networkx as nx
+import yaml
+
+from exo_lab import defaults
+from exo_lab.cluster import display
+from exo_lab.cluster.machine import DeviceProfile
+
 TOPOLOGY_VERSION = 1
 
 
@@ -89,7 +96,7 @@ class NodeInfo:
     id: str
     name: str
     addresses: list[str]
-    port: int = 52416
+    port: int = defaults.AGENT_PORT
     probe_port: int | None = None
     state: str = "alive"
     profile: dict[str, Any] = field(default_factory=dict)
@@ -111,8 +118,6 @@ class NodeInfo:
     @property
     def device(self):
         """The profile as a :class:`~exo_lab.cluster.profile.DeviceProfile`."""
-        from exo_lab.cluster.profile import DeviceProfile
-
         return DeviceProfile.from_json(self.profile)
 
     def to_json(self) -> dict[str, Any]:
@@ -153,8 +158,6 @@ class Topology:
 
     def to_networkx(self):
         """An undirected ``networkx.Graph``: node attrs from NodeInfo, edge attrs from the best link."""
-        import networkx as nx
-
         g = nx.Graph()
         for n in self.nodes.values():
             g.add_node(n.id, name=n.name, state=n.state, memory_total_bytes=n.memory_total_bytes,
@@ -194,18 +197,8 @@ class Topology:
         """Read a topology or what-if spec (JSON, or YAML by extension)."""
         text = Path(path).read_text()
         if str(path).endswith((".yaml", ".yml")):
-            import yaml
-
             return cls.from_json(yaml.safe_load(text))
         return cls.from_json(json.loads(text))
 
-    def _repr_mimebundle_(self, **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
-        """In a Jupyter kernel: the live graph widget (``_repr_html_`` tables stay as the fallback)."""
-        from exo_lab.ui.topology_widget import topology_mimebundle
-
-        return topology_mimebundle(self, **kwargs)
-
     def _repr_html_(self) -> str:
-        from exo_lab.cluster.display import topology_html
-
-        return topology_html(self)
+        return display.topology_html(self)

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from exo_lab import _blas
 
 log = logging.getLogger(__name__)
@@ -52,8 +54,6 @@ class RankProcess:
 
 def process_memory(pid: int) -> dict[str, int]:
     """``rss_bytes`` now and ``peak_rss_bytes`` (Linux: VmHWM; elsewhere the current RSS) of a live process."""
-    import psutil
-
     try:
         rss = int(psutil.Process(pid).memory_info().rss)
     except psutil.Error:

@@ -11,9 +11,8 @@ every rank follows at the same step:
 
 - ``GET /status``: state (``connecting``, ``loading``, ``warming``, ``ready``,
   ``failed``), layers loaded / total, last finished sequence number;
-- ``POST /generate``: ``{"seq", "prompt", "max_tokens", "sampling", "stop",
-  "ignore_eos", "grammar", "logprobs"}`` (``grammar``: a constraint, ``SchemaGrammar.to_json()``;
-  ``logprobs``: alternatives to report per token; both may be absent); rank 0 streams NDJSON chunks, the other ranks answer at once
+- ``POST /generate``: a :class:`~exo_lab.engine.job.Job` (``Job.to_json``; a malformed one is
+  answered 400 with what is wrong); rank 0 streams NDJSON chunks, the other ranks answer at once
   (every rank must get every job: a rank waits for the jobs rank 0 admits);
 - ``POST /cancel``: ``{"seq"}`` (rank 0 turns it into the shared stop flag);
 - ``POST /shutdown``: ``{"seq"}``: drain, barrier with every rank, exit.
@@ -35,19 +34,32 @@ from typing import Any
 import exo_lab  # noqa: F401  (OpenBLAS before mlx)
 
 import mlx.core as mx  # noqa: E402
+import tornado.iostream  # noqa: E402
 import tornado.web  # noqa: E402
+from mlx_lm.utils import load_tokenizer  # noqa: E402
 from tornado.httpserver import HTTPServer  # noqa: E402
 
+from exo_lab import defaults  # noqa: E402
 from exo_lab.cluster.auth import Verifier  # noqa: E402
+from exo_lab.cluster.fetch import FetchError, fetch_tensors  # noqa: E402
+from exo_lab.engine.guided import SchemaConstraint, vocabulary  # noqa: E402
+from exo_lab.engine.job import Job, JobError  # noqa: E402
+from exo_lab.engine.lockstep import Batch, Layout, Lockstep  # noqa: E402
+from exo_lab.engine.pairs import Exchange  # noqa: E402
+from exo_lab.engine.sampling import SamplingParams, make_sampler  # noqa: E402
+from exo_lab.engine.shard import ShardSpec, load_shard, needs_tensor  # noqa: E402
+from exo_lab.engine.stopping import StopMatcher  # noqa: E402
 
 log = logging.getLogger("exo_lab.engine.worker")
 
 
 @dataclass
-class Job:
+class QueuedJob:
+    """A job this rank holds: a generation (``job``) or the shutdown at ``seq``, and rank 0's chunks for it."""
+
     seq: int
     kind: str  # generate | shutdown
-    body: dict[str, Any]
+    job: Job | None = None  # the generation (None for a shutdown)
     chunks: list[dict[str, Any]] = field(default_factory=list)
     stop: bool = False
     done: bool = False
@@ -64,7 +76,7 @@ class Job:
 class _Row:
     """A job decoding in the batch (compute thread only); detokenizing and stop strings on rank 0."""
 
-    job: Job
+    job: QueuedJob
     prompt_tokens: int
     max_tokens: int
     ignore_eos: bool
@@ -86,7 +98,7 @@ class Worker:
         self.loaded = 0
         self.total = config["layers"][1] - config["layers"][0]
         self.error: str | None = None
-        self.jobs: dict[int, Job] = {}
+        self.jobs: dict[int, QueuedJob] = {}
         self.cond = threading.Condition()
         self.admitted = 0  # the last sequence number that joined the batch
         self.admit_to = 0  # the last one rank 0 has let join
@@ -104,7 +116,7 @@ class Worker:
                 "fetched_bytes": getattr(self, "fetched_bytes", 0),
                 "fetch_progress": getattr(self, "fetch_progress", None)}
 
-    def enqueue(self, job: Job) -> Job:
+    def enqueue(self, job: QueuedJob) -> QueuedJob:
         with self.cond:
             existing = self.jobs.get(job.seq)
             if existing is not None:
@@ -123,8 +135,6 @@ class Worker:
             self.state = "failed"
             return
         self.state = "ready"
-        from exo_lab.engine.lockstep import Batch
-
         batch, rows = Batch(), []
         try:
             while True:
@@ -172,7 +182,7 @@ class Worker:
         self.stats["peak_batch"] = max(self.stats["peak_batch"], len(rows))
         return [rows[i] for i in keep]
 
-    def _job(self, seq: int) -> Job:
+    def _job(self, seq: int) -> QueuedJob:
         """The job ``seq``, once it has arrived."""
         with self.cond:
             while seq not in self.jobs:
@@ -189,25 +199,20 @@ class Worker:
                 last, room = last + 1, room - 1
         return last
 
-    def _admit(self, job: Job, batch) -> _Row:
-        """Prefill ``job``'s prompt and add it as the last row of ``batch``."""
-        from exo_lab.engine.sampling import SamplingParams, make_sampler
-        from exo_lab.engine.stopping import StopMatcher
-
-        b = job.body
-        params = SamplingParams(**b.get("sampling", {}))
-        prompt = list(b["prompt"])
-        row = _Row(job, len(prompt), int(b["max_tokens"]), bool(b.get("ignore_eos")), time.perf_counter())
+    def _admit(self, queued: QueuedJob, batch) -> _Row:
+        """Prefill ``queued``'s prompt and add it as the last row of ``batch``."""
+        job = queued.job
+        params = job.sampling
+        prompt = list(job.prompt)
+        row = _Row(queued, len(prompt), job.max_tokens, job.ignore_eos, time.perf_counter())
         if self.rank == 0:
             row.detok = self.tokenizer.detokenizer
-            row.stopper = StopMatcher(b.get("stop") or [])
+            row.stopper = StopMatcher(list(job.stop))
         constraint = None
-        if b.get("grammar") and self.guide is not None:  # the rank that samples keeps the output in the grammar
-            from exo_lab.engine.guided import SchemaConstraint
-
-            constraint = SchemaConstraint(b["grammar"], self.guide, int(b["max_tokens"]))
+        if job.grammar and self.guide is not None:  # the rank that samples keeps the output in the grammar
+            constraint = SchemaConstraint(job.grammar, self.guide, job.max_tokens)
         batch.add(self.lockstep.prefill(prompt), prompt[-1], make_sampler(params), params.greedy, constraint,
-                  b.get("logprobs"))
+                  job.logprobs)
         return row
 
     def _accept(self, row: _Row, token: int, logprob: tuple[float, list[tuple[int, float]]] | None = None) -> bool:
@@ -267,9 +272,6 @@ class Worker:
             row.job.push({"text": "", "finish_reason": "error", "error": error})
 
     def _setup(self) -> None:
-        from exo_lab.engine.lockstep import Layout, Lockstep
-        from exo_lab.engine.shard import ShardSpec, load_shard
-
         cfg = self.config
         backend = cfg.get("backend", "ring")
         world = sum(len(s) for s in cfg["stages"])
@@ -289,8 +291,6 @@ class Worker:
         if len(stages) > 1 and len(mine) > 1:
             if len(mine) != 2:
                 raise RuntimeError("a pipeline stage can hold a tensor pair (2 ranks), not more")
-            from exo_lab.engine.pairs import Exchange
-
             index = mine.index(self.rank)
             peer = mine[1 - index]
             pair = (index, Exchange(self.group, peer, lower=self.rank < peer))
@@ -306,24 +306,15 @@ class Worker:
                                  cfg.get("prefill_step_size", 2048))
         samples = self.rank == stages[-1][0]  # the last stage's lead rank samples every token
         if self.rank == 0 or samples:
-            from mlx_lm.utils import load_tokenizer
-
             self.tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
         if samples:
-            from exo_lab.engine.guided import vocabulary
-
             self.guide = vocabulary(self.tokenizer, int(config["vocab_size"]))
         self.state = "warming"
-        from exo_lab.engine.sampling import SamplingParams, make_sampler
-
         list(self.lockstep.generate([1, 2], 2, make_sampler(SamplingParams()), lambda: False, greedy=True))
         mx.synchronize()
 
     def _fetch(self, fetch: dict[str, Any], model_dir: Path, spec) -> None:
         """Copy this shard's tensors from the first peer that has the model."""
-        from exo_lab.engine.shard import needs_tensor
-        from exo_lab.models.fetch import FetchError, fetch_tensors
-
         self.state = "fetching"
 
         def wanted(name: str) -> bool:
@@ -342,31 +333,6 @@ class Worker:
 
     def _progress(self, done: int, total: int) -> None:
         self.loaded, self.total = done, total
-
-def _job_problem(body: Any) -> str | None:
-    """What makes a generation job unusable (the compute loop must never meet one), or None."""
-    if not isinstance(body, dict) or not isinstance(body.get("seq"), int) or body["seq"] < 1:
-        return "a job needs a positive integer seq"
-    prompt = body.get("prompt")
-    if not isinstance(prompt, list) or not prompt or not all(isinstance(t, int) and t >= 0 for t in prompt):
-        return "prompt must be a non-empty list of token ids"
-    if not isinstance(body.get("max_tokens"), int) or body["max_tokens"] < 1:
-        return "max_tokens must be a positive integer"
-    grammar = body.get("grammar")
-    if grammar is not None and not (isinstance(grammar, dict) and isinstance(grammar.get("grammar"), str) and all(
-            isinstance(grammar.get(k, ""), str) for k in ("schema", "prefix", "suffix", "empty"))):
-        return "grammar must be a constraint object (SchemaGrammar.to_json())"
-    lp = body.get("logprobs")
-    if lp is not None and (not isinstance(lp, int) or not 0 <= lp <= 20):
-        return "logprobs must be an integer from 0 to 20, or absent"
-    try:
-        from exo_lab.engine.sampling import SamplingParams
-
-        SamplingParams(**(body.get("sampling") or {}))
-    except (TypeError, ValueError) as exc:
-        return f"bad sampling parameters: {exc}"
-    return None
-
 
 class _Handler(tornado.web.RequestHandler):
     def initialize(self, worker: Worker) -> None:
@@ -395,13 +361,13 @@ class GenerateHandler(_Handler):
     async def post(self) -> None:
         if not self.check():
             return
-        b = self.body()
-        problem = _job_problem(b)
-        if problem:
+        try:
+            parsed = Job.from_json(self.body())
+        except (JobError, ValueError) as exc:  # ValueError: the body is not JSON
             self.set_status(400)
-            self.finish({"error": problem})
+            self.finish({"error": str(exc)})
             return
-        job = self.worker.enqueue(Job(int(b["seq"]), "generate", b))
+        job = self.worker.enqueue(QueuedJob(parsed.seq, "generate", parsed))
         if self.worker.rank != 0:
             self.finish({"queued": job.seq})
             return
@@ -440,16 +406,14 @@ class ShutdownHandler(_Handler):
     def post(self) -> None:
         if self.check():
             b = self.body()
-            self.worker.enqueue(Job(int(b["seq"]), "shutdown", b))
+            self.worker.enqueue(QueuedJob(int(b["seq"]), "shutdown"))
             self.finish({"shutting_down": True})
 
 
 def main(argv: list[str] | None = None) -> int:
-    import tornado.iostream  # noqa: F401
-
     argv = argv if argv is not None else sys.argv[1:]
     config = json.loads(Path(argv[0]).read_text())
-    logging.basicConfig(level=os.environ.get("EXO_LAB_WORKER_LOG", "INFO").upper(), format=f"%(asctime)s rank{config.get('rank')} %(levelname)s %(message)s")
+    logging.basicConfig(level=defaults.worker_log_level(), format=f"%(asctime)s rank{config.get('rank')} %(levelname)s %(message)s")
     worker = Worker(config)
     compute = threading.Thread(target=worker.run, name="exo-lab-rank", daemon=True)
 

@@ -17,7 +17,6 @@ import asyncio
 import json
 import logging
 import math
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,14 +28,19 @@ from jupyter_server.auth.decorator import authorized
 from jupyter_server.base.handlers import APIHandler
 from jupyter_server.utils import url_path_join
 
+from exo_lab import defaults
+from exo_lab.cluster.client import ClusterClient, ClusterError
 from exo_lab.cluster.coordinators import CoordinatorInfo, coordinators
+from exo_lab.cluster.topology import Topology
+from exo_lab.models import ModelNotFoundError
+from exo_lab.placement.preview import preview
+from exo_lab.ui.topology_widget import graph_json
 
 log = logging.getLogger(__name__)
 
 NO_CLUSTER_HINT = ("No exo_lab cluster is running on this machine. Start one in a notebook with "
                    "`cluster = exo_lab.local_cluster(2)` (or `exo_lab.discover()`), or run `exo-lab up`.")
 DASHBOARD_HINT = "Start the dashboard with `exo-lab dashboard` (or `exo-lab up`)."
-ENV_DASHBOARD_URL = "EXO_LAB_DASHBOARD_URL"
 
 
 def _finite(obj: Any) -> Any:
@@ -97,9 +101,7 @@ class ClusterViews:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
     async def cluster(self, info: CoordinatorInfo) -> Any:
-        """A :class:`~exo_lab.Cluster` on ``info``'s agents, read at most ``max_age_s`` ago."""
-        from exo_lab.cluster.client import Cluster, ClusterError
-
+        """A :class:`~exo_lab.cluster.client.ClusterClient` on ``info``'s agents, read at most ``max_age_s`` ago."""
         view = self._views.get(info.id)
         if view is None or (view.info.agents, view.info.cluster_key) != (info.agents, info.cluster_key):
             view = self._views[info.id] = _View(info)
@@ -111,7 +113,7 @@ class ClusterViews:
                 raise tornado.web.HTTPError(502, f"coordinator {info.label} has no node agents yet")
             try:
                 if view.cluster is None:
-                    view.cluster = await self.run(lambda: Cluster(info.agents, info.cluster_key,
+                    view.cluster = await self.run(lambda: ClusterClient(info.agents, info.cluster_key,
                                                                   follow_peers=info.follow_peers, register=False))
                 else:
                     await self.run(view.cluster.refresh)
@@ -122,8 +124,6 @@ class ClusterViews:
 
     async def topology(self, info: CoordinatorInfo) -> Any:
         """The live :class:`~exo_lab.Topology` of ``info``'s cluster (the snapshot of one without agents)."""
-        from exo_lab.cluster.topology import Topology
-
         if not info.agents and info.local_topology is not None:
             return Topology.from_json(info.local_topology)
         return (await self.cluster(info)).topology
@@ -137,8 +137,6 @@ class ClusterViews:
 
     async def _agent_instances(self, cluster: Any) -> dict[str, dict[str, Any]]:
         """``GET /instances`` of every live node: node id -> its answer (nodes that fail are left out)."""
-        from exo_lab.cluster.client import ClusterError
-
         def read() -> dict[str, dict[str, Any]]:
             out = {}
             for node in cluster.nodes:
@@ -186,8 +184,6 @@ class TopologyHandler(ExoLabHandler):
     @tornado.web.authenticated
     @authorized
     async def get(self) -> None:
-        from exo_lab.ui.topology_widget import graph_json
-
         info, found = self.picked()
         if info is None:
             self.send({"coordinator": None, "coordinators": [], "topology": {"nodes": [], "links": [], "edges": []},
@@ -249,9 +245,6 @@ class PreviewsHandler(ExoLabHandler):
     @tornado.web.authenticated
     @authorized
     async def get(self) -> None:
-        from exo_lab.models import ModelNotFoundError
-        from exo_lab.placement.preview import preview
-
         model = self.get_query_argument("model_id", None)
         if not model:
             raise tornado.web.HTTPError(400, "missing query parameter 'model_id' (a model name, path or hub id)")
@@ -279,8 +272,8 @@ class DashboardUrlHandler(ExoLabHandler):
     @authorized
     async def get(self) -> None:
         info, found = self.picked()
-        if os.environ.get(ENV_DASHBOARD_URL):
-            self.send({"url": os.environ[ENV_DASHBOARD_URL], "source": "environment", "coordinator": None,
+        if defaults.dashboard_url():
+            self.send({"url": defaults.dashboard_url(), "source": "environment", "coordinator": None,
                        "hint": None})
             return
         with_url = [c for c in ([info] if info else []) + found if c.dashboard_url]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from filelock import FileLock
 
+from exo_lab.models.presets import PRESETS
 from exo_lab.paths import models_dir
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,10 @@ def cache_name(model: str) -> str:
 
 def is_model_dir(path: Path) -> bool:
     return (path / "config.json").is_file() and any(path.glob("model*.safetensors"))
+
+
+# exo_lab.models.synthetic (MLX) is imported only to make a synthetic model, so that
+# resolving a path or a cached name loads no MLX; huggingface_hub only to download.
 
 
 def _synthesize(name: str, preset: str) -> Path:
@@ -72,8 +77,6 @@ def _download(repo_id: str) -> Path:
 
 def resolve(model: str | Path) -> Path:
     """The local directory of ``model`` (see the module docstring for what it accepts)."""
-    from exo_lab.models.synthetic import PRESETS
-
     text = str(model)
     path = Path(text).expanduser()
     if path.is_dir():

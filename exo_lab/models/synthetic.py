@@ -16,12 +16,12 @@ Same arguments give byte-identical files.
 
 from __future__ import annotations
 
-import argparse
+import importlib
 import json
 import logging
 import math
 import shutil
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,86 +30,16 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from exo_lab.models import tokenizer as bpe
+from exo_lab.models.presets import DTYPE_NAMES, PRESETS, Preset
 
 log = logging.getLogger(__name__)
 
 SHARD_BYTES = 2 << 30  # the hub shards above 2 GiB; so do we
-DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+DTYPES = {name: getattr(mx, name) for name in DTYPE_NAMES}
 FAMILY = {"llama": "llama", "qwen2": "chatml", "qwen3": "chatml"}
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
 
 
-@dataclass(frozen=True)
-class Preset:
-    """Shape of a synthetic model; ``config`` holds Hugging Face config fields."""
-
-    model_type: str
-    config: dict[str, Any]
-    dtype: str = "float32"
-    description: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-_TINY = dict(
-    hidden_size=128,
-    num_hidden_layers=4,
-    intermediate_size=384,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=bpe.BASE_VOCAB,
-    max_position_embeddings=4096,
-    rms_norm_eps=1e-5,
-)
-
-PRESETS: dict[str, Preset] = {
-    "tiny": Preset(
-        "llama",
-        {**_TINY, "rope_theta": 10000.0, "tie_word_embeddings": False},
-        description="Llama architecture, 4 layers, hidden 128 (~5 MB): for tests and the demo",
-    ),
-    "tiny-mha": Preset(
-        "llama",
-        {**_TINY, "num_key_value_heads": 4, "rope_theta": 10000.0, "tie_word_embeddings": False},
-        description="tiny with 4 KV heads (splits over 4 tensor ranks)",
-    ),
-    "qwen2-tiny": Preset(
-        "qwen2",
-        {**_TINY, "rope_theta": 1000000.0, "tie_word_embeddings": False},
-        description="Qwen2 architecture (attention biases), 4 layers, hidden 128",
-    ),
-    "qwen3-tiny": Preset(
-        "qwen3",
-        {**_TINY, "head_dim": 32, "rope_theta": 1000000.0, "tie_word_embeddings": True},
-        description="Qwen3 architecture (q/k norms, tied head), 4 layers, hidden 128",
-    ),
-    "llama-1b": Preset(
-        "llama",
-        dict(
-            hidden_size=2048,
-            num_hidden_layers=16,
-            intermediate_size=8192,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            head_dim=64,
-            vocab_size=128256,
-            max_position_embeddings=131072,
-            rms_norm_eps=1e-5,
-            rope_theta=500000.0,
-            rope_scaling={
-                "factor": 32.0,
-                "high_freq_factor": 4.0,
-                "low_freq_factor": 1.0,
-                "original_max_position_embeddings": 8192,
-                "rope_type": "llama3",
-            },
-            tie_word_embeddings=True,
-        ),
-        dtype="bfloat16",
-        description="the shape of Llama-3.2-1B (16 layers, hidden 2048, 32/8 heads, vocab 128256)",
-    ),
-}
-
-# Initialisation gains (see module docstring); chosen so greedy output varies.
 EMBED_STD = 0.25
 QK_GAIN = 4.0  # sharp attention: context, not a uniform average, steers the output
 VO_GAIN = 1.0
@@ -119,8 +49,6 @@ DAMPED_ROW_SCALE = 0.05
 
 
 def _model_class(model_type: str):
-    import importlib
-
     module = importlib.import_module(f"mlx_lm.models.{model_type}")
     return module.Model, module.ModelArgs
 
@@ -283,18 +211,6 @@ def create(
         path.rmdir()
     tmp.rename(path)
     return path
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    """Register ``models synth`` on an ``exo-lab models`` sub-parser."""
-    p = sub.add_parser("synth", help="create a synthetic model in the Hugging Face layout")
-    p.add_argument("path")
-    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--dtype", choices=sorted(DTYPES))
-    p.add_argument("--quantize", type=int, metavar="BITS")
-    p.add_argument("--overwrite", action="store_true")
-    p.set_defaults(func=lambda a: print(create(a.path, a.preset, a.seed, a.dtype, a.quantize, a.overwrite)))
 
 
 def with_dtype(preset: str, dtype: str) -> Preset:

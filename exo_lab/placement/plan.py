@@ -6,6 +6,8 @@ import html
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from exo_lab.cluster.display import text_table
+
 STRATEGIES = ("single", "pipeline", "tensor", "pipeline-tensor")
 _SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -184,8 +186,6 @@ class Plans:
               "bottleneck", "why"]
 
     def table(self, limit: int = 10) -> str:
-        from exo_lab.cluster.display import text_table
-
         text = text_table(self.HEADER, self.rows()[:limit])
         if self.infeasible:
             text += f"\n{len(self.infeasible)} infeasible, e.g.: " + "; ".join(
@@ -194,12 +194,6 @@ class Plans:
 
     def __repr__(self) -> str:
         return f"Plans for {self.model} (objective: {self.objective})\n{self.table()}"
-
-    def _repr_mimebundle_(self, **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
-        """In a Jupyter kernel: the plan comparison widget (``_repr_html_`` tables stay as the fallback)."""
-        from exo_lab.ui.plan_comparison import plans_mimebundle
-
-        return plans_mimebundle(self, **kwargs)
 
     def _repr_html_(self) -> str:
         rows = self.rows()[:20]

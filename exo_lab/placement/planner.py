@@ -26,109 +26,15 @@ from __future__ import annotations
 
 import itertools
 import math
-from dataclasses import dataclass
 
 from exo_lab.cluster.topology import Topology
 from exo_lab.models.card import ModelCard
-from exo_lab.placement.cost import (
-    DTYPE_BYTES,
-    LOOPBACK,
-    PREFILL_CHUNK,
-    RANK_OVERHEAD_BYTES,
-    LinkCost,
-    NodeRates,
-    bytes_per_weight,
-    calibrated_link,
-    layer_params,
-    share,
-    weight_scale,
-)
+from exo_lab.placement.cost import PREFILL_CHUNK, RANK_OVERHEAD_BYTES, weight_scale
 from exo_lab.placement.plan import Plan, Plans, RankSpec
+from exo_lab.placement.predict import CostContext, Stage, node_shares, predict_into
 
 OBJECTIVES = ("decode", "ttft")
 TENSOR_SIZES = (2, 4, 8)
-
-
-@dataclass(frozen=True)
-class Stage:
-    """A pipeline stage: ``k`` tensor ranks, all on ``nodes[0]`` (local) or one per node."""
-
-    nodes: tuple[str, ...]
-    k: int = 1
-
-    @property
-    def local(self) -> bool:
-        return len(self.nodes) == 1
-
-    def ranks_on(self, node: str) -> int:
-        if node not in self.nodes:
-            return 0
-        return self.k if self.local else 1
-
-
-class _Context:
-    """Everything shared by the evaluation of one planning request."""
-
-    def __init__(self, topology: Topology, card: ModelCard, context: int, prompt_tokens: int, batch: int) -> None:
-        self.topology = topology
-        self.card = card
-        self.context = context
-        self.prompt = prompt_tokens
-        self.batch = batch
-        self.nodes = [n for n in topology.alive() if n.profile]
-        self.names = {n.id: n.name for n in self.nodes}
-        self.rates = {n.id: NodeRates.from_profile(n.id, n.profile) for n in self.nodes}
-        self._links: dict[tuple[str, str], LinkCost | None] = {}
-        self.act = DTYPE_BYTES.get(card.dtype, 2)
-        self.hidden_bytes = card.hidden_size * self.act
-        self.kv_layer = card.kv_bytes_per_token_per_layer()
-        self.avg_ctx = min(context, prompt_tokens + context // 4)
-
-    def link(self, a: str, b: str) -> LinkCost | None:
-        """Latency and bandwidth between ranks on ``a`` and ``b`` (loopback when equal; None: not measured),
-        with the nodes' calibrated per-message overhead."""
-        key = (a, b)
-        if key not in self._links:
-            base: LinkCost | None = LOOPBACK
-            if a != b:
-                best = self.topology.best_link(a, b)
-                base = None if best is None or not best.bandwidth_mbit_per_s else LinkCost(
-                    (best.rtt_ms_median or 0.0) / 2000.0, best.bandwidth_mbit_per_s * 1e6 / 8)
-            self._links[key] = base and calibrated_link(base, self.rates.get(a), self.rates.get(b))
-        return self._links[key]
-
-    def address(self, src: str, dst: str) -> str:
-        if src == dst:
-            node = self.topology.nodes[dst]
-            return node.addresses[0] if node.addresses else "127.0.0.1"
-        best = self.topology.best_link(src, dst)
-        return best.dst_address if best else self.topology.nodes[dst].addresses[0]
-
-    def dtype_options(self, node: str) -> list[str]:
-        native = self.card.dtype
-        if self.card.quantization or native == "float32":
-            return [native]
-        return [native, "float32"]
-
-    def layers_per_s(self, node: str, dtype: str) -> float:
-        """Decode speed of one process in parameters read per second (weights only)."""
-        bpw = bytes_per_weight(self.card, dtype)
-        return self.rates[node].decode_read_rate(dtype, bool(self.card.quantization), bpw) / bpw
-
-    def fastest_dtype(self, node: str) -> tuple[str, str]:
-        opts = self.dtype_options(node)
-        if len(opts) == 1:
-            why = "quantized weights" if self.card.quantization else "the model's dtype"
-            return opts[0], why
-        speeds = {d: self.layers_per_s(node, d) for d in opts if self.rates[node].has(d, False)}
-        if not speeds:
-            return self.card.dtype, "no measurement; the model's dtype"
-        best = max(speeds, key=speeds.get)
-        if best == self.card.dtype:
-            return best, "the model's dtype is also the fastest measured here"
-        other = self.card.dtype
-        ratio = speeds[best] / speeds[other] if speeds.get(other) else float("inf")
-        return best, f"{best} decodes {ratio:.1f}x faster than {other} on this node (measured), at {weight_scale(self.card, best):.0f}x the memory"
 
 
 def _sig(x: float, digits: int = 3) -> float:
@@ -191,25 +97,18 @@ def _fill_fastest(total: int, speeds: list[float], caps: list[int]) -> list[int]
     return alloc if left == 0 else None
 
 
-def _evaluate(ctx: _Context, stages: list[Stage], native: bool, split: str = "proportional") -> Plan:
+def _evaluate(ctx: CostContext, stages: list[Stage], native: bool, split: str = "proportional") -> Plan:
     card = ctx.card
     quant = bool(card.quantization)
     used = list(dict.fromkeys(n for s in stages for n in s.nodes))
     ranks_on_node = {n: sum(s.ranks_on(n) for s in stages) for n in used}
-    host_ranks: dict[str, int] = {}
-    for n in used:
-        host = ctx.rates[n].host
-        host_ranks[host] = host_ranks.get(host, 0) + ranks_on_node[n]
+    node_share = node_shares(ctx, stages)
     dtypes, reasons = {}, {}
     for n in used:
         if native:
             dtypes[n], reasons[n] = card.dtype, "the model's dtype (fits where a faster one may not)"
         else:
             dtypes[n], reasons[n] = ctx.fastest_dtype(n)
-
-    def node_share(n: str) -> float:
-        r = ctx.rates[n]
-        return share(host_ranks[r.host], r.cores, r.gpu)
 
     # memory: fixed bytes per node (overhead, embedding, head), then bytes per layer
     first, last = stages[0], stages[-1]
@@ -273,7 +172,7 @@ def _evaluate(ctx: _Context, stages: list[Stage], native: bool, split: str = "pr
     if over:
         n = over[0]
         return _infeasible(plan, stages, f"needs {mem[n] / 1e9:.1f} GB on {ctx.names[n]}, has {ctx.rates[n].memory_bytes / 1e9:.1f} GB")
-    _predict(ctx, plan, stages, alloc, dtypes, node_share)
+    predict_into(ctx, plan, stages, alloc, dtypes, node_share)
     plan.backend = _backend(ctx, used)
     model_name = card.path.rstrip("/").rsplit("/", 1)[-1] if card.path else card.name
     holders = [n for n in ctx.nodes if model_name in n.models]
@@ -282,66 +181,7 @@ def _evaluate(ctx: _Context, stages: list[Stage], native: bool, split: str = "pr
     return plan
 
 
-def _predict(ctx: _Context, plan: Plan, stages: list[Stage], alloc: list[int], dtypes: dict[str, str], node_share) -> None:
-    card = ctx.card
-    quant = bool(card.quantization)
-    params = layer_params(card)
-    attn_width = card.num_attention_heads * card.head_dim
-    dec: dict[str, float] = {}
-    pre: dict[str, float] = {}
-    row_s = 0.0  # a batched step: each more sequence adds its matmuls, at the rate of a many-row product
-    for si, (s, count) in enumerate(zip(stages, alloc)):
-        label = "+".join(ctx.names[n] for n in s.nodes) + (f" x{s.k}" if s.k > 1 else "")
-        t_dec = t_pre = t_row = 0.0
-        for ti in range(s.k):
-            node = s.nodes[0] if s.local else s.nodes[ti]
-            r = ctx.rates[node]
-            sh = node_share(node)
-            bpw = bytes_per_weight(card, dtypes[node])
-            read = r.decode_read_rate(dtypes[node], quant, bpw) * sh
-            weights = count * params * bpw / s.k
-            kv = ctx.avg_ctx * ctx.kv_layer * count / s.k
-            head = (card.vocab_size * card.hidden_size * bpw) if si == len(stages) - 1 else 0.0
-            t_dec = max(t_dec, (weights + kv + head / s.k) / read)
-            flops = r.prefill_flops(dtypes[node], quant) * sh
-            attn = 4 * ctx.prompt * ctx.prompt / 2 * attn_width * count / s.k
-            head_flops = 2 * card.vocab_size * card.hidden_size if si == len(stages) - 1 else 0.0
-            t_pre = max(t_pre, (2 * ctx.prompt * params * count / s.k + attn + head_flops) / flops)
-            t_row = max(t_row, (2 * params * count / s.k + head_flops / s.k) / flops)
-        row_s += t_row
-        dec[f"compute {label}"] = t_dec
-        pre[f"compute {label}"] = t_pre
-        if s.k > 1:
-            link = ctx.link(s.nodes[0], s.nodes[0]) if s.local else _worst_link(ctx, s.nodes)
-            dec[f"all-reduce {label}"] = 2 * count * link.all_reduce(ctx.hidden_bytes, s.k)
-            pre[f"all-reduce {label}"] = 2 * count * link.all_reduce(ctx.prompt * ctx.hidden_bytes, s.k)
-    for a, b in zip(stages, stages[1:]):
-        link = ctx.link(a.nodes[0], b.nodes[0])
-        key = f"link {ctx.names[a.nodes[0]]}->{ctx.names[b.nodes[0]]}"
-        dec[key] = link.transfer(ctx.hidden_bytes)
-        pre[key] = link.transfer(ctx.prompt * ctx.hidden_bytes)
-    if len(stages) > 1:  # the sampled token goes back to the first stage
-        back = ctx.link(stages[-1].nodes[0], stages[0].nodes[0]) or LOOPBACK
-        dec[f"link {ctx.names[stages[-1].nodes[0]]}->{ctx.names[stages[0].nodes[0]]} (token)"] = back.latency_s
-    t_token = sum(dec.values())
-    t_prefill = sum(pre.values())
-    plan.decode_tps = 1.0 / t_token
-    plan.prefill_tps = ctx.prompt / t_prefill
-    plan.ttft_s = t_prefill + t_token
-    plan.breakdown = dec
-    plan.decode_row_s = row_s
-    worst = max(dec, key=dec.get)
-    plan.bottleneck = f"{worst} ({100 * dec[worst] / t_token:.0f}% of each token)"
-
-
-def _worst_link(ctx: _Context, nodes: tuple[str, ...]) -> LinkCost:
-    links = [ctx.link(a, b) for a, b in itertools.combinations(nodes, 2)]
-    if any(link is None for link in links):
-        return LinkCost(1.0, 1e3)
-    return max(links, key=lambda link: (link.latency_s, -link.bandwidth_bytes_s))
-
-
-def _backend(ctx: _Context, used: list[str]) -> str:
+def _backend(ctx: CostContext, used: list[str]) -> str:
     profiles = [ctx.topology.nodes[n].profile for n in used]
     if all("gpu" in (p.get("mlx_devices") or []) and p.get("system") == "Linux" for p in profiles) and len(used) > 1:
         return "nccl"
@@ -389,14 +229,14 @@ def _memory_reason(ctx, stages, caps, speeds, fixed, avg_layer, kv_ctx, dtypes) 
     return f"needs {need / 1e9:.1f} GB on {ctx.names[n]}, has {have / 1e9:.1f} GB"
 
 
-def _link_score(ctx: _Context, a: str, b: str) -> tuple[float, float]:
+def _link_score(ctx: CostContext, a: str, b: str) -> tuple[float, float]:
     link = ctx.link(a, b)
     if link is None:
         return (0.0, -1e9)
     return (link.bandwidth_bytes_s, -link.latency_s)
 
 
-def _sequences(ctx: _Context, max_exhaustive: int) -> list[tuple[str, ...]]:
+def _sequences(ctx: CostContext, max_exhaustive: int) -> list[tuple[str, ...]]:
     ids = sorted(ctx.rates)
     limit = min(len(ids), ctx.card.num_layers)
     if len(ids) <= max_exhaustive:
@@ -436,7 +276,7 @@ def _sequences(ctx: _Context, max_exhaustive: int) -> list[tuple[str, ...]]:
     return sorted(seqs)
 
 
-def _candidates(ctx: _Context, max_exhaustive: int) -> list[list[Stage]]:
+def _candidates(ctx: CostContext, max_exhaustive: int) -> list[list[Stage]]:
     ks = [k for k in TENSOR_SIZES if ctx.card.can_split_tensor(k)]
     out: list[list[Stage]] = []
     for seq in _sequences(ctx, max_exhaustive):
@@ -463,7 +303,7 @@ def _candidates(ctx: _Context, max_exhaustive: int) -> list[list[Stage]]:
     return out
 
 
-def _greedy_group(ctx: _Context, start: str, k: int) -> list[str]:
+def _greedy_group(ctx: CostContext, start: str, k: int) -> list[str]:
     out = [start]
     left = [n for n in ctx.rates if n != start]
     while len(out) < k and left:
@@ -487,7 +327,7 @@ def plan(
         raise ValueError(f"objective must be one of {OBJECTIVES}, not {objective!r}")
     if prompt_tokens < 1 or context < prompt_tokens or batch < 1:
         raise ValueError("need 1 <= prompt_tokens <= context and batch >= 1")
-    ctx = _Context(topology, card, context, prompt_tokens, batch)
+    ctx = CostContext(topology, card, context, prompt_tokens, batch)
     if not ctx.nodes:
         return Plans([], [], objective, card.name)
     feasible: dict[tuple, Plan] = {}

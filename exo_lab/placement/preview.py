@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 
 from exo_lab.cluster.topology import NodeInfo, Topology
 from exo_lab.models.card import ModelCard, card_from_config
+from exo_lab.models.store import resolve
 from exo_lab.placement.plan import Plans
 from exo_lab.placement.planner import plan
 
@@ -18,16 +20,12 @@ def model_card(model: str | Path | ModelCard) -> ModelCard:
     path = Path(str(model)).expanduser()
     if path.is_file() and path.suffix == ".json":
         return card_from_config(json.loads(path.read_text()), path.parent.name or path.stem)
-    from exo_lab.models import resolve
-
     return ModelCard.from_dir(resolve(model), name=str(model))
 
 
 def this_machine() -> Topology:
     """A one-node topology of the machine this runs on (its cached profile)."""
-    import socket
-
-    from exo_lab.cluster.profile import load_or_measure
+    from exo_lab.cluster.profile import load_or_measure  # MLX: measures this machine when nothing is cached
 
     profile = load_or_measure().to_json()
     node = NodeInfo("local", socket.gethostname(), ["127.0.0.1"], profile=profile)

@@ -11,11 +11,17 @@ import sys
 import threading
 from typing import Any
 
+from exo_lab import defaults
+from exo_lab.sim import cluster, state
+from exo_lab.sim.cgroups import CgroupError
+from exo_lab.sim.cluster import SimCluster, SimError
+from exo_lab.sim.netns import NetnsError
+from exo_lab.sim.spec import SimSpec, SpecError
+
 log = logging.getLogger(__name__)
 
 
 def _spec(args: argparse.Namespace) -> Any:
-    from exo_lab.sim.spec import SimSpec, SpecError
 
     flags_used = args.nodes is not None or args.link or args.no_lan or args.lan_rate
     if args.spec and flags_used:
@@ -44,8 +50,6 @@ def print_hosts(sim: Any) -> None:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from exo_lab.sim import state
-    from exo_lab.sim.cluster import SimCluster
 
     spec = _spec(args)
     command = shlex.split(args.node_command) if args.node_command else None
@@ -88,7 +92,6 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _pick_name(args: argparse.Namespace) -> str:
-    from exo_lab.sim import state
 
     if args.name:
         return args.name
@@ -101,7 +104,6 @@ def _pick_name(args: argparse.Namespace) -> str:
 
 
 def _down(args: argparse.Namespace) -> int:
-    from exo_lab.sim import cluster
 
     if args.all:
         names = cluster.down_all()
@@ -114,7 +116,6 @@ def _down(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from exo_lab.sim import cluster
 
     reports = cluster.list_sims()
     if args.name:
@@ -140,7 +141,6 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _exec(args: argparse.Namespace) -> int:
-    from exo_lab.sim.cluster import SimCluster
 
     sim = SimCluster.attach(_pick_name(args))
     argv = args.argv[1:] if args.argv and args.argv[0] == "--" else args.argv
@@ -153,9 +153,6 @@ def _guard(func: Any) -> Any:
     """Print sim errors as one line (the top-level CLI only knows ValueError and OSError)."""
 
     def run(args: argparse.Namespace) -> int:
-        from exo_lab.sim.cgroups import CgroupError
-        from exo_lab.sim.cluster import SimError
-        from exo_lab.sim.netns import NetnsError
 
         try:
             return func(args)
@@ -189,7 +186,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         help="command per host instead of the exo_lab node; "
         "placeholders {port} {name} {state_dir} {cluster_key} {lan_addr} {python} {peers}",
     )
-    p.add_argument("--port", type=int, default=52416, help="node port inside each host (default %(default)s)")
+    p.add_argument("--port", type=int, default=defaults.AGENT_PORT, help="node port inside each host (default %(default)s)")
     p.add_argument("--cluster-key", help="shared node secret (default: random)")
     p.add_argument("--base-dir", help="where node state dirs and logs go")
     p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for every node's HTTP (0: no wait)")

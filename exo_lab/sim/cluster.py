@@ -38,14 +38,15 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self
 
-from exo_lab import _blas
+from exo_lab import _blas, defaults
+from exo_lab.paths import cache_dir
 from exo_lab.sim import cgroups, layout, netns, procs, state
 from exo_lab.sim.layout import SimHost
 from exo_lab.sim.spec import SimSpec
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORT = 52416
+DEFAULT_PORT = defaults.AGENT_PORT
 # fmt: off
 DEFAULT_NODE_COMMAND: tuple[str, ...] = (
     "{python}", "-m", "exo_lab.cli", "node", "--host", "0.0.0.0", "--port", "{port}", "--name", "{name}",
@@ -71,7 +72,7 @@ def _sim_python() -> str:
 def _helper_env() -> dict[str, str]:
     """Environment for the forwarders and the relay: no OpenBLAS, they never touch MLX."""
     env = dict(os.environ)
-    env["EXO_LAB_BLAS"] = "reference"
+    env[defaults.BLAS] = "reference"
     env.pop("LD_PRELOAD", None)
     return env
 
@@ -135,8 +136,6 @@ class SimCluster:
         self.node_command: NodeCommand = DEFAULT_NODE_COMMAND if node_command is None else node_command
         self._key = cluster_key or secrets.token_hex(24)  # hex: never starts with "-", which argparse would misread
         if base_dir is None:
-            from exo_lab.paths import cache_dir
-
             base_dir = cache_dir() / "sim" / self.spec.name
         self.base_dir = Path(base_dir).resolve()
         self.port = port
@@ -381,8 +380,8 @@ class SimCluster:
 
     def _host_env(self, host: str) -> dict[str, str]:
         env = _blas.child_env()
-        env["EXO_LAB_SIM"] = self.name
-        env["EXO_LAB_SIM_HOST"] = host
+        env[defaults.SIM] = self.name
+        env[defaults.SIM_HOST] = host
         return env
 
     def _start_node(self, host: str) -> None:
@@ -509,9 +508,10 @@ class SimCluster:
         Peers' own addresses live inside the sim (no route from here), so the
         cluster never follows them: every node is reached through its relay.
         """
-        import exo_lab
+        # imported here: the workbench loads MLX (instances), which the sim itself never needs
+        from exo_lab.workbench import connect
 
-        return exo_lab.connect(self.local_urls, cluster_key=self._key, follow_peers=False)
+        return connect(self.local_urls, cluster_key=self._key, follow_peers=False)
 
     def _in_host(self, host: str, argv: Sequence[str], cgroup: bool) -> list[str]:
         h = self.hosts.get(host)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from exo_lab import defaults
 from exo_lab.sim.netns import IFNAMSIZ
 from exo_lab.sim.spec import SimSpec
 
@@ -80,7 +81,7 @@ class SimHost:
     netns: str
     lan_addr: str | None
     links: tuple[HostLink, ...] = ()
-    port: int = 52416
+    port: int = defaults.AGENT_PORT
     state_dir: str = ""
     local_url: str | None = None
     cgroups: tuple[str, ...] = field(default=())
@@ -148,7 +149,7 @@ def link_addrs(index: int, link_number: int) -> tuple[str, str]:
     )
 
 
-def plan(spec: SimSpec, index: int, port: int = 52416, base_dir: str | Path = "") -> Layout:
+def plan(spec: SimSpec, index: int, port: int = defaults.AGENT_PORT, base_dir: str | Path = "") -> Layout:
     """Every namespace, interface and address of ``spec`` run as sim number ``index``."""
     if not 0 <= index <= MAX_INDEX:
         raise ValueError(f"sim index {index} is outside 0-{MAX_INDEX}")

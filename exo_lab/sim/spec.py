@@ -47,6 +47,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from exo_lab.sim import units
 
 _NAME = re.compile(r"^[a-z0-9](?:[a-z0-9_-]{0,30}[a-z0-9])?$")
@@ -349,8 +351,6 @@ class SimSpec:
             except json.JSONDecodeError as exc:
                 raise SpecError(f"{path} is not valid JSON: {exc}") from None
         else:
-            import yaml
-
             try:
                 data = yaml.safe_load(text)
             except yaml.YAMLError as exc:

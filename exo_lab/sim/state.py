@@ -19,6 +19,7 @@ from typing import Any
 
 from filelock import FileLock
 
+from exo_lab import defaults
 from exo_lab.sim.procs import ProcRecord
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 
 def run_dir() -> Path:
     """Directory of sim state files (created on demand, mode 0700)."""
-    override = os.environ.get("EXO_LAB_SIM_RUN_DIR")
+    override = defaults.sim_run_dir()
     if override:
         path = Path(override)
     elif os.geteuid() == 0:

@@ -17,6 +17,7 @@ from typing import Any, Protocol
 import anywidget
 import traitlets
 
+from exo_lab.cluster.display import topology_text
 from exo_lab.cluster.topology import LinkProfile, Topology
 
 log = logging.getLogger(__name__)
@@ -184,8 +185,6 @@ def topology_mimebundle(topo: Topology, **kwargs: Any) -> tuple[dict[str, Any], 
     """The live graph for ``Topology._repr_mimebundle_``; None outside a kernel (tables are the fallback)."""
     if not in_widget_kernel():
         return None
-    from exo_lab.cluster.display import topology_text
-
     bundle = TopologyWidget(topology=topo, cluster=getattr(topo, "_source", None))._repr_mimebundle_(**kwargs)
     if bundle is None:
         return None

@@ -9,7 +9,7 @@ import pytest
 import exo_lab
 from exo_lab.models import synthetic
 from exo_lab.models.card import read_tensor_index
-from exo_lab.models.fetch import MANIFEST
+from exo_lab.cluster.fetch import MANIFEST
 
 pytestmark = pytest.mark.slow
 

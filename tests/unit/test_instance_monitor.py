@@ -11,6 +11,7 @@ from exo_lab.instance import Instance
 from exo_lab.ui import InstanceMonitor
 from exo_lab.ui import instance_monitor as im
 from exo_lab.ui import topology_widget as tw
+from tests.helpers.display import notebook_display
 from tests.helpers.monitor_harness import FakeInstance, busy_history
 
 
@@ -107,7 +108,7 @@ def bare_instance() -> Instance:
 def test_instance_mimebundle_is_a_live_monitor(monkeypatch):
     monkeypatch.setattr(tw, "in_widget_kernel", lambda: True)
     inst = bare_instance()
-    data, _metadata = inst._repr_mimebundle_(include=None, exclude=None)
+    data, _metadata = notebook_display(inst)
     view = data[tw.WIDGET_VIEW_MIME]
     assert data["text/plain"] == repr(inst) and "llama-3.1-8b" in data["text/html"]
     from ipywidgets.widgets.widget import _instances
@@ -123,8 +124,9 @@ def test_instance_mimebundle_is_a_live_monitor(monkeypatch):
 
 def test_instance_mimebundle_falls_back_outside_a_kernel():
     inst = bare_instance()
-    assert inst._repr_mimebundle_() is None
-    assert "0/32 layers" in inst._repr_html_()
+    data, _metadata = notebook_display(inst)  # outside a kernel: the HTML summary, no widget
+    assert tw.WIDGET_VIEW_MIME not in data
+    assert "0/32 layers" in data["text/html"]
 
 
 def test_esm_contract():

@@ -17,6 +17,7 @@ from exo_lab.ui.plan_comparison import NO_LAUNCH
 from exo_lab.ui import PlanComparison, TopologyWidget
 from exo_lab.ui import plan_comparison as pc
 from exo_lab.ui import topology_widget as tw
+from tests.helpers.display import notebook_display
 
 from tests.helpers.cards import LLAMA_8B, LLAMA_70B
 SPECS = Path(__file__).resolve().parents[2] / "exo_lab" / "sim" / "specs"
@@ -243,7 +244,7 @@ class FakeCluster:
 def test_plans_mimebundle_is_the_widget_in_a_kernel(plans, home_lab, monkeypatch):
     monkeypatch.setattr(tw, "in_widget_kernel", lambda: True)
     plans.cluster = FakeCluster(home_lab)
-    data, _metadata = plans._repr_mimebundle_(include=None, exclude=None)
+    data, _metadata = notebook_display(plans)
     view = data[tw.WIDGET_VIEW_MIME]
     assert view["version_major"] == 2
     assert data["text/plain"] == repr(plans)
@@ -261,6 +262,7 @@ def test_plans_mimebundle_is_the_widget_in_a_kernel(plans, home_lab, monkeypatch
 
 
 def test_plans_mimebundle_falls_back_outside_a_kernel(plans):
-    assert plans._repr_mimebundle_() is None  # IPython then uses _repr_html_ / repr
-    assert "<table>" in plans._repr_html_()
+    data, _metadata = notebook_display(plans)  # outside a kernel: the tables, no widget
+    assert tw.WIDGET_VIEW_MIME not in data
+    assert "<table>" in data["text/html"] and data["text/html"] == plans._repr_html_()
     assert repr(plans).startswith("Plans for llama-3.1-8b-shaped")

@@ -15,6 +15,7 @@ from exo_lab.cluster.display import topology_text
 from exo_lab.cluster.topology import LinkProfile, NodeInfo, Topology
 from exo_lab.ui import TopologyWidget
 from exo_lab.ui import topology_widget as tw
+from tests.helpers.display import notebook_display
 
 SPECS = Path(__file__).resolve().parents[2] / "exo_lab" / "sim" / "specs"
 
@@ -161,7 +162,7 @@ def test_topology_mimebundle_is_a_live_widget_view(monkeypatch):
     monkeypatch.setattr(tw, "in_widget_kernel", lambda: True)
     topo = Topology.load(SPECS / "home-lab-mixed.json")
     topo._source = FakeCluster()
-    data, _metadata = topo._repr_mimebundle_(include=None, exclude=None)
+    data, _metadata = notebook_display(topo)
     view = data[tw.WIDGET_VIEW_MIME]
     assert view["version_major"] == 2
     assert data["text/plain"] == topology_text(topo)
@@ -178,14 +179,15 @@ def test_topology_mimebundle_is_a_live_widget_view(monkeypatch):
 
 def test_topology_mimebundle_falls_back_outside_a_kernel():
     topo = Topology.load(SPECS / "home-lab-mixed.json")
-    assert topo._repr_mimebundle_() is None  # IPython then uses _repr_html_ / repr
-    assert "<table>" in topo._repr_html_()
+    data, _metadata = notebook_display(topo)  # outside a kernel: the tables, no widget
+    assert tw.WIDGET_VIEW_MIME not in data
+    assert "<table>" in data["text/html"] and data["text/html"] == topo._repr_html_()
     assert "_source" not in topo.to_json()
 
 
 def test_cluster_refresh_sets_the_back_reference(monkeypatch):
     info = NodeInfo("n1", "node-1", ["127.0.0.1"], profile={"memory_total_bytes": 8 << 30})
-    monkeypatch.setattr(client_mod.Cluster, "_read_agent", lambda self, address: (info, [], []))
-    cluster = client_mod.Cluster(["127.0.0.1:1"], cluster_key="k")
+    monkeypatch.setattr(client_mod.ClusterClient, "_read_agent", lambda self, address: (info, [], []))
+    cluster = client_mod.ClusterClient(["127.0.0.1:1"], cluster_key="k")
     assert cluster.topology._source is cluster
     assert Topology.from_json(cluster.topology.to_json())._source is None

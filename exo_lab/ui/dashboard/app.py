@@ -6,11 +6,11 @@ A :class:`~exo_lab.ui.dashboard.source.DashboardSource` holds what every session
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import panel as pn
 
+from exo_lab import defaults
 from exo_lab.ui.dashboard.bench_view import BenchView
 from exo_lab.ui.dashboard.chat import ChatView
 from exo_lab.ui.dashboard.cluster_view import ClusterView
@@ -19,6 +19,7 @@ from exo_lab.ui.dashboard.instances_view import InstancesView
 from exo_lab.ui.dashboard.plans_view import PlansView
 from exo_lab.ui.dashboard.source import DashboardSource
 from exo_lab.ui.dashboard.theme import PAGE_CSS
+from exo_lab.workbench import connect
 
 TICK_MS = 1000
 
@@ -88,8 +89,6 @@ def create_app(source: DashboardSource | None = None) -> pn.viewable.Viewable:
 
 def source_from_env() -> DashboardSource:
     """A source configured by ``EXO_LAB_DASHBOARD_CONNECT`` (``host:port,...``) and ``EXO_LAB_DASHBOARD_BENCH``."""
-    import exo_lab
-
-    addresses = [a for a in os.environ.get("EXO_LAB_DASHBOARD_CONNECT", "").split(",") if a.strip()]
-    cluster = exo_lab.connect(addresses) if addresses else None
-    return DashboardSource(cluster=cluster, bench=os.environ.get("EXO_LAB_DASHBOARD_BENCH") or None)
+    addresses = defaults.dashboard_connect()
+    cluster = connect(addresses) if addresses else None
+    return DashboardSource(cluster=cluster, bench=defaults.dashboard_bench())

@@ -8,12 +8,13 @@ import socket
 import threading
 from typing import Any
 
+from exo_lab import defaults
 from exo_lab.ui.dashboard.app import create_app
 from exo_lab.ui.dashboard.source import DashboardSource
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORT = 52418  # 52415 API, 52416 node agent, 52417 its link probes
+DEFAULT_PORT = defaults.DASHBOARD_PORT
 
 
 def _origins(host: str, port: int) -> list[str]:

@@ -17,11 +17,10 @@ import json
 import logging
 import os
 import struct
-import urllib.request
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from exo_lab.cluster.auth import sign_headers
+from exo_lab.cluster.http import RequestError, SignedClient
 
 log = logging.getLogger(__name__)
 
@@ -34,19 +33,17 @@ class FetchError(RuntimeError):
     """The peer could not give us the files (missing, refused, or corrupt)."""
 
 
-def _get(source: str, key: str, path: str, byte_range: tuple[int, int] | None = None, body: bytes | None = None) -> bytes:
-    method = "POST" if body is not None else "GET"
-    headers = sign_headers(key, method, path, body or b"")
-    if byte_range is not None:
-        headers["Range"] = f"bytes={byte_range[0]}-{byte_range[1] - 1}"
-    req = urllib.request.Request(f"http://{source}{path}", data=body, headers=headers, method=method)
+def _client(source: str, key: str) -> SignedClient:
+    return SignedClient(source, key, timeout=60.0)
+
+
+def _get(client: SignedClient, path: str, byte_range: tuple[int, int] | None = None, body: bytes | None = None) -> bytes:
     try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return resp.read()
-    except urllib.error.HTTPError as exc:
-        raise FetchError(f"{method} {source}{path}: HTTP {exc.code} {exc.read()[:200]!r}") from exc
-    except OSError as exc:
-        raise FetchError(f"{method} {source}{path}: {exc}") from exc
+        if byte_range is not None:
+            return client.read_range(path, *byte_range)
+        return client.request("POST" if body is not None else "GET", path, body)
+    except RequestError as exc:
+        raise FetchError(str(exc)) from exc
 
 
 def _manifest(dest: Path) -> dict:
@@ -70,23 +67,24 @@ def fetch_tensors(
 ) -> int:
     """Copy the tensors for which ``wanted(name)`` is true from ``source``'s model ``name``; returns bytes fetched."""
     dest.mkdir(parents=True, exist_ok=True)
-    listing = json.loads(_get(source, key, f"/models/{name}"))
+    client = _client(source, key)
+    listing = json.loads(_get(client, f"/models/{name}"))
     files: dict[str, int] = listing["files"]
     for small in SMALL_FILES:
         if small in files and not (dest / small).exists():
-            (dest / f"{small}.part").write_bytes(_get(source, key, f"/models/{name}/files/{small}"))
+            (dest / f"{small}.part").write_bytes(_get(client, f"/models/{name}/files/{small}"))
             (dest / f"{small}.part").replace(dest / small)
     manifest = _manifest(dest)
     plan: list[tuple[str, str, int, int]] = []  # tensor, file, start, end
     for fname in sorted(f for f in files if f.endswith(".safetensors")):
         target = dest / fname
-        n = struct.unpack("<Q", _get(source, key, f"/models/{name}/files/{fname}", (0, 8)))[0]
+        n = struct.unpack("<Q", _get(client, f"/models/{name}/files/{fname}", (0, 8)))[0]
         if not target.exists() or target.stat().st_size != files[fname]:
-            header = _get(source, key, f"/models/{name}/files/{fname}", (0, 8 + n))
+            header = _get(client, f"/models/{name}/files/{fname}", (0, 8 + n))
             with open(target, "wb") as f:
                 f.write(header)
                 f.truncate(files[fname])  # sparse: only fetched ranges take space
-        meta = json.loads(_get(source, key, f"/models/{name}/files/{fname}", (8, 8 + n)))
+        meta = json.loads(_get(client, f"/models/{name}/files/{fname}", (8, 8 + n)))
         meta.pop("__metadata__", None)
         for tname, info in meta.items():
             if wanted(tname) and tname not in manifest["tensors"]:
@@ -94,12 +92,12 @@ def fetch_tensors(
                 plan.append((tname, fname, 8 + n + a, 8 + n + b))
     if not plan:
         return 0
-    sums = json.loads(_get(source, key, f"/models/{name}/checksums",
+    sums = json.loads(_get(client, f"/models/{name}/checksums",
                            body=json.dumps({"ranges": [[f, a, b] for _, f, a, b in plan]}).encode()))["sha256"]
     total = sum(b - a for _, _, a, b in plan)
     done = 0
     for (tname, fname, a, b), expected in zip(plan, sums):
-        data = _get(source, key, f"/models/{name}/files/{fname}", (a, b))
+        data = _get(client, f"/models/{name}/files/{fname}", (a, b))
         if len(data) != b - a or hashlib.sha256(data).hexdigest() != expected:
             raise FetchError(f"{tname} from {source} failed its checksum; try again")
         with open(dest / fname, "r+b") as f:

@@ -1,0 +1,66 @@
+"""Node agents as processes on loopback (``exo_lab.local_cluster``): no root, no network needed."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from exo_lab import _blas, defaults
+
+
+@dataclass
+class LocalAgents:
+    """``n`` agent processes, their addresses, and the directory holding their state and logs."""
+
+    processes: list[subprocess.Popen]
+    addresses: list[str]
+    tmpdir: Path
+    stores: list[Path] = field(default_factory=list)  # each node's model store (with separate stores)
+
+    def exited(self) -> str | None:
+        """What went wrong when an agent has exited already (the end of its log), else None."""
+        dead = [p for p in self.processes if p.poll() is not None]
+        if not dead:
+            return None
+        i = self.processes.index(dead[0])
+        logs = (self.tmpdir / f"node-{i}.log").read_text(errors="replace")[-2000:]
+        return f"a local node exited with {dead[0].returncode}:\n{logs}"
+
+    def kill(self) -> None:
+        for p in self.processes:
+            p.kill()
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_agents(n: int, key: str, probe_interval_s: float = 60.0, separate_stores: bool = False) -> LocalAgents:
+    """Start ``n`` agents on loopback ports, each knowing the others (they exit with this process)."""
+    tmp = Path(tempfile.mkdtemp(prefix="exo-lab-local-"))
+    ports = [free_port() for _ in range(n)]
+    env = _blas.child_env()
+    procs = []
+    for i, port in enumerate(ports):
+        cmd = [sys.executable, "-m", "exo_lab.cli", "node", "--host", "127.0.0.1", "--port", str(port),
+               "--probe-port", "0", "--name", f"local-{i}", "--state-dir", str(tmp / f"node-{i}"),
+               f"--cluster-key={key}", "--no-mdns", "--probe-interval", str(probe_interval_s),
+               "--exit-with-parent", str(os.getpid())]
+        for j, other in enumerate(ports):
+            if j != i:
+                cmd += ["--peer", f"127.0.0.1:{other}"]
+        log_file = open(tmp / f"node-{i}.log", "wb")  # noqa: SIM115 - the child writes it for its whole life
+        node_env = dict(env)
+        if separate_stores:
+            node_env[defaults.MODELS_DIR] = str(tmp / f"node-{i}" / "models")
+        procs.append(subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=node_env))
+    stores = [tmp / f"node-{i}" / "models" for i in range(n)] if separate_stores else []
+    return LocalAgents(procs, [f"127.0.0.1:{p}" for p in ports], tmp, stores)

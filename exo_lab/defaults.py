@@ -1,0 +1,113 @@
+"""Ports and environment variables: every default port and every ``EXO_LAB_*`` variable, in one place.
+
+Code reads an ``EXO_LAB_*`` variable only through its accessor here, so this module is the list
+of what the environment can change. Each accessor takes an optional ``env`` mapping (default:
+``os.environ``), which is how a child process's environment is checked before it starts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+API_PORT = 52415  #: OpenAI / Anthropic / Ollama API (``exo-lab up``, ``exo-lab serve``, ``exo_lab.serve``)
+AGENT_PORT = 52416  #: node agent (``exo-lab node``)
+PROBE_PORT = 52417  #: a node agent's link probes (its port + 1 unless told otherwise)
+DASHBOARD_PORT = 52418  #: Panel dashboard (``exo-lab dashboard``)
+
+# the variables (names, so that code starting a process can set them)
+CLUSTER_KEY = "EXO_LAB_CLUSTER_KEY"
+API_KEY = "EXO_LAB_API_KEY"
+CACHE_DIR = "EXO_LAB_CACHE_DIR"
+MODELS_DIR = "EXO_LAB_MODELS_DIR"
+RUNTIME_DIR = "EXO_LAB_RUNTIME_DIR"
+STATE_DIR = "EXO_LAB_STATE_DIR"
+BLAS = "EXO_LAB_BLAS"
+WORKER_LOG = "EXO_LAB_WORKER_LOG"
+DASHBOARD_CONNECT = "EXO_LAB_DASHBOARD_CONNECT"
+DASHBOARD_BENCH = "EXO_LAB_DASHBOARD_BENCH"
+DASHBOARD_URL = "EXO_LAB_DASHBOARD_URL"
+SIM = "EXO_LAB_SIM"
+SIM_HOST = "EXO_LAB_SIM_HOST"
+SIM_RUN_DIR = "EXO_LAB_SIM_RUN_DIR"
+
+#: every variable with what it does (ARCHITECTURE.md and ``exo-lab --help`` can list them)
+VARIABLES: dict[str, str] = {
+    CLUSTER_KEY: "shared secret of the cluster (default: the node state dir's cluster.key)",
+    API_KEY: "key API clients must send (default: none; loopback only)",
+    CACHE_DIR: "root of the cache (default: $XDG_CACHE_HOME/exo_lab)",
+    MODELS_DIR: "model store (default: <cache>/models)",
+    RUNTIME_DIR: "coordinator registrations (default: <cache>/run)",
+    STATE_DIR: "node agent state: id, key, profile (default: $XDG_STATE_HOME/exo_lab/node)",
+    BLAS: "'reference' keeps MLX's bundled BLAS instead of OpenBLAS",
+    WORKER_LOG: "log level of shard workers (default: INFO)",
+    DASHBOARD_CONNECT: "agents (host:port,...) the dashboard app connects to",
+    DASHBOARD_BENCH: "a bench result JSON the dashboard app shows",
+    DASHBOARD_URL: "URL of a running dashboard, linked from the JupyterLab panel",
+    SIM: "set by a sim in its nodes' environment: the sim's name",
+    SIM_HOST: "set by a sim in its nodes' environment: the simulated host",
+    SIM_RUN_DIR: "where sims record what they created (default: /run/exo_lab/sim or $XDG_RUNTIME_DIR)",
+}
+
+
+def _get(name: str, env: Mapping[str, str] | None) -> str | None:
+    value = (os.environ if env is None else env).get(name)
+    return value or None  # set but empty means unset
+
+
+def cluster_key(env: Mapping[str, str] | None = None) -> str | None:
+    return _get(CLUSTER_KEY, env)
+
+
+def api_key(env: Mapping[str, str] | None = None) -> str | None:
+    return _get(API_KEY, env)
+
+
+def cache_dir(env: Mapping[str, str] | None = None) -> str | None:
+    return _get(CACHE_DIR, env)
+
+
+def models_dir(env: Mapping[str, str] | None = None) -> str | None:
+    return _get(MODELS_DIR, env)
+
+
+def runtime_dir(env: Mapping[str, str] | None = None) -> str | None:
+    return _get(RUNTIME_DIR, env)
+
+
+def state_dir(env: Mapping[str, str] | None = None) -> str | None:
+    return _get(STATE_DIR, env)
+
+
+def blas(env: Mapping[str, str] | None = None) -> str:
+    """``openblas`` (the default) or ``reference``."""
+    return (_get(BLAS, env) or "openblas").lower()
+
+
+def worker_log_level(env: Mapping[str, str] | None = None) -> str:
+    return (_get(WORKER_LOG, env) or "INFO").upper()
+
+
+def dashboard_connect(env: Mapping[str, str] | None = None) -> list[str]:
+    """Agent addresses from ``host:port,host:port``."""
+    return [a.strip() for a in (_get(DASHBOARD_CONNECT, env) or "").split(",") if a.strip()]
+
+
+def dashboard_bench(env: Mapping[str, str] | None = None) -> str | None:
+    return _get(DASHBOARD_BENCH, env)
+
+
+def dashboard_url(env: Mapping[str, str] | None = None) -> str | None:
+    return _get(DASHBOARD_URL, env)
+
+
+def sim(env: Mapping[str, str] | None = None) -> str | None:
+    return _get(SIM, env)
+
+
+def sim_host(env: Mapping[str, str] | None = None) -> str | None:
+    return _get(SIM_HOST, env)
+
+
+def sim_run_dir(env: Mapping[str, str] | None = None) -> str | None:
+    return _get(SIM_RUN_DIR, env)

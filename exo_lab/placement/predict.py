@@ -1,0 +1,260 @@
+"""The cost model's predictions: what a split of a model over nodes will do, in tokens/s and seconds.
+
+The planner (:mod:`exo_lab.placement.planner`) calls :func:`predict_into` on every candidate it
+evaluates; the bench (:mod:`exo_lab.bench`) calls :class:`Predictor` on the plans it measures, at
+the measured request shape, so predicted and measured compare like with like. The formulas'
+constants live in :mod:`exo_lab.placement.cost`.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from exo_lab.cluster.topology import Topology
+from exo_lab.models.card import ModelCard
+from exo_lab.placement.cost import (
+    DTYPE_BYTES,
+    LOOPBACK,
+    LinkCost,
+    NodeRates,
+    bytes_per_weight,
+    calibrated_link,
+    layer_params,
+    share,
+    weight_scale,
+)
+from exo_lab.placement.plan import Plan
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A pipeline stage: ``k`` tensor ranks, all on ``nodes[0]`` (local) or one per node."""
+
+    nodes: tuple[str, ...]
+    k: int = 1
+
+    @property
+    def local(self) -> bool:
+        return len(self.nodes) == 1
+
+    def ranks_on(self, node: str) -> int:
+        if node not in self.nodes:
+            return 0
+        return self.k if self.local else 1
+
+
+class CostContext:
+    """What the cost model knows for one request shape: node rates, links, the model's sizes."""
+
+    def __init__(self, topology: Topology, card: ModelCard, context: int, prompt_tokens: int, batch: int) -> None:
+        self.topology = topology
+        self.card = card
+        self.context = context
+        self.prompt = prompt_tokens
+        self.batch = batch
+        self.nodes = [n for n in topology.alive() if n.profile]
+        self.names = {n.id: n.name for n in self.nodes}
+        self.rates = {n.id: NodeRates.from_profile(n.id, n.profile) for n in self.nodes}
+        self._links: dict[tuple[str, str], LinkCost | None] = {}
+        self.act = DTYPE_BYTES.get(card.dtype, 2)
+        self.hidden_bytes = card.hidden_size * self.act
+        self.kv_layer = card.kv_bytes_per_token_per_layer()
+        self.avg_ctx = min(context, prompt_tokens + context // 4)
+
+    def set_rates(self, rates: dict[str, NodeRates]) -> None:
+        """Use these node rates (calibration candidates); links carry the nodes' calibrated overheads."""
+        self.rates = rates
+        self._links.clear()
+
+    def link(self, a: str, b: str) -> LinkCost | None:
+        """Latency and bandwidth between ranks on ``a`` and ``b`` (loopback when equal; None: not measured),
+        with the nodes' calibrated per-message overhead."""
+        key = (a, b)
+        if key not in self._links:
+            base: LinkCost | None = LOOPBACK
+            if a != b:
+                best = self.topology.best_link(a, b)
+                base = None if best is None or not best.bandwidth_mbit_per_s else LinkCost(
+                    (best.rtt_ms_median or 0.0) / 2000.0, best.bandwidth_mbit_per_s * 1e6 / 8)
+            self._links[key] = base and calibrated_link(base, self.rates.get(a), self.rates.get(b))
+        return self._links[key]
+
+    def address(self, src: str, dst: str) -> str:
+        if src == dst:
+            node = self.topology.nodes[dst]
+            return node.addresses[0] if node.addresses else "127.0.0.1"
+        best = self.topology.best_link(src, dst)
+        return best.dst_address if best else self.topology.nodes[dst].addresses[0]
+
+    def dtype_options(self, node: str) -> list[str]:
+        native = self.card.dtype
+        if self.card.quantization or native == "float32":
+            return [native]
+        return [native, "float32"]
+
+    def layers_per_s(self, node: str, dtype: str) -> float:
+        """Decode speed of one process in parameters read per second (weights only)."""
+        bpw = bytes_per_weight(self.card, dtype)
+        return self.rates[node].decode_read_rate(dtype, bool(self.card.quantization), bpw) / bpw
+
+    def fastest_dtype(self, node: str) -> tuple[str, str]:
+        opts = self.dtype_options(node)
+        if len(opts) == 1:
+            why = "quantized weights" if self.card.quantization else "the model's dtype"
+            return opts[0], why
+        speeds = {d: self.layers_per_s(node, d) for d in opts if self.rates[node].has(d, False)}
+        if not speeds:
+            return self.card.dtype, "no measurement; the model's dtype"
+        best = max(speeds, key=speeds.get)
+        if best == self.card.dtype:
+            return best, "the model's dtype is also the fastest measured here"
+        other = self.card.dtype
+        ratio = speeds[best] / speeds[other] if speeds.get(other) else float("inf")
+        return best, f"{best} decodes {ratio:.1f}x faster than {other} on this node (measured), at {weight_scale(self.card, best):.0f}x the memory"
+
+
+def predict_into(ctx: CostContext, plan: Plan, stages: list[Stage], alloc: list[int], dtypes: dict[str, str],
+                 node_share: Callable[[str], float]) -> None:
+    """Set ``plan``'s predicted decode and prefill tok/s, TTFT, breakdown, batched row time and bottleneck
+    for ``stages`` holding ``alloc`` layers each, in ``dtypes``, each node getting ``node_share`` of its host."""
+    card = ctx.card
+    quant = bool(card.quantization)
+    params = layer_params(card)
+    attn_width = card.num_attention_heads * card.head_dim
+    dec: dict[str, float] = {}
+    pre: dict[str, float] = {}
+    row_s = 0.0  # a batched step: each more sequence adds its matmuls, at the rate of a many-row product
+    for si, (s, count) in enumerate(zip(stages, alloc)):
+        label = "+".join(ctx.names[n] for n in s.nodes) + (f" x{s.k}" if s.k > 1 else "")
+        t_dec = t_pre = t_row = 0.0
+        for ti in range(s.k):
+            node = s.nodes[0] if s.local else s.nodes[ti]
+            r = ctx.rates[node]
+            sh = node_share(node)
+            bpw = bytes_per_weight(card, dtypes[node])
+            read = r.decode_read_rate(dtypes[node], quant, bpw) * sh
+            weights = count * params * bpw / s.k
+            kv = ctx.avg_ctx * ctx.kv_layer * count / s.k
+            head = (card.vocab_size * card.hidden_size * bpw) if si == len(stages) - 1 else 0.0
+            t_dec = max(t_dec, (weights + kv + head / s.k) / read)
+            flops = r.prefill_flops(dtypes[node], quant) * sh
+            attn = 4 * ctx.prompt * ctx.prompt / 2 * attn_width * count / s.k
+            head_flops = 2 * card.vocab_size * card.hidden_size if si == len(stages) - 1 else 0.0
+            t_pre = max(t_pre, (2 * ctx.prompt * params * count / s.k + attn + head_flops) / flops)
+            t_row = max(t_row, (2 * params * count / s.k + head_flops / s.k) / flops)
+        row_s += t_row
+        dec[f"compute {label}"] = t_dec
+        pre[f"compute {label}"] = t_pre
+        if s.k > 1:
+            link = ctx.link(s.nodes[0], s.nodes[0]) if s.local else _worst_link(ctx, s.nodes)
+            dec[f"all-reduce {label}"] = 2 * count * link.all_reduce(ctx.hidden_bytes, s.k)
+            pre[f"all-reduce {label}"] = 2 * count * link.all_reduce(ctx.prompt * ctx.hidden_bytes, s.k)
+    for a, b in zip(stages, stages[1:]):
+        link = ctx.link(a.nodes[0], b.nodes[0])
+        key = f"link {ctx.names[a.nodes[0]]}->{ctx.names[b.nodes[0]]}"
+        dec[key] = link.transfer(ctx.hidden_bytes)
+        pre[key] = link.transfer(ctx.prompt * ctx.hidden_bytes)
+    if len(stages) > 1:  # the sampled token goes back to the first stage
+        back = ctx.link(stages[-1].nodes[0], stages[0].nodes[0]) or LOOPBACK
+        dec[f"link {ctx.names[stages[-1].nodes[0]]}->{ctx.names[stages[0].nodes[0]]} (token)"] = back.latency_s
+    t_token = sum(dec.values())
+    t_prefill = sum(pre.values())
+    plan.decode_tps = 1.0 / t_token
+    plan.prefill_tps = ctx.prompt / t_prefill
+    plan.ttft_s = t_prefill + t_token
+    plan.breakdown = dec
+    plan.decode_row_s = row_s
+    worst = max(dec, key=dec.get)
+    plan.bottleneck = f"{worst} ({100 * dec[worst] / t_token:.0f}% of each token)"
+
+
+def _worst_link(ctx: CostContext, nodes: tuple[str, ...]) -> LinkCost:
+    links = [ctx.link(a, b) for a, b in itertools.combinations(nodes, 2)]
+    if any(link is None for link in links):
+        return LinkCost(1.0, 1e3)
+    return max(links, key=lambda link: (link.latency_s, -link.bandwidth_bytes_s))
+
+
+def node_shares(ctx: CostContext, stages: list[Stage]) -> Callable[[str], float]:
+    """The share of its host's compute each node of ``stages`` gets (ranks of one host split its cores)."""
+    used = list(dict.fromkeys(n for s in stages for n in s.nodes))
+    host_ranks: dict[str, int] = {}
+    for n in used:
+        host = ctx.rates[n].host
+        host_ranks[host] = host_ranks.get(host, 0) + sum(s.ranks_on(n) for s in stages)
+
+    def node_share(n: str) -> float:
+        r = ctx.rates[n]
+        return share(host_ranks[r.host], r.cores, r.gpu)
+
+    return node_share
+
+
+def plan_layout(plan: Plan) -> tuple[list[Stage], list[int]]:
+    """The stages and per-stage layer counts behind ``plan``."""
+    by_stage: dict[int, list] = {}
+    for r in plan.ranks:
+        by_stage.setdefault(r.stage, []).append(r)
+    stages, alloc = [], []
+    for s in sorted(by_stage):
+        rs = sorted(by_stage[s], key=lambda r: r.tensor_index)
+        nodes = tuple(dict.fromkeys(r.node_id for r in rs))
+        stages.append(Stage(nodes, rs[0].tensor_size))
+        alloc.append(rs[0].layers[1] - rs[0].layers[0])
+    return stages, alloc
+
+
+class Predictor:
+    """The cost model's predictions for given plans at one request shape (``pp``, ``tg``).
+
+    The planner's own formulas (:func:`predict_into`) on the plan's exact split; the KV cache read
+    at decode is that of the average context ``pp + tg / 2``. ``rates`` may be replaced per node
+    (calibration candidates).
+    """
+
+    def __init__(self, topology: Topology, card: ModelCard, pp: int, tg: int) -> None:
+        self.ctx = CostContext(topology, card, max(pp + tg, pp), pp, 1)
+        self.ctx.avg_ctx = pp + tg / 2
+        self.base = dict(self.ctx.rates)
+
+    def set_rates(self, rates: dict[str, NodeRates]) -> None:
+        """Use ``rates`` for these nodes (the profiles' own for the others)."""
+        self.ctx.set_rates({**self.base, **rates})
+
+    def predict(self, plan: Plan) -> dict[str, Any] | None:
+        """Predicted ``decode_tps``, ``prefill_tps``, ``ttft_s``, ``breakdown`` and ``decode_row_s`` of
+        ``plan`` (None if a node of the plan is gone or has no profile, or a link is not measured)."""
+        ctx = self.ctx
+        stages, alloc = plan_layout(plan)
+        used = list(dict.fromkeys(n for s in stages for n in s.nodes))
+        if any(n not in ctx.rates for n in used):
+            return None
+        for a, b in zip(stages, stages[1:]):
+            if ctx.link(a.nodes[0], b.nodes[0]) is None:
+                return None
+        out = copy.copy(plan)
+        predict_into(ctx, out, stages, alloc, dict(plan.dtypes), node_shares(ctx, stages))
+        return {"decode_tps": out.decode_tps, "prefill_tps": out.prefill_tps, "ttft_s": out.ttft_s,
+                "breakdown": dict(out.breakdown), "decode_row_s": out.decode_row_s}
+
+
+def predict(topology: Topology, card: ModelCard, plan: Plan, pp: int, tg: int) -> dict[str, Any] | None:
+    """Predicted ``decode_tps``, ``prefill_tps``, ``ttft_s`` and the decode breakdown of ``plan``
+    for a ``pp``-token prompt and ``tg`` generated tokens (None if a node of the plan is gone)."""
+    return Predictor(topology, card, pp, tg).predict(plan)
+
+
+def aggregate_tps(pred: dict[str, Any], tg: int, concurrency: int = 1) -> float:
+    """Predicted completion tokens/s of ``concurrency`` requests submitted together.
+
+    The ranks prefill each prompt alone (the batch waits), then decode the requests together: a
+    step costs one token's time plus ``decode_row_s`` for each more sequence in the batch.
+    """
+    step = 1.0 / pred["decode_tps"]
+    prefill = pred["ttft_s"] - step
+    batched = step + (concurrency - 1) * pred.get("decode_row_s", 0.0)
+    return concurrency * tg / (concurrency * prefill + tg * batched)
