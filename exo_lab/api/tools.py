@@ -1,4 +1,4 @@
-"""Tool calls: request validation, the model's call format, and parsing calls out of generated text.
+"""Tool calls: the model's call format, and parsing calls out of generated text.
 
 The format comes from the tokenizer: mlx_lm infers a tool parser (and the
 markers around a call) from the chat template, so real models (Qwen, Mistral,
@@ -16,7 +16,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from exo_lab.api.errors import bad_request
 from exo_lab.engine.chat import HERMES_END, HERMES_START, template_renders_tools
 
 
@@ -44,49 +43,8 @@ def tool_format(tokenizer: Any) -> ToolFormat:
     return ToolFormat(HERMES_START, HERMES_END, _hermes_parse, True)
 
 
-def check_tools(tools: Any, param: str = "tools") -> list[dict[str, Any]]:
-    """OpenAI Chat ``tools``: ``[{"type": "function", "function": {"name", "description", "parameters"}}]``."""
-    if tools is None:
-        return []
-    if not isinstance(tools, list):
-        raise bad_request(f"'{param}' must be an array of tools.", param, "invalid_type")
-    for i, tool in enumerate(tools):
-        where = f"{param}[{i}]"
-        if not isinstance(tool, dict) or tool.get("type", "function") != "function":
-            raise bad_request(f"'{where}' must be an object with type 'function'.", where)
-        fn = tool.get("function")
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise bad_request(f"'{where}.function.name' is required and must be a string.", f"{where}.function.name")
-        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
-            raise bad_request(f"'{where}.function.parameters' must be a JSON schema object.",
-                              f"{where}.function.parameters")
-    return tools
-
-
 def tool_names(tools: Sequence[dict[str, Any]]) -> list[str]:
     return [t["function"]["name"] for t in tools]
-
-
-def check_tool_choice(choice: Any, tools: Sequence[dict[str, Any]], param: str = "tool_choice") -> tuple[str, str | None]:
-    """``(mode, name)``: mode is ``none``, ``auto``, ``required`` or ``function`` (with its name)."""
-    if choice is None:
-        return ("auto" if tools else "none"), None
-    if isinstance(choice, str):
-        if choice not in ("none", "auto", "required"):
-            raise bad_request(f"'{param}' must be 'none', 'auto', 'required' or a function, got {choice!r}.", param)
-        if choice == "required" and not tools:
-            raise bad_request(f"'{param}' is 'required' but no tools were given.", param)
-        return choice, None
-    if isinstance(choice, dict):
-        fn = choice.get("function") if isinstance(choice.get("function"), dict) else choice
-        name = fn.get("name")
-        if not isinstance(name, str):
-            raise bad_request(f"'{param}' must name a function: {{'type': 'function', 'function': {{'name': ...}}}}.",
-                              param)
-        if name not in tool_names(tools):
-            raise bad_request(f"'{param}' names {name!r}, which is not among the tools.", param)
-        return "function", name
-    raise bad_request(f"'{param}' must be a string or an object.", param, "invalid_type")
 
 
 def _as_calls(parsed: Any) -> list[dict[str, Any]]:
