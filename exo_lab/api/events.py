@@ -100,15 +100,19 @@ async def events(chunks: AsyncIterable[Chunk], tools: ToolParsing | None = None)
             yield Final("error", chunk.usage or Usage(), chunk.stop_sequence, chunk.error, tuple(tokens), calls)
             return
         tokens.extend(chunk.tokens)
-        text, found = scanner.feed(chunk.text) if scanner else (chunk.text, [])
+        items = scanner.scan(chunk.text) if scanner else [chunk.text]
         if chunk.finish_reason is not None and scanner:
-            rest, more = scanner.finish()
-            text, found = text + rest, found + more
-        if text or chunk.logprobs:
-            yield TextDelta(text, chunk.logprobs)
-        for call in found:
-            yield ToolCallEvent(ToolCall.from_openai(call), calls)
-            calls += 1
+            items += scanner.scan_end()
+        logprobs = chunk.logprobs  # they go with the chunk's first text (or alone, when it shows none)
+        for item in items:
+            if isinstance(item, dict):
+                yield ToolCallEvent(ToolCall.from_openai(item), calls)
+                calls += 1
+            elif item or logprobs:
+                yield TextDelta(item, logprobs)
+                logprobs = ()
+        if logprobs:
+            yield TextDelta("", logprobs)
         if chunk.finish_reason is not None:
             yield Final(chunk.finish_reason, chunk.usage or Usage(), chunk.stop_sequence, None, tuple(tokens), calls)
             return

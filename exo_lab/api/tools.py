@@ -93,16 +93,26 @@ class ToolCallScanner:
         return calls
 
     def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
+        """The text to show and the calls completed by ``text`` (see :meth:`scan` for their order)."""
+        items = self.scan(text)
+        return "".join(i for i in items if isinstance(i, str)), [i for i in items if isinstance(i, dict)]
+
+    def finish(self) -> tuple[str, list[dict[str, Any]]]:
+        """The end of generation: what is still held back."""
+        items = self.scan_end()
+        return "".join(i for i in items if isinstance(i, str)), [i for i in items if isinstance(i, dict)]
+
+    def scan(self, text: str) -> list[str | dict[str, Any]]:
+        """Text to show (str) and completed calls (dict), in the order the model wrote them."""
         self._buf += text
         if self.fmt.start is None:
             if self._bare is None and self._buf.strip():
                 self._bare = self._buf.lstrip().startswith(("{", "["))
             if self._bare is False:
                 out, self._buf = self._buf, ""
-                return out, []
-            return "", []
-        shown: list[str] = []
-        found: list[dict[str, Any]] = []
+                return [out]
+            return []
+        items: list[str | dict[str, Any]] = []
         start, end = self.fmt.start, self.fmt.end
         while True:
             if self._in_call:
@@ -113,41 +123,37 @@ class ToolCallScanner:
                 self._in_call = False
                 calls = self._parse(inner)
                 if calls is None:
-                    shown.append(start + inner + end)
+                    items.append(start + inner + end)
                 else:
-                    found.extend(calls)
+                    self.calls.extend(calls)
+                    items.extend(calls)
                 continue
             i = self._buf.find(start)
             if i >= 0:
-                shown.append(self._buf[:i])
+                items.append(self._buf[:i])
                 self._buf = self._buf[i + len(start):]
                 self._in_call = True
                 continue
             keep = _partial_suffix(self._buf, start)
-            shown.append(self._buf[: len(self._buf) - keep])
+            items.append(self._buf[: len(self._buf) - keep])
             self._buf = self._buf[len(self._buf) - keep:]
             break
-        self.calls.extend(found)
-        return "".join(shown), found
+        return [i for i in items if i != ""]
 
-    def finish(self) -> tuple[str, list[dict[str, Any]]]:
-        """The end of generation: what is still held back."""
+    def scan_end(self) -> list[str | dict[str, Any]]:
+        """The end of generation: what is still held back, as :meth:`scan` gives it."""
         buf, self._buf = self._buf, ""
+        calls = None
         if self.fmt.start is None:
-            if self._bare:
-                calls = self._parse(buf)
-                if calls is not None:
-                    self.calls.extend(calls)
-                    return "", calls
-            return buf, []
-        if self._in_call:
+            calls = self._parse(buf) if self._bare else None
+        elif self._in_call:
             self._in_call = False
             calls = self._parse(buf)  # some parsers read a call cut short by the token limit
-            if calls is not None:
-                self.calls.extend(calls)
-                return "", calls
-            return self.fmt.start + buf, []
-        return buf, []
+            buf = self.fmt.start + buf
+        if calls is not None:
+            self.calls.extend(calls)
+            return list(calls)
+        return [buf] if buf else []
 
 
 def _partial_suffix(buf: str, marker: str) -> int:

@@ -92,8 +92,9 @@ def _integral(value: Any) -> Any:
 
 #: an integer (``2.0`` is accepted as 2; booleans and strings are not)
 Int = Annotated[int, BeforeValidator(_integral)]
-PositiveInt = Annotated[int, BeforeValidator(_integral), Field(ge=1)]
-NonNegativeInt = Annotated[int, BeforeValidator(_integral), Field(ge=0)]
+PositiveInt = Annotated[int, Field(ge=1), BeforeValidator(_integral)]
+NonNegativeInt = Annotated[int, Field(ge=0), BeforeValidator(_integral)]
+TopLogprobs = Annotated[int, Field(ge=0, le=20), BeforeValidator(_integral)]
 
 
 def stop_sequences(max_items: int | None = None) -> Any:

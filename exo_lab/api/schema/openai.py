@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, WithJsonSchema, field_validator, model_validator
 
-from exo_lab.api.schema import Int, NonNegativeInt, Part, PositiveInt, RequestModel, fail, stop_sequences
+from exo_lab.api.schema import Int, NonNegativeInt, Part, PositiveInt, RequestModel, TopLogprobs, fail, stop_sequences
 from exo_lab.engine.chat import ROLES
 
 Temperature = Annotated[float, Field(ge=0, le=2)]
@@ -144,7 +144,7 @@ class ChatCompletionRequest(RequestModel):
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     logprobs: bool | None = None
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    top_logprobs: TopLogprobs | None = None
     tools: list[ChatTool] | None = None
     tool_choice: ToolChoice | None = None
     response_format: ResponseFormat | None = None
