@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,7 +133,7 @@ class MessagesReply(Reply):
         return self._message(content, stop_reason(final.finish_reason, final.stop_sequence, bool(calls)),
                              final.stop_sequence, anthropic_usage(final.usage))
 
-    async def frames(self, events: AsyncIterator[Event]) -> AsyncIterator[Frame]:
+    async def frames(self, events: AsyncIterator[Event]) -> AsyncGenerator[Frame, None]:
         """Without tools the text block opens at once (before ``ping``); with tools it opens at the first
         text, so a reply that is only a call has no empty text block."""
         index = -1
@@ -157,7 +157,7 @@ class MessagesReply(Reply):
         def text_delta(text: str) -> Frame:
             return block("content_block_delta", delta={"type": "text_delta", "text": text})
 
-        usage = anthropic_usage(Usage(prompt_tokens=len(self.request.prompt_tokens)), output=False)
+        usage = anthropic_usage(Usage(prompt_tokens=len(self.prompt_tokens)), output=False)
         yield "message_start", {"type": "message_start", "message": self._message([], None, None, usage)}
         if self.tools is None:
             yield open_text()

@@ -51,14 +51,6 @@ def chat_tokens(backend: Backend, messages: Sequence[dict[str, Any]], tools: Seq
         raise
 
 
-def text_tokens(backend: Backend, text: str, param: str = "prompt") -> list[int]:
-    """Raw text to tokens (with the tokenizer's BOS, as the model expects)."""
-    ids = list(backend.tokenizer.encode(text))
-    if not ids:
-        raise bad_request(f"'{param}' encodes to no tokens; send some text.", param)
-    return ids
-
-
 def generation_request(
     backend: Backend,
     prompt: Sequence[int],
@@ -93,7 +85,7 @@ def generation_request(
     room = (context - len(prompt)) if context else DEFAULT_MAX_TOKENS
     limit = min(max_tokens or DEFAULT_MAX_TOKENS, room)
     index = backend.vocab_index() if grammar is not None and hasattr(grammar, "completion") else None
-    if index is not None:
+    if index is not None and grammar is not None:
         need = index.tokens_to_spell(grammar.completion(grammar.start()))
         if limit < need:
             raise bad_request(f"'{max_tokens_param}' is {limit}, too few for the shortest output '{grammar_param}' "

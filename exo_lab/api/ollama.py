@@ -12,7 +12,7 @@ answers ``done_reason: "load"``. Model names match with or without
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -143,7 +143,7 @@ class OllamaReply(Reply):
         return {**head, "message": message}
 
     def _done(self, tokens: tuple[int, ...], usage: Usage, finish: str | None) -> dict[str, Any]:
-        extra = {"context": list(self.request.prompt_tokens) + list(tokens)} if self.context else {}
+        extra = {"context": list(self.prompt_tokens) + list(tokens)} if self.context else {}
         return {**done_fields(usage, finish), **extra}
 
     def immediate(self) -> dict[str, Any]:
@@ -153,7 +153,7 @@ class OllamaReply(Reply):
         return {**self._piece(out.text, out.tool_calls), **self._done(out.final.tokens, out.final.usage,
                                                                          out.final.finish_reason)}
 
-    async def frames(self, events: AsyncIterator[Event]) -> AsyncIterator[Frame]:
+    async def frames(self, events: AsyncIterator[Event]) -> AsyncGenerator[Frame, None]:
         async for event in events:
             if isinstance(event, TextDelta):
                 if event.text:

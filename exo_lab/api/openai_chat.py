@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,7 +110,7 @@ class ChatReply(Reply):
             body["usage"] = None
         return body
 
-    async def frames(self, events: AsyncIterator[Event]) -> AsyncIterator[Frame]:
+    async def frames(self, events: AsyncIterator[Event]) -> AsyncGenerator[Frame, None]:
         yield None, self._chunk({"role": "assistant", "content": ""})
         async for event in events:
             if isinstance(event, TextDelta):

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,7 +52,7 @@ def input_messages(req: ResponsesRequest) -> list[dict[str, Any]]:
     items: list[InputItem] = [InputItem(role="user", content=req.input)] if isinstance(req.input, str) else req.input
     for item in items:
         if item.type == "message":
-            messages.append({"role": item.role, "content": _text(item.content)})
+            messages.append({"role": item.role, "content": _text(item.content or "")})
         elif item.type == "function_call":
             call = {"id": item.call_id, "type": "function",
                     "function": {"name": item.name, "arguments": item.arguments or "{}"}}
@@ -61,7 +61,7 @@ def input_messages(req: ResponsesRequest) -> list[dict[str, Any]]:
             else:
                 messages.append({"role": "assistant", "content": "", "tool_calls": [call]})
         elif item.type == "function_call_output":
-            messages.append({"role": "tool", "tool_call_id": item.call_id, "content": _text(item.output)})
+            messages.append({"role": "tool", "tool_call_id": item.call_id, "content": _text(item.output or "")})
     if not any(m["role"] in ("user", "tool") for m in messages):
         raise bad_request("'input' needs at least one user message.", "input")
     return messages
@@ -148,7 +148,7 @@ class ResponsesReply(Reply):
         output += [_call_item(c) for c in out.tool_calls]
         return self._response(status, output, out.final.usage)
 
-    async def frames(self, events: AsyncIterator[Event]) -> AsyncIterator[Frame]:
+    async def frames(self, events: AsyncIterator[Event]) -> AsyncGenerator[Frame, None]:
         seq = 0
 
         def send(kind: str, **fields: Any) -> Frame:
@@ -176,6 +176,7 @@ class ResponsesReply(Reply):
                          content_index=0, part=_part(""))]
 
         def close_message(status: str) -> list[Frame]:
+            assert message is not None
             text = "".join(parts)
             where = {"item_id": self.message_id, "output_index": message, "content_index": 0}
             items[message] = self._item(text, status)

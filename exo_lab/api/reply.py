@@ -8,7 +8,7 @@ JSON answer (:meth:`Reply.complete`) or its stream (:meth:`Reply.frames`).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -34,6 +34,10 @@ class Reply:
     stream: bool
     tools: ToolParsing | None = None  # None: tool calls are not looked for
 
+    @property
+    def prompt_tokens(self) -> tuple[int, ...]:
+        return self.request.prompt_tokens if self.request is not None else ()
+
     def immediate(self) -> dict[str, Any]:
         """The answer to a request that generates nothing."""
         raise NotImplementedError
@@ -42,7 +46,7 @@ class Reply:
         """The whole answer, from the collected events (``out.final.error`` is None here)."""
         raise NotImplementedError
 
-    def frames(self, events: AsyncIterator[Event]) -> AsyncIterator[Frame]:
+    def frames(self, events: AsyncIterator[Event]) -> AsyncGenerator[Frame, None]:
         """The streamed answer; a failed generation ends it with the family's error frame."""
         raise NotImplementedError
 

@@ -136,7 +136,7 @@ class Engine(Backend):
             self.config = config
             self.context_length = config.get("max_position_embeddings")
             self.eos_ids = set(self.tokenizer.eos_token_ids)
-            self.stream = mx.new_stream(mx.default_device())
+            self.mlx_stream = mx.new_stream(mx.default_device())
         except BaseException as exc:  # reported to the constructor's caller
             self._load_error = exc
             self._loaded.set()
@@ -181,7 +181,7 @@ class Engine(Backend):
         req = gen.request
         if self._batch is None:
             self._batch = BatchGenerator(self.model, max_tokens=256, completion_batch_size=self.max_batch,
-                                         prefill_batch_size=min(8, self.max_batch), stream=self.stream)
+                                         prefill_batch_size=min(8, self.max_batch), stream=self.mlx_stream)
         processors: list = []
         if req.grammar is not None:
             from exo_lab.engine.constrain import TokenConstraint

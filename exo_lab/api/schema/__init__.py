@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Annotated, Any, ClassVar, Self
+from typing import Annotated, Any, ClassVar, LiteralString, Self
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, ValidationError, WithJsonSchema
 from pydantic_core import PydanticCustomError
@@ -77,7 +77,7 @@ class Part(BaseModel):
     model_config = RequestModel.model_config
 
 
-def fail(message: str, at: str | None = None, code: str = "invalid_value") -> PydanticCustomError:
+def fail(message: str, at: str | None = None, code: LiteralString = "invalid_value") -> PydanticCustomError:
     """A validation error for a validator to raise: ``message`` may say ``{param}`` for the field's place;
     ``at`` names a field below the one validated (dotted)."""
     return PydanticCustomError(code, "{message}", {"message": message, "at": at or "", "custom": True})
@@ -97,8 +97,8 @@ NonNegativeInt = Annotated[int, Field(ge=0), BeforeValidator(_integral)]
 TopLogprobs = Annotated[int, Field(ge=0, le=20), BeforeValidator(_integral)]
 
 
-def stop_sequences(max_items: int | None = None) -> Any:
-    """A string or a list of strings (empty strings dropped), as a tuple."""
+def _stops(max_items: int | None) -> Any:
+    """A validator: a string or a list of strings (empty strings dropped), as a tuple."""
 
     def check(value: Any) -> tuple[str, ...]:
         if value is None:
@@ -111,10 +111,19 @@ def stop_sequences(max_items: int | None = None) -> Any:
             return tuple(s for s in value if s)
         raise fail("'{param}' must be a string or a list of strings.", code="invalid_type")
 
+    return check
+
+
+def _stops_schema(max_items: int | None) -> dict[str, Any]:
     items: dict[str, Any] = {"type": "array", "items": {"type": "string"}}
     if max_items is not None:
         items["maxItems"] = max_items
-    return Annotated[tuple[str, ...], PlainValidator(check), WithJsonSchema({"anyOf": [{"type": "string"}, items]})]
+    return {"anyOf": [{"type": "string"}, items]}
+
+
+#: stop sequences: a string or a list of strings (OpenAI takes at most 4)
+Stops = Annotated[tuple[str, ...], PlainValidator(_stops(None)), WithJsonSchema(_stops_schema(None))]
+Stops4 = Annotated[tuple[str, ...], PlainValidator(_stops(4)), WithJsonSchema(_stops_schema(4))]
 
 
 # ------------------------------------------------------------------------------------ errors
@@ -160,8 +169,9 @@ def to_api_error(exc: ValidationError, style: str) -> ApiError:
     first = deepest[0]
     loc = _where(first)
     param = render_param(loc, style)
-    if (first.get("ctx") or {}).get("custom"):
-        message = first["ctx"]["message"].replace("{param}", param)
+    ctx = first.get("ctx") or {}
+    if ctx.get("custom"):
+        message = ctx["message"].replace("{param}", param)
     else:
         said = " or ".join(dict.fromkeys(e["msg"][0].lower() + e["msg"][1:] for e in deepest
                                          if _where(e) == loc))

@@ -7,7 +7,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, PlainValidator, WithJsonSchema, model_validator
 
-from exo_lab.api.schema import Int, Part, RequestModel, fail, stop_sequences
+from exo_lab.api.schema import Int, Part, RequestModel, Stops, fail
 from exo_lab.api.schema.openai import ChatTool
 from exo_lab.engine.chat import ROLES
 
@@ -30,7 +30,7 @@ class Options(Part):
     top_p: Annotated[float, Field(ge=0, le=1)] | None = None
     top_k: Int | None = None
     seed: Int | None = None
-    stop: stop_sequences() = ()
+    stop: Stops = ()
 
 
 def _no_images(images: Any) -> None:

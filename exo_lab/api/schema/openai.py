@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, WithJsonSchema, field_validator, model_validator
 
-from exo_lab.api.schema import Int, NonNegativeInt, Part, PositiveInt, RequestModel, TopLogprobs, fail, stop_sequences
+from exo_lab.api.schema import Int, NonNegativeInt, Part, PositiveInt, RequestModel, Stops4, TopLogprobs, fail
 from exo_lab.engine.chat import ROLES
 
 Temperature = Annotated[float, Field(ge=0, le=2)]
@@ -39,6 +39,7 @@ class ChatTool(Part):
 
     def to_json(self) -> dict[str, Any]:
         """As a chat template takes it."""
+        assert self.function is not None
         return {"type": "function", "function": self.function.model_dump(exclude_none=True)}
 
 
@@ -138,7 +139,7 @@ class ChatCompletionRequest(RequestModel):
     top_p: TopP | None = None
     top_k: NonNegativeInt | None = None
     seed: Int | None = None
-    stop: stop_sequences(4) = ()
+    stop: Stops4 = ()
     #: vLLM-style extension: generate exactly the token limit
     ignore_eos: bool | None = None
     stream: bool | None = None
@@ -167,7 +168,7 @@ class ChatCompletionRequest(RequestModel):
 
     def tool_mode(self) -> tuple[str, str | None]:
         """``(mode, forced function name)``, see :func:`tool_mode`."""
-        return tool_mode(self.tool_choice, [t.function.name for t in self.tools or ()])
+        return tool_mode(self.tool_choice, [t.function.name for t in self.tools or () if t.function is not None])
 
 
 # ------------------------------------------------------------------------------------ responses
@@ -186,7 +187,7 @@ class ResponsesPart(Part):
 
     @property
     def value(self) -> str:
-        return self.text if self.type != "refusal" else (self.refusal or "")
+        return (self.text or "") if self.type != "refusal" else (self.refusal or "")
 
 
 ResponsesContent = str | list[ResponsesPart]
