@@ -195,7 +195,7 @@ class GenerationHandler(ApiHandler):
             self.set_header("Content-Type", "application/x-ndjson")
         else:
             self.start_sse()
-        async with aclosing(reply.frames(stream)) as frames:
+        async with aclosing(stream), aclosing(reply.frames(stream)) as frames:
             async for name, data in frames:
                 sent = await (self.send_line(data) if reply.framing == "ndjson" else self.send_sse(data, name))
                 if not sent:

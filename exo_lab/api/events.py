@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,7 +90,7 @@ class ToolParsing:
     tools: Sequence[dict[str, Any]]
 
 
-async def events(chunks: AsyncIterable[Chunk], tools: ToolParsing | None = None) -> AsyncIterator[Event]:
+async def events(chunks: AsyncIterable[Chunk], tools: ToolParsing | None = None) -> AsyncGenerator[Event, None]:
     """The events of one generation; always ends with exactly one :class:`Final`."""
     scanner = ToolCallScanner(tools.format, tools.tools) if tools is not None else None
     tokens: list[int] = []

@@ -116,7 +116,9 @@ class ToolCallScanner:
         start, end = self.fmt.start, self.fmt.end
         while True:
             if self._in_call:
-                i = self._buf.find(end) if end else -1
+                if not end:  # a call without an end marker runs to the end of the output
+                    break
+                i = self._buf.find(end)
                 if i < 0:
                     break
                 inner, self._buf = self._buf[:i], self._buf[i + len(end):]

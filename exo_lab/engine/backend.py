@@ -24,8 +24,9 @@ from exo_lab.engine.sampling import SamplingParams
 
 #: finished requests kept in ``Backend.usage_history``
 USAGE_HISTORY = 256
-#: ``state`` values: only ``ready`` takes requests at once; the first three come back, the last two do not
-STATES = ("launching", "loading", "replacing", "ready", "failed", "stopped")
+#: ``state`` values: ``ready`` takes requests; ``launching``, ``loading`` and ``replacing`` pass
+#: (the API answers 503 with Retry-After); ``failed`` and ``stopped`` do not
+STATES = ("launching", "loading", "ready", "replacing", "failed", "stopped")
 
 
 class Backend(ABC):
