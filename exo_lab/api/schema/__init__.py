@@ -161,6 +161,12 @@ def _code(kind: str) -> str:
     return kind if kind in ("empty_array", "invalid_value") else "invalid_value"
 
 
+def _said(msg: str) -> str:
+    """Pydantic's message, lower-cased and without model class names (``or instance of ChatTool``)."""
+    msg = re.sub(r" or instance of \w+", "", msg)
+    return msg[0].lower() + msg[1:]
+
+
 def to_api_error(exc: ValidationError, style: str) -> ApiError:
     """The deepest error of ``exc`` (the union member that got furthest), said in ``style``'s words."""
     errors = exc.errors(include_url=False)
@@ -173,8 +179,7 @@ def to_api_error(exc: ValidationError, style: str) -> ApiError:
     if ctx.get("custom"):
         message = ctx["message"].replace("{param}", param)
     else:
-        said = " or ".join(dict.fromkeys(e["msg"][0].lower() + e["msg"][1:] for e in deepest
-                                         if _where(e) == loc))
+        said = ", or ".join(dict.fromkeys(_said(e["msg"]) for e in deepest if _where(e) == loc))
         if first["type"] == "missing":
             message = (f"Missing required parameter: '{param}'." if style == "openai"
                        else f"{param}: Field required.")
