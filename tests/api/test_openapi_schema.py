@@ -14,6 +14,7 @@ from exo_lab.api.registry import ModelRegistry
 APP = make_app(ModelRegistry())
 SPEC = spec(APP)
 POSTS = [(path, handler) for path, handler in routes(APP) if "post" in SPEC["paths"][path]]
+MODELS = {path: handler.schema for path, handler in POSTS if handler.schema is not None}
 MSGS = [{"role": "user", "content": "hi"}]
 #: per route: bodies the model takes, and bodies it refuses
 EXAMPLES = {
@@ -40,6 +41,7 @@ def resolve(schema: dict) -> dict:
 
 def test_every_post_route_declares_the_model_it_validates_with():
     assert {p for p, _ in POSTS} >= {"/v1/chat/completions", "/v1/responses", "/v1/messages", "/api/chat"}
+    assert len(MODELS) == len(POSTS)
     for path, handler in POSTS:
         assert handler.schema is not None, path
         body = SPEC["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
@@ -52,22 +54,22 @@ def test_every_post_route_declares_the_model_it_validates_with():
 
 @pytest.mark.parametrize("path", sorted(EXAMPLES))
 def test_the_document_and_the_validator_agree(path):
-    handler = dict(POSTS)[path]
-    schema = resolve({"$ref": f"#/components/schemas/{handler.schema.__name__}"})
+    model = MODELS[path]
+    schema = resolve({"$ref": f"#/components/schemas/{model.__name__}"})
     good, bad = EXAMPLES[path]
     for body in good:
         jsonschema.validate(body, schema)
-        handler.schema.parse(body)
+        model.parse(body)
     for body in bad:
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(body, schema)
         with pytest.raises(ApiError) as err:
-            handler.schema.parse(body)
+            model.parse(body)
         assert err.value.status == 400 and err.value.param
 
 
 def test_errors_name_the_field_in_the_family_style():
-    chat = dict(POSTS)["/v1/chat/completions"].schema
+    chat = MODELS["/v1/chat/completions"]
     with pytest.raises(ApiError) as err:
         chat.parse({"model": "m", "messages": [{"role": "wizard", "content": "x"}]})
     assert err.value.param == "messages[0].role" and err.value.code == "invalid_value"
@@ -75,7 +77,7 @@ def test_errors_name_the_field_in_the_family_style():
         chat.parse({"messages": MSGS})
     assert err.value.param == "model" and err.value.code == "missing_required_parameter"
     assert err.value.message == "Missing required parameter: 'model'."
-    messages = dict(POSTS)["/v1/messages"].schema
+    messages = MODELS["/v1/messages"]
     with pytest.raises(ApiError) as err:
         messages.parse({"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": 5}]})
     assert err.value.param == "messages.0.content" and err.value.message.startswith("messages.0.content: ")
