@@ -19,7 +19,6 @@ import queue
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,24 +26,20 @@ from mlx_lm.utils import load_tokenizer
 from tqdm.auto import tqdm
 
 from exo_lab.cluster.http import LineStream, RequestError, SignedClient
-from exo_lab.engine.chat import chat_prompt_tokens
-from exo_lab.engine.generator import Chunk, EngineBusy, Generation, GenerationRequest, TokenLogprob, Usage
+from exo_lab.engine.backend import STATES, USAGE_HISTORY, Backend  # noqa: F401  (re-exported)
+from exo_lab.engine.generation import Chunk, Generation, TokenLogprob, Usage
 from exo_lab.engine.job import Job
-from exo_lab.engine.sampling import SamplingParams
 from exo_lab.models.store import resolve
 from exo_lab.placement.plan import Plan
 
 log = logging.getLogger(__name__)
-
-STATES = ("launching", "loading", "ready", "replacing", "failed", "stopped")
-USAGE_HISTORY = 256  # finished requests kept in ``Instance.usage_history``
 
 
 class LaunchError(RuntimeError):
     """A plan could not be launched (a node refused, or workers failed to start)."""
 
 
-class Instance:
+class Instance(Backend):
     """A running model split over ranks; generates like an :class:`~exo_lab.Engine`."""
 
     #: what it does beyond plain generation (on the rank that samples): logprobs, and output constrained by a grammar
@@ -52,16 +47,11 @@ class Instance:
 
     def __init__(self, cluster: Any, model: str, plan: Plan, name: str | None = None, auto_replace: bool = True,
                  max_batch: int = 16, max_queue: int = 256) -> None:
+        super().__init__(name or str(model), max_batch, max_queue)
         self.cluster = cluster
         self.model = model
-        self.name = name or str(model)
         self.plan = plan
         self.auto_replace = auto_replace
-        self.created = int(time.time())
-        if max_batch < 1 or max_queue < 0:
-            raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
-        self.max_batch = max_batch  # requests decoding together on the ranks
-        self.max_queue = max_queue  # more waiting; beyond that submit() raises EngineBusy
         self.path = resolve(model)
         config = json.loads((self.path / "config.json").read_text())
         self.tokenizer = load_tokenizer(self.path, eos_token_ids=config.get("eos_token_id"))
@@ -70,13 +60,9 @@ class Instance:
         self.error: str | None = None
         self.progress: dict[int, tuple[int, int]] = {}
         self.replacements = 0
-        self.usage_history: deque[tuple[float, Usage]] = deque(maxlen=USAGE_HISTORY)  # (unix time, usage)
-        self.requests_completed = 0  # all finished requests, not only those still in the history
         self._seq = 0
         self._queue: queue.Queue[Generation | None] = queue.Queue()
         self._inflight: set[Generation] = set()  # sent to the ranks, not finished
-        self._pending = 0  # submitted, not finished
-        self._lock = threading.RLock()
         self._closed = threading.Event()
         self._start(plan)
         threading.Thread(target=self._dispatch_loop, name=f"exo-lab-instance-{self.name}", daemon=True).start()
@@ -264,25 +250,15 @@ class Instance:
             self.error = f"{self.error}; re-placing failed: {exc}"
 
     # ---------------------------------------------------------------- generation
-    def chat_tokens(self, messages: Sequence[dict[str, Any]]) -> list[int]:
-        return chat_prompt_tokens(self.tokenizer, messages)
-
-    def submit(self, request: GenerationRequest) -> Generation:
+    def _check_open(self) -> None:
         if self.state in ("failed", "stopped"):
             raise RuntimeError(f"instance {self.name} is {self.state}: {self.error}")
-        with self._lock:
-            if self._pending >= self.max_batch + self.max_queue:
-                raise EngineBusy(f"{self.name} is busy: {self._pending} requests are generating or queued "
-                                 f"(at most {self.max_batch} + {self.max_queue}); retry shortly")
-            self._pending += 1
-        gen = Generation(request)
-        self._queue.put(gen)
-        return gen
 
-    @property
-    def pending(self) -> int:
-        """Requests generating or waiting."""
-        return self._pending
+    def _enqueue(self, gen: Generation) -> None:
+        self._queue.put(gen)
+
+    def _on_finish(self, gen: Generation) -> None:
+        self._inflight.discard(gen)
 
     @property
     def stats(self) -> dict[str, int]:
@@ -292,34 +268,6 @@ class Instance:
         except (OSError, KeyError, ValueError):  # not started, gone, or not answering
             return {"decode_steps": 0, "peak_batch": 0}
         return {k: int(status.get(k, 0)) for k in ("decode_steps", "peak_batch")}
-
-    def _finish(self, gen: Generation, final: Chunk) -> None:
-        """Push ``gen``'s final chunk (once) and free its place."""
-        with self._lock:
-            if gen.done:
-                return
-            self._pending -= 1
-            self._inflight.discard(gen)
-            gen._push(final)
-
-    def generate(self, prompt: str | Sequence[int], max_tokens: int = 256, temperature: float = 0.0,
-                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: Sequence[str] = (),
-                 ignore_eos: bool = False) -> Generation:
-        """Like :meth:`exo_lab.Engine.generate`: a streaming handle."""
-        tokens = list(self.tokenizer.encode(prompt)) if isinstance(prompt, str) else list(prompt)
-        return self.submit(GenerationRequest(tuple(tokens), max_tokens, SamplingParams(temperature, top_p, top_k, seed),
-                                             tuple(stop), ignore_eos))
-
-    def stream(self, prompt: str | Sequence[int], **kwargs: Any):
-        """Yield text pieces as they are generated."""
-        for chunk in self.generate(prompt, **kwargs):
-            if chunk.error:
-                raise RuntimeError(chunk.error)
-            if chunk.text:
-                yield chunk.text
-
-    def chat(self, messages: Sequence[dict[str, Any]], **kwargs: Any) -> Generation:
-        return self.generate(self.chat_tokens(messages), **kwargs)
 
     def _dispatch_loop(self) -> None:
         """Number each request and send it to every rank; a thread per request streams it back from rank 0."""
@@ -419,11 +367,8 @@ class Instance:
                     reason = item["finish_reason"]
                     if gen.cancelled and reason != "error":
                         reason = "cancelled"
-                    if reason != "error":
-                        self.usage_history.append((time.time(), usage))
-                        self.requests_completed += 1
                     self._finish(gen, Chunk(item.get("text", ""), tuple(item.get("tokens", [])), reason, usage,
-                                            item.get("error"), item.get("stop_sequence")))
+                                            item.get("error"), item.get("stop_sequence")), record=reason != "error")
                     return
                 gen._push(Chunk(item.get("text", ""), tuple(item.get("tokens", [])), logprobs=_logprobs(item)))
         finally:

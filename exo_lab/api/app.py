@@ -6,12 +6,10 @@ import logging
 
 import tornado.web
 
-from exo_lab.api import ollama
-from exo_lab.api.anthropic import CountTokensHandler, MessagesHandler
+from exo_lab.api import ollama_meta
 from exo_lab.api.base import NotFoundHandler
+from exo_lab.api.handlers import ChatCompletionsHandler, CountTokensHandler, MessagesHandler, ResponsesHandler
 from exo_lab.api.info import HealthHandler, ModelHandler, ModelsHandler
-from exo_lab.api.openai_chat import ChatCompletionsHandler
-from exo_lab.api.openai_responses import ResponsesHandler
 from exo_lab.api.openapi import OpenApiHandler
 from exo_lab.api.registry import ModelRegistry
 
@@ -47,7 +45,7 @@ def make_app(registry: ModelRegistry, topology_source=None, api_key: str | None 
             (r"/health", HealthHandler, kw),
             (r"/openapi.json", OpenApiHandler, kw),
             (r"/instance/previews", PreviewsHandler, {**kw, "topology_source": topology_source}),
-            *ollama.routes(kw),
+            *ollama_meta.routes(kw),
         ],
         default_handler_class=NotFoundHandler,
         default_handler_args=kw,

@@ -5,15 +5,20 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-from typing import Any
+import uuid
+from contextlib import aclosing
+from typing import Any, ClassVar, Protocol
 
 from tornado.iostream import StreamClosedError
 from tornado.web import HTTPError, RequestHandler
 
+from exo_lab.api import common
 from exo_lab.api.errors import ApiError
-from exo_lab.api.fields import parse_json_object
+from exo_lab.api.events import collect, events
 from exo_lab.api.registry import ModelRegistry
-from exo_lab.engine.generator import Generation
+from exo_lab.api.reply import Reply
+from exo_lab.api.schema import RequestModel, parse_json_object
+from exo_lab.engine.generation import Generation
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +50,8 @@ class ApiHandler(RequestHandler):
     registry: ModelRegistry
     family = "openai"
     auth_required = True
+    #: the model a POST body must follow (also its schema in ``/openapi.json``)
+    schema: ClassVar[type[RequestModel] | None] = None
 
     def initialize(self, registry: ModelRegistry) -> None:
         self.registry = registry
@@ -53,6 +60,8 @@ class ApiHandler(RequestHandler):
 
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json")
+        if self.family == "anthropic":
+            self.set_header("request-id", f"req_{uuid.uuid4().hex[:24]}")
 
     def prepare(self) -> None:
         key = self.settings.get("api_key")
@@ -66,6 +75,11 @@ class ApiHandler(RequestHandler):
 
     def json_body(self) -> dict[str, Any]:
         return parse_json_object(self.request.body)
+
+    def body(self) -> Any:
+        """The request body validated by :attr:`schema` (400 when it does not follow it)."""
+        assert self.schema is not None, f"{type(self).__name__} declares no request schema"
+        return self.schema.parse(self.json_body())
 
     def send_json(self, data: Any, status: int = 200) -> None:
         self.set_status(status)
@@ -139,6 +153,55 @@ class ApiHandler(RequestHandler):
             self.on_connection_close()
             return False
         return True
+
+
+class ParseRequest(Protocol):
+    def __call__(self, req: Any, registry: ModelRegistry) -> Reply: ...
+
+
+class GenerationHandler(ApiHandler):
+    """``POST`` for every family: body -> :attr:`schema` -> the family's :class:`Reply` (``parse``) -> submit
+    -> events -> its answer.
+
+    Errors before generation are answered in the family's shape (400 / 404 / 429 / 503);
+    a client that goes away cancels the generation.
+    """
+
+    parse: ClassVar[ParseRequest]
+
+    async def post(self) -> None:
+        try:
+            reply = type(self).parse(self.body(), self.registry)
+            if reply.request is None:
+                self.send_json(reply.immediate())
+                return
+            self.generation = common.submit(reply.backend, reply.request)
+        except ApiError as err:
+            self.send_api_error(err)
+            return
+        if self.client_gone:
+            self.generation.cancel()
+        stream = events(self.generation, reply.tools)
+        if not reply.stream:
+            out = await collect(stream)
+            if self.client_gone:
+                return
+            if out.final.error:
+                self.send_api_error(reply.failure(out.final.error))
+            else:
+                self.send_json(reply.complete(out))
+            return
+        if reply.framing == "ndjson":
+            self.set_header("Content-Type", "application/x-ndjson")
+        else:
+            self.start_sse()
+        async with aclosing(stream), aclosing(reply.frames(stream)) as frames:
+            async for name, data in frames:
+                sent = await (self.send_line(data) if reply.framing == "ndjson" else self.send_sse(data, name))
+                if not sent:
+                    return
+        if not self.client_gone:
+            self.finish()
 
 
 class NotFoundHandler(ApiHandler):

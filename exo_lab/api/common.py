@@ -7,13 +7,14 @@ starts, so a handler renders it in its own family's shape.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from exo_lab.api.errors import ApiError, bad_request
+from exo_lab.api.events import ToolParsing
 from exo_lab.api.registry import Backend, ModelRegistry
+from exo_lab.api.tools import tool_format
 from exo_lab.engine.chat import chat_prompt_tokens
-from exo_lab.engine.generator import Chunk, EngineBusy, Generation, GenerationRequest, TokenLogprob, Usage
+from exo_lab.engine.generation import EngineBusy, Generation, GenerationRequest
 from exo_lab.engine.guided import SchemaError, json_object, json_schema, shortest_output, tool_calls, vocabulary
 from exo_lab.engine.sampling import SamplingParams
 
@@ -26,12 +27,12 @@ MAX_TOKENS_CEILING = 1 << 20
 def ready_backend(registry: ModelRegistry, model: str) -> Backend:
     """The backend serving ``model``: 404 if there is none, 503 (with Retry-After) while it is not ready."""
     backend = registry.get(model)
-    state = getattr(backend, "state", "ready")
+    state = backend.state
     if state in ("launching", "loading", "replacing"):
         raise ApiError(503, f"The model {model!r} is {state}; retry shortly.", type="server_error",
                        code="model_not_ready", headers={"Retry-After": "5"})
     if state in ("failed", "stopped"):
-        raise ApiError(503, f"The model {model!r} is {state}: {getattr(backend, 'error', '')}", type="server_error",
+        raise ApiError(503, f"The model {model!r} is {state}: {backend.error or ''}", type="server_error",
                        code="model_unavailable", headers={"Retry-After": "30"})
     return backend
 
@@ -51,14 +52,6 @@ def chat_tokens(backend: Backend, messages: Sequence[dict[str, Any]], tools: Seq
         raise
 
 
-def text_tokens(backend: Backend, text: str, param: str = "prompt") -> list[int]:
-    """Raw text to tokens (with the tokenizer's BOS, as the model expects)."""
-    ids = list(backend.tokenizer.encode(text))
-    if not ids:
-        raise bad_request(f"'{param}' encodes to no tokens; send some text.", param)
-    return ids
-
-
 def generation_request(
     backend: Backend,
     prompt: Sequence[int],
@@ -74,7 +67,7 @@ def generation_request(
     grammar_param: str = "response_format",
 ) -> GenerationRequest:
     """A GenerationRequest within the model's context; 400 for what the backend cannot do."""
-    context = getattr(backend, "context_length", None)
+    context = backend.context_length
     if context and len(prompt) >= context:
         raise bad_request(f"The prompt has {len(prompt)} tokens; this model's context is {context} tokens.",
                           prompt_param, "context_length_exceeded")
@@ -82,7 +75,7 @@ def generation_request(
     if max_tokens is not None and max_tokens > ceiling:
         raise bad_request(f"'{max_tokens_param}' is {max_tokens}, more than any context this server offers "
                           f"({ceiling} tokens); ask for fewer.", max_tokens_param)
-    features = getattr(backend, "features", frozenset())
+    features = backend.features
     if logprobs is not None and "logprobs" not in features:
         raise bad_request("This model's backend does not report logprobs.", "logprobs")
     if grammar is not None and "grammar" not in features:
@@ -128,41 +121,34 @@ def submit(backend: Backend, request: GenerationRequest) -> Generation:
                        headers={"Retry-After": "5"}) from exc
 
 
-def sampling_params(temperature: float, top_p: float = 1.0, top_k: int = 0, seed: int | None = None) -> SamplingParams:
-    return SamplingParams(temperature, top_p, top_k, seed)
+def format_grammar(kind: str, schema: Any, param: str) -> Any:
+    """The constraint a response format asks for: None (``text``), any JSON object (``json_object``),
+    or the schema's (``json_schema``; ``param`` names the schema in errors)."""
+    if kind == "json_object":
+        return json_object()
+    if kind == "json_schema":
+        return schema_grammar(schema, param)
+    return None
 
 
-@dataclass
-class Collected:
-    """A whole generation, gathered for a non-streaming answer."""
+def tool_setup(backend: Backend, tools: Sequence[dict[str, Any]], mode: str, forced: str | None,
+               can_force: bool = True) -> tuple[ToolParsing | None, Any]:
+    """How calls are found in ``backend``'s output (None when tools are off), and the grammar that forces
+    a call (for ``required`` / a named function, where the model's format allows and ``can_force``)."""
+    if not tools or mode == "none":
+        return None, None
+    fmt = tool_format(backend.tokenizer)
+    grammar = None
+    if fmt.hermes and mode in ("required", "function") and can_force:
+        grammar = forced_tool_grammar(tools, forced)
+    return ToolParsing(fmt, list(tools)), grammar
 
-    text: str = ""
-    finish_reason: str | None = None
-    usage: Usage = field(default_factory=Usage)
-    stop_sequence: str | None = None
-    error: str | None = None
-    tokens: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
 
-
-async def collect(generation: Generation) -> Collected:
-    parts: list[str] = []
-    out = Collected()
-    last: Chunk | None = None
-    async for chunk in generation:
-        parts.append(chunk.text)
-        out.tokens.extend(chunk.tokens)
-        out.logprobs.extend(chunk.logprobs)
-        last = chunk
-    out.text = "".join(parts)
-    if last is None:
-        out.error = "generation produced nothing"
-        return out
-    out.finish_reason = last.finish_reason
-    out.usage = last.usage or Usage()
-    out.stop_sequence = last.stop_sequence
-    out.error = last.error
-    return out
+def sampling_params(temperature: float | None, top_p: float | None = None, top_k: int | None = None,
+                    seed: int | None = None, default_temperature: float = 1.0) -> SamplingParams:
+    """Sampling from a request's fields; a field left out (None) takes its default."""
+    return SamplingParams(default_temperature if temperature is None else temperature,
+                          1.0 if top_p is None else top_p, top_k or 0, seed)
 
 
 def schema_grammar(schema: Any, param: str) -> Any:

@@ -42,7 +42,7 @@ class PreviewsHandler(ApiHandler):
             if prompt > context:
                 raise bad_request("'prompt_tokens' must not exceed 'context'.", "prompt_tokens")
             if model in self.registry.names():  # a served model: plan for its files
-                model = getattr(self.registry.get(model), "path", model)
+                model = self.registry.get(model).path or model
             topology = self.topology_source() if self.topology_source else this_machine()
             try:
                 plans = preview(topology, model, context, prompt, batch, objective)

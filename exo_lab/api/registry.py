@@ -3,23 +3,11 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
-from typing import Any, Protocol
 
 from exo_lab.api.errors import model_not_found
-from exo_lab.engine.generator import Generation, GenerationRequest
+from exo_lab.engine.backend import Backend
 
-
-class Backend(Protocol):
-    """What the API needs from something that generates (an Engine, later an Instance)."""
-
-    name: str
-    created: int
-    tokenizer: Any
-
-    def chat_tokens(self, messages: Sequence[dict[str, Any]]) -> list[int]: ...
-
-    def submit(self, request: GenerationRequest) -> Generation: ...
+__all__ = ["Backend", "ModelRegistry"]
 
 
 class ModelRegistry:

@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import threading
 from pathlib import Path
 from typing import Any
 
 from tornado.httpserver import HTTPServer
 
+from exo_lab import defaults
 from exo_lab.api.app import make_app
 from exo_lab.api.registry import Backend, ModelRegistry
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORT = 52415
+DEFAULT_PORT = defaults.API_PORT
 _parked = threading.Event()
 
 
@@ -188,13 +190,9 @@ def serve(
     With ``api_key`` (default: ``$EXO_LAB_API_KEY``), every endpoint but
     ``/health`` and ``GET /`` needs ``Authorization: Bearer KEY`` or ``x-api-key: KEY``.
     """
-    import os
-
     if api_key is None:
-        api_key = os.environ.get("EXO_LAB_API_KEY") or None
+        api_key = defaults.api_key()
     if api_key is None and not is_loopback(host):
-        import secrets
-
         api_key = secrets.token_hex(24)  # hex: safe to paste after --api-key (never starts with "-")
         print(f"exo_lab: {host} is reachable from other machines, so the API needs a key; clients must send "
               f"'Authorization: Bearer {api_key}' (or 'x-api-key'). Pass --api-key / api_key= to choose it.",

@@ -1,4 +1,4 @@
-"""Tool calls: request validation, the model's call format, and parsing calls out of generated text.
+"""Tool calls: the model's call format, and parsing calls out of generated text.
 
 The format comes from the tokenizer: mlx_lm infers a tool parser (and the
 markers around a call) from the chat template, so real models (Qwen, Mistral,
@@ -16,7 +16,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from exo_lab.api.errors import bad_request
 from exo_lab.engine.chat import HERMES_END, HERMES_START, template_renders_tools
 
 
@@ -44,49 +43,8 @@ def tool_format(tokenizer: Any) -> ToolFormat:
     return ToolFormat(HERMES_START, HERMES_END, _hermes_parse, True)
 
 
-def check_tools(tools: Any, param: str = "tools") -> list[dict[str, Any]]:
-    """OpenAI Chat ``tools``: ``[{"type": "function", "function": {"name", "description", "parameters"}}]``."""
-    if tools is None:
-        return []
-    if not isinstance(tools, list):
-        raise bad_request(f"'{param}' must be an array of tools.", param, "invalid_type")
-    for i, tool in enumerate(tools):
-        where = f"{param}[{i}]"
-        if not isinstance(tool, dict) or tool.get("type", "function") != "function":
-            raise bad_request(f"'{where}' must be an object with type 'function'.", where)
-        fn = tool.get("function")
-        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
-            raise bad_request(f"'{where}.function.name' is required and must be a string.", f"{where}.function.name")
-        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
-            raise bad_request(f"'{where}.function.parameters' must be a JSON schema object.",
-                              f"{where}.function.parameters")
-    return tools
-
-
 def tool_names(tools: Sequence[dict[str, Any]]) -> list[str]:
     return [t["function"]["name"] for t in tools]
-
-
-def check_tool_choice(choice: Any, tools: Sequence[dict[str, Any]], param: str = "tool_choice") -> tuple[str, str | None]:
-    """``(mode, name)``: mode is ``none``, ``auto``, ``required`` or ``function`` (with its name)."""
-    if choice is None:
-        return ("auto" if tools else "none"), None
-    if isinstance(choice, str):
-        if choice not in ("none", "auto", "required"):
-            raise bad_request(f"'{param}' must be 'none', 'auto', 'required' or a function, got {choice!r}.", param)
-        if choice == "required" and not tools:
-            raise bad_request(f"'{param}' is 'required' but no tools were given.", param)
-        return choice, None
-    if isinstance(choice, dict):
-        fn = choice.get("function") if isinstance(choice.get("function"), dict) else choice
-        name = fn.get("name")
-        if not isinstance(name, str):
-            raise bad_request(f"'{param}' must name a function: {{'type': 'function', 'function': {{'name': ...}}}}.",
-                              param)
-        if name not in tool_names(tools):
-            raise bad_request(f"'{param}' names {name!r}, which is not among the tools.", param)
-        return "function", name
-    raise bad_request(f"'{param}' must be a string or an object.", param, "invalid_type")
 
 
 def _as_calls(parsed: Any) -> list[dict[str, Any]]:
@@ -135,61 +93,69 @@ class ToolCallScanner:
         return calls
 
     def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
+        """The text to show and the calls completed by ``text`` (see :meth:`scan` for their order)."""
+        items = self.scan(text)
+        return "".join(i for i in items if isinstance(i, str)), [i for i in items if isinstance(i, dict)]
+
+    def finish(self) -> tuple[str, list[dict[str, Any]]]:
+        """The end of generation: what is still held back."""
+        items = self.scan_end()
+        return "".join(i for i in items if isinstance(i, str)), [i for i in items if isinstance(i, dict)]
+
+    def scan(self, text: str) -> list[str | dict[str, Any]]:
+        """Text to show (str) and completed calls (dict), in the order the model wrote them."""
         self._buf += text
         if self.fmt.start is None:
             if self._bare is None and self._buf.strip():
                 self._bare = self._buf.lstrip().startswith(("{", "["))
             if self._bare is False:
                 out, self._buf = self._buf, ""
-                return out, []
-            return "", []
-        shown: list[str] = []
-        found: list[dict[str, Any]] = []
+                return [out]
+            return []
+        items: list[str | dict[str, Any]] = []
         start, end = self.fmt.start, self.fmt.end
         while True:
             if self._in_call:
-                i = self._buf.find(end) if end else -1
+                if not end:  # a call without an end marker runs to the end of the output
+                    break
+                i = self._buf.find(end)
                 if i < 0:
                     break
                 inner, self._buf = self._buf[:i], self._buf[i + len(end):]
                 self._in_call = False
                 calls = self._parse(inner)
                 if calls is None:
-                    shown.append(start + inner + end)
+                    items.append(start + inner + end)
                 else:
-                    found.extend(calls)
+                    self.calls.extend(calls)
+                    items.extend(calls)
                 continue
             i = self._buf.find(start)
             if i >= 0:
-                shown.append(self._buf[:i])
+                items.append(self._buf[:i])
                 self._buf = self._buf[i + len(start):]
                 self._in_call = True
                 continue
             keep = _partial_suffix(self._buf, start)
-            shown.append(self._buf[: len(self._buf) - keep])
+            items.append(self._buf[: len(self._buf) - keep])
             self._buf = self._buf[len(self._buf) - keep:]
             break
-        self.calls.extend(found)
-        return "".join(shown), found
+        return [i for i in items if i != ""]
 
-    def finish(self) -> tuple[str, list[dict[str, Any]]]:
-        """The end of generation: what is still held back."""
+    def scan_end(self) -> list[str | dict[str, Any]]:
+        """The end of generation: what is still held back, as :meth:`scan` gives it."""
         buf, self._buf = self._buf, ""
+        calls = None
         if self.fmt.start is None:
-            if self._bare:
-                calls = self._parse(buf)
-                if calls is not None:
-                    self.calls.extend(calls)
-                    return "", calls
-            return buf, []
-        if self._in_call:
+            calls = self._parse(buf) if self._bare else None
+        elif self._in_call:
             self._in_call = False
             calls = self._parse(buf)  # some parsers read a call cut short by the token limit
-            if calls is not None:
-                self.calls.extend(calls)
-                return "", calls
-            return self.fmt.start + buf, []
-        return buf, []
+            buf = self.fmt.start + buf
+        if calls is not None:
+            self.calls.extend(calls)
+            return list(calls)
+        return [buf] if buf else []
 
 
 def _partial_suffix(buf: str, marker: str) -> int:

@@ -14,106 +14,32 @@ alone or batched.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import queue
 import threading
 import time
-import uuid
-from collections import deque
-from collections.abc import AsyncIterator, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx_lm.generate  # noqa: F401  (import here, not on the engine thread: its module-level stream is thread-local)
 
-from exo_lab.engine.chat import chat_prompt_tokens
-from exo_lab.engine.sampling import SamplingParams, make_sampler
+from exo_lab.engine.backend import Backend
+from exo_lab.engine.generation import (  # noqa: F401  (re-exported: the request types' old home)
+    Chunk,
+    EngineBusy,
+    Generation,
+    GenerationError,
+    GenerationRequest,
+    TokenLogprob,
+    Usage,
+)
+from exo_lab.engine.sampling import make_sampler
 from exo_lab.engine.stopping import StopMatcher
 
 log = logging.getLogger(__name__)
 _parked = threading.Condition()  # closed engines' worker threads wait here forever
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """What to generate: prompt tokens, limits, sampling and stop rules."""
-
-    prompt_tokens: tuple[int, ...]
-    max_tokens: int = 256
-    sampling: SamplingParams = SamplingParams()
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
-    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
-    #: report each token's log-probability and this many most likely alternatives (None: no logprobs)
-    logprobs: int | None = None
-    #: what the output must follow: a :class:`~exo_lab.engine.guided.SchemaGrammar` (any JSON object, a JSON
-    #: schema, a forced tool call), complete within ``max_tokens`` where it can be; or None
-    grammar: Any = None
-
-    def __post_init__(self) -> None:
-        if not self.prompt_tokens:
-            raise ValueError("the prompt is empty")
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
-            raise ValueError(f"logprobs must be between 0 and 20, got {self.logprobs}")
-
-
-@dataclass
-class Usage:
-    """Token counts and timings of one generation."""
-
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    ttft_s: float = 0.0
-    prompt_tps: float = 0.0
-    generation_tps: float = 0.0
-    total_s: float = 0.0
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-    def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "total_tokens": self.total_tokens}
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """One generated token's log-probability and the most likely alternatives ``(id, text, logprob)``."""
-
-    token: int
-    text: str
-    logprob: float
-    top: tuple[tuple[int, str, float], ...] = ()
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """A piece of output: new text (may be empty) and the token ids behind it.
-
-    The last chunk has ``finish_reason`` (``stop``, ``length``, ``cancelled`` or
-    ``error``) and ``usage``.
-    """
-
-    text: str
-    tokens: tuple[int, ...] = ()
-    finish_reason: str | None = None
-    usage: Usage | None = None
-    error: str | None = None
-    stop_sequence: str | None = None
-    logprobs: tuple[TokenLogprob, ...] = ()
-
-
-class GenerationError(RuntimeError):
-    """Generation failed inside the engine."""
-
-
-class EngineBusy(GenerationError):
-    """Every decode slot and queue place is taken; retry later."""
 
 
 @dataclass
@@ -130,85 +56,7 @@ class _Active:
     n: int = 0
 
 
-class Generation:
-    """Handle on a queued or running generation; iterate it for chunks."""
-
-    def __init__(self, request: GenerationRequest) -> None:
-        self.request = request
-        self._events: queue.Queue[Chunk] = queue.Queue()
-        self._cancel = threading.Event()
-        self._done = threading.Event()
-        self._lock = threading.Lock()
-        self._wakers: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
-        self.usage: Usage | None = None
-        self.finish_reason: str | None = None
-
-    # producer side (engine thread)
-    def _push(self, chunk: Chunk) -> None:
-        if chunk.finish_reason is not None:
-            self.usage, self.finish_reason = chunk.usage, chunk.finish_reason
-        self._events.put(chunk)
-        if chunk.finish_reason is not None:
-            self._done.set()
-        with self._lock:
-            wakers = list(self._wakers)
-        for loop, event in wakers:
-            try:
-                loop.call_soon_threadsafe(event.set)
-            except RuntimeError:  # the consumer's loop has closed
-                pass
-
-    # consumer side
-    def cancel(self) -> None:
-        """Stop generating; takes effect within one token."""
-        self._cancel.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancel.is_set()
-
-    @property
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def __iter__(self) -> Iterator[Chunk]:
-        while True:
-            chunk = self._events.get()
-            yield chunk
-            if chunk.finish_reason is not None:
-                return
-
-    async def __aiter__(self) -> AsyncIterator[Chunk]:
-        loop = asyncio.get_running_loop()
-        wake = asyncio.Event()
-        with self._lock:
-            self._wakers.append((loop, wake))
-        try:
-            while True:
-                try:
-                    chunk = self._events.get_nowait()
-                except queue.Empty:
-                    await wake.wait()
-                    wake.clear()
-                    continue
-                yield chunk
-                if chunk.finish_reason is not None:
-                    return
-        finally:
-            with self._lock:
-                self._wakers.remove((loop, wake))
-
-    def text(self) -> str:
-        """Block until done; the whole generated text (raises on engine errors)."""
-        parts = []
-        for chunk in self:
-            if chunk.error:
-                raise GenerationError(chunk.error)
-            parts.append(chunk.text)
-        return "".join(parts)
-
-
-class Engine:
+class Engine(Backend):
     """A model loaded with mlx_lm, generating on its own worker thread."""
 
     #: what this backend does beyond plain generation: logprobs, and output constrained by a grammar
@@ -217,20 +65,11 @@ class Engine:
     def __init__(self, model: str | Path, name: str | None = None, max_batch: int = 16, max_queue: int = 256) -> None:
         from exo_lab.models import resolve
 
-        if max_batch < 1 or max_queue < 0:
-            raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+        super().__init__(name or str(model), max_batch, max_queue)
         self.path = resolve(model)
-        self.name = name or str(model)
-        self.created = int(time.time())
-        self.max_batch = max_batch
-        self.max_queue = max_queue
         #: decode steps taken, tokens they produced, and the most sequences one step decoded
-        self.stats = {"decode_steps": 0, "decode_tokens": 0, "peak_batch": 0}
-        self._pending = 0  # submitted and not finished
-        self._pending_lock = threading.Lock()
+        self._stats = {"decode_steps": 0, "decode_tokens": 0, "peak_batch": 0}
         self._closing = False
-        self.usage_history: deque[tuple[float, Usage]] = deque(maxlen=256)  # (unix time, usage) per request
-        self.requests_completed = 0  # all of them, not only those still in the history
         self._queue: queue.Queue[Generation | None] = queue.Queue()
         self._loaded = threading.Event()
         self._load_error: BaseException | None = None
@@ -242,69 +81,27 @@ class Engine:
             raise self._load_error
 
     # public API
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
+    @property
+    def stats(self) -> dict[str, int]:
+        return self._stats
 
-    def chat_tokens(self, messages: Sequence[dict[str, Any]]) -> list[int]:
-        """Prompt tokens for chat ``messages`` (raises ValueError on bad messages)."""
-        return chat_prompt_tokens(self.tokenizer, messages)
-
-    def submit(self, request: GenerationRequest) -> Generation:
-        """Queue ``request``; returns at once with a handle to iterate.
-
-        Raises :class:`EngineBusy` when ``max_batch + max_queue`` requests are already in.
-        """
+    def _check_open(self) -> None:
         if self._closing or self._closed.is_set():
             raise GenerationError("the engine is closed")
-        with self._pending_lock:
-            if self._pending >= self.max_batch + self.max_queue:
-                raise EngineBusy(f"{self.name} is busy: {self._pending} requests are generating or queued "
-                                 f"(at most {self.max_batch} + {self.max_queue}); retry shortly")
-            self._pending += 1
-        gen = Generation(request)
+
+    def _enqueue(self, gen: Generation) -> None:
         self._queue.put(gen)
-        return gen
-
-    @property
-    def pending(self) -> int:
-        """Requests generating or waiting."""
-        return self._pending
-
-    def generate(
-        self,
-        prompt: str | Sequence[int],
-        max_tokens: int = 256,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: Sequence[str] = (),
-        ignore_eos: bool = False,
-    ) -> Generation:
-        """Generate from raw text (or token ids); returns a streaming handle."""
-        tokens = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        return self.submit(
-            GenerationRequest(
-                tuple(tokens), max_tokens, SamplingParams(temperature, top_p, top_k, seed), tuple(stop), ignore_eos
-            )
-        )
-
-    def chat(self, messages: Sequence[dict[str, Any]], **kwargs: Any) -> Generation:
-        """Generate a reply to chat ``messages``; same keywords as :meth:`generate`."""
-        return self.generate(self.chat_tokens(messages), **kwargs)
 
     def close(self) -> None:
         """Finish queued work, then free the model; later submissions fail."""
         if not self._closed.is_set():
             self._closing = True
+            self.state = "stopped"
             self._queue.put(None)
             self._closed.wait(timeout=30)
 
     def __enter__(self) -> "Engine":
         return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     # worker thread
     def _run(self) -> None:
@@ -319,7 +116,7 @@ class Engine:
             self.config = config
             self.context_length = config.get("max_position_embeddings")
             self.eos_ids = set(self.tokenizer.eos_token_ids)
-            self.stream = mx.new_stream(mx.default_device())
+            self.mlx_stream = mx.new_stream(mx.default_device())
         except BaseException as exc:  # reported to the constructor's caller
             self._load_error = exc
             self._loaded.set()
@@ -364,7 +161,7 @@ class Engine:
         req = gen.request
         if self._batch is None:
             self._batch = BatchGenerator(self.model, max_tokens=256, completion_batch_size=self.max_batch,
-                                         prefill_batch_size=min(8, self.max_batch), stream=self.stream)
+                                         prefill_batch_size=min(8, self.max_batch), stream=self.mlx_stream)
         processors: list = []
         sampler = make_sampler(req.sampling)
         if req.grammar is not None:  # the constraint masks the logits, then picks the token to keep
@@ -400,9 +197,9 @@ class Engine:
                                           usage=Usage()))
             active.clear()
             return
-        self.stats["decode_steps"] += 1
-        self.stats["decode_tokens"] += len(responses)
-        self.stats["peak_batch"] = max(self.stats["peak_batch"], len(responses))
+        self._stats["decode_steps"] += 1
+        self._stats["decode_tokens"] += len(responses)
+        self._stats["peak_batch"] = max(self._stats["peak_batch"], len(responses))
         now = time.perf_counter()
         for r in responses:
             a = active.get(r.uid)
@@ -452,14 +249,7 @@ class Engine:
         usage.prompt_tps = usage.prompt_tokens / usage.ttft_s if usage.ttft_s else 0.0
         usage.generation_tps = (n - 1) / (end - a.first) if n > 1 and end > a.first else 0.0
         usage.total_s = end - a.start
-        self.usage_history.append((time.time(), usage))
-        self.requests_completed += 1
-        self._finish(gen, Chunk("", finish_reason=finish, usage=usage, stop_sequence=stopper.matched))
-
-    def _finish(self, gen: Generation, final: Chunk) -> None:
-        with self._pending_lock:
-            self._pending -= 1
-        gen._push(final)
+        self._finish(gen, Chunk("", finish_reason=finish, usage=usage, stop_sequence=stopper.matched), record=True)
 
     def _token_text(self, token: int) -> str:
         return self.tokenizer.decode([token])

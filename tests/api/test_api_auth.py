@@ -13,6 +13,7 @@ import ollama
 import openai
 import pytest
 
+from exo_lab.engine.backend import Backend
 from tests.helpers.net import free_port, wait_http
 from tests.helpers.http import raw
 
@@ -141,19 +142,26 @@ def test_official_clients(keyed):
 
 # --- in process: serve(api_key=...), and a key generated for a non-loopback address ----------
 
-class StubBackend:
+class StubBackend(Backend):
     """Enough of a Backend for requests that never reach generation."""
 
-    name = "stub"
-    created = 1_700_000_000
-    state = "ready"
     tokenizer = None
+    stats = {}
+
+    def __init__(self) -> None:
+        super().__init__("stub")
 
     def chat_tokens(self, messages):
         return [1, 2, 3]
 
-    def submit(self, request):
+    def _check_open(self):
         raise RuntimeError("the stub does not generate")
+
+    def _enqueue(self, gen):
+        raise AssertionError("unreachable")
+
+    def close(self):
+        pass
 
 
 def test_serve_with_api_key_in_process():

@@ -21,25 +21,29 @@ ANY_JSON = st.recursive(
 LIMITS = ("max_tokens", "max_completion_tokens", "max_output_tokens")
 
 
-def from_schema(schema: dict, name: str = "") -> st.SearchStrategy:
-    """Values that follow ``schema`` (the subset of JSON Schema /openapi.json uses)."""
+def from_schema(schema: dict, name: str = "", defs: dict | None = None) -> st.SearchStrategy:
+    """Values that follow ``schema`` (the subset of JSON Schema /openapi.json uses); ``defs``: its components."""
+    defs = defs or {}
+    if "$ref" in schema:
+        return st.deferred(lambda: from_schema(defs[schema["$ref"].rsplit("/", 1)[-1]], name, defs))
     if "const" in schema:
         return st.just(schema["const"])
     if "enum" in schema:
         return st.sampled_from(schema["enum"])
-    if "anyOf" in schema:
-        return st.one_of([from_schema(s, name) for s in schema["anyOf"]])
+    if "anyOf" in schema or "oneOf" in schema:
+        return st.one_of([from_schema(s, name, defs) for s in schema.get("anyOf") or schema["oneOf"]])
     kind = schema.get("type")
     if kind == "object":
         props = schema.get("properties", {})
         required = set(schema.get("required", []))
-        fixed = {k: from_schema(v, k) for k, v in props.items() if k in required}
-        optional = {k: from_schema(v, k) for k, v in props.items() if k not in required}
+        fixed = {k: from_schema(v, k, defs) for k, v in props.items() if k in required}
+        optional = {k: from_schema(v, k, defs) for k, v in props.items() if k not in required}
         if not props:
             return st.dictionaries(st.text(max_size=6), ANY_JSON, max_size=3)
         return st.fixed_dictionaries(fixed, optional=optional)
     if kind == "array":
-        return st.lists(from_schema(schema.get("items", {}), name), min_size=schema.get("minItems", 0), max_size=3)
+        return st.lists(from_schema(schema.get("items", {}), name, defs), min_size=schema.get("minItems", 0),
+                        max_size=min(3, schema.get("maxItems", 3)))
     if kind == "string":
         if name == "model":
             return st.sampled_from(["tiny", "tiny:latest", "gpt-9"]) | st.text(max_size=8)
@@ -47,7 +51,9 @@ def from_schema(schema: dict, name: str = "") -> st.SearchStrategy:
     if kind == "integer":
         return st.integers(schema.get("minimum", -(2**31)), schema.get("maximum", 2**31))
     if kind == "number":
-        return st.floats(schema.get("minimum", -1e6), schema.get("maximum", 1e6), allow_nan=False)
+        low = schema.get("minimum", schema.get("exclusiveMinimum", -1e6))
+        return st.floats(low, schema.get("maximum", 1e6), allow_nan=False,
+                         exclude_min="exclusiveMinimum" in schema)
     if kind == "boolean":
         return st.booleans()
     if kind == "null":
@@ -66,8 +72,8 @@ def mutate(value: dict) -> st.SearchStrategy:
     ))
 
 
-def bodies(schema: dict) -> st.SearchStrategy:
-    valid = from_schema(schema)
+def bodies(schema: dict, defs: dict) -> st.SearchStrategy:
+    valid = from_schema(schema, defs=defs)
     return st.one_of(
         valid,
         valid.flatmap(mutate),
@@ -133,7 +139,7 @@ def test_every_route_is_described(spec, server):
 def test_fuzzed_bodies_never_get_a_5xx(spec, server, path):
     schema = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
 
-    @given(body=bodies(schema))
+    @given(body=bodies(schema, spec["components"]["schemas"]))
     @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
     def check(body):
         body = keep_short(path, body)

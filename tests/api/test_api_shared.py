@@ -10,6 +10,7 @@ import pytest
 
 from exo_lab.api.registry import ModelRegistry
 from exo_lab.api.server import Server
+from exo_lab.engine.backend import Backend
 from exo_lab.engine.generator import Chunk, Generation, Usage
 from tests.helpers.http import raw
 
@@ -22,30 +23,33 @@ REQUESTS = {
 }
 
 
-class Stub:
+class Stub(Backend):
     """A backend in a given state whose generations say 'hello' and then fail."""
 
-    created = 1_700_000_000
     tokenizer = None
     context_length = 100
+    stats = {}
 
     def __init__(self, state: str = "ready") -> None:
-        self.name = "m"
+        super().__init__("m")
         self.state = state
         self.error = "a worker died"
 
     def chat_tokens(self, messages):
         return [1, 2, 3]
 
-    def submit(self, request):
-        gen = Generation(request)
+    def _check_open(self):
+        pass
 
+    def _enqueue(self, gen: Generation) -> None:
         def run():
             gen._push(Chunk("hello", (5,)))
-            gen._push(Chunk("", finish_reason="error", error="rank 1 vanished", usage=Usage(3, 1)))
+            self._finish(gen, Chunk("", finish_reason="error", error="rank 1 vanished", usage=Usage(3, 1)))
 
         threading.Thread(target=run, daemon=True).start()
-        return gen
+
+    def close(self):
+        pass
 
 
 @pytest.fixture

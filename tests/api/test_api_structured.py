@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import json
 
-from exo_lab.api.tools import ToolCallScanner, ToolFormat, _hermes_parse, check_tool_choice, tool_format
+from exo_lab.api.schema.openai import ChatCompletionRequest
+from exo_lab.api.tools import ToolCallScanner, ToolFormat, _hermes_parse, tool_format
 
 # --- tool calls out of text, as the model writes them -----------------------------------------
 
@@ -77,6 +78,10 @@ def test_tool_formats_from_templates(tiny_model):
 
 
 def test_tool_choice_values():
-    assert check_tool_choice(None, TOOLS) == ("auto", None)
-    assert check_tool_choice(None, []) == ("none", None)
-    assert check_tool_choice({"type": "function", "function": {"name": "get_weather"}}, TOOLS) == ("function", "get_weather")
+    def mode(choice, tools):
+        body = {"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": tools}
+        return ChatCompletionRequest.parse({**body, "tool_choice": choice} if choice is not None else body).tool_mode()
+
+    assert mode(None, TOOLS) == ("auto", None)
+    assert mode(None, []) == ("none", None)
+    assert mode({"type": "function", "function": {"name": "get_weather"}}, TOOLS) == ("function", "get_weather")

@@ -12,6 +12,7 @@ import pytest
 
 from exo_lab.api.registry import ModelRegistry
 from exo_lab.api.server import Server
+from exo_lab.engine.backend import Backend
 from exo_lab.engine.generator import Chunk, Generation, Usage
 
 SCRIPT = 'Let me check.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
@@ -30,34 +31,35 @@ class Tokenizer:
         return 256
 
 
-class Scripted:
+class Scripted(Backend):
     """A backend that 'generates' SCRIPT in small pieces, one token each."""
 
-    name = "scripted"
-    created = 1_700_000_000
     tokenizer = Tokenizer()
     context_length = 100_000
+    stats = {}
 
     def __init__(self) -> None:
+        super().__init__("scripted")
         self.prompts: list[tuple[int, ...]] = []
 
-    def chat_tokens(self, messages):
-        from exo_lab.engine.chat import chat_prompt_tokens
+    def _check_open(self):
+        pass
 
-        return chat_prompt_tokens(self.tokenizer, messages)
-
-    def submit(self, request):
+    def _enqueue(self, gen: Generation) -> None:
+        request = gen.request
         self.prompts.append(request.prompt_tokens)
-        gen = Generation(request)
 
         def run():
             pieces = [SCRIPT[i:i + 3] for i in range(0, len(SCRIPT), 3)]
             for p in pieces:
                 gen._push(Chunk(p, (1,)))
-            gen._push(Chunk("", finish_reason="stop", usage=Usage(len(request.prompt_tokens), len(pieces))))
+            self._finish(gen, Chunk("", finish_reason="stop", usage=Usage(len(request.prompt_tokens), len(pieces))),
+                         record=True)
 
         threading.Thread(target=run, daemon=True).start()
-        return gen
+
+    def close(self):
+        pass
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,7 @@ import time
 
 import pytest
 
+from exo_lab.engine.backend import Backend
 from exo_lab.engine.generator import GenerationRequest
 from exo_lab.engine.sampling import SamplingParams
 
@@ -146,3 +147,13 @@ def test_timing_is_reported(engine):
     gen = engine.generate("abc", max_tokens=5, temperature=0)
     gen.text()
     assert 0 < gen.usage.total_s <= time.perf_counter() - t
+
+
+def test_engine_is_a_backend_with_the_typed_surface(engine):
+    assert isinstance(engine, Backend) and engine.state == "ready" and engine.error is None
+    assert engine.context_length and engine.features == {"logprobs", "grammar"} and engine.path is not None
+    done = engine.requests_completed
+    pieces = list(engine.stream("Hello", max_tokens=4, ignore_eos=True))
+    assert all(isinstance(p, str) for p in pieces)
+    assert engine.requests_completed == done + 1 and engine.usage_history[-1][1].completion_tokens == 4
+    assert engine.pending == 0 and engine.stats["decode_steps"] >= 4

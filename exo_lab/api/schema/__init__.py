@@ -1,0 +1,190 @@
+"""Request schemas: one pydantic model per route's body, used both to validate requests and for ``/openapi.json``.
+
+This module reads a body as a JSON object and turns a model's validation
+errors into :class:`~exo_lab.api.errors.ApiError` in the family's terms.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Any, ClassVar, LiteralString, Self
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, ValidationError, WithJsonSchema
+from pydantic_core import PydanticCustomError
+
+from exo_lab.api.errors import ApiError
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400 saying what is wrong."""
+    if not body or not body.strip():
+        raise ApiError(400, "The request body is empty; send a JSON object.", code="invalid_json")
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"The request body is not valid JSON: {exc}", code="invalid_json") from exc
+    except RecursionError:
+        raise ApiError(400, "The request body nests too deeply to parse.", code="invalid_json") from None
+    if not isinstance(data, dict):
+        raise ApiError(400, f"The request body must be a JSON object, not {type(data).__name__}.", code="invalid_json")
+    _check_text(data)
+    return data
+
+
+def _check_text(value: Any) -> None:
+    """400 for strings no UTF-8 text can hold (lone surrogates such as ``"\\ud800"``)."""
+    todo = [value]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ApiError(400, f"The request body holds invalid Unicode (a lone surrogate {item[exc.start]!r}); "
+                                    "send well-formed UTF-8 text.", code="invalid_json") from None
+        elif isinstance(item, dict):
+            todo.extend(item.keys())
+            todo.extend(item.values())
+        elif isinstance(item, list):
+            todo.extend(item)
+
+
+# ------------------------------------------------------------------------------------ models
+
+
+class RequestModel(BaseModel):
+    """A request body: strict JSON types, finite numbers, unknown fields kept (and ignored)."""
+
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="allow", populate_by_name=True)
+
+    #: how a field's place is written in errors: ``openai`` (``messages[0].role``), ``anthropic``
+    #: (``messages.0.role``) or ``ollama`` (as anthropic)
+    style: ClassVar[str] = "openai"
+
+    @classmethod
+    def parse(cls, data: dict[str, Any]) -> Self:
+        """The validated body, or a 400 :class:`ApiError` naming the first wrong field."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise to_api_error(exc, cls.style) from None
+
+
+class Part(BaseModel):
+    """A nested object of a request body (same rules as :class:`RequestModel`)."""
+
+    model_config = RequestModel.model_config
+
+
+def fail(message: str, at: str | None = None, code: LiteralString = "invalid_value") -> PydanticCustomError:
+    """A validation error for a validator to raise: ``message`` may say ``{param}`` for the field's place;
+    ``at`` names a field below the one validated (dotted)."""
+    return PydanticCustomError(code, "{message}", {"message": message, "at": at or "", "custom": True})
+
+
+def _integral(value: Any) -> Any:
+    """Integer-valued floats (``2.0``) as integers, as JSON does not tell them apart."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+#: an integer (``2.0`` is accepted as 2; booleans and strings are not)
+Int = Annotated[int, BeforeValidator(_integral)]
+PositiveInt = Annotated[int, Field(ge=1), BeforeValidator(_integral)]
+NonNegativeInt = Annotated[int, Field(ge=0), BeforeValidator(_integral)]
+TopLogprobs = Annotated[int, Field(ge=0, le=20), BeforeValidator(_integral)]
+
+
+def _stops(max_items: int | None) -> Any:
+    """A validator: a string or a list of strings (empty strings dropped), as a tuple."""
+
+    def check(value: Any) -> tuple[str, ...]:
+        if value is None:
+            return ()
+        if isinstance(value, str):
+            return (value,) if value else ()
+        if isinstance(value, list) and all(isinstance(s, str) for s in value):
+            if max_items is not None and len(value) > max_items:
+                raise fail(f"'{{param}}' takes at most {max_items} sequences, got {len(value)}.")
+            return tuple(s for s in value if s)
+        raise fail("'{param}' must be a string or a list of strings.", code="invalid_type")
+
+    return check
+
+
+def _stops_schema(max_items: int | None) -> dict[str, Any]:
+    items: dict[str, Any] = {"type": "array", "items": {"type": "string"}}
+    if max_items is not None:
+        items["maxItems"] = max_items
+    return {"anyOf": [{"type": "string"}, items]}
+
+
+#: stop sequences: a string or a list of strings (OpenAI takes at most 4)
+Stops = Annotated[tuple[str, ...], PlainValidator(_stops(None)), WithJsonSchema(_stops_schema(None))]
+Stops4 = Annotated[tuple[str, ...], PlainValidator(_stops(4)), WithJsonSchema(_stops_schema(4))]
+
+
+# ------------------------------------------------------------------------------------ errors
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "none", "dict", "list", "tuple"}
+
+
+def _is_tag(item: str | int) -> bool:
+    """Whether a location item names a union member (``str``, ``list[Part]``, ``Model``) rather than a field."""
+    return isinstance(item, str) and (item in _TYPE_TAGS or not re.fullmatch(r"[a-z_][a-z0-9_]*", item))
+
+
+def _where(error: Any) -> tuple[str | int, ...]:
+    loc = tuple(i for i in error["loc"] if not _is_tag(i))
+    at = (error.get("ctx") or {}).get("at")
+    return loc + tuple(at.split(".")) if at else loc
+
+
+def render_param(loc: tuple[str | int, ...], style: str) -> str:
+    """``messages[0].role`` (OpenAI) or ``messages.0.role`` (Anthropic, Ollama)."""
+    out = ""
+    for item in loc:
+        if isinstance(item, int):
+            out += f"[{item}]" if style == "openai" else f".{item}"
+        else:
+            out += f".{item}" if out else item
+    return out
+
+
+def _code(kind: str) -> str:
+    if kind == "missing":
+        return "missing_required_parameter"
+    if kind.endswith("_type") or kind in ("invalid_type", "model_attributes_type"):
+        return "invalid_type"
+    return kind if kind in ("empty_array", "invalid_value") else "invalid_value"
+
+
+def _said(msg: str) -> str:
+    """Pydantic's message, lower-cased and without model class names (``or instance of ChatTool``)."""
+    msg = re.sub(r" or instance of \w+", "", msg)
+    return msg[0].lower() + msg[1:]
+
+
+def to_api_error(exc: ValidationError, style: str) -> ApiError:
+    """The deepest error of ``exc`` (the union member that got furthest), said in ``style``'s words."""
+    errors = exc.errors(include_url=False)
+    depth = max(len(_where(e)) for e in errors)
+    deepest = [e for e in errors if len(_where(e)) == depth]
+    first = deepest[0]
+    loc = _where(first)
+    param = render_param(loc, style)
+    ctx = first.get("ctx") or {}
+    if ctx.get("custom"):
+        message = ctx["message"].replace("{param}", param)
+    else:
+        said = ", or ".join(dict.fromkeys(_said(e["msg"]) for e in deepest if _where(e) == loc))
+        if first["type"] == "missing":
+            message = (f"Missing required parameter: '{param}'." if style == "openai"
+                       else f"{param}: Field required.")
+        elif style == "openai":
+            message = f"Invalid '{param}': {said}."
+        else:
+            message = f"{param}: {said[0].upper() + said[1:]}."
+    return ApiError(400, message, param=param or None, code=_code(first["type"]))

@@ -1,0 +1,174 @@
+"""What a generation is, whatever runs it: the request, its streamed chunks, and the handle to iterate.
+
+:class:`Generation` is filled by a backend's thread (``_push``) and read by
+anyone, synchronously or on an event loop; it can be cancelled from any thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from exo_lab.engine.sampling import SamplingParams
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """What to generate: prompt tokens, limits, sampling and stop rules."""
+
+    prompt_tokens: tuple[int, ...]
+    max_tokens: int = 256
+    sampling: SamplingParams = SamplingParams()
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    #: report each token's log-probability and this many most likely alternatives (None: no logprobs)
+    logprobs: int | None = None
+    #: what the output must follow: a :class:`~exo_lab.engine.guided.SchemaGrammar` (any JSON object, a JSON
+    #: schema, a forced tool call), complete within ``max_tokens`` where it can be; or None
+    grammar: Any = None
+
+    def __post_init__(self) -> None:
+        if not self.prompt_tokens:
+            raise ValueError("the prompt is empty")
+        if self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise ValueError(f"logprobs must be between 0 and 20, got {self.logprobs}")
+
+
+@dataclass
+class Usage:
+    """Token counts and timings of one generation."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_s: float = 0.0
+    prompt_tps: float = 0.0
+    generation_tps: float = 0.0
+    total_s: float = 0.0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def to_json(self) -> dict[str, Any]:
+        return {**asdict(self), "total_tokens": self.total_tokens}
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability and the most likely alternatives ``(id, text, logprob)``."""
+
+    token: int
+    text: str
+    logprob: float
+    top: tuple[tuple[int, str, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A piece of output: new text (may be empty) and the token ids behind it.
+
+    The last chunk has ``finish_reason`` (``stop``, ``length``, ``cancelled`` or
+    ``error``) and ``usage``.
+    """
+
+    text: str
+    tokens: tuple[int, ...] = ()
+    finish_reason: str | None = None
+    usage: Usage | None = None
+    error: str | None = None
+    stop_sequence: str | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+class GenerationError(RuntimeError):
+    """Generation failed inside the engine."""
+
+
+class EngineBusy(GenerationError):
+    """Every decode slot and queue place is taken; retry later."""
+
+
+
+class Generation:
+    """Handle on a queued or running generation; iterate it for chunks."""
+
+    def __init__(self, request: GenerationRequest) -> None:
+        self.request = request
+        self._events: queue.Queue[Chunk] = queue.Queue()
+        self._cancel = threading.Event()
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._wakers: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self.usage: Usage | None = None
+        self.finish_reason: str | None = None
+
+    # producer side (engine thread)
+    def _push(self, chunk: Chunk) -> None:
+        if chunk.finish_reason is not None:
+            self.usage, self.finish_reason = chunk.usage, chunk.finish_reason
+        self._events.put(chunk)
+        if chunk.finish_reason is not None:
+            self._done.set()
+        with self._lock:
+            wakers = list(self._wakers)
+        for loop, event in wakers:
+            try:
+                loop.call_soon_threadsafe(event.set)
+            except RuntimeError:  # the consumer's loop has closed
+                pass
+
+    # consumer side
+    def cancel(self) -> None:
+        """Stop generating; takes effect within one token."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def __iter__(self) -> Iterator[Chunk]:
+        while True:
+            chunk = self._events.get()
+            yield chunk
+            if chunk.finish_reason is not None:
+                return
+
+    async def __aiter__(self) -> AsyncIterator[Chunk]:
+        loop = asyncio.get_running_loop()
+        wake = asyncio.Event()
+        with self._lock:
+            self._wakers.append((loop, wake))
+        try:
+            while True:
+                try:
+                    chunk = self._events.get_nowait()
+                except queue.Empty:
+                    await wake.wait()
+                    wake.clear()
+                    continue
+                yield chunk
+                if chunk.finish_reason is not None:
+                    return
+        finally:
+            with self._lock:
+                self._wakers.remove((loop, wake))
+
+    def text(self) -> str:
+        """Block until done; the whole generated text (raises on engine errors)."""
+        parts = []
+        for chunk in self:
+            if chunk.error:
+                raise GenerationError(chunk.error)
+            parts.append(chunk.text)
+        return "".join(parts)
