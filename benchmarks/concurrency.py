@@ -18,17 +18,22 @@ import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-import exo_lab
+import openai
 
-import openai  # noqa: E402
+import exo_lab
 
 
 def stream_once(client: openai.OpenAI, model: str, tokens: int, i: int) -> int:
     n = 0
     stream = client.chat.completions.create(
-        model=model, messages=[{"role": "user", "content": f"Write about topic number {i}."}],
-        max_tokens=tokens, temperature=0, stream=True, stream_options={"include_usage": True},
-        extra_body={"ignore_eos": True})
+        model=model,
+        messages=[{"role": "user", "content": f"Write about topic number {i}."}],
+        max_tokens=tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
     for chunk in stream:
         if chunk.usage:
             n = chunk.usage.completion_tokens
@@ -49,15 +54,23 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--instance", choices=["pipeline", "tensor"], default=None,
-                    help="serve a 2-rank distributed instance with this split instead of one process")
+    ap.add_argument(
+        "--instance",
+        choices=["pipeline", "tensor"],
+        default=None,
+        help="serve a 2-rank distributed instance with this split instead of one process",
+    )
     args = ap.parse_args()
 
     from exo_lab.models.store import cache_name
     from exo_lab.models.synthetic import create
     from exo_lab.paths import models_dir
 
-    path = models_dir() / "bench" / cache_name(f"{args.preset}-{ {'float32': 'fp32', 'bfloat16': 'bf16'}.get(args.dtype, args.dtype)}")
+    path = (
+        models_dir()
+        / "bench"
+        / cache_name(f"{args.preset}-{ {'float32': 'fp32', 'bfloat16': 'bf16'}.get(args.dtype, args.dtype) }")
+    )
     if not (path / "config.json").exists():
         print(f"creating {path} ...", flush=True)
         create(path, args.preset, dtype=args.dtype, overwrite=True)
@@ -78,12 +91,16 @@ def main() -> None:
         for r in range(args.repeat):
             one.append(aggregate_tps(client, "bench", 1, args.tokens))
             many.append(aggregate_tps(client, "bench", args.streams, args.tokens))
-            print(f"repeat {r + 1}: 1 stream {one[-1]:.2f} tok/s, {args.streams} streams {many[-1]:.2f} tok/s", flush=True)
+            print(
+                f"repeat {r + 1}: 1 stream {one[-1]:.2f} tok/s, {args.streams} streams {many[-1]:.2f} tok/s", flush=True
+            )
         a, b = statistics.median(one), statistics.median(many)
         ratio = b / a
         verdict = "ok" if ratio >= 3 else "BELOW TARGET"
         where = f"distributed instance ({engine.plan.describe()})" if cluster else "one process"
-        print(f"\nmodel {args.preset} {args.dtype} on {where}, {args.tokens} tokens per stream, median of {args.repeat}")
+        print(
+            f"\nmodel {args.preset} {args.dtype} on {where}, {args.tokens} tokens per stream, median of {args.repeat}"
+        )
         print(f"aggregate tok/s: 1 stream {a:.2f}, {args.streams} concurrent streams {b:.2f}")
         print(f"ratio {args.streams} streams / 1 stream = {ratio:.2f}x  [target >= 3x: {verdict}]")
     finally:

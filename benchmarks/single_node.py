@@ -24,8 +24,6 @@ Run with ``--help`` for the options; ``--json out.json`` keeps every number.
 
 from __future__ import annotations
 
-import exo_lab  # noqa: I001 - first, so OpenBLAS is loaded before anything imports mlx
-
 import argparse
 import gc
 import json
@@ -38,6 +36,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import exo_lab  # first: it preloads OpenBLAS before mlx is imported
+
+# isort: split
 
 import mlx.core as mx
 from tqdm import tqdm
@@ -128,7 +130,7 @@ def run_mlx_lm(model: Any, tokenizer: Any, ids: list[int], tg: int) -> Run:
     start = time.perf_counter()
     try:
         last = None
-        for last in stream_generate(model, tokenizer, ids, max_tokens=tg, sampler=sampler):
+        for last in stream_generate(model, tokenizer, ids, max_tokens=tg, sampler=sampler):  # noqa: B007  (keep the last)
             pass
     finally:
         tokenizer.eos_token_ids = saved
@@ -158,8 +160,15 @@ def run_exo(engine: Any, ids: list[int], tg: int) -> Run:
         if chunk.error:
             raise RuntimeError(f"exo_lab generation failed: {chunk.error}")
     u = gen.usage
-    return Run("exo", u.prompt_tokens, u.completion_tokens, u.prompt_tps, u.generation_tps, u.ttft_s,
-               raw={**u.to_json(), "finish_reason": gen.finish_reason})
+    return Run(
+        "exo",
+        u.prompt_tokens,
+        u.completion_tokens,
+        u.prompt_tps,
+        u.generation_tps,
+        u.ttft_s,
+        raw={**u.to_json(), "finish_reason": gen.finish_reason},
+    )
 
 
 def run_api(client: Any, model: str, messages: list[dict[str, str]], tg: int) -> Run:
@@ -194,8 +203,15 @@ def run_api(client: Any, model: str, messages: list[dict[str, str]], tg: int) ->
     n = usage.completion_tokens
     ttft = first - start
     gen_tps = (n - 1) / (last - first) if n > 1 and last > first else 0.0
-    return Run("api", usage.prompt_tokens, n, usage.prompt_tokens / ttft, gen_tps, ttft,
-               raw={"content_chunks": chunks, "finish_reason": finish, "total_s": last - start})
+    return Run(
+        "api",
+        usage.prompt_tokens,
+        n,
+        usage.prompt_tokens / ttft,
+        gen_tps,
+        ttft,
+        raw={"content_chunks": chunks, "finish_reason": finish, "total_s": last - start},
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -289,8 +305,18 @@ def run_child(path: Path, args: argparse.Namespace) -> dict[str, Any]:
     env = dict(os.environ)
     env.pop("LD_PRELOAD", None)
     env["EXO_LAB_BLAS"] = "reference"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-baseline", str(path),
-           "--pp", str(args.pp), "--tg", str(args.tg), "--repeat", str(args.blas_repeat)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--child-baseline",
+        str(path),
+        "--pp",
+        str(args.pp),
+        "--tg",
+        str(args.tg),
+        "--repeat",
+        str(args.blas_repeat),
+    ]
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True, check=False)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
@@ -308,8 +334,11 @@ def child_main(args: argparse.Namespace) -> int:
     runs = []
     for _ in tqdm(range(args.repeat), desc=f"mlx_lm, {_blas.name()} BLAS", unit="run", leave=False):
         runs.append(asdict(run_mlx_lm(model, tokenizer, ids, args.tg)))
-    print(json.dumps({"blas": _blas.name(), "ld_preload": os.environ.get("LD_PRELOAD", ""), "runs": runs,
-                      **medians(runs)}))
+    print(
+        json.dumps(
+            {"blas": _blas.name(), "ld_preload": os.environ.get("LD_PRELOAD", ""), "runs": runs, **medians(runs)}
+        )
+    )
     return 0
 
 
@@ -341,8 +370,13 @@ def bench_variant(preset: str, variant: str, path: Path, args: argparse.Namespac
         if not args.skip_api:
             server = exo_lab.serve(engine, port=0)
             model_id = server.registry.names()[0]
-            client = openai.OpenAI(base_url=server.openai_base_url, api_key="none", max_retries=0, timeout=3600.0,
-                                   http_client=openai.DefaultHttpxClient(trust_env=False))
+            client = openai.OpenAI(
+                base_url=server.openai_base_url,
+                api_key="none",
+                max_retries=0,
+                timeout=3600.0,
+                http_client=openai.DefaultHttpxClient(trust_env=False),
+            )
             messages, api_pp = chat_messages(engine, args.pp)
             warm_messages, _ = chat_messages(engine, WARMUP_PROMPT)
             result["api_prompt_tokens"] = api_pp
@@ -373,15 +407,19 @@ def bench_variant(preset: str, variant: str, path: Path, args: argparse.Namespac
         if server is not None:
             server.stop()
         engine.close()
-        del engine, server, client
+        engine = server = client = None  # drop the model before clearing MLX's cache
         gc.collect()
         mx.clear_cache()
 
     card = ModelCard.from_dir(path)
     per_token = bytes_per_token(card, args.pp, args.tg)
     limit = bandwidth * 1e9 / per_token["total"]
-    result["card"] = {"weight_bytes": card.weight_bytes, "dtype": card.dtype, "quantization": card.quantization,
-                      "tie_word_embeddings": card.tie_word_embeddings}
+    result["card"] = {
+        "weight_bytes": card.weight_bytes,
+        "dtype": card.dtype,
+        "quantization": card.quantization,
+        "tie_word_embeddings": card.tie_word_embeddings,
+    }
     result["bytes_per_token"] = per_token
     result["bandwidth_limit_tps"] = limit
     result["bandwidth_fraction"] = result["median"]["exo"]["generation_tps"] / limit
@@ -430,38 +468,84 @@ def table(headers: list[list[str]], rows: list[list[str]]) -> str:
 
 def report(results: list[dict[str, Any]], args: argparse.Namespace, env: dict[str, Any]) -> None:
     print()
-    print(f"exo_lab single-node benchmark: prompt {args.pp} tokens, generate {args.tg} tokens (EOS ignored), "
-          f"greedy, median of {args.repeat}")
-    print(f"BLAS: mlx_lm baseline, exo in-proc and exo API run in this process with {env['blas']}"
-          f"{' (' + env['openblas'] + ')' if env['blas'] == 'openblas' else ''}; "
-          + ("BLAS gain compares exo_lab (this set-up) with mlx_lm using MLX's bundled BLAS in a child "
-             f"(child reported: {', '.join(sorted(env['child_blas'])) or '-'}; median of {args.blas_repeat})"
-             if not args.skip_blas else "BLAS comparison skipped"))
+    print(
+        f"exo_lab single-node benchmark: prompt {args.pp} tokens, generate {args.tg} tokens (EOS ignored), "
+        f"greedy, median of {args.repeat}"
+    )
+    print(
+        f"BLAS: mlx_lm baseline, exo in-proc and exo API run in this process with {env['blas']}"
+        f"{' (' + env['openblas'] + ')' if env['blas'] == 'openblas' else ''}; "
+        + (
+            "BLAS gain compares exo_lab (this set-up) with mlx_lm using MLX's bundled BLAS in a child "
+            f"(child reported: {', '.join(sorted(env['child_blas'])) or '-'}; median of {args.blas_repeat})"
+            if not args.skip_blas
+            else "BLAS comparison skipped"
+        )
+    )
     bw = env["bandwidth"]
-    print(f"memory bandwidth (MLX {bw['device']}, fp32, {bw['bytes'] >> 20} MiB, best of {len(bw['times_s']['sum'])}): "
-          f"{bw['best_gbps']:.1f} GB/s used as the limit (mx.sum {bw['sum_gbps']:.1f}, 1-row matmul {bw['gemv_gbps']:.1f})")
+    print(
+        f"memory bandwidth (MLX {bw['device']}, fp32, {bw['bytes'] >> 20} MiB, best of {len(bw['times_s']['sum'])}): "
+        f"{bw['best_gbps']:.1f} GB/s used as the limit (mx.sum {bw['sum_gbps']:.1f}, 1-row matmul {bw['gemv_gbps']:.1f})"
+    )
     print(f"target: exo_lab / mlx_lm >= {TARGET_GEN_RATIO} for generation tokens/s")
     print()
 
     headers = [
-        ["", "prompt tok/s", "", "", "gen tok/s", "", "", "exo/mlx_lm gen", "", "exo/mlx_lm prompt", "",
-         "BLAS gain", "", "bw"],
-        ["variant", "mlx_lm", "exo", "API", "mlx_lm", "exo", "API", "in-proc", "API", "in-proc", "API",
-         "prompt", "gen", "frac"],
+        [
+            "",
+            "prompt tok/s",
+            "",
+            "",
+            "gen tok/s",
+            "",
+            "",
+            "exo/mlx_lm gen",
+            "",
+            "exo/mlx_lm prompt",
+            "",
+            "BLAS gain",
+            "",
+            "bw",
+        ],
+        [
+            "variant",
+            "mlx_lm",
+            "exo",
+            "API",
+            "mlx_lm",
+            "exo",
+            "API",
+            "in-proc",
+            "API",
+            "in-proc",
+            "API",
+            "prompt",
+            "gen",
+            "frac",
+        ],
     ]
     rows = []
     for r in results:
         med, rat, gain = r["median"], r.get("ratio", {}), r.get("blas_gain", {})
         api = med.get("api", {})
-        rows.append([
-            f"{r['preset']}-{r['variant']}",
-            num(med["mlx_lm"]["prompt_tps"]), num(med["exo"]["prompt_tps"]), num(api.get("prompt_tps")),
-            num(med["mlx_lm"]["generation_tps"]), num(med["exo"]["generation_tps"]), num(api.get("generation_tps")),
-            ratio(rat["exo"]["generation"]), ratio(rat.get("api", {}).get("generation")),
-            ratio(rat["exo"]["prompt"]), ratio(rat.get("api", {}).get("prompt")),
-            f"{gain['prompt']:.2f}x" if gain else "-", f"{gain['generation']:.2f}x" if gain else "-",
-            f"{r['bandwidth_fraction']:.2f}",
-        ])
+        rows.append(
+            [
+                f"{r['preset']}-{r['variant']}",
+                num(med["mlx_lm"]["prompt_tps"]),
+                num(med["exo"]["prompt_tps"]),
+                num(api.get("prompt_tps")),
+                num(med["mlx_lm"]["generation_tps"]),
+                num(med["exo"]["generation_tps"]),
+                num(api.get("generation_tps")),
+                ratio(rat["exo"]["generation"]),
+                ratio(rat.get("api", {}).get("generation")),
+                ratio(rat["exo"]["prompt"]),
+                ratio(rat.get("api", {}).get("prompt")),
+                f"{gain['prompt']:.2f}x" if gain else "-",
+                f"{gain['generation']:.2f}x" if gain else "-",
+                f"{r['bandwidth_fraction']:.2f}",
+            ]
+        )
     print(table(headers, rows))
     print()
 
@@ -480,26 +564,34 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, env: dict[st
         print(f"{name}: ratio prompt exo/mlx_lm  {prm}")
         if "blas_gain" in r:
             child = r["bundled_blas"]
-            print(f"{name}: BLAS gain    exo ({env['blas']}) / mlx_lm ({child['blas']})  prompt "
-                  f"{r['blas_gain']['prompt']:.2f}x  gen {r['blas_gain']['generation']:.2f}x  "
-                  f"(mlx_lm bundled: prompt {num(child['prompt_tps'])}, gen {num(child['generation_tps'])} tok/s)")
+            print(
+                f"{name}: BLAS gain    exo ({env['blas']}) / mlx_lm ({child['blas']})  prompt "
+                f"{r['blas_gain']['prompt']:.2f}x  gen {r['blas_gain']['generation']:.2f}x  "
+                f"(mlx_lm bundled: prompt {num(child['prompt_tps'])}, gen {num(child['generation_tps'])} tok/s)"
+            )
         b = r["bytes_per_token"]
-        print(f"{name}: bandwidth    {b['weights'] / 1e9:.3f} GB weights + {b['kv_cache'] / 1e9:.3f} GB KV cache "
-              f"per token -> max {num(r['bandwidth_limit_tps'])} tok/s; exo gen reaches "
-              f"{r['bandwidth_fraction']:.2f} of it")
+        print(
+            f"{name}: bandwidth    {b['weights'] / 1e9:.3f} GB weights + {b['kv_cache'] / 1e9:.3f} GB KV cache "
+            f"per token -> max {num(r['bandwidth_limit_tps'])} tok/s; exo gen reaches "
+            f"{r['bandwidth_fraction']:.2f} of it"
+        )
         notes = []
         if "api_prompt_tokens" in r:
             differs = "" if r["api_prompt_tokens"] == args.pp else f", not {args.pp}"
-            notes.append(f"API prompt is {r['api_prompt_tokens']} tokens (chat template over a user message{differs}); "
-                         "API prompt tok/s = prompt tokens / client time to first content chunk")
+            notes.append(
+                f"API prompt is {r['api_prompt_tokens']} tokens (chat template over a user message{differs}); "
+                "API prompt tok/s = prompt tokens / client time to first content chunk"
+            )
         short = {k: v for k, v in r["generated"].items() if v != [args.tg]}
         if short:
             notes.append(f"generated token counts differ from {args.tg}: {short}")
         for note in notes:
             print(f"{name}: note         {note}")
     print()
-    print("gen tok/s = (tokens - 1) / (time from first to last token) on every path (mlx_lm's own figure, "
-          "tokens / that time, is rescaled; raw values are in --json)")
+    print(
+        "gen tok/s = (tokens - 1) / (time from first to last token) on every path (mlx_lm's own figure, "
+        "tokens / that time, is rescaled; raw values are in --json)"
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -508,14 +600,17 @@ def report(results: list[dict[str, Any]], args: argparse.Namespace, env: dict[st
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     from exo_lab.models.synthetic import PRESETS
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--presets", default="llama-1b", help=f"comma-separated synthetic presets ({', '.join(PRESETS)})")
     p.add_argument("--variants", default="bf16,fp32,q4", help=f"comma-separated, from {', '.join(VARIANTS)}")
     p.add_argument("--pp", type=int, default=512, help="prompt tokens (default 512)")
     p.add_argument("--tg", type=int, default=128, help="generated tokens (default 128)")
     p.add_argument("--repeat", type=int, default=2, help="timed repeats per path (default 2; medians are shown)")
-    p.add_argument("--blas-repeat", type=int, default=1,
-                   help="repeats of the bundled-BLAS child (default 1: it is slow)")
+    p.add_argument(
+        "--blas-repeat", type=int, default=1, help="repeats of the bundled-BLAS child (default 1: it is slow)"
+    )
     p.add_argument("--skip-api", action="store_true", help="do not benchmark the HTTP API")
     p.add_argument("--skip-blas", action="store_true", help="do not run mlx_lm with MLX's bundled BLAS")
     p.add_argument("--models-dir", type=Path, help="where the models are made (default <models dir>/bench)")
@@ -555,8 +650,11 @@ def main(argv: list[str] | None = None) -> int:
         "child_blas": set(),
     }
     if env["blas"] != "openblas" and sys.platform == "linux":
-        print(f"warning: this process uses the {env['blas']} BLAS, not OpenBLAS "
-              "(install libopenblas0-pthread); the BLAS gain will be about 1", file=sys.stderr)
+        print(
+            f"warning: this process uses the {env['blas']} BLAS, not OpenBLAS "
+            "(install libopenblas0-pthread); the BLAS gain will be about 1",
+            file=sys.stderr,
+        )
     paths = ensure_models(root, args.presets, args.variants)
     print("measuring memory bandwidth ...", file=sys.stderr)
     env["bandwidth"] = measure_bandwidth()
@@ -573,11 +671,18 @@ def main(argv: list[str] | None = None) -> int:
     report(results, args, env)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(
-            {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-             "env": {**env, "child_blas": sorted(env["child_blas"])},
-             "target_generation_ratio": TARGET_GEN_RATIO, "results": results},
-            indent=2) + "\n")
+        args.json.write_text(
+            json.dumps(
+                {
+                    "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                    "env": {**env, "child_blas": sorted(env["child_blas"])},
+                    "target_generation_ratio": TARGET_GEN_RATIO,
+                    "results": results,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         print(f"raw numbers written to {args.json}")
     return 0
 

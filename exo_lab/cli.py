@@ -34,8 +34,15 @@ DASHBOARD_PORT = defaults.DASHBOARD_PORT
 def _serve(args: argparse.Namespace) -> int:
     stop = _stop_on_signal()
     print(f"loading {args.model} ...", flush=True)
-    server = exo_lab.serve(args.model, port=args.port, host=args.host, name=args.name, api_key=args.api_key,
-                           max_batch=args.max_batch, max_queue=args.max_queue)
+    server = exo_lab.serve(
+        args.model,
+        port=args.port,
+        host=args.host,
+        name=args.name,
+        api_key=args.api_key,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+    )
     _announce(server)
     register_server(server)  # the JupyterLab side panel finds it (exo_lab.cluster.coordinators)
     _wait_for_signal(server, stop)
@@ -45,8 +52,15 @@ def _serve(args: argparse.Namespace) -> int:
 def _up(args: argparse.Namespace) -> int:
     stop = _stop_on_signal()
     print(f"exo_lab {exo_lab.__version__}: starting a local node with model {args.model!r} ...", flush=True)
-    server = exo_lab.serve(args.model, port=args.port, host=args.host, name=args.name, api_key=args.api_key,
-                           max_batch=args.max_batch, max_queue=args.max_queue)
+    server = exo_lab.serve(
+        args.model,
+        port=args.port,
+        host=args.host,
+        name=args.name,
+        api_key=args.api_key,
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+    )
     _announce(server)
     registration = register_server(server)  # the JupyterLab side panel finds it (exo_lab.cluster.coordinators)
     stop_dashboard = None if args.no_dashboard else _start_up_dashboard(server, args, registration)
@@ -75,8 +89,13 @@ def _start_up_dashboard(server: exo_lab.Server, args: argparse.Namespace, regist
 
         _quiet_dashboard_logs(args)
         try:
-            started.append(serve_dashboard(DashboardSource(registry=server.registry, api_url=server.url),
-                                           port=args.dashboard_port, host=args.host))
+            started.append(
+                serve_dashboard(
+                    DashboardSource(registry=server.registry, api_url=server.url),
+                    port=args.dashboard_port,
+                    host=args.host,
+                )
+            )
         except OSError as exc:  # the API keeps serving without it
             print(f"exo-lab: warning: {exc}", file=sys.stderr, flush=True)
             return
@@ -110,10 +129,16 @@ def _dashboard(args: argparse.Namespace) -> int:
     elif args.topology:
         topology = Topology.load(args.topology)
     try:
-        dashboard = serve_dashboard(DashboardSource(cluster=cluster, topology=topology, bench=args.bench),
-                                    port=args.port, host=args.host)
-        what = (f"{len(cluster.nodes)} node(s)" if cluster is not None else
-                "a what-if cluster" if topology is not None else "this machine")
+        dashboard = serve_dashboard(
+            DashboardSource(cluster=cluster, topology=topology, bench=args.bench), port=args.port, host=args.host
+        )
+        what = (
+            f"{len(cluster.nodes)} node(s)"
+            if cluster is not None
+            else "a what-if cluster"
+            if topology is not None
+            else "this machine"
+        )
         print(f"exo_lab dashboard for {what}: {dashboard.url}", flush=True)
         if cluster is not None and cluster.registration is not None:
             cluster.registration.update(dashboard_url=dashboard.url)  # the JupyterLab panel's dashboard button
@@ -131,7 +156,7 @@ def _announce(server: exo_lab.Server) -> None:
     print(f"  models:  curl {server.url}/v1/models")
     print(
         f"  chat:    curl {server.url}/v1/chat/completions -H 'Content-Type: application/json' "
-        f"-d '{{\"model\": \"{name}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'"
+        f'-d \'{{"model": "{name}", "messages": [{{"role": "user", "content": "Hello"}}]}}\''
     )
     print("Press Ctrl-C to stop.", flush=True)
 
@@ -239,10 +264,18 @@ def _bench(args: argparse.Namespace) -> int:
         cluster = exo_lab.discover(cluster_key=args.cluster_key)
     try:
         try:
-            result = cluster.bench(args.model, pp=args.pp, tg=args.tg, repeat=args.repeat,
-                                   concurrency=args.concurrency, select=select,
-                                   strategies=args.strategy.split(",") if args.strategy else None,
-                                   warmup=args.warmup, calibrate=args.calibrate, progress=not args.no_progress)
+            result = cluster.bench(
+                args.model,
+                pp=args.pp,
+                tg=args.tg,
+                repeat=args.repeat,
+                concurrency=args.concurrency,
+                select=select,
+                strategies=args.strategy.split(",") if args.strategy else None,
+                warmup=args.warmup,
+                calibrate=args.calibrate,
+                progress=not args.no_progress,
+            )
         except BenchError as exc:
             print(f"exo-lab: error: {exc}", file=sys.stderr)
             return 2
@@ -250,9 +283,11 @@ def _bench(args: argparse.Namespace) -> int:
         if result.calibration:
             for node, where in result.calibration.stored.items():
                 c = result.calibration.constants[node]
-                print(f"  {cluster.node(node).name}: decode x{c['decode_efficiency']:.3g}, "
-                      f"prefill x{c['prefill_efficiency']:.3g}, +{1000 * c['hop_overhead_s']:.3g} ms per message "
-                      f"-> {where or 'NOT stored'}")
+                print(
+                    f"  {cluster.node(node).name}: decode x{c['decode_efficiency']:.3g}, "
+                    f"prefill x{c['prefill_efficiency']:.3g}, +{1000 * c['hop_overhead_s']:.3g} ms per message "
+                    f"-> {where or 'NOT stored'}"
+                )
         if args.json:
             print(f"wrote {result.save(args.json)}")
         return 0 if result.ok else 1
@@ -269,7 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def api_args(p: argparse.ArgumentParser, model_default: str | None) -> None:
         if model_default is None:
-            p.add_argument("--model", "-m", required=True, help="path, cached name, hub id, 'demo' or 'synthetic:<preset>'")
+            p.add_argument(
+                "--model", "-m", required=True, help="path, cached name, hub id, 'demo' or 'synthetic:<preset>'"
+            )
         else:
             p.add_argument("--model", "-m", default=model_default, help="model to serve (default: %(default)s)")
         p.add_argument("--name", help="the model id clients send (default: the model's name)")
@@ -277,8 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--port", type=int, default=defaults.API_PORT)
         p.add_argument("--api-key", help=f"require this key from API clients (or {defaults.API_KEY}; default: none)")
         p.add_argument("--max-batch", type=int, default=16, help="requests decoding together (default: %(default)s)")
-        p.add_argument("--max-queue", type=int, default=256,
-                       help="requests waiting beyond those; more get 429 (default: %(default)s)")
+        p.add_argument(
+            "--max-queue",
+            type=int,
+            default=256,
+            help="requests waiting beyond those; more get 429 (default: %(default)s)",
+        )
 
     p = sub.add_parser("serve", help="serve one model behind the OpenAI-compatible API")
     api_args(p, None)
@@ -286,8 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("up", help="the main job: a local node serving the demo model, with the dashboard")
     api_args(p, "demo")
-    p.add_argument("--dashboard-port", type=int, default=DASHBOARD_PORT,
-                   help="port of the dashboard (default: %(default)s; 0 picks one)")
+    p.add_argument(
+        "--dashboard-port",
+        type=int,
+        default=DASHBOARD_PORT,
+        help="port of the dashboard (default: %(default)s; 0 picks one)",
+    )
     p.add_argument("--no-dashboard", action="store_true", help="serve the API only")
     p.set_defaults(func=_up)
 
@@ -348,8 +393,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=3, help="runs per measurement; medians are reported (default: 3)")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured requests after launching (default: 1)")
     p.add_argument("--concurrency", default="1,4,8", help="concurrent request counts (default: 1,4,8)")
-    p.add_argument("--calibrate", action="store_true",
-                   help="fit the cost model's per-node factors to the measurements and store them on the nodes")
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="fit the cost model's per-node factors to the measurements and store them on the nodes",
+    )
     p.add_argument("--json", metavar="PATH", help="write the result document (schema exo_lab.bench/1)")
     where = p.add_mutually_exclusive_group()
     where.add_argument("--connect", nargs="+", metavar="HOST:PORT", help="agents to bench on (default: discover)")

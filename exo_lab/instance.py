@@ -19,7 +19,6 @@ import queue
 import threading
 import time
 import uuid
-from collections.abc import Sequence
 from typing import Any
 
 from mlx_lm.utils import load_tokenizer
@@ -45,8 +44,16 @@ class Instance(Backend):
     #: what it does beyond plain generation (on the rank that samples): logprobs, and output constrained by a grammar
     features = frozenset({"logprobs", "grammar"})
 
-    def __init__(self, cluster: Any, model: str, plan: Plan, name: str | None = None, auto_replace: bool = True,
-                 max_batch: int = 16, max_queue: int = 256) -> None:
+    def __init__(
+        self,
+        cluster: Any,
+        model: str,
+        plan: Plan,
+        name: str | None = None,
+        auto_replace: bool = True,
+        max_batch: int = 16,
+        max_queue: int = 256,
+    ) -> None:
         super().__init__(name or str(model), max_batch, max_queue)
         self.cluster = cluster
         self.model = model
@@ -83,8 +90,12 @@ class Instance(Backend):
         try:
             for node in nodes:
                 ranks = [{"rank": r.rank, "address": r.address} for r in plan.ranks if r.node_id == node]
-                resp = self._agent(node, "POST", f"/instances/{self.id}/prepare",
-                                   {"ranks": ranks, "reserve_bytes": plan.memory_bytes.get(node, 0)})
+                resp = self._agent(
+                    node,
+                    "POST",
+                    f"/instances/{self.id}/prepare",
+                    {"ranks": ranks, "reserve_bytes": plan.memory_bytes.get(node, 0)},
+                )
                 prepared.append(node)
                 for rank, ports in resp["ranks"].items():
                     self.controls[int(rank)] = ports["control"]
@@ -95,15 +106,23 @@ class Instance(Backend):
             stages: dict[int, list[int]] = {}
             for r in plan.ranks:
                 stages.setdefault(r.stage, []).append(r.rank)
-            common = {"instance_id": self.id, "model_name": self.path.name, "model_path": str(self.path),
-                      "num_layers": _num_layers(plan), "stages": [stages[s] for s in sorted(stages)],
-                      "backend": plan.backend, "max_batch": self.max_batch,
-                      "eos_token_ids": sorted(self.tokenizer.eos_token_ids)}
+            common = {
+                "instance_id": self.id,
+                "model_name": self.path.name,
+                "model_path": str(self.path),
+                "num_layers": _num_layers(plan),
+                "stages": [stages[s] for s in sorted(stages)],
+                "backend": plan.backend,
+                "max_batch": self.max_batch,
+                "eos_token_ids": sorted(self.tokenizer.eos_token_ids),
+            }
             holders = self._holders(nodes)
             for node in nodes:
-                per_rank = {str(r.rank): {"layers": list(r.layers),
-                                          "dtype": None if r.dtype == plan.model_dtype else r.dtype}
-                            for r in plan.ranks if r.node_id == node}
+                per_rank = {
+                    str(r.rank): {"layers": list(r.layers), "dtype": None if r.dtype == plan.model_dtype else r.dtype}
+                    for r in plan.ranks
+                    if r.node_id == node
+                }
                 body = {"hostfile": hostfile, "common": common, "ranks": per_rank}
                 if holders and node not in holders:
                     body["sources"] = [self._agent_address(node, h) for h in holders]
@@ -121,7 +140,7 @@ class Instance(Backend):
             try:
                 if self.path.name in self._agent(node, "GET", "/models").get("models", []):
                     out.append(node)
-            except Exception as exc:  # noqa: BLE001 - an older or unreachable agent holds nothing for us
+            except Exception as exc:
                 log.debug("models of %s: %s", node, exc)
         return sorted(out, key=lambda n: (n not in nodes, n))
 
@@ -154,7 +173,7 @@ class Instance(Backend):
         total = sum(t for _, t in self.progress.values())
         return done, total
 
-    def wait_ready(self, timeout: float = 300.0, progress: bool = True) -> "Instance":
+    def wait_ready(self, timeout: float = 300.0, progress: bool = True) -> Instance:
         """Block until every rank is ready (a progress bar shows layers loaded)."""
         bar = tqdm(total=max(1, self.loaded[1]), desc=f"loading {self.name}", unit="layer", disable=not progress)
         deadline = time.monotonic() + timeout
@@ -188,7 +207,7 @@ class Instance(Backend):
         node = next(r.node_id for r in self.plan.ranks if r.rank == rank)
         try:
             data = self._agent(node, "GET", f"/instances/{self.id}")
-        except Exception as exc:  # noqa: BLE001 - the node itself is unreachable
+        except Exception as exc:
             return f"the node {self.plan.node_names.get(node, node)} of rank {rank} is unreachable ({exc})"
         info = next((r for r in data.get("ranks", []) if r["rank"] == rank), None)
         if info is None or info.get("alive"):
@@ -282,8 +301,9 @@ class Instance(Backend):
             while self.state in ("launching", "loading", "replacing") and time.monotonic() < deadline:
                 time.sleep(0.05)
             if self.state != "ready":
-                self._finish(gen, Chunk("", finish_reason="error", error=f"instance {self.state}: {self.error}",
-                                        usage=Usage()))
+                self._finish(
+                    gen, Chunk("", finish_reason="error", error=f"instance {self.state}: {self.error}", usage=Usage())
+                )
                 continue
             req = gen.request
             with self._lock:
@@ -291,8 +311,16 @@ class Instance(Backend):
                 seq = self._seq
                 self._inflight.add(gen)
             try:
-                body = Job(seq, tuple(req.prompt_tokens), req.max_tokens, req.sampling, tuple(req.stop), req.ignore_eos,
-                           req.grammar.to_json() if req.grammar else None, req.logprobs).to_json()
+                body = Job(
+                    seq,
+                    tuple(req.prompt_tokens),
+                    req.max_tokens,
+                    req.sampling,
+                    tuple(req.stop),
+                    req.ignore_eos,
+                    req.grammar.to_json() if req.grammar else None,
+                    req.logprobs,
+                ).to_json()
             except ValueError as exc:  # a JobError, or a grammar the ranks cannot follow: this request only
                 self._finish(gen, Chunk("", finish_reason="error", error=str(exc), usage=Usage()))
                 with self._lock:
@@ -306,8 +334,9 @@ class Instance(Backend):
                 self._fail(f"could not send request {seq} to every rank: {exc}")
                 self._finish(gen, Chunk("", finish_reason="error", error=f"instance failed: {exc}", usage=Usage()))
                 continue
-            threading.Thread(target=self._stream, args=(seq, gen, body), daemon=True,
-                             name=f"exo-lab-request-{seq}").start()
+            threading.Thread(
+                target=self._stream, args=(seq, gen, body), daemon=True, name=f"exo-lab-request-{seq}"
+            ).start()
 
     def _stream(self, seq: int, gen: Generation, body: dict[str, Any]) -> None:
         try:
@@ -316,8 +345,9 @@ class Instance(Backend):
             self._finish(gen, Chunk("", finish_reason="error", error=f"{type(exc).__name__}: {exc}", usage=Usage()))
         finally:  # never leave a request counted when its stream is over
             if not gen.done:
-                self._finish(gen, Chunk("", finish_reason="error", error="the stream from rank 0 ended early",
-                                        usage=Usage()))
+                self._finish(
+                    gen, Chunk("", finish_reason="error", error="the stream from rank 0 ended early", usage=Usage())
+                )
 
     def _send_to_rank0(self, seq: int, body: dict[str, Any]) -> LineStream:
         """Post job ``seq`` to rank 0 (retried: the other ranks hold it already, and rank 0 admits jobs in
@@ -367,8 +397,18 @@ class Instance(Backend):
                     reason = item["finish_reason"]
                     if gen.cancelled and reason != "error":
                         reason = "cancelled"
-                    self._finish(gen, Chunk(item.get("text", ""), tuple(item.get("tokens", [])), reason, usage,
-                                            item.get("error"), item.get("stop_sequence")), record=reason != "error")
+                    self._finish(
+                        gen,
+                        Chunk(
+                            item.get("text", ""),
+                            tuple(item.get("tokens", [])),
+                            reason,
+                            usage,
+                            item.get("error"),
+                            item.get("stop_sequence"),
+                        ),
+                        record=reason != "error",
+                    )
                     return
                 gen._push(Chunk(item.get("text", ""), tuple(item.get("tokens", [])), logprobs=_logprobs(item)))
         finally:
@@ -415,7 +455,7 @@ class Instance(Backend):
             try:
                 data = self._agent(node, "GET", f"/instances/{self.id}")
                 out[node] = [r["pid"] for r in data["ranks"] if r.get("pid")]
-            except Exception:  # noqa: BLE001 - a stopped instance is unknown to its nodes
+            except Exception:
                 out[node] = []
         return out
 
@@ -426,17 +466,21 @@ class Instance(Backend):
     def _repr_html_(self) -> str:
         done, total = self.loaded
         pct = 100 * done / total if total else 0
-        return (f"<b>{html.escape(self.name)}</b> &mdash; <code>{self.state}</code> "
-                f"<span style='display:inline-block;width:120px;height:8px;background:var(--jp-layout-color3,#ddd)'>"
-                f"<span style='display:block;height:8px;width:{pct:.0f}%;background:var(--jp-brand-color1,#1976d2)'></span>"
-                f"</span> {done}/{total} layers<br><small>{html.escape(self.plan.describe())}</small>"
-                + (f"<br><small style='color:#c62828'>{html.escape(self.error)}</small>" if self.error else ""))
+        return (
+            f"<b>{html.escape(self.name)}</b> &mdash; <code>{self.state}</code> "
+            f"<span style='display:inline-block;width:120px;height:8px;background:var(--jp-layout-color3,#ddd)'>"
+            f"<span style='display:block;height:8px;width:{pct:.0f}%;background:var(--jp-brand-color1,#1976d2)'></span>"
+            f"</span> {done}/{total} layers<br><small>{html.escape(self.plan.describe())}</small>"
+            + (f"<br><small style='color:#c62828'>{html.escape(self.error)}</small>" if self.error else "")
+        )
 
 
 def _logprobs(item: dict[str, Any]) -> tuple[TokenLogprob, ...]:
     """A worker chunk's ``logprobs`` (``[token, text, logprob, [[id, text, logprob], ...]]`` each)."""
-    return tuple(TokenLogprob(int(t), text, float(lp), tuple((int(i), s, float(v)) for i, s, v in top))
-                 for t, text, lp, top in item.get("logprobs") or ())
+    return tuple(
+        TokenLogprob(int(t), text, float(lp), tuple((int(i), s, float(v)) for i, s, v in top))
+        for t, text, lp, top in item.get("logprobs") or ()
+    )
 
 
 def _num_layers(plan: Plan) -> int:

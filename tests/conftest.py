@@ -3,18 +3,13 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-import exo_lab  # noqa: F401  (first: preloads OpenBLAS before mlx)
+import exo_lab
 from tests.helpers.servers import ServerProcess
-
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -42,12 +37,6 @@ def engine(tiny_model: Path) -> Iterator[exo_lab.Engine]:
     eng = exo_lab.Engine(tiny_model, name="tiny")
     yield eng
     eng.close()
-
-
-
-
-
-
 
 
 @pytest.fixture(scope="module")

@@ -45,13 +45,23 @@ def chat_messages(req: CountTokensRequest) -> tuple[list[dict[str, Any]], str | 
         calls, results, texts = [], [], []
         for block in m.content:
             if block.type == "tool_use" and m.role == "assistant":
-                calls.append({"id": block.id, "type": "function",
-                              "function": {"name": block.name, "arguments": block.input or {}}})
+                calls.append(
+                    {
+                        "id": block.id,
+                        "type": "function",
+                        "function": {"name": block.name, "arguments": block.input or {}},
+                    }
+                )
             elif block.type == "tool_result" and m.role == "user":
                 content = block.content or ""
                 text = content if isinstance(content, str) else _text([Block.model_validate(b) for b in content])
-                results.append({"role": "tool", "tool_call_id": block.tool_use_id,
-                                "content": ("Error: " + text) if block.is_error else text})
+                results.append(
+                    {
+                        "role": "tool",
+                        "tool_call_id": block.tool_use_id,
+                        "content": ("Error: " + text) if block.is_error else text,
+                    }
+                )
             else:
                 texts.append(block)
         text = _text(texts)
@@ -68,25 +78,31 @@ def chat_messages(req: CountTokensRequest) -> tuple[list[dict[str, Any]], str | 
     return out, prefill
 
 
-def _prompt(backend: Backend, messages: list[dict[str, Any]], prefill: str | None,
-            tools: list[dict[str, Any]] | None = None) -> list[int]:
+def _prompt(
+    backend: Backend, messages: list[dict[str, Any]], prefill: str | None, tools: list[dict[str, Any]] | None = None
+) -> list[int]:
     prompt = common.chat_tokens(backend, messages, tools)
     if prefill:
         prompt += backend.encode(prefill, add_special_tokens=False)
     return prompt
 
 
-def parse_request(req: MessagesRequest, registry: ModelRegistry) -> "MessagesReply":
+def parse_request(req: MessagesRequest, registry: ModelRegistry) -> MessagesReply:
     """What to generate for a validated body; raises ApiError (400 / 404 / 503) before any generation."""
     messages, prefill = chat_messages(req)
     backend = common.ready_backend(registry, req.model)
     tools = [t.to_chat() for t in req.tools or ()]
     parsing, forcing = common.tool_setup(backend, tools, *req.tool_mode(), can_force=not prefill)
     prompt = _prompt(backend, messages, prefill, tools)
-    request = common.generation_request(backend, prompt, req.max_tokens,
-                                        common.sampling_params(req.temperature, req.top_p, req.top_k),
-                                        tuple(s for s in req.stop_sequences or () if s), grammar=forcing,
-                                        grammar_param="tool_choice")
+    request = common.generation_request(
+        backend,
+        prompt,
+        req.max_tokens,
+        common.sampling_params(req.temperature, req.top_p, req.top_k),
+        tuple(s for s in req.stop_sequences or () if s),
+        grammar=forcing,
+        grammar_param="tool_choice",
+    )
     return MessagesReply(req.model, backend, request, bool(req.stream), parsing)
 
 
@@ -112,8 +128,12 @@ def stop_reason(finish: str | None, stop_sequence: str | None, tool_use: bool = 
 
 def anthropic_usage(usage: Usage | None, output: bool = True) -> dict[str, Any]:
     u = usage or Usage()
-    return {"input_tokens": u.prompt_tokens, "output_tokens": u.completion_tokens if output else 0,
-            "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+    return {
+        "input_tokens": u.prompt_tokens,
+        "output_tokens": u.completion_tokens if output else 0,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": 0,
+    }
 
 
 @dataclass
@@ -123,15 +143,27 @@ class MessagesReply(Reply):
     id: str = field(default_factory=lambda: f"msg_{uuid.uuid4().hex[:24]}")
 
     def _message(self, content: list, reason: str | None, seq: str | None, usage: dict[str, Any]) -> dict[str, Any]:
-        return {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": content,
-                "stop_reason": reason, "stop_sequence": seq, "usage": usage}
+        return {
+            "id": self.id,
+            "type": "message",
+            "role": "assistant",
+            "model": self.model,
+            "content": content,
+            "stop_reason": reason,
+            "stop_sequence": seq,
+            "usage": usage,
+        }
 
     def complete(self, out: Collected) -> dict[str, Any]:
         text, calls, final = out.text, out.tool_calls, out.final
         content = [{"type": "text", "text": text}] if text and (text.strip() or not calls) else []
         content += [tool_use_block(c) for c in calls]
-        return self._message(content, stop_reason(final.finish_reason, final.stop_sequence, bool(calls)),
-                             final.stop_sequence, anthropic_usage(final.usage))
+        return self._message(
+            content,
+            stop_reason(final.finish_reason, final.stop_sequence, bool(calls)),
+            final.stop_sequence,
+            anthropic_usage(final.usage),
+        )
 
     async def frames(self, events: AsyncIterator[Event]) -> AsyncGenerator[Frame, None]:
         """Without tools the text block opens at once (before ``ping``); with tools it opens at the first
@@ -179,8 +211,9 @@ class MessagesReply(Reply):
                 call = tool_use_block(event.call)
                 index += 1
                 yield block("content_block_start", content_block={**call, "input": {}})
-                yield block("content_block_delta", delta={"type": "input_json_delta",
-                                                          "partial_json": json.dumps(call["input"])})
+                yield block(
+                    "content_block_delta", delta={"type": "input_json_delta", "partial_json": json.dumps(call["input"])}
+                )
                 yield close_block()
             elif event.error:
                 err = ApiError(500, f"Generation failed: {event.error}", type="server_error")
@@ -194,7 +227,12 @@ class MessagesReply(Reply):
                 if text_open:
                     yield close_block()
                 reason = stop_reason(event.finish_reason, event.stop_sequence, bool(event.tool_calls))
-                yield "message_delta", {"type": "message_delta",
-                                        "delta": {"stop_reason": reason, "stop_sequence": event.stop_sequence},
-                                        "usage": anthropic_usage(event.usage)}
+                yield (
+                    "message_delta",
+                    {
+                        "type": "message_delta",
+                        "delta": {"stop_reason": reason, "stop_sequence": event.stop_sequence},
+                        "usage": anthropic_usage(event.usage),
+                    },
+                )
                 yield "message_stop", {"type": "message_stop"}

@@ -13,7 +13,6 @@ from exo_lab.api.info import HealthHandler, ModelHandler, ModelsHandler
 from exo_lab.api.openapi import OpenApiHandler
 from exo_lab.api.registry import ModelRegistry
 
-
 access_log = logging.getLogger("tornado.access")
 
 
@@ -22,7 +21,9 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
     status = handler.get_status()
     level = logging.ERROR if status >= 500 else logging.INFO
     if access_log.isEnabledFor(level):
-        access_log.log(level, "%d %s %.2fms", status, handler._request_summary(), 1000.0 * handler.request.request_time())
+        access_log.log(
+            level, "%d %s %.2fms", status, handler._request_summary(), 1000.0 * handler.request.request_time()
+        )
 
 
 def make_app(registry: ModelRegistry, topology_source=None, api_key: str | None = None) -> tornado.web.Application:

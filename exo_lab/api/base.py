@@ -68,10 +68,19 @@ class ApiHandler(RequestHandler):
         if key and self.auth_required and not key_matches(key, self.request.headers):
             given = presented_key(self.request.headers)
             why = "No API key was sent" if not given else "The API key is not valid"
-            how = ("send it as 'x-api-key: KEY'" if self.error_family() == "anthropic"
-                   else "send it as 'Authorization: Bearer KEY'")
-            self.send_api_error(ApiError(401, f"{why}: this server requires its API key; {how}.",
-                                         type="invalid_request_error", code="invalid_api_key"))
+            how = (
+                "send it as 'x-api-key: KEY'"
+                if self.error_family() == "anthropic"
+                else "send it as 'Authorization: Bearer KEY'"
+            )
+            self.send_api_error(
+                ApiError(
+                    401,
+                    f"{why}: this server requires its API key; {how}.",
+                    type="invalid_request_error",
+                    code="invalid_api_key",
+                )
+            )
 
     def json_body(self) -> dict[str, Any]:
         return parse_json_object(self.request.body)

@@ -29,16 +29,27 @@ def ready_backend(registry: ModelRegistry, model: str) -> Backend:
     backend = registry.get(model)
     state = backend.state
     if state in ("launching", "loading", "replacing"):
-        raise ApiError(503, f"The model {model!r} is {state}; retry shortly.", type="server_error",
-                       code="model_not_ready", headers={"Retry-After": "5"})
+        raise ApiError(
+            503,
+            f"The model {model!r} is {state}; retry shortly.",
+            type="server_error",
+            code="model_not_ready",
+            headers={"Retry-After": "5"},
+        )
     if state in ("failed", "stopped"):
-        raise ApiError(503, f"The model {model!r} is {state}: {backend.error or ''}", type="server_error",
-                       code="model_unavailable", headers={"Retry-After": "30"})
+        raise ApiError(
+            503,
+            f"The model {model!r} is {state}: {backend.error or ''}",
+            type="server_error",
+            code="model_unavailable",
+            headers={"Retry-After": "30"},
+        )
     return backend
 
 
-def chat_tokens(backend: Backend, messages: Sequence[dict[str, Any]], tools: Sequence[dict] | None = None,
-                param: str = "messages") -> list[int]:
+def chat_tokens(
+    backend: Backend, messages: Sequence[dict[str, Any]], tools: Sequence[dict] | None = None, param: str = "messages"
+) -> list[int]:
     """Prompt tokens for chat messages (400 when the messages cannot be rendered)."""
     try:
         if tools:
@@ -69,12 +80,18 @@ def generation_request(
     """A GenerationRequest within the model's context; 400 for what the backend cannot do."""
     context = backend.context_length
     if context and len(prompt) >= context:
-        raise bad_request(f"The prompt has {len(prompt)} tokens; this model's context is {context} tokens.",
-                          prompt_param, "context_length_exceeded")
+        raise bad_request(
+            f"The prompt has {len(prompt)} tokens; this model's context is {context} tokens.",
+            prompt_param,
+            "context_length_exceeded",
+        )
     ceiling = max(context or 0, MAX_TOKENS_CEILING)
     if max_tokens is not None and max_tokens > ceiling:
-        raise bad_request(f"'{max_tokens_param}' is {max_tokens}, more than any context this server offers "
-                          f"({ceiling} tokens); ask for fewer.", max_tokens_param)
+        raise bad_request(
+            f"'{max_tokens_param}' is {max_tokens}, more than any context this server offers "
+            f"({ceiling} tokens); ask for fewer.",
+            max_tokens_param,
+        )
     features = backend.features
     if logprobs is not None and "logprobs" not in features:
         raise bad_request("This model's backend does not report logprobs.", "logprobs")
@@ -85,8 +102,11 @@ def generation_request(
     if grammar is not None:
         need = shortest_output(grammar, vocabulary(backend.tokenizer))
         if need is not None and limit < need:
-            raise bad_request(f"'{max_tokens_param}' is {limit}, too few for the shortest output '{grammar_param}' "
-                              f"asks for ({need} tokens); ask for more.", max_tokens_param)
+            raise bad_request(
+                f"'{max_tokens_param}' is {limit}, too few for the shortest output '{grammar_param}' "
+                f"asks for ({need} tokens); ask for more.",
+                max_tokens_param,
+            )
     return GenerationRequest(
         tuple(prompt),
         max_tokens=limit,
@@ -114,11 +134,13 @@ def submit(backend: Backend, request: GenerationRequest) -> Generation:
     try:
         return backend.submit(request)
     except EngineBusy as exc:
-        raise ApiError(429, str(exc), type="rate_limit_error", code="rate_limit_exceeded",
-                       headers={"Retry-After": "1"}) from exc
+        raise ApiError(
+            429, str(exc), type="rate_limit_error", code="rate_limit_exceeded", headers={"Retry-After": "1"}
+        ) from exc
     except RuntimeError as exc:
-        raise ApiError(503, str(exc), type="server_error", code="model_unavailable",
-                       headers={"Retry-After": "5"}) from exc
+        raise ApiError(
+            503, str(exc), type="server_error", code="model_unavailable", headers={"Retry-After": "5"}
+        ) from exc
 
 
 def format_grammar(kind: str, schema: Any, param: str) -> Any:
@@ -131,8 +153,9 @@ def format_grammar(kind: str, schema: Any, param: str) -> Any:
     return None
 
 
-def tool_setup(backend: Backend, tools: Sequence[dict[str, Any]], mode: str, forced: str | None,
-               can_force: bool = True) -> tuple[ToolParsing | None, Any]:
+def tool_setup(
+    backend: Backend, tools: Sequence[dict[str, Any]], mode: str, forced: str | None, can_force: bool = True
+) -> tuple[ToolParsing | None, Any]:
     """How calls are found in ``backend``'s output (None when tools are off), and the grammar that forces
     a call (for ``required`` / a named function, where the model's format allows and ``can_force``)."""
     if not tools or mode == "none":
@@ -144,11 +167,17 @@ def tool_setup(backend: Backend, tools: Sequence[dict[str, Any]], mode: str, for
     return ToolParsing(fmt, list(tools)), grammar
 
 
-def sampling_params(temperature: float | None, top_p: float | None = None, top_k: int | None = None,
-                    seed: int | None = None, default_temperature: float = 1.0) -> SamplingParams:
+def sampling_params(
+    temperature: float | None,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    seed: int | None = None,
+    default_temperature: float = 1.0,
+) -> SamplingParams:
     """Sampling from a request's fields; a field left out (None) takes its default."""
-    return SamplingParams(default_temperature if temperature is None else temperature,
-                          1.0 if top_p is None else top_p, top_k or 0, seed)
+    return SamplingParams(
+        default_temperature if temperature is None else temperature, 1.0 if top_p is None else top_p, top_k or 0, seed
+    )
 
 
 def schema_grammar(schema: Any, param: str) -> Any:

@@ -27,10 +27,11 @@ class ToolCall:
     arguments: str
 
     @classmethod
-    def from_openai(cls, call: dict[str, Any]) -> "ToolCall":
+    def from_openai(cls, call: dict[str, Any]) -> ToolCall:
         """From ``{"id", "type": "function", "function": {"name", "arguments"}}``."""
-        return cls(call.get("id") or f"call_{uuid.uuid4().hex[:24]}", call["function"]["name"],
-                   call["function"]["arguments"])
+        return cls(
+            call.get("id") or f"call_{uuid.uuid4().hex[:24]}", call["function"]["name"], call["function"]["arguments"]
+        )
 
     def to_openai(self) -> dict[str, Any]:
         return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}

@@ -38,7 +38,7 @@ class ModelsHandler(ApiHandler):
         before = self.get_query_argument("before_id", None)
         ids = [m["id"] for m in data]
         if after in ids:
-            data = data[ids.index(after) + 1:]
+            data = data[ids.index(after) + 1 :]
         elif before in ids:
             data = data[: ids.index(before)]
         limit = self.get_query_argument("limit", None)
@@ -49,18 +49,21 @@ class ModelsHandler(ApiHandler):
             except ValueError:
                 n = 0
             if not 1 <= n <= 1000:
-                self.send_api_error(ApiError(400, f"'limit' must be an integer from 1 to 1000, got {limit!r}.",
-                                             param="limit"))
+                self.send_api_error(
+                    ApiError(400, f"'limit' must be an integer from 1 to 1000, got {limit!r}.", param="limit")
+                )
                 return
             has_more = len(data) > n
             data = data[:n]
-        self.send_json({
-            "object": "list",
-            "data": data,
-            "has_more": has_more,
-            "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None,
-        })
+        self.send_json(
+            {
+                "object": "list",
+                "data": data,
+                "has_more": has_more,
+                "first_id": data[0]["id"] if data else None,
+                "last_id": data[-1]["id"] if data else None,
+            }
+        )
 
 
 class ModelHandler(ApiHandler):

@@ -63,13 +63,19 @@ def _generation(backend: Backend, prompt: list[int], req: OllamaRequest, grammar
         max_tokens = (context - len(prompt)) if context and context > len(prompt) else None
     if req.format is not None:
         grammar = common.format_grammar("json_object" if req.format == "json" else "json_schema", req.format, "format")
-    return common.generation_request(backend, prompt, max_tokens,
-                                     common.sampling_params(temperature, top_p, top_k, opts and opts.seed),
-                                     opts.stop if opts is not None else (), max_tokens_param="num_predict",
-                                     grammar=grammar, grammar_param="format")
+    return common.generation_request(
+        backend,
+        prompt,
+        max_tokens,
+        common.sampling_params(temperature, top_p, top_k, opts and opts.seed),
+        opts.stop if opts is not None else (),
+        max_tokens_param="num_predict",
+        grammar=grammar,
+        grammar_param="format",
+    )
 
 
-def parse_chat(req: ChatRequest, registry: ModelRegistry) -> "OllamaReply":
+def parse_chat(req: ChatRequest, registry: ModelRegistry) -> OllamaReply:
     """What to generate for an ``/api/chat`` body; raises ApiError (400 / 404 / 503) before any generation."""
     backend = common.ready_backend(registry, find_model(registry, req.model))
     stream = req.stream is not False
@@ -81,7 +87,7 @@ def parse_chat(req: ChatRequest, registry: ModelRegistry) -> "OllamaReply":
     return OllamaReply(req.model, backend, _generation(backend, prompt, req), stream, parsing)
 
 
-def parse_generate(req: GenerateRequest, registry: ModelRegistry) -> "OllamaReply":
+def parse_generate(req: GenerateRequest, registry: ModelRegistry) -> OllamaReply:
     """What to generate for an ``/api/generate`` body; the reply gives back the ``context`` it continues, extended."""
     backend = common.ready_backend(registry, find_model(registry, req.model))
     stream = req.stream is not False
@@ -150,8 +156,10 @@ class OllamaReply(Reply):
         return {**self._piece(""), "done_reason": "load", "done": True}
 
     def complete(self, out: Collected) -> dict[str, Any]:
-        return {**self._piece(out.text, out.tool_calls), **self._done(out.final.tokens, out.final.usage,
-                                                                         out.final.finish_reason)}
+        return {
+            **self._piece(out.text, out.tool_calls),
+            **self._done(out.final.tokens, out.final.usage, out.final.finish_reason),
+        }
 
     async def frames(self, events: AsyncIterator[Event]) -> AsyncGenerator[Frame, None]:
         async for event in events:

@@ -21,7 +21,6 @@ from exo_lab.api.ollama import OLLAMA_VERSION, find_model, ollama_name, parse_ch
 from exo_lab.api.registry import Backend
 from exo_lab.api.schema.ollama import ChatRequest, GenerateRequest, ShowRequest
 
-
 # ------------------------------------------------------------------------------------ model facts
 
 
@@ -51,8 +50,11 @@ def _param_size(n: int) -> str:
 
 def model_facts(name: str, backend: Backend) -> dict[str, Any]:
     path = backend.path
-    facts = _files_facts(str(path)) if path is not None else {"config": {}, "params": 0, "size": 0,
-                                                                 "mtime": backend.created, "dtypes": []}
+    facts = (
+        _files_facts(str(path))
+        if path is not None
+        else {"config": {}, "params": 0, "size": 0, "mtime": backend.created, "dtypes": []}
+    )
     config = facts["config"]
     family = config.get("model_type", "unknown")
     quant = config.get("quantization")
@@ -61,20 +63,35 @@ def model_facts(name: str, backend: Backend) -> dict[str, Any]:
     else:
         level = (config.get("torch_dtype") or (facts["dtypes"][0] if facts["dtypes"] else "unknown")).upper()
         level = {"FLOAT32": "F32", "BFLOAT16": "BF16", "FLOAT16": "F16"}.get(level, level)
-    details = {"parent_model": "", "format": "safetensors", "family": family, "families": [family],
-               "parameter_size": _param_size(facts["params"]), "quantization_level": level}
+    details = {
+        "parent_model": "",
+        "format": "safetensors",
+        "family": family,
+        "families": [family],
+        "parameter_size": _param_size(facts["params"]),
+        "quantization_level": level,
+    }
     digest = hashlib.sha256(f"{name}:{path}:{facts['size']}:{facts['mtime']}".encode()).hexdigest()
     modified = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(facts["mtime"]))
-    return {"details": details, "size": facts["size"], "digest": digest, "modified_at": modified,
-            "config": config, "params": facts["params"]}
+    return {
+        "details": details,
+        "size": facts["size"],
+        "digest": digest,
+        "modified_at": modified,
+        "config": config,
+        "params": facts["params"],
+    }
 
 
 def model_info(facts: dict[str, Any], backend: Backend) -> dict[str, Any]:
     """GGUF-style keys, as ``/api/show`` gives them."""
     c = facts["config"]
     arch = c.get("model_type", "unknown")
-    info: dict[str, Any] = {"general.architecture": arch, "general.parameter_count": facts["params"],
-                            "general.file_type": facts["details"]["quantization_level"]}
+    info: dict[str, Any] = {
+        "general.architecture": arch,
+        "general.parameter_count": facts["params"],
+        "general.file_type": facts["details"]["quantization_level"],
+    }
     keys = {
         "context_length": c.get("max_position_embeddings") or backend.context_length,
         "embedding_length": c.get("hidden_size"),
@@ -138,8 +155,16 @@ class TagsHandler(OllamaHandler):
         models = []
         for name, backend in self.registry.items():
             facts = model_facts(name, backend)
-            models.append({"name": ollama_name(name), "model": ollama_name(name), "modified_at": facts["modified_at"],
-                           "size": facts["size"], "digest": facts["digest"], "details": facts["details"]})
+            models.append(
+                {
+                    "name": ollama_name(name),
+                    "model": ollama_name(name),
+                    "modified_at": facts["modified_at"],
+                    "size": facts["size"],
+                    "digest": facts["digest"],
+                    "details": facts["details"],
+                }
+            )
         self.send_json({"models": models})
 
 
@@ -150,10 +175,18 @@ class PsHandler(OllamaHandler):
             if backend.state != "ready":
                 continue
             facts = model_facts(name, backend)
-            models.append({"name": ollama_name(name), "model": ollama_name(name), "size": facts["size"],
-                           "digest": facts["digest"], "details": facts["details"],
-                           "expires_at": "2318-01-01T00:00:00Z", "size_vram": 0,
-                           "context_length": backend.context_length or 0})
+            models.append(
+                {
+                    "name": ollama_name(name),
+                    "model": ollama_name(name),
+                    "size": facts["size"],
+                    "digest": facts["digest"],
+                    "details": facts["details"],
+                    "expires_at": "2318-01-01T00:00:00Z",
+                    "size_vram": 0,
+                    "context_length": backend.context_length or 0,
+                }
+            )
         self.send_json({"models": models})
 
 
@@ -171,15 +204,17 @@ class ShowHandler(OllamaHandler):
         facts = model_facts(name, backend)
         template = getattr(backend.tokenizer, "chat_template", None) or ""
         capabilities = ["completion"] + (["tools"] if "tools" in template else [])
-        self.send_json({
-            "modelfile": f"# served by exo_lab {__version__}\nFROM {backend.path or name}\n",
-            "parameters": "",
-            "template": template,
-            "details": facts["details"],
-            "model_info": model_info(facts, backend),
-            "capabilities": capabilities,
-            "modified_at": facts["modified_at"],
-        })
+        self.send_json(
+            {
+                "modelfile": f"# served by exo_lab {__version__}\nFROM {backend.path or name}\n",
+                "parameters": "",
+                "template": template,
+                "details": facts["details"],
+                "model_info": model_info(facts, backend),
+                "capabilities": capabilities,
+                "modified_at": facts["modified_at"],
+            }
+        )
 
 
 def routes(kw: dict[str, Any]) -> list[tuple]:

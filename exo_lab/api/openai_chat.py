@@ -27,21 +27,35 @@ from exo_lab.engine.generation import TokenLogprob, Usage
 FINGERPRINT = f"exo_lab-{__version__}"
 
 
-def parse_request(req: ChatCompletionRequest, registry: ModelRegistry) -> "ChatReply":
+def parse_request(req: ChatCompletionRequest, registry: ModelRegistry) -> ChatReply:
     """What to generate for a validated body; raises ApiError (400 / 404 / 503) before any generation."""
     fmt = req.response_format
-    grammar = common.format_grammar(fmt.type, fmt.json_schema and fmt.json_schema.schema_,
-                                    "response_format.json_schema.schema") if fmt else None
+    grammar = (
+        common.format_grammar(
+            fmt.type, fmt.json_schema and fmt.json_schema.schema_, "response_format.json_schema.schema"
+        )
+        if fmt
+        else None
+    )
     backend = common.ready_backend(registry, req.model)
     tools = [t.to_json() for t in req.tools or ()]
     parsing, forcing = common.tool_setup(backend, tools, *req.tool_mode())
     prompt = common.chat_tokens(backend, [m.model_dump(exclude_unset=True) for m in req.messages], tools)
-    limit, limit_param = ((req.max_completion_tokens, "max_completion_tokens") if req.max_completion_tokens is not None
-                          else (req.max_tokens, "max_tokens"))
+    limit, limit_param = (
+        (req.max_completion_tokens, "max_completion_tokens")
+        if req.max_completion_tokens is not None
+        else (req.max_tokens, "max_tokens")
+    )
     request = common.generation_request(
-        backend, prompt, limit, common.sampling_params(req.temperature, req.top_p, req.top_k, req.seed), req.stop,
-        max_tokens_param=limit_param, ignore_eos=bool(req.ignore_eos),
-        logprobs=(req.top_logprobs or 0) if req.logprobs else None, grammar=forcing or grammar,
+        backend,
+        prompt,
+        limit,
+        common.sampling_params(req.temperature, req.top_p, req.top_k, req.seed),
+        req.stop,
+        max_tokens_param=limit_param,
+        ignore_eos=bool(req.ignore_eos),
+        logprobs=(req.top_logprobs or 0) if req.logprobs else None,
+        grammar=forcing or grammar,
         grammar_param="tool_choice" if forcing else "response_format",
     )
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -50,9 +64,13 @@ def parse_request(req: ChatCompletionRequest, registry: ModelRegistry) -> "ChatR
 
 def openai_usage(usage: Usage | None) -> dict[str, Any]:
     u = usage or Usage()
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens,
-            "prompt_tokens_details": {"cached_tokens": 0},
-            "completion_tokens_details": {"reasoning_tokens": 0}}
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0},
+    }
 
 
 def openai_finish_reason(reason: str | None) -> str:
@@ -66,8 +84,9 @@ def openai_logprobs(items: list[TokenLogprob]) -> dict[str, Any]:
         return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
 
     return {
-        "content": [{**entry(t.text, t.logprob), "top_logprobs": [entry(text, lp) for _, text, lp in t.top]}
-                    for t in items],
+        "content": [
+            {**entry(t.text, t.logprob), "top_logprobs": [entry(text, lp) for _, text, lp in t.top]} for t in items
+        ],
         "refusal": None,
     }
 
@@ -93,19 +112,26 @@ class ChatReply(Reply):
             "created": self.created,
             "model": self.model,
             "system_fingerprint": FINGERPRINT,
-            "choices": [{
-                "index": 0,
-                "message": message,
-                "logprobs": openai_logprobs(out.logprobs) if self.logprobs else None,
-                "finish_reason": "tool_calls" if calls else openai_finish_reason(out.final.finish_reason),
-            }],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": message,
+                    "logprobs": openai_logprobs(out.logprobs) if self.logprobs else None,
+                    "finish_reason": "tool_calls" if calls else openai_finish_reason(out.final.finish_reason),
+                }
+            ],
             "usage": openai_usage(out.final.usage),
         }
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> dict[str, Any]:
-        body = {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "system_fingerprint": FINGERPRINT,
-                "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]}
+        body = {
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": FINGERPRINT,
+            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+        }
         if self.include_usage:
             body["usage"] = None
         return body
@@ -114,8 +140,13 @@ class ChatReply(Reply):
         yield None, self._chunk({"role": "assistant", "content": ""})
         async for event in events:
             if isinstance(event, TextDelta):
-                yield None, self._chunk({"content": event.text},
-                                        logprobs=openai_logprobs(list(event.logprobs)) if self.logprobs else None)
+                yield (
+                    None,
+                    self._chunk(
+                        {"content": event.text},
+                        logprobs=openai_logprobs(list(event.logprobs)) if self.logprobs else None,
+                    ),
+                )
             elif isinstance(event, ToolCallEvent):
                 yield None, self._chunk({"tool_calls": [{"index": event.index, **event.call.to_openai()}]})
             elif event.error:

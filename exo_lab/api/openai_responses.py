@@ -54,8 +54,11 @@ def input_messages(req: ResponsesRequest) -> list[dict[str, Any]]:
         if item.type == "message":
             messages.append({"role": item.role, "content": _text(item.content or "")})
         elif item.type == "function_call":
-            call = {"id": item.call_id, "type": "function",
-                    "function": {"name": item.name, "arguments": item.arguments or "{}"}}
+            call = {
+                "id": item.call_id,
+                "type": "function",
+                "function": {"name": item.name, "arguments": item.arguments or "{}"},
+            }
             if messages and messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
                 messages[-1].setdefault("tool_calls", []).append(call)
             else:
@@ -67,7 +70,7 @@ def input_messages(req: ResponsesRequest) -> list[dict[str, Any]]:
     return messages
 
 
-def parse_request(req: ResponsesRequest, registry: ModelRegistry) -> "ResponsesReply":
+def parse_request(req: ResponsesRequest, registry: ModelRegistry) -> ResponsesReply:
     """What to generate for a validated body; raises ApiError (400 / 404 / 503) before any generation."""
     messages = input_messages(req)
     fmt = req.text.format if req.text and req.text.format else None
@@ -76,27 +79,48 @@ def parse_request(req: ResponsesRequest, registry: ModelRegistry) -> "ResponsesR
     tools = [t.to_chat() for t in req.tools or ()]
     parsing, forcing = common.tool_setup(backend, tools, *req.tool_mode())
     prompt = common.chat_tokens(backend, messages, tools or None, param="input")
-    request = common.generation_request(backend, prompt, req.max_output_tokens,
-                                        common.sampling_params(req.temperature, req.top_p),
-                                        max_tokens_param="max_output_tokens", prompt_param="input",
-                                        grammar=forcing or grammar,
-                                        grammar_param="tool_choice" if forcing else "text.format")
-    echo = {"instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
-            "temperature": 1.0 if req.temperature is None else req.temperature,
-            "top_p": 1.0 if req.top_p is None else req.top_p,
-            "text": {"format": fmt.model_dump(by_alias=True, exclude_unset=True) if fmt else {"type": "text"}},
-            "metadata": req.metadata if isinstance(req.metadata, dict) else {}, "user": req.user,
-            "tools": [{"type": "function", "name": t.name, "description": t.description, "parameters": t.parameters,
-                       "strict": True if t.strict is None else t.strict} for t in req.tools or ()],
-            "tool_choice": _dump(req.tool_choice) if req.tool_choice is not None else ("auto" if tools else "none")}
+    request = common.generation_request(
+        backend,
+        prompt,
+        req.max_output_tokens,
+        common.sampling_params(req.temperature, req.top_p),
+        max_tokens_param="max_output_tokens",
+        prompt_param="input",
+        grammar=forcing or grammar,
+        grammar_param="tool_choice" if forcing else "text.format",
+    )
+    echo = {
+        "instructions": req.instructions,
+        "max_output_tokens": req.max_output_tokens,
+        "temperature": 1.0 if req.temperature is None else req.temperature,
+        "top_p": 1.0 if req.top_p is None else req.top_p,
+        "text": {"format": fmt.model_dump(by_alias=True, exclude_unset=True) if fmt else {"type": "text"}},
+        "metadata": req.metadata if isinstance(req.metadata, dict) else {},
+        "user": req.user,
+        "tools": [
+            {
+                "type": "function",
+                "name": t.name,
+                "description": t.description,
+                "parameters": t.parameters,
+                "strict": True if t.strict is None else t.strict,
+            }
+            for t in req.tools or ()
+        ],
+        "tool_choice": _dump(req.tool_choice) if req.tool_choice is not None else ("auto" if tools else "none"),
+    }
     return ResponsesReply(req.model, backend, request, bool(req.stream), parsing, echo)
 
 
 def responses_usage(usage: Usage | None) -> dict[str, Any]:
     u = usage or Usage()
-    return {"input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
-            "output_tokens": u.completion_tokens, "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": u.total_tokens}
+    return {
+        "input_tokens": u.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens": u.completion_tokens,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": u.total_tokens,
+    }
 
 
 def _part(text: str) -> dict[str, Any]:
@@ -105,8 +129,14 @@ def _part(text: str) -> dict[str, Any]:
 
 def _call_item(call: ToolCall) -> dict[str, Any]:
     """A tool call as a Responses ``function_call`` output item."""
-    return {"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": call.id, "name": call.name,
-            "arguments": call.arguments, "status": "completed"}
+    return {
+        "type": "function_call",
+        "id": f"fc_{uuid.uuid4().hex}",
+        "call_id": call.id,
+        "name": call.name,
+        "arguments": call.arguments,
+        "status": "completed",
+    }
 
 
 @dataclass
@@ -122,8 +152,9 @@ class ResponsesReply(Reply):
         content = [] if text is None else [_part(text)]
         return {"type": "message", "id": self.message_id, "status": status, "role": "assistant", "content": content}
 
-    def _response(self, status: str, output: list, usage: Usage | None = None,
-                  error: dict[str, Any] | None = None) -> dict[str, Any]:
+    def _response(
+        self, status: str, output: list, usage: Usage | None = None, error: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
         return {
             "id": self.id,
             "object": "response",
@@ -171,23 +202,38 @@ class ResponsesReply(Reply):
                 parts.clear()
             message = len(items)
             items.append(self._item(None, "in_progress"))  # replaced when the text is done
-            return [send("response.output_item.added", output_index=message, item=items[message]),
-                    send("response.content_part.added", item_id=self.message_id, output_index=message,
-                         content_index=0, part=_part(""))]
+            return [
+                send("response.output_item.added", output_index=message, item=items[message]),
+                send(
+                    "response.content_part.added",
+                    item_id=self.message_id,
+                    output_index=message,
+                    content_index=0,
+                    part=_part(""),
+                ),
+            ]
 
         def close_message(status: str) -> list[Frame]:
             assert message is not None
             text = "".join(parts)
             where = {"item_id": self.message_id, "output_index": message, "content_index": 0}
             items[message] = self._item(text, status)
-            return [send("response.output_text.done", **where, text=text, logprobs=[]),
-                    send("response.content_part.done", **where, part=_part(text)),
-                    send("response.output_item.done", output_index=message, item=items[message])]
+            return [
+                send("response.output_text.done", **where, text=text, logprobs=[]),
+                send("response.content_part.done", **where, part=_part(text)),
+                send("response.output_item.done", output_index=message, item=items[message]),
+            ]
 
         def delta(text: str) -> Frame:
             parts.append(text)
-            return send("response.output_text.delta", item_id=self.message_id, output_index=message,
-                        content_index=0, delta=text, logprobs=[])
+            return send(
+                "response.output_text.delta",
+                item_id=self.message_id,
+                output_index=message,
+                content_index=0,
+                delta=text,
+                logprobs=[],
+            )
 
         if self.tools is None:  # plain text: the message opens at once
             for frame in open_message():
@@ -213,11 +259,15 @@ class ResponsesReply(Reply):
                 index = len(items)
                 items.append(item)
                 where = {"item_id": item["id"], "output_index": index}
-                yield send("response.output_item.added", output_index=index,
-                           item={**item, "arguments": "", "status": "in_progress"})
+                yield send(
+                    "response.output_item.added",
+                    output_index=index,
+                    item={**item, "arguments": "", "status": "in_progress"},
+                )
                 yield send("response.function_call_arguments.delta", **where, delta=item["arguments"])
-                yield send("response.function_call_arguments.done", **where, name=item["name"],
-                           arguments=item["arguments"])
+                yield send(
+                    "response.function_call_arguments.done", **where, name=item["name"], arguments=item["arguments"]
+                )
                 yield send("response.output_item.done", output_index=index, item=item)
             elif event.error:
                 error = {"code": "server_error", "message": f"Generation failed: {event.error}"}

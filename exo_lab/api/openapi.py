@@ -20,13 +20,20 @@ OBJ = {"type": "object"}
 
 #: query parameters of the GET routes that take them
 QUERY: dict[str, list[dict[str, Any]]] = {
-    "/v1/models": [{"name": n, "in": "query", "required": False, "schema": s}
-                   for n, s in (("limit", {"type": "integer", "minimum": 1, "maximum": 1000}), ("after_id", STR),
-                                ("before_id", STR))],
+    "/v1/models": [
+        {"name": n, "in": "query", "required": False, "schema": s}
+        for n, s in (
+            ("limit", {"type": "integer", "minimum": 1, "maximum": 1000}),
+            ("after_id", STR),
+            ("before_id", STR),
+        )
+    ],
     "/instance/previews": [
         {"name": "model_id", "in": "query", "required": True, "schema": STR},
-        *({"name": n, "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1}}
-          for n in ("context", "prompt_tokens", "batch")),
+        *(
+            {"name": n, "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1}}
+            for n in ("context", "prompt_tokens", "batch")
+        ),
         {"name": "objective", "in": "query", "required": False, "schema": {"enum": ["decode", "ttft"]}},
     ],
 }
@@ -54,11 +61,14 @@ def _responses(tag: str, stream: bool = False) -> dict[str, Any]:
     if stream:
         ok["application/x-ndjson" if tag == "Ollama" else "text/event-stream"] = {"schema": STR}
     err = {"content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{tag}Error"}}}}
-    return {"200": {"description": "OK", "content": ok}, "400": {"description": "invalid request", **err},
-            "401": {"description": "missing or wrong API key", **err},
-            "404": {"description": "unknown model or path", **err},
-            "429": {"description": "queue full; see Retry-After", **err},
-            "503": {"description": "model loading or unavailable; see Retry-After", **err}}
+    return {
+        "200": {"description": "OK", "content": ok},
+        "400": {"description": "invalid request", **err},
+        "401": {"description": "missing or wrong API key", **err},
+        "404": {"description": "unknown model or path", **err},
+        "429": {"description": "queue full; see Retry-After", **err},
+        "503": {"description": "model loading or unavailable; see Retry-After", **err},
+    }
 
 
 def routes(app: Application) -> list[tuple[str, type[ApiHandler]]]:
@@ -84,34 +94,53 @@ def spec(app: Application) -> dict[str, Any]:
     for path, handler in table:
         tag = _tag(path)
         for method in _methods(handler):
-            op: dict[str, Any] = {"summary": _summary(handler), "tags": [tag],
-                                  "responses": _responses(tag, stream=method == "post")}
+            op: dict[str, Any] = {
+                "summary": _summary(handler),
+                "tags": [tag],
+                "responses": _responses(tag, stream=method == "post"),
+            }
             if method == "post" and handler.schema is not None:
-                op["requestBody"] = {"required": True, "content": {"application/json": {
-                    "schema": refs[(handler.schema, "validation")]}}}
-            params = QUERY.get(path, []) + ([{"name": "model", "in": "path", "required": True, "schema": STR}]
-                                            if "{model}" in path else [])
+                op["requestBody"] = {
+                    "required": True,
+                    "content": {"application/json": {"schema": refs[(handler.schema, "validation")]}},
+                }
+            params = QUERY.get(path, []) + (
+                [{"name": "model", "in": "path", "required": True, "schema": STR}] if "{model}" in path else []
+            )
             if params:
                 op["parameters"] = params
             paths.setdefault(path, {})[method] = op
     return {
         "openapi": "3.1.0",
-        "info": {"title": "exo_lab API", "version": __version__,
-                 "description": "OpenAI, Anthropic and Ollama APIs for models served by exo_lab."},
+        "info": {
+            "title": "exo_lab API",
+            "version": __version__,
+            "description": "OpenAI, Anthropic and Ollama APIs for models served by exo_lab.",
+        },
         "paths": paths,
         "components": {
             "schemas": {
                 **defs.get("$defs", {}),
-                "OpenAIError": {"type": "object", "required": ["error"], "properties": {"error": {
-                    "type": "object", "required": ["message", "type", "param", "code"]}}},
-                "AnthropicError": {"type": "object", "required": ["type", "error"], "properties": {
-                    "type": {"const": "error"},
-                    "error": {"type": "object", "required": ["type", "message"]}}},
+                "OpenAIError": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {"error": {"type": "object", "required": ["message", "type", "param", "code"]}},
+                },
+                "AnthropicError": {
+                    "type": "object",
+                    "required": ["type", "error"],
+                    "properties": {
+                        "type": {"const": "error"},
+                        "error": {"type": "object", "required": ["type", "message"]},
+                    },
+                },
                 "OllamaError": {"type": "object", "required": ["error"], "properties": {"error": STR}},
                 "AdminError": {"$ref": "#/components/schemas/OpenAIError"},
             },
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
-                                "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"}},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key"},
+            },
         },
         "security": [{"bearer": []}, {"apiKey": []}],
     }

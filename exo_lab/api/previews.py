@@ -32,7 +32,9 @@ class PreviewsHandler(ApiHandler):
         try:
             model = self.get_query_argument("model_id", None)
             if not model:
-                raise bad_request("Missing required query parameter: 'model_id'.", "model_id", "missing_required_parameter")
+                raise bad_request(
+                    "Missing required query parameter: 'model_id'.", "model_id", "missing_required_parameter"
+                )
             context = self._int("context", 4096)
             prompt = self._int("prompt_tokens", min(512, context))
             batch = self._int("batch", 1)

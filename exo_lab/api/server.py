@@ -35,8 +35,14 @@ def _park() -> None:
 class Server:
     """An API server on ``host:port`` serving the models of a registry."""
 
-    def __init__(self, registry: ModelRegistry, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
-                 cluster: Any = None, api_key: str | None = None) -> None:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        host: str = "127.0.0.1",
+        port: int = DEFAULT_PORT,
+        cluster: Any = None,
+        api_key: str | None = None,
+    ) -> None:
         self.registry = registry
         self.api_key = api_key or None
         self.cluster = cluster
@@ -61,7 +67,7 @@ class Server:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopped.is_set()
 
-    def start(self) -> "Server":
+    def start(self) -> Server:
         """Bind and start serving; returns once the port is listening."""
         ready = threading.Event()
         failure: list[BaseException] = []
@@ -97,7 +103,9 @@ class Server:
             self._thread.join()
             exc = failure[0]
             if isinstance(exc, OSError):
-                raise OSError(exc.errno, f"cannot listen on {self.host}:{self.port}: {exc.strerror}; pass another port") from exc
+                raise OSError(
+                    exc.errno, f"cannot listen on {self.host}:{self.port}: {exc.strerror}; pass another port"
+                ) from exc
             raise exc
         log.info("exo_lab API listening on %s", self.url)
         return self
@@ -110,6 +118,7 @@ class Server:
         """Stop listening, end the loop, close owned engines."""
         loop, http = self._loop, self._http
         if loop is not None and self.running:
+
             async def shutdown() -> None:
                 if http is not None:
                     http.stop()
@@ -118,7 +127,7 @@ class Server:
             fut = asyncio.run_coroutine_threadsafe(shutdown(), loop)
             try:
                 fut.result(timeout + 1)
-            except Exception:  # noqa: BLE001 - best effort; the loop stops anyway
+            except Exception:
                 log.debug("closing connections timed out", exc_info=True)
             loop.call_soon_threadsafe(loop.stop)
             self._stopped.wait(timeout)
@@ -134,7 +143,7 @@ class Server:
         except KeyboardInterrupt:
             self.stop()
 
-    def __enter__(self) -> "Server":
+    def __enter__(self) -> Server:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -194,9 +203,11 @@ def serve(
         api_key = defaults.api_key()
     if api_key is None and not is_loopback(host):
         api_key = secrets.token_hex(24)  # hex: safe to paste after --api-key (never starts with "-")
-        print(f"exo_lab: {host} is reachable from other machines, so the API needs a key; clients must send "
-              f"'Authorization: Bearer {api_key}' (or 'x-api-key'). Pass --api-key / api_key= to choose it.",
-              flush=True)
+        print(
+            f"exo_lab: {host} is reachable from other machines, so the API needs a key; clients must send "
+            f"'Authorization: Bearer {api_key}' (or 'x-api-key'). Pass --api-key / api_key= to choose it.",
+            flush=True,
+        )
     from exo_lab.engine.generator import Engine
 
     registry = ModelRegistry()

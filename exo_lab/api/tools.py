@@ -37,7 +37,9 @@ def tool_format(tokenizer: Any) -> ToolFormat:
     if template_renders_tools(tokenizer):
         if getattr(tokenizer, "has_tool_calling", False):
             parser = tokenizer.tool_parser
-            hermes = tokenizer.tool_call_start == HERMES_START and getattr(parser, "__module__", "").endswith("json_tools")
+            hermes = tokenizer.tool_call_start == HERMES_START and getattr(parser, "__module__", "").endswith(
+                "json_tools"
+            )
             return ToolFormat(tokenizer.tool_call_start, tokenizer.tool_call_end, parser, hermes)
         return ToolFormat(None, None, _hermes_parse, False)
     return ToolFormat(HERMES_START, HERMES_END, _hermes_parse, True)
@@ -62,8 +64,9 @@ def _as_calls(parsed: Any) -> list[dict[str, Any]]:
         args = item.get("arguments", item.get("parameters", {}))
         if not isinstance(args, str):
             args = json.dumps(args, ensure_ascii=False)
-        calls.append({"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                      "function": {"name": name, "arguments": args}})
+        calls.append(
+            {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": name, "arguments": args}}
+        )
     return calls
 
 
@@ -121,7 +124,7 @@ class ToolCallScanner:
                 i = self._buf.find(end)
                 if i < 0:
                     break
-                inner, self._buf = self._buf[:i], self._buf[i + len(end):]
+                inner, self._buf = self._buf[:i], self._buf[i + len(end) :]
                 self._in_call = False
                 calls = self._parse(inner)
                 if calls is None:
@@ -133,12 +136,12 @@ class ToolCallScanner:
             i = self._buf.find(start)
             if i >= 0:
                 items.append(self._buf[:i])
-                self._buf = self._buf[i + len(start):]
+                self._buf = self._buf[i + len(start) :]
                 self._in_call = True
                 continue
             keep = _partial_suffix(self._buf, start)
             items.append(self._buf[: len(self._buf) - keep])
-            self._buf = self._buf[len(self._buf) - keep:]
+            self._buf = self._buf[len(self._buf) - keep :]
             break
         return [i for i in items if i != ""]
 

@@ -59,13 +59,22 @@ def fit_calibration(result: BenchResult, topology: Any = None, card: ModelCard |
     theta = {g: list(v) for g, v in start.items()}
 
     def predictions(th: dict[str, list[float]]) -> list[dict[str, Any] | None]:
-        predictor.set_rates({n: replace(r, **{name: 10 ** th[groups[n]][i] for i, name in enumerate(names)})
-                             for n, r in predictor.base.items() if groups.get(n) in th})
+        predictor.set_rates(
+            {
+                n: replace(r, **{name: 10 ** th[groups[n]][i] for i, name in enumerate(names)})
+                for n, r in predictor.base.items()
+                if groups.get(n) in th
+            }
+        )
         return [predictor.predict(plan) for _, plan in plans]
 
     def error(th: dict[str, list[float]]) -> float:
-        errs = [v for (pb, _), pred in zip(plans, predictions(th)) if pred is not None
-                for v in _errors(pred, pb.measured).values()]
+        errs = [
+            v
+            for (pb, _), pred in zip(plans, predictions(th))
+            if pred is not None
+            for v in _errors(pred, pb.measured).values()
+        ]
         return sum(errs) / len(errs) if errs else math.inf
 
     current = error(theta)
@@ -73,6 +82,7 @@ def fit_calibration(result: BenchResult, topology: Any = None, card: ModelCard |
         moved = False
         for g in fitted:
             for i, (_name, bounds) in enumerate(PARAMETERS):
+
                 def f(x: float, g: str = g, i: int = i) -> float:
                     trial = {k: list(v) for k, v in theta.items()}
                     trial[g][i] = x
@@ -96,8 +106,11 @@ def fit_calibration(result: BenchResult, topology: Any = None, card: ModelCard |
     before, _ = report(start)
     after, predicted_after = report(theta)
     predictor.set_rates({})
-    constants = {n: {**{name: 10 ** theta[groups[n]][i] for i, name in enumerate(names)}, "group": groups[n]}
-                 for n in nodes if groups[n] in theta}
+    constants = {
+        n: {**{name: 10 ** theta[groups[n]][i] for i, name in enumerate(names)}, "group": groups[n]}
+        for n in nodes
+        if groups[n] in theta
+    }
     return Calibration(constants, before, after, predicted_after)
 
 
@@ -128,16 +141,24 @@ def store_calibration(cluster: Any, calibration: Calibration, result: BenchResul
     profiles and report them in ``/node``, so the planner uses them. Returns where each was stored."""
     stored: dict[str, str | None] = {}
     for node, const in calibration.constants.items():
-        body = {"calibration": {**const, "fitted_at": time.time(), "model": result.model, "pp": result.pp,
-                                "tg": result.tg, "plans": len(result.ok), "mape_before": calibration.before["mape"],
-                                "mape_after": calibration.after["mape"], "source": SCHEMA}}
+        body = {
+            "calibration": {
+                **const,
+                "fitted_at": time.time(),
+                "model": result.model,
+                "pp": result.pp,
+                "tg": result.tg,
+                "plans": len(result.ok),
+                "mape_before": calibration.before["mape"],
+                "mape_after": calibration.after["mape"],
+                "source": SCHEMA,
+            }
+        }
         try:
             resp = cluster.request(cluster.address_of(node), "POST", "/node/calibration", body, timeout=10)
             stored[node] = resp.get("stored") or "memory (no cached profile on the node)"
-        except Exception as exc:  # noqa: BLE001 - report per node; the others still get theirs
+        except Exception as exc:
             log.warning("could not store the calibration on %s: %s", node, exc)
             stored[node] = None
     cluster.refresh()
     return stored
-
-

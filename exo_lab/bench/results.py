@@ -33,8 +33,14 @@ def stat(values: Sequence[float]) -> dict[str, Any]:
     vals = [float(v) for v in values]
     if not vals:
         return {"median": None, "min": None, "max": None, "stdev": None, "n": 0, "values": []}
-    return {"median": statistics.median(vals), "min": min(vals), "max": max(vals),
-            "stdev": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n": len(vals), "values": vals}
+    return {
+        "median": statistics.median(vals),
+        "min": min(vals),
+        "max": max(vals),
+        "stdev": statistics.stdev(vals) if len(vals) > 1 else 0.0,
+        "n": len(vals),
+        "values": vals,
+    }
 
 
 @dataclass
@@ -51,7 +57,7 @@ class ConcurrencyPoint:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "ConcurrencyPoint":
+    def from_json(cls, d: dict[str, Any]) -> ConcurrencyPoint:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
@@ -75,7 +81,7 @@ class LinkTraffic:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "LinkTraffic":
+    def from_json(cls, d: dict[str, Any]) -> LinkTraffic:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
@@ -112,7 +118,7 @@ class PlanBench:
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "PlanBench":
+    def from_json(cls, d: dict[str, Any]) -> PlanBench:
         data = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         data["links"] = [LinkTraffic.from_json(x) for x in d.get("links", [])]
         data["concurrency"] = [ConcurrencyPoint.from_json(x) for x in d.get("concurrency", [])]
@@ -123,7 +129,9 @@ class PlanBench:
 class Calibration:
     """Fitted efficiency factors and the prediction error before and after them (same measurements)."""
 
-    constants: dict[str, dict[str, Any]]  # node id -> {"decode_efficiency", "prefill_efficiency", "hop_overhead_s", "group"}
+    constants: dict[
+        str, dict[str, Any]
+    ]  # node id -> {"decode_efficiency", "prefill_efficiency", "hop_overhead_s", "group"}
     before: dict[str, Any]  # {"mape", "per_metric": {metric: mape}, "per_plan": {index: {metric: error %}}}
     after: dict[str, Any]
     predicted_after: dict[str, dict[str, float]]  # plan index -> METRICS predicted with the factors
@@ -134,12 +142,14 @@ class Calibration:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "Calibration":
+    def from_json(cls, d: dict[str, Any]) -> Calibration:
         return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
     def summary(self) -> str:
-        return (f"prediction error (MAPE of {' and '.join(self.metrics)} over {len(self.before.get('per_plan', {}))} "
-                f"plans): before {self.before['mape']:.1f}%, after calibration {self.after['mape']:.1f}%")
+        return (
+            f"prediction error (MAPE of {' and '.join(self.metrics)} over {len(self.before.get('per_plan', {}))} "
+            f"plans): before {self.before['mape']:.1f}%, after calibration {self.after['mape']:.1f}%"
+        )
 
 
 @dataclass
@@ -172,10 +182,9 @@ class BenchResult:
         return json.loads(json.dumps(d))  # plain JSON types only (tuples -> lists, int keys -> str)
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "BenchResult":
+    def from_json(cls, d: dict[str, Any]) -> BenchResult:
         if d.get("schema") != SCHEMA:
-            raise ValueError(f"not an {SCHEMA} document (schema {d.get('schema')!r}); "
-                             f"this exo_lab reads {SCHEMA} only")
+            raise ValueError(f"not an {SCHEMA} document (schema {d.get('schema')!r}); this exo_lab reads {SCHEMA} only")
         data = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         data["plans"] = [PlanBench.from_json(p) for p in d["plans"]]
         data["calibration"] = Calibration.from_json(d["calibration"]) if d.get("calibration") else None
@@ -187,7 +196,7 @@ class BenchResult:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "BenchResult":
+    def load(cls, path: str | Path) -> BenchResult:
         return cls.from_json(json.loads(Path(path).read_text()))
 
     # -- views
@@ -215,8 +224,18 @@ class BenchResult:
         """Put these measurements beside the predictions of a plan comparison widget."""
         widget.measured = self.measured_for(widget.plans)
 
-    HEADER = ["#", "plan", "status", "TTFT ms meas/pred", "prefill tok/s meas/pred", "decode tok/s meas/pred",
-              "decode ratio", "peak RSS MB per node (plan)", "agg tok/s by concurrency", "link bytes/request*"]
+    HEADER = [
+        "#",
+        "plan",
+        "status",
+        "TTFT ms meas/pred",
+        "prefill tok/s meas/pred",
+        "decode tok/s meas/pred",
+        "decode ratio",
+        "peak RSS MB per node (plan)",
+        "agg tok/s by concurrency",
+        "link bytes/request*",
+    ]
 
     def rows(self) -> list[list[str]]:
         out = []
@@ -225,24 +244,37 @@ class BenchResult:
                 out.append([str(p.index), p.description, p.status, "", "", "", "", "", "", p.reason or ""])
                 continue
             pr = p.predicted
-            mem = ", ".join(f"{m['name']} {_mb(m.get('peak_rss_bytes'))} ({_mb(m.get('predicted_bytes'))})"
-                            for m in p.memory.values())
+            mem = ", ".join(
+                f"{m['name']} {_mb(m.get('peak_rss_bytes'))} ({_mb(m.get('predicted_bytes'))})"
+                for m in p.memory.values()
+            )
             conc = " ".join(f"c{c.concurrency}:{_num(c.aggregate_tps.get('median'))}" for c in p.concurrency)
-            links = ", ".join(f"{x.src_name}->{x.dst_name} {_bytes(x.bytes_per_request)}"
-                              for x in p.links if x.src != x.dst) or ("loopback only" if p.links else "-")
-            out.append([
-                str(p.index), p.description, "ok",
-                f"{_num(1000 * p.median('ttft_s'))} / {_num(1000 * pr['ttft_s'])}",
-                f"{_num(p.median('prefill_tps'))} / {_num(pr['prefill_tps'])}",
-                f"{_num(p.median('decode_tps'))} / {_num(pr['decode_tps'])}",
-                f"{p.ratios.get('decode_tps', 0.0):.2f}x", mem, conc, links,
-            ])
+            links = ", ".join(
+                f"{x.src_name}->{x.dst_name} {_bytes(x.bytes_per_request)}" for x in p.links if x.src != x.dst
+            ) or ("loopback only" if p.links else "-")
+            out.append(
+                [
+                    str(p.index),
+                    p.description,
+                    "ok",
+                    f"{_num(1000 * p.median('ttft_s'))} / {_num(1000 * pr['ttft_s'])}",
+                    f"{_num(p.median('prefill_tps'))} / {_num(pr['prefill_tps'])}",
+                    f"{_num(p.median('decode_tps'))} / {_num(pr['decode_tps'])}",
+                    f"{p.ratios.get('decode_tps', 0.0):.2f}x",
+                    mem,
+                    conc,
+                    links,
+                ]
+            )
         return out
 
     def table(self) -> str:
-        lines = [f"bench {self.model}: pp={self.pp} tg={self.tg} repeat={self.repeat} "
-                 f"concurrency={','.join(map(str, self.concurrency))}", text_table(self.HEADER, self.rows()),
-                 f"* {self.notes.get('links', '')}"]
+        lines = [
+            f"bench {self.model}: pp={self.pp} tg={self.tg} repeat={self.repeat} "
+            f"concurrency={','.join(map(str, self.concurrency))}",
+            text_table(self.HEADER, self.rows()),
+            f"* {self.notes.get('links', '')}",
+        ]
         skipped = [p for p in self.plans if p.status == "skipped"]
         if skipped:
             lines.append(f"skipped {len(skipped)} plan(s): " + "; ".join(f"#{p.index} {p.reason}" for p in skipped[:3]))
@@ -255,9 +287,12 @@ class BenchResult:
 
     def _repr_html_(self) -> str:
         cal = f"<p>{html.escape(self.calibration.summary())}</p>" if self.calibration else ""
-        return (f"<b>bench {html.escape(self.model)}</b> pp={self.pp} tg={self.tg} repeat={self.repeat} "
-                f"concurrency={','.join(map(str, self.concurrency))}" + html_table(self.HEADER, self.rows())
-                + f"<small>* {html.escape(self.notes.get('links', ''))}</small>{cal}")
+        return (
+            f"<b>bench {html.escape(self.model)}</b> pp={self.pp} tg={self.tg} repeat={self.repeat} "
+            f"concurrency={','.join(map(str, self.concurrency))}"
+            + html_table(self.HEADER, self.rows())
+            + f"<small>* {html.escape(self.notes.get('links', ''))}</small>{cal}"
+        )
 
     def plot(self) -> Any:
         """Bokeh layout: decode tok/s per plan (measured and predicted bars), measured against predicted
@@ -283,8 +318,10 @@ def _bytes(x: float) -> str:
 
 
 def _plan_key(d: dict[str, Any]) -> tuple:
-    return tuple((r["node_id"], r["stage"], tuple(r["layers"]), r["tensor_index"], r["tensor_size"], r["dtype"])
-                 for r in d["ranks"])
+    return tuple(
+        (r["node_id"], r["stage"], tuple(r["layers"]), r["tensor_index"], r["tensor_size"], r["dtype"])
+        for r in d["ranks"]
+    )
 
 
 def _errors(pred: dict[str, Any], measured: dict[str, Any]) -> dict[str, float]:
@@ -308,19 +345,45 @@ def _mape(pairs: list[tuple[dict[str, Any], dict[str, Any]]]) -> tuple[float | N
 # ----------------------------------------------------------------------------- schema
 
 
-_STAT = {"type": "object", "required": ["median", "min", "max", "stdev", "n", "values"],
-         "properties": {"median": {"type": ["number", "null"]}, "n": {"type": "integer", "minimum": 0},
-                        "values": {"type": "array", "items": {"type": "number"}}}}
-_METRICS_OBJ = {"type": "object", "required": list(METRICS),
-                "properties": {m: {"type": "number", "exclusiveMinimum": 0} for m in METRICS}}
+_STAT = {
+    "type": "object",
+    "required": ["median", "min", "max", "stdev", "n", "values"],
+    "properties": {
+        "median": {"type": ["number", "null"]},
+        "n": {"type": "integer", "minimum": 0},
+        "values": {"type": "array", "items": {"type": "number"}},
+    },
+}
+_METRICS_OBJ = {
+    "type": "object",
+    "required": list(METRICS),
+    "properties": {m: {"type": "number", "exclusiveMinimum": 0} for m in METRICS},
+}
 
 JSON_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "$id": "https://exo-lab.dev/schemas/bench-1.json",
     "title": SCHEMA,
     "type": "object",
-    "required": ["schema", "created", "exo_lab_version", "model", "model_ref", "pp", "tg", "repeat", "warmup",
-                 "concurrency", "prompt", "topology", "profiles", "card", "plans", "calibration", "notes"],
+    "required": [
+        "schema",
+        "created",
+        "exo_lab_version",
+        "model",
+        "model_ref",
+        "pp",
+        "tg",
+        "repeat",
+        "warmup",
+        "concurrency",
+        "prompt",
+        "topology",
+        "profiles",
+        "card",
+        "plans",
+        "calibration",
+        "notes",
+    ],
     "properties": {
         "schema": {"const": SCHEMA},
         "pp": {"type": "integer", "minimum": 1},
@@ -333,47 +396,114 @@ JSON_SCHEMA: dict[str, Any] = {
         "profiles": {"type": "object", "additionalProperties": {"type": "object"}},
         "card": {"type": "object", "required": ["hidden_size", "num_layers"]},
         "notes": {"type": "object", "required": ["links"]},
-        "plans": {"type": "array", "items": {
-            "type": "object",
-            "required": ["index", "description", "strategy", "status", "reason", "plan", "predicted", "measured",
-                         "ratios", "memory", "links", "concurrency", "launch_s"],
-            "properties": {
-                "status": {"enum": ["ok", "skipped", "failed"]},
-                "plan": {"type": "object", "required": ["ranks", "strategy"]},
-                "links": {"type": "array", "items": {
-                    "type": "object",
-                    "required": ["src", "dst", "kind", "prefill_bytes", "decode_bytes_per_token", "bytes_per_request",
-                                 "source"],
-                    "properties": {"source": {"const": LINKS_SOURCE}}}},
+        "plans": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": [
+                    "index",
+                    "description",
+                    "strategy",
+                    "status",
+                    "reason",
+                    "plan",
+                    "predicted",
+                    "measured",
+                    "ratios",
+                    "memory",
+                    "links",
+                    "concurrency",
+                    "launch_s",
+                ],
+                "properties": {
+                    "status": {"enum": ["ok", "skipped", "failed"]},
+                    "plan": {"type": "object", "required": ["ranks", "strategy"]},
+                    "links": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": [
+                                "src",
+                                "dst",
+                                "kind",
+                                "prefill_bytes",
+                                "decode_bytes_per_token",
+                                "bytes_per_request",
+                                "source",
+                            ],
+                            "properties": {"source": {"const": LINKS_SOURCE}},
+                        },
+                    },
+                },
+                "if": {"properties": {"status": {"const": "ok"}}},
+                "then": {
+                    "properties": {
+                        "predicted": {**_METRICS_OBJ, "required": [*METRICS, "breakdown", "aggregate_tps"]},
+                        "measured": {
+                            "type": "object",
+                            "required": [
+                                *METRICS,
+                                "engine_prompt_tps",
+                                "total_s",
+                                "client_ttft_s",
+                                "prompt_tokens",
+                                "completion_tokens",
+                            ],
+                            "properties": {
+                                **{m: _STAT for m in (*METRICS, "engine_prompt_tps", "client_ttft_s")},
+                                "prompt_tokens": {"type": "array", "items": {"type": "integer"}},
+                                "completion_tokens": {"type": "array", "items": {"type": "integer"}},
+                            },
+                        },
+                        "ratios": {"type": "object", "required": list(METRICS)},
+                        "launch_s": {"type": "number"},
+                        "memory": {
+                            "type": "object",
+                            "minProperties": 1,
+                            "additionalProperties": {
+                                "type": "object",
+                                "required": ["name", "predicted_bytes", "rss_bytes", "peak_rss_bytes", "ranks"],
+                            },
+                        },
+                        "concurrency": {
+                            "type": "array",
+                            "minItems": 1,
+                            "items": {
+                                "type": "object",
+                                "required": [
+                                    "concurrency",
+                                    "aggregate_tps",
+                                    "client_ttft_s",
+                                    "wall_s",
+                                    "predicted_aggregate_tps",
+                                ],
+                                "properties": {"aggregate_tps": _STAT, "client_ttft_s": _STAT, "wall_s": _STAT},
+                            },
+                        },
+                    }
+                },
             },
-            "if": {"properties": {"status": {"const": "ok"}}},
-            "then": {"properties": {
-                "predicted": {**_METRICS_OBJ, "required": [*METRICS, "breakdown", "aggregate_tps"]},
-                "measured": {"type": "object",
-                             "required": [*METRICS, "engine_prompt_tps", "total_s", "client_ttft_s", "prompt_tokens",
-                                          "completion_tokens"],
-                             "properties": {**{m: _STAT for m in (*METRICS, "engine_prompt_tps", "client_ttft_s")},
-                                            "prompt_tokens": {"type": "array", "items": {"type": "integer"}},
-                                            "completion_tokens": {"type": "array", "items": {"type": "integer"}}}},
-                "ratios": {"type": "object", "required": list(METRICS)},
-                "launch_s": {"type": "number"},
-                "memory": {"type": "object", "minProperties": 1, "additionalProperties": {
-                    "type": "object", "required": ["name", "predicted_bytes", "rss_bytes", "peak_rss_bytes", "ranks"]}},
-                "concurrency": {"type": "array", "minItems": 1, "items": {
+        },
+        "calibration": {
+            "oneOf": [
+                {"type": "null"},
+                {
                     "type": "object",
-                    "required": ["concurrency", "aggregate_tps", "client_ttft_s", "wall_s", "predicted_aggregate_tps"],
-                    "properties": {"aggregate_tps": _STAT, "client_ttft_s": _STAT, "wall_s": _STAT}}},
-            }},
-        }},
-        "calibration": {"oneOf": [{"type": "null"}, {
-            "type": "object",
-            "required": ["constants", "before", "after", "predicted_after", "metrics", "stored"],
-            "properties": {
-                "constants": {"type": "object", "additionalProperties": {
-                    "type": "object", "required": ["decode_efficiency", "prefill_efficiency", "hop_overhead_s", "group"]}},
-                "before": {"type": "object", "required": ["mape", "per_metric", "per_plan"]},
-                "after": {"type": "object", "required": ["mape", "per_metric", "per_plan"]},
-            }}]},
+                    "required": ["constants", "before", "after", "predicted_after", "metrics", "stored"],
+                    "properties": {
+                        "constants": {
+                            "type": "object",
+                            "additionalProperties": {
+                                "type": "object",
+                                "required": ["decode_efficiency", "prefill_efficiency", "hop_overhead_s", "group"],
+                            },
+                        },
+                        "before": {"type": "object", "required": ["mape", "per_metric", "per_plan"]},
+                        "after": {"type": "object", "required": ["mape", "per_metric", "per_plan"]},
+                    },
+                },
+            ]
+        },
     },
 }
 

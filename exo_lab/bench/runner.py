@@ -13,6 +13,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from exo_lab._version import __version__
+from exo_lab.bench.calibrate import fit_calibration, store_calibration
 from exo_lab.bench.results import (
     LINKS_SOURCE,
     METRICS,
@@ -23,7 +24,6 @@ from exo_lab.bench.results import (
     PlanBench,
     stat,
 )
-from exo_lab.bench.calibrate import fit_calibration, store_calibration
 from exo_lab.engine.chat import chat_prompt_tokens
 from exo_lab.engine.generator import GenerationRequest
 from exo_lab.engine.sampling import SamplingParams
@@ -36,8 +36,40 @@ from exo_lab.placement.preview import model_card
 
 log = logging.getLogger(__name__)
 
-_WORDS = ("the quick brown fox jumps over a lazy dog while seven curious engineers measure tokens per second "
-          "across every node of the cluster and write down what they see in their notebooks").split()
+_WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "a",
+    "lazy",
+    "dog",
+    "while",
+    "seven",
+    "curious",
+    "engineers",
+    "measure",
+    "tokens",
+    "per",
+    "second",
+    "across",
+    "every",
+    "node",
+    "of",
+    "the",
+    "cluster",
+    "and",
+    "write",
+    "down",
+    "what",
+    "they",
+    "see",
+    "in",
+    "their",
+    "notebooks",
+]
 
 
 # ----------------------------------------------------------------------------- prompts
@@ -49,6 +81,7 @@ def exact_prompt(tokenizer: Any, pp: int, seed: int = 0) -> tuple[list[int], dic
     Searches the message's length in words (the template's own tokens count); if no text lands
     exactly, the last content token is repeated to fill the gap (``method: "splice"``).
     """
+
     def tokens(text: str) -> list[int]:
         return chat_prompt_tokens(tokenizer, [{"role": "user", "content": text}])
 
@@ -106,8 +139,20 @@ def link_traffic(plan: Plan, card: ModelCard, pp: int, tg: int) -> list[LinkTraf
     out = []
 
     def add(a: Any, b: Any, kind: str, per_token: float) -> None:
-        out.append(LinkTraffic(a.node_id, b.node_id, names.get(a.node_id, a.node_name), names.get(b.node_id, b.node_name),
-                               kind, a.rank, b.rank, pp * per_token, per_token, tokens * per_token))
+        out.append(
+            LinkTraffic(
+                a.node_id,
+                b.node_id,
+                names.get(a.node_id, a.node_name),
+                names.get(b.node_id, b.node_name),
+                kind,
+                a.rank,
+                b.rank,
+                pp * per_token,
+                per_token,
+                tokens * per_token,
+            )
+        )
 
     for a, b in zip(stages, stages[1:]):
         for ra in a:
@@ -125,8 +170,9 @@ def link_traffic(plan: Plan, card: ModelCard, pp: int, tg: int) -> list[LinkTraf
 # ----------------------------------------------------------------------------- running
 
 
-def _select(cluster: Any, plans: Any, pp: int, tg: int, select: str | int,
-            strategies: Iterable[str] | None) -> list[tuple[int, Plan]]:
+def _select(
+    cluster: Any, plans: Any, pp: int, tg: int, select: str | int, strategies: Iterable[str] | None
+) -> list[tuple[int, Plan]]:
     if isinstance(plans, (str, Path)):
         plans = cluster.preview(plans, context=pp + tg, prompt_tokens=pp)
     if isinstance(plans, Plan):
@@ -158,8 +204,10 @@ def _select(cluster: Any, plans: Any, pp: int, tg: int, select: str | int,
 def _request(inst: Any, tokens: list[int], tg: int, count: int) -> tuple[list[Any], list[float], float]:
     """Submit ``count`` requests at once; (usages, submit-to-first-token times, wall seconds)."""
     t0 = time.perf_counter()
-    gens = [inst.submit(GenerationRequest(tuple(tokens), tg, SamplingParams(temperature=0.0), ignore_eos=True))
-            for _ in range(count)]
+    gens = [
+        inst.submit(GenerationRequest(tuple(tokens), tg, SamplingParams(temperature=0.0), ignore_eos=True))
+        for _ in range(count)
+    ]
     firsts: list[float | None] = [None] * count
     ends: list[float] = [t0] * count
     errors: list[str] = []
@@ -172,7 +220,9 @@ def _request(inst: Any, tokens: list[int], tg: int, count: int) -> tuple[list[An
             last = chunk
         ends[i] = time.perf_counter()
         if last is None or last.error or last.finish_reason not in ("length", "stop"):
-            errors.append(last.error if last is not None and last.error else f"finish {getattr(last, 'finish_reason', None)}")
+            errors.append(
+                last.error if last is not None and last.error else f"finish {getattr(last, 'finish_reason', None)}"
+            )
 
     threads = [threading.Thread(target=consume, args=(i,), daemon=True) for i in range(1, count)]
     for t in threads:
@@ -188,12 +238,16 @@ def _request(inst: Any, tokens: list[int], tg: int, count: int) -> tuple[list[An
 def _memory(cluster: Any, inst: Any, plan: Plan) -> dict[str, dict[str, Any]]:
     out = {}
     for node in plan.nodes:
-        entry: dict[str, Any] = {"name": plan.node_names.get(node, node),
-                                 "predicted_bytes": plan.memory_bytes.get(node), "rss_bytes": None,
-                                 "peak_rss_bytes": None, "ranks": 0}
+        entry: dict[str, Any] = {
+            "name": plan.node_names.get(node, node),
+            "predicted_bytes": plan.memory_bytes.get(node),
+            "rss_bytes": None,
+            "peak_rss_bytes": None,
+            "ranks": 0,
+        }
         try:
             data = cluster.request(cluster.address_of(node), "GET", f"/instances/{inst.id}", timeout=5)
-        except Exception as exc:  # noqa: BLE001 - memory is a nicety: report what we could not read
+        except Exception as exc:
             log.debug("memory of %s: %s", node, exc)
             out[node] = entry
             continue
@@ -206,8 +260,16 @@ def _memory(cluster: Any, inst: Any, plan: Plan) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _bench_plan(cluster: Any, index: int, plan: Plan, tokens: list[int], cfg: dict[str, Any],
-                predictor: Predictor, card: ModelCard, bar: Any) -> PlanBench:
+def _bench_plan(
+    cluster: Any,
+    index: int,
+    plan: Plan,
+    tokens: list[int],
+    cfg: dict[str, Any],
+    predictor: Predictor,
+    card: ModelCard,
+    bar: Any,
+) -> PlanBench:
     pp, tg, repeat = cfg["pp"], cfg["tg"], cfg["repeat"]
     res = PlanBench(index, plan.describe(), plan.strategy, "ok", plan.to_json())
     pred = predictor.predict(plan)
@@ -228,8 +290,9 @@ def _bench_plan(cluster: Any, index: int, plan: Plan, tokens: list[int], cfg: di
     done = 0
     inst = None
     try:
-        inst = cluster.launch(plan.model_ref or plan.model, plan=plan, name=f"bench-{index}", auto_replace=False,
-                              wait=False)
+        inst = cluster.launch(
+            plan.model_ref or plan.model, plan=plan, name=f"bench-{index}", auto_replace=False, wait=False
+        )
         inst.wait_ready(timeout=cfg["launch_timeout"], progress=False)
         res.launch_s = time.perf_counter() - start
         bar.update(1)
@@ -251,8 +314,10 @@ def _bench_plan(cluster: Any, index: int, plan: Plan, tokens: list[int], cfg: di
         res.measured = _measured(usages, firsts, pp)
         bad = [u for u in usages if u.prompt_tokens != pp or u.completion_tokens != tg]
         if bad:
-            raise BenchError(f"asked for {pp} prompt and {tg} generated tokens, got {bad[0].prompt_tokens} "
-                             f"and {bad[0].completion_tokens}")
+            raise BenchError(
+                f"asked for {pp} prompt and {tg} generated tokens, got {bad[0].prompt_tokens} "
+                f"and {bad[0].completion_tokens}"
+            )
         points = {1: ConcurrencyPoint(1, stat([tg / w for w in walls]), stat(firsts), stat(walls))}
         for c in cfg["concurrency"]:
             if c == 1:
@@ -262,8 +327,9 @@ def _bench_plan(cluster: Any, index: int, plan: Plan, tokens: list[int], cfg: di
             for _ in range(repeat):
                 u, f, w = _request(inst, tokens, tg, c)
                 if any(x.completion_tokens != tg for x in u):
-                    raise BenchError(f"a concurrent request generated {min(x.completion_tokens for x in u)} "
-                                     f"tokens, not {tg}")
+                    raise BenchError(
+                        f"a concurrent request generated {min(x.completion_tokens for x in u)} tokens, not {tg}"
+                    )
                 aggs.append(sum(x.completion_tokens for x in u) / w)
                 cf += f
                 cw.append(w)
@@ -305,10 +371,22 @@ def _measured(usages: list[Any], firsts: list[float], pp: int) -> dict[str, Any]
     }
 
 
-def run(cluster: Any, plans: Any, pp: int = 512, tg: int = 128, repeat: int = 3,
-        concurrency: Sequence[int] | int | str = (1,), *, select: str | int = "all",
-        strategies: Iterable[str] | None = None, warmup: int = 1, calibrate: bool = False,
-        progress: bool = True, widget: Any = None, launch_timeout: float = 300.0) -> BenchResult:
+def run(
+    cluster: Any,
+    plans: Any,
+    pp: int = 512,
+    tg: int = 128,
+    repeat: int = 3,
+    concurrency: Sequence[int] | int | str = (1,),
+    *,
+    select: str | int = "all",
+    strategies: Iterable[str] | None = None,
+    warmup: int = 1,
+    calibrate: bool = False,
+    progress: bool = True,
+    widget: Any = None,
+    launch_timeout: float = 300.0,
+) -> BenchResult:
     """Benchmark ``plans`` on ``cluster`` (see the module doc); what ``cluster.bench`` does.
 
     ``plans``: a :class:`Plans`, a list of plans, one plan, or a model (previewed for ``pp``);
@@ -334,23 +412,41 @@ def run(cluster: Any, plans: Any, pp: int = 512, tg: int = 128, repeat: int = 3,
     topology = cluster.topology
     predictor = Predictor(topology, card, pp, tg)
     steps = 2 + repeat + repeat * len([c for c in levels if c != 1])
-    cfg = {"pp": pp, "tg": tg, "repeat": repeat, "warmup": warmup, "concurrency": levels,
-           "launch_timeout": launch_timeout, "steps_per_plan": steps}
+    cfg = {
+        "pp": pp,
+        "tg": tg,
+        "repeat": repeat,
+        "warmup": warmup,
+        "concurrency": levels,
+        "launch_timeout": launch_timeout,
+        "steps_per_plan": steps,
+    }
     results = []
     with tqdm(total=steps * len(chosen), desc=f"bench {card.name}", unit="step", disable=not progress) as bar:
         for index, plan in chosen:
             results.append(_bench_plan(cluster, index, plan, tokens, cfg, predictor, card, bar))
     result = BenchResult(
-        model=card.name, model_ref=str(model_ref), pp=pp, tg=tg, repeat=repeat, warmup=warmup, concurrency=levels,
-        plans=results, topology=topology.to_json(),
-        profiles={n.id: n.profile for n in topology.nodes.values()}, card=card.to_json(), prompt=prompt_info,
+        model=card.name,
+        model_ref=str(model_ref),
+        pp=pp,
+        tg=tg,
+        repeat=repeat,
+        warmup=warmup,
+        concurrency=levels,
+        plans=results,
+        topology=topology.to_json(),
+        profiles={n.id: n.profile for n in topology.nodes.values()},
+        card=card.to_json(),
+        prompt=prompt_info,
         exo_lab_version=__version__,
-        notes={"links": f"bytes per link are {LINKS_SOURCE}: hidden * activation bytes per token per pipeline hop "
-                        "(pp tokens at prefill), 2 ring all-reduces per layer in tensor groups; not measured",
-               "concurrency": "an instance runs requests one after another in lock step: aggregate tokens/s "
-                              "against concurrency shows the queueing, not batching",
-               "prefill_tps": "pp / (TTFT - one decode step), as the planner predicts it; engine_prompt_tps "
-                              "is the engine's pp / TTFT"},
+        notes={
+            "links": f"bytes per link are {LINKS_SOURCE}: hidden * activation bytes per token per pipeline hop "
+            "(pp tokens at prefill), 2 ring all-reduces per layer in tensor groups; not measured",
+            "concurrency": "an instance runs requests one after another in lock step: aggregate tokens/s "
+            "against concurrency shows the queueing, not batching",
+            "prefill_tps": "pp / (TTFT - one decode step), as the planner predicts it; engine_prompt_tps "
+            "is the engine's pp / TTFT",
+        },
     )
     if calibrate:
         result.calibration = fit_calibration(result, topology, card)
@@ -370,5 +466,3 @@ def _levels(concurrency: Sequence[int] | int | str) -> list[int]:
     if levels[0] < 1:
         raise BenchError(f"concurrency levels must be >= 1, got {list(concurrency)}")
     return levels
-
-

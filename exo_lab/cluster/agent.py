@@ -26,6 +26,7 @@ import ipaddress
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import threading
@@ -35,16 +36,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import secrets
-
 import psutil
-from filelock import FileLock
 import tornado.web
+from filelock import FileLock
 from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.httpserver import HTTPServer
 
 from exo_lab import __version__, defaults, paths
-from exo_lab.paths import models_dir
 from exo_lab.cluster.auth import Verifier, fingerprint, load_or_create_key, sign_headers
 from exo_lab.cluster.discovery import Advert, Discovery
 from exo_lab.cluster.fetch import range_checksums
@@ -53,6 +51,7 @@ from exo_lab.cluster.machine import memory_now
 from exo_lab.cluster.topology import LinkProfile, NodeInfo
 from exo_lab.cluster.workers import ReservationError, WorkerManager
 from exo_lab.models.store import is_model_dir
+from exo_lab.paths import models_dir
 
 log = logging.getLogger(__name__)
 
@@ -176,17 +175,35 @@ class NodeAgent:
         self.port = next(iter(self._http._sockets.values())).getsockname()[1]
         self.probe_port = await self._probe_server.start(self.config.host, self.probe_port)
         if self.config.mdns:
-            self._discovery = Discovery(self.id, self.config.name, self.addresses, self.port, self.probe_port,
-                                        self.fingerprint, self._on_advert, self._on_lost)
+            self._discovery = Discovery(
+                self.id,
+                self.config.name,
+                self.addresses,
+                self.port,
+                self.probe_port,
+                self.fingerprint,
+                self._on_advert,
+                self._on_lost,
+            )
             try:
                 await self._discovery.start()
             except OSError as exc:
                 log.warning("mDNS unavailable (%s); use --peer host:port", exc)
                 self._discovery = None
-        self._tasks = [asyncio.ensure_future(self._liveness_loop()), asyncio.ensure_future(self._probe_loop()),
-                       asyncio.ensure_future(self._worker_loop())]
-        log.info("node %s (%s) on %s:%d, probes on %d, addresses %s", self.id, self.config.name, self.config.host,
-                 self.port, self.probe_port, self.addresses)
+        self._tasks = [
+            asyncio.ensure_future(self._liveness_loop()),
+            asyncio.ensure_future(self._probe_loop()),
+            asyncio.ensure_future(self._worker_loop()),
+        ]
+        log.info(
+            "node %s (%s) on %s:%d, probes on %d, addresses %s",
+            self.id,
+            self.config.name,
+            self.config.host,
+            self.port,
+            self.probe_port,
+            self.addresses,
+        )
 
     def _measure_profile(self):
         """The cached device profile; one agent of a host measures, the others wait for it."""
@@ -218,8 +235,17 @@ class NodeAgent:
     def node_info(self) -> NodeInfo:
         total, available = memory_now()
         profile = {**self.profile, "memory_total_bytes": total, "memory_available_bytes": available}
-        return NodeInfo(self.id, self.config.name, self.addresses, self.port, self.probe_port, "alive", profile,
-                        __version__, sorted(_local_models()))
+        return NodeInfo(
+            self.id,
+            self.config.name,
+            self.addresses,
+            self.port,
+            self.probe_port,
+            "alive",
+            profile,
+            __version__,
+            sorted(_local_models()),
+        )
 
     def links_json(self) -> list[dict[str, Any]]:
         return [link.to_json() for _, link in sorted(self.links.items())]
@@ -230,8 +256,14 @@ class NodeAgent:
         path = "/node/hello"
         challenge = secrets.token_hex(16)
         body = json.dumps({"id": self.id, "challenge": challenge}).encode()
-        req = HTTPRequest(f"http://{address}{path}", method="POST", body=body,
-                          headers=sign_headers(self.key, "POST", path, body), request_timeout=2.0, connect_timeout=2.0)
+        req = HTTPRequest(
+            f"http://{address}{path}",
+            method="POST",
+            body=body,
+            headers=sign_headers(self.key, "POST", path, body),
+            request_timeout=2.0,
+            connect_timeout=2.0,
+        )
         resp = await self._client.fetch(req)
         data = json.loads(resp.body)
         info = NodeInfo.from_json(data["node"])
@@ -247,15 +279,16 @@ class NodeAgent:
                 if exc.code == 401:
                     log.warning("peer %s refused our signature: it has another cluster key; not joining", address)
                 continue
-            except (OSError, asyncio.TimeoutError, ValueError):
+            except (TimeoutError, OSError, ValueError):
                 continue
             if info.id == self.id or (expected_id and info.id != expected_id):
                 continue
             now = time.time()
             peer = self.peers.get(info.id)
             if peer is None or peer.info.state == "gone":
-                log.info("peer %s (%s) %s via %s", info.id, info.name, "joined" if peer is None else "re-joined",
-                         address)
+                log.info(
+                    "peer %s (%s) %s via %s", info.id, info.name, "joined" if peer is None else "re-joined", address
+                )
                 peer = Peer(info, source, now, now, address)
                 self.peers[info.id] = peer
                 asyncio.ensure_future(self.probe_peer(info.id))
@@ -275,7 +308,11 @@ class NodeAgent:
 
     async def _on_lost(self, peer_id: str) -> None:
         peer = self.peers.get(peer_id)
-        if peer and peer.info.state == "alive" and not await self._contact(self._peer_addrs(peer), peer.source, peer_id):
+        if (
+            peer
+            and peer.info.state == "alive"
+            and not await self._contact(self._peer_addrs(peer), peer.source, peer_id)
+        ):
             self._mark_gone(peer)
 
     def _peer_addrs(self, peer: Peer) -> list[str]:
@@ -323,9 +360,16 @@ class NodeAgent:
             for address in peer.info.addresses:
                 link = await loop.run_in_executor(
                     None,
-                    lambda a=address: probe_link(self.key, self.id, peer_id, a, peer.info.probe_port,
-                                                 self.config.probe_samples, self.config.probe_bytes,
-                                                 cancel=self._cancel_probes),
+                    lambda a=address: probe_link(
+                        self.key,
+                        self.id,
+                        peer_id,
+                        a,
+                        peer.info.probe_port,
+                        self.config.probe_samples,
+                        self.config.probe_bytes,
+                        cancel=self._cancel_probes,
+                    ),
                 )
                 self.links[(peer_id, address)] = link
                 out.append(link)
@@ -359,8 +403,7 @@ class NodeAgent:
                 (r"/models", ModelsHandler, kw),
                 (r"/models/([^/]+)", ModelFilesHandler, kw),
                 (r"/models/([^/]+)/checksums", ChecksumsHandler, kw),
-                (r"/models/([^/]+)/files/(.+)", ModelFileHandler,
-                 {"path": str(models_dir()), "agent": self}),
+                (r"/models/([^/]+)/files/(.+)", ModelFileHandler, {"path": str(models_dir()), "agent": self}),
                 (r"/instances", InstancesHandler, kw),
                 (r"/instances/([0-9a-zA-Z_-]+)", InstanceHandler, kw),
                 (r"/instances/([0-9a-zA-Z_-]+)/(prepare|start)", InstanceActionHandler, kw),
@@ -419,7 +462,7 @@ class HelloHandler(AgentHandler):
         try:
             challenge = str(json.loads(self.request.body)["challenge"])
         except (ValueError, KeyError, TypeError):
-            self.send({"error": "send {\"id\": ..., \"challenge\": ...}"}, 400)
+            self.send({"error": 'send {"id": ..., "challenge": ...}'}, 400)
             return
         info = self.agent.node_info()
         self.send({"node": info.to_json(), "proof": proof(self.agent.key, challenge, info.id)})
@@ -451,7 +494,7 @@ class PeersHandler(AgentHandler):
             host, port = address.rsplit(":", 1)
             int(port)
         except (ValueError, KeyError, TypeError):
-            self.send({"error": "send {\"address\": \"host:port\"}"}, 400)
+            self.send({"error": 'send {"address": "host:port"}'}, 400)
             return
         self.agent.manual[address] = None
         peer = await self.agent._contact([address], "manual")
@@ -481,8 +524,16 @@ class ModelFilesHandler(AgentHandler):
         if path is None:
             self.send({"error": f"no model {name} on this node"}, 404)
             return
-        self.send({"name": name, "files": {p.name: p.stat().st_size for p in sorted(path.iterdir())
-                                           if p.is_file() and not p.name.startswith(".")}})
+        self.send(
+            {
+                "name": name,
+                "files": {
+                    p.name: p.stat().st_size
+                    for p in sorted(path.iterdir())
+                    if p.is_file() and not p.name.startswith(".")
+                },
+            }
+        )
 
 
 class ChecksumsHandler(AgentHandler):
@@ -510,8 +561,9 @@ class ModelFileHandler(tornado.web.StaticFileHandler):
         self.agent = agent
 
     def prepare(self) -> None:
-        problem = self.agent.verifier.problem(self.request.method, self.request.uri, self.request.body,
-                                              dict(self.request.headers))
+        problem = self.agent.verifier.problem(
+            self.request.method, self.request.uri, self.request.body, dict(self.request.headers)
+        )
         if problem:
             self.set_status(401)
             self.finish(json.dumps({"error": f"unauthorised: {problem}"}))
@@ -535,7 +587,7 @@ class CalibrationHandler(AgentHandler):
             if not isinstance(calibration, dict):
                 raise TypeError("calibration must be an object")
         except (ValueError, KeyError, TypeError) as exc:
-            self.send({"error": f"send {{\"calibration\": {{...}}}}: {exc}"}, 400)
+            self.send({"error": f'send {{"calibration": {{...}}}}: {exc}'}, 400)
             return
         path = save_calibration(calibration, self.agent.profile.get("cache_key") or None)
         self.agent.profile = {**self.agent.profile, "calibration": calibration}
@@ -548,8 +600,13 @@ class InstancesHandler(AgentHandler):
     def get(self) -> None:
         if self.authorised(read_only=True):
             w = self.agent.workers
-            self.send({"node": self.agent.id, "reserved_bytes": w.reserved_bytes,
-                       "instances": [i.to_json() for i in w.instances.values()]})
+            self.send(
+                {
+                    "node": self.agent.id,
+                    "reserved_bytes": w.reserved_bytes,
+                    "instances": [i.to_json() for i in w.instances.values()],
+                }
+            )
 
 
 class InstanceHandler(AgentHandler):
@@ -609,6 +666,7 @@ class InstanceActionHandler(AgentHandler):
 
 def run_agent(config: AgentConfig) -> int:
     """Run an agent until SIGTERM/SIGINT; returns the exit code."""
+
     async def main() -> None:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
@@ -620,7 +678,7 @@ def run_agent(config: AgentConfig) -> int:
         await stop.wait()
         try:
             await asyncio.wait_for(agent.stop(), 5.0)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("shutdown took over 5 s; exiting anyway")
 
     asyncio.run(main())

@@ -42,8 +42,16 @@ def _normalise(address: str) -> str:
 class ClusterClient:
     """Node agents seen from a coordinator (a notebook kernel, ``exo-lab up``, the Jupyter server)."""
 
-    def __init__(self, addresses: list[str], cluster_key: str | None = None, *, follow_peers: bool = True,
-                 register: bool = True, _processes: list | None = None, _tmpdir: str | None = None) -> None:
+    def __init__(
+        self,
+        addresses: list[str],
+        cluster_key: str | None = None,
+        *,
+        follow_peers: bool = True,
+        register: bool = True,
+        _processes: list | None = None,
+        _tmpdir: str | None = None,
+    ) -> None:
         self.follow_peers = follow_peers
         self.cluster_key = cluster_key or defaults.cluster_key() or _default_key()
         self._addresses: dict[str, str | None] = {_normalise(a): None for a in addresses}  # address -> node id
@@ -106,7 +114,7 @@ class ClusterClient:
                         continue
                     if self.follow_peers and p.get("contact") and p.get("state") == "alive":
                         pending.append(p["contact"])
-        for node_id, contact in self._contacts.items():
+        for node_id, _contact in self._contacts.items():
             if node_id not in nodes:
                 old = self._topology.nodes.get(node_id)
                 if old is not None:
@@ -147,8 +155,12 @@ class ClusterClient:
     def probe_links(self) -> Topology:
         """Ask every live node to measure its links now, then refresh."""
         with ThreadPoolExecutor(8) as pool:
-            list(pool.map(lambda a: self.request(a, "POST", "/node/links/probe", {}, timeout=120),
-                          [self._contacts[n.id] for n in self.nodes if n.state == "alive"]))
+            list(
+                pool.map(
+                    lambda a: self.request(a, "POST", "/node/links/probe", {}, timeout=120),
+                    [self._contacts[n.id] for n in self.nodes if n.state == "alive"],
+                )
+            )
         self.refresh()
         return self._topology
 
@@ -177,7 +189,7 @@ class ClusterClient:
         for inst in list(self.instances):
             try:
                 inst.delete()
-            except Exception as exc:  # noqa: BLE001 - nodes may already be gone
+            except Exception as exc:
                 log.debug("deleting %s: %s", inst, exc)
         for proc in self._processes:
             if proc.poll() is None:
@@ -224,8 +236,14 @@ class ClusterClient:
         return cls(found, key, follow_peers=follow_peers)
 
     @classmethod
-    def start_local(cls, n: int = 2, cluster_key: str | None = None, probe_interval_s: float = 60.0,
-                    timeout: float = 90.0, separate_stores: bool = False) -> Self:
+    def start_local(
+        cls,
+        n: int = 2,
+        cluster_key: str | None = None,
+        probe_interval_s: float = 60.0,
+        timeout: float = 90.0,
+        separate_stores: bool = False,
+    ) -> Self:
         """Start ``n`` node agents as processes on loopback (no root needed) and connect to them.
 
         ``separate_stores`` gives each node a model store of its own (``<tmp>/node-i/models``), as

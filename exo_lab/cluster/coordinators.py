@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 _ids = itertools.count(1)
-_live: dict[str, "Registration"] = {}  # this process's registrations, removed at exit
+_live: dict[str, Registration] = {}  # this process's registrations, removed at exit
 
 
 def registry_dir() -> Path:
@@ -75,7 +75,7 @@ class CoordinatorInfo:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "CoordinatorInfo":
+    def from_json(cls, d: dict[str, Any]) -> CoordinatorInfo:
         names = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in d.items() if k in names})
 
@@ -143,11 +143,21 @@ def instance_summary(inst: Any) -> dict[str, Any]:
     plan = inst.plan
     done, total = inst.loaded
     return {
-        "id": getattr(inst, "id", None), "name": inst.name, "model": str(inst.model), "state": inst.state,
-        "error": inst.error, "loaded_layers": done, "total_layers": total, "created": inst.created,
-        "strategy": plan.strategy, "description": plan.describe(), "backend": plan.backend,
-        "nodes": list(plan.nodes), "node_names": [plan.node_names.get(n, n) for n in plan.nodes],
-        "predicted_decode_tps": round(plan.decode_tps, 3), "predicted_ttft_s": round(plan.ttft_s, 4),
+        "id": getattr(inst, "id", None),
+        "name": inst.name,
+        "model": str(inst.model),
+        "state": inst.state,
+        "error": inst.error,
+        "loaded_layers": done,
+        "total_layers": total,
+        "created": inst.created,
+        "strategy": plan.strategy,
+        "description": plan.describe(),
+        "backend": plan.backend,
+        "nodes": list(plan.nodes),
+        "node_names": [plan.node_names.get(n, n) for n in plan.nodes],
+        "predicted_decode_tps": round(plan.decode_tps, 3),
+        "predicted_ttft_s": round(plan.ttft_s, 4),
         "replacements": getattr(inst, "replacements", 0),
     }
 
@@ -161,17 +171,31 @@ class Registration:
     collected unregisters.
     """
 
-    def __init__(self, cluster: Any = None, *, server: Any = None, kind: str | None = None, label: str | None = None,
-                 interval_s: float = 1.0, directory: Path | None = None) -> None:
+    def __init__(
+        self,
+        cluster: Any = None,
+        *,
+        server: Any = None,
+        kind: str | None = None,
+        label: str | None = None,
+        interval_s: float = 1.0,
+        directory: Path | None = None,
+    ) -> None:
         if (cluster is None) == (server is None):
             raise ValueError("register either a cluster or a server")
         auto_kind, auto_label = _describe_process()
         key = cluster.cluster_key if cluster is not None else None
         self.info = CoordinatorInfo(
-            id=f"{os.getpid()}-{next(_ids)}", pid=os.getpid(), process_started=_process_started(os.getpid()) or 0.0,
-            kind=kind or auto_kind, label=label or auto_label, agents=[],
-            follow_peers=getattr(cluster, "follow_peers", True), cluster_key=key,
-            fingerprint=fingerprint(key) if key else None, kernel_id=_kernel_id(),
+            id=f"{os.getpid()}-{next(_ids)}",
+            pid=os.getpid(),
+            process_started=_process_started(os.getpid()) or 0.0,
+            kind=kind or auto_kind,
+            label=label or auto_label,
+            agents=[],
+            follow_peers=getattr(cluster, "follow_peers", True),
+            cluster_key=key,
+            fingerprint=fingerprint(key) if key else None,
+            kernel_id=_kernel_id(),
             api_url=getattr(server, "url", None),
         )
         self.directory = directory or registry_dir()
@@ -184,14 +208,15 @@ class Registration:
         self._written: dict[str, Any] | None = None
         self._thread: threading.Thread | None = None
 
-    def start(self) -> "Registration":
+    def start(self) -> Registration:
         """Write the file now and keep it current in the background."""
         try:
             _ensure_dir(self.directory)
             self._sync()
         except OSError as exc:  # a read-only home must not stop a cluster from working
-            log.warning("cannot register this coordinator in %s: %s (the JupyterLab panel will not see it)",
-                        self.directory, exc)
+            log.warning(
+                "cannot register this coordinator in %s: %s (the JupyterLab panel will not see it)", self.directory, exc
+            )
             return self
         _live[self.info.id] = self
         self._thread = threading.Thread(target=self._loop, name=f"exo-lab-registration-{self.info.id}", daemon=True)
@@ -246,7 +271,7 @@ class Registration:
                 self._sync()
             except OSError as exc:
                 log.debug("registration %s: %s", self.path, exc)
-            except Exception:  # noqa: BLE001 - the thread must not die on a surprise; logged with its trace
+            except Exception:
                 log.exception("updating %s failed", self.path)
         self._remove()
 
@@ -270,31 +295,52 @@ class Registration:
 
 def _cluster_fields(cluster: Any) -> dict[str, Any]:
     contacts = list(dict(cluster._contacts).values())
-    return {"agents": list(dict.fromkeys([*contacts, *dict(cluster._addresses)])),
-            "instances": [instance_summary(i) for i in list(cluster.instances)]}
+    return {
+        "agents": list(dict.fromkeys([*contacts, *dict(cluster._addresses)])),
+        "instances": [instance_summary(i) for i in list(cluster.instances)],
+    }
 
 
 def _server_fields(server: Any) -> dict[str, Any]:
     """An API server without agents: this machine as a one-node topology, its models as ready instances."""
     total, available = memory_now()
     host = socket.gethostname()
-    node = {"id": "local", "name": host, "addresses": [server.host], "port": server.port, "state": "alive",
-            "profile": {**_machine_facts(), "memory_total_bytes": total, "memory_available_bytes": available}}
+    node = {
+        "id": "local",
+        "name": host,
+        "addresses": [server.host],
+        "port": server.port,
+        "state": "alive",
+        "profile": {**_machine_facts(), "memory_total_bytes": total, "memory_available_bytes": available},
+    }
     instances = []
     for name in server.registry.names():
         backend = server.registry.get(name)
-        instances.append({
-            "id": f"api-{name}", "name": name, "model": str(getattr(backend, "path", name)), "state": "ready",
-            "error": None, "strategy": "single", "description": f"one process on {host}, served at {server.url}/v1",
-            "nodes": ["local"], "node_names": [host],
-        })
+        instances.append(
+            {
+                "id": f"api-{name}",
+                "name": name,
+                "model": str(getattr(backend, "path", name)),
+                "state": "ready",
+                "error": None,
+                "strategy": "single",
+                "description": f"one process on {host}, served at {server.url}/v1",
+                "nodes": ["local"],
+                "node_names": [host],
+            }
+        )
     return {"local_topology": {"nodes": [node], "links": []}, "instances": instances}
 
 
 @functools.cache
 def _machine_facts() -> dict[str, Any]:
-    return {"cpu_model": cpu_model(), "cpu_count": cpu_count(), "system": platform.system(),
-            "machine": platform.machine(), "blas": _blas.name()}
+    return {
+        "cpu_model": cpu_model(),
+        "cpu_count": cpu_count(),
+        "system": platform.system(),
+        "machine": platform.machine(),
+        "blas": _blas.name(),
+    }
 
 
 def register(cluster: Any, **kwargs: Any) -> Registration:

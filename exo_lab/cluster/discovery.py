@@ -71,8 +71,13 @@ class Discovery:
             f"{self.node_id}.{SERVICE_TYPE}",
             addresses=[socket.inet_aton(a) for a in self.addresses],
             port=self.port,
-            properties={"id": self.node_id, "name": self.name, "probe_port": str(self.probe_port),
-                        "fp": self.fingerprint, "v": "1"},
+            properties={
+                "id": self.node_id,
+                "name": self.name,
+                "probe_port": str(self.probe_port),
+                "fp": self.fingerprint,
+                "v": "1",
+            },
             server=f"exo-lab-{self.node_id}.local.",
         )
         await self.zc.async_register_service(self.info)

@@ -18,17 +18,35 @@ def node_rows(topo: Topology) -> list[list[str]]:
     for n in sorted(topo.nodes.values(), key=lambda n: n.name):
         p = n.profile
         gf = p.get("matmul_gflops") or {}
-        rows.append([
-            n.name, n.id, n.state, ", ".join(n.addresses),
-            f"{_gb(n.memory_available_bytes)} / {_gb(n.memory_total_bytes)}",
-            str(p.get("cpu_model", "?")), str(p.get("cpu_count", "?")), str(p.get("blas", "?")),
-            f"{gf.get('float32_m512', 0):.0f}", f"{p.get('memory_bandwidth_gb_per_s', 0) or 0:.1f}",
-        ])
+        rows.append(
+            [
+                n.name,
+                n.id,
+                n.state,
+                ", ".join(n.addresses),
+                f"{_gb(n.memory_available_bytes)} / {_gb(n.memory_total_bytes)}",
+                str(p.get("cpu_model", "?")),
+                str(p.get("cpu_count", "?")),
+                str(p.get("blas", "?")),
+                f"{gf.get('float32_m512', 0):.0f}",
+                f"{p.get('memory_bandwidth_gb_per_s', 0) or 0:.1f}",
+            ]
+        )
     return rows
 
 
-NODE_HEADER = ["name", "id", "state", "addresses", "mem free/total GB", "cpu", "cores", "blas", "fp32 GFLOP/s",
-               "mem GB/s"]
+NODE_HEADER = [
+    "name",
+    "id",
+    "state",
+    "addresses",
+    "mem free/total GB",
+    "cpu",
+    "cores",
+    "blas",
+    "fp32 GFLOP/s",
+    "mem GB/s",
+]
 
 
 def link_rows(topo: Topology) -> list[list[str]]:
@@ -36,14 +54,31 @@ def link_rows(topo: Topology) -> list[list[str]]:
     rows = []
     for link in sorted(topo.links, key=lambda link: (names.get(link.src, ""), names.get(link.dst, ""))):
         if link.error:
-            rows.append([names.get(link.src, link.src), names.get(link.dst, link.dst), link.dst_address, "-", "-",
-                         "-", "-", link.error[:40]])
+            rows.append(
+                [
+                    names.get(link.src, link.src),
+                    names.get(link.dst, link.dst),
+                    link.dst_address,
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    link.error[:40],
+                ]
+            )
             continue
-        rows.append([
-            names.get(link.src, link.src), names.get(link.dst, link.dst), link.dst_address,
-            f"{link.rtt_ms_median:.3f}", f"{link.rtt_ms_p95:.3f}",
-            f"{link.send_mbit_per_s or 0:.0f}", f"{link.recv_mbit_per_s or 0:.0f}", "",
-        ])
+        rows.append(
+            [
+                names.get(link.src, link.src),
+                names.get(link.dst, link.dst),
+                link.dst_address,
+                f"{link.rtt_ms_median:.3f}",
+                f"{link.rtt_ms_p95:.3f}",
+                f"{link.send_mbit_per_s or 0:.0f}",
+                f"{link.recv_mbit_per_s or 0:.0f}",
+                "",
+            ]
+        )
     return rows
 
 

@@ -25,8 +25,15 @@ from exo_lab.cluster.http import RequestError, SignedClient
 log = logging.getLogger(__name__)
 
 MANIFEST = ".exo_lab_fetched.json"
-SMALL_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-               "special_tokens_map.json", "model.safetensors.index.json", "chat_template.jinja")
+SMALL_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "model.safetensors.index.json",
+    "chat_template.jinja",
+)
 
 
 class FetchError(RuntimeError):
@@ -37,7 +44,9 @@ def _client(source: str, key: str) -> SignedClient:
     return SignedClient(source, key, timeout=60.0)
 
 
-def _get(client: SignedClient, path: str, byte_range: tuple[int, int] | None = None, body: bytes | None = None) -> bytes:
+def _get(
+    client: SignedClient, path: str, byte_range: tuple[int, int] | None = None, body: bytes | None = None
+) -> bytes:
     try:
         if byte_range is not None:
             return client.read_range(path, *byte_range)
@@ -92,8 +101,13 @@ def fetch_tensors(
                 plan.append((tname, fname, 8 + n + a, 8 + n + b))
     if not plan:
         return 0
-    sums = json.loads(_get(client, f"/models/{name}/checksums",
-                           body=json.dumps({"ranges": [[f, a, b] for _, f, a, b in plan]}).encode()))["sha256"]
+    sums = json.loads(
+        _get(
+            client,
+            f"/models/{name}/checksums",
+            body=json.dumps({"ranges": [[f, a, b] for _, f, a, b in plan]}).encode(),
+        )
+    )["sha256"]
     total = sum(b - a for _, _, a, b in plan)
     done = 0
     for (tname, fname, a, b), expected in zip(plan, sums):

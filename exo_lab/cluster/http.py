@@ -61,7 +61,7 @@ class LineStream:
     def close(self) -> None:
         self._conn.close()
 
-    def __enter__(self) -> "LineStream":
+    def __enter__(self) -> LineStream:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -77,8 +77,9 @@ class SignedClient:
         self.key = key
         self.timeout = timeout
 
-    def _send(self, method: str, path: str, body: bytes | None, headers: dict[str, str] | None,
-              timeout: float | None) -> http.client.HTTPConnection:
+    def _send(
+        self, method: str, path: str, body: bytes | None, headers: dict[str, str] | None, timeout: float | None
+    ) -> http.client.HTTPConnection:
         data = body or b""
         all_headers = dict(headers or {})
         if self.key:
@@ -91,8 +92,16 @@ class SignedClient:
             raise RequestError(f"{method} {self.address}{path}: {exc}") from exc
         return conn
 
-    def request(self, method: str, path: str, body: bytes | None = None, *, headers: dict[str, str] | None = None,
-                timeout: float | None = None, ok: tuple[int, ...] = (200, 206)) -> bytes:
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None = None,
+        *,
+        headers: dict[str, str] | None = None,
+        timeout: float | None = None,
+        ok: tuple[int, ...] = (200, 206),
+    ) -> bytes:
         """The raw body of a response with a status in ``ok`` (else :class:`RequestError`);
         ``timeout``: seconds per socket operation (default: the client's)."""
         what = f"{method} {self.address}{path}"

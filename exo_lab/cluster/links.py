@@ -86,7 +86,7 @@ class ProbeServer:
                         await writer.drain()
                 else:
                     return
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError, ValueError, OSError):
+        except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, ValueError, OSError):
             return
         finally:
             writer.close()
@@ -115,7 +115,7 @@ def probe_link(
     samples: int = 50,
     transfer_bytes: int = 4 << 20,
     timeout_s: float = 10.0,
-    cancel: "threading.Event | None" = None,
+    cancel: threading.Event | None = None,
 ) -> LinkProfile:
     """Measure RTT and throughput to ``address:port``; errors come back in the profile.
 

@@ -50,10 +50,28 @@ def start_agents(n: int, key: str, probe_interval_s: float = 60.0, separate_stor
     env = _blas.child_env()
     procs = []
     for i, port in enumerate(ports):
-        cmd = [sys.executable, "-m", "exo_lab.cli", "node", "--host", "127.0.0.1", "--port", str(port),
-               "--probe-port", "0", "--name", f"local-{i}", "--state-dir", str(tmp / f"node-{i}"),
-               f"--cluster-key={key}", "--no-mdns", "--probe-interval", str(probe_interval_s),
-               "--exit-with-parent", str(os.getpid())]
+        cmd = [
+            sys.executable,
+            "-m",
+            "exo_lab.cli",
+            "node",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--probe-port",
+            "0",
+            "--name",
+            f"local-{i}",
+            "--state-dir",
+            str(tmp / f"node-{i}"),
+            f"--cluster-key={key}",
+            "--no-mdns",
+            "--probe-interval",
+            str(probe_interval_s),
+            "--exit-with-parent",
+            str(os.getpid()),
+        ]
         for j, other in enumerate(ports):
             if j != i:
                 cmd += ["--peer", f"127.0.0.1:{other}"]

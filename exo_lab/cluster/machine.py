@@ -55,7 +55,7 @@ class DeviceProfile:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "DeviceProfile":
+    def from_json(cls, data: dict[str, Any]) -> DeviceProfile:
         names = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in names})
 
@@ -125,7 +125,7 @@ def _cgroup_dirs(controller: str, proc: Path) -> list[tuple[int, list[Path]]]:
             continue
         rel = paths_by_version[version]
         if root != "/" and (rel == root or rel.startswith(root + "/")):
-            rel = rel[len(root):]
+            rel = rel[len(root) :]
         directory = mount_point / rel.lstrip("/")
         if not directory.is_dir():  # a cgroup namespace we cannot map: use the mount's root
             directory = mount_point
@@ -182,7 +182,9 @@ def cpu_model() -> str:
             pass
     elif sys.platform == "darwin":
         try:
-            out = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=5)
+            out = subprocess.run(
+                ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=5
+            )
             if out.returncode == 0 and out.stdout.strip():
                 return out.stdout.strip()
         except (OSError, subprocess.SubprocessError):

@@ -86,7 +86,9 @@ def gpu_info() -> tuple[str | None, int | None]:
     elif hasattr(mx, "metal") and hasattr(mx.metal, "device_info"):
         info = dict(mx.metal.device_info())
     name = info.get("device_name") or info.get("architecture")
-    memory = next((info[k] for k in ("max_recommended_working_set_size", "memory_size", "total_memory") if info.get(k)), None)
+    memory = next(
+        (info[k] for k in ("max_recommended_working_set_size", "memory_size", "total_memory") if info.get(k)), None
+    )
     return (str(name) if name else None), (int(memory) if memory else None)
 
 
@@ -136,7 +138,9 @@ def _best_seconds(fn: Callable[[], mx.array], slice_s: float, warm: bool = False
     return best
 
 
-def _sized_matmul(make: Callable[[int], tuple[Callable[[], mx.array], int]], n_max: int, slice_s: float) -> tuple[int, float, int]:
+def _sized_matmul(
+    make: Callable[[int], tuple[Callable[[], mx.array], int]], n_max: int, slice_s: float
+) -> tuple[int, float, int]:
     """Probe with N=128, pick N for ~slice/4 per iteration, time it: (N, seconds, weight bytes)."""
     start = time.perf_counter()
     n = min(_N_PROBE, n_max)
@@ -167,15 +171,17 @@ def measure_profile(budget_s: float = 5.0, progress: bool = False) -> DeviceProf
     start = time.perf_counter()
     deadline = start + 0.9 * budget_s
     n_decode_max = _decode_rows(memory_now()[1])
-    weights = mx.random.uniform(-1.0, 1.0, (n_decode_max, _K), key=mx.random.key(0))  # <= 256 MB fp32
-    x1 = mx.random.uniform(-1.0, 1.0, (1, _K), key=mx.random.key(1))
-    x512 = mx.random.uniform(-1.0, 1.0, (512, _K), key=mx.random.key(2))
-    mx.eval(weights, x1, x512)
+    arrays = {
+        "weights": mx.random.uniform(-1.0, 1.0, (n_decode_max, _K), key=mx.random.key(0)),  # <= 256 MB fp32
+        "x1": mx.random.uniform(-1.0, 1.0, (1, _K), key=mx.random.key(1)),
+        "x512": mx.random.uniform(-1.0, 1.0, (512, _K), key=mx.random.key(2)),
+    }
+    mx.eval(*arrays.values())
     log.debug("setup %.2f s", time.perf_counter() - start)
 
     def plain(dtype: mx.Dtype, x: mx.array) -> Callable[[int], tuple[Callable[[], mx.array], int]]:
         def make(n: int) -> tuple[Callable[[], mx.array], int]:
-            w = weights[:n] if dtype == weights.dtype else weights[:n].astype(dtype)
+            w = arrays["weights"][:n] if dtype == arrays["weights"].dtype else arrays["weights"][:n].astype(dtype)
             xs = x.astype(dtype)
             mx.eval(w, xs)
             return (lambda: xs @ w.T), w.nbytes
@@ -184,7 +190,7 @@ def measure_profile(budget_s: float = 5.0, progress: bool = False) -> DeviceProf
 
     def q4(x: mx.array) -> Callable[[int], tuple[Callable[[], mx.array], int]]:
         def make(n: int) -> tuple[Callable[[], mx.array], int]:
-            wq, scales, biases = mx.quantize(weights[:n], group_size=_Q_GROUP, bits=_Q_BITS)
+            wq, scales, biases = mx.quantize(arrays["weights"][:n], group_size=_Q_GROUP, bits=_Q_BITS)
             mx.eval(wq, scales, biases)
             fn = lambda: mx.quantized_matmul(x, wq, scales, biases, transpose=True, group_size=_Q_GROUP, bits=_Q_BITS)  # noqa: E731
             return fn, wq.nbytes + scales.nbytes + biases.nbytes
@@ -192,12 +198,12 @@ def measure_profile(budget_s: float = 5.0, progress: bool = False) -> DeviceProf
         return make
 
     variants = [
-        ("float32_m1", plain(mx.float32, x1), n_decode_max),
-        ("float32_m512", plain(mx.float32, x512), _N_PROMPT_MAX),
-        ("bfloat16_m1", plain(mx.bfloat16, x1), n_decode_max),
-        ("bfloat16_m512", plain(mx.bfloat16, x512), _N_PROMPT_MAX),
-        ("q4_m1", q4(x1), n_decode_max),
-        ("q4_m512", q4(x512), _N_PROMPT_MAX),
+        ("float32_m1", plain(mx.float32, arrays["x1"]), n_decode_max),
+        ("float32_m512", plain(mx.float32, arrays["x512"]), _N_PROMPT_MAX),
+        ("bfloat16_m1", plain(mx.bfloat16, arrays["x1"]), n_decode_max),
+        ("bfloat16_m512", plain(mx.bfloat16, arrays["x512"]), _N_PROMPT_MAX),
+        ("q4_m1", q4(arrays["x1"]), n_decode_max),
+        ("q4_m512", q4(arrays["x512"]), _N_PROMPT_MAX),
     ]
     bar = _progress_bar(len(variants) + 1) if progress else None
     steps_left = len(variants) + 1
@@ -205,8 +211,8 @@ def measure_profile(budget_s: float = 5.0, progress: bool = False) -> DeviceProf
     def slice_s() -> float:
         return max(0.0, deadline - time.perf_counter()) / steps_left
 
-    reduce_s = _best_seconds(lambda: mx.sum(weights), slice_s())
-    reduce_gb_s = weights.nbytes / reduce_s / 1e9
+    reduce_s = _best_seconds(lambda: mx.sum(arrays["weights"]), slice_s())
+    reduce_gb_s = arrays["weights"].nbytes / reduce_s / 1e9
     steps_left -= 1
     if bar:
         bar.update()
@@ -228,7 +234,7 @@ def measure_profile(budget_s: float = 5.0, progress: bool = False) -> DeviceProf
             bar.update()
     if bar:
         bar.close()
-    del weights, x1, x512
+    arrays.clear()  # free the test matrices before clearing MLX's cache
     mx.clear_cache()
     elapsed = time.perf_counter() - start
 
@@ -248,8 +254,13 @@ def measure_profile(budget_s: float = 5.0, progress: bool = False) -> DeviceProf
         measure_seconds=elapsed,
         **facts,
     )
-    log.info("measured %s in %.1f s: %s GFLOP/s, %.1f GB/s", profile.cpu_model, elapsed,
-             {k: round(v, 1) for k, v in gflops.items()}, profile.memory_bandwidth_gb_per_s)
+    log.info(
+        "measured %s in %.1f s: %s GFLOP/s, %.1f GB/s",
+        profile.cpu_model,
+        elapsed,
+        {k: round(v, 1) for k, v in gflops.items()},
+        profile.memory_bandwidth_gb_per_s,
+    )
     return profile
 
 

@@ -74,17 +74,26 @@ class LinkProfile:
         vals = [v for v in (self.send_mbit_per_s, self.recv_mbit_per_s) if v]
         return min(vals) if vals else 0.0
 
-    def reversed(self) -> "LinkProfile":
+    def reversed(self) -> LinkProfile:
         return LinkProfile(
-            self.dst, self.src, self.dst_address, self.src_address or "", self.rtt_ms_median, self.rtt_ms_p95,
-            self.recv_mbit_per_s, self.send_mbit_per_s, self.measured_at, self.rdma, self.error,
+            self.dst,
+            self.src,
+            self.dst_address,
+            self.src_address or "",
+            self.rtt_ms_median,
+            self.rtt_ms_p95,
+            self.recv_mbit_per_s,
+            self.send_mbit_per_s,
+            self.measured_at,
+            self.rdma,
+            self.error,
         )
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "LinkProfile":
+    def from_json(cls, data: dict[str, Any]) -> LinkProfile:
         names = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in names})
 
@@ -124,7 +133,7 @@ class NodeInfo:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "NodeInfo":
+    def from_json(cls, data: dict[str, Any]) -> NodeInfo:
         names = set(cls.__dataclass_fields__)
         d = {k: v for k, v in data.items() if k in names}
         d.setdefault("name", d.get("id", "?"))
@@ -160,15 +169,22 @@ class Topology:
         """An undirected ``networkx.Graph``: node attrs from NodeInfo, edge attrs from the best link."""
         g = nx.Graph()
         for n in self.nodes.values():
-            g.add_node(n.id, name=n.name, state=n.state, memory_total_bytes=n.memory_total_bytes,
-                       addresses=list(n.addresses))
+            g.add_node(
+                n.id, name=n.name, state=n.state, memory_total_bytes=n.memory_total_bytes, addresses=list(n.addresses)
+            )
         ids = sorted(self.nodes)
         for i, a in enumerate(ids):
             for b in ids[i + 1 :]:
                 link = self.best_link(a, b)
                 if link is not None:
-                    g.add_edge(a, b, rtt_ms=link.rtt_ms_median, bandwidth_mbit_per_s=link.bandwidth_mbit_per_s,
-                               src_address=link.src_address, dst_address=link.dst_address)
+                    g.add_edge(
+                        a,
+                        b,
+                        rtt_ms=link.rtt_ms_median,
+                        bandwidth_mbit_per_s=link.bandwidth_mbit_per_s,
+                        src_address=link.src_address,
+                        dst_address=link.dst_address,
+                    )
         return g
 
     def to_json(self) -> dict[str, Any]:
@@ -179,7 +195,7 @@ class Topology:
         }
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Topology":
+    def from_json(cls, data: dict[str, Any]) -> Topology:
         if data.get("version", TOPOLOGY_VERSION) != TOPOLOGY_VERSION:
             raise ValueError(f"topology version {data.get('version')} is not supported (expected {TOPOLOGY_VERSION})")
         nodes = [NodeInfo.from_json(n) for n in data.get("nodes", [])]
@@ -193,7 +209,7 @@ class Topology:
         return cls({n.id: n for n in nodes}, links)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Topology":
+    def load(cls, path: str | Path) -> Topology:
         """Read a topology or what-if spec (JSON, or YAML by extension)."""
         text = Path(path).read_text()
         if str(path).endswith((".yaml", ".yml")):

@@ -47,9 +47,15 @@ class RankProcess:
     def to_json(self) -> dict[str, Any]:
         alive = self.proc is not None and self.proc.poll() is None
         code = self.proc.poll() if self.proc is not None else None
-        return {"rank": self.rank, "ring": self.ring, "control": self.control,
-                "pid": self.proc.pid if self.proc else None, "alive": alive, "exit_code": code,
-                **(process_memory(self.proc.pid) if alive else {})}
+        return {
+            "rank": self.rank,
+            "ring": self.ring,
+            "control": self.control,
+            "pid": self.proc.pid if self.proc else None,
+            "alive": alive,
+            "exit_code": code,
+            **(process_memory(self.proc.pid) if alive else {}),
+        }
 
 
 def process_memory(pid: int) -> dict[str, int]:
@@ -78,8 +84,12 @@ class LocalInstance:
     created: float = field(default_factory=time.time)
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.id, "state": self.state, "reserved_bytes": self.reserved_bytes,
-                "ranks": [r.to_json() for r in self.ranks.values()]}
+        return {
+            "id": self.id,
+            "state": self.state,
+            "reserved_bytes": self.reserved_bytes,
+            "ranks": [r.to_json() for r in self.ranks.values()],
+        }
 
 
 class WorkerManager:
@@ -109,13 +119,15 @@ class WorkerManager:
         inst = LocalInstance(instance_id, reserve_bytes)
         for r in ranks:
             addr = r["address"]
-            inst.ranks[int(r["rank"])] = RankProcess(int(r["rank"]), f"{addr}:{_free_port(addr)}",
-                                                     f"{addr}:{_free_port(addr)}")
+            inst.ranks[int(r["rank"])] = RankProcess(
+                int(r["rank"]), f"{addr}:{_free_port(addr)}", f"{addr}:{_free_port(addr)}"
+            )
         self.instances[instance_id] = inst
         return {r.rank: {"ring": r.ring, "control": r.control} for r in inst.ranks.values()}
 
-    def start(self, instance_id: str, hostfile: list[list[str]], common: dict[str, Any],
-              per_rank: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    def start(
+        self, instance_id: str, hostfile: list[list[str]], common: dict[str, Any], per_rank: dict[str, dict[str, Any]]
+    ) -> dict[str, Any]:
         """Spawn this node's workers for a prepared instance."""
         inst = self.instances.get(instance_id)
         if inst is None:
@@ -128,15 +140,26 @@ class WorkerManager:
             if rp.proc is not None:
                 continue
             host, port = rp.control.rsplit(":", 1)
-            cfg = {**common, **per_rank[str(rank)], "rank": rank, "control_host": host, "control_port": int(port),
-                   "cluster_key": self.key}
+            cfg = {
+                **common,
+                **per_rank[str(rank)],
+                "rank": rank,
+                "control_host": host,
+                "control_port": int(port),
+                "cluster_key": self.key,
+            }
             cfg_path = run_dir / f"rank{rank}.json"
             cfg_path.write_text(json.dumps(cfg))
             env = _blas.child_env()
             env.update({"MLX_RANK": str(rank), "MLX_HOSTFILE": str(hosts_path)})
-            log_file = open(run_dir / f"rank{rank}.log", "ab")
-            rp.proc = subprocess.Popen([sys.executable, "-m", "exo_lab.engine.worker", str(cfg_path)],
-                                       stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            log_file = open(run_dir / f"rank{rank}.log", "ab")  # noqa: SIM115  (the rank writes it while it lives)
+            rp.proc = subprocess.Popen(
+                [sys.executable, "-m", "exo_lab.engine.worker", str(cfg_path)],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
         inst.state = "running"
         return inst.to_json()
 
@@ -162,7 +185,9 @@ class WorkerManager:
     def poll(self) -> None:
         """Mark instances whose workers died."""
         for inst in self.instances.values():
-            if inst.state == "running" and any(r.proc is not None and r.proc.poll() is not None for r in inst.ranks.values()):
+            if inst.state == "running" and any(
+                r.proc is not None and r.proc.poll() is not None for r in inst.ranks.values()
+            ):
                 inst.state = "failed"
                 log.warning("instance %s: a worker exited", inst.id)
 

@@ -81,7 +81,7 @@ class Backend(ABC):
     def close(self) -> None:
         """Stop taking requests and free the model."""
 
-    def _on_finish(self, gen: Generation) -> None:
+    def _on_finish(self, gen: Generation) -> None:  # noqa: B027  (an optional hook, empty by default)
         """Hook run (under the lock) when ``gen`` leaves: forget whatever tracks it."""
 
     # ---------------------------------------------------------------- admission
@@ -94,8 +94,10 @@ class Backend(ABC):
         self._check_open()
         with self._lock:
             if self._pending >= self.max_batch + self.max_queue:
-                raise EngineBusy(f"{self.name} is busy: {self._pending} requests are generating or queued "
-                                 f"(at most {self.max_batch} + {self.max_queue}); retry shortly")
+                raise EngineBusy(
+                    f"{self.name} is busy: {self._pending} requests are generating or queued "
+                    f"(at most {self.max_batch} + {self.max_queue}); retry shortly"
+                )
             self._pending += 1
         gen = Generation(request)
         self._enqueue(gen)
@@ -140,8 +142,11 @@ class Backend(ABC):
     ) -> Generation:
         """Generate from raw text (or token ids); returns a streaming handle."""
         tokens = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        return self.submit(GenerationRequest(tuple(tokens), max_tokens, SamplingParams(temperature, top_p, top_k, seed),
-                                             tuple(stop), ignore_eos))
+        return self.submit(
+            GenerationRequest(
+                tuple(tokens), max_tokens, SamplingParams(temperature, top_p, top_k, seed), tuple(stop), ignore_eos
+            )
+        )
 
     def chat(self, messages: Sequence[dict[str, Any]], **kwargs: Any) -> Generation:
         """Generate a reply to chat ``messages``; same keywords as :meth:`generate`."""
@@ -155,7 +160,7 @@ class Backend(ABC):
             if chunk.text:
                 yield chunk.text
 
-    def __enter__(self) -> "Backend":
+    def __enter__(self) -> Backend:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -68,8 +68,10 @@ def normalise_messages(messages: Sequence[dict[str, Any]]) -> list[dict[str, Any
         role = m.get("role")
         if role not in ROLES:
             raise ValueError(f"invalid role {role!r}; expected one of {', '.join(ROLES)}")
-        msg: dict[str, Any] = {"role": "system" if role == "developer" else role,
-                               "content": message_text(m.get("content"))}
+        msg: dict[str, Any] = {
+            "role": "system" if role == "developer" else role,
+            "content": message_text(m.get("content")),
+        }
         if role == "assistant" and m.get("tool_calls"):
             msg["tool_calls"] = _tool_calls(m["tool_calls"])
         if role == "tool":
@@ -100,7 +102,9 @@ def hermes_system_text(tools: Sequence[dict[str, Any]]) -> str:
 def hermes_call_text(call: dict[str, Any]) -> str:
     fn = call["function"]
     args = fn["arguments"] if isinstance(fn["arguments"], str) else json.dumps(fn["arguments"], ensure_ascii=False)
-    return f'{HERMES_START}\n{{"name": {json.dumps(fn["name"], ensure_ascii=False)}, "arguments": {args}}}\n{HERMES_END}'
+    return (
+        f'{HERMES_START}\n{{"name": {json.dumps(fn["name"], ensure_ascii=False)}, "arguments": {args}}}\n{HERMES_END}'
+    )
 
 
 def _inline_tools(msgs: list[dict[str, Any]], tools: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

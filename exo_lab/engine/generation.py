@@ -16,6 +16,7 @@ from typing import Any
 
 from exo_lab.engine.sampling import SamplingParams
 
+
 @dataclass(frozen=True)
 class GenerationRequest:
     """What to generate: prompt tokens, limits, sampling and stop rules."""
@@ -93,7 +94,6 @@ class GenerationError(RuntimeError):
 
 class EngineBusy(GenerationError):
     """Every decode slot and queue place is taken; retry later."""
-
 
 
 class Generation:

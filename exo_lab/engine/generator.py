@@ -100,7 +100,7 @@ class Engine(Backend):
             self._queue.put(None)
             self._closed.wait(timeout=30)
 
-    def __enter__(self) -> "Engine":
+    def __enter__(self) -> Engine:
         return self
 
     # worker thread
@@ -111,8 +111,9 @@ class Engine(Backend):
             self.model, self.tokenizer, config = load(str(self.path), return_config=True)
             # materialise non-parameter arrays too (e.g. RoPE frequency tables): a lazy array made on
             # this thread's stream cannot be evaluated from another thread
-            mx.eval([v for m in self.model.modules() for v in [*vars(m).values(), *m.values()]
-                     if isinstance(v, mx.array)])
+            mx.eval(
+                [v for m in self.model.modules() for v in [*vars(m).values(), *m.values()] if isinstance(v, mx.array)]
+            )
             self.config = config
             self.context_length = config.get("max_position_embeddings")
             self.eos_ids = set(self.tokenizer.eos_token_ids)
@@ -160,8 +161,13 @@ class Engine(Backend):
 
         req = gen.request
         if self._batch is None:
-            self._batch = BatchGenerator(self.model, max_tokens=256, completion_batch_size=self.max_batch,
-                                         prefill_batch_size=min(8, self.max_batch), stream=self.mlx_stream)
+            self._batch = BatchGenerator(
+                self.model,
+                max_tokens=256,
+                completion_batch_size=self.max_batch,
+                prefill_batch_size=min(8, self.max_batch),
+                stream=self.mlx_stream,
+            )
         processors: list = []
         sampler = make_sampler(req.sampling)
         if req.grammar is not None:  # the constraint masks the logits, then picks the token to keep
@@ -170,10 +176,17 @@ class Engine(Backend):
             vocab = vocabulary(self.tokenizer, int(self.config.get("vocab_size") or len(self.tokenizer._tokenizer)))
             constraint = SchemaConstraint(req.grammar, vocab, req.max_tokens)
             processors, sampler = [constraint], constraint.sampler(sampler)
-        (uid,) = self._batch.insert([list(req.prompt_tokens)], max_tokens=[req.max_tokens],
-                                    samplers=[sampler], logits_processors=[processors])
-        active[uid] = _Active(gen, uid, self.tokenizer.detokenizer, StopMatcher(req.stop),
-                              Usage(prompt_tokens=len(req.prompt_tokens)), time.perf_counter())
+        (uid,) = self._batch.insert(
+            [list(req.prompt_tokens)], max_tokens=[req.max_tokens], samplers=[sampler], logits_processors=[processors]
+        )
+        active[uid] = _Active(
+            gen,
+            uid,
+            self.tokenizer.detokenizer,
+            StopMatcher(req.stop),
+            Usage(prompt_tokens=len(req.prompt_tokens)),
+            time.perf_counter(),
+        )
 
     def _step(self, active: dict[int, _Active]) -> None:
         """One decode step for the whole batch (joining prompts are prefilled as part of it)."""
@@ -187,14 +200,17 @@ class Engine(Backend):
         except Exception as exc:  # the batch is unusable: fail what it held, start afresh
             log.exception("batch step failed")
             for a in active.values():
-                self._finish(a.gen, Chunk("", finish_reason="error", error=f"{type(exc).__name__}: {exc}", usage=Usage()))
+                self._finish(
+                    a.gen, Chunk("", finish_reason="error", error=f"{type(exc).__name__}: {exc}", usage=Usage())
+                )
             active.clear()
             self._batch = None
             return
         if not responses:  # the batch holds nothing, so these were lost: never leave a caller waiting
             for a in active.values():
-                self._finish(a.gen, Chunk("", finish_reason="error", error="the batch lost this request",
-                                          usage=Usage()))
+                self._finish(
+                    a.gen, Chunk("", finish_reason="error", error="the batch lost this request", usage=Usage())
+                )
             active.clear()
             return
         self._stats["decode_steps"] += 1

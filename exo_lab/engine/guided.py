@@ -85,7 +85,7 @@ class SchemaGrammar:
         try:
             grammar = LLMatcher.grammar_from_json_schema(schema, defaults=dict(COMPILE_OPTIONS))
             problem = LLMatcher.validate_grammar(grammar)
-        except Exception as exc:  # noqa: BLE001 - whatever the compiler objects to is the schema's fault
+        except Exception as exc:
             raise SchemaError(str(exc)) from exc
         if problem:
             raise SchemaError(problem)
@@ -104,15 +104,23 @@ class SchemaGrammar:
         calls = []
         for tool in tools:
             fn = tool["function"]
-            calls.append({"type": "object", "additionalProperties": False, "required": ["name", "arguments"],
-                          "properties": {"name": {"const": fn["name"]},
-                                         "arguments": fn.get("parameters") or {"type": "object"}}})
+            calls.append(
+                {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["name", "arguments"],
+                    "properties": {
+                        "name": {"const": fn["name"]},
+                        "arguments": fn.get("parameters") or {"type": "object"},
+                    },
+                }
+            )
         schema = {"x-guidance": dict(COMPILE_OPTIONS), "anyOf": calls}
         lark = f"start: {json.dumps(start)} call {json.dumps(end)}\ncall: %json {json.dumps(schema)}"
         try:
             grammar = LLMatcher.grammar_from_lark(lark)
             problem = LLMatcher.validate_grammar(grammar)
-        except Exception as exc:  # noqa: BLE001 - a tool's parameters the compiler cannot follow
+        except Exception as exc:
             raise SchemaError(str(exc)) from exc
         if problem:
             raise SchemaError(problem)
@@ -122,13 +130,19 @@ class SchemaGrammar:
         return JsonCloser(self.prefix.encode(), self.suffix.encode(), self.empty.encode())
 
     def to_json(self) -> dict[str, str]:
-        return {"schema": self.schema, "grammar": self.grammar, "prefix": self.prefix, "suffix": self.suffix,
-                "empty": self.empty}
+        return {
+            "schema": self.schema,
+            "grammar": self.grammar,
+            "prefix": self.prefix,
+            "suffix": self.suffix,
+            "empty": self.empty,
+        }
 
     @classmethod
     def from_json(cls, data: dict[str, str]) -> SchemaGrammar:
-        return cls(data["schema"], data["grammar"], data.get("prefix", ""), data.get("suffix", ""),
-                   data.get("empty", "0"))
+        return cls(
+            data["schema"], data["grammar"], data.get("prefix", ""), data.get("suffix", ""), data.get("empty", "0")
+        )
 
 
 @functools.cache
@@ -248,8 +262,9 @@ class SchemaConstraint:
     with :meth:`sampler`; the lock-step rank that samples calls :meth:`mask` and :meth:`choose`.
     """
 
-    def __init__(self, grammar: SchemaGrammar | dict[str, str], vocab: Vocabulary, max_tokens: int | None = None
-                 ) -> None:
+    def __init__(
+        self, grammar: SchemaGrammar | dict[str, str], vocab: Vocabulary, max_tokens: int | None = None
+    ) -> None:
         from llguidance import LLMatcher
         from llguidance.numpy import allocate_token_bitmask
 

@@ -50,7 +50,8 @@ class Job:
         if not isinstance(self.ignore_eos, bool):
             return "ignore_eos must be true or false"
         if self.grammar is not None and not (
-            isinstance(self.grammar, dict) and isinstance(self.grammar.get("grammar"), str)
+            isinstance(self.grammar, dict)
+            and isinstance(self.grammar.get("grammar"), str)
             and all(isinstance(self.grammar.get(k, ""), str) for k in ("schema", "prefix", "suffix", "empty"))
         ):
             return "grammar must be a constraint object (SchemaGrammar.to_json())"
@@ -59,12 +60,19 @@ class Job:
         return None
 
     def to_json(self) -> dict[str, Any]:
-        return {"seq": self.seq, "prompt": list(self.prompt), "max_tokens": self.max_tokens,
-                "sampling": self.sampling.to_json(), "stop": list(self.stop), "ignore_eos": self.ignore_eos,
-                "grammar": self.grammar, "logprobs": self.logprobs}
+        return {
+            "seq": self.seq,
+            "prompt": list(self.prompt),
+            "max_tokens": self.max_tokens,
+            "sampling": self.sampling.to_json(),
+            "stop": list(self.stop),
+            "ignore_eos": self.ignore_eos,
+            "grammar": self.grammar,
+            "logprobs": self.logprobs,
+        }
 
     @classmethod
-    def from_json(cls, data: Any) -> "Job":
+    def from_json(cls, data: Any) -> Job:
         """The job in ``data`` (what :meth:`to_json` wrote); :class:`JobError` says what is wrong with it."""
         if not isinstance(data, dict):
             raise JobError("a job is a JSON object")
@@ -80,8 +88,16 @@ class Job:
             params = SamplingParams(**sampling)
         except (TypeError, ValueError) as exc:
             raise JobError(f"bad sampling parameters: {exc}") from exc
-        return cls(data.get("seq"), tuple(prompt), data.get("max_tokens"), params, tuple(stop),
-                   data.get("ignore_eos", False), data.get("grammar"), data.get("logprobs"))
+        return cls(
+            data.get("seq"),
+            tuple(prompt),
+            data.get("max_tokens"),
+            params,
+            tuple(stop),
+            data.get("ignore_eos", False),
+            data.get("grammar"),
+            data.get("logprobs"),
+        )
 
 
 def _is_int(x: Any) -> bool:

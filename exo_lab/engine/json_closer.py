@@ -59,8 +59,13 @@ class JsonCloser:
             k = -2 - where
             return (where - 1, mode, stack, aux) if k < len(self.suffix) and self.suffix[k] == byte else None
         nxt = _json_step(mode, stack, aux, byte)
-        if nxt is None and self.suffix[:1] == bytes([byte]) and not stack and mode != "R" \
-                and not _json_closing(mode, stack, aux, self.empty):  # the JSON is complete: the suffix begins
+        if (
+            nxt is None
+            and self.suffix[:1] == bytes([byte])
+            and not stack
+            and mode != "R"
+            and not _json_closing(mode, stack, aux, self.empty)
+        ):  # the JSON is complete: the suffix begins
             return (-3, mode, stack, aux)
         return None if nxt is None else (-1, *nxt)
 

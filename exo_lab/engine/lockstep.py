@@ -70,8 +70,15 @@ class Batch:
     def __len__(self) -> int:
         return len(self.inputs)
 
-    def add(self, cache: list, first_input: int, sampler: Callable[[mx.array], mx.array], greedy: bool,
-            constraint: Any = None, logprobs: int | None = None) -> None:
+    def add(
+        self,
+        cache: list,
+        first_input: int,
+        sampler: Callable[[mx.array], mx.array],
+        greedy: bool,
+        constraint: Any = None,
+        logprobs: int | None = None,
+    ) -> None:
         """Append a prefilled sequence (its per-layer ``KVCache``) as the last row."""
         merged = [c.merge([c]) for c in cache]
         if self.cache is None:
@@ -104,8 +111,15 @@ class Batch:
 class Lockstep:
     """Runs one shard's part of generation in step with the other ranks."""
 
-    def __init__(self, shard: Shard, group: mx.distributed.Group, layout: Layout, hidden_size: int,
-                 act_dtype: mx.Dtype, prefill_step_size: int = 2048) -> None:
+    def __init__(
+        self,
+        shard: Shard,
+        group: mx.distributed.Group,
+        layout: Layout,
+        hidden_size: int,
+        act_dtype: mx.Dtype,
+        prefill_step_size: int = 2048,
+    ) -> None:
         self.shard = shard
         self.group = group
         self.layout = layout
@@ -129,7 +143,9 @@ class Lockstep:
         elif not multi:
             x = mx.distributed.recv((b, n, self.hidden), self.act_dtype, lay.peer(lay.stage - 1), group=self.group)
         elif lay.rank == mine[0]:
-            x = mx.distributed.recv((b, n, self.hidden), self.act_dtype, lay.stages[lay.stage - 1][-1], group=self.group)
+            x = mx.distributed.recv(
+                (b, n, self.hidden), self.act_dtype, lay.stages[lay.stage - 1][-1], group=self.group
+            )
             sent = mx.distributed.send(x, mine[1], group=self.group)
             (x,) = mx.depends([x], [sent])
         else:
@@ -177,8 +193,13 @@ class Lockstep:
             mx.eval(logits)  # tensor peers: run the step's all-reduces even though the lead samples
             return None
         if any(c is not None for c in batch.constraints):
-            logits = mx.concatenate([logits[i : i + 1] if c is None else c.mask(logits[i : i + 1])
-                                     for i, c in enumerate(batch.constraints)], axis=0)
+            logits = mx.concatenate(
+                [
+                    logits[i : i + 1] if c is None else c.mask(logits[i : i + 1])
+                    for i, c in enumerate(batch.constraints)
+                ],
+                axis=0,
+            )
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         if all(batch.greedy):
             tokens = mx.argmax(logprobs, axis=-1)
@@ -186,8 +207,9 @@ class Lockstep:
             tokens = mx.concatenate([s(logprobs[i : i + 1]) for i, s in enumerate(batch.samplers)], axis=0)
         mx.eval(tokens)
         if any(c is not None for c in batch.constraints):  # each constraint keeps its token or writes its plan
-            tokens = mx.array([t if c is None else c.choose(t) for c, t in zip(batch.constraints, tokens.tolist())],
-                              tokens.dtype)
+            tokens = mx.array(
+                [t if c is None else c.choose(t) for c, t in zip(batch.constraints, tokens.tolist())], tokens.dtype
+            )
         self._logprobs = logprobs
         return tokens
 
@@ -195,8 +217,11 @@ class Lockstep:
         """All ranks learn the step's tokens (last stage's lead), and rank 0's stop flags and admission mark."""
         width = len(flags)
         lead = self.layout.stages[-1][0]
-        tok = (tokens.astype(mx.int32).reshape(-1) if tokens is not None and self.layout.rank == lead
-               else mx.zeros((width,), mx.int32))
+        tok = (
+            tokens.astype(mx.int32).reshape(-1)
+            if tokens is not None and self.layout.rank == lead
+            else mx.zeros((width,), mx.int32)
+        )
         mine = mx.array([*flags, admit] if self.layout.rank == 0 else [0] * (width + 1), mx.int32)
         both = mx.distributed.all_sum(mx.concatenate([tok, mine]), group=self.group)
         mx.eval(both)
@@ -241,8 +266,14 @@ class Lockstep:
             at += 1 + 2 * k
         return out
 
-    def generate(self, prompt: list[int], max_tokens: int, sampler: Callable[[mx.array], mx.array],
-                 stop_flag: Callable[[], bool], greedy: bool = False) -> Iterator[int]:
+    def generate(
+        self,
+        prompt: list[int],
+        max_tokens: int,
+        sampler: Callable[[mx.array], mx.array],
+        stop_flag: Callable[[], bool],
+        greedy: bool = False,
+    ) -> Iterator[int]:
         """One sequence alone (a batch of one): yield its tokens; every rank yields the same ones.
 
         ``stop_flag`` is read on rank 0; the step in flight when it turns true is discarded.

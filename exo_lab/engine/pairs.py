@@ -66,8 +66,16 @@ class PairReduced(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         m = self.inner
         if isinstance(m, QuantizedShardedToAllLinear):
-            y = mx.quantized_matmul(x, m["weight"], scales=m["scales"], biases=m.get("biases"), transpose=True,
-                                    group_size=m.group_size, bits=m.bits, **({"mode": m.mode} if hasattr(m, "mode") else {}))
+            y = mx.quantized_matmul(
+                x,
+                m["weight"],
+                scales=m["scales"],
+                biases=m.get("biases"),
+                transpose=True,
+                group_size=m.group_size,
+                bits=m.bits,
+                **({"mode": m.mode} if hasattr(m, "mode") else {}),
+            )
         else:
             y = x @ m["weight"].T
         y = self._exchange(y)

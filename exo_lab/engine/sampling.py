@@ -7,8 +7,8 @@ the same tokens whatever else runs in the process.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 import mlx.core as mx
 

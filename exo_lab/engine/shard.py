@@ -73,7 +73,9 @@ class Shard(nn.Module):
         self.spec = spec
         inner = model.model
         self.layers = inner.layers[spec.start : spec.end]
-        self.embed_tokens = inner.embed_tokens if (spec.first or (spec.last and model.args.tie_word_embeddings)) else None
+        self.embed_tokens = (
+            inner.embed_tokens if (spec.first or (spec.last and model.args.tie_word_embeddings)) else None
+        )
         self.norm = inner.norm if spec.last else None
         self.lm_head = getattr(model, "lm_head", None) if spec.last else None
         self.tied = bool(model.args.tie_word_embeddings)
@@ -97,8 +99,9 @@ class Shard(nn.Module):
         return [KVCache() for _ in self.layers]
 
 
-def load_shard(model_dir: str | Path, spec: ShardSpec, tensor_group: mx.distributed.Group | None = None,
-               progress=None, pair=None) -> tuple[Shard, dict]:
+def load_shard(
+    model_dir: str | Path, spec: ShardSpec, tensor_group: mx.distributed.Group | None = None, progress=None, pair=None
+) -> tuple[Shard, dict]:
     """Build a shard reading only its tensors; split it over ``tensor_group`` when given.
 
     ``progress(layers_loaded, layers_total)`` is called as layers arrive. ``pair`` is
@@ -115,7 +118,7 @@ def load_shard(model_dir: str | Path, spec: ShardSpec, tensor_group: mx.distribu
     by_layer: dict[int, list[str]] = {}
     for n in names:
         by_layer.setdefault(int(n.split(".")[2]) if n.startswith("model.layers.") else -1, []).append(n)
-    for i, layer in enumerate(sorted(by_layer)):
+    for layer in sorted(by_layer):
         weights.update(read_tensors(model_dir, by_layer[layer]))
         if progress is not None and layer >= 0:
             progress(min(total, layer - spec.start + 1), total)
@@ -123,8 +126,12 @@ def load_shard(model_dir: str | Path, spec: ShardSpec, tensor_group: mx.distribu
         weights = model.sanitize(weights)
     quant = config.get("quantization")
     if quant:
-        nn.quantize(model, group_size=quant["group_size"], bits=quant["bits"],
-                    class_predicate=lambda p, m: f"{p}.scales" in weights)
+        nn.quantize(
+            model,
+            group_size=quant["group_size"],
+            bits=quant["bits"],
+            class_predicate=lambda p, m: f"{p}.scales" in weights,
+        )
     model.load_weights(list(weights.items()), strict=False)
     if tensor_group is not None and tensor_group.size() > 1:
         inner_layers = model.model.layers
@@ -138,9 +145,15 @@ def load_shard(model_dir: str | Path, spec: ShardSpec, tensor_group: mx.distribu
     shard = Shard(model, spec)
     if spec.dtype and not quant:
         target = getattr(mx, spec.dtype)
-        shard.update(tree_map(lambda a: a.astype(target) if mx.issubdtype(a.dtype, mx.floating) else a,
-                              shard.parameters()))
+        shard.update(
+            tree_map(lambda a: a.astype(target) if mx.issubdtype(a.dtype, mx.floating) else a, shard.parameters())
+        )
     mx.eval(shard.parameters())
-    log.info("shard [%d, %d) of %d layers: %.1f MB", spec.start, spec.end, spec.num_layers,
-             sum(v.nbytes for _, v in tree_flatten(shard.parameters())) / 1e6)
+    log.info(
+        "shard [%d, %d) of %d layers: %.1f MB",
+        spec.start,
+        spec.end,
+        spec.num_layers,
+        sum(v.nbytes for _, v in tree_flatten(shard.parameters())) / 1e6,
+    )
     return shard, config

@@ -31,24 +31,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import exo_lab  # noqa: F401  (OpenBLAS before mlx)
+import mlx.core as mx
+import tornado.iostream
+import tornado.web
+from mlx_lm.utils import load_tokenizer
+from tornado.httpserver import HTTPServer
 
-import mlx.core as mx  # noqa: E402
-import tornado.iostream  # noqa: E402
-import tornado.web  # noqa: E402
-from mlx_lm.utils import load_tokenizer  # noqa: E402
-from tornado.httpserver import HTTPServer  # noqa: E402
-
-from exo_lab import defaults  # noqa: E402
-from exo_lab.cluster.auth import Verifier  # noqa: E402
-from exo_lab.cluster.fetch import FetchError, fetch_tensors  # noqa: E402
-from exo_lab.engine.guided import SchemaConstraint, vocabulary  # noqa: E402
-from exo_lab.engine.job import Job, JobError  # noqa: E402
-from exo_lab.engine.lockstep import Batch, Layout, Lockstep  # noqa: E402
-from exo_lab.engine.pairs import Exchange  # noqa: E402
-from exo_lab.engine.sampling import SamplingParams, make_sampler  # noqa: E402
-from exo_lab.engine.shard import ShardSpec, load_shard, needs_tensor  # noqa: E402
-from exo_lab.engine.stopping import StopMatcher  # noqa: E402
+from exo_lab import defaults
+from exo_lab.cluster.auth import Verifier
+from exo_lab.cluster.fetch import FetchError, fetch_tensors
+from exo_lab.engine.guided import SchemaConstraint, vocabulary
+from exo_lab.engine.job import Job, JobError
+from exo_lab.engine.lockstep import Batch, Layout, Lockstep
+from exo_lab.engine.pairs import Exchange
+from exo_lab.engine.sampling import SamplingParams, make_sampler
+from exo_lab.engine.shard import ShardSpec, load_shard, needs_tensor
+from exo_lab.engine.stopping import StopMatcher
 
 log = logging.getLogger("exo_lab.engine.worker")
 
@@ -111,10 +109,18 @@ class Worker:
         self.guide = None  # the llguidance vocabulary, on the rank that samples (constrained output)
 
     def status(self) -> dict[str, Any]:
-        return {"state": self.state, "rank": self.rank, "loaded": self.loaded, "total": self.total,
-                "error": self.error, "last_done": self.last_done, "pid": os.getpid(), **self.stats,
-                "fetched_bytes": getattr(self, "fetched_bytes", 0),
-                "fetch_progress": getattr(self, "fetch_progress", None)}
+        return {
+            "state": self.state,
+            "rank": self.rank,
+            "loaded": self.loaded,
+            "total": self.total,
+            "error": self.error,
+            "last_done": self.last_done,
+            "pid": os.getpid(),
+            **self.stats,
+            "fetched_bytes": getattr(self, "fetched_bytes", 0),
+            "fetch_progress": getattr(self, "fetch_progress", None),
+        }
 
     def enqueue(self, job: QueuedJob) -> QueuedJob:
         with self.cond:
@@ -211,8 +217,9 @@ class Worker:
         constraint = None
         if job.grammar and self.guide is not None:  # the rank that samples keeps the output in the grammar
             constraint = SchemaConstraint(job.grammar, self.guide, job.max_tokens)
-        batch.add(self.lockstep.prefill(prompt), prompt[-1], make_sampler(params), params.greedy, constraint,
-                  job.logprobs)
+        batch.add(
+            self.lockstep.prefill(prompt), prompt[-1], make_sampler(params), params.greedy, constraint, job.logprobs
+        )
         return row
 
     def _accept(self, row: _Row, token: int, logprob: tuple[float, list[tuple[int, float]]] | None = None) -> bool:
@@ -229,8 +236,9 @@ class Worker:
             chunk: dict[str, Any] = {"text": text, "tokens": [token]}
             if logprob is not None:  # [token, text, logprob, [[id, text, logprob], ...]]
                 decode = self.tokenizer.decode
-                chunk["logprobs"] = [[token, decode([token]), logprob[0],
-                                      [[t, decode([t]), lp] for t, lp in logprob[1]]]]
+                chunk["logprobs"] = [
+                    [token, decode([token]), logprob[0], [[t, decode([t]), lp] for t, lp in logprob[1]]]
+                ]
             row.job.push(chunk)
             if hit:  # only rank 0 sees text: the row ends here, the other ranks drop it at the next step
                 self._end(row, "stop")
@@ -259,10 +267,14 @@ class Worker:
                 job.push({"text": tail, "tokens": []})
         end = time.perf_counter()
         n, first = row.n, row.first or end
-        usage = {"prompt_tokens": row.prompt_tokens, "completion_tokens": n, "ttft_s": first - job.arrived,
-                 "prompt_tps": row.prompt_tokens / (first - row.start) if first > row.start else 0.0,
-                 "generation_tps": (n - 1) / (end - first) if n > 1 and end > first else 0.0,
-                 "total_s": end - job.arrived}
+        usage = {
+            "prompt_tokens": row.prompt_tokens,
+            "completion_tokens": n,
+            "ttft_s": first - job.arrived,
+            "prompt_tps": row.prompt_tokens / (first - row.start) if first > row.start else 0.0,
+            "generation_tps": (n - 1) / (end - first) if n > 1 and end > first else 0.0,
+            "total_s": end - job.arrived,
+        }
         job.done = True
         job.push({"text": "", "finish_reason": finish, "usage": usage, "stop_sequence": row.stopper.matched})
 
@@ -302,8 +314,9 @@ class Worker:
             self.state = "loading"
         self.shard, config = load_shard(model_dir, spec, tensor_group, progress=self._progress, pair=pair)
         act = getattr(mx, cfg.get("dtype") or config.get("torch_dtype") or "bfloat16")
-        self.lockstep = Lockstep(self.shard, self.group, layout, config["hidden_size"], act,
-                                 cfg.get("prefill_step_size", 2048))
+        self.lockstep = Lockstep(
+            self.shard, self.group, layout, config["hidden_size"], act, cfg.get("prefill_step_size", 2048)
+        )
         samples = self.rank == stages[-1][0]  # the last stage's lead rank samples every token
         if self.rank == 0 or samples:
             self.tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
@@ -324,8 +337,14 @@ class Worker:
         errors = []
         for source in fetch["sources"]:
             try:
-                self.fetched_bytes = fetch_tensors(source, self.config["cluster_key"], fetch["name"], model_dir, wanted,
-                                                   progress=lambda d, t: setattr(self, "fetch_progress", (d, t)))
+                self.fetched_bytes = fetch_tensors(
+                    source,
+                    self.config["cluster_key"],
+                    fetch["name"],
+                    model_dir,
+                    wanted,
+                    progress=lambda d, t: setattr(self, "fetch_progress", (d, t)),
+                )
                 return
             except FetchError as exc:
                 errors.append(str(exc))
@@ -334,13 +353,15 @@ class Worker:
     def _progress(self, done: int, total: int) -> None:
         self.loaded, self.total = done, total
 
+
 class _Handler(tornado.web.RequestHandler):
     def initialize(self, worker: Worker) -> None:
         self.worker = worker
 
     def check(self) -> bool:
-        problem = self.worker.verifier.problem(self.request.method, self.request.uri, self.request.body,
-                                               dict(self.request.headers))
+        problem = self.worker.verifier.problem(
+            self.request.method, self.request.uri, self.request.body, dict(self.request.headers)
+        )
         if problem:
             self.set_status(401)
             self.finish({"error": problem})
@@ -413,17 +434,21 @@ class ShutdownHandler(_Handler):
 def main(argv: list[str] | None = None) -> int:
     argv = argv if argv is not None else sys.argv[1:]
     config = json.loads(Path(argv[0]).read_text())
-    logging.basicConfig(level=defaults.worker_log_level(), format=f"%(asctime)s rank{config.get('rank')} %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=defaults.worker_log_level(), format=f"%(asctime)s rank{config.get('rank')} %(levelname)s %(message)s"
+    )
     worker = Worker(config)
     compute = threading.Thread(target=worker.run, name="exo-lab-rank", daemon=True)
 
     async def serve() -> None:
-        app = tornado.web.Application([
-            (r"/status", StatusHandler, {"worker": worker}),
-            (r"/generate", GenerateHandler, {"worker": worker}),
-            (r"/cancel", CancelHandler, {"worker": worker}),
-            (r"/shutdown", ShutdownHandler, {"worker": worker}),
-        ])
+        app = tornado.web.Application(
+            [
+                (r"/status", StatusHandler, {"worker": worker}),
+                (r"/generate", GenerateHandler, {"worker": worker}),
+                (r"/cancel", CancelHandler, {"worker": worker}),
+                (r"/shutdown", ShutdownHandler, {"worker": worker}),
+            ]
+        )
         HTTPServer(app).listen(config["control_port"], config.get("control_host", "0.0.0.0"))
         compute.start()
         await asyncio.Event().wait()

@@ -19,5 +19,6 @@ def _load_jupyter_server_extension(server_app: Any) -> None:
     from exo_lab.jupyter.handlers import setup_handlers  # the server imports routes only when it loads them
 
     setup_handlers(server_app.web_app)
-    server_app.log.info("exo_lab server extension: routes under %sexo-lab/api/",
-                        server_app.web_app.settings.get("base_url", "/"))
+    server_app.log.info(
+        "exo_lab server extension: routes under %sexo-lab/api/", server_app.web_app.settings.get("base_url", "/")
+    )

@@ -38,8 +38,10 @@ from exo_lab.ui.topology_widget import graph_json
 
 log = logging.getLogger(__name__)
 
-NO_CLUSTER_HINT = ("No exo_lab cluster is running on this machine. Start one in a notebook with "
-                   "`cluster = exo_lab.local_cluster(2)` (or `exo_lab.discover()`), or run `exo-lab up`.")
+NO_CLUSTER_HINT = (
+    "No exo_lab cluster is running on this machine. Start one in a notebook with "
+    "`cluster = exo_lab.local_cluster(2)` (or `exo_lab.discover()`), or run `exo-lab up`."
+)
 DASHBOARD_HINT = "Start the dashboard with `exo-lab dashboard` (or `exo-lab up`)."
 
 
@@ -92,8 +94,9 @@ class ClusterViews:
         if wanted:
             match = next((c for c in found if c.id == wanted), None)
             if match is None:
-                raise tornado.web.HTTPError(404, f"no running coordinator {wanted!r}; running: "
-                                                 f"{', '.join(c.id for c in found) or 'none'}")
+                raise tornado.web.HTTPError(
+                    404, f"no running coordinator {wanted!r}; running: {', '.join(c.id for c in found) or 'none'}"
+                )
             return match, found
         return (found[0] if found else None), found
 
@@ -113,8 +116,11 @@ class ClusterViews:
                 raise tornado.web.HTTPError(502, f"coordinator {info.label} has no node agents yet")
             try:
                 if view.cluster is None:
-                    view.cluster = await self.run(lambda: ClusterClient(info.agents, info.cluster_key,
-                                                                  follow_peers=info.follow_peers, register=False))
+                    view.cluster = await self.run(
+                        lambda: ClusterClient(
+                            info.agents, info.cluster_key, follow_peers=info.follow_peers, register=False
+                        )
+                    )
                 else:
                     await self.run(view.cluster.refresh)
             except ClusterError as exc:
@@ -137,6 +143,7 @@ class ClusterViews:
 
     async def _agent_instances(self, cluster: Any) -> dict[str, dict[str, Any]]:
         """``GET /instances`` of every live node: node id -> its answer (nodes that fail are left out)."""
+
         def read() -> dict[str, dict[str, Any]]:
             out = {}
             for node in cluster.nodes:
@@ -186,12 +193,24 @@ class TopologyHandler(ExoLabHandler):
     async def get(self) -> None:
         info, found = self.picked()
         if info is None:
-            self.send({"coordinator": None, "coordinators": [], "topology": {"nodes": [], "links": [], "edges": []},
-                       "hint": NO_CLUSTER_HINT})
+            self.send(
+                {
+                    "coordinator": None,
+                    "coordinators": [],
+                    "topology": {"nodes": [], "links": [], "edges": []},
+                    "hint": NO_CLUSTER_HINT,
+                }
+            )
             return
         topology = await self.views.topology(info)
-        self.send({"coordinator": coordinator_summary(info), "coordinators": [coordinator_summary(c) for c in found],
-                   "topology": graph_json(topology), "hint": None})
+        self.send(
+            {
+                "coordinator": coordinator_summary(info),
+                "coordinators": [coordinator_summary(c) for c in found],
+                "topology": graph_json(topology),
+                "hint": None,
+            }
+        )
 
 
 class InstancesHandler(ExoLabHandler):
@@ -207,18 +226,26 @@ class InstancesHandler(ExoLabHandler):
         for node_id, answer in per_node.items():
             for inst in answer.get("instances", []):
                 ranks = inst.get("ranks", [])
-                on_nodes.setdefault(inst["id"], []).append({
-                    "node": node_id, "node_name": names.get(node_id, node_id), "state": inst.get("state"),
-                    "ranks": len(ranks), "ranks_alive": sum(1 for r in ranks if r.get("alive")),
-                    "reserved_bytes": inst.get("reserved_bytes", 0),
-                })
+                on_nodes.setdefault(inst["id"], []).append(
+                    {
+                        "node": node_id,
+                        "node_name": names.get(node_id, node_id),
+                        "state": inst.get("state"),
+                        "ranks": len(ranks),
+                        "ranks_alive": sum(1 for r in ranks if r.get("alive")),
+                        "reserved_bytes": inst.get("reserved_bytes", 0),
+                    }
+                )
         mine = [{**inst, "on_nodes": on_nodes.get(inst.get("id"), [])} for inst in info.instances]
         known = {inst.get("id") for inst in info.instances}
-        others = [{"id": iid, "state": _agents_state(nodes), "on_nodes": nodes}
-                  for iid, nodes in on_nodes.items()
-                  if iid not in known and any(n["state"] != "stopped" for n in nodes)]
-        self.send({"coordinator": coordinator_summary(info), "instances": mine, "other_instances": others,
-                   "hint": None})
+        others = [
+            {"id": iid, "state": _agents_state(nodes), "on_nodes": nodes}
+            for iid, nodes in on_nodes.items()
+            if iid not in known and any(n["state"] != "stopped" for n in nodes)
+        ]
+        self.send(
+            {"coordinator": coordinator_summary(info), "instances": mine, "other_instances": others, "hint": None}
+        )
 
 
 def _agents_state(nodes: list[dict[str, Any]]) -> str:
@@ -273,13 +300,13 @@ class DashboardUrlHandler(ExoLabHandler):
     async def get(self) -> None:
         info, found = self.picked()
         if defaults.dashboard_url():
-            self.send({"url": defaults.dashboard_url(), "source": "environment", "coordinator": None,
-                       "hint": None})
+            self.send({"url": defaults.dashboard_url(), "source": "environment", "coordinator": None, "hint": None})
             return
         with_url = [c for c in ([info] if info else []) + found if c.dashboard_url]
         if with_url:
-            self.send({"url": with_url[0].dashboard_url, "source": "coordinator", "coordinator": with_url[0].id,
-                       "hint": None})
+            self.send(
+                {"url": with_url[0].dashboard_url, "source": "coordinator", "coordinator": with_url[0].id, "hint": None}
+            )
             return
         self.send({"url": None, "source": None, "coordinator": None, "hint": DASHBOARD_HINT})
 
@@ -297,7 +324,9 @@ def setup_handlers(web_app: Any, directory: Path | None = None) -> ClusterViews:
     """Add the ``/exo-lab/api/*`` routes to a Jupyter server's tornado application."""
     views = ClusterViews(directory)
     base = web_app.settings.get("base_url", "/")
-    web_app.add_handlers(".*$", [(url_path_join(base, "exo-lab", "api", name), handler, {"views": views})
-                                 for name, handler in ROUTES.items()])
+    web_app.add_handlers(
+        ".*$",
+        [(url_path_join(base, "exo-lab", "api", name), handler, {"views": views}) for name, handler in ROUTES.items()],
+    )
     web_app.settings["exo_lab_views"] = views
     return views

@@ -13,7 +13,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-DTYPE_BYTES = {"F64": 8, "F32": 4, "BF16": 2, "F16": 2, "I64": 8, "I32": 4, "U32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "BF16": 2,
+    "F16": 2,
+    "I64": 8,
+    "I32": 4,
+    "U32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
 _TORCH_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
 
@@ -108,7 +120,10 @@ class ModelCard:
             return f"intermediate size {self.intermediate_size} does not divide by {n}"
         if self.quantization:
             group = self.quantization.get("group_size", 64)
-            for what, dim in (("hidden", self.num_attention_heads * self.head_dim), ("intermediate", self.intermediate_size)):
+            for what, dim in (
+                ("hidden", self.num_attention_heads * self.head_dim),
+                ("intermediate", self.intermediate_size),
+            ):
                 if (dim // n) % group:
                     return f"{what} size {dim}/{n} is not a multiple of the quantization group {group}"
         return None
@@ -124,12 +139,12 @@ class ModelCard:
         return d
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "ModelCard":
+    def from_json(cls, data: dict[str, Any]) -> ModelCard:
         names = set(cls.__dataclass_fields__)
         return cls(**{k: v for k, v in data.items() if k in names})
 
     @classmethod
-    def from_dir(cls, path: str | Path, name: str | None = None) -> "ModelCard":
+    def from_dir(cls, path: str | Path, name: str | None = None) -> ModelCard:
         """Read a card from a Hugging Face-layout model directory."""
         path = Path(path)
         config = json.loads((path / "config.json").read_text())
@@ -183,8 +198,9 @@ def _bytes_per_weight(dtype: str, quantization: dict[str, int] | None) -> float:
     return _TORCH_DTYPE_BYTES.get(dtype, 2)
 
 
-def card_from_config(config: dict[str, Any], name: str, dtype: str | None = None,
-                     quantization: dict[str, int] | None = None) -> ModelCard:
+def card_from_config(
+    config: dict[str, Any], name: str, dtype: str | None = None, quantization: dict[str, int] | None = None
+) -> ModelCard:
     """A card computed from a Hugging Face ``config.json`` alone (no weights needed).
 
     For studying models you do not have: sizes follow the Llama/Qwen layout
@@ -209,10 +225,23 @@ def card_from_config(config: dict[str, Any], name: str, dtype: str | None = None
     per_layer = int(linear * bpw) + (2 * hidden + bias + qk_norm) * act
     emb = int(vocab * hidden * bpw)
     return ModelCard(
-        name=name, path="", architecture=c.get("model_type", "llama"), num_layers=layers, hidden_size=hidden,
-        num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim, intermediate_size=inter,
-        vocab_size=vocab, dtype=dtype, quantization=quantization, tie_word_embeddings=tied,
-        layer_bytes=[per_layer] * layers, embedding_bytes=emb, head_bytes=0 if tied else emb, norm_bytes=hidden * act,
+        name=name,
+        path="",
+        architecture=c.get("model_type", "llama"),
+        num_layers=layers,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        head_dim=head_dim,
+        intermediate_size=inter,
+        vocab_size=vocab,
+        dtype=dtype,
+        quantization=quantization,
+        tie_word_embeddings=tied,
+        layer_bytes=[per_layer] * layers,
+        embedding_bytes=emb,
+        head_bytes=0 if tied else emb,
+        norm_bytes=hidden * act,
         max_position_embeddings=c.get("max_position_embeddings"),
     )
 

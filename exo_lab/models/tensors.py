@@ -10,8 +10,18 @@ import numpy as np
 
 from exo_lab.models.card import TensorInfo, read_tensor_index
 
-_NUMPY = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "U32": np.uint32, "I32": np.int32,
-          "I64": np.int64, "U8": np.uint8, "I8": np.int8, "F64": np.float64, "BOOL": np.bool_}
+_NUMPY = {
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": np.uint16,
+    "U32": np.uint32,
+    "I32": np.int32,
+    "I64": np.int64,
+    "U8": np.uint8,
+    "I8": np.int8,
+    "F64": np.float64,
+    "BOOL": np.bool_,
+}
 
 
 def read_tensors(model_dir: Path, names: Iterable[str]) -> dict[str, mx.array]:

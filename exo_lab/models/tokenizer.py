@@ -122,32 +122,59 @@ def _template(open_: str, close: str, trim: bool, bos: bool) -> str:
     return (
         ("{{- bos_token }}" if bos else "")
         + "{%- if tools %}"
-        + "{{- " + open_.format(role="'system'") + " }}"
-        + "{%- if messages[0]['role'] == 'system' %}{{- " + sys_content + " + '\\n\\n' }}{%- endif %}"
-        + "{{- " + repr(_TOOLS_INTRO) + " }}"
+        + "{{- "
+        + open_.format(role="'system'")
+        + " }}"
+        + "{%- if messages[0]['role'] == 'system' %}{{- "
+        + sys_content
+        + " + '\\n\\n' }}{%- endif %}"
+        + "{{- "
+        + repr(_TOOLS_INTRO)
+        + " }}"
         + "{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}"
-        + "{{- " + repr(_TOOLS_OUTRO) + " + " + close + " }}"
+        + "{{- "
+        + repr(_TOOLS_OUTRO)
+        + " + "
+        + close
+        + " }}"
         + "{%- endif %}"
         + "{%- for message in messages %}"
         + "{%- if tools and loop.first and message['role'] == 'system' %}"
         + "{%- elif message['role'] == 'assistant' and message.tool_calls %}"
-        + "{{- " + open_.format(role="'assistant'") + " }}{{- " + content + " }}"
+        + "{{- "
+        + open_.format(role="'assistant'")
+        + " }}{{- "
+        + content
+        + " }}"
         + "{%- for tool_call in message.tool_calls %}"
         + "{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}"
         + "{%- if message['content'] or not loop.first %}{{- '\\n' }}{%- endif %}"
-        + "{{- '<tool_call>\\n{\"name\": \"' + tool_call.name + '\", \"arguments\": ' }}"
+        + '{{- \'<tool_call>\\n{"name": "\' + tool_call.name + \'", "arguments": \' }}'
         + "{%- if tool_call.arguments is string %}{{- tool_call.arguments }}{%- else %}{{- tool_call.arguments | tojson }}{%- endif %}"
         + "{{- '}\\n</tool_call>' }}"
         + "{%- endfor %}"
-        + "{{- " + close + " }}"
+        + "{{- "
+        + close
+        + " }}"
         + "{%- elif message['role'] == 'tool' %}"
-        + "{{- " + open_.format(role="'tool'") + " + '<tool_response>\\n' + message['content'] + '\\n</tool_response>' + "
-        + close + " }}"
+        + "{{- "
+        + open_.format(role="'tool'")
+        + " + '<tool_response>\\n' + message['content'] + '\\n</tool_response>' + "
+        + close
+        + " }}"
         + "{%- else %}"
-        + "{{- " + open_.format(role="message['role']") + " }}{{- " + content + " }}{{- " + close + " }}"
+        + "{{- "
+        + open_.format(role="message['role']")
+        + " }}{{- "
+        + content
+        + " }}{{- "
+        + close
+        + " }}"
         + "{%- endif %}"
         + "{%- endfor %}"
-        + "{%- if add_generation_prompt %}{{- " + open_.format(role="'assistant'") + " }}{%- endif %}"
+        + "{%- if add_generation_prompt %}{{- "
+        + open_.format(role="'assistant'")
+        + " }}{%- endif %}"
     )
 
 

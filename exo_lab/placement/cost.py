@@ -80,7 +80,7 @@ class NodeRates:
     hop_overhead_s: float = 0.0  # calibration: seconds each message to or from this node costs beyond latency
 
     @classmethod
-    def from_profile(cls, node_id: str, profile: dict[str, Any]) -> "NodeRates":
+    def from_profile(cls, node_id: str, profile: dict[str, Any]) -> NodeRates:
         devices = profile.get("mlx_devices") or ["cpu"]
         gpu = "gpu" in devices
         mem = int(profile.get("memory_available_bytes") or profile.get("memory_total_bytes") or 0)
@@ -178,7 +178,9 @@ def calibrated_link(link: LinkCost, a: NodeRates | None, b: NodeRates | None) ->
 def layer_params(card: ModelCard) -> float:
     """Weights per layer as a count of parameters (for FLOPs)."""
     h, hd = card.hidden_size, card.head_dim
-    return h * card.num_attention_heads * hd * 2 + h * card.num_key_value_heads * hd * 2 + 3 * h * card.intermediate_size
+    return (
+        h * card.num_attention_heads * hd * 2 + h * card.num_key_value_heads * hd * 2 + 3 * h * card.intermediate_size
+    )
 
 
 def bytes_per_weight(card: ModelCard, dtype: str) -> float:

@@ -32,7 +32,7 @@ class RankSpec:
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "RankSpec":
+    def from_json(cls, d: dict[str, Any]) -> RankSpec:
         return cls(**{**d, "layers": tuple(d["layers"])})
 
 
@@ -118,7 +118,7 @@ class Plan:
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "Plan":
+    def from_json(cls, d: dict[str, Any]) -> Plan:
         names = set(cls.__dataclass_fields__)
         data = {k: v for k, v in d.items() if k in names}
         data["ranks"] = [RankSpec.from_json(r) for r in d["ranks"]]
@@ -128,14 +128,18 @@ class Plan:
         """Launch this plan on ``cluster`` (default: the cluster that previewed it)."""
         cluster = cluster or getattr(self, "_cluster", None)
         if cluster is None:
-            raise RuntimeError("this plan is not tied to a cluster: call plan.launch(cluster) or cluster.launch(model, plan)")
+            raise RuntimeError(
+                "this plan is not tied to a cluster: call plan.launch(cluster) or cluster.launch(model, plan)"
+            )
         return cluster.launch(self.model_ref or self.model, plan=self, name=name, wait=wait)
 
     def __repr__(self) -> str:
         if not self.feasible:
             return f"<Plan infeasible {self.describe()}: {self.reason}>"
-        return (f"<Plan {self.describe()} | decode {self.decode_tps:.2f} tok/s, TTFT {self.ttft_s:.2f} s, "
-                f"prefill {self.prefill_tps:.1f} tok/s | {self.backend}>")
+        return (
+            f"<Plan {self.describe()} | decode {self.decode_tps:.2f} tok/s, TTFT {self.ttft_s:.2f} s, "
+            f"prefill {self.prefill_tps:.1f} tok/s | {self.backend}>"
+        )
 
 
 def _gb(n: float) -> str:
@@ -170,26 +174,52 @@ class Plans:
         return self.plans[0]
 
     def to_json(self) -> dict[str, Any]:
-        return {"model": self.model, "objective": self.objective, "plans": [p.to_json() for p in self.plans],
-                "infeasible": [p.to_json() for p in self.infeasible]}
+        return {
+            "model": self.model,
+            "objective": self.objective,
+            "plans": [p.to_json() for p in self.plans],
+            "infeasible": [p.to_json() for p in self.infeasible],
+        }
 
     def rows(self) -> list[list[str]]:
         out = []
         for i, p in enumerate(self.plans):
-            mem = ", ".join(f"{p.node_names.get(n, n)} {_gb(p.memory_bytes[n])}/{_gb(p.memory_capacity_bytes[n])}"
-                            for n in p.nodes)
-            out.append([str(i), p.describe(), mem, f"{p.ttft_s:.2f}", f"{p.prefill_tps:.1f}", f"{p.decode_tps:.2f}",
-                        f"{p.batched_decode_tps(8):.2f}", p.bottleneck, p.explanation])
+            mem = ", ".join(
+                f"{p.node_names.get(n, n)} {_gb(p.memory_bytes[n])}/{_gb(p.memory_capacity_bytes[n])}" for n in p.nodes
+            )
+            out.append(
+                [
+                    str(i),
+                    p.describe(),
+                    mem,
+                    f"{p.ttft_s:.2f}",
+                    f"{p.prefill_tps:.1f}",
+                    f"{p.decode_tps:.2f}",
+                    f"{p.batched_decode_tps(8):.2f}",
+                    p.bottleneck,
+                    p.explanation,
+                ]
+            )
         return out
 
-    HEADER = ["#", "plan", "memory GB (used/free)", "TTFT s", "prefill tok/s", "decode tok/s", "8 streams tok/s",
-              "bottleneck", "why"]
+    HEADER = [
+        "#",
+        "plan",
+        "memory GB (used/free)",
+        "TTFT s",
+        "prefill tok/s",
+        "decode tok/s",
+        "8 streams tok/s",
+        "bottleneck",
+        "why",
+    ]
 
     def table(self, limit: int = 10) -> str:
         text = text_table(self.HEADER, self.rows()[:limit])
         if self.infeasible:
             text += f"\n{len(self.infeasible)} infeasible, e.g.: " + "; ".join(
-                f"{p.describe()}: {p.reason}" for p in self.infeasible[:3])
+                f"{p.describe()}: {p.reason}" for p in self.infeasible[:3]
+            )
         return text
 
     def __repr__(self) -> str:
@@ -207,13 +237,21 @@ class Plans:
                 f"<span style='display:block;height:8px;width:{min(100, 100 * p.memory_bytes[n] / max(1, p.memory_capacity_bytes[n])):.0f}%;"
                 f"background:var(--jp-brand-color1,#1976d2)'></span></span>"
                 f"<span>{_gb(p.memory_bytes[n])}/{_gb(p.memory_capacity_bytes[n])}</span></div>"
-                for n in p.nodes)
+                for n in p.nodes
+            )
             cells = [r[0], r[1], bars, *r[3:]]
-            body += "<tr>" + "".join(f"<td>{c if i == 2 else html.escape(c)}</td>" for i, c in enumerate(cells)) + "</tr>"
+            body += (
+                "<tr>" + "".join(f"<td>{c if i == 2 else html.escape(c)}</td>" for i, c in enumerate(cells)) + "</tr>"
+            )
         extra = ""
         if self.infeasible:
-            items = "".join(f"<li>{html.escape(p.describe())}: {html.escape(p.reason or '')}</li>"
-                            for p in self.infeasible[:5])
-            extra = f"<details><summary>{len(self.infeasible)} infeasible candidates</summary><ul>{items}</ul></details>"
-        return (f"<b>Plans for {html.escape(self.model)}</b> (objective: {self.objective})"
-                f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{extra}")
+            items = "".join(
+                f"<li>{html.escape(p.describe())}: {html.escape(p.reason or '')}</li>" for p in self.infeasible[:5]
+            )
+            extra = (
+                f"<details><summary>{len(self.infeasible)} infeasible candidates</summary><ul>{items}</ul></details>"
+            )
+        return (
+            f"<b>Plans for {html.escape(self.model)}</b> (objective: {self.objective})"
+            f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{extra}"
+        )

@@ -99,7 +99,7 @@ def _fill_fastest(total: int, speeds: list[float], caps: list[int]) -> list[int]
 
 def _evaluate(ctx: CostContext, stages: list[Stage], native: bool, split: str = "proportional") -> Plan:
     card = ctx.card
-    quant = bool(card.quantization)
+    bool(card.quantization)
     used = list(dict.fromkeys(n for s in stages for n in s.nodes))
     ranks_on_node = {n: sum(s.ranks_on(n) for s in stages) for n in used}
     node_share = node_shares(ctx, stages)
@@ -139,13 +139,25 @@ def _evaluate(ctx: CostContext, stages: list[Stage], native: bool, split: str = 
     splitter = _fill_fastest if split == "fastest" else _split_layers
     alloc = splitter(card.num_layers, speeds, caps)
     strategy = _strategy(stages)
-    plan = Plan(model=card.name, strategy=strategy, ranks=[], context=ctx.context, prompt_tokens=ctx.prompt,
-                batch=ctx.batch, dtypes=dtypes, dtype_reasons=reasons, node_names={n: ctx.names[n] for n in used},
-                model_dtype=card.dtype, split=split if len(stages) > 1 else "whole")
+    plan = Plan(
+        model=card.name,
+        strategy=strategy,
+        ranks=[],
+        context=ctx.context,
+        prompt_tokens=ctx.prompt,
+        batch=ctx.batch,
+        dtypes=dtypes,
+        dtype_reasons=reasons,
+        node_names={n: ctx.names[n] for n in used},
+        model_dtype=card.dtype,
+        split=split if len(stages) > 1 else "whole",
+    )
     # links between consecutive stages must exist
     for a, b in zip(stages, stages[1:]):
         if ctx.link(a.nodes[0], b.nodes[0]) is None:
-            return _infeasible(plan, stages, f"no measured link between {ctx.names[a.nodes[0]]} and {ctx.names[b.nodes[0]]}")
+            return _infeasible(
+                plan, stages, f"no measured link between {ctx.names[a.nodes[0]]} and {ctx.names[b.nodes[0]]}"
+            )
     if alloc is None:
         return _infeasible(plan, stages, _memory_reason(ctx, stages, caps, speeds, fixed, avg_layer, kv_ctx, dtypes))
 
@@ -156,7 +168,7 @@ def _evaluate(ctx: CostContext, stages: list[Stage], native: bool, split: str = 
     prev_node = stages[-1].nodes[0]
     for si, (s, count) in enumerate(zip(stages, alloc)):
         layers = (start, start + count)
-        lb = sum(card.layer_bytes[start:start + count])
+        lb = sum(card.layer_bytes[start : start + count])
         for ti in range(s.k):
             node = s.nodes[0] if s.local else s.nodes[ti]
             frac = 1.0 / s.k
@@ -171,7 +183,9 @@ def _evaluate(ctx: CostContext, stages: list[Stage], native: bool, split: str = 
     over = [n for n in used if mem[n] > ctx.rates[n].memory_bytes]
     if over:
         n = over[0]
-        return _infeasible(plan, stages, f"needs {mem[n] / 1e9:.1f} GB on {ctx.names[n]}, has {ctx.rates[n].memory_bytes / 1e9:.1f} GB")
+        return _infeasible(
+            plan, stages, f"needs {mem[n] / 1e9:.1f} GB on {ctx.names[n]}, has {ctx.rates[n].memory_bytes / 1e9:.1f} GB"
+        )
     predict_into(ctx, plan, stages, alloc, dtypes, node_share)
     plan.backend = _backend(ctx, used)
     model_name = card.path.rstrip("/").rsplit("/", 1)[-1] if card.path else card.name
@@ -361,7 +375,7 @@ def _explain(plans: list[Plan], objective: str) -> None:
     for i, p in enumerate(plans):
         where = f"{p.num_nodes} node{'s' if p.num_nodes > 1 else ''}"
         if i == 0:
-            p.explanation = (f"Best {unit} on {where}; limited by {p.bottleneck}.")
+            p.explanation = f"Best {unit} on {where}; limited by {p.bottleneck}."
             continue
         ratio = metric(p) / metric(best)
         if ratio >= 0.999:

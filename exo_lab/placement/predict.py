@@ -78,8 +78,11 @@ class CostContext:
             base: LinkCost | None = LOOPBACK
             if a != b:
                 best = self.topology.best_link(a, b)
-                base = None if best is None or not best.bandwidth_mbit_per_s else LinkCost(
-                    (best.rtt_ms_median or 0.0) / 2000.0, best.bandwidth_mbit_per_s * 1e6 / 8)
+                base = (
+                    None
+                    if best is None or not best.bandwidth_mbit_per_s
+                    else LinkCost((best.rtt_ms_median or 0.0) / 2000.0, best.bandwidth_mbit_per_s * 1e6 / 8)
+                )
             self._links[key] = base and calibrated_link(base, self.rates.get(a), self.rates.get(b))
         return self._links[key]
 
@@ -114,11 +117,20 @@ class CostContext:
             return best, "the model's dtype is also the fastest measured here"
         other = self.card.dtype
         ratio = speeds[best] / speeds[other] if speeds.get(other) else float("inf")
-        return best, f"{best} decodes {ratio:.1f}x faster than {other} on this node (measured), at {weight_scale(self.card, best):.0f}x the memory"
+        return (
+            best,
+            f"{best} decodes {ratio:.1f}x faster than {other} on this node (measured), at {weight_scale(self.card, best):.0f}x the memory",
+        )
 
 
-def predict_into(ctx: CostContext, plan: Plan, stages: list[Stage], alloc: list[int], dtypes: dict[str, str],
-                 node_share: Callable[[str], float]) -> None:
+def predict_into(
+    ctx: CostContext,
+    plan: Plan,
+    stages: list[Stage],
+    alloc: list[int],
+    dtypes: dict[str, str],
+    node_share: Callable[[str], float],
+) -> None:
     """Set ``plan``'s predicted decode and prefill tok/s, TTFT, breakdown, batched row time and bottleneck
     for ``stages`` holding ``alloc`` layers each, in ``dtypes``, each node getting ``node_share`` of its host."""
     card = ctx.card
@@ -238,8 +250,13 @@ class Predictor:
                 return None
         out = copy.copy(plan)
         predict_into(ctx, out, stages, alloc, dict(plan.dtypes), node_shares(ctx, stages))
-        return {"decode_tps": out.decode_tps, "prefill_tps": out.prefill_tps, "ttft_s": out.ttft_s,
-                "breakdown": dict(out.breakdown), "decode_row_s": out.decode_row_s}
+        return {
+            "decode_tps": out.decode_tps,
+            "prefill_tps": out.prefill_tps,
+            "ttft_s": out.ttft_s,
+            "breakdown": dict(out.breakdown),
+            "decode_row_s": out.decode_row_s,
+        }
 
 
 def predict(topology: Topology, card: ModelCard, plan: Plan, pp: int, tg: int) -> dict[str, Any] | None:

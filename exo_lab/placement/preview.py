@@ -32,8 +32,15 @@ def this_machine() -> Topology:
     return Topology({"local": node}, [])
 
 
-def preview(topology: Topology, model: str | Path | ModelCard, context: int = 4096, prompt_tokens: int = 512,
-            batch: int = 1, objective: str = "decode") -> Plans:
+def preview(
+    topology: Topology,
+    model: str | Path | ModelCard,
+    context: int = 4096,
+    prompt_tokens: int = 512,
+    batch: int = 1,
+    objective: str = "decode",
+) -> Plans:
     """Ranked plans for ``model`` on ``topology``."""
-    return plan(topology, model_card(model), context=context, prompt_tokens=prompt_tokens, batch=batch,
-                objective=objective)
+    return plan(
+        topology, model_card(model), context=context, prompt_tokens=prompt_tokens, batch=batch, objective=objective
+    )

@@ -186,7 +186,9 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
         help="command per host instead of the exo_lab node; "
         "placeholders {port} {name} {state_dir} {cluster_key} {lan_addr} {python} {peers}",
     )
-    p.add_argument("--port", type=int, default=defaults.AGENT_PORT, help="node port inside each host (default %(default)s)")
+    p.add_argument(
+        "--port", type=int, default=defaults.AGENT_PORT, help="node port inside each host (default %(default)s)"
+    )
     p.add_argument("--cluster-key", help="shared node secret (default: random)")
     p.add_argument("--base-dir", help="where node state dirs and logs go")
     p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for every node's HTTP (0: no wait)")

@@ -47,17 +47,24 @@ def instance_summary(obj: Any) -> dict[str, Any]:
     out: dict[str, Any] = {
         "name": str(getattr(obj, "name", "model")),
         "model": model if isinstance(model, str) else str(getattr(obj, "path", "")),  # an Engine's .model is MLX's
-        "state": _state(obj), "error": getattr(obj, "error", None) or "",
+        "state": _state(obj),
+        "error": getattr(obj, "error", None) or "",
         "pending": int(getattr(obj, "pending", 0) or 0),  # requests decoding together or waiting
-        "replacements": int(getattr(obj, "replacements", 0) or 0), "plan": None,
+        "replacements": int(getattr(obj, "replacements", 0) or 0),
+        "plan": None,
     }
     out["busy"] = out["pending"] > 0
     if plan is not None:
         names = getattr(plan, "node_names", {}) or {}
         out["plan"] = {
-            "description": plan.describe(), "strategy": plan.strategy, "backend": plan.backend,
-            "nodes": [names.get(n, n) for n in plan.nodes], "ranks": len(plan.ranks),
-            "decode_tps": plan.decode_tps, "ttft_s": plan.ttft_s, "prefill_tps": plan.prefill_tps,
+            "description": plan.describe(),
+            "strategy": plan.strategy,
+            "backend": plan.backend,
+            "nodes": [names.get(n, n) for n in plan.nodes],
+            "ranks": len(plan.ranks),
+            "decode_tps": plan.decode_tps,
+            "ttft_s": plan.ttft_s,
+            "prefill_tps": plan.prefill_tps,
             "prompt_tokens": plan.prompt_tokens,
         }
     return out
@@ -73,8 +80,15 @@ def loading_progress(obj: Any) -> dict[str, Any]:
     ranks = []
     for r in sorted(plan.ranks, key=lambda r: r.rank):
         done, total = progress.get(r.rank, (0, max(1, r.layers[1] - r.layers[0])))
-        ranks.append({"rank": r.rank, "node": names.get(r.node_id, r.node_id), "layers": list(r.layers),
-                      "done": int(done), "total": int(total)})
+        ranks.append(
+            {
+                "rank": r.rank,
+                "node": names.get(r.node_id, r.node_id),
+                "layers": list(r.layers),
+                "done": int(done),
+                "total": int(total),
+            }
+        )
     done = sum(x["done"] for x in ranks)
     total = sum(x["total"] for x in ranks)
     return {"done": done, "total": total, "ranks": ranks}
@@ -85,10 +99,17 @@ def request_rows(obj: Any, limit: int = RECENT_REQUESTS) -> list[dict[str, Any]]
     history = list(getattr(obj, "usage_history", ()) or ())[-limit:]
     rows = []
     for t, usage in history:
-        rows.append({"t": float(t), "prompt_tokens": usage.prompt_tokens,
-                     "completion_tokens": usage.completion_tokens, "ttft_s": usage.ttft_s,
-                     "prompt_tps": usage.prompt_tps, "generation_tps": usage.generation_tps,
-                     "total_s": usage.total_s})
+        rows.append(
+            {
+                "t": float(t),
+                "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens,
+                "ttft_s": usage.ttft_s,
+                "prompt_tps": usage.prompt_tps,
+                "generation_tps": usage.generation_tps,
+                "total_s": usage.total_s,
+            }
+        )
     return rows
 
 
@@ -100,7 +121,8 @@ def request_stats(rows: list[dict[str, Any]], total: int | None = None) -> dict[
     decoded = [r for r in rows if r["completion_tokens"] > 1 and r["generation_tps"] > 0]
     started = [r for r in rows if r["completion_tokens"] > 0]
     return {
-        "requests": total if total is not None else len(rows), "tokens": sum(r["completion_tokens"] for r in rows),
+        "requests": total if total is not None else len(rows),
+        "tokens": sum(r["completion_tokens"] for r in rows),
         "last_decode_tps": decoded[-1]["generation_tps"] if decoded else None,
         "mean_decode_tps": sum(r["generation_tps"] for r in decoded) / len(decoded) if decoded else None,
         "last_ttft_s": started[-1]["ttft_s"] if started else None,
@@ -140,8 +162,12 @@ class InstanceMonitor(anywidget.AnyWidget):
         if self.instance is None:
             return False
         rows = request_rows(self.instance)
-        new = {"summary": instance_summary(self.instance), "progress": loading_progress(self.instance),
-               "requests": rows, "stats": request_stats(rows, getattr(self.instance, "requests_completed", None))}
+        new = {
+            "summary": instance_summary(self.instance),
+            "progress": loading_progress(self.instance),
+            "requests": rows,
+            "stats": request_stats(rows, getattr(self.instance, "requests_completed", None)),
+        }
         changed = {k: v for k, v in new.items() if getattr(self, k) != v}
         if changed:
             with self.hold_sync():
@@ -158,7 +184,7 @@ class InstanceMonitor(anywidget.AnyWidget):
         while not self._stop.wait(self.interval_s):
             try:
                 self.sample()
-            except Exception as exc:  # noqa: BLE001  (the sampler must outlive one bad read; the next one retries)
+            except Exception as exc:
                 log.warning("instance monitor sample failed: %s", exc)
                 continue
             if self.summary.get("state") == "stopped":

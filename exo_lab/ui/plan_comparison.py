@@ -35,6 +35,8 @@ NO_LAUNCH = "preview on a live cluster (cluster.preview) to launch"
 def can_launch(plan: Plan) -> bool:
     """A plan launches when it came from a live cluster's preview (the launch itself reports other problems)."""
     return callable(getattr(plan, "launch", None)) and getattr(plan, "_cluster", None) is not None and plan.feasible
+
+
 INFEASIBLE_SHOWN = 50
 
 
@@ -61,12 +63,19 @@ def plan_stages(plan: Plan) -> list[dict[str, Any]]:
         note = _SHORT.get(dt, dt) if plan.model_dtype and dt != plan.model_dtype else ""
         tp = f" x{first.tensor_size}" if first.tensor_size > 1 else ""
         names = sorted({r.node_name for r in rs})
-        out.append({
-            "stage": s, "color": stage_color(s), "node_ids": ids,
-            "node_names": [plan.node_names.get(i, i) for i in ids], "layers": list(first.layers),
-            "tensor_size": first.tensor_size, "dtype": dt, "dtype_note": note,
-            "text": f"{'+'.join(names)}{tp}[{first.layers[0]}:{first.layers[1]}]{' ' + note if note else ''}",
-        })
+        out.append(
+            {
+                "stage": s,
+                "color": stage_color(s),
+                "node_ids": ids,
+                "node_names": [plan.node_names.get(i, i) for i in ids],
+                "layers": list(first.layers),
+                "tensor_size": first.tensor_size,
+                "dtype": dt,
+                "dtype_note": note,
+                "text": f"{'+'.join(names)}{tp}[{first.layers[0]}:{first.layers[1]}]{' ' + note if note else ''}",
+            }
+        )
     return out
 
 
@@ -98,7 +107,7 @@ def plan_highlight(plan: Plan) -> dict[str, Any]:
 
     for st in stages:
         for i, a in enumerate(st["node_ids"]):
-            for b in st["node_ids"][i + 1:]:
+            for b in st["node_ids"][i + 1 :]:
                 add(a, b)
     for st, nxt in zip(stages, stages[1:]):
         for a in st["node_ids"]:
@@ -132,21 +141,44 @@ def plan_row(index: int, plan: Plan, best_decode_tps: float, measured: dict[str,
     memory = []
     for node_id in plan.nodes:
         used, cap = plan.memory_bytes.get(node_id, 0), plan.memory_capacity_bytes.get(node_id, 0)
-        memory.append({"node_id": node_id, "name": plan.node_names.get(node_id, node_id), "used_bytes": used,
-                       "capacity_bytes": cap, "frac": used / cap if cap else 1.0,
-                       "color": stage_of[node_id]["color"] if node_id in stage_of else STAGE_COLORS[0]})
+        memory.append(
+            {
+                "node_id": node_id,
+                "name": plan.node_names.get(node_id, node_id),
+                "used_bytes": used,
+                "capacity_bytes": cap,
+                "frac": used / cap if cap else 1.0,
+                "color": stage_of[node_id]["color"] if node_id in stage_of else STAGE_COLORS[0],
+            }
+        )
     total = sum(plan.breakdown.values())
-    breakdown = [{"name": k, "seconds": v, "frac": v / total if total else 0.0}
-                 for k, v in sorted(plan.breakdown.items(), key=lambda kv: -kv[1])]
+    breakdown = [
+        {"name": k, "seconds": v, "frac": v / total if total else 0.0}
+        for k, v in sorted(plan.breakdown.items(), key=lambda kv: -kv[1])
+    ]
     return {
-        "index": index, "description": plan.describe(), "strategy": plan.strategy, "split": plan.split,
-        "backend": plan.backend, "num_nodes": plan.num_nodes, "num_ranks": len(plan.ranks), "stages": stages,
-        "memory": memory, "ttft_s": plan.ttft_s, "prefill_tps": plan.prefill_tps, "decode_tps": plan.decode_tps,
+        "index": index,
+        "description": plan.describe(),
+        "strategy": plan.strategy,
+        "split": plan.split,
+        "backend": plan.backend,
+        "num_nodes": plan.num_nodes,
+        "num_ranks": len(plan.ranks),
+        "stages": stages,
+        "memory": memory,
+        "ttft_s": plan.ttft_s,
+        "prefill_tps": plan.prefill_tps,
+        "decode_tps": plan.decode_tps,
         "decode_rel": plan.decode_tps / best_decode_tps if best_decode_tps else 0.0,
-        "bottleneck": plan.bottleneck, "explanation": plan.explanation, "breakdown": breakdown,
-        "dtypes": [{"node": plan.node_names.get(n, n), "dtype": d, "reason": plan.dtype_reasons.get(n, "")}
-                   for n, d in plan.dtypes.items()],
-        "launchable": can_launch(plan), "measured": compare_measured(plan, measured),
+        "bottleneck": plan.bottleneck,
+        "explanation": plan.explanation,
+        "breakdown": breakdown,
+        "dtypes": [
+            {"node": plan.node_names.get(n, n), "dtype": d, "reason": plan.dtype_reasons.get(n, "")}
+            for n, d in plan.dtypes.items()
+        ],
+        "launchable": can_launch(plan),
+        "measured": compare_measured(plan, measured),
     }
 
 
@@ -187,9 +219,15 @@ class PlanComparison(ipywidgets.VBox):
         self._launch_lock = threading.Lock()
         self._best_decode_tps = max((p.decode_tps for p in plans.plans), default=0.0)
         selected = min(max(plans.selected, 0), len(plans) - 1) if plans.plans else -1
-        self.table = PlanTable(limit=max(1, limit), selected=selected, summary=self._summary(max(1, limit)),
-                               infeasible=[{"description": p.describe(), "strategy": p.strategy,
-                                            "reason": p.reason or ""} for p in plans.infeasible[:INFEASIBLE_SHOWN]])
+        self.table = PlanTable(
+            limit=max(1, limit),
+            selected=selected,
+            summary=self._summary(max(1, limit)),
+            infeasible=[
+                {"description": p.describe(), "strategy": p.strategy, "reason": p.reason or ""}
+                for p in plans.infeasible[:INFEASIBLE_SHOWN]
+            ],
+        )
         self.topology_widget = tw.TopologyWidget(topology=topology) if topology is not None else None
         children = [self.table] + ([self.topology_widget] if self.topology_widget is not None else [])
         super().__init__(children=children, **kwargs)
@@ -204,10 +242,18 @@ class PlanComparison(ipywidgets.VBox):
     def _summary(self, limit: int) -> dict[str, Any]:
         p = self.plans
         first = p.plans[0] if p.plans else (p.infeasible[0] if p.infeasible else None)
-        return {"model": p.model, "objective": p.objective, "count": len(p.plans), "infeasible": len(p.infeasible),
-                "initial_limit": limit, "best_decode_tps": self._best_decode_tps,
-                "context": first.context if first else None, "prompt_tokens": first.prompt_tokens if first else None,
-                "batch": first.batch if first else None, "no_launch": NO_LAUNCH}
+        return {
+            "model": p.model,
+            "objective": p.objective,
+            "count": len(p.plans),
+            "infeasible": len(p.infeasible),
+            "initial_limit": limit,
+            "best_decode_tps": self._best_decode_tps,
+            "context": first.context if first else None,
+            "prompt_tokens": first.prompt_tokens if first else None,
+            "batch": first.batch if first else None,
+            "no_launch": NO_LAUNCH,
+        }
 
     @property
     def selected_plan(self) -> Plan | None:
@@ -231,7 +277,8 @@ class PlanComparison(ipywidgets.VBox):
             unknown = set(value) - set(METRICS) if isinstance(value, dict) else {"(not a dict)"}
             if unknown:
                 raise traitlets.TraitError(
-                    f"measured[{key!r}] may only hold {', '.join(METRICS)}; got {sorted(unknown)}")
+                    f"measured[{key!r}] may only hold {', '.join(METRICS)}; got {sorted(unknown)}"
+                )
         return proposal["value"]
 
     @traitlets.observe("selected")
@@ -246,13 +293,15 @@ class PlanComparison(ipywidgets.VBox):
         if self.topology_widget is not None:
             plan = self.selected_plan
             self.topology_widget.highlight = plan_highlight(plan) if plan is not None else {}
-            self.topology_widget.title = (f"Plan #{index} on the cluster" if plan is not None else "Cluster topology")
+            self.topology_widget.title = f"Plan #{index} on the cluster" if plan is not None else "Cluster topology"
 
     def _rebuild_rows(self, _change: dict[str, Any] | None = None) -> None:
         shown = min(len(self.plans), max(self.table.limit, self.selected + 1))
         measured = self.table.measured
-        self.table.rows = [plan_row(i, p, self._best_decode_tps, _measured_for(measured, i))
-                           for i, p in enumerate(self.plans.plans[:shown])]
+        self.table.rows = [
+            plan_row(i, p, self._best_decode_tps, _measured_for(measured, i))
+            for i, p in enumerate(self.plans.plans[:shown])
+        ]
 
     def _on_message(self, _widget: Any, content: dict[str, Any], _buffers: list[bytes]) -> None:
         if content.get("event") == "launch":
@@ -281,12 +330,15 @@ class PlanComparison(ipywidgets.VBox):
     def _run_launch(self, index: int, plan: Plan) -> None:
         try:
             result = plan.launch()
-        except Exception as exc:  # noqa: BLE001  (shown in the widget, which is where the user looks)
+        except Exception as exc:
             log.warning("launching plan #%d failed: %s", index, exc)
             self.table.launch = {"index": index, "state": "error", "text": f"{type(exc).__name__}: {exc}"}
         else:
-            self.table.launch = {"index": index, "state": "done", "text": repr(result) if result is not None
-                                 else "launched"}
+            self.table.launch = {
+                "index": index,
+                "state": "done",
+                "text": repr(result) if result is not None else "launched",
+            }
         finally:
             self._launch_lock.release()
 

@@ -64,9 +64,17 @@ def _edge(topo: Topology, a: str, b: str, link: LinkProfile) -> dict[str, Any]:
     bw = link.bandwidth_mbit_per_s
     label = f"{format_rtt(link.rtt_ms_median)} · {format_bandwidth(bw)}"
     return {
-        "source": a, "target": b, "ok": True, "label": label, "width": edge_width(bw),
-        "rtt_ms": link.rtt_ms_median, "rtt_ms_p95": link.rtt_ms_p95, "bandwidth_mbit_per_s": bw,
-        "src_address": link.src_address, "dst_address": link.dst_address, "rdma": link.rdma,
+        "source": a,
+        "target": b,
+        "ok": True,
+        "label": label,
+        "width": edge_width(bw),
+        "rtt_ms": link.rtt_ms_median,
+        "rtt_ms_p95": link.rtt_ms_p95,
+        "bandwidth_mbit_per_s": bw,
+        "src_address": link.src_address,
+        "dst_address": link.dst_address,
+        "rdma": link.rdma,
         "gone": topo.nodes[a].state != "alive" or topo.nodes[b].state != "alive",
     }
 
@@ -83,12 +91,20 @@ def graph_edges(topo: Topology) -> list[dict[str, Any]]:
                 continue
             failed = [x for x in topo.links_between(a, b) if x.error]
             if failed:
-                edges.append({
-                    "source": a, "target": b, "ok": False, "label": "unreachable", "width": 1.5,
-                    "error": failed[0].error, "src_address": failed[0].src_address,
-                    "dst_address": failed[0].dst_address, "rdma": False,
-                    "gone": topo.nodes[a].state != "alive" or topo.nodes[b].state != "alive",
-                })
+                edges.append(
+                    {
+                        "source": a,
+                        "target": b,
+                        "ok": False,
+                        "label": "unreachable",
+                        "width": 1.5,
+                        "error": failed[0].error,
+                        "src_address": failed[0].src_address,
+                        "dst_address": failed[0].dst_address,
+                        "rdma": False,
+                        "gone": topo.nodes[a].state != "alive" or topo.nodes[b].state != "alive",
+                    }
+                )
     return edges
 
 
@@ -115,8 +131,13 @@ class TopologyWidget(anywidget.AnyWidget):
     title = traitlets.Unicode("Cluster topology").tag(sync=True)
     error = traitlets.Unicode("").tag(sync=True)
 
-    def __init__(self, topology: Topology | dict[str, Any] | None = None, cluster: TopologySource | None = None,
-                 refresh_s: float = 2.0, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        topology: Topology | dict[str, Any] | None = None,
+        cluster: TopologySource | None = None,
+        refresh_s: float = 2.0,
+        **kwargs: Any,
+    ) -> None:
         if topology is None and cluster is not None:
             topology = cluster.topology
         super().__init__(topology=graph_json(topology if topology is not None else Topology()), **kwargs)
@@ -150,7 +171,7 @@ class TopologyWidget(anywidget.AnyWidget):
             try:
                 cluster.refresh()
                 data = graph_json(cluster.topology)
-            except Exception as exc:  # noqa: BLE001  (the loop must outlive a failed refresh; shown in the widget)
+            except Exception as exc:
                 log.warning("topology refresh failed: %s", exc)
                 self.error = f"refresh failed: {exc}"
                 continue

@@ -67,7 +67,9 @@ def test_system_string_and_blocks_are_the_same_prompt(client):
 
 
 def test_content_blocks_equal_string_content(client):
-    blocks = [{"role": "user", "content": [{"type": "text", "text": "Tell me about "}, {"type": "text", "text": "Python."}]}]
+    blocks = [
+        {"role": "user", "content": [{"type": "text", "text": "Tell me about "}, {"type": "text", "text": "Python."}]}
+    ]
     assert create(client, messages=blocks).content[0].text == create(client).content[0].text
 
 
@@ -93,7 +95,11 @@ def test_streaming_event_sequence_and_same_text(client, server):
     assert names[-3:] == ["content_block_stop", "message_delta", "message_stop"]
     assert set(names[3:-3]) == {"content_block_delta"}
     start = events[0][1]["message"]
-    assert start["content"] == [] and start["stop_reason"] is None and start["usage"]["input_tokens"] == full.usage.input_tokens
+    assert (
+        start["content"] == []
+        and start["stop_reason"] is None
+        and start["usage"]["input_tokens"] == full.usage.input_tokens
+    )
     delta = events[-2][1]
     assert delta["delta"] == {"stop_reason": "max_tokens", "stop_sequence": None}
     assert delta["usage"]["output_tokens"] == 16
@@ -117,8 +123,9 @@ def test_stop_sequences(client):
     m = create(client, max_tokens=30, stop_sequences=[stop, "zzzz"])
     assert m.stop_reason == "stop_sequence" and m.stop_sequence == stop
     assert m.content[0].text == full[: full.index(stop)]
-    with client.messages.stream(model="tiny", messages=MSGS, max_tokens=30, stop_sequences=[stop],
-                                extra_body=GREEDY) as stream:
+    with client.messages.stream(
+        model="tiny", messages=MSGS, max_tokens=30, stop_sequences=[stop], extra_body=GREEDY
+    ) as stream:
         text = "".join(stream.text_stream)
         final = stream.get_final_message()
     assert text == full[: full.index(stop)]
@@ -137,8 +144,11 @@ def test_assistant_prefill_continues(client):
 
 # --- tools ----------------------------------------------------------------------------------
 
-WEATHER = {"name": "get_weather", "description": "The weather in a city",
-           "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
+WEATHER = {
+    "name": "get_weather",
+    "description": "The weather in a city",
+    "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+}
 CLOCK = {"name": "get_time", "input_schema": {"type": "object", "properties": {}}}
 
 
@@ -153,8 +163,14 @@ def test_tool_choice_any_gives_a_tool_use_block(client):
 def test_tool_choice_tool_and_streaming(client):
     full = create(client, tools=[WEATHER, CLOCK], tool_choice={"type": "tool", "name": "get_time"}, max_tokens=80)
     assert [b.name for b in full.content] == ["get_time"] and full.stop_reason == "tool_use"
-    with client.messages.stream(model="tiny", messages=MSGS, max_tokens=80, tools=[WEATHER, CLOCK],
-                                tool_choice={"type": "tool", "name": "get_time"}, extra_body=GREEDY) as stream:
+    with client.messages.stream(
+        model="tiny",
+        messages=MSGS,
+        max_tokens=80,
+        tools=[WEATHER, CLOCK],
+        tool_choice={"type": "tool", "name": "get_time"},
+        extra_body=GREEDY,
+    ) as stream:
         events = [e.type for e in stream]
         final = stream.get_final_message()
     assert final.stop_reason == "tool_use"
@@ -166,21 +182,50 @@ def test_tool_choice_tool_and_streaming(client):
 def test_tool_round_trip_and_counting(client):
     call = create(client, tools=[WEATHER], tool_choice={"type": "any"}, max_tokens=80).content[0]
     history = MSGS + [
-        {"role": "assistant", "content": [{"type": "text", "text": "Let me look."},
-                                          {"type": "tool_use", "id": call.id, "name": call.name, "input": call.input}]},
-        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "sunny, 21 C"},
-                                     {"type": "text", "text": "And tomorrow?"}]},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "text", "text": "Let me look."},
+                {"type": "tool_use", "id": call.id, "name": call.name, "input": call.input},
+            ],
+        },
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": call.id, "content": "sunny, 21 C"},
+                {"type": "text", "text": "And tomorrow?"},
+            ],
+        },
     ]
     m = create(client, messages=history, tools=[WEATHER], max_tokens=8)
     assert m.usage.output_tokens <= 8 and m.stop_reason in ("max_tokens", "end_turn", "tool_use")
     with_tools = client.messages.count_tokens(model="tiny", messages=history, tools=[WEATHER]).input_tokens
     assert with_tools == m.usage.input_tokens
     assert with_tools > client.messages.count_tokens(model="tiny", messages=history).input_tokens
-    err_result = [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "is_error": True,
-                                                "content": [{"type": "text", "text": "boom"}]}]}]
-    assert create(client, messages=MSGS + [{"role": "assistant", "content": [
-        {"type": "tool_use", "id": "t1", "name": "get_weather", "input": {}}]}] + err_result,
-        tools=[WEATHER], max_tokens=3).usage.output_tokens == 3
+    err_result = [
+        {
+            "role": "user",
+            "content": [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": "t1",
+                    "is_error": True,
+                    "content": [{"type": "text", "text": "boom"}],
+                }
+            ],
+        }
+    ]
+    assert (
+        create(
+            client,
+            messages=MSGS
+            + [{"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "get_weather", "input": {}}]}]
+            + err_result,
+            tools=[WEATHER],
+            max_tokens=3,
+        ).usage.output_tokens
+        == 3
+    )
 
 
 def test_tools_auto_without_a_call_is_text(client):
@@ -212,6 +257,7 @@ def test_invalid_tools_are_400(server, extra):
 
 # --- errors: Anthropic's shape, and the server keeps serving ------------------------------
 
+
 def assert_anthropic_error(status, body, expected_status, kind):
     assert status == expected_status, body
     data = json.loads(body)
@@ -232,8 +278,13 @@ def assert_anthropic_error(status, body, expected_status, kind):
         json.dumps({"model": "tiny", "max_tokens": 5, "messages": [{"role": "system", "content": "x"}]}).encode(),
         json.dumps({"model": "tiny", "max_tokens": 5, "messages": [{"role": "user"}]}).encode(),
         json.dumps({"model": "tiny", "max_tokens": 5, "messages": [{"role": "user", "content": 5}]}).encode(),
-        json.dumps({"model": "tiny", "max_tokens": 5,
-                    "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}).encode(),
+        json.dumps(
+            {
+                "model": "tiny",
+                "max_tokens": 5,
+                "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}],
+            }
+        ).encode(),
         json.dumps({"model": "tiny", "max_tokens": 0, "messages": MSGS}).encode(),
         json.dumps({"model": "tiny", "max_tokens": "ten", "messages": MSGS}).encode(),
         json.dumps({"model": "tiny", "max_tokens": 10**9, "messages": MSGS}).encode(),
@@ -247,8 +298,14 @@ def test_malformed_requests_get_400(server, body):
     assert_anthropic_error(*raw(server, "POST", "/v1/messages", body), 400, "invalid_request_error")
 
 
-@pytest.mark.parametrize("body", [b"{", json.dumps({"model": "tiny"}).encode(),
-                                  json.dumps({"model": "tiny", "messages": [{"role": "bot", "content": "x"}]}).encode()])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"{",
+        json.dumps({"model": "tiny"}).encode(),
+        json.dumps({"model": "tiny", "messages": [{"role": "bot", "content": "x"}]}).encode(),
+    ],
+)
 def test_count_tokens_errors(server, body):
     assert_anthropic_error(*raw(server, "POST", "/v1/messages/count_tokens", body), 400, "invalid_request_error")
 
@@ -279,11 +336,15 @@ def test_unknown_fields_ignored(client):
 
 
 def test_disconnect_mid_stream_cancels(server, client):
-    body = json.dumps({"model": "tiny", "messages": MSGS, "max_tokens": 4000, "stream": True,
-                       "temperature": 0}).encode()
+    body = json.dumps(
+        {"model": "tiny", "messages": MSGS, "max_tokens": 4000, "stream": True, "temperature": 0}
+    ).encode()
     sock = socket.create_connection(("127.0.0.1", server.port))
-    sock.sendall(b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    sock.sendall(
+        b"POST /v1/messages HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
     got = b""
     while got.count(b"content_block_delta") < 10:
         got += sock.recv(65536)

@@ -14,8 +14,8 @@ import openai
 import pytest
 
 from exo_lab.engine.backend import Backend
-from tests.helpers.net import free_port, wait_http
 from tests.helpers.http import raw
+from tests.helpers.net import free_port, wait_http
 
 KEY = "s3cret-key"
 MSGS = [{"role": "user", "content": "Hello"}]
@@ -28,8 +28,18 @@ class KeyServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ)
-        args = [sys.executable, "-m", "exo_lab.cli", "serve", "--model", str(model), "--name", "tiny",
-                "--port", str(self.port)]
+        args = [
+            sys.executable,
+            "-m",
+            "exo_lab.cli",
+            "serve",
+            "--model",
+            str(model),
+            "--name",
+            "tiny",
+            "--port",
+            str(self.port),
+        ]
         if flag:
             args += ["--api-key", KEY]
             env.pop("EXO_LAB_API_KEY", None)
@@ -65,8 +75,16 @@ BODIES = {
     "/api/show": {"model": "tiny"},
     "/ollama/api/chat": {"model": "tiny", "messages": MSGS, "stream": False, "options": {"num_predict": 2}},
 }
-GETS = ["/v1/models", "/v1/models/tiny", "/openapi.json", "/api/tags", "/api/ps", "/api/version", "/ollama/api/tags",
-        "/instance/previews?model_id=tiny"]
+GETS = [
+    "/v1/models",
+    "/v1/models/tiny",
+    "/openapi.json",
+    "/api/tags",
+    "/api/ps",
+    "/api/version",
+    "/ollama/api/tags",
+    "/instance/previews?model_id=tiny",
+]
 
 
 def family(path: str) -> str:
@@ -87,8 +105,16 @@ def assert_401(status: int, body: bytes, fam: str) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"x-api-key": "wrong"},
-                                     {"Authorization": KEY}, {"Authorization": f"Basic {KEY}"}])
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": "Bearer wrong"},
+        {"x-api-key": "wrong"},
+        {"Authorization": KEY},
+        {"Authorization": f"Basic {KEY}"},
+    ],
+)
 def test_missing_or_wrong_key_is_401_everywhere(keyed, headers):
     for path, body in BODIES.items():
         assert_401(*raw(keyed, "POST", path, json.dumps(body), headers), family(path))
@@ -131,7 +157,8 @@ def test_official_clients(keyed):
     assert [m.id for m in ac.models.list().data] == ["tiny"]
     with pytest.raises(anthropic.AuthenticationError):
         anthropic.Anthropic(base_url=keyed.url, api_key="nope", max_retries=0).messages.create(
-            model="tiny", messages=MSGS, max_tokens=3)
+            model="tiny", messages=MSGS, max_tokens=3
+        )
 
     lc = ollama.Client(host=keyed.url, headers={"Authorization": f"Bearer {KEY}"})
     assert lc.chat(model="tiny", messages=MSGS, options={"num_predict": 3}).eval_count == 3
@@ -141,6 +168,7 @@ def test_official_clients(keyed):
 
 
 # --- in process: serve(api_key=...), and a key generated for a non-loopback address ----------
+
 
 class StubBackend(Backend):
     """Enough of a Backend for requests that never reach generation."""

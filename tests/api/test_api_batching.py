@@ -10,8 +10,8 @@ import time
 import pytest
 
 import exo_lab
-from exo_lab.engine.guided import json_object
 from exo_lab.engine.generator import EngineBusy, GenerationRequest
+from exo_lab.engine.guided import json_object
 from exo_lab.engine.sampling import SamplingParams
 from tests.helpers.http import raw
 
@@ -40,8 +40,10 @@ def test_concurrent_greedy_outputs_equal_alone(engine):
 
 
 def test_requests_joining_and_leaving_a_running_batch_stay_exact(engine):
-    alone = [tokens_of(engine.chat([{"role": "user", "content": p}], max_tokens=10 + 7 * i))
-             for i, p in enumerate(PROMPTS[:5])]
+    alone = [
+        tokens_of(engine.chat([{"role": "user", "content": p}], max_tokens=10 + 7 * i))
+        for i, p in enumerate(PROMPTS[:5])
+    ]
     started = []
     for i, p in enumerate(PROMPTS[:5]):
         chunks = iter(engine.chat([{"role": "user", "content": p}], max_tokens=10 + 7 * i))
@@ -78,8 +80,10 @@ def test_seeded_sampling_and_features_are_per_request(engine):
 
 def test_cancel_one_leaves_the_others_exact(engine):
     alone = [tokens_of(engine.chat([{"role": "user", "content": p}], max_tokens=30)) for p in PROMPTS[:3]]
-    gens = [engine.chat([{"role": "user", "content": p}], max_tokens=30 if i != 1 else 3000)
-            for i, p in enumerate(PROMPTS[:3])]
+    gens = [
+        engine.chat([{"role": "user", "content": p}], max_tokens=30 if i != 1 else 3000)
+        for i, p in enumerate(PROMPTS[:3])
+    ]
     next(iter(gens[1]))
     gens[1].cancel()
     assert [c.finish_reason for c in gens[1] if c.finish_reason] == ["cancelled"]
@@ -112,11 +116,21 @@ def test_full_queue_is_a_family_shaped_429(small_engine):
     try:
         holders = []
         for _ in range(2):  # one decoding, one queued
-            body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3000,
-                               "stream": True, "ignore_eos": True}).encode()
+            body = json.dumps(
+                {
+                    "model": "tiny",
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "max_tokens": 3000,
+                    "stream": True,
+                    "ignore_eos": True,
+                }
+            ).encode()
             sock = socket.create_connection(("127.0.0.1", srv.port))
-            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
             holders.append(sock)
         deadline = time.monotonic() + 10
         while small_engine.pending < 2 and time.monotonic() < deadline:

@@ -51,7 +51,9 @@ def test_show_has_model_info(client):
         info = client.show(name)
         mi = info.modelinfo
         assert mi["general.architecture"] == "llama" and mi["general.parameter_count"] > 0
-        assert mi["llama.context_length"] == 4096 and mi["llama.block_count"] == 4 and mi["llama.embedding_length"] == 128
+        assert (
+            mi["llama.context_length"] == 4096 and mi["llama.block_count"] == 4 and mi["llama.embedding_length"] == 128
+        )
         assert "completion" in info.capabilities and info.template and info.details.family == "llama"
 
 
@@ -81,8 +83,17 @@ def test_chat_streams_ndjson_by_default(client, server):
     assert status == 200 and len(lines) >= 2
     objs = [json.loads(line) for line in lines]
     assert all("message" in o for o in objs) and objs[-1]["done"] is True
-    assert all(isinstance(objs[-1][k], int) for k in ("total_duration", "load_duration", "prompt_eval_count",
-                                                       "prompt_eval_duration", "eval_count", "eval_duration"))
+    assert all(
+        isinstance(objs[-1][k], int)
+        for k in (
+            "total_duration",
+            "load_duration",
+            "prompt_eval_count",
+            "prompt_eval_duration",
+            "eval_count",
+            "eval_duration",
+        )
+    )
 
 
 @pytest.mark.parametrize("n", [1, 8, 33])
@@ -92,25 +103,34 @@ def test_num_predict_is_exact(client, n):
 
 
 def test_generate(client):
-    r = client.generate(model="tiny", prompt="Tell me about Python.", options={**GREEDY, "num_predict": 10}, stream=False)
+    r = client.generate(
+        model="tiny", prompt="Tell me about Python.", options={**GREEDY, "num_predict": 10}, stream=False
+    )
     assert r.done and r.done_reason == "length" and r.eval_count == 10 and r.response
     assert len(r.context) == r.prompt_eval_count + 10
-    parts = list(client.generate(model="tiny", prompt="Tell me about Python.", options={**GREEDY, "num_predict": 10},
-                                 stream=True))
+    parts = list(
+        client.generate(
+            model="tiny", prompt="Tell me about Python.", options={**GREEDY, "num_predict": 10}, stream=True
+        )
+    )
     assert "".join(p.response for p in parts) == r.response and parts[-1].done
     # the generate prompt goes through the chat template: same as a one-message chat
     assert chat(client, 10).message.content == r.response
-    raw_r = client.generate(model="tiny", prompt="def main():", raw=True, options={**GREEDY, "num_predict": 5},
-                            stream=False)
+    raw_r = client.generate(
+        model="tiny", prompt="def main():", raw=True, options={**GREEDY, "num_predict": 5}, stream=False
+    )
     assert raw_r.eval_count == 5 and raw_r.prompt_eval_count < r.prompt_eval_count
 
 
 def test_generate_with_system_and_context(client):
-    a = client.generate(model="tiny", prompt="Hi", system="Be brief.", options={**GREEDY, "num_predict": 4}, stream=False)
+    a = client.generate(
+        model="tiny", prompt="Hi", system="Be brief.", options={**GREEDY, "num_predict": 4}, stream=False
+    )
     b = client.generate(model="tiny", prompt="Hi", options={**GREEDY, "num_predict": 4}, stream=False)
     assert a.prompt_eval_count > b.prompt_eval_count
-    c = client.generate(model="tiny", prompt="More", context=a.context, options={**GREEDY, "num_predict": 4},
-                        stream=False)
+    c = client.generate(
+        model="tiny", prompt="More", context=a.context, options={**GREEDY, "num_predict": 4}, stream=False
+    )
     assert c.prompt_eval_count > len(a.context)
 
 
@@ -126,29 +146,43 @@ def test_stop_option(client):
     stop = full[10:14]
     r = chat(client, options={**GREEDY, "num_predict": 30, "stop": [stop]})
     assert r.message.content == full[: full.index(stop)] and r.done_reason == "stop"
-    parts = list(client.chat(model="tiny", messages=MSGS, options={**GREEDY, "num_predict": 30, "stop": [stop]},
-                             stream=True))
+    parts = list(
+        client.chat(model="tiny", messages=MSGS, options={**GREEDY, "num_predict": 30, "stop": [stop]}, stream=True)
+    )
     assert "".join(p.message.content for p in parts) == full[: full.index(stop)]
 
 
 def test_determinism_and_seed(client):
     assert len({chat(client, 15).message.content for _ in range(3)}) == 1
-    seeded = [chat(client, options={"temperature": 1.0, "top_p": 0.95, "top_k": 50, "seed": 7, "num_predict": 15})
-              .message.content for _ in range(2)]
+    seeded = [
+        chat(
+            client, options={"temperature": 1.0, "top_p": 0.95, "top_k": 50, "seed": 7, "num_predict": 15}
+        ).message.content
+        for _ in range(2)
+    ]
     assert seeded[0] == seeded[1]
 
 
 def test_format_json(client):
     r = chat(client, 60, format="json")
     assert isinstance(json.loads(r.message.content), dict)
-    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 5},
-                                               "n": {"type": "integer", "minimum": 1, "maximum": 9}},
-              "required": ["name", "n"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 5},
+            "n": {"type": "integer", "minimum": 1, "maximum": 9},
+        },
+        "required": ["name", "n"],
+        "additionalProperties": False,
+    }
     r = chat(client, 60, format=schema)
     value = json.loads(r.message.content)
     assert set(value) == {"name", "n"} and len(value["name"]) <= 5 and 1 <= value["n"] <= 9
-    parts = list(client.generate(model="tiny", prompt="A cat as JSON", format="json", options={**GREEDY, "num_predict": 40},
-                                 stream=True))
+    parts = list(
+        client.generate(
+            model="tiny", prompt="A cat as JSON", format="json", options={**GREEDY, "num_predict": 40}, stream=True
+        )
+    )
     assert isinstance(json.loads("".join(p.response for p in parts)), dict)
 
 
@@ -169,6 +203,7 @@ def test_any_content_type(server):
 
 
 # --- errors: {"error": "..."} ---------------------------------------------------------------
+
 
 def assert_ollama_error(status, body, expected):
     assert status == expected, body
@@ -210,8 +245,11 @@ def test_invalid_fields(server, path, body):
 
 
 def test_unknown_model_is_404(server, client):
-    for path, body in [("/api/chat", {"model": "llama9", "messages": MSGS}), ("/api/generate", {"model": "llama9", "prompt": "x"}),
-                       ("/api/show", {"model": "llama9"})]:
+    for path, body in [
+        ("/api/chat", {"model": "llama9", "messages": MSGS}),
+        ("/api/generate", {"model": "llama9", "prompt": "x"}),
+        ("/api/show", {"model": "llama9"}),
+    ]:
         assert_ollama_error(*raw(server, "POST", path, json.dumps(body).encode()), 404)
     with pytest.raises(ollama.ResponseError) as err:
         client.chat(model="llama9", messages=MSGS)
@@ -228,8 +266,7 @@ def test_unknown_ollama_path_and_method(server):
 def test_disconnect_mid_stream_cancels(server, client):
     body = json.dumps({"model": "tiny", "messages": MSGS, "options": {"num_predict": 4000, "temperature": 0}}).encode()
     sock = socket.create_connection(("127.0.0.1", server.port))
-    sock.sendall(b"POST /api/chat HTTP/1.1\r\nHost: x\r\n"
-                 + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    sock.sendall(b"POST /api/chat HTTP/1.1\r\nHost: x\r\n" + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
     got = b""
     while got.count(b'"done": false') < 10:
         got += sock.recv(65536)

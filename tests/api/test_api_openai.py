@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import socket
 import time
@@ -21,7 +20,6 @@ MSGS = [{"role": "user", "content": "Tell me about Python."}]
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=60)
-
 
 
 def test_models_and_health(client, server):
@@ -71,24 +69,36 @@ def test_max_tokens_gives_exactly_that_many(client, n):
 
 
 def test_stop_sequence(client):
-    full = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=30, temperature=0).choices[0].message.content
+    full = (
+        client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=30, temperature=0)
+        .choices[0]
+        .message.content
+    )
     stop = full[10:14]
     r = client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=30, temperature=0, stop=[stop, "zzzz"])
     assert r.choices[0].finish_reason == "stop"
     assert r.choices[0].message.content == full[: full.index(stop)]
     streamed = "".join(
         c.choices[0].delta.content or ""
-        for c in client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=30, temperature=0, stop=stop, stream=True)
+        for c in client.chat.completions.create(
+            model="tiny", messages=MSGS, max_tokens=30, temperature=0, stop=stop, stream=True
+        )
     )
     assert streamed == full[: full.index(stop)]
 
 
 def test_determinism_at_temperature_zero_and_with_seed(client):
-    outs = {client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=20, temperature=0).choices[0].message.content for _ in range(3)}
+    outs = {
+        client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=20, temperature=0)
+        .choices[0]
+        .message.content
+        for _ in range(3)
+    }
     assert len(outs) == 1
     seeded = [
         client.chat.completions.create(model="tiny", messages=MSGS, max_tokens=20, temperature=1.0, top_p=0.95, seed=11)
-        .choices[0].message.content
+        .choices[0]
+        .message.content
         for _ in range(2)
     ]
     assert seeded[0] == seeded[1]

@@ -37,7 +37,9 @@ def create(client, **kw):
 
 
 def test_content_as_list_of_parts(client):
-    parts = [{"role": "user", "content": [{"type": "text", "text": "Tell me about "}, {"type": "text", "text": "Python."}]}]
+    parts = [
+        {"role": "user", "content": [{"type": "text", "text": "Tell me about "}, {"type": "text", "text": "Python."}]}
+    ]
     assert create(client, messages=parts).choices[0].message.content == create(client).choices[0].message.content
     system = [{"role": "developer", "content": [{"type": "text", "text": "Be brief."}]}] + MSGS
     assert create(client, messages=system).usage.prompt_tokens > create(client).usage.prompt_tokens
@@ -46,6 +48,7 @@ def test_content_as_list_of_parts(client):
 
 
 # --- response_format: output constrained to valid JSON --------------------------------------
+
 
 @pytest.mark.parametrize("max_tokens", [1, 2, 5, 40, 120])
 def test_json_object_is_always_valid_json(client, max_tokens):
@@ -73,8 +76,12 @@ PERSON = {
         "age": {"type": "integer", "minimum": 0, "maximum": 120},
         "pet": {"enum": ["cat", "dog", None]},
         "tags": {"type": "array", "items": {"type": "string", "pattern": "^[a-z]{1,3}$"}, "maxItems": 2},
-        "home": {"type": "object", "properties": {"x": {"type": "boolean"}}, "required": ["x"],
-                 "additionalProperties": False},
+        "home": {
+            "type": "object",
+            "properties": {"x": {"type": "boolean"}},
+            "required": ["x"],
+            "additionalProperties": False,
+        },
     },
     "required": ["name", "age", "pet", "tags", "home"],
     "additionalProperties": False,
@@ -94,16 +101,27 @@ def test_json_schema_is_followed_in_full(client):
     chunks = list(create(client, response_format=fmt, max_tokens=120, stream=True))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     jsonschema.validate(json.loads(text), PERSON)
-    fmt = {"type": "json_schema", "json_schema": {"name": "list", "schema": {
-        "type": "array", "items": {"type": "integer", "minimum": -5, "maximum": 5}, "minItems": 1, "maxItems": 4}}}
+    fmt = {
+        "type": "json_schema",
+        "json_schema": {
+            "name": "list",
+            "schema": {
+                "type": "array",
+                "items": {"type": "integer", "minimum": -5, "maximum": 5},
+                "minItems": 1,
+                "maxItems": 4,
+            },
+        },
+    }
     value = json.loads(create(client, response_format=fmt, max_tokens=50).choices[0].message.content)
     assert isinstance(value, list) and 1 <= len(value) <= 4 and all(-5 <= v <= 5 for v in value)
 
 
 def test_json_mode_ends_with_end_of_sequence_when_the_object_closes(client):
     # with a small budget the object must close early; then only end-of-sequence is allowed
-    r = create(client, messages=[{"role": "user", "content": "hi"}], response_format={"type": "json_object"},
-               max_tokens=300)
+    r = create(
+        client, messages=[{"role": "user", "content": "hi"}], response_format={"type": "json_object"}, max_tokens=300
+    )
     content = r.choices[0].message.content
     json.loads(content)
     if r.choices[0].finish_reason == "stop":
@@ -111,6 +129,7 @@ def test_json_mode_ends_with_end_of_sequence_when_the_object_closes(client):
 
 
 # --- tools -----------------------------------------------------------------------------------
+
 
 def test_tool_choice_required_gives_a_parsed_call(client):
     r = create(client, tools=[WEATHER, TIME], tool_choice="required", max_tokens=80)
@@ -132,17 +151,19 @@ def test_a_forced_call_is_complete_within_a_tight_max_tokens(client):
     need = int(re.search(r"\((\d+) tokens\)", str(refused.value)).group(1))
     for max_tokens in (need, need + 1, need + 4):
         for seed in range(3):
-            r = create(client, tools=[WEATHER, TIME], tool_choice="required", max_tokens=max_tokens,
-                       temperature=1.0, seed=seed)
+            r = create(
+                client, tools=[WEATHER, TIME], tool_choice="required", max_tokens=max_tokens, temperature=1.0, seed=seed
+            )
             (call,) = r.choices[0].message.tool_calls
             assert isinstance(json.loads(call.function.arguments), dict)
             assert r.usage.completion_tokens <= max_tokens
 
 
 def test_named_tool_choice(client):
-    for name, tool in (("get_time", TIME), ("get_weather", WEATHER)):
-        r = create(client, tools=[WEATHER, TIME], tool_choice={"type": "function", "function": {"name": name}},
-                   max_tokens=80)
+    for name, _tool in (("get_time", TIME), ("get_weather", WEATHER)):
+        r = create(
+            client, tools=[WEATHER, TIME], tool_choice={"type": "function", "function": {"name": name}}, max_tokens=80
+        )
         (call,) = r.choices[0].message.tool_calls
         assert call.function.name == name and isinstance(json.loads(call.function.arguments), dict)
 
@@ -190,10 +211,14 @@ def test_tools_auto_and_none_give_text(client):
         ({"response_format": {"type": "xml"}}, "response_format.type"),
         ({"response_format": "json"}, "response_format"),
         ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}},
-         "response_format.json_schema.schema"),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}},
-         "response_format.json_schema.schema"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "bogus"}}}},
+            "response_format.json_schema.schema",
+        ),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": [1]}}},
+            "response_format.json_schema.schema",
+        ),
         ({"top_logprobs": 3}, "top_logprobs"),
         ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ({"logprobs": "yes"}, "logprobs"),
@@ -208,6 +233,7 @@ def test_invalid_options_are_400(server, extra, param):
 
 
 # --- logprobs --------------------------------------------------------------------------------
+
 
 def test_logprobs_and_top_logprobs(client):
     r = create(client, logprobs=True, top_logprobs=3, max_tokens=8)

@@ -48,8 +48,12 @@ def test_exact_output_tokens(client, n):
 
 
 def test_string_input_equals_item_input(client):
-    items = [{"role": "user", "content": [{"type": "input_text", "text": "Tell me about "},
-                                          {"type": "input_text", "text": "Python."}]}]
+    items = [
+        {
+            "role": "user",
+            "content": [{"type": "input_text", "text": "Tell me about "}, {"type": "input_text", "text": "Python."}],
+        }
+    ]
     typed = [{"type": "message", "role": "user", "content": PROMPT}]
     a, b, c = create(client), create(client, input=items), create(client, input=typed)
     assert a.output_text == b.output_text == c.output_text
@@ -59,16 +63,23 @@ def test_string_input_equals_item_input(client):
 def test_instructions_are_the_system_message(client):
     plain = create(client)
     with_instr = create(client, instructions="Answer in one word.")
-    as_item = create(client, input=[{"role": "system", "content": "Answer in one word."},
-                                    {"role": "user", "content": PROMPT}])
+    as_item = create(
+        client, input=[{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": PROMPT}]
+    )
     assert with_instr.usage.input_tokens > plain.usage.input_tokens
     assert with_instr.output_text == as_item.output_text
     assert with_instr.instructions == "Answer in one word."
 
 
 def test_multi_turn_input(client):
-    r = create(client, input=[{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-                              {"role": "user", "content": PROMPT}])
+    r = create(
+        client,
+        input=[
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": PROMPT},
+        ],
+    )
     assert r.output_text
 
 
@@ -76,10 +87,18 @@ def test_streaming_events_in_order(client):
     full = create(client, max_output_tokens=16)
     events = list(create(client, max_output_tokens=16, stream=True))
     types = [e.type for e in events]
-    assert types[:4] == ["response.created", "response.in_progress", "response.output_item.added",
-                         "response.content_part.added"]
-    assert types[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
-                          "response.incomplete"]
+    assert types[:4] == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+    ]
+    assert types[-4:] == [
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.incomplete",
+    ]
     assert set(types[4:-4]) == {"response.output_text.delta"}
     assert [e.sequence_number for e in events] == list(range(len(events)))
     deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
@@ -105,9 +124,12 @@ def test_completed_when_the_model_stops(client):
 
 
 def test_json_schema_text_format(client):
-    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "maximum": 99,
-                                                                              "minimum": 0}},
-              "required": ["ok", "n"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "maximum": 99, "minimum": 0}},
+        "required": ["ok", "n"],
+        "additionalProperties": False,
+    }
     r = create(client, max_output_tokens=60, text={"format": {"type": "json_schema", "name": "s", "schema": schema}})
     value = json.loads(r.output_text)
     assert set(value) == {"ok", "n"} and isinstance(value["ok"], bool) and 0 <= value["n"] <= 99
@@ -128,16 +150,22 @@ def test_determinism(client):
 
 
 def test_function_call_items_round_trip(client):
-    r = create(client, input=[
-        {"role": "user", "content": "What is the weather in Paris?"},
-        {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
-        {"type": "function_call_output", "call_id": "call_1", "output": "sunny, 21 C"},
-    ])
+    r = create(
+        client,
+        input=[
+            {"role": "user", "content": "What is the weather in Paris?"},
+            {"type": "function_call", "call_id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris"}'},
+            {"type": "function_call_output", "call_id": "call_1", "output": "sunny, 21 C"},
+        ],
+    )
     assert r.output_text and r.usage.output_tokens == 12
 
 
-WEATHER = {"type": "function", "name": "get_weather", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"]}}
+WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"]},
+}
 
 
 def test_forced_tool_call_on_a_real_model(client):
@@ -152,6 +180,7 @@ def test_forced_tool_call_on_a_real_model(client):
 
 # --- errors: OpenAI's shape ----------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "body,param",
     [
@@ -163,8 +192,10 @@ def test_forced_tool_call_on_a_real_model(client):
         (json.dumps({"model": "tiny", "input": 5}).encode(), "input"),
         (json.dumps({"model": "tiny", "input": [{"role": "wizard", "content": "x"}]}).encode(), "input[0].role"),
         (json.dumps({"model": "tiny", "input": [{"role": "user"}]}).encode(), "input[0].content"),
-        (json.dumps({"model": "tiny", "input": [{"role": "user", "content": [{"type": "input_image"}]}]}).encode(),
-         "input[0].content[0].type"),
+        (
+            json.dumps({"model": "tiny", "input": [{"role": "user", "content": [{"type": "input_image"}]}]}).encode(),
+            "input[0].content[0].type",
+        ),
         (json.dumps({"model": "tiny", "input": [{"type": "mystery"}]}).encode(), "input[0].type"),
         (json.dumps({"model": "tiny", "input": "hi", "max_output_tokens": 0}).encode(), "max_output_tokens"),
         (json.dumps({"model": "tiny", "input": "hi", "max_output_tokens": "x"}).encode(), "max_output_tokens"),
@@ -172,20 +203,55 @@ def test_forced_tool_call_on_a_real_model(client):
         (json.dumps({"model": "tiny", "input": "hi", "temperature": 3}).encode(), "temperature"),
         (json.dumps({"model": "tiny", "input": "hi", "instructions": 5}).encode(), "instructions"),
         (json.dumps({"model": "tiny", "input": "hi", "stream": 1}).encode(), "stream"),
-        (json.dumps({"model": "tiny", "input": "hi", "previous_response_id": "resp_1"}).encode(), "previous_response_id"),
+        (
+            json.dumps({"model": "tiny", "input": "hi", "previous_response_id": "resp_1"}).encode(),
+            "previous_response_id",
+        ),
         (json.dumps({"model": "tiny", "input": "hi", "tools": "get_weather"}).encode(), "tools"),
         (json.dumps({"model": "tiny", "input": "hi", "tools": [{"type": "web_search"}]}).encode(), "tools[0].type"),
         (json.dumps({"model": "tiny", "input": "hi", "tools": [{"type": "function"}]}).encode(), "tools[0].name"),
-        (json.dumps({"model": "tiny", "input": "hi", "tools": [{"type": "function", "name": "f", "parameters": 3}]}
-                    ).encode(), "tools[0].parameters"),
-        (json.dumps({"model": "tiny", "input": "hi", "tools": [{"type": "function", "name": "f"}],
-                     "tool_choice": "sometimes"}).encode(), "tool_choice"),
-        (json.dumps({"model": "tiny", "input": "hi", "tools": [{"type": "function", "name": "f"}],
-                     "tool_choice": {"type": "function", "name": "g"}}).encode(), "tool_choice"),
-        (json.dumps({"model": "tiny", "input": "hi", "text": {"format": {"type": "xml"}}}).encode(), "text.format.type"),
-        (json.dumps({"model": "tiny", "input": "hi", "text": {"format": {"type": "json_schema", "name": "s",
-                                                                         "schema": {"type": "bogus"}}}}).encode(),
-         "text.format.schema"),
+        (
+            json.dumps(
+                {"model": "tiny", "input": "hi", "tools": [{"type": "function", "name": "f", "parameters": 3}]}
+            ).encode(),
+            "tools[0].parameters",
+        ),
+        (
+            json.dumps(
+                {
+                    "model": "tiny",
+                    "input": "hi",
+                    "tools": [{"type": "function", "name": "f"}],
+                    "tool_choice": "sometimes",
+                }
+            ).encode(),
+            "tool_choice",
+        ),
+        (
+            json.dumps(
+                {
+                    "model": "tiny",
+                    "input": "hi",
+                    "tools": [{"type": "function", "name": "f"}],
+                    "tool_choice": {"type": "function", "name": "g"},
+                }
+            ).encode(),
+            "tool_choice",
+        ),
+        (
+            json.dumps({"model": "tiny", "input": "hi", "text": {"format": {"type": "xml"}}}).encode(),
+            "text.format.type",
+        ),
+        (
+            json.dumps(
+                {
+                    "model": "tiny",
+                    "input": "hi",
+                    "text": {"format": {"type": "json_schema", "name": "s", "schema": {"type": "bogus"}}},
+                }
+            ).encode(),
+            "text.format.schema",
+        ),
     ],
 )
 def test_malformed_requests_get_400(server, body, param):
@@ -207,8 +273,11 @@ def test_unknown_fields_ignored(client):
 def test_disconnect_mid_stream_cancels(server, client):
     body = json.dumps({"model": "tiny", "input": PROMPT, "max_output_tokens": 4000, "stream": True}).encode()
     sock = socket.create_connection(("127.0.0.1", server.port))
-    sock.sendall(b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                 + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    sock.sendall(
+        b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
     got = b""
     while got.count(b"output_text.delta") < 10:
         got += sock.recv(65536)

@@ -82,8 +82,11 @@ def shape(path: str, data: dict) -> str:
 @pytest.mark.parametrize("state", ["loading", "replacing", "launching", "failed"])
 def test_503_with_retry_after_while_not_ready(serve_stub, state):
     srv = serve_stub(state)
-    for path, body in {**REQUESTS, "/v1/messages/count_tokens": {"model": "m", "messages": MSGS},
-                       "/api/generate": {"model": "m", "prompt": "x"}}.items():
+    for path, body in {
+        **REQUESTS,
+        "/v1/messages/count_tokens": {"model": "m", "messages": MSGS},
+        "/api/generate": {"model": "m", "prompt": "x"},
+    }.items():
         for stream in (False, True):
             conn_body = json.dumps({**body, "stream": stream})
             status, data = _raw_with_headers(srv, path, conn_body)
@@ -119,7 +122,9 @@ def test_engine_error_before_any_output_is_a_family_shaped_500(serve_stub, path)
 
 def test_engine_error_mid_stream_in_each_family_shape(serve_stub):
     srv = serve_stub()
-    status, data = raw(srv, "POST", "/v1/chat/completions", json.dumps({**REQUESTS["/v1/chat/completions"], "stream": True}))
+    status, data = raw(
+        srv, "POST", "/v1/chat/completions", json.dumps({**REQUESTS["/v1/chat/completions"], "stream": True})
+    )
     events = [b[6:] for b in data.decode().strip().split("\n\n")]
     assert status == 200 and events[-1] == "[DONE]"
     assert json.loads(events[-2])["error"]["type"] == "server_error"

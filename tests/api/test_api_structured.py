@@ -41,8 +41,10 @@ def test_scripted_call_split_anywhere():
 
 
 def test_two_calls_and_string_arguments():
-    text = ('<tool_call>{"name": "a", "arguments": "{\\"x\\": 1}"}</tool_call>'
-            '<tool_call>{"name": "b", "arguments": {}}</tool_call>')
+    text = (
+        '<tool_call>{"name": "a", "arguments": "{\\"x\\": 1}"}</tool_call>'
+        '<tool_call>{"name": "b", "arguments": {}}</tool_call>'
+    )
     shown, calls = scan(HERMES, text, [])
     assert shown == "" and [c["function"]["name"] for c in calls] == ["a", "b"]
     assert json.loads(calls[0]["function"]["arguments"]) == {"x": 1}

@@ -17,8 +17,10 @@ from exo_lab.engine.generator import Chunk, Generation, Usage
 
 SCRIPT = 'Let me check.<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 MSGS = [{"role": "user", "content": "Weather in Paris?"}]
-OPENAI_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string"}}}}}
+OPENAI_TOOL = {
+    "type": "function",
+    "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}},
+}
 
 
 class Tokenizer:
@@ -50,11 +52,12 @@ class Scripted(Backend):
         self.prompts.append(request.prompt_tokens)
 
         def run():
-            pieces = [SCRIPT[i:i + 3] for i in range(0, len(SCRIPT), 3)]
+            pieces = [SCRIPT[i : i + 3] for i in range(0, len(SCRIPT), 3)]
             for p in pieces:
                 gen._push(Chunk(p, (1,)))
-            self._finish(gen, Chunk("", finish_reason="stop", usage=Usage(len(request.prompt_tokens), len(pieces))),
-                         record=True)
+            self._finish(
+                gen, Chunk("", finish_reason="stop", usage=Usage(len(request.prompt_tokens), len(pieces))), record=True
+            )
 
         threading.Thread(target=run, daemon=True).start()
 
@@ -92,8 +95,12 @@ def test_openai_chat(server):
     assert plain.choices[0].message.content == SCRIPT and plain.choices[0].message.tool_calls is None
 
 
-RESPONSES_TOOL = {"type": "function", "name": "get_weather", "description": "The weather in a city",
-                  "parameters": OPENAI_TOOL["function"]["parameters"]}
+RESPONSES_TOOL = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "The weather in a city",
+    "parameters": OPENAI_TOOL["function"]["parameters"],
+}
 
 
 def test_openai_responses(server):
@@ -121,9 +128,11 @@ def test_openai_responses(server):
     assert added == ["message", "function_call"]
 
     # the call and its output go back in as input items
-    history = [{"role": "user", "content": "Weather in Paris?"},
-               {"type": "function_call", "call_id": call.call_id, "name": "get_weather", "arguments": call.arguments},
-               {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"}]
+    history = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"type": "function_call", "call_id": call.call_id, "name": "get_weather", "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "sunny"},
+    ]
     assert client.responses.create(model="m", input=history, tools=[RESPONSES_TOOL]).status == "completed"
     assert b"<tool_response>\nsunny\n</tool_response>" in bytes(server.backend.prompts[-1])
 
@@ -142,7 +151,9 @@ def test_anthropic_messages(server):
         final = stream.get_final_message()
     assert final.stop_reason == "tool_use"
     assert [(b.type, getattr(b, "text", None), getattr(b, "input", None)) for b in final.content] == [
-        ("text", "Let me check.", None), ("tool_use", None, {"city": "Paris"})]
+        ("text", "Let me check.", None),
+        ("tool_use", None, {"city": "Paris"}),
+    ]
 
 
 def test_ollama_chat(server):
@@ -156,9 +167,14 @@ def test_ollama_chat(server):
     calls = [c for p in parts for c in (p.message.tool_calls or [])]
     assert [c.function.arguments for c in calls] == [{"city": "Paris"}]
     # the call and its result go back into the conversation
-    history = MSGS + [{"role": "assistant", "content": "", "tool_calls": [
-        {"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}]},
-        {"role": "tool", "content": "sunny", "tool_name": "get_weather"}]
+    history = MSGS + [
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+        },
+        {"role": "tool", "content": "sunny", "tool_name": "get_weather"},
+    ]
     assert client.chat(model="m", messages=history, tools=[OPENAI_TOOL], stream=False).done
     prompt = bytes(server.backend.prompts[-1])
     assert b"<tool_response>\nsunny\n</tool_response>" in prompt and b'"city": "Paris"' in prompt

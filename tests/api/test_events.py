@@ -40,14 +40,15 @@ def run(gen: Generation, tools: ToolParsing | None = None) -> list:
 
 
 def pieces(text: str, n: int = 4) -> list[Chunk]:
-    return [Chunk(text[i:i + n], (i,)) for i in range(0, len(text), n)]
+    return [Chunk(text[i : i + n], (i,)) for i in range(0, len(text), n)]
 
 
 def test_text_then_calls_then_one_final():
     fmt = CountingFormat()
     script = "Let me check. " + CALL + " Done."
-    out = run(generation(*pieces(script), Chunk("", finish_reason="stop", usage=Usage(3, 20))),
-              ToolParsing(fmt.format, TOOLS))
+    out = run(
+        generation(*pieces(script), Chunk("", finish_reason="stop", usage=Usage(3, 20))), ToolParsing(fmt.format, TOOLS)
+    )
     kinds = [type(e).__name__ for e in out]
     assert kinds.count("Final") == 1 and kinds[-1] == "Final"
     first_call = kinds.index("ToolCallEvent")
@@ -74,16 +75,22 @@ def test_collect_gathers_the_same_stream_and_parses_calls_once():
 
 def test_a_call_in_the_final_chunk_comes_before_final():
     fmt = CountingFormat()
-    out = run(generation(Chunk("ok "), Chunk(CALL, finish_reason="length", usage=Usage(3, 2))),
-              ToolParsing(fmt.format, TOOLS))
+    out = run(
+        generation(Chunk("ok "), Chunk(CALL, finish_reason="length", usage=Usage(3, 2))), ToolParsing(fmt.format, TOOLS)
+    )
     assert [type(e) for e in out] == [TextDelta, ToolCallEvent, Final]
     assert out[-1].truncated
 
 
 def test_without_tools_calls_are_text_and_logprobs_ride_along():
     lp = TokenLogprob(7, "x", -0.5)
-    out = run(generation(Chunk(CALL, (7,), logprobs=(lp,)), Chunk("", (8,), logprobs=(lp,)),
-                         Chunk("", finish_reason="stop", usage=Usage())))
+    out = run(
+        generation(
+            Chunk(CALL, (7,), logprobs=(lp,)),
+            Chunk("", (8,), logprobs=(lp,)),
+            Chunk("", finish_reason="stop", usage=Usage()),
+        )
+    )
     assert [type(e) for e in out] == [TextDelta, TextDelta, Final]
     assert out[0].text == CALL and out[1].text == "" and out[1].logprobs == (lp,)
     assert out[-1].tokens == (7, 8)

@@ -18,17 +18,27 @@ MODELS = {path: handler.schema for path, handler in POSTS if handler.schema is n
 MSGS = [{"role": "user", "content": "hi"}]
 #: per route: bodies the model takes, and bodies it refuses
 EXAMPLES = {
-    "/v1/chat/completions": ([{"model": "m", "messages": MSGS, "max_tokens": 3, "stop": ["x"], "top_p": 0.5}],
-                             [{"model": "m", "messages": []}, {"model": "m", "messages": MSGS, "temperature": 3},
-                              {"model": "m", "messages": MSGS, "max_tokens": True}]),
-    "/v1/responses": ([{"model": "m", "input": "hi"}, {"model": "m", "input": [{"role": "user", "content": "hi"}]}],
-                      [{"model": "m", "input": 5}, {"model": "m", "input": "hi", "max_output_tokens": 0}]),
-    "/v1/messages": ([{"model": "m", "messages": MSGS, "max_tokens": 5, "system": "be brief"}],
-                     [{"model": "m", "messages": MSGS}, {"model": "m", "messages": MSGS, "max_tokens": 5,
-                                                         "temperature": 1.5}]),
+    "/v1/chat/completions": (
+        [{"model": "m", "messages": MSGS, "max_tokens": 3, "stop": ["x"], "top_p": 0.5}],
+        [
+            {"model": "m", "messages": []},
+            {"model": "m", "messages": MSGS, "temperature": 3},
+            {"model": "m", "messages": MSGS, "max_tokens": True},
+        ],
+    ),
+    "/v1/responses": (
+        [{"model": "m", "input": "hi"}, {"model": "m", "input": [{"role": "user", "content": "hi"}]}],
+        [{"model": "m", "input": 5}, {"model": "m", "input": "hi", "max_output_tokens": 0}],
+    ),
+    "/v1/messages": (
+        [{"model": "m", "messages": MSGS, "max_tokens": 5, "system": "be brief"}],
+        [{"model": "m", "messages": MSGS}, {"model": "m", "messages": MSGS, "max_tokens": 5, "temperature": 1.5}],
+    ),
     "/v1/messages/count_tokens": ([{"model": "m", "messages": MSGS}], [{"model": "m"}]),
-    "/api/chat": ([{"model": "m", "messages": MSGS, "options": {"num_predict": 2}, "format": "json"}],
-                  [{"model": "m", "options": "fast"}, {"model": 5}]),
+    "/api/chat": (
+        [{"model": "m", "messages": MSGS, "options": {"num_predict": 2}, "format": "json"}],
+        [{"model": "m", "options": "fast"}, {"model": 5}],
+    ),
     "/api/generate": ([{"model": "m", "prompt": "hi", "context": [1, 2]}], [{"model": "m", "context": ["a"]}]),
     "/api/show": ([{"model": "m"}], []),
 }
@@ -46,8 +56,7 @@ def test_every_post_route_declares_the_model_it_validates_with():
         assert handler.schema is not None, path
         body = SPEC["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
         assert body == {"$ref": f"#/components/schemas/{handler.schema.__name__}"}, path
-        refs, defs = models_json_schema([(handler.schema, "validation")],
-                                        ref_template="#/components/schemas/{model}")
+        refs, defs = models_json_schema([(handler.schema, "validation")], ref_template="#/components/schemas/{model}")
         for name, schema in defs["$defs"].items():
             assert SPEC["components"]["schemas"][name] == schema, (path, name)
 

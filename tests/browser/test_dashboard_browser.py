@@ -10,32 +10,32 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 
-import exo_lab.ui.instance_monitor as im
-
 import exo_lab
+import exo_lab.ui.instance_monitor as im
 from exo_lab.api.registry import ModelRegistry
 from exo_lab.cluster.topology import Topology
 from exo_lab.ui.dashboard import DashboardSource, serve_dashboard
 from exo_lab.ui.topology_widget import graph_json
+from tests.helpers.drawn_graph import assert_drawn, drawn_graph
 from tests.helpers.net import free_port
 from tests.helpers.paths import ARTIFACTS
-from tests.helpers.drawn_graph import assert_drawn, drawn_graph
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("chromium") is None,
-                       reason="Debian chromium is not installed (apt-get install -y chromium)"),
+    pytest.mark.skipif(
+        shutil.which("chromium") is None, reason="Debian chromium is not installed (apt-get install -y chromium)"
+    ),
 ]
 
 SPECS = Path(__file__).resolve().parents[2] / "exo_lab" / "sim" / "specs"
-from tests.helpers.browser import CHROMIUM_FLAGS as FLAGS  # noqa: E402
+
 VIEWPORT = {"width": 1400, "height": 1000}
 
 # Page-side helpers: Panel renders into shadow roots, so look through all of them; record every text the
@@ -90,8 +90,12 @@ def open_dashboard(browser, url: str, nodes: int):
     page.errors = []
     page.external = []
     page.on("pageerror", lambda exc: page.errors.append(str(exc)))
-    page.on("request", lambda r: page.external.append(r.url)
-            if r.url.startswith(("http:", "https:")) and not r.url.startswith(url) else None)  # works offline
+    page.on(
+        "request",
+        lambda r: (
+            page.external.append(r.url) if r.url.startswith(("http:", "https:")) and not r.url.startswith(url) else None
+        ),
+    )  # works offline
     page.goto(url)
     page.wait_for_function("() => window.Bokeh && Bokeh.documents.length > 0", timeout=30_000)
     page.wait_for_selector(".exo-chat", timeout=30_000)
@@ -106,16 +110,20 @@ def chat(page, text: str, deadline_s: float = 60.0) -> tuple[str, list[dict]]:
     box.fill(text)
     box.press("Enter")
     poll(lambda: page.evaluate("() => window.exoReplies.some((r) => r.streaming)"), 20, "a reply starts streaming")
-    seen = poll(lambda: (lambda r: r if r and not r[-1]["streaming"] else None)(
-        page.evaluate("() => window.exoReplies")), deadline_s, "the reply finishes")
+    seen = poll(
+        lambda: (lambda r: r if r and not r[-1]["streaming"] else None)(page.evaluate("() => window.exoReplies")),
+        deadline_s,
+        "the reply finishes",
+    )
     page.evaluate("() => { window.exoReplies = []; }")
     return seen[-1]["text"], seen
 
 
 def requests_shown(page, name: str) -> str:
     """The instances table's request count for ``name``."""
-    row = page.locator(".tabulator-row").filter(has=page.locator(f".tabulator-cell[tabulator-field='name']",
-                                                                   has_text=name))
+    row = page.locator(".tabulator-row").filter(
+        has=page.locator(".tabulator-cell[tabulator-field='name']", has_text=name)
+    )
     return row.locator(".tabulator-cell[tabulator-field='requests']").first.inner_text().strip()
 
 
@@ -149,17 +157,24 @@ def test_what_if_cluster_graph_and_a_streamed_chat(browser, engine) -> None:
         page.get_by_label("max tokens").press("Enter")
         poll(lambda: session.chat.max_tokens.value == 120, 10, "max tokens reaches Python")
         final, seen = chat(page, "Tell me about clusters.")
-        expected = engine.chat([{"role": "user", "content": "Tell me about clusters."}], max_tokens=120,
-                               temperature=0).text()
+        expected = engine.chat(
+            [{"role": "user", "content": "Tell me about clusters."}], max_tokens=120, temperature=0
+        ).text()
         assert final == expected
         assert_streamed(seen, final)
         assert session.chat.updates >= 3
         assert "120 tokens" in page.locator(".exo-usage").inner_text()
-        poll(lambda: requests_shown(page, "tiny") == str(engine.requests_completed), 10,
-             "the instances table counts the request")
+        poll(
+            lambda: requests_shown(page, "tiny") == str(engine.requests_completed),
+            10,
+            "the instances table counts the request",
+        )
         charted = len([r for r in im.request_rows(engine) if r["completion_tokens"] > 1 and r["generation_tps"] > 0])
-        poll(lambda: len(page.evaluate("() => exoModelData('exo-tps-points', 'tps')")) == charted,
-             10, "the tokens/s chart has a point per recent request")
+        poll(
+            lambda: len(page.evaluate("() => exoModelData('exo-tps-points', 'tps')")) == charted,
+            10,
+            "the tokens/s chart has a point per recent request",
+        )
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "dashboard-what-if-chat.png"), full_page=True)
         assert page.errors == [] and page.external == []
@@ -172,9 +187,26 @@ def test_what_if_cluster_graph_and_a_streamed_chat(browser, engine) -> None:
 def test_exo_lab_up_serves_the_api_and_the_dashboard(browser, tiny_model, tmp_path) -> None:
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "exo_lab.cli", "up", "--model", str(tiny_model), "--name", "tiny",
-                             "--port", str(port), "--dashboard-port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "exo_lab.cli",
+            "up",
+            "--model",
+            str(tiny_model),
+            "--name",
+            "tiny",
+            "--port",
+            str(port),
+            "--dashboard-port",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     page = None
     try:
         lines: list[str] = []
@@ -195,12 +227,16 @@ def test_exo_lab_up_serves_the_api_and_the_dashboard(browser, tiny_model, tmp_pa
         final, seen = chat(page, "Hello from the dashboard.")  # 64 tokens by default
         assert_streamed(seen, final)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=30)
-        reply = client.chat.completions.create(model="tiny", max_tokens=8, temperature=0,
-                                               messages=[{"role": "user", "content": "and from the API"}])
+        reply = client.chat.completions.create(
+            model="tiny", max_tokens=8, temperature=0, messages=[{"role": "user", "content": "and from the API"}]
+        )
         assert reply.choices[0].message.content
         poll(lambda: requests_shown(page, "tiny") == "2", 10, "the dashboard counts the API request too")
-        poll(lambda: len(page.evaluate("() => exoModelData('exo-tps-points', 'tps')")) == 2, 10,
-             "the tokens/s chart has both requests")
+        poll(
+            lambda: len(page.evaluate("() => exoModelData('exo-tps-points', 'tps')")) == 2,
+            10,
+            "the tokens/s chart has both requests",
+        )
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "dashboard-up.png"), full_page=True)
         assert page.errors == [] and page.external == []
@@ -230,25 +266,44 @@ def test_launch_a_plan_from_the_page_and_chat_with_it(browser, tiny_model) -> No
         row.wait_for(timeout=30_000)
         row.click()
         plans = session.plans
-        poll(lambda: [plans.plans.plans[i].describe() for i in plans.table.selection] == [wanted], 10,
-             "the row click selects the plan in Python")
+        poll(
+            lambda: [plans.plans.plans[i].describe() for i in plans.table.selection] == [wanted],
+            10,
+            "the row click selects the plan in Python",
+        )
         assert model_box.input_value() == str(tiny_model)  # not replaced by a suggestion
-        poll(lambda: f"Plan #{plans.table.selection[0]}: " in page.locator(".exo-note").filter(
-            has_text="feasible plan").inner_text(), 10, "the page describes the selected plan")
+        poll(
+            lambda: (
+                f"Plan #{plans.table.selection[0]}: "
+                in page.locator(".exo-note").filter(has_text="feasible plan").inner_text()
+            ),
+            10,
+            "the page describes the selected plan",
+        )
         page.get_by_role("button", name="Launch selected plan").click()
         inst = poll(lambda: cluster.instances[0] if cluster.instances else None, 30, "the instance is created")
         poll(lambda: inst.state == "ready", 90, "the instance loads")
         assert inst.name == tiny_model.name  # named after the model, not its path
-        poll(lambda: drawn_graph(page)["pills"] == ["tiny · layers 0-1", "tiny · layers 2-3"], 15,
-             "the graph shows the shards")
-        poll(lambda: page.evaluate("() => { const s = exoDeep('select')[0]; return s && s.value; }"), 15,
-             "the chat offers the instance")
+        poll(
+            lambda: drawn_graph(page)["pills"] == ["tiny · layers 0-1", "tiny · layers 2-3"],
+            15,
+            "the graph shows the shards",
+        )
+        poll(
+            lambda: page.evaluate("() => { const s = exoDeep('select')[0]; return s && s.value; }"),
+            15,
+            "the chat offers the instance",
+        )
         final, seen = chat(page, "Which node holds layer 3?")
-        tokens = inst.chat([{"role": "user", "content": "Which node holds layer 3?"}], max_tokens=64,
-                           temperature=0).text()
+        tokens = inst.chat(
+            [{"role": "user", "content": "Which node holds layer 3?"}], max_tokens=64, temperature=0
+        ).text()
         assert final == tokens  # the instance answered, greedy and exact
-        poll(lambda: "ready" in page.locator(".tabulator-row").filter(has_text=inst.name).first.inner_text(), 10,
-             "the instances table shows it ready")
+        poll(
+            lambda: "ready" in page.locator(".tabulator-row").filter(has_text=inst.name).first.inner_text(),
+            10,
+            "the instances table shows it ready",
+        )
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "dashboard-cluster-launched.png"), full_page=True)
         assert page.errors == [] and page.external == []
@@ -265,17 +320,35 @@ def bench_document() -> dict:
     from exo_lab.bench.results import ConcurrencyPoint, PlanBench, stat
 
     plans = []
-    for i, (desc, strategy, pred, meas) in enumerate([
-        ("single: local-0[0:4]", "single", 820.0, 540.0), ("pipeline: local-0[0:2] -> local-1[2:4]", "pipeline",
-                                                           420.0, 260.0),
-        ("tensor: local-0+local-1 x2[0:4]", "tensor", 800.0, 310.0)]):
+    for i, (desc, strategy, pred, meas) in enumerate(
+        [
+            ("single: local-0[0:4]", "single", 820.0, 540.0),
+            ("pipeline: local-0[0:2] -> local-1[2:4]", "pipeline", 420.0, 260.0),
+            ("tensor: local-0+local-1 x2[0:4]", "tensor", 800.0, 310.0),
+        ]
+    ):
         predicted = {"decode_tps": pred, "prefill_tps": 30 * pred, "ttft_s": 2.0 / pred}
-        measured = {"decode_tps": stat([meas * f for f in (0.97, 1.0, 1.02)]),
-                    "prefill_tps": stat([25 * meas]), "ttft_s": stat([2.4 / meas])}
-        conc = [ConcurrencyPoint(c, stat([meas * min(c, 3) ** 0.5]), stat([0.01 * c]), stat([1.0]), pred)
-                for c in (1, 4, 8)]
-        plans.append(PlanBench(i, desc, strategy, "ok", {"description": desc}, predicted=predicted, measured=measured,
-                               ratios={"decode_tps": meas / pred}, concurrency=conc))
+        measured = {
+            "decode_tps": stat([meas * f for f in (0.97, 1.0, 1.02)]),
+            "prefill_tps": stat([25 * meas]),
+            "ttft_s": stat([2.4 / meas]),
+        }
+        conc = [
+            ConcurrencyPoint(c, stat([meas * min(c, 3) ** 0.5]), stat([0.01 * c]), stat([1.0]), pred) for c in (1, 4, 8)
+        ]
+        plans.append(
+            PlanBench(
+                i,
+                desc,
+                strategy,
+                "ok",
+                {"description": desc},
+                predicted=predicted,
+                measured=measured,
+                ratios={"decode_tps": meas / pred},
+                concurrency=conc,
+            )
+        )
     return bench.BenchResult("tiny", "tiny", 64, 32, 3, 1, [1, 4, 8], plans).to_json()
 
 

@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.helpers.paths import ARTIFACTS
 from tests.helpers.monitor_harness import FakeInstance, busy_history, monitor_state, write_monitor_harness
+from tests.helpers.paths import ARTIFACTS
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("chromium") is None,
-                       reason="Debian chromium is not installed (apt-get install -y chromium)"),
+    pytest.mark.skipif(
+        shutil.which("chromium") is None, reason="Debian chromium is not installed (apt-get install -y chromium)"
+    ),
 ]
-
-from tests.helpers.browser import CHROMIUM_FLAGS as FLAGS  # noqa: E402
 
 
 def open_page(browser, path: Path, errors: list[str]):

@@ -27,17 +27,18 @@ import requests
 import exo_lab
 from exo_lab.cluster.topology import Topology
 from exo_lab.ui.topology_widget import graph_json
+from tests.helpers.drawn_graph import assert_drawn, drawn_graph
 from tests.helpers.net import free_port, wait_http
 from tests.helpers.paths import ARTIFACTS
-from tests.helpers.drawn_graph import assert_drawn, drawn_graph
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("chromium") is None,
-                       reason="Debian chromium is not installed (apt-get install -y chromium)"),
+    pytest.mark.skipif(
+        shutil.which("chromium") is None, reason="Debian chromium is not installed (apt-get install -y chromium)"
+    ),
 ]
 
-from tests.helpers.browser import CHROMIUM_FLAGS as FLAGS  # noqa: E402
+
 LABEXTENSION = Path(sys.prefix) / "share" / "jupyter" / "labextensions" / "exo-lab" / "package.json"
 BUILT = Path(exo_lab.__file__).parent / "labextension"  # this checkout's build (make labextension)
 PANEL = "#exo-lab-panel"
@@ -76,16 +77,34 @@ class Lab:
         (settings / "notification.jupyterlab-settings").write_text(json.dumps(NOTIFICATION_SETTINGS))
         (tmp / "root").mkdir()
         self.runtime = tmp / "jrun"
-        env = {**os.environ, "JUPYTER_CONFIG_DIR": str(tmp / "config"), "JUPYTER_RUNTIME_DIR": str(self.runtime),
-               "JUPYTER_DATA_DIR": str(tmp / "data"), "JUPYTER_PLATFORM_DIRS": "1",
-               "JUPYTER_PREFER_ENV_PATH": "0"}  # the private data dir (this checkout's build) ahead of the venv's
+        env = {
+            **os.environ,
+            "JUPYTER_CONFIG_DIR": str(tmp / "config"),
+            "JUPYTER_RUNTIME_DIR": str(self.runtime),
+            "JUPYTER_DATA_DIR": str(tmp / "data"),
+            "JUPYTER_PLATFORM_DIRS": "1",
+            "JUPYTER_PREFER_ENV_PATH": "0",
+        }  # the private data dir (this checkout's build) ahead of the venv's
         self.log = open(tmp / "jupyter-lab.log", "w+")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "jupyterlab", "--no-browser", "--allow-root", f"--port={self.port}",
-             "--ServerApp.ip=127.0.0.1", "--ServerApp.port_retries=0", f"--IdentityProvider.token={self.token}",
-             f"--ServerApp.root_dir={tmp / 'root'}", f"--LabApp.user_settings_dir={tmp / 'settings'}",
-             f"--LabApp.workspaces_dir={tmp / 'workspaces'}", "--LabApp.expose_app_in_browser=True"],
-            stdout=self.log, stderr=subprocess.STDOUT, env=env,
+            [
+                sys.executable,
+                "-m",
+                "jupyterlab",
+                "--no-browser",
+                "--allow-root",
+                f"--port={self.port}",
+                "--ServerApp.ip=127.0.0.1",
+                "--ServerApp.port_retries=0",
+                f"--IdentityProvider.token={self.token}",
+                f"--ServerApp.root_dir={tmp / 'root'}",
+                f"--LabApp.user_settings_dir={tmp / 'settings'}",
+                f"--LabApp.workspaces_dir={tmp / 'workspaces'}",
+                "--LabApp.expose_app_in_browser=True",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
         )
         try:
             wait_http(f"{self.url}/api/status?token={self.token}", deadline_s=90, proc=self.proc)
@@ -94,8 +113,12 @@ class Lab:
             raise
 
     def api(self, route: str, token: bool = True) -> requests.Response:
-        return requests.get(f"{self.url}/exo-lab/api/{route}", params={"token": self.token} if token else {},
-                            allow_redirects=False, timeout=30)
+        return requests.get(
+            f"{self.url}/exo-lab/api/{route}",
+            params={"token": self.token} if token else {},
+            allow_redirects=False,
+            timeout=30,
+        )
 
     def output(self) -> str:
         self.log.seek(0)
@@ -123,7 +146,7 @@ class Dashboard:
 
     def __init__(self) -> None:
         class Page(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            def do_GET(self) -> None:
                 body = b"<!doctype html><title>exo_lab dashboard</title><h1>exo_lab dashboard</h1>"
                 self.send_response(200)
                 self.send_header("Content-Type", "text/html")
@@ -153,15 +176,22 @@ def write_spec_coordinator(runtime_dir: Path) -> str:
     from exo_lab.cluster.coordinators import CoordinatorInfo, _process_started
 
     topo = Topology.load(SPECS / "m3-ultra-4x-tb5.json")
-    info = CoordinatorInfo(id=f"{os.getpid()}-spec", pid=os.getpid(), process_started=_process_started(os.getpid()),
-                           kind="python", label="4x Mac Studio (what-if)", agents=[],
-                           local_topology=topo.to_json())
+    info = CoordinatorInfo(
+        id=f"{os.getpid()}-spec",
+        pid=os.getpid(),
+        process_started=_process_started(os.getpid()),
+        kind="python",
+        label="4x Mac Studio (what-if)",
+        agents=[],
+        local_topology=topo.to_json(),
+    )
     (runtime_dir / "coordinators" / f"{info.id}.json").write_text(json.dumps(info.to_json()))
     return info.id
 
 
-def test_side_panel_lists_the_nodes_of_a_running_local_cluster(lab: Lab, browser, runtime_dir: Path,
-                                                               tiny_model: Path) -> None:
+def test_side_panel_lists_the_nodes_of_a_running_local_cluster(
+    lab: Lab, browser, runtime_dir: Path, tiny_model: Path
+) -> None:
     # the routes answer only with Jupyter's credentials
     assert lab.api("topology", token=False).status_code == 403
     empty = lab.api("topology")
@@ -203,8 +233,7 @@ def test_side_panel_lists_the_nodes_of_a_running_local_cluster(lab: Lab, browser
         ready.wait_for(timeout=20_000)
         assert "tiny" in page.locator(f"{PANEL} .exo-lab-instance").inner_text()
         button = page.locator(f"{PANEL} .exo-lab-dashboard-button")
-        page.wait_for_function(f"!document.querySelector('{PANEL} .exo-lab-dashboard-button').disabled",
-                               timeout=10_000)
+        page.wait_for_function(f"!document.querySelector('{PANEL} .exo-lab-dashboard-button').disabled", timeout=10_000)
         page.locator(f"{PANEL} .exo-lab-node-row", has_text="local-1").click()  # select a node: details open
         page.locator(f"{PANEL} .exo-svg .exo-node.selected").wait_for(timeout=5_000)
         assert drawn_graph(page, PANEL)["selected"] == [n.id for n in cluster.nodes if n.name == "local-1"]
@@ -257,17 +286,35 @@ def test_a_notebook_kernel_is_a_coordinator(lab: Lab, browser, runtime_dir: Path
     """The cluster a notebook's kernel starts shows up under the notebook's name."""
     from jupyter_client import BlockingKernelClient
 
-    notebook = {"cells": [{"cell_type": "code", "execution_count": None, "id": "start", "metadata": {}, "outputs": [],
-                           "source": "import exo_lab\ncluster = exo_lab.local_cluster(2)"}],
-                "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
-                "nbformat": 4, "nbformat_minor": 5}
-    resp = requests.put(f"{lab.url}/api/contents/cluster.ipynb", params={"token": lab.token}, timeout=30,
-                        json={"type": "notebook", "format": "json", "content": notebook})
+    notebook = {
+        "cells": [
+            {
+                "cell_type": "code",
+                "execution_count": None,
+                "id": "start",
+                "metadata": {},
+                "outputs": [],
+                "source": "import exo_lab\ncluster = exo_lab.local_cluster(2)",
+            }
+        ],
+        "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+        "nbformat": 4,
+        "nbformat_minor": 5,
+    }
+    resp = requests.put(
+        f"{lab.url}/api/contents/cluster.ipynb",
+        params={"token": lab.token},
+        timeout=30,
+        json={"type": "notebook", "format": "json", "content": notebook},
+    )
     assert resp.status_code in (200, 201), resp.text
     # the kernel is started with the session, so the notebook opens attached to it (no kernel dialog)
-    resp = requests.post(f"{lab.url}/api/sessions", params={"token": lab.token}, timeout=60,
-                         json={"path": "cluster.ipynb", "name": "cluster.ipynb", "type": "notebook",
-                               "kernel": {"name": "python3"}})
+    resp = requests.post(
+        f"{lab.url}/api/sessions",
+        params={"token": lab.token},
+        timeout=60,
+        json={"path": "cluster.ipynb", "name": "cluster.ipynb", "type": "notebook", "kernel": {"name": "python3"}},
+    )
     assert resp.status_code == 201, resp.text
     session = resp.json()
     page = browser.new_page(viewport={"width": 1280, "height": 800})

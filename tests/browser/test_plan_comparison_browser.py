@@ -18,22 +18,23 @@ import pytest
 from exo_lab.cluster.topology import Topology
 from exo_lab.models.card import card_from_config
 from exo_lab.placement import plan
-from exo_lab.ui.plan_comparison import NO_LAUNCH
 from exo_lab.ui import PlanComparison
 from exo_lab.ui.plan_comparison import _STATIC as PLAN_STATIC
+from exo_lab.ui.plan_comparison import NO_LAUNCH
 from exo_lab.ui.topology_widget import _STATIC as TOPO_STATIC
-from tests.helpers.paths import ARTIFACTS
 from tests.helpers.cards import LLAMA_8B, LLAMA_70B
+from tests.helpers.paths import ARTIFACTS
 from tests.helpers.topology_harness import DARK
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("chromium") is None,
-                       reason="Debian chromium is not installed (apt-get install -y chromium)"),
+    pytest.mark.skipif(
+        shutil.which("chromium") is None, reason="Debian chromium is not installed (apt-get install -y chromium)"
+    ),
 ]
 
 SPECS = Path(__file__).resolve().parents[2] / "exo_lab" / "sim" / "specs"
-from tests.helpers.browser import CHROMIUM_FLAGS as FLAGS  # noqa: E402
+
 TABLE_KEYS = ("rows", "infeasible", "summary", "selected", "limit", "measured", "launch")
 TOPO_KEYS = ("topology", "selected_node", "highlight", "title", "error")
 
@@ -98,10 +99,22 @@ def write_page(path: Path, w: PlanComparison, *, dark: bool = False, width: int 
     topo = {k: v for k, v in w.topology_widget.get_state().items() if k in TOPO_KEYS}
     theme = "; ".join(f"{k}: {v}" for k, v in DARK.items()) if dark else ""
     css = (PLAN_STATIC / "plan_comparison.css").read_text() + (TOPO_STATIC / "topology.css").read_text()
-    sources = {"table": (PLAN_STATIC / "plan_comparison.js").read_text(),
-               "topology": (TOPO_STATIC / "topology.js").read_text()}
-    path.write_text(_PAGE.format(page_bg=DARK["--jp-layout-color1"] if dark else "#ffffff", width=width, theme=theme,
-                                 css=css, sources=_js(sources), table=_js(table), topology=_js(topo), shows=_js(shows)))
+    sources = {
+        "table": (PLAN_STATIC / "plan_comparison.js").read_text(),
+        "topology": (TOPO_STATIC / "topology.js").read_text(),
+    }
+    path.write_text(
+        _PAGE.format(
+            page_bg=DARK["--jp-layout-color1"] if dark else "#ffffff",
+            width=width,
+            theme=theme,
+            css=css,
+            sources=_js(sources),
+            table=_js(table),
+            topology=_js(topo),
+            shows=_js(shows),
+        )
+    )
     return path
 
 
@@ -179,9 +192,14 @@ def test_measured_infeasible_and_launch_dark(page, tmp_path: Path) -> None:
     w = PlanComparison(plans, topo, limit=5)
     try:
         p0, p1 = plans[0], plans[1]
-        w.measured = {0: {"decode_tps": p0.decode_tps * 1.02, "ttft_s": p0.ttft_s * 1.03,  # within 10%: grey
-                          "prefill_tps": p0.prefill_tps * 0.98},
-                      1: {"decode_tps": p1.decode_tps * 1.3, "ttft_s": p1.ttft_s * 1.3}}  # faster decode, slower TTFT
+        w.measured = {
+            0: {
+                "decode_tps": p0.decode_tps * 1.02,
+                "ttft_s": p0.ttft_s * 1.03,  # within 10%: grey
+                "prefill_tps": p0.prefill_tps * 0.98,
+            },
+            1: {"decode_tps": p1.decode_tps * 1.3, "ttft_s": p1.ttft_s * 1.3},
+        }  # faster decode, slower TTFT
         thread = w.launch(first)
         assert thread is not None
         thread.join(5)
@@ -209,14 +227,26 @@ def test_measured_infeasible_and_launch_dark(page, tmp_path: Path) -> None:
 @pytest.mark.parametrize("width", [640])
 def test_narrow(page, tmp_path: Path, width: int) -> None:
     topo = Topology.load(SPECS / "m3-ultra-4x-tb5.json")
-    plans = plan(topo, card_from_config({**LLAMA_70B, "num_hidden_layers": 126, "hidden_size": 16384,
-                                         "intermediate_size": 53248, "num_attention_heads": 128}, "llama-405b-shaped"))
+    plans = plan(
+        topo,
+        card_from_config(
+            {
+                **LLAMA_70B,
+                "num_hidden_layers": 126,
+                "hidden_size": 16384,
+                "intermediate_size": 53248,
+                "num_attention_heads": 128,
+            },
+            "llama-405b-shaped",
+        ),
+    )
     w = PlanComparison(plans, topo, limit=4)
     try:
         open_page(page, w, tmp_path, width=width)
         assert page.locator(".exo-plan-row").count() == 4
-        overflow = page.evaluate("(() => { const t = document.querySelector('.exo-plans'); "
-                                 "return t.scrollWidth - t.clientWidth; })()")
+        overflow = page.evaluate(
+            "(() => { const t = document.querySelector('.exo-plans'); return t.scrollWidth - t.clientWidth; })()"
+        )
         assert overflow <= 0, "the table must fit a narrow output area"
         page.locator(".exo-plan-row").nth(1).focus()
         page.keyboard.press("Enter")

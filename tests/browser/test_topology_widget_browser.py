@@ -3,25 +3,24 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from exo_lab.cluster.topology import Topology
 from exo_lab.ui.topology_widget import graph_json
-from tests.helpers.paths import ARTIFACTS
 from tests.helpers.drawn_graph import assert_drawn, drawn_graph
+from tests.helpers.paths import ARTIFACTS
 from tests.helpers.topology_harness import write_harness
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("chromium") is None,
-                       reason="Debian chromium is not installed (apt-get install -y chromium)"),
+    pytest.mark.skipif(
+        shutil.which("chromium") is None, reason="Debian chromium is not installed (apt-get install -y chromium)"
+    ),
 ]
 
 SPECS = Path(__file__).resolve().parents[2] / "exo_lab" / "sim" / "specs"
-from tests.helpers.browser import CHROMIUM_FLAGS as FLAGS  # noqa: E402
 
 # A pipeline plan over the four Ultras, to show the highlight overlay.
 ULTRA_PLAN = {
@@ -30,10 +29,12 @@ ULTRA_PLAN = {
 }
 CASES = {
     "home-lab-mixed": dict(spec="home-lab-mixed.json", title="Home lab (what-if)", highlight=None, dark=False),
-    "m3-ultra-4x": dict(spec="m3-ultra-4x-tb5.json", title="4x Mac Studio M3 Ultra, Thunderbolt 5",
-                        highlight=ULTRA_PLAN, dark=False),
-    "m3-ultra-4x-dark": dict(spec="m3-ultra-4x-tb5.json", title="4x Mac Studio M3 Ultra, Thunderbolt 5",
-                             highlight=None, dark=True),
+    "m3-ultra-4x": dict(
+        spec="m3-ultra-4x-tb5.json", title="4x Mac Studio M3 Ultra, Thunderbolt 5", highlight=ULTRA_PLAN, dark=False
+    ),
+    "m3-ultra-4x-dark": dict(
+        spec="m3-ultra-4x-tb5.json", title="4x Mac Studio M3 Ultra, Thunderbolt 5", highlight=None, dark=True
+    ),
 }
 
 
@@ -41,8 +42,9 @@ CASES = {
 def test_render_click_and_screenshot(browser, tmp_path: Path, case: str) -> None:
     c = CASES[case]
     topo = Topology.load(SPECS / c["spec"])
-    page_file = write_harness(tmp_path / "harness.html", topo, title=c["title"], highlight=c["highlight"],
-                              dark=c["dark"])
+    page_file = write_harness(
+        tmp_path / "harness.html", topo, title=c["title"], highlight=c["highlight"], dark=c["dark"]
+    )
     page = browser.new_page(viewport={"width": 1000, "height": 700})
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))

@@ -37,7 +37,11 @@ def test_concurrency_benchmark_smoke(tmp_path: Path, where: list[str]) -> None:
     env = {**os.environ, "EXO_LAB_MODELS_DIR": str(tmp_path / "models")}
     proc = subprocess.run(
         [sys.executable, str(script), "--preset", "tiny", "--streams", "3", "--tokens", "4", "--repeat", "1", *where],
-        env=env, capture_output=True, text=True, timeout=240, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
     )
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
     assert re.search(r"^ratio 3 streams / 1 stream = \d+\.\d+x", proc.stdout, re.M), proc.stdout

@@ -12,6 +12,7 @@ import urllib.request
 import pytest
 
 from tests.helpers.net import free_port, wait_http
+
 EXO = [sys.executable, "-m", "exo_lab.cli"]
 
 
@@ -42,8 +43,13 @@ def test_bad_model_is_a_clear_error():
 @pytest.mark.slow
 def test_up_serves_the_demo_and_stops_cleanly_on_sigterm():
     port = free_port()
-    proc = subprocess.Popen([*EXO, "up", "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ})
+    proc = subprocess.Popen(
+        [*EXO, "up", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ},
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/health", proc=proc)
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models") as r:
@@ -73,20 +79,37 @@ def test_max_batch_and_queue_bound_the_served_engine(tiny_model):
     import urllib.error
 
     port = free_port()
-    proc = subprocess.Popen([*EXO, "serve", "--model", str(tiny_model), "--port", str(port), "--max-batch", "1",
-                             "--max-queue", "0"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [*EXO, "serve", "--model", str(tiny_model), "--port", str(port), "--max-batch", "1", "--max-queue", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/health", proc=proc)
-        body = json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000,
-                           "stream": True, "ignore_eos": True}).encode()
+        body = json.dumps(
+            {
+                "model": "tiny",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 100000,
+                "stream": True,
+                "ignore_eos": True,
+            }
+        ).encode()
         sock = socket.create_connection(("127.0.0.1", port))  # holds the one place
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
         data = b""
         while data.count(b"data:") < 2:
             data += sock.recv(65536)
-        second = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", data=body.replace(
-            b'"stream": true', b'"stream": false'), headers={"Content-Type": "application/json"})
+        second = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            data=body.replace(b'"stream": true', b'"stream": false'),
+            headers={"Content-Type": "application/json"},
+        )
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(second, timeout=30)
         assert err.value.code == 429 and json.load(err.value)["error"]["type"] == "rate_limit_error"

@@ -17,20 +17,38 @@ import pytest
 import exo_lab
 from exo_lab.cluster.auth import sign_headers
 from tests.helpers.net import free_port
+
 pytestmark = pytest.mark.slow
 
 
 def start_agent(port: int, state: Path, key: str, peers: list[int], name: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "exo_lab.cli", "node", "--host", "127.0.0.1", "--port", str(port), "--probe-port", "0",
-           "--name", name, "--state-dir", str(state), f"--cluster-key={key}", "--no-mdns"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "exo_lab.cli",
+        "node",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--probe-port",
+        "0",
+        "--name",
+        name,
+        "--state-dir",
+        str(state),
+        f"--cluster-key={key}",
+        "--no-mdns",
+    ]
     for p in peers:
         cmd += ["--peer", f"127.0.0.1:{p}"]
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def http(port: int, method: str, path: str, body: bytes = b"", headers: dict | None = None):
-    req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=body if method != "GET" else None,
-                                 headers=headers or {}, method=method)
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", data=body if method != "GET" else None, headers=headers or {}, method=method
+    )
     try:
         with urllib.request.urlopen(req, timeout=30) as r:
             return r.status, json.loads(r.read())
@@ -73,8 +91,15 @@ def test_local_cluster_sees_every_node_and_link(cluster):
                 assert link and link.rtt_ms_median > 0 and link.rtt_ms_p95 >= link.rtt_ms_median
                 assert link.send_mbit_per_s > 0 and link.recv_mbit_per_s > 0
     p = cluster.nodes[0].profile
-    for field in ("memory_total_bytes", "memory_available_bytes", "cpu_model", "matmul_gflops",
-                  "memory_bandwidth_gb_per_s", "blas", "mlx_devices"):
+    for field in (
+        "memory_total_bytes",
+        "memory_available_bytes",
+        "cpu_model",
+        "matmul_gflops",
+        "memory_bandwidth_gb_per_s",
+        "blas",
+        "mlx_devices",
+    ):
         assert p[field], field
     assert "<table>" in cluster._repr_html_() and "local-0" in repr(cluster)
 
@@ -102,13 +127,20 @@ def test_mutating_requests_need_a_valid_fresh_signature(cluster):
     assert http(port, "POST", "/node/peers", body, good)[0] == 200
     status, data = http(port, "POST", "/node/peers", body, good)  # the same request again
     assert status == 401 and "replayed" in data["error"]
-    assert http(port, "POST", "/node/peers", b"{oops", sign_headers(cluster.cluster_key, "POST", "/node/peers", b"{oops"))[0] == 400
+    assert (
+        http(port, "POST", "/node/peers", b"{oops", sign_headers(cluster.cluster_key, "POST", "/node/peers", b"{oops"))[
+            0
+        ]
+        == 400
+    )
 
 
 def test_other_key_is_never_joined_and_gone_then_rejoined(tmp_path):
     key = secrets.token_hex(16)
     ports = [free_port() for _ in range(3)]
-    procs = [start_agent(ports[i], tmp_path / f"s{i}", key, [p for p in ports if p != ports[i]], f"n{i}") for i in range(2)]
+    procs = [
+        start_agent(ports[i], tmp_path / f"s{i}", key, [p for p in ports if p != ports[i]], f"n{i}") for i in range(2)
+    ]
     stranger = start_agent(ports[2], tmp_path / "s2", "different-key", ports[:2], "stranger")
     try:
         poll(lambda: len(peer_states(ports[0])) == 1 and len(peer_states(ports[1])) == 1, 60, "two nodes join")
@@ -137,9 +169,18 @@ def test_other_key_is_never_joined_and_gone_then_rejoined(tmp_path):
 
 def test_status_cli_prints_tables(cluster):
     out = subprocess.run(
-        [sys.executable, "-m", "exo_lab.cli", "status", "--connect", cluster.address_of(cluster.nodes[0].id),
-         f"--cluster-key={cluster.cluster_key}"],
-        capture_output=True, text=True, timeout=60,
+        [
+            sys.executable,
+            "-m",
+            "exo_lab.cli",
+            "status",
+            "--connect",
+            cluster.address_of(cluster.nodes[0].id),
+            f"--cluster-key={cluster.cluster_key}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 0, out.stderr
     assert "local-0" in out.stdout and "rtt ms (median)" in out.stdout

@@ -30,11 +30,26 @@ class FakeCluster:
 
 
 def fake_instance(state: str = "loading") -> SimpleNamespace:
-    plan = SimpleNamespace(strategy="pipeline", backend="ring", nodes=["n1", "n2"],
-                           node_names={"n1": "local-0", "n2": "local-1"}, decode_tps=12.3456, ttft_s=0.25,
-                           describe=lambda: "pipeline: local-0 [0-3] -> local-1 [4-7]")
-    return SimpleNamespace(id="abc123", name="tiny", model="/models/tiny", state=state, error=None,
-                           loaded=(3, 8), created=1, plan=plan, replacements=0)
+    plan = SimpleNamespace(
+        strategy="pipeline",
+        backend="ring",
+        nodes=["n1", "n2"],
+        node_names={"n1": "local-0", "n2": "local-1"},
+        decode_tps=12.3456,
+        ttft_s=0.25,
+        describe=lambda: "pipeline: local-0 [0-3] -> local-1 [4-7]",
+    )
+    return SimpleNamespace(
+        id="abc123",
+        name="tiny",
+        model="/models/tiny",
+        state=state,
+        error=None,
+        loaded=(3, 8),
+        created=1,
+        plan=plan,
+        replacements=0,
+    )
 
 
 def wait_until(predicate, timeout: float = 5.0) -> None:
@@ -109,14 +124,16 @@ def test_a_collected_cluster_unregisters(registry: Path) -> None:
 def test_files_of_dead_or_other_processes_are_pruned(registry: Path) -> None:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
-    info = coordinators.CoordinatorInfo(id=f"{proc.pid}-1", pid=proc.pid, process_started=1.0, kind="python",
-                                        label="dead", agents=["127.0.0.1:1"])
+    info = coordinators.CoordinatorInfo(
+        id=f"{proc.pid}-1", pid=proc.pid, process_started=1.0, kind="python", label="dead", agents=["127.0.0.1:1"]
+    )
     registry.mkdir(parents=True)
     stale = registry / f"{info.id}.json"
     stale.write_text(json.dumps(info.to_json()))
     # our own pid but another start time: the pid was reused
-    reused = coordinators.CoordinatorInfo(id=f"{os.getpid()}-99", pid=os.getpid(), process_started=1.0,
-                                          kind="python", label="reused", agents=[])
+    reused = coordinators.CoordinatorInfo(
+        id=f"{os.getpid()}-99", pid=os.getpid(), process_started=1.0, kind="python", label="reused", agents=[]
+    )
     (registry / f"{reused.id}.json").write_text(json.dumps(reused.to_json()))
     (registry / "garbage.json").write_text("{not json")
 
@@ -127,17 +144,20 @@ def test_files_of_dead_or_other_processes_are_pruned(registry: Path) -> None:
 
 
 def test_a_process_that_exits_removes_its_registration(registry: Path) -> None:
-    code = ("import sys, time\n"
-            "from exo_lab.cluster.coordinators import register\n"
-            "class C:\n"
-            "    cluster_key = None; follow_peers = True; _contacts = {}; _addresses = {'127.0.0.1:9': None}\n"
-            "    instances = []\n"
-            "c = C()\n"
-            "reg = register(c)\n"
-            "print(reg.path, flush=True)\n"
-            "sys.stdin.readline()\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            env={**os.environ})
+    code = (
+        "import sys, time\n"
+        "from exo_lab.cluster.coordinators import register\n"
+        "class C:\n"
+        "    cluster_key = None; follow_peers = True; _contacts = {}; _addresses = {'127.0.0.1:9': None}\n"
+        "    instances = []\n"
+        "c = C()\n"
+        "reg = register(c)\n"
+        "print(reg.path, flush=True)\n"
+        "sys.stdin.readline()\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ}
+    )
     path = Path(proc.stdout.readline().strip())
     assert path.exists()
     assert [c.kind for c in coordinators.coordinators()] == ["python"]
@@ -183,9 +203,25 @@ def test_a_server_without_agents_registers_this_machine(registry: Path) -> None:
 @pytest.mark.slow
 def test_exo_lab_serve_registers_until_it_stops(registry: Path, tiny_model: Path) -> None:
     from tests.helpers.net import free_port, wait_http
+
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "exo_lab.cli", "serve", "--model", str(tiny_model), "--name", "tiny",
-                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "exo_lab.cli",
+            "serve",
+            "--model",
+            str(tiny_model),
+            "--name",
+            "tiny",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/health", proc=proc)
         wait_until(lambda: coordinators.coordinators(), timeout=10)

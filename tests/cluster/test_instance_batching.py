@@ -18,10 +18,17 @@ import exo_lab
 from exo_lab.engine.generator import EngineBusy, GenerationRequest
 from exo_lab.models import synthetic
 from tests.helpers.net import free_port
+
 pytestmark = pytest.mark.slow
 
-PROMPTS = [list(range(5, 60)), [(i * 7919) % 8000 + 10 for i in range(300)], [3, 4, 5], list(range(100, 140)),
-           [7] * 90, list(range(1000, 1010))]
+PROMPTS = [
+    list(range(5, 60)),
+    [(i * 7919) % 8000 + 10 for i in range(300)],
+    [3, 4, 5],
+    list(range(100, 140)),
+    [7] * 90,
+    list(range(1000, 1010)),
+]
 MAX_TOKENS = [20, 12, 24, 6, 16, 9]  # different lengths: rows leave the batch at different steps
 
 
@@ -41,14 +48,21 @@ def tiny(tmp_path_factory):
 def references(tiny):
     """Each prompt generated alone in one process."""
     with exo_lab.Engine(tiny, max_batch=1) as eng:
-        return [[t for c in eng.generate(p, max_tokens=n, temperature=0, ignore_eos=True) for t in c.tokens]
-                for p, n in zip(PROMPTS, MAX_TOKENS)]
+        return [
+            [t for c in eng.generate(p, max_tokens=n, temperature=0, ignore_eos=True) for t in c.tokens]
+            for p, n in zip(PROMPTS, MAX_TOKENS)
+        ]
 
 
 def pick(cluster, path, strategy: str):
     plans = cluster.preview(path, context=2048, prompt_tokens=64)
-    return next(p for p in plans if p.strategy == strategy and p.num_nodes == 2
-                and (strategy != "pipeline-tensor" or all(r.tensor_size == 2 for r in p.ranks)))
+    return next(
+        p
+        for p in plans
+        if p.strategy == strategy
+        and p.num_nodes == 2
+        and (strategy != "pipeline-tensor" or all(r.tensor_size == 2 for r in p.ranks))
+    )
 
 
 def tokens(gen) -> list[int]:
@@ -115,7 +129,9 @@ def test_max_batch_bounds_the_batch_and_a_full_queue_is_busy(cluster, tiny, refe
             inst.generate("x", max_tokens=4)
         client = openai.OpenAI(base_url=server.openai_base_url, api_key="x", max_retries=0)
         with pytest.raises(openai.RateLimitError):
-            client.chat.completions.create(model="tiny-small", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+            client.chat.completions.create(
+                model="tiny-small", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+            )
         for g in hold:
             g.cancel()
         assert all(list(g)[-1].finish_reason == "cancelled" for g in hold)
@@ -123,8 +139,9 @@ def test_max_batch_bounds_the_batch_and_a_full_queue_is_busy(cluster, tiny, refe
         while inst.pending and time.monotonic() < deadline:
             time.sleep(0.05)
         assert inst.pending == 0  # every place freed
-        r = client.chat.completions.create(model="tiny-small", messages=[{"role": "user", "content": "hi"}],
-                                           max_tokens=4, temperature=0)
+        r = client.chat.completions.create(
+            model="tiny-small", messages=[{"role": "user", "content": "hi"}], max_tokens=4, temperature=0
+        )
         assert r.usage.completion_tokens <= 4 and r.choices[0].finish_reason in ("length", "stop")
     finally:
         server.stop()
@@ -142,8 +159,9 @@ def test_concurrent_api_streams_on_a_pipeline(cluster, tiny):
         got: list[str | None] = [None] * len(msgs)
 
         def ask(i: int) -> None:
-            stream = client.chat.completions.create(model="tiny-pipe", messages=msgs[i], max_tokens=10,
-                                                    temperature=0, stream=True)
+            stream = client.chat.completions.create(
+                model="tiny-pipe", messages=msgs[i], max_tokens=10, temperature=0, stream=True
+            )
             got[i] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
 
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(msgs))]
@@ -154,11 +172,15 @@ def test_concurrent_api_streams_on_a_pipeline(cluster, tiny):
         assert got == expected
         assert inst.stats["peak_batch"] >= 2
         # a client that goes away mid-stream frees its place in the batch at once
-        body = json.dumps({"model": "tiny-pipe", "messages": msgs[0], "max_tokens": 100000, "stream": True,
-                           "temperature": 0}).encode()
+        body = json.dumps(
+            {"model": "tiny-pipe", "messages": msgs[0], "max_tokens": 100000, "stream": True, "temperature": 0}
+        ).encode()
         sock = socket.create_connection(("127.0.0.1", server.port))
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
         data = b""
         while data.count(b"data:") < 5:
             data += sock.recv(65536)
@@ -176,10 +198,16 @@ def test_concurrent_api_streams_on_a_pipeline(cluster, tiny):
         inst.delete()
 
 
-SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 6},
-                                           "n": {"type": "integer", "minimum": 0, "maximum": 50},
-                                           "ok": {"type": "boolean"}},
-          "required": ["name", "n", "ok"], "additionalProperties": False}
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "n": {"type": "integer", "minimum": 0, "maximum": 50},
+        "ok": {"type": "boolean"},
+    },
+    "required": ["name", "n", "ok"],
+    "additionalProperties": False,
+}
 
 
 @pytest.mark.parametrize("strategy", ["pipeline", "tensor"])
@@ -192,20 +220,39 @@ def test_json_schema_on_the_rank_that_samples_batched_with_plain_requests(cluste
         client = openai.OpenAI(base_url=server.openai_base_url, api_key="x", max_retries=0)
         plain = [inst.generate(p, max_tokens=n, temperature=0, ignore_eos=True) for p, n in zip(PROMPTS, MAX_TOKENS)]
         fmt = {"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMA}}
-        replies = [client.chat.completions.create(model="tiny-dist", messages=[{"role": "user", "content": f"item {i}"}],
-                                                  max_tokens=60, temperature=t, seed=i, response_format=fmt)
-                   for i, t in enumerate((0, 1.0))]
+        replies = [
+            client.chat.completions.create(
+                model="tiny-dist",
+                messages=[{"role": "user", "content": f"item {i}"}],
+                max_tokens=60,
+                temperature=t,
+                seed=i,
+                response_format=fmt,
+            )
+            for i, t in enumerate((0, 1.0))
+        ]
         for r in replies:
             jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
             assert r.choices[0].finish_reason == "stop"
-        r = client.chat.completions.create(model="tiny-dist", messages=[{"role": "user", "content": "hi"}],
-                                           max_tokens=80, temperature=0, response_format={"type": "json_object"})
+        r = client.chat.completions.create(
+            model="tiny-dist",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=80,
+            temperature=0,
+            response_format={"type": "json_object"},
+        )
         assert isinstance(json.loads(r.choices[0].message.content), dict)  # complete, whatever the finish
         assert [tokens(g) for g in plain] == references  # the plain requests beside them are unchanged
         # a forced tool call: its arguments follow the tool's parameters
         tool = {"type": "function", "function": {"name": "lookup", "parameters": SCHEMA}}
-        r = client.chat.completions.create(model="tiny-dist", messages=[{"role": "user", "content": "look it up"}],
-                                           max_tokens=80, temperature=0, tools=[tool], tool_choice="required")
+        r = client.chat.completions.create(
+            model="tiny-dist",
+            messages=[{"role": "user", "content": "look it up"}],
+            max_tokens=80,
+            temperature=0,
+            tools=[tool],
+            tool_choice="required",
+        )
         (call,) = r.choices[0].message.tool_calls
         assert call.function.name == "lookup" and r.choices[0].finish_reason == "tool_calls"
         jsonschema.validate(json.loads(call.function.arguments), SCHEMA)
@@ -220,8 +267,13 @@ def test_constrained_output_is_complete_within_a_tight_max_tokens_as_in_one_proc
     from exo_lab.engine.guided import json_object, shortest_output, tool_calls, vocabulary
     from exo_lab.engine.sampling import SamplingParams
 
-    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {
-        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    weather = {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        },
+    }
     inst = cluster.launch(tiny, plan=pick(cluster, tiny, "pipeline"), name="tiny-json")
     one = exo_lab.Engine(tiny, name="tiny-json")
     try:
@@ -231,14 +283,15 @@ def test_constrained_output_is_complete_within_a_tight_max_tokens_as_in_one_proc
         cases += [(call, PROMPTS[0], n) for n in (need, need + 2, need + 7)]
 
         def run(backend, grammar, prompt, n, sampling=None):
-            gen = backend.submit(GenerationRequest(tuple(prompt), max_tokens=n, sampling=sampling or SamplingParams(),
-                                                   grammar=grammar))
+            gen = backend.submit(
+                GenerationRequest(tuple(prompt), max_tokens=n, sampling=sampling or SamplingParams(), grammar=grammar)
+            )
             out = tokens(gen)
             assert len(out) <= n
             text = one.tokenizer.decode(out)
             if grammar is call:
                 assert text.startswith("<tool_call>\n") and text.endswith("\n</tool_call>"), text
-                value = json.loads(text[len("<tool_call>\n"):-len("\n</tool_call>")])
+                value = json.loads(text[len("<tool_call>\n") : -len("\n</tool_call>")])
                 assert value["name"] == "get_weather" and isinstance(value["arguments"]["city"], str)
             else:
                 assert isinstance(json.loads(text), dict), text
@@ -263,8 +316,13 @@ def test_logprobs_from_the_rank_that_samples_match_one_process(cluster, tiny):
         got = []
         for srv in (server, local):
             client = openai.OpenAI(base_url=srv.openai_base_url, api_key="x", max_retries=0)
-            got.append(client.chat.completions.create(model="tiny-lp", messages=msgs, max_tokens=8, temperature=0,
-                                                      logprobs=True, top_logprobs=3).choices[0].logprobs.content)
+            got.append(
+                client.chat.completions.create(
+                    model="tiny-lp", messages=msgs, max_tokens=8, temperature=0, logprobs=True, top_logprobs=3
+                )
+                .choices[0]
+                .logprobs.content
+            )
         dist, ref = got
         assert [t.token for t in dist] == [t.token for t in ref] and len(dist) == 8
         for a, b in zip(dist, ref):

@@ -17,11 +17,10 @@ import psutil
 import pytest
 
 import exo_lab
-from exo_lab.engine.generator import GenerationRequest
-from exo_lab.engine.sampling import SamplingParams
-from exo_lab.instance import Instance, LaunchError
+from exo_lab.instance import Instance
 from exo_lab.models import synthetic
 from tests.helpers.net import free_port
+
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).resolve().parent
 
@@ -60,8 +59,9 @@ def pick(plans, strategy: str, nodes: int, split: str | None = None):
 
 
 def no_pids_left(pids: dict[str, list[int]]) -> bool:
-    return not any(psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE
-                   for ps in pids.values() for p in ps)
+    return not any(
+        psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE for ps in pids.values() for p in ps
+    )
 
 
 SHORT = list(range(5, 60))
@@ -123,7 +123,7 @@ def single_process_logits(path: Path, prompt: list[int]) -> np.ndarray:
     pos = 0
     while len(prompt) - pos > 1:
         n = min(64, len(prompt) - pos - 1)
-        model(toks[pos:pos + n][None], cache=cache)
+        model(toks[pos : pos + n][None], cache=cache)
         mx.eval([c.state for c in cache])
         pos += n
     return np.array(model(toks[pos:][None], cache=cache)[:, -1, :].astype(mx.float32))
@@ -133,10 +133,20 @@ def ranks_logits(path: Path, tmp_path: Path, splits, n: int, prompt: list[int]) 
     hosts = tmp_path / "hosts.json"
     hosts.write_text(json.dumps([[f"127.0.0.1:{free_port()}"] for _ in range(n)]))
     out = tmp_path / "logits.npy"
-    procs = [subprocess.Popen([sys.executable, str(HERE.parent / "helpers" / "rank_logits.py"), str(path), json.dumps(splits),
-                               json.dumps(prompt), str(out)],
-                              env={**os.environ, "MLX_RANK": str(r), "MLX_HOSTFILE": str(hosts)})
-             for r in range(n)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                str(HERE.parent / "helpers" / "rank_logits.py"),
+                str(path),
+                json.dumps(splits),
+                json.dumps(prompt),
+                str(out),
+            ],
+            env={**os.environ, "MLX_RANK": str(r), "MLX_HOSTFILE": str(hosts)},
+        )
+        for r in range(n)
+    ]
     assert [p.wait(120) for p in procs] == [0] * n
     return np.load(out)
 
@@ -159,11 +169,18 @@ def test_tensor_over_four_ranks_gives_the_same_tokens(cluster, models, tmp_path)
     path = synthetic.create(tmp_path / "mha", "tiny-mha")  # fp32, 4 KV heads
     nodes = cluster.nodes[:2]
     base = cluster.preview(path, context=2048, prompt_tokens=64).best
-    ranks = [RankSpec(i, nodes[i // 2].id, nodes[i // 2].name, 0, (0, 4), i, 4, "127.0.0.1", "float32")
-             for i in range(4)]
-    plan = Plan(model=base.model, strategy="tensor", ranks=ranks, memory_bytes={n.id: 0 for n in nodes},
-                memory_capacity_bytes={n.id: n.memory_total_bytes for n in nodes}, model_dtype="float32",
-                node_names={n.id: n.name for n in nodes})
+    ranks = [
+        RankSpec(i, nodes[i // 2].id, nodes[i // 2].name, 0, (0, 4), i, 4, "127.0.0.1", "float32") for i in range(4)
+    ]
+    plan = Plan(
+        model=base.model,
+        strategy="tensor",
+        ranks=ranks,
+        memory_bytes={n.id: 0 for n in nodes},
+        memory_capacity_bytes={n.id: n.memory_total_bytes for n in nodes},
+        model_dtype="float32",
+        node_names={n.id: n.name for n in nodes},
+    )
     inst = cluster.launch(path, plan=plan)
     try:
         assert tokens_of(inst, SHORT, 16) == reference(path, SHORT, 16)
@@ -203,8 +220,9 @@ def test_streaming_cancel_and_stop_strings(cluster, models):
 
 def test_served_through_the_openai_api(cluster, models):
     path = models["tiny"]
-    inst = cluster.launch(path, plan=pick(cluster.preview(path, context=2048, prompt_tokens=64), "pipeline", 2),
-                          name="tiny-pipe")
+    inst = cluster.launch(
+        path, plan=pick(cluster.preview(path, context=2048, prompt_tokens=64), "pipeline", 2), name="tiny-pipe"
+    )
     server = exo_lab.serve(inst, port=free_port())
     try:
         client = openai.OpenAI(base_url=server.openai_base_url, api_key="x", max_retries=0)
@@ -223,8 +241,12 @@ def test_reservations_refuse_overcommit(cluster, models):
     addr = cluster.address_of(node.id)
     too_much = node.memory_total_bytes * 2
     with pytest.raises(exo_lab.ClusterError, match="409"):
-        cluster.request(addr, "POST", "/instances/bogus1/prepare",
-                        {"ranks": [{"rank": 0, "address": "127.0.0.1"}], "reserve_bytes": too_much})
+        cluster.request(
+            addr,
+            "POST",
+            "/instances/bogus1/prepare",
+            {"ranks": [{"rank": 0, "address": "127.0.0.1"}], "reserve_bytes": too_much},
+        )
     assert cluster.request(addr, "GET", "/instances")["reserved_bytes"] == 0
 
 
@@ -252,7 +274,9 @@ def test_a_dead_worker_fails_fast_then_the_instance_is_replaced(cluster, models)
         deadline = time.monotonic() + 60
         while not (inst.state == "ready" and inst.replacements == 1) and time.monotonic() < deadline:
             try:
-                urllib.request.urlopen(urllib.request.Request(server.url + "/v1/chat/completions", data=body), timeout=5)
+                urllib.request.urlopen(
+                    urllib.request.Request(server.url + "/v1/chat/completions", data=body), timeout=5
+                )
             except urllib.error.HTTPError as e:
                 if e.code == 503:
                     saw_503 = saw_503 or e.headers.get("Retry-After") is not None
@@ -272,8 +296,11 @@ def test_a_dead_worker_fails_fast_then_the_instance_is_replaced(cluster, models)
 def test_pipeline_of_tensor_pairs_gives_the_same_tokens(cluster, models):
     path = models["tiny"]
     plans = cluster.preview(path, context=2048, prompt_tokens=64)
-    plan = next(p for p in plans if p.strategy == "pipeline-tensor" and p.num_nodes == 2
-                and all(r.tensor_size == 2 for r in p.ranks))
+    plan = next(
+        p
+        for p in plans
+        if p.strategy == "pipeline-tensor" and p.num_nodes == 2 and all(r.tensor_size == 2 for r in p.ranks)
+    )
     inst = plan.launch()
     try:
         assert len(inst.plan.ranks) == 4

@@ -7,9 +7,9 @@ import json
 import pytest
 
 import exo_lab
+from exo_lab.cluster.fetch import MANIFEST
 from exo_lab.models import synthetic
 from exo_lab.models.card import read_tensor_index
-from exo_lab.cluster.fetch import MANIFEST
 
 pytestmark = pytest.mark.slow
 
@@ -20,8 +20,11 @@ def test_shard_tensors_are_fetched_from_the_peer_that_has_them():
         synthetic.create(holder, "tiny")  # only node 0 has the files
         node_ids = {n.name: n.id for n in cluster.nodes}
         plans = cluster.preview(holder, context=1024, prompt_tokens=32)
-        plan = next(p for p in plans if p.strategy == "pipeline" and p.split == "proportional"
-                    and p.ranks[0].node_id == node_ids["local-0"])
+        plan = next(
+            p
+            for p in plans
+            if p.strategy == "pipeline" and p.split == "proportional" and p.ranks[0].node_id == node_ids["local-0"]
+        )
         inst = plan.launch()
         try:
             with exo_lab.Engine(holder) as eng:
@@ -34,8 +37,10 @@ def test_shard_tensors_are_fetched_from_the_peer_that_has_them():
         start, end = next(r.layers for r in plan.ranks if r.node_id == node_ids["local-1"])
         fetched = set(manifest["tensors"])
         assert fetched and all(
-            (n.startswith("model.layers.") and start <= int(n.split(".")[2]) < end) or n.startswith(("lm_head", "model.norm"))
-            for n in fetched)
+            (n.startswith("model.layers.") and start <= int(n.split(".")[2]) < end)
+            or n.startswith(("lm_head", "model.norm"))
+            for n in fetched
+        )
         assert not any("embed_tokens" in n for n in fetched)  # the first stage's, not ours
         total = sum(t.nbytes for t in read_tensor_index(holder))
         assert manifest["bytes_fetched"] < total * 0.75

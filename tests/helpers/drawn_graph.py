@@ -38,8 +38,16 @@ _READ = """
 """
 
 # The parts the renderer draws for a node with a known memory size, in order.
-NODE_PARTS = ["circle.exo-node-halo", "circle.exo-mem-track", "circle.exo-mem-used", "circle.exo-node-body",
-              "text.exo-node-mem", "text.exo-node-unit", "g.exo-node-label", "title."]
+NODE_PARTS = [
+    "circle.exo-node-halo",
+    "circle.exo-mem-track",
+    "circle.exo-mem-used",
+    "circle.exo-node-body",
+    "text.exo-node-mem",
+    "text.exo-node-unit",
+    "g.exo-node-label",
+    "title.",
+]
 
 
 def drawn_graph(page: Any, scope: str | None = None) -> dict[str, Any] | None:

@@ -19,8 +19,16 @@ from exo_lab.ui.instance_monitor import _STATIC, InstanceMonitor
 from tests.helpers.topology_harness import _PAGE, DARK
 
 SPECS = Path(__file__).resolve().parents[2] / "exo_lab" / "sim" / "specs"
-LLAMA_8B = {"hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 14336, "num_attention_heads": 32,
-            "num_key_value_heads": 8, "vocab_size": 128256, "model_type": "llama", "torch_dtype": "bfloat16"}
+LLAMA_8B = {
+    "hidden_size": 4096,
+    "num_hidden_layers": 32,
+    "intermediate_size": 14336,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "model_type": "llama",
+    "torch_dtype": "bfloat16",
+}
 
 
 def pipeline_plan(nodes: int = 2) -> Plan:
@@ -57,8 +65,9 @@ def busy_history(inst: FakeInstance, n: int = 14, start: float | None = None) ->
     start = start if start is not None else time.time() - 240
     for i in range(n):
         tps = 19.5 + 2.2 * ((i * 7) % 5 - 2) / 2 - (3.5 if i == 9 else 0)
-        inst.finish_request(start + i * 17 + (i % 3) * 4, 64 + (i * 37) % 200, tps, 0.42 + 0.05 * (i % 4),
-                            prompt=30 + (i * 53) % 400)
+        inst.finish_request(
+            start + i * 17 + (i % 3) * 4, 64 + (i * 37) % 200, tps, 0.42 + 0.05 * (i % 4), prompt=30 + (i * 53) % 400
+        )
 
 
 def monitor_state(inst: Any) -> dict[str, Any]:
@@ -75,7 +84,9 @@ def write_monitor_harness(path: Path, state: dict[str, Any], *, dark: bool = Fal
     """Write a page that renders the monitor with ``state`` (see :func:`monitor_state`) and return it."""
     theme = "; ".join(f"{k}: {v}" for k, v in DARK.items()) if dark else ""
     page = _PAGE.format(
-        page_bg=DARK["--jp-layout-color1"] if dark else "#ffffff", width=width, theme=theme,
+        page_bg=DARK["--jp-layout-color1"] if dark else "#ffffff",
+        width=width,
+        theme=theme,
         css=(_STATIC / "instance_monitor.css").read_text(),
         esm=json.dumps((_STATIC / "instance_monitor.js").read_text()).replace("</", "<\\/"),
         state=json.dumps(state).replace("</", "<\\/"),

@@ -5,21 +5,24 @@ Usage: MLX_RANK=r MLX_HOSTFILE=hosts.json python tests/rank_logits.py MODEL_DIR 
 
 import json
 import sys
+from pathlib import Path
 
-import exo_lab  # noqa: F401
+import exo_lab  # noqa: F401  (first: it preloads OpenBLAS before mlx is imported)
 
-import mlx.core as mx  # noqa: E402
-import numpy as np  # noqa: E402
+# isort: split
 
-from exo_lab.engine.lockstep import Layout, Lockstep  # noqa: E402
-from exo_lab.engine.shard import ShardSpec, load_shard  # noqa: E402
+import mlx.core as mx
+import numpy as np
+
+from exo_lab.engine.lockstep import Layout, Lockstep
+from exo_lab.engine.shard import ShardSpec, load_shard
 
 
 def main() -> None:
     model_dir, splits, prompt, out = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
     group = mx.distributed.init(backend="ring", strict=True)
     rank = group.rank()
-    cfg = json.load(open(f"{model_dir}/config.json"))
+    cfg = json.loads(Path(model_dir, "config.json").read_text())
     if splits == "tensor":  # every rank holds every layer, split by heads and MLP
         spec = ShardSpec(0, cfg["num_hidden_layers"], cfg["num_hidden_layers"])
         shard, _ = load_shard(model_dir, spec, tensor_group=group)
@@ -35,7 +38,7 @@ def main() -> None:
     pos = 0
     while len(prompt) - pos > 1:  # the same chunking as generate_step
         n = min(64, len(prompt) - pos - 1)
-        o = ls._forward(tokens[pos:pos + n][None], cache, logits=False)
+        o = ls._forward(tokens[pos : pos + n][None], cache, logits=False)
         mx.eval(o, [c.state for c in cache])
         pos += n
     o = ls._forward(tokens[pos:][None], cache, logits=True)

@@ -17,7 +17,18 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.name = name
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "exo_lab.cli", "serve", "--model", str(model), "--name", name, "--port", str(self.port)],
+            [
+                sys.executable,
+                "-m",
+                "exo_lab.cli",
+                "serve",
+                "--model",
+                str(model),
+                "--name",
+                name,
+                "--port",
+                str(self.port),
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -15,9 +15,13 @@ from exo_lab.ui.topology_widget import RENDERER_CSS, RENDERER_JS, graph_json
 
 # JupyterLab's dark theme variables, to check that the widget follows the theme.
 DARK = {
-    "--jp-ui-font-color1": "rgba(255,255,255,0.87)", "--jp-ui-font-color2": "rgba(255,255,255,0.54)",
-    "--jp-ui-font-color3": "rgba(255,255,255,0.38)", "--jp-layout-color1": "#111111",
-    "--jp-layout-color2": "#212121", "--jp-layout-color3": "#424242", "--jp-border-color2": "#424242",
+    "--jp-ui-font-color1": "rgba(255,255,255,0.87)",
+    "--jp-ui-font-color2": "rgba(255,255,255,0.54)",
+    "--jp-ui-font-color3": "rgba(255,255,255,0.38)",
+    "--jp-layout-color1": "#111111",
+    "--jp-layout-color2": "#212121",
+    "--jp-layout-color3": "#424242",
+    "--jp-border-color2": "#424242",
     "--jp-brand-color1": "#42a5f5",
 }
 
@@ -53,15 +57,31 @@ document.body.dataset.ready = "1";
 """
 
 
-def write_harness(path: Path, topology: Topology, *, title: str = "Cluster topology", selected: str = "",
-                  highlight: dict[str, Any] | None = None, dark: bool = False, width: int = 940) -> Path:
+def write_harness(
+    path: Path,
+    topology: Topology,
+    *,
+    title: str = "Cluster topology",
+    selected: str = "",
+    highlight: dict[str, Any] | None = None,
+    dark: bool = False,
+    width: int = 940,
+) -> Path:
     """Write the page to ``path`` and return it."""
-    state = {"topology": graph_json(topology), "selected_node": selected, "highlight": highlight or {},
-             "title": title, "error": ""}
+    state = {
+        "topology": graph_json(topology),
+        "selected_node": selected,
+        "highlight": highlight or {},
+        "title": title,
+        "error": "",
+    }
     theme = "; ".join(f"{k}: {v}" for k, v in DARK.items()) if dark else ""
     page = _PAGE.format(
-        page_bg=DARK["--jp-layout-color1"] if dark else "#ffffff", width=width, theme=theme,
-        css=RENDERER_CSS.read_text(), esm=json.dumps(RENDERER_JS.read_text()).replace("</", "<\\/"),
+        page_bg=DARK["--jp-layout-color1"] if dark else "#ffffff",
+        width=width,
+        theme=theme,
+        css=RENDERER_CSS.read_text(),
+        esm=json.dumps(RENDERER_JS.read_text()).replace("</", "<\\/"),
         state=json.dumps(state).replace("</", "<\\/"),
     )
     path.write_text(page)

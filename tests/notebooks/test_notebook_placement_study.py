@@ -15,8 +15,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from tests.helpers.paths import ARTIFACTS, REPO
 from tests.helpers.notebooks import cell_errors, cell_text, venv_kernel_manager
+from tests.helpers.paths import ARTIFACTS, REPO
 
 NOTEBOOK = REPO / "notebooks" / "placement_study.ipynb"
 SIM_NAME = "pstudy"
@@ -45,11 +45,21 @@ def sim_namespaces() -> list[str]:
 
 @pytest.mark.timeout(240)
 def test_placement_study_runs(tmp_path: Path) -> None:
-    env = {**os.environ, "EXO_LAB_MODELS_DIR": str(tmp_path / "models"), "IPYTHONDIR": str(tmp_path / "ipython"),
-           "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "EXO_LAB_MODELS_DIR": str(tmp_path / "models"),
+        "IPYTHONDIR": str(tmp_path / "ipython"),
+        "HF_HUB_OFFLINE": "1",
+    }
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    client = NotebookClient(nb, km=venv_kernel_manager(tmp_path), kernel_name="python3", timeout=150,
-                            startup_timeout=60, resources={"metadata": {"path": str(NOTEBOOK.parent)}})
+    client = NotebookClient(
+        nb,
+        km=venv_kernel_manager(tmp_path),
+        kernel_name="python3",
+        timeout=150,
+        startup_timeout=60,
+        resources={"metadata": {"path": str(NOTEBOOK.parent)}},
+    )
     start = time.monotonic()
     try:
         asyncio.run(client.async_execute(env=env))
@@ -73,8 +83,10 @@ def test_placement_study_runs(tmp_path: Path) -> None:
 
     # three plans launched and measured; the slow cable's pipeline is predicted and measured slowest
     text = cell_text(nb, "measure")
-    got = {m[0]: (float(m[1]), float(m[2]), float(m[3]), float(m[4]))
-           for m in re.findall(r"^(\S+: .+?)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+[\d.]+$", text, re.M)}
+    got = {
+        m[0]: (float(m[1]), float(m[2]), float(m[3]), float(m[4]))
+        for m in re.findall(r"^(\S+: .+?)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+[\d.]+$", text, re.M)
+    }
     assert set(got) == {"single: a[0:4]", "pipeline: a[0:2] -> b[2:4]", "pipeline: a[0:2] -> c[2:4]"}, text
     assert all(v > 0 for vals in got.values() for v in vals), got
     slow, fast = got["pipeline: a[0:2] -> c[2:4]"], got["pipeline: a[0:2] -> b[2:4]"]
@@ -83,8 +95,10 @@ def test_placement_study_runs(tmp_path: Path) -> None:
 
     plot_outputs = [o for c in nb.cells if c.get("id") == "plot" for o in c.outputs]
     assert any("application/vnd.bokehjs_exec.v0+json" in o.get("data", {}) for o in plot_outputs)
-    assert "ranked by predicted decode tok/s: ['single: a[0:4]', 'pipeline: a[0:2] -> b[2:4]', " \
-           "'pipeline: a[0:2] -> c[2:4]']" in cell_text(nb, "plot")
+    assert (
+        "ranked by predicted decode tok/s: ['single: a[0:4]', 'pipeline: a[0:2] -> b[2:4]', "
+        "'pipeline: a[0:2] -> c[2:4]']" in cell_text(nb, "plot")
+    )
 
     # what-if: bf16 405B needs at least two Ultras, 4-bit also fits on one (and is faster there)
     whatif = cell_text(nb, "whatif-compare")

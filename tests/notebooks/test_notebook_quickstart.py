@@ -7,7 +7,6 @@ import asyncio
 import os
 import re
 import socket
-import sys
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from nbclient import NotebookClient
 from tests.helpers.net import free_port
 from tests.helpers.notebooks import cell_errors, cell_text, venv_kernel_manager, widget_views
 from tests.helpers.paths import ARTIFACTS, REPO
+
 NOTEBOOK = REPO / "notebooks" / "quickstart.ipynb"
 CELL_TIMEOUT_S = 60
 
@@ -89,8 +89,9 @@ print("agents:", agent_pids)
 """
 
 
-async def run_notebook(nb: nbformat.NotebookNode, km: AsyncKernelManager, env: dict[str, str], port: int,
-                       cluster_port: int) -> dict[str, str]:
+async def run_notebook(
+    nb: nbformat.NotebookNode, km: AsyncKernelManager, env: dict[str, str], port: int, cluster_port: int
+) -> dict[str, str]:
     """Run every cell, query both servers from this process, then clean up in the kernel; what that printed."""
     client = NotebookClient(
         nb,
@@ -120,8 +121,9 @@ async def run_notebook(nb: nbformat.NotebookNode, km: AsyncKernelManager, env: d
                     await client.async_execute_cell(cell, index)
                 assert not cell_errors(nb), cell_errors(nb)
                 engine_reply = await asyncio.to_thread(query_from_outside, f"http://127.0.0.1:{port}/v1")
-                instance_reply = await asyncio.to_thread(query_from_outside, f"http://127.0.0.1:{cluster_port}/v1",
-                                                         "demo-pipeline")
+                instance_reply = await asyncio.to_thread(
+                    query_from_outside, f"http://127.0.0.1:{cluster_port}/v1", "demo-pipeline"
+                )
                 assert instance_reply == engine_reply  # a pipeline gives the one-process tokens
                 out["after"] = await run(AFTER_QUERIES)
             finally:

@@ -73,8 +73,10 @@ def sim():
     s.ready_at = time.monotonic()
     yield s
     s.down()
-    assert not any(line.startswith("exolab-agents4") for line in subprocess.run(
-        ["ip", "netns", "list"], capture_output=True, text=True).stdout.splitlines())
+    assert not any(
+        line.startswith("exolab-agents4")
+        for line in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.splitlines()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -98,23 +100,29 @@ def test_measured_links_match_the_shapes(sim, ids):
     cluster = sim.cluster()
     cluster.wait_for(4, links=True, timeout=60)
     for h in sim.hosts.values():  # one node at a time, so probes do not share a cable
-        status, _ = http(h.local_url + "/node/links/probe", "POST", b"{}",
-                         sign_headers(sim.cluster_key, "POST", "/node/links/probe", b"{}"))
+        status, _ = http(
+            h.local_url + "/node/links/probe",
+            "POST",
+            b"{}",
+            sign_headers(sim.cluster_key, "POST", "/node/links/probe", b"{}"),
+        )
         assert status == 200
     topo = cluster.refresh().topology
     rows = []
     for link in SPEC["links"]:
         a, b = link["a"], link["b"]
         cable_addr = next(hl.addr for hl in sim.hosts[b].links if hl.peer == a)
-        measured = [lk for lk in topo.links if lk.src == ids[a] and lk.dst == ids[b] and lk.ok
-                    and lk.dst_address == cable_addr]
+        measured = [
+            lk for lk in topo.links if lk.src == ids[a] and lk.dst == ids[b] and lk.ok and lk.dst_address == cable_addr
+        ]
         assert measured, f"no measurement over the {a}-{b} cable"
         lk = measured[0]
         want_rtt = 2 * float(link["delay"].removesuffix("ms"))
         want_mbit = float(link["rate"].removesuffix("mbit"))
         got_mbit = min(lk.send_mbit_per_s, lk.recv_mbit_per_s)
-        rows.append((f"{a}-{b}", want_rtt, lk.rtt_ms_median, lk.rtt_ms_p95, want_mbit, lk.send_mbit_per_s,
-                     lk.recv_mbit_per_s))
+        rows.append(
+            (f"{a}-{b}", want_rtt, lk.rtt_ms_median, lk.rtt_ms_p95, want_mbit, lk.send_mbit_per_s, lk.recv_mbit_per_s)
+        )
         assert abs(lk.rtt_ms_median - want_rtt) <= max(0.2 * want_rtt, 1.0), rows[-1]
         assert abs(got_mbit - want_mbit) <= 0.25 * want_mbit, rows[-1]
     lan = [lk for lk in topo.links if lk.ok and lk.dst_address == sim.hosts["b"].lan_addr and lk.src == ids["a"]]
@@ -126,15 +134,43 @@ def test_measured_links_match_the_shapes(sim, ids):
 
 
 def test_a_node_with_another_key_is_never_joined(sim, ids):
-    stranger = sim.popen("d", [sim.node_argv("d")[0], "-m", "exo_lab.cli", "node", "--host", "0.0.0.0", "--port", "52430",
-                               "--name", "stranger", "--state-dir", "/tmp/exo-lab-stranger-" + secrets.token_hex(4),
-                               "--cluster-key", "not-the-cluster-key"],
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    stranger = sim.popen(
+        "d",
+        [
+            sim.node_argv("d")[0],
+            "-m",
+            "exo_lab.cli",
+            "node",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "52430",
+            "--name",
+            "stranger",
+            "--state-dir",
+            "/tmp/exo-lab-stranger-" + secrets.token_hex(4),
+            "--cluster-key",
+            "not-the-cluster-key",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
+
         def stranger_up():
-            out = sim.exec("d", ["python3", "-c", "import urllib.request;print(urllib.request.urlopen("
-                                 "'http://127.0.0.1:52430/node',timeout=2).read().decode())"],
-                           check=False, capture_output=True, text=True)
+            out = sim.exec(
+                "d",
+                [
+                    "python3",
+                    "-c",
+                    "import urllib.request;print(urllib.request.urlopen("
+                    "'http://127.0.0.1:52430/node',timeout=2).read().decode())",
+                ],
+                check=False,
+                capture_output=True,
+                text=True,
+            )
             return json.loads(out.stdout)["id"] if out.returncode == 0 and out.stdout.strip() else None
 
         sid = poll(stranger_up, 30, "stranger agent answers")
@@ -161,18 +197,26 @@ def test_a_killed_agent_is_gone_within_10_s_and_rejoins_with_its_id(sim, ids):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     t = time.monotonic()
-    poll(lambda: all(peers(sim.hosts[n].local_url).get(ids["c"], {}).get("state") == "gone" for n in "abd"),
-         10.0, "c marked gone by a, b and d")
+    poll(
+        lambda: all(peers(sim.hosts[n].local_url).get(ids["c"], {}).get("state") == "gone" for n in "abd"),
+        10.0,
+        "c marked gone by a, b and d",
+    )
     print(f"\nkilled agent marked gone after {time.monotonic() - t:.1f} s")
     sim._start_node("c")
-    poll(lambda: all(peers(sim.hosts[n].local_url).get(ids["c"], {}).get("state") == "alive" for n in "abd"),
-         30.0, "c re-joined")
+    poll(
+        lambda: all(peers(sim.hosts[n].local_url).get(ids["c"], {}).get("state") == "alive" for n in "abd"),
+        30.0,
+        "c re-joined",
+    )
     assert http(sim.hosts["c"].local_url + "/node")[1]["id"] == ids["c"]
 
 
 def test_discover_from_inside_the_cluster_finds_all_nodes(sim, ids):
-    code = ("import exo_lab, json; c = exo_lab.discover(timeout=3, cluster_key=%r, follow_peers=False); "
-            "print(json.dumps(sorted(n.id for n in c.nodes)))" % sim.cluster_key)
+    code = (
+        f"import exo_lab, json; c = exo_lab.discover(timeout=3, cluster_key={sim.cluster_key!r}, follow_peers=False); "
+        "print(json.dumps(sorted(n.id for n in c.nodes)))"
+    )
     out = sim.exec("a", [sim.node_argv("a")[0], "-c", code], check=False, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-2000:]
     assert json.loads(out.stdout.strip().splitlines()[-1]) == sorted(ids.values())

@@ -32,7 +32,9 @@ def test_anything_changed_breaks_the_signature():
     assert "bad signature" in v.problem("POST", "/node/peers", b"other", dict(h))
     assert "bad signature" in v.problem("PUT", "/node/peers", b"body", dict(h))
     assert "bad signature" in v.problem("POST", "/node/links/probe", b"body", dict(h))
-    assert "bad signature" in v.problem("POST", "/node/peers", b"body", sign_headers("other-key", "POST", "/node/peers", b"body"))
+    assert "bad signature" in v.problem(
+        "POST", "/node/peers", b"body", sign_headers("other-key", "POST", "/node/peers", b"body")
+    )
     assert "missing signature" in v.problem("POST", "/node/peers", b"body", {})
 
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 import exo_lab
-from exo_lab.bench import aggregate_tps
 from exo_lab import paths
 from exo_lab.bench import (
     SCHEMA,
@@ -21,6 +20,7 @@ from exo_lab.bench import (
     BenchResult,
     PlanBench,
     Predictor,
+    aggregate_tps,
     exact_prompt,
     fit_calibration,
     link_traffic,
@@ -41,25 +41,51 @@ PP, TG, REPEAT, CONCURRENCY = 64, 16, 2, (1, 2)
 
 
 def _node(i: int, calibration: dict | None = None) -> NodeInfo:
-    return NodeInfo(f"n{i}", f"node{i}", [f"10.0.0.{i + 1}"], profile={
-        "memory_total_bytes": 64 * 2**30, "memory_available_bytes": 64 * 2**30, "cpu_count": 4,
-        "hostname": f"host{i}", "mlx_devices": ["cpu"], "memory_bandwidth_gb_per_s": 50.0 + 30 * i,
-        "matmul_gflops": {"bfloat16_m1": 40.0, "bfloat16_m512": 800.0 + 300 * i, "float32_m1": 20.0,
-                          "float32_m512": 400.0},
-        **({"calibration": calibration} if calibration else {})})
+    return NodeInfo(
+        f"n{i}",
+        f"node{i}",
+        [f"10.0.0.{i + 1}"],
+        profile={
+            "memory_total_bytes": 64 * 2**30,
+            "memory_available_bytes": 64 * 2**30,
+            "cpu_count": 4,
+            "hostname": f"host{i}",
+            "mlx_devices": ["cpu"],
+            "memory_bandwidth_gb_per_s": 50.0 + 30 * i,
+            "matmul_gflops": {
+                "bfloat16_m1": 40.0,
+                "bfloat16_m512": 800.0 + 300 * i,
+                "float32_m1": 20.0,
+                "float32_m512": 400.0,
+            },
+            **({"calibration": calibration} if calibration else {}),
+        },
+    )
 
 
 def _topology(calibrations: tuple[dict | None, dict | None] = (None, None)) -> Topology:
     a, b = _node(0, calibrations[0]), _node(1, calibrations[1])
-    links = [LinkProfile(x.id, y.id, x.addresses[0], y.addresses[0], 0.4, 0.5, 5000.0, 5000.0)
-             for x, y in ((a, b), (b, a))]
+    links = [
+        LinkProfile(x.id, y.id, x.addresses[0], y.addresses[0], 0.4, 0.5, 5000.0, 5000.0) for x, y in ((a, b), (b, a))
+    ]
     return Topology({a.id: a, b.id: b}, links)
 
 
 def _card():
-    return card_from_config(dict(hidden_size=2048, num_hidden_layers=16, intermediate_size=8192, num_attention_heads=32,
-                                 num_key_value_heads=8, vocab_size=32000, model_type="llama",
-                                 tie_word_embeddings=False), "m", "bfloat16")
+    return card_from_config(
+        dict(
+            hidden_size=2048,
+            num_hidden_layers=16,
+            intermediate_size=8192,
+            num_attention_heads=32,
+            num_key_value_heads=8,
+            vocab_size=32000,
+            model_type="llama",
+            tie_word_embeddings=False,
+        ),
+        "m",
+        "bfloat16",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -121,9 +147,13 @@ def test_link_bytes_are_computed_from_the_plan():
 def test_node_rates_and_links_apply_a_calibration():
     profile = _node(0).profile
     plain = NodeRates.from_profile("n0", profile)
-    cal = NodeRates.from_profile("n0", {**profile, "calibration": {
-        "decode_efficiency": 0.5, "prefill_efficiency": 0.25, "hop_overhead_s": 0.002}})
-    assert cal.decode_read_rate("bfloat16", False, 2) == pytest.approx(0.5 * plain.decode_read_rate("bfloat16", False, 2))
+    cal = NodeRates.from_profile(
+        "n0",
+        {**profile, "calibration": {"decode_efficiency": 0.5, "prefill_efficiency": 0.25, "hop_overhead_s": 0.002}},
+    )
+    assert cal.decode_read_rate("bfloat16", False, 2) == pytest.approx(
+        0.5 * plain.decode_read_rate("bfloat16", False, 2)
+    )
     assert cal.prefill_flops("bfloat16", False) == pytest.approx(0.25 * plain.prefill_flops("bfloat16", False))
     link = LinkCost(0.001, 1e9)
     assert calibrated_link(link, cal, plain).latency_s == pytest.approx(0.002)  # mean of 2 ms and 0 ms, plus 1 ms
@@ -133,16 +163,19 @@ def test_node_rates_and_links_apply_a_calibration():
     # the planner uses them: slower nodes, slower predictions
     card = _card()
     before = make_plans(_topology(), card, context=1024, prompt_tokens=PP).best
-    after = make_plans(_topology(({"decode_efficiency": 0.5}, {"decode_efficiency": 0.5})), card, context=1024,
-                       prompt_tokens=PP).best
+    after = make_plans(
+        _topology(({"decode_efficiency": 0.5}, {"decode_efficiency": 0.5})), card, context=1024, prompt_tokens=PP
+    ).best
     assert after.decode_tps < before.decode_tps * 0.75
 
 
 def test_calibration_recovers_known_factors_and_lowers_the_error():
     """Measurements made by a cost model with known constants: the fit finds constants that explain them."""
     card = _card()
-    truth = ({"decode_efficiency": 0.3, "prefill_efficiency": 0.5, "hop_overhead_s": 0.002},
-             {"decode_efficiency": 0.6, "prefill_efficiency": 0.2, "hop_overhead_s": 0.001})
+    truth = (
+        {"decode_efficiency": 0.3, "prefill_efficiency": 0.5, "hop_overhead_s": 0.002},
+        {"decode_efficiency": 0.6, "prefill_efficiency": 0.2, "hop_overhead_s": 0.001},
+    )
     plain, real = _topology(), _topology(truth)
     plans = make_plans(plain, card, context=1024, prompt_tokens=PP)
     chosen = [p for p in plans if p.strategy in ("single", "pipeline", "tensor")][:6]
@@ -151,8 +184,17 @@ def test_calibration_recovers_known_factors_and_lowers_the_error():
     benches = []
     for i, p in enumerate(chosen):
         pred, meas = guess.predict(p), actual.predict(p)
-        benches.append(PlanBench(i, p.describe(), p.strategy, "ok", p.to_json(), predicted=pred,
-                                 measured={m: stat([meas[m]]) for m in ("decode_tps", "prefill_tps", "ttft_s")}))
+        benches.append(
+            PlanBench(
+                i,
+                p.describe(),
+                p.strategy,
+                "ok",
+                p.to_json(),
+                predicted=pred,
+                measured={m: stat([meas[m]]) for m in ("decode_tps", "prefill_tps", "ttft_s")},
+            )
+        )
     result = BenchResult("m", "m", PP, TG, 1, 0, [1], benches, topology=plain.to_json(), card=card.to_json())
     cal = fit_calibration(result)
     print(f"\nknown constants: MAPE before {cal.before['mape']:.1f}%, after {cal.after['mape']:.2f}%")
@@ -196,13 +238,15 @@ def _two_plans(plans):
 
 @pytest.fixture(scope="module")
 def result(cluster, plans):
-    res = cluster.bench(_two_plans(plans), pp=PP, tg=TG, repeat=REPEAT, concurrency=CONCURRENCY, calibrate=True,
-                        progress=False)
+    res = cluster.bench(
+        _two_plans(plans), pp=PP, tg=TG, repeat=REPEAT, concurrency=CONCURRENCY, calibrate=True, progress=False
+    )
     print()
     print(res.table())
     for p in res.plans:
-        print(f"#{p.index} {p.description}: measured/predicted " +
-              ", ".join(f"{m} {r:.3g}" for m, r in p.ratios.items()))
+        print(
+            f"#{p.index} {p.description}: measured/predicted " + ", ".join(f"{m} {r:.3g}" for m, r in p.ratios.items())
+        )
     return res
 
 
@@ -219,7 +263,9 @@ def test_the_json_document_has_every_field_and_validates(result, cluster):
     for p in doc["plans"]:
         for m in ("decode_tps", "prefill_tps", "ttft_s"):
             assert p["measured"][m]["n"] == REPEAT and p["measured"][m]["median"] > 0
-            assert p["predicted"][m] > 0 and p["ratios"][m] == pytest.approx(p["measured"][m]["median"] / p["predicted"][m])
+            assert p["predicted"][m] > 0 and p["ratios"][m] == pytest.approx(
+                p["measured"][m]["median"] / p["predicted"][m]
+            )
         assert [c["concurrency"] for c in p["concurrency"]] == list(CONCURRENCY)
         assert all(c["aggregate_tps"]["median"] > 0 for c in p["concurrency"])
         assert len(p["memory"]) == 2
@@ -288,9 +334,31 @@ def test_plots_tables_and_the_plan_comparison(result, plans):
 def test_the_cli_writes_the_json(cluster, tiny_model, tmp_path):
     out = tmp_path / "bench.json"
     addresses = [cluster.address_of(n.id) for n in cluster.nodes]
-    cmd = [sys.executable, "-m", "exo_lab.cli", "bench", str(tiny_model), "--connect", *addresses,
-           f"--cluster-key={cluster.cluster_key}", "--plans", "best", "--strategy", "pipeline", "--pp", "32",
-           "--tg", "4", "--repeat", "1", "--concurrency", "1", "--json", str(out), "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "exo_lab.cli",
+        "bench",
+        str(tiny_model),
+        "--connect",
+        *addresses,
+        f"--cluster-key={cluster.cluster_key}",
+        "--plans",
+        "best",
+        "--strategy",
+        "pipeline",
+        "--pp",
+        "32",
+        "--tg",
+        "4",
+        "--repeat",
+        "1",
+        "--concurrency",
+        "1",
+        "--json",
+        str(out),
+        "--no-progress",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "decode tok/s" in proc.stdout and f"wrote {out}" in proc.stdout

@@ -29,8 +29,8 @@ from exo_lab.ui.dashboard import cluster_view as cv
 from exo_lab.ui.dashboard import instances_view as iv
 from exo_lab.ui.dashboard import panel_app
 from exo_lab.ui.dashboard.theme import SERIES
-from tests.helpers.net import free_port
 from tests.helpers.monitor_harness import FakeInstance, busy_history, pipeline_plan
+from tests.helpers.net import free_port
 
 SPECS = Path(__file__).resolve().parents[2] / "exo_lab" / "sim" / "specs"
 
@@ -63,8 +63,10 @@ def test_instance_shards_and_frames():
     shards = cv.instance_shards([("llama", inst)])
     assert shards == {"workstation": ["llama · layer 0"], "mbp": ["llama · layers 1-31"]}
     highlight = cv.shard_highlight([("llama", inst)])
-    assert highlight["nodes"] == {"workstation": {"color": SERIES[0], "label": "llama · layer 0"},
-                                  "mbp": {"color": SERIES[0], "label": "llama · layers 1-31"}}
+    assert highlight["nodes"] == {
+        "workstation": {"color": SERIES[0], "label": "llama · layer 0"},
+        "mbp": {"color": SERIES[0], "label": "llama · layers 1-31"},
+    }
     assert highlight["edges"] == [["workstation", "mbp"]]  # the link between the pipeline's stages
     inst.state = "stopped"
     assert cv.shard_highlight([("llama", inst)]) == {}
@@ -79,15 +81,36 @@ def test_instance_shards_and_frames():
 
 
 def bench_doc() -> dict:
-    return {"schema": "exo_lab.bench/0-test", "model": "tiny", "pp": 64, "tg": 32, "plans": [
-        {"description": "single: a[0:4]", "status": "ok",
-         "predicted": {"decode_tps": 100.0, "ttft_s": 0.05, "prefill_tps": 900.0},
-         "measured": {"decode_tps": {"median": 80.0}, "ttft_s": {"median": 0.06}, "prefill_tps": {"median": 700}}},
-        {"description": "pipeline: a[0:2] -> b[2:4]", "status": "skipped", "predicted": {"decode_tps": 90.0},
-         "measured": {}},
-        {"description": "pipeline: b[0:2] -> a[2:4]", "status": "ok", "predicted": {"decode_tps": 90.0, "ttft_s": 0.1},
-         "measured": {"decode_tps": {"median": 60.0}, "ttft_s": {"median": 0.12}}},
-    ]}
+    return {
+        "schema": "exo_lab.bench/0-test",
+        "model": "tiny",
+        "pp": 64,
+        "tg": 32,
+        "plans": [
+            {
+                "description": "single: a[0:4]",
+                "status": "ok",
+                "predicted": {"decode_tps": 100.0, "ttft_s": 0.05, "prefill_tps": 900.0},
+                "measured": {
+                    "decode_tps": {"median": 80.0},
+                    "ttft_s": {"median": 0.06},
+                    "prefill_tps": {"median": 700},
+                },
+            },
+            {
+                "description": "pipeline: a[0:2] -> b[2:4]",
+                "status": "skipped",
+                "predicted": {"decode_tps": 90.0},
+                "measured": {},
+            },
+            {
+                "description": "pipeline: b[0:2] -> a[2:4]",
+                "status": "ok",
+                "predicted": {"decode_tps": 90.0, "ttft_s": 0.1},
+                "measured": {"decode_tps": {"median": 60.0}, "ttft_s": {"median": 0.12}},
+            },
+        ],
+    }
 
 
 def test_bench_rows_read_measured_and_predicted():
@@ -170,9 +193,24 @@ def test_cli_parses_dashboard_and_up_options():
 def test_panel_serve_runs_the_module(tmp_path):
     """``panel serve exo_lab/ui/dashboard/panel_app.py`` serves the page (this machine, no cluster)."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "panel", "serve", str(Path(panel_app.__file__)), "--port", str(port),
-                             "--address", "127.0.0.1", "--allow-websocket-origin", f"127.0.0.1:{port}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "panel",
+            "serve",
+            str(Path(panel_app.__file__)),
+            "--port",
+            str(port),
+            "--address",
+            "127.0.0.1",
+            "--allow-websocket-origin",
+            f"127.0.0.1:{port}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 60
         while True:  # listening yet? (a GET would build a whole session per try)
@@ -193,14 +231,30 @@ def test_panel_serve_runs_the_module(tmp_path):
 
 @pytest.mark.slow
 def test_exo_lab_dashboard_serves_a_what_if_spec_and_stops_on_sigterm():
-    proc = subprocess.Popen([sys.executable, "-m", "exo_lab.cli", "dashboard", "--topology",
-                             str(SPECS / "home-lab-mixed.json"), "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "exo_lab.cli",
+            "dashboard",
+            "--topology",
+            str(SPECS / "home-lab-mixed.json"),
+            "--port",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     try:
         lines: list[str] = []
-        while not (match := re.match(r"exo_lab dashboard for a what-if cluster: (http://127\.0\.0\.1:\d+)$",
-                                     lines[-1].strip() if lines else "")):
+        while not (
+            match := re.match(
+                r"exo_lab dashboard for a what-if cluster: (http://127\.0\.0\.1:\d+)$",
+                lines[-1].strip() if lines else "",
+            )
+        ):
             line = proc.stdout.readline()
             assert line and len(lines) < 20, "".join(lines)
             lines.append(line)

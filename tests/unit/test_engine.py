@@ -5,7 +5,6 @@ import pytest
 
 from exo_lab.engine.backend import Backend
 from exo_lab.engine.generator import GenerationRequest
-from exo_lab.engine.sampling import SamplingParams
 
 CHAT = [{"role": "user", "content": "Write a function."}]
 
@@ -138,7 +137,9 @@ def test_bad_requests(engine):
 
 
 def test_chat_accepts_text_parts(engine):
-    a = engine.chat_tokens([{"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]}])
+    a = engine.chat_tokens(
+        [{"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]}]
+    )
     assert a == engine.chat_tokens([{"role": "user", "content": "Hi there"}])
 
 

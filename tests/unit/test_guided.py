@@ -23,15 +23,33 @@ from exo_lab.engine.guided import (
 )
 
 SCHEMAS = [
-    {"type": "object", "properties": {"a": {"type": "integer", "minimum": -3, "maximum": 300},
-                                      "b": {"type": "string", "maxLength": 4}},
-     "required": ["a", "b"], "additionalProperties": False},
+    {
+        "type": "object",
+        "properties": {
+            "a": {"type": "integer", "minimum": -3, "maximum": 300},
+            "b": {"type": "string", "maxLength": 4},
+        },
+        "required": ["a", "b"],
+        "additionalProperties": False,
+    },
     {"type": "array", "items": {"enum": ["red", "green", 7, None]}, "minItems": 1, "maxItems": 3},
-    {"$defs": {"pt": {"type": "object", "properties": {"x": {"type": "boolean"}}, "required": ["x"],
-                      "additionalProperties": False}},
-     "type": "object", "properties": {"p": {"$ref": "#/$defs/pt"},
-                                      "q": {"anyOf": [{"type": "null"}, {"type": "integer", "minimum": 0, "maximum": 9}]}},
-     "required": ["p", "q"], "additionalProperties": False},
+    {
+        "$defs": {
+            "pt": {
+                "type": "object",
+                "properties": {"x": {"type": "boolean"}},
+                "required": ["x"],
+                "additionalProperties": False,
+            }
+        },
+        "type": "object",
+        "properties": {
+            "p": {"$ref": "#/$defs/pt"},
+            "q": {"anyOf": [{"type": "null"}, {"type": "integer", "minimum": 0, "maximum": 9}]},
+        },
+        "required": ["p", "q"],
+        "additionalProperties": False,
+    },
     {"type": "string", "pattern": "^[ab]{2,5}$"},
 ]
 
@@ -85,11 +103,22 @@ def test_schemas_it_cannot_follow_are_refused(schema):
 
 def test_a_forced_tool_call_follows_the_chosen_tools_parameters(tokenizer):
     tok, guide = tokenizer
-    weather = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 6}}, "required": ["city"],
-               "additionalProperties": False}
-    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": weather}},
-             {"type": "function", "function": {"name": "get_time", "parameters": {
-                 "type": "object", "properties": {}, "additionalProperties": False}}}]
+    weather = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 6}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
+    tools = [
+        {"type": "function", "function": {"name": "get_weather", "parameters": weather}},
+        {
+            "type": "function",
+            "function": {
+                "name": "get_time",
+                "parameters": {"type": "object", "properties": {}, "additionalProperties": False},
+            },
+        },
+    ]
     grammar = SchemaGrammar.tool_call(tools, "<tool_call>\n", "\n</tool_call>")
     eos = set(tok.eos_token_ids)
     names = set()
@@ -104,7 +133,7 @@ def test_a_forced_tool_call_follows_the_chosen_tools_parameters(tokenizer):
             out.append(constraint.choose(rng.choice(allowed)))
         text = tok.decode(out)
         assert text.startswith("<tool_call>\n") and text.endswith("\n</tool_call>"), text
-        call = json.loads(text[len("<tool_call>\n"):-len("\n</tool_call>")])
+        call = json.loads(text[len("<tool_call>\n") : -len("\n</tool_call>")])
         names.add(call["name"])
         if call["name"] == "get_weather":
             jsonschema.validate(call["arguments"], weather)
@@ -115,8 +144,13 @@ def test_a_forced_tool_call_follows_the_chosen_tools_parameters(tokenizer):
 
 # --- complete within max_tokens ------------------------------------------------------------------
 
-WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {
-    "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
 TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
 
 
@@ -147,16 +181,24 @@ def test_json_object_is_complete_within_any_max_tokens_from_the_minimum(tokenize
     assert isinstance(value, dict)
 
 
-@given(prompt=st.lists(st.integers(5, 8000), min_size=1, max_size=40), max_tokens=st.integers(1, 30),
-       seed=st.integers(0, 2**31))
+@given(
+    prompt=st.lists(st.integers(5, 8000), min_size=1, max_size=40),
+    max_tokens=st.integers(1, 30),
+    seed=st.integers(0, 2**31),
+)
 @settings(max_examples=30, deadline=None)
 def test_json_object_from_the_engine_parses_for_any_prompt_and_max_tokens(engine, prompt, max_tokens, seed):
     """On a real model, sampled hot (keys and strings open often), the reply is a whole object within max_tokens."""
     from exo_lab.engine.generator import GenerationRequest
     from exo_lab.engine.sampling import SamplingParams
 
-    chunks = list(engine.submit(GenerationRequest(tuple(prompt), max_tokens=max_tokens, grammar=json_object(),
-                                                  sampling=SamplingParams(2.0, seed=seed))))
+    chunks = list(
+        engine.submit(
+            GenerationRequest(
+                tuple(prompt), max_tokens=max_tokens, grammar=json_object(), sampling=SamplingParams(2.0, seed=seed)
+            )
+        )
+    )
     assert isinstance(json.loads("".join(c.text for c in chunks)), dict)
     assert chunks[-1].usage.completion_tokens <= max_tokens
 
@@ -164,14 +206,18 @@ def test_json_object_from_the_engine_parses_for_any_prompt_and_max_tokens(engine
 @pytest.mark.parametrize("which", ["object", "enum-array", "ref-anyof", "tools"])
 def test_schemas_and_tool_calls_with_a_plan_are_complete_within_max_tokens(tokenizer, which):
     _, vocab = tokenizer
-    grammar = tool_calls([WEATHER, TIME]) if which == "tools" else SchemaGrammar.from_schema(
-        SCHEMAS[["object", "enum-array", "ref-anyof"].index(which)])
+    grammar = (
+        tool_calls([WEATHER, TIME])
+        if which == "tools"
+        else SchemaGrammar.from_schema(SCHEMAS[["object", "enum-array", "ref-anyof"].index(which)])
+    )
     need = shortest_output(grammar, vocab)
     assert need is not None
     for extra in (0, 1, 3, 10, 30):
         for seed in range(8):
-            value = parse(grammar, walk(SchemaConstraint(grammar, vocab, need + extra), vocab, random.Random(seed),
-                                        need + extra))
+            value = parse(
+                grammar, walk(SchemaConstraint(grammar, vocab, need + extra), vocab, random.Random(seed), need + extra)
+            )
             if which == "tools":
                 assert value["name"] in ("get_weather", "get_time") and isinstance(value["arguments"], dict)
                 if value["name"] == "get_weather":
@@ -183,8 +229,12 @@ def test_schemas_and_tool_calls_with_a_plan_are_complete_within_max_tokens(token
 def test_without_a_plan_the_output_follows_the_schema_but_may_be_cut_off(tokenizer):
     """A schema whose shortest value is longer than the plan search reaches: no completion is promised."""
     _, vocab = tokenizer
-    long = {"type": "object", "properties": {f"k{i}": {"type": "string", "minLength": 8} for i in range(12)},
-            "required": [f"k{i}" for i in range(12)], "additionalProperties": False}
+    long = {
+        "type": "object",
+        "properties": {f"k{i}": {"type": "string", "minLength": 8} for i in range(12)},
+        "required": [f"k{i}" for i in range(12)],
+        "additionalProperties": False,
+    }
     grammar = SchemaGrammar.from_schema(long)
     assert shortest_output(grammar, vocab) is None
     text = walk(SchemaConstraint(grammar, vocab, 20), vocab, random.Random(0), 20)
@@ -224,7 +274,7 @@ def test_a_plan_being_written_out_is_masked_to_its_next_token(tokenizer):
 
 texts = st.text(st.characters(exclude_categories=("Cc", "Cs")), max_size=6)  # llguidance wants DEL escaped
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.floats(allow_nan=False, allow_infinity=False) | texts,
+    st.none() | st.booleans() | st.integers(-(10**6), 10**6) | st.floats(allow_nan=False, allow_infinity=False) | texts,
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(texts, inner, max_size=3),
     max_leaves=8,
 )

@@ -47,7 +47,7 @@ class Handler(BaseHTTPRequestHandler):
             return
         if self.path == "/file":
             start, end = self.headers["Range"].removeprefix("bytes=").split("-")
-            self._send(206, FILE[int(start):int(end) + 1], "application/octet-stream")
+            self._send(206, FILE[int(start) : int(end) + 1], "application/octet-stream")
         elif self.path == "/slow":
             time.sleep(2)
             self._send(200, b"{}")

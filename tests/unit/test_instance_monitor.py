@@ -29,8 +29,10 @@ def test_snapshot_of_a_loading_pipeline():
     inst.load(0.5)
     summary = im.instance_summary(inst)
     assert summary["state"] == "loading" and summary["error"] == "" and not summary["busy"]
-    assert summary["plan"]["strategy"] == "pipeline" and summary["plan"]["nodes"] == ["workstation",
-                                                                                       "macbook-pro-m4-max"]
+    assert summary["plan"]["strategy"] == "pipeline" and summary["plan"]["nodes"] == [
+        "workstation",
+        "macbook-pro-m4-max",
+    ]
     assert summary["plan"]["decode_tps"] == pytest.approx(inst.plan.decode_tps)
     progress = im.loading_progress(inst)
     assert progress["total"] == 32 and 0 < progress["done"] < 32

@@ -11,7 +11,10 @@ from hypothesis import strategies as st
 from exo_lab.engine.json_closer import JsonCloser
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-10**12, 10**12) | st.floats(allow_nan=False, allow_infinity=False)
+    st.none()
+    | st.booleans()
+    | st.integers(-(10**12), 10**12)
+    | st.floats(allow_nan=False, allow_infinity=False)
     | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
     max_leaves=12,
@@ -64,7 +67,7 @@ def test_framed_objects_close_inside_their_markers(value):
         (b'{"a', b'": 0}'),
         (b'{"a"', b": 0}"),
         (b'{"a":', b" 0}"),
-        (b'{"a": [1, ', b'0]}'),
+        (b'{"a": [1, ', b"0]}"),
         (b'{"a": 1,', b' "": 0}'),
         (b'{"a": tr', b"ue}"),
         (b'{"a": -', b"0}"),

@@ -25,8 +25,11 @@ from exo_lab import defaults
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGE = REPO / "exo_lab"
-CONTRACT_TYPES = {"layers": LayersContract, "acyclic_siblings": AcyclicSiblingsContract,
-                  "private_modules": PrivateModulesContract}
+CONTRACT_TYPES = {
+    "layers": LayersContract,
+    "acyclic_siblings": AcyclicSiblingsContract,
+    "private_modules": PrivateModulesContract,
+}
 
 
 def _config() -> dict:
@@ -36,15 +39,18 @@ def _config() -> dict:
 def _contracts() -> list:
     """The contracts in pyproject.toml, as import-linter reads them."""
     config = read_configuration(str(REPO / "pyproject.toml"))
-    return [CONTRACT_TYPES[spec["type"]](spec["name"], config["session_options"], spec)
-            for spec in config["contracts_options"]]
+    return [
+        CONTRACT_TYPES[spec["type"]](spec["name"], config["session_options"], spec)
+        for spec in config["contracts_options"]
+    ]
 
 
 @pytest.fixture(scope="module")
 def graph() -> grimp.ImportGraph:
     assert exo_lab.__file__ == str(PACKAGE / "__init__.py"), "the graph must be of the package under test"
-    return grimp.build_graph("exo_lab", exclude_type_checking_imports=_config()["exclude_type_checking_imports"],
-                             cache_dir=None)
+    return grimp.build_graph(
+        "exo_lab", exclude_type_checking_imports=_config()["exclude_type_checking_imports"], cache_dir=None
+    )
 
 
 def test_import_linter_contracts_are_kept(graph):
@@ -53,12 +59,15 @@ def test_import_linter_contracts_are_kept(graph):
         assert check.kept, f"{contract.name} is broken: {contract.render_broken_contract(check) or check.metadata}"
 
 
-@pytest.mark.parametrize(("importer", "imported"), [
-    ("exo_lab.models.card", "exo_lab.cluster.topology"),  # a lower layer reaching up
-    ("exo_lab.cluster.topology", "exo_lab.ui.topology_widget"),  # the display hook the data class used to import
-    ("exo_lab.engine.chat", "exo_lab.placement.plan"),  # siblings must stay independent
-    ("exo_lab.defaults", "exo_lab.paths"),
-])
+@pytest.mark.parametrize(
+    ("importer", "imported"),
+    [
+        ("exo_lab.models.card", "exo_lab.cluster.topology"),  # a lower layer reaching up
+        ("exo_lab.cluster.topology", "exo_lab.ui.topology_widget"),  # the display hook the data class used to import
+        ("exo_lab.engine.chat", "exo_lab.placement.plan"),  # siblings must stay independent
+        ("exo_lab.defaults", "exo_lab.paths"),
+    ],
+)
 def test_the_layers_contract_catches_an_upward_import(graph, importer, imported):
     graph = grimp.build_graph("exo_lab", exclude_type_checking_imports=True, cache_dir=None)
     graph.add_import(importer=importer, imported=imported)
@@ -83,15 +92,32 @@ def test_lint_imports_command_passes():
 
 # --------------------------------------------------------------------------- the lazy root
 
-LIGHT_IMPORTS = ["exo_lab", "exo_lab.sim", "exo_lab.jupyter", "exo_lab.cluster", "exo_lab.cluster.client",
-                 "exo_lab.cluster.agent", "exo_lab.jupyter.handlers", "exo_lab.cli", "exo_lab.placement"]
+LIGHT_IMPORTS = [
+    "exo_lab",
+    "exo_lab.sim",
+    "exo_lab.jupyter",
+    "exo_lab.cluster",
+    "exo_lab.cluster.client",
+    "exo_lab.cluster.agent",
+    "exo_lab.jupyter.handlers",
+    "exo_lab.cli",
+    "exo_lab.placement",
+]
 
 
 def _loaded_after(module: str) -> dict:
-    code = ("import importlib, json, sys; importlib.import_module(%r); "
-            "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm', 'exo_lab'))))")
-    run = subprocess.run([sys.executable, "-c", code % module], capture_output=True, text=True, timeout=120,
-                         cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    code = (
+        "import importlib, json, sys; importlib.import_module(%r); "
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm', 'exo_lab'))))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code % module],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
 
@@ -114,10 +140,21 @@ def test_public_names_resolve_on_first_use():
     from exo_lab.models import ModelCard, resolve
     from exo_lab.workbench import Cluster, connect, discover, local_cluster
 
-    expected = {"Cluster": Cluster, "ClusterError": ClusterError, "Engine": Engine, "LinkProfile": LinkProfile,
-                "ModelCard": ModelCard, "NodeInfo": NodeInfo, "Server": Server, "Topology": Topology,
-                "connect": connect, "discover": discover, "local_cluster": local_cluster, "resolve": resolve,
-                "serve": serve}
+    expected = {
+        "Cluster": Cluster,
+        "ClusterError": ClusterError,
+        "Engine": Engine,
+        "LinkProfile": LinkProfile,
+        "ModelCard": ModelCard,
+        "NodeInfo": NodeInfo,
+        "Server": Server,
+        "Topology": Topology,
+        "connect": connect,
+        "discover": discover,
+        "local_cluster": local_cluster,
+        "resolve": resolve,
+        "serve": serve,
+    }
     assert sorted([*expected, "__version__"]) == sorted(exo_lab.__all__)
     for name, value in expected.items():
         assert getattr(exo_lab, name) is value
@@ -136,10 +173,18 @@ def test_hatch_reads_the_version_from_its_module():
 
 
 def test_openblas_is_loaded_before_mlx_by_a_plain_import():
-    code = ("import exo_lab, sys; assert 'mlx.core' not in sys.modules; from exo_lab import _blas; "
-            "import mlx.core; print(_blas.find_openblas() is None or _blas.in_use())")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
-                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    code = (
+        "import exo_lab, sys; assert 'mlx.core' not in sys.modules; from exo_lab import _blas; "
+        "import mlx.core; print(_blas.find_openblas() is None or _blas.in_use())"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip() == "True"
 
@@ -164,7 +209,12 @@ def test_no_private_names_are_imported_across_packages():
     found = []
     for module, path, tree in _sources():
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("exo_lab") and not node.level:
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.module
+                and node.module.startswith("exo_lab")
+                and not node.level
+            ):
                 for alias in node.names:
                     private = alias.name.startswith("_") and not alias.name.startswith("__")
                     target = f"{node.module}.{alias.name}"
@@ -179,9 +229,14 @@ PENDING: set[str] = set()
 
 
 def _code_strings(tree: ast.Module) -> list[ast.Constant]:
-    docstrings = {id(n.body[0].value) for n in ast.walk(tree)
-                  if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and n.body
-                  and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    docstrings = {
+        id(n.body[0].value)
+        for n in ast.walk(tree)
+        if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+        and n.body
+        and isinstance(n.body[0], ast.Expr)
+        and isinstance(n.body[0].value, ast.Constant)
+    }
     return [n for n in ast.walk(tree) if isinstance(n, ast.Constant) and id(n) not in docstrings]
 
 
@@ -203,12 +258,19 @@ def test_environment_variables_and_ports_are_read_only_through_defaults():
 
 
 def test_every_variable_has_an_accessor(monkeypatch):
-    accessors = {defaults.CLUSTER_KEY: defaults.cluster_key, defaults.API_KEY: defaults.api_key,
-                 defaults.CACHE_DIR: defaults.cache_dir, defaults.MODELS_DIR: defaults.models_dir,
-                 defaults.RUNTIME_DIR: defaults.runtime_dir, defaults.STATE_DIR: defaults.state_dir,
-                 defaults.DASHBOARD_BENCH: defaults.dashboard_bench, defaults.DASHBOARD_URL: defaults.dashboard_url,
-                 defaults.SIM: defaults.sim, defaults.SIM_HOST: defaults.sim_host,
-                 defaults.SIM_RUN_DIR: defaults.sim_run_dir}
+    accessors = {
+        defaults.CLUSTER_KEY: defaults.cluster_key,
+        defaults.API_KEY: defaults.api_key,
+        defaults.CACHE_DIR: defaults.cache_dir,
+        defaults.MODELS_DIR: defaults.models_dir,
+        defaults.RUNTIME_DIR: defaults.runtime_dir,
+        defaults.STATE_DIR: defaults.state_dir,
+        defaults.DASHBOARD_BENCH: defaults.dashboard_bench,
+        defaults.DASHBOARD_URL: defaults.dashboard_url,
+        defaults.SIM: defaults.sim,
+        defaults.SIM_HOST: defaults.sim_host,
+        defaults.SIM_RUN_DIR: defaults.sim_run_dir,
+    }
     for name, read in accessors.items():
         monkeypatch.setenv(name, "x-value")
         assert read() == "x-value"
@@ -224,22 +286,43 @@ def test_every_variable_has_an_accessor(monkeypatch):
 
 
 def test_in_an_ipython_shell_the_package_registers_the_widget_displays():
-    code = ("from IPython.core.interactiveshell import InteractiveShell; shell = InteractiveShell.instance(); "
-            "import exo_lab, sys; assert 'mlx' not in sys.modules; "
-            "print(sorted(shell.display_formatter.mimebundle_formatter.deferred_printers))")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
-                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    code = (
+        "from IPython.core.interactiveshell import InteractiveShell; shell = InteractiveShell.instance(); "
+        "import exo_lab, sys; assert 'mlx' not in sys.modules; "
+        "print(sorted(shell.display_formatter.mimebundle_formatter.deferred_printers))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.strip() == str([("exo_lab.cluster.topology", "Topology"), ("exo_lab.instance", "Instance"),
-                                      ("exo_lab.placement.plan", "Plans")])
+    assert run.stdout.strip() == str(
+        [
+            ("exo_lab.cluster.topology", "Topology"),
+            ("exo_lab.instance", "Instance"),
+            ("exo_lab.placement.plan", "Plans"),
+        ]
+    )
 
 
 def test_the_command_line_parses_without_mlx():
     """`exo-lab node` (every node agent) and `exo-lab sim` start without loading MLX."""
-    code = ("import sys; from exo_lab.cli import build_parser; "
-            "build_parser().parse_args(['node', '--no-mdns']); build_parser().parse_args(['sim', 'status']); "
-            "print([m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm')])")
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO,
-                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    code = (
+        "import sys; from exo_lab.cli import build_parser; "
+        "build_parser().parse_args(['node', '--no-mdns']); build_parser().parse_args(['sim', 'status']); "
+        "print([m for m in sys.modules if m.split('.')[0] in ('mlx', 'mlx_lm')])"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip() == "[]"

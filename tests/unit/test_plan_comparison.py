@@ -13,13 +13,13 @@ import traitlets
 from exo_lab.cluster.topology import Topology
 from exo_lab.models.card import card_from_config
 from exo_lab.placement import Plan, Plans, RankSpec, plan
-from exo_lab.ui.plan_comparison import NO_LAUNCH
 from exo_lab.ui import PlanComparison, TopologyWidget
 from exo_lab.ui import plan_comparison as pc
 from exo_lab.ui import topology_widget as tw
+from exo_lab.ui.plan_comparison import NO_LAUNCH
+from tests.helpers.cards import LLAMA_8B, LLAMA_70B
 from tests.helpers.display import notebook_display
 
-from tests.helpers.cards import LLAMA_8B, LLAMA_70B
 SPECS = Path(__file__).resolve().parents[2] / "exo_lab" / "sim" / "specs"
 
 
@@ -99,8 +99,12 @@ def test_stage_labels_colours_and_highlight():
     def rank(i: int, node: str, stage: int, layers: tuple[int, int], tp: int = 1, ti: int = 0, dtype: str = "bfloat16"):
         return RankSpec(i, node, node.upper(), stage, layers, tensor_index=ti, tensor_size=tp, dtype=dtype)
 
-    ranks = [rank(0, "a", 0, (0, 16), 2, 0, "float32"), rank(1, "b", 0, (0, 16), 2, 1, "float32"),
-             rank(2, "c", 1, (16, 31)), rank(3, "d", 2, (31, 32))]
+    ranks = [
+        rank(0, "a", 0, (0, 16), 2, 0, "float32"),
+        rank(1, "b", 0, (0, 16), 2, 1, "float32"),
+        rank(2, "c", 1, (16, 31)),
+        rank(3, "d", 2, (31, 32)),
+    ]
     p = Plan("m", "pipeline-tensor", ranks, model_dtype="bfloat16")
     stages = pc.plan_stages(p)
     assert [s["node_ids"] for s in stages] == [["a", "b"], ["c"], ["d"]]
@@ -115,7 +119,9 @@ def test_stage_labels_colours_and_highlight():
     assert hi["edges"] == [["a", "b"], ["a", "c"], ["b", "c"], ["c", "d"]]
     single = Plan("m", "single", [rank(0, "a", 0, (0, 32))], model_dtype="bfloat16")
     assert pc.plan_highlight(single) == {
-        "nodes": {"a": {"label": "stage 0 · layers 0-31", "color": pc.STAGE_COLORS[0]}}, "edges": []}
+        "nodes": {"a": {"label": "stage 0 · layers 0-31", "color": pc.STAGE_COLORS[0]}},
+        "edges": [],
+    }
 
 
 def test_selecting_a_row_updates_plans_and_the_highlight(plans, home_lab, widgets):
@@ -158,8 +164,11 @@ def test_measured_next_to_predicted(plans, home_lab, widgets):
     assert w.table.measured == w.measured
     m0 = w.table.rows[0]["measured"]
     assert set(m0) == {"decode_tps", "ttft_s"}
-    assert m0["decode_tps"] == {"measured": 30.0, "predicted": plans[0].decode_tps,
-                                "ratio": pytest.approx(30.0 / plans[0].decode_tps)}
+    assert m0["decode_tps"] == {
+        "measured": 30.0,
+        "predicted": plans[0].decode_tps,
+        "ratio": pytest.approx(30.0 / plans[0].decode_tps),
+    }
     assert m0["ttft_s"]["ratio"] == pytest.approx(0.5 / plans[0].ttft_s)
     assert w.table.rows[1]["measured"] == {}
     assert w.table.rows[2]["measured"]["prefill_tps"]["ratio"] == pytest.approx(300.0 / plans[2].prefill_tps)

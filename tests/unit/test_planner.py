@@ -18,12 +18,28 @@ SPECS = Path(__file__).resolve().parents[2] / "exo_lab" / "sim" / "specs"
 GB = 2**30
 
 
-def node(i: int, mem_gb: float, bw: float = 100.0, cores: int = 8, gpu: bool = False, host: str | None = None) -> NodeInfo:
-    return NodeInfo(f"n{i}", f"node{i}", [f"10.0.0.{i + 1}"], profile={
-        "memory_total_bytes": int(mem_gb * GB), "memory_available_bytes": int(mem_gb * GB), "cpu_count": cores,
-        "hostname": host or f"host{i}", "mlx_devices": ["cpu", "gpu"] if gpu else ["cpu"],
-        "memory_bandwidth_gb_per_s": bw,
-        "matmul_gflops": {"bfloat16_m1": bw, "bfloat16_m512": bw * 20, "float32_m1": bw / 2, "float32_m512": bw * 10}})
+def node(
+    i: int, mem_gb: float, bw: float = 100.0, cores: int = 8, gpu: bool = False, host: str | None = None
+) -> NodeInfo:
+    return NodeInfo(
+        f"n{i}",
+        f"node{i}",
+        [f"10.0.0.{i + 1}"],
+        profile={
+            "memory_total_bytes": int(mem_gb * GB),
+            "memory_available_bytes": int(mem_gb * GB),
+            "cpu_count": cores,
+            "hostname": host or f"host{i}",
+            "mlx_devices": ["cpu", "gpu"] if gpu else ["cpu"],
+            "memory_bandwidth_gb_per_s": bw,
+            "matmul_gflops": {
+                "bfloat16_m1": bw,
+                "bfloat16_m512": bw * 20,
+                "float32_m1": bw / 2,
+                "float32_m512": bw * 10,
+            },
+        },
+    )
 
 
 def link(a: NodeInfo, b: NodeInfo, rtt_ms: float, mbit: float) -> LinkProfile:
@@ -33,22 +49,48 @@ def link(a: NodeInfo, b: NodeInfo, rtt_ms: float, mbit: float) -> LinkProfile:
 def cluster(nodes: list[NodeInfo], rtt_ms: float = 0.3, mbit: float = 10000, overrides: dict | None = None) -> Topology:
     links = []
     for i, a in enumerate(nodes):
-        for b in nodes[i + 1:]:
+        for b in nodes[i + 1 :]:
             r, m = (overrides or {}).get((a.id, b.id), (rtt_ms, mbit))
             links.append(link(a, b, r, m))
     return Topology({n.id: n for n in nodes}, links)
 
 
-def model(layers: int = 32, hidden: int = 4096, heads: int = 32, kv: int = 8, inter: int = 14336, dtype: str = "bfloat16",
-          name: str = "m"):
-    return card_from_config(dict(hidden_size=hidden, num_hidden_layers=layers, intermediate_size=inter,
-                                 num_attention_heads=heads, num_key_value_heads=kv, vocab_size=32000,
-                                 model_type="llama", tie_word_embeddings=False), name, dtype)
+def model(
+    layers: int = 32,
+    hidden: int = 4096,
+    heads: int = 32,
+    kv: int = 8,
+    inter: int = 14336,
+    dtype: str = "bfloat16",
+    name: str = "m",
+):
+    return card_from_config(
+        dict(
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            intermediate_size=inter,
+            num_attention_heads=heads,
+            num_key_value_heads=kv,
+            vocab_size=32000,
+            model_type="llama",
+            tie_word_embeddings=False,
+        ),
+        name,
+        dtype,
+    )
 
 
-LLAMA_405B = dict(hidden_size=16384, num_hidden_layers=126, intermediate_size=53248, num_attention_heads=128,
-                  num_key_value_heads=8, vocab_size=128256, model_type="llama", tie_word_embeddings=False,
-                  max_position_embeddings=131072)
+LLAMA_405B = dict(
+    hidden_size=16384,
+    num_hidden_layers=126,
+    intermediate_size=53248,
+    num_attention_heads=128,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    model_type="llama",
+    tie_word_embeddings=False,
+    max_position_embeddings=131072,
+)
 
 # --- properties ------------------------------------------------------------------------------------
 
@@ -134,6 +176,7 @@ def test_layer_split_respects_caps_and_total(total, speeds, cap):
 
 
 # --- scenarios -------------------------------------------------------------------------------------
+
 
 def test_fits_on_one_node_stays_there_when_links_are_slow():
     a, b = node(0, 64, 100, cores=1), node(1, 64, 100, cores=1)

@@ -15,8 +15,16 @@ import exo_lab
 from exo_lab.placement import Plan
 
 SPECS = Path(__file__).resolve().parents[2] / "exo_lab" / "sim" / "specs"
-LLAMA_405B = {"hidden_size": 16384, "num_hidden_layers": 126, "intermediate_size": 53248, "num_attention_heads": 128,
-              "num_key_value_heads": 8, "vocab_size": 128256, "model_type": "llama", "torch_dtype": "bfloat16"}
+LLAMA_405B = {
+    "hidden_size": 16384,
+    "num_hidden_layers": 126,
+    "intermediate_size": 53248,
+    "num_attention_heads": 128,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "model_type": "llama",
+    "torch_dtype": "bfloat16",
+}
 
 
 def get(url: str):
@@ -44,15 +52,32 @@ def test_cli_preview_what_if(tmp_path):
     cfg = tmp_path / "llama-405b" / "config.json"
     cfg.parent.mkdir()
     cfg.write_text(json.dumps(LLAMA_405B))
-    out = subprocess.run([sys.executable, "-m", "exo_lab.cli", "preview", str(cfg), "--topology",
-                          str(SPECS / "m3-ultra-4x-tb5.json"), "--json"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "exo_lab.cli",
+            "preview",
+            str(cfg),
+            "--topology",
+            str(SPECS / "m3-ultra-4x-tb5.json"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     data = json.loads(out.stdout)
     best = Plan.from_json(data["plans"][0])
     assert best.backend == "jaccl" and best.num_nodes == 4
     assert all("needs" in p["reason"] for p in data["infeasible"])
-    table = subprocess.run([sys.executable, "-m", "exo_lab.cli", "preview", str(cfg), "--topology",
-                            str(SPECS / "m3-ultra-4x-tb5.json")], capture_output=True, text=True, timeout=120)
+    table = subprocess.run(
+        [sys.executable, "-m", "exo_lab.cli", "preview", str(cfg), "--topology", str(SPECS / "m3-ultra-4x-tb5.json")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert "decode tok/s" in table.stdout and "infeasible" in table.stdout
 
 
@@ -63,9 +88,13 @@ def test_previews_endpoint_and_its_errors(server):
     assert get(f"{server.url}/instance/previews?model_id=demo")[0] == 200  # any model the store resolves
     status, data = get(f"{server.url}/instance/previews?model_id=no-such-model")
     assert status == 404 and data["error"]["code"] == "model_not_found"
-    for query, param in [("", "model_id"), ("model_id=demo&context=abc", "context"), ("model_id=demo&context=0", "context"),
-                         ("model_id=demo&objective=fast", "objective"),
-                         ("model_id=demo&context=100&prompt_tokens=200", "prompt_tokens")]:
+    for query, param in [
+        ("", "model_id"),
+        ("model_id=demo&context=abc", "context"),
+        ("model_id=demo&context=0", "context"),
+        ("model_id=demo&objective=fast", "objective"),
+        ("model_id=demo&context=100&prompt_tokens=200", "prompt_tokens"),
+    ]:
         status, data = get(f"{server.url}/instance/previews?{query}")
         assert status == 400 and data["error"]["param"] == param, (query, data)
     assert get(f"{server.url}/health")[0] == 200

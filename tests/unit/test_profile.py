@@ -24,13 +24,26 @@ KEYS = ("float32_m512", "float32_m1", "bfloat16_m512", "bfloat16_m1", "q4_m512",
 
 def fake_profile(**changes) -> DeviceProfile:
     data = dict(
-        memory_total_bytes=8 * GIB, memory_available_bytes=6 * GIB, cpu_model="Test CPU", cpu_count=2,
-        system="Linux", machine="x86_64", hostname="h", mlx_version="0.0", mlx_devices=["cpu"],
-        benchmark_device="cpu", blas="openblas", matmul_gflops={k: 1.5 for k in KEYS},
+        memory_total_bytes=8 * GIB,
+        memory_available_bytes=6 * GIB,
+        cpu_model="Test CPU",
+        cpu_count=2,
+        system="Linux",
+        machine="x86_64",
+        hostname="h",
+        mlx_version="0.0",
+        mlx_devices=["cpu"],
+        benchmark_device="cpu",
+        blas="openblas",
+        matmul_gflops={k: 1.5 for k in KEYS},
         matmul_weight_read_gb_per_s={k: 2.5 for k in KEYS if k.endswith("_m1")},
         matmul_shapes={k: [1 if k.endswith("_m1") else 512, 2048, 2048] for k in KEYS},
-        memory_read_gb_per_s_reduce=8.0, memory_read_gb_per_s_gemv=12.0, memory_bandwidth_gb_per_s=12.0,
-        measured_at=1.0, measure_seconds=3.0, cache_key=prof.cache_key(),
+        memory_read_gb_per_s_reduce=8.0,
+        memory_read_gb_per_s_gemv=12.0,
+        memory_bandwidth_gb_per_s=12.0,
+        measured_at=1.0,
+        measure_seconds=3.0,
+        cache_key=prof.cache_key(),
     )
     return DeviceProfile(**{**data, **changes})
 
@@ -144,8 +157,12 @@ def test_measure_profile_is_real_and_bounded():
     assert 0 < p.measure_seconds <= elapsed
     assert set(p.matmul_gflops) == set(KEYS) == set(p.matmul_shapes)
     assert set(p.matmul_weight_read_gb_per_s) == {k for k in KEYS if k.endswith("_m1")}
-    rates = [*p.matmul_gflops.values(), *p.matmul_weight_read_gb_per_s.values(),
-             p.memory_read_gb_per_s_reduce, p.memory_read_gb_per_s_gemv]
+    rates = [
+        *p.matmul_gflops.values(),
+        *p.matmul_weight_read_gb_per_s.values(),
+        p.memory_read_gb_per_s_reduce,
+        p.memory_read_gb_per_s_gemv,
+    ]
     assert all(isinstance(v, float) and 0 < v < math.inf for v in rates)
     assert p.memory_bandwidth_gb_per_s == max(p.memory_read_gb_per_s_reduce, p.memory_read_gb_per_s_gemv)
     assert all(m in (1, 512) and k == 2048 and n >= 128 for m, k, n in p.matmul_shapes.values())
@@ -201,8 +218,13 @@ def v1_cgroup(controller: str, settings: dict[str, str]) -> Iterator[Path]:
 
 
 def run_probe(cgroup: Path) -> dict[str, int]:
-    out = subprocess.run([sys.executable, "-c", _PROBE, str(cgroup / "cgroup.procs")],
-                         capture_output=True, text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE, str(cgroup / "cgroup.procs")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

@@ -20,7 +20,10 @@ def run(pieces, stops):
     return shown, stopped, m.matched
 
 
-@given(st.lists(st.text(alphabet, max_size=5), max_size=12), st.lists(st.text(alphabet, min_size=1, max_size=4), max_size=3))
+@given(
+    st.lists(st.text(alphabet, max_size=5), max_size=12),
+    st.lists(st.text(alphabet, min_size=1, max_size=4), max_size=3),
+)
 @settings(max_examples=400, deadline=None)
 def test_output_is_text_before_first_stop_whatever_the_split(pieces, stops):
     text = "".join(pieces)

@@ -23,8 +23,13 @@ def test_same_arguments_give_byte_identical_files(tmp_path):
 
 def test_hugging_face_layout(tiny_model):
     names = {p.name for p in tiny_model.iterdir()}
-    assert {"config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json",
-            "tokenizer_config.json"} <= names
+    assert {
+        "config.json",
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    } <= names
     index = json.loads((tiny_model / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == {"model.safetensors"}
     cfg = json.loads((tiny_model / "config.json").read_text())

@@ -8,7 +8,9 @@ SPECS = Path(__file__).resolve().parents[2] / "exo_lab" / "sim" / "specs"
 
 
 def topo():
-    nodes = {i: NodeInfo(i, f"n{i}", [f"10.0.0.{k}"], profile={"memory_total_bytes": 8 << 30}) for k, i in enumerate("abc")}
+    nodes = {
+        i: NodeInfo(i, f"n{i}", [f"10.0.0.{k}"], profile={"memory_total_bytes": 8 << 30}) for k, i in enumerate("abc")
+    }
     links = [
         LinkProfile("a", "b", "10.0.0.0", "10.0.0.1", 0.2, 0.3, 900, 880),
         LinkProfile("a", "b", "10.9.0.1", "10.9.0.2", 10.0, 12.0, 95, 94),

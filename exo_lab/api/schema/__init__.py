@@ -41,8 +41,12 @@ def _check_text(value: Any) -> None:
             try:
                 item.encode("utf-8")
             except UnicodeEncodeError as exc:
-                raise ApiError(400, f"The request body holds invalid Unicode (a lone surrogate {item[exc.start]!r}); "
-                                    "send well-formed UTF-8 text.", code="invalid_json") from None
+                raise ApiError(
+                    400,
+                    f"The request body holds invalid Unicode (a lone surrogate {item[exc.start]!r}); "
+                    "send well-formed UTF-8 text.",
+                    code="invalid_json",
+                ) from None
         elif isinstance(item, dict):
             todo.extend(item.keys())
             todo.extend(item.values())
@@ -181,8 +185,7 @@ def to_api_error(exc: ValidationError, style: str) -> ApiError:
     else:
         said = ", or ".join(dict.fromkeys(_said(e["msg"]) for e in deepest if _where(e) == loc))
         if first["type"] == "missing":
-            message = (f"Missing required parameter: '{param}'." if style == "openai"
-                       else f"{param}: Field required.")
+            message = f"Missing required parameter: '{param}'." if style == "openai" else f"{param}: Field required."
         elif style == "openai":
             message = f"Invalid '{param}': {said}."
         else:

@@ -31,8 +31,9 @@ def check_text_blocks(blocks: list[Block], at: str) -> None:
             if not isinstance(block.text, str):
                 raise fail("{param}: Field required (a string).", f"{at}.{i}.text")
         elif block.type not in ("thinking", "redacted_thinking"):
-            raise fail(f"{{param}}: content blocks of type {block.type!r} are not supported: {TEXT_ONLY}.",
-                       f"{at}.{i}.type")
+            raise fail(
+                f"{{param}}: content blocks of type {block.type!r} are not supported: {TEXT_ONLY}.", f"{at}.{i}.type"
+            )
 
 
 class AnthropicMessage(Part):
@@ -40,7 +41,7 @@ class AnthropicMessage(Part):
     content: str | list[Block]
 
     @model_validator(mode="after")
-    def _blocks(self) -> "AnthropicMessage":
+    def _blocks(self) -> AnthropicMessage:
         if isinstance(self.content, str):
             return self
         for i, block in enumerate(self.content):
@@ -55,8 +56,11 @@ class AnthropicMessage(Part):
                     raise fail("{param}: Field required.", f"{at}.tool_use_id", "missing_required_parameter")
                 if not isinstance(block.content, str | None):
                     if not isinstance(block.content, list):
-                        raise fail("{param}: Input should be a valid string or a list of text blocks.",
-                                   f"{at}.content", "invalid_type")
+                        raise fail(
+                            "{param}: Input should be a valid string or a list of text blocks.",
+                            f"{at}.content",
+                            "invalid_type",
+                        )
                     if not all(isinstance(b, dict) and isinstance(b.get("type"), str) for b in block.content):
                         raise fail("{param}: each content block must be an object with a 'type'.", f"{at}.content")
                     check_text_blocks([Block.model_validate(b) for b in block.content], f"{at}.content")
@@ -77,8 +81,11 @@ class AnthropicTool(Part):
     @classmethod
     def _server_tools(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("type") not in (None, "custom"):
-            raise fail(f"{{param}}: server tools ({data['type']!r}) are not available here; define client tools "
-                       "with 'name' and 'input_schema'.", "type")
+            raise fail(
+                f"{{param}}: server tools ({data['type']!r}) are not available here; define client tools "
+                "with 'name' and 'input_schema'.",
+                "type",
+            )
         return data
 
     def to_chat(self) -> dict[str, Any]:
@@ -105,7 +112,7 @@ class CountTokensRequest(RequestModel):
     tools: list[AnthropicTool] | None = None
 
     @model_validator(mode="after")
-    def _system(self) -> "CountTokensRequest":
+    def _system(self) -> CountTokensRequest:
         if isinstance(self.system, list):
             check_text_blocks(self.system, "system")
         return self
@@ -127,7 +134,7 @@ class MessagesRequest(CountTokensRequest):
     metadata: dict[str, Any] | None = None
 
     @model_validator(mode="after")
-    def _choice(self) -> "MessagesRequest":
+    def _choice(self) -> MessagesRequest:
         self.tool_mode()
         return self
 

@@ -46,7 +46,7 @@ class OllamaMessage(Part):
     tool_name: str | None = None
 
     @model_validator(mode="after")
-    def _text_only(self) -> "OllamaMessage":
+    def _text_only(self) -> OllamaMessage:
         _no_images(self.images)
         return self
 
@@ -87,7 +87,7 @@ class GenerateRequest(OllamaRequest):
     context: list[Int] | None = None
 
     @model_validator(mode="after")
-    def _supported(self) -> "GenerateRequest":
+    def _supported(self) -> GenerateRequest:
         if self.suffix:
             raise fail("{param} (fill-in-the-middle) is not supported by this server", "suffix")
         _no_images(self.images)
@@ -103,7 +103,7 @@ class ShowRequest(RequestModel):
     name: str | None = None
 
     @model_validator(mode="after")
-    def _named(self) -> "ShowRequest":
+    def _named(self) -> ShowRequest:
         if not (self.model or self.name):
             raise fail("model is required", "model", "missing_required_parameter")
         return self

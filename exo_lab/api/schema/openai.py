@@ -30,7 +30,7 @@ class ChatTool(Part):
     function: FunctionDef | None = None
 
     @model_validator(mode="after")
-    def _function(self) -> "ChatTool":
+    def _function(self) -> ChatTool:
         if self.type != "function":
             raise fail("'{param}' must be an object with type 'function'.")
         if self.function is None:
@@ -55,7 +55,7 @@ class ToolChoiceObject(Part):
     name: str | None = None
 
     @model_validator(mode="after")
-    def _named(self) -> "ToolChoiceObject":
+    def _named(self) -> ToolChoiceObject:
         if self.chosen is None:
             raise fail("'{param}' must name a function: {'type': 'function', 'function': {'name': ...}}.")
         return self
@@ -98,7 +98,7 @@ class ChatMessage(Part):
     name: str | None = None
 
     @model_validator(mode="after")
-    def _shape(self) -> "ChatMessage":
+    def _shape(self) -> ChatMessage:
         if self.content is None and self.role != "assistant":
             raise fail("Missing required parameter: '{param}'.", "content", "missing_required_parameter")
         if self.tool_calls is not None and (self.role != "assistant" or not isinstance(self.tool_calls, list)):
@@ -117,7 +117,7 @@ class ResponseFormat(Part):
     json_schema: JsonSchemaFormat | None = None
 
     @model_validator(mode="after")
-    def _schema(self) -> "ResponseFormat":
+    def _schema(self) -> ResponseFormat:
         if self.type == "json_schema" and self.json_schema is None:
             raise fail("'{param}' must be an object with a 'schema'.", "json_schema")
         return self
@@ -158,7 +158,7 @@ class ChatCompletionRequest(RequestModel):
         return n
 
     @model_validator(mode="after")
-    def _together(self) -> "ChatCompletionRequest":
+    def _together(self) -> ChatCompletionRequest:
         if self.stream_options is not None and not self.stream:
             raise fail("'stream_options' is only allowed when 'stream' is true.", "stream_options")
         if self.top_logprobs is not None and not self.logprobs:
@@ -180,7 +180,7 @@ class ResponsesPart(Part):
     refusal: str | None = None
 
     @model_validator(mode="after")
-    def _text(self) -> "ResponsesPart":
+    def _text(self) -> ResponsesPart:
         if self.type != "refusal" and self.text is None:
             raise fail("'{param}' must be a string.", "text", "invalid_type")
         return self
@@ -205,7 +205,7 @@ class InputItem(Part):
     output: ResponsesContent | None = None
 
     @model_validator(mode="after")
-    def _fields(self) -> "InputItem":
+    def _fields(self) -> InputItem:
         if self.type == "message":
             if self.role is None:
                 raise fail("Missing required parameter: '{param}'.", "role", "missing_required_parameter")
@@ -229,8 +229,10 @@ class ResponsesTool(Part):
 
     def to_chat(self) -> dict[str, Any]:
         """As a Chat Completions tool (what chat templates take)."""
-        return {"type": "function", "function": {"name": self.name, "description": self.description or "",
-                                                 "parameters": self.parameters}}
+        return {
+            "type": "function",
+            "function": {"name": self.name, "description": self.description or "", "parameters": self.parameters},
+        }
 
 
 class TextFormat(Part):
@@ -262,10 +264,13 @@ class ResponsesRequest(RequestModel):
     user: Any = None
 
     @model_validator(mode="after")
-    def _together(self) -> "ResponsesRequest":
+    def _together(self) -> ResponsesRequest:
         if self.previous_response_id is not None:
-            raise fail("This server does not store responses, so 'previous_response_id' cannot be used: "
-                       "send the whole conversation in 'input'.", "previous_response_id")
+            raise fail(
+                "This server does not store responses, so 'previous_response_id' cannot be used: "
+                "send the whole conversation in 'input'.",
+                "previous_response_id",
+            )
         self.tool_mode()
         return self
 

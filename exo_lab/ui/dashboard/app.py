@@ -54,7 +54,9 @@ class Dashboard:
             row(self.instances.card),
             row(self.plans.card),
             row(self.bench.card, margin=(0, 8, 16, 8)),
-            sizing_mode="stretch_width", margin=0, styles={"background": "#f3f5f8"},
+            sizing_mode="stretch_width",
+            margin=0,
+            styles={"background": "#f3f5f8"},
         )
 
     def tick(self) -> None:

@@ -16,8 +16,11 @@ from exo_lab.ui.dashboard.theme import ACCENT, BORDER, FG, FG2, card, card_title
 log = logging.getLogger(__name__)
 
 
-_MEASURED_KEYS = {"decode_tps": ("decode_tps", "generation_tps", "tg_tps", "tg"),
-                  "ttft_s": ("ttft_s", "ttft"), "prefill_tps": ("prefill_tps", "prompt_tps", "pp_tps", "pp")}
+_MEASURED_KEYS = {
+    "decode_tps": ("decode_tps", "generation_tps", "tg_tps", "tg"),
+    "ttft_s": ("ttft_s", "ttft"),
+    "prefill_tps": ("prefill_tps", "prompt_tps", "pp_tps", "pp"),
+}
 
 
 def _pick(d: dict[str, Any], keys: tuple[str, ...]) -> float | None:
@@ -51,8 +54,13 @@ def bench_rows(doc: Any) -> list[dict[str, Any]]:
         if not isinstance(rec, dict):
             continue
         plan = rec.get("plan") if isinstance(rec.get("plan"), dict) else {}
-        label = (plan.get("description") or rec.get("description") or
-                 (rec.get("plan") if isinstance(rec.get("plan"), str) else None) or rec.get("name") or f"plan {i}")
+        label = (
+            plan.get("description")
+            or rec.get("description")
+            or (rec.get("plan") if isinstance(rec.get("plan"), str) else None)
+            or rec.get("name")
+            or f"plan {i}"
+        )
         measured = rec.get("measured") if isinstance(rec.get("measured"), dict) else rec
         predicted = rec.get("predicted") if isinstance(rec.get("predicted"), dict) else plan
         row = {"label": str(label)}
@@ -86,7 +94,7 @@ def bench_module_charts(doc: Any) -> list[Any] | None:
         if not result.ok:
             return None
         figs = [decode_bars(result), measured_vs_predicted(result), concurrency_lines(result)]
-    except Exception as exc:  # noqa: BLE001  (another version's document or charts: the generic charts still work)
+    except Exception as exc:
         log.info("bench charts from exo_lab.bench failed (%s); drawing the generic ones", exc)
         return None
     return [pn.Row(pn.pane.Bokeh(figs[0]), pn.pane.Bokeh(figs[1]), margin=0), pn.pane.Bokeh(figs[2])]
@@ -99,20 +107,50 @@ def bench_figures(rows: list[dict[str, Any]]) -> list[Any]:
     labels = [r["label"] if len(r["label"]) <= 60 else r["label"][:57] + "…" for r in rows]
     figs = []
     for key, title, unit in (("decode_tps", "Decode tokens/s", "tok/s"), ("ttft_s", "Time to first token", "s")):
-        data = {"plan": labels, "predicted": [r[f"predicted_{key}"] or 0 for r in rows],
-                "measured": [r[f"measured_{key}"] or 0 for r in rows]}
+        data = {
+            "plan": labels,
+            "predicted": [r[f"predicted_{key}"] or 0 for r in rows],
+            "measured": [r[f"measured_{key}"] or 0 for r in rows],
+        }
         if not any(data["measured"]):
             continue
         src = ColumnDataSource(data)
         height = 70 + 46 * len(rows)
-        fig = figure(y_range=list(reversed(labels)), height=height, sizing_mode="stretch_width", title=title,
-                     tools="", toolbar_location=None, outline_line_color=None, name=f"exo-bench-{key}")
-        fig.hbar(y=dodge("plan", 0.17, range=fig.y_range), right="predicted", height=0.3, source=src,
-                 color="#f0a04b", legend_label="predicted")
-        fig.hbar(y=dodge("plan", -0.17, range=fig.y_range), right="measured", height=0.3, source=src,
-                 color=ACCENT, legend_label="measured")
-        fig.add_tools(HoverTool(tooltips=[("plan", "@plan"), ("predicted", f"@predicted{{0.00}} {unit}"),
-                                          ("measured", f"@measured{{0.00}} {unit}")]))
+        fig = figure(
+            y_range=list(reversed(labels)),
+            height=height,
+            sizing_mode="stretch_width",
+            title=title,
+            tools="",
+            toolbar_location=None,
+            outline_line_color=None,
+            name=f"exo-bench-{key}",
+        )
+        fig.hbar(
+            y=dodge("plan", 0.17, range=fig.y_range),
+            right="predicted",
+            height=0.3,
+            source=src,
+            color="#f0a04b",
+            legend_label="predicted",
+        )
+        fig.hbar(
+            y=dodge("plan", -0.17, range=fig.y_range),
+            right="measured",
+            height=0.3,
+            source=src,
+            color=ACCENT,
+            legend_label="measured",
+        )
+        fig.add_tools(
+            HoverTool(
+                tooltips=[
+                    ("plan", "@plan"),
+                    ("predicted", f"@predicted{{0.00}} {unit}"),
+                    ("measured", f"@measured{{0.00}} {unit}"),
+                ]
+            )
+        )
         fig.x_range.start = 0
         fig.xaxis.axis_label = unit
         fig.title.text_font_size = "13px"
@@ -137,8 +175,11 @@ class BenchView:
         self.input = pn.widgets.FileInput(accept=".json", multiple=False, width=260)
         self.input.param.watch(self._on_bench_file, "value")
         self.area = pn.Column(sizing_mode="stretch_width", margin=0)
-        self.card = card(html_pane(card_title("Bench results", "predicted vs measured, per plan")),
-                         pn.Row(self.input, margin=0), self.area)
+        self.card = card(
+            html_pane(card_title("Bench results", "predicted vs measured, per plan")),
+            pn.Row(self.input, margin=0),
+            self.area,
+        )
 
     def update(self) -> None:
         """Redraw when the source holds another bench result."""
@@ -149,10 +190,13 @@ class BenchView:
     def _draw_bench(self) -> None:
         doc = self.source.bench
         if doc is None:
-            hint = ("Load a bench result (<code>exo-lab bench MODEL --json results.json</code>) to compare predicted "
-                    "and measured speed per plan." if bench_available() else
-                    "Load a bench result JSON to compare predicted and measured speed per plan "
-                    "(the bench runner is not part of this installation).")
+            hint = (
+                "Load a bench result (<code>exo-lab bench MODEL --json results.json</code>) to compare predicted "
+                "and measured speed per plan."
+                if bench_available()
+                else "Load a bench result JSON to compare predicted and measured speed per plan "
+                "(the bench runner is not part of this installation)."
+            )
             self.area.objects = [html_pane(f"<div class='exo-hint'>{hint}</div>")]
             return
         try:
@@ -162,13 +206,19 @@ class BenchView:
             return
         model = doc.get("model", "") if isinstance(doc, dict) else ""
         text = f"{len(rows)} plan{'s' if len(rows) != 1 else ''} measured" + (
-            f" for <b>{html.escape(str(model))}</b>" if model else "")
+            f" for <b>{html.escape(str(model))}</b>" if model else ""
+        )
         if isinstance(doc, dict) and doc.get("pp"):
             text += f" · {doc['pp']}-token prompts, {doc.get('tg')} generated tokens"
         charts = bench_module_charts(doc)
         if charts is None:
-            charts = [pn.Row(*[pn.pane.Bokeh(f, sizing_mode="stretch_width") for f in bench_figures(rows)],
-                             sizing_mode="stretch_width", margin=0)]
+            charts = [
+                pn.Row(
+                    *[pn.pane.Bokeh(f, sizing_mode="stretch_width") for f in bench_figures(rows)],
+                    sizing_mode="stretch_width",
+                    margin=0,
+                )
+            ]
         self.area.objects = [html_pane(f"<div class='exo-note'>{text}</div>"), *charts]
 
     def _on_bench_file(self, event: Any) -> None:
@@ -177,5 +227,4 @@ class BenchView:
         try:
             self.source.load_bench(event.new)
         except (ValueError, UnicodeDecodeError) as exc:
-            self.area.objects = [html_pane(f"<div class='exo-error'>Not a bench result: "
-                                             f"{html.escape(str(exc))}</div>")]
+            self.area.objects = [html_pane(f"<div class='exo-error'>Not a bench result: {html.escape(str(exc))}</div>")]

@@ -30,24 +30,32 @@ CHAT_CSS = f"""
 .exo-usage {{ font-size: 11px; color: {FG3}; font-variant-numeric: tabular-nums; }}
 """
 
-NO_CHAT_MODEL = {"cluster": "No model is ready to chat with yet: preview a model below and launch a plan.",
-                 "what-if": "A what-if cluster runs nothing. To chat, serve a model (exo-lab up) or open the "
-                            "dashboard of a live cluster (exo-lab dashboard --local 2).",
-                 "this machine": "No model is served here: exo-lab up serves one, with this dashboard."}
+NO_CHAT_MODEL = {
+    "cluster": "No model is ready to chat with yet: preview a model below and launch a plan.",
+    "what-if": "A what-if cluster runs nothing. To chat, serve a model (exo-lab up) or open the "
+    "dashboard of a live cluster (exo-lab dashboard --local 2).",
+    "this machine": "No model is served here: exo-lab up serves one, with this dashboard.",
+}
 
 
-def transcript_html(messages: list[dict[str, Any]], empty: str = "Send a message to chat with the selected model.") -> str:
+def transcript_html(
+    messages: list[dict[str, Any]], empty: str = "Send a message to chat with the selected model."
+) -> str:
     if not messages:
         return f"<div class='exo-chat'><div class='exo-chat-empty'>{html.escape(empty)}</div></div>"
     parts = []
     for m in messages:
         role = m["role"]
-        classes = f"exo-msg {role}" + (" streaming" if m.get("streaming") else "") + (" error" if m.get("error") else "")
+        classes = (
+            f"exo-msg {role}" + (" streaming" if m.get("streaming") else "") + (" error" if m.get("error") else "")
+        )
         who = "you" if role == "user" else m.get("model", "model")
         text = m.get("error") or m["content"]
         usage = f"<div class='exo-usage'>{html.escape(m['usage'])}</div>" if m.get("usage") else ""
-        parts.append(f"<div class='{classes}'><div class='exo-who'>{html.escape(who)}</div>"
-                     f"<div class='exo-bubble'>{html.escape(text)}</div>{usage}</div>")
+        parts.append(
+            f"<div class='{classes}'><div class='exo-who'>{html.escape(who)}</div>"
+            f"<div class='exo-bubble'>{html.escape(text)}</div>{usage}</div>"
+        )
     return f"<div class='exo-chat'><div class='exo-chat-inner'>{''.join(parts)}</div></div>"
 
 
@@ -74,10 +82,12 @@ class ChatView:
         self._generation: Any = None
         self.model = pn.widgets.Select(label="model", options=[], width=220)
         self.max_tokens = pn.widgets.IntInput(label="max tokens", value=64, start=1, end=8192, width=110)
-        self.temperature = pn.widgets.FloatInput(label="temperature", value=0.0, start=0.0, end=2.0, step=0.1,
-                                                 width=110)
-        self.transcript = pn.pane.HTML(transcript_html([]), stylesheets=[CHAT_CSS], sizing_mode="stretch_width",
-                                       margin=(4, 0))
+        self.temperature = pn.widgets.FloatInput(
+            label="temperature", value=0.0, start=0.0, end=2.0, step=0.1, width=110
+        )
+        self.transcript = pn.pane.HTML(
+            transcript_html([]), stylesheets=[CHAT_CSS], sizing_mode="stretch_width", margin=(4, 0)
+        )
         self.input = pn.widgets.TextInput(placeholder="Message the model…", sizing_mode="stretch_width")
         self.send_button = pn.widgets.Button(label="Send", color="primary", width=80)
         self.stop_button = pn.widgets.Button(label="Stop", color="default", width=70, disabled=True)
@@ -86,11 +96,13 @@ class ChatView:
         self.input.param.watch(self._on_send, "enter_pressed")
         self.stop_button.on_click(self._on_stop)
         self.clear_button.on_click(self._on_clear)
-        self.card = card(html_pane(card_title("Chat", "streams from the selected model")),
-                         pn.Row(self.model, self.max_tokens, self.temperature, margin=0),
-                         self.transcript,
-                         pn.Row(self.input, self.send_button, self.stop_button, self.clear_button, margin=0),
-                         min_width=420)
+        self.card = card(
+            html_pane(card_title("Chat", "streams from the selected model")),
+            pn.Row(self.model, self.max_tokens, self.temperature, margin=0),
+            self.transcript,
+            pn.Row(self.input, self.send_button, self.stop_button, self.clear_button, margin=0),
+            min_width=420,
+        )
         self._render_chat()
         self.updates = 0
 
@@ -116,23 +128,35 @@ class ChatView:
         models = self.source.chat_models()
         name = self.model.value
         if name not in models:
-            self.messages.append({"role": "assistant", "model": "exo_lab", "content": "",
-                                  "error": "No model is ready: serve one, or launch a plan on the cluster."})
+            self.messages.append(
+                {
+                    "role": "assistant",
+                    "model": "exo_lab",
+                    "content": "",
+                    "error": "No model is ready: serve one, or launch a plan on the cluster.",
+                }
+            )
             self._render_chat()
             return
         backend = models[name]
         self.input.value = ""
         self.input.value_input = ""
-        history = [{"role": m["role"], "content": m["content"]} for m in self.messages
-                   if not m.get("error") and m["role"] in ("user", "assistant") and m.get("model", name) == name]
+        history = [
+            {"role": m["role"], "content": m["content"]}
+            for m in self.messages
+            if not m.get("error") and m["role"] in ("user", "assistant") and m.get("model", name) == name
+        ]
         self.messages.append({"role": "user", "content": text})
         reply = {"role": "assistant", "model": name, "content": "", "streaming": True}
         self.messages.append(reply)
         self._render_chat()
         self.send_button.disabled, self.stop_button.disabled = True, False
         try:
-            gen = backend.chat([*history, {"role": "user", "content": text}],
-                               max_tokens=int(self.max_tokens.value), temperature=float(self.temperature.value))
+            gen = backend.chat(
+                [*history, {"role": "user", "content": text}],
+                max_tokens=int(self.max_tokens.value),
+                temperature=float(self.temperature.value),
+            )
             self._generation = gen
             last = 0.0
             async for chunk in gen:
@@ -144,7 +168,7 @@ class ChatView:
                     last = now
                     self._render_chat()
             reply["usage"] = usage_text(gen.usage, gen.finish_reason)
-        except Exception as exc:  # noqa: BLE001  (bad input or a failed instance: shown in the transcript)
+        except Exception as exc:
             reply["error"] = f"{type(exc).__name__}: {exc}"
         finally:
             reply["streaming"] = False

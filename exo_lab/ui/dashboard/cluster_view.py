@@ -24,7 +24,9 @@ class ClusterGraph(pn.custom.AnyWidgetComponent):
     """The cluster graph: the same ES module and the same data (``graph_json``) as the notebook's TopologyWidget."""
 
     _esm = RENDERER_JS
-    _stylesheets: ClassVar[list[str]] = [RENDERER_CSS.read_text()]  # as text: Panel serves files only from the component's own folder
+    _stylesheets: ClassVar[list[str]] = [
+        RENDERER_CSS.read_text()
+    ]  # as text: Panel serves files only from the component's own folder
 
     topology = param.Dict(default={}, doc="Topology.to_json() plus the drawn edges (graph_json)")
     selected_node = param.String(default="", doc="the node whose profile the details box shows")
@@ -54,9 +56,12 @@ def shard_highlight(instances: list[tuple[str, Any]]) -> dict[str, Any]:
     the links between consecutive pipeline stages."""
     nodes: dict[str, dict[str, str]] = {}
     edges: list[list[str]] = []
-    running = [(name, inst) for name, inst in instances
-               if getattr(inst, "plan", None) is not None and getattr(inst, "state", "") not in ("stopped", "failed")]
-    for i, (name, inst) in enumerate(running):
+    running = [
+        (name, inst)
+        for name, inst in instances
+        if getattr(inst, "plan", None) is not None and getattr(inst, "state", "") not in ("stopped", "failed")
+    ]
+    for i, (_name, inst) in enumerate(running):
         color = SERIES[i % len(SERIES)]
         stages = list(dict.fromkeys(r.node_id for r in inst.plan.ranks))
         edges += [[a, b] for a, b in pairwise(stages)]
@@ -73,29 +78,54 @@ def node_frame(topo: Topology) -> pd.DataFrame:
     for n in sorted(topo.nodes.values(), key=lambda n: n.name):
         p = n.profile or {}
         gf = p.get("matmul_gflops") or {}
-        rows.append({
-            "node": n.name, "state": n.state, "chip": p.get("cpu_model") or "?", "cores": p.get("cpu_count") or 0,
-            "memory free (GiB)": round(n.memory_available_bytes / GIB, 1),
-            "memory (GiB)": round(n.memory_total_bytes / GIB, 1),
-            "fp32 GFLOP/s": round(gf.get("float32_m512") or 0, 1),
-            "memory GB/s": round(p.get("memory_bandwidth_gb_per_s") or 0, 1),
-            "BLAS": p.get("blas") or "", "address": ", ".join(n.addresses),
-        })
-    return typed_frame(rows, {"node": str, "state": str, "chip": str, "cores": int, "memory free (GiB)": float,
-                              "memory (GiB)": float, "fp32 GFLOP/s": float, "memory GB/s": float, "BLAS": str,
-                              "address": str})
+        rows.append(
+            {
+                "node": n.name,
+                "state": n.state,
+                "chip": p.get("cpu_model") or "?",
+                "cores": p.get("cpu_count") or 0,
+                "memory free (GiB)": round(n.memory_available_bytes / GIB, 1),
+                "memory (GiB)": round(n.memory_total_bytes / GIB, 1),
+                "fp32 GFLOP/s": round(gf.get("float32_m512") or 0, 1),
+                "memory GB/s": round(p.get("memory_bandwidth_gb_per_s") or 0, 1),
+                "BLAS": p.get("blas") or "",
+                "address": ", ".join(n.addresses),
+            }
+        )
+    return typed_frame(
+        rows,
+        {
+            "node": str,
+            "state": str,
+            "chip": str,
+            "cores": int,
+            "memory free (GiB)": float,
+            "memory (GiB)": float,
+            "fp32 GFLOP/s": float,
+            "memory GB/s": float,
+            "BLAS": str,
+            "address": str,
+        },
+    )
 
 
 class ClusterView:
     """The topology card (the graph) and the nodes card (the table)."""
 
     def __init__(self) -> None:
-        self.graph = ClusterGraph(title="Topology", sizing_mode="stretch_width", stylesheets=[EMBEDDED_CSS],
-                                  margin=(4, 0))
+        self.graph = ClusterGraph(
+            title="Topology", sizing_mode="stretch_width", stylesheets=[EMBEDDED_CSS], margin=(4, 0)
+        )
         self.note = html_pane()
-        self.node_table = pn.widgets.Tabulator(node_frame(Topology()), show_index=False, disabled=True,
-                                               sizing_mode="stretch_width", layout="fit_data_fill",
-                                               theme="simple", selectable=False)
+        self.node_table = pn.widgets.Tabulator(
+            node_frame(Topology()),
+            show_index=False,
+            disabled=True,
+            sizing_mode="stretch_width",
+            layout="fit_data_fill",
+            theme="simple",
+            selectable=False,
+        )
         self.graph_card = card(self.graph, self.note, min_width=480)
         self.nodes_card = card(html_pane(card_title("Nodes")), self.node_table)
         self._key: Any = None

@@ -11,7 +11,9 @@ import pandas as pd
 def typed_frame(rows: list[dict[str, Any]], columns: dict[str, type]) -> pd.DataFrame:
     """A frame with these columns and dtypes even when empty."""
     frame = pd.DataFrame(rows, columns=list(columns))
-    return frame.astype({k: ("float64" if t is float else "int64" if t is int else "object") for k, t in columns.items()})
+    return frame.astype(
+        {k: ("float64" if t is float else "int64" if t is int else "object") for k, t in columns.items()}
+    )
 
 
 def rounded(v: float | None, digits: int = 1) -> float:

@@ -37,9 +37,14 @@ def header_html(source: Any, topo: Topology | None, instances: list[tuple[str, A
     ready = sum(1 for _, o in instances if im.instance_summary(o)["state"] == "ready")
     chips.append(f"<b>{len(instances)}</b> model{'s' if len(instances) != 1 else ''} · {ready} ready")
     if source.api_url:
-        chips.append(f"API <a href='{html.escape(source.api_url)}/v1/models' target='_blank'>"
-                     f"{html.escape(source.api_url)}/v1</a>")
+        chips.append(
+            f"API <a href='{html.escape(source.api_url)}/v1/models' target='_blank'>"
+            f"{html.escape(source.api_url)}/v1</a>"
+        )
     err = f"<span class='exo-chip err'>{html.escape(source.error)}</span>" if source.error else ""
-    return (f"<div class='exo-page-header'><div class='exo-logo'>exo<span>_</span>lab</div>"
-            f"<div class='exo-mode'>{html.escape(MODES[source.mode])}</div><div class='exo-chips'>{err}"
-            + "".join(f"<span class='exo-chip'>{c}</span>" for c in chips) + "</div></div>")
+    return (
+        f"<div class='exo-page-header'><div class='exo-logo'>exo<span>_</span>lab</div>"
+        f"<div class='exo-mode'>{html.escape(MODES[source.mode])}</div><div class='exo-chips'>{err}"
+        + "".join(f"<span class='exo-chip'>{c}</span>" for c in chips)
+        + "</div></div>"
+    )

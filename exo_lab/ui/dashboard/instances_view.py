@@ -24,17 +24,33 @@ def instance_frame(instances: list[tuple[str, Any]]) -> pd.DataFrame:
         progress = im.loading_progress(inst)
         stats = im.request_stats(im.request_rows(inst), getattr(inst, "requests_completed", None))
         plan = summary["plan"]
-        rows.append({
-            "name": name, "state": summary["state"],
-            "plan": plan["description"] if plan else "one process (this machine)",
-            "loaded": f"{progress['done']}/{progress['total']} layers" if progress["ranks"] else "ready",
-            "requests": stats["requests"],
-            "decode tok/s": rounded(stats["last_decode_tps"]), "mean tok/s": rounded(stats["mean_decode_tps"]),
-            "predicted tok/s": rounded(plan["decode_tps"] if plan else None),
-            "TTFT (ms)": rounded(stats["last_ttft_s"] * 1000 if stats["last_ttft_s"] is not None else None),
-        })
-    return typed_frame(rows, {"name": str, "state": str, "plan": str, "loaded": str, "requests": int,
-                         "decode tok/s": float, "mean tok/s": float, "predicted tok/s": float, "TTFT (ms)": float})
+        rows.append(
+            {
+                "name": name,
+                "state": summary["state"],
+                "plan": plan["description"] if plan else "one process (this machine)",
+                "loaded": f"{progress['done']}/{progress['total']} layers" if progress["ranks"] else "ready",
+                "requests": stats["requests"],
+                "decode tok/s": rounded(stats["last_decode_tps"]),
+                "mean tok/s": rounded(stats["mean_decode_tps"]),
+                "predicted tok/s": rounded(plan["decode_tps"] if plan else None),
+                "TTFT (ms)": rounded(stats["last_ttft_s"] * 1000 if stats["last_ttft_s"] is not None else None),
+            }
+        )
+    return typed_frame(
+        rows,
+        {
+            "name": str,
+            "state": str,
+            "plan": str,
+            "loaded": str,
+            "requests": int,
+            "decode tok/s": float,
+            "mean tok/s": float,
+            "predicted tok/s": float,
+            "TTFT (ms)": float,
+        },
+    )
 
 
 def tps_series(instances: list[tuple[str, Any]]) -> dict[str, dict[str, list]]:
@@ -67,16 +83,35 @@ def tps_figure() -> tuple[Any, ColumnDataSource, ColumnDataSource]:
     lines = ColumnDataSource(empty["lines"], name="exo-tps-lines")
     points = ColumnDataSource(empty["points"], name="exo-tps-points")
     now = time.time() * 1000
-    fig = figure(name="exo-tps", height=210, sizing_mode="stretch_width", x_axis_type="datetime", tools="",
-                 toolbar_location=None, min_border_left=40, outline_line_color=None, y_range=Range1d(0, 1),
-                 x_range=Range1d(now - 300_000, now + 30_000))
+    fig = figure(
+        name="exo-tps",
+        height=210,
+        sizing_mode="stretch_width",
+        x_axis_type="datetime",
+        tools="",
+        toolbar_location=None,
+        min_border_left=40,
+        outline_line_color=None,
+        y_range=Range1d(0, 1),
+        x_range=Range1d(now - 300_000, now + 30_000),
+    )
     fig.multi_line("xs", "ys", source=lines, line_color="color", line_width=2)
-    dots = fig.scatter("t", "tps", source=points, color="color", fill_color="white", size=7, line_width=2,
-                       legend_field="name")
-    fig.add_tools(HoverTool(renderers=[dots], tooltips=[("instance", "@name"), ("decode", "@tps{0.0} tok/s"),
-                                                         ("tokens", "@tokens"), ("TTFT", "@ttft"),
-                                                         ("finished", "@t{%H:%M:%S}")],
-                            formatters={"@t": "datetime"}))
+    dots = fig.scatter(
+        "t", "tps", source=points, color="color", fill_color="white", size=7, line_width=2, legend_field="name"
+    )
+    fig.add_tools(
+        HoverTool(
+            renderers=[dots],
+            tooltips=[
+                ("instance", "@name"),
+                ("decode", "@tps{0.0} tok/s"),
+                ("tokens", "@tokens"),
+                ("TTFT", "@ttft"),
+                ("finished", "@t{%H:%M:%S}"),
+            ],
+            formatters={"@t": "datetime"},
+        )
+    )
     fig.yaxis.axis_label = "decode tok/s"
     fig.yaxis.axis_label_text_font_style = "normal"
     fig.yaxis.axis_label_text_color = FG2
@@ -98,18 +133,36 @@ class InstancesView:
 
     def __init__(self) -> None:
         self.tps_fig, self.tps_lines, self.tps_points = tps_figure()
-        self.table = pn.widgets.Tabulator(instance_frame([]), show_index=False, disabled=True,
-                                          sizing_mode="stretch_width", layout="fit_data_fill", theme="simple",
-                                          selectable=False)
+        self.table = pn.widgets.Tabulator(
+            instance_frame([]),
+            show_index=False,
+            disabled=True,
+            sizing_mode="stretch_width",
+            layout="fit_data_fill",
+            theme="simple",
+            selectable=False,
+        )
         self.note = html_pane()
-        self.card = card(html_pane(card_title("Instances", "served here or launched on the cluster")),
-                         self.table, self.tps_fig, self.note)
+        self.card = card(
+            html_pane(card_title("Instances", "served here or launched on the cluster")),
+            self.table,
+            self.tps_fig,
+            self.note,
+        )
         self._key: Any = None
 
     def update(self, instances: list[tuple[str, Any]], launches: dict[str, str], has_cluster: bool) -> bool:
         """Redraw when an instance changed (state, loading, requests); True when it did."""
-        key = tuple((n, str(im.instance_summary(o)), getattr(o, "requests_completed", None),
-                     len(getattr(o, "usage_history", ()) or ()), str(im.loading_progress(o))) for n, o in instances)
+        key = tuple(
+            (
+                n,
+                str(im.instance_summary(o)),
+                getattr(o, "requests_completed", None),
+                len(getattr(o, "usage_history", ()) or ()),
+                str(im.loading_progress(o)),
+            )
+            for n, o in instances
+        )
         if key == self._key:
             return False
         self._key = key
@@ -124,8 +177,13 @@ class InstancesView:
             pad = max(30_000.0, 0.06 * (t1 - t0))
             self.tps_fig.x_range.start, self.tps_fig.x_range.end = t0 - pad, t1 + pad
         launch = [f"{k}: {v}" for k, v in launches.items() if v.startswith("launching")]
-        note = ("" if instances else "No instances yet: preview a model below and launch a plan"
-                if has_cluster else "No models served in this process.")
+        note = (
+            ""
+            if instances
+            else "No instances yet: preview a model below and launch a plan"
+            if has_cluster
+            else "No models served in this process."
+        )
         if instances and not series["points"]["t"]:
             note = "Decode tokens/s appear per request as requests finish (chat here, or call the API)."
         self.note.object = "".join(f"<div class='exo-hint'>{html.escape(x)}</div>" for x in [*launch, note] if x)

@@ -19,13 +19,35 @@ def plans_frame(plans: Any) -> pd.DataFrame:
     """Ranked plans as a table."""
     rows = []
     for i, p in enumerate(plans.plans):
-        mem = max((p.memory_bytes.get(n, 0) / p.memory_capacity_bytes[n] for n in p.nodes
-                   if p.memory_capacity_bytes.get(n)), default=0.0)
-        rows.append({"#": i, "plan": p.describe(), "nodes": p.num_nodes, "decode tok/s": round(p.decode_tps, 1),
-                     "TTFT (ms)": round(p.ttft_s * 1000, 1), "prefill tok/s": round(p.prefill_tps, 1),
-                     "peak memory": f"{100 * mem:.0f}%", "bottleneck": p.bottleneck})
-    return typed_frame(rows, {"#": int, "plan": str, "nodes": int, "decode tok/s": float, "TTFT (ms)": float,
-                         "prefill tok/s": float, "peak memory": str, "bottleneck": str})
+        mem = max(
+            (p.memory_bytes.get(n, 0) / p.memory_capacity_bytes[n] for n in p.nodes if p.memory_capacity_bytes.get(n)),
+            default=0.0,
+        )
+        rows.append(
+            {
+                "#": i,
+                "plan": p.describe(),
+                "nodes": p.num_nodes,
+                "decode tok/s": round(p.decode_tps, 1),
+                "TTFT (ms)": round(p.ttft_s * 1000, 1),
+                "prefill tok/s": round(p.prefill_tps, 1),
+                "peak memory": f"{100 * mem:.0f}%",
+                "bottleneck": p.bottleneck,
+            }
+        )
+    return typed_frame(
+        rows,
+        {
+            "#": int,
+            "plan": str,
+            "nodes": int,
+            "decode tok/s": float,
+            "TTFT (ms)": float,
+            "prefill tok/s": float,
+            "peak memory": str,
+            "bottleneck": str,
+        },
+    )
 
 
 class PlansView:
@@ -37,30 +59,52 @@ class PlansView:
         self._launched: str | None = None  # the plan this page launched last, and what it shows about it
         self._launch_status = ""
         self.model = pn.widgets.AutocompleteInput(
-            label="model", options=source.model_suggestions(), restrict=False, min_characters=2, case_sensitive=False,
+            label="model",
+            options=source.model_suggestions(),
+            restrict=False,
+            min_characters=2,
+            case_sensitive=False,
             search_strategy="includes",
-            placeholder="a model name, path, hub id, synthetic:<preset> or a config.json", sizing_mode="stretch_width")
+            placeholder="a model name, path, hub id, synthetic:<preset> or a config.json",
+            sizing_mode="stretch_width",
+        )
         if source.registry is not None and source.registry.names():
             first = source.instances()[0][1]
             self.model.value = str(getattr(first, "path", "") or "")
         self.context = pn.widgets.IntInput(label="context", value=4096, start=16, step=1024, width=110)
         self.prompt = pn.widgets.IntInput(label="prompt tokens", value=512, start=1, step=128, width=110)
-        self.objective = pn.widgets.Select(label="rank by", options={"decode tok/s": "decode",
-                                                                    "time to first token": "ttft"}, width=160)
+        self.objective = pn.widgets.Select(
+            label="rank by", options={"decode tok/s": "decode", "time to first token": "ttft"}, width=160
+        )
         self.preview_button = pn.widgets.Button(label="Preview", color="primary", width=100, align="end")
         self.preview_button.on_click(self._on_preview)
-        self.table = pn.widgets.Tabulator(plans_frame(Plans([])), show_index=False, disabled=True,
-                                          sizing_mode="stretch_width", layout="fit_data_fill", theme="simple",
-                                          selectable=1, pagination="local", page_size=8, visible=False)
+        self.table = pn.widgets.Tabulator(
+            plans_frame(Plans([])),
+            show_index=False,
+            disabled=True,
+            sizing_mode="stretch_width",
+            layout="fit_data_fill",
+            theme="simple",
+            selectable=1,
+            pagination="local",
+            page_size=8,
+            visible=False,
+        )
         self.table.param.watch(self._on_plan_selected, "selection")
-        self.note = html_pane("<div class='exo-hint'>Pick a model and press Preview to rank the ways to run it on "
-                              "these nodes.</div>")
-        self.launch_button = pn.widgets.Button(label="Launch selected plan", color="success", width=180,
-                                               disabled=True, visible=source.cluster is not None)
+        self.note = html_pane(
+            "<div class='exo-hint'>Pick a model and press Preview to rank the ways to run it on these nodes.</div>"
+        )
+        self.launch_button = pn.widgets.Button(
+            label="Launch selected plan", color="success", width=180, disabled=True, visible=source.cluster is not None
+        )
         self.launch_button.on_click(self._on_launch)
-        self.card = card(html_pane(card_title("Placement preview", "ranked plans for a model on these nodes")),
-                         pn.Row(self.model, self.context, self.prompt, self.objective, self.preview_button, margin=0),
-                         self.note, self.table, self.launch_button)
+        self.card = card(
+            html_pane(card_title("Placement preview", "ranked plans for a model on these nodes")),
+            pn.Row(self.model, self.context, self.prompt, self.objective, self.preview_button, margin=0),
+            self.note,
+            self.table,
+            self.launch_button,
+        )
 
     def update(self) -> None:
         """Show how the launch this page started is going."""
@@ -80,9 +124,10 @@ class PlansView:
         self.preview_button.disabled = True
         self.note.object = f"<div class='exo-hint'>Planning {html.escape(model)}…</div>"
         try:
-            plans = await asyncio.to_thread(self.source.preview, model, int(self.context.value),
-                                            int(self.prompt.value), self.objective.value)
-        except Exception as exc:  # noqa: BLE001  (an unknown model, a bad config: shown where the user looks)
+            plans = await asyncio.to_thread(
+                self.source.preview, model, int(self.context.value), int(self.prompt.value), self.objective.value
+            )
+        except Exception as exc:
             self.plans = None
             self.table.visible = False
             self.launch_button.disabled = True
@@ -111,14 +156,17 @@ class PlansView:
         sel = self.table.selection
         i = sel[0] if sel else 0
         p = plans.plans[i]
-        head = (f"<b>{len(plans.plans)}</b> feasible plan{'s' if len(plans.plans) != 1 else ''} for "
-                f"<b>{html.escape(plans.model)}</b>" + (f", {len(plans.infeasible)} infeasible" if plans.infeasible else "")
-                + f". Plan #{i}: {html.escape(p.explanation or p.describe())}")
+        head = (
+            f"<b>{len(plans.plans)}</b> feasible plan{'s' if len(plans.plans) != 1 else ''} for "
+            f"<b>{html.escape(plans.model)}</b>"
+            + (f", {len(plans.infeasible)} infeasible" if plans.infeasible else "")
+            + f". Plan #{i}: {html.escape(p.explanation or p.describe())}"
+        )
         status = self.source.launches.get(p.describe())
         if status:
             head += f" <b>{html.escape(status)}</b>"
         self.note.object = f"<div class='exo-note'>{head}</div>"
-        can = (self.source.cluster is not None and p.strategy != "pipeline-tensor" and p.feasible)
+        can = self.source.cluster is not None and p.strategy != "pipeline-tensor" and p.feasible
         self.launch_button.disabled = not can
 
     def _instance_name(self, model: str) -> str:

@@ -45,7 +45,7 @@ class DashboardServer:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
-    def start(self) -> "DashboardServer":
+    def start(self) -> DashboardServer:
         """Bind and serve; returns once the port listens (OSError when it cannot)."""
         from panel.io.server import get_server
         from tornado.ioloop import IOLoop
@@ -63,9 +63,16 @@ class DashboardServer:
             asyncio.set_event_loop(loop)
             self._loop = loop
             try:
-                self._server = get_server({"/": lambda: create_app(self.source)}, port=self.port, address=self.host,
-                                          websocket_origin=_origins(self.host, self.port), loop=IOLoop.current(),
-                                          show=False, start=False, title="exo_lab dashboard")
+                self._server = get_server(
+                    {"/": lambda: create_app(self.source)},
+                    port=self.port,
+                    address=self.host,
+                    websocket_origin=_origins(self.host, self.port),
+                    loop=IOLoop.current(),
+                    show=False,
+                    start=False,
+                    title="exo_lab dashboard",
+                )
                 self._server.start()
             except BaseException as exc:
                 failure.append(exc)
@@ -84,8 +91,11 @@ class DashboardServer:
             self._thread.join()
             exc = failure[0]
             if isinstance(exc, OSError):
-                raise OSError(exc.errno, f"cannot serve the dashboard on {self.host}:{self.port}: {exc.strerror}; "
-                                         "pass another --dashboard-port") from exc
+                raise OSError(
+                    exc.errno,
+                    f"cannot serve the dashboard on {self.host}:{self.port}: {exc.strerror}; "
+                    "pass another --dashboard-port",
+                ) from exc
             raise exc
         log.info("exo_lab dashboard on %s", self.url)
         return self
@@ -94,6 +104,7 @@ class DashboardServer:
         """Stop serving and the source's refresh."""
         loop, server = self._loop, self._server
         if loop is not None and self.running:
+
             def shutdown() -> None:
                 try:
                     server.stop()
@@ -104,7 +115,7 @@ class DashboardServer:
             self._thread.join(timeout)
         self.source.close()
 
-    def __enter__(self) -> "DashboardServer":
+    def __enter__(self) -> DashboardServer:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -114,7 +125,8 @@ class DashboardServer:
         return f"<exo_lab DashboardServer {self.url} {'running' if self.running else 'stopped'}>"
 
 
-def serve_dashboard(source: DashboardSource | None = None, port: int = DEFAULT_PORT, host: str = "127.0.0.1",
-                    **source_kwargs: Any) -> DashboardServer:
+def serve_dashboard(
+    source: DashboardSource | None = None, port: int = DEFAULT_PORT, host: str = "127.0.0.1", **source_kwargs: Any
+) -> DashboardServer:
     """Serve the dashboard and return the running server (``source_kwargs`` build a source when none is given)."""
     return DashboardServer(source or DashboardSource(**source_kwargs), host, port).start()

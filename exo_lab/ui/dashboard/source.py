@@ -22,8 +22,10 @@ log = logging.getLogger(__name__)
 
 def machine_topology() -> Topology:
     """This machine as a one-node topology, measured in a child process (MLX stays out of this one)."""
-    code = ("import json, exo_lab\nfrom exo_lab.placement.preview import this_machine\n"
-            "print(json.dumps(this_machine().to_json()))")
+    code = (
+        "import json, exo_lab\nfrom exo_lab.placement.preview import this_machine\n"
+        "print(json.dumps(this_machine().to_json()))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, check=False)
     if out.returncode != 0:
         raise RuntimeError(f"profiling this machine failed: {out.stderr.strip()[-500:]}")
@@ -40,8 +42,15 @@ class DashboardSource:
     ``bench``: a bench JSON document (or a path to one).
     """
 
-    def __init__(self, cluster: Any = None, topology: Topology | None = None, registry: Any = None,
-                 api_url: str | None = None, bench: Any = None, refresh_s: float = 2.0) -> None:
+    def __init__(
+        self,
+        cluster: Any = None,
+        topology: Topology | None = None,
+        registry: Any = None,
+        api_url: str | None = None,
+        bench: Any = None,
+        refresh_s: float = 2.0,
+    ) -> None:
         self.cluster = cluster
         self.registry = registry
         self.api_url = api_url
@@ -61,7 +70,7 @@ class DashboardSource:
         self.launches: dict[str, str] = {}  # plan description -> "launching…", "launched as NAME…", "launch failed: …"
 
     # lifecycle
-    def start(self) -> "DashboardSource":
+    def start(self) -> DashboardSource:
         """Start the background refresh (idempotent)."""
         if self._thread is None and (self.cluster is not None or self.mode == "this machine"):
             self._thread = threading.Thread(target=self._refresh_loop, name="exo-lab-dashboard-refresh", daemon=True)
@@ -94,7 +103,7 @@ class DashboardSource:
                     topo = self.cluster.topology
                 else:
                     topo = self._with_live_memory()
-            except Exception as exc:  # noqa: BLE001  (shown in the header; the next round retries)
+            except Exception as exc:
                 log.warning("dashboard refresh failed: %s", exc)
                 self.error = f"refresh failed: {exc}"
                 continue
@@ -167,7 +176,7 @@ class DashboardSource:
             self.launches[key] = "launching…"
             try:
                 inst = plan.launch(name=name, wait=False)
-            except Exception as exc:  # noqa: BLE001  (reported in the page)
+            except Exception as exc:
                 log.warning("launching %s failed: %s", key, exc)
                 self.launches[key] = f"launch failed: {exc}"
             else:

@@ -18,8 +18,13 @@ body { background: #f3f5f8; margin: 0; }
 .bk-root, body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; }
 """
 
-CARD = {"background": "#ffffff", "border": f"1px solid {BORDER}", "border-radius": "10px", "padding": "6px 16px 14px",
-        "box-shadow": "0 1px 2px rgba(31,35,40,0.04)"}
+CARD = {
+    "background": "#ffffff",
+    "border": f"1px solid {BORDER}",
+    "border-radius": "10px",
+    "padding": "6px 16px 14px",
+    "box-shadow": "0 1px 2px rgba(31,35,40,0.04)",
+}
 
 HTML_CSS = f"""
 :host {{ font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: {FG}; }}
@@ -58,4 +63,3 @@ def html_pane(text: str = "", **kwargs: Any) -> pn.pane.HTML:
 def card(*objs: Any, **kwargs: Any) -> pn.Column:
     """A white card on the page's grey background."""
     return pn.Column(*objs, styles=CARD, sizing_mode="stretch_width", margin=(8, 8), **kwargs)
-

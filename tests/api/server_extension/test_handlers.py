@@ -14,7 +14,6 @@ from tornado.httpserver import HTTPServer
 
 from exo_lab.cluster import coordinators
 
-
 REPO = Path(__file__).resolve().parents[3]
 KEY = "f" * 64
 
@@ -44,9 +43,20 @@ class FakeAgent:
                 self.set_header("Content-Type", "application/json")
                 self.finish(json.dumps(agent.answer(self.request.path)))
 
-        self.node = {"id": node_id, "name": name, "addresses": ["127.0.0.1"], "port": 0, "state": "alive",
-                     "profile": {"memory_total_bytes": 16 * 2**30, "memory_available_bytes": 12 * 2**30,
-                                 "cpu_model": "Fake CPU", "cpu_count": 4, "mlx_devices": ["cpu"]}}
+        self.node = {
+            "id": node_id,
+            "name": name,
+            "addresses": ["127.0.0.1"],
+            "port": 0,
+            "state": "alive",
+            "profile": {
+                "memory_total_bytes": 16 * 2**30,
+                "memory_available_bytes": 12 * 2**30,
+                "cpu_model": "Fake CPU",
+                "cpu_count": 4,
+                "mlx_devices": ["cpu"],
+            },
+        }
         self.instances = instances
         self.server = HTTPServer(tornado.web.Application([(r"/.*", Handler)]))
         sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
@@ -67,9 +77,15 @@ class FakeAgent:
 def write_coordinator(registry: Path, agents: list[str], **fields: Any) -> coordinators.CoordinatorInfo:
     """A registration as a live coordinator (this test process) writes it."""
     info = coordinators.CoordinatorInfo(
-        id=fields.pop("id", f"{os.getpid()}-1"), pid=os.getpid(),
-        process_started=coordinators._process_started(os.getpid()), kind="kernel", label="kernel 1234abcd",
-        agents=agents, follow_peers=False, **{"cluster_key": KEY, **fields})
+        id=fields.pop("id", f"{os.getpid()}-1"),
+        pid=os.getpid(),
+        process_started=coordinators._process_started(os.getpid()),
+        kind="kernel",
+        label="kernel 1234abcd",
+        agents=agents,
+        follow_peers=False,
+        **{"cluster_key": KEY, **fields},
+    )
     registry.mkdir(parents=True, exist_ok=True)
     (registry / f"{info.id}.json").write_text(json.dumps(info.to_json()))
     return info
@@ -96,16 +112,32 @@ async def test_no_coordinator_is_a_normal_state(jp_fetch, registry: Path) -> Non
 
 
 async def test_topology_and_instances_of_a_registered_cluster(jp_fetch, registry: Path) -> None:
-    ready = {"id": "inst1", "name": "tiny", "model": "/m/tiny", "state": "ready", "loaded_layers": 8,
-             "total_layers": 8, "node_names": ["fake-0", "fake-1"], "description": "pipeline: fake-0 -> fake-1"}
-    a = FakeAgent("n0", "fake-0", [{"id": "inst1", "state": "running", "reserved_bytes": 5,
-                                    "ranks": [{"rank": 0, "alive": True}]}])
-    b = FakeAgent("n1", "fake-1", [{"id": "inst1", "state": "running", "reserved_bytes": 5,
-                                    "ranks": [{"rank": 1, "alive": False}]},
-                                   {"id": "orphan", "state": "running", "reserved_bytes": 1,
-                                    "ranks": [{"rank": 0, "alive": True}]}])
-    info = write_coordinator(registry, [a.address, b.address], instances=[ready],
-                             dashboard_url="http://127.0.0.1:5006/")
+    ready = {
+        "id": "inst1",
+        "name": "tiny",
+        "model": "/m/tiny",
+        "state": "ready",
+        "loaded_layers": 8,
+        "total_layers": 8,
+        "node_names": ["fake-0", "fake-1"],
+        "description": "pipeline: fake-0 -> fake-1",
+    }
+    a = FakeAgent(
+        "n0",
+        "fake-0",
+        [{"id": "inst1", "state": "running", "reserved_bytes": 5, "ranks": [{"rank": 0, "alive": True}]}],
+    )
+    b = FakeAgent(
+        "n1",
+        "fake-1",
+        [
+            {"id": "inst1", "state": "running", "reserved_bytes": 5, "ranks": [{"rank": 1, "alive": False}]},
+            {"id": "orphan", "state": "running", "reserved_bytes": 1, "ranks": [{"rank": 0, "alive": True}]},
+        ],
+    )
+    info = write_coordinator(
+        registry, [a.address, b.address], instances=[ready], dashboard_url="http://127.0.0.1:5006/"
+    )
 
     coords = (await get(jp_fetch, "coordinators"))["coordinators"]
     assert [c["id"] for c in coords] == [info.id]
@@ -146,6 +178,7 @@ async def test_reads_are_cached_for_a_moment(jp_fetch, registry: Path) -> None:
 
 async def test_an_unreachable_cluster_is_a_502_with_the_reason(jp_fetch, registry: Path) -> None:
     from tests.helpers.net import free_port
+
     write_coordinator(registry, [f"127.0.0.1:{free_port()}"])
     with pytest.raises(HTTPClientError) as err:
         await jp_fetch("exo-lab", "api", "topology", method="GET")
@@ -162,9 +195,12 @@ async def test_previews(jp_fetch, registry: Path, tiny_model: Path) -> None:
     assert all(p["context"] == 1024 for p in plans["plans"])
     assert {r["node_id"] for p in plans["plans"] for r in p["ranks"]} <= {"n0", "n1"}
 
-    for params, code in [({}, 400), ({"model_id": str(tiny_model), "context": "x"}, 400),
-                         ({"model_id": str(tiny_model), "objective": "fast"}, 400),
-                         ({"model_id": "no-such-model-anywhere"}, 404)]:
+    for params, code in [
+        ({}, 400),
+        ({"model_id": str(tiny_model), "context": "x"}, 400),
+        ({"model_id": str(tiny_model), "objective": "fast"}, 400),
+        ({"model_id": "no-such-model-anywhere"}, 404),
+    ]:
         with pytest.raises(HTTPClientError) as err:
             await jp_fetch("exo-lab", "api", "previews", params=params, method="GET")
         assert err.value.code == code, (params, err.value)
@@ -195,12 +231,31 @@ def test_enabled_by_the_installed_config() -> None:
 
 async def test_a_coordinator_without_agents_shows_its_own_snapshot(jp_fetch, registry: Path, tiny_model: Path) -> None:
     """``exo-lab up``: one process serving a model, no node agents."""
-    node = {"id": "local", "name": "this-host", "addresses": ["127.0.0.1"], "port": 52415, "state": "alive",
-            "profile": {"memory_total_bytes": 8 * 2**30, "memory_available_bytes": 6 * 2**30, "cpu_count": 2}}
-    served = {"id": "api-demo", "name": "demo", "model": "demo", "state": "ready", "strategy": "single",
-              "nodes": ["local"], "node_names": ["this-host"]}
-    write_coordinator(registry, [], local_topology={"nodes": [node], "links": []}, instances=[served],
-                      api_url="http://127.0.0.1:52415", cluster_key=None)
+    node = {
+        "id": "local",
+        "name": "this-host",
+        "addresses": ["127.0.0.1"],
+        "port": 52415,
+        "state": "alive",
+        "profile": {"memory_total_bytes": 8 * 2**30, "memory_available_bytes": 6 * 2**30, "cpu_count": 2},
+    }
+    served = {
+        "id": "api-demo",
+        "name": "demo",
+        "model": "demo",
+        "state": "ready",
+        "strategy": "single",
+        "nodes": ["local"],
+        "node_names": ["this-host"],
+    }
+    write_coordinator(
+        registry,
+        [],
+        local_topology={"nodes": [node], "links": []},
+        instances=[served],
+        api_url="http://127.0.0.1:52415",
+        cluster_key=None,
+    )
     topo = await get(jp_fetch, "topology")
     assert [n["name"] for n in topo["topology"]["nodes"]] == ["this-host"]
     assert topo["coordinator"]["api_url"] == "http://127.0.0.1:52415"
