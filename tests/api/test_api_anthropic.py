@@ -9,7 +9,7 @@ import time
 import anthropic
 import pytest
 
-from tests.helpers.http import raw
+from tests.helpers.raw_http import raw
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from exo_lab.engine.backend import Backend
-from tests.helpers.http import raw
+from tests.helpers.raw_http import raw
 from tests.helpers.net import free_port, wait_http
 
 KEY = "s3cret-key"

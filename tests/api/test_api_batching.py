@@ -13,7 +13,7 @@ import exo_lab
 from exo_lab.engine.generator import EngineBusy, GenerationRequest
 from exo_lab.engine.guided import json_object
 from exo_lab.engine.sampling import SamplingParams
-from tests.helpers.http import raw
+from tests.helpers.raw_http import raw
 
 PROMPTS = [f"Question {i}: " + "tell me more " * i for i in range(8)]
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.helpers.http import raw
+from tests.helpers.raw_http import raw
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import openai
 import pytest
 
-from tests.helpers.http import assert_openai_error, raw
+from tests.helpers.raw_http import assert_openai_error, raw
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,7 @@ import time
 import openai
 import pytest
 
-from tests.helpers.http import assert_openai_error, raw
+from tests.helpers.raw_http import assert_openai_error, raw
 
 pytestmark = pytest.mark.slow
 

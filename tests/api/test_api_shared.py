@@ -12,7 +12,7 @@ from exo_lab.api.registry import ModelRegistry
 from exo_lab.api.server import Server
 from exo_lab.engine.backend import Backend
 from exo_lab.engine.generator import Chunk, Generation, Usage
-from tests.helpers.http import raw
+from tests.helpers.raw_http import raw
 
 MSGS = [{"role": "user", "content": "Hello"}]
 REQUESTS = {
