@@ -14,8 +14,8 @@ import openai
 import pytest
 
 from exo_lab.engine.backend import Backend
-from tests.helpers.raw_http import raw
 from tests.helpers.net import free_port, wait_http
+from tests.helpers.raw_http import raw
 
 KEY = "s3cret-key"
 MSGS = [{"role": "user", "content": "Hello"}]
