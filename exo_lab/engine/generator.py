@@ -20,7 +20,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx_lm.generate  # noqa: F401  (import here, not on the engine thread: its module-level stream is thread-local)
@@ -61,6 +61,11 @@ class Engine(Backend):
 
     #: what this backend does beyond plain generation: logprobs, and output constrained by a grammar
     features = frozenset({"logprobs", "grammar"})
+
+    #: the mlx_lm model (an ``nn.Module`` used through its dynamic attributes); None once released
+    model: Any
+    #: the model's config.json
+    config: dict[str, Any]
 
     def __init__(self, model: str | Path, name: str | None = None, max_batch: int = 16, max_queue: int = 256) -> None:
         from exo_lab.models import resolve
@@ -108,7 +113,10 @@ class Engine(Backend):
         try:
             from mlx_lm import load
 
-            self.model, self.tokenizer, config = load(str(self.path), return_config=True)
+            # mlx_lm's stub has no overload for return_config=True: it returns (model, tokenizer, config)
+            self.model, self.tokenizer, config = cast(
+                "tuple[Any, Any, dict[str, Any]]", load(str(self.path), return_config=True)
+            )
             # materialise non-parameter arrays too (e.g. RoPE frequency tables): a lazy array made on
             # this thread's stream cannot be evaluated from another thread
             mx.eval(

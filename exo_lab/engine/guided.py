@@ -40,17 +40,20 @@ import logging
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import mlx.core as mx
 import numpy as np
 
 from exo_lab.engine.json_closer import JsonCloser, State
 
+if TYPE_CHECKING:
+    from llguidance._lib import JsonCompileOptions  # the stub's TypedDict; llguidance does not re-export it
+
 log = logging.getLogger(__name__)
 
 #: compact JSON: a model with random weights would otherwise fill the output with whitespace
-COMPILE_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+COMPILE_OPTIONS: JsonCompileOptions = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 #: the longest completion plan searched for (in tokens)
 MAX_PLAN = 64
 #: bytes tried, in this order, where neither the JSON closing nor llguidance's forced tokens continue a plan
@@ -83,7 +86,7 @@ class SchemaGrammar:
         if not isinstance(schema, dict):
             raise SchemaError("the schema must be a JSON object")
         try:
-            grammar = LLMatcher.grammar_from_json_schema(schema, defaults=dict(COMPILE_OPTIONS))
+            grammar = LLMatcher.grammar_from_json_schema(schema, defaults=COMPILE_OPTIONS.copy())
             problem = LLMatcher.validate_grammar(grammar)
         except Exception as exc:
             raise SchemaError(str(exc)) from exc
@@ -333,7 +336,7 @@ class SchemaConstraint:
 
         def choose(logprobs: mx.array) -> mx.array:
             sampled = sample(logprobs)
-            return mx.array([self.choose(int(sampled.item()))], sampled.dtype)
+            return mx.array([self.choose(int(cast(int, sampled.item())))], sampled.dtype)
 
         return choose
 
@@ -373,7 +376,7 @@ class SchemaConstraint:
                     return None
                 closing = vocab.spell(closer.closing(state)) if state is not None else None
                 k = m.validate_tokens(closing[:room]) if closing else 0
-                step = closing[:k] if k else (m.compute_ff_tokens()[:room] or self._fallback())
+                step = closing[:k] if closing and k else (m.compute_ff_tokens()[:room] or self._fallback())
                 if not step or not m.consume_tokens(step):
                     return None
                 taken += len(step)

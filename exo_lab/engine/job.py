@@ -8,7 +8,7 @@ sends ``job.to_json()``; each shard worker (:mod:`exo_lab.engine.worker`) reads 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from exo_lab.engine.sampling import SamplingParams
 
@@ -88,10 +88,11 @@ class Job:
             params = SamplingParams(**sampling)
         except (TypeError, ValueError) as exc:
             raise JobError(f"bad sampling parameters: {exc}") from exc
+        # seq and max_tokens may be missing or of any type here: __post_init__ checks them (JobError)
         return cls(
-            data.get("seq"),
+            cast(int, data.get("seq")),
             tuple(prompt),
-            data.get("max_tokens"),
+            cast(int, data.get("max_tokens")),
             params,
             tuple(stop),
             data.get("ignore_eos", False),

@@ -22,7 +22,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 
@@ -127,7 +127,7 @@ class Lockstep:
         self.act_dtype = act_dtype
         self.prefill_step_size = prefill_step_size
 
-    def _forward(self, tokens: mx.array, cache: list, logits: bool) -> mx.array | None:
+    def _forward(self, tokens: mx.array, cache: list, logits: bool) -> mx.array:
         """This stage's part of one forward pass over ``tokens`` (shape ``[batch, n]``).
 
         Between stages the last rank of a stage hands the hidden states to the
@@ -137,7 +137,8 @@ class Lockstep:
         lay = self.layout
         b, n = tokens.shape
         mine = lay.stages[lay.stage]
-        multi = len(lay.stages) > 1 and len(mine) > 1
+        stage_size = len(mine)  # len(mine) inside `multi` makes pyright narrow `mine` to a too-short tuple
+        multi = len(lay.stages) > 1 and stage_size > 1
         if lay.first:
             x = tokens
         elif not multi:
@@ -162,7 +163,11 @@ class Lockstep:
     def _hidden_only(self, x: mx.array, cache: list) -> mx.array:
         from mlx_lm.models.base import create_attention_mask
 
-        h = self.shard.embed_tokens(x) if self.layout.first else x
+        if self.layout.first:
+            assert self.shard.embed_tokens is not None  # a first stage always holds the embedding
+            h = self.shard.embed_tokens(x)
+        else:
+            h = x
         mask = create_attention_mask(h, cache[0] if cache else None)
         for layer, c in zip(self.shard.layers, cache):
             h = layer(h, mask, cache=c)
@@ -183,6 +188,7 @@ class Lockstep:
 
     def step(self, batch: Batch) -> mx.array | None:
         """One decode step of every row of ``batch``: the sampled tokens on the last stage's lead rank, else None."""
+        assert batch.cache is not None, "a step needs a batch with rows"
         out = self._forward(mx.array(batch.inputs, mx.int32)[:, None], batch.cache, logits=True)
         lay = self.layout
         if not lay.last:
@@ -208,7 +214,11 @@ class Lockstep:
         mx.eval(tokens)
         if any(c is not None for c in batch.constraints):  # each constraint keeps its token or writes its plan
             tokens = mx.array(
-                [t if c is None else c.choose(t) for c, t in zip(batch.constraints, tokens.tolist())], tokens.dtype
+                [
+                    t if c is None else c.choose(t)
+                    for c, t in zip(batch.constraints, cast("list[int]", tokens.tolist()))
+                ],
+                tokens.dtype,
             )
         self._logprobs = logprobs
         return tokens
@@ -225,7 +235,7 @@ class Lockstep:
         mine = mx.array([*flags, admit] if self.layout.rank == 0 else [0] * (width + 1), mx.int32)
         both = mx.distributed.all_sum(mx.concatenate([tok, mine]), group=self.group)
         mx.eval(both)
-        values = both.tolist()
+        values = cast("list[int]", both.tolist())  # a 1-d int32 array
         return values[:width], values[width : 2 * width], values[-1]
 
     def share_logprobs(self, batch: Batch, tokens: list[int]) -> list[tuple[float, list[tuple[int, float]]] | None]:
@@ -254,7 +264,7 @@ class Lockstep:
                 at += 1 + 2 * k
         both = mx.distributed.all_sum(mx.array(values), group=self.group)
         mx.eval(both)
-        flat = both.tolist()
+        flat = cast("list[float]", both.tolist())  # a 1-d float32 array
         out: list[tuple[float, list[tuple[int, float]]] | None] = []
         at = 0
         for k in want:

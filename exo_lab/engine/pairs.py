@@ -11,6 +11,7 @@ bits afterwards.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -66,6 +67,7 @@ class PairReduced(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         m = self.inner
         if isinstance(m, QuantizedShardedToAllLinear):
+            mode: dict[str, Any] = {"mode": m.mode} if hasattr(m, "mode") else {}
             y = mx.quantized_matmul(
                 x,
                 m["weight"],
@@ -74,7 +76,7 @@ class PairReduced(nn.Module):
                 transpose=True,
                 group_size=m.group_size,
                 bits=m.bits,
-                **({"mode": m.mode} if hasattr(m, "mode") else {}),
+                **mode,
             )
         else:
             y = x @ m["weight"].T
@@ -86,7 +88,8 @@ class PairReduced(nn.Module):
 
 def shard_pair(layers: list, index: int, exchange: Exchange) -> None:
     """Split every layer's attention heads and MLP between the two ranks of a pair (in place)."""
-    group = PairGroup(index)
+    # shard_linear wants an mx.distributed.Group but only calls its size() and rank(), which PairGroup has
+    group = cast(mx.distributed.Group, PairGroup(index))
     for layer in layers:
         attn, mlp = layer.self_attn, layer.mlp
         for name in ("q_proj", "k_proj", "v_proj"):

@@ -13,6 +13,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -68,7 +69,8 @@ def tensor_names(model_dir: Path, spec: ShardSpec, tied: bool) -> list[str]:
 class Shard(nn.Module):
     """Layers ``[start, end)`` of a model, with embedding/head where the stage needs them."""
 
-    def __init__(self, model: nn.Module, spec: ShardSpec) -> None:
+    def __init__(self, model: Any, spec: ShardSpec) -> None:
+        """``model`` is an mlx_lm model (an ``nn.Module`` used through its dynamic attributes)."""
         super().__init__()
         self.spec = spec
         inner = model.model
@@ -84,14 +86,24 @@ class Shard(nn.Module):
         """Tokens (first stage) or hidden states in; hidden states or logits (last stage) out."""
         from mlx_lm.models.base import create_attention_mask
 
-        h = self.embed_tokens(x) if self.spec.first else x
+        if self.spec.first:
+            assert self.embed_tokens is not None  # a first stage always holds the embedding
+            h = self.embed_tokens(x)
+        else:
+            h = x
         mask = create_attention_mask(h, cache[0] if cache else None)
         for layer, c in zip(self.layers, cache):
             h = layer(h, mask, cache=c)
         if not self.spec.last:
             return h
+        # a last stage always holds the norm, and the embedding (tied) or the head (untied)
+        assert self.norm is not None
         h = self.norm(h)
-        return self.embed_tokens.as_linear(h) if self.tied else self.lm_head(h)
+        if self.tied:
+            assert self.embed_tokens is not None
+            return self.embed_tokens.as_linear(h)
+        assert self.lm_head is not None
+        return self.lm_head(h)
 
     def make_cache(self) -> list:
         from mlx_lm.models.cache import KVCache
@@ -154,6 +166,6 @@ def load_shard(
         spec.start,
         spec.end,
         spec.num_layers,
-        sum(v.nbytes for _, v in tree_flatten(shard.parameters())) / 1e6,
+        sum(v.nbytes for _, v in cast("list[tuple[str, mx.array]]", tree_flatten(shard.parameters()))) / 1e6,
     )
     return shard, config

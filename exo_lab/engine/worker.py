@@ -91,7 +91,8 @@ class Worker:
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.config = config
-        self.rank = int(os.environ.get("MLX_RANK", config.get("rank", 0)))
+        env_rank = os.environ.get("MLX_RANK")
+        self.rank = int(env_rank if env_rank is not None else config.get("rank", 0))
         self.state = "connecting"
         self.loaded = 0
         self.total = config["layers"][1] - config["layers"][0]
@@ -208,6 +209,7 @@ class Worker:
     def _admit(self, queued: QueuedJob, batch) -> _Row:
         """Prefill ``queued``'s prompt and add it as the last row of ``batch``."""
         job = queued.job
+        assert job is not None, f"job {queued.seq} is a {queued.kind}"  # rank 0 admits only generations
         params = job.sampling
         prompt = list(job.prompt)
         row = _Row(queued, len(prompt), job.max_tokens, job.ignore_eos, time.perf_counter())
@@ -317,7 +319,7 @@ class Worker:
         self.lockstep = Lockstep(
             self.shard, self.group, layout, config["hidden_size"], act, cfg.get("prefill_step_size", 2048)
         )
-        samples = self.rank == stages[-1][0]  # the last stage's lead rank samples every token
+        samples = self.rank == layout.stages[-1][0]  # the last stage's lead rank samples every token
         if self.rank == 0 or samples:
             self.tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
         if samples:
