@@ -6,7 +6,7 @@ HOST ?= 127.0.0.1
 PORT ?= 52415
 PYTEST_ARGS ?=
 
-.PHONY: run test setup setup-test clean bench labextension
+.PHONY: run test setup setup-test clean bench labextension lint typecheck
 
 $(VENV)/.created:
 	@py="$$(scripts/find-python.sh)" && echo "creating $(VENV) with $$py" && $$py -m venv $(VENV)
@@ -57,8 +57,17 @@ labextension: $(LABEXT_OUT)/package.json
 run: setup
 	$(VENV)/bin/exo-lab up --host $(HOST) --port $(PORT)
 
-## test: set up everything and run the whole test suite
-test: setup-test labextension
+## lint: ruff (lint rules and formatting, checked, nothing rewritten)
+lint: setup-test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+## typecheck: pyright (basic) over the package
+typecheck: setup-test
+	$(VENV)/bin/pyright
+
+## test: set up everything, then lint, type-check and run the whole test suite (layer contract included)
+test: setup-test labextension lint typecheck
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup
