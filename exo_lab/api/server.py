@@ -78,9 +78,10 @@ class Server:
             self._loop = loop
             try:
                 source = (lambda: self.cluster.topology) if self.cluster is not None else None
-                self._http = HTTPServer(make_app(self.registry, source, self.api_key), idle_connection_timeout=3600)
-                self._http.listen(self.port, self.host)
-                sock = next(iter(self._http._sockets.values()))
+                http = HTTPServer(make_app(self.registry, source, self.api_key), idle_connection_timeout=3600)
+                self._http = http
+                http.listen(self.port, self.host)
+                sock = next(iter(http._sockets.values()))
                 self.port = sock.getsockname()[1]
             except BaseException as exc:
                 failure.append(exc)

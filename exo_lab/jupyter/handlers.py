@@ -236,7 +236,10 @@ class InstancesHandler(ExoLabHandler):
                         "reserved_bytes": inst.get("reserved_bytes", 0),
                     }
                 )
-        mine = [{**inst, "on_nodes": on_nodes.get(inst.get("id"), [])} for inst in info.instances]
+        mine = [
+            {**inst, "on_nodes": on_nodes.get(iid, []) if (iid := inst.get("id")) is not None else []}
+            for inst in info.instances
+        ]
         known = {inst.get("id") for inst in info.instances}
         others = [
             {"id": iid, "state": _agents_state(nodes), "on_nodes": nodes}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +97,8 @@ def loading_progress(obj: Any) -> dict[str, Any]:
 
 def request_rows(obj: Any, limit: int = RECENT_REQUESTS) -> list[dict[str, Any]]:
     """The newest ``limit`` finished requests, oldest first: time and :class:`Usage` fields."""
-    history = list(getattr(obj, "usage_history", ()) or ())[-limit:]
+    usage_history: Iterable[tuple[float, Any]] = getattr(obj, "usage_history", None) or ()
+    history = list(usage_history)[-limit:]
     rows = []
     for t, usage in history:
         rows.append(

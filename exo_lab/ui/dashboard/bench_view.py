@@ -8,7 +8,7 @@ import logging
 from typing import Any
 
 import panel as pn
-from bokeh.models import ColumnDataSource, HoverTool
+from bokeh.models import ColumnDataSource, DataRange1d, FactorRange, HoverTool, Title
 from bokeh.plotting import figure
 
 from exo_lab.ui.dashboard.theme import ACCENT, BORDER, FG, FG2, card, card_title, html_pane
@@ -53,7 +53,7 @@ def bench_rows(doc: Any) -> list[dict[str, Any]]:
     for i, rec in enumerate(records):
         if not isinstance(rec, dict):
             continue
-        plan = rec.get("plan") if isinstance(rec.get("plan"), dict) else {}
+        plan: dict[str, Any] = rec["plan"] if isinstance(rec.get("plan"), dict) else {}
         label = (
             plan.get("description")
             or rec.get("description")
@@ -61,9 +61,9 @@ def bench_rows(doc: Any) -> list[dict[str, Any]]:
             or rec.get("name")
             or f"plan {i}"
         )
-        measured = rec.get("measured") if isinstance(rec.get("measured"), dict) else rec
-        predicted = rec.get("predicted") if isinstance(rec.get("predicted"), dict) else plan
-        row = {"label": str(label)}
+        measured: dict[str, Any] = rec["measured"] if isinstance(rec.get("measured"), dict) else rec
+        predicted: dict[str, Any] = rec["predicted"] if isinstance(rec.get("predicted"), dict) else plan
+        row: dict[str, Any] = {"label": str(label)}
         for key, names in _MEASURED_KEYS.items():
             row[f"measured_{key}"] = _pick(measured, names)
             row[f"predicted_{key}"] = _pick(predicted, names) if predicted else None
@@ -117,10 +117,11 @@ def bench_figures(rows: list[dict[str, Any]]) -> list[Any]:
         src = ColumnDataSource(data)
         height = 70 + 46 * len(rows)
         fig = figure(
-            y_range=list(reversed(labels)),
+            y_range=FactorRange(factors=list(reversed(labels))),
+            x_range=DataRange1d(start=0),
             height=height,
             sizing_mode="stretch_width",
-            title=title,
+            title=Title(text=title, text_font_size="13px", text_color=FG),
             tools="",
             toolbar_location=None,
             outline_line_color=None,
@@ -151,10 +152,7 @@ def bench_figures(rows: list[dict[str, Any]]) -> list[Any]:
                 ]
             )
         )
-        fig.x_range.start = 0
         fig.xaxis.axis_label = unit
-        fig.title.text_font_size = "13px"
-        fig.title.text_color = FG
         fig.legend.location = "bottom_right"
         fig.legend.orientation = "horizontal"
         fig.legend.label_text_font_size = "11px"

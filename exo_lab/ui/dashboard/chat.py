@@ -152,9 +152,12 @@ class ChatView:
         self._render_chat()
         self.send_button.disabled, self.stop_button.disabled = True, False
         try:
+            max_tokens = self.max_tokens.value
+            if max_tokens is None:
+                raise ValueError("max tokens is empty")
             gen = backend.chat(
                 [*history, {"role": "user", "content": text}],
-                max_tokens=int(self.max_tokens.value),
+                max_tokens=int(max_tokens),
                 temperature=float(self.temperature.value),
             )
             self._generation = gen

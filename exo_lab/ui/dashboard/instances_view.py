@@ -53,10 +53,10 @@ def instance_frame(instances: list[tuple[str, Any]]) -> pd.DataFrame:
     )
 
 
-def tps_series(instances: list[tuple[str, Any]]) -> dict[str, dict[str, list]]:
+def tps_series(instances: list[tuple[str, Any]]) -> dict[str, dict[str, Any]]:
     """Decode tokens/s per finished request, over time: ``lines`` (one per instance) and ``points``."""
-    lines: dict[str, list] = {"xs": [], "ys": [], "color": [], "name": []}
-    points: dict[str, list] = {"t": [], "tps": [], "color": [], "name": [], "tokens": [], "ttft": []}
+    lines: dict[str, list[Any]] = {"xs": [], "ys": [], "color": [], "name": []}
+    points: dict[str, list[Any]] = {"t": [], "tps": [], "color": [], "name": [], "tokens": [], "ttft": []}
     for i, (name, inst) in enumerate(instances):
         rows = [r for r in im.request_rows(inst) if r["completion_tokens"] > 1 and r["generation_tps"] > 0]
         if not rows:
@@ -92,8 +92,8 @@ def tps_figure() -> tuple[Any, ColumnDataSource, ColumnDataSource]:
         toolbar_location=None,
         min_border_left=40,
         outline_line_color=None,
-        y_range=Range1d(0, 1),
-        x_range=Range1d(now - 300_000, now + 30_000),
+        y_range=Range1d(start=0, end=1),
+        x_range=Range1d(start=now - 300_000, end=now + 30_000),
     )
     fig.multi_line("xs", "ys", source=lines, line_color="color", line_width=2)
     dots = fig.scatter(

@@ -124,9 +124,10 @@ class PlansView:
         self.preview_button.disabled = True
         self.note.object = f"<div class='exo-hint'>Planning {html.escape(model)}…</div>"
         try:
-            plans = await asyncio.to_thread(
-                self.source.preview, model, int(self.context.value), int(self.prompt.value), self.objective.value
-            )
+            context, prompt = self.context.value, self.prompt.value
+            if context is None or prompt is None:
+                raise ValueError("context and prompt tokens need a value")
+            plans = await asyncio.to_thread(self.source.preview, model, int(context), int(prompt), self.objective.value)
         except Exception as exc:
             self.plans = None
             self.table.visible = False

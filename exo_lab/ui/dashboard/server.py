@@ -102,8 +102,8 @@ class DashboardServer:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Stop serving and the source's refresh."""
-        loop, server = self._loop, self._server
-        if loop is not None and self.running:
+        loop, server, thread = self._loop, self._server, self._thread
+        if loop is not None and thread is not None and self.running:
 
             def shutdown() -> None:
                 try:
@@ -112,7 +112,7 @@ class DashboardServer:
                     loop.stop()
 
             loop.call_soon_threadsafe(shutdown)
-            self._thread.join(timeout)
+            thread.join(timeout)
         self.source.close()
 
     def __enter__(self) -> DashboardServer:

@@ -11,7 +11,7 @@ import sys
 import threading
 import weakref
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from exo_lab.cluster.topology import NodeInfo, Topology
 from exo_lab.ui import instance_monitor as im
@@ -59,7 +59,7 @@ class DashboardSource:
         self._topology = cluster.topology if cluster is not None else topology
         self.version = 1 if self._topology is not None else 0
         self.error = ""
-        self.bench: dict[str, Any] | None = None
+        self.bench: dict[str, Any] | list[Any] | None = None
         self.bench_version = 0
         if bench is not None:
             self.load_bench(bench)
@@ -113,7 +113,9 @@ class DashboardSource:
     def _with_live_memory(self) -> Topology:
         from exo_lab.cluster.profile import memory_now
 
-        topo = Topology.from_json(self._topology.to_json())
+        current = self._topology
+        assert current is not None, "_refresh_loop sets this machine's topology before refreshing it"
+        topo = Topology.from_json(current.to_json())
         total, available = memory_now()
         for node in topo.nodes.values():
             node.profile = {**node.profile, "memory_total_bytes": total, "memory_available_bytes": available}
@@ -194,6 +196,6 @@ class DashboardSource:
             bench = bench.decode()
         if isinstance(bench, str):
             bench = json.loads(bench)
-        bench_rows(bench)  # raises ValueError when there is nothing to show
-        self.bench = bench
+        bench_rows(bench)  # raises ValueError when there is nothing to show: what passes is a dict or a list
+        self.bench = cast("dict[str, Any] | list[Any]", bench)
         self.bench_version += 1
