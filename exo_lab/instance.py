@@ -19,6 +19,7 @@ import queue
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from mlx_lm.utils import load_tokenizer
@@ -43,6 +44,8 @@ class Instance(Backend):
 
     #: what it does beyond plain generation (on the rank that samples): logprobs, and output constrained by a grammar
     features = frozenset({"logprobs", "grammar"})
+
+    path: Path  # always a model directory (resolve() raises otherwise)
 
     def __init__(
         self,
@@ -71,6 +74,7 @@ class Instance(Backend):
         self._queue: queue.Queue[Generation | None] = queue.Queue()
         self._inflight: set[Generation] = set()  # sent to the ranks, not finished
         self._closed = threading.Event()
+        self._rings: dict[int, str] = {}  # rank -> its ring port (kept across re-launches)
         self._start(plan)
         threading.Thread(target=self._dispatch_loop, name=f"exo-lab-instance-{self.name}", daemon=True).start()
         threading.Thread(target=self._watch_loop, name=f"exo-lab-watch-{self.name}", daemon=True).start()
@@ -100,8 +104,7 @@ class Instance(Backend):
                 for rank, ports in resp["ranks"].items():
                     self.controls[int(rank)] = ports["control"]
                     self.progress[int(rank)] = (0, 1)
-                    ports_by_rank = self.__dict__.setdefault("_rings", {})
-                    ports_by_rank[int(rank)] = ports["ring"]
+                    self._rings[int(rank)] = ports["ring"]
             hostfile = [[self._rings[r.rank]] for r in sorted(plan.ranks, key=lambda r: r.rank)]
             stages: dict[int, list[int]] = {}
             for r in plan.ranks:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from exo_lab.bench.metrics import METRICS
 
@@ -23,13 +23,13 @@ def _color(i: int) -> str:
 
 def decode_bars(result: BenchResult) -> Any:
     """Grouped bars per plan: measured decode tokens/s, predicted, and predicted after calibration (if any)."""
-    from bokeh.models import ColumnDataSource, FactorRange, HoverTool
+    from bokeh.models import ColumnDataSource, DataRange1d, FactorRange, HoverTool
     from bokeh.plotting import figure
     from bokeh.transform import factor_cmap
 
     after = result.calibration.predicted_after if result.calibration else {}
     kinds = ["measured", "predicted"] + (["calibrated"] if after else [])
-    data: dict[str, list] = {"x": [], "value": [], "kind": [], "plan": []}
+    data: dict[str, Any] = {"x": [], "value": [], "kind": [], "plan": []}
     for p in result.ok:
         values = {
             "measured": p.median("decode_tps"),
@@ -59,7 +59,7 @@ def decode_bars(result: BenchResult) -> Any:
         fill_color=factor_cmap("x", palette=["#1e88e5", "#bdbdbd", "#ffb300"][: len(kinds)], factors=kinds, start=1),
     )
     fig.add_tools(HoverTool(tooltips=[("plan", "@plan"), ("", "@kind"), ("tok/s", "@value{0.0}")]))
-    fig.y_range.start = 0
+    cast(DataRange1d, fig.y_range).start = 0  # figure's default y_range (none given above)
     fig.xaxis.major_label_orientation = 0.8
     fig.yaxis.axis_label = "tokens/s"
     fig.legend.location = "top_right"
@@ -87,8 +87,8 @@ def measured_vs_predicted(result: BenchResult) -> Any:
     fig.yaxis.axis_label = "measured"
     after = result.calibration.predicted_after if result.calibration else {}
     cols = ("x", "y", "color", "marker", "plan", "metric", "ratio")
-    points: dict[str, list] = {c: [] for c in cols}
-    calibrated: dict[str, list] = {c: [] for c in cols}
+    points: dict[str, Any] = {c: [] for c in cols}
+    calibrated: dict[str, Any] = {c: [] for c in cols}
     for i, p in enumerate(result.ok):
         for metric in METRICS:
             meas, pred = p.median(metric), p.predicted.get(metric)

@@ -217,7 +217,7 @@ class BenchResult:
         for i, plan in enumerate(seq):
             hit = by_key.get(plan.key)
             if hit is not None:
-                out[i] = {m: hit.median(m) for m in METRICS if hit.median(m) is not None}
+                out[i] = {m: v for m in METRICS if (v := hit.median(m)) is not None}
         return out
 
     def show_in(self, widget: Any) -> None:
@@ -252,12 +252,13 @@ class BenchResult:
             links = ", ".join(
                 f"{x.src_name}->{x.dst_name} {_bytes(x.bytes_per_request)}" for x in p.links if x.src != x.dst
             ) or ("loopback only" if p.links else "-")
+            ttft = p.median("ttft_s")
             out.append(
                 [
                     str(p.index),
                     p.description,
                     "ok",
-                    f"{_num(1000 * p.median('ttft_s'))} / {_num(1000 * pr['ttft_s'])}",
+                    f"{_num(None if ttft is None else 1000 * ttft)} / {_num(1000 * pr['ttft_s'])}",
                     f"{_num(p.median('prefill_tps'))} / {_num(pr['prefill_tps'])}",
                     f"{_num(p.median('decode_tps'))} / {_num(pr['decode_tps'])}",
                     f"{p.ratios.get('decode_tps', 0.0):.2f}x",

@@ -30,7 +30,7 @@ from exo_lab.engine.sampling import SamplingParams
 from exo_lab.models.card import ModelCard
 from exo_lab.models.store import resolve
 from exo_lab.placement.cost import DTYPE_BYTES
-from exo_lab.placement.plan import Plan, Plans
+from exo_lab.placement.plan import Plan, Plans, RankSpec
 from exo_lab.placement.predict import Predictor, aggregate_tps
 from exo_lab.placement.preview import model_card
 
@@ -131,14 +131,14 @@ def link_traffic(plan: Plan, card: ModelCard, pp: int, tg: int) -> list[LinkTraf
     """Bytes each rank sends another for one request, computed from the plan (see the module doc)."""
     hidden = card.hidden_size
     names = plan.node_names
-    by_stage: dict[int, list] = {}
+    by_stage: dict[int, list[RankSpec]] = {}
     for r in plan.ranks:
         by_stage.setdefault(r.stage, []).append(r)
     stages = [sorted(by_stage[s], key=lambda r: r.tensor_index) for s in sorted(by_stage)]
     tokens = pp + tg - 1  # forwards carry pp prompt tokens, then one token per step after the first
-    out = []
+    out: list[LinkTraffic] = []
 
-    def add(a: Any, b: Any, kind: str, per_token: float) -> None:
+    def add(a: RankSpec, b: RankSpec, kind: str, per_token: float) -> None:
         out.append(
             LinkTraffic(
                 a.node_id,

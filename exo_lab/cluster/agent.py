@@ -170,9 +170,10 @@ class NodeAgent:
         loop = asyncio.get_running_loop()
         profile = await loop.run_in_executor(None, self._measure_profile)
         self.profile = profile.to_json()
-        self._http = HTTPServer(self._app())
-        self._http.listen(self.port, self.config.host)
-        self.port = next(iter(self._http._sockets.values())).getsockname()[1]
+        http: HTTPServer = HTTPServer(self._app())  # tornado's Configurable.__new__ makes this Any
+        self._http = http
+        http.listen(self.port, self.config.host)
+        self.port = next(iter(http._sockets.values())).getsockname()[1]
         self.probe_port = await self._probe_server.start(self.config.host, self.probe_port)
         if self.config.mdns:
             self._discovery = Discovery(
@@ -354,6 +355,7 @@ class NodeAgent:
         peer = self.peers.get(peer_id)
         if peer is None or peer.info.state != "alive" or not peer.info.probe_port:
             return []
+        probe_port = peer.info.probe_port
         loop = asyncio.get_running_loop()
         out = []
         async with self._probe_lock:
@@ -365,7 +367,7 @@ class NodeAgent:
                         self.id,
                         peer_id,
                         a,
-                        peer.info.probe_port,
+                        probe_port,
                         self.config.probe_samples,
                         self.config.probe_bytes,
                         cancel=self._cancel_probes,

@@ -17,6 +17,7 @@ import subprocess
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Self
 
 from exo_lab import defaults, paths
@@ -41,6 +42,8 @@ def _normalise(address: str) -> str:
 
 class ClusterClient:
     """Node agents seen from a coordinator (a notebook kernel, ``exo-lab up``, the Jupyter server)."""
+
+    stores: list[Path]  # set only by :meth:`local`: each node's model store (empty unless ``separate_stores``)
 
     def __init__(
         self,
@@ -184,8 +187,9 @@ class ClusterClient:
 
     def close(self) -> None:
         """Delete this coordinator's instances; stop the agents it started (local clusters)."""
-        if getattr(self, "registration", None) is not None:
-            self.registration.close()
+        registration = getattr(self, "registration", None)  # absent when __init__ failed before it
+        if registration is not None:
+            registration.close()
         for inst in list(self.instances):
             try:
                 inst.delete()

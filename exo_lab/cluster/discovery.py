@@ -13,7 +13,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from zeroconf import DNSQuestionType, IPVersion, ServiceBrowser, ServiceStateChange, Zeroconf
+from zeroconf import DNSQuestionType, IPVersion, ServiceBrowser, ServiceListener, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 log = logging.getLogger(__name__)
@@ -95,6 +95,7 @@ class Discovery:
         if change is ServiceStateChange.Removed:
             await self.on_lost(peer_id)
             return
+        assert self.zc is not None  # _on_change is registered by start() after it sets zc, never unset
         info = AsyncServiceInfo(service_type, name)
         if not await info.async_request(self.zc.zeroconf, 3000):
             return
@@ -129,13 +130,14 @@ def browse(timeout: float = 3.0, key_fingerprint: str | None = None) -> list[str
     names: set[str] = set()
     zc = Zeroconf(ip_version=IPVersion.V4Only)
 
-    class Listener:
-        def add_service(self, zc_: Zeroconf, type_: str, name: str) -> None:
+    class Listener(ServiceListener):
+        def add_service(self, zc: Zeroconf, type_: str, name: str) -> None:
             names.add(name)
 
-        update_service = add_service
+        def update_service(self, zc: Zeroconf, type_: str, name: str) -> None:
+            names.add(name)
 
-        def remove_service(self, zc_: Zeroconf, type_: str, name: str) -> None:
+        def remove_service(self, zc: Zeroconf, type_: str, name: str) -> None:
             names.discard(name)
 
     # multicast questions (QM): answers reach this process even when an agent on the same
@@ -147,7 +149,7 @@ def browse(timeout: float = 3.0, key_fingerprint: str | None = None) -> list[str
     try:
         for name in sorted(names):  # resolve after browsing, so a slow answer does not hide the others
             info = zc.get_service_info(SERVICE_TYPE, name, 3000, question_type=DNSQuestionType.QM)
-            if info is None:
+            if info is None or info.port is None:
                 continue
             props = _decode(info.properties)
             if key_fingerprint and props.get("fp") != key_fingerprint:

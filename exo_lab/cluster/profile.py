@@ -100,7 +100,7 @@ def _static_facts() -> dict[str, Any]:
         "system": platform.system(),
         "machine": platform.machine(),
         "hostname": socket.gethostname(),
-        "mlx_version": mx.__version__,
+        "mlx_version": mx.__version__,  # pyright: ignore[reportAttributeAccessIssue]  # in mlx.core, not its stub
         "mlx_devices": mlx_devices(),
         "blas": _blas.name(),
         "gpu_name": gpu_name,

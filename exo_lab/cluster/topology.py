@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import networkx as nx
 import yaml
@@ -147,7 +147,9 @@ class Topology:
 
     nodes: dict[str, NodeInfo] = field(default_factory=dict)
     links: list[LinkProfile] = field(default_factory=list)
-    _source = None  # not a field: the Cluster that produced this topology (set by Cluster.refresh), never serialised
+    # not a field (so no annotation): the Cluster that produced this topology (set by Cluster.refresh),
+    # never serialised; the cast types it Any so that refresh may set it
+    _source = cast(Any, None)
 
     def alive(self) -> list[NodeInfo]:
         return [n for n in self.nodes.values() if n.state == "alive"]

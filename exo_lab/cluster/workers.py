@@ -45,16 +45,17 @@ class RankProcess:
     exit_code: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        alive = self.proc is not None and self.proc.poll() is None
-        code = self.proc.poll() if self.proc is not None else None
+        proc = self.proc
+        alive = proc is not None and proc.poll() is None
+        code = proc.poll() if proc is not None else None
         return {
             "rank": self.rank,
             "ring": self.ring,
             "control": self.control,
-            "pid": self.proc.pid if self.proc else None,
+            "pid": proc.pid if proc else None,
             "alive": alive,
             "exit_code": code,
-            **(process_memory(self.proc.pid) if alive else {}),
+            **(process_memory(proc.pid) if proc is not None and alive else {}),
         }
 
 

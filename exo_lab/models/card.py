@@ -208,7 +208,7 @@ def card_from_config(
     count packed weights plus one scale and bias per group (mlx's format).
     """
     c = config.get("text_config", config)
-    dtype = dtype or c.get("torch_dtype") or "bfloat16"
+    weights_dtype: str = dtype or c.get("torch_dtype") or "bfloat16"
     quantization = quantization if quantization is not None else c.get("quantization")
     hidden, layers = int(c["hidden_size"]), int(c["num_hidden_layers"])
     heads = int(c["num_attention_heads"])
@@ -217,8 +217,8 @@ def card_from_config(
     inter = int(c["intermediate_size"])
     vocab = int(c["vocab_size"])
     tied = bool(c.get("tie_word_embeddings", False))
-    bpw = _bytes_per_weight(dtype, quantization)
-    act = _TORCH_DTYPE_BYTES.get(dtype, 2)
+    bpw = _bytes_per_weight(weights_dtype, quantization)
+    act = _TORCH_DTYPE_BYTES.get(weights_dtype, 2)
     linear = hidden * heads * head_dim * 2 + hidden * kv * head_dim * 2 + 3 * hidden * inter
     bias = (heads + 2 * kv) * head_dim if c.get("attention_bias") else 0
     qk_norm = 2 * head_dim if c.get("model_type") == "qwen3" else 0
@@ -235,7 +235,7 @@ def card_from_config(
         head_dim=head_dim,
         intermediate_size=inter,
         vocab_size=vocab,
-        dtype=dtype,
+        dtype=weights_dtype,
         quantization=quantization,
         tie_word_embeddings=tied,
         layer_bytes=[per_layer] * layers,

@@ -23,7 +23,7 @@ import math
 import shutil
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -134,7 +134,9 @@ def build_model(preset: str | Preset = "tiny", seed: int = 0, dtype: str | None 
     model_cls, args_cls = _model_class(p.model_type)
     model = model_cls(args_cls.from_dict(config))
     trained = len(json.loads(bpe.base_tokenizer_json())["model"]["vocab"])
-    damped = [tok.token_to_id(t) for t in bpe.SPECIAL_TOKENS] + list(range(trained, p.config["vocab_size"]))
+    # every special token is in the vocabulary (trained in as one), so none is dropped here
+    specials = [i for t in bpe.SPECIAL_TOKENS if (i := tok.token_to_id(t)) is not None]
+    damped = specials + list(range(trained, p.config["vocab_size"]))
     weights = _initial_weights(model, seed, damped)
     weights = {k: v.astype(DTYPES[dtype]) for k, v in weights.items()}
     model.update(tree_unflatten(list(weights.items())))
@@ -146,7 +148,8 @@ def build_model(preset: str | Preset = "tiny", seed: int = 0, dtype: str | None 
 
 
 def _save_weights(path: Path, model: nn.Module) -> None:
-    weights = dict(sorted(tree_flatten(model.parameters())))
+    # without a destination tree_flatten returns the list of (name, array) pairs (its stub says either)
+    weights = dict(sorted(cast(list[tuple[str, mx.array]], tree_flatten(model.parameters()))))
     shards: list[dict[str, mx.array]] = [{}]
     size = 0
     for name, w in weights.items():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import html
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from exo_lab.cluster.display import text_table
 
@@ -66,6 +66,9 @@ class Plan:
     split: str = "whole"  # how layers were split: proportional, fastest (first), or whole (one stage)
     model_ref: str = ""  # how to find the model's files (path or name), for launching
     fetch_nodes: list[str] = field(default_factory=list)  # nodes that would first fetch their shard from a peer
+    # not a field (so no annotation): the Cluster that previewed this plan (set by Cluster.preview),
+    # never serialised; the cast types it Any so that preview may set it
+    _cluster = cast(Any, None)
 
     @property
     def nodes(self) -> list[str]:
@@ -126,7 +129,7 @@ class Plan:
 
     def launch(self, cluster: Any = None, name: str | None = None, wait: bool = True):
         """Launch this plan on ``cluster`` (default: the cluster that previewed it)."""
-        cluster = cluster or getattr(self, "_cluster", None)
+        cluster = cluster or self._cluster
         if cluster is None:
             raise RuntimeError(
                 "this plan is not tied to a cluster: call plan.launch(cluster) or cluster.launch(model, plan)"

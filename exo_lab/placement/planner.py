@@ -112,7 +112,7 @@ def _evaluate(ctx: CostContext, stages: list[Stage], native: bool, split: str = 
 
     # memory: fixed bytes per node (overhead, embedding, head), then bytes per layer
     first, last = stages[0], stages[-1]
-    fixed = {n: RANK_OVERHEAD_BYTES * ranks_on_node[n] for n in used}
+    fixed: dict[str, float] = {n: RANK_OVERHEAD_BYTES * ranks_on_node[n] for n in used}
     act_peak = PREFILL_CHUNK * (card.hidden_size * 4 + card.intermediate_size * 2) * ctx.act
     for n in used:
         fixed[n] += act_peak * ranks_on_node[n]
@@ -230,7 +230,7 @@ def _memory_reason(ctx, stages, caps, speeds, fixed, avg_layer, kv_ctx, dtypes) 
     """Name the node that falls shortest of its proportional share."""
     card = ctx.card
     total = sum(speeds) or 1.0
-    worst = None
+    worst: tuple[float, str, float, float] | None = None
     for s, sp in zip(stages, speeds):
         share_layers = card.num_layers * sp / total
         for n in s.nodes:
@@ -239,6 +239,7 @@ def _memory_reason(ctx, stages, caps, speeds, fixed, avg_layer, kv_ctx, dtypes) 
             have = ctx.rates[n].memory_bytes
             if worst is None or need - have > worst[0]:
                 worst = (need - have, n, need, have)
+    assert worst is not None  # _evaluate's stages are never empty, nor is a stage's nodes
     _, n, need, have = worst
     return f"needs {need / 1e9:.1f} GB on {ctx.names[n]}, has {have / 1e9:.1f} GB"
 

@@ -63,7 +63,7 @@ class CostContext:
         self.act = DTYPE_BYTES.get(card.dtype, 2)
         self.hidden_bytes = card.hidden_size * self.act
         self.kv_layer = card.kv_bytes_per_token_per_layer()
-        self.avg_ctx = min(context, prompt_tokens + context // 4)
+        self.avg_ctx: float = min(context, prompt_tokens + context // 4)  # the Predictor's is pp + tg / 2
 
     def set_rates(self, rates: dict[str, NodeRates]) -> None:
         """Use these node rates (calibration candidates); links carry the nodes' calibrated overheads."""
@@ -112,7 +112,7 @@ class CostContext:
         speeds = {d: self.layers_per_s(node, d) for d in opts if self.rates[node].has(d, False)}
         if not speeds:
             return self.card.dtype, "no measurement; the model's dtype"
-        best = max(speeds, key=speeds.get)
+        best = max(speeds, key=lambda d: speeds[d])
         if best == self.card.dtype:
             return best, "the model's dtype is also the fastest measured here"
         other = self.card.dtype
@@ -132,7 +132,8 @@ def predict_into(
     node_share: Callable[[str], float],
 ) -> None:
     """Set ``plan``'s predicted decode and prefill tok/s, TTFT, breakdown, batched row time and bottleneck
-    for ``stages`` holding ``alloc`` layers each, in ``dtypes``, each node getting ``node_share`` of its host."""
+    for ``stages`` holding ``alloc`` layers each, in ``dtypes``, each node getting ``node_share`` of its host.
+    The link between consecutive stages must be measured (both callers check it first)."""
     card = ctx.card
     quant = bool(card.quantization)
     params = layer_params(card)
@@ -163,10 +164,12 @@ def predict_into(
         pre[f"compute {label}"] = t_pre
         if s.k > 1:
             link = ctx.link(s.nodes[0], s.nodes[0]) if s.local else _worst_link(ctx, s.nodes)
+            assert link is not None  # a node's loopback link is always known
             dec[f"all-reduce {label}"] = 2 * count * link.all_reduce(ctx.hidden_bytes, s.k)
             pre[f"all-reduce {label}"] = 2 * count * link.all_reduce(ctx.prompt * ctx.hidden_bytes, s.k)
     for a, b in zip(stages, stages[1:]):
         link = ctx.link(a.nodes[0], b.nodes[0])
+        assert link is not None  # the callers return before predicting when a stage link is not measured
         key = f"link {ctx.names[a.nodes[0]]}->{ctx.names[b.nodes[0]]}"
         dec[key] = link.transfer(ctx.hidden_bytes)
         pre[key] = link.transfer(ctx.prompt * ctx.hidden_bytes)
@@ -180,13 +183,14 @@ def predict_into(
     plan.ttft_s = t_prefill + t_token
     plan.breakdown = dec
     plan.decode_row_s = row_s
-    worst = max(dec, key=dec.get)
+    worst = max(dec, key=lambda k: dec[k])
     plan.bottleneck = f"{worst} ({100 * dec[worst] / t_token:.0f}% of each token)"
 
 
 def _worst_link(ctx: CostContext, nodes: tuple[str, ...]) -> LinkCost:
-    links = [ctx.link(a, b) for a, b in itertools.combinations(nodes, 2)]
-    if any(link is None for link in links):
+    pairs = list(itertools.combinations(nodes, 2))
+    links = [link for a, b in pairs if (link := ctx.link(a, b)) is not None]
+    if len(links) < len(pairs):  # a pair not measured
         return LinkCost(1.0, 1e3)
     return max(links, key=lambda link: (link.latency_s, -link.bandwidth_bytes_s))
 

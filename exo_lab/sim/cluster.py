@@ -247,9 +247,10 @@ class SimCluster:
         plan = layout.plan(self.spec, st.index, self.port, self.base_dir)
         (self.base_dir / "logs").mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
-        if plan.lan_netns:
-            self._record("netns", plan.lan_netns, lambda: netns.add(plan.lan_netns))
-            netns.add_bridge(plan.lan_netns, layout.BRIDGE)
+        lan_netns = plan.lan_netns
+        if lan_netns:
+            self._record("netns", lan_netns, lambda: netns.add(lan_netns))
+            netns.add_bridge(lan_netns, layout.BRIDGE)
         for h in plan.hosts.values():
             self._record("netns", h.netns, lambda h=h: netns.add(h.netns))
         self._build_lan(plan)

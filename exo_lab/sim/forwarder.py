@@ -175,7 +175,7 @@ def _endpoint(text: str) -> tuple[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m exo_lab.sim.forwarder", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m exo_lab.sim.forwarder", description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("a", type=_endpoint, help="NAMESPACE:TAP of one end")
     p.add_argument("b", type=_endpoint, help="NAMESPACE:TAP of the other end")
     p.add_argument("--delay", type=units.parse_delay, default=0.0, help="one-way delay per direction, e.g. 5ms")

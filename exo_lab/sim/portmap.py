@@ -98,7 +98,7 @@ def _target(text: str) -> tuple[str, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m exo_lab.sim.portmap", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m exo_lab.sim.portmap", description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("targets", nargs="+", type=_target, help="NAMESPACE:PORT to reach")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s portmap %(levelname)s %(message)s")

@@ -45,7 +45,7 @@ import string
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 
@@ -229,7 +229,7 @@ class LinkSpec:
         _check_keys(f"link {data.get('a', '?')}-{data.get('b', '?')}", data, ("a", "b", "rate", "delay", "loss"))
         if "a" not in data or "b" not in data:
             raise SpecError(f"link {dict(data)!r} needs both ends, 'a' and 'b'")
-        delay = data.get("delay", 0.0)
+        delay: Any = data.get("delay", 0.0)  # seconds or a string like "5ms": __post_init__ parses it
         if isinstance(delay, (int, float)) and not isinstance(delay, bool):
             delay = f"{delay}ms"  # bare numbers in files are milliseconds
         return cls(a=data["a"], b=data["b"], rate=data.get("rate"), delay=delay, loss=data.get("loss", 0.0))
@@ -374,7 +374,7 @@ class SimSpec:
         return cls(
             name=name,
             hosts=tuple(HostSpec(n) for n in host_names(nodes)),
-            lan=LanSpec(rate=lan_rate) if lan else None,
+            lan=LanSpec(rate=cast(Any, lan_rate)) if lan else None,  # a string: LanSpec.__post_init__ parses it
             links=tuple(LinkSpec.from_flag(text) for text in links),
         )
 
