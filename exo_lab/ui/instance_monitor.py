@@ -4,24 +4,28 @@
 number; a sampler thread reads the instance every ``interval_s`` seconds and pushes a trait only when it
 changed, so the front end never polls. The same snapshot functions feed the Panel dashboard.
 
-What it reads from the watched object (an :class:`~exo_lab.instance.Instance`, or anything shaped like one,
-such as an :class:`~exo_lab.Engine`): ``name``, ``state``, ``error``, ``plan``, ``progress`` (rank ->
-(layers loaded, layers)), ``usage_history`` ((unix time, :class:`~exo_lab.engine.generator.Usage`) per
-finished request). Missing attributes read as a ready single-process model.
+What it reads from the watched :class:`~exo_lab.engine.backend.Backend`: ``name``, ``state``, ``error``,
+``pending``, ``usage_history`` ((unix time, :class:`~exo_lab.engine.generation.Usage`) per finished request)
+and ``requests_completed``; from an :class:`~exo_lab.instance.Instance` also ``plan``, ``progress`` (rank ->
+(layers loaded, layers)) and ``replacements``. Any other backend (an :class:`~exo_lab.Engine`) reads as a
+single-process model, loaded before it exists.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anywidget
 import traitlets
 
 from exo_lab.ui import topology_widget as tw
+
+if TYPE_CHECKING:  # for annotations only: importing exo_lab.ui loads no MLX (see as_instance)
+    from exo_lab.engine.backend import Backend
+    from exo_lab.instance import Instance
 
 log = logging.getLogger(__name__)
 
@@ -29,34 +33,31 @@ _STATIC = Path(__file__).parent / "static"
 RECENT_REQUESTS = 50  # rows pushed to the front end (it shows the newest few); the chart uses them too
 
 
-def _plan_of(obj: Any) -> Any:
-    return getattr(obj, "plan", None)
+def as_instance(obj: Backend) -> Instance | None:
+    """``obj`` when it is an :class:`~exo_lab.instance.Instance` (a plan over ranks), else None."""
+    from exo_lab.instance import Instance  # here: exo_lab.ui imports no MLX, and a Backend's module already did
+
+    return obj if isinstance(obj, Instance) else None
 
 
-def _state(obj: Any) -> str:
-    state = getattr(obj, "state", None)
-    if state is not None:
-        return str(state)
-    closed = getattr(obj, "_closed", None)  # an Engine: ready until closed
-    return "stopped" if isinstance(closed, threading.Event) and closed.is_set() else "ready"
-
-
-def instance_summary(obj: Any) -> dict[str, Any]:
+def instance_summary(obj: Backend) -> dict[str, Any]:
     """Name, state, error and the plan with its predictions (what the monitor's header and tiles show)."""
-    plan = _plan_of(obj)
-    model = getattr(obj, "model", None)
+    inst = as_instance(obj)
+    plan = inst.plan if inst is not None else None
+    # an Instance's model is what it was launched from (a name, hub id or path); an Engine's .model is MLX's module
+    model = inst.model if inst is not None else str(obj.path) if obj.path is not None else ""
     out: dict[str, Any] = {
-        "name": str(getattr(obj, "name", "model")),
-        "model": model if isinstance(model, str) else str(getattr(obj, "path", "")),  # an Engine's .model is MLX's
-        "state": _state(obj),
-        "error": getattr(obj, "error", None) or "",
-        "pending": int(getattr(obj, "pending", 0) or 0),  # requests decoding together or waiting
-        "replacements": int(getattr(obj, "replacements", 0) or 0),
+        "name": obj.name,
+        "model": model,
+        "state": obj.state,
+        "error": obj.error or "",
+        "pending": obj.pending,  # requests decoding together or waiting
+        "replacements": inst.replacements if inst is not None else 0,
         "plan": None,
     }
     out["busy"] = out["pending"] > 0
     if plan is not None:
-        names = getattr(plan, "node_names", {}) or {}
+        names = plan.node_names
         out["plan"] = {
             "description": plan.describe(),
             "strategy": plan.strategy,
@@ -71,13 +72,13 @@ def instance_summary(obj: Any) -> dict[str, Any]:
     return out
 
 
-def loading_progress(obj: Any) -> dict[str, Any]:
+def loading_progress(obj: Backend) -> dict[str, Any]:
     """``{"done", "total", "ranks": [{"rank", "node", "layers", "done", "total"}]}``: layers loaded, per rank."""
-    plan = _plan_of(obj)
-    progress: dict[int, tuple[int, int]] = dict(getattr(obj, "progress", {}) or {})
-    if plan is None:  # a single-process engine: loaded before it exists
+    inst = as_instance(obj)
+    if inst is None:  # a single-process engine: loaded before it exists
         return {"done": 1, "total": 1, "ranks": []}
-    names = getattr(plan, "node_names", {}) or {}
+    plan, progress = inst.plan, dict(inst.progress)
+    names = plan.node_names
     ranks = []
     for r in sorted(plan.ranks, key=lambda r: r.rank):
         done, total = progress.get(r.rank, (0, max(1, r.layers[1] - r.layers[0])))
@@ -95,10 +96,9 @@ def loading_progress(obj: Any) -> dict[str, Any]:
     return {"done": done, "total": total, "ranks": ranks}
 
 
-def request_rows(obj: Any, limit: int = RECENT_REQUESTS) -> list[dict[str, Any]]:
+def request_rows(obj: Backend, limit: int = RECENT_REQUESTS) -> list[dict[str, Any]]:
     """The newest ``limit`` finished requests, oldest first: time and :class:`Usage` fields."""
-    usage_history: Iterable[tuple[float, Any]] = getattr(obj, "usage_history", None) or ()
-    history = list(usage_history)[-limit:]
+    history = list(obj.usage_history)[-limit:]
     rows = []
     for t, usage in history:
         rows.append(
@@ -148,7 +148,7 @@ class InstanceMonitor(anywidget.AnyWidget):
     requests = traitlets.List(traitlets.Dict()).tag(sync=True)
     stats = traitlets.Dict().tag(sync=True)
 
-    def __init__(self, instance: Any = None, interval_s: float = 0.5, **kwargs: Any) -> None:
+    def __init__(self, instance: Backend | None = None, interval_s: float = 0.5, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.instance = instance
         self.interval_s = interval_s
@@ -168,9 +168,9 @@ class InstanceMonitor(anywidget.AnyWidget):
             "summary": instance_summary(self.instance),
             "progress": loading_progress(self.instance),
             "requests": rows,
-            "stats": request_stats(rows, getattr(self.instance, "requests_completed", None)),
+            "stats": request_stats(rows, self.instance.requests_completed),
         }
-        changed = {k: v for k, v in new.items() if getattr(self, k) != v}
+        changed = {k: v for k, v in new.items() if getattr(self, k) != v}  # k: a trait's name
         if changed:
             with self.hold_sync():
                 for key, value in changed.items():
@@ -198,6 +198,7 @@ class InstanceMonitor(anywidget.AnyWidget):
             change["new"].on_close(lambda _msg: self._stop_sampling())
 
     def _stop_sampling(self) -> None:
+        # getattr: the comm opens inside super().__init__, so it can close before _stop and _thread exist
         stop, thread = getattr(self, "_stop", None), getattr(self, "_thread", None)
         if stop is not None:
             stop.set()
@@ -210,7 +211,7 @@ class InstanceMonitor(anywidget.AnyWidget):
         super().close()
 
 
-def instance_mimebundle(instance: Any, **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
+def instance_mimebundle(instance: Instance, **kwargs: Any) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """The monitor for ``Instance._repr_mimebundle_``; None outside a kernel (``_repr_html_`` is the fallback)."""
     if not tw.in_widget_kernel():
         return None

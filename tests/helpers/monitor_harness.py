@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections import deque
 from pathlib import Path
 from typing import Any
 
 from exo_lab.cluster.topology import Topology
-from exo_lab.engine.generator import Usage
+from exo_lab.engine.backend import Backend
+from exo_lab.engine.generation import Chunk, Generation, Usage
+from exo_lab.instance import Instance
 from exo_lab.models.card import card_from_config
 from exo_lab.placement import Plan, plan
 from exo_lab.ui.instance_monitor import _STATIC, InstanceMonitor
@@ -37,18 +38,42 @@ def pipeline_plan(nodes: int = 2) -> Plan:
     return next(p for p in plans if p.strategy == "pipeline" and p.num_nodes == nodes)
 
 
-class FakeInstance:
-    """What the monitor reads from an :class:`~exo_lab.instance.Instance`, settable by hand."""
+class FakeInstance(Instance):
+    """An :class:`~exo_lab.instance.Instance` that launches nothing: what the monitor reads, settable by hand."""
 
     def __init__(self, p: Plan | None = None, name: str = "llama-3.1-8b") -> None:
-        self.name = name
+        Backend.__init__(self, name)  # not Instance.__init__: that resolves the model and starts workers
+        self.cluster = None
         self.model = name
+        self.path = Path(name)  # no files: nothing is loaded
         self.plan = p or pipeline_plan()
+        self.auto_replace = False
         self.state = "loading"
-        self.error: str | None = None
+        self.error = None
         self.replacements = 0
         self.progress = {r.rank: (0, r.layers[1] - r.layers[0]) for r in self.plan.ranks}
-        self.usage_history: deque[tuple[float, Usage]] = deque(maxlen=256)
+        self.controls = {}
+        self._inflight = set()
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    @pending.setter
+    def pending(self, n: int) -> None:  # by hand: requests decoding together or waiting
+        self._pending = n
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return {"decode_steps": 0, "peak_batch": 0}
+
+    def _enqueue(self, gen: Generation) -> None:
+        self._finish(gen, Chunk("", finish_reason="error", error=f"{self.name} is a fake: it generates nothing"))
+
+    def close(self) -> None:
+        self.state = "stopped"
+
+    delete = close
 
     def load(self, fraction: float) -> None:
         for rank, (_, total) in self.progress.items():
@@ -58,6 +83,7 @@ class FakeInstance:
     def finish_request(self, t: float, completion: int, decode_tps: float, ttft_s: float, prompt: int = 40) -> None:
         total = ttft_s + (completion - 1) / decode_tps
         self.usage_history.append((t, Usage(prompt, completion, ttft_s, prompt / ttft_s, decode_tps, total)))
+        self.requests_completed += 1  # as Backend._finish counts each finished request
 
 
 def busy_history(inst: FakeInstance, n: int = 14, start: float | None = None) -> None:
@@ -70,7 +96,7 @@ def busy_history(inst: FakeInstance, n: int = 14, start: float | None = None) ->
         )
 
 
-def monitor_state(inst: Any) -> dict[str, Any]:
+def monitor_state(inst: Backend) -> dict[str, Any]:
     """The traits a real :class:`InstanceMonitor` would sync for ``inst``."""
     w = InstanceMonitor()
     w.instance = inst

@@ -4,6 +4,7 @@ Panel's AnyWidgetComponent) with what each node runs, and the node table."""
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from itertools import pairwise
 from typing import Any, ClassVar
 
@@ -12,6 +13,8 @@ import panel as pn
 import param
 
 from exo_lab.cluster.topology import Topology
+from exo_lab.engine.backend import Backend
+from exo_lab.instance import Instance
 from exo_lab.ui.dashboard.frames import typed_frame
 from exo_lab.ui.dashboard.theme import GIB, SERIES, card, card_title, html_pane
 from exo_lab.ui.topology_widget import RENDERER_CSS, RENDERER_JS, graph_json
@@ -35,14 +38,20 @@ class ClusterGraph(pn.custom.AnyWidgetComponent):
     error = param.String(default="")
 
 
-def instance_shards(instances: list[tuple[str, Any]]) -> dict[str, list[str]]:
+def _running(instances: Sequence[tuple[str, Backend]]) -> list[tuple[str, Instance]]:
+    """The cluster's instances (backends with a plan over nodes) that are not stopped or failed."""
+    return [
+        (name, inst)
+        for name, inst in instances
+        if isinstance(inst, Instance) and inst.state not in ("stopped", "failed")
+    ]
+
+
+def instance_shards(instances: Sequence[tuple[str, Backend]]) -> dict[str, list[str]]:
     """``{node id: ["demo · layers 0-1", ...]}``: what each node runs for the running instances."""
     out: dict[str, list[str]] = {}
-    for name, inst in instances:
-        plan = getattr(inst, "plan", None)
-        if plan is None or getattr(inst, "state", "") in ("stopped", "failed"):
-            continue
-        for r in plan.ranks:
+    for name, inst in _running(instances):
+        for r in inst.plan.ranks:
             start, end = r.layers
             where = f"layer {start}" if end - start == 1 else f"layers {start}-{end - 1}"
             label = f"{name} · {where}" + (f" x{r.tensor_size}" if r.tensor_size > 1 else "")
@@ -51,16 +60,12 @@ def instance_shards(instances: list[tuple[str, Any]]) -> dict[str, list[str]]:
     return out
 
 
-def shard_highlight(instances: list[tuple[str, Any]]) -> dict[str, Any]:
+def shard_highlight(instances: Sequence[tuple[str, Backend]]) -> dict[str, Any]:
     """The graph's overlay for what runs where: nodes labelled with their shards (a colour per instance), and
     the links between consecutive pipeline stages."""
     nodes: dict[str, dict[str, str]] = {}
     edges: list[list[str]] = []
-    running = [
-        (name, inst)
-        for name, inst in instances
-        if getattr(inst, "plan", None) is not None and getattr(inst, "state", "") not in ("stopped", "failed")
-    ]
+    running = _running(instances)
     for i, (_name, inst) in enumerate(running):
         color = SERIES[i % len(SERIES)]
         stages = list(dict.fromkeys(r.node_id for r in inst.plan.ranks))
@@ -130,7 +135,7 @@ class ClusterView:
         self.nodes_card = card(html_pane(card_title("Nodes")), self.node_table)
         self._key: Any = None
 
-    def update(self, topo: Topology | None, version: int, instances: list[tuple[str, Any]]) -> None:
+    def update(self, topo: Topology | None, version: int, instances: Sequence[tuple[str, Backend]]) -> None:
         """Redraw when the topology or what runs where changed."""
         if topo is None:
             self.note.object = "<div class='exo-hint'>Profiling this machine…</div>"

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import html
+from collections.abc import Sequence
 from typing import Any
 
 from exo_lab.cluster.topology import Topology
+from exo_lab.engine.backend import Backend
 from exo_lab.ui import instance_monitor as im
 from exo_lab.ui.dashboard.theme import gib
 
@@ -27,7 +29,7 @@ HEADER_CSS = """
 MODES = {"cluster": "cluster dashboard", "what-if": "what-if cluster", "this machine": "this machine"}
 
 
-def header_html(source: Any, topo: Topology | None, instances: list[tuple[str, Any]]) -> str:
+def header_html(source: Any, topo: Topology | None, instances: Sequence[tuple[str, Backend]]) -> str:
     """The bar's HTML: the logo, the mode, and chips for nodes, models, the API URL and the last refresh error."""
     chips = []
     if topo is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import pandas as pd
@@ -11,18 +12,19 @@ import panel as pn
 from bokeh.models import ColumnDataSource, HoverTool, Range1d
 from bokeh.plotting import figure
 
+from exo_lab.engine.backend import Backend
 from exo_lab.ui import instance_monitor as im
 from exo_lab.ui.dashboard.frames import rounded, typed_frame
 from exo_lab.ui.dashboard.theme import BORDER, FG2, SERIES, card, card_title, html_pane
 
 
-def instance_frame(instances: list[tuple[str, Any]]) -> pd.DataFrame:
+def instance_frame(instances: Sequence[tuple[str, Backend]]) -> pd.DataFrame:
     """Running instances (and models served in this process): state, shards loaded, tokens/s."""
     rows = []
     for name, inst in instances:
         summary = im.instance_summary(inst)
         progress = im.loading_progress(inst)
-        stats = im.request_stats(im.request_rows(inst), getattr(inst, "requests_completed", None))
+        stats = im.request_stats(im.request_rows(inst), inst.requests_completed)
         plan = summary["plan"]
         rows.append(
             {
@@ -53,7 +55,7 @@ def instance_frame(instances: list[tuple[str, Any]]) -> pd.DataFrame:
     )
 
 
-def tps_series(instances: list[tuple[str, Any]]) -> dict[str, dict[str, Any]]:
+def tps_series(instances: Sequence[tuple[str, Backend]]) -> dict[str, dict[str, Any]]:
     """Decode tokens/s per finished request, over time: ``lines`` (one per instance) and ``points``."""
     lines: dict[str, list[Any]] = {"xs": [], "ys": [], "color": [], "name": []}
     points: dict[str, list[Any]] = {"t": [], "tps": [], "color": [], "name": [], "tokens": [], "ttft": []}
@@ -151,14 +153,14 @@ class InstancesView:
         )
         self._key: Any = None
 
-    def update(self, instances: list[tuple[str, Any]], launches: dict[str, str], has_cluster: bool) -> bool:
+    def update(self, instances: Sequence[tuple[str, Backend]], launches: dict[str, str], has_cluster: bool) -> bool:
         """Redraw when an instance changed (state, loading, requests); True when it did."""
         key = tuple(
             (
                 n,
                 str(im.instance_summary(o)),
-                getattr(o, "requests_completed", None),
-                len(getattr(o, "usage_history", ()) or ()),
+                o.requests_completed,
+                len(o.usage_history),
                 str(im.loading_progress(o)),
             )
             for n, o in instances

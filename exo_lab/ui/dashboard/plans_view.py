@@ -10,6 +10,7 @@ from typing import Any
 import pandas as pd
 import panel as pn
 
+from exo_lab.engine.backend import Backend
 from exo_lab.placement.plan import Plans
 from exo_lab.ui.dashboard.frames import typed_frame
 from exo_lab.ui.dashboard.theme import card, card_title, html_pane
@@ -69,8 +70,8 @@ class PlansView:
             sizing_mode="stretch_width",
         )
         if source.registry is not None and source.registry.names():
-            first = source.instances()[0][1]
-            self.model.value = str(getattr(first, "path", "") or "")
+            first: Backend = source.instances()[0][1]
+            self.model.value = str(first.path) if first.path is not None else ""
         self.context = pn.widgets.IntInput(label="context", value=4096, start=16, step=1024, width=110)
         self.prompt = pn.widgets.IntInput(label="prompt tokens", value=512, start=1, step=128, width=110)
         self.objective = pn.widgets.Select(

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from exo_lab.cluster.topology import NodeInfo, Topology
-from exo_lab.ui import instance_monitor as im
+from exo_lab.engine.backend import Backend
 from exo_lab.ui.dashboard.bench_view import bench_rows
 
 log = logging.getLogger(__name__)
@@ -127,9 +127,9 @@ class DashboardSource:
         """The latest topology (None while this machine is still being profiled)."""
         return self._topology
 
-    def instances(self) -> list[tuple[str, Any]]:
-        """``(name, object)`` for each model served here and each instance of the cluster, in that order."""
-        out: list[tuple[str, Any]] = []
+    def instances(self) -> list[tuple[str, Backend]]:
+        """``(name, backend)`` for each model served here and each instance of the cluster, in that order."""
+        out: list[tuple[str, Backend]] = []
         if self.registry is not None:
             out += list(self.registry.items())
         if self.cluster is not None:
@@ -137,9 +137,9 @@ class DashboardSource:
             out += [(inst.name, inst) for inst in list(self.cluster.instances) if id(inst) not in seen]
         return out
 
-    def chat_models(self) -> dict[str, Any]:
+    def chat_models(self) -> dict[str, Backend]:
         """What the chat box can talk to: served models and ready instances."""
-        return {name: obj for name, obj in self.instances() if im.instance_summary(obj)["state"] == "ready"}
+        return {name: obj for name, obj in self.instances() if obj.state == "ready"}
 
     def model_suggestions(self) -> list[str]:
         """Models to preview: those served here, cached ones and the synthetic presets."""
@@ -148,8 +148,7 @@ class DashboardSource:
 
         names: list[str] = []
         for name, obj in self.instances():
-            path = getattr(obj, "path", None)
-            names.append(str(path) if path is not None else name)
+            names.append(str(obj.path) if obj.path is not None else name)
         try:
             names += list_cached()
         except OSError:
