@@ -10,9 +10,6 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any
 
 import openai
 import pytest
@@ -25,7 +22,8 @@ from exo_lab.ui.dashboard import DashboardSource, serve_dashboard
 from exo_lab.ui.topology_widget import graph_json
 from tests.helpers.drawn_graph import assert_drawn, drawn_graph
 from tests.helpers.net import free_port
-from tests.helpers.paths import ARTIFACTS
+from tests.helpers.paths import ARTIFACTS, SPECS
+from tests.helpers.polling import wait_for
 
 pytestmark = [
     pytest.mark.slow,
@@ -34,7 +32,6 @@ pytestmark = [
     ),
 ]
 
-SPECS = Path(__file__).resolve().parents[2] / "exo_lab" / "sim" / "specs"
 
 VIEWPORT = {"width": 1400, "height": 1000}
 
@@ -74,16 +71,6 @@ HELPERS = """
 """
 
 
-def poll(cond: Callable[[], Any], deadline_s: float, what: str) -> Any:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        got = cond()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise AssertionError(f"not within {deadline_s} s: {what}")
-
-
 def open_dashboard(browser, url: str, nodes: int):
     """Open the page and wait until the renderer has drawn the graph with ``nodes`` nodes."""
     page = browser.new_page(viewport=VIEWPORT)
@@ -100,7 +87,7 @@ def open_dashboard(browser, url: str, nodes: int):
     page.wait_for_function("() => window.Bokeh && Bokeh.documents.length > 0", timeout=30_000)
     page.wait_for_selector(".exo-chat", timeout=30_000)
     page.evaluate(HELPERS)
-    poll(lambda: len((drawn_graph(page) or {}).get("nodes", [])) == nodes, 30, f"the graph shows {nodes} nodes")
+    wait_for(lambda: len((drawn_graph(page) or {}).get("nodes", [])) == nodes, 30, f"the graph shows {nodes} nodes")
     return page
 
 
@@ -109,8 +96,8 @@ def chat(page, text: str, deadline_s: float = 60.0) -> tuple[str, list[dict]]:
     box = page.locator("input[placeholder='Message the model…']")
     box.fill(text)
     box.press("Enter")
-    poll(lambda: page.evaluate("() => window.exoReplies.some((r) => r.streaming)"), 20, "a reply starts streaming")
-    seen = poll(
+    wait_for(lambda: page.evaluate("() => window.exoReplies.some((r) => r.streaming)"), 20, "a reply starts streaming")
+    seen = wait_for(
         lambda: (lambda r: r if r and not r[-1]["streaming"] else None)(page.evaluate("() => window.exoReplies")),
         deadline_s,
         "the reply finishes",
@@ -149,13 +136,13 @@ def test_what_if_cluster_graph_and_a_streamed_chat(browser, engine) -> None:
         assert {label for _, _, label in drawn["edges"]} == {"0.05 ms · 65 Gbit/s"}
         assert "4 nodes" in page.locator(".exo-page-header").inner_text()
         page.locator(".exo-node[data-node-id='ultra-2']").click()  # the widget's selection reaches Python
-        poll(lambda: session.cluster.graph.selected_node == "ultra-2", 10, "the click selects the node in Python")
+        wait_for(lambda: session.cluster.graph.selected_node == "ultra-2", 10, "the click selects the node in Python")
         assert drawn_graph(page)["selected"] == ["ultra-2"]
         assert "m3-ultra-2" in page.locator(".exo-details").inner_text()
 
         page.get_by_label("max tokens").fill("120")  # a longer reply streams for longer
         page.get_by_label("max tokens").press("Enter")
-        poll(lambda: session.chat.max_tokens.value == 120, 10, "max tokens reaches Python")
+        wait_for(lambda: session.chat.max_tokens.value == 120, 10, "max tokens reaches Python")
         final, seen = chat(page, "Tell me about clusters.")
         expected = engine.chat(
             [{"role": "user", "content": "Tell me about clusters."}], max_tokens=120, temperature=0
@@ -164,13 +151,13 @@ def test_what_if_cluster_graph_and_a_streamed_chat(browser, engine) -> None:
         assert_streamed(seen, final)
         assert session.chat.updates >= 3
         assert "120 tokens" in page.locator(".exo-usage").inner_text()
-        poll(
+        wait_for(
             lambda: requests_shown(page, "tiny") == str(engine.requests_completed),
             10,
             "the instances table counts the request",
         )
         charted = len([r for r in im.request_rows(engine) if r["completion_tokens"] > 1 and r["generation_tps"] > 0])
-        poll(
+        wait_for(
             lambda: len(page.evaluate("() => exoModelData('exo-tps-points', 'tps')")) == charted,
             10,
             "the tokens/s chart has a point per recent request",
@@ -213,7 +200,7 @@ def test_exo_lab_up_serves_the_api_and_the_dashboard(browser, tiny_model, tmp_pa
         start = time.monotonic()
         while True:
             line = proc.stdout.readline()
-            assert line, f"exo-lab up exited ({proc.poll()}):\n{''.join(lines)}"
+            assert line, f"exo-lab up exited ({proc.wait_for()}):\n{''.join(lines)}"
             lines.append(line)
             match = re.match(r"exo_lab dashboard: (http://127\.0\.0\.1:\d+)", line)
             if match:
@@ -231,8 +218,8 @@ def test_exo_lab_up_serves_the_api_and_the_dashboard(browser, tiny_model, tmp_pa
             model="tiny", max_tokens=8, temperature=0, messages=[{"role": "user", "content": "and from the API"}]
         )
         assert reply.choices[0].message.content
-        poll(lambda: requests_shown(page, "tiny") == "2", 10, "the dashboard counts the API request too")
-        poll(
+        wait_for(lambda: requests_shown(page, "tiny") == "2", 10, "the dashboard counts the API request too")
+        wait_for(
             lambda: len(page.evaluate("() => exoModelData('exo-tps-points', 'tps')")) == 2,
             10,
             "the tokens/s chart has both requests",
@@ -266,13 +253,13 @@ def test_launch_a_plan_from_the_page_and_chat_with_it(browser, tiny_model) -> No
         row.wait_for(timeout=30_000)
         row.click()
         plans = session.plans
-        poll(
+        wait_for(
             lambda: [plans.plans.plans[i].describe() for i in plans.table.selection] == [wanted],
             10,
             "the row click selects the plan in Python",
         )
         assert model_box.input_value() == str(tiny_model)  # not replaced by a suggestion
-        poll(
+        wait_for(
             lambda: (
                 f"Plan #{plans.table.selection[0]}: "
                 in page.locator(".exo-note").filter(has_text="feasible plan").inner_text()
@@ -281,15 +268,15 @@ def test_launch_a_plan_from_the_page_and_chat_with_it(browser, tiny_model) -> No
             "the page describes the selected plan",
         )
         page.get_by_role("button", name="Launch selected plan").click()
-        inst = poll(lambda: cluster.instances[0] if cluster.instances else None, 30, "the instance is created")
-        poll(lambda: inst.state == "ready", 90, "the instance loads")
+        inst = wait_for(lambda: cluster.instances[0] if cluster.instances else None, 30, "the instance is created")
+        wait_for(lambda: inst.state == "ready", 90, "the instance loads")
         assert inst.name == tiny_model.name  # named after the model, not its path
-        poll(
+        wait_for(
             lambda: drawn_graph(page)["pills"] == ["tiny · layers 0-1", "tiny · layers 2-3"],
             15,
             "the graph shows the shards",
         )
-        poll(
+        wait_for(
             lambda: page.evaluate("() => { const s = exoDeep('select')[0]; return s && s.value; }"),
             15,
             "the chat offers the instance",
@@ -299,7 +286,7 @@ def test_launch_a_plan_from_the_page_and_chat_with_it(browser, tiny_model) -> No
             [{"role": "user", "content": "Which node holds layer 3?"}], max_tokens=64, temperature=0
         ).text()
         assert final == tokens  # the instance answered, greedy and exact
-        poll(
+        wait_for(
             lambda: "ready" in page.locator(".tabulator-row").filter(has_text=inst.name).first.inner_text(),
             10,
             "the instances table shows it ready",

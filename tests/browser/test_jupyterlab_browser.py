@@ -29,7 +29,7 @@ from exo_lab.cluster.topology import Topology
 from exo_lab.ui.topology_widget import graph_json
 from tests.helpers.drawn_graph import assert_drawn, drawn_graph
 from tests.helpers.net import free_port, wait_http
-from tests.helpers.paths import ARTIFACTS
+from tests.helpers.paths import ARTIFACTS, SPECS
 
 pytestmark = [
     pytest.mark.slow,
@@ -42,7 +42,6 @@ pytestmark = [
 LABEXTENSION = Path(sys.prefix) / "share" / "jupyter" / "labextensions" / "exo-lab" / "package.json"
 BUILT = Path(exo_lab.__file__).parent / "labextension"  # this checkout's build (make labextension)
 PANEL = "#exo-lab-panel"
-SPECS = Path(__file__).resolve().parents[2] / "exo_lab" / "sim" / "specs"
 NOTIFICATION_SETTINGS = {"fetchNews": "false", "checkForUpdates": False}
 
 

@@ -23,7 +23,7 @@ from exo_lab.ui.plan_comparison import _STATIC as PLAN_STATIC
 from exo_lab.ui.plan_comparison import NO_LAUNCH
 from exo_lab.ui.topology_widget import _STATIC as TOPO_STATIC
 from tests.helpers.cards import LLAMA_8B, LLAMA_70B
-from tests.helpers.paths import ARTIFACTS
+from tests.helpers.paths import ARTIFACTS, SPECS
 from tests.helpers.topology_harness import DARK
 
 pytestmark = [
@@ -33,7 +33,6 @@ pytestmark = [
     ),
 ]
 
-SPECS = Path(__file__).resolve().parents[2] / "exo_lab" / "sim" / "specs"
 
 TABLE_KEYS = ("rows", "infeasible", "summary", "selected", "limit", "measured", "launch")
 TOPO_KEYS = ("topology", "selected_node", "highlight", "title", "error")

@@ -10,7 +10,7 @@ import pytest
 from exo_lab.cluster.topology import Topology
 from exo_lab.ui.topology_widget import graph_json
 from tests.helpers.drawn_graph import assert_drawn, drawn_graph
-from tests.helpers.paths import ARTIFACTS
+from tests.helpers.paths import ARTIFACTS, SPECS
 from tests.helpers.topology_harness import write_harness
 
 pytestmark = [
@@ -20,7 +20,6 @@ pytestmark = [
     ),
 ]
 
-SPECS = Path(__file__).resolve().parents[2] / "exo_lab" / "sim" / "specs"
 
 # A pipeline plan over the four Ultras, to show the highlight overlay.
 ULTRA_PLAN = {

@@ -17,6 +17,7 @@ import pytest
 import exo_lab
 from exo_lab.cluster.auth import sign_headers
 from tests.helpers.net import free_port
+from tests.helpers.polling import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -56,16 +57,6 @@ def http(port: int, method: str, path: str, body: bytes = b"", headers: dict | N
         return e.code, json.loads(e.read())
     except urllib.error.URLError:
         return 0, {}  # not listening (yet)
-
-
-def poll(fn, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = fn()
-        if result:
-            return result
-        time.sleep(0.1)
-    raise AssertionError(f"not within {timeout} s: {what}")
 
 
 def peer_states(port: int) -> dict[str, str]:
@@ -143,9 +134,9 @@ def test_other_key_is_never_joined_and_gone_then_rejoined(tmp_path):
     ]
     stranger = start_agent(ports[2], tmp_path / "s2", "different-key", ports[:2], "stranger")
     try:
-        poll(lambda: len(peer_states(ports[0])) == 1 and len(peer_states(ports[1])) == 1, 60, "two nodes join")
+        wait_for(lambda: len(peer_states(ports[0])) == 1 and len(peer_states(ports[1])) == 1, 60, "two nodes join")
         ids = http(ports[1], "GET", "/node")[1]["id"]
-        stranger_id = poll(lambda: http(ports[2], "GET", "/node")[1].get("id"), 60, "stranger up")
+        stranger_id = wait_for(lambda: http(ports[2], "GET", "/node")[1].get("id"), 60, "stranger up")
         time.sleep(3)  # two liveness rounds: every chance for the stranger to be (wrongly) joined
         assert set(peer_states(ports[0])) == {ids}
         assert stranger_id not in peer_states(ports[0]) and peer_states(ports[2]) == {}
@@ -153,12 +144,12 @@ def test_other_key_is_never_joined_and_gone_then_rejoined(tmp_path):
         procs[1].send_signal(signal.SIGKILL)
         procs[1].wait()
         t = time.monotonic()
-        poll(lambda: peer_states(ports[0]).get(ids) == "gone", 10, "killed node marked gone")
+        wait_for(lambda: peer_states(ports[0]).get(ids) == "gone", 10, "killed node marked gone")
         gone_after = time.monotonic() - t
         assert gone_after < 10
 
         procs[1] = start_agent(ports[1], tmp_path / "s1", key, [ports[0]], "n1")
-        poll(lambda: peer_states(ports[0]).get(ids) == "alive", 30, "restarted node re-joins")
+        wait_for(lambda: peer_states(ports[0]).get(ids) == "alive", 30, "restarted node re-joins")
         assert http(ports[1], "GET", "/node")[1]["id"] == ids  # same state dir, same id
     finally:
         for p in [*procs, stranger]:
@@ -189,7 +180,7 @@ def test_status_cli_prints_tables(cluster):
 def test_clean_shutdown_on_sigterm(tmp_path):
     port = free_port()
     proc = start_agent(port, tmp_path / "s", "k", [], "solo")
-    poll(lambda: http(port, "GET", "/node")[0] == 200 if _listening(port) else False, 60, "agent up")
+    wait_for(lambda: http(port, "GET", "/node")[0] == 200 if _listening(port) else False, 60, "agent up")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(15) == 0
 

@@ -17,9 +17,9 @@ from exo_lab.instance import Instance
 from exo_lab.models.card import card_from_config
 from exo_lab.placement import Plan, plan
 from exo_lab.ui.instance_monitor import _STATIC, InstanceMonitor
+from tests.helpers.paths import SPECS
 from tests.helpers.topology_harness import _PAGE, DARK
 
-SPECS = Path(__file__).resolve().parents[2] / "exo_lab" / "sim" / "specs"
 LLAMA_8B = {
     "hidden_size": 4096,
     "num_hidden_layers": 32,

@@ -21,6 +21,7 @@ import pytest
 from exo_lab.cluster.auth import sign_headers
 from exo_lab.sim.cluster import SimCluster
 from exo_lab.sim.spec import SimSpec
+from tests.helpers.polling import wait_for
 
 pytestmark = [
     pytest.mark.slow,
@@ -56,16 +57,6 @@ def peers(url: str) -> dict[str, dict]:
     return {p["id"]: p for p in data.get("peers", [])} if status == 200 else {}
 
 
-def poll(fn, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = fn()
-        if got:
-            return got
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout} s: {what}")
-
-
 @pytest.fixture(scope="module")
 def sim():
     s = SimCluster(SimSpec.from_json(SPEC), peers=False)  # no --peer: nodes must find each other by mDNS
@@ -92,7 +83,7 @@ def test_every_node_discovers_every_other_by_mdns_within_5_s(sim, ids):
             for name, h in sim.hosts.items()
         )
 
-    poll(all_found, 5.0, "mDNS discovery of all 4 nodes")
+    wait_for(all_found, 5.0, "mDNS discovery of all 4 nodes")
     print(f"\nmDNS: all 4 nodes found each other {time.monotonic() - sim.ready_at:.2f} s after every agent answered")
 
 
@@ -173,7 +164,7 @@ def test_a_node_with_another_key_is_never_joined(sim, ids):
             )
             return json.loads(out.stdout)["id"] if out.returncode == 0 and out.stdout.strip() else None
 
-        sid = poll(stranger_up, 30, "stranger agent answers")
+        sid = wait_for(stranger_up, 30, "stranger agent answers")
         time.sleep(4)  # mDNS has long announced it; liveness rounds have run
         for h in sim.hosts.values():
             assert sid not in peers(h.local_url)
@@ -197,14 +188,14 @@ def test_a_killed_agent_is_gone_within_10_s_and_rejoins_with_its_id(sim, ids):
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     t = time.monotonic()
-    poll(
+    wait_for(
         lambda: all(peers(sim.hosts[n].local_url).get(ids["c"], {}).get("state") == "gone" for n in "abd"),
         10.0,
         "c marked gone by a, b and d",
     )
     print(f"\nkilled agent marked gone after {time.monotonic() - t:.1f} s")
     sim._start_node("c")
-    poll(
+    wait_for(
         lambda: all(peers(sim.hosts[n].local_url).get(ids["c"], {}).get("state") == "alive" for n in "abd"),
         30.0,
         "c re-joined",

@@ -31,8 +31,7 @@ from exo_lab.ui.dashboard import panel_app
 from exo_lab.ui.dashboard.theme import SERIES
 from tests.helpers.monitor_harness import FakeInstance, busy_history, pipeline_plan
 from tests.helpers.net import free_port
-
-SPECS = Path(__file__).resolve().parents[2] / "exo_lab" / "sim" / "specs"
+from tests.helpers.paths import SPECS
 
 
 @pytest.fixture

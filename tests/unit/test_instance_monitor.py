@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 
 import pytest
 
@@ -13,15 +12,7 @@ from exo_lab.ui import instance_monitor as im
 from exo_lab.ui import topology_widget as tw
 from tests.helpers.display import notebook_display
 from tests.helpers.monitor_harness import FakeInstance, busy_history
-
-
-def poll(cond: Callable[[], bool], deadline_s: float = 5.0) -> bool:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return cond()
+from tests.helpers.polling import poll
 
 
 def test_snapshot_of_a_loading_pipeline():

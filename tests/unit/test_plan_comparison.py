@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import re
-import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 
 import pytest
 import traitlets
@@ -19,17 +17,8 @@ from exo_lab.ui import topology_widget as tw
 from exo_lab.ui.plan_comparison import NO_LAUNCH
 from tests.helpers.cards import LLAMA_8B, LLAMA_70B
 from tests.helpers.display import notebook_display
-
-SPECS = Path(__file__).resolve().parents[2] / "exo_lab" / "sim" / "specs"
-
-
-def poll(cond: Callable[[], bool], deadline_s: float = 5.0) -> bool:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return cond()
+from tests.helpers.paths import SPECS
+from tests.helpers.polling import poll
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -13,8 +12,8 @@ from exo_lab.cluster.topology import LinkProfile, NodeInfo, Topology
 from exo_lab.models.card import card_from_config
 from exo_lab.placement import plan
 from exo_lab.placement.planner import _split_layers
+from tests.helpers.paths import SPECS
 
-SPECS = Path(__file__).resolve().parents[2] / "exo_lab" / "sim" / "specs"
 GB = 2**30
 
 

@@ -7,14 +7,13 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 
 import exo_lab
 from exo_lab.placement import Plan
+from tests.helpers.paths import SPECS
 
-SPECS = Path(__file__).resolve().parents[2] / "exo_lab" / "sim" / "specs"
 LLAMA_405B = {
     "hidden_size": 16384,
     "num_hidden_layers": 126,

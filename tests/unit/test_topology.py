@@ -1,10 +1,7 @@
-from pathlib import Path
-
 import pytest
 
 from exo_lab.cluster.topology import LinkProfile, NodeInfo, Topology
-
-SPECS = Path(__file__).resolve().parents[2] / "exo_lab" / "sim" / "specs"
+from tests.helpers.paths import SPECS
 
 
 def topo():

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import re
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,17 +15,8 @@ from exo_lab.cluster.topology import LinkProfile, NodeInfo, Topology
 from exo_lab.ui import TopologyWidget
 from exo_lab.ui import topology_widget as tw
 from tests.helpers.display import notebook_display
-
-SPECS = Path(__file__).resolve().parents[2] / "exo_lab" / "sim" / "specs"
-
-
-def poll(cond: Callable[[], bool], deadline_s: float = 5.0) -> bool:
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.01)
-    return cond()
+from tests.helpers.paths import SPECS
+from tests.helpers.polling import poll
 
 
 @pytest.fixture
