@@ -72,7 +72,8 @@ class Layout:
     experts_per_token: int = 0
     attention_width: int = 0  # per layer and context token: q.k and p.v multiply-adds / 2
     tensor_dims: dict[str, int] = field(default_factory=dict)  # must divide by the tensor group size
-    tensor_group_dims: dict[str, int] = field(default_factory=dict)  # their share must fill whole quant groups
+    # input dims that "sharded-to-all" layers split: each rank's part must hold whole quantization groups
+    tensor_group_dims: dict[str, int] = field(default_factory=dict)
     tensor_unsupported: str | None = None  # why no tensor split exists for this family
     kv_splits_with_tensor: bool = True  # False: every tensor rank keeps the whole cache (MLA's latent)
 
@@ -252,7 +253,7 @@ def _deepseek_v3(c: dict[str, Any], act: int) -> Layout:
         int(c.get("num_experts_per_tok", 1)),
         heads * (kv_lora + rope + kv_lora) // 2,  # absorbed form: q.k over latent + rope, p.v over the latent
         split,
-        {**split, "attention output": heads * v},
+        {**{k: d for k, d in split.items() if "intermediate" in k}, "attention output": heads * v},
         kv_splits_with_tensor=False,
     )
 
