@@ -55,5 +55,7 @@ def what_if_card(spec: str, quantization: dict[str, Any] | None = None) -> Model
         raise KeyError(f"no what-if model {spec!r}; choose one of {', '.join(what_if_names())} (optionally @4bit, ...)")
     name, quant = parsed
     q = quantization if quantization is not None else QUANTIZATIONS[quant]
-    label = name if quant == "bf16" and quantization is None else f"{name}@{quant if quantization is None else 'custom'}"
+    label = (
+        name if quant == "bf16" and quantization is None else f"{name}@{quant if quantization is None else 'custom'}"
+    )
     return card_from_config(what_if_config(name), label, dtype="bfloat16", quantization=q)

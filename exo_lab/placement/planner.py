@@ -124,20 +124,19 @@ def _evaluate(ctx: CostContext, stages: list[Stage], native: bool, split: str = 
         if not (card.tie_word_embeddings and n in first.nodes):
             fixed[n] += head * weight_scale(card, dtypes[n])
     avg_layer = sum(card.layer_bytes) / card.num_layers
-    kv_ctx = ctx.kv_layer * ctx.context * ctx.batch
-    caps, speeds = [], []
-    for s in stages:
-        per_node = []
-        for n in s.nodes:
-            frac = 1.0 if s.local else 1.0 / s.k
-            per_layer = avg_layer * weight_scale(card, dtypes[n]) * frac + kv_ctx * frac
-            room = ctx.rates[n].memory_bytes - fixed[n]
-            per_node.append(int(room // per_layer) if room > 0 else 0)
-        caps.append(min(per_node))
-        agg = sum(ctx.layers_per_s(n, dtypes[n]) * node_share(n) * s.ranks_on(n) for n in s.nodes)
-        speeds.append(agg)
+    kv_layers = [kv * ctx.batch for kv in card.kv_bytes_per_layer(ctx.context)]  # batch sequences of context tokens
+    kv_ctx = sum(kv_layers) / card.num_layers
+    speeds = [sum(ctx.layers_per_s(n, dtypes[n]) * node_share(n) * s.ranks_on(n) for n in s.nodes) for s in stages]
     splitter = _fill_fastest if split == "fastest" else _split_layers
-    alloc = splitter(card.num_layers, speeds, caps)
+    # layers differ (DeepSeek-V3's first three are dense): caps from the mean layer, and if the exact
+    # layers of that split do not fit, from the largest layer (every split under those caps fits)
+    alloc: list[int] | None = None
+    caps: list[int] = []
+    for per_layer_weights, per_layer_kv in ((avg_layer, kv_ctx), (max(card.layer_bytes), max(kv_layers))):
+        caps = [_stage_cap(ctx, s, fixed, dtypes, per_layer_weights, per_layer_kv) for s in stages]
+        alloc = splitter(card.num_layers, speeds, caps)
+        if alloc is not None and _fits(ctx, stages, alloc, fixed, dtypes, kv_layers):
+            break
     strategy = _strategy(stages)
     plan = Plan(
         model=card.name,
@@ -168,11 +167,9 @@ def _evaluate(ctx: CostContext, stages: list[Stage], native: bool, split: str = 
     prev_node = stages[-1].nodes[0]
     for si, (s, count) in enumerate(zip(stages, alloc)):
         layers = (start, start + count)
-        lb = sum(card.layer_bytes[start : start + count])
         for ti in range(s.k):
             node = s.nodes[0] if s.local else s.nodes[ti]
-            frac = 1.0 / s.k
-            mem[node] += int(lb * weight_scale(card, dtypes[node]) * frac + kv_ctx * count * frac)
+            mem[node] += int(_rank_layer_bytes(ctx, s, layers, dtypes[node], kv_layers))
             addr = "127.0.0.1" if len(used) == 1 else ctx.address(prev_node, node)
             plan.ranks.append(RankSpec(rank, node, ctx.names[node], si, layers, ti, s.k, addr, dtypes[node]))
             rank += 1
@@ -193,6 +190,52 @@ def _evaluate(ctx: CostContext, stages: list[Stage], native: bool, split: str = 
     if holders:  # somebody has the files: the others would fetch their shards first
         plan.fetch_nodes = [n for n in used if model_name not in ctx.topology.nodes[n].models]
     return plan
+
+
+def _kv_share(card: ModelCard, k: int) -> float:
+    """The part of a layer's cache one of ``k`` tensor ranks keeps (MLA's latent is not split)."""
+    return 1.0 / k if card.kv_splits_with_tensor else 1.0
+
+
+def _stage_cap(
+    ctx: CostContext, s: Stage, fixed: dict[str, float], dtypes: dict[str, str], weights: float, kv: float
+) -> int:
+    """How many layers of ``weights`` bytes and ``kv`` cache bytes each the stage's ranks hold."""
+    card = ctx.card
+    per_node = []
+    for n in s.nodes:
+        frac = 1.0 if s.local else 1.0 / s.k
+        kv_frac = _kv_share(card, s.k) * (s.k if s.local else 1)  # the node's ranks' parts of each cache
+        per_layer = weights * weight_scale(card, dtypes[n]) * frac + kv * kv_frac
+        room = ctx.rates[n].memory_bytes - fixed[n]
+        per_node.append(int(room // per_layer) if room > 0 else 0)
+    return min(per_node)
+
+
+def _rank_layer_bytes(ctx: CostContext, s: Stage, layers: tuple[int, int], dtype: str, kv_layers: list[float]) -> float:
+    """Bytes one rank of stage ``s`` holds for ``layers``: its share of their weights and caches."""
+    card = ctx.card
+    a, b = layers
+    return card.weight_bytes_of(a, b) * weight_scale(card, dtype) / s.k + sum(kv_layers[a:b]) * _kv_share(card, s.k)
+
+
+def _fits(
+    ctx: CostContext,
+    stages: list[Stage],
+    alloc: list[int],
+    fixed: dict[str, float],
+    dtypes: dict[str, str],
+    kv_layers: list[float],
+) -> bool:
+    """Whether every node holds its ranks' exact layers of ``alloc``."""
+    mem = dict(fixed)
+    start = 0
+    for s, count in zip(stages, alloc):
+        for ti in range(s.k):
+            node = s.nodes[0] if s.local else s.nodes[ti]
+            mem[node] += _rank_layer_bytes(ctx, s, (start, start + count), dtypes[node], kv_layers)
+        start += count
+    return all(mem[n] <= ctx.rates[n].memory_bytes for n in mem)
 
 
 def _backend(ctx: CostContext, used: list[str]) -> str:

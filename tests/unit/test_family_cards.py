@@ -7,7 +7,7 @@ from mlx_lm.utils import quantize_model
 
 from exo_lab.models.card import card_from_config
 from tests.helpers.family_configs import FAMILY_CONFIGS
-from tests.helpers.family_models import build, buffer_cache_bytes, logical_cache_bytes, parameter_bytes, run_tokens
+from tests.helpers.family_models import buffer_cache_bytes, build, logical_cache_bytes, parameter_bytes, run_tokens
 
 FAMILIES = sorted(FAMILY_CONFIGS)
 
