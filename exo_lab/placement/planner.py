@@ -11,7 +11,10 @@ Candidates:
   from every start node plus chains over the largest nodes, each prefix up to
   a few nodes past the first that holds the model; each stage optionally a
   local tensor group (``pipeline-tensor``);
-- tensor groups across ``k`` nodes (``tensor``), where heads and KV heads divide.
+- tensor groups across ``k`` nodes (``tensor``), where mlx_lm's ``shard()`` splits the model that way
+  (:meth:`~exo_lab.models.card.ModelCard.tensor_split_problem`: heads, KV heads, MLP and expert widths
+  divide, whole quantization groups, the family has a ``shard()``); a size it cannot split comes back
+  once in ``Plans.infeasible`` with the reason.
 
 Each candidate is tried with every node in its fastest measured dtype and in
 the model's own dtype, and with two layer splits: in proportion to each
@@ -151,6 +154,9 @@ def _evaluate(ctx: CostContext, stages: list[Stage], native: bool, split: str = 
         model_dtype=card.dtype,
         split=split if len(stages) > 1 else "whole",
     )
+    for s in stages:  # mlx_lm's shard() must be able to split the model this way
+        if s.k > 1 and (problem := card.tensor_split_problem(s.k)):
+            return _infeasible(plan, stages, f"no tensor split over {s.k} ranks: {problem}")
     # links between consecutive stages must exist
     for a, b in zip(stages, stages[1:]):
         if ctx.link(a.nodes[0], b.nodes[0]) is None:
@@ -358,6 +364,9 @@ def _candidates(ctx: CostContext, max_exhaustive: int) -> list[list[Stage]]:
             groups = {tuple(sorted(_greedy_group(ctx, s, k))) for s in ids}
         for g in groups:
             out.append([Stage(tuple(g), k)])
+    for k in TENSOR_SIZES:  # one candidate per size the model cannot be split over: infeasible, with the reason
+        if k not in ks and k <= len(ids):
+            out.append([Stage(tuple(ids[:k]), k)])
     return out
 
 
