@@ -127,7 +127,9 @@ def _evaluate(ctx: CostContext, stages: list[Stage], native: bool, split: str = 
         if not (card.tie_word_embeddings and n in first.nodes):
             fixed[n] += head * weight_scale(card, dtypes[n])
     avg_layer = sum(card.layer_bytes) / card.num_layers
-    kv_layers = [kv * ctx.batch for kv in card.kv_bytes_per_layer(ctx.context)]  # batch sequences of context tokens
+    kv_layers = [
+        float(kv * ctx.batch) for kv in card.kv_bytes_per_layer(ctx.context)
+    ]  # batch sequences of context tokens
     kv_ctx = sum(kv_layers) / card.num_layers
     speeds = [sum(ctx.layers_per_s(n, dtypes[n]) * node_share(n) * s.ranks_on(n) for n in s.nodes) for s in stages]
     splitter = _fill_fastest if split == "fastest" else _split_layers

@@ -34,6 +34,7 @@ def parameter_bytes(model: nn.Module, num_layers: int) -> tuple[list[int], dict[
     layers = [0] * num_layers
     outside: dict[str, int] = {}
     for name, a in tree_flatten(model.parameters()):
+        assert isinstance(a, mx.array)
         parts = name.split(".")
         if parts[:2] == ["model", "layers"]:
             layers[int(parts[2])] += a.nbytes
@@ -43,13 +44,19 @@ def parameter_bytes(model: nn.Module, num_layers: int) -> tuple[list[int], dict[
     return layers, outside
 
 
+def layer_parameters(model: nn.Module, i: int) -> dict[str, mx.array]:
+    """Layer ``i``'s arrays by their path inside the layer."""
+    layer = model["model"].layers[i]
+    return {k: a for k, a in tree_flatten(layer.parameters()) if isinstance(a, mx.array)}
+
+
 def logical_cache_bytes(c: Any) -> int:
     """Bytes a layer's cache holds for the tokens it keeps (not the preallocated tail of its buffer)."""
-    if isinstance(c, cache_lib.RotatingKVCache):
-        n = min(c.offset, c.max_size)
-        return c.keys[..., :n, :].nbytes + c.values[..., :n, :].nbytes
-    if isinstance(c, cache_lib.KVCache):
-        return c.keys[..., : c.offset, :].nbytes + c.values[..., : c.offset, :].nbytes
+    if isinstance(c, (cache_lib.RotatingKVCache, cache_lib.KVCache)):
+        n = min(c.offset, c.max_size) if isinstance(c, cache_lib.RotatingKVCache) else c.offset
+        keys, values = c.keys, c.values
+        assert keys is not None and values is not None
+        return keys[..., :n, :].nbytes + values[..., :n, :].nbytes
     if isinstance(c, cache_lib.ArraysCache):
         return sum(a.nbytes for a in c.cache if a is not None)
     raise TypeError(f"unknown cache {type(c).__name__}")
