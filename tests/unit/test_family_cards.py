@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from mlx_lm.utils import quantize_model
 
-from exo_lab.models.card import card_from_config
+from exo_lab.models.card import ModelCard, card_from_config
 from tests.helpers.family_configs import FAMILY_CONFIGS
 from tests.helpers.family_models import (
     buffer_cache_bytes,
@@ -141,3 +141,36 @@ def test_quantization_groups_limit_tensor_splits():
     card = card_from_config(config, "q")
     assert card.tensor_split_problem(2) is not None  # expert intermediate 64 / 2 = 32 < one group of 64
     assert "quantization group" in (card.tensor_split_problem(2) or "")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_from_dir_reads_the_files_and_takes_the_rest_from_the_config(tmp_path, family):
+    """A checkpoint as mlx_lm holds it (stacked experts, 4-bit with mlx_lm's predicate, one module left
+    unquantized, which only the files show): ``from_dir`` counts the files; active bytes, caches and
+    splits come from the config."""
+    import json
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    config = FAMILY_CONFIGS[family]
+    model = build(config)
+    own = getattr(model, "quant_predicate", None)  # e.g. 8-bit routers
+
+    def predicate(path, module):
+        if path.endswith("layers.1.self_attn.o_proj"):
+            return False
+        return own(path, module) if own else True
+
+    model, qconfig = quantize_model(model, dict(config), 32, 4, quant_predicate=predicate)
+    mx.save_safetensors(str(tmp_path / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (tmp_path / "config.json").write_text(json.dumps({**qconfig, "torch_dtype": "float32"}))
+    card = ModelCard.from_dir(tmp_path)
+    computed = card_from_config(qconfig, family, dtype="float32")
+    held, outside = parameter_bytes(model, config["num_hidden_layers"])
+    assert card.layer_bytes == held and card.weight_bytes == sum(held) + sum(outside.values())
+    assert card.layer_bytes[0] == computed.layer_bytes[0]
+    assert card.layer_bytes[1] > computed.layer_bytes[1]  # the unquantized o_proj of layer 1: only the files say
+    assert card.kv_bytes_per_layer(100) == computed.kv_bytes_per_layer(100)
+    assert card.tensor_split_problem(2) == computed.tensor_split_problem(2)
+    assert card.active_bytes() <= sum(card.layer_bytes)
