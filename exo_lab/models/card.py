@@ -159,6 +159,18 @@ class ModelCard:
         """Per layer and context token, half the multiply-adds of attention (q.k plus p.v)."""
         return self.attention_width or self.num_attention_heads * self.head_dim
 
+    def attention_flops(self, prompt: int, start: int = 0, stop: int | None = None) -> float:
+        """FLOPs of attention over a ``prompt``-token prefill in layers ``[start, stop)``: 4 per
+        (query, key) pair and unit of :attr:`attention_dim`, causal; a sliding layer sees at most its
+        window, a linear-attention layer (a constant state) no context."""
+        total = 0.0
+        for c in self.caches()[start:stop]:
+            if c.per_token == 0:
+                continue
+            w = prompt if c.window is None else min(prompt, c.window)
+            total += w * (w + 1) / 2 + (prompt - w) * w
+        return 4 * self.attention_dim * total
+
     def caches(self) -> list[LayerCache]:
         """What each layer caches (a dense KV cache per layer for cards without ``layer_caches``)."""
         if self.layer_caches is not None:

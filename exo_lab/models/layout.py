@@ -390,7 +390,7 @@ def _qwen3_next(c: dict[str, Any], act: int) -> Layout:
         caches,
         experts,
         int(c["num_experts_per_tok"]),
-        _attn_width(c) // interval,  # only one layer in ``interval`` attends over the context
+        _attn_width(c),
         tensor_unsupported="mlx_lm's qwen3_next has no shard()",
     )
 

@@ -32,12 +32,14 @@ layers hold a constant state), and ``k' = k`` unless every tensor rank keeps the
 
 Prefill of ``P`` prompt tokens (serial through the pipeline for one request):
 
-    stage time  = P * FLOPs[a:b] / k / (F_pre * s) + attention 4 * P^2/2 * attention_dim * (b-a) / k / (F_pre * s)
+    stage time  = (P * FLOPs[a:b] + attention[a:b](P)) / k / (F_pre * s)
     hop         = lat + P * H * act / BW
     all-reduce  = 2 per layer with P * H * act bytes
     TTFT        = sum of all of them (+ one decode step for the first token)
 
-where ``FLOPs[a:b]`` is the card's matmul FLOPs per token of those layers (2 per active weight).
+where ``FLOPs[a:b]`` is the card's matmul FLOPs per token of those layers (2 per active weight) and
+``attention[a:b](P)`` 4 FLOPs per causal (query, key) pair and unit of attention width, sliding layers
+seeing at most their window and linear-attention layers none (``ModelCard.attention_flops``).
 
 Calibration: a node profile's ``calibration`` dict (fitted from measurements by
 ``exo-lab bench --calibrate``, see :mod:`exo_lab.bench`) holds ``decode_efficiency``

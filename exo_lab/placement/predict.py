@@ -134,7 +134,6 @@ def predict_into(
     The link between consecutive stages must be measured (both callers check it first)."""
     card = ctx.card
     quant = bool(card.quantization)
-    attn_width = card.attention_dim
     head_held = card.embedding_bytes if card.tie_word_embeddings else card.head_bytes
     dec: dict[str, float] = {}
     pre: dict[str, float] = {}
@@ -159,7 +158,7 @@ def predict_into(
             head = head_held * scale if last else 0.0
             t_dec = max(t_dec, (active * scale / s.k + kv + head / s.k) / read)
             flops = r.prefill_flops(dtypes[node], quant) * sh
-            attn = 4 * ctx.prompt * ctx.prompt / 2 * attn_width * count / s.k
+            attn = card.attention_flops(ctx.prompt, start, stop) / s.k
             head_flops = card.head_flops_per_token if last else 0.0
             compute = (ctx.prompt * flops_layers / s.k + attn + head_flops) / flops
             t_pre = max(t_pre, compute)

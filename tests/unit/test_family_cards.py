@@ -174,3 +174,15 @@ def test_from_dir_reads_the_files_and_takes_the_rest_from_the_config(tmp_path, f
     assert card.kv_bytes_per_layer(100) == computed.kv_bytes_per_layer(100)
     assert card.tensor_split_problem(2) == computed.tensor_split_problem(2)
     assert card.active_bytes() <= sum(card.layer_bytes)
+
+
+def test_attention_flops_follow_each_layers_reach():
+    """Full layers grow with the square of the prompt, sliding ones linearly past the window, linear ones not at all."""
+    gpt = card_from_config(FAMILY_CONFIGS["gpt_oss"], "gpt_oss")  # window 16: layers 0 and 2 slide
+    dense = card_from_config(FAMILY_CONFIGS["llama"], "llama")
+    p = 1000
+    assert dense.attention_flops(p, 0, 1) == 4 * dense.attention_dim * p * (p + 1) / 2
+    assert gpt.attention_flops(2 * p, 0, 1) < 2.01 * gpt.attention_flops(p, 0, 1)  # sliding: linear in the prompt
+    assert gpt.attention_flops(2 * p, 1, 2) > 3.9 * gpt.attention_flops(p, 1, 2)  # full: quadratic
+    nxt = card_from_config(FAMILY_CONFIGS["qwen3_next"], "qwen3_next")
+    assert nxt.attention_flops(p, 0, 1) == 0 < nxt.attention_flops(p, 1, 2)
