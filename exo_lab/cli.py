@@ -371,7 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_status)
 
     p = sub.add_parser("preview", help="ranked ways to split a model over a cluster (live, what-if, or this machine)")
-    p.add_argument("model", help="model name/path, or a config.json (for models you do not have)")
+    p.add_argument(
+        "model",
+        help="model name/path, a config.json, or a shipped what-if model "
+        "(deepseek-v3, kimi-k2, qwen3-235b-a22b, gpt-oss-120b, glm-4.6; add @4bit, @8bit, ...)",
+    )
     p.add_argument("--topology", help="a what-if cluster spec (JSON/YAML, see exo_lab/sim/specs)")
     p.add_argument("--connect", nargs="+", metavar="HOST:PORT", help="plan on the live cluster of these agents")
     p.add_argument("--discover", action="store_true", help="plan on the cluster found by mDNS")

@@ -19,18 +19,27 @@ GPU nodes host one rank.
 
 Per token of decode, at context length ``T``:
 
-    stage time  = (W_stage / k) / (R_dec * s) + T * KV_layer * (b - a) / k / (R_dec * s)
+    stage time  = (A[a:b] / k) / (R_dec * s) + KV[a:b](T) / k' / (R_dec * s)
                 + [last stage] head bytes / (R_dec * s)
+
+where ``A[a:b]`` is the card's *active* bytes of layers ``[a, b)`` (what one token reads: attention,
+dense MLPs, shared experts and ``experts_per_token / experts`` of the routed ones), ``KV[a:b](T)`` the
+card's cache bytes of those layers at ``T`` tokens (sliding layers stop at their window, linear-attention
+layers hold a constant state), and ``k' = k`` unless every tensor rank keeps the whole cache (MLA: 1).
     all-reduce  = 2 per layer for k > 1:  2 (k - 1) * lat + 2 (k - 1) / k * H * act / BW
     hop         = lat + H * act / BW                (between consecutive stages)
     decode s/token = sum(stage times) + sum(all-reduces) + sum(hops) + return hop (token id, latency only)
 
 Prefill of ``P`` prompt tokens (serial through the pipeline for one request):
 
-    stage time  = 2 * P * params_stage / k / (F_pre * s) + attention 4 * P^2/2 * heads*head_dim * (b-a) / k / (F_pre * s)
+    stage time  = (P * FLOPs[a:b] + attention[a:b](P)) / k / (F_pre * s)
     hop         = lat + P * H * act / BW
     all-reduce  = 2 per layer with P * H * act bytes
     TTFT        = sum of all of them (+ one decode step for the first token)
+
+where ``FLOPs[a:b]`` is the card's matmul FLOPs per token of those layers (2 per active weight) and
+``attention[a:b](P)`` 4 FLOPs per causal (query, key) pair and unit of attention width, sliding layers
+seeing at most their window and linear-attention layers none (``ModelCard.attention_flops``).
 
 Calibration: a node profile's ``calibration`` dict (fitted from measurements by
 ``exo-lab bench --calibrate``, see :mod:`exo_lab.bench`) holds ``decode_efficiency``
@@ -43,9 +52,10 @@ and each ring all-reduce ``2 (k - 1)`` times. Without a calibration the factors 
 
 ``lat`` is the one-way latency (half the measured median RTT), ``BW`` the
 link's slower direction; ranks on the same node talk over loopback
-(``LOOPBACK_LAT_S``, ``LOOPBACK_BW``). Memory per node: weights of its ranks'
-shards in the compute dtype, KV cache for ``context * batch`` tokens of its
-layers, and ``RANK_OVERHEAD_BYTES`` plus prefill activations per rank.
+(``LOOPBACK_LAT_S``, ``LOOPBACK_BW``). Memory per node: the card's bytes of exactly
+the layers its ranks hold (their share of them) in the compute dtype, the caches of
+those layers for ``batch`` sequences of ``context`` tokens, and ``RANK_OVERHEAD_BYTES``
+plus prefill activations per rank.
 """
 
 from __future__ import annotations
@@ -173,14 +183,6 @@ def calibrated_link(link: LinkCost, a: NodeRates | None, b: NodeRates | None) ->
     """``link`` with the mean calibrated per-message overhead of its ends added to its latency."""
     extra = ((a.hop_overhead_s if a else 0.0) + (b.hop_overhead_s if b else 0.0)) / 2
     return LinkCost(link.latency_s + extra, link.bandwidth_bytes_s) if extra > 0 else link
-
-
-def layer_params(card: ModelCard) -> float:
-    """Weights per layer as a count of parameters (for FLOPs)."""
-    h, hd = card.hidden_size, card.head_dim
-    return (
-        h * card.num_attention_heads * hd * 2 + h * card.num_key_value_heads * hd * 2 + 3 * h * card.intermediate_size
-    )
 
 
 def bytes_per_weight(card: ModelCard, dtype: str) -> float:

@@ -11,7 +11,10 @@ Candidates:
   from every start node plus chains over the largest nodes, each prefix up to
   a few nodes past the first that holds the model; each stage optionally a
   local tensor group (``pipeline-tensor``);
-- tensor groups across ``k`` nodes (``tensor``), where heads and KV heads divide.
+- tensor groups across ``k`` nodes (``tensor``), where mlx_lm's ``shard()`` splits the model that way
+  (:meth:`~exo_lab.models.card.ModelCard.tensor_split_problem`: heads, KV heads, MLP and expert widths
+  divide, whole quantization groups, the family has a ``shard()``); a size it cannot split comes back
+  once in ``Plans.infeasible`` with the reason.
 
 Each candidate is tried with every node in its fastest measured dtype and in
 the model's own dtype, and with two layer splits: in proportion to each
@@ -124,20 +127,21 @@ def _evaluate(ctx: CostContext, stages: list[Stage], native: bool, split: str = 
         if not (card.tie_word_embeddings and n in first.nodes):
             fixed[n] += head * weight_scale(card, dtypes[n])
     avg_layer = sum(card.layer_bytes) / card.num_layers
-    kv_ctx = ctx.kv_layer * ctx.context * ctx.batch
-    caps, speeds = [], []
-    for s in stages:
-        per_node = []
-        for n in s.nodes:
-            frac = 1.0 if s.local else 1.0 / s.k
-            per_layer = avg_layer * weight_scale(card, dtypes[n]) * frac + kv_ctx * frac
-            room = ctx.rates[n].memory_bytes - fixed[n]
-            per_node.append(int(room // per_layer) if room > 0 else 0)
-        caps.append(min(per_node))
-        agg = sum(ctx.layers_per_s(n, dtypes[n]) * node_share(n) * s.ranks_on(n) for n in s.nodes)
-        speeds.append(agg)
+    kv_layers = [
+        float(kv * ctx.batch) for kv in card.kv_bytes_per_layer(ctx.context)
+    ]  # batch sequences of context tokens
+    kv_ctx = sum(kv_layers) / card.num_layers
+    speeds = [sum(ctx.layers_per_s(n, dtypes[n]) * node_share(n) * s.ranks_on(n) for n in s.nodes) for s in stages]
     splitter = _fill_fastest if split == "fastest" else _split_layers
-    alloc = splitter(card.num_layers, speeds, caps)
+    # layers differ (DeepSeek-V3's first three are dense): caps from the mean layer, and if the exact
+    # layers of that split do not fit, from the largest layer (every split under those caps fits)
+    alloc: list[int] | None = None
+    caps: list[int] = []
+    for per_layer_weights, per_layer_kv in ((avg_layer, kv_ctx), (max(card.layer_bytes), max(kv_layers))):
+        caps = [_stage_cap(ctx, s, fixed, dtypes, per_layer_weights, per_layer_kv) for s in stages]
+        alloc = splitter(card.num_layers, speeds, caps)
+        if alloc is not None and _fits(ctx, stages, alloc, fixed, dtypes, kv_layers):
+            break
     strategy = _strategy(stages)
     plan = Plan(
         model=card.name,
@@ -152,6 +156,9 @@ def _evaluate(ctx: CostContext, stages: list[Stage], native: bool, split: str = 
         model_dtype=card.dtype,
         split=split if len(stages) > 1 else "whole",
     )
+    for s in stages:  # mlx_lm's shard() must be able to split the model this way
+        if s.k > 1 and (problem := card.tensor_split_problem(s.k)):
+            return _infeasible(plan, stages, f"no tensor split over {s.k} ranks: {problem}")
     # links between consecutive stages must exist
     for a, b in zip(stages, stages[1:]):
         if ctx.link(a.nodes[0], b.nodes[0]) is None:
@@ -168,11 +175,9 @@ def _evaluate(ctx: CostContext, stages: list[Stage], native: bool, split: str = 
     prev_node = stages[-1].nodes[0]
     for si, (s, count) in enumerate(zip(stages, alloc)):
         layers = (start, start + count)
-        lb = sum(card.layer_bytes[start : start + count])
         for ti in range(s.k):
             node = s.nodes[0] if s.local else s.nodes[ti]
-            frac = 1.0 / s.k
-            mem[node] += int(lb * weight_scale(card, dtypes[node]) * frac + kv_ctx * count * frac)
+            mem[node] += int(_rank_layer_bytes(ctx, s, layers, dtypes[node], kv_layers))
             addr = "127.0.0.1" if len(used) == 1 else ctx.address(prev_node, node)
             plan.ranks.append(RankSpec(rank, node, ctx.names[node], si, layers, ti, s.k, addr, dtypes[node]))
             rank += 1
@@ -193,6 +198,52 @@ def _evaluate(ctx: CostContext, stages: list[Stage], native: bool, split: str = 
     if holders:  # somebody has the files: the others would fetch their shards first
         plan.fetch_nodes = [n for n in used if model_name not in ctx.topology.nodes[n].models]
     return plan
+
+
+def _kv_share(card: ModelCard, k: int) -> float:
+    """The part of a layer's cache one of ``k`` tensor ranks keeps (MLA's latent is not split)."""
+    return 1.0 / k if card.kv_splits_with_tensor else 1.0
+
+
+def _stage_cap(
+    ctx: CostContext, s: Stage, fixed: dict[str, float], dtypes: dict[str, str], weights: float, kv: float
+) -> int:
+    """How many layers of ``weights`` bytes and ``kv`` cache bytes each the stage's ranks hold."""
+    card = ctx.card
+    per_node = []
+    for n in s.nodes:
+        frac = 1.0 if s.local else 1.0 / s.k
+        kv_frac = _kv_share(card, s.k) * (s.k if s.local else 1)  # the node's ranks' parts of each cache
+        per_layer = weights * weight_scale(card, dtypes[n]) * frac + kv * kv_frac
+        room = ctx.rates[n].memory_bytes - fixed[n]
+        per_node.append(int(room // per_layer) if room > 0 else 0)
+    return min(per_node)
+
+
+def _rank_layer_bytes(ctx: CostContext, s: Stage, layers: tuple[int, int], dtype: str, kv_layers: list[float]) -> float:
+    """Bytes one rank of stage ``s`` holds for ``layers``: its share of their weights and caches."""
+    card = ctx.card
+    a, b = layers
+    return card.weight_bytes_of(a, b) * weight_scale(card, dtype) / s.k + sum(kv_layers[a:b]) * _kv_share(card, s.k)
+
+
+def _fits(
+    ctx: CostContext,
+    stages: list[Stage],
+    alloc: list[int],
+    fixed: dict[str, float],
+    dtypes: dict[str, str],
+    kv_layers: list[float],
+) -> bool:
+    """Whether every node holds its ranks' exact layers of ``alloc``."""
+    mem = dict(fixed)
+    start = 0
+    for s, count in zip(stages, alloc):
+        for ti in range(s.k):
+            node = s.nodes[0] if s.local else s.nodes[ti]
+            mem[node] += _rank_layer_bytes(ctx, s, (start, start + count), dtypes[node], kv_layers)
+        start += count
+    return all(mem[n] <= ctx.rates[n].memory_bytes for n in mem)
 
 
 def _backend(ctx: CostContext, used: list[str]) -> str:
@@ -315,6 +366,9 @@ def _candidates(ctx: CostContext, max_exhaustive: int) -> list[list[Stage]]:
             groups = {tuple(sorted(_greedy_group(ctx, s, k))) for s in ids}
         for g in groups:
             out.append([Stage(tuple(g), k)])
+    for k in TENSOR_SIZES:  # one candidate per size the model cannot be split over: infeasible, with the reason
+        if k not in ks and k <= len(ids):
+            out.append([Stage(tuple(ids[:k]), k)])
     return out
 
 

@@ -23,7 +23,6 @@ from exo_lab.placement.cost import (
     NodeRates,
     bytes_per_weight,
     calibrated_link,
-    layer_params,
     share,
     weight_scale,
 )
@@ -62,7 +61,6 @@ class CostContext:
         self._links: dict[tuple[str, str], LinkCost | None] = {}
         self.act = DTYPE_BYTES.get(card.dtype, 2)
         self.hidden_bytes = card.hidden_size * self.act
-        self.kv_layer = card.kv_bytes_per_token_per_layer()
         self.avg_ctx: float = min(context, prompt_tokens + context // 4)  # the Predictor's is pp + tg / 2
 
     def set_rates(self, rates: dict[str, NodeRates]) -> None:
@@ -136,29 +134,36 @@ def predict_into(
     The link between consecutive stages must be measured (both callers check it first)."""
     card = ctx.card
     quant = bool(card.quantization)
-    params = layer_params(card)
-    attn_width = card.num_attention_heads * card.head_dim
+    head_held = card.embedding_bytes if card.tie_word_embeddings else card.head_bytes
     dec: dict[str, float] = {}
     pre: dict[str, float] = {}
     row_s = 0.0  # a batched step: each more sequence adds its matmuls, at the rate of a many-row product
+    start = 0
     for si, (s, count) in enumerate(zip(stages, alloc)):
         label = "+".join(ctx.names[n] for n in s.nodes) + (f" x{s.k}" if s.k > 1 else "")
+        stop = start + count
+        last = si == len(stages) - 1
+        active = card.active_bytes(start, stop)  # what one decoded token reads (routed experts: the chosen ones)
+        flops_layers = card.flops_per_token(start, stop)
+        kv_split = s.k if card.kv_splits_with_tensor else 1
+        kv = card.kv_bytes(int(ctx.avg_ctx), start, stop) / kv_split
         t_dec = t_pre = t_row = 0.0
         for ti in range(s.k):
             node = s.nodes[0] if s.local else s.nodes[ti]
             r = ctx.rates[node]
             sh = node_share(node)
+            scale = weight_scale(card, dtypes[node])
             bpw = bytes_per_weight(card, dtypes[node])
             read = r.decode_read_rate(dtypes[node], quant, bpw) * sh
-            weights = count * params * bpw / s.k
-            kv = ctx.avg_ctx * ctx.kv_layer * count / s.k
-            head = (card.vocab_size * card.hidden_size * bpw) if si == len(stages) - 1 else 0.0
-            t_dec = max(t_dec, (weights + kv + head / s.k) / read)
+            head = head_held * scale if last else 0.0
+            t_dec = max(t_dec, (active * scale / s.k + kv + head / s.k) / read)
             flops = r.prefill_flops(dtypes[node], quant) * sh
-            attn = 4 * ctx.prompt * ctx.prompt / 2 * attn_width * count / s.k
-            head_flops = 2 * card.vocab_size * card.hidden_size if si == len(stages) - 1 else 0.0
-            t_pre = max(t_pre, (2 * ctx.prompt * params * count / s.k + attn + head_flops) / flops)
-            t_row = max(t_row, (2 * params * count / s.k + head_flops / s.k) / flops)
+            attn = card.attention_flops(ctx.prompt, start, stop) / s.k
+            head_flops = card.head_flops_per_token if last else 0.0
+            compute = (ctx.prompt * flops_layers / s.k + attn + head_flops) / flops
+            t_pre = max(t_pre, compute)
+            t_row = max(t_row, (flops_layers / s.k + head_flops / s.k) / flops)
+        start = stop
         row_s += t_row
         dec[f"compute {label}"] = t_dec
         pre[f"compute {label}"] = t_pre

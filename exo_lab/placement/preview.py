@@ -9,17 +9,21 @@ from pathlib import Path
 from exo_lab.cluster.topology import NodeInfo, Topology
 from exo_lab.models.card import ModelCard, card_from_config
 from exo_lab.models.store import resolve
+from exo_lab.models.whatif import parse_what_if, what_if_card
 from exo_lab.placement.plan import Plans
 from exo_lab.placement.planner import plan
 
 
 def model_card(model: str | Path | ModelCard) -> ModelCard:
-    """A card for ``model``: a card, a ``config.json`` file (what-if), or anything ``resolve`` accepts."""
+    """A card for ``model``: a card, a ``config.json`` file (what-if), a shipped what-if model
+    (``[what-if:]deepseek-v3[@4bit]``, see :mod:`exo_lab.models.whatif`), or anything ``resolve`` accepts."""
     if isinstance(model, ModelCard):
         return model
     path = Path(str(model)).expanduser()
     if path.is_file() and path.suffix == ".json":
         return card_from_config(json.loads(path.read_text()), path.parent.name or path.stem)
+    if not path.exists() and parse_what_if(str(model)) is not None:
+        return what_if_card(str(model))
     return ModelCard.from_dir(resolve(model), name=str(model))
 
 

@@ -12,6 +12,7 @@ from exo_lab.cluster.topology import LinkProfile, NodeInfo, Topology
 from exo_lab.models.card import card_from_config
 from exo_lab.placement import plan
 from exo_lab.placement.planner import _split_layers
+from tests.helpers.family_configs import FAMILY_CONFIGS
 from tests.helpers.paths import SPECS
 
 GB = 2**30
@@ -161,6 +162,120 @@ def test_adding_a_node_never_makes_the_best_worse(spec, mspec, extra):
     after = plan(bigger, card, context=2048, prompt_tokens=256)
     if before.plans:
         assert after.plans and after.best.decode_tps >= before.best.decode_tps * (1 - 1e-9)
+
+
+def family_model(family: str, layers: int, hidden: int, experts: int, dense: int, quant_bits: int):
+    """A family's card (MoE, MLA, sliding, hybrid) at sizes that need one to several of the random nodes."""
+    c = dict(FAMILY_CONFIGS[family])
+    c.update(num_hidden_layers=layers, hidden_size=hidden, vocab_size=32000, intermediate_size=hidden * 3)
+    if "moe_intermediate_size" in c:
+        c["moe_intermediate_size"] = hidden // 2
+    for key in ("n_routed_experts", "num_experts", "num_local_experts"):
+        if key in c:
+            c[key] = experts
+    if family == "gpt_oss":
+        c["intermediate_size"] = hidden // 2
+        c["layer_types"] = ["sliding_attention", "full_attention"] * (layers // 2) + ["sliding_attention"] * (
+            layers % 2
+        )
+    if family == "deepseek_v3":
+        c.update(first_k_dense_replace=dense, kv_lora_rank=hidden // 4, q_lora_rank=hidden // 2)
+    if family in ("qwen3_moe", "qwen3_next"):
+        c["mlp_only_layers"] = list(range(dense))
+    if quant_bits:
+        c["quantization"] = {"group_size": 64, "bits": quant_bits}
+    return card_from_config(c, f"{family}-{layers}x{hidden}", "bfloat16")
+
+
+family_models = st.builds(
+    family_model,
+    st.sampled_from(["deepseek_v3", "qwen3_moe", "glm4_moe", "gpt_oss", "gemma3_text", "qwen3_next"]),
+    st.integers(2, 24),
+    st.sampled_from([1024, 2048]),
+    st.sampled_from([8, 16, 64]),
+    st.integers(0, 2),
+    st.sampled_from([0, 4, 8]),
+)
+
+
+@given(clusters, family_models)
+@settings_
+def test_moe_mla_and_hybrid_plans_fit_exactly_and_split_as_mlx_lm_does(spec, card):
+    nodes = [node(i, m, bw, c, g) for i, (m, bw, c, g) in enumerate(spec)]
+    plans = plan(cluster(nodes, 0.5, 5000), card, context=2048, prompt_tokens=256)
+    for p in plans:
+        held = dict.fromkeys(p.nodes, 0.0)
+        for r in p.ranks:
+            assert r.tensor_size == 1 or card.tensor_split_problem(r.tensor_size) is None
+            held[r.node_id] += card.weight_bytes_of(*r.layers) / r.tensor_size
+            held[r.node_id] += card.kv_bytes(2048, *r.layers) / (r.tensor_size if card.kv_splits_with_tensor else 1)
+        for n in p.nodes:  # the exact bytes of the layers each rank holds, and its share of their caches
+            assert held[n] <= p.memory_bytes[n] <= p.memory_capacity_bytes[n]
+        covered = sorted({r.layers for r in p.ranks})
+        assert covered[0][0] == 0 and covered[-1][1] == card.num_layers
+        assert all(a[1] == b[0] for a, b in zip(covered, covered[1:]))
+        assert p.decode_tps > 0 and p.ttft_s > 1 / p.decode_tps
+    for p in plans.infeasible:
+        assert p.reason
+        if any(r.tensor_size > 1 for r in p.ranks) and "no tensor split" in p.reason:
+            assert card.tensor_split_problem(max(r.tensor_size for r in p.ranks)) is not None
+
+
+@given(clusters, family_models)
+@settings_
+def test_moe_decode_is_bounded_by_the_active_bytes_not_the_held_ones(spec, card):
+    """One node's plan reads the active bytes per token: faster than reading every expert would be,
+    and never faster than reading the active bytes at the node's full bandwidth."""
+    nodes = [node(i, m, bw, c, g) for i, (m, bw, c, g) in enumerate(spec)]
+    plans = plan(cluster(nodes, 0.5, 5000), card, context=2048, prompt_tokens=256)
+    for p in plans:
+        if p.strategy != "single" or p.dtypes[p.nodes[0]] != card.dtype:
+            continue
+        bw = next(n for n in nodes if n.id == p.nodes[0]).profile["memory_bandwidth_gb_per_s"] * 1e9
+        assert p.decode_tps <= bw / card.active_bytes_per_token * (1 + 1e-9)
+        assert card.active_bytes() <= sum(card.layer_bytes)
+        if card.layer_active_bytes != card.layer_bytes:  # some layer routes over experts
+            assert card.active_bytes() < sum(card.layer_bytes)
+
+
+def test_a_family_without_shard_gets_no_tensor_plan_and_says_why():
+    a, b = node(0, 64, 100, cores=1), node(1, 64, 100, cores=1)
+    card = family_model("qwen3_next", 8, 1024, 16, 0, 0)
+    plans = plan(cluster([a, b], rtt_ms=0.02, mbit=80000), card)
+    assert plans.plans and not any(p.strategy == "tensor" for p in plans)
+    why = [p.reason for p in plans.infeasible if any(r.tensor_size == 2 for r in p.ranks)]
+    assert why and "no shard()" in (why[0] or "")
+
+
+def test_deepseek_dense_layers_make_the_first_stage_lighter():
+    """A rank holding layers 0-2 of a DeepSeek-style model holds dense layers: fewer bytes than the same count later."""
+    card = family_model("deepseek_v3", 12, 2048, 64, 3, 0)
+    assert card.layer_bytes[0] < card.layer_bytes[3]
+    a, b = node(0, 64, 100, cores=1), node(1, 64, 100, cores=1)
+    plans = plan(cluster([a, b], rtt_ms=0.2, mbit=10000), card, context=1024)
+    pipe = next(p for p in plans if p.strategy == "pipeline" and p.split == "proportional")
+    first, second = sorted(pipe.ranks, key=lambda r: r.stage)
+    assert first.layers[1] - first.layers[0] == second.layers[1] - second.layers[0] == 6
+    assert pipe.memory_bytes[first.node_id] < pipe.memory_bytes[second.node_id]
+
+
+def test_deepseek_v3_4bit_what_if_on_two_and_four_m3_ultras():
+    """The what-if study: 671B at 4 bits (~378 GB) fits one 512 GB M3 Ultra; tensor groups halve or quarter
+    the bytes per node and the bytes each node reads per token (~20.8 GB active of 378 GB held)."""
+    from exo_lab.models.whatif import what_if_card
+
+    card = what_if_card("deepseek-v3@4bit")
+    assert 370e9 < card.weight_bytes < 385e9 and 19e9 < card.active_bytes_per_token < 22e9
+    four = plan(Topology.load(SPECS / "m3-ultra-4x-tb5.json"), card, context=4096)
+    two = plan(Topology.load(SPECS / "m3-ultra-2x-tb5.json"), card, context=4096)
+    single = next(p for p in two if p.strategy == "single")
+    assert 378e9 < max(single.memory_bytes.values()) < 400e9
+    tp2 = next(p for p in two if p.strategy == "tensor")
+    tp4 = next(p for p in four if p.strategy == "tensor" and p.num_nodes == 4)
+    assert max(tp4.memory_bytes.values()) < max(tp2.memory_bytes.values()) / 1.8
+    assert tp2.decode_tps > single.decode_tps and tp4.ttft_s < tp2.ttft_s
+    pipe = next(p for p in two if p.strategy == "pipeline" and p.split == "proportional")
+    assert pipe.decode_tps == pytest.approx(single.decode_tps, rel=0.02)  # one token at a time: stages take turns
 
 
 @given(st.integers(1, 200), st.lists(st.floats(0.1, 10), min_size=1, max_size=8), st.integers(1, 100))

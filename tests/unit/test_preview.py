@@ -97,3 +97,39 @@ def test_previews_endpoint_and_its_errors(server):
         status, data = get(f"{server.url}/instance/previews?{query}")
         assert status == 400 and data["error"]["param"] == param, (query, data)
     assert get(f"{server.url}/health")[0] == 200
+
+
+def test_cli_preview_of_a_shipped_what_if_model():
+    """``exo-lab preview deepseek-v3@4bit --topology ...``: the shipped config, 4-bit, planned per layer."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "exo_lab.cli",
+            "preview",
+            "deepseek-v3@4bit",
+            "--topology",
+            str(SPECS / "m3-ultra-2x-tb5.json"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    plans = [Plan.from_json(p) for p in data["plans"]]
+    assert plans[0].model == "deepseek-v3@4bit"
+    single = next(p for p in plans if p.strategy == "single")
+    assert 370e9 < max(single.memory_bytes.values()) < 400e9  # ~378 GB of weights and a small MLA cache
+    assert {"single", "pipeline", "tensor"} <= {p.strategy for p in plans}
+
+
+def test_model_card_reads_what_if_names_and_not_unknown_ones():
+    from exo_lab.models import ModelNotFoundError
+    from exo_lab.placement.preview import model_card
+
+    assert model_card("what-if:glm-4.6@8bit").architecture == "glm4_moe"
+    assert model_card("kimi-k2").num_experts == 384
+    with pytest.raises(ModelNotFoundError):
+        model_card("kimi-k2@3bit")  # not a quantization the what-if names know: resolved as a model, not found
