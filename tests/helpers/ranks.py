@@ -28,7 +28,7 @@ def single_process_logits(path: Path, prompt: list[int]) -> np.ndarray:
     from mlx_lm import load
     from mlx_lm.models.cache import make_prompt_cache
 
-    model, _ = load(str(path))
+    model = load(str(path))[0]
     cache = make_prompt_cache(model)
     toks = mx.array(prompt)
     pos = 0
@@ -45,7 +45,7 @@ def single_process_tokens(path: Path, prompt: list[int], n: int) -> list[int]:
     from mlx_lm import load
     from mlx_lm.generate import generate_step
 
-    model, _ = load(str(path))
+    model = load(str(path))[0]
     out = generate_step(mx.array(prompt), model, max_tokens=n, prefill_step_size=CHUNK)
     return [int(t) for t, _ in out]
 

@@ -82,7 +82,7 @@ def test_greedy_output_varies_with_the_prompt(preset, tmp_path):
     from mlx_lm import load
     from mlx_lm.generate import generate_step
 
-    model, tok = load(str(synthetic.create(tmp_path / preset, preset)))
+    model, tok = load(str(synthetic.create(tmp_path / preset, preset)))[:2]
     outs = []
     for prompt in ["import os\nimport sys\n", "The quick brown fox jumps", "class Foo(object):"]:
         ids = mx.array(tok.encode(prompt))
@@ -101,8 +101,8 @@ def test_sharded_above_the_limit_loads_with_mlx_lm(tmp_path, monkeypatch):
     assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
     index = json.loads((path / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == set(shards)
-    model, tok = load(str(path))
-    single, _ = load(str(synthetic.create(tmp_path / "single", "tiny")))
+    model, tok = load(str(path))[:2]
+    single = load(str(synthetic.create(tmp_path / "single", "tiny")))[0]
     x = mx.array([tok.encode("hello world")])
     assert mx.array_equal(model(x), single(x))
 
@@ -114,7 +114,7 @@ def test_dtypes_and_quantization(tmp_path, dtype):
     path = synthetic.create(tmp_path / f"q-{dtype}", "tiny", dtype=dtype, quantize=4)
     cfg = json.loads((path / "config.json").read_text())
     assert cfg["quantization"] == {"group_size": 64, "bits": 4, "mode": "affine"} and cfg["torch_dtype"] == dtype
-    model, tok = load(str(path))
+    model, tok = load(str(path))[:2]
     logits = model(mx.array([tok.encode("hello")]))
     assert logits.dtype == getattr(mx, dtype)
     assert mx.isfinite(logits).all().item()
@@ -138,7 +138,7 @@ def test_family_presets_carry_their_real_config_fields(tmp_path):
     path = synthetic.create(tmp_path / "gemma", "gemma3-tiny")
     index = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
     assert "lm_head.weight" not in index  # tied, as Gemma 3 checkpoints are
-    model, _ = load(str(path))
+    model = load(str(path))[0]
     assert model.tie_word_embeddings
     experts = [k for k in index if "switch_mlp" in k]
     assert not experts  # gemma is dense; MoE presets store stacked experts:
@@ -157,7 +157,7 @@ def test_quantized_like_mlx_lm_writes_it(tmp_path):
     per_layer = {k: v["bits"] for k, v in q.items() if isinstance(v, dict)}
     assert set(per_layer.values()) == {3, 6} and q["bits"] == 3
     for path in (oss, mixed):
-        model, tok = load(str(path))
+        model, tok = load(str(path))[:2]
         assert mx.isfinite(model(mx.array([tok.encode("hello")]))).all().item()
 
 
