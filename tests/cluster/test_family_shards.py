@@ -5,6 +5,8 @@ the last stage's logits for a prompt longer than the sliding windows and than on
 chunk are bit-identical to ``mlx_lm`` in one process, and the greedy tokens the ranks generate
 in lock step are the same. Tensor groups of 2 (fp32) give the same tokens for the families
 mlx_lm can ``shard()``; 4-bit checkpoints (and a mixed per-layer one) load as shards and match.
+Last, launched instances (agents, shard workers) decode concurrent requests of the families with
+rotating and linear-attention caches in one batch and give each request its tokens alone.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import exo_lab
 from exo_lab.models import synthetic
 from tests.helpers.ranks import ranks_run, single_process_logits, single_process_tokens
 
@@ -80,3 +83,35 @@ def test_quantized_checkpoints_load_as_shards_and_match(model, tmp_path, preset,
     path = model(preset, quantize)
     n = layers(path)
     assert_matches_one_process(path, tmp_path, [n // 2, n - n // 2], PROMPT)
+
+
+BATCH_PROMPTS = [list(range(5, 60)), [3, 4, 5], [(i * 7919) % 8000 + 10 for i in range(90)]]
+BATCH_TOKENS = [14, 20, 8]  # rows leave at different steps; the short prompt's row rotates its window while batched
+
+
+@pytest.mark.parametrize("preset", ["gpt-oss-tiny", "qwen3-next-tiny"])
+def test_instances_batch_rotating_and_linear_caches(model, preset):
+    path = model(preset)
+    with exo_lab.Engine(path, max_batch=1) as eng:
+        refs = [
+            [t for c in eng.generate(p, max_tokens=n, temperature=0, ignore_eos=True) for t in c.tokens]
+            for p, n in zip(BATCH_PROMPTS, BATCH_TOKENS)
+        ]
+    cluster = exo_lab.local_cluster(2)
+    try:
+        plans = cluster.preview(path, context=2048, prompt_tokens=64)
+        inst = cluster.launch(path, plan=next(p for p in plans if p.strategy == "pipeline" and p.num_nodes == 2))
+        try:
+            before = inst.stats["decode_steps"]
+            gens = [
+                inst.generate(p, max_tokens=n, temperature=0, ignore_eos=True)
+                for p, n in zip(BATCH_PROMPTS, BATCH_TOKENS)
+            ]
+            chunks = [list(g) for g in gens]
+            assert all(c[-1].error is None for c in chunks)
+            assert [[t for c in cs for t in c.tokens] for cs in chunks] == refs
+            assert inst.stats["decode_steps"] - before < sum(BATCH_TOKENS)  # rows shared steps
+        finally:
+            inst.delete()
+    finally:
+        cluster.close()
