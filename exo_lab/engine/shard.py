@@ -22,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
-from exo_lab.engine.families import family, tensor_split_problem, tied_embeddings
+from exo_lab.engine.families import architecture, family, tensor_split_problem, tied_embeddings
 from exo_lab.models.tensors import read_tensors
 
 log = logging.getLogger(__name__)
@@ -196,7 +196,14 @@ def load_shard(
             raise ValueError(problem)
         inner_layers = model.model.layers
         model.model.layers = inner_layers[spec.start : spec.end]
-        model.shard(tensor_group)
+        try:
+            model.shard(tensor_group)
+        except ValueError as e:  # a split through a quantization group, or uneven heads or experts
+            raise ValueError(
+                f"{architecture(model)} cannot be split over {tensor_group.size()} tensor ranks"
+                + (f" at group size {quant['group_size']}: every slice must hold whole groups" if quant else "")
+                + f" ({e})"
+            ) from e
         model.model.layers = inner_layers[: spec.start] + model.model.layers + inner_layers[spec.end :]
     if pair is not None:
         from exo_lab.engine.pairs import shard_pair

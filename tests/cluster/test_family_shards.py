@@ -69,9 +69,10 @@ def test_three_stage_pipeline_is_exact(model, tmp_path, preset):
     assert_matches_one_process(path, tmp_path, [1, n - 2, 1], LONG)
 
 
-@pytest.mark.parametrize("preset", TENSOR)
-def test_tensor_two_fp32_gives_the_same_tokens(model, tmp_path, preset):
-    path = model(preset)  # float32: partial sums in another order change only the last bits
+@pytest.mark.parametrize("preset,quantize", [(p, None) for p in TENSOR] + [("gpt-oss-tiny", 4)])
+def test_tensor_two_gives_the_same_tokens(model, tmp_path, preset, quantize):
+    """fp32 (and gpt-oss 4-bit, whose expert width 128 holds two groups of 64: one per rank)."""
+    path = model(preset, quantize)  # partial sums in another order change only the last bits
     logits, tokens = ranks_run(path, tmp_path, "tensor", 2, PROMPT, tokens=TOKENS)
     ref = single_process_logits(path, PROMPT)
     assert np.max(np.abs(logits - ref)) <= 1e-3 * np.max(np.abs(ref))

@@ -36,19 +36,24 @@ def test_tensor_split_problem_names_the_families_mlx_lm_cannot_shard():
         assert tensor_split_problem(synthetic.build_model(preset)[0], 2) is None
 
 
-def test_tensor_split_of_gemma_fails_with_the_reason(tmp_path):
+class Pair:
+    """A stand-in group of two: splitting fails before any communication."""
+
+    def size(self) -> int:
+        return 2
+
+    def rank(self) -> int:
+        return 0
+
+
+def test_tensor_splits_that_cannot_work_fail_with_the_reason(tmp_path):
     path = synthetic.create(tmp_path / "g", "gemma3-tiny")
-    group = mx.distributed.init()
-
-    class Pair:  # a stand-in group of two: the check happens before any communication
-        def size(self) -> int:
-            return 2
-
-        def rank(self) -> int:
-            return group.rank()
-
     with pytest.raises(ValueError, match="no shard"):
         load_shard(path, ShardSpec(0, 6, 6), tensor_group=Pair())  # type: ignore[arg-type]
+    # 4-bit experts of intermediate size 64 hold one group of 64: half of it is no whole group
+    path = synthetic.create(tmp_path / "q", "qwen3-moe-tiny", quantize=4)
+    with pytest.raises(ValueError, match="qwen3_moe cannot be split over 2 tensor ranks at group size 64"):
+        load_shard(path, ShardSpec(0, 4, 4), tensor_group=Pair())  # type: ignore[arg-type]
 
 
 def test_a_stage_reads_only_its_layers_stacked_experts_and_the_tied_embedding(tmp_path):
