@@ -91,6 +91,19 @@ def tied_embeddings(config: dict) -> bool:
     return bool(config.get("tie_word_embeddings", config.get("model_type") in TIED_BY_DEFAULT))
 
 
+PAIR_SPLITS = frozenset({"llama", "qwen2", "qwen3"})  #: dense layers :func:`exo_lab.engine.pairs.shard_pair` splits
+
+
+def pair_split_problem(model: Any) -> str | None:
+    """Why a tensor pair inside a pipeline stage cannot split ``model``'s layers, or None."""
+    if architecture(model) not in PAIR_SPLITS:
+        return (
+            f"tensor pairs inside a pipeline split dense Llama-like layers only, not {architecture(model)}'s"
+            " (use a pipeline, or one tensor group over all ranks)"
+        )
+    return None
+
+
 def tensor_split_problem(model: Any, size: int) -> str | None:
     """Why ``model`` (an mlx_lm model) cannot be split over ``size`` tensor ranks, or None."""
     if size > 1 and not hasattr(model, "shard"):

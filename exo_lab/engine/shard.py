@@ -22,7 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
-from exo_lab.engine.families import architecture, family, tensor_split_problem, tied_embeddings
+from exo_lab.engine.families import architecture, family, pair_split_problem, tensor_split_problem, tied_embeddings
 from exo_lab.models.tensors import read_tensors
 
 log = logging.getLogger(__name__)
@@ -208,6 +208,8 @@ def load_shard(
     if pair is not None:
         from exo_lab.engine.pairs import shard_pair
 
+        if problem := pair_split_problem(model):
+            raise ValueError(problem)
         shard_pair(model.model.layers[spec.start : spec.end], pair[0], pair[1])
     shard = Shard(model, spec)
     if spec.dtype and not quant:

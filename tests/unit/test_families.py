@@ -56,6 +56,12 @@ def test_tensor_splits_that_cannot_work_fail_with_the_reason(tmp_path):
         load_shard(path, ShardSpec(0, 4, 4), tensor_group=Pair())  # type: ignore[arg-type]
 
 
+def test_tensor_pairs_inside_a_pipeline_refuse_layers_they_cannot_split(tmp_path):
+    path = synthetic.create(tmp_path / "m", "qwen3-moe-tiny")
+    with pytest.raises(ValueError, match="dense Llama-like layers only, not qwen3_moe"):
+        load_shard(path, ShardSpec(0, 2, 4), pair=(0, None))
+
+
 def test_a_stage_reads_only_its_layers_stacked_experts_and_the_tied_embedding(tmp_path):
     path = synthetic.create(tmp_path / "g", "gemma3-tiny")
     assert tied_embeddings(json.loads((path / "config.json").read_text()))
