@@ -79,6 +79,15 @@ def test_tensor_two_gives_the_same_tokens(model, tmp_path, preset, quantize):
     assert tokens == single_process_tokens(path, PROMPT, TOKENS)
 
 
+def test_tensor_four_splits_mla_heads_and_experts(model, tmp_path):
+    """DeepSeek-V3 over 4 ranks: one MLA head each (the latent cache stays whole on every rank), experts in quarters."""
+    path = model("deepseek-v3-tiny")
+    logits, tokens = ranks_run(path, tmp_path, "tensor", 4, PROMPT, tokens=TOKENS)
+    ref = single_process_logits(path, PROMPT)
+    assert np.max(np.abs(logits - ref)) <= 1e-3 * np.max(np.abs(ref))
+    assert tokens == single_process_tokens(path, PROMPT, TOKENS)
+
+
 @pytest.mark.parametrize("preset,quantize", [(p, 4) for p in FAMILIES] + [("deepseek-v3-tiny", "mixed_3_6")])
 def test_quantized_checkpoints_load_as_shards_and_match(model, tmp_path, preset, quantize):
     path = model(preset, quantize)
