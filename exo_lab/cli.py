@@ -187,7 +187,7 @@ def _models_list(args: argparse.Namespace) -> int:
         print(f"  {name}")
     print("synthetic presets (use as 'synthetic:<preset>'; 'demo' is 'tiny'):")
     for name, preset in PRESETS.items():
-        print(f"  {name:12s} {preset.description}")
+        print(f"  {name:16s} {preset.description}")
     return 0
 
 
@@ -417,7 +417,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=sorted(DTYPE_NAMES))
-    p.add_argument("--quantize", type=int, metavar="BITS")
+    p.add_argument(
+        "--quantize",
+        type=lambda v: int(v) if v.isdigit() else v,
+        metavar="BITS|RECIPE",
+        help="affine bits (2, 3, 4, 6, 8) or a mixed per-layer recipe (mixed_2_6, mixed_3_4, mixed_3_6, mixed_4_6)",
+    )
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_models_synth)
     p = msub.add_parser("list", help="cached models and synthetic presets")

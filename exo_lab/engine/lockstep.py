@@ -60,7 +60,7 @@ class Batch:
     """The sequences decoding together on one rank: KV caches, next inputs and samplers, row by row."""
 
     def __init__(self) -> None:
-        self.cache: list | None = None  # one BatchKVCache per layer of the shard
+        self.cache: list | None = None  # one batched cache per layer (BatchKVCache, BatchRotatingKVCache, ArraysCache)
         self.inputs: list[int] = []  # each row's next input token
         self.samplers: list[Callable[[mx.array], mx.array]] = []
         self.greedy: list[bool] = []
@@ -79,7 +79,7 @@ class Batch:
         constraint: Any = None,
         logprobs: int | None = None,
     ) -> None:
-        """Append a prefilled sequence (its per-layer ``KVCache``) as the last row."""
+        """Append a prefilled sequence (its per-layer caches, merged with their own ``merge``) as the last row."""
         merged = [c.merge([c]) for c in cache]
         if self.cache is None:
             self.cache = merged
@@ -151,7 +151,7 @@ class Lockstep:
             (x,) = mx.depends([x], [sent])
         else:
             x = mx.distributed.recv((b, n, self.hidden), self.act_dtype, mine[0], group=self.group)
-        out = self.shard(x, cache) if (logits or not lay.last) else self._hidden_only(x, cache)
+        out = self.shard(x, cache) if (logits or not lay.last) else self.shard.hidden(x, cache)
         if not lay.last:
             if not multi and len(lay.stages[lay.stage + 1]) == 1:
                 return mx.distributed.send(out, lay.peer(lay.stage + 1), group=self.group)
@@ -159,19 +159,6 @@ class Lockstep:
                 return mx.distributed.send(out, lay.stages[lay.stage + 1][0], group=self.group)
             return out
         return out
-
-    def _hidden_only(self, x: mx.array, cache: list) -> mx.array:
-        from mlx_lm.models.base import create_attention_mask
-
-        if self.layout.first:
-            assert self.shard.embed_tokens is not None  # a first stage always holds the embedding
-            h = self.shard.embed_tokens(x)
-        else:
-            h = x
-        mask = create_attention_mask(h, cache[0] if cache else None)
-        for layer, c in zip(self.shard.layers, cache):
-            h = layer(h, mask, cache=c)
-        return h
 
     def prefill(self, prompt: list[int]) -> list:
         """Run all but the last prompt token through this stage; the sequence's per-layer KV cache."""

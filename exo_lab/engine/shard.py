@@ -1,10 +1,12 @@
 """One rank's part of a model: a range of layers, optionally split over a tensor group.
 
-A shard is built from the model's own mlx_lm classes (Llama, Qwen2, Qwen3 and
-others with ``model.embed_tokens / layers / norm``) and loads only the
-tensors it needs: its layers, plus the embedding on the first stage and the
-final norm and head on the last. The forward pass runs the same operations
-as the whole model, so splitting layers changes no bits.
+A shard is built from the model's own mlx_lm classes (Llama, Qwen2/3, Qwen3-MoE,
+DeepSeek-V3, GLM-4 MoE, gpt-oss, Gemma 3, Qwen3-Next and others with
+``model.embed_tokens / layers / norm``) and loads only the tensors it needs: its
+layers (experts stacked per layer, as mlx_lm stores them), plus the embedding on the
+first stage and the final norm and head on the last. The forward pass runs the same
+operations as the whole model, with the model's own per-layer caches and the mask each
+layer kind gets (:mod:`exo_lab.engine.families`), so splitting layers changes no bits.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -19,6 +22,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
+from exo_lab.engine.families import architecture, family, pair_split_problem, tensor_split_problem, tied_embeddings
 from exo_lab.models.tensors import read_tensors
 
 log = logging.getLogger(__name__)
@@ -60,10 +64,19 @@ def needs_tensor(name: str, spec: ShardSpec, tied: bool) -> bool:
 
 
 def tensor_names(model_dir: Path, spec: ShardSpec, tied: bool) -> list[str]:
-    """Names of the stored tensors a shard needs."""
+    """Names of the stored tensors a shard needs (a checkpoint without a head is tied, whatever ``tied`` says)."""
     from exo_lab.models.card import read_tensor_index
 
-    return [t.name for t in read_tensor_index(model_dir) if needs_tensor(t.name, spec, tied)]
+    index = read_tensor_index(model_dir)
+    tied = tied or not any(t.name.startswith("lm_head.") for t in index)
+    return [t.name for t in index if needs_tensor(t.name, spec, tied)]
+
+
+def _stage_caches(model: Any, start: int, end: int) -> list:
+    """Fresh caches for layers ``[start, end)``: the model's own ``make_cache()`` (or a KVCache per layer), sliced."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    return make_prompt_cache(model)[start:end]
 
 
 class Shard(nn.Module):
@@ -74,26 +87,41 @@ class Shard(nn.Module):
         super().__init__()
         self.spec = spec
         inner = model.model
+        self.family = family(model)
+        self.kinds = self.family.kinds(model)[spec.start : spec.end]
+        self.window: int | None = getattr(model.args, "sliding_window", None)
         self.layers = inner.layers[spec.start : spec.end]
-        self.embed_tokens = (
-            inner.embed_tokens if (spec.first or (spec.last and model.args.tie_word_embeddings)) else None
+        # tied: the model says so (args, or Gemma's attribute that sanitize sets), or it has no head
+        self.tied = bool(
+            getattr(model.args, "tie_word_embeddings", False)
+            or getattr(model, "tie_word_embeddings", False)
+            or "lm_head" not in model
         )
+        self.embed_tokens = inner.embed_tokens if (spec.first or (spec.last and self.tied)) else None
         self.norm = inner.norm if spec.last else None
-        self.lm_head = getattr(model, "lm_head", None) if spec.last else None
-        self.tied = bool(model.args.tie_word_embeddings)
+        self.lm_head = model["lm_head"] if (spec.last and not self.tied) else None
+        self._embed_scale = partial(self.family.embed_scale, model) if self.family.embed_scale else None
+        self._make_cache = partial(_stage_caches, model, spec.start, spec.end)
 
-    def __call__(self, x: mx.array, cache: list) -> mx.array:
-        """Tokens (first stage) or hidden states in; hidden states or logits (last stage) out."""
-        from mlx_lm.models.base import create_attention_mask
-
+    def hidden(self, x: mx.array, cache: list) -> mx.array:
+        """This stage's layers over tokens (first stage) or hidden states: the hidden states after them."""
         if self.spec.first:
             assert self.embed_tokens is not None  # a first stage always holds the embedding
             h = self.embed_tokens(x)
+            if self._embed_scale is not None:
+                h = self._embed_scale(h)
         else:
             h = x
-        mask = create_attention_mask(h, cache[0] if cache else None)
-        for layer, c in zip(self.layers, cache):
-            h = layer(h, mask, cache=c)
+        masks: dict[str, Any] = {}
+        for layer, c, kind in zip(self.layers, cache, self.kinds):
+            if kind not in masks:  # from the stage's first layer of this kind, before it runs
+                masks[kind] = self.family.mask(kind, h, c, self.window)
+            h = layer(h, masks[kind], cache=c)
+        return h
+
+    def __call__(self, x: mx.array, cache: list) -> mx.array:
+        """Tokens (first stage) or hidden states in; hidden states or logits (last stage) out."""
+        h = self.hidden(x, cache)
         if not self.spec.last:
             return h
         # a last stage always holds the norm, and the embedding (tied) or the head (untied)
@@ -106,9 +134,32 @@ class Shard(nn.Module):
         return self.lm_head(h)
 
     def make_cache(self) -> list:
-        from mlx_lm.models.cache import KVCache
+        """Fresh per-layer caches of this stage's layers, of the types the model's own ``make_cache()`` gives."""
+        return self._make_cache()
 
-        return [KVCache() for _ in self.layers]
+
+def _quantize(model: nn.Module, quant: dict, weights: dict[str, mx.array]) -> None:
+    """Turn the modules the checkpoint stores quantized into quantized ones, as ``mlx_lm.load`` does.
+
+    Per-layer entries of ``quantization`` (mixed recipes, gpt-oss's 8-bit routers) win; other
+    modules with stored scales get the parameters their tensors show.
+    """
+    from mlx_lm.utils import infer_quant_config
+
+    def predicate(path: str, module: nn.Module) -> bool | dict:
+        if path in quant:
+            return quant[path]
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in weights:
+            return False
+        return infer_quant_config(path, module, weights)
+
+    nn.quantize(
+        model,
+        group_size=quant["group_size"],
+        bits=quant["bits"],
+        mode=quant.get("mode", "affine"),
+        class_predicate=predicate,
+    )
 
 
 def load_shard(
@@ -123,8 +174,7 @@ def load_shard(
     config = json.loads((model_dir / "config.json").read_text())
     model_cls, args_cls = _model_classes(config)
     model = model_cls(args_cls.from_dict(config))  # lazy: parameters are not materialised
-    tied = bool(getattr(model.args, "tie_word_embeddings", False))
-    names = tensor_names(model_dir, spec, tied)
+    names = tensor_names(model_dir, spec, tied_embeddings(config))
     total = spec.end - spec.start
     weights: dict[str, mx.array] = {}
     by_layer: dict[int, list[str]] = {}
@@ -138,21 +188,28 @@ def load_shard(
         weights = model.sanitize(weights)
     quant = config.get("quantization")
     if quant:
-        nn.quantize(
-            model,
-            group_size=quant["group_size"],
-            bits=quant["bits"],
-            class_predicate=lambda p, m: f"{p}.scales" in weights,
-        )
+        _quantize(model, quant, weights)
     model.load_weights(list(weights.items()), strict=False)
     if tensor_group is not None and tensor_group.size() > 1:
+        problem = tensor_split_problem(model, tensor_group.size())
+        if problem:
+            raise ValueError(problem)
         inner_layers = model.model.layers
         model.model.layers = inner_layers[spec.start : spec.end]
-        model.shard(tensor_group)
+        try:
+            model.shard(tensor_group)
+        except ValueError as e:  # a split through a quantization group, or uneven heads or experts
+            raise ValueError(
+                f"{architecture(model)} cannot be split over {tensor_group.size()} tensor ranks"
+                + (f" at group size {quant['group_size']}: every slice must hold whole groups" if quant else "")
+                + f" ({e})"
+            ) from e
         model.model.layers = inner_layers[: spec.start] + model.model.layers + inner_layers[spec.end :]
     if pair is not None:
         from exo_lab.engine.pairs import shard_pair
 
+        if problem := pair_split_problem(model):
+            raise ValueError(problem)
         shard_pair(model.model.layers[spec.start : spec.end], pair[0], pair[1])
     shard = Shard(model, spec)
     if spec.dtype and not quant:

@@ -40,6 +40,7 @@ from tornado.httpserver import HTTPServer
 from exo_lab import defaults
 from exo_lab.cluster.auth import Verifier
 from exo_lab.cluster.fetch import FetchError, fetch_tensors
+from exo_lab.engine.families import tied_embeddings
 from exo_lab.engine.guided import SchemaConstraint, vocabulary
 from exo_lab.engine.job import Job, JobError
 from exo_lab.engine.lockstep import Batch, Layout, Lockstep
@@ -334,7 +335,7 @@ class Worker:
 
         def wanted(name: str) -> bool:
             cfg = json.loads((model_dir / "config.json").read_text())
-            return needs_tensor(name, spec, bool(cfg.get("tie_word_embeddings", False)))
+            return needs_tensor(name, spec, tied_embeddings(cfg))
 
         errors = []
         for source in fetch["sources"]:

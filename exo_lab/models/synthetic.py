@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
@@ -36,8 +37,30 @@ log = logging.getLogger(__name__)
 
 SHARD_BYTES = 2 << 30  # the hub shards above 2 GiB; so do we
 DTYPES = {name: getattr(mx, name) for name in DTYPE_NAMES}
-FAMILY = {"llama": "llama", "qwen2": "chatml", "qwen3": "chatml"}
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+FAMILY = {
+    "llama": "llama",
+    "qwen2": "chatml",
+    "qwen3": "chatml",
+    "qwen3_moe": "chatml",
+    "deepseek_v3": "chatml",
+    "glm4_moe": "chatml",
+    "gpt_oss": "chatml",
+    "gemma3_text": "chatml",
+    "qwen3_next": "chatml",
+}
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+    "glm4_moe": "Glm4MoeForCausalLM",
+    "gpt_oss": "GptOssForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
+    "qwen3_next": "Qwen3NextForCausalLM",
+}
+QUANT_BITS = (2, 3, 4, 6, 8)  #: affine bits ``quantize`` accepts
+QUANT_RECIPES = ("mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6")  #: mlx_lm's mixed per-layer recipes
 
 
 EMBED_STD = 0.25
@@ -53,7 +76,7 @@ def _model_class(model_type: str):
     return module.Model, module.ModelArgs
 
 
-def _config(preset: Preset, dtype: str, quantize: int | None, tok) -> dict[str, Any]:
+def _config(preset: Preset, dtype: str, tok) -> dict[str, Any]:
     family = FAMILY[preset.model_type]
     cfg: dict[str, Any] = {
         "architectures": [ARCHITECTURES[preset.model_type]],
@@ -71,14 +94,41 @@ def _config(preset: Preset, dtype: str, quantize: int | None, tok) -> dict[str, 
     else:
         cfg["bos_token_id"] = tok.token_to_id("<|endoftext|>")
         cfg["eos_token_id"] = tok.token_to_id("<|im_end|>")
-    if quantize:
-        q = {"group_size": 64, "bits": int(quantize)}
-        cfg["quantization"] = q
-        cfg["quantization_config"] = q
     return dict(sorted(cfg.items()))
 
 
-def _initial_weights(model: nn.Module, seed: int, damped_ids: list[int]) -> dict[str, mx.array]:
+def _quantize(model: nn.Module, config: dict[str, Any], quantize: int | str) -> dict[str, Any]:
+    """Quantize ``model`` in place as ``mlx_lm.convert`` does; the config it writes (``quantization``).
+
+    Bits give affine quantization with group size 64 (and the model's own ``quant_predicate``, so
+    gpt-oss keeps its routers at 8 bits, listed per layer); a recipe name gives mlx_lm's mixed
+    per-layer form (some layers at the high bit width, each listed in ``quantization``).
+    """
+    import contextlib
+    import io
+
+    from mlx_lm.convert import mixed_quant_predicate_builder
+    from mlx_lm.utils import quantize_model
+
+    predicate: Callable[[str, nn.Module], bool | dict] | None = None
+    bits = quantize
+    if isinstance(quantize, str):
+        # the builder's annotation names a third parameter its predicate does not take
+        predicate = cast("Callable[[str, nn.Module], bool | dict]", mixed_quant_predicate_builder(quantize, model, 64))
+        bits = int(quantize.split("_")[1])
+    with contextlib.redirect_stdout(io.StringIO()):  # quantize_model prints bits per weight
+        _, quantized = quantize_model(model, config, 64, int(bits), quant_predicate=predicate)
+    return dict(sorted(quantized.items()))
+
+
+def _norm_value(name: str, norm_init: dict[str, float]) -> float:
+    """The initial value of a norm weight: the first ``norm_init`` key found in ``name`` (default 1)."""
+    return next((v for k, v in norm_init.items() if k in name), 1.0)
+
+
+def _initial_weights(
+    model: nn.Module, seed: int, damped_ids: list[int], norm_init: dict[str, float] | None = None
+) -> dict[str, mx.array]:
     """Seeded fp32 weights for every parameter of ``model``, by name."""
     params = dict(tree_flatten(model.parameters()))
     out: dict[str, mx.array] = {}
@@ -86,7 +136,7 @@ def _initial_weights(model: nn.Module, seed: int, damped_ids: list[int]) -> dict
         shape = params[name].shape
         key = mx.random.key(seed * 1_000_003 + index)
         if name.endswith("norm.weight"):
-            w = mx.ones(shape)
+            w = mx.full(shape, _norm_value(name, norm_init or {}))
         elif name.endswith(".bias"):
             w = 0.02 * mx.random.normal(shape, key=key)
         elif name.endswith("embed_tokens.weight"):
@@ -120,29 +170,39 @@ def shape_hidden(weights: dict[str, mx.array]) -> int:
     return weights["model.embed_tokens.weight"].shape[1]
 
 
-def build_model(preset: str | Preset = "tiny", seed: int = 0, dtype: str | None = None, quantize: int | None = None):
-    """An in-memory synthetic model: ``(model, config, hf_tokenizer)``."""
+def build_model(
+    preset: str | Preset = "tiny", seed: int = 0, dtype: str | None = None, quantize: int | str | None = None
+):
+    """An in-memory synthetic model: ``(model, config, hf_tokenizer)``.
+
+    ``quantize``: affine bits (:data:`QUANT_BITS`) or a mixed recipe (:data:`QUANT_RECIPES`).
+    """
     p = PRESETS[preset] if isinstance(preset, str) else preset
     dtype = dtype or p.dtype
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
-    if quantize not in (None, 0, 2, 3, 4, 6, 8):
-        raise ValueError(f"quantize must be 2, 3, 4, 6 or 8 bits, not {quantize!r}")
+    if quantize not in (None, 0, *QUANT_BITS, *QUANT_RECIPES):
+        raise ValueError(
+            f"quantize must be 2, 3, 4, 6 or 8 bits or one of {', '.join(QUANT_RECIPES)}, not {quantize!r}"
+        )
     family = FAMILY[p.model_type]
     tok = bpe.build(p.config["vocab_size"], family)
-    config = _config(p, dtype, quantize, tok)
+    config = _config(p, dtype, tok)
     model_cls, args_cls = _model_class(p.model_type)
     model = model_cls(args_cls.from_dict(config))
     trained = len(json.loads(bpe.base_tokenizer_json())["model"]["vocab"])
     # every special token is in the vocabulary (trained in as one), so none is dropped here
     specials = [i for t in bpe.SPECIAL_TOKENS if (i := tok.token_to_id(t)) is not None]
     damped = specials + list(range(trained, p.config["vocab_size"]))
-    weights = _initial_weights(model, seed, damped)
+    if config.get("tie_word_embeddings") and hasattr(model, "lm_head"):
+        # a tied checkpoint stores no head (Gemma 3): the model's sanitize drops the module
+        model.sanitize({})
+    weights = _initial_weights(model, seed, damped, p.extra.get("norm_init"))
     weights = {k: v.astype(DTYPES[dtype]) for k, v in weights.items()}
     model.update(tree_unflatten(list(weights.items())))
     del weights
     if quantize:
-        nn.quantize(model, group_size=64, bits=int(quantize))
+        config = _quantize(model, config, quantize)
     mx.eval(model.parameters())
     return model, config, tok
 
@@ -177,14 +237,14 @@ def create(
     preset: str = "tiny",
     seed: int = 0,
     dtype: str | None = None,
-    quantize: int | None = None,
+    quantize: int | str | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Create a synthetic model directory at ``path`` and return it.
 
     ``preset``: one of :data:`PRESETS`; ``dtype``: ``float32``, ``bfloat16`` or
-    ``float16`` (default: the preset's); ``quantize``: bits (e.g. 4) for an
-    mlx_lm-quantized model, quantized from weights in ``dtype``.
+    ``float16`` (default: the preset's); ``quantize``: bits (e.g. 4) or a mixed
+    recipe (``mixed_3_6``) for an mlx_lm-quantized model, quantized from weights in ``dtype``.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")

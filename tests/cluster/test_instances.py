@@ -5,12 +5,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-import mlx.core as mx
 import numpy as np
 import openai
 import psutil
@@ -20,6 +17,7 @@ import exo_lab
 from exo_lab.instance import Instance
 from exo_lab.models import synthetic
 from tests.helpers.net import free_port
+from tests.helpers.ranks import ranks_logits, single_process_logits
 
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).resolve().parent
@@ -111,44 +109,6 @@ def test_tensor_parallel_fp32_gives_the_same_tokens(cluster, models):
         assert tokens_of(inst, SHORT, 24) == reference(path, SHORT, 24)
     finally:
         inst.delete()
-
-
-def single_process_logits(path: Path, prompt: list[int]) -> np.ndarray:
-    from mlx_lm import load
-    from mlx_lm.models.cache import make_prompt_cache
-
-    model, _ = load(str(path))
-    cache = make_prompt_cache(model)
-    toks = mx.array(prompt)
-    pos = 0
-    while len(prompt) - pos > 1:
-        n = min(64, len(prompt) - pos - 1)
-        model(toks[pos : pos + n][None], cache=cache)
-        mx.eval([c.state for c in cache])
-        pos += n
-    return np.array(model(toks[pos:][None], cache=cache)[:, -1, :].astype(mx.float32))
-
-
-def ranks_logits(path: Path, tmp_path: Path, splits, n: int, prompt: list[int]) -> np.ndarray:
-    hosts = tmp_path / "hosts.json"
-    hosts.write_text(json.dumps([[f"127.0.0.1:{free_port()}"] for _ in range(n)]))
-    out = tmp_path / "logits.npy"
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                str(HERE.parent / "helpers" / "rank_logits.py"),
-                str(path),
-                json.dumps(splits),
-                json.dumps(prompt),
-                str(out),
-            ],
-            env={**os.environ, "MLX_RANK": str(r), "MLX_HOSTFILE": str(hosts)},
-        )
-        for r in range(n)
-    ]
-    assert [p.wait(120) for p in procs] == [0] * n
-    return np.load(out)
 
 
 @pytest.mark.parametrize("ranks", [2, 4])

@@ -1,6 +1,9 @@
 """Run as one MLX rank: print the last stage's logits for a prompt (for bit-exactness tests).
 
-Usage: MLX_RANK=r MLX_HOSTFILE=hosts.json python tests/rank_logits.py MODEL_DIR SPLITS_JSON PROMPT_JSON OUT.npy
+Usage: MLX_RANK=r MLX_HOSTFILE=hosts.json python tests/rank_logits.py MODEL_DIR SPLITS_JSON PROMPT_JSON OUT.npy [N]
+
+With N > 0 the ranks then generate N greedy tokens in lock step (``Lockstep.generate``) and the
+sampling rank writes them to OUT with the suffix ``.tokens.json``.
 """
 
 import json
@@ -20,6 +23,7 @@ from exo_lab.engine.shard import ShardSpec, load_shard
 
 def main() -> None:
     model_dir, splits, prompt, out = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
+    n_tokens = int(sys.argv[5]) if len(sys.argv) > 5 else 0
     group = mx.distributed.init(backend="ring", strict=True)
     rank = group.rank()
     cfg = json.loads(Path(model_dir, "config.json").read_text())
@@ -43,8 +47,13 @@ def main() -> None:
         pos += n
     o = ls._forward(tokens[pos:][None], cache, logits=True)
     mx.eval(o)
-    if layout.last and rank == layout.stages[-1][0]:
+    samples = layout.last and rank == layout.stages[-1][0]
+    if samples:
         np.save(out, np.array(o[:, -1, :].astype(mx.float32)))
+    if n_tokens:
+        tokens = list(ls.generate(prompt, n_tokens, lambda lp: mx.argmax(lp, axis=-1), lambda: False, greedy=True))
+        if samples:
+            Path(out).with_suffix(".tokens.json").write_text(json.dumps(tokens))
     ls.barrier()
 
 
