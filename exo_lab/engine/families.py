@@ -22,6 +22,8 @@ from typing import Any
 
 import mlx.core as mx
 
+from exo_lab.models.card import PAIR_SPLIT_ARCHITECTURES
+
 FULL, SLIDING, LINEAR = "full", "sliding", "linear"
 
 
@@ -91,7 +93,7 @@ def tied_embeddings(config: dict) -> bool:
     return bool(config.get("tie_word_embeddings", config.get("model_type") in TIED_BY_DEFAULT))
 
 
-PAIR_SPLITS = frozenset({"llama", "qwen2", "qwen3"})  #: dense layers :func:`exo_lab.engine.pairs.shard_pair` splits
+PAIR_SPLITS = PAIR_SPLIT_ARCHITECTURES  #: dense layers :func:`exo_lab.engine.pairs.shard_pair` splits
 
 
 def pair_split_problem(model: Any) -> str | None:

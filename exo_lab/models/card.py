@@ -32,6 +32,10 @@ _TORCH_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 _LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.")
 
 
+#: architectures whose layers a tensor pair inside a pipeline stage splits (``engine/pairs.py``)
+PAIR_SPLIT_ARCHITECTURES = frozenset({"llama", "qwen2", "qwen3"})
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     """One tensor of a safetensors file: its file, dtype, shape and size."""
@@ -226,6 +230,19 @@ class ModelCard:
                 if (dim // n) % group:
                     return f"{what} {dim}/{n} is not a multiple of the quantization group {group}"
         return None
+
+    def pair_split_problem(self) -> str | None:
+        """Why a tensor pair inside a pipeline stage cannot split this model's layers, or None.
+
+        Inside a pipeline, ranks of one stage exchange partial sums themselves (``engine/pairs.py``: MLX's
+        ring cannot split a group), which covers the dense layers of Llama-like models only.
+        """
+        if self.architecture in PAIR_SPLIT_ARCHITECTURES:
+            return None
+        return (
+            f"tensor pairs inside a pipeline split dense Llama-like layers only, not {self.architecture}'s "
+            "(a pipeline, or one tensor group over all ranks, can run it)"
+        )
 
     def can_split_tensor(self, n: int) -> bool:
         """Whether mlx_lm's tensor split of this model works over ``n`` ranks."""

@@ -159,6 +159,8 @@ def _evaluate(ctx: CostContext, stages: list[Stage], native: bool, split: str = 
     for s in stages:  # mlx_lm's shard() must be able to split the model this way
         if s.k > 1 and (problem := card.tensor_split_problem(s.k)):
             return _infeasible(plan, stages, f"no tensor split over {s.k} ranks: {problem}")
+        if s.k > 1 and len(stages) > 1 and (problem := card.pair_split_problem()):
+            return _infeasible(plan, stages, problem)
     # links between consecutive stages must exist
     for a, b in zip(stages, stages[1:]):
         if ctx.link(a.nodes[0], b.nodes[0]) is None:

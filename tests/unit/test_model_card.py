@@ -1,3 +1,5 @@
+import json
+
 import mlx.core as mx
 import pytest
 from mlx.utils import tree_flatten
@@ -25,7 +27,9 @@ def test_card_matches_the_tensors(tmp_path, preset, quantize):
     assert card.num_layers == len(card.layer_bytes) == 4
     assert card.architecture == synthetic.PRESETS[preset].model_type
     assert card.tie_word_embeddings == (card.head_bytes == 0)
-    assert card.quantization == ({"group_size": 64, "bits": 4} if quantize else None)
+    written = json.loads((path / "config.json").read_text()).get("quantization")
+    assert card.quantization == written  # as mlx_lm wrote it, mode and per-layer entries included
+    assert (written or {}).get("bits") == quantize and (not quantize or written["group_size"] == 64)
     assert ModelCard.from_json(card.to_json()) == card
 
 

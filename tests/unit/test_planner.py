@@ -401,3 +401,22 @@ def test_ties_go_to_nodes_that_already_hold_the_files():
     assert plans.best.nodes == ["n1"] and plans.best.fetch_nodes == []
     other = next(p for p in plans if p.nodes == ["n0"])
     assert other.fetch_nodes == ["n0"] and other.decode_tps == plans.best.decode_tps
+
+
+def test_tensor_pairs_inside_a_pipeline_are_offered_for_dense_models_only():
+    """Pairs inside a pipeline stage split dense layers only (engine/pairs.py): an MoE model gets none, with why."""
+    nodes = [node(i, 64, 100, cores=2) for i in range(2)]  # two cores each: a local pair per pipeline stage
+    topo = cluster(nodes, rtt_ms=0.02, mbit=80000)
+
+    def pipeline_of_pairs(plans) -> list:
+        return [
+            p
+            for p in [*plans, *plans.infeasible]
+            if len({r.stage for r in p.ranks}) > 1 and any(r.tensor_size > 1 for r in p.ranks)
+        ]
+
+    dense = pipeline_of_pairs(plan(topo, model(layers=8, hidden=1024)))
+    assert any(p.feasible for p in dense)
+    moe = pipeline_of_pairs(plan(topo, family_model("qwen3_moe", 8, 1024, 16, 0, 0)))
+    assert moe and not any(p.feasible for p in moe)
+    assert all("tensor pairs inside a pipeline" in (p.reason or "") for p in moe)
