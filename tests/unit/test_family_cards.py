@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from mlx_lm.utils import quantize_model
 
+from exo_lab.models import synthetic
 from exo_lab.models.card import ModelCard, card_from_config
 from tests.helpers.family_configs import FAMILY_CONFIGS
 from tests.helpers.family_models import (
@@ -186,3 +189,31 @@ def test_attention_flops_follow_each_layers_reach():
     assert gpt.attention_flops(2 * p, 1, 2) > 3.9 * gpt.attention_flops(p, 1, 2)  # full: quadratic
     nxt = card_from_config(FAMILY_CONFIGS["qwen3_next"], "qwen3_next")
     assert nxt.attention_flops(p, 0, 1) == 0 < nxt.attention_flops(p, 1, 2)
+
+
+FAMILY_PRESETS = [
+    "qwen3-moe-tiny",
+    "deepseek-v3-tiny",
+    "glm4-moe-tiny",
+    "gpt-oss-tiny",
+    "gemma3-tiny",
+    "qwen3-next-tiny",
+]
+
+
+@pytest.mark.parametrize("preset", FAMILY_PRESETS)
+def test_each_family_presets_config_alone_gives_its_files_card(tmp_path, preset):
+    """The card from config.json alone equals the card read from the synthetic model's files."""
+
+    path = synthetic.create(tmp_path / preset, preset)
+    files = ModelCard.from_dir(path)
+    config = json.loads((path / "config.json").read_text())
+    alone = card_from_config(config, files.name, dtype=files.dtype)
+    assert alone.layer_bytes == files.layer_bytes
+    assert (alone.embedding_bytes, alone.head_bytes, alone.weight_bytes) == (
+        files.embedding_bytes,
+        files.head_bytes,
+        files.weight_bytes,
+    )
+    assert alone.kv_bytes_per_layer(100) == files.kv_bytes_per_layer(100)
+    assert alone.active_bytes_per_token == files.active_bytes_per_token
