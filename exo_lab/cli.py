@@ -50,23 +50,46 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
+    from exo_lab.member import AUTO, Member, MemberConfig  # MLX (instances): see the note at the top
+
     stop = _stop_on_signal()
-    print(f"exo_lab {exo_lab.__version__}: starting a local node with model {args.model!r} ...", flush=True)
-    server = exo_lab.serve(
-        args.model,
-        port=args.port,
-        host=args.host,
-        name=args.name,
-        api_key=args.api_key,
-        max_batch=args.max_batch,
-        max_queue=args.max_queue,
+    model = None if args.no_model else (args.model or AUTO)
+    print(
+        f"exo_lab {exo_lab.__version__}: joining the cluster as {args.node_name or socket.gethostname()} ...",
+        flush=True,
     )
-    _announce(server)
-    registration = register_server(server)  # the JupyterLab side panel finds it (exo_lab.cluster.coordinators)
-    stop_dashboard = None if args.no_dashboard else _start_up_dashboard(server, args, registration)
-    _wait_for_signal(server, stop)
+    member = Member(
+        MemberConfig(
+            model=model,
+            name=args.name,
+            node_name=args.node_name or socket.gethostname(),
+            host=args.host,
+            port=args.port,
+            api_key=args.api_key,
+            agent_host=args.agent_host,
+            agent_port=args.agent_port,
+            state_dir=Path(args.state_dir) if args.state_dir else None,
+            cluster_key=args.cluster_key,
+            peers=args.peer,
+            mdns=not args.no_mdns,
+            max_batch=args.max_batch,
+            max_queue=args.max_queue,
+            verbose=args.verbose,
+        )
+    ).start()
+    assert member.server is not None and member.cluster is not None
+    print(f"exo_lab API: {member.server.url}  (OpenAI base URL {member.server.openai_base_url}, BLAS: {_blas.name()})")
+    print(f"  instances: curl {member.server.url}/instances   (launch: POST /instance, see /openapi.json)")
+    print(f"  models:    curl {member.server.url}/v1/models", flush=True)
+    member.launch_model()
+    stop_dashboard = None
+    if not args.no_dashboard:
+        stop_dashboard = _start_up_dashboard(member, args)
+    print("Press Ctrl-C to stop.", flush=True)
+    _wait_for_signal(member.server, stop)
     if stop_dashboard is not None:
         stop_dashboard()
+    member.stop()
     return 0
 
 
@@ -76,8 +99,8 @@ def _quiet_dashboard_logs(args: argparse.Namespace) -> None:
         logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
 
 
-def _start_up_dashboard(server: exo_lab.Server, args: argparse.Namespace, registration):
-    """The dashboard of ``exo-lab up`` (this machine, the served model, a chat box) on another port.
+def _start_up_dashboard(member, args: argparse.Namespace):
+    """The dashboard of ``exo-lab up`` (the cluster, its instances, a chat box) on another port.
 
     It starts on a thread, so that Ctrl-C and SIGTERM are handled at once (Panel takes a moment to
     import); returns a function that stops it.
@@ -91,7 +114,12 @@ def _start_up_dashboard(server: exo_lab.Server, args: argparse.Namespace, regist
         try:
             started.append(
                 serve_dashboard(
-                    DashboardSource(registry=server.registry, api_url=server.url),
+                    DashboardSource(
+                        cluster=member.cluster,
+                        registry=member.server.registry,
+                        api_url=member.server.url,
+                        control=member.control,
+                    ),
                     port=args.dashboard_port,
                     host=args.host,
                 )
@@ -99,7 +127,8 @@ def _start_up_dashboard(server: exo_lab.Server, args: argparse.Namespace, regist
         except OSError as exc:  # the API keeps serving without it
             print(f"exo-lab: warning: {exc}", file=sys.stderr, flush=True)
             return
-        registration.update(dashboard_url=started[0].url)  # the panel's "Open dashboard" button
+        if member.cluster.registration is not None:
+            member.cluster.registration.update(dashboard_url=started[0].url)  # the panel's "Open dashboard" button
         print(f"exo_lab dashboard: {started[0].url}", flush=True)
 
     thread = threading.Thread(target=start, name="exo-lab-dashboard-start", daemon=True)
@@ -235,6 +264,38 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _instances(args: argparse.Namespace) -> int:
+    from exo_lab.cluster import instances as cluster_instances
+
+    cluster = ClusterClient.connect(args.connect or [f"127.0.0.1:{defaults.AGENT_PORT}"], cluster_key=args.cluster_key)
+    if args.action == "delete":
+        if not args.id:
+            print("exo-lab: error: exo-lab instances delete ID", file=sys.stderr)
+            return 2
+        try:
+            found = cluster_instances.find(cluster, args.id)
+        except KeyError as exc:
+            print(f"exo-lab: error: {exc.args[0]}", file=sys.stderr)
+            return 1
+        how = cluster_instances.stop(cluster, found)
+        print(f"deleted {found.id} ({found.name}) through its {'owner' if how == 'owner' else 'nodes'}")
+        return 0
+    found = cluster_instances.gather(cluster)
+    if args.json:
+        print(json.dumps([i.to_json() for i in found], indent=2))
+        return 0
+    if not found:
+        print("no instances")
+        return 0
+    names = {n.id: n.name for n in cluster.nodes}
+    print(f"{'id':12s} {'name':20s} {'state':10s} {'loaded':>9s}  {'nodes':24s} owner")
+    for i in found:
+        loaded = f"{i.loaded[0]}/{i.loaded[1]}" if i.loaded[1] else "-"
+        nodes = ",".join(names.get(n, n) for n in i.nodes)
+        print(f"{i.id:12s} {i.name[:20]:20s} {i.state:10s} {loaded:>9s}  {nodes[:24]:24s} {i.owner.get('label', '?')}")
+    return 0
+
+
 def _preview(args: argparse.Namespace) -> int:
     if args.topology:
         topology = Topology.load(args.topology)
@@ -302,8 +363,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def api_args(p: argparse.ArgumentParser, model_default: str | None) -> None:
-        if model_default is None:
+    def api_args(p: argparse.ArgumentParser, model_default: str | None, optional: bool = False) -> None:
+        if optional:
+            p.add_argument(
+                "--model",
+                "-m",
+                help="launch this model on the best plan of the cluster (default: the demo model when this "
+                "machine is alone, nothing when it joins others)",
+            )
+        elif model_default is None:
             p.add_argument(
                 "--model", "-m", required=True, help="path, cached name, hub id, 'demo' or 'synthetic:<preset>'"
             )
@@ -325,8 +393,18 @@ def build_parser() -> argparse.ArgumentParser:
     api_args(p, None)
     p.set_defaults(func=_serve)
 
-    p = sub.add_parser("up", help="the main job: a local node serving the demo model, with the dashboard")
-    api_args(p, "demo")
+    p = sub.add_parser(
+        "up", help="the main job: this machine as a cluster member (node agent, API, dashboard); on its own, the demo"
+    )
+    api_args(p, None, optional=True)
+    p.add_argument("--no-model", action="store_true", help="launch no model (launch later: POST /instance, dashboard)")
+    p.add_argument("--node-name", help="this node's name (default: the hostname)")
+    p.add_argument("--agent-host", default="0.0.0.0", help="the node agent's address (default: all, for peers)")
+    p.add_argument("--agent-port", type=int, default=defaults.AGENT_PORT, help="(default: %(default)s)")
+    p.add_argument("--state-dir", help="where the node id and cluster key live")
+    p.add_argument("--cluster-key", help=f"shared secret of the cluster (or {defaults.CLUSTER_KEY})")
+    p.add_argument("--peer", action="append", default=[], metavar="HOST:PORT", help="a peer agent to join without mDNS")
+    p.add_argument("--no-mdns", action="store_true", help="do not advertise or browse with mDNS")
     p.add_argument(
         "--dashboard-port",
         type=int,
@@ -369,6 +447,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe", action="store_true", help="measure links now")
     p.add_argument("--json", action="store_true", help="print the topology JSON")
     p.set_defaults(func=_status)
+
+    p = sub.add_parser("instances", help="the cluster's instances: list them, or delete one")
+    p.add_argument("action", nargs="?", choices=["list", "delete"], default="list")
+    p.add_argument("id", nargs="?", help="the instance to delete")
+    p.add_argument("--connect", nargs="+", metavar="HOST:PORT", help="agents to ask (default: this machine's agent)")
+    p.add_argument("--cluster-key")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_instances)
 
     p = sub.add_parser("preview", help="ranked ways to split a model over a cluster (live, what-if, or this machine)")
     p.add_argument(

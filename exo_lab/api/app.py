@@ -8,10 +8,20 @@ import tornado.web
 
 from exo_lab.api import ollama_meta
 from exo_lab.api.base import NotFoundHandler
+from exo_lab.api.control import (
+    ClusterControl,
+    EventsHandler,
+    InstanceHandler,
+    InstancesHandler,
+    LaunchHandler,
+    PreviewsHandler,
+    StateHandler,
+)
 from exo_lab.api.handlers import ChatCompletionsHandler, CountTokensHandler, MessagesHandler, ResponsesHandler
 from exo_lab.api.info import HealthHandler, ModelHandler, ModelsHandler
 from exo_lab.api.openapi import OpenApiHandler
 from exo_lab.api.registry import ModelRegistry
+from exo_lab.cluster.auth import Verifier
 
 access_log = logging.getLogger("tornado.access")
 
@@ -26,14 +36,21 @@ def log_request(handler: tornado.web.RequestHandler) -> None:
         )
 
 
-def make_app(registry: ModelRegistry, topology_source=None, api_key: str | None = None) -> tornado.web.Application:
+def make_app(
+    registry: ModelRegistry,
+    topology_source=None,
+    api_key: str | None = None,
+    control: ClusterControl | None = None,
+    cluster_key: str | None = None,
+) -> tornado.web.Application:
     """Routes for ``registry``'s models; ``topology_source()`` gives the cluster's topology for previews.
 
     With ``api_key``, every route but ``/health`` and Ollama's ``GET /`` needs
-    it (``Authorization: Bearer KEY`` or ``x-api-key: KEY``).
+    it (``Authorization: Bearer KEY`` or ``x-api-key: KEY``); a request signed with ``cluster_key``
+    (another member of the cluster forwarding or stopping) needs no API key. With ``control`` (a
+    cluster member), instances are managed over HTTP and models served elsewhere in the cluster are
+    forwarded there (:mod:`exo_lab.api.forward`).
     """
-    from exo_lab.api.previews import PreviewsHandler
-
     kw = {"registry": registry}
     return tornado.web.Application(
         [
@@ -46,6 +63,11 @@ def make_app(registry: ModelRegistry, topology_source=None, api_key: str | None 
             (r"/health", HealthHandler, kw),
             (r"/openapi.json", OpenApiHandler, kw),
             (r"/instance/previews", PreviewsHandler, {**kw, "topology_source": topology_source}),
+            (r"/instance", LaunchHandler, kw),
+            (r"/instances", InstancesHandler, kw),
+            (r"/instance/([0-9a-zA-Z_-]+)", InstanceHandler, kw),
+            (r"/state", StateHandler, kw),
+            (r"/events", EventsHandler, kw),
             *ollama_meta.routes(kw),
         ],
         default_handler_class=NotFoundHandler,
@@ -53,4 +75,7 @@ def make_app(registry: ModelRegistry, topology_source=None, api_key: str | None 
         compress_response=False,
         log_function=log_request,
         api_key=api_key or None,
+        control=control,
+        cluster_key=cluster_key,
+        verifier=Verifier(cluster_key) if cluster_key else None,
     )

@@ -6,18 +6,22 @@ import hmac
 import json
 import logging
 import uuid
+from collections.abc import Callable
 from contextlib import aclosing
 from typing import Any, ClassVar, Protocol
 
+from tornado.ioloop import IOLoop
 from tornado.iostream import StreamClosedError
 from tornado.web import HTTPError, RequestHandler
 
 from exo_lab.api import common
 from exo_lab.api.errors import ApiError
 from exo_lab.api.events import collect, events
+from exo_lab.api.forward import FORWARDED, forward, requested_model
 from exo_lab.api.registry import ModelRegistry
 from exo_lab.api.reply import Reply
 from exo_lab.api.schema import RequestModel, parse_json_object
+from exo_lab.cluster.auth import HEADER_SIG
 from exo_lab.engine.generation import Generation
 
 log = logging.getLogger(__name__)
@@ -57,15 +61,24 @@ class ApiHandler(RequestHandler):
         self.registry = registry
         self.generation: Generation | None = None
         self.client_gone = False
+        self.on_gone: Callable[[], None] | None = None  # what to stop when the client goes (a forwarded request)
 
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json")
         if self.family == "anthropic":
             self.set_header("request-id", f"req_{uuid.uuid4().hex[:24]}")
 
+    def signed_by_cluster(self) -> bool:
+        """Whether the request carries a valid signature with the cluster key (another member sent it)."""
+        verifier = self.settings.get("verifier")
+        if verifier is None or HEADER_SIG not in self.request.headers:
+            return False
+        r = self.request
+        return verifier.problem(r.method, r.uri, r.body or b"", dict(r.headers)) is None
+
     def prepare(self) -> None:
         key = self.settings.get("api_key")
-        if key and self.auth_required and not key_matches(key, self.request.headers):
+        if key and self.auth_required and not key_matches(key, self.request.headers) and not self.signed_by_cluster():
             given = presented_key(self.request.headers)
             why = "No API key was sent" if not given else "The API key is not valid"
             how = (
@@ -130,6 +143,8 @@ class ApiHandler(RequestHandler):
         self.client_gone = True
         if self.generation is not None:
             self.generation.cancel()
+        if self.on_gone is not None:
+            self.on_gone()
 
     # SSE
     def start_sse(self) -> None:
@@ -178,8 +193,24 @@ class GenerationHandler(ApiHandler):
 
     parse: ClassVar[ParseRequest]
 
+    async def forwarded(self) -> bool:
+        """Forward the request when another member of the cluster serves its model (see :mod:`exo_lab.api.forward`)."""
+        control = self.settings.get("control")
+        if control is None or FORWARDED in self.request.headers:
+            return False
+        model = requested_model(self.request.body)
+        if model is None or model in self.registry.names():
+            return False
+        url = await IOLoop.current().run_in_executor(None, control.route, model)
+        if url is None:
+            return False
+        await forward(self, url, self.settings.get("cluster_key"))
+        return True
+
     async def post(self) -> None:
         try:
+            if await self.forwarded():
+                return
             reply = type(self).parse(self.body(), self.registry)
             if reply.request is None:
                 self.send_json(reply.immediate())

@@ -27,6 +27,20 @@ def model_object(name: str, backend: Any) -> dict[str, Any]:
     }
 
 
+def remote_model_object(instance: dict[str, Any]) -> dict[str, Any]:
+    """A model another member of the cluster serves (an instance from ``GET /instances``)."""
+    created = int(instance.get("created") or time.time())
+    return {
+        "id": instance["name"],
+        "object": "model",
+        "created": created,
+        "owned_by": "exo_lab",
+        "type": "model",
+        "display_name": instance["name"],
+        "created_at": rfc3339(created),
+    }
+
+
 class ModelsHandler(ApiHandler):
     """``GET /v1/models``: OpenAI's list (``object``, ``data``) and Anthropic's page (``has_more``, ids)."""
 
@@ -34,6 +48,10 @@ class ModelsHandler(ApiHandler):
 
     def get(self) -> None:
         data = [model_object(name, backend) for name, backend in self.registry.items()]
+        control = self.settings.get("control")
+        if control is not None:  # the cluster's other models, served by other members (forwarded there)
+            data += [remote_model_object(i) for i in control.models()]
+            data.sort(key=lambda m: m["id"])
         after = self.get_query_argument("after_id", None)
         before = self.get_query_argument("before_id", None)
         ids = [m["id"] for m in data]
@@ -72,6 +90,11 @@ class ModelHandler(ApiHandler):
     family = "auto"
 
     def get(self, name: str) -> None:
+        control = self.settings.get("control")
+        remote = [i for i in control.models() if i["name"] == name] if control is not None else []
+        if remote and name not in self.registry.names():
+            self.send_json(remote_model_object(remote[0]))
+            return
         try:
             backend = self.registry.get(name)
         except ApiError as err:

@@ -35,13 +35,17 @@ QUERY: dict[str, list[dict[str, Any]]] = {
             for n in ("context", "prompt_tokens", "batch")
         ),
         {"name": "objective", "in": "query", "required": False, "schema": {"enum": ["decode", "ttft"]}},
+        {"name": "sharding", "in": "query", "required": False, "schema": STR},
+        {"name": "min_nodes", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1}},
+        {"name": "node_ids", "in": "query", "required": False, "schema": STR, "description": "comma-separated"},
     ],
 }
 
 
 def route_path(pattern: str) -> str:
     """A tornado route pattern as an OpenAPI path: ``/v1/models/(.+)`` -> ``/v1/models/{model}``."""
-    return re.sub(r"\(\.\+\)", "{model}", pattern.rstrip("$")).replace("/?", "") or "/"
+    path = re.sub(r"\(\.\+\)", "{model}", pattern.rstrip("$")).replace("/?", "")
+    return re.sub(r"\(\[[^)]*\]\+\)", "{id}", path) or "/"
 
 
 def _tag(path: str) -> str:
@@ -82,7 +86,7 @@ def routes(app: Application) -> list[tuple[str, type[ApiHandler]]]:
 
 
 def _methods(handler: type) -> list[str]:
-    return [m for m in ("get", "post") if getattr(handler, m) is not getattr(RequestHandler, m)]
+    return [m for m in ("get", "post", "delete") if getattr(handler, m) is not getattr(RequestHandler, m)]
 
 
 def spec(app: Application) -> dict[str, Any]:
@@ -104,9 +108,11 @@ def spec(app: Application) -> dict[str, Any]:
                     "required": True,
                     "content": {"application/json": {"schema": refs[(handler.schema, "validation")]}},
                 }
-            params = QUERY.get(path, []) + (
-                [{"name": "model", "in": "path", "required": True, "schema": STR}] if "{model}" in path else []
-            )
+            params = QUERY.get(path, []) + [
+                {"name": name, "in": "path", "required": True, "schema": STR}
+                for name in ("model", "id")
+                if "{" + name + "}" in path
+            ]
             if params:
                 op["parameters"] = params
             paths.setdefault(path, {})[method] = op

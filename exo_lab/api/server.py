@@ -42,8 +42,12 @@ class Server:
         port: int = DEFAULT_PORT,
         cluster: Any = None,
         api_key: str | None = None,
+        control: Any = None,
     ) -> None:
+        """``control`` (an ``exo_lab.control.Control``) makes this the API of a cluster member: instances
+        over HTTP, requests for models served elsewhere in the cluster forwarded there."""
         self.registry = registry
+        self.control = control
         self.api_key = api_key or None
         self.cluster = cluster
         self.host = host
@@ -78,7 +82,9 @@ class Server:
             self._loop = loop
             try:
                 source = (lambda: self.cluster.topology) if self.cluster is not None else None
-                http = HTTPServer(make_app(self.registry, source, self.api_key), idle_connection_timeout=3600)
+                key = getattr(self.cluster, "cluster_key", None) if self.control is not None else None
+                app = make_app(self.registry, source, self.api_key, self.control, key)
+                http = HTTPServer(app, idle_connection_timeout=3600)
                 self._http = http
                 http.listen(self.port, self.host)
                 sock = next(iter(http._sockets.values()))

@@ -115,6 +115,10 @@ def spec(server):
     return json.loads(data)
 
 
+#: routes of a cluster member (exo-lab up); tests/cluster/test_control_api.py covers them on one
+CLUSTER_ONLY = {"/instance", "/instances", "/instance/{id}", "/state", "/events"}
+
+
 def test_every_route_is_described(spec, server):
     from exo_lab.api.app import make_app
     from exo_lab.api.registry import ModelRegistry
@@ -124,7 +128,7 @@ def test_every_route_is_described(spec, server):
         rule.matcher.regex.pattern.rstrip("$")
         for rule in make_app(ModelRegistry()).default_router.rules[0].target.rules
     }
-    described = {p.replace("{model}", "(.+)") for p in spec["paths"]}
+    described = {p.replace("{model}", "(.+)").replace("{id}", "([0-9a-zA-Z_-]+)") for p in spec["paths"]}
     missing = {
         p
         for p in patterns
@@ -148,8 +152,11 @@ def test_every_route_is_described(spec, server):
                         "options": {"num_predict": 2},
                     }
                 )
-            status, data = raw(server, method.upper(), url, body)
-            assert status == 200, (method, path, data[:300])
+            status, data = raw(server, method.upper(), url.replace("{id}", "abc"), body)
+            if path in CLUSTER_ONLY:  # instances are cluster state: a server without a cluster says so
+                assert (status, json.loads(data)["error"]["code"]) == (404, "not_a_cluster_member"), (method, path)
+            else:
+                assert status == 200, (method, path, data[:300])
 
 
 @pytest.mark.parametrize(

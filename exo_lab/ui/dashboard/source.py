@@ -50,8 +50,10 @@ class DashboardSource:
         api_url: str | None = None,
         bench: Any = None,
         refresh_s: float = 2.0,
+        control: Any = None,
     ) -> None:
         self.cluster = cluster
+        self.control = control  # an exo_lab.control.Control: the cluster's instances, launched and stopped here
         self.registry = registry
         self.api_url = api_url
         self.refresh_s = refresh_s

@@ -1,0 +1,116 @@
+"""Forward a generation request to the API of the coordinator that serves its model.
+
+Any member's API answers for every model of the cluster: a request for a model this server does
+not hold is sent on, body untouched and signed with the cluster key, to the API of the instance's
+owner; its answer (status, headers, and the body as it streams: SSE or NDJSON) is passed back
+as it arrives. A forwarded request carries ``X-Exo-Lab-Forwarded`` and is never forwarded again.
+When the owner cannot be reached the caller gets a 503 in its own API family.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+from tornado.httputil import HTTPHeaders, parse_response_start_line
+
+from exo_lab.api.errors import ApiError
+from exo_lab.cluster.auth import sign_headers
+
+log = logging.getLogger(__name__)
+
+FORWARDED = "X-Exo-Lab-Forwarded"
+#: request headers passed on (the rest, the API key above all, stay here)
+PASS_REQUEST = ("Content-Type", "anthropic-version", "anthropic-beta", "Accept")
+#: response headers passed back
+PASS_RESPONSE = ("Content-Type", "Cache-Control", "Retry-After", "request-id", "X-Accel-Buffering")
+
+
+def requested_model(body: bytes) -> str | None:
+    """The ``model`` a JSON body asks for (None when it is not a JSON object with a string ``model``)."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    model = data.get("model") if isinstance(data, dict) else None
+    return model if isinstance(model, str) and model else None
+
+
+async def forward(handler: Any, api_url: str, cluster_key: str | None) -> None:
+    """Send ``handler``'s request to ``api_url`` and relay the answer (raises ApiError 503 if none comes)."""
+    req = handler.request
+    body = req.body or b""
+    headers = {k: req.headers[k] for k in PASS_REQUEST if k in req.headers}
+    headers[FORWARDED] = "1"
+    if cluster_key:
+        headers.update(sign_headers(cluster_key, req.method, req.uri, body))
+    started = False
+    status: list[int] = []
+    got: HTTPHeaders = HTTPHeaders()
+
+    def on_header(line: str) -> None:
+        nonlocal started
+        if not status:
+            if line.startswith("HTTP/"):
+                status.append(parse_response_start_line(line.strip()).code)
+            return
+        if line.strip():
+            got.parse_line(line)
+            return
+        if status[0] == 100:  # 100 Continue: the real status line follows
+            status.clear()
+            return
+        handler.set_status(status[0])
+        for name in PASS_RESPONSE:
+            if name in got:
+                handler.set_header(name, got[name])
+        started = True
+
+    def on_chunk(chunk: bytes) -> None:
+        if handler.client_gone:
+            return
+        handler.write(chunk)
+        handler.flush()
+
+    client = AsyncHTTPClient(force_instance=True)
+    handler.on_gone = client.close  # the client left: drop the upstream connection, the owner cancels
+    try:
+        await client.fetch(
+            HTTPRequest(
+                api_url.rstrip("/") + req.uri,
+                method=req.method,
+                body=body if req.method != "GET" else None,
+                headers=headers,
+                header_callback=on_header,
+                streaming_callback=on_chunk,
+                connect_timeout=5.0,
+                request_timeout=3600.0,
+                decompress_response=False,
+            ),
+            raise_error=False,
+        )
+    except HTTPClientError as exc:  # raise_error=False still raises for 599 (no answer)
+        if not started:
+            raise _unreachable(api_url, exc) from exc
+    except OSError as exc:
+        if not started:
+            raise _unreachable(api_url, exc) from exc
+    finally:
+        client.close()
+    if not started:
+        raise _unreachable(api_url, "no answer")
+    if not handler.client_gone and not handler._finished:
+        handler.finish()
+
+
+def _unreachable(api_url: str, why: object) -> ApiError:
+    return ApiError(
+        503,
+        f"the instance serving this model is owned by {api_url}, which cannot be reached now ({why}); retry, or "
+        "launch the model on this node.",
+        type="server_error",
+        code="owner_unreachable",
+        headers={"Retry-After": "2"},
+    )
