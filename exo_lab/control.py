@@ -1,7 +1,8 @@
 """Instances as cluster state, controllable from every surface: :class:`Control`.
 
-A :class:`Control` is what a coordinator (``exo-lab up``, a notebook kernel) puts behind its
-API server and its dashboard. It previews plans for a model on the cluster (with exo's
+A :class:`Control` is what a coordinator (``exo-lab up``, a notebook kernel: whoever holds an
+:class:`exo_lab.Cluster` and serves it, :meth:`exo_lab.Cluster.serve`) puts behind its API server
+and its dashboard. It previews plans for a model on the cluster (with exo's
 filters), launches a plan as an :class:`~exo_lab.Instance` it owns and serves, lists and stops
 any instance of the cluster (its own directly; another coordinator's through that coordinator's
 API, else on the agents), tells the API where a model it does not serve itself is served, and
@@ -16,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from exo_lab.api.errors import ApiError, bad_request
 from exo_lab.api.registry import ModelRegistry
@@ -26,7 +27,9 @@ from exo_lab.cluster.watch import ClusterWatch, Subscriber
 from exo_lab.instance import Instance, LaunchError
 from exo_lab.models import ModelNotFoundError
 from exo_lab.placement.plan import Plan, Plans
-from exo_lab.workbench import Cluster
+
+if TYPE_CHECKING:
+    from exo_lab.workbench import Cluster
 
 log = logging.getLogger(__name__)
 
@@ -174,9 +177,12 @@ class Control:
         finally:
             with self._lock:
                 self._launching.pop(served, None)
-        self.registry.add(inst, served)
         self.watch.poll()  # the launch is an event now, not a second later
         return inst
+
+    def adopt(self, inst: Instance, name: str | None = None) -> None:
+        """Serve ``inst`` (launched by this coordinator) on the API under ``name`` (default: its name)."""
+        self.registry.add(inst, name or inst.name)
 
     def instances(self) -> list[dict[str, Any]]:
         """Every instance of the cluster, wherever it was launched."""

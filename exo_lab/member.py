@@ -23,7 +23,6 @@ from typing import Any
 
 from exo_lab import _blas, defaults, paths
 from exo_lab.api.errors import ApiError
-from exo_lab.api.registry import ModelRegistry
 from exo_lab.api.server import Server, is_loopback
 from exo_lab.cluster.auth import load_or_create_key
 from exo_lab.cluster.client import ClusterError
@@ -80,16 +79,14 @@ class Member:
         self.agent = self._spawn_agent(state_dir, key)
         try:
             self.cluster = self._connect(key)
-            registry = ModelRegistry()
-            self.control = Control(self.cluster, registry)
             api_key = c.api_key or defaults.api_key()
             if api_key is None and not is_loopback(c.host):
                 raise ValueError(f"the API on {c.host} is reachable from other machines: pass --api-key")
-            self.server = Server(registry, c.host, c.port, self.cluster, api_key, control=self.control).start()
-            self.cluster.api_url = self.api_url()
+            self.server = self.cluster.serve(c.host, c.port, api_key)
+            self.control = self.cluster.control
+            self.cluster.api_url = self.api_url()  # this node's own address when bound to all
             if self.cluster.registration is not None:  # the JupyterLab panel finds this API
                 self.cluster.registration.update(api_url=self.cluster.api_url, kind="exo-lab up")
-            self.control.start()
         except BaseException:
             self.stop()
             raise
@@ -141,12 +138,8 @@ class Member:
 
     def stop(self) -> None:
         """Stop our instances, the API and the agent."""
-        if self.control is not None:
-            self.control.close()
-        if self.server is not None:
-            self.server.stop()
         if self.cluster is not None:
-            self.cluster.close()  # deletes the instances this member launched
+            self.cluster.close()  # stops the API and deletes the instances this member launched
         if self.agent is not None and self.agent.poll() is None:
             self.agent.terminate()
             try:

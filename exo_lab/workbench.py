@@ -8,12 +8,19 @@ why it is not part of :mod:`exo_lab.cluster`.
 
 from __future__ import annotations
 
+import ipaddress
+import secrets
+import socket
 from pathlib import Path
 from typing import Any
 
-from exo_lab import bench
+from exo_lab import bench, defaults
+from exo_lab.api.registry import ModelRegistry
+from exo_lab.api.server import Server, is_loopback
 from exo_lab.bench.results import BenchResult
 from exo_lab.cluster.client import ClusterClient, ClusterError
+from exo_lab.cluster.http import split_address
+from exo_lab.control import Control
 from exo_lab.instance import Instance
 from exo_lab.models.card import ModelCard
 from exo_lab.placement.plan import Plan, Plans
@@ -23,7 +30,56 @@ __all__ = ["Cluster", "ClusterError", "connect", "discover", "local_cluster"]
 
 
 class Cluster(ClusterClient):
-    """Node agents seen from a coordinator (a notebook kernel or ``exo-lab up``): previews, launches, benches."""
+    """Node agents seen from a coordinator (a notebook kernel or ``exo-lab up``): previews, launches, benches.
+
+    A coordinator that launches also serves (:meth:`serve`): its API answers for its instances and for
+    every other instance of the cluster, and lets any member list, launch and stop instances.
+    """
+
+    server: Server | None = None
+    control: Control | None = None
+
+    def serve(
+        self, host: str | None = None, port: int = 0, api_key: str | None = None, watch_interval_s: float = 1.0
+    ) -> Server:
+        """Serve this coordinator's instances and the cluster's control routes (idempotent; returns the Server).
+
+        ``host`` defaults to loopback when every agent is on this machine, else to all addresses (then
+        API clients need ``api_key``, made up and printed when not given; other members sign with the
+        cluster key). ``port`` 0 picks a free one.
+        """
+        if self.server is not None and self.server.running:
+            return self.server
+        contacts = [split_address(a)[0] for a in self._contacts.values()]
+        local = all(_is_loopback_address(h) for h in contacts)
+        host = host or ("127.0.0.1" if local else "0.0.0.0")
+        if api_key is None and not is_loopback(host):
+            api_key = defaults.api_key()
+            if api_key is None:
+                api_key = secrets.token_hex(24)
+                print(f"exo_lab: this coordinator's API is reachable from other machines; its key is {api_key}")
+        registry = ModelRegistry()
+        self.control = Control(self, registry, watch_interval_s)
+        self.server = Server(registry, host, port, self, api_key, control=self.control).start()
+        advertised = self.server.url
+        if host in ("0.0.0.0", "", "::"):
+            advertised = f"http://{_address_towards(contacts[0] if contacts else '127.0.0.1')}:{self.server.port}"
+        self.api_url = advertised
+        for inst in self.instances:
+            self.control.adopt(inst)
+        if self.registration is not None:  # the JupyterLab panel reaches this API
+            self.registration.update(api_url=advertised)
+        self.control.start()
+        return self.server
+
+    def close(self) -> None:
+        """Stop serving, delete this coordinator's instances, stop the agents it started (local clusters)."""
+        if self.control is not None:
+            self.control.close()
+        super().close()
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
 
     def preview(
         self,
@@ -61,10 +117,13 @@ class Cluster(ClusterClient):
             if not plans.plans:
                 raise ClusterError(f"no plan fits {model}: {plans.infeasible[:1]}")
             plan = plans.best
+        self.serve()  # the instance is served cluster-wide: any member's API forwards to this one
         inst = Instance(
             self, str(model), plan, name=name, auto_replace=auto_replace, max_batch=max_batch, max_queue=max_queue
         )
         self.instances.append(inst)
+        assert self.control is not None
+        self.control.adopt(inst)
         if wait:
             inst.wait_ready()
         return inst
@@ -108,6 +167,23 @@ class Cluster(ClusterClient):
             widget=widget,
             launch_timeout=launch_timeout,
         )
+
+
+def _is_loopback_address(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _address_towards(host: str) -> str:
+    """This machine's address on the route to ``host`` (what a peer there can reach us on)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect((host, 9))  # UDP: no packet is sent
+            return s.getsockname()[0]
+        except OSError:
+            return "127.0.0.1"
 
 
 def connect(addresses: list[str], cluster_key: str | None = None, follow_peers: bool = True) -> Cluster:

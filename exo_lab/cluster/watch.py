@@ -20,7 +20,7 @@ from exo_lab.cluster.client import ClusterClient, ClusterError
 log = logging.getLogger(__name__)
 
 Event = dict[str, Any]
-Subscriber = Callable[[Event], None]
+Subscriber = Callable[[Event], object]
 
 
 def diff(before: dict[str, Any], after: dict[str, Any]) -> list[Event]:
