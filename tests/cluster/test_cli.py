@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -40,27 +39,57 @@ def test_bad_model_is_a_clear_error():
     assert out.returncode == 2 and "no model 'no-such-model'" in out.stderr
 
 
+def _agent_instances(agent_port: int) -> dict:
+    with urllib.request.urlopen(f"http://127.0.0.1:{agent_port}/instances") as r:
+        return json.load(r)
+
+
+def _up(port: int, agent_port: int, state_dir, *extra: str) -> subprocess.Popen:
+    argv = [*EXO, "up", "--port", str(port), "--agent-port", str(agent_port), "--state-dir", str(state_dir)]
+    argv += ["--no-mdns", "--no-dashboard", *extra]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
 @pytest.mark.slow
-def test_up_serves_the_demo_and_stops_cleanly_on_sigterm():
-    port = free_port()
-    proc = subprocess.Popen(
-        [*EXO, "up", "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ},
-    )
+def test_up_is_a_cluster_member_serving_the_demo_and_leaves_nothing_behind(tmp_path):
+    """Alone, ``exo-lab up`` runs an agent, launches the demo on it and serves it; SIGTERM stops everything,
+    and ``exo-lab up`` restarted on the same machine finds no leftovers."""
+    import openai
+    import psutil
+
+    from tests.helpers.polling import wait_for
+
+    port, agent_port = free_port(), free_port()
+    proc = _up(port, agent_port, tmp_path / "node")
     try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc=proc)
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models") as r:
-            assert [m["id"] for m in json.load(r)["data"]] == ["demo"]
+        wait_http(f"http://127.0.0.1:{port}/health", proc=proc, deadline_s=120)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        wait_for(lambda: [m.id for m in client.models.list().data] == ["demo"], 60, "demo listed")
+        reply = client.chat.completions.create(
+            model="demo", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0
+        )
+        assert reply.usage.completion_tokens == 4
+        agent = _agent_instances(agent_port)
+        pids = [r["pid"] for i in agent["instances"] for r in i["ranks"]]
+        assert pids and agent["reserved_bytes"] > 0
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
-    assert proc.returncode == 0
+    assert proc.returncode == 0, out
     assert f"exo_lab API: http://127.0.0.1:{port}" in out and "BLAS: openblas" in out
+    wait_for(lambda: not any(psutil.pid_exists(p) for p in pids), 15, "the demo's workers exit")
+
+    again = _up(port, agent_port, tmp_path / "node", "--no-model")
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc=again, deadline_s=120)
+        assert _agent_instances(agent_port) == {**_agent_instances(agent_port), "instances": [], "reserved_bytes": 0}
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/instances") as r:
+            assert json.load(r) == {"instances": []}
+    finally:
+        again.send_signal(signal.SIGTERM)
+        again.communicate(timeout=30)
 
 
 def test_port_in_use_is_a_clear_error(tiny_model):
