@@ -72,6 +72,17 @@ def test_up_is_a_cluster_member_serving_the_demo_and_leaves_nothing_behind(tmp_p
         agent = _agent_instances(agent_port)
         pids = [r["pid"] for i in agent["instances"] for r in i["ranks"]]
         assert pids and agent["reserved_bytes"] > 0
+        iid = agent["instances"][0]["id"]
+        key = (tmp_path / "node" / "cluster.key").read_text().strip()
+        where = ["--connect", f"127.0.0.1:{agent_port}", "--cluster-key", key]
+        listed = run("instances", *where)
+        assert listed.returncode == 0 and iid in listed.stdout and "demo" in listed.stdout, listed
+        gone = run("instances", "delete", iid, *where)
+        assert gone.returncode == 0 and "through its owner" in gone.stdout, gone
+        wait_for(lambda: _agent_instances(agent_port)["reserved_bytes"] == 0, 15, "the reservation freed")
+        wait_for(lambda: not any(psutil.pid_exists(p) for p in pids), 15, "the demo's workers exit")
+        assert [m.id for m in client.models.list().data] == []
+        assert run("instances", "delete", iid, *where).returncode == 1
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=30)
     finally:
@@ -79,7 +90,6 @@ def test_up_is_a_cluster_member_serving_the_demo_and_leaves_nothing_behind(tmp_p
             proc.kill()
     assert proc.returncode == 0, out
     assert f"exo_lab API: http://127.0.0.1:{port}" in out and "BLAS: openblas" in out
-    wait_for(lambda: not any(psutil.pid_exists(p) for p in pids), 15, "the demo's workers exit")
 
     again = _up(port, agent_port, tmp_path / "node", "--no-model")
     try:
