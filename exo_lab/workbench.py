@@ -18,8 +18,10 @@ from exo_lab import bench, defaults
 from exo_lab.api.registry import ModelRegistry
 from exo_lab.api.server import Server, is_loopback
 from exo_lab.bench.results import BenchResult
+from exo_lab.cluster import instances as cluster_instances
 from exo_lab.cluster.client import ClusterClient, ClusterError
 from exo_lab.cluster.http import split_address
+from exo_lab.cluster.instances import ClusterInstance
 from exo_lab.control import Control
 from exo_lab.instance import Instance
 from exo_lab.models.card import ModelCard
@@ -71,6 +73,21 @@ class Cluster(ClusterClient):
             self.registration.update(api_url=advertised)
         self.control.start()
         return self.server
+
+    def list_instances(self) -> list[ClusterInstance]:
+        """Every instance of the cluster, wherever it was launched (a notebook, a dashboard, HTTP, ``exo-lab up``)."""
+        return cluster_instances.gather(self)
+
+    def delete_instance(self, instance_id: str) -> str:
+        """Stop any instance of the cluster by id: ours directly, another coordinator's through it (or its nodes).
+
+        Returns how it was stopped (``"owner"`` or ``"agents"``); KeyError when there is no such instance.
+        """
+        ours = next((i for i in self.instances if i.id == instance_id), None)
+        if ours is not None:
+            ours.delete()
+            return "owner"
+        return cluster_instances.stop(self, cluster_instances.find(self, instance_id))
 
     def close(self) -> None:
         """Stop serving, delete this coordinator's instances, stop the agents it started (local clusters)."""

@@ -174,6 +174,10 @@ def test_launched_on_a_served_and_stopped_through_b(members):
     with pytest.raises(anthropic.NotFoundError):
         ab.messages.create(model="nobody-serves-this", max_tokens=4, messages=[{"role": "user", "content": "Hi"}])
 
+    # in b's notebook: the same instance, with its owner
+    seen = {i.id: i for i in b.list_instances()}
+    assert seen[iid].name == "demo-pp" and seen[iid].api == a.api_url and seen[iid].state == "ready"
+
     # b stops it: through a (its owner), every worker gone, every reservation freed
     status, data = raw(b.server, "DELETE", f"/instance/{iid}")
     assert status == 200 and json.loads(data)["via"] == "owner"
@@ -198,4 +202,7 @@ def test_owner_unreachable_is_a_503_in_the_callers_family(members):
     assert err.value.status_code == 503 and "cannot be reached" in err.value.message
     status, data = raw(b.server, "POST", "/api/chat", json.dumps({"model": "orphan-api", "messages": []}).encode())
     assert status == 503 and isinstance(json.loads(data)["error"], str)  # Ollama's shape
-    inst.delete()
+    assert b.delete_instance(inst.id) == "agents"  # the owner's API is down: b stops it on the nodes
+    wait_for(lambda: inst.state == "stopped", 15, "the owner sees its lease refused and stops")
+    with pytest.raises(KeyError):
+        b.delete_instance(inst.id)
