@@ -7,7 +7,17 @@ request to every rank with a sequence number (the ranks admit requests in
 that order and decode up to ``max_batch`` of them together, in lock step),
 streams each request's tokens back from rank 0, and watches the workers: if one dies,
 the request in flight ends with an error, the other workers are stopped, and
-(with ``auto_replace``) the model is re-planned on the nodes that remain.
+(with ``auto_replace``) the model is re-planned on the nodes that remain. A launch
+that fails while loading on nodes that are all alive (a bad model, a bad config)
+is not re-placed: it would fail the same way.
+
+Each node holds the instance on a lease (see :mod:`exo_lab.cluster.workers`): the
+instance tells the agents who launched it (``ClusterClient.owner()``) and what it is,
+and a thread of its own renews the lease on every node every :data:`RENEW_EVERY_S`
+seconds with its status, so that the workers of a coordinator that dies are stopped
+within ``lease_s``. A node that answers 404 (the instance was deleted there, or its
+lease ran out) stops the instance: state ``stopped``, requests in flight end with an
+error, the other nodes' workers are deleted, and it is not re-placed.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ import queue
 import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +44,13 @@ from exo_lab.models.store import resolve
 from exo_lab.placement.plan import Plan
 
 log = logging.getLogger(__name__)
+
+#: seconds a node keeps an instance's workers without hearing from its coordinator
+LEASE_S = 10.0
+#: how often the instance renews its lease on each node
+RENEW_EVERY_S = 2.0
+#: timeout of one renewal (or of the check whether a node still holds the instance)
+RENEW_TIMEOUT_S = 3.0
 
 
 class LaunchError(RuntimeError):
@@ -56,8 +74,11 @@ class Instance(Backend):
         auto_replace: bool = True,
         max_batch: int = 16,
         max_queue: int = 256,
+        lease_s: float = LEASE_S,
     ) -> None:
         super().__init__(name or str(model), max_batch, max_queue)
+        self.lease_s = lease_s
+        self._leased: set[tuple[str, str]] = set()  # (instance id, node) prepared and not deleted: renewed
         self.cluster = cluster
         self.model = model
         self.plan = plan
@@ -78,6 +99,7 @@ class Instance(Backend):
         self._start(plan)
         threading.Thread(target=self._dispatch_loop, name=f"exo-lab-instance-{self.name}", daemon=True).start()
         threading.Thread(target=self._watch_loop, name=f"exo-lab-watch-{self.name}", daemon=True).start()
+        threading.Thread(target=self._lease_loop, name=f"exo-lab-lease-{self.name}", daemon=True).start()
 
     # ---------------------------------------------------------------- launch
     def _start(self, plan: Plan) -> None:
@@ -91,6 +113,7 @@ class Instance(Backend):
         self._seq = 0  # new workers count jobs from 1
         nodes = plan.nodes
         prepared: list[str] = []
+        owner, info = self._owner(), self._info(plan)
         try:
             for node in nodes:
                 ranks = [{"rank": r.rank, "address": r.address} for r in plan.ranks if r.node_id == node]
@@ -98,9 +121,17 @@ class Instance(Backend):
                     node,
                     "POST",
                     f"/instances/{self.id}/prepare",
-                    {"ranks": ranks, "reserve_bytes": plan.memory_bytes.get(node, 0)},
+                    {
+                        "ranks": ranks,
+                        "reserve_bytes": plan.memory_bytes.get(node, 0),
+                        "owner": owner,
+                        "info": info,
+                        "lease_s": self.lease_s,
+                    },
                 )
                 prepared.append(node)
+                with self._lock:
+                    self._leased.add((self.id, node))
                 for rank, ports in resp["ranks"].items():
                     self.controls[int(rank)] = ports["control"]
                     self.progress[int(rank)] = (0, 1)
@@ -131,10 +162,37 @@ class Instance(Backend):
                     body["sources"] = [self._agent_address(node, h) for h in holders]
                 self._agent(node, "POST", f"/instances/{self.id}/start", body)
         except Exception as exc:
+            with self._lock:
+                self._leased.clear()
             for node in prepared:
                 self._agent_quiet(node, "DELETE", f"/instances/{self.id}")
             raise LaunchError(f"launching {self.name} failed: {exc}") from exc
-        self.state = "loading"
+        with self._lock:
+            if self._closed.is_set():  # deleted or stopped while this launch ran (a re-placement): undo it
+                closed = True
+                self._leased.clear()
+            else:
+                closed = False
+                self.state = "loading"
+        if closed:
+            for node in nodes:
+                self._agent_quiet(node, "DELETE", f"/instances/{self.id}")
+
+    def _owner(self) -> dict[str, Any]:
+        """Who launched this instance (the coordinator), as the agents keep it."""
+        if hasattr(self.cluster, "owner"):  # a ClusterClient
+            return self.cluster.owner()
+        return {"coordinator": f"instance-{id(self):x}", "label": f"instance {self.name}", "api": None}
+
+    def _info(self, plan: Plan) -> dict[str, Any]:
+        """What the agents keep about this instance and show to anyone who lists it."""
+        return {
+            "model": str(self.model),
+            "name": self.name,
+            "plan": plan.to_json(),
+            "nodes": plan.nodes,
+            "max_batch": self.max_batch,
+        }
 
     def _holders(self, nodes: list[str]) -> list[str]:
         """Nodes of the cluster whose store holds this model (peers fetch shards from them)."""
@@ -205,6 +263,78 @@ class Instance(Backend):
                     self._fail(problem)
             time.sleep(0.3)
 
+    # ---------------------------------------------------------------- leases
+    def lease_status(self) -> dict[str, Any]:
+        """What each renewal tells the agents: ``{"state", "loaded": [done, total], "error"}``."""
+        done, total = self.loaded
+        return {"state": self.state, "loaded": [done, total], "error": self.error}
+
+    def _lease_loop(self) -> None:
+        """Renew the lease on every node every :data:`RENEW_EVERY_S` s, on a thread nothing else blocks."""
+        with ThreadPoolExecutor(8, thread_name_prefix=f"exo-lab-renew-{self.name}") as pool:
+            while not self._closed.wait(RENEW_EVERY_S):
+                try:
+                    self._renew_leases(pool)
+                except Exception:  # keep renewing; report why now
+                    log.exception("renewing the leases of %s failed", self.name)
+
+    def _renew_leases(self, pool: ThreadPoolExecutor) -> None:
+        with self._lock:
+            pairs = sorted(self._leased)
+        if not pairs:
+            return
+        body = {"status": self.lease_status(), "owner": self._owner()}
+        for (iid, node), gone in zip(pairs, pool.map(lambda p: self._renew(p[0], p[1], body), pairs)):
+            if gone:
+                self._stop_deleted(iid, node)
+                return
+
+    def _renew(self, iid: str, node: str, body: dict[str, Any]) -> bool:
+        """Renew the lease of ``iid`` on ``node``; True when the node no longer holds it (404)."""
+        try:
+            address = self.cluster.address_of(node)
+            self.cluster.request(address, "POST", f"/instances/{iid}/lease", body, timeout=RENEW_TIMEOUT_S)
+        except Exception as exc:  # unreachable: the watch loop decides what that means
+            if getattr(exc, "status", None) == 404:
+                return True
+            log.debug("renewing %s on %s: %s", iid, node, exc)
+        return False
+
+    def _deleted_on(self) -> str | None:
+        """A node that no longer holds this instance (it answers 404), or None."""
+        with self._lock:
+            nodes = [n for i, n in sorted(self._leased) if i == self.id]
+        for node in nodes:
+            try:
+                self.cluster.request(
+                    self.cluster.address_of(node), "GET", f"/instances/{self.id}", timeout=RENEW_TIMEOUT_S
+                )
+            except Exception as exc:
+                if getattr(exc, "status", None) == 404:
+                    return node
+        return None
+
+    def _stop_deleted(self, iid: str, node: str) -> bool:
+        """Stop for good because ``node`` no longer holds ``iid``; False when that is no news (already over)."""
+        where = self.plan.node_names.get(node, node)
+        problem = f"it was deleted on node {where}, or its lease there ran out"
+        with self._lock:
+            if (iid, node) not in self._leased or self._closed.is_set():
+                return False
+            self._leased.clear()
+            self._closed.set()
+            log.warning("instance %s: %s", self.name, problem)
+            self.error = problem
+            self.state = "stopped"
+            inflight = list(self._inflight)
+        self._queue.put(None)
+        for gen in inflight:
+            if not gen.done:
+                self._finish(gen, Chunk("", finish_reason="error", error=f"instance stopped: {problem}", usage=Usage()))
+        for other in self.plan.nodes:  # the workers the other nodes still run
+            self._agent_quiet(other, "DELETE", f"/instances/{iid}")
+        return True
+
     def _rank_process_problem(self, rank: int) -> str | None:
         """Ask the rank's node agent whether its process is alive (None if it is)."""
         node = next(r.node_id for r in self.plan.ranks if r.rank == rank)
@@ -240,10 +370,16 @@ class Instance(Backend):
         return None
 
     def _fail(self, problem: str) -> None:
+        if self.state in ("failed", "stopped", "replacing"):
+            return
+        deleted = self._deleted_on()  # workers gone because someone deleted the instance: stop, do not re-place
+        if deleted is not None and self._stop_deleted(self.id, deleted):
+            return
         with self._lock:
             if self.state in ("failed", "stopped", "replacing"):
                 return
             log.warning("instance %s failed: %s", self.name, problem)
+            was_ready = self.state == "ready"
             self.error = problem
             self.state = "failed"
             inflight = list(self._inflight)
@@ -252,14 +388,27 @@ class Instance(Backend):
                 self._finish(gen, Chunk("", finish_reason="error", error=f"instance failed: {problem}", usage=Usage()))
         self._stop_workers(graceful=False)
         if self.auto_replace and not self._closed.is_set():
-            threading.Thread(target=self._replace, daemon=True).start()
+            threading.Thread(target=self._replace, args=(was_ready,), daemon=True).start()
 
-    def _replace(self) -> None:
-        self.state = "replacing"
+    def _replace(self, was_ready: bool = True) -> None:
+        """Re-plan on the nodes that remain; a launch that failed while loading is re-placed only if a node was lost."""
         try:
             self.cluster.refresh()
             alive = {n.id for n in self.cluster.topology.alive()}
             dead_nodes = [n for n in self.plan.nodes if n not in alive]
+        except Exception as exc:
+            alive, dead_nodes = None, []
+            log.debug("refreshing the cluster of %s: %s", self.name, exc)
+        if not was_ready and not dead_nodes:
+            log.info("instance %s failed while loading on nodes that are all alive: not re-placing it", self.name)
+            return
+        with self._lock:
+            if self.state != "failed" or self._closed.is_set():
+                return
+            self.state = "replacing"
+        try:
+            if alive is None:
+                raise LaunchError("the cluster could not be read")
             plans = self.cluster.preview(self.path, context=self.plan.context, prompt_tokens=self.plan.prompt_tokens)
             candidates = [p for p in plans if not (set(p.nodes) & set(dead_nodes))]
             if not candidates:
@@ -268,8 +417,10 @@ class Instance(Backend):
             self._start(candidates[0])
             log.info("instance %s re-placed on %s", self.name, candidates[0].describe())
         except Exception as exc:
-            self.state = "failed"
-            self.error = f"{self.error}; re-placing failed: {exc}"
+            with self._lock:
+                if self.state != "stopped":
+                    self.state = "failed"
+                    self.error = f"{self.error}; re-placing failed: {exc}"
 
     # ---------------------------------------------------------------- generation
     def _check_open(self) -> None:
@@ -430,6 +581,8 @@ class Instance(Backend):
                 except OSError:
                     pass
             time.sleep(0.3)
+        with self._lock:
+            self._leased = {p for p in self._leased if p[0] != self.id}
         for node in self.plan.nodes:
             self._agent_quiet(node, "DELETE", f"/instances/{self.id}")
 

@@ -1,7 +1,8 @@
 """The node agent (``exo-lab node``): one per machine.
 
 It reports its profile, finds peers (mDNS and manual ``--peer``), checks they
-are alive, measures every link to them, and (later) starts shard workers.
+are alive, measures every link to them, and runs the shard workers of the
+instances coordinators launch on it (:mod:`exo_lab.cluster.workers`).
 HTTP API (tornado, JSON):
 
 - ``GET /node``: id, name, addresses, ports, profile (memory read live);
@@ -11,7 +12,22 @@ HTTP API (tornado, JSON):
 - ``POST /node/links/probe``: measure all links now (signed);
 - ``POST /node/peers``: ``{"address": "host:port"}`` adds a manual peer (signed);
 - ``POST /node/calibration``: ``{"calibration": {...}}`` stores the cost model's fitted
-  constants with this node's cached profile, reported from then on in ``/node`` (signed).
+  constants with this node's cached profile, reported from then on in ``/node`` (signed);
+- ``GET /models``: the models in this node's store; ``GET /models/{name}``: its files (signed);
+  ``GET /models/{name}/files/{file}``: byte ranges (signed); ``POST /models/{name}/checksums`` (signed);
+- ``GET /instances``: this node's instances (ranks, pids, reservations, owner, info, lease, last
+  status) and ``reserved_bytes``; ``GET /instances/{id}``: one (with its ranks' log tails once failed);
+- ``POST /instances/{id}/prepare``: ``{"ranks": [{"rank", "address"}], "reserve_bytes", "owner":
+  {"coordinator", "label", "api"}, "info": {...}, "lease_s": 10}`` reserves memory and ports, and
+  starts the instance's lease (signed);
+- ``POST /instances/{id}/start``: ``{"hostfile", "common", "ranks", "sources"?}`` spawns the workers (signed);
+- ``POST /instances/{id}/lease``: ``{"status": {...}, "owner"?: {...}}`` renews the lease and keeps the
+  status; 404 when the instance is unknown (deleted, or its lease ran out) (signed);
+- ``DELETE /instances/{id}``: stop its workers, free its reservation (signed).
+
+An instance whose lease is not renewed within ``lease_s`` is stopped and its memory freed: a
+coordinator that dies leaves nothing behind. Workers exit when their agent dies, and an agent
+started on a state dir first kills the workers a previous one left there.
 
 Read-only endpoints answer unsigned requests only from loopback; everything
 else needs the cluster key's signature (see :mod:`exo_lab.cluster.auth`).
@@ -49,7 +65,13 @@ from exo_lab.cluster.fetch import range_checksums
 from exo_lab.cluster.links import ProbeServer, probe_link
 from exo_lab.cluster.machine import memory_now
 from exo_lab.cluster.topology import LinkProfile, NodeInfo
-from exo_lab.cluster.workers import ReservationError, WorkerManager
+from exo_lab.cluster.workers import (
+    DEFAULT_LEASE_S,
+    ReservationError,
+    WorkerManager,
+    check_lease_s,
+    check_owner,
+)
 from exo_lab.models.store import is_model_dir
 from exo_lab.paths import models_dir
 
@@ -164,6 +186,7 @@ class NodeAgent:
         self._client = AsyncHTTPClient(force_instance=True)
         self.stopped = asyncio.Event()
         self.workers = WorkerManager(config.state_dir, self.key, config.host)
+        self.workers.clean_leftovers()
 
     # lifecycle
     async def start(self) -> None:
@@ -215,8 +238,15 @@ class NodeAgent:
             return load_or_measure(refresh=self.config.refresh_profile)
 
     async def _worker_loop(self) -> None:
+        """Notice workers that died; stop the instances whose lease ran out (in a thread: it waits for exits)."""
+        loop = asyncio.get_running_loop()
         while True:
-            self.workers.poll()
+            try:
+                self.workers.poll()
+                for inst in self.workers.expire():
+                    loop.run_in_executor(None, self.workers.terminate, inst)
+            except Exception:  # keep watching; report why now
+                log.exception("watching the workers failed")
             await asyncio.sleep(0.5)
 
     async def stop(self) -> None:
@@ -409,6 +439,7 @@ class NodeAgent:
                 (r"/instances", InstancesHandler, kw),
                 (r"/instances/([0-9a-zA-Z_-]+)", InstanceHandler, kw),
                 (r"/instances/([0-9a-zA-Z_-]+)/(prepare|start)", InstanceActionHandler, kw),
+                (r"/instances/([0-9a-zA-Z_-]+)/lease", LeaseHandler, kw),
             ],
             default_handler_class=AgentNotFound,
             default_handler_args=kw,
@@ -626,9 +657,15 @@ class InstanceHandler(AgentHandler):
             data["logs"] = {r.rank: self.agent.workers.log_tail(iid, r.rank) for r in inst.ranks.values()}
         self.send(data)
 
-    def delete(self, iid: str) -> None:
-        if self.authorised(read_only=False):
-            self.send({"stopped": self.agent.workers.stop(iid)})
+    async def delete(self, iid: str) -> None:
+        if not self.authorised(read_only=False):
+            return
+        workers = self.agent.workers
+        inst = workers.detach(iid)  # the reservation is free at once; the workers take a moment to exit
+        if inst is not None:
+            log.info("instance %s of %s: deleted by a request", iid, inst.owner_label)
+            await asyncio.get_running_loop().run_in_executor(None, workers.terminate, inst)
+        self.send({"stopped": inst is not None})
 
 
 class InstanceActionHandler(AgentHandler):
@@ -639,10 +676,24 @@ class InstanceActionHandler(AgentHandler):
             return
         try:
             body = json.loads(self.request.body)
+            if not isinstance(body, dict):
+                raise TypeError("the body must be a JSON object")
             if action == "prepare":
                 _, available = memory_now()
-                ports = self.agent.workers.prepare(iid, body["ranks"], int(body["reserve_bytes"]), available)
-                self.send({"node": self.agent.id, "ranks": ports})
+                info = body.get("info") or {}
+                if not isinstance(info, dict):
+                    raise TypeError("info must be an object")
+                lease_s = check_lease_s(body.get("lease_s", DEFAULT_LEASE_S))
+                ports = self.agent.workers.prepare(
+                    iid,
+                    body["ranks"],
+                    int(body["reserve_bytes"]),
+                    available,
+                    owner=check_owner(body.get("owner")),
+                    info=info,
+                    lease_s=lease_s,
+                )
+                self.send({"node": self.agent.id, "ranks": ports, "lease_s": lease_s})
             else:
                 common = dict(body["common"])
                 name = common.pop("model_name")
@@ -664,6 +715,31 @@ class InstanceActionHandler(AgentHandler):
             self.send({"error": f"bad request: {exc}"}, 400)
         except LookupError as exc:
             self.send({"error": str(exc)}, 404)
+
+
+class LeaseHandler(AgentHandler):
+    """``POST /instances/{id}/lease``: ``{"status": {...}, "owner"?: {...}}`` renews the instance's lease (signed)."""
+
+    def post(self, iid: str) -> None:
+        if not self.authorised(read_only=False):
+            return
+        try:
+            body = json.loads(self.request.body or b"{}")
+            if not isinstance(body, dict):
+                raise ValueError("the body must be a JSON object")
+            status = body.get("status")
+            if status is not None and not isinstance(status, dict):
+                raise ValueError("status must be an object")
+            owner = check_owner(body.get("owner"))
+        except ValueError as exc:
+            self.send({"error": f'bad request: {exc}; send {{"status": {{...}}}}'}, 400)
+            return
+        try:
+            inst = self.agent.workers.renew(iid, status, owner)
+        except KeyError:
+            self.send({"error": f"no instance {iid} on this node (deleted, or its lease ran out)"}, 404)
+            return
+        self.send({"renewed": True, "lease_s": inst.lease_s, "state": inst.state})
 
 
 def run_agent(config: AgentConfig) -> int:

@@ -10,12 +10,14 @@ server extension uses it directly.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import shutil
 import socket
 import subprocess
 import threading
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Self
@@ -33,6 +35,10 @@ log = logging.getLogger(__name__)
 
 class ClusterError(RuntimeError):
     """A node could not be reached or refused a request."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status  #: the HTTP status the node answered, None when there was no answer
 
 
 def _normalise(address: str) -> str:
@@ -65,6 +71,9 @@ class ClusterClient:
         self._peers: dict[str, list[dict[str, Any]]] = {}  # node id -> its peer table
         self._lock = threading.RLock()
         self.instances: list = []  # what this coordinator launched (the workbench Cluster adds them)
+        #: the URL of the API serving this coordinator's instances, set by whoever serves it (told to the agents)
+        self.api_url: str | None = None
+        self._owner_id = uuid.uuid4().hex[:12]  # who launched an instance, when this coordinator is not registered
         self.refresh()
         # announce this coordinator to the Jupyter server extension (see exo_lab.cluster.coordinators)
         self.registration = register_coordinator(self) if register else None
@@ -76,9 +85,20 @@ class ClusterClient:
             return SignedClient(address, self.cluster_key, timeout).json(method, path, body)
         except RequestError as exc:
             hint = f" (pass cluster_key= or set {defaults.CLUSTER_KEY})" if exc.status == 401 else ""
-            raise ClusterError(f"{exc}{hint}") from exc
+            raise ClusterError(f"{exc}{hint}", exc.status) from exc
         except ValueError as exc:  # not host:port
             raise ClusterError(f"{method} {address}{path}: {exc}") from exc
+
+    def owner(self) -> dict[str, Any]:
+        """Who this coordinator is, as the agents keep it with each instance it launches.
+
+        ``{"coordinator": <registration id, or a uuid>, "label": <registration label, or "python pid N">,
+        "api": api_url}``.
+        """
+        registration = getattr(self, "registration", None)
+        if registration is not None:
+            return {"coordinator": registration.info.id, "label": registration.info.label, "api": self.api_url}
+        return {"coordinator": self._owner_id, "label": f"python pid {os.getpid()}", "api": self.api_url}
 
     # state
     def refresh(self) -> Self:

@@ -43,6 +43,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def agent_command(
+    port: int,
+    state_dir: Path,
+    key: str,
+    name: str,
+    peers: list[str] | None = None,
+    probe_interval_s: float = 60.0,
+    parent_pid: int | None = None,
+) -> list[str]:
+    """The command line of one loopback agent (``exo-lab node``) with its own state dir and no mDNS."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "exo_lab.cli",
+        "node",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--probe-port",
+        "0",
+        "--name",
+        name,
+        "--state-dir",
+        str(state_dir),
+        f"--cluster-key={key}",
+        "--no-mdns",
+        "--probe-interval",
+        str(probe_interval_s),
+    ]
+    if parent_pid is not None:
+        cmd += ["--exit-with-parent", str(parent_pid)]
+    for peer in peers or []:
+        cmd += ["--peer", peer]
+    return cmd
+
+
 def start_agents(n: int, key: str, probe_interval_s: float = 60.0, separate_stores: bool = False) -> LocalAgents:
     """Start ``n`` agents on loopback ports, each knowing the others (they exit with this process)."""
     tmp = Path(tempfile.mkdtemp(prefix="exo-lab-local-"))
@@ -50,31 +87,8 @@ def start_agents(n: int, key: str, probe_interval_s: float = 60.0, separate_stor
     env = _blas.child_env()
     procs = []
     for i, port in enumerate(ports):
-        cmd = [
-            sys.executable,
-            "-m",
-            "exo_lab.cli",
-            "node",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--probe-port",
-            "0",
-            "--name",
-            f"local-{i}",
-            "--state-dir",
-            str(tmp / f"node-{i}"),
-            f"--cluster-key={key}",
-            "--no-mdns",
-            "--probe-interval",
-            str(probe_interval_s),
-            "--exit-with-parent",
-            str(os.getpid()),
-        ]
-        for j, other in enumerate(ports):
-            if j != i:
-                cmd += ["--peer", f"127.0.0.1:{other}"]
+        peers = [f"127.0.0.1:{other}" for j, other in enumerate(ports) if j != i]
+        cmd = agent_command(port, tmp / f"node-{i}", key, f"local-{i}", peers, probe_interval_s, os.getpid())
         log_file = open(tmp / f"node-{i}.log", "wb")  # noqa: SIM115 - the child writes it for its whole life
         node_env = dict(env)
         if separate_stores:

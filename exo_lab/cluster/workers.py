@@ -1,16 +1,28 @@
-"""Shard workers on one node: memory reservations, ports, processes.
+"""Shard workers on one node: memory reservations, ports, processes, leases.
 
 The coordinator launches an instance in two phases. ``prepare`` reserves
 memory for this node's ranks (refusing what would over-commit the node) and
 picks a ring port and a control port per rank; ``start`` gets the complete
 hostfile and spawns one worker process per rank (plain processes, started
 with spawn semantics: a fresh interpreter, never a fork of this one).
+
+Every instance is leased from ``prepare`` on: its coordinator renews the lease
+(``POST /instances/{id}/lease``, with the status it sees) every few seconds, and
+:meth:`WorkerManager.expire` hands back the instances whose lease ran out (their
+coordinator died or lost the node) so that the agent stops their workers and
+frees their memory. Nothing outlives its owner: a worker exits when its agent is
+gone (:mod:`exo_lab.engine.worker` watches its parent), and an agent started on a
+state dir kills the workers a previous agent there left behind
+(:meth:`WorkerManager.clean_leftovers`, from the pid files in each instance's run dir).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -24,6 +36,12 @@ import psutil
 from exo_lab import _blas
 
 log = logging.getLogger(__name__)
+
+#: seconds an instance lives without a renewal of its lease, unless ``prepare`` says otherwise
+DEFAULT_LEASE_S = 10.0
+#: the longest lease a coordinator may ask for (a day)
+MAX_LEASE_S = 86400.0
+WORKER_MODULE = "exo_lab.engine.worker"
 
 
 class ReservationError(RuntimeError):
@@ -76,13 +94,62 @@ def process_memory(pid: int) -> dict[str, int]:
     return {"rss_bytes": rss, "peak_rss_bytes": peak}
 
 
+def check_owner(owner: Any) -> dict[str, Any] | None:
+    """``owner`` as sent (``{"coordinator": str, "label": str, "api": str | None}``), or a ValueError."""
+    if owner is None:
+        return None
+    if not isinstance(owner, dict):
+        raise ValueError("owner must be an object")
+    for key in ("coordinator", "label"):
+        if not isinstance(owner.get(key), str):
+            raise ValueError(f"owner.{key} must be a string")
+    if owner.get("api") is not None and not isinstance(owner["api"], str):
+        raise ValueError("owner.api must be a string or null")
+    return {"coordinator": owner["coordinator"], "label": owner["label"], "api": owner.get("api")}
+
+
+def check_lease_s(value: Any) -> float:
+    """A lease length in seconds (``0 < lease_s <= MAX_LEASE_S``), or a ValueError."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError("lease_s must be a number of seconds")
+    lease = float(value)
+    if not (math.isfinite(lease) and 0 < lease <= MAX_LEASE_S):
+        raise ValueError(f"lease_s must be in (0, {MAX_LEASE_S:.0f}], got {value}")
+    return lease
+
+
 @dataclass
 class LocalInstance:
+    """One instance's ranks on this node, its reservation, its owner and its lease."""
+
     id: str
     reserved_bytes: int
     ranks: dict[int, RankProcess] = field(default_factory=dict)
     state: str = "prepared"
     created: float = field(default_factory=time.time)
+    #: who launched it: ``{"coordinator": id, "label": ..., "api": url or None}`` (None: not said)
+    owner: dict[str, Any] | None = None
+    #: what the coordinator says it is (model, name, plan, nodes, ...), kept and returned verbatim
+    info: dict[str, Any] = field(default_factory=dict)
+    lease_s: float = DEFAULT_LEASE_S
+    #: ``time.monotonic()`` when the lease runs out
+    lease_deadline: float = 0.0
+    #: the last status the coordinator reported with a renewal
+    status: dict[str, Any] = field(default_factory=dict)
+
+    def renew(self, status: dict[str, Any] | None = None) -> None:
+        """Extend the lease by ``lease_s`` from now (and keep ``status`` when given)."""
+        self.lease_deadline = time.monotonic() + self.lease_s
+        if status is not None:
+            self.status = status
+
+    @property
+    def lease_expires_in(self) -> float:
+        return max(0.0, self.lease_deadline - time.monotonic())
+
+    @property
+    def owner_label(self) -> str:
+        return self.owner["label"] if self.owner else "an unnamed coordinator"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -90,6 +157,12 @@ class LocalInstance:
             "state": self.state,
             "reserved_bytes": self.reserved_bytes,
             "ranks": [r.to_json() for r in self.ranks.values()],
+            "created": self.created,
+            "owner": self.owner,
+            "info": self.info,
+            "lease_s": self.lease_s,
+            "lease_expires_in": round(self.lease_expires_in, 3),
+            "status": self.status,
         }
 
 
@@ -106,10 +179,24 @@ class WorkerManager:
     def reserved_bytes(self) -> int:
         return sum(i.reserved_bytes for i in self.instances.values() if i.state != "stopped")
 
-    def prepare(self, instance_id: str, ranks: list[dict[str, Any]], reserve_bytes: int, available_bytes: int) -> dict:
-        """Reserve memory and ports for ``ranks`` (each ``{"rank", "address"}``)."""
+    def run_dir(self, instance_id: str) -> Path:
+        """Where an instance's hostfile, rank configs, logs and pid files live."""
+        return self.state_dir / "instances" / instance_id
+
+    def prepare(
+        self,
+        instance_id: str,
+        ranks: list[dict[str, Any]],
+        reserve_bytes: int,
+        available_bytes: int,
+        owner: dict[str, Any] | None = None,
+        info: dict[str, Any] | None = None,
+        lease_s: float = DEFAULT_LEASE_S,
+    ) -> dict:
+        """Reserve memory and ports for ``ranks`` (each ``{"rank", "address"}``); the lease starts now."""
         if instance_id in self.instances:
             inst = self.instances[instance_id]
+            inst.renew()
             return {r.rank: {"ring": r.ring, "control": r.control} for r in inst.ranks.values()}
         free = available_bytes - self.reserved_bytes
         if reserve_bytes > free:
@@ -117,7 +204,8 @@ class WorkerManager:
                 f"needs {reserve_bytes / 1e9:.2f} GB but only {free / 1e9:.2f} GB is free "
                 f"({self.reserved_bytes / 1e9:.2f} GB already reserved for running instances)"
             )
-        inst = LocalInstance(instance_id, reserve_bytes)
+        inst = LocalInstance(instance_id, reserve_bytes, owner=owner, info=dict(info or {}), lease_s=lease_s)
+        inst.renew()
         for r in ranks:
             addr = r["address"]
             inst.ranks[int(r["rank"])] = RankProcess(
@@ -132,8 +220,9 @@ class WorkerManager:
         """Spawn this node's workers for a prepared instance."""
         inst = self.instances.get(instance_id)
         if inst is None:
-            raise KeyError(f"instance {instance_id} was not prepared on this node")
-        run_dir = self.state_dir / "instances" / instance_id
+            raise KeyError(f"instance {instance_id} was not prepared on this node (or its lease expired)")
+        inst.renew()
+        run_dir = self.run_dir(instance_id)
         run_dir.mkdir(parents=True, exist_ok=True)
         hosts_path = run_dir / "hostfile.json"
         hosts_path.write_text(json.dumps(hostfile))
@@ -148,27 +237,43 @@ class WorkerManager:
                 "control_host": host,
                 "control_port": int(port),
                 "cluster_key": self.key,
+                "agent_pid": os.getpid(),  # the worker exits when this process is gone
             }
             cfg_path = run_dir / f"rank{rank}.json"
             cfg_path.write_text(json.dumps(cfg))
             env = _blas.child_env()
             env.update({"MLX_RANK": str(rank), "MLX_HOSTFILE": str(hosts_path)})
-            log_file = open(run_dir / f"rank{rank}.log", "ab")  # noqa: SIM115  (the rank writes it while it lives)
-            rp.proc = subprocess.Popen(
-                [sys.executable, "-m", "exo_lab.engine.worker", str(cfg_path)],
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-            )
+            with open(run_dir / f"rank{rank}.log", "ab") as log_file:  # the child keeps its own descriptor
+                rp.proc = subprocess.Popen(
+                    [sys.executable, "-m", WORKER_MODULE, str(cfg_path)],
+                    stdout=log_file,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    start_new_session=True,
+                )
+            _write_pid_file(run_dir / f"rank{rank}.pid", rp.proc.pid)
         inst.state = "running"
         return inst.to_json()
 
-    def stop(self, instance_id: str, timeout: float = 5.0) -> bool:
-        """Stop every worker of an instance and free its reservation."""
-        inst = self.instances.pop(instance_id, None)
+    def renew(self, instance_id: str, status: dict[str, Any] | None = None, owner: dict[str, Any] | None = None):
+        """Renew an instance's lease (KeyError when it is unknown: deleted, or its lease ran out)."""
+        inst = self.instances.get(instance_id)
         if inst is None:
-            return False
+            raise KeyError(instance_id)
+        inst.renew(status)
+        if owner is not None:
+            inst.owner = owner
+        return inst
+
+    def detach(self, instance_id: str) -> LocalInstance | None:
+        """Forget an instance and free its reservation now; :meth:`terminate` then stops its workers."""
+        inst = self.instances.pop(instance_id, None)
+        if inst is not None:
+            inst.state = "stopped"
+        return inst
+
+    def terminate(self, inst: LocalInstance, timeout: float = 5.0) -> None:
+        """Stop the workers of a detached instance (SIGTERM, SIGKILL after ``timeout``); blocks until they exit."""
         procs = [r.proc for r in inst.ranks.values() if r.proc is not None]
         for p in procs:
             if p.poll() is None:
@@ -180,7 +285,15 @@ class WorkerManager:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
-        inst.state = "stopped"
+        for rank in inst.ranks:
+            (self.run_dir(inst.id) / f"rank{rank}.pid").unlink(missing_ok=True)
+
+    def stop(self, instance_id: str, timeout: float = 5.0) -> bool:
+        """Stop every worker of an instance and free its reservation."""
+        inst = self.detach(instance_id)
+        if inst is None:
+            return False
+        self.terminate(inst, timeout)
         return True
 
     def poll(self) -> None:
@@ -190,12 +303,79 @@ class WorkerManager:
                 r.proc is not None and r.proc.poll() is not None for r in inst.ranks.values()
             ):
                 inst.state = "failed"
-                log.warning("instance %s: a worker exited", inst.id)
+                codes = {r.rank: r.proc.poll() for r in inst.ranks.values() if r.proc is not None}
+                log.warning("instance %s of %s: a worker exited (exit codes %s)", inst.id, inst.owner_label, codes)
+
+    def expire(self) -> list[LocalInstance]:
+        """Detach every instance whose lease ran out and return them (stop them with :meth:`terminate`)."""
+        now = time.monotonic()
+        out = []
+        for iid in [i.id for i in self.instances.values() if i.lease_deadline < now]:
+            inst = self.detach(iid)
+            if inst is not None:
+                log.warning(
+                    "instance %s of %s: its lease ran out (not renewed for %.1f s); stopping its %d workers "
+                    "and freeing %.2f GB",
+                    iid,
+                    inst.owner_label,
+                    inst.lease_s,
+                    sum(r.proc is not None for r in inst.ranks.values()),
+                    inst.reserved_bytes / 1e9,
+                )
+                out.append(inst)
+        return out
+
+    def clean_leftovers(self) -> list[int]:
+        """Kill the workers a previous agent on this state dir left running and remove its run dirs.
+
+        A process is killed only if its pid file says so and its command line is this module's
+        worker reading a config from that run dir (a reused pid is left alone). Returns the pids killed.
+        """
+        root = self.state_dir / "instances"
+        if not root.is_dir():
+            return []
+        victims = []
+        for run_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+            for pid_file in run_dir.glob("rank*.pid"):
+                proc = _leftover_worker(pid_file, run_dir)
+                if proc is not None:
+                    log.warning("killing worker %d of instance %s, left by a previous agent", proc.pid, run_dir.name)
+                    victims.append(proc)
+        for proc in victims:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(victims, timeout=5)
+        for run_dir in [p for p in root.iterdir() if p.is_dir()]:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        return [p.pid for p in victims]
 
     def log_tail(self, instance_id: str, rank: int, chars: int = 2000) -> str:
-        path = self.state_dir / "instances" / instance_id / f"rank{rank}.log"
+        path = self.run_dir(instance_id) / f"rank{rank}.log"
         return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
     def stop_all(self) -> None:
         for iid in list(self.instances):
             self.stop(iid)
+
+
+def _write_pid_file(path: Path, pid: int) -> None:
+    try:
+        started = psutil.Process(pid).create_time()
+    except psutil.Error:
+        started = None
+    path.write_text(json.dumps({"pid": pid, "started": started}))
+
+
+def _leftover_worker(pid_file: Path, run_dir: Path) -> psutil.Process | None:
+    """The live worker process ``pid_file`` names, if it still is one of ``run_dir``'s workers."""
+    try:
+        pid = int(json.loads(pid_file.read_text())["pid"])
+        proc = psutil.Process(pid)
+        cmdline = proc.cmdline()
+    except (OSError, ValueError, KeyError, TypeError, psutil.Error):
+        return None
+    if WORKER_MODULE not in cmdline or not any(a.startswith(str(run_dir) + os.sep) for a in cmdline):
+        return None
+    return proc

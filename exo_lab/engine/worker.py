@@ -16,6 +16,12 @@ every rank follows at the same step:
   (every rank must get every job: a rank waits for the jobs rank 0 admits);
 - ``POST /cancel``: ``{"seq"}`` (rank 0 turns it into the shared stop flag);
 - ``POST /shutdown``: ``{"seq"}``: drain, barrier with every rank, exit.
+
+A worker never outlives its node agent: a thread checks every half second that its parent is
+still the agent that started it (``agent_pid`` in the config; the parent at start otherwise)
+and exits when it is not. A worker whose setup fails (the group, the shard, the tokenizer)
+reports ``failed`` with the error, waits briefly for the coordinator to read it, and exits
+with :data:`EXIT_SETUP_FAILED`; the agent then reports the instance failed with the log's tail.
 """
 
 from __future__ import annotations
@@ -50,6 +56,13 @@ from exo_lab.engine.shard import ShardSpec, load_shard, needs_tensor
 from exo_lab.engine.stopping import StopMatcher
 
 log = logging.getLogger("exo_lab.engine.worker")
+
+#: exit status of a worker whose setup failed
+EXIT_SETUP_FAILED = 3
+#: exit status of a worker whose node agent is gone
+EXIT_ORPHANED = 4
+#: how long a failed worker waits for its status to be read before it exits
+FAILED_LINGER_S = 3.0
 
 
 @dataclass
@@ -109,6 +122,7 @@ class Worker:
         self.stats = {"decode_steps": 0, "peak_batch": 0}
         self.verifier = Verifier(config["cluster_key"])
         self.guide = None  # the llguidance vocabulary, on the rank that samples (constrained output)
+        self.failure_read = threading.Event()  # someone read the status after the setup failed
 
     def status(self) -> dict[str, Any]:
         return {
@@ -141,7 +155,11 @@ class Worker:
             log.exception("worker setup failed")
             self.error = f"{type(exc).__name__}: {exc}"
             self.state = "failed"
-            return
+            self.failure_read.wait(FAILED_LINGER_S)  # let the coordinator see why
+            time.sleep(0.2)  # and the answer leave
+            log.error("exiting: the setup failed")
+            logging.shutdown()
+            os._exit(EXIT_SETUP_FAILED)
         self.state = "ready"
         batch, rows = Batch(), []
         try:
@@ -378,7 +396,10 @@ class _Handler(tornado.web.RequestHandler):
 class StatusHandler(_Handler):
     def get(self) -> None:
         if self.check():
-            self.finish(self.worker.status())
+            status = self.worker.status()
+            self.finish(status)
+            if status["state"] == "failed":
+                self.worker.failure_read.set()
 
 
 class GenerateHandler(_Handler):
@@ -434,12 +455,32 @@ class ShutdownHandler(_Handler):
             self.finish({"shutting_down": True})
 
 
+def exit_with_parent(parent: int, interval_s: float = 0.5) -> threading.Thread:
+    """Exit this process (:data:`EXIT_ORPHANED`) once its parent is no longer ``parent`` (a daemon thread).
+
+    An orphan is re-parented (to init or a subreaper), so ``os.getppid()`` changes; this works
+    with ``start_new_session`` and on every POSIX system, unlike a parent-death signal.
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval_s)
+        log.warning("the node agent (pid %d) that started this worker is gone: exiting", parent)
+        logging.shutdown()
+        os._exit(EXIT_ORPHANED)
+
+    thread = threading.Thread(target=watch, name="exo-lab-parent-watch", daemon=True)
+    thread.start()
+    return thread
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = argv if argv is not None else sys.argv[1:]
     config = json.loads(Path(argv[0]).read_text())
     logging.basicConfig(
         level=defaults.worker_log_level(), format=f"%(asctime)s rank{config.get('rank')} %(levelname)s %(message)s"
     )
+    exit_with_parent(int(config.get("agent_pid") or os.getppid()))
     worker = Worker(config)
     compute = threading.Thread(target=worker.run, name="exo-lab-rank", daemon=True)
 

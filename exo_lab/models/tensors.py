@@ -40,6 +40,11 @@ def read_tensors(model_dir: Path, names: Iterable[str]) -> dict[str, mx.array]:
             for t in sorted(tensors, key=lambda t: t.offsets[0]):
                 f.seek(t.data_start + t.offsets[0])
                 raw = f.read(t.nbytes)
+                if len(raw) != t.nbytes:
+                    raise ValueError(
+                        f"{Path(model_dir) / fname} is truncated: tensor {t.name} needs {t.nbytes} bytes at "
+                        f"{t.data_start + t.offsets[0]}, the file holds {len(raw)} of them"
+                    )
                 arr = np.frombuffer(raw, dtype=_NUMPY[t.dtype]).reshape(t.shape)
                 a = mx.array(arr)
                 if t.dtype == "BF16":
