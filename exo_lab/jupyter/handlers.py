@@ -2,13 +2,18 @@
 
 - ``GET coordinators``: the coordinators running on this machine (kernels, ``exo-lab up``), newest first.
 - ``GET topology``: nodes, links and the drawn edges (what the topology widget draws).
-- ``GET instances``: the coordinator's instances, with what each node agent says of its ranks.
+- ``GET instances``: the instances of the coordinator's cluster, wherever they were launched (read from the
+  node agents, :func:`exo_lab.cluster.instances.gather`), with state, load progress, owner and nodes.
+- ``POST instances`` ``{"model_id", "plan": index | plan JSON, "name", ...preview filters}``: launch, through
+  the coordinator's API (``POST {api_url}/instance``, signed with the cluster key); 409 when it serves none.
+- ``DELETE instances/<id>``: stop an instance of the cluster (through its owner's API, else its agents).
 - ``GET previews?model_id=...``: ranked placement plans for a model on the cluster.
 - ``GET dashboard-url``: where the Panel dashboard is served, if anywhere.
 
 Every route takes ``?coordinator=<id>`` (default: the newest). The server reads the agents
-itself (so the view is live even when the coordinator is busy), caching each read for a moment
-so that several open panels cost the agents one read.
+itself (so the view is live even when the coordinator is busy), caching each topology read for a
+moment so that several open panels cost the agents one read. Launches go to the coordinator, which
+owns what it launches; an instance can be stopped from here whoever launched it.
 """
 
 from __future__ import annotations
@@ -29,9 +34,12 @@ from jupyter_server.base.handlers import APIHandler
 from jupyter_server.utils import url_path_join
 
 from exo_lab import defaults
+from exo_lab.cluster import instances as cluster_instances
 from exo_lab.cluster.client import ClusterClient, ClusterError
 from exo_lab.cluster.coordinators import CoordinatorInfo, coordinators
+from exo_lab.cluster.http import SignedClient
 from exo_lab.cluster.topology import Topology
+from exo_lab.jupyter.instances import INSTANCE_ID, forward, launch_body, merge_instances, owner_of
 from exo_lab.models import ModelNotFoundError
 from exo_lab.placement.preview import preview
 from exo_lab.ui.topology_widget import graph_json
@@ -43,6 +51,11 @@ NO_CLUSTER_HINT = (
     "`cluster = exo_lab.local_cluster(2)` (or `exo_lab.discover()`), or run `exo-lab up`."
 )
 DASHBOARD_HINT = "Start the dashboard with `exo-lab dashboard` (or `exo-lab up`)."
+NO_API_HINT = (
+    "coordinator {label} serves no API, so it cannot launch from here: run `cluster.serve()` in its "
+    "notebook (or launch from the notebook: `cluster.launch(model)`)."
+)
+LAUNCH_TIMEOUT_S = 60.0
 
 
 def _finite(obj: Any) -> Any:
@@ -134,28 +147,14 @@ class ClusterViews:
             return Topology.from_json(info.local_topology)
         return (await self.cluster(info)).topology
 
-    async def agent_instances(self, info: CoordinatorInfo) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-        """``GET /instances`` of every live node (node id -> its answer; nodes that fail are left out), and node names."""
-        if not info.agents:
-            return {}, {}
+    async def gathered(self, info: CoordinatorInfo) -> tuple[list[cluster_instances.ClusterInstance], Any]:
+        """Every instance on the live nodes of ``info``'s cluster, read now, and the client that read them."""
         cluster = await self.cluster(info)
-        return await self._agent_instances(cluster), {n.id: n.name for n in cluster.nodes}
-
-    async def _agent_instances(self, cluster: Any) -> dict[str, dict[str, Any]]:
-        """``GET /instances`` of every live node: node id -> its answer (nodes that fail are left out)."""
-
-        def read() -> dict[str, dict[str, Any]]:
-            out = {}
-            for node in cluster.nodes:
-                if node.state != "alive":
-                    continue
-                try:
-                    out[node.id] = cluster.request(cluster.address_of(node.id), "GET", "/instances", timeout=3)
-                except (ClusterError, KeyError) as exc:
-                    log.debug("instances of %s: %s", node.name, exc)
-            return out
-
-        return await self.run(read)
+        view = self._views.get(info.id)
+        lock = view.lock if view is not None else asyncio.Lock()
+        async with lock:  # not while a refresh rewrites the topology
+            found = await self.run(cluster_instances.gather, cluster)
+        return found, cluster
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -214,49 +213,69 @@ class TopologyHandler(ExoLabHandler):
 
 
 class InstancesHandler(ExoLabHandler):
+    """``GET``: the cluster's instances; ``POST``: launch one through the coordinator's API."""
+
     @tornado.web.authenticated
     @authorized
     async def get(self) -> None:
+        info, found = self.picked()
+        if info is None:
+            self.send({"coordinator": None, "instances": [], "hint": NO_CLUSTER_HINT})
+            return
+        if info.agents:
+            gathered, cluster = await self.views.gathered(info)
+            merged = merge_instances(gathered, info, found, {n.id: n.name for n in cluster.nodes})
+        else:  # a coordinator without agents (exo-lab serve): what it serves
+            merged = merge_instances([], info, found, {})
+        self.send({"coordinator": coordinator_summary(info), "instances": merged, "hint": None})
+
+    @tornado.web.authenticated
+    @authorized
+    async def post(self) -> None:
+        body = launch_body(self.request.body)
         info, _ = self.picked()
         if info is None:
-            self.send({"coordinator": None, "instances": [], "other_instances": [], "hint": NO_CLUSTER_HINT})
+            raise tornado.web.HTTPError(409, NO_CLUSTER_HINT)
+        if not info.api_url:
+            raise tornado.web.HTTPError(409, NO_API_HINT.format(label=info.label))
+        api = SignedClient(info.api_url, info.cluster_key, timeout=LAUNCH_TIMEOUT_S)
+        raw = await self.views.run(forward, api, "POST", "/instance", json.dumps(body).encode(), (200, 201), info.label)
+        self.send({**json.loads(raw or b"{}"), "coordinator": info.id}, 201)
+
+
+class InstanceHandler(ExoLabHandler):
+    """``DELETE instances/<id>``: stop an instance of the cluster, whoever launched it."""
+
+    @tornado.web.authenticated
+    @authorized
+    async def delete(self, instance_id: str) -> None:
+        if not INSTANCE_ID.match(instance_id):
+            raise tornado.web.HTTPError(
+                400, f"{instance_id[:80]!r} is not an instance id (letters, digits, '-' and '_', at most 64)"
+            )
+        info, found = self.picked()
+        if info is None:
+            raise tornado.web.HTTPError(409, NO_CLUSTER_HINT)
+        owners = {i.get("id"): c for c in found for i in c.instances if i.get("id")}
+        if not info.agents:
+            raise tornado.web.HTTPError(
+                409, f"coordinator {info.label} has no node agents: stop what it serves where it runs"
+            )
+        gathered, cluster = await self.views.gathered(info)
+        inst = next((i for i in gathered if i.id == instance_id), None)
+        owner = owners.get(instance_id)
+        if inst is None:
+            if owner is None or not owner.api_url:  # not on the agents, and no owner that could stop it
+                known = ", ".join(i.id for i in gathered if i.state != "stopped") or "none"
+                raise tornado.web.HTTPError(404, f"no instance {instance_id!r} in the cluster; instances: {known}")
+            api = SignedClient(owner.api_url, owner.cluster_key, timeout=30)
+            await self.views.run(forward, api, "DELETE", f"/instance/{instance_id}", None, (200,), owner.label)
+            self.send({"id": instance_id, "stopped_by": "owner"})
             return
-        per_node, names = await self.views.agent_instances(info)
-        on_nodes: dict[str, list[dict[str, Any]]] = {}
-        for node_id, answer in per_node.items():
-            for inst in answer.get("instances", []):
-                ranks = inst.get("ranks", [])
-                on_nodes.setdefault(inst["id"], []).append(
-                    {
-                        "node": node_id,
-                        "node_name": names.get(node_id, node_id),
-                        "state": inst.get("state"),
-                        "ranks": len(ranks),
-                        "ranks_alive": sum(1 for r in ranks if r.get("alive")),
-                        "reserved_bytes": inst.get("reserved_bytes", 0),
-                    }
-                )
-        mine = [
-            {**inst, "on_nodes": on_nodes.get(iid, []) if (iid := inst.get("id")) is not None else []}
-            for inst in info.instances
-        ]
-        known = {inst.get("id") for inst in info.instances}
-        others = [
-            {"id": iid, "state": _agents_state(nodes), "on_nodes": nodes}
-            for iid, nodes in on_nodes.items()
-            if iid not in known and any(n["state"] != "stopped" for n in nodes)
-        ]
-        self.send(
-            {"coordinator": coordinator_summary(info), "instances": mine, "other_instances": others, "hint": None}
-        )
-
-
-def _agents_state(nodes: list[dict[str, Any]]) -> str:
-    states = {n["state"] for n in nodes}
-    for s in ("failed", "running", "prepared"):
-        if s in states:
-            return s
-    return next(iter(states), "unknown")
+        if not inst.api and owner is not None and owner.api_url:  # the agents do not know the owner (yet)
+            inst.owner = {**inst.owner, **owner_of(owner)}
+        how = await self.views.run(cluster_instances.stop, cluster, inst)
+        self.send({"id": instance_id, "stopped_by": how})
 
 
 class PreviewsHandler(ExoLabHandler):
@@ -318,6 +337,7 @@ ROUTES = {
     "coordinators": CoordinatorsHandler,
     "topology": TopologyHandler,
     "instances": InstancesHandler,
+    "instances/(.*)": InstanceHandler,
     "previews": PreviewsHandler,
     "dashboard-url": DashboardUrlHandler,
 }

@@ -4,8 +4,9 @@ A real ``jupyter lab`` (the server extension enabled by the installed config, th
 built by ``make labextension``) runs against a private runtime dir. The panel's graph is drawn by
 exo_lab's one renderer (exo_lab/ui/static/topology.js, bundled into the extension). The panel first shows its
 empty state; a ``local_cluster(2)`` started afterwards appears without a reload, with its two
-nodes, the link between them, then an instance and the dashboard button. Screenshots go to
-``test-artifacts/jupyterlab-*.png``.
+nodes, the link between them, then an instance and the dashboard button. With ``exo-lab up`` as
+the coordinator, the panel previews a model, launches a plan, shows it load and serve, and stops
+it. Screenshots go to ``test-artifacts/jupyterlab-*.png``.
 """
 
 from __future__ import annotations
@@ -163,6 +164,47 @@ class Dashboard:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class UpMember:
+    """``exo-lab up --no-model`` in a subprocess: a node agent and a coordinator serving its API, registered
+    where the Jupyter server looks (this process's environment, EXO_LAB_RUNTIME_DIR included)."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.port, self.agent_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.agent = f"http://127.0.0.1:{self.agent_port}"
+        self.log = open(tmp / "exo-lab-up.log", "w+")  # noqa: SIM115 - closed in stop()
+        argv = [sys.executable, "-m", "exo_lab.cli", "up", "--no-model", "--port", str(self.port)]
+        argv += ["--dashboard-port", "0", "--no-dashboard", "--node-name", "lab-node", "--no-mdns"]
+        argv += ["--agent-host", "127.0.0.1", "--agent-port", str(self.agent_port), "--state-dir", str(tmp / "state")]
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ})
+
+    def wait(self) -> None:
+        """Until its API answers (it has connected to its agent and registered)."""
+        wait_http(f"{self.url}/health", deadline_s=120, proc=self.proc)
+
+    def coordinator_id(self) -> str:
+        from exo_lab.cluster.coordinators import coordinators
+
+        [info] = [c for c in coordinators() if c.pid == self.proc.pid]
+        return info.id
+
+    def agent_instances(self) -> dict:
+        return requests.get(f"{self.agent}/instances", timeout=10).json()
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()[-5000:]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
 
 
 def shot(page, name: str) -> None:
@@ -355,3 +397,73 @@ def test_a_notebook_kernel_is_a_coordinator(lab: Lab, browser, runtime_dir: Path
             client.stop_channels()
             requests.delete(f"{lab.url}/api/sessions/{session['id']}", params={"token": lab.token}, timeout=30)
     assert lab.api("coordinators").json()["coordinators"] == []
+
+
+def test_launch_a_plan_from_the_panel_see_it_load_and_serve_then_stop_it(
+    lab: Lab, browser, runtime_dir: Path, tmp_path: Path
+) -> None:
+    """The panel's Launch and Stop buttons drive the cluster of ``exo-lab up`` (through its API)."""
+    import openai
+
+    member = UpMember(tmp_path)  # starts while JupyterLab loads in the page
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda exc: errors.append(str(exc)))
+    try:
+        page.goto(f"{lab.url}/lab?reset&token={lab.token}")  # reset: not the notebook the test before left open
+        tab = page.locator(f".jp-SideBar.jp-mod-left .lm-TabBar-tab[data-id='{PANEL[1:]}']")
+        tab.wait_for(timeout=60_000)
+        member.wait()
+        coordinator = member.coordinator_id()
+        if "lm-mod-current" not in (tab.get_attribute("class") or ""):
+            tab.click()
+        if page.locator(f"{PANEL} .exo-lab-select").count():  # another coordinator is registered too
+            page.locator(f"{PANEL} .exo-lab-select").select_option(coordinator)
+        page.locator(f"{PANEL} .exo-lab-node-row", has_text="lab-node").wait_for(timeout=30_000)
+
+        # preview the demo model: ranked plans, the best selected, with its Launch button
+        page.locator(f"{PANEL} .exo-lab-model-input").fill("demo")
+        page.locator(f"{PANEL} .exo-lab-preview-button").click()
+        page.locator(f"{PANEL} .exo-lab-plan-card.selected .exo-lab-launch-button").wait_for(timeout=30_000)
+        assert "lab-node" in page.locator(f"{PANEL} .exo-lab-plan-card.selected").inner_text()
+        shot(page, "previews")
+        assert member.agent_instances()["instances"] == []
+
+        page.locator(f"{PANEL} .exo-lab-launch-button").click()
+        card = page.locator(f"{PANEL} .exo-lab-instance")
+        card.first.wait_for(timeout=30_000)
+        iid = card.first.get_attribute("data-instance-id")
+        assert iid, "the instance card names its instance"
+        mine = f"{PANEL} .exo-lab-instance[data-instance-id='{iid}']"
+        assert "Launched" in page.locator(f"{PANEL} .exo-lab-launch-status").inner_text()
+        # it loads, with its progress, then serves
+        page.locator(f"{mine} .exo-lab-progress").wait_for(timeout=30_000)
+        shot(page, "loading")
+        assert iid in {i["id"] for i in member.agent_instances()["instances"]}, "the agent holds its ranks"
+        page.locator(f"{mine}[data-state='ready']").wait_for(timeout=90_000)
+        assert page.locator(f"{mine} .exo-lab-progress").count() == 0
+        assert "exo-lab up" in page.locator(f"{mine} .exo-lab-owner").inner_text()
+        assert "demo" in page.locator(f"{mine} .exo-lab-instance-name").inner_text()
+        shot(page, "launched")
+        client = openai.OpenAI(base_url=f"{member.url}/v1", api_key="unused", timeout=60)
+        reply = client.chat.completions.create(model="demo", messages=[{"role": "user", "content": "hi"}], max_tokens=4)
+        assert reply.usage is not None and reply.usage.completion_tokens > 0
+
+        # stop it: the card goes, the agent frees its reservation, the API no longer serves it
+        page.locator(f"{mine} .exo-lab-stop-button").click()
+        page.locator(mine).wait_for(state="detached", timeout=30_000)
+        assert page.locator(f"{PANEL} .exo-lab-instances-list").inner_text().startswith("None running")
+        held = member.agent_instances()
+        assert held["reserved_bytes"] == 0, held
+        assert all(i["state"] == "stopped" for i in held["instances"] if i["id"] == iid), held
+        assert "demo" not in [m.id for m in client.models.list().data]
+        shot(page, "stopped")
+        assert errors == []
+    except Exception:
+        shot(page, "failure")
+        print(lab.output())
+        print(member.output())
+        raise
+    finally:
+        page.close()
+        member.stop()

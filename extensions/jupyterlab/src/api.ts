@@ -58,30 +58,68 @@ export interface ICoordinator {
   created: number;
 }
 
-export interface IInstanceOnNode {
-  node: string;
-  node_name: string;
-  state: string;
-  ranks: number;
-  ranks_alive: number;
-  reserved_bytes: number;
+/** Who launched an instance: a coordinator's id and label, and the API that serves it. */
+export interface IOwner {
+  coordinator?: string;
+  label?: string;
+  api?: string | null;
 }
 
+/** An instance of the cluster, wherever it was launched (GET /exo-lab/api/instances). */
 export interface IInstance {
   id: string;
-  name?: string;
-  model?: string;
+  name: string;
+  model: string;
+  owner: IOwner;
   state: string;
+  loaded: [number, number];
   error?: string | null;
-  loaded_layers?: number;
-  total_layers?: number;
-  strategy?: string;
+  nodes: string[];
+  node_names: string[];
+  ranks_alive: number | null;
+  reserved_bytes: Record<string, number>;
+  mine: boolean;
   description?: string;
-  node_names?: string[];
+  strategy?: string;
   predicted_decode_tps?: number;
   predicted_ttft_s?: number;
   replacements?: number;
-  on_nodes: IInstanceOnNode[];
+}
+
+/** A ranked placement plan (GET /exo-lab/api/previews); POST it back to launch it. */
+export interface IPlan {
+  model: string;
+  strategy: string;
+  ranks: { rank: number; node_id: string; node_name?: string; layers: [number, number] }[];
+  backend: string;
+  memory_bytes: Record<string, number>;
+  memory_capacity_bytes: Record<string, number>;
+  node_names: Record<string, string>;
+  decode_tps: number | null;
+  ttft_s: number | null;
+  bottleneck: string;
+  explanation: string;
+  feasible: boolean;
+  reason: string | null;
+  description: string;
+  [key: string]: unknown;
+}
+
+export interface IPreviewsReply {
+  coordinator: ICoordinator;
+  model: string;
+  objective: string;
+  plans: IPlan[];
+  infeasible: IPlan[];
+}
+
+/** The answer to a launch: the instance as it starts loading. */
+export interface ILaunchReply {
+  id: string;
+  name: string;
+  model: string;
+  state: string;
+  coordinator: string;
 }
 
 export interface ITopologyReply {
@@ -94,7 +132,6 @@ export interface ITopologyReply {
 export interface IInstancesReply {
   coordinator: ICoordinator | null;
   instances: IInstance[];
-  other_instances: IInstance[];
   hint: string | null;
 }
 
@@ -113,10 +150,11 @@ export class ApiError extends Error {
   }
 }
 
-/** GET `/exo-lab/api/<endpoint>` as JSON, with Jupyter's credentials. */
+/** `method` on `/exo-lab/api/<endpoint>` (GET by default), as JSON, with Jupyter's credentials. */
 export async function requestAPI<T>(
   endpoint: string,
   query: Record<string, string | null | undefined> = {},
+  init: { method?: string; body?: unknown } = {},
   settings: ServerConnection.ISettings = ServerConnection.makeSettings()
 ): Promise<T> {
   const params = Object.entries(query)
@@ -124,9 +162,14 @@ export async function requestAPI<T>(
     .map(([k, v]) => `${encodeURIComponent(k)}=${encodeURIComponent(v as string)}`)
     .join('&');
   const url = URLExt.join(settings.baseUrl, 'exo-lab', 'api', endpoint) + (params ? `?${params}` : '');
+  const request: RequestInit = { method: init.method || 'GET' };
+  if (init.body !== undefined) {
+    request.body = JSON.stringify(init.body);
+    request.headers = { 'Content-Type': 'application/json' };
+  }
   let response: Response;
   try {
-    response = await ServerConnection.makeRequest(url, {}, settings);
+    response = await ServerConnection.makeRequest(url, request, settings);
   } catch (error) {
     throw new ApiError(0, `the Jupyter server does not answer: ${error}`);
   }
@@ -145,4 +188,19 @@ export async function requestAPI<T>(
     throw new ApiError(response.status, message);
   }
   return data as T;
+}
+
+/** Launch `plan` (a plan from the previews, or an index into them) of `model` on the coordinator's cluster. */
+export function launchInstance(
+  coordinator: string | null,
+  model: string,
+  plan: IPlan | number,
+  name: string | null = null
+): Promise<ILaunchReply> {
+  return requestAPI<ILaunchReply>('instances', { coordinator }, { method: 'POST', body: { model_id: model, plan, name } });
+}
+
+/** Stop an instance of the coordinator's cluster, whoever launched it. */
+export function stopInstance(coordinator: string | null, id: string): Promise<{ id: string; stopped_by: string }> {
+  return requestAPI('instances/' + encodeURIComponent(id), { coordinator }, { method: 'DELETE' });
 }

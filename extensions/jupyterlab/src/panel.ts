@@ -1,5 +1,6 @@
-// The side panel: the cluster graph, its nodes, the instances and their state, and a button that
-// opens the dashboard. It reads the server extension every few seconds while it is visible.
+// The side panel: the cluster graph, its nodes, the instances of the cluster (state, load progress, owner, a
+// Stop button), placement previews with a Launch button, and a button that opens the dashboard. It reads the
+// server extension every few seconds while it is visible, every second while an instance loads.
 import { Session } from '@jupyterlab/services';
 import { Message } from '@lumino/messaging';
 import { Widget } from '@lumino/widgets';
@@ -11,12 +12,19 @@ import {
   IInstance,
   IInstancesReply,
   INode,
+  IPreviewsReply,
   ITopologyReply,
-  requestAPI
+  launchInstance,
+  requestAPI,
+  stopInstance
 } from './api';
-import { drawGraph, drawLegend, gib, memory, usageClass } from './renderer';
+import { drawGraph, drawLegend, gib, IGraphState, memory, usageClass } from './renderer';
 
 export const REFRESH_MS = 3000;
+/** How often the panel reads while an instance launches, loads or is re-placed. */
+export const BUSY_REFRESH_MS = 1000;
+const BUSY_STATES = new Set(['launching', 'loading', 'replacing']);
+export const DEFAULT_MODEL = 'demo';
 
 function el<K extends keyof HTMLElementTagNameMap>(
   tag: K,
@@ -39,6 +47,17 @@ function el<K extends keyof HTMLElementTagNameMap>(
 
 function plural(n: number, word: string): string {
   return `${n} ${word}${n === 1 ? '' : 's'}`;
+}
+
+function errorText(err: unknown): string {
+  return err instanceof Error ? err.message : String(err);
+}
+
+function tokensPerSecond(tps: number | null | undefined): string {
+  if (!tps) {
+    return '';
+  }
+  return `~${tps >= 100 ? tps.toFixed(0) : tps.toFixed(1)} tok/s`;
 }
 
 const STATE_CLASS: Record<string, string> = {
@@ -103,6 +122,26 @@ export class ClusterPanel extends Widget {
     graph.appendChild(this.graphHost);
     this.legend = el('div', 'exo-legend', null, graph);
 
+    const launchSection = el('section', 'exo-lab-section exo-lab-launch-section', null, this.body);
+    const launchHead = el('div', 'exo-lab-section-head', null, launchSection);
+    el('h3', 'exo-lab-section-title', 'Launch', launchHead);
+    const form = el('form', 'exo-lab-launch-form', null, launchSection);
+    this.modelInput = el('input', 'exo-lab-input exo-lab-model-input', null, form);
+    this.modelInput.value = DEFAULT_MODEL;
+    this.modelInput.placeholder = 'model: demo, a path or a hub id';
+    this.modelInput.setAttribute('aria-label', 'model to preview');
+    this.previewButton = el('button', 'exo-lab-button exo-lab-preview-button', 'Preview', form);
+    this.previewButton.type = 'submit';
+    this.previewButton.title = 'Rank the ways to place this model on the cluster';
+    form.addEventListener('submit', event => {
+      event.preventDefault();
+      void this.preview();
+    });
+    this.launchError = el('div', 'exo-lab-action-error exo-lab-launch-error', null, launchSection);
+    this.launchStatus = el('div', 'exo-lab-muted exo-lab-launch-status', null, launchSection);
+    this.plansList = el('div', 'exo-lab-plans-list', null, launchSection);
+    this.setLaunchError('');
+
     const instSection = el('section', 'exo-lab-section', null, this.body);
     const instHead = el('div', 'exo-lab-section-head', null, instSection);
     el('h3', 'exo-lab-section-title', 'Instances', instHead);
@@ -140,11 +179,12 @@ export class ClusterPanel extends Widget {
   }
 
   protected onAfterShow(msg: Message): void {
-    void this.refresh();
-    this.schedule();
+    this.polling = true;
+    void this.refresh().finally(() => this.schedule());
   }
 
   protected onAfterHide(msg: Message): void {
+    this.polling = false;
     this.unschedule();
   }
 
@@ -153,22 +193,38 @@ export class ClusterPanel extends Widget {
   }
 
   dispose(): void {
+    this.polling = false;
     this.unschedule();
     super.dispose();
   }
 
-  private schedule(): void {
+  /** Whether an instance is launching, loading or being re-placed (the panel then reads every second). */
+  get busy(): boolean {
+    return (this.instances?.instances || []).some(i => BUSY_STATES.has(i.state)) || this.stopping.size > 0;
+  }
+
+  /** Read again after ``delay`` ms (default: sooner while an instance is busy), and so on while visible. */
+  private schedule(delay: number | null = null): void {
     this.unschedule();
-    this.timer = window.setInterval(() => {
-      if (this.isVisible && !document.hidden) {
-        void this.refresh();
-      }
-    }, REFRESH_MS);
+    if (!this.polling || this.isDisposed) {
+      return;
+    }
+    this.timer = window.setTimeout(
+      () => {
+        this.timer = null;
+        if (this.isVisible && !document.hidden) {
+          void this.refresh().finally(() => this.schedule());
+        } else {
+          this.schedule();
+        }
+      },
+      delay ?? (this.busy ? BUSY_REFRESH_MS : REFRESH_MS)
+    );
   }
 
   private unschedule(): void {
     if (this.timer !== null) {
-      window.clearInterval(this.timer);
+      window.clearTimeout(this.timer);
       this.timer = null;
     }
   }
@@ -176,14 +232,19 @@ export class ClusterPanel extends Widget {
   private async load(): Promise<void> {
     const query = { coordinator: this.coordinatorId };
     try {
+      let instancesError = '';
       const [topo, instances, dashboard] = await Promise.all([
         requestAPI<ITopologyReply>('topology', query),
-        requestAPI<IInstancesReply>('instances', query).catch(() => null),
+        requestAPI<IInstancesReply>('instances', query).catch(err => {
+          instancesError = errorText(err);
+          return null;
+        }),
         requestAPI<IDashboardReply>('dashboard-url', query).catch(() => null)
       ]);
       this.error = '';
       this.topology = topo;
       this.instances = instances;
+      this.instancesError = instancesError;
       this.dashboardUrl = dashboard?.url ?? null;
       this.dashboardHint = dashboard?.hint ?? '';
     } catch (err) {
@@ -217,8 +278,15 @@ export class ClusterPanel extends Widget {
     this.subtitle.textContent = `${alive} of ${plural(nodes.length, 'node')} alive · ${plural(links, 'link')}`;
     this.refreshButton.title = this.lastRead ? `Refresh now (last read ${this.lastRead.toLocaleTimeString()})` : 'Refresh now';
     this.renderCoordinator(topo.coordinator, topo.coordinators);
+    if (this.previews && this.previewsCoordinator !== topo.coordinator.id) {
+      this.previews = null; // plans of another cluster
+      this.selectedPlan = -1;
+      this.launchStatus.textContent = '';
+      this.setLaunchError('');
+    }
     this.redrawGraph();
     this.renderNodes(nodes);
+    this.renderPlans();
     this.renderInstances();
   }
 
@@ -288,7 +356,7 @@ export class ClusterPanel extends Widget {
     const width = Math.max(220, this.graphHost.parentElement?.clientWidth || 300);
     const n = (topo.topology.nodes || []).length;
     const height = n <= 2 ? 210 : Math.min(560, 380 + Math.max(0, n - 4) * 30);
-    const state = { topology: topo.topology, highlight: {}, selected: this.selected };
+    const state: IGraphState = { topology: topo.topology, highlight: this.planHighlight(), selected: this.selected };
     drawGraph(this.graphHost, state, width, height, id => {
       this.selected = id;
       this.redrawGraph();
@@ -342,28 +410,219 @@ export class ClusterPanel extends Widget {
     }
   }
 
+  /** The selected plan's ranks drawn on the graph (each node labelled with its ranks and layers). */
+  private planHighlight(): IGraphState['highlight'] {
+    const plan = this.previews?.plans[this.selectedPlan];
+    if (!plan) {
+      return {};
+    }
+    const nodes: Record<string, { label: string }> = {};
+    for (const r of plan.ranks) {
+      const label = `r${r.rank} [${r.layers[0]}:${r.layers[1]}]`;
+      nodes[r.node_id] = { label: nodes[r.node_id] ? `${nodes[r.node_id].label} ${label}` : label };
+    }
+    const edges: [string, string][] = [];
+    for (let i = 1; i < plan.ranks.length; i++) {
+      if (plan.ranks[i - 1].node_id !== plan.ranks[i].node_id) {
+        edges.push([plan.ranks[i - 1].node_id, plan.ranks[i].node_id]);
+      }
+    }
+    return { nodes, edges };
+  }
+
+  /** Rank the plans for the model in the input on the current coordinator's cluster. */
+  async preview(): Promise<void> {
+    const model = this.modelInput.value.trim();
+    if (!model) {
+      this.setLaunchError('Enter a model to preview: demo, a local path or a Hugging Face id.');
+      return;
+    }
+    const coordinator = this.topology?.coordinator?.id ?? this.coordinatorId;
+    this.previewButton.disabled = true;
+    this.setLaunchError('');
+    this.launchStatus.textContent = `Ranking plans for ${model}…`;
+    try {
+      const reply = await requestAPI<IPreviewsReply>('previews', { model_id: model, coordinator });
+      this.previews = reply;
+      this.previewModel = model;
+      this.previewsCoordinator = reply.coordinator?.id ?? coordinator ?? null;
+      this.selectedPlan = reply.plans.length ? 0 : -1;
+      this.launchStatus.textContent = reply.plans.length
+        ? `${plural(reply.plans.length, 'plan')} for ${model}, best first: pick one and launch it.`
+        : '';
+      if (!reply.plans.length) {
+        const why = reply.infeasible.map(p => p.reason).filter(Boolean)[0];
+        this.setLaunchError(`No plan fits ${model} on this cluster${why ? `: ${why}` : '.'}`);
+      }
+    } catch (err) {
+      this.previews = null;
+      this.selectedPlan = -1;
+      this.launchStatus.textContent = '';
+      this.setLaunchError(errorText(err));
+    } finally {
+      this.previewButton.disabled = false;
+    }
+    this.renderPlans();
+    this.redrawGraph();
+  }
+
+  /** Launch the selected plan through the coordinator (the server extension forwards it to its API). */
+  async launch(name: string | null = null): Promise<void> {
+    const plan = this.previews?.plans[this.selectedPlan];
+    if (!plan || !this.previewModel) {
+      return;
+    }
+    this.launching = true;
+    this.setLaunchError('');
+    this.launchStatus.textContent = `Launching ${name || this.previewModel}…`;
+    this.renderPlans();
+    try {
+      const reply = await launchInstance(this.previewsCoordinator, this.previewModel, plan, name);
+      this.launched.set(reply.id, { name: reply.name, model: reply.model, coordinator: reply.coordinator });
+      this.launchStatus.textContent = `Launched ${reply.name} (${reply.id}): it loads below.`;
+      this.previews = null; // launched: the instance card takes over
+      this.selectedPlan = -1;
+    } catch (err) {
+      this.launchStatus.textContent = '';
+      this.setLaunchError(`Could not launch: ${errorText(err)}`);
+    } finally {
+      this.launching = false;
+    }
+    this.renderPlans();
+    this.redrawGraph();
+    await this.refresh();
+    this.schedule();
+  }
+
+  /** Stop instance ``id`` (through the coordinator that launched it, else its node agents). */
+  async stop(id: string): Promise<void> {
+    const coordinator = this.topology?.coordinator?.id ?? this.coordinatorId;
+    this.stopping.add(id);
+    this.stopErrors.delete(id);
+    this.renderInstances();
+    try {
+      await stopInstance(coordinator, id);
+      if (this.launched.has(id)) {
+        this.launchStatus.textContent = ''; // "Launched ...": no longer so
+      }
+    } catch (err) {
+      this.stopErrors.set(id, `Could not stop it: ${errorText(err)}`);
+    } finally {
+      this.stopping.delete(id);
+    }
+    await this.refresh();
+    this.schedule();
+  }
+
+  private setLaunchError(text: string): void {
+    this.launchError.textContent = text;
+    this.launchError.style.display = text ? '' : 'none';
+  }
+
+  private renderPlans(): void {
+    const list = this.plansList;
+    list.replaceChildren();
+    const reply = this.previews;
+    if (!reply) {
+      return;
+    }
+    reply.plans.forEach((plan, index) => {
+      const selected = index === this.selectedPlan;
+      const card = el('div', `exo-lab-card exo-lab-plan-card${selected ? ' selected' : ''}`, null, list);
+      card.dataset.index = String(index);
+      card.addEventListener('click', () => {
+        this.selectedPlan = index;
+        this.renderPlans();
+        this.redrawGraph();
+      });
+      const top = el('div', 'exo-lab-card-top', null, card);
+      el('span', 'exo-lab-plan-title', `#${index + 1} ${plan.strategy}`, top);
+      const tps = tokensPerSecond(plan.decode_tps);
+      if (tps) {
+        el('span', 'exo-lab-tag', tps, top);
+      }
+      el('div', 'exo-lab-plan', plan.description || plan.explanation, card);
+      const facts: string[] = [];
+      if (plan.ttft_s) {
+        facts.push(`TTFT ${(plan.ttft_s * 1000).toFixed(0)} ms`);
+      }
+      for (const [node, bytes] of Object.entries(plan.memory_bytes || {})) {
+        facts.push(`${plan.node_names?.[node] || node} ${gib(bytes)} GiB`);
+      }
+      if (facts.length) {
+        const tags = el('div', 'exo-lab-tags', null, card);
+        for (const f of facts) {
+          el('span', 'exo-lab-tag', f, tags);
+        }
+      }
+      if (selected) {
+        if (plan.bottleneck) {
+          el('div', 'exo-lab-muted', `limited by ${plan.bottleneck}`, card);
+        }
+        const row = el('div', 'exo-lab-actions', null, card);
+        const name = el('input', 'exo-lab-input exo-lab-name-input', null, row);
+        name.placeholder = 'name (optional)';
+        name.title = `The name to serve it under (default: ${this.previewModel})`;
+        name.setAttribute('aria-label', 'name to serve it under');
+        name.addEventListener('click', event => event.stopPropagation());
+        const button = el('button', 'exo-lab-button exo-lab-primary exo-lab-launch-button', this.launching ? 'Launching…' : 'Launch', row);
+        button.disabled = this.launching;
+        button.title = 'Launch this plan on the cluster, served by the coordinator';
+        button.addEventListener('click', event => {
+          event.stopPropagation();
+          void this.launch(name.value.trim() || null);
+        });
+      }
+    });
+    if (reply.infeasible.length) {
+      el('div', 'exo-lab-muted', `${plural(reply.infeasible.length, 'more plan')} would not fit.`, list);
+    }
+  }
+
   private renderInstances(): void {
     const reply = this.instances;
     const list = this.instancesList;
     list.replaceChildren();
-    const mine = reply ? reply.instances : [];
-    const others = reply ? reply.other_instances : [];
-    const live = mine.filter(i => i.state !== 'stopped');
+    const live = (reply ? reply.instances : []).filter(i => i.state !== 'stopped');
     this.instancesCount.textContent = String(live.length);
-    if (!live.length && !others.length) {
+    if (this.instancesError) {
+      el('div', 'exo-lab-action-error', `Cannot read the instances: ${this.instancesError}`, list);
+    }
+    if (!live.length) {
       const empty = el('div', 'exo-lab-muted', null, list);
-      empty.append('None running. Launch one from the notebook: ');
+      empty.append('None running. Preview a model above and launch a plan, or from the notebook: ');
       el('code', '', 'cluster.launch(model)', empty);
       return;
     }
-    for (const inst of [...live, ...others]) {
-      this.renderInstance(inst, list, others.includes(inst));
+    for (const inst of live) {
+      this.renderInstance(inst, list);
     }
   }
 
-  private renderInstance(inst: IInstance, list: HTMLElement, foreign: boolean): void {
+  /** Who launched ``inst``: its notebook when the kernel is a coordinator here, else the owner's label. */
+  private ownerName(inst: IInstance): string {
+    const owner = inst.owner || {};
+    const known = (this.topology?.coordinators || []).find(c => c.id === owner.coordinator);
+    if (known) {
+      return this.coordinatorName(known);
+    }
+    return owner.label || '';
+  }
+
+  private renderInstance(shown: IInstance, list: HTMLElement): void {
+    // launched from this panel a moment ago: what the launch answered, until the cluster reports it
+    const ours = this.launched.get(shown.id);
+    const inst: IInstance = ours
+      ? {
+          ...shown,
+          name: shown.name || ours.name,
+          model: shown.model || ours.model,
+          owner: shown.owner?.label ? shown.owner : { ...shown.owner, coordinator: ours.coordinator }
+        }
+      : shown;
     const card = el('div', `exo-lab-card exo-lab-instance exo-lab-instance-${STATE_CLASS[inst.state] || 'off'}`, null, list);
     card.dataset.instanceId = inst.id;
+    card.dataset.state = inst.state;
     const top = el('div', 'exo-lab-card-top', null, card);
     el('span', 'exo-lab-instance-name', inst.name || `instance ${inst.id}`, top);
     badge(inst.state, top);
@@ -372,28 +631,39 @@ export class ClusterPanel extends Widget {
       const m = el('div', 'exo-lab-chip', model, card);
       m.title = inst.model || '';
     }
-    const plan = inst.description || (foreign ? 'launched by another coordinator' : '');
-    if (plan) {
-      el('div', 'exo-lab-plan', plan, card);
+    const owner = this.ownerName(inst);
+    const ownerLine = el('div', 'exo-lab-owner', null, card);
+    ownerLine.textContent = owner ? `launched by ${owner}${inst.mine ? ' (this coordinator)' : ''}` : 'launched elsewhere (owner unknown)';
+    if (inst.owner?.api) {
+      ownerLine.title = `served at ${inst.owner.api}/v1`;
     }
-    const total = inst.total_layers || 0;
-    if (inst.state === 'loading' || inst.state === 'launching' || inst.state === 'replacing') {
-      const bar = el('div', 'exo-lab-bar', null, card);
+    const where = inst.description || (inst.node_names || []).join(', ');
+    if (where) {
+      el('div', 'exo-lab-plan', where, card);
+    }
+    const [done, total] = inst.loaded || [0, 0];
+    if (BUSY_STATES.has(inst.state)) {
+      const progress = el('div', 'exo-lab-progress', null, card);
+      const bar = el('div', `exo-lab-bar${total ? '' : ' indeterminate'}`, null, progress);
+      bar.setAttribute('role', 'progressbar');
+      bar.setAttribute('aria-valuemin', '0');
+      bar.setAttribute('aria-valuemax', String(total));
+      bar.setAttribute('aria-valuenow', String(done));
       const fill = el('div', 'exo-lab-bar-fill busy', null, bar);
-      fill.style.width = total ? `${((100 * (inst.loaded_layers || 0)) / total).toFixed(0)}%` : '0';
+      fill.style.width = total ? `${((100 * done) / total).toFixed(0)}%` : '30%';
+      const what = inst.state === 'replacing' ? 're-placing' : inst.state;
+      el('span', 'exo-lab-progress-label', total ? `${what}: ${done}/${total} layers` : `${what}…`, progress);
     }
     const facts: string[] = [];
-    if (total) {
-      facts.push(`${inst.loaded_layers || 0}/${total} layers`);
+    if (total && !BUSY_STATES.has(inst.state)) {
+      facts.push(`${done}/${total} layers`);
     }
-    const tps = inst.predicted_decode_tps;
+    const tps = tokensPerSecond(inst.predicted_decode_tps);
     if (tps) {
-      facts.push(`~${tps >= 100 ? tps.toFixed(0) : tps.toFixed(1)} tok/s predicted`);
+      facts.push(`${tps} predicted`);
     }
-    const ranks = inst.on_nodes.reduce((s, n) => s + n.ranks, 0);
-    const alive = inst.on_nodes.reduce((s, n) => s + n.ranks_alive, 0);
-    if (ranks) {
-      facts.push(`${alive}/${ranks} ranks alive`);
+    if (inst.ranks_alive !== null && inst.ranks_alive !== undefined && inst.nodes.length) {
+      facts.push(`${plural(inst.ranks_alive, 'rank')} running`);
     }
     if (inst.replacements) {
       facts.push(`re-placed ${inst.replacements}×`);
@@ -406,6 +676,16 @@ export class ClusterPanel extends Widget {
     }
     if (inst.error) {
       el('div', 'exo-lab-instance-error', inst.error, card);
+    }
+    const actions = el('div', 'exo-lab-actions', null, card);
+    const stopping = this.stopping.has(inst.id);
+    const stop = el('button', 'exo-lab-button exo-lab-stop-button', stopping ? 'Stopping…' : 'Stop', actions);
+    stop.disabled = stopping;
+    stop.title = `Stop ${inst.name || inst.id} and free its memory on ${plural(inst.nodes.length, 'node')}`;
+    stop.addEventListener('click', () => void this.stop(inst.id));
+    const stopError = this.stopErrors.get(inst.id);
+    if (stopError) {
+      el('div', 'exo-lab-action-error', stopError, card);
     }
   }
 
@@ -422,8 +702,23 @@ export class ClusterPanel extends Widget {
   private readonly nodesList: HTMLElement;
   private readonly instancesCount: HTMLElement;
   private readonly instancesList: HTMLElement;
+  private readonly modelInput: HTMLInputElement;
+  private readonly previewButton: HTMLButtonElement;
+  private readonly launchError: HTMLElement;
+  private readonly launchStatus: HTMLElement;
+  private readonly plansList: HTMLElement;
   private topology: ITopologyReply | null = null;
   private instances: IInstancesReply | null = null;
+  private instancesError = '';
+  private previews: IPreviewsReply | null = null;
+  private previewModel: string | null = null;
+  private previewsCoordinator: string | null = null;
+  private selectedPlan = -1;
+  private launching = false;
+  private readonly stopping = new Set<string>();
+  private readonly launched = new Map<string, { name: string; model: string; coordinator: string }>();
+  private readonly stopErrors = new Map<string, string>();
+  private polling = false;
   private dashboardUrl: string | null = null;
   private dashboardHint = '';
   private coordinatorId: string | null = null;
