@@ -16,11 +16,13 @@ $(VENV)/.created:
 $(VENV)/.installed: $(VENV)/.created pyproject.toml
 	@scripts/install-openblas.sh
 	@$(PY) -m pip install -q 'hatchling>=1.25' editables 'hatch-jupyter-builder>=0.9'  # pyproject's build-system
+	@rm -f exo_lab/labextension/install.json  # a built extension's copy would be added to the wheel twice
 	SKIP_JUPYTER_BUILDER=1 $(PY) -m pip install -q --no-build-isolation -e .
 	@touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml
 	@scripts/install-chromium.sh
+	@rm -f exo_lab/labextension/install.json
 	SKIP_JUPYTER_BUILDER=1 $(PY) -m pip install -q --no-build-isolation -e '.[test]'
 	@touch $@
 
