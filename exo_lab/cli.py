@@ -169,6 +169,8 @@ def _dashboard(args: argparse.Namespace) -> int:
             else "this machine"
         )
         print(f"exo_lab dashboard for {what}: {dashboard.url}", flush=True)
+        if dashboard.source.api_url:  # a cluster is served: its API lists, launches and stops instances too
+            print(f"exo_lab API: {dashboard.source.api_url}", flush=True)
         if cluster is not None and cluster.registration is not None:
             cluster.registration.update(dashboard_url=dashboard.url)  # the JupyterLab panel's dashboard button
         print("Press Ctrl-C to stop.", flush=True)

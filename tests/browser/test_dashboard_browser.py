@@ -1,15 +1,19 @@
 """The dashboard in headless Chromium: the cluster graph drawn by exo_lab's one renderer (the topology widget's
 ES module, through Panel's AnyWidgetComponent), a streamed chat reply, ``exo-lab up`` serving API and dashboard
-together, and a plan launched from the page, its shards shown on the graph. Screenshots saved."""
+together (an instance launched over HTTP shows up and is stopped from the page), and a plan launched from the
+page: its load progress, its shards on the graph, a chat with it, and Stop, which frees its memory on the
+agents. Screenshots saved."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 
 import openai
 import pytest
@@ -67,6 +71,22 @@ HELPERS = """
     if (!prev || prev.text !== last.textContent || prev.streaming !== streaming)
       window.exoReplies.push({ text: last.textContent, streaming });
   }).observe(root, { childList: true, subtree: true, characterData: true });
+  // every distinct look of each instance row (state, progress, owner), sampled faster than the page ticks
+  window.exoRowLog = [];
+  setInterval(() => {
+    for (const row of window.exoDeep(".tabulator-row")) {
+      const get = (f) => {
+        const c = row.querySelector(`.tabulator-cell[tabulator-field='${f}']`);
+        return c ? c.textContent.trim() : null;
+      };
+      const id = get("id");
+      if (!id) continue;
+      const entry = { id, name: get("name"), state: get("state"), loaded: get("loaded"), owner: get("owner"),
+                      bar: !!row.querySelector(".exo-bar") };
+      const last = window.exoRowLog.filter((e) => e.id === id).pop();
+      if (!last || JSON.stringify(last) !== JSON.stringify(entry)) window.exoRowLog.push(entry);
+    }
+  }, 100);
 }
 """
 
@@ -112,6 +132,35 @@ def requests_shown(page, name: str) -> str:
         has=page.locator(".tabulator-cell[tabulator-field='name']", has_text=name)
     )
     return row.locator(".tabulator-cell[tabulator-field='requests']").first.inner_text().strip()
+
+
+def instance_row(page, instance_id: str):
+    """The instances table's row of the instance ``instance_id``."""
+    return page.locator(".tabulator-row").filter(
+        has=page.locator(".tabulator-cell[tabulator-field='id']", has_text=instance_id)
+    )
+
+
+def row_log(page, instance_id: str) -> list[dict]:
+    """How the page showed the instance's row over time (state, loaded, owner, whether a progress bar)."""
+    return page.evaluate("(id) => window.exoRowLog.filter((e) => e.id === id)", instance_id)
+
+
+def agent_holds(address: str) -> dict:
+    """An agent's ``GET /instances`` (unsigned reads from loopback): its instances and reserved bytes."""
+    with urllib.request.urlopen(f"http://{address}/instances", timeout=10) as resp:
+        return json.load(resp)
+
+
+def stop_from_the_page(page, instance_id: str, reserved_after: dict[str, int]) -> None:
+    """Press the instance's Stop button; its row goes, and no agent holds a worker or memory for it: each agent
+    (address -> bytes) holds what ``reserved_after`` says (the reservations of the other instances)."""
+    instance_row(page, instance_id).get_by_role("button", name="Stop").click()
+    wait_for(lambda: instance_row(page, instance_id).count() == 0, 30, "the stopped instance leaves the table")
+    for address, reserved in reserved_after.items():
+        held = agent_holds(address)
+        assert held["reserved_bytes"] == reserved, held
+        assert instance_id not in [i["id"] for i in held["instances"]], held
 
 
 def assert_streamed(seen: list[dict], final: str) -> None:
@@ -172,8 +221,10 @@ def test_what_if_cluster_graph_and_a_streamed_chat(browser, engine) -> None:
 
 
 def test_exo_lab_up_serves_the_api_and_the_dashboard(browser, tiny_model, tmp_path) -> None:
-    port = free_port()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    """A cluster member: its model chatted with from the page and the API, counted on the page; an instance
+    launched over HTTP shows up (owner, progress, ready), can be chatted with, and Stop on the page stops it."""
+    port, agent_port = free_port(), free_port()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "EXO_LAB_CACHE_DIR": str(tmp_path / "cache")}
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -188,6 +239,11 @@ def test_exo_lab_up_serves_the_api_and_the_dashboard(browser, tiny_model, tmp_pa
             str(port),
             "--dashboard-port",
             "0",
+            "--agent-port",
+            str(agent_port),
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--no-mdns",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -209,7 +265,7 @@ def test_exo_lab_up_serves_the_api_and_the_dashboard(browser, tiny_model, tmp_pa
             assert time.monotonic() - start < 90, "".join(lines)
         assert f"http://127.0.0.1:{port}" in "".join(lines)
         page = open_dashboard(browser, url, nodes=1)
-        assert "this machine" in page.locator(".exo-page-header").inner_text()
+        assert "cluster dashboard" in page.locator(".exo-page-header").inner_text()
         assert drawn_graph(page)["edges"] == []  # one node, no links
         final, seen = chat(page, "Hello from the dashboard.")  # 64 tokens by default
         assert_streamed(seen, final)
@@ -224,8 +280,33 @@ def test_exo_lab_up_serves_the_api_and_the_dashboard(browser, tiny_model, tmp_pa
             10,
             "the tokens/s chart has both requests",
         )
+
+        agent = f"127.0.0.1:{agent_port}"
+        before = agent_holds(agent)["reserved_bytes"]
+        assert before > 0  # the member's own model
+        body = json.dumps({"model_id": str(tiny_model), "name": "tiny-http"}).encode()
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/instance", body, method="POST")
+        with urllib.request.urlopen(request, timeout=60) as resp:  # returns at once; the instance loads on
+            assert resp.status == 201
+            iid = json.load(resp)["id"]
+        row = instance_row(page, iid)
+        wait_for(lambda: row.count() == 1, 15, "the instance launched over HTTP shows up on the page")
+        wait_for(lambda: "ready" in row.inner_text(), 90, "the page shows it ready")
+        shown = row_log(page, iid)
+        assert shown[-1]["name"] == "tiny-http" and "here" in shown[-1]["owner"], shown  # served by this member
+        assert all(e["state"] in ("launching", "loading", "ready") for e in shown), shown
+        wait_for(
+            lambda: "tiny-http" in page.evaluate("() => Array.from(exoDeep('select')[0].options, (o) => o.value)"),
+            10,
+            "the chat offers it",
+        )
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "dashboard-up.png"), full_page=True)
+        assert agent_holds(agent)["reserved_bytes"] > before
+        stop_from_the_page(page, iid, {agent: before})
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/instances", timeout=30) as resp:
+            assert iid not in [i["id"] for i in json.load(resp)["instances"]]  # gone for the API too
+        assert requests_shown(page, "tiny") == "2"  # the member's own model serves on
         assert page.errors == [] and page.external == []
     finally:
         if page is not None:
@@ -235,9 +316,12 @@ def test_exo_lab_up_serves_the_api_and_the_dashboard(browser, tiny_model, tmp_pa
     assert proc.returncode == 0, out
 
 
-def test_launch_a_plan_from_the_page_and_chat_with_it(browser, tiny_model) -> None:
+def test_launch_a_plan_from_the_page_chat_with_it_and_stop_it(browser, tiny_model) -> None:
+    """``exo-lab dashboard --local 2``'s set-up: the source serves the cluster and launches and stops through its
+    control. The page shows the launch loading (a progress bar), ready, its shards; it chats; Stop frees it."""
     cluster = exo_lab.local_cluster(2)
     source = DashboardSource(cluster=cluster, refresh_s=1.0)
+    assert source.control is cluster.control is not None and source.api_url == cluster.api_url
     server = serve_dashboard(source, port=0)
     page = None
     try:
@@ -269,7 +353,13 @@ def test_launch_a_plan_from_the_page_and_chat_with_it(browser, tiny_model) -> No
         )
         page.get_by_role("button", name="Launch selected plan").click()
         inst = wait_for(lambda: cluster.instances[0] if cluster.instances else None, 30, "the instance is created")
+        assert inst in [b for _, b in source.control.registry.items()]  # launched through the control: on its API
         wait_for(lambda: inst.state == "ready", 90, "the instance loads")
+        wait_for(lambda: "ready" in instance_row(page, inst.id).inner_text(), 15, "the page shows it ready")
+        shown = row_log(page, inst.id)
+        loading = [e for e in shown if e["state"] in ("launching", "loading")]
+        assert loading and all(e["bar"] and re.fullmatch(r"\d+/\d+ layers", e["loaded"]) for e in loading), shown
+        assert [e["state"] for e in shown][-1] == "ready" and shown[-1]["loaded"] == "4/4 layers", shown
         assert inst.name == tiny_model.name  # named after the model, not its path
         wait_for(
             lambda: drawn_graph(page)["pills"] == ["tiny · layers 0-1", "tiny · layers 2-3"],
@@ -293,6 +383,11 @@ def test_launch_a_plan_from_the_page_and_chat_with_it(browser, tiny_model) -> No
         )
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "dashboard-cluster-launched.png"), full_page=True)
+        agents = [cluster.address_of(n.id) for n in cluster.topology.alive()]
+        assert sum(agent_holds(a)["reserved_bytes"] for a in agents) > 0
+        stop_from_the_page(page, inst.id, dict.fromkeys(agents, 0))
+        assert inst.state == "stopped" and cluster.instances == [] and source.control.registry.names() == []
+        wait_for(lambda: drawn_graph(page)["pills"] == [], 15, "the graph shows no shards")
         assert page.errors == [] and page.external == []
     finally:
         if page is not None:
@@ -341,8 +436,6 @@ def bench_document() -> dict:
 
 def test_bench_results_are_charted(browser, tmp_path) -> None:
     path = tmp_path / "bench.json"
-    import json
-
     path.write_text(json.dumps(bench_document()))
     source = DashboardSource(topology=Topology.load(SPECS / "home-lab-mixed.json"), bench=path)
     server = serve_dashboard(source, port=0)

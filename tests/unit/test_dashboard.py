@@ -28,6 +28,7 @@ from exo_lab.ui.dashboard import bench_view as bv
 from exo_lab.ui.dashboard import cluster_view as cv
 from exo_lab.ui.dashboard import instances_view as iv
 from exo_lab.ui.dashboard import panel_app
+from exo_lab.ui.dashboard.instance_rows import merge_rows
 from exo_lab.ui.dashboard.theme import SERIES
 from tests.helpers.monitor_harness import FakeInstance, busy_history, pipeline_plan
 from tests.helpers.net import free_port
@@ -70,13 +71,51 @@ def test_instance_shards_and_frames():
     inst.state = "stopped"
     assert cv.shard_highlight([("llama", inst)]) == {}
     inst.state = "ready"
-    frame = iv.instance_frame([("llama", inst)])
+    frame = iv.instance_frame(merge_rows([("llama", inst)], []))
     assert frame.loc[0, "state"] == "ready" and frame.loc[0, "loaded"] == "32/32 layers"
+    assert frame.loc[0, "owner"] == "here" and frame.loc[0, "nodes"] == "workstation, macbook-pro-m4-max"
     assert frame.loc[0, "requests"] == 3
     assert frame.loc[0, "decode tok/s"] == round(inst.usage_history[-1][1].generation_tps, 1)
     series = iv.tps_series([("llama", inst)])
     assert series["lines"]["name"] == ["llama"] and len(series["points"]["t"]) == 3
     assert str(iv.instance_frame([]).dtypes["decode tok/s"]) == "float64"  # empty tables keep number columns
+
+
+def test_instance_rows_merge_the_clusters_instances_with_those_served_here(ultra):
+    """Each instance once: ours with the backend's state and stats (the agents add the owner), another
+    coordinator's from its record (progress, owner, node names), one the agents know only by id; Stop on each."""
+    ours = FakeInstance(pipeline_plan(), name="llama")
+    ours.id = "abc123"
+    ours.load(0.5)
+    cluster = [
+        {"id": "abc123", "name": "", "model": "", "owner": {"label": "exo-lab up on ws"}, "nodes": ["workstation"],
+         "state": "loading", "loaded": [0, 0], "error": None, "reserved_bytes": {"workstation": 5}, "plan": {}},
+        {"id": "def456", "name": "qwen", "model": "Qwen/Qwen3-0.6B", "owner": {"label": "notebook on mbp",
+         "api": "http://10.0.0.2:52415"}, "nodes": ["ultra-0", "ultra-1"], "state": "loading", "loaded": [3, 28],
+         "error": None, "reserved_bytes": {}, "plan": {"description": "pipeline: a[0:14] -> b[14:28]"}},
+        {"id": "0987fe", "name": "", "model": "", "owner": {}, "nodes": ["ultra-2"], "state": "failed",
+         "loaded": [0, 0], "error": "a worker on node ultra-2 exited", "reserved_bytes": {}, "plan": {}},
+    ]  # fmt: skip
+    rows = merge_rows([("llama", ours)], cluster, ultra, stops={"0987fe": "stop failed: boom"}, can_stop=True)
+    assert [r.id for r in rows] == ["abc123", "def456", "0987fe"]
+    mine, theirs, bare = rows
+    assert (mine.name, mine.state, mine.owner, mine.backend) == ("llama", "loading", "exo-lab up on ws (here)", ours)
+    assert mine.loaded == ours.loaded and mine.loaded[0] > 0 and mine.reserved_bytes == {"workstation": 5}
+    assert (theirs.name, theirs.loaded, theirs.owner, theirs.backend) == ("qwen", (3, 28), "notebook on mbp", None)
+    assert theirs.nodes == ["m3-ultra-0", "m3-ultra-1"] and theirs.plan == "pipeline: a[0:14] -> b[14:28]"
+    assert (bare.name, bare.state, bare.owner, bare.nodes) == ("0987fe", "failed", "unknown", ["m3-ultra-2"])
+    assert all(r.stoppable for r in rows)
+    frame = iv.instance_frame(rows)
+    assert "exo-bar" in frame.loc[1, "loaded"] and "3/28 layers" in frame.loc[1, "loaded"]
+    assert frame.loc[2, "loaded"] == "" and ">Stop</button>" in frame.loc[2, "stop"]
+    assert frame.loc[1, "requests"] == 0 and str(frame.dtypes["decode tok/s"]) == "float64"
+    stopping = merge_rows([], cluster[1:2], ultra, stops={"def456": "stopping…"}, can_stop=True)
+    assert stopping[0].state == "stopping…" and not stopping[0].stoppable
+    assert iv.instance_frame(stopping).loc[0, "stop"] == ""
+    assert not merge_rows([], cluster[1:2], ultra)[0].stoppable  # without a control nothing can be stopped
+    view = iv.InstancesView()
+    view.update(rows, {}, True, {"0987fe": "stop failed: boom"})
+    assert "0987fe: stop failed: boom" in view.note.object and "failed: a worker on node ultra-2" in view.note.object
 
 
 def bench_doc() -> dict:

@@ -36,7 +36,7 @@ class Dashboard:
         self.header = pn.pane.HTML("", stylesheets=[HEADER_CSS], sizing_mode="stretch_width", margin=0)
         self.cluster = ClusterView()
         self.chat = ChatView(source)
-        self.instances = InstancesView()
+        self.instances = InstancesView(source)
         self.plans = PlansView(source)
         self.bench = BenchView(source)
         self.layout = self._layout()
@@ -64,12 +64,13 @@ class Dashboard:
         src = self.source
         topo = src.topology
         instances = src.instances()
+        rows = src.rows()
         self.cluster.update(topo, src.version, instances)
-        if self.instances.update(instances, src.launches, src.cluster is not None):
+        if self.instances.update(rows, dict(src.launches), src.cluster is not None, dict(src.stops)):
             self.chat.update_models()
         self.plans.update()
         self.bench.update()
-        text = header_html(src, topo, instances)
+        text = header_html(src, topo, rows)
         if text != self.header.object:
             self.header.object = text
 

@@ -7,8 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from exo_lab.cluster.topology import Topology
-from exo_lab.engine.backend import Backend
-from exo_lab.ui import instance_monitor as im
+from exo_lab.ui.dashboard.instance_rows import InstanceRow
 from exo_lab.ui.dashboard.theme import gib
 
 HEADER_CSS = """
@@ -29,14 +28,14 @@ HEADER_CSS = """
 MODES = {"cluster": "cluster dashboard", "what-if": "what-if cluster", "this machine": "this machine"}
 
 
-def header_html(source: Any, topo: Topology | None, instances: Sequence[tuple[str, Backend]]) -> str:
+def header_html(source: Any, topo: Topology | None, instances: Sequence[InstanceRow]) -> str:
     """The bar's HTML: the logo, the mode, and chips for nodes, models, the API URL and the last refresh error."""
     chips = []
     if topo is not None:
         alive = len(topo.alive())
         mem = sum(n.memory_total_bytes for n in topo.alive())
         chips.append(f"<b>{alive}</b> node{'s' if alive != 1 else ''} · {gib(mem)} GiB")
-    ready = sum(1 for _, o in instances if im.instance_summary(o)["state"] == "ready")
+    ready = sum(1 for r in instances if r.state == "ready")
     chips.append(f"<b>{len(instances)}</b> model{'s' if len(instances) != 1 else ''} · {ready} ready")
     if source.api_url:
         chips.append(

@@ -1,4 +1,5 @@
-"""The dashboard's instances: the models served here and the cluster's instances, their state and tokens/s."""
+"""The dashboard's instances: every instance of the cluster (wherever it was launched) and the models served
+here, with their state, load progress, owner, nodes and tokens/s, and a Stop button for each instance."""
 
 from __future__ import annotations
 
@@ -15,42 +16,87 @@ from bokeh.plotting import figure
 from exo_lab.engine.backend import Backend
 from exo_lab.ui import instance_monitor as im
 from exo_lab.ui.dashboard.frames import rounded, typed_frame
-from exo_lab.ui.dashboard.theme import BORDER, FG2, SERIES, card, card_title, html_pane
+from exo_lab.ui.dashboard.instance_rows import LOADING, InstanceRow
+from exo_lab.ui.dashboard.theme import ACCENT, BORDER, CRIT, FG2, SERIES, card, card_title, html_pane
+
+#: Tabulator columns drawn from HTML (the progress bar, the Stop button); every other cell is text
+HTML_COLUMNS = ("loaded", "stop")
+
+TABLE_CSS = f"""
+.exo-load {{ display: flex; align-items: center; gap: 8px; }}
+.exo-bar {{ width: 90px; height: 8px; border-radius: 4px; background: {BORDER}; overflow: hidden; flex: none; }}
+.exo-bar > div {{ height: 100%; background: {ACCENT}; transition: width 0.3s; }}
+.exo-stop {{ font: inherit; font-size: 12px; padding: 1px 10px; border-radius: 5px; cursor: pointer;
+  border: 1px solid color-mix(in srgb, {CRIT} 45%, white); background: #fff; color: {CRIT}; }}
+.exo-stop:hover {{ background: color-mix(in srgb, {CRIT} 8%, white); }}
+"""
 
 
-def instance_frame(instances: Sequence[tuple[str, Backend]]) -> pd.DataFrame:
-    """Running instances (and models served in this process): state, shards loaded, tokens/s."""
-    rows = []
-    for name, inst in instances:
-        summary = im.instance_summary(inst)
-        progress = im.loading_progress(inst)
-        stats = im.request_stats(im.request_rows(inst), inst.requests_completed)
-        plan = summary["plan"]
-        rows.append(
+def loaded_html(row: InstanceRow) -> str:
+    """Layers loaded: a bar and ``done/total layers`` while it loads, the count once it is up."""
+    done, total = row.loaded
+    text = (
+        f"{done}/{total} layers"
+        if total
+        else "starting…"
+        if row.state in LOADING
+        else "loaded"
+        if row.state == "ready"
+        else ""
+    )
+    if row.state not in LOADING:
+        return html.escape(text)
+    pct = 100 * done / total if total else 0
+    return (
+        f"<div class='exo-load' title='{pct:.0f}%'><div class='exo-bar'><div style='width:{pct:.0f}%'></div></div>"
+        f"<span>{html.escape(text)}</span></div>"
+    )
+
+
+def instance_frame(rows: Sequence[InstanceRow]) -> pd.DataFrame:
+    """Every instance (and model served in this process): state, progress, owner, nodes, tokens/s, Stop."""
+    out = []
+    for row in rows:
+        backend = row.backend
+        stats = im.request_stats(im.request_rows(backend), backend.requests_completed) if backend else None
+        plan = im.instance_summary(backend)["plan"] if backend is not None else None
+        out.append(
             {
-                "name": name,
-                "state": summary["state"],
-                "plan": plan["description"] if plan else "one process (this machine)",
-                "loaded": f"{progress['done']}/{progress['total']} layers" if progress["ranks"] else "ready",
-                "requests": stats["requests"],
-                "decode tok/s": rounded(stats["last_decode_tps"]),
-                "mean tok/s": rounded(stats["mean_decode_tps"]),
+                "name": row.name,
+                "id": row.id,
+                "state": row.state,
+                "loaded": loaded_html(row),
+                "owner": row.owner,
+                "nodes": ", ".join(row.nodes),
+                "plan": row.plan,
+                "requests": stats["requests"] if stats else 0,
+                "decode tok/s": rounded(stats["last_decode_tps"] if stats else None),
+                "mean tok/s": rounded(stats["mean_decode_tps"] if stats else None),
                 "predicted tok/s": rounded(plan["decode_tps"] if plan else None),
-                "TTFT (ms)": rounded(stats["last_ttft_s"] * 1000 if stats["last_ttft_s"] is not None else None),
+                "TTFT (ms)": rounded(
+                    stats["last_ttft_s"] * 1000 if stats and stats["last_ttft_s"] is not None else None
+                ),
+                "stop": "<button class='exo-stop' title='stop this instance and free its memory'>Stop</button>"
+                if row.stoppable
+                else "",
             }
         )
     return typed_frame(
-        rows,
+        out,
         {
             "name": str,
+            "id": str,
             "state": str,
-            "plan": str,
             "loaded": str,
+            "owner": str,
+            "nodes": str,
+            "plan": str,
             "requests": int,
             "decode tok/s": float,
             "mean tok/s": float,
             "predicted tok/s": float,
             "TTFT (ms)": float,
+            "stop": str,
         },
     )
 
@@ -131,9 +177,12 @@ def tps_figure() -> tuple[Any, ColumnDataSource, ColumnDataSource]:
 
 
 class InstancesView:
-    """The instances card: a table (state, shards loaded, requests, tokens/s) and decode tokens/s over time."""
+    """The instances card: a table (state, progress, owner, nodes, requests, tokens/s, Stop) and decode tokens/s
+    over time. ``source`` (a :class:`~exo_lab.ui.dashboard.source.DashboardSource`) stops instances."""
 
-    def __init__(self) -> None:
+    def __init__(self, source: Any = None) -> None:
+        self.source = source
+        self.rows: list[InstanceRow] = []
         self.tps_fig, self.tps_lines, self.tps_points = tps_figure()
         self.table = pn.widgets.Tabulator(
             instance_frame([]),
@@ -143,33 +192,55 @@ class InstancesView:
             layout="fit_data_fill",
             theme="simple",
             selectable=False,
+            formatters={c: {"type": "html"} for c in HTML_COLUMNS},
+            titles={"stop": ""},
+            sortable={"stop": False},
+            stylesheets=[TABLE_CSS],
         )
+        self.table.on_click(self._on_stop_click, column="stop")
         self.note = html_pane()
         self.card = card(
-            html_pane(card_title("Instances", "served here or launched on the cluster")),
+            html_pane(card_title("Instances", "every instance of the cluster, and the models served here")),
             self.table,
             self.tps_fig,
             self.note,
         )
         self._key: Any = None
 
-    def update(self, instances: Sequence[tuple[str, Backend]], launches: dict[str, str], has_cluster: bool) -> bool:
-        """Redraw when an instance changed (state, loading, requests); True when it did."""
+    def _on_stop_click(self, event: Any) -> None:
+        """The Stop button of a row: stop that instance (on a thread: the source's)."""
+        frame = self.table.value
+        if self.source is None or not 0 <= event.row < len(frame):
+            return
+        iid = frame["id"].iloc[event.row]
+        row = next((r for r in self.rows if r.id == iid), None)
+        if row is not None and row.stoppable:
+            self.source.stop(iid)
+
+    def update(
+        self,
+        rows: Sequence[InstanceRow],
+        launches: dict[str, str],
+        has_cluster: bool,
+        stops: dict[str, str] | None = None,
+    ) -> bool:
+        """Redraw when an instance changed (state, loading, requests, owner); True when it did."""
+        served = [(r.name, r.backend) for r in rows if r.backend is not None]
         key = tuple(
             (
-                n,
-                str(im.instance_summary(o)),
-                o.requests_completed,
-                len(o.usage_history),
-                str(im.loading_progress(o)),
+                r.key,
+                r.stoppable,
+                r.backend.requests_completed if r.backend is not None else 0,
+                len(r.backend.usage_history) if r.backend is not None else 0,
             )
-            for n, o in instances
-        )
+            for r in rows
+        ) + tuple(sorted((stops or {}).items()))
         if key == self._key:
             return False
         self._key = key
-        self.table.value = instance_frame(instances)
-        series = tps_series(instances)
+        self.rows = list(rows)
+        self.table.value = instance_frame(rows)
+        series = tps_series(served)
         self.tps_lines.data = series["lines"]
         self.tps_points.data = series["points"]
         top = max(series["points"]["tps"], default=0)
@@ -181,14 +252,20 @@ class InstancesView:
         launch = [f"{k}: {v}" for k, v in launches.items() if v.startswith("launching")]
         note = (
             ""
-            if instances
+            if rows
             else "No instances yet: preview a model below and launch a plan"
             if has_cluster
             else "No models served in this process."
         )
-        if instances and not series["points"]["t"]:
+        if served and not series["points"]["t"]:
             note = "Decode tokens/s appear per request as requests finish (chat here, or call the API)."
-        self.note.object = "".join(f"<div class='exo-hint'>{html.escape(x)}</div>" for x in [*launch, note] if x)
-        self.table.visible = bool(instances)
-        self.tps_fig.visible = bool(instances)
+        names = {r.id: r.name for r in rows}
+        errors = [f"{r.name} failed: {r.error}" for r in rows if r.error and r.state == "failed"]
+        errors += [f"{names.get(i, i)}: {v}" for i, v in (stops or {}).items() if v.startswith("stop failed")]
+        self.note.object = "".join(
+            [f"<div class='exo-error'>{html.escape(x)}</div>" for x in errors]
+            + [f"<div class='exo-hint'>{html.escape(x)}</div>" for x in [*launch, note] if x]
+        )
+        self.table.visible = bool(rows)
+        self.tps_fig.visible = bool(served)
         return True

@@ -1,4 +1,5 @@
-"""The dashboard's placement preview: ranked plans for a model on these nodes, and launching one."""
+"""The dashboard's placement preview: ranked plans for a model on these nodes, and launching one (through the
+cluster's :class:`~exo_lab.control.Control`: the launch returns at once, the instance loads in the Instances card)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import panel as pn
 from exo_lab.engine.backend import Backend
 from exo_lab.placement.plan import Plans
 from exo_lab.ui.dashboard.frames import typed_frame
+from exo_lab.ui.dashboard.source import error_text
 from exo_lab.ui.dashboard.theme import card, card_title, html_pane
 
 
@@ -57,6 +59,7 @@ class PlansView:
     def __init__(self, source: Any) -> None:
         self.source = source
         self.plans: Any = None
+        self._model = ""  # the model as named when the plans were made (a path, hub id, served name, ...)
         self._launched: str | None = None  # the plan this page launched last, and what it shows about it
         self._launch_status = ""
         self.model = pn.widgets.AutocompleteInput(
@@ -96,7 +99,7 @@ class PlansView:
             "<div class='exo-hint'>Pick a model and press Preview to rank the ways to run it on these nodes.</div>"
         )
         self.launch_button = pn.widgets.Button(
-            label="Launch selected plan", color="success", width=180, disabled=True, visible=source.cluster is not None
+            label="Launch selected plan", color="success", width=180, disabled=True, visible=source.control is not None
         )
         self.launch_button.on_click(self._on_launch)
         self.card = card(
@@ -116,6 +119,8 @@ class PlansView:
             self._launch_status = status
             cls = "exo-error" if status.startswith("launch failed") else "exo-note"
             self.note.object = f"<div class='{cls}'>{html.escape(self._launched)}: {html.escape(status)}</div>"
+            if not status.startswith("launching"):  # done (or failed): another launch may follow
+                self.launch_button.disabled = not self._can_launch()
 
     async def _on_preview(self, _event: Any = None) -> None:
         model = (self.model.value_input or self.model.value or "").strip()
@@ -133,11 +138,11 @@ class PlansView:
             self.plans = None
             self.table.visible = False
             self.launch_button.disabled = True
-            self.note.object = f"<div class='exo-error'>{html.escape(f'{type(exc).__name__}: {exc}')}</div>"
+            self.note.object = f"<div class='exo-error'>{html.escape(error_text(exc))}</div>"
             return
         finally:
             self.preview_button.disabled = False
-        self.plans = plans
+        self.plans, self._model = plans, model
         self.table.value = plans_frame(plans)
         self.table.visible = bool(plans.plans)
         self.table.selection = [0] if plans.plans else []
@@ -168,24 +173,37 @@ class PlansView:
         if status:
             head += f" <b>{html.escape(status)}</b>"
         self.note.object = f"<div class='exo-note'>{head}</div>"
-        can = self.source.cluster is not None and p.strategy != "pipeline-tensor" and p.feasible
-        self.launch_button.disabled = not can
+        self.launch_button.disabled = not self._can_launch()
+
+    def _selected(self) -> Any:
+        plans = self.plans
+        if plans is None or not plans.plans:
+            return None
+        sel = self.table.selection
+        return plans.plans[sel[0] if sel and sel[0] < len(plans.plans) else 0]
+
+    def _can_launch(self) -> bool:
+        p = self._selected()
+        return self.source.control is not None and p is not None and p.strategy != "pipeline-tensor" and p.feasible
 
     def _instance_name(self, model: str) -> str:
         """A short, unused name for an instance of ``model``: the directory's name for a path."""
         base = Path(model).name if "/" in model else model
-        taken = {name for name, _ in self.source.instances()}
+        taken = self.source.instance_names()
         name, n = base, 2
         while name in taken:
             name, n = f"{base}-{n}", n + 1
         return name
 
     def _on_launch(self, _event: Any = None) -> None:
-        plans = self.plans
-        if plans is None or not plans.plans:
+        p = self._selected()
+        if p is None:
             return
-        sel = self.table.selection
-        p = plans.plans[sel[0] if sel else 0]
+        model = self._model or p.model_ref or self.plans.model
         self._launched, self._launch_status = p.describe(), ""
-        self.source.launch(p, name=self._instance_name(plans.model))
+        try:
+            self.source.launch(p, name=self._instance_name(self.plans.model), model=model)
+        except Exception as exc:
+            self.note.object = f"<div class='exo-error'>{html.escape(error_text(exc))}</div>"
+            return
         self.launch_button.disabled = True
