@@ -355,7 +355,9 @@ def test_launch_a_plan_from_the_page_chat_with_it_and_stop_it(browser, tiny_mode
         inst = wait_for(lambda: cluster.instances[0] if cluster.instances else None, 30, "the instance is created")
         assert inst in [b for _, b in source.control.registry.items()]  # launched through the control: on its API
         wait_for(lambda: inst.state == "ready", 90, "the instance loads")
-        wait_for(lambda: "ready" in instance_row(page, inst.id).inner_text(), 15, "the page shows it ready")
+        wait_for(
+            lambda: [e["state"] for e in row_log(page, inst.id)][-1:] == ["ready"], 15, "the page shows it ready"
+        )  # the row log samples every 100 ms: wait on it, not on the row
         shown = row_log(page, inst.id)
         loading = [e for e in shown if e["state"] in ("launching", "loading")]
         assert loading and all(e["bar"] and re.fullmatch(r"\d+/\d+ layers", e["loaded"]) for e in loading), shown
