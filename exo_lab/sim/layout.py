@@ -213,9 +213,9 @@ def plan(
             state_dir=str(Path(base_dir) / h.name / "state") if base_dir else "",
         )
     lan_ns = netns_name(spec.name, "lan") if spec.lan is not None or root else None
-    if not root:
-        return Layout(index=index, lan_netns=lan_ns, hosts=hosts)
-    return Layout(index, lan_ns, hosts, root_addr(index), root_ifname(index))
+    if root:
+        return Layout(index, lan_ns, hosts, root_addr=root_addr(index), root_ifname=root_ifname(index))
+    return Layout(index, lan_ns, hosts)
 
 
 def peers_of(layout: Layout, host: str) -> list[str]:

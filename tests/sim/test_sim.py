@@ -534,10 +534,15 @@ def test_failed_up_leaves_nothing(scripts: dict[str, Path], tmp_path: Path) -> N
     assert not state.path_for(spec["name"]).exists()
     assert not [ns for ns in netns.list_netns() if ns.startswith(f"exolab-{spec['name']}-")]
     assert set(netns.link_names()) <= before
-    with SimCluster(spec, node_command=_standin(scripts), base_dir=tmp_path) as first:
+    with SimCluster(spec, node_command=_standin(scripts), base_dir=tmp_path, root_link=False) as first:
         with pytest.raises(SimError, match="already up"):
             SimCluster(spec, node_command=_standin(scripts), base_dir=tmp_path).up()
         assert first.is_up
+        # root_link=False leaves the root namespace alone: the nodes only through the relay
+        assert first.root_address is None and set(netns.link_names()) <= before
+        assert [u.startswith("http://127.0.0.1:") for u in first.local_urls] == [True, True]
+        with pytest.raises(SimError, match="root_link=False"):
+            first.root_urls  # noqa: B018
 
 
 @pytest.mark.slow
