@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import secrets
 import socket
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +113,26 @@ class Cluster(ClusterClient):
         for p in [*plans.plans, *plans.infeasible]:
             p._cluster = self
             p.model_ref = str(model)
+            self._reachable_ranks(p)
         return plans
+
+    def _reachable_ranks(self, plan: Plan) -> None:
+        """Move ranks the planner put on loopback to the address this coordinator reaches their node on.
+
+        The coordinator talks to every rank's control port at the rank's address. A plan on one
+        node puts its rank on 127.0.0.1, which only a coordinator on that node reaches; when this
+        cluster reaches the node's agent at one of the node's own addresses (another machine, a
+        simulated host), the rank listens there instead.
+        """
+        ranks = []
+        for r in plan.ranks:
+            contact = self._contacts.get(r.node_id, "")
+            host = contact.rsplit(":", 1)[0]
+            node = self._topology.nodes.get(r.node_id)
+            if _is_loopback_address(r.address) and node and host in node.addresses and not _is_loopback_address(host):
+                r = replace(r, address=host)
+            ranks.append(r)
+        plan.ranks = ranks
 
     def launch(
         self,

@@ -40,13 +40,20 @@ def _spec(args: argparse.Namespace) -> Any:
     )
 
 
+def _root_line(address: str | None, devices: list[str]) -> str:
+    if address is None:
+        return "this machine: no link into the sim (--no-root-link); nodes through the relay only"
+    return f"this machine: {address} on {', '.join(devices) or '-'}; it reaches every host at each of its addresses"
+
+
 def print_hosts(sim: Any) -> None:
-    rows = [("host", "namespace", "addresses", "node (in the sim)", "node (from this machine)")]
+    rows = [("host", "namespace", "addresses", "node", "node (loopback relay)")]
     for h in sim.hosts.values():
         rows.append((h.name, h.netns, " ".join(h.addresses), h.url, h.local_url or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
         print("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    print("  " + _root_line(sim.root_address, sim._require_state().root_links))
 
 
 def _up(args: argparse.Namespace) -> int:
@@ -60,6 +67,7 @@ def _up(args: argparse.Namespace) -> int:
         base_dir=args.base_dir,
         port=args.port,
         peers=not args.no_peers,
+        root_link=not args.no_root_link,
     )
     stop = threading.Event()
     handlers = {
@@ -137,6 +145,7 @@ def _status(args: argparse.Namespace) -> int:
             node = "up" if h["node_running"] else "DOWN"
             addrs = " ".join(h["addresses"])
             print(f"  {name:8s} {h['netns']:24s} {addrs:32s} {h['url']}  {h['local_url'] or '-'}  node {node}")
+        print("  " + _root_line(r["root_address"], list(r["root_links"])))
     return 0
 
 
@@ -193,6 +202,11 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--base-dir", help="where node state dirs and logs go")
     p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for every node's HTTP (0: no wait)")
     p.add_argument("--no-peers", action="store_true", help="do not pass --peer; nodes find each other by mDNS")
+    p.add_argument(
+        "--no-root-link",
+        action="store_true",
+        help="leave this machine's network alone: no device or route into the sim (nodes via the relay only)",
+    )
     p.add_argument("--detach", action="store_true", help="leave the sim running and exit")
     p.set_defaults(func=_guard(_up))
 

@@ -4,16 +4,27 @@
 
     with SimCluster({"hosts": ["a", "b", "c"], "lan": {},
                      "links": [{"a": "a", "b": "b", "rate": "100mbit", "delay": "5ms"}]}) as sim:
-        print(sim.hosts["a"].url, sim.hosts["a"].local_url)
+        print(sim.root_address, sim.hosts["a"].url, sim.hosts["a"].local_url)
         sim.exec("a", ["ping", "-c1", sim.hosts["b"].link_to("a").addr])
         cluster = sim.cluster()
+        inst = cluster.launch("demo")   # workers in the hosts, generation from here
 
 Each host is a network namespace running one node command (by default the
 exo_lab node agent). The LAN is a bridge in its own namespace; cables are TAP
 pairs joined by a delay line (:mod:`exo_lab.sim.forwarder`), rate-limited with
-``tbf``; see :mod:`exo_lab.sim.layout` for names and addresses. The root
-namespace gets no device or address: the notebook reaches each node through
-a loopback relay (``local_url``, :mod:`exo_lab.sim.portmap`).
+``tbf``; see :mod:`exo_lab.sim.layout` for names and addresses.
+
+The root namespace (this machine) joins the sim like one more host without
+an agent: a veth from it to a port of the LAN's bridge (a bridge of its own
+when the spec has no LAN) gives it ``root_address`` on the LAN and on-link
+routes to every cable address, so a notebook here reaches every agent and
+every worker at its own address (``url``). The root's port is never shaped:
+traffic to a host still passes that host's shaped LAN port, but cables'
+delay and rate apply only between hosts. Only the two routes of the sim's own
+subnets (``10.213.<i>.0/24``, ``10.214.<i>.0/24``) are added, on that device,
+and go with it. Each node is also reachable through a loopback relay
+(``local_url``, :mod:`exo_lab.sim.portmap`), which works without the link
+(``root_link=False``). No agent runs in the root namespace.
 
 Everything created is recorded (:mod:`exo_lab.sim.state`) before it exists,
 so :meth:`SimCluster.down` -- or ``exo-lab sim down --name NAME`` from any
@@ -24,6 +35,7 @@ nothing else.
 from __future__ import annotations
 
 import http.client
+import ipaddress
 import json
 import logging
 import os
@@ -121,6 +133,8 @@ class SimCluster:
     ``port``: the port each node listens on inside its namespace.
     ``peers``: pass each node ``--peer`` for every host it reaches directly
     (False: leave discovery to mDNS on the LAN).
+    ``root_link``: link the root namespace into the sim (``root_address``);
+    False leaves the root namespace untouched (nodes only through the relay).
     """
 
     def __init__(
@@ -131,6 +145,7 @@ class SimCluster:
         base_dir: str | Path | None = None,
         port: int = DEFAULT_PORT,
         peers: bool = True,
+        root_link: bool = True,
     ) -> None:
         self.spec = SimSpec.coerce(spec)
         self.node_command: NodeCommand = DEFAULT_NODE_COMMAND if node_command is None else node_command
@@ -140,6 +155,7 @@ class SimCluster:
         self.base_dir = Path(base_dir).resolve()
         self.port = port
         self.peers = peers
+        self.root_link = root_link
         self._state: state.SimState | None = None
         self._children: list[subprocess.Popen] = []
         self._nodes: dict[str, subprocess.Popen] = {}
@@ -150,7 +166,7 @@ class SimCluster:
     def attach(cls, name: str) -> SimCluster:
         """The running sim ``name`` (from its state file), e.g. to take it down from another process."""
         st = state.load(name)
-        sim = cls(st.spec, cluster_key=st.cluster_key, base_dir=st.base_dir)
+        sim = cls(st.spec, cluster_key=st.cluster_key, base_dir=st.base_dir, root_link=st.root_address is not None)
         sim._state = st
         return sim
 
@@ -202,7 +218,7 @@ class SimCluster:
             )
         taken = {s.index for s in state.all_states()}
         index = state.free_index(taken)
-        plan = layout.plan(self.spec, index, self.port, self.base_dir)
+        plan = layout.plan(self.spec, index, self.port, self.base_dir, root=self.root_link)
         wanted = [h.netns for h in plan.hosts.values()] + ([plan.lan_netns] if plan.lan_netns else [])
         clash = sorted(set(wanted) & set(netns.list_netns()))
         if clash:
@@ -210,6 +226,8 @@ class SimCluster:
                 f"network namespace(s) {', '.join(clash)} already exist but no sim records them; "
                 f"if they are left over, remove them with `ip netns delete NAME`, or choose another sim name"
             )
+        if plan.root_ifname:
+            _check_root_free(plan)
         for h in self.spec.hosts:
             if h.cores is not None:
                 cgroups.check_cores(h.cores, h.name)
@@ -221,6 +239,7 @@ class SimCluster:
             cluster_key=self._key,
             owner_pid=os.getpid(),
             hosts={n: h.to_json() for n, h in plan.hosts.items()},
+            root_address=plan.root_addr,
         )
         self._state.save()
 
@@ -244,7 +263,7 @@ class SimCluster:
     def _build(self) -> None:
         assert self._state is not None
         st = self._state
-        plan = layout.plan(self.spec, st.index, self.port, self.base_dir)
+        plan = layout.plan(self.spec, st.index, self.port, self.base_dir, root=st.root_address is not None)
         (self.base_dir / "logs").mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
         lan_netns = plan.lan_netns
@@ -254,6 +273,7 @@ class SimCluster:
         for h in plan.hosts.values():
             self._record("netns", h.netns, lambda h=h: netns.add(h.netns))
         self._build_lan(plan)
+        self._build_root_link(plan)
         self._build_links(plan)
         self._build_cgroups()
         log.info("sim %r: network built in %.2f s", self.name, time.monotonic() - t0)
@@ -279,6 +299,31 @@ class SimCluster:
             if rate:
                 netns.set_rate(h.netns, layout.LAN_IFNAME, rate)
                 netns.set_rate(plan.lan_netns, port, rate)
+
+    def _build_root_link(self, plan: layout.Layout) -> None:
+        """The root namespace's veth into the bridge, its address and its two routes (see the module doc)."""
+        if plan.root_addr is None or plan.root_ifname is None or plan.lan_netns is None:
+            return
+        dev, lan_ns = plan.root_ifname, plan.lan_netns
+        self._record("root_links", dev, lambda: netns.add_veth_from_root(dev, layout.ROOT_PORT, lan_ns))
+        netns.set_master(lan_ns, layout.ROOT_PORT, layout.BRIDGE)
+        netns.up(lan_ns, layout.ROOT_PORT)
+        netns.add_addr(None, dev, f"{plan.root_addr}/24")  # implies the route to the LAN subnet
+        netns.up(None, dev)
+        netns.add_route(None, plan.link_subnet, dev, src=plan.root_addr)
+        for i, h in enumerate(plan.hosts.values()):
+            port_dev = layout.LAN_IFNAME
+            if self.spec.lan is None:  # the bridge is the root's alone: an isolated port per host, no address
+                port_dev, port = layout.HOST_ROOT_IFNAME, f"p{i}"
+                netns.add_veth(port_dev, h.netns, port, lan_ns)
+                netns.set_master(lan_ns, port, layout.BRIDGE)
+                netns.set_isolated(lan_ns, port)
+                netns.up(lan_ns, port)
+                netns.up(h.netns, port_dev)
+                netns.add_route(h.netns, f"{plan.root_addr}/32", port_dev)
+            # the root asks on this port for every address of the host (its cables' too): answer for all
+            keys = (f"net.ipv4.conf.{name}.arp_ignore" for name in ("all", port_dev))
+            netns.sysctl(h.netns, dict.fromkeys(keys, "0"))
 
     def _build_links(self, plan: layout.Layout) -> None:
         for j, link in enumerate(self.spec.links):
@@ -457,15 +502,18 @@ class SimCluster:
                 child.wait(timeout=2)
             except subprocess.TimeoutExpired:
                 log.warning("pid %d did not exit", child.pid)
+        for dev in st.root_links:
+            netns.delete_link(dev)
         for ns in reversed(st.netns):
             netns.delete(ns)
+        left_dev = [dev for dev in st.root_links if netns.link_exists(dev)]
         left_ns = [ns for ns in st.netns if netns.exists(ns)]
         left_cg = [cg for cg in st.cgroups if not cgroups.remove(cg)]
-        if left_ns or left_cg:
-            st.netns, st.cgroups = left_ns, left_cg
+        if left_dev or left_ns or left_cg:
+            st.root_links, st.netns, st.cgroups = left_dev, left_ns, left_cg
             st.save()
             raise SimError(
-                f"sim {self.name!r}: could not remove {', '.join(left_ns + left_cg)}; "
+                f"sim {self.name!r}: could not remove {', '.join(left_dev + left_ns + left_cg)}; "
                 f"see the log above, then run `exo-lab sim down --name {self.name}` again"
             )
         st.remove()
@@ -488,12 +536,24 @@ class SimCluster:
 
     @property
     def urls(self) -> list[str]:
-        """Node URLs inside the sim (``http://<lan-addr>:<port>``)."""
+        """Node URLs inside the sim (``http://<lan-addr>:<port>``, else a cable's address)."""
         return [h.url for h in self.hosts.values()]
 
     @property
+    def root_address(self) -> str | None:
+        """This machine's (the root namespace's) address on the sim's LAN; None without ``root_link``."""
+        return self._require_state().root_address
+
+    @property
+    def root_urls(self) -> list[str]:
+        """Node URLs as the root namespace reaches them over its link: ``url`` (the relay for a host with no address)."""
+        if self.root_address is None:
+            raise SimError(f"sim {self.name!r} was built with root_link=False; use local_urls")
+        return [h.url if h.addresses else (h.local_url or h.url) for h in self.hosts.values()]
+
+    @property
     def local_urls(self) -> list[str]:
-        """Node URLs reachable from this machine's root namespace (loopback relay)."""
+        """Node URLs reachable from this machine's root namespace through the loopback relay."""
         missing = [h.name for h in self.hosts.values() if not h.local_url]
         if missing:
             raise SimError(f"host(s) {', '.join(missing)} have no relay port yet; wait for up() to finish")
@@ -504,15 +564,21 @@ class SimCluster:
         return self._key
 
     def cluster(self) -> Any:
-        """``exo_lab.connect`` to the simulated nodes through their ``local_urls``.
+        """``exo_lab.connect`` to the simulated nodes, from this machine as a host of the sim.
 
-        Peers' own addresses live inside the sim (no route from here), so the
-        cluster never follows them: every node is reached through its relay.
+        With the root's link (the default): at their own addresses
+        (``root_urls``), following peers; the workers that a launch starts in
+        the hosts are reached directly too, so instances run, generate and
+        serve from here. Without it: through the relay (``local_urls``),
+        never following peers (their addresses have no route from here), and
+        no instance can be reached.
         """
         # imported here: the workbench loads MLX (instances), which the sim itself never needs
         from exo_lab.workbench import connect
 
-        return connect(self.local_urls, cluster_key=self._key, follow_peers=False)
+        if self.root_address is None:
+            return connect(self.local_urls, cluster_key=self._key, follow_peers=False)
+        return connect(self.root_urls, cluster_key=self._key, follow_peers=True)
 
     def _in_host(self, host: str, argv: Sequence[str], cgroup: bool) -> list[str]:
         h = self.hosts.get(host)
@@ -570,6 +636,8 @@ def describe(st: state.SimState) -> dict[str, Any]:
         "name": st.name,
         "index": st.index,
         "status": st.status,
+        "root_address": st.root_address,
+        "root_links": {dev: netns.link_exists(dev) for dev in st.root_links},
         "owner_pid": st.owner_pid,
         "owner_running": bool(st.owner_pid) and procs.running(st.owner_pid),
         "created": st.created,
@@ -579,6 +647,32 @@ def describe(st: state.SimState) -> dict[str, Any]:
         "cgroups": {cg: os.path.isdir(cg) for cg in st.cgroups},
         "spec": st.spec,
     }
+
+
+def _check_root_free(plan: layout.Layout) -> None:
+    """SimError when the root namespace already has the sim's device, or routes as specific as the sim's."""
+    assert plan.root_ifname is not None
+    if netns.link_exists(plan.root_ifname):
+        raise SimError(
+            f"device {plan.root_ifname} already exists in the root namespace but no sim records it; "
+            f"if it is left over, remove it with `ip link delete {plan.root_ifname}`"
+        )
+    ours = [ipaddress.ip_network(plan.lan_subnet), ipaddress.ip_network(plan.link_subnet)]
+    for prefix in netns.route_prefixes():
+        try:
+            net = ipaddress.ip_network(prefix, strict=False)
+        except ValueError:  # "default", "unreachable", ...
+            continue
+        if net.prefixlen == 0 or not any(net.overlaps(o) for o in ours):
+            continue
+        if net.prefixlen >= 24:
+            raise SimError(
+                f"this machine already routes {net}, which the sim's subnets {ours[0]} and {ours[1]} overlap; "
+                "build the sim with root_link=False (`exo-lab sim up --no-root-link`)"
+            )
+        log.warning(
+            "this machine routes %s; its part in %s goes to the sim while it is up", net, " and ".join(map(str, ours))
+        )
 
 
 def enter(host: SimHost, argv: Sequence[str], cgroup: bool = True) -> list[str]:

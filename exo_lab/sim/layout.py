@@ -3,16 +3,24 @@
 Pure: (spec, sim index) -> names and addresses; nothing is created here.
 
 - Namespaces: ``exolab-<sim>-<host>`` per host, ``exolab-<sim>-lan`` for the
-  LAN's bridge, so the root namespace holds none of our devices.
+  LAN's bridge.
 - LAN: ``10.213.<index>.0/24``; host number ``i`` (spec order) is
   ``10.213.<index>.<i+1>`` on its ``eth0``; the bridge ``br0`` and its ports
   ``p<i>`` live in the LAN namespace.
 - Cable number ``j`` (spec order) is ``10.214.<index>.<4j>/30``: its ``a`` end
   is ``.4j+1``, its ``b`` end ``.4j+2``, each on a TAP named ``l<j>-<peer>``
   (cut to 15 characters) in that host's namespace.
+- The root namespace (this machine) is ``10.213.<index>.254/24`` on
+  ``exolab-lan<index>``, a veth whose other end is the bridge port ``root``.
+  It reaches the LAN by that address and every cable address on-link
+  (``10.214.<index>.0/24`` on the same device: the host that holds the
+  address answers). A sim without a LAN still gets the bridge, for the root
+  alone: each host's ``root0`` is an isolated port with no address and one
+  route, back to the root, so the hosts never meet over it and their agents
+  see no new address.
 
 ``index`` (0-255) is chosen per running sim so that two sims never share a
-subnet (not that they could meet: every address lives inside our namespaces).
+subnet or a root device.
 """
 
 from __future__ import annotations
@@ -29,6 +37,10 @@ LAN_OCTETS = (10, 213)
 LINK_OCTETS = (10, 214)
 LAN_IFNAME = "eth0"
 BRIDGE = "br0"
+ROOT_HOST_NUMBER = 254  # the root namespace's address on a sim's LAN ends in .254 (hosts use .1-.200)
+ROOT_IFNAME_PREFIX = "exolab-lan"  # + index: the root namespace's end of its link into sim <index>
+ROOT_PORT = "root"  # the other end: a port of the bridge, in the LAN namespace
+HOST_ROOT_IFNAME = "root0"  # a host's port to the root in a sim without a LAN (no address)
 MAX_INDEX = 255
 NS_PREFIX = "exolab-"
 
@@ -44,6 +56,11 @@ def cgroup_name(sim: str, host: str) -> str:
 
 def link_ifname(index: int, peer: str) -> str:
     return f"l{index}-{peer}"[:IFNAMSIZ]
+
+
+def root_ifname(index: int) -> str:
+    """The root namespace's device into sim number ``index``: ``exolab-lan<index>``."""
+    return f"{ROOT_IFNAME_PREFIX}{index}"
 
 
 @dataclass(frozen=True)
@@ -72,9 +89,10 @@ class HostLink:
 class SimHost:
     """A simulated host: its namespace, addresses and node URLs.
 
-    ``url`` is the node's address inside the sim (what other hosts use);
+    ``url`` is the node's address inside the sim (what other hosts use, and
+    the root namespace when it joins the sim: see :mod:`exo_lab.sim.layout`);
     ``local_url`` reaches the same node from the root namespace through a
-    loopback port relay (what a notebook on this machine uses).
+    loopback port relay (it works also when the root has no link of its own).
     """
 
     name: str
@@ -130,15 +148,36 @@ class SimHost:
 
 @dataclass(frozen=True)
 class Layout:
-    """Names and addresses for one sim."""
+    """Names and addresses for one sim.
+
+    ``lan_netns`` holds the bridge: the spec's LAN, or (``root_addr`` set,
+    no LAN in the spec) a bridge for the root's link alone. ``root_addr`` and
+    ``root_ifname``: the root namespace's address and device, None when the
+    root does not join.
+    """
 
     index: int
     lan_netns: str | None
     hosts: dict[str, SimHost]
+    root_addr: str | None = None
+    root_ifname: str | None = None
+
+    @property
+    def lan_subnet(self) -> str:
+        return f"{LAN_OCTETS[0]}.{LAN_OCTETS[1]}.{self.index}.0/24"
+
+    @property
+    def link_subnet(self) -> str:
+        """Every cable address of this sim."""
+        return f"{LINK_OCTETS[0]}.{LINK_OCTETS[1]}.{self.index}.0/24"
 
 
 def lan_addr(index: int, host_number: int) -> str:
     return f"{LAN_OCTETS[0]}.{LAN_OCTETS[1]}.{index}.{host_number + 1}"
+
+
+def root_addr(index: int) -> str:
+    return f"{LAN_OCTETS[0]}.{LAN_OCTETS[1]}.{index}.{ROOT_HOST_NUMBER}"
 
 
 def link_addrs(index: int, link_number: int) -> tuple[str, str]:
@@ -149,8 +188,13 @@ def link_addrs(index: int, link_number: int) -> tuple[str, str]:
     )
 
 
-def plan(spec: SimSpec, index: int, port: int = defaults.AGENT_PORT, base_dir: str | Path = "") -> Layout:
-    """Every namespace, interface and address of ``spec`` run as sim number ``index``."""
+def plan(
+    spec: SimSpec, index: int, port: int = defaults.AGENT_PORT, base_dir: str | Path = "", root: bool = False
+) -> Layout:
+    """Every namespace, interface and address of ``spec`` run as sim number ``index``.
+
+    ``root``: the root namespace joins (its address and device are set).
+    """
     if not 0 <= index <= MAX_INDEX:
         raise ValueError(f"sim index {index} is outside 0-{MAX_INDEX}")
     hosts: dict[str, SimHost] = {}
@@ -168,8 +212,10 @@ def plan(spec: SimSpec, index: int, port: int = defaults.AGENT_PORT, base_dir: s
             port=port,
             state_dir=str(Path(base_dir) / h.name / "state") if base_dir else "",
         )
-    lan_ns = netns_name(spec.name, "lan") if spec.lan is not None else None
-    return Layout(index=index, lan_netns=lan_ns, hosts=hosts)
+    lan_ns = netns_name(spec.name, "lan") if spec.lan is not None or root else None
+    if root:
+        return Layout(index, lan_ns, hosts, root_addr=root_addr(index), root_ifname=root_ifname(index))
+    return Layout(index, lan_ns, hosts)
 
 
 def peers_of(layout: Layout, host: str) -> list[str]:

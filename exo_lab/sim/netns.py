@@ -1,18 +1,22 @@
 """Thin wrappers over iproute2 for network namespaces and the devices in them.
 
-Every device is created directly inside a namespace (``ip -n NS ...``), so the
-root namespace never sees a device of ours, not even for a moment. Deleting a
-namespace deletes its devices (veth peers, bridges and TAPs included) once no
-process holds it.
+Every device is created directly inside the namespace it belongs in (``ip -n
+NS ...``), never moved there later. The one device a sim puts in the root
+namespace is the root's own end of its LAN link (:func:`add_veth_from_root`);
+it is created there, with its peer created directly in the LAN namespace.
+Deleting a namespace deletes its devices (veth peers, bridges and TAPs
+included) once no process holds it; deleting either end of a veth pair deletes
+both.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shlex
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Self
 
 log = logging.getLogger(__name__)
@@ -55,10 +59,14 @@ def tc(args: Sequence[str], ns: str) -> None:
     log.debug("%s", " ".join(cmd))
 
 
-def sysctl(ns: str, key: str, value: str) -> None:
-    """Set a per-namespace sysctl (``net.ipv4....``) inside ``ns``."""
-    path = "/proc/sys/" + key.replace(".", "/")
-    subprocess.run(["ip", "netns", "exec", ns, "sh", "-c", f"echo {value} > {path}"], check=True, capture_output=True)
+def sysctl(ns: str, values: Mapping[str, str]) -> None:
+    """Set per-namespace sysctls (``{"net.ipv4.conf.all.arp_ignore": "0"}``) inside ``ns``, in one process."""
+    script = "; ".join(
+        f"echo {shlex.quote(v)} > {shlex.quote('/proc/sys/' + k.replace('.', '/'))}" for k, v in values.items()
+    )
+    proc = subprocess.run(["ip", "netns", "exec", ns, "sh", "-ec", script], capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise NetnsError(f"setting {', '.join(values)} in {ns} failed: {proc.stderr.strip()}")
 
 
 def list_netns() -> list[str]:
@@ -118,6 +126,24 @@ def add_veth(name: str, ns: str, peer: str, peer_ns: str) -> None:
     )
 
 
+def add_veth_from_root(name: str, peer: str, peer_ns: str) -> None:
+    """A veth pair with ``name`` in the root namespace (ours) and ``peer`` created directly in ``peer_ns``."""
+    here = ["link", "add", "name", check_ifname(name), "type", "veth"]
+    run([*here, "peer", "name", check_ifname(peer), "netns", peer_ns])
+
+
+def link_exists(name: str, ns: str | None = None) -> bool:
+    """Whether device ``name`` exists in ``ns`` (the root namespace when None)."""
+    cmd = ["ip", *(["-n", ns] if ns else []), "link", "show", "dev", name]
+    return subprocess.run(cmd, capture_output=True, check=False).returncode == 0
+
+
+def delete_link(name: str, ns: str | None = None) -> None:
+    """Delete device ``name`` (with its veth peer) if it exists."""
+    if link_exists(name, ns):
+        run(["link", "delete", "dev", name], ns=ns, check=False)
+
+
 def add_bridge(ns: str, name: str) -> None:
     """A bridge that floods multicast like a dumb switch (no IGMP snooping), up."""
     run(["link", "add", check_ifname(name), "type", "bridge", "mcast_snooping", "0", "stp_state", "0"], ns=ns)
@@ -133,16 +159,28 @@ def set_master(ns: str, dev: str, bridge: str) -> None:
     run(["link", "set", dev, "master", bridge], ns=ns)
 
 
-def up(ns: str, dev: str) -> None:
+def set_isolated(ns: str, dev: str) -> None:
+    """Make bridge port ``dev`` isolated: it exchanges frames only with the bridge's ports that are not."""
+    run(["link", "set", "dev", dev, "type", "bridge_slave", "isolated", "on"], ns=ns)
+
+
+def up(ns: str | None, dev: str) -> None:
     run(["link", "set", dev, "up"], ns=ns)
 
 
-def add_addr(ns: str, dev: str, cidr: str) -> None:
+def add_addr(ns: str | None, dev: str, cidr: str) -> None:
     run(["addr", "add", cidr, "dev", dev], ns=ns)
 
 
-def add_route(ns: str, prefix: str, dev: str) -> None:
-    run(["route", "add", prefix, "dev", dev], ns=ns)
+def add_route(ns: str | None, prefix: str, dev: str, src: str | None = None) -> None:
+    """A route to ``prefix`` on ``dev`` (on-link: no gateway), from ``src`` when given."""
+    run(["route", "add", prefix, "dev", dev, *(["src", src] if src else [])], ns=ns)
+
+
+def route_prefixes(ns: str | None = None) -> list[str]:
+    """Destinations of the IPv4 routes in ``ns``'s main table (``default`` included as is)."""
+    out = run(["-4", "route", "show", "table", "main"], ns=ns, check=False)
+    return [line.split()[0] for line in out.splitlines() if line.strip()]
 
 
 def set_rate(ns: str, dev: str, rate_bps: int) -> None:

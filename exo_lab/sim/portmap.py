@@ -1,10 +1,13 @@
 """Reach ports inside host namespaces from the root namespace, over loopback.
 
-The root namespace has no route into a sim (we add no address there), so a
-notebook on this machine reaches each simulated node through this relay: it
-listens on ``127.0.0.1:<free port>`` in the root namespace and, for every
-connection, connects to ``127.0.0.1:PORT`` *inside* the host's namespace (the
-socket is made after ``setns``) and copies bytes both ways.
+A sim links the root namespace into its LAN (``SimCluster.root_address``), so
+a notebook on this machine reaches every node at its own address; this relay
+is the other way in, one that needs no route: the ``local_url`` of each host,
+and the only one when the sim was built with ``root_link=False``. It listens
+on ``127.0.0.1:<free port>`` in the root namespace and, for every connection,
+connects to ``127.0.0.1:PORT`` *inside* the host's namespace (the socket is
+made after ``setns``) and copies bytes both ways. Only the node's own port is
+relayed: workers started by a launch are reached over the root's link.
 
 Run it as::
 

@@ -57,6 +57,8 @@ class SimState:
     owner_pid: int | None = None
     created: float = field(default_factory=time.time)
     netns: list[str] = field(default_factory=list)
+    root_links: list[str] = field(default_factory=list)  # devices in the root namespace (its link into the sim)
+    root_address: str | None = None  # the root namespace's address in the sim
     cgroups: list[str] = field(default_factory=list)
     processes: list[ProcRecord] = field(default_factory=list)
     hosts: dict[str, dict[str, Any]] = field(default_factory=dict)

@@ -97,6 +97,12 @@ def test_layout_addresses() -> None:
     assert layout.peers_of(plan, "a") == ["10.213.7.2:52416", "10.213.7.3:52416"]
     no_lan = layout.plan(SimSpec.from_flags(3, ["a-b:delay=5ms"], lan=False), index=0)
     assert layout.peers_of(no_lan, "a") == ["10.214.0.2:52416"] and no_lan.hosts["c"].addresses == []
+    assert (plan.root_addr, no_lan.lan_netns) == (None, None)  # the root joins only when asked
+    rooted = layout.plan(SimSpec.from_flags(3, ["a-b:delay=5ms"], lan=False), index=7, root=True)
+    assert (rooted.root_addr, rooted.root_ifname, rooted.lan_netns) == ("10.213.7.254", "exolab-lan7", "exolab-sim-lan")
+    assert (rooted.lan_subnet, rooted.link_subnet) == ("10.213.7.0/24", "10.214.7.0/24")
+    assert all(h.lan_addr is None for h in rooted.hosts.values())  # the root's bridge gives hosts no address
+    assert len(layout.root_ifname(layout.MAX_INDEX)) <= netns.IFNAMSIZ
 
 
 def _run_forwarder(delay: float, loss: float = 0.0, rate: int | None = None):
@@ -373,9 +379,16 @@ def test_hosts_reach_each_other(sim: SimCluster, scripts: dict[str, Path]) -> No
     }
     import urllib.request
 
-    for host in h.values():  # the root namespace reaches each node through the loopback relay
-        with urllib.request.urlopen(host.local_url + "/", timeout=5) as r:
-            assert r.status == 200
+    for host in h.values():  # the root namespace reaches each node at every address it has, and through the relay
+        for url in [host.local_url, *(f"http://{addr}:{host.port}" for addr in host.addresses)]:
+            with urllib.request.urlopen(f"{url}/", timeout=5) as r:
+                assert r.status == 200, url
+    # by one device with the root's LAN address and the routes of the sim's two subnets, nothing else
+    plan = layout.plan(sim.spec, sim._require_state().index, root=True)
+    assert plan.root_ifname and sim.root_address == plan.root_addr
+    assert f"inet {plan.root_addr}/24 " in netns.run(["-4", "addr", "show", "dev", plan.root_ifname])
+    routes = netns.run(["-4", "route", "show", "dev", plan.root_ifname]).splitlines()
+    assert sorted(line.split()[0] for line in routes) == [plan.lan_subnet, plan.link_subnet], routes
 
 
 @pytest.mark.slow
@@ -452,9 +465,12 @@ def test_host_limits_are_cgroups(sim: SimCluster) -> None:
 
 
 def _snapshot_gone(st: state.SimState, root_links_before: set[str]) -> None:
-    """Assert that nothing recorded in ``st`` is left."""
+    """Assert that nothing recorded in ``st`` is left, the root namespace's device and routes included."""
     assert not state.path_for(st.name).exists()
     assert not set(st.netns) & set(netns.list_netns())
+    assert st.root_links and not any(netns.link_exists(dev) for dev in st.root_links)
+    subnets = (f"10.213.{st.index}.", f"10.214.{st.index}.")
+    assert not [r for r in netns.route_prefixes() if r.startswith(subnets)], netns.route_prefixes()
     for p in st.processes:
         assert not procs.running(p.pid, p.start), f"{p.role} (pid {p.pid}) still runs"
     for cg in st.cgroups:
@@ -464,7 +480,7 @@ def _snapshot_gone(st: state.SimState, root_links_before: set[str]) -> None:
 
 @pytest.mark.slow
 @needs_netns
-def test_down_removes_everything(scripts: dict[str, Path], tmp_path: Path) -> None:
+def test_down_removes_everything(sim: SimCluster, scripts: dict[str, Path], tmp_path: Path) -> None:
     before = set(netns.link_names())
     spec = {
         "name": _name("d"),
@@ -472,15 +488,39 @@ def test_down_removes_everything(scripts: dict[str, Path], tmp_path: Path) -> No
         "lan": {"rate": "1gbit"},
         "links": [{"a": "a", "b": "b", "delay": "1ms", "rate": "100mbit"}],
     }
-    sim = SimCluster(spec, node_command=_standin(scripts), base_dir=tmp_path).up(wait=30)
+    second = SimCluster(spec, node_command=_standin(scripts), base_dir=tmp_path).up(wait=30)
     st = state.load(spec["name"])
     assert len(st.netns) == 3 and len(st.processes) == 4  # lan + 2 hosts; forwarder, relay, 2 nodes
-    assert set(netns.link_names()) <= before
-    extra = sim.popen("b", ["sleep", "600"])  # started by a user inside a host: goes with it
-    sim.down()
+    assert set(netns.link_names()) - before == {layout.root_ifname(st.index)} == set(st.root_links)
+    # two sims up at once (this one and the module's): each has its own device and subnet here
+    first = layout.root_ifname(sim._require_state().index)
+    assert sim.root_address != second.root_address and netns.link_exists(first)
+    extra = second.popen("b", ["sleep", "600"])  # started by a user inside a host: goes with it
+    second.down()
     _snapshot_gone(st, before)
     assert extra.wait(5) is not None
-    sim.down()  # twice is fine
+    assert netns.link_exists(first)  # the other sim keeps its own
+    second.down()  # twice is fine
+
+
+@pytest.mark.slow
+@needs_netns
+def test_the_root_joins_a_sim_without_a_lan(scripts: dict[str, Path], tmp_path: Path) -> None:
+    spec = {"name": _name("n"), "hosts": ["a", "b", "c"], "links": [{"a": "a", "b": "b"}, {"a": "b", "b": "c"}]}
+    with SimCluster(spec, node_command=_standin(scripts), base_dir=tmp_path).up(wait=30) as lanless:
+        h = lanless.hosts
+        assert lanless.root_urls == [h["a"].url, h["b"].url, h["c"].url]
+        import urllib.request
+
+        for host in h.values():  # every cable address, from the root namespace
+            for addr in host.addresses:
+                with urllib.request.urlopen(f"http://{addr}:{host.port}/", timeout=5) as r:
+                    assert r.status == 200, addr
+        # the root's bridge gives a host no address its node would report, and the hosts no path to each other
+        lines = lanless.exec("a", ["ip", "-4", "-o", "addr", "show"]).stdout.splitlines()
+        assert [line.split()[3] for line in lines if line.split()[1] != "lo"] == [f"{h['a'].link_to('b').addr}/30"]
+        far = f"{h['c'].link_to('b').addr}:{lanless.port + 1}"
+        assert probe(lanless, "a", scripts, "connect", far) == {far: False}
 
 
 @pytest.mark.slow
@@ -494,10 +534,15 @@ def test_failed_up_leaves_nothing(scripts: dict[str, Path], tmp_path: Path) -> N
     assert not state.path_for(spec["name"]).exists()
     assert not [ns for ns in netns.list_netns() if ns.startswith(f"exolab-{spec['name']}-")]
     assert set(netns.link_names()) <= before
-    with SimCluster(spec, node_command=_standin(scripts), base_dir=tmp_path) as first:
+    with SimCluster(spec, node_command=_standin(scripts), base_dir=tmp_path, root_link=False) as first:
         with pytest.raises(SimError, match="already up"):
             SimCluster(spec, node_command=_standin(scripts), base_dir=tmp_path).up()
         assert first.is_up
+        # root_link=False leaves the root namespace alone: the nodes only through the relay
+        assert first.root_address is None and set(netns.link_names()) <= before
+        assert [u.startswith("http://127.0.0.1:") for u in first.local_urls] == [True, True]
+        with pytest.raises(SimError, match="root_link=False"):
+            first.root_urls  # noqa: B018
 
 
 @pytest.mark.slow
@@ -542,6 +587,10 @@ def test_down_after_the_creator_was_killed(scripts: dict[str, Path], tmp_path: P
             up.stdout.close()
     assert all(procs.running(p.pid, p.start) for p in st.processes), "the sim should outlive its creator"
     assert SimCluster.attach(name).status()["owner_running"] is False
+    status = subprocess.run(
+        [sys.executable, "-m", "exo_lab.sim.cli", "status", "--name", name], capture_output=True, text=True, timeout=60
+    )
+    assert f"this machine: {st.root_address} on {st.root_links[0]}" in status.stdout, status.stdout + status.stderr
     down = subprocess.run(
         [*cli, "sim", "down", "--name", name], capture_output=True, text=True, timeout=60, check=False
     )

@@ -1,4 +1,5 @@
-"""Real node agents in a simulated 4-host cluster (network namespaces, shaped cables, mDNS).
+"""Real node agents in a simulated 4-host cluster (network namespaces, shaped cables, mDNS), and this
+machine (the root namespace) on its LAN.
 
 Needs root and iproute2; skipped otherwise. Prints the discovery time and a
 shaped-vs-measured table (run with -s to see it).
@@ -19,6 +20,7 @@ import urllib.request
 import pytest
 
 from exo_lab.cluster.auth import sign_headers
+from exo_lab.sim import layout
 from exo_lab.sim.cluster import SimCluster
 from exo_lab.sim.spec import SimSpec
 from tests.helpers.polling import wait_for
@@ -62,12 +64,17 @@ def sim():
     s = SimCluster(SimSpec.from_json(SPEC), peers=False)  # no --peer: nodes must find each other by mDNS
     s.up()
     s.ready_at = time.monotonic()
+    index = s._require_state().index
     yield s
     s.down()
     assert not any(
         line.startswith("exolab-agents4")
         for line in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.splitlines()
     )
+    # the root namespace's device and the routes it brought are gone too
+    assert layout.root_ifname(index) not in subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
+    routes = subprocess.run(["ip", "-4", "route"], capture_output=True, text=True).stdout
+    assert f"10.213.{index}." not in routes and f"10.214.{index}." not in routes, routes
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +92,35 @@ def test_every_node_discovers_every_other_by_mdns_within_5_s(sim, ids):
 
     wait_for(all_found, 5.0, "mDNS discovery of all 4 nodes")
     print(f"\nmDNS: all 4 nodes found each other {time.monotonic() - sim.ready_at:.2f} s after every agent answered")
+
+
+def test_the_root_namespace_reaches_every_agent_at_its_lan_address(sim, ids):
+    assert sim.root_address and sim.root_address.rsplit(".", 1)[0] == sim.hosts["a"].lan_addr.rsplit(".", 1)[0]
+    for name, h in sim.hosts.items():
+        assert h.url == f"http://{h.lan_addr}:{h.port}"
+        assert http(h.url + "/node")[0] == 401  # not loopback: reads need the key, as from any other machine
+        status, node = http(h.url + "/node", headers=sign_headers(sim.cluster_key, "GET", "/node"))
+        assert status == 200 and node["id"] == ids[name]
+
+
+def test_the_cluster_connects_at_lan_addresses_and_follows_peers(sim, ids):
+    cluster = sim.cluster()
+    try:
+        assert cluster.follow_peers and {n.id for n in cluster.nodes} == set(ids.values())
+        assert {n: cluster.address_of(i) for n, i in ids.items()} == {
+            n: f"{h.lan_addr}:{h.port}" for n, h in sim.hosts.items()
+        }
+    finally:
+        cluster.close()
+    from exo_lab.workbench import connect
+
+    one = connect([sim.hosts["a"].url], cluster_key=sim.cluster_key)  # b, c and d: a's peers, followed
+    try:
+        one.wait_for(4, links=False, timeout=30)
+        for name, node_id in ids.items():
+            assert one.address_of(node_id).rsplit(":", 1)[0] in sim.hosts[name].addresses
+    finally:
+        one.close()
 
 
 def test_measured_links_match_the_shapes(sim, ids):

@@ -21,6 +21,7 @@ import openai
 import psutil
 import pytest
 
+from exo_lab.cluster.auth import sign_headers
 from exo_lab.sim.cluster import SimCluster
 from exo_lab.sim.spec import SimSpec
 from tests.helpers.polling import wait_for
@@ -61,7 +62,9 @@ def call(sim: SimCluster, host: str, method: str, path: str, body: dict | None =
 
 
 def agent(sim: SimCluster, host: str) -> dict:
-    return httpx.get(sim.hosts[host].url + "/instances", timeout=30).json()
+    """The agent's instances, read from the root namespace as from any other machine: signed."""
+    headers = sign_headers(sim.cluster_key, "GET", "/instances")
+    return httpx.get(sim.hosts[host].url + "/instances", headers=headers, timeout=30).json()
 
 
 @pytest.fixture(scope="module")
