@@ -48,8 +48,8 @@ class Cluster(ClusterClient):
         """Serve this coordinator's instances and the cluster's control routes (idempotent; returns the Server).
 
         ``host`` defaults to loopback when every agent is on this machine, else to all addresses (then
-        API clients need ``api_key``, made up and printed when not given; other members sign with the
-        cluster key). ``port`` 0 picks a free one.
+        API clients need ``api_key``, made up when not given: ``cluster.server.api_key``; other members sign
+        with the cluster key). ``port`` 0 picks a free one.
         """
         if self.server is not None and self.server.running:
             return self.server
@@ -59,8 +59,7 @@ class Cluster(ClusterClient):
         if api_key is None and not is_loopback(host):
             api_key = defaults.api_key()
             if api_key is None:
-                api_key = secrets.token_hex(24)
-                print(f"exo_lab: this coordinator's API is reachable from other machines; its key is {api_key}")
+                api_key = secrets.token_hex(24)  # clients read it from cluster.server.api_key; members sign instead
         registry = ModelRegistry()
         self.control = Control(self, registry, watch_interval_s)
         self.server = Server(registry, host, port, self, api_key, control=self.control).start()
