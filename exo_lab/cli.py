@@ -404,7 +404,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--agent-host", default="0.0.0.0", help="the node agent's address (default: all, for peers)")
     p.add_argument("--agent-port", type=int, default=defaults.AGENT_PORT, help="(default: %(default)s)")
     p.add_argument("--state-dir", help="where the node id and cluster key live")
-    p.add_argument("--cluster-key", help=f"shared secret of the cluster (or {defaults.CLUSTER_KEY})")
+    p.add_argument(
+        "--cluster-key",
+        help=f"shared secret of the cluster, 16+ characters (better: {defaults.CLUSTER_KEY}, which ps does not show)",
+    )
     p.add_argument("--peer", action="append", default=[], metavar="HOST:PORT", help="a peer agent to join without mDNS")
     p.add_argument("--no-mdns", action="store_true", help="do not advertise or browse with mDNS")
     p.add_argument(
@@ -422,7 +425,10 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--local", type=int, metavar="N", help="start N node agents on this machine (loopback)")
     where.add_argument("--discover", action="store_true", help="find the cluster's agents by mDNS")
     where.add_argument("--topology", help="show a what-if cluster spec (JSON/YAML, see exo_lab/sim/specs)")
-    p.add_argument("--cluster-key", help=f"shared secret of the cluster (or {defaults.CLUSTER_KEY})")
+    p.add_argument(
+        "--cluster-key",
+        help=f"shared secret of the cluster, 16+ characters (better: {defaults.CLUSTER_KEY}, which ps does not show)",
+    )
     p.add_argument("--bench", metavar="FILE", help="bench results to chart (JSON from exo-lab bench --json)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=DASHBOARD_PORT, help="(default: %(default)s; 0 picks one)")
@@ -434,7 +440,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=defaults.AGENT_PORT)
     p.add_argument("--probe-port", type=int, help="link-probe port (default: port + 1; 0 picks one)")
     p.add_argument("--state-dir", help="where the node id and cluster key live")
-    p.add_argument("--cluster-key", help=f"shared secret of the cluster (or {defaults.CLUSTER_KEY})")
+    p.add_argument(
+        "--cluster-key",
+        help=f"shared secret of the cluster, 16+ characters (better: {defaults.CLUSTER_KEY}, which ps does not show)",
+    )
     p.add_argument("--peer", action="append", default=[], metavar="HOST:PORT", help="a peer to join without mDNS")
     p.add_argument("--no-mdns", action="store_true", help="do not advertise or browse with mDNS")
     p.add_argument("--probe-interval", type=float, default=60.0, help="seconds between link measurements")

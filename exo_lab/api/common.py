@@ -174,9 +174,15 @@ def sampling_params(
     seed: int | None = None,
     default_temperature: float = 1.0,
 ) -> SamplingParams:
-    """Sampling from a request's fields; a field left out (None) takes its default."""
+    """Sampling from a request's fields; a field left out (None) takes its default.
+
+    A signed 64-bit ``seed`` (OpenAI's type) is taken modulo 2**64: the sampler's seeds are unsigned.
+    """
     return SamplingParams(
-        default_temperature if temperature is None else temperature, 1.0 if top_p is None else top_p, top_k or 0, seed
+        default_temperature if temperature is None else temperature,
+        1.0 if top_p is None else top_p,
+        top_k or 0,
+        None if seed is None else seed % 2**64,
     )
 
 

@@ -45,10 +45,14 @@ class Server:
         control: Any = None,
     ) -> None:
         """``control`` (an ``exo_lab.control.Control``) makes this the API of a cluster member: instances
-        over HTTP, requests for models served elsewhere in the cluster forwarded there."""
+        over HTTP, requests for models served elsewhere in the cluster forwarded there.
+
+        Off loopback the API always needs a key: ``api_key``, else ``$EXO_LAB_API_KEY``, else one made
+        up here and printed (``server.api_key``).
+        """
         self.registry = registry
         self.control = control
-        self.api_key = api_key or None
+        self.api_key = require_key(api_key or None, host)
         self.cluster = cluster
         self.host = host
         self.port = port
@@ -169,6 +173,22 @@ class Server:
         )
 
 
+def require_key(api_key: str | None, host: str) -> str | None:
+    """The API key a server on ``host`` uses: ``api_key``; off loopback, ``$EXO_LAB_API_KEY`` or a new one
+    (printed) when none is given, since anyone who can reach the address could otherwise use it."""
+    if api_key is not None or is_loopback(host):
+        return api_key
+    api_key = defaults.api_key()
+    if api_key is None:
+        api_key = secrets.token_hex(24)  # hex: safe to paste after --api-key (never starts with "-")
+        print(
+            f"exo_lab: {host} is reachable from other machines, so the API needs a key; clients must send "
+            f"'Authorization: Bearer {api_key}' (or 'x-api-key'). Pass --api-key / api_key= to choose it.",
+            flush=True,
+        )
+    return api_key
+
+
 def is_loopback(host: str) -> bool:
     """Whether ``host`` only accepts connections from this machine."""
     import ipaddress
@@ -208,13 +228,7 @@ def serve(
     """
     if api_key is None:
         api_key = defaults.api_key()
-    if api_key is None and not is_loopback(host):
-        api_key = secrets.token_hex(24)  # hex: safe to paste after --api-key (never starts with "-")
-        print(
-            f"exo_lab: {host} is reachable from other machines, so the API needs a key; clients must send "
-            f"'Authorization: Bearer {api_key}' (or 'x-api-key'). Pass --api-key / api_key= to choose it.",
-            flush=True,
-        )
+    api_key = require_key(api_key, host)
     from exo_lab.engine.generator import Engine
 
     registry = ModelRegistry()

@@ -61,7 +61,7 @@ from tornado.httpserver import HTTPServer
 from exo_lab import __version__, defaults, paths
 from exo_lab.cluster.auth import Verifier, fingerprint, load_or_create_key, sign_headers
 from exo_lab.cluster.discovery import Advert, Discovery
-from exo_lab.cluster.fetch import range_checksums
+from exo_lab.cluster.fetch import is_plain_name, range_checksums
 from exo_lab.cluster.links import ProbeServer, probe_link
 from exo_lab.cluster.machine import memory_now
 from exo_lab.cluster.topology import LinkProfile, NodeInfo
@@ -71,6 +71,7 @@ from exo_lab.cluster.workers import (
     WorkerManager,
     check_lease_s,
     check_owner,
+    check_reserve_bytes,
 )
 from exo_lab.models.store import is_model_dir
 from exo_lab.paths import models_dir
@@ -88,9 +89,9 @@ def default_state_dir() -> Path:
 def load_or_create_id(state_dir: Path) -> str:
     """The node's stable id, made once and kept in the state dir."""
     path = state_dir / "node_id"
+    paths.private_dir(state_dir)  # it holds the cluster key and the instances' rank configs
     if path.exists():
         return path.read_text().strip()
-    state_dir.mkdir(parents=True, exist_ok=True)
     node_id = uuid.uuid4().hex[:12]
     tmp = path.with_suffix(".tmp")
     tmp.write_text(node_id + "\n")
@@ -561,9 +562,7 @@ class ModelFilesHandler(AgentHandler):
             {
                 "name": name,
                 "files": {
-                    p.name: p.stat().st_size
-                    for p in sorted(path.iterdir())
-                    if p.is_file() and not p.name.startswith(".")
+                    p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file() and is_plain_name(p.name)
                 },
             }
         )
@@ -602,7 +601,7 @@ class ModelFileHandler(tornado.web.StaticFileHandler):
             self.finish(json.dumps({"error": f"unauthorised: {problem}"}))
 
     async def get(self, name: str, file: str, include_body: bool = True) -> None:  # type: ignore[override]
-        if name.startswith(".") or "/" in file or file.startswith("."):
+        if not (is_plain_name(name) and is_plain_name(file)):
             raise tornado.web.HTTPError(404)
         await super().get(f"{name}/{file}", include_body)
 
@@ -687,7 +686,7 @@ class InstanceActionHandler(AgentHandler):
                 ports = self.agent.workers.prepare(
                     iid,
                     body["ranks"],
-                    int(body["reserve_bytes"]),
+                    check_reserve_bytes(body["reserve_bytes"]),
                     available,
                     owner=check_owner(body.get("owner")),
                     info=info,

@@ -11,36 +11,58 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import os
 import secrets
+import stat
 import threading
 import time
 from pathlib import Path
 
-from exo_lab import defaults
+from exo_lab import defaults, paths
 
 WINDOW_S = 30.0
+#: the shortest cluster key accepted (a generated key has 64 hex digits)
+MIN_KEY_LENGTH = 16
 HEADER_TS = "X-Exo-Lab-Timestamp"
 HEADER_NONCE = "X-Exo-Lab-Nonce"
 HEADER_SIG = "X-Exo-Lab-Signature"
 
 
+def check_key(key: str, where: str = "the cluster key") -> str:
+    """``key`` if it is long enough to be a cluster key, else a ValueError saying so.
+
+    Only a fingerprint of the key is advertised, so a short key could be found from it offline.
+    """
+    if len(key) < MIN_KEY_LENGTH:
+        raise ValueError(
+            f"{where} has {len(key)} characters; a cluster key needs at least {MIN_KEY_LENGTH} "
+            "(leave it out and one is made, or make one with: python -c 'import secrets; print(secrets.token_hex(32))')"
+        )
+    return key
+
+
 def load_or_create_key(state_dir: Path, explicit: str | None = None) -> str:
-    """The cluster key: ``explicit``, else ``$EXO_LAB_CLUSTER_KEY``, else the state dir's (made once, mode 0600)."""
+    """The cluster key: ``explicit``, else ``$EXO_LAB_CLUSTER_KEY``, else the state dir's (made once, mode 0600
+    in a 0700 directory). A key shorter than :data:`MIN_KEY_LENGTH` is refused (ValueError)."""
     if explicit:
-        return explicit
+        return check_key(explicit)
     from_env = defaults.cluster_key()
     if from_env:
-        return from_env
+        return check_key(from_env, f"${defaults.CLUSTER_KEY}")
+    paths.private_dir(state_dir)
     path = state_dir / "cluster.key"
-    if path.exists():
-        return path.read_text().strip()
-    state_dir.mkdir(parents=True, exist_ok=True)
-    key = secrets.token_hex(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(key + "\n")
-    return key
+    if not path.exists():
+        try:  # O_EXCL: of two agents starting at once on one state dir, one makes the key
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32) + "\n")
+    if stat.S_IMODE(path.stat().st_mode) & 0o077:
+        os.chmod(path, 0o600)
+    return check_key(path.read_text().strip(), str(path))
 
 
 def fingerprint(key: str) -> str:
@@ -77,6 +99,8 @@ class Verifier:
         try:
             age = abs(time.time() - float(ts))
         except ValueError:
+            return "bad timestamp"
+        if not math.isfinite(age):  # "nan" compares false with everything, "inf" is no time at all
             return "bad timestamp"
         if age > self.window_s:
             return f"timestamp outside the {self.window_s:.0f} s window (clock skew?)"

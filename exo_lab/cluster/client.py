@@ -24,7 +24,7 @@ from typing import Any, Self
 
 from exo_lab import defaults, paths
 from exo_lab.cluster import display, local
-from exo_lab.cluster.auth import fingerprint
+from exo_lab.cluster.auth import check_key, fingerprint
 from exo_lab.cluster.coordinators import register as register_coordinator
 from exo_lab.cluster.discovery import browse
 from exo_lab.cluster.http import RequestError, SignedClient
@@ -62,7 +62,8 @@ class ClusterClient:
         _tmpdir: str | None = None,
     ) -> None:
         self.follow_peers = follow_peers
-        self.cluster_key = cluster_key or defaults.cluster_key() or _default_key()
+        key = cluster_key or defaults.cluster_key() or _default_key()
+        self.cluster_key = check_key(key) if key is not None else None
         self._addresses: dict[str, str | None] = {_normalise(a): None for a in addresses}  # address -> node id
         self._processes = _processes or []
         self._tmpdir = _tmpdir
@@ -251,6 +252,7 @@ class ClusterClient:
     def discover(cls, timeout: float = 3.0, cluster_key: str | None = None, follow_peers: bool = True) -> Self:
         """Find agents on the local network by mDNS (those with our key's fingerprint)."""
         key = cluster_key or defaults.cluster_key() or _default_key()
+        key = check_key(key) if key else None
         found = browse(timeout, fingerprint(key) if key else None)
         if not found:
             raise ClusterError(
@@ -275,7 +277,7 @@ class ClusterClient:
         """
         if n < 1:
             raise ValueError("a cluster needs at least one node")
-        key = cluster_key or secrets.token_hex(32)
+        key = check_key(cluster_key) if cluster_key else secrets.token_hex(32)
         agents = local.start_agents(n, key, probe_interval_s, separate_stores)
         deadline = time.monotonic() + timeout
         while True:

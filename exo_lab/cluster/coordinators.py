@@ -21,7 +21,6 @@ import logging
 import os
 import platform
 import socket
-import stat
 import sys
 import threading
 import time
@@ -35,7 +34,7 @@ import psutil
 from exo_lab import _blas
 from exo_lab.cluster.auth import fingerprint
 from exo_lab.cluster.machine import cpu_count, cpu_model, memory_now
-from exo_lab.paths import runtime_dir
+from exo_lab.paths import private_dir, runtime_dir
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +132,10 @@ def _write_private(path: Path, data: dict[str, Any]) -> None:
 
 
 def _ensure_dir(path: Path) -> None:
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if stat.S_IMODE(path.stat().st_mode) & 0o077:
-        os.chmod(path, 0o700)
+    """``path`` private (0700), and the runtime dir too when ``path`` is inside it."""
+    if runtime_dir() in path.parents:
+        private_dir(runtime_dir())
+    private_dir(path)
 
 
 def instance_summary(inst: Any) -> dict[str, Any]:

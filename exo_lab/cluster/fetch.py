@@ -40,6 +40,32 @@ class FetchError(RuntimeError):
     """The peer could not give us the files (missing, refused, or corrupt)."""
 
 
+def is_plain_name(name: object) -> bool:
+    """Whether ``name`` is a plain file name, one that stays inside the directory it is joined to.
+
+    No path separators, no leading dot (``.``, ``..``, hidden files), no NUL, not empty.
+    """
+    return (
+        isinstance(name, str)
+        and bool(name)
+        and not name.startswith(".")
+        and not any(c in name for c in ("/", "\\", "\0"))
+    )
+
+
+def _listing(source: str, data: object) -> dict[str, int]:
+    """A peer's ``{"files": {name: size}}``, refused (FetchError) unless every name is plain and every size a count."""
+    files = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(files, dict):
+        raise FetchError(f"{source} sent no file list")
+    for name, size in files.items():
+        if not is_plain_name(name):
+            raise FetchError(f"{source} lists a file named {name!r}: only plain file names are accepted")
+        if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+            raise FetchError(f"{source} lists {name} with a size of {size!r}")
+    return files
+
+
 def _client(source: str, key: str) -> SignedClient:
     return SignedClient(source, key, timeout=60.0)
 
@@ -77,8 +103,7 @@ def fetch_tensors(
     """Copy the tensors for which ``wanted(name)`` is true from ``source``'s model ``name``; returns bytes fetched."""
     dest.mkdir(parents=True, exist_ok=True)
     client = _client(source, key)
-    listing = json.loads(_get(client, f"/models/{name}"))
-    files: dict[str, int] = listing["files"]
+    files = _listing(source, json.loads(_get(client, f"/models/{name}")))
     for small in SMALL_FILES:
         if small in files and not (dest / small).exists():
             (dest / f"{small}.part").write_bytes(_get(client, f"/models/{name}/files/{small}"))
@@ -133,6 +158,8 @@ def range_checksums(model_dir: Path, ranges: Iterable[tuple[str, int, int]]) -> 
     """SHA-256 of each ``(file, start, end)`` byte range of a local model."""
     out = []
     for fname, a, b in ranges:
+        if not is_plain_name(fname):
+            raise ValueError(f"{fname!r} is not a plain file name")
         path = (model_dir / fname).resolve()
         if model_dir.resolve() not in path.parents:
             raise ValueError(f"{fname} is outside the model directory")

@@ -46,13 +46,16 @@ def free_port() -> int:
 def agent_command(
     port: int,
     state_dir: Path,
-    key: str,
     name: str,
     peers: list[str] | None = None,
     probe_interval_s: float = 60.0,
     parent_pid: int | None = None,
 ) -> list[str]:
-    """The command line of one loopback agent (``exo-lab node``) with its own state dir and no mDNS."""
+    """The command line of one loopback agent (``exo-lab node``) with its own state dir and no mDNS.
+
+    It holds no key: a command line is visible to every user of the machine; start it with
+    :func:`agent_env`'s environment.
+    """
     cmd = [
         sys.executable,
         "-m",
@@ -68,7 +71,6 @@ def agent_command(
         name,
         "--state-dir",
         str(state_dir),
-        f"--cluster-key={key}",
         "--no-mdns",
         "--probe-interval",
         str(probe_interval_s),
@@ -80,15 +82,22 @@ def agent_command(
     return cmd
 
 
+def agent_env(key: str, env: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of an agent process: ``env`` (default: :func:`exo_lab._blas.child_env`) with the cluster key."""
+    out = dict(env if env is not None else _blas.child_env())
+    out[defaults.CLUSTER_KEY] = key
+    return out
+
+
 def start_agents(n: int, key: str, probe_interval_s: float = 60.0, separate_stores: bool = False) -> LocalAgents:
     """Start ``n`` agents on loopback ports, each knowing the others (they exit with this process)."""
     tmp = Path(tempfile.mkdtemp(prefix="exo-lab-local-"))
     ports = [free_port() for _ in range(n)]
-    env = _blas.child_env()
+    env = agent_env(key)
     procs = []
     for i, port in enumerate(ports):
         peers = [f"127.0.0.1:{other}" for j, other in enumerate(ports) if j != i]
-        cmd = agent_command(port, tmp / f"node-{i}", key, f"local-{i}", peers, probe_interval_s, os.getpid())
+        cmd = agent_command(port, tmp / f"node-{i}", f"local-{i}", peers, probe_interval_s, os.getpid())
         log_file = open(tmp / f"node-{i}.log", "wb")  # noqa: SIM115 - the child writes it for its whole life
         node_env = dict(env)
         if separate_stores:

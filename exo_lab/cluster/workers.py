@@ -33,7 +33,7 @@ from typing import Any
 
 import psutil
 
-from exo_lab import _blas
+from exo_lab import _blas, paths
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,18 @@ def check_owner(owner: Any) -> dict[str, Any] | None:
     if owner.get("api") is not None and not isinstance(owner["api"], str):
         raise ValueError("owner.api must be a string or null")
     return {"coordinator": owner["coordinator"], "label": owner["label"], "api": owner.get("api")}
+
+
+def check_reserve_bytes(value: Any) -> int:
+    """Bytes of memory to reserve: a non-negative integer (a negative one would free others' reservations), or a
+    ValueError."""
+    if isinstance(value, float) and value.is_integer():  # JSON does not tell 2.0 from 2
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"reserve_bytes must be a whole number of bytes, got {value!r}")
+    if value < 0:
+        raise ValueError(f"reserve_bytes must be 0 or more, got {value}")
+    return value
 
 
 def check_lease_s(value: Any) -> float:
@@ -223,9 +235,10 @@ class WorkerManager:
             raise KeyError(f"instance {instance_id} was not prepared on this node (or its lease expired)")
         inst.renew()
         run_dir = self.run_dir(instance_id)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        for private in (self.state_dir, run_dir.parent, run_dir):  # the rank configs hold the cluster key
+            paths.private_dir(private)
         hosts_path = run_dir / "hostfile.json"
-        hosts_path.write_text(json.dumps(hostfile))
+        paths.write_private(hosts_path, json.dumps(hostfile))
         for rank, rp in inst.ranks.items():
             if rp.proc is not None:
                 continue
@@ -240,10 +253,10 @@ class WorkerManager:
                 "agent_pid": os.getpid(),  # the worker exits when this process is gone
             }
             cfg_path = run_dir / f"rank{rank}.json"
-            cfg_path.write_text(json.dumps(cfg))
+            paths.write_private(cfg_path, json.dumps(cfg))
             env = _blas.child_env()
             env.update({"MLX_RANK": str(rank), "MLX_HOSTFILE": str(hosts_path)})
-            with open(run_dir / f"rank{rank}.log", "ab") as log_file:  # the child keeps its own descriptor
+            with open(run_dir / f"rank{rank}.log", "ab", opener=_private_opener) as log_file:  # the child keeps its own
                 rp.proc = subprocess.Popen(
                     [sys.executable, "-m", WORKER_MODULE, str(cfg_path)],
                     stdout=log_file,
@@ -365,7 +378,12 @@ def _write_pid_file(path: Path, pid: int) -> None:
         started = psutil.Process(pid).create_time()
     except psutil.Error:
         started = None
-    path.write_text(json.dumps({"pid": pid, "started": started}))
+    paths.write_private(path, json.dumps({"pid": pid, "started": started}))
+
+
+def _private_opener(path: str, flags: int) -> int:
+    """For ``open(..., opener=)``: a file made readable by this user only."""
+    return os.open(path, flags, 0o600)
 
 
 def _leftover_worker(pid_file: Path, run_dir: Path) -> psutil.Process | None:

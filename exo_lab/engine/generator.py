@@ -18,6 +18,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -42,6 +43,44 @@ log = logging.getLogger(__name__)
 _parked = threading.Condition()  # closed engines' worker threads wait here forever
 
 
+class _Guard:
+    """Catches what one generation's sampler and logits processors raise inside the shared batch step.
+
+    The batch goes on (the row's value that step is a stand-in: its logits unchanged, their argmax) and
+    the engine then ends that generation alone with :attr:`error`.
+    """
+
+    def __init__(self) -> None:
+        self.error: str | None = None
+
+    def _failed(self, exc: Exception) -> None:
+        if self.error is None:
+            log.exception("a generation's sampling failed")
+            self.error = f"{type(exc).__name__}: {exc}"
+
+    def sampler(self, sample: Callable[[mx.array], mx.array]) -> Callable[[mx.array], mx.array]:
+        def guarded(logprobs: mx.array) -> mx.array:
+            if self.error is None:
+                try:
+                    return sample(logprobs)
+                except Exception as exc:
+                    self._failed(exc)
+            return mx.argmax(logprobs, axis=-1)
+
+        return guarded
+
+    def processor(self, process: Callable[[mx.array, mx.array], mx.array]) -> Callable[[mx.array, mx.array], mx.array]:
+        def guarded(tokens: mx.array, logits: mx.array) -> mx.array:
+            if self.error is None:
+                try:
+                    return process(tokens, logits)
+                except Exception as exc:
+                    self._failed(exc)
+            return logits
+
+        return guarded
+
+
 @dataclass
 class _Active:
     """A generation in the running batch (engine thread only)."""
@@ -52,6 +91,7 @@ class _Active:
     stopper: StopMatcher
     usage: Usage
     start: float
+    guard: _Guard
     first: float = 0.0
     n: int = 0
 
@@ -184,8 +224,12 @@ class Engine(Backend):
             vocab = vocabulary(self.tokenizer, int(self.config.get("vocab_size") or len(self.tokenizer._tokenizer)))
             constraint = SchemaConstraint(req.grammar, vocab, req.max_tokens)
             processors, sampler = [constraint], constraint.sampler(sampler)
+        guard = _Guard()
         (uid,) = self._batch.insert(
-            [list(req.prompt_tokens)], max_tokens=[req.max_tokens], samplers=[sampler], logits_processors=[processors]
+            [list(req.prompt_tokens)],
+            max_tokens=[req.max_tokens],
+            samplers=[guard.sampler(sampler)],
+            logits_processors=[[guard.processor(p) for p in processors]],
         )
         active[uid] = _Active(
             gen,
@@ -194,6 +238,7 @@ class Engine(Backend):
             StopMatcher(req.stop),
             Usage(prompt_tokens=len(req.prompt_tokens)),
             time.perf_counter(),
+            guard,
         )
 
     def _step(self, active: dict[int, _Active]) -> None:
@@ -229,13 +274,24 @@ class Engine(Backend):
             a = active.get(r.uid)
             if a is None:
                 continue
-            finish = self._on_token(a, r.token, r.logprobs, now)
+            try:
+                finish = self._on_token(a, r.token, r.logprobs, now)
+            except Exception as exc:  # this generation's own text (detokenizer, stop strings, logprobs)
+                a.guard._failed(exc)
+                if r.finish_reason is not None:  # the batch dropped it already
+                    active.pop(r.uid)
+                    self._finish(a.gen, Chunk("", finish_reason="error", error=a.guard.error, usage=Usage()))
+                continue
             if finish is None and r.finish_reason is not None:
                 finish = "length"  # the batch stopped it at max_tokens
             if finish is not None:
                 if r.finish_reason is None:
                     self._batch.remove([r.uid])
                 self._complete(active.pop(r.uid), finish)
+        for a in [a for a in active.values() if a.guard.error is not None]:  # failed alone: the others go on
+            self._batch.remove([a.uid])
+            del active[a.uid]
+            self._finish(a.gen, Chunk("", finish_reason="error", error=a.guard.error, usage=Usage()))
 
     def _on_token(self, a: _Active, token: int, logprobs: mx.array, now: float) -> str | None:
         """Stream one new token of ``a``; the finish reason if it ends here."""
@@ -262,9 +318,14 @@ class Engine(Backend):
         """Flush held text, then the final chunk with usage."""
         gen, stopper, detok = a.gen, a.stopper, a.detok
         if finish in ("length", "stop") and stopper.matched is None:
-            detok.finalize()
-            tail, hit = stopper.feed(detok.last_segment)
-            tail += "" if hit else stopper.flush()
+            try:
+                detok.finalize()
+                tail, hit = stopper.feed(detok.last_segment)
+                tail += "" if hit else stopper.flush()
+            except Exception as exc:
+                log.exception("generation %s failed at its end", gen.request.id)
+                self._finish(gen, Chunk("", finish_reason="error", error=f"{type(exc).__name__}: {exc}", usage=Usage()))
+                return
             if tail:
                 gen._push(Chunk(tail))
         end = time.perf_counter()

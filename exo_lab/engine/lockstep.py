@@ -12,6 +12,11 @@ every rank the step's sampled tokens (from the last stage), a stop flag per
 sequence and the admission mark (both from rank 0), so all ranks change the
 batch at the same step in the same way.
 
+A sequence whose own sampling fails on the rank that samples (its sampler, its
+grammar; also when they could not be made at admission) gets the token
+:data:`FAILED` in that step: every rank sees it in the shared tokens, learns
+why with :meth:`Lockstep.share_errors`, and drops that sequence alone.
+
 Prefill is chunked exactly like ``mlx_lm.generate.generate_step`` (all but
 the last prompt token in chunks of ``prefill_step_size``), so a pipeline gives
 bit-identical logits to one process.
@@ -25,10 +30,21 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import mlx.core as mx
+import numpy as np
 
 from exo_lab.engine.shard import Shard
 
 log = logging.getLogger(__name__)
+
+#: the token a row gets in a step where its sampling failed (every rank then ends that row alone)
+FAILED = -1
+#: the longest error message (UTF-8 bytes) :meth:`Lockstep.share_errors` passes on per row
+ERROR_BYTES = 400
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: message``, what a failed row's caller is told."""
+    return f"{type(exc).__name__}: {exc}"
 
 
 @dataclass(frozen=True)
@@ -66,6 +82,7 @@ class Batch:
         self.greedy: list[bool] = []
         self.constraints: list[Any] = []  # a SchemaConstraint or None per row (only on the rank that samples)
         self.logprobs: list[int | None] = []  # per row: how many alternatives to report with each token, or None
+        self.errors: list[str | None] = []  # per row: why it cannot be sampled (found at admission), or None
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -78,8 +95,13 @@ class Batch:
         greedy: bool,
         constraint: Any = None,
         logprobs: int | None = None,
+        error: str | None = None,
     ) -> None:
-        """Append a prefilled sequence (its per-layer caches, merged with their own ``merge``) as the last row."""
+        """Append a prefilled sequence (its per-layer caches, merged with their own ``merge``) as the last row.
+
+        ``error`` says why this row cannot be sampled (its sampler or grammar could not be made): on the
+        rank that samples, it fails at its first step.
+        """
         merged = [c.merge([c]) for c in cache]
         if self.cache is None:
             self.cache = merged
@@ -91,6 +113,7 @@ class Batch:
         self.greedy.append(greedy)
         self.constraints.append(constraint)
         self.logprobs.append(logprobs)
+        self.errors.append(error)
 
     def keep(self, rows: list[int]) -> None:
         """Keep only ``rows`` (in this order)."""
@@ -101,6 +124,7 @@ class Batch:
         self.greedy = [self.greedy[i] for i in rows]
         self.constraints = [self.constraints[i] for i in rows]
         self.logprobs = [self.logprobs[i] for i in rows]
+        self.errors = [self.errors[i] for i in rows]
         if not rows:
             self.cache = None
         else:
@@ -174,10 +198,15 @@ class Lockstep:
         return cache
 
     def step(self, batch: Batch) -> mx.array | None:
-        """One decode step of every row of ``batch``: the sampled tokens on the last stage's lead rank, else None."""
+        """One decode step of every row of ``batch``: the sampled tokens on the last stage's lead rank, else None.
+
+        A row whose sampling fails gets :data:`FAILED` (int32 tokens then) and its reason in :attr:`errors`;
+        the other rows are sampled as if it were not there.
+        """
         assert batch.cache is not None, "a step needs a batch with rows"
         out = self._forward(mx.array(batch.inputs, mx.int32)[:, None], batch.cache, logits=True)
         lay = self.layout
+        self.errors: list[str | None] = [None] * len(batch)
         if not lay.last:
             mx.eval(out)
             return None
@@ -185,30 +214,103 @@ class Lockstep:
         if lay.rank != lay.stages[-1][0]:
             mx.eval(logits)  # tensor peers: run the step's all-reduces even though the lead samples
             return None
-        if any(c is not None for c in batch.constraints):
-            logits = mx.concatenate(
+        errors = self.errors = list(batch.errors)
+        values, dtype = self._sample(batch, logits, errors)
+        if not any(errors):
+            return mx.array(values, dtype)
+        return mx.array([FAILED if e else v for v, e in zip(values, errors)], mx.int32)
+
+    def _sample(self, batch: Batch, logits: mx.array, errors: list[str | None]) -> tuple[list[int], mx.Dtype]:
+        """Each row's token (and its dtype): masked by its grammar, sampled, kept or replaced by its grammar.
+
+        A row whose part of this raises is noted in ``errors`` and its token is meaningless; when evaluating
+        the batch's tokens fails, the rows are evaluated one by one to find the ones that fail.
+        """
+        constrained = any(c is not None for c in batch.constraints)
+        masked = logits
+        if constrained:
+            masked = mx.concatenate(
                 [
-                    logits[i : i + 1] if c is None else c.mask(logits[i : i + 1])
+                    logits[i : i + 1] if c is None else self._row(errors, i, c.mask, logits[i : i + 1])
                     for i, c in enumerate(batch.constraints)
                 ],
                 axis=0,
             )
-        logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        logprobs = masked - mx.logsumexp(masked, axis=-1, keepdims=True)
+        self._logprobs = logprobs
         if all(batch.greedy):
             tokens = mx.argmax(logprobs, axis=-1)
         else:
-            tokens = mx.concatenate([s(logprobs[i : i + 1]) for i, s in enumerate(batch.samplers)], axis=0)
-        mx.eval(tokens)
-        if any(c is not None for c in batch.constraints):  # each constraint keeps its token or writes its plan
-            tokens = mx.array(
-                [
-                    t if c is None else c.choose(t)
-                    for c, t in zip(batch.constraints, cast("list[int]", tokens.tolist()))
-                ],
-                tokens.dtype,
+            tokens = mx.concatenate(
+                [self._row(errors, i, s, logprobs[i : i + 1], greedy=True) for i, s in enumerate(batch.samplers)],
+                axis=0,
             )
-        self._logprobs = logprobs
-        return tokens
+        try:
+            mx.eval(tokens)
+            values = cast("list[int]", tokens.tolist())
+        except Exception:
+            log.exception("sampling the batch failed: sampling its rows one by one")
+            values = self._sample_rows(batch, logits, errors)
+        for i, c in enumerate(batch.constraints):  # each constraint keeps its token or writes its plan
+            if c is not None and errors[i] is None:
+                values[i] = self._row(errors, i, c.choose, values[i])
+        return values, tokens.dtype
+
+    def _sample_rows(self, batch: Batch, logits: mx.array, errors: list[str | None]) -> list[int]:
+        """Each row's token sampled alone (after a batch whose sampling failed); rows that fail are noted."""
+        mx.eval(logits)  # the forward pass itself: when this fails, nothing can be sampled (the caller fails)
+        values, rows = [], []
+        for i in range(len(batch)):
+            row = logits[i : i + 1]
+            c = batch.constraints[i]
+            if c is not None:
+                row = self._row(errors, i, c.mask, row)
+            row = row - mx.logsumexp(row, axis=-1, keepdims=True)
+            rows.append(row)
+            token = self._row(errors, i, batch.samplers[i], row, greedy=True) if not batch.greedy[i] else None
+            try:
+                token = mx.argmax(row, axis=-1) if token is None else token
+                values.append(int(cast(int, token.item())))
+            except Exception as exc:
+                log.exception("row %d of the batch failed to sample", i)
+                errors[i] = errors[i] or describe(exc)
+                values.append(0)
+        self._logprobs = mx.concatenate(
+            [r if e is None else mx.zeros_like(logits[:1]) for r, e in zip(rows, errors)], axis=0
+        )
+        return values
+
+    def _row(self, errors: list[str | None], i: int, fn: Callable[[Any], Any], value: Any, greedy: bool = False) -> Any:
+        """``fn(value)`` for row ``i``; when that raises (or the row failed already), note why and go on with
+        ``value`` (its argmax with ``greedy``): the row's token is discarded, the others' are unaffected."""
+        if errors[i] is None:
+            try:
+                return fn(value)
+            except Exception as exc:
+                log.exception("row %d of the batch failed to sample", i)
+                errors[i] = describe(exc)
+        return mx.argmax(value, axis=-1) if greedy else value
+
+    def share_errors(self, failed: list[int]) -> dict[int, str]:
+        """Every rank learns why the rows ``failed`` (those with :data:`FAILED` in the shared tokens) failed.
+
+        Only the rank that sampled knows; an ``all_sum`` of their messages (UTF-8, up to :data:`ERROR_BYTES`
+        each) tells the others. Every rank calls it in the same step with the same ``failed``.
+        """
+        lay = self.layout
+        values = np.zeros((len(failed), ERROR_BYTES), np.int32)
+        if lay.last and lay.rank == lay.stages[-1][0]:
+            for k, i in enumerate(failed):
+                said = (self.errors[i] if i < len(self.errors) else None) or "sampling failed"
+                data = said.encode("utf-8", "replace")[:ERROR_BYTES]
+                values[k, : len(data)] = np.frombuffer(data, np.uint8)
+        both = mx.distributed.all_sum(mx.array(values), group=self.group)
+        mx.eval(both)
+        out = {}
+        for k, i in enumerate(failed):
+            data = bytes(np.array(both[k]).astype(np.uint8)).rstrip(b"\0")
+            out[i] = data.decode("utf-8", "ignore") or "sampling failed"
+        return out
 
     def share(self, tokens: mx.array | None, flags: list[int], admit: int) -> tuple[list[int], list[int], int]:
         """All ranks learn the step's tokens (last stage's lead), and rank 0's stop flags and admission mark."""
@@ -231,8 +333,6 @@ class Lockstep:
         The sampling rank has the step's log-probabilities; a float all_sum (only in steps where a
         row wants them) gives them to every rank. Token ids travel as float32, exact below 2**24.
         """
-        import numpy as np
-
         want = batch.logprobs
         width = sum(1 + 2 * k for k in want if k is not None)
         if not width:
@@ -243,6 +343,9 @@ class Lockstep:
             at = 0
             for i, k in enumerate(want):
                 if k is None:
+                    continue
+                if tokens[i] < 0:  # the row failed in this step: it is dropped, its values are never read
+                    at += 1 + 2 * k
                     continue
                 row = np.array(self._logprobs[i].astype(mx.float32))
                 top = np.argpartition(-row, k - 1)[:k] if k else np.zeros(0, np.int64)

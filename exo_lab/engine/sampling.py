@@ -13,6 +13,16 @@ from dataclasses import asdict, dataclass
 import mlx.core as mx
 
 Sampler = Callable[[mx.array], mx.array]
+#: seeds are unsigned 64-bit integers (what ``mx.random.key`` takes)
+MAX_SEED = 2**64
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
 
 
 @dataclass(frozen=True)
@@ -30,13 +40,15 @@ class SamplingParams:
             raise ValueError(problem)
 
     def problem(self) -> str | None:
-        """What is wrong with these parameters, or None."""
-        if not 0.0 <= self.temperature <= 100.0:
-            return f"temperature must be between 0 and 100, got {self.temperature}"
-        if not 0.0 < self.top_p <= 1.0:
-            return f"top_p must be in (0, 1], got {self.top_p}"
-        if self.top_k < 0:
-            return f"top_k must be >= 0, got {self.top_k}"
+        """What is wrong with these parameters, or None (anything accepted here samples without error)."""
+        if not _is_number(self.temperature) or not 0.0 <= self.temperature <= 100.0:
+            return f"temperature must be between 0 and 100, got {self.temperature!r}"
+        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            return f"top_p must be in (0, 1], got {self.top_p!r}"
+        if not _is_int(self.top_k) or self.top_k < 0:
+            return f"top_k must be an integer >= 0, got {self.top_k!r}"
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < MAX_SEED):
+            return f"seed must be an integer from 0 to 2**64 - 1, got {self.seed!r}"
         return None
 
     @property

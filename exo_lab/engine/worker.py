@@ -7,7 +7,9 @@ shard (reporting layers loaded), warms up in step with the other ranks, and
 then generates: jobs are admitted in the order of their sequence numbers and
 decode together, up to ``max_batch`` at a time (continuous batching, see
 :mod:`exo_lab.engine.lockstep`); rank 0 decides when a job joins or stops and
-every rank follows at the same step:
+every rank follows at the same step. An error in one job's own part (its sampler or grammar on the
+rank that samples, its text on rank 0) ends that job with the error on every rank at the same step;
+the instance goes on serving the others:
 
 - ``GET /status``: state (``connecting``, ``loading``, ``warming``, ``ready``,
   ``failed``), layers loaded / total, last finished sequence number;
@@ -33,6 +35,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +52,7 @@ from exo_lab.cluster.fetch import FetchError, fetch_tensors
 from exo_lab.engine.families import tied_embeddings
 from exo_lab.engine.guided import SchemaConstraint, vocabulary
 from exo_lab.engine.job import Job, JobError
-from exo_lab.engine.lockstep import Batch, Layout, Lockstep
+from exo_lab.engine.lockstep import FAILED, Batch, Layout, Lockstep, describe
 from exo_lab.engine.pairs import Exchange
 from exo_lab.engine.sampling import SamplingParams, make_sampler
 from exo_lab.engine.shard import ShardSpec, load_shard, needs_tensor
@@ -63,6 +66,11 @@ EXIT_SETUP_FAILED = 3
 EXIT_ORPHANED = 4
 #: how long a failed worker waits for its status to be read before it exits
 FAILED_LINGER_S = 3.0
+
+
+def _argmax(logprobs: mx.array) -> mx.array:
+    """The sampler of a row whose own could not be made (the row fails at its first step)."""
+    return mx.argmax(logprobs, axis=-1)
 
 
 @dataclass
@@ -194,11 +202,16 @@ class Worker:
         tokens = ls.step(batch)
         flags = [1 if r.job.stop else 0 for r in rows] if self.rank == 0 else [0] * len(rows)
         tokens_all, flags, self.admit_to = ls.share(tokens, flags, self._admissible(len(rows)))
+        failed = [i for i, token in enumerate(tokens_all) if token == FAILED]
+        errors = ls.share_errors(failed) if failed else {}  # every rank sees the same FAILED tokens
         logprobs = ls.share_logprobs(batch, tokens_all)
         batch.inputs = tokens_all
         keep = []
         for i, (row, token, flag, lp) in enumerate(zip(rows, tokens_all, flags, logprobs)):
-            if flag:  # stopped by rank 0 (cancelled, or a stop string): this step's token is discarded
+            if i in errors:  # its sampling failed on the rank that samples: this job alone ends, on every rank
+                log.warning("job %d failed: %s", row.job.seq, errors[i])
+                self._end(row, "error", errors[i])
+            elif flag:  # stopped by rank 0 (cancelled, or a stop string): this step's token is discarded
                 self._end(row, "cancelled")
             elif self._accept(row, token, lp):
                 keep.append(i)
@@ -235,12 +248,16 @@ class Worker:
         if self.rank == 0:
             row.detok = self.tokenizer.detokenizer
             row.stopper = StopMatcher(list(job.stop))
-        constraint = None
-        if job.grammar and self.guide is not None:  # the rank that samples keeps the output in the grammar
-            constraint = SchemaConstraint(job.grammar, self.guide, job.max_tokens)
-        batch.add(
-            self.lockstep.prefill(prompt), prompt[-1], make_sampler(params), params.greedy, constraint, job.logprobs
-        )
+        constraint, error = None, None
+        sampler: Callable[[mx.array], mx.array] = _argmax
+        try:  # what fails here fails this job alone, at its first step (see Lockstep.step)
+            sampler = make_sampler(params)
+            if job.grammar and self.guide is not None:  # the rank that samples keeps the output in the grammar
+                constraint = SchemaConstraint(job.grammar, self.guide, job.max_tokens)
+        except Exception as exc:
+            log.exception("job %d cannot be sampled", queued.seq)
+            error = describe(exc)
+        batch.add(self.lockstep.prefill(prompt), prompt[-1], sampler, params.greedy, constraint, job.logprobs, error)
         return row
 
     def _accept(self, row: _Row, token: int, logprob: tuple[float, list[tuple[int, float]]] | None = None) -> bool:
@@ -252,26 +269,40 @@ class Worker:
             self._end(row, "stop")
             return False
         if self.rank == 0 and not row.ended:
-            row.detok.add_token(token)
-            text, hit = row.stopper.feed(row.detok.last_segment)
-            chunk: dict[str, Any] = {"text": text, "tokens": [token]}
-            if logprob is not None:  # [token, text, logprob, [[id, text, logprob], ...]]
-                decode = self.tokenizer.decode
-                chunk["logprobs"] = [
-                    [token, decode([token]), logprob[0], [[t, decode([t]), lp] for t, lp in logprob[1]]]
-                ]
-            row.job.push(chunk)
-            if hit:  # only rank 0 sees text: the row ends here, the other ranks drop it at the next step
-                self._end(row, "stop")
-                row.job.stop = True
+            try:
+                if self._stream(row, token, logprob):
+                    return row.n < row.max_tokens
+            except Exception as exc:  # rank 0's own part (text, stop strings): this job alone fails
+                log.exception("job %d failed", row.job.seq)
+                self._end(row, "error", describe(exc))
+                row.job.stop = True  # the other ranks drop it at the next step, as for a stop string
                 return row.n < row.max_tokens
         if row.n >= row.max_tokens:
             self._end(row, "length")
             return False
         return True
 
-    def _end(self, row: _Row, finish: str) -> None:
-        """Rank 0: flush held text and send the final chunk with usage (once); every rank: forget the job."""
+    def _stream(self, row: _Row, token: int, logprob: tuple[float, list[tuple[int, float]]] | None) -> bool:
+        """Rank 0: stream ``row``'s new token; True when a stop string ended the row (the other ranks end it at
+        the next step)."""
+        row.detok.add_token(token)
+        text, hit = row.stopper.feed(row.detok.last_segment)
+        chunk: dict[str, Any] = {"text": text, "tokens": [token]}
+        if logprob is not None:  # [token, text, logprob, [[id, text, logprob], ...]]
+            decode = self.tokenizer.decode
+            chunk["logprobs"] = [[token, decode([token]), logprob[0], [[t, decode([t]), lp] for t, lp in logprob[1]]]]
+        row.job.push(chunk)
+        if hit:  # only rank 0 sees text: the row ends here, the other ranks drop it at the next step
+            self._end(row, "stop")
+            row.job.stop = True
+            return True
+        return False
+
+    def _end(self, row: _Row, finish: str, error: str | None = None) -> None:
+        """Rank 0: flush held text and send the final chunk with usage (once); every rank: forget the job.
+
+        ``finish`` ``error`` ends it with ``error`` said.
+        """
         job = row.job
         with self.cond:
             self.jobs.pop(job.seq, None)
@@ -281,9 +312,13 @@ class Worker:
             return
         row.ended = True
         if finish in ("length", "stop") and row.stopper.matched is None:
-            row.detok.finalize()
-            tail, hit = row.stopper.feed(row.detok.last_segment)
-            tail += "" if hit else row.stopper.flush()
+            try:
+                row.detok.finalize()
+                tail, hit = row.stopper.feed(row.detok.last_segment)
+                tail += "" if hit else row.stopper.flush()
+            except Exception as exc:
+                log.exception("job %d failed at its end", job.seq)
+                finish, error, tail = "error", describe(exc), ""
             if tail:
                 job.push({"text": tail, "tokens": []})
         end = time.perf_counter()
@@ -297,7 +332,12 @@ class Worker:
             "total_s": end - job.arrived,
         }
         job.done = True
-        job.push({"text": "", "finish_reason": finish, "usage": usage, "stop_sequence": row.stopper.matched})
+        final: dict[str, Any] = {"text": "", "finish_reason": finish, "usage": usage}
+        if finish == "error":
+            final["error"] = error or "generation failed"
+        else:
+            final["stop_sequence"] = row.stopper.matched
+        job.push(final)
 
     def _fail_row(self, row: _Row, error: str) -> None:
         if self.rank == 0 and not row.ended:

@@ -238,3 +238,29 @@ def test_non_loopback_bind_generates_a_key(monkeypatch, capsys):
         assert raw(srv, "GET", "/v1/models", None, {"Authorization": f"Bearer {key}"})[0] == 200
     finally:
         srv.stop()
+
+
+def test_a_server_made_directly_off_loopback_needs_a_key_too(monkeypatch, capsys):
+    """``Server(...)`` itself, not only ``serve()``: off loopback it takes the environment's key or makes one."""
+    from exo_lab.api.registry import ModelRegistry
+    from exo_lab.api.server import Server
+
+    monkeypatch.delenv("EXO_LAB_API_KEY", raising=False)
+    registry = ModelRegistry()
+    registry.add(StubBackend(), "stub")
+    srv = Server(registry, host="0.0.0.0", port=0).start()
+    try:
+        key = srv.api_key
+        assert key and len(key) >= 24 and key in capsys.readouterr().out
+        assert_401(*raw(srv, "GET", "/v1/models"), "openai")
+        assert raw(srv, "GET", "/v1/models", None, {"Authorization": f"Bearer {key}"})[0] == 200
+    finally:
+        srv.stop()
+    monkeypatch.setenv("EXO_LAB_API_KEY", "the-key-of-the-environment")
+    srv = Server(registry, host="0.0.0.0", port=0).start()
+    try:
+        assert srv.api_key == "the-key-of-the-environment"
+        assert raw(srv, "GET", "/v1/models")[0] == 401
+    finally:
+        srv.stop()
+    assert Server(registry, host="127.0.0.1", port=0).api_key is None  # loopback stays open unless told

@@ -34,6 +34,7 @@ class Stub(Backend):
         super().__init__("m")
         self.state = state
         self.error = "a worker died"
+        self.requests: list = []  # what was submitted
 
     def chat_tokens(self, messages):
         return [1, 2, 3]
@@ -42,6 +43,8 @@ class Stub(Backend):
         pass
 
     def _enqueue(self, gen: Generation) -> None:
+        self.requests.append(gen.request)
+
         def run():
             gen._push(Chunk("hello", (5,)))
             self._finish(gen, Chunk("", finish_reason="error", error="rank 1 vanished", usage=Usage(3, 1)))
@@ -60,6 +63,7 @@ def serve_stub():
         registry = ModelRegistry()
         registry.add(Stub(state), "m")
         srv = Server(registry, port=0).start()
+        srv.stub = registry.get("m")  # type: ignore[attr-defined]
         servers.append(srv)
         return srv
 
@@ -161,3 +165,72 @@ def test_options_a_backend_cannot_honour_are_400(serve_stub, path, extra):
     status, data = raw(srv, "POST", path, json.dumps({**REQUESTS[path], **extra}))
     assert status == 400, data
     shape(path, json.loads(data))
+
+
+MANY = [f"s{i}" for i in range(17)]
+LONG = "x" * 257
+
+
+@pytest.mark.parametrize(
+    "path,extra,param",
+    [
+        ("/v1/chat/completions", {"seed": 2**64, "temperature": 1}, "seed"),
+        ("/v1/chat/completions", {"seed": -(2**63) - 1, "temperature": 1}, "seed"),
+        ("/v1/chat/completions", {"temperature": 2.5}, "temperature"),
+        ("/v1/chat/completions", {"top_p": 0}, "top_p"),
+        ("/v1/chat/completions", {"top_k": -1}, "top_k"),
+        ("/v1/chat/completions", {"n": 2}, "n"),
+        ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ("/v1/chat/completions", {"max_tokens": 0}, "max_tokens"),
+        ("/v1/chat/completions", {"stop": MANY[:5]}, "stop"),
+        ("/v1/chat/completions", {"stop": LONG}, "stop"),
+        ("/v1/responses", {"temperature": -0.5}, "temperature"),
+        ("/v1/responses", {"top_p": 1.5}, "top_p"),
+        ("/v1/responses", {"max_output_tokens": 0}, "max_output_tokens"),
+        ("/v1/messages", {"temperature": 1.5}, "temperature"),
+        ("/v1/messages", {"top_k": -1}, "top_k"),
+        ("/v1/messages", {"max_tokens": 0}, "max_tokens"),
+        ("/v1/messages", {"stop_sequences": MANY}, "stop_sequences"),
+        ("/v1/messages", {"stop_sequences": ["ok", LONG]}, "stop_sequences"),
+        ("/api/chat", {"options": {"seed": 2**64, "temperature": 1}}, "options.seed"),
+        ("/api/chat", {"options": {"temperature": 101}}, "options.temperature"),
+        ("/api/chat", {"options": {"top_p": 1.5}}, "options.top_p"),
+        ("/api/chat", {"options": {"stop": MANY}}, "options.stop"),
+        ("/api/chat", {"options": {"stop": [LONG]}}, "options.stop"),
+    ],
+)
+def test_sampling_fields_out_of_range_are_a_400_naming_the_field(serve_stub, path, extra, param):
+    """Nothing out of the sampler's range reaches a backend (a seed of 2**64 used to fail inside a worker)."""
+    srv = serve_stub()
+    body = {**REQUESTS[path], **extra}
+    if "options" in extra:
+        body["options"] = {**REQUESTS[path]["options"], **extra["options"]}
+    for stream in (False, True):
+        status, data = raw(srv, "POST", path, json.dumps({**body, "stream": stream}))
+        assert status == 400, (path, extra, data)
+        error = json.loads(data)
+        shape(path, error)
+        if path.startswith("/api"):
+            assert error["error"].startswith(f"{param}:"), error
+        elif path.startswith("/v1/messages"):
+            assert error["error"]["type"] == "invalid_request_error"
+            assert error["error"]["message"].startswith(f"{param}:"), error
+        else:
+            assert error["error"]["param"] == param, error
+    assert srv.stub.requests == []
+
+
+@pytest.mark.parametrize(
+    "path,extra,seed",
+    [
+        ("/v1/chat/completions", {"seed": -1, "temperature": 1}, 2**64 - 1),
+        ("/v1/chat/completions", {"seed": -(2**63), "temperature": 1}, 2**63),
+        ("/v1/chat/completions", {"seed": 2**64 - 1, "temperature": 1}, 2**64 - 1),
+        ("/api/chat", {"options": {"seed": -1, "temperature": 1, "num_predict": 5}}, 2**64 - 1),
+    ],
+)
+def test_any_64_bit_seed_reaches_the_sampler_as_an_unsigned_one(serve_stub, path, extra, seed):
+    srv = serve_stub()
+    raw(srv, "POST", path, json.dumps({**REQUESTS[path], **extra, "stream": False}))
+    (request,) = srv.stub.requests
+    assert request.sampling.seed == seed

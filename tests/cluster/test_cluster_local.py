@@ -16,6 +16,7 @@ import pytest
 
 import exo_lab
 from exo_lab.cluster.auth import sign_headers
+from exo_lab.cluster.local import agent_env
 from tests.helpers.net import free_port
 from tests.helpers.polling import wait_for
 
@@ -38,12 +39,11 @@ def start_agent(port: int, state: Path, key: str, peers: list[int], name: str) -
         name,
         "--state-dir",
         str(state),
-        f"--cluster-key={key}",
         "--no-mdns",
     ]
     for p in peers:
         cmd += ["--peer", f"127.0.0.1:{p}"]
-    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=agent_env(key))
 
 
 def http(port: int, method: str, path: str, body: bytes = b"", headers: dict | None = None):
@@ -132,7 +132,7 @@ def test_other_key_is_never_joined_and_gone_then_rejoined(tmp_path):
     procs = [
         start_agent(ports[i], tmp_path / f"s{i}", key, [p for p in ports if p != ports[i]], f"n{i}") for i in range(2)
     ]
-    stranger = start_agent(ports[2], tmp_path / "s2", "different-key", ports[:2], "stranger")
+    stranger = start_agent(ports[2], tmp_path / "s2", "a-different-cluster-key", ports[:2], "stranger")
     try:
         wait_for(lambda: len(peer_states(ports[0])) == 1 and len(peer_states(ports[1])) == 1, 60, "two nodes join")
         ids = http(ports[1], "GET", "/node")[1]["id"]
@@ -179,7 +179,7 @@ def test_status_cli_prints_tables(cluster):
 
 def test_clean_shutdown_on_sigterm(tmp_path):
     port = free_port()
-    proc = start_agent(port, tmp_path / "s", "k", [], "solo")
+    proc = start_agent(port, tmp_path / "s", secrets.token_hex(16), [], "solo")
     wait_for(lambda: http(port, "GET", "/node")[0] == 200 if _listening(port) else False, 60, "agent up")
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(15) == 0

@@ -157,25 +157,68 @@ def test_pipeline_logits_are_bit_identical(models, tmp_path, splits, prompt_len)
     assert got.shape == ref.shape and np.array_equal(got, ref)  # bit-identical, not merely close
 
 
-def test_streaming_cancel_and_stop_strings(cluster, models):
+@pytest.fixture(scope="module")
+def pipeline2(cluster, models):
+    """The tiny model as a two-stage pipeline (rank 0 streams, rank 1 samples)."""
     path = models["tiny"]
-    inst = cluster.launch(path, plan=pick(cluster.preview(path, context=2048, prompt_tokens=64), "pipeline", 2))
-    try:
-        full = "".join(inst.stream("def main():", max_tokens=30, temperature=0))
-        with exo_lab.Engine(path) as eng:
-            assert full == eng.generate("def main():", max_tokens=30, temperature=0).text()
-        stop = full[12:16]
-        gen = inst.generate("def main():", max_tokens=30, temperature=0, stop=[stop])
-        assert gen.text() == full[: full.index(stop)] and gen.finish_reason == "stop"
-        gen = inst.generate("x", max_tokens=100_000, temperature=0, ignore_eos=True)
-        it = iter(gen)
-        next(it)
-        gen.cancel()
-        rest = list(it)
-        assert rest[-1].finish_reason == "cancelled"
-        assert tokens_of(inst, SHORT, 5) == reference(path, SHORT, 5)  # still in step after a cancel
+    inst = cluster.launch(
+        path, plan=pick(cluster.preview(path, context=2048, prompt_tokens=64), "pipeline", 2), name="tiny-pipe2"
+    )
+    yield inst
+    inst.delete()
+
+
+def test_streaming_cancel_and_stop_strings(pipeline2, models):
+    path, inst = models["tiny"], pipeline2
+    full = "".join(inst.stream("def main():", max_tokens=30, temperature=0))
+    with exo_lab.Engine(path) as eng:
+        assert full == eng.generate("def main():", max_tokens=30, temperature=0).text()
+    stop = full[12:16]
+    gen = inst.generate("def main():", max_tokens=30, temperature=0, stop=[stop])
+    assert gen.text() == full[: full.index(stop)] and gen.finish_reason == "stop"
+    gen = inst.generate("x", max_tokens=100_000, temperature=0, ignore_eos=True)
+    it = iter(gen)
+    next(it)
+    gen.cancel()
+    rest = list(it)
+    assert rest[-1].finish_reason == "cancelled"
+    assert tokens_of(inst, SHORT, 5) == reference(path, SHORT, 5)  # still in step after a cancel
+
+
+def test_a_job_that_fails_on_the_sampling_rank_fails_alone(pipeline2, models):
+    """The sampling rank (rank 1) cannot build one job's grammar (a prefix no UTF-8 can hold): that job ends
+    with the error on every rank; the job decoding beside it, and the next ones, are untouched."""
+    from exo_lab.engine.generation import GenerationRequest
+    from exo_lab.engine.guided import SchemaGrammar, json_object
+
+    path, inst = models["tiny"], pipeline2
+    g = json_object()
+    broken = SchemaGrammar(g.schema, g.grammar, "\ud800", g.suffix, g.empty)
+    beside = inst.generate(SHORT, max_tokens=40, temperature=0, ignore_eos=True)
+    it = iter(beside)
+    first = next(it)  # decoding: the bad job joins its batch
+    bad = list(inst.submit(GenerationRequest(tuple(SHORT), 20, grammar=broken)))
+    assert bad[-1].finish_reason == "error" and "UnicodeEncodeError" in (bad[-1].error or ""), bad[-1]
+    assert "instance" not in (bad[-1].error or "") and inst.state == "ready"  # the job failed, not the instance
+    assert [*first.tokens, *tokens([*it])] == reference(path, SHORT, 40)
+    assert inst.state == "ready"
+    server = exo_lab.serve(inst, port=free_port())
+    try:  # the request of the report: a seed of -1 used to fail rank 1 and lose the instance
+        client = openai.OpenAI(base_url=server.openai_base_url, api_key="x", max_retries=0)
+        msgs = [{"role": "user", "content": "hello"}]
+        r = client.chat.completions.create(model="tiny-pipe2", messages=msgs, max_tokens=8, temperature=1, seed=-1)
+        assert r.usage.completion_tokens == 8
+        with pytest.raises(openai.BadRequestError, match="seed"):
+            client.chat.completions.create(model="tiny-pipe2", messages=msgs, max_tokens=8, seed=2**64)
     finally:
-        inst.delete()
+        server.stop()
+    assert tokens_of(inst, SHORT, 12) == reference(path, SHORT, 12)
+    assert inst.state == "ready"
+
+
+def tokens(chunks) -> list[int]:
+    assert chunks[-1].error is None, chunks[-1].error
+    return [t for c in chunks for t in c.tokens]
 
 
 def test_served_through_the_openai_api(cluster, models):
@@ -200,6 +243,7 @@ def test_reservations_refuse_overcommit(cluster, models):
     node = cluster.nodes[0]
     addr = cluster.address_of(node.id)
     too_much = node.memory_total_bytes * 2
+    before = cluster.request(addr, "GET", "/instances")["reserved_bytes"]  # the module's pipeline may hold some
     with pytest.raises(exo_lab.ClusterError, match="409"):
         cluster.request(
             addr,
@@ -207,7 +251,21 @@ def test_reservations_refuse_overcommit(cluster, models):
             "/instances/bogus1/prepare",
             {"ranks": [{"rank": 0, "address": "127.0.0.1"}], "reserve_bytes": too_much},
         )
-    assert cluster.request(addr, "GET", "/instances")["reserved_bytes"] == 0
+    assert cluster.request(addr, "GET", "/instances")["reserved_bytes"] == before
+
+
+@pytest.mark.parametrize("bad", [-1, -(1 << 40), 1.5, "1024", True, None])
+def test_a_reservation_is_a_count_of_bytes(cluster, bad):
+    """A negative reservation would free others' memory on paper; it and anything but a count is a 400."""
+    addr = cluster.address_of(cluster.nodes[0].id)
+    with pytest.raises(exo_lab.ClusterError, match="400.*reserve_bytes"):
+        cluster.request(
+            addr,
+            "POST",
+            "/instances/bogus2/prepare",
+            {"ranks": [{"rank": 0, "address": "127.0.0.1"}], "reserve_bytes": bad},
+        )
+    assert "bogus2" not in json.dumps(cluster.request(addr, "GET", "/instances"))
 
 
 def test_a_dead_worker_fails_fast_then_the_instance_is_replaced(cluster, models):

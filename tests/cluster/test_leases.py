@@ -11,12 +11,14 @@ import os
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
 
+import psutil
 import pytest
 
 from exo_lab.cluster.http import RequestError, SignedClient
@@ -190,6 +192,30 @@ def test_a_worker_whose_setup_fails_exits_and_the_agent_reports_why(agents, key,
     assert not worker_processes(iid)
     client.json("DELETE", f"/instances/{iid}")
     assert clean(client)
+
+
+def test_the_key_is_in_no_command_line_and_in_private_files_only(agents, key, models):
+    """``ps`` shows every local user the command lines: the key travels by environment and 0600 files in
+    0700 directories (the node state dir, its instances, each run dir)."""
+    for proc in agents.processes:
+        assert key not in " ".join(psutil.Process(proc.pid).cmdline())
+    client = clients(agents, key)[0]
+    iid = uuid.uuid4().hex[:10]
+    launch_one_rank(client, iid, models["broken"])  # fails soon after: only its files matter here
+    try:
+        state = agents.tmpdir / "node-0"
+        run = state / "instances" / iid
+        for d in (state, state / "instances", run):
+            assert stat.S_IMODE(d.stat().st_mode) == 0o700, d
+        assert key in (run / "rank0.json").read_text()
+        files = sorted(run.iterdir())
+        assert {f.name for f in files} >= {"rank0.json", "hostfile.json", "rank0.log", "rank0.pid"}
+        for f in files:
+            assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+        for proc in worker_processes(iid):
+            assert key not in " ".join(proc.cmdline())
+    finally:
+        client.json("DELETE", f"/instances/{iid}")
 
 
 def test_a_killed_coordinator_leaves_nothing_behind(agents, key, tmp_path):

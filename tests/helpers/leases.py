@@ -17,9 +17,8 @@ from typing import Any
 
 import psutil
 
-from exo_lab import _blas
 from exo_lab.cluster.http import SignedClient
-from exo_lab.cluster.local import agent_command, free_port
+from exo_lab.cluster.local import agent_command, agent_env, free_port
 
 
 def start_agent(
@@ -33,10 +32,10 @@ def start_agent(
     state_dir.mkdir(parents=True, exist_ok=True)
     with open(state_dir.parent / f"{name}.log", "ab") as log:
         proc = subprocess.Popen(
-            agent_command(port, state_dir, key, name, parent_pid=os.getpid()),
+            agent_command(port, state_dir, name, parent_pid=os.getpid()),
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=_blas.child_env(),
+            env=agent_env(key),
         )
     address = f"127.0.0.1:{port}"
     client = SignedClient(address, key, timeout=2)

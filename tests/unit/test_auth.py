@@ -2,17 +2,61 @@ import os
 import stat
 import time
 
-from exo_lab.cluster.auth import HEADER_TS, Verifier, fingerprint, load_or_create_key, sign_headers
+import pytest
+
+from exo_lab.cluster.auth import (
+    HEADER_NONCE,
+    HEADER_SIG,
+    HEADER_TS,
+    MIN_KEY_LENGTH,
+    Verifier,
+    fingerprint,
+    load_or_create_key,
+    sign_headers,
+    signature,
+)
+from exo_lab.cluster.client import ClusterClient
 
 
-def test_key_is_made_once_with_mode_0600(tmp_path, monkeypatch):
+def test_key_is_made_once_with_mode_0600_in_a_0700_dir(tmp_path, monkeypatch):
     monkeypatch.delenv("EXO_LAB_CLUSTER_KEY", raising=False)
-    key = load_or_create_key(tmp_path)
-    assert len(key) == 64 and load_or_create_key(tmp_path) == key
+    state = tmp_path / "state" / "node"
+    key = load_or_create_key(state)
+    assert len(key) == 64 and load_or_create_key(state) == key
+    assert stat.S_IMODE(os.stat(state / "cluster.key").st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(state).st_mode) == 0o700
+    assert load_or_create_key(state, "an-explicit-cluster-key") == "an-explicit-cluster-key"
+    monkeypatch.setenv("EXO_LAB_CLUSTER_KEY", "a-key-from-the-environment")
+    assert load_or_create_key(state) == "a-key-from-the-environment"
+
+
+def test_an_open_state_dir_and_key_file_are_narrowed(tmp_path, monkeypatch):
+    monkeypatch.delenv("EXO_LAB_CLUSTER_KEY", raising=False)
+    (tmp_path / "cluster.key").write_text("k" * 64 + "\n")
+    os.chmod(tmp_path / "cluster.key", 0o644)
+    os.chmod(tmp_path, 0o755)
+    assert load_or_create_key(tmp_path) == "k" * 64
+    assert stat.S_IMODE(os.stat(tmp_path).st_mode) == 0o700
     assert stat.S_IMODE(os.stat(tmp_path / "cluster.key").st_mode) == 0o600
-    assert load_or_create_key(tmp_path, "explicit") == "explicit"
-    monkeypatch.setenv("EXO_LAB_CLUSTER_KEY", "from-env")
-    assert load_or_create_key(tmp_path) == "from-env"
+
+
+@pytest.mark.parametrize("where", ["explicit", "env", "file"])
+def test_short_keys_are_refused_with_the_reason(tmp_path, monkeypatch, where):
+    monkeypatch.delenv("EXO_LAB_CLUSTER_KEY", raising=False)
+    short = "s3cret"
+    if where == "env":
+        monkeypatch.setenv("EXO_LAB_CLUSTER_KEY", short)
+    if where == "file":
+        (tmp_path / "cluster.key").write_text(short + "\n")
+    with pytest.raises(ValueError, match=f"has 6 characters; a cluster key needs at least {MIN_KEY_LENGTH}"):
+        load_or_create_key(tmp_path, short if where == "explicit" else None)
+
+
+def test_a_coordinator_refuses_a_short_key():
+    with pytest.raises(ValueError, match="a cluster key needs at least"):
+        ClusterClient(["127.0.0.1:9"], cluster_key="short")
+    with pytest.raises(ValueError, match="a cluster key needs at least"):
+        ClusterClient.start_local(1, cluster_key="short")
 
 
 def test_fingerprint_does_not_reveal_the_key():
@@ -43,3 +87,13 @@ def test_old_timestamps_are_refused():
     h = sign_headers("secret", "GET", "/node")
     h[HEADER_TS] = f"{time.time() - 60:.3f}"
     assert "window" in v.problem("GET", "/node", b"", h)
+
+
+@pytest.mark.parametrize("stamp", ["nan", "NaN", "inf", "-inf", "soon"])
+def test_a_timestamp_that_is_no_time_is_refused(stamp):
+    """Signed with the key and that timestamp: ``nan`` is outside no window, ``inf`` is no time at all."""
+    v = Verifier("secret")
+    h = sign_headers("secret", "GET", "/node")
+    h[HEADER_TS] = stamp
+    h[HEADER_SIG] = signature("secret", "GET", "/node", b"", stamp, h[HEADER_NONCE])
+    assert v.problem("GET", "/node", b"", h) == "bad timestamp"

@@ -178,6 +178,6 @@ def test_topology_mimebundle_falls_back_outside_a_kernel():
 def test_cluster_refresh_sets_the_back_reference(monkeypatch):
     info = NodeInfo("n1", "node-1", ["127.0.0.1"], profile={"memory_total_bytes": 8 << 30})
     monkeypatch.setattr(client_mod.ClusterClient, "_read_agent", lambda self, address: (info, [], []))
-    cluster = client_mod.ClusterClient(["127.0.0.1:1"], cluster_key="k")
+    cluster = client_mod.ClusterClient(["127.0.0.1:1"], cluster_key="k" * 32)
     assert cluster.topology._source is cluster
     assert Topology.from_json(cluster.topology.to_json())._source is None

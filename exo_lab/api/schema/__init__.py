@@ -10,7 +10,16 @@ import json
 import re
 from typing import Annotated, Any, ClassVar, LiteralString, Self
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, ValidationError, WithJsonSchema
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationError,
+    WithJsonSchema,
+)
 from pydantic_core import PydanticCustomError
 
 from exo_lab.api.errors import ApiError
@@ -82,8 +91,9 @@ class Part(BaseModel):
 
 
 def fail(message: str, at: str | None = None, code: LiteralString = "invalid_value") -> PydanticCustomError:
-    """A validation error for a validator to raise: ``message`` may say ``{param}`` for the field's place;
-    ``at`` names a field below the one validated (dotted)."""
+    """A validation error for a validator to raise: ``message`` may say ``{param}`` for the field's place,
+    and ``{invalid}`` for how the family opens such an error (``Invalid 'stop'`` for OpenAI, ``stop`` for
+    the others); ``at`` names a field below the one validated (dotted)."""
     return PydanticCustomError(code, "{message}", {"message": message, "at": at or "", "custom": True})
 
 
@@ -99,35 +109,63 @@ Int = Annotated[int, BeforeValidator(_integral)]
 PositiveInt = Annotated[int, Field(ge=1), BeforeValidator(_integral)]
 NonNegativeInt = Annotated[int, Field(ge=0), BeforeValidator(_integral)]
 TopLogprobs = Annotated[int, Field(ge=0, le=20), BeforeValidator(_integral)]
+#: a sampling seed: any 64-bit integer, signed (OpenAI's int64) or not; :func:`exo_lab.api.common.sampling_params`
+#: maps it onto the sampler's unsigned 64-bit seeds
+Seed = Annotated[int, Field(ge=-(2**63), lt=2**64), BeforeValidator(_integral)]
+
+#: the most stop sequences a request may give (OpenAI's own limit is 4), and the longest one: every generated
+#: token is matched against each of them, on the thread that generates for every request
+MAX_STOPS = 16
+MAX_STOP_CHARS = 256
 
 
-def _stops(max_items: int | None) -> Any:
+def check_stops(value: list[str], max_items: int = MAX_STOPS) -> None:
+    """Raise (a validation error naming the field) for more than ``max_items`` sequences or a too long one."""
+    if len(value) > max_items:
+        raise fail(f"{{invalid}}: at most {max_items} stop sequences are allowed, got {len(value)}.")
+    for i, stop in enumerate(value):
+        if len(stop) > MAX_STOP_CHARS:
+            raise fail(
+                f"{{invalid}}: a stop sequence has at most {MAX_STOP_CHARS} characters; number {i} has {len(stop)}."
+            )
+
+
+def _capped(value: list[str]) -> list[str]:
+    check_stops(value)
+    return value
+
+
+def _stops(max_items: int) -> Any:
     """A validator: a string or a list of strings (empty strings dropped), as a tuple."""
 
     def check(value: Any) -> tuple[str, ...]:
         if value is None:
             return ()
         if isinstance(value, str):
+            check_stops([value], max_items)
             return (value,) if value else ()
         if isinstance(value, list) and all(isinstance(s, str) for s in value):
-            if max_items is not None and len(value) > max_items:
-                raise fail(f"'{{param}}' takes at most {max_items} sequences, got {len(value)}.")
+            check_stops(value, max_items)
             return tuple(s for s in value if s)
         raise fail("'{param}' must be a string or a list of strings.", code="invalid_type")
 
     return check
 
 
-def _stops_schema(max_items: int | None) -> dict[str, Any]:
-    items: dict[str, Any] = {"type": "array", "items": {"type": "string"}}
-    if max_items is not None:
-        items["maxItems"] = max_items
-    return {"anyOf": [{"type": "string"}, items]}
+def _stops_schema(max_items: int) -> dict[str, Any]:
+    one = {"type": "string", "maxLength": MAX_STOP_CHARS}
+    return {"anyOf": [one, {"type": "array", "items": one, "maxItems": max_items}]}
 
 
-#: stop sequences: a string or a list of strings (OpenAI takes at most 4)
-Stops = Annotated[tuple[str, ...], PlainValidator(_stops(None)), WithJsonSchema(_stops_schema(None))]
+#: stop sequences: a string or a list of at most :data:`MAX_STOPS` strings (OpenAI takes at most 4)
+Stops = Annotated[tuple[str, ...], PlainValidator(_stops(MAX_STOPS)), WithJsonSchema(_stops_schema(MAX_STOPS))]
 Stops4 = Annotated[tuple[str, ...], PlainValidator(_stops(4)), WithJsonSchema(_stops_schema(4))]
+#: a list of stop sequences (Anthropic's ``stop_sequences``), capped as :data:`Stops`
+StopList = Annotated[
+    list[str],
+    AfterValidator(_capped),
+    WithJsonSchema({"type": "array", "items": {"type": "string", "maxLength": MAX_STOP_CHARS}, "maxItems": MAX_STOPS}),
+]
 
 
 # ------------------------------------------------------------------------------------ errors
@@ -181,7 +219,8 @@ def to_api_error(exc: ValidationError, style: str) -> ApiError:
     param = render_param(loc, style)
     ctx = first.get("ctx") or {}
     if ctx.get("custom"):
-        message = ctx["message"].replace("{param}", param)
+        invalid = f"Invalid '{param}'" if style == "openai" else param
+        message = ctx["message"].replace("{param}", param).replace("{invalid}", invalid)
     else:
         said = ", or ".join(dict.fromkeys(_said(e["msg"]) for e in deepest if _where(e) == loc))
         if first["type"] == "missing":

@@ -6,7 +6,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from exo_lab.api.schema import NonNegativeInt, Part, PositiveInt, RequestModel, fail
+from exo_lab.api.schema import NonNegativeInt, Part, PositiveInt, RequestModel, StopList, fail
 
 TEXT_ONLY = "this model takes text only"
 
@@ -128,7 +128,7 @@ class MessagesRequest(CountTokensRequest):
     temperature: Annotated[float, Field(ge=0, le=1)] | None = None
     top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     top_k: NonNegativeInt | None = None
-    stop_sequences: list[str] | None = None
+    stop_sequences: StopList | None = None
     stream: bool | None = None
     tool_choice: AnthropicToolChoice | None = None
     metadata: dict[str, Any] | None = None

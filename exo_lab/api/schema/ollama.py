@@ -7,7 +7,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, PlainValidator, WithJsonSchema, model_validator
 
-from exo_lab.api.schema import Int, Part, RequestModel, Stops, fail
+from exo_lab.api.schema import Int, Part, RequestModel, Seed, Stops, fail
 from exo_lab.api.schema.openai import ChatTool
 from exo_lab.engine.chat import ROLES
 
@@ -29,7 +29,7 @@ class Options(Part):
     temperature: Annotated[float, Field(ge=0, le=100)] | None = None
     top_p: Annotated[float, Field(ge=0, le=1)] | None = None
     top_k: Int | None = None
-    seed: Int | None = None
+    seed: Seed | None = None
     stop: Stops = ()
 
 

@@ -6,7 +6,17 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, WithJsonSchema, field_validator, model_validator
 
-from exo_lab.api.schema import Int, NonNegativeInt, Part, PositiveInt, RequestModel, Stops4, TopLogprobs, fail
+from exo_lab.api.schema import (
+    Int,
+    NonNegativeInt,
+    Part,
+    PositiveInt,
+    RequestModel,
+    Seed,
+    Stops4,
+    TopLogprobs,
+    fail,
+)
 from exo_lab.engine.chat import ROLES
 
 Temperature = Annotated[float, Field(ge=0, le=2)]
@@ -138,7 +148,7 @@ class ChatCompletionRequest(RequestModel):
     temperature: Temperature | None = None
     top_p: TopP | None = None
     top_k: NonNegativeInt | None = None
-    seed: Int | None = None
+    seed: Seed | None = None
     stop: Stops4 = ()
     #: vLLM-style extension: generate exactly the token limit
     ignore_eos: bool | None = None
