@@ -68,6 +68,7 @@ def _up(args: argparse.Namespace) -> int:
             api_key=args.api_key,
             agent_host=args.agent_host,
             agent_port=args.agent_port,
+            probe_port=args.probe_port,
             state_dir=Path(args.state_dir) if args.state_dir else None,
             cluster_key=args.cluster_key,
             peers=args.peer,
@@ -403,6 +404,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-name", help="this node's name (default: the hostname)")
     p.add_argument("--agent-host", default="0.0.0.0", help="the node agent's address (default: all, for peers)")
     p.add_argument("--agent-port", type=int, default=defaults.AGENT_PORT, help="(default: %(default)s)")
+    p.add_argument("--probe-port", type=int, help="the agent's link-probe port (default: agent port + 1; 0 picks one)")
     p.add_argument("--state-dir", help="where the node id and cluster key live")
     p.add_argument(
         "--cluster-key",

@@ -241,6 +241,8 @@ def test_exo_lab_up_serves_the_api_and_the_dashboard(browser, tiny_model, tmp_pa
             "0",
             "--agent-port",
             str(agent_port),
+            "--probe-port",
+            "0",
             "--state-dir",
             str(tmp_path / "state"),
             "--no-mdns",

@@ -177,7 +177,8 @@ class UpMember:
         self.log = open(tmp / "exo-lab-up.log", "w+")  # noqa: SIM115 - closed in stop()
         argv = [sys.executable, "-m", "exo_lab.cli", "up", "--no-model", "--port", str(self.port)]
         argv += ["--dashboard-port", "0", "--no-dashboard", "--node-name", "lab-node", "--no-mdns"]
-        argv += ["--agent-host", "127.0.0.1", "--agent-port", str(self.agent_port), "--state-dir", str(tmp / "state")]
+        argv += ["--agent-host", "127.0.0.1", "--agent-port", str(self.agent_port), "--probe-port", "0"]
+        argv += ["--state-dir", str(tmp / "state")]
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ})
 
     def wait(self) -> None:

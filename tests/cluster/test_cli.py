@@ -45,7 +45,8 @@ def _agent_instances(agent_port: int) -> dict:
 
 
 def _up(port: int, agent_port: int, state_dir, *extra: str) -> subprocess.Popen:
-    argv = [*EXO, "up", "--port", str(port), "--agent-port", str(agent_port), "--state-dir", str(state_dir)]
+    argv = [*EXO, "up", "--port", str(port), "--agent-port", str(agent_port), "--probe-port", "0"]
+    argv += ["--state-dir", str(state_dir)]
     argv += ["--no-mdns", "--no-dashboard", *extra]
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
