@@ -62,11 +62,12 @@ DEFAULT_PORT = defaults.AGENT_PORT
 # fmt: off
 DEFAULT_NODE_COMMAND: tuple[str, ...] = (
     "{python}", "-m", "exo_lab.cli", "node", "--host", "0.0.0.0", "--port", "{port}", "--name", "{name}",
-    "--state-dir", "{state_dir}", "--cluster-key={cluster_key}", "{peers}",
+    "--state-dir", "{state_dir}", "{peers}",
 )
 # fmt: on
 """Placeholders: ``{python}``, ``{port}``, ``{name}``, ``{state_dir}``, ``{cluster_key}``,
-``{lan_addr}``, ``{sim}``; a token that is exactly ``{peers}`` becomes ``--peer ADDR:PORT`` per peer."""
+``{lan_addr}``, ``{sim}``; a token that is exactly ``{peers}`` becomes ``--peer ADDR:PORT`` per peer.
+Every host's command gets the cluster key as ``EXO_LAB_CLUSTER_KEY`` (never in argv, where ``ps`` shows it)."""
 
 NodeCommand = Sequence[str] | Callable[[SimHost], Sequence[str]]
 HELPER_START_S = 20.0  # a forwarder or the relay must report ready within this
@@ -428,6 +429,7 @@ class SimCluster:
         env = _blas.child_env()
         env[defaults.SIM] = self.name
         env[defaults.SIM_HOST] = host
+        env[defaults.CLUSTER_KEY] = self._key
         return env
 
     def _start_node(self, host: str) -> None:

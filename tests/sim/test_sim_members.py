@@ -38,7 +38,7 @@ SPEC = {"name": "members3", "hosts": ["a", "b", "c"], "lan": {}}
 UP = (
     "{python}", "-m", "exo_lab.cli", "up", "--no-model", "--no-dashboard", "--host", "0.0.0.0",
     "--port", str(API_PORT), "--api-key", API_KEY, "--agent-port", "{port}", "--node-name", "{name}",
-    "--state-dir", "{state_dir}", "--cluster-key={cluster_key}", "{peers}",
+    "--state-dir", "{state_dir}", "{peers}",
 )  # fmt: skip
 
 
