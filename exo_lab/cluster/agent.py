@@ -602,8 +602,8 @@ class ModelFileHandler(tornado.web.StaticFileHandler):
             self.finish(json.dumps({"error": f"unauthorised: {problem}"}))
 
     async def get(self, name: str, file: str, include_body: bool = True) -> None:  # type: ignore[override]
-        if name.startswith(".") or "/" in file or file.startswith("."):
-            raise tornado.web.HTTPError(404)
+        if name.startswith(".") or "/" in file or file.startswith(".") or not is_model_dir(Path(self.root) / name):
+            raise tornado.web.HTTPError(404)  # complete models only: never a partial fetch
         await super().get(f"{name}/{file}", include_body)
 
 
