@@ -601,8 +601,8 @@ class ModelFileHandler(tornado.web.StaticFileHandler):
             self.finish(json.dumps({"error": f"unauthorised: {problem}"}))
 
     async def get(self, name: str, file: str, include_body: bool = True) -> None:  # type: ignore[override]
-        if not (is_plain_name(name) and is_plain_name(file)):
-            raise tornado.web.HTTPError(404)
+        if not (is_plain_name(name) and is_plain_name(file)) or not is_model_dir(Path(self.root) / name):
+            raise tornado.web.HTTPError(404)  # plain names, complete models only: never a partial fetch
         await super().get(f"{name}/{file}", include_body)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -163,12 +164,18 @@ def _quantize(model: nn.Module, quant: dict, weights: dict[str, mx.array]) -> No
 
 
 def load_shard(
-    model_dir: str | Path, spec: ShardSpec, tensor_group: mx.distributed.Group | None = None, progress=None, pair=None
+    model_dir: str | Path,
+    spec: ShardSpec,
+    tensor_group: mx.distributed.Group | None = None,
+    progress=None,
+    pair=None,
+    checksums: Mapping[str, str] | None = None,
 ) -> tuple[Shard, dict]:
     """Build a shard reading only its tensors; split it over ``tensor_group`` when given.
 
     ``progress(layers_loaded, layers_total)`` is called as layers arrive. ``pair`` is
     ``(index, exchange)`` for a tensor pair inside a pipeline stage (see :mod:`exo_lab.engine.pairs`).
+    ``checksums`` (a partial copy's manifest): read only tensors it lists, each verified.
     """
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
@@ -181,7 +188,7 @@ def load_shard(
     for n in names:
         by_layer.setdefault(int(n.split(".")[2]) if n.startswith("model.layers.") else -1, []).append(n)
     for layer in sorted(by_layer):
-        weights.update(read_tensors(model_dir, by_layer[layer]))
+        weights.update(read_tensors(model_dir, by_layer[layer], checksums))
         if progress is not None and layer >= 0:
             progress(min(total, layer - spec.start + 1), total)
     if hasattr(model, "sanitize"):

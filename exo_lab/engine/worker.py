@@ -35,7 +35,8 @@ import os
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,15 +49,16 @@ from tornado.httpserver import HTTPServer
 
 from exo_lab import defaults
 from exo_lab.cluster.auth import Verifier
-from exo_lab.cluster.fetch import FetchError, fetch_tensors
+from exo_lab.cluster.fetch import fetched
 from exo_lab.engine.families import tied_embeddings
 from exo_lab.engine.guided import SchemaConstraint, vocabulary
 from exo_lab.engine.job import Job, JobError
 from exo_lab.engine.lockstep import FAILED, Batch, Layout, Lockstep, describe
 from exo_lab.engine.pairs import Exchange
 from exo_lab.engine.sampling import SamplingParams, make_sampler
-from exo_lab.engine.shard import ShardSpec, load_shard, needs_tensor
+from exo_lab.engine.shard import ShardSpec, load_shard, tensor_names
 from exo_lab.engine.stopping import StopMatcher
+from exo_lab.models import partial
 
 log = logging.getLogger("exo_lab.engine.worker")
 
@@ -369,47 +371,57 @@ class Worker:
             pair = (index, Exchange(self.group, peer, lower=self.rank < peer))
         start, end = cfg["layers"]
         spec = ShardSpec(start, end, cfg["num_layers"], cfg.get("dtype"))
-        model_dir = Path(cfg["model_dir"])
-        if cfg.get("fetch"):
-            self._fetch(cfg["fetch"], model_dir, spec)
+        samples = self.rank == layout.stages[-1][0]  # the last stage's lead rank samples every token
+        with self._model_files(spec) as (model_dir, checksums):
             self.state = "loading"
-        self.shard, config = load_shard(model_dir, spec, tensor_group, progress=self._progress, pair=pair)
+            self.shard, config = load_shard(
+                model_dir, spec, tensor_group, progress=self._progress, pair=pair, checksums=checksums
+            )
+            if self.rank == 0 or samples:
+                self.tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
         act = getattr(mx, cfg.get("dtype") or config.get("torch_dtype") or "bfloat16")
         self.lockstep = Lockstep(
             self.shard, self.group, layout, config["hidden_size"], act, cfg.get("prefill_step_size", 2048)
         )
-        samples = self.rank == layout.stages[-1][0]  # the last stage's lead rank samples every token
-        if self.rank == 0 or samples:
-            self.tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
         if samples:
             self.guide = vocabulary(self.tokenizer, int(config["vocab_size"]))
         self.state = "warming"
         list(self.lockstep.generate([1, 2], 2, make_sampler(SamplingParams()), lambda: False, greedy=True))
         mx.synchronize()
 
-    def _fetch(self, fetch: dict[str, Any], model_dir: Path, spec) -> None:
-        """Copy this shard's tensors from the first peer that has the model."""
+    @contextmanager
+    def _model_files(self, spec: ShardSpec) -> Iterator[tuple[Path, dict[str, str] | None]]:
+        """Where this rank reads its shard, and the checksums to verify it by (None: a complete model).
+
+        A rank whose node lacks the model fetches its shard's tensors from the first peer that has
+        it into the store's partial area, and reads them from there only by its manifest, holding
+        the area while it reads (:func:`exo_lab.cluster.fetch.fetched`).
+        """
+        model_dir = Path(self.config["model_dir"])
+        fetch = self.config.get("fetch")
+        if not fetch:
+            yield model_dir, None
+            return
         self.state = "fetching"
+        needed: set[str] = set()
 
-        def wanted(name: str) -> bool:
-            cfg = json.loads((model_dir / "config.json").read_text())
-            return needs_tensor(name, spec, tied_embeddings(cfg))
+        def wanted(name: str) -> bool:  # asked once the area holds every header: what load_shard will read
+            if not needed:
+                where = partial.area(model_dir)
+                config = json.loads((where / "config.json").read_text())
+                needed.update(tensor_names(where, spec, tied_embeddings(config)))
+            return name in needed
 
-        errors = []
-        for source in fetch["sources"]:
-            try:
-                self.fetched_bytes = fetch_tensors(
-                    source,
-                    self.config["cluster_key"],
-                    fetch["name"],
-                    model_dir,
-                    wanted,
-                    progress=lambda d, t: setattr(self, "fetch_progress", (d, t)),
-                )
-                return
-            except FetchError as exc:
-                errors.append(str(exc))
-        raise RuntimeError("could not fetch the model: " + "; ".join(errors))
+        with fetched(
+            model_dir,
+            fetch["sources"],
+            self.config["cluster_key"],
+            fetch["name"],
+            wanted,
+            progress=lambda d, t: setattr(self, "fetch_progress", (d, t)),
+        ) as got:
+            self.fetched_bytes = got.bytes_fetched
+            yield got.path, got.checksums
 
     def _progress(self, done: int, total: int) -> None:
         self.loaded, self.total = done, total

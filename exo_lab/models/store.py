@@ -12,11 +12,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 from filelock import FileLock
 
+from exo_lab.models import partial
 from exo_lab.models.presets import PRESETS
 from exo_lab.paths import models_dir
 
@@ -36,7 +38,19 @@ def cache_name(model: str) -> str:
 
 
 def is_model_dir(path: Path) -> bool:
-    return (path / "config.json").is_file() and any(path.glob("model*.safetensors"))
+    """A complete model: config.json and safetensors (every file its index names), not a partial fetch.
+
+    A shard fetched from a peer lives in the store's partial area until it is complete
+    (:mod:`exo_lab.models.partial`): it is never a model directory.
+    """
+    if not (path / "config.json").is_file() or not any(path.glob("model*.safetensors")) or partial.is_partial(path):
+        return False
+    index = path / "model.safetensors.index.json"
+    try:
+        files = set(json.loads(index.read_text())["weight_map"].values()) if index.is_file() else set()
+    except (ValueError, KeyError, TypeError, AttributeError):
+        files = set()  # an index we cannot read: the files present are the model, as before
+    return all((path / f).is_file() for f in files)
 
 
 # exo_lab.models.synthetic (MLX) is imported only to make a synthetic model, so that
@@ -80,6 +94,8 @@ def resolve(model: str | Path) -> Path:
     text = str(model)
     path = Path(text).expanduser()
     if path.is_dir():
+        if partial.is_partial(path):
+            raise ModelNotFoundError(f"{path} is a partial copy fetched from a peer, not a complete model")
         if not is_model_dir(path):
             raise ModelNotFoundError(f"{path} has no config.json and model*.safetensors")
         return path.resolve()

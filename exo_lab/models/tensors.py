@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import hashlib
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import mlx.core as mx
@@ -24,9 +25,17 @@ _NUMPY = {
 }
 
 
-def read_tensors(model_dir: Path, names: Iterable[str]) -> dict[str, mx.array]:
-    """The named tensors as MLX arrays (bit-exact), reading only their byte ranges."""
+def read_tensors(
+    model_dir: Path, names: Iterable[str], checksums: Mapping[str, str] | None = None
+) -> dict[str, mx.array]:
+    """The named tensors as MLX arrays (bit-exact), reading only their byte ranges.
+
+    With ``checksums`` (name -> SHA-256: a partial copy's manifest), only the tensors it lists are
+    read, each checked against its SHA-256; any other is an error, never the zeros a sparse file holds.
+    """
     wanted = set(names)
+    if checksums is not None and (absent := wanted - set(checksums)):
+        raise KeyError(f"tensors never fetched into {model_dir}: {sorted(absent)[:5]}")
     index = {t.name: t for t in read_tensor_index(Path(model_dir)) if t.name in wanted}
     missing = wanted - set(index)
     if missing:
@@ -45,6 +54,8 @@ def read_tensors(model_dir: Path, names: Iterable[str]) -> dict[str, mx.array]:
                         f"{Path(model_dir) / fname} is truncated: tensor {t.name} needs {t.nbytes} bytes at "
                         f"{t.data_start + t.offsets[0]}, the file holds {len(raw)} of them"
                     )
+                if checksums is not None and hashlib.sha256(raw).hexdigest() != checksums[t.name]:
+                    raise ValueError(f"tensor {t.name} in {Path(model_dir) / fname} does not match its checksum")
                 arr = np.frombuffer(raw, dtype=_NUMPY[t.dtype]).reshape(t.shape)
                 a = mx.array(arr)
                 if t.dtype == "BF16":
