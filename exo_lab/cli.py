@@ -122,7 +122,8 @@ def _start_up_dashboard(member, args: argparse.Namespace):
                         control=member.control,
                     ),
                     port=args.dashboard_port,
-                    host=args.host,
+                    host=args.dashboard_host,
+                    token=member.server.api_key,  # off loopback the page needs the API key (or a generated token)
                 )
             )
         except OSError as exc:  # the API keeps serving without it
@@ -130,7 +131,7 @@ def _start_up_dashboard(member, args: argparse.Namespace):
             return
         if member.cluster.registration is not None:
             member.cluster.registration.update(dashboard_url=started[0].url)  # the panel's "Open dashboard" button
-        print(f"exo_lab dashboard: {started[0].url}", flush=True)
+        _announce_dashboard(started[0], "exo_lab dashboard")
 
     thread = threading.Thread(target=start, name="exo-lab-dashboard-start", daemon=True)
     thread.start()
@@ -141,6 +142,23 @@ def _start_up_dashboard(member, args: argparse.Namespace):
             dashboard.stop()
 
     return stop
+
+
+def _announce_dashboard(dashboard, label: str) -> None:
+    """Print the dashboard's URL: with its generated token off loopback; saying it needs the API key when that
+    is its token (the key is not printed again)."""
+    if dashboard.token is None:
+        print(f"{label}: {dashboard.url}", flush=True)
+    elif dashboard.token_generated:
+        print(
+            f"{label}: {dashboard.login_url}  (reachable from other machines: the token signs a browser in)", flush=True
+        )
+    else:
+        print(
+            f"{label}: {dashboard.url}  (reachable from other machines: sign in with the API key, "
+            f"{dashboard.url}/login?token=API_KEY)",
+            flush=True,
+        )
 
 
 def _dashboard(args: argparse.Namespace) -> int:
@@ -169,7 +187,7 @@ def _dashboard(args: argparse.Namespace) -> int:
             if topology is not None
             else "this machine"
         )
-        print(f"exo_lab dashboard for {what}: {dashboard.url}", flush=True)
+        _announce_dashboard(dashboard, f"exo_lab dashboard for {what}")
         if dashboard.source.api_url:  # a cluster is served: its API lists, launches and stops instances too
             print(f"exo_lab API: {dashboard.source.api_url}", flush=True)
         if cluster is not None and cluster.registration is not None:
@@ -418,6 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=DASHBOARD_PORT,
         help="port of the dashboard (default: %(default)s; 0 picks one)",
     )
+    p.add_argument(
+        "--dashboard-host",
+        default="127.0.0.1",
+        help="address of the dashboard (default: loopback only; elsewhere it needs the API key or a printed token)",
+    )
     p.add_argument("--no-dashboard", action="store_true", help="serve the API only")
     p.set_defaults(func=_up)
 
@@ -432,7 +455,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"shared secret of the cluster, 16+ characters (better: {defaults.CLUSTER_KEY}, which ps does not show)",
     )
     p.add_argument("--bench", metavar="FILE", help="bench results to chart (JSON from exo-lab bench --json)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (default: loopback only; elsewhere the page needs the token printed at start)",
+    )
     p.add_argument("--port", type=int, default=DASHBOARD_PORT, help="(default: %(default)s; 0 picks one)")
     p.set_defaults(func=_dashboard)
 

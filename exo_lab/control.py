@@ -87,8 +87,14 @@ class Control:
         context: int = 4096,
         prompt_tokens: int = 512,
         batch: int = 1,
+        download: bool = False,
     ) -> Plans:
-        """Ranked plans for ``model`` on the cluster, those that pass the filters only."""
+        """Ranked plans for ``model`` on the cluster, those that pass the filters only.
+
+        Only for a model this coordinator serves or one available on this machine (a model directory, the store, a
+        what-if model, a synthetic preset): a preview fetches and builds nothing, and answers one 404 for
+        anything else, a path that does not exist or one that is not a model alike (``download=True``: a hub
+        model is downloaded, as a launch does)."""
         if objective not in OBJECTIVES:
             raise bad_request("'objective' must be 'decode' or 'ttft'.", "objective")
         strategies = _strategies(sharding)
@@ -100,7 +106,7 @@ class Control:
         self.cluster.refresh()
         ref = self._model_ref(model)
         try:
-            plans = self.cluster.preview(ref, context, prompt_tokens, objective, batch)
+            plans = self.cluster.preview(ref, context, prompt_tokens, objective, batch, download=download)
         except ModelNotFoundError as exc:
             raise ApiError(404, str(exc), param="model_id", code="model_not_found") from exc
 
@@ -146,7 +152,7 @@ class Control:
         elif isinstance(plan, Plan):
             chosen = plan
         else:
-            plans = self.previews(model, **filters)
+            plans = self.previews(model, download=True, **filters)  # launching a hub model downloads it
             index = 0 if plan is None else plan
             if not plans.plans:
                 why = "; ".join(sorted({p.reason or "" for p in plans.infeasible})[:3]) or "no plan passes the filters"

@@ -105,9 +105,13 @@ class Cluster(ClusterClient):
         prompt_tokens: int = 512,
         objective: str = "decode",
         batch: int = 1,
+        download: bool = True,
     ) -> Plans:
-        """Ranked ways to run ``model`` on this cluster (see :func:`exo_lab.placement.plan`)."""
-        plans = preview(self._topology, model, context, prompt_tokens, batch, objective)
+        """Ranked ways to run ``model`` on this cluster (see :func:`exo_lab.placement.plan`).
+
+        ``download=False`` plans only for models on this machine, fetching and building nothing
+        (:func:`exo_lab.models.local.local_card`)."""
+        plans = preview(self._topology, model, context, prompt_tokens, batch, objective, download)
         plans.cluster = self
         for p in [*plans.plans, *plans.infeasible]:
             p._cluster = self

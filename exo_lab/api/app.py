@@ -42,6 +42,7 @@ def make_app(
     api_key: str | None = None,
     control: ClusterControl | None = None,
     cluster_key: str | None = None,
+    browser_guard: bool = False,
 ) -> tornado.web.Application:
     """Routes for ``registry``'s models; ``topology_source()`` gives the cluster's topology for previews.
 
@@ -49,7 +50,9 @@ def make_app(
     it (``Authorization: Bearer KEY`` or ``x-api-key: KEY``); a request signed with ``cluster_key``
     (another member of the cluster forwarding or stopping) needs no API key. With ``control`` (a
     cluster member), instances are managed over HTTP and models served elsewhere in the cluster are
-    forwarded there (:mod:`exo_lab.api.forward`).
+    forwarded there (:mod:`exo_lab.api.forward`). ``browser_guard`` (a loopback server without a key) refuses
+    what only web pages send: a Host that is not loopback, another site's Origin, a POST body not declared
+    JSON (:mod:`exo_lab.api.guard`).
     """
     kw = {"registry": registry}
     return tornado.web.Application(
@@ -78,4 +81,5 @@ def make_app(
         control=control,
         cluster_key=cluster_key,
         verifier=Verifier(cluster_key) if cluster_key else None,
+        browser_guard=browser_guard,
     )

@@ -18,6 +18,7 @@ from exo_lab.api import common
 from exo_lab.api.errors import ApiError
 from exo_lab.api.events import collect, events
 from exo_lab.api.forward import FORWARDED, forward, requested_model
+from exo_lab.api.guard import browser_problem, is_json, not_json
 from exo_lab.api.registry import ModelRegistry
 from exo_lab.api.reply import Reply
 from exo_lab.api.schema import RequestModel, parse_json_object
@@ -62,6 +63,7 @@ class ApiHandler(RequestHandler):
         self.generation: Generation | None = None
         self.client_gone = False
         self.on_gone: Callable[[], None] | None = None  # what to stop when the client goes (a forwarded request)
+        self._signed: bool | None = None  # signed_by_cluster(), once known
 
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json")
@@ -69,14 +71,24 @@ class ApiHandler(RequestHandler):
             self.set_header("request-id", f"req_{uuid.uuid4().hex[:24]}")
 
     def signed_by_cluster(self) -> bool:
-        """Whether the request carries a valid signature with the cluster key (another member sent it)."""
-        verifier = self.settings.get("verifier")
-        if verifier is None or HEADER_SIG not in self.request.headers:
-            return False
-        r = self.request
-        return verifier.problem(r.method, r.uri, r.body or b"", dict(r.headers)) is None
+        """Whether the request carries a valid signature with the cluster key (another member sent it).
+
+        Checked once per request (a signature's nonce counts as used once it is verified)."""
+        if self._signed is None:
+            verifier = self.settings.get("verifier")
+            r = self.request
+            self._signed = (
+                verifier is not None
+                and HEADER_SIG in r.headers
+                and verifier.problem(r.method, r.uri, r.body or b"", dict(r.headers)) is None
+            )
+        return self._signed
 
     def prepare(self) -> None:
+        """Before any handler: a keyless loopback server's checks against web pages (:mod:`exo_lab.api.guard`),
+        then the API key."""
+        if self.settings.get("browser_guard") and not self._guard_passed():
+            return
         key = self.settings.get("api_key")
         if key and self.auth_required and not key_matches(key, self.request.headers) and not self.signed_by_cluster():
             given = presented_key(self.request.headers)
@@ -94,6 +106,17 @@ class ApiHandler(RequestHandler):
                     code="invalid_api_key",
                 )
             )
+
+    def _guard_passed(self) -> bool:
+        """Host and Origin must be loopback's, a POST body JSON; else answer 421, 403 or 415 (False)."""
+        headers = self.request.headers
+        err = browser_problem(headers.get("Host"), headers.get("Origin"))
+        if err is None and self.request.method == "POST" and not is_json(headers.get("Content-Type")):
+            err = not_json(headers.get("Content-Type"))
+        if err is not None and not self.signed_by_cluster():
+            self.send_api_error(err)
+            return False
+        return True
 
     def json_body(self) -> dict[str, Any]:
         return parse_json_object(self.request.body)

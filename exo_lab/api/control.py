@@ -1,7 +1,9 @@
 """Instances over HTTP, with exo's route names: previews, launch, list, get, delete, state and events.
 
 - ``GET /instance/previews?model_id=M`` (filters ``sharding``, ``min_nodes``, ``node_ids``, ``objective``,
-  ``context``, ``prompt_tokens``, ``batch``): ranked plans, each with its ``index``;
+  ``context``, ``prompt_tokens``, ``batch``): ranked plans, each with its ``index``, for a model served here
+  or available on this machine (nothing is downloaded or built; one 404 for anything else, see
+  :mod:`exo_lab.models.local`);
 - ``POST /instance`` ``{"model_id", "plan": index | plan JSON, "name", "max_batch", "max_queue", filters}``:
   launch (201, the instance as it starts loading);
 - ``GET /instances``, ``GET /instance/{id}``, ``DELETE /instance/{id}``: any instance of the cluster;
@@ -145,8 +147,10 @@ class PreviewsHandler(ControlHandler):
         if model in self.registry.names():  # a served model: plan for its files
             model = str(self.registry.get(model).path or model)
         topology = self.topology_source() if self.topology_source else this_machine()
-        try:
-            return preview(topology, model, f["context"], f["prompt_tokens"], f["batch"], f["objective"])
+        try:  # only what is here: nothing downloaded or built, one 404 for the rest (exo_lab.models.local)
+            return preview(
+                topology, model, f["context"], f["prompt_tokens"], f["batch"], f["objective"], download=False
+            )
         except ModelNotFoundError as exc:
             raise ApiError(404, str(exc), param="model_id", code="model_not_found") from exc
 

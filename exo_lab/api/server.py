@@ -18,6 +18,7 @@ from tornado.httpserver import HTTPServer
 
 from exo_lab import defaults
 from exo_lab.api.app import make_app
+from exo_lab.api.guard import is_loopback
 from exo_lab.api.registry import Backend, ModelRegistry
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,8 @@ class Server:
             try:
                 source = (lambda: self.cluster.topology) if self.cluster is not None else None
                 key = getattr(self.cluster, "cluster_key", None) if self.control is not None else None
-                app = make_app(self.registry, source, self.api_key, self.control, key)
+                guard = self.api_key is None and is_loopback(self.host)  # a keyless server for this machine only
+                app = make_app(self.registry, source, self.api_key, self.control, key, browser_guard=guard)
                 http = HTTPServer(app, idle_connection_timeout=3600)
                 self._http = http
                 http.listen(self.port, self.host)
@@ -187,18 +189,6 @@ def require_key(api_key: str | None, host: str) -> str | None:
             flush=True,
         )
     return api_key
-
-
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` only accepts connections from this machine."""
-    import ipaddress
-
-    if host in ("localhost", "localhost.localdomain"):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def default_name(model: str | Path) -> str:

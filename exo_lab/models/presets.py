@@ -210,4 +210,16 @@ PRESETS: dict[str, Preset] = {
     ),
 }
 
+
+def card_config(preset: Preset, dtype: str | None = None) -> dict[str, Any]:
+    """The ``config.json`` fields of ``preset`` that its card reads: what :mod:`exo_lab.models.synthetic` writes,
+    less the tokenizer's ids, so a preset is planned for without building it (the card is the same)."""
+    return {
+        "model_type": preset.model_type,
+        "torch_dtype": dtype or preset.dtype,
+        "attention_bias": preset.model_type == "qwen2",
+        **preset.config,
+    }
+
+
 # Initialisation gains (see module docstring); chosen so greedy output varies.

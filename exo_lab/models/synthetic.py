@@ -31,7 +31,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from exo_lab.models import tokenizer as bpe
-from exo_lab.models.presets import DTYPE_NAMES, PRESETS, Preset
+from exo_lab.models.presets import DTYPE_NAMES, PRESETS, Preset, card_config
 
 log = logging.getLogger(__name__)
 
@@ -80,13 +80,10 @@ def _config(preset: Preset, dtype: str, tok) -> dict[str, Any]:
     family = FAMILY[preset.model_type]
     cfg: dict[str, Any] = {
         "architectures": [ARCHITECTURES[preset.model_type]],
-        "model_type": preset.model_type,
         "hidden_act": "silu",
-        "torch_dtype": dtype,
         "initializer_range": 0.02,
-        "attention_bias": preset.model_type == "qwen2",
         "use_cache": True,
-        **preset.config,
+        **card_config(preset, dtype),
     }
     if family == "llama":
         cfg["bos_token_id"] = tok.token_to_id("<|begin_of_text|>")

@@ -8,17 +8,23 @@ from pathlib import Path
 
 from exo_lab.cluster.topology import NodeInfo, Topology
 from exo_lab.models.card import ModelCard, card_from_config
+from exo_lab.models.local import local_card
 from exo_lab.models.store import resolve
 from exo_lab.models.whatif import parse_what_if, what_if_card
 from exo_lab.placement.plan import Plans
 from exo_lab.placement.planner import plan
 
 
-def model_card(model: str | Path | ModelCard) -> ModelCard:
+def model_card(model: str | Path | ModelCard, download: bool = True) -> ModelCard:
     """A card for ``model``: a card, a ``config.json`` file (what-if), a shipped what-if model
-    (``[what-if:]deepseek-v3[@4bit]``, see :mod:`exo_lab.models.whatif`), or anything ``resolve`` accepts."""
+    (``[what-if:]deepseek-v3[@4bit]``, see :mod:`exo_lab.models.whatif`), or anything ``resolve`` accepts.
+
+    ``download=False``: only what is on this machine, nothing fetched or built, one error for the rest
+    (:func:`exo_lab.models.local.local_card`, what previews asked over the network use)."""
     if isinstance(model, ModelCard):
         return model
+    if not download:
+        return local_card(model)
     path = Path(str(model)).expanduser()
     if path.is_file() and path.suffix == ".json":
         return card_from_config(json.loads(path.read_text()), path.parent.name or path.stem)
@@ -43,8 +49,8 @@ def preview(
     prompt_tokens: int = 512,
     batch: int = 1,
     objective: str = "decode",
+    download: bool = True,
 ) -> Plans:
-    """Ranked plans for ``model`` on ``topology``."""
-    return plan(
-        topology, model_card(model), context=context, prompt_tokens=prompt_tokens, batch=batch, objective=objective
-    )
+    """Ranked plans for ``model`` on ``topology`` (``download=False``: see :func:`model_card`)."""
+    card = model_card(model, download)
+    return plan(topology, card, context=context, prompt_tokens=prompt_tokens, batch=batch, objective=objective)

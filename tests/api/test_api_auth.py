@@ -13,9 +13,9 @@ import ollama
 import openai
 import pytest
 
-from exo_lab.engine.backend import Backend
 from tests.helpers.net import free_port, wait_http
 from tests.helpers.raw_http import raw
+from tests.helpers.stub_backend import StubBackend
 
 KEY = "s3cret-key"
 MSGS = [{"role": "user", "content": "Hello"}]
@@ -168,28 +168,6 @@ def test_official_clients(keyed):
 
 
 # --- in process: serve(api_key=...), and a key generated for a non-loopback address ----------
-
-
-class StubBackend(Backend):
-    """Enough of a Backend for requests that never reach generation."""
-
-    tokenizer = None
-    stats = {}
-
-    def __init__(self) -> None:
-        super().__init__("stub")
-
-    def chat_tokens(self, messages):
-        return [1, 2, 3]
-
-    def _check_open(self):
-        raise RuntimeError("the stub does not generate")
-
-    def _enqueue(self, gen):
-        raise AssertionError("unreachable")
-
-    def close(self):
-        pass
 
 
 def test_serve_with_api_key_in_process():

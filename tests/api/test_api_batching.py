@@ -127,7 +127,7 @@ def test_full_queue_is_a_family_shaped_429(small_engine):
             ).encode()
             sock = socket.create_connection(("127.0.0.1", srv.port))
             sock.sendall(
-                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                 + f"Content-Length: {len(body)}\r\n\r\n".encode()
                 + body
             )

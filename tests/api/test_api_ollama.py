@@ -194,12 +194,18 @@ def test_ollama_prefix_mount(server):
     assert status == 200 and json.loads(data)["models"][0]["name"] == "tiny:latest"
 
 
-def test_any_content_type(server):
+def test_a_keyless_server_takes_json_bodies_only(server):
+    """What a web page can send without asking (text/plain, a form) is refused by a server without a key
+    (415 in Ollama's shape); JSON, with or without a charset, is served. (A server with a key takes any type
+    as Ollama does, see test_api_browsers.py.)"""
     body = json.dumps({"model": "tiny", "prompt": "hi", "stream": False, "options": {"num_predict": 2}})
-    for ctype in ("text/plain", "application/x-www-form-urlencoded", None):
-        headers = {"Content-Type": ctype} if ctype else {}
-        status, data = raw(server, "POST", "/api/generate", body, headers)
+    for ctype in ("application/json", "application/json; charset=utf-8", "Application/JSON"):
+        status, data = raw(server, "POST", "/api/generate", body, {"Content-Type": ctype})
         assert status == 200 and json.loads(data)["eval_count"] == 2, (ctype, data)
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", ""):
+        status, data = raw(server, "POST", "/api/generate", body, {"Content-Type": ctype})
+        assert_ollama_error(status, data, 415)
+        assert "application/json" in json.loads(data)["error"]
 
 
 # --- errors: {"error": "..."} ---------------------------------------------------------------
@@ -266,7 +272,11 @@ def test_unknown_ollama_path_and_method(server):
 def test_disconnect_mid_stream_cancels(server, client):
     body = json.dumps({"model": "tiny", "messages": MSGS, "options": {"num_predict": 4000, "temperature": 0}}).encode()
     sock = socket.create_connection(("127.0.0.1", server.port))
-    sock.sendall(b"POST /api/chat HTTP/1.1\r\nHost: x\r\n" + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    sock.sendall(
+        b"POST /api/chat HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
     got = b""
     while got.count(b'"done": false') < 10:
         got += sock.recv(65536)

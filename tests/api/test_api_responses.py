@@ -274,7 +274,7 @@ def test_disconnect_mid_stream_cancels(server, client):
     body = json.dumps({"model": "tiny", "input": PROMPT, "max_output_tokens": 4000, "stream": True}).encode()
     sock = socket.create_connection(("127.0.0.1", server.port))
     sock.sendall(
-        b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"POST /v1/responses HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         + f"Content-Length: {len(body)}\r\n\r\n".encode()
         + body
     )

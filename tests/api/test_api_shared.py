@@ -106,7 +106,7 @@ def _raw_with_headers(srv, path, body):
     import http.client
 
     conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
-    conn.request("POST", path, body=body)
+    conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
     resp = conn.getresponse()
     out = resp.read(), dict(resp.getheaders())
     conn.close()

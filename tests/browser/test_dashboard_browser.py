@@ -91,8 +91,8 @@ HELPERS = """
 """
 
 
-def open_dashboard(browser, url: str, nodes: int):
-    """Open the page and wait until the renderer has drawn the graph with ``nodes`` nodes."""
+def watched_page(browser, url: str):
+    """A new page (in a context of its own: no cookies) that records its errors and requests beyond ``url``."""
     page = browser.new_page(viewport=VIEWPORT)
     page.errors = []
     page.external = []
@@ -103,7 +103,14 @@ def open_dashboard(browser, url: str, nodes: int):
             page.external.append(r.url) if r.url.startswith(("http:", "https:")) and not r.url.startswith(url) else None
         ),
     )  # works offline
-    page.goto(url)
+    return page
+
+
+def open_dashboard(browser, url: str, nodes: int, page=None):
+    """Open the page (or wait on ``page``, already going there) until the renderer has drawn ``nodes`` nodes."""
+    if page is None:
+        page = watched_page(browser, url)
+        page.goto(url)
     page.wait_for_function("() => window.Bokeh && Bokeh.documents.length > 0", timeout=30_000)
     page.wait_for_selector(".exo-chat", timeout=30_000)
     page.evaluate(HELPERS)
@@ -220,6 +227,50 @@ def test_what_if_cluster_graph_and_a_streamed_chat(browser, engine) -> None:
         server.stop()
 
 
+def test_off_loopback_the_page_needs_its_token(browser, engine) -> None:
+    """On all addresses: without the token the browser gets the sign-in form (401) and no websocket; a wrong
+    token is refused; the right one typed in (or the printed URL) opens the page, whose chat works."""
+    registry = ModelRegistry()
+    registry.add(engine, "tiny")
+    source = DashboardSource(topology=Topology.load(SPECS / "m3-ultra-4x-tb5.json"), registry=registry)
+    server = serve_dashboard(source, port=0, host="0.0.0.0")
+    page = other = None
+    try:
+        page = watched_page(browser, server.url)
+        response = page.goto(server.url)
+        assert response is not None and response.status == 401 and "/login" in page.url
+        assert page.evaluate("() => typeof window.Bokeh") == "undefined"  # nothing of the app was served
+        socket = page.evaluate(
+            """(url) => new Promise((done) => {
+                 const ws = new WebSocket(url, ["bokeh", "none"]);
+                 ws.onopen = () => done("open");
+                 ws.onerror = () => done("refused");
+               })""",
+            server.url.replace("http:", "ws:") + "/ws",
+        )
+        assert socket == "refused"
+        page.fill("input[name=token]", "not-the-token")
+        with page.expect_navigation():
+            page.press("input[name=token]", "Enter")
+        assert "not this dashboard's token" in page.content()
+        page.fill("input[name=token]", server.token)
+        page.press("input[name=token]", "Enter")
+        open_dashboard(browser, server.url, nodes=4, page=page)
+        final, seen = chat(page, "Hello from another machine.")
+        assert_streamed(seen, final)
+        assert page.errors == [] and page.external == []
+
+        other = watched_page(browser, server.url)  # another browser (no cookie): the printed URL signs it in
+        other.goto(server.login_url)
+        open_dashboard(browser, server.url, nodes=4, page=other)
+        assert "token" not in other.url
+    finally:
+        for p in (page, other):
+            if p is not None:
+                p.close()
+        server.stop()
+
+
 def test_exo_lab_up_serves_the_api_and_the_dashboard(browser, tiny_model, tmp_path) -> None:
     """A cluster member: its model chatted with from the page and the API, counted on the page; an instance
     launched over HTTP shows up (owner, progress, ready), can be chatted with, and Stop on the page stops it."""
@@ -287,7 +338,9 @@ def test_exo_lab_up_serves_the_api_and_the_dashboard(browser, tiny_model, tmp_pa
         before = agent_holds(agent)["reserved_bytes"]
         assert before > 0  # the member's own model
         body = json.dumps({"model_id": str(tiny_model), "name": "tiny-http"}).encode()
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/instance", body, method="POST")
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/instance", body, {"Content-Type": "application/json"}, method="POST"
+        )
         with urllib.request.urlopen(request, timeout=60) as resp:  # returns at once; the instance loads on
             assert resp.status == 201
             iid = json.load(resp)["id"]

@@ -138,7 +138,7 @@ def test_max_batch_and_queue_bound_the_served_engine(tiny_model):
         ).encode()
         sock = socket.create_connection(("127.0.0.1", port))  # holds the one place
         sock.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
             + f"Content-Length: {len(body)}\r\n\r\n".encode()
             + body
         )

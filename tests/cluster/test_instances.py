@@ -293,7 +293,10 @@ def test_a_dead_worker_fails_fast_then_the_instance_is_replaced(cluster, models)
         while not (inst.state == "ready" and inst.replacements == 1) and time.monotonic() < deadline:
             try:
                 urllib.request.urlopen(
-                    urllib.request.Request(server.url + "/v1/chat/completions", data=body), timeout=5
+                    urllib.request.Request(
+                        server.url + "/v1/chat/completions", data=body, headers={"Content-Type": "application/json"}
+                    ),
+                    timeout=5,
                 )
             except urllib.error.HTTPError as e:
                 if e.code == 503:

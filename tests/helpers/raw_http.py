@@ -7,8 +7,12 @@ import json
 
 
 def raw(server, method, path, body=None, headers=None):
+    """``method path`` with ``body`` (declared JSON unless ``headers`` give a Content-Type); (status, body)."""
+    headers = dict(headers or {})
+    if body is not None and not any(k.lower() == "content-type" for k in headers):
+        headers["Content-Type"] = "application/json"
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-    conn.request(method, path, body=body, headers=headers or {})
+    conn.request(method, path, body=body, headers=headers)
     resp = conn.getresponse()
     data = resp.read()
     conn.close()

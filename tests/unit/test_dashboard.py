@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import html
+import http.client
 import json
 import os
 import re
@@ -223,8 +224,77 @@ def test_cli_parses_dashboard_and_up_options():
     assert parser.parse_args(["dashboard"]).port == db.DEFAULT_PORT
     args = parser.parse_args(["up"])
     assert args.dashboard_port == db.DEFAULT_PORT and not args.no_dashboard
+    assert args.dashboard_host == "127.0.0.1"  # even with --host 0.0.0.0: the dashboard stays on loopback
+    assert parser.parse_args(["up", "--host", "0.0.0.0"]).dashboard_host == "127.0.0.1"
     with pytest.raises(SystemExit):
         parser.parse_args(["dashboard", "--local", "2", "--connect", "h:1"])
+
+
+def get(port: int, path: str, headers: dict | None = None) -> tuple[int, http.client.HTTPResponse, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("GET", path, headers=headers or {})
+    resp = conn.getresponse()
+    body = resp.read().decode(errors="replace")
+    conn.close()
+    return resp.status, resp, body
+
+
+async def bokeh_socket(port: int, headers: dict, session_token: str = "none") -> str:
+    """Open the page's websocket as Bokeh does; the server's first message (its ACK)."""
+    from tornado.httpclient import HTTPRequest
+    from tornado.websocket import websocket_connect
+
+    origin = {"Origin": f"http://127.0.0.1:{port}"}
+    request = HTTPRequest(f"ws://127.0.0.1:{port}/ws", headers={**origin, **headers})
+    conn = await websocket_connect(request, subprotocols=["bokeh", session_token])
+    try:
+        return str(await asyncio.wait_for(conn.read_message(), 30))
+    finally:
+        conn.close()
+
+
+def test_off_loopback_the_page_and_its_websocket_need_the_token(ultra):
+    """On all addresses the dashboard needs its token: without it the page goes to the sign-in form (401) and the
+    websocket (every action: launch, stop, chat) and the rest of the app answer 403; the printed URL sets a
+    cookie (HttpOnly, not the token) that opens both. On loopback nothing is asked."""
+    from tornado.httpclient import HTTPClientError
+
+    server = db.serve_dashboard(db.DashboardSource(topology=ultra), port=0, host="0.0.0.0")
+    port, token = server.port, server.token
+    try:
+        assert token and server.token_generated and server.login_url == f"{server.url}/login?token={token}"
+        status, resp, _ = get(port, "/")
+        assert status == 302 and resp.getheader("Location", "").startswith("./login?next=")
+        for path in ("/login", "/login?token=wrong", "/login?next=//evil.example"):
+            status, _, page = get(port, path)
+            assert status == 401 and "needs its token" in page and "evil.example" not in page, path
+        for path in ("/autoload.js?bokeh-autoload-element=x", "/metadata", "/?token=wrong&x=1"):
+            assert get(port, path)[0] in (302, 403), path
+        assert get(port, "/metadata")[0] == 403
+        for headers in ({}, {"Cookie": f"exo_lab_dashboard_{port}=forged"}, {"Authorization": "Bearer wrong"}):
+            with pytest.raises(HTTPClientError) as refused:
+                asyncio.run(bokeh_socket(port, headers))
+            assert refused.value.code == 403
+
+        status, resp, _ = get(port, f"/login?token={token}&next=/")
+        assert status == 302 and resp.getheader("Location") == "/"
+        cookie = resp.getheader("Set-Cookie", "")
+        assert "HttpOnly" in cookie and "SameSite=Lax" in cookie and token not in cookie
+        session = {"Cookie": cookie.split(";")[0]}
+        status, _, page = get(port, "/", session)
+        assert status == 200 and "exo_lab dashboard" in page
+        session_token = re.search(r'"token":\s*"([^"]+)"', page).group(1)
+        assert '"msgtype":"ACK"' in asyncio.run(bokeh_socket(port, session, session_token)).replace(" ", "")
+        assert get(port, "/", {"Authorization": f"Bearer {token}"})[0] == 200  # scripts
+    finally:
+        server.stop()
+
+    local = db.serve_dashboard(db.DashboardSource(topology=ultra), port=0)
+    try:
+        assert local.token is None and local.login_url == local.url
+        assert get(local.port, "/")[0] == 200
+    finally:
+        local.stop()
 
 
 @pytest.mark.slow

@@ -133,3 +133,14 @@ def test_model_card_reads_what_if_names_and_not_unknown_ones():
     assert model_card("kimi-k2").num_experts == 384
     with pytest.raises(ModelNotFoundError):
         model_card("kimi-k2@3bit")  # not a quantization the what-if names know: resolved as a model, not found
+
+
+def test_an_unbuilt_presets_card_is_the_built_ones(tiny_model):
+    """Previews plan for a synthetic preset from its shape, building nothing: the card is the built model's."""
+    from dataclasses import replace
+
+    from exo_lab.models.card import ModelCard, card_from_config
+    from exo_lab.models.presets import PRESETS, card_config
+
+    shaped = card_from_config(card_config(PRESETS["tiny"]), "synthetic:tiny")
+    assert replace(ModelCard.from_dir(tiny_model, name="synthetic:tiny"), path="") == shaped

@@ -1,7 +1,7 @@
 """The exo_lab dashboard: a Panel app for a cluster, its instances and the models served in this process.
 
-``exo-lab dashboard`` and ``exo-lab up`` serve it (loopback only unless told otherwise); ``panel serve
-exo_lab/ui/dashboard/panel_app.py`` works too. One module per concern:
+``exo-lab dashboard`` and ``exo-lab up`` serve it (loopback only unless told otherwise, and then behind a token);
+``panel serve exo_lab/ui/dashboard/panel_app.py`` works too. One module per concern:
 
 - :mod:`.source`: what every session shows (a cluster, a what-if topology or this machine), refreshed on a thread
 - :mod:`.app`: one session's page, assembled from the sections below; ``create_app`` for ``panel serve``
@@ -12,7 +12,8 @@ exo_lab/ui/dashboard/panel_app.py`` works too. One module per concern:
 - :mod:`.plans_view`: placement previews and launching a plan (through the cluster's Control, like the API)
 - :mod:`.bench_view`: bench results, predicted vs measured
 - :mod:`.header`, :mod:`.theme`, :mod:`.frames`: the header bar, the look, typed tables
-- :mod:`.server`: serving it on a thread of its own (``serve_dashboard``)
+- :mod:`.server`: serving it on a thread of its own (``serve_dashboard``); :mod:`.auth`: off loopback, the token
+  its page and websocket need
 """
 
 from exo_lab.ui.dashboard.app import Dashboard, create_app

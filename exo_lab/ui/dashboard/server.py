@@ -1,15 +1,21 @@
-"""Serving the dashboard: on its own thread and event loop (like the API server), loopback unless told otherwise."""
+"""Serving the dashboard: on its own thread and event loop (like the API server), loopback unless told otherwise.
+
+Off loopback it needs a token for the page, its websocket and so every action (:mod:`.auth`).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import socket
 import threading
 from typing import Any
 
 from exo_lab import defaults
+from exo_lab.api.guard import is_loopback
 from exo_lab.ui.dashboard.app import create_app
+from exo_lab.ui.dashboard.auth import LOGIN_URL, TokenAuth
 from exo_lab.ui.dashboard.source import DashboardSource
 
 log = logging.getLogger(__name__)
@@ -26,12 +32,22 @@ def _origins(host: str, port: int) -> list[str]:
 
 
 class DashboardServer:
-    """The dashboard served on ``host:port`` from a thread with its own event loop (like the API server)."""
+    """The dashboard served on ``host:port`` from a thread with its own event loop (like the API server).
 
-    def __init__(self, source: DashboardSource, host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> None:
+    On loopback anyone on this machine may use it. Elsewhere it needs ``token`` (``exo-lab up`` passes its
+    API key; default: one generated, :attr:`token_generated`) for the page, its websocket and so every
+    action: open :attr:`login_url` once (see :mod:`exo_lab.ui.dashboard.auth`).
+    """
+
+    def __init__(
+        self, source: DashboardSource, host: str = "127.0.0.1", port: int = DEFAULT_PORT, token: str | None = None
+    ) -> None:
         self.source = source
         self.host = host
         self.port = port
+        #: what the browser must show once off loopback (None: on loopback, nothing is needed)
+        self.token: str | None = None if is_loopback(host) else (token or secrets.token_urlsafe(24))
+        self.token_generated = self.token is not None and not token
         self._server: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -40,6 +56,11 @@ class DashboardServer:
     def url(self) -> str:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
         return f"http://{host}:{self.port}"
+
+    @property
+    def login_url(self) -> str:
+        """The URL that signs a browser in (with the token) and opens the page; the page's URL on loopback."""
+        return f"{self.url}{LOGIN_URL}?token={self.token}" if self.token else self.url
 
     @property
     def running(self) -> bool:
@@ -63,6 +84,7 @@ class DashboardServer:
             asyncio.set_event_loop(loop)
             self._loop = loop
             try:
+                extra: dict[str, Any] = {"auth_provider": TokenAuth(self.token, self.port)} if self.token else {}
                 self._server = get_server(
                     {"/": lambda: create_app(self.source)},
                     port=self.port,
@@ -72,6 +94,7 @@ class DashboardServer:
                     show=False,
                     start=False,
                     title="exo_lab dashboard",
+                    **extra,  # off loopback: the token (Bokeh's auth hook, passed on to its Server)
                 )
                 self._server.start()
             except BaseException as exc:
@@ -126,7 +149,14 @@ class DashboardServer:
 
 
 def serve_dashboard(
-    source: DashboardSource | None = None, port: int = DEFAULT_PORT, host: str = "127.0.0.1", **source_kwargs: Any
+    source: DashboardSource | None = None,
+    port: int = DEFAULT_PORT,
+    host: str = "127.0.0.1",
+    token: str | None = None,
+    **source_kwargs: Any,
 ) -> DashboardServer:
-    """Serve the dashboard and return the running server (``source_kwargs`` build a source when none is given)."""
-    return DashboardServer(source or DashboardSource(**source_kwargs), host, port).start()
+    """Serve the dashboard and return the running server (``source_kwargs`` build a source when none is given).
+
+    Off loopback the page needs ``token`` (default: a generated one, ``server.token``); see :class:`DashboardServer`.
+    """
+    return DashboardServer(source or DashboardSource(**source_kwargs), host, port, token).start()

@@ -221,17 +221,22 @@ class DashboardSource:
         return list(dict.fromkeys(names))
 
     def preview(self, model: str, context: int, prompt_tokens: int, objective: str) -> Any:
-        """Ranked plans for ``model`` on the current topology (launchable when there is a cluster)."""
+        """Ranked plans for ``model`` on the current topology (launchable when there is a cluster).
+
+        Like the API's previews, only for a model here (served, on disk, a what-if model, a synthetic preset):
+        a page never makes this process download or build one (:mod:`exo_lab.models.local`)."""
         if self.control is not None:
             return self.control.previews(model, context=context, prompt_tokens=prompt_tokens, objective=objective)
         if self.cluster is not None:
-            return self.cluster.preview(model, context=context, prompt_tokens=prompt_tokens, objective=objective)
+            return self.cluster.preview(
+                model, context=context, prompt_tokens=prompt_tokens, objective=objective, download=False
+            )
         from exo_lab.placement.preview import preview
 
         topo = self.topology
         if topo is None:
             raise RuntimeError("this machine is still being profiled; try again in a moment")
-        return preview(topo, model, context, prompt_tokens, 1, objective)
+        return preview(topo, model, context, prompt_tokens, 1, objective, download=False)
 
     def launch(self, plan: Any, name: str | None = None, model: str | None = None) -> threading.Thread:
         """Launch ``plan`` of ``model`` (default: the model the plan was previewed for) through the cluster's
