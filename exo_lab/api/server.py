@@ -20,6 +20,7 @@ from exo_lab import defaults
 from exo_lab.api.app import make_app
 from exo_lab.api.guard import is_loopback
 from exo_lab.api.registry import Backend, ModelRegistry
+from exo_lab.cluster.serving import MIB, GuardedHTTPServer
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +91,8 @@ class Server:
                 key = getattr(self.cluster, "cluster_key", None) if self.control is not None else None
                 guard = self.api_key is None and is_loopback(self.host)  # a keyless server for this machine only
                 app = make_app(self.registry, source, self.api_key, self.control, key, browser_guard=guard)
-                http = HTTPServer(app, idle_connection_timeout=3600)
+                # requests of up to 16 MiB; a client has 20 s for its headers and 30 s for its body
+                http = GuardedHTTPServer(app, max_body_bytes=16 * MIB, per_address=512)
                 self._http = http
                 http.listen(self.port, self.host)
                 sock = next(iter(http._sockets.values()))

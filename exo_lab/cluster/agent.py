@@ -64,6 +64,7 @@ from exo_lab.cluster.discovery import Advert, Discovery
 from exo_lab.cluster.fetch import is_plain_name, range_checksums
 from exo_lab.cluster.links import ProbeServer, probe_link
 from exo_lab.cluster.machine import memory_now
+from exo_lab.cluster.serving import MIB, GuardedHTTPServer
 from exo_lab.cluster.topology import LinkProfile, NodeInfo
 from exo_lab.cluster.workers import (
     DEFAULT_LEASE_S,
@@ -194,7 +195,8 @@ class NodeAgent:
         loop = asyncio.get_running_loop()
         profile = await loop.run_in_executor(None, self._measure_profile)
         self.profile = profile.to_json()
-        http: HTTPServer = HTTPServer(self._app())  # tornado's Configurable.__new__ makes this Any
+        # peers send small JSON bodies: 1 MiB is plenty (tornado's Configurable.__new__ makes this Any)
+        http: HTTPServer = GuardedHTTPServer(self._app(), max_body_bytes=MIB, per_address=64)
         self._http = http
         http.listen(self.port, self.config.host)
         self.port = next(iter(http._sockets.values())).getsockname()[1]

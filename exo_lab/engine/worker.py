@@ -45,11 +45,11 @@ import mlx.core as mx
 import tornado.iostream
 import tornado.web
 from mlx_lm.utils import load_tokenizer
-from tornado.httpserver import HTTPServer
 
 from exo_lab import defaults
 from exo_lab.cluster.auth import Verifier
 from exo_lab.cluster.fetch import fetched
+from exo_lab.cluster.serving import MIB, GuardedHTTPServer
 from exo_lab.engine.families import tied_embeddings
 from exo_lab.engine.guided import SchemaConstraint, vocabulary
 from exo_lab.engine.job import Job, JobError
@@ -545,7 +545,11 @@ def main(argv: list[str] | None = None) -> int:
                 (r"/shutdown", ShutdownHandler, {"worker": worker}),
             ]
         )
-        HTTPServer(app).listen(config["control_port"], config.get("control_host", "0.0.0.0"))
+        # jobs carry prompts and grammars: up to 16 MiB; the coordinator streams every request it has in flight
+        # from rank 0 (max_batch + max_queue of them), other addresses have no business here
+        GuardedHTTPServer(app, max_body_bytes=16 * MIB, per_address=1024, header_timeout_s=60.0).listen(
+            config["control_port"], config.get("control_host", "0.0.0.0")
+        )
         compute.start()
         await asyncio.Event().wait()
 
