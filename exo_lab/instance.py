@@ -134,7 +134,8 @@ class Instance(Backend):
                     self._leased.add((self.id, node))
                 for rank, ports in resp["ranks"].items():
                     self.controls[int(rank)] = ports["control"]
-                    self.progress[int(rank)] = (0, 1)
+                    spec = next(r for r in plan.ranks if r.rank == int(rank))
+                    self.progress[int(rank)] = (0, max(1, spec.layers[1] - spec.layers[0]))  # until it reports
                     self._rings[int(rank)] = ports["ring"]
             hostfile = [[self._rings[r.rank]] for r in sorted(plan.ranks, key=lambda r: r.rank)]
             stages: dict[int, list[int]] = {}
