@@ -59,7 +59,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.httpserver import HTTPServer
 
 from exo_lab import __version__, defaults, paths
-from exo_lab.cluster.auth import Verifier, fingerprint, load_or_create_key, sign_headers
+from exo_lab.cluster.auth import Verifier, fingerprint, header_problem, load_or_create_key, sign_headers
 from exo_lab.cluster.discovery import Advert, Discovery
 from exo_lab.cluster.fetch import is_plain_name, range_checksums
 from exo_lab.cluster.links import ProbeServer, probe_link
@@ -449,11 +449,27 @@ class NodeAgent:
         )
 
 
+@tornado.web.stream_request_body
 class AgentHandler(tornado.web.RequestHandler):
-    """JSON responses, signature checks."""
+    """JSON responses, signature checks.
+
+    The body streams in (``data_received``) only after :meth:`prepare` has seen signature headers that
+    may be good: an unsigned or stale request is refused before a byte of its body is read.
+    """
 
     def initialize(self, agent: NodeAgent) -> None:
         self.agent = agent
+
+    def prepare(self) -> None:
+        self.request.body = b""
+        if self.request.method == "GET" and is_loopback(self.request.remote_ip or ""):
+            return  # unsigned reads from this machine (a handler that needs a signature checks it fully)
+        problem = header_problem(dict(self.request.headers), self.agent.verifier.window_s)
+        if problem is not None:
+            self.send({"error": f"unauthorised: {problem}"}, 401)
+
+    def data_received(self, chunk: bytes) -> None:
+        self.request.body += chunk
 
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json")
@@ -480,6 +496,7 @@ class AgentHandler(tornado.web.RequestHandler):
 
 class AgentNotFound(AgentHandler):
     def prepare(self) -> None:
+        self.request.body = b""
         self.send({"error": f"unknown path {self.request.path}"}, 404)
 
 

@@ -116,3 +116,20 @@ class Verifier:
                 cutoff = now - 2 * self.window_s
                 self._seen = {n: t for n, t in self._seen.items() if t > cutoff}
         return None
+
+
+def header_problem(headers: dict[str, str], window_s: float = WINDOW_S) -> str | None:
+    """What is wrong with a request's signature headers before its body arrives (None: they may be good).
+
+    Servers check this first, so that an unsigned or stale request is refused without reading its body.
+    """
+    ts, nonce, sig = headers.get(HEADER_TS), headers.get(HEADER_NONCE), headers.get(HEADER_SIG)
+    if not (ts and nonce and sig):
+        return "missing signature: sign requests with the cluster key"
+    try:
+        age = abs(time.time() - float(ts))
+    except ValueError:
+        return "bad timestamp"
+    if not math.isfinite(age) or age > window_s:
+        return "bad timestamp" if not math.isfinite(age) else f"timestamp outside the {window_s:.0f} s window"
+    return None
