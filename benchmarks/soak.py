@@ -45,7 +45,24 @@ import httpx
 import openai
 import psutil
 
-WORDS = "the sea river stone cloud light tree wind north city garden bridge glass paper music winter".split()
+WORDS = [
+    "the",
+    "sea",
+    "river",
+    "stone",
+    "cloud",
+    "light",
+    "tree",
+    "wind",
+    "north",
+    "city",
+    "garden",
+    "bridge",
+    "glass",
+    "paper",
+    "music",
+    "winter",
+]
 
 
 @dataclass
