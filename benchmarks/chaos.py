@@ -172,7 +172,10 @@ class Chaos:
             return f"agent of {host}: not found"
         cmd = p.cmdline()
         p.kill()
-        p.wait(10)
+        try:
+            p.wait(10)
+        except psutil.TimeoutExpired:  # a zombie until exo-lab up reaps it: gone all the same
+            pass
         log = open(Path(self.sim.hosts[host].state_dir).parent / "node.log", "ab")  # noqa: SIM115
         # the same command line in the host's namespace (the key comes in the environment, as from exo-lab up)
         self.restarted_agents[host] = self.sim.popen(
