@@ -289,7 +289,10 @@ def report(name: str, counts: Counts, sampler: Sampler, t0: float, elapsed: floa
     for e in counts.errors[:10]:
         print(f"  error: {e}")
     flat = True
-    print(f"{'process':22s} {'RSS start MiB':>13s} {'end MiB':>9s} {'max MiB':>9s} {'growth':>8s}  flat (<=5%)")
+    print(
+        f"{'process':22s} {'RSS start MiB':>13s} {'end MiB':>9s} {'max MiB':>9s} {'growth':>8s} "
+        f"{'2nd half':>9s}  flat (<=5%)"
+    )
     for who, samples in sorted(sampler.samples.items()):
         after = [rss for t, rss in samples if t >= warm]
         if len(after) < 2:
@@ -297,11 +300,12 @@ def report(name: str, counts: Counts, sampler: Sampler, t0: float, elapsed: floa
             continue
         start, end, peak = after[0], after[-1], max(after)
         growth = peak / start - 1
+        half = end / after[len(after) // 2] - 1  # still growing late, or levelled off after an early rise
         ok = growth <= 0.05
         flat &= ok
         mib = 1 << 20
         print(
-            f"{who:22s} {start / mib:13.1f} {end / mib:9.1f} {peak / mib:9.1f} {100 * growth:7.1f}%  "
+            f"{who:22s} {start / mib:13.1f} {end / mib:9.1f} {peak / mib:9.1f} {100 * growth:7.1f}% {100 * half:8.1f}%  "
             f"{'yes' if ok else 'NO'}"
         )
     good = flat and counts.errored == 0 and counts.hung == 0 and counts.malformed_bad == 0
