@@ -4,7 +4,8 @@ Any member's API answers for every model of the cluster: a request for a model t
 not hold is sent on, body untouched and signed with the cluster key, to the API of the instance's
 owner; its answer (status, headers, and the body as it streams: SSE or NDJSON) is passed back
 as it arrives. A forwarded request carries ``X-Exo-Lab-Forwarded`` and is never forwarded again.
-When the owner cannot be reached the caller gets a 503 in its own API family.
+When the owner cannot be reached the caller gets a 503 in its own API family; when the owner stops
+answering midway through a stream, the stream ends with the family's error frame (never as if complete).
 """
 
 from __future__ import annotations
@@ -91,18 +92,39 @@ async def forward(handler: Any, api_url: str, cluster_key: str | None) -> None:
             ),
             raise_error=False,
         )
-    except HTTPClientError as exc:  # raise_error=False still raises for 599 (no answer)
+    except (HTTPClientError, OSError) as exc:  # raise_error=False still raises for 599 (no answer, or cut off)
         if not started:
             raise _unreachable(api_url, exc) from exc
-    except OSError as exc:
-        if not started:
-            raise _unreachable(api_url, exc) from exc
+        broken = _broken_frame(handler, got.get("Content-Type", ""), api_url, exc)
+        if broken and not handler.client_gone and not handler._finished:
+            handler.write(broken)  # the stream was cut: end it with an error, not as if it were complete
     finally:
         client.close()
     if not started:
         raise _unreachable(api_url, "no answer")
     if not handler.client_gone and not handler._finished:
         handler.finish()
+
+
+def _broken_frame(handler: Any, content_type: str, api_url: str, why: object) -> str | None:
+    """The family's streamed error frame for an answer the owner stopped sending midway (None: not a stream)."""
+    err = ApiError(
+        502,
+        f"the instance's owner {api_url} stopped answering mid-stream ({why}); the answer is incomplete",
+        type="server_error",
+        code="owner_lost",
+    )
+    if "ndjson" in content_type:
+        return json.dumps(err.ollama()) + "\n"
+    if "event-stream" not in content_type:
+        return None
+    family = handler.error_family()
+    if family == "anthropic":
+        return f"event: error\ndata: {json.dumps(err.anthropic())}\n\n"
+    if handler.request.path.rstrip("/").endswith("/responses"):
+        data = {"type": "error", "code": err.code, "message": err.message, "param": None}
+        return f"event: error\ndata: {json.dumps(data)}\n\n"
+    return f"data: {json.dumps(err.openai())}\n\n"
 
 
 def _unreachable(api_url: str, why: object) -> ApiError:
