@@ -304,10 +304,19 @@ class Chaos:
             t.join(self.args.deadline + self.args.tokens + 30)
         rd.outcomes = outs
         if kind != "coordinator":
-            wait_for(lambda: self.call(rd.owner, "GET", f"/instance/{iid}")[0] == 200, 10)
-            rd.state_after = str(self.call(rd.owner, "GET", f"/instance/{iid}")[1].get("state"))
-            status, _ = self.call(rd.owner, "DELETE", f"/instance/{iid}", timeout=60)
-            rd.note += f" stopped via owner: HTTP {status};"
+            # a lost node re-places the instance under a new id (a new launch): follow it by name
+            def current() -> dict:
+                listed = self.call(rd.owner, "GET", "/instances")[1].get("instances", [])
+                return next((i for i in listed if i.get("name") == name), {})
+
+            wait_for(lambda: current().get("state") in ("ready", "failed", "stopped"), 60, 1)
+            now = current()
+            rd.state_after = str(now.get("state", "gone"))
+            if now.get("id") and now["id"] != iid:
+                rd.note += f" re-placed as {now['id']};"
+            if now.get("id"):
+                status, _ = self.call(rd.owner, "DELETE", f"/instance/{now['id']}", timeout=60)
+                rd.note += f" stopped via owner: HTTP {status};"
         else:
             rd.state_after = "owner gone"
         stop_at = time.monotonic()
