@@ -327,7 +327,10 @@ class NodeAgent:
             try:
                 info = await self._fetch_node(address, expected_id)
             except HTTPClientError as exc:
-                if exc.code == 401:
+                body = exc.response.body if exc.response is not None else b""
+                if exc.code == 401 and b"signed for another node" in (body or b""):
+                    log.debug("%s is no longer node %s", address, expected_id)  # another node answers there now
+                elif exc.code == 401:
                     log.warning("peer %s refused our signature: it has another cluster key; not joining", address)
                 continue
             except (TimeoutError, OSError, ValueError):
