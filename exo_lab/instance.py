@@ -215,7 +215,7 @@ class Instance(Backend):
         return f"{host}:{node.port}"
 
     def _agent(self, node_id: str, method: str, path: str, body: Any = None) -> Any:
-        return self.cluster.request(self.cluster.address_of(node_id), method, path, body, timeout=30)
+        return self.cluster.request(self.cluster.address_of(node_id), method, path, body, timeout=30, node=node_id)
 
     def _agent_quiet(self, node_id: str, method: str, path: str) -> None:
         try:

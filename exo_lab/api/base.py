@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Protocol
 
 from tornado.ioloop import IOLoop
 from tornado.iostream import StreamClosedError
-from tornado.web import HTTPError, RequestHandler
+from tornado.web import HTTPError
 
 from exo_lab.api import common
 from exo_lab.api.errors import ApiError
@@ -23,6 +23,7 @@ from exo_lab.api.registry import ModelRegistry
 from exo_lab.api.reply import Reply
 from exo_lab.api.schema import RequestModel, parse_json_object
 from exo_lab.cluster.auth import HEADER_SIG
+from exo_lab.cluster.signed_handler import SignedHandler
 from exo_lab.engine.generation import Generation
 
 log = logging.getLogger(__name__)
@@ -45,11 +46,12 @@ def key_matches(expected: str, headers: Any) -> bool:
     return any(hmac.compare_digest(c.encode(), want) for c in candidates)
 
 
-class ApiHandler(RequestHandler):
+class ApiHandler(SignedHandler):
     """Base for API handlers: parses JSON, renders ApiError, checks the API key, cancels on disconnect.
 
     ``family`` picks the error shape: ``openai``, ``anthropic``, ``ollama``, or
     ``auto`` (Anthropic's when the client sends ``anthropic-version``, else OpenAI's).
+    The answer to a request signed with the cluster key (another member, the Jupyter panel) is signed.
     """
 
     registry: ModelRegistry
@@ -77,16 +79,14 @@ class ApiHandler(RequestHandler):
         if self._signed is None:
             verifier = self.settings.get("verifier")
             r = self.request
-            self._signed = (
-                verifier is not None
-                and HEADER_SIG in r.headers
-                and verifier.problem(r.method, r.uri, r.body or b"", dict(r.headers)) is None
-            )
+            self._signed = verifier is not None and HEADER_SIG in r.headers and self.signature_problem(verifier) is None
         return self._signed
 
     def prepare(self) -> None:
         """Before any handler: a keyless loopback server's checks against web pages (:mod:`exo_lab.api.guard`),
-        then the API key."""
+        then the API key. A signed request is checked first, so that every answer to it is signed."""
+        if HEADER_SIG in self.request.headers:
+            self.signed_by_cluster()
         if self.settings.get("browser_guard") and not self._guard_passed():
             return
         key = self.settings.get("api_key")

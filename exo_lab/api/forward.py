@@ -6,6 +6,11 @@ owner; its answer (status, headers, and the body as it streams: SSE or NDJSON) i
 as it arrives. A forwarded request carries ``X-Exo-Lab-Forwarded`` and is never forwarded again.
 When the owner cannot be reached the caller gets a 503 in its own API family; when the owner stops
 answering midway through a stream, the stream ends with the family's error frame (never as if complete).
+
+The owner signs its answer (:mod:`exo_lab.cluster.signed_handler`): a streamed answer over its status
+(the streamed body itself is not authenticated), a whole answer over its body too; a whole answer is
+therefore held until it is complete and checked before it is passed on. An answer that is not the
+owner's gets a 502.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.httputil import HTTPHeaders, parse_response_start_line
 
 from exo_lab.api.errors import ApiError
-from exo_lab.cluster.auth import sign_headers
+from exo_lab.cluster.auth import HEADER_NONCE, HEADER_RESPONSE_SIG, response_is_authentic, sign_headers
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +50,25 @@ async def forward(handler: Any, api_url: str, cluster_key: str | None) -> None:
     body = req.body or b""
     headers = {k: req.headers[k] for k in PASS_REQUEST if k in req.headers}
     headers[FORWARDED] = "1"
+    nonce = None
     if cluster_key:
         headers.update(sign_headers(cluster_key, req.method, req.uri, body))
+        nonce = headers[HEADER_NONCE]
     started = False
     status: list[int] = []
     got: HTTPHeaders = HTTPHeaders()
+    held: list[bytes] | None = None  # a whole (not streamed) signed answer, until it is checked
+
+    def begin() -> None:
+        nonlocal started
+        handler.set_status(status[0])
+        for name in PASS_RESPONSE:
+            if name in got:
+                handler.set_header(name, got[name])
+        started = True
 
     def on_header(line: str) -> None:
-        nonlocal started
+        nonlocal held
         if not status:
             if line.startswith("HTTP/"):
                 status.append(parse_response_start_line(line.strip()).code)
@@ -63,13 +79,19 @@ async def forward(handler: Any, api_url: str, cluster_key: str | None) -> None:
         if status[0] == 100:  # 100 Continue: the real status line follows
             status.clear()
             return
-        handler.set_status(status[0])
-        for name in PASS_RESPONSE:
-            if name in got:
-                handler.set_header(name, got[name])
-        started = True
+        if (
+            cluster_key
+            and nonce
+            and not response_is_authentic(cluster_key, nonce, status[0], None, got.get(HEADER_RESPONSE_SIG))
+        ):
+            held = []  # not signed as a stream: check the whole body before passing it on
+            return
+        begin()
 
     def on_chunk(chunk: bytes) -> None:
+        if held is not None:
+            held.append(chunk)
+            return
         if handler.client_gone:
             return
         handler.write(chunk)
@@ -100,6 +122,14 @@ async def forward(handler: Any, api_url: str, cluster_key: str | None) -> None:
             handler.write(broken)  # the stream was cut: end it with an error, not as if it were complete
     finally:
         client.close()
+    if held is not None and not started and status:
+        whole, sig = b"".join(held), got.get(HEADER_RESPONSE_SIG)
+        authentic = bool(cluster_key and nonce and response_is_authentic(cluster_key, nonce, status[0], whole, sig))
+        if not authentic and (status[0] != 401 or sig):  # an unsigned 401: the owner refusing our signature
+            raise _unreachable(api_url, "its answer is not authentic", 502)
+        begin()
+        if not handler.client_gone:
+            handler.write(whole)
     if not started:
         raise _unreachable(api_url, "no answer")
     if not handler.client_gone and not handler._finished:
@@ -127,9 +157,9 @@ def _broken_frame(handler: Any, content_type: str, api_url: str, why: object) ->
     return f"data: {json.dumps(err.openai())}\n\n"
 
 
-def _unreachable(api_url: str, why: object) -> ApiError:
+def _unreachable(api_url: str, why: object, status: int = 503) -> ApiError:
     return ApiError(
-        503,
+        status,
         f"the instance serving this model is owned by {api_url}, which cannot be reached now ({why}); retry, or "
         "launch the model on this node.",
         type="server_error",

@@ -48,6 +48,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,12 +60,23 @@ from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from tornado.httpserver import HTTPServer
 
 from exo_lab import __version__, defaults, paths
-from exo_lab.cluster.auth import Verifier, fingerprint, header_problem, load_or_create_key, sign_headers
+from exo_lab.cluster.auth import (
+    HEADER_NONCE,
+    HEADER_RESPONSE_SIG,
+    HEADER_SIG,
+    Verifier,
+    fingerprint,
+    header_problem,
+    load_or_create_key,
+    response_is_authentic,
+    sign_headers,
+)
 from exo_lab.cluster.discovery import Advert, Discovery
 from exo_lab.cluster.fetch import is_plain_name, range_checksums
 from exo_lab.cluster.links import ProbeServer, probe_link
 from exo_lab.cluster.machine import memory_now
 from exo_lab.cluster.serving import MIB, GuardedHTTPServer
+from exo_lab.cluster.signed_handler import SignedHandler
 from exo_lab.cluster.topology import LinkProfile, NodeInfo
 from exo_lab.cluster.workers import (
     DEFAULT_LEASE_S,
@@ -169,7 +181,7 @@ class NodeAgent:
         self.config = config
         self.key = load_or_create_key(config.state_dir, config.cluster_key)
         self.id = load_or_create_id(config.state_dir)
-        self.verifier = Verifier(self.key)
+        self.verifier = Verifier(self.key, node_id=self.id)
         self.fingerprint = fingerprint(self.key)
         self.addresses = local_addresses(config.host)
         self.port = config.port
@@ -285,20 +297,26 @@ class NodeAgent:
         return [link.to_json() for _, link in sorted(self.links.items())]
 
     # peers
-    async def _fetch_node(self, address: str) -> NodeInfo:
-        """Mutually authenticated hello: the peer checks our signature, we check its proof."""
+    async def _fetch_node(self, address: str, expected_id: str | None = None) -> NodeInfo:
+        """Mutually authenticated hello: the peer checks our signature (made for ``expected_id`` when we know
+        whom we call), we check its signed answer and its proof."""
         path = "/node/hello"
         challenge = secrets.token_hex(16)
         body = json.dumps({"id": self.id, "challenge": challenge}).encode()
+        headers = sign_headers(self.key, "POST", path, body, target=expected_id, source=self.id)
         req = HTTPRequest(
             f"http://{address}{path}",
             method="POST",
             body=body,
-            headers=sign_headers(self.key, "POST", path, body),
+            headers=headers,
             request_timeout=2.0,
             connect_timeout=2.0,
         )
         resp = await self._client.fetch(req)
+        if not response_is_authentic(
+            self.key, headers[HEADER_NONCE], resp.code, resp.body, resp.headers.get(HEADER_RESPONSE_SIG)
+        ):
+            raise ValueError(f"{address} answered the hello without a valid signature")
         data = json.loads(resp.body)
         info = NodeInfo.from_json(data["node"])
         if not hmac.compare_digest(data.get("proof", ""), proof(self.key, challenge, info.id)):
@@ -308,9 +326,12 @@ class NodeAgent:
     async def _contact(self, addresses: list[str], source: str, expected_id: str | None = None) -> Peer | None:
         for address in addresses:
             try:
-                info = await self._fetch_node(address)
+                info = await self._fetch_node(address, expected_id)
             except HTTPClientError as exc:
-                if exc.code == 401:
+                body = exc.response.body if exc.response is not None else b""
+                if exc.code == 401 and b"signed for another node" in (body or b""):
+                    log.debug("%s is no longer node %s", address, expected_id)  # another node answers there now
+                elif exc.code == 401:
                     log.warning("peer %s refused our signature: it has another cluster key; not joining", address)
                 continue
             except (TimeoutError, OSError, ValueError):
@@ -450,8 +471,8 @@ class NodeAgent:
 
 
 @tornado.web.stream_request_body
-class AgentHandler(tornado.web.RequestHandler):
-    """JSON responses, signature checks.
+class AgentHandler(SignedHandler):
+    """JSON responses, signature checks; answers to accepted signed requests are signed.
 
     The body streams in (``data_received``) only after :meth:`prepare` has seen signature headers that
     may be good: an unsigned or stale request is refused before a byte of its body is read.
@@ -479,12 +500,12 @@ class AgentHandler(tornado.web.RequestHandler):
         self.finish(json.dumps(data))
 
     def authorised(self, read_only: bool) -> bool:
-        """True if the request may proceed; otherwise a 401 has been sent."""
-        if read_only and is_loopback(self.request.remote_ip or ""):
+        """True if the request may proceed: an unsigned read from loopback, or a request whose signature is
+        accepted (on loopback too: a signed request is judged by its signature, and its answer is signed);
+        otherwise a 401 has been sent."""
+        if read_only and is_loopback(self.request.remote_ip or "") and HEADER_SIG not in self.request.headers:
             return True
-        problem = self.agent.verifier.problem(
-            self.request.method, self.request.uri, self.request.body, dict(self.request.headers)
-        )
+        problem = self.signature_problem(self.agent.verifier)
         if problem is None:
             return True
         self.send({"error": f"unauthorised: {problem}"}, 401)
@@ -604,17 +625,26 @@ class ChecksumsHandler(AgentHandler):
             self.send({"error": f"bad request: {exc}"}, 400)
 
 
-class ModelFileHandler(tornado.web.StaticFileHandler):
-    """``GET /models/{name}/files/{file}`` with HTTP range requests (signed: peers only)."""
+class ModelFileHandler(SignedHandler, tornado.web.StaticFileHandler):
+    """``GET /models/{name}/files/{file}`` with HTTP range requests (signed: peers only).
+
+    The answer is signed over the bytes it sends: they are read once to hash them, then again to send them."""
 
     def initialize(self, path: str, agent: NodeAgent) -> None:  # type: ignore[override]
         super().initialize(path)
         self.agent = agent
 
+    def get_content(  # type: ignore[override]
+        self, abspath: str, start: int | None = None, end: int | None = None
+    ) -> Generator[bytes, None, None]:
+        digest = hashlib.sha256()
+        for chunk in tornado.web.StaticFileHandler.get_content(abspath, start, end):
+            digest.update(chunk)
+        self.sign_answer(None, body_sha256=digest.hexdigest())
+        yield from tornado.web.StaticFileHandler.get_content(abspath, start, end)
+
     def prepare(self) -> None:
-        problem = self.agent.verifier.problem(
-            self.request.method, self.request.uri, self.request.body, dict(self.request.headers)
-        )
+        problem = self.signature_problem(self.agent.verifier)
         if problem:
             self.set_status(401)
             self.finish(json.dumps({"error": f"unauthorised: {problem}"}))

@@ -2,9 +2,17 @@
 
 Nodes started with the same key form a cluster. Every mutating request and
 every peer-to-peer request carries an HMAC-SHA256 signature over the method,
-the path (with query), a hash of the body, a timestamp and a nonce. A request
-is accepted once: within ``WINDOW_S`` of its timestamp, with a nonce not seen
-before. Only a fingerprint of the key is ever advertised (mDNS), never the key.
+the path (with query), a hash of the body, a timestamp, a nonce, and the ids of the
+target node and of the sending node when they are known. A request is accepted once:
+within ``WINDOW_S`` of its timestamp, with a nonce not seen before, and by the node it
+was signed for (a request signed for another node id is refused, so a relay cannot
+replay a node's request to a third node). Only a fingerprint of the key is ever
+advertised (mDNS), never the key.
+
+A server that accepted a signed request signs its answer: :func:`response_signature`
+binds the request's nonce, the status and the SHA-256 of the body (or, for an answer
+streamed as it is produced, the status only: :data:`STREAMED`), so a client can tell
+an answer from its peer from one altered or made up on the way.
 """
 
 from __future__ import annotations
@@ -27,6 +35,14 @@ MIN_KEY_LENGTH = 16
 HEADER_TS = "X-Exo-Lab-Timestamp"
 HEADER_NONCE = "X-Exo-Lab-Nonce"
 HEADER_SIG = "X-Exo-Lab-Signature"
+#: the node id the request is meant for (signed; a node refuses a request signed for another id)
+HEADER_TARGET = "X-Exo-Lab-Target"
+#: the sending node's id, when the sender is a node (signed; for the logs)
+HEADER_SOURCE = "X-Exo-Lab-Source"
+#: the server's signature of its answer to a signed request (:func:`response_signature`)
+HEADER_RESPONSE_SIG = "X-Exo-Lab-Response-Signature"
+#: what a streamed answer's signature covers instead of the body's hash
+STREAMED = "streamed"
 
 
 def check_key(key: str, where: str = "the cluster key") -> str:
@@ -70,24 +86,58 @@ def fingerprint(key: str) -> str:
     return hashlib.sha256(b"exo-lab-cluster-fingerprint:" + key.encode()).hexdigest()[:16]
 
 
-def signature(key: str, method: str, path: str, body: bytes, timestamp: str, nonce: str) -> str:
-    msg = "\n".join([method.upper(), path, timestamp, nonce, hashlib.sha256(body or b"").hexdigest()])
-    return hmac.new(key.encode(), msg.encode(), hashlib.sha256).hexdigest()
+def _hmac(key: str, parts: list[str]) -> str:
+    return hmac.new(key.encode(), "\n".join(parts).encode(), hashlib.sha256).hexdigest()
 
 
-def sign_headers(key: str, method: str, path: str, body: bytes = b"") -> dict[str, str]:
-    """Headers that authenticate one request."""
+def signature(
+    key: str, method: str, path: str, body: bytes, timestamp: str, nonce: str, target: str = "", source: str = ""
+) -> str:
+    """The signature of one request; ``target``/``source``: the receiving and sending node ids ("" if unknown)."""
+    body_hash = hashlib.sha256(body or b"").hexdigest()
+    return _hmac(key, [method.upper(), path, timestamp, nonce, body_hash, "to:" + target, "from:" + source])
+
+
+def sign_headers(
+    key: str, method: str, path: str, body: bytes = b"", target: str | None = None, source: str | None = None
+) -> dict[str, str]:
+    """Headers that authenticate one request; ``target``: the node id it is meant for (when the sender knows it),
+    ``source``: the sender's node id (when it is a node)."""
     ts = f"{time.time():.3f}"
     nonce = secrets.token_hex(12)
-    return {HEADER_TS: ts, HEADER_NONCE: nonce, HEADER_SIG: signature(key, method, path, body, ts, nonce)}
+    headers = {HEADER_TS: ts, HEADER_NONCE: nonce}
+    if target:
+        headers[HEADER_TARGET] = target
+    if source:
+        headers[HEADER_SOURCE] = source
+    headers[HEADER_SIG] = signature(key, method, path, body, ts, nonce, target or "", source or "")
+    return headers
+
+
+def response_signature(key: str, nonce: str, status: int, body: bytes | None, *, body_sha256: str | None = None) -> str:
+    """The signature of the answer to the request with ``nonce``: its status and ``body``'s SHA-256
+    (or ``body_sha256``, the hex digest of a body not held in memory), or, with neither (an answer
+    streamed as it is produced), its status only."""
+    if body_sha256 is None:
+        body_sha256 = STREAMED if body is None else hashlib.sha256(body).hexdigest()
+    digest = body_sha256
+    return _hmac(key, ["response", nonce, str(int(status)), digest])
+
+
+def response_is_authentic(key: str, nonce: str, status: int, body: bytes | None, given: str | None) -> bool:
+    """Whether ``given`` (the response's :data:`HEADER_RESPONSE_SIG`) signs this answer."""
+    return bool(given) and hmac.compare_digest(response_signature(key, nonce, status, body), given or "")
 
 
 class Verifier:
-    """Checks signatures and remembers nonces for the replay window."""
+    """Checks signatures and remembers nonces for the replay window.
 
-    def __init__(self, key: str, window_s: float = WINDOW_S) -> None:
+    ``node_id``: this node's id; a request signed for another node id is refused."""
+
+    def __init__(self, key: str, window_s: float = WINDOW_S, node_id: str | None = None) -> None:
         self.key = key
         self.window_s = window_s
+        self.node_id = node_id
         self._seen: dict[str, float] = {}
         self._lock = threading.Lock()
 
@@ -104,9 +154,12 @@ class Verifier:
             return "bad timestamp"
         if age > self.window_s:
             return f"timestamp outside the {self.window_s:.0f} s window (clock skew?)"
-        expected = signature(self.key, method, path, body, ts, nonce)
+        target, source = headers.get(HEADER_TARGET, ""), headers.get(HEADER_SOURCE, "")
+        expected = signature(self.key, method, path, body, ts, nonce, target, source)
         if not hmac.compare_digest(expected, sig):
             return "bad signature: this node has another cluster key"
+        if target and self.node_id and target != self.node_id:
+            return f"signed for another node ({target}; this is {self.node_id})"
         now = time.time()
         with self._lock:
             if nonce in self._seen:

@@ -80,15 +80,33 @@ class ClusterClient:
         self.registration = register_coordinator(self) if register else None
 
     # HTTP
-    def request(self, address: str, method: str, path: str, body: Any = None, timeout: float = 30.0) -> Any:
-        """A JSON request to the agent at ``address``, signed when the cluster key is known."""
+    def request(
+        self,
+        address: str,
+        method: str,
+        path: str,
+        body: Any = None,
+        timeout: float = 30.0,
+        *,
+        node: str | None = None,
+        bind: bool = True,
+    ) -> Any:
+        """A JSON request to the agent at ``address``, signed when the cluster key is known, and for the node
+        ``node`` (default, with ``bind``: the node a refresh last read there), which refuses it otherwise."""
+        if node is None and bind:
+            node = self._node_at(address)
         try:
-            return SignedClient(address, self.cluster_key, timeout).json(method, path, body)
+            return SignedClient(address, self.cluster_key, timeout, node=node).json(method, path, body)
         except RequestError as exc:
             hint = f" (pass cluster_key= or set {defaults.CLUSTER_KEY})" if exc.status == 401 else ""
             raise ClusterError(f"{exc}{hint}", exc.status) from exc
         except ValueError as exc:  # not host:port
             raise ClusterError(f"{method} {address}{path}: {exc}") from exc
+
+    def _node_at(self, address: str) -> str | None:
+        """The id of the node last read at ``address`` (None: not read yet)."""
+        address = _normalise(address)  # no lock: refresh holds it while its threads make requests
+        return self._addresses.get(address) or next((n for n, a in list(self._contacts.items()) if a == address), None)
 
     def owner(self) -> dict[str, Any]:
         """Who this coordinator is, as the agents keep it with each instance it launches.
@@ -152,9 +170,11 @@ class ClusterClient:
 
     def _read_agent(self, address: str):
         try:
-            info = NodeInfo.from_json(self.request(address, "GET", "/node", timeout=5))
-            peers = self.request(address, "GET", "/node/peers", timeout=5)["peers"]
-            links = [LinkProfile.from_json(x) for x in self.request(address, "GET", "/node/links", timeout=5)["links"]]
+            # who is at this address is what this read finds out: /node is not bound to the node seen before
+            info = NodeInfo.from_json(self.request(address, "GET", "/node", timeout=5, bind=False))
+            peers = self.request(address, "GET", "/node/peers", timeout=5, node=info.id)["peers"]
+            got = self.request(address, "GET", "/node/links", timeout=5, node=info.id)
+            links = [LinkProfile.from_json(x) for x in got["links"]]
             return info, peers, links
         except ClusterError as exc:
             return exc

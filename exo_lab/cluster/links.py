@@ -127,7 +127,7 @@ def probe_link(
         with socket.create_connection((address, port), timeout=timeout_s) as sock:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             link.src_address = sock.getsockname()[0]
-            sock.sendall(json.dumps(sign_headers(key, "PROBE", "/probe")).encode() + b"\n")
+            sock.sendall(json.dumps(sign_headers(key, "PROBE", "/probe", target=dst, source=src)).encode() + b"\n")
             reply = b""
             while not reply.endswith(b"\n"):
                 got = sock.recv(256)

@@ -50,6 +50,7 @@ from exo_lab import defaults
 from exo_lab.cluster.auth import Verifier
 from exo_lab.cluster.fetch import fetched
 from exo_lab.cluster.serving import MIB, GuardedHTTPServer
+from exo_lab.cluster.signed_handler import SignedHandler
 from exo_lab.engine.families import tied_embeddings
 from exo_lab.engine.guided import SchemaConstraint, vocabulary
 from exo_lab.engine.job import Job, JobError
@@ -427,14 +428,14 @@ class Worker:
         self.loaded, self.total = done, total
 
 
-class _Handler(tornado.web.RequestHandler):
+class _Handler(SignedHandler):
+    """Signed requests only; the answers are signed (``/generate``'s NDJSON stream over its status only)."""
+
     def initialize(self, worker: Worker) -> None:
         self.worker = worker
 
     def check(self) -> bool:
-        problem = self.worker.verifier.problem(
-            self.request.method, self.request.uri, self.request.body, dict(self.request.headers)
-        )
+        problem = self.signature_problem(self.worker.verifier)
         if problem:
             self.set_status(401)
             self.finish({"error": problem})

@@ -16,9 +16,11 @@ import pytest
 
 import exo_lab
 from exo_lab.cluster.auth import sign_headers
+from exo_lab.cluster.http import RequestError, SignedClient, split_address
 from exo_lab.cluster.local import agent_env
 from tests.helpers.net import free_port
 from tests.helpers.polling import wait_for
+from tests.helpers.relay import relay
 
 pytestmark = pytest.mark.slow
 
@@ -124,6 +126,29 @@ def test_mutating_requests_need_a_valid_fresh_signature(cluster):
         ]
         == 400
     )
+
+
+def test_a_request_signed_for_one_node_is_refused_by_another(cluster):
+    a, b = cluster.nodes[0].id, cluster.nodes[1].id
+    port_b = split_address(cluster.address_of(b))[1]
+    body = json.dumps({"address": "127.0.0.1:1"}).encode()
+    for_a = sign_headers(cluster.cluster_key, "POST", "/node/peers", body, target=a)
+    status, data = http(port_b, "POST", "/node/peers", body, for_a)  # a relay passing A's request on to B
+    assert status == 401 and "signed for another node" in data["error"]
+    port_a = split_address(cluster.address_of(a))[1]
+    assert http(port_a, "POST", "/node/peers", body, for_a)[0] == 200
+    with pytest.raises(RequestError, match="signed for another node"):  # the client signs for the node it expects
+        SignedClient(cluster.address_of(b), cluster.cluster_key, node=a).json("GET", "/instances")
+
+
+def test_an_answer_altered_on_the_way_is_refused(cluster):
+    address = cluster.address_of(cluster.nodes[0].id)
+    with relay(split_address(address)) as plain:  # the relay itself changes nothing: the answer is accepted
+        assert SignedClient(plain, cluster.cluster_key).json("GET", "/node")["state"] == "alive"
+    with relay(split_address(address), lambda body: body.replace(b'"alive"', b'"gone!"')) as altering:
+        with pytest.raises(RequestError, match="response not authentic"):
+            SignedClient(altering, cluster.cluster_key).json("GET", "/node")
+        assert SignedClient(altering, None).json("GET", "/node")["state"] == "gone!"  # unsigned: nothing to check
 
 
 def test_other_key_is_never_joined_and_gone_then_rejoined(tmp_path):

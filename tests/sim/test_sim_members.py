@@ -70,11 +70,14 @@ def agent(sim: SimCluster, host: str) -> dict:
 @pytest.fixture(scope="module")
 def ids(sim):
     def formed():
-        status, state = call(sim, "a", "GET", "/state")
+        try:  # the agents answer first (sim.up waits for them); each API follows once its member is connected
+            status, state = call(sim, "a", "GET", "/state")
+        except httpx.HTTPError:
+            return None
         alive = {n["name"]: n["id"] for n in state.get("nodes", []) if n["state"] == "alive"} if status == 200 else {}
         return alive if set(alive) == {"a", "b", "c"} else None
 
-    return wait_for(formed, 60, "a's /state shows a, b and c alive")
+    return wait_for(formed, 120, "a's /state shows a, b and c alive")
 
 
 def test_one_cluster_launched_on_a_served_by_c_stopped_by_b(sim, ids):

@@ -7,11 +7,15 @@ import pytest
 from exo_lab.cluster.auth import (
     HEADER_NONCE,
     HEADER_SIG,
+    HEADER_SOURCE,
+    HEADER_TARGET,
     HEADER_TS,
     MIN_KEY_LENGTH,
     Verifier,
     fingerprint,
     load_or_create_key,
+    response_is_authentic,
+    response_signature,
     sign_headers,
     signature,
 )
@@ -97,3 +101,33 @@ def test_a_timestamp_that_is_no_time_is_refused(stamp):
     h[HEADER_TS] = stamp
     h[HEADER_SIG] = signature("secret", "GET", "/node", b"", stamp, h[HEADER_NONCE])
     assert v.problem("GET", "/node", b"", h) == "bad timestamp"
+
+
+def test_a_request_signed_for_one_node_is_refused_by_another():
+    a, b = Verifier("secret", node_id="node-a"), Verifier("secret", node_id="node-b")
+    h = sign_headers("secret", "POST", "/instances/x/start", b"{}", target="node-a", source="node-c")
+    assert "signed for another node" in b.problem("POST", "/instances/x/start", b"{}", dict(h))
+    assert a.problem("POST", "/instances/x/start", b"{}", dict(h)) is None
+    # the target is signed: a relay cannot rewrite it (nor drop it) to pass the request on to node B
+    for forged in ({**h, HEADER_TARGET: "node-b"}, {k: v for k, v in h.items() if k != HEADER_TARGET}):
+        assert "bad signature" in Verifier("secret", node_id="node-b").problem(
+            "POST", "/instances/x/start", b"{}", forged
+        )
+    # neither is the sender's id
+    forged = {**sign_headers("secret", "GET", "/node", source="node-c"), HEADER_SOURCE: "node-d"}
+    assert "bad signature" in a.problem("GET", "/node", b"", forged)
+    # a request not bound to a node (the client does not know whom it calls) is accepted by any
+    assert b.problem("GET", "/node", b"", sign_headers("secret", "GET", "/node")) is None
+
+
+def test_a_response_signature_binds_the_request_status_and_body():
+    sig = response_signature("secret", "nonce-1", 200, b'{"ok": true}')
+    assert response_is_authentic("secret", "nonce-1", 200, b'{"ok": true}', sig)
+    assert not response_is_authentic("secret", "nonce-1", 200, b'{"ok": false}', sig)  # body altered
+    assert not response_is_authentic("secret", "nonce-1", 404, b'{"ok": true}', sig)  # status altered
+    assert not response_is_authentic("secret", "nonce-2", 200, b'{"ok": true}', sig)  # another request's answer
+    assert not response_is_authentic("other-key", "nonce-1", 200, b'{"ok": true}', sig)
+    assert not response_is_authentic("secret", "nonce-1", 200, b'{"ok": true}', None)
+    streamed = response_signature("secret", "nonce-1", 200, None)  # a streamed answer: the status only
+    assert response_is_authentic("secret", "nonce-1", 200, None, streamed)
+    assert not response_is_authentic("secret", "nonce-1", 200, b"", streamed)

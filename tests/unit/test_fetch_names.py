@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from exo_lab.cluster.auth import HEADER_NONCE, HEADER_RESPONSE_SIG, response_signature
 from exo_lab.cluster.fetch import FetchError, fetch_tensors, is_plain_name, range_checksums
 from exo_lab.models import partial
 
@@ -35,6 +36,8 @@ class Peer(BaseHTTPRequestHandler):
     def _send(self, status: int, data: bytes) -> None:
         self.send_response(status)
         self.send_header("Content-Length", str(len(data)))
+        if HEADER_NONCE in self.headers:  # signed as an agent signs its answers
+            self.send_header(HEADER_RESPONSE_SIG, response_signature(KEY, self.headers[HEADER_NONCE], status, data))
         self.end_headers()
         self.wfile.write(data)
 

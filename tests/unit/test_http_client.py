@@ -1,5 +1,7 @@
 """The one signed HTTP client: JSON, NDJSON streams, range reads, timeouts and clear errors,
-against a real HTTP server that checks signatures with the cluster's Verifier."""
+against a real HTTP server that checks signatures with the cluster's Verifier and signs its answers
+(and, on some paths, answers the way a relay in the middle would: altered, unsigned, or signed with
+another key)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from exo_lab.cluster.auth import Verifier
+from exo_lab.cluster.auth import HEADER_NONCE, HEADER_RESPONSE_SIG, Verifier, response_signature
 from exo_lab.cluster.client import ClusterClient, ClusterError
 from exo_lab.cluster.http import RequestError, SignedClient, split_address
 
@@ -29,17 +31,28 @@ class Handler(BaseHTTPRequestHandler):
     def _body(self) -> bytes:
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
-    def _send(self, status: int, data: bytes, ctype: str = "application/json") -> None:
+    nonce: str | None = None
+
+    def _send(
+        self, status: int, data: bytes, ctype: str = "application/json", signed: bytes | None = None, key: str = KEY
+    ) -> None:
+        """Answer ``data``, signed (over ``signed`` instead when given: what a relay altering it would send)."""
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(data)))
+        if self.nonce:
+            sig = response_signature(key, self.nonce, status, data if signed is None else signed)
+            self.send_header(HEADER_RESPONSE_SIG, sig)
         self.end_headers()
         self.wfile.write(data)
 
     def _authentic(self, body: bytes) -> bool:
+        self.nonce = None
         problem = self.verifier.problem(self.command, self.path, body, dict(self.headers))
         if problem:
             self._send(401, json.dumps({"error": problem}).encode())
+        else:
+            self.nonce = self.headers[HEADER_NONCE]
         return problem is None
 
     def do_GET(self) -> None:
@@ -53,6 +66,16 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, b"{}")
         elif self.path == "/html":
             self._send(200, b"<html>", "text/html")
+        elif self.path == "/altered":  # one byte of the signed answer flipped on the way
+            self._send(200, b'{"ok": false}', signed=b'{"ok": true}')
+        elif self.path == "/other-key":
+            self._send(200, b'{"ok": true}', key="another-cluster-key")
+        elif self.path == "/unsigned":
+            self.nonce = None
+            self._send(200, b'{"ok": true}')
+        elif self.path == "/unsigned-404":
+            self.nonce = None
+            self._send(404, b'{"error": "gone"}')
         else:
             self._send(404, b'{"error": "no such thing"}')
 
@@ -66,6 +89,8 @@ class Handler(BaseHTTPRequestHandler):
             n = json.loads(body)["n"]
             self.send_response(200)
             self.send_header("Content-Type", "application/x-ndjson")
+            if self.nonce and n:  # a stream's signature covers its status (n == 0: left unsigned)
+                self.send_header(HEADER_RESPONSE_SIG, response_signature(KEY, self.nonce, 200, None))
             self.end_headers()
             for i in range(n):
                 self.wfile.write(json.dumps({"i": i}).encode() + b"\n")
@@ -135,6 +160,20 @@ def test_a_stream_with_an_error_status_raises_when_read(address):
     stream.close()
 
 
+@pytest.mark.parametrize("path", ["/altered", "/other-key", "/unsigned", "/unsigned-404"])
+def test_an_answer_not_signed_by_the_server_is_refused(address, path):
+    with pytest.raises(RequestError, match="response not authentic") as exc:
+        SignedClient(address, KEY).json("GET", path)
+    assert exc.value.status is None  # not taken for the status it claims (a 404 would read as "gone")
+
+
+def test_a_stream_not_signed_by_the_server_is_refused(address):
+    stream = SignedClient(address, KEY).stream_lines("POST", "/stream", {"n": 0})
+    with pytest.raises(RequestError, match="response not authentic"):
+        list(stream)
+    stream.close()
+
+
 def test_timeouts(address):
     started = time.monotonic()
     with pytest.raises(RequestError, match="timed out"):
@@ -162,6 +201,7 @@ def test_addresses():
 def test_the_cluster_client_hints_at_the_key_on_401(address):
     client = object.__new__(ClusterClient)  # only its request method: no agents to read
     client.cluster_key = None
+    client._addresses, client._contacts = {}, {}  # no node read yet: requests are not bound to one
     with pytest.raises(ClusterError, match="pass cluster_key= or set EXO_LAB_CLUSTER_KEY"):
         client.request(address, "POST", "/echo", {})
     client.cluster_key = KEY

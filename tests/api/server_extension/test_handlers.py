@@ -14,6 +14,7 @@ from tornado.httpserver import HTTPServer
 
 from exo_lab.cluster import coordinators
 from exo_lab.cluster.auth import Verifier
+from exo_lab.cluster.signed_handler import SignedHandler
 
 REPO = Path(__file__).resolve().parents[3]
 KEY = "f" * 64
@@ -38,8 +39,13 @@ class FakeAgent:
     def __init__(self, node_id: str, name: str, instances: list[dict[str, Any]]) -> None:
         self.requests: list[tuple[str, bool]] = []
         agent = self
+        verifier = Verifier(KEY)
 
-        class Handler(tornado.web.RequestHandler):
+        class Handler(SignedHandler):
+            def prepare(self) -> None:
+                if "X-Exo-Lab-Signature" in self.request.headers:
+                    self.signature_problem(verifier)  # accepted: the answer is signed, as an agent's is
+
             def get(self) -> None:
                 agent.requests.append((self.request.path, "X-Exo-Lab-Signature" in self.request.headers))
                 self.set_header("Content-Type", "application/json")
@@ -100,7 +106,7 @@ def write_coordinator(registry: Path, agents: list[str], **fields: Any) -> coord
 
 class FakeApi:
     """A coordinator's API (``POST /instance``, ``DELETE /instance/<id>``) that checks the cluster key's signature
-    and answers ``status`` with ``reply``."""
+    and answers ``status`` with ``reply``, signed."""
 
     def __init__(self, status: int = 201, reply: dict[str, Any] | None = None) -> None:
         self.requests: list[tuple[str, str, Any]] = []
@@ -109,10 +115,10 @@ class FakeApi:
         verifier = Verifier(KEY)
         api = self
 
-        class Handler(tornado.web.RequestHandler):
+        class Handler(SignedHandler):  # signs its answers, as the real API does
             def answer(self) -> None:
                 r = self.request
-                problem = verifier.problem(r.method or "", r.uri or "", r.body or b"", dict(r.headers))
+                problem = self.signature_problem(verifier)
                 if problem is not None:
                     self.set_status(401)
                     self.finish(json.dumps({"error": {"message": problem}}))
