@@ -55,7 +55,7 @@ labextension: $(LABEXT_OUT)/package.json
 	@if [ "$$(readlink $(LABEXT_LINK))" != "$(abspath $(LABEXT_OUT))" ]; then \
 		rm -rf $(LABEXT_LINK) && ln -s $(abspath $(LABEXT_OUT)) $(LABEXT_LINK) && echo "linked $(LABEXT_LINK)"; fi
 
-## run: a local node serving the built-in synthetic demo model (OpenAI API on $(HOST):$(PORT))
+## run: `exo-lab up`: this machine as a cluster member (node agent, API on $(HOST):$(PORT), dashboard), serving the demo model when alone
 run: setup
 	$(VENV)/bin/exo-lab up --host $(HOST) --port $(PORT)
 
