@@ -6,7 +6,8 @@ A local cluster of one node agent; coordinator ``a`` launches the model (one pro
 coordinator ``b`` (another Cluster on the same agent) serves the cluster too and forwards every
 request for the model to ``a`` (``exo_lab.api.forward``). The official openai client streams the same
 greedy request from each, alternating, ``--repeat`` times; medians of time to first token and decode
-tokens/s (tokens after the first over the time after it) are compared: forwarded / direct. What the
+tokens/s (tokens after the first over the time after it) and end-to-end tokens/s (all tokens over the whole
+request) are compared: forwarded / direct. What the
 forwarding costs is one more local HTTP hop per request and per streamed chunk.
 """
 
@@ -25,8 +26,8 @@ from exo_lab.models import synthetic
 from exo_lab.paths import models_dir
 
 
-def stream(client: openai.OpenAI, model: str, tokens: int) -> tuple[float, float, str]:
-    """(time to first token, decode tok/s, text) of one streamed greedy request."""
+def stream(client: openai.OpenAI, model: str, tokens: int) -> tuple[float, float, float, str]:
+    """(time to first token, decode tok/s, end-to-end tok/s, text) of one streamed greedy request."""
     t0 = time.perf_counter()
     first = None
     n = 0
@@ -46,7 +47,7 @@ def stream(client: openai.OpenAI, model: str, tokens: int) -> tuple[float, float
             text.append(chunk.choices[0].delta.content)
     end = time.perf_counter()
     assert first is not None
-    return first - t0, (n - 1) / (end - first) if n > 1 else 0.0, "".join(text)
+    return first - t0, (n - 1) / (end - first) if n > 1 else 0.0, n / (end - t0), "".join(text)
 
 
 def main() -> None:
@@ -64,7 +65,10 @@ def main() -> None:
     a = exo_lab.local_cluster(1)
     b = exo_lab.connect([a.address_of(n.id) for n in a.nodes], cluster_key=a.cluster_key)
     try:
-        inst = a.launch(str(path), name="m")
+        single = next(
+            p for p in a.preview(str(path)) if p.strategy == "single"
+        )  # one process: the hop is all that differs
+        inst = a.launch(str(path), plan=single, name="m")
         b.serve()
         direct = openai.OpenAI(base_url=f"{a.server.url}/v1", api_key="none")
         forwarded = openai.OpenAI(base_url=f"{b.server.url}/v1", api_key="none")
@@ -73,22 +77,24 @@ def main() -> None:
             time.sleep(0.2)
         stream(direct, "m", 4)  # warm-up, both paths
         stream(forwarded, "m", 4)
-        rows: dict[str, list[tuple[float, float]]] = {"direct": [], "forwarded": []}
+        rows: dict[str, list[tuple[float, float, float]]] = {"direct": [], "forwarded": []}
         texts = set()
-        for _ in range(args.repeat):
-            for name, client in (("direct", direct), ("forwarded", forwarded)):
-                ttft, tps, text = stream(client, "m", args.tokens)
-                rows[name].append((ttft, tps))
+        for i in range(args.repeat):
+            pair = (("direct", direct), ("forwarded", forwarded))
+            for name, client in pair if i % 2 == 0 else pair[::-1]:  # alternate which goes first
+                ttft, tps, e2e, text = stream(client, "m", args.tokens)
+                rows[name].append((ttft, tps, e2e))
                 texts.add(text)
         assert len(texts) == 1, "greedy replies differ between the two paths"
-        med = {k: (statistics.median(t for t, _ in v), statistics.median(s for _, s in v)) for k, v in rows.items()}
+        med = {k: tuple(statistics.median(r[i] for r in v) for i in range(3)) for k, v in rows.items()}
         print(f"{args.preset} {args.dtype}, {args.tokens} tokens, {args.repeat} runs each, {inst.plan.describe()}")
-        print(f"{'path':10s} {'TTFT ms':>9s} {'decode tok/s':>13s}")
-        for k, (ttft, tps) in med.items():
-            print(f"{k:10s} {1000 * ttft:9.1f} {tps:13.2f}")
+        print(f"{'path':10s} {'TTFT ms':>9s} {'decode tok/s':>13s} {'end-to-end tok/s':>17s}")
+        for k, (ttft, tps, e2e) in med.items():
+            print(f"{k:10s} {1000 * ttft:9.1f} {tps:13.2f} {e2e:17.2f}")
+        f, d = med["forwarded"], med["direct"]
         print(
-            f"forwarded / direct: TTFT x{med['forwarded'][0] / med['direct'][0]:.3f}, "
-            f"decode tok/s x{med['forwarded'][1] / med['direct'][1]:.3f}"
+            f"forwarded / direct: TTFT x{f[0] / d[0]:.3f}, decode tok/s x{f[1] / d[1]:.3f}, "
+            f"end-to-end tok/s x{f[2] / d[2]:.3f}"
         )
     finally:
         b.close()
