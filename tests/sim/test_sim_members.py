@@ -75,9 +75,14 @@ def ids(sim):
         except httpx.HTTPError:
             return None
         alive = {n["name"]: n["id"] for n in state.get("nodes", []) if n["state"] == "alive"} if status == 200 else {}
-        return alive if set(alive) == {"a", "b", "c"} else None
+        if set(alive) != {"a", "b", "c"}:
+            return None
+        # a pipeline over b and c needs their link measured: until then its plan is infeasible ("no measured link")
+        pair = {alive["b"], alive["c"]}
+        measured = any({link.get("src"), link.get("dst")} == pair and not link.get("error") for link in state["links"])
+        return alive if measured else None
 
-    return wait_for(formed, 120, "a's /state shows a, b and c alive")
+    return wait_for(formed, 120, "a's /state shows a, b and c alive and the b-c link measured")
 
 
 def test_one_cluster_launched_on_a_served_by_c_stopped_by_b(sim, ids):
