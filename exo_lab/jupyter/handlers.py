@@ -7,7 +7,8 @@
 - ``POST instances`` ``{"model_id", "plan": index | plan JSON, "name", ...preview filters}``: launch, through
   the coordinator's API (``POST {api_url}/instance``, signed with the cluster key); 409 when it serves none.
 - ``DELETE instances/<id>``: stop an instance of the cluster (through its owner's API, else its agents).
-- ``GET previews?model_id=...``: ranked placement plans for a model on the cluster.
+- ``GET previews?model_id=...``: ranked placement plans for a model on the cluster, only for a model available
+  on this machine (nothing is downloaded or built to preview; a launch downloads).
 - ``GET dashboard-url``: where the Panel dashboard is served, if anywhere.
 
 Every route takes ``?coordinator=<id>`` (default: the newest). The server reads the agents
@@ -310,7 +311,7 @@ class PreviewsHandler(ExoLabHandler):
             raise tornado.web.HTTPError(409, NO_CLUSTER_HINT)
         topology = await self.views.topology(info)
         try:
-            plans = await self.views.run(preview, topology, model, context, prompt, batch, objective)
+            plans = await self.views.run(preview, topology, model, context, prompt, batch, objective, False)
         except ModelNotFoundError as exc:
             raise tornado.web.HTTPError(404, str(exc)) from exc
         self.send({"coordinator": coordinator_summary(info), **plans.to_json()})

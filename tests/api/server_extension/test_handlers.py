@@ -269,6 +269,7 @@ async def test_previews(jp_fetch, registry: Path, tiny_model: Path) -> None:
         ({"model_id": str(tiny_model), "context": "x"}, 400),
         ({"model_id": str(tiny_model), "objective": "fast"}, 400),
         ({"model_id": "no-such-model-anywhere"}, 404),
+        ({"model_id": "some-org/not-in-the-store"}, 404),  # a hub id is not downloaded to preview it
     ]:
         with pytest.raises(HTTPClientError) as err:
             await jp_fetch("exo-lab", "api", "previews", params=params, method="GET")
