@@ -255,7 +255,7 @@ async def test_an_unreachable_cluster_is_a_502_with_the_reason(jp_fetch, registr
     assert "does not answer" in json.loads(err.value.response.body)["message"]
 
 
-async def test_previews(jp_fetch, registry: Path, tiny_model: Path) -> None:
+async def test_previews(jp_fetch, registry: Path, tiny_model: Path, models_cache: Path) -> None:
     a = FakeAgent("n0", "fake-0", [])
     b = FakeAgent("n1", "fake-1", [])
     write_coordinator(registry, [a.address, b.address])
@@ -263,6 +263,10 @@ async def test_previews(jp_fetch, registry: Path, tiny_model: Path) -> None:
     assert plans["plans"], plans
     assert all(p["context"] == 1024 for p in plans["plans"])
     assert {r["node_id"] for p in plans["plans"] for r in p["ranks"]} <= {"n0", "n1"}
+    # a synthetic preset is planned from its shape: previewing builds (or downloads) nothing
+    big = await get(jp_fetch, "previews", model_id="synthetic:llama-1b")
+    assert big["plans"] or big["infeasible"], big
+    assert not list(models_cache.glob("*llama-1b*")), list(models_cache.iterdir())
 
     for params, code in [
         ({}, 400),
