@@ -26,34 +26,21 @@ from exo_lab.cluster.client import ClusterError
 from exo_lab.cluster.watch import ClusterWatch, Subscriber
 from exo_lab.instance import Instance, LaunchError
 from exo_lab.models import ModelNotFoundError
-from exo_lab.placement.plan import Plan, Plans
+from exo_lab.placement.plan import Plan, Plans, strategies_for
 
 if TYPE_CHECKING:
     from exo_lab.workbench import Cluster
 
 log = logging.getLogger(__name__)
 
-#: exo's sharding names and ours, to the strategies a plan can have
-SHARDINGS = {
-    "single": {"single"},
-    "pipeline": {"pipeline"},
-    "tensor": {"tensor"},
-    "pipeline-tensor": {"pipeline-tensor"},
-}
 OBJECTIVES = ("decode", "ttft")
 
 
 def _strategies(sharding: str | None) -> set[str] | None:
-    if not sharding:
-        return None
-    out: set[str] = set()
-    for part in sharding.lower().split(","):
-        if part.strip() not in SHARDINGS:
-            raise bad_request(
-                f"'sharding' must be one of {', '.join(SHARDINGS)} (or several, comma-separated).", "sharding"
-            )
-        out |= SHARDINGS[part.strip()]
-    return out
+    try:
+        return strategies_for(sharding)
+    except ValueError as exc:
+        raise bad_request(str(exc), "sharding") from None
 
 
 class Control:
@@ -109,20 +96,7 @@ class Control:
             plans = self.cluster.preview(ref, context, prompt_tokens, objective, batch, download=download)
         except ModelNotFoundError as exc:
             raise ApiError(404, str(exc), param="model_id", code="model_not_found") from exc
-
-        def keep(p: Plan) -> bool:
-            if strategies is not None and p.strategy not in strategies:
-                return False
-            if min_nodes is not None and p.num_nodes < min_nodes:
-                return False
-            if node_ids:
-                allowed = set(node_ids)
-                return all(n in allowed or p.node_names.get(n) in allowed for n in p.nodes)
-            return True
-
-        plans.plans = [p for p in plans.plans if keep(p)]
-        plans.infeasible = [p for p in plans.infeasible if keep(p)]
-        return plans
+        return plans.filtered(strategies, min_nodes, node_ids)
 
     def _model_ref(self, model: str) -> str:
         """A served name stands for the model it serves; anything else is a model reference."""

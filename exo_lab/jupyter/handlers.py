@@ -7,8 +7,9 @@
 - ``POST instances`` ``{"model_id", "plan": index | plan JSON, "name", ...preview filters}``: launch, through
   the coordinator's API (``POST {api_url}/instance``, signed with the cluster key); 409 when it serves none.
 - ``DELETE instances/<id>``: stop an instance of the cluster (through its owner's API, else its agents).
-- ``GET previews?model_id=...``: ranked placement plans for a model on the cluster, only for a model available
-  on this machine (nothing is downloaded or built to preview; a launch downloads).
+- ``GET previews?model_id=...[&sharding=&min_nodes=&node_ids=]``: ranked placement plans for a model on the
+  cluster (the filters as on the API's ``/instance/previews``), only for a model available on this machine
+  (nothing is downloaded or built to preview; a launch downloads).
 - ``GET dashboard-url``: where the Panel dashboard is served, if anywhere.
 
 Every route takes ``?coordinator=<id>`` (default: the newest). The server reads the agents
@@ -42,6 +43,7 @@ from exo_lab.cluster.http import SignedClient
 from exo_lab.cluster.topology import Topology
 from exo_lab.jupyter.instances import INSTANCE_ID, forward, launch_body, merge_instances, owner_of
 from exo_lab.models import ModelNotFoundError
+from exo_lab.placement.plan import strategies_for
 from exo_lab.placement.preview import preview
 from exo_lab.ui.topology_widget import graph_json
 
@@ -306,6 +308,12 @@ class PreviewsHandler(ExoLabHandler):
             raise tornado.web.HTTPError(400, "'objective' must be 'decode' or 'ttft'")
         if prompt > context:
             raise tornado.web.HTTPError(400, "'prompt_tokens' must not exceed 'context'")
+        try:
+            strategies = strategies_for(self.get_query_argument("sharding", None))
+        except ValueError as exc:
+            raise tornado.web.HTTPError(400, str(exc)) from None
+        min_nodes = self._int("min_nodes", 1)
+        node_ids = [n for n in self.get_query_argument("node_ids", "").split(",") if n.strip()] or None
         info, _ = self.picked()
         if info is None:
             raise tornado.web.HTTPError(409, NO_CLUSTER_HINT)
@@ -314,6 +322,7 @@ class PreviewsHandler(ExoLabHandler):
             plans = await self.views.run(preview, topology, model, context, prompt, batch, objective, False)
         except ModelNotFoundError as exc:
             raise tornado.web.HTTPError(404, str(exc)) from exc
+        plans = plans.filtered(strategies, min_nodes, node_ids)
         self.send({"coordinator": coordinator_summary(info), **plans.to_json()})
 
 

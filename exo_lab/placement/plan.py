@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import html
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, cast
 
 from exo_lab.cluster.display import text_table
@@ -149,6 +149,29 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.2f}"
 
 
+#: exo's sharding names and ours, to the strategies a plan can have
+SHARDINGS = {
+    "single": {"single"},
+    "pipeline": {"pipeline"},
+    "tensor": {"tensor"},
+    "pipeline-tensor": {"pipeline-tensor"},
+}
+
+
+def strategies_for(sharding: str | None) -> set[str] | None:
+    """The plan strategies a ``sharding`` filter (one name or several, comma-separated) allows; None: all.
+
+    Raises ValueError naming the accepted values for anything else."""
+    if not sharding:
+        return None
+    out: set[str] = set()
+    for part in sharding.lower().split(","):
+        if part.strip() not in SHARDINGS:
+            raise ValueError(f"'sharding' must be one of {', '.join(SHARDINGS)} (or several, comma-separated).")
+        out |= SHARDINGS[part.strip()]
+    return out
+
+
 @dataclass
 class Plans:
     """Ranked plans, best first (list-like), plus the infeasible candidates and why."""
@@ -183,6 +206,26 @@ class Plans:
             "plans": [p.to_json() for p in self.plans],
             "infeasible": [p.to_json() for p in self.infeasible],
         }
+
+    def filtered(
+        self, strategies: set[str] | None = None, min_nodes: int | None = None, node_ids: list[str] | None = None
+    ) -> Plans:
+        """These plans (feasible and not) limited to ``strategies``, at least ``min_nodes`` nodes, and only
+        nodes in ``node_ids`` (ids or names); ``None`` leaves a criterion out. Ranks keep their order."""
+
+        def keep(p: Plan) -> bool:
+            if strategies is not None and p.strategy not in strategies:
+                return False
+            if min_nodes is not None and p.num_nodes < min_nodes:
+                return False
+            if node_ids:
+                allowed = set(node_ids)
+                return all(n in allowed or p.node_names.get(n) in allowed for n in p.nodes)
+            return True
+
+        return replace(
+            self, plans=[p for p in self.plans if keep(p)], infeasible=[p for p in self.infeasible if keep(p)]
+        )
 
     def rows(self) -> list[list[str]]:
         out = []

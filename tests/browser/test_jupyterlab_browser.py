@@ -422,8 +422,16 @@ def test_launch_a_plan_from_the_panel_see_it_load_and_serve_then_stop_it(
             page.locator(f"{PANEL} .exo-lab-select").select_option(coordinator)
         page.locator(f"{PANEL} .exo-lab-node-row", has_text="lab-node").wait_for(timeout=30_000)
 
-        # preview the demo model: ranked plans, the best selected, with its Launch button
+        # the filters apply: at least 2 nodes on a one-node cluster leaves no plan, and says so
         page.locator(f"{PANEL} .exo-lab-model-input").fill("demo")
+        page.locator(f"{PANEL} .exo-lab-min-nodes-input").fill("2")
+        page.locator(f"{PANEL} .exo-lab-preview-button").click()
+        page.locator(f"{PANEL} .exo-lab-launch-error", has_text="No plan fits demo").wait_for(timeout=30_000)
+        assert page.locator(f"{PANEL} .exo-lab-plan-card").count() == 0
+
+        # preview the demo model, single-node plans: ranked plans, the best selected, with its Launch button
+        page.locator(f"{PANEL} .exo-lab-min-nodes-input").fill("1")
+        page.locator(f"{PANEL} .exo-lab-sharding-select").select_option("single")
         page.locator(f"{PANEL} .exo-lab-preview-button").click()
         page.locator(f"{PANEL} .exo-lab-plan-card.selected .exo-lab-launch-button").wait_for(timeout=30_000)
         assert "lab-node" in page.locator(f"{PANEL} .exo-lab-plan-card.selected").inner_text()

@@ -60,6 +60,15 @@ function tokensPerSecond(tps: number | null | undefined): string {
   return `~${tps >= 100 ? tps.toFixed(0) : tps.toFixed(1)} tok/s`;
 }
 
+/** The preview filter's sharding choices (the API's `sharding` values; '' for any). */
+const SHARDING_CHOICES: [string, string][] = [
+  ['', 'any sharding'],
+  ['single', 'single node'],
+  ['pipeline', 'pipeline'],
+  ['tensor', 'tensor'],
+  ['pipeline-tensor', 'pipeline + tensor']
+];
+
 const STATE_CLASS: Record<string, string> = {
   alive: 'ok',
   ready: 'ok',
@@ -137,6 +146,20 @@ export class ClusterPanel extends Widget {
       event.preventDefault();
       void this.preview();
     });
+    const filters = el('div', 'exo-lab-launch-filters', null, launchSection);
+    this.shardingSelect = el('select', 'exo-lab-input exo-lab-sharding-select', null, filters);
+    this.shardingSelect.setAttribute('aria-label', 'sharding');
+    this.shardingSelect.title = 'Only plans of this kind';
+    for (const [value, label] of SHARDING_CHOICES) {
+      const option = el('option', '', label, this.shardingSelect);
+      option.value = value;
+    }
+    const minLabel = el('label', 'exo-lab-muted exo-lab-min-nodes-label', 'min nodes', filters);
+    this.minNodesInput = el('input', 'exo-lab-input exo-lab-min-nodes-input', null, minLabel);
+    this.minNodesInput.type = 'number';
+    this.minNodesInput.min = '1';
+    this.minNodesInput.value = '1';
+    this.minNodesInput.setAttribute('aria-label', 'minimum number of nodes');
     this.launchError = el('div', 'exo-lab-action-error exo-lab-launch-error', null, launchSection);
     this.launchStatus = el('div', 'exo-lab-muted exo-lab-launch-status', null, launchSection);
     this.plansList = el('div', 'exo-lab-plans-list', null, launchSection);
@@ -442,7 +465,12 @@ export class ClusterPanel extends Widget {
     this.setLaunchError('');
     this.launchStatus.textContent = `Ranking plans for ${model}…`;
     try {
-      const reply = await requestAPI<IPreviewsReply>('previews', { model_id: model, coordinator });
+      const reply = await requestAPI<IPreviewsReply>('previews', {
+        model_id: model,
+        coordinator,
+        sharding: this.shardingSelect.value,
+        min_nodes: this.minNodesInput.value.trim()
+      });
       this.previews = reply;
       this.previewModel = model;
       this.previewsCoordinator = reply.coordinator?.id ?? coordinator ?? null;
@@ -704,6 +732,8 @@ export class ClusterPanel extends Widget {
   private readonly instancesList: HTMLElement;
   private readonly modelInput: HTMLInputElement;
   private readonly previewButton: HTMLButtonElement;
+  private readonly shardingSelect: HTMLSelectElement;
+  private readonly minNodesInput: HTMLInputElement;
   private readonly launchError: HTMLElement;
   private readonly launchStatus: HTMLElement;
   private readonly plansList: HTMLElement;

@@ -263,6 +263,14 @@ async def test_previews(jp_fetch, registry: Path, tiny_model: Path, models_cache
     assert plans["plans"], plans
     assert all(p["context"] == 1024 for p in plans["plans"])
     assert {r["node_id"] for p in plans["plans"] for r in p["ranks"]} <= {"n0", "n1"}
+    # the API's filters (feasible plans and infeasible ones alike): one kind; at least two nodes; only node n0
+    single = await get(jp_fetch, "previews", model_id=str(tiny_model), sharding="single")
+    assert single["plans"] and {p["strategy"] for p in single["plans"] + single["infeasible"]} == {"single"}
+    two = await get(jp_fetch, "previews", model_id=str(tiny_model), min_nodes="2")
+    two_all = two["plans"] + two["infeasible"]  # the fake agents have no measured link: multi-node plans infeasible
+    assert two_all and all(len({r["node_id"] for r in p["ranks"]}) >= 2 for p in two_all), two
+    only = await get(jp_fetch, "previews", model_id=str(tiny_model), node_ids="n0")
+    assert only["plans"] and all({r["node_id"] for r in p["ranks"]} == {"n0"} for p in only["plans"])
     # a synthetic preset is planned from its shape: previewing builds (or downloads) nothing
     big = await get(jp_fetch, "previews", model_id="synthetic:llama-1b")
     assert big["plans"] or big["infeasible"], big
@@ -272,6 +280,8 @@ async def test_previews(jp_fetch, registry: Path, tiny_model: Path, models_cache
         ({}, 400),
         ({"model_id": str(tiny_model), "context": "x"}, 400),
         ({"model_id": str(tiny_model), "objective": "fast"}, 400),
+        ({"model_id": str(tiny_model), "sharding": "diagonal"}, 400),
+        ({"model_id": str(tiny_model), "min_nodes": "0"}, 400),
         ({"model_id": "no-such-model-anywhere"}, 404),
         ({"model_id": "some-org/not-in-the-store"}, 404),  # a hub id is not downloaded to preview it
     ]:
