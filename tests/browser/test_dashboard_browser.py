@@ -386,12 +386,15 @@ def test_launch_a_plan_from_the_page_chat_with_it_and_stop_it(browser, tiny_mode
         assert len(drawn_graph(page)["edges"]) == 1
         model_box = page.locator("input[placeholder^='a model name']")
         model_box.fill(str(tiny_model))
+        sharding = page.locator("select").filter(has=page.locator("option", has_text="pipeline + tensor"))
+        sharding.select_option(label="pipeline")  # the filter: pipelines only
         page.get_by_role("button", name="Preview").click()
         wanted = "pipeline: local-0[0:2] -> local-1[2:4]"
         row = page.locator(".tabulator-row").filter(has_text=wanted).first
         row.wait_for(timeout=30_000)
-        row.click()
         plans = session.plans
+        assert {p.strategy for p in plans.plans.plans} == {"pipeline"}, plans.plans.plans
+        row.click()
         wait_for(
             lambda: [plans.plans.plans[i].describe() for i in plans.table.selection] == [wanted],
             10,

@@ -53,6 +53,16 @@ def plans_frame(plans: Any) -> pd.DataFrame:
     )
 
 
+#: the sharding filter's choices (label: the API's ``sharding`` value; "" for any)
+SHARDING_CHOICES = {
+    "any": "",
+    "single node": "single",
+    "pipeline": "pipeline",
+    "tensor": "tensor",
+    "pipeline + tensor": "pipeline-tensor",
+}
+
+
 class PlansView:
     """The preview card: pick a model and a request shape, rank the plans, launch the selected one."""
 
@@ -80,6 +90,8 @@ class PlansView:
         self.objective = pn.widgets.Select(
             label="rank by", options={"decode tok/s": "decode", "time to first token": "ttft"}, width=160
         )
+        self.sharding = pn.widgets.Select(label="sharding", options=SHARDING_CHOICES, width=150)
+        self.min_nodes = pn.widgets.IntInput(label="min nodes", value=1, start=1, step=1, width=90)
         self.preview_button = pn.widgets.Button(label="Preview", color="primary", width=100, align="end")
         self.preview_button.on_click(self._on_preview)
         self.table = pn.widgets.Tabulator(
@@ -104,7 +116,16 @@ class PlansView:
         self.launch_button.on_click(self._on_launch)
         self.card = card(
             html_pane(card_title("Placement preview", "ranked plans for a model on these nodes")),
-            pn.Row(self.model, self.context, self.prompt, self.objective, self.preview_button, margin=0),
+            pn.Row(
+                self.model,
+                self.context,
+                self.prompt,
+                self.objective,
+                self.sharding,
+                self.min_nodes,
+                self.preview_button,
+                margin=0,
+            ),
             self.note,
             self.table,
             self.launch_button,
@@ -133,7 +154,15 @@ class PlansView:
             context, prompt = self.context.value, self.prompt.value
             if context is None or prompt is None:
                 raise ValueError("context and prompt tokens need a value")
-            plans = await asyncio.to_thread(self.source.preview, model, int(context), int(prompt), self.objective.value)
+            plans = await asyncio.to_thread(
+                self.source.preview,
+                model,
+                int(context),
+                int(prompt),
+                self.objective.value,
+                self.sharding.value or None,
+                self.min_nodes.value or 1,
+            )
         except Exception as exc:
             self.plans = None
             self.table.visible = False

@@ -220,23 +220,37 @@ class DashboardSource:
         names += [f"synthetic:{p}" for p in PRESETS]
         return list(dict.fromkeys(names))
 
-    def preview(self, model: str, context: int, prompt_tokens: int, objective: str) -> Any:
-        """Ranked plans for ``model`` on the current topology (launchable when there is a cluster).
+    def preview(
+        self,
+        model: str,
+        context: int,
+        prompt_tokens: int,
+        objective: str,
+        sharding: str | None = None,
+        min_nodes: int | None = None,
+    ) -> Any:
+        """Ranked plans for ``model`` on the current topology (launchable when there is a cluster), only those of
+        ``sharding`` (e.g. ``pipeline``) over at least ``min_nodes`` nodes.
 
         Like the API's previews, only for a model here (served, on disk, a what-if model, a synthetic preset):
         a page never makes this process download or build one (:mod:`exo_lab.models.local`)."""
+        from exo_lab.placement.plan import strategies_for
+
+        strategies = strategies_for(sharding)
         if self.control is not None:
-            return self.control.previews(model, context=context, prompt_tokens=prompt_tokens, objective=objective)
-        if self.cluster is not None:
-            return self.cluster.preview(
+            plans = self.control.previews(model, context=context, prompt_tokens=prompt_tokens, objective=objective)
+        elif self.cluster is not None:
+            plans = self.cluster.preview(
                 model, context=context, prompt_tokens=prompt_tokens, objective=objective, download=False
             )
-        from exo_lab.placement.preview import preview
+        else:
+            from exo_lab.placement.preview import preview
 
-        topo = self.topology
-        if topo is None:
-            raise RuntimeError("this machine is still being profiled; try again in a moment")
-        return preview(topo, model, context, prompt_tokens, 1, objective, download=False)
+            topo = self.topology
+            if topo is None:
+                raise RuntimeError("this machine is still being profiled; try again in a moment")
+            plans = preview(topo, model, context, prompt_tokens, 1, objective, download=False)
+        return plans.filtered(strategies, min_nodes)
 
     def launch(self, plan: Any, name: str | None = None, model: str | None = None) -> threading.Thread:
         """Launch ``plan`` of ``model`` (default: the model the plan was previewed for) through the cluster's
