@@ -36,7 +36,7 @@ from exo_lab.engine.generation import (  # noqa: F401  (re-exported: the request
     TokenLogprob,
     Usage,
 )
-from exo_lab.engine.sampling import make_sampler
+from exo_lab.engine.sampling import make_penalties, make_sampler
 from exo_lab.engine.stopping import StopMatcher
 
 log = logging.getLogger(__name__)
@@ -216,14 +216,15 @@ class Engine(Backend):
                 prefill_batch_size=min(8, self.max_batch),
                 stream=self.mlx_stream,
             )
-        processors: list = []
+        penalties = make_penalties(req.sampling, req.prompt_tokens)  # bias and penalties, before any grammar
+        processors: list = [penalties] if penalties is not None else []
         sampler = make_sampler(req.sampling)
         if req.grammar is not None:  # the constraint masks the logits, then picks the token to keep
             from exo_lab.engine.guided import SchemaConstraint, vocabulary
 
             vocab = vocabulary(self.tokenizer, int(self.config.get("vocab_size") or len(self.tokenizer._tokenizer)))
             constraint = SchemaConstraint(req.grammar, vocab, req.max_tokens)
-            processors, sampler = [constraint], constraint.sampler(sampler)
+            processors, sampler = [*processors, constraint], constraint.sampler(sampler)
         guard = _Guard()
         (uid,) = self._batch.insert(
             [list(req.prompt_tokens)],

@@ -56,7 +56,7 @@ from exo_lab.engine.guided import SchemaConstraint, vocabulary
 from exo_lab.engine.job import Job, JobError
 from exo_lab.engine.lockstep import FAILED, Batch, Layout, Lockstep, describe
 from exo_lab.engine.pairs import Exchange
-from exo_lab.engine.sampling import SamplingParams, make_sampler
+from exo_lab.engine.sampling import SamplingParams, make_penalties, make_sampler
 from exo_lab.engine.shard import ShardSpec, load_shard, tensor_names
 from exo_lab.engine.stopping import StopMatcher
 from exo_lab.models import partial
@@ -251,16 +251,26 @@ class Worker:
         if self.rank == 0:
             row.detok = self.tokenizer.detokenizer
             row.stopper = StopMatcher(list(job.stop))
-        constraint, error = None, None
+        constraint, error, penalties = None, None, None
         sampler: Callable[[mx.array], mx.array] = _argmax
         try:  # what fails here fails this job alone, at its first step (see Lockstep.step)
             sampler = make_sampler(params)
+            penalties = make_penalties(params, prompt)
             if job.grammar and self.guide is not None:  # the rank that samples keeps the output in the grammar
                 constraint = SchemaConstraint(job.grammar, self.guide, job.max_tokens)
         except Exception as exc:
             log.exception("job %d cannot be sampled", queued.seq)
             error = describe(exc)
-        batch.add(self.lockstep.prefill(prompt), prompt[-1], sampler, params.greedy, constraint, job.logprobs, error)
+        batch.add(
+            self.lockstep.prefill(prompt),
+            prompt[-1],
+            sampler,
+            params.greedy,
+            constraint,
+            job.logprobs,
+            error,
+            penalties,
+        )
         return row
 
     def _accept(self, row: _Row, token: int, logprob: tuple[float, list[tuple[int, float]]] | None = None) -> bool:

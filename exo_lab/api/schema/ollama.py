@@ -7,7 +7,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, PlainValidator, WithJsonSchema, model_validator
 
-from exo_lab.api.schema import Int, Part, RequestModel, Seed, Stops, fail
+from exo_lab.api.schema import Int, MinP, Part, Penalty, RepetitionPenalty, RequestModel, Seed, Stops, fail
 from exo_lab.api.schema.openai import ChatTool
 from exo_lab.engine.chat import ROLES
 
@@ -31,6 +31,11 @@ class Options(Part):
     top_k: Int | None = None
     seed: Seed | None = None
     stop: Stops = ()
+    min_p: MinP | None = None
+    repeat_penalty: RepetitionPenalty | None = None
+    repeat_last_n: Int | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
 
 
 def _no_images(images: Any) -> None:
@@ -44,6 +49,7 @@ class OllamaMessage(Part):
     images: list[Any] | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_name: str | None = None
+    thinking: str | None = None  # an earlier reply's reasoning (not sent to the model again)
 
     @model_validator(mode="after")
     def _text_only(self) -> OllamaMessage:
@@ -67,6 +73,8 @@ class OllamaRequest(RequestModel):
     format: Format = None
     options: Options | None = None
     keep_alive: Any = None
+    #: a thinking model's thinking: on (its reasoning in ``thinking``), off, or a level (gpt-oss)
+    think: bool | Literal["low", "medium", "high"] | None = None
 
 
 class ChatRequest(OllamaRequest):

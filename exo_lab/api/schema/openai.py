@@ -8,9 +8,13 @@ from pydantic import Field, WithJsonSchema, field_validator, model_validator
 
 from exo_lab.api.schema import (
     Int,
+    LogitBias,
+    MinP,
     NonNegativeInt,
     Part,
+    Penalty,
     PositiveInt,
+    RepetitionPenalty,
     RequestModel,
     Seed,
     Stops4,
@@ -22,6 +26,7 @@ from exo_lab.engine.chat import ROLES
 Temperature = Annotated[float, Field(ge=0, le=2)]
 TopP = Annotated[float, Field(gt=0, le=1)]
 JsonSchema = dict[str, Any]
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
 
 
 # ------------------------------------------------------------------------------------ tools
@@ -149,7 +154,17 @@ class ChatCompletionRequest(RequestModel):
     top_p: TopP | None = None
     top_k: NonNegativeInt | None = None
     seed: Seed | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: LogitBias | None = None
+    #: vLLM-style extensions: min-p sampling and a multiplicative repetition penalty
+    min_p: MinP | None = None
+    repetition_penalty: RepetitionPenalty | None = None
     stop: Stops4 = ()
+    #: how much a thinking model thinks (``none`` turns thinking off); goes to the chat template
+    reasoning_effort: ReasoningEffort | None = None
+    #: vLLM-style extension: variables for the chat template (``enable_thinking``, ...)
+    chat_template_kwargs: dict[str, Any] | None = None
     #: vLLM-style extension: generate exactly the token limit
     ignore_eos: bool | None = None
     stream: bool | None = None
@@ -256,6 +271,14 @@ class TextOptions(Part):
     format: TextFormat | None = None
 
 
+class ReasoningOptions(Part):
+    """``{"effort", "summary"}``: how much a thinking model thinks (``none`` turns thinking off)."""
+
+    effort: ReasoningEffort | None = None
+    summary: Literal["auto", "concise", "detailed"] | None = None
+    generate_summary: Literal["auto", "concise", "detailed"] | None = None
+
+
 class ResponsesRequest(RequestModel):
     """``POST /v1/responses``."""
 
@@ -270,6 +293,7 @@ class ResponsesRequest(RequestModel):
     tools: list[ResponsesTool] | None = None
     tool_choice: ToolChoice | None = None
     text: TextOptions | None = None
+    reasoning: ReasoningOptions | None = None
     metadata: dict[str, Any] | Any = None
     user: Any = None
 
