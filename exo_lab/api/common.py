@@ -226,7 +226,7 @@ def sampling_params(
 
     bias: list[tuple[int, float]] = []
     if logit_bias:
-        vocab = _vocab_size(backend)
+        vocab = vocab_size(backend)
         for key, value in logit_bias.items():
             token = int(key)
             if vocab is not None and not 0 <= token < vocab:
@@ -252,7 +252,7 @@ def sampling_params(
         raise bad_request(f"Invalid sampling parameters: {exc}", None) from exc
 
 
-def _vocab_size(backend: Backend | None) -> int | None:
+def vocab_size(backend: Backend | None) -> int | None:
     tokenizer = getattr(backend, "tokenizer", None)
     try:
         return len(tokenizer) if tokenizer is not None else None

@@ -36,7 +36,8 @@ class Backend(ABC):
     beyond that :meth:`submit` raises :class:`EngineBusy`.
     """
 
-    #: what it does beyond plain generation: ``logprobs``, ``grammar`` (character automata), ``schema`` (llguidance)
+    #: what it does beyond plain generation: ``logprobs``, ``grammar`` (character automata), ``schema`` (llguidance),
+    #: ``embeddings`` (:meth:`embed`)
     features: ClassVar[frozenset[str]] = frozenset()
 
     name: str
@@ -119,6 +120,11 @@ class Backend(ABC):
                 self.usage_history.append((time.time(), final.usage))
                 self.requests_completed += 1
             gen._push(final)
+
+    def embed(self, prompts: Sequence[Sequence[int]]) -> list[list[float]]:
+        """Each prompt's embedding (:mod:`exo_lab.engine.embedding`); backends with ``embeddings`` in
+        :attr:`features` give them (blocking: call it off an event loop)."""
+        raise NotImplementedError(f"{type(self).__name__} does not compute embeddings")
 
     # ---------------------------------------------------------------- tokens
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:

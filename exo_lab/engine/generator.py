@@ -18,7 +18,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -27,6 +27,7 @@ import mlx.core as mx
 import mlx_lm.generate  # noqa: F401  (import here, not on the engine thread: its module-level stream is thread-local)
 
 from exo_lab.engine.backend import Backend
+from exo_lab.engine.embedding import Task, embed_tokens
 from exo_lab.engine.generation import (  # noqa: F401  (re-exported: the request types' old home)
     Chunk,
     EngineBusy,
@@ -100,7 +101,7 @@ class Engine(Backend):
     """A model loaded with mlx_lm, generating on its own worker thread."""
 
     #: what this backend does beyond plain generation: logprobs, and output constrained by a grammar
-    features = frozenset({"logprobs", "grammar"})
+    features = frozenset({"logprobs", "grammar", "embeddings"})
 
     #: the mlx_lm model (an ``nn.Module`` used through its dynamic attributes); None once released
     model: Any
@@ -115,7 +116,7 @@ class Engine(Backend):
         #: decode steps taken, tokens they produced, and the most sequences one step decoded
         self._stats = {"decode_steps": 0, "decode_tokens": 0, "peak_batch": 0}
         self._closing = False
-        self._queue: queue.Queue[Generation | None] = queue.Queue()
+        self._queue: queue.Queue[Generation | Task | None] = queue.Queue()
         self._loaded = threading.Event()
         self._load_error: BaseException | None = None
         self._closed = threading.Event()
@@ -136,6 +137,13 @@ class Engine(Backend):
 
     def _enqueue(self, gen: Generation) -> None:
         self._queue.put(gen)
+
+    def embed(self, prompts: Sequence[Sequence[int]]) -> list[list[float]]:
+        """Each prompt's embedding (:mod:`exo_lab.engine.embedding`), computed on the engine's thread."""
+        self._check_open()
+        task = Task(lambda: [embed_tokens(self.model, p) for p in prompts])
+        self._queue.put(task)
+        return task.result(timeout=600)
 
     def close(self) -> None:
         """Finish queued work, then free the model; later submissions fail."""
@@ -195,6 +203,9 @@ class Engine(Backend):
             block = False
             if gen is None:
                 return True
+            if isinstance(gen, Task):  # other work on the model (embeddings), between decode steps
+                gen.run()
+                continue
             if gen.cancelled:
                 self._finish(gen, Chunk("", finish_reason="cancelled", usage=Usage(len(gen.request.prompt_tokens))))
                 continue

@@ -115,3 +115,53 @@ class ShowRequest(RequestModel):
         if not (self.model or self.name):
             raise fail("model is required", "model", "missing_required_parameter")
         return self
+
+
+class OllamaEmbedRequest(RequestModel):
+    """``POST /api/embed``: ``input`` (a string or strings), cut to the context unless ``truncate`` is false."""
+
+    style: ClassVar[str] = "ollama"
+
+    model: str
+    input: str | Annotated[list[str], Field(min_length=1)]
+    truncate: bool | None = None
+    options: dict[str, Any] | None = None
+    keep_alive: Any = None
+    dimensions: Annotated[int, Field(ge=1)] | None = None
+
+    @model_validator(mode="after")
+    def _inputs(self) -> OllamaEmbedRequest:
+        if any(not s for s in self.inputs()):
+            raise fail("input must not be empty", "input")
+        return self
+
+    def inputs(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+class OllamaEmbeddingsRequest(RequestModel):
+    """``POST /api/embeddings`` (Ollama's older route): one ``prompt``."""
+
+    style: ClassVar[str] = "ollama"
+
+    model: str
+    prompt: str
+    options: dict[str, Any] | None = None
+    keep_alive: Any = None
+
+
+class OllamaPullRequest(RequestModel):
+    """``POST /api/pull`` (``name`` is the older spelling of ``model``)."""
+
+    style: ClassVar[str] = "ollama"
+
+    model: str | None = None
+    name: str | None = None
+    insecure: bool | None = None
+    stream: bool | None = None
+
+    @model_validator(mode="after")
+    def _named(self) -> OllamaPullRequest:
+        if not (self.model or self.name):
+            raise fail("model is required", "model", "missing_required_parameter")
+        return self
