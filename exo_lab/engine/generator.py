@@ -18,7 +18,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -27,7 +27,7 @@ import mlx.core as mx
 import mlx_lm.generate  # noqa: F401  (import here, not on the engine thread: its module-level stream is thread-local)
 
 from exo_lab.engine.backend import Backend
-from exo_lab.engine.embedding import Task, embed_tokens
+from exo_lab.engine.embedding import embed_tokens
 from exo_lab.engine.generation import (  # noqa: F401  (re-exported: the request types' old home)
     Chunk,
     EngineBusy,
@@ -116,7 +116,7 @@ class Engine(Backend):
         #: decode steps taken, tokens they produced, and the most sequences one step decoded
         self._stats = {"decode_steps": 0, "decode_tokens": 0, "peak_batch": 0}
         self._closing = False
-        self._queue: queue.Queue[Generation | Task | None] = queue.Queue()
+        self._queue: queue.Queue[Generation | None] = queue.Queue()
         self._loaded = threading.Event()
         self._load_error: BaseException | None = None
         self._closed = threading.Event()
@@ -137,13 +137,6 @@ class Engine(Backend):
 
     def _enqueue(self, gen: Generation) -> None:
         self._queue.put(gen)
-
-    def embed(self, prompts: Sequence[Sequence[int]]) -> list[list[float]]:
-        """Each prompt's embedding (:mod:`exo_lab.engine.embedding`), computed on the engine's thread."""
-        self._check_open()
-        task = Task(lambda: [embed_tokens(self.model, p) for p in prompts])
-        self._queue.put(task)
-        return task.result(timeout=600)
 
     def close(self) -> None:
         """Finish queued work, then free the model; later submissions fail."""
@@ -203,13 +196,15 @@ class Engine(Backend):
             block = False
             if gen is None:
                 return True
-            if isinstance(gen, Task):  # other work on the model (embeddings), between decode steps
-                gen.run()
-                continue
             if gen.cancelled:
                 self._finish(gen, Chunk("", finish_reason="cancelled", usage=Usage(len(gen.request.prompt_tokens))))
                 continue
             try:
+                if gen.request.embed:  # an embedding, between decode steps: it never joins the batch
+                    vector = embed_tokens(self.model, gen.request.prompt_tokens)
+                    usage = Usage(prompt_tokens=len(gen.request.prompt_tokens))
+                    self._finish(gen, Chunk("", finish_reason="stop", usage=usage, embedding=tuple(vector)))
+                    continue
                 self._admit(gen, active)
             except Exception as exc:
                 log.exception("generation %s could not start", gen.request.id)

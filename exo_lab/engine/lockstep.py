@@ -203,6 +203,30 @@ class Lockstep:
             mx.clear_cache()
         return cache
 
+    def embed(self, prompt: list[int]) -> list[float]:
+        """The prompt's embedding (:mod:`exo_lab.engine.embedding`), on every rank: the whole prompt through the
+        pipeline in prefill's chunks, the last stage's normed hidden states averaged, one ``all_sum`` to share."""
+        lay = self.layout
+        cache = self.shard.make_cache()
+        tokens = mx.array(prompt, mx.int32)
+        total = mx.zeros((self.hidden,), mx.float32)
+        pos = 0
+        while pos < len(prompt):
+            n = min(self.prefill_step_size, len(prompt) - pos)
+            out = self._forward(tokens[pos : pos + n][None], cache, logits=False)
+            if lay.last:
+                assert self.shard.norm is not None  # a last stage always holds the norm
+                total = total + self.shard.norm(out)[0].astype(mx.float32).sum(axis=0)
+                out = total
+            mx.eval(out, [c.state for c in cache])
+            pos += n
+        mine = lay.last and lay.rank == lay.stages[-1][0]
+        mean = total / len(prompt)
+        vector = mean / mx.maximum(mx.linalg.norm(mean), 1e-12) if mine else mx.zeros((self.hidden,), mx.float32)
+        shared = mx.distributed.all_sum(vector, group=self.group)
+        mx.eval(shared)
+        return cast("list[float]", shared.tolist())
+
     def step(self, batch: Batch) -> mx.array | None:
         """One decode step of every row of ``batch``: the sampled tokens on the last stage's lead rank, else None.
 

@@ -198,9 +198,15 @@ class Worker:
             _, _, self.admit_to = ls.share(None, [], self._admissible(0))
         for seq in range(self.admitted + 1, self.admit_to + 1):
             t = time.perf_counter()
-            rows.append(self._admit(self._job(seq), batch))
+            queued = self._job(seq)
+            if queued.job is not None and queued.job.embed:  # an embedding: every rank now, never in the batch
+                self._embed(queued)
+            else:
+                rows.append(self._admit(queued, batch))
             self.admitted = seq
             log.debug("job %d joined (prefill %.3f s)", seq, time.perf_counter() - t)
+        if not rows:  # only embeddings were admitted: nothing to decode
+            return rows
         t = time.perf_counter()
         tokens = ls.step(batch)
         flags = [1 if r.job.stop else 0 for r in rows] if self.rank == 0 else [0] * len(rows)
@@ -240,6 +246,19 @@ class Worker:
             while room > 0 and (job := self.jobs.get(last + 1)) is not None and job.kind == "generate":
                 last, room = last + 1, room - 1
         return last
+
+    def _embed(self, queued: QueuedJob) -> None:
+        """Every rank: the job's prompt through the pipeline (see :meth:`Lockstep.embed`); rank 0 answers with it."""
+        job = queued.job
+        assert job is not None
+        vector = self.lockstep.embed(list(job.prompt))
+        with self.cond:
+            self.jobs.pop(queued.seq, None)
+            self.last_done = max(self.last_done, queued.seq)
+        queued.done = True
+        if self.rank == 0:
+            usage = {"prompt_tokens": len(job.prompt), "total_s": time.perf_counter() - queued.arrived}
+            queued.push({"text": "", "finish_reason": "stop", "usage": usage, "embedding": vector})
 
     def _admit(self, queued: QueuedJob, batch) -> _Row:
         """Prefill ``queued``'s prompt and add it as the last row of ``batch``."""
