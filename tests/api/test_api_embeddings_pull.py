@@ -90,6 +90,9 @@ def test_ollama_embed(server, engine, reference):
     for body in ({"model": "tiny", "input": []}, {"model": "tiny"}, {"model": "tiny", "input": [1]}):
         resp = httpx.post(server.url + "/api/embed", json=body, timeout=30)
         assert resp.status_code == 400 and isinstance(resp.json()["error"], str)
+    for body in ({"model": "tiny"}, {"model": "tiny", "prompt": 5}):
+        resp = httpx.post(server.url + "/api/embeddings", json=body, timeout=30)
+        assert resp.status_code == 400 and "prompt" in resp.json()["error"]
     with pytest.raises(ollama.ResponseError) as err:
         client.embed(model="nope", input="x")
     assert err.value.status_code == 404

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from exo_lab.api.reasoning import HARMONY, ReasoningFormat, ReasoningSplitter, prompt_opens_reasoning
+from exo_lab.api.reasoning import HARMONY, ReasoningFormat, ReasoningSplitter, prompt_opens_reasoning, reasoning_format
 
 TAGS = ReasoningFormat("tags")
 
@@ -55,3 +55,17 @@ def test_the_prompt_opens_reasoning_when_it_ends_inside_a_block():
     assert prompt_opens_reasoning(TAGS, "<|im_start|>assistant\n<think>\n")
     assert not prompt_opens_reasoning(TAGS, "<|im_start|>assistant\n<think>\n\n</think>\n\n")
     assert not prompt_opens_reasoning(TAGS, "<|im_start|>assistant\n")
+
+
+def test_the_format_comes_from_the_tokenizer():
+    class Tok:
+        def __init__(self, template, **attrs):
+            self.chat_template = template
+            self.__dict__.update(attrs)
+
+    assert reasoning_format(Tok("{{ '<|start|>assistant<|channel|>final<|message|>' }}")) == HARMONY
+    assert reasoning_format(Tok("plain", has_thinking=True, think_start="<seed:think>", think_end="</seed:think>")) == (
+        ReasoningFormat("tags", "<seed:think>", "</seed:think>")
+    )
+    assert reasoning_format(Tok("{{ '<think>' }}{{ '</think>' }}")) == TAGS
+    assert reasoning_format(Tok("{{ messages }}")) is None and reasoning_format(None) is None
