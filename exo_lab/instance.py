@@ -61,7 +61,7 @@ class Instance(Backend):
     """A running model split over ranks; generates like an :class:`~exo_lab.Engine`."""
 
     #: what it does beyond plain generation (on the rank that samples): logprobs, and output constrained by a grammar
-    features = frozenset({"logprobs", "grammar"})
+    features = frozenset({"logprobs", "grammar", "embeddings"})
 
     path: Path  # always a model directory (resolve() raises otherwise)
 
@@ -475,6 +475,7 @@ class Instance(Backend):
                     req.ignore_eos,
                     req.grammar.to_json() if req.grammar else None,
                     req.logprobs,
+                    req.embed,
                 ).to_json()
             except ValueError as exc:  # a JobError, or a grammar the ranks cannot follow: this request only
                 self._finish(gen, Chunk("", finish_reason="error", error=str(exc), usage=Usage()))
@@ -561,6 +562,7 @@ class Instance(Backend):
                             usage,
                             item.get("error"),
                             item.get("stop_sequence"),
+                            embedding=tuple(item["embedding"]) if item.get("embedding") else None,
                         ),
                         record=reason != "error",
                     )

@@ -12,6 +12,7 @@ come back as ``tool_use`` blocks with ``stop_reason: "tool_use"`` (``any`` and
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -20,7 +21,7 @@ from typing import Any
 
 from exo_lab.api import common
 from exo_lab.api.errors import ApiError, bad_request
-from exo_lab.api.events import Collected, Event, TextDelta, ToolCall, ToolCallEvent
+from exo_lab.api.events import Collected, Event, ReasoningDelta, TextDelta, ToolCall, ToolCallEvent
 from exo_lab.api.registry import Backend, ModelRegistry
 from exo_lab.api.reply import Frame, Reply
 from exo_lab.api.schema.anthropic import Block, CountTokensRequest, MessagesRequest
@@ -78,10 +79,19 @@ def chat_messages(req: CountTokensRequest) -> tuple[list[dict[str, Any]], str | 
     return out, prefill
 
 
+def _thinking(req: CountTokensRequest) -> dict[str, Any]:
+    """The chat template's thinking variables for a request's ``thinking`` (none when it says nothing)."""
+    return common.thinking_kwargs(enable=req.thinking.enabled) if req.thinking is not None else {}
+
+
 def _prompt(
-    backend: Backend, messages: list[dict[str, Any]], prefill: str | None, tools: list[dict[str, Any]] | None = None
+    backend: Backend,
+    messages: list[dict[str, Any]],
+    prefill: str | None,
+    tools: list[dict[str, Any]] | None = None,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> list[int]:
-    prompt = common.chat_tokens(backend, messages, tools)
+    prompt = common.chat_tokens(backend, messages, tools, template_kwargs=template_kwargs)
     if prefill:
         prompt += backend.encode(prefill, add_special_tokens=False)
     return prompt
@@ -93,29 +103,47 @@ def parse_request(req: MessagesRequest, registry: ModelRegistry) -> MessagesRepl
     backend = common.ready_backend(registry, req.model)
     tools = [t.to_chat() for t in req.tools or ()]
     parsing, forcing = common.tool_setup(backend, tools, *req.tool_mode(), can_force=not prefill)
-    prompt = _prompt(backend, messages, prefill, tools)
+    prompt = _prompt(backend, messages, prefill, tools, _thinking(req))
     request = common.generation_request(
         backend,
         prompt,
         req.max_tokens,
-        common.sampling_params(req.temperature, req.top_p, req.top_k),
+        common.sampling_params(backend, req.temperature, req.top_p, req.top_k),
         tuple(s for s in req.stop_sequences or () if s),
         grammar=forcing,
         grammar_param="tool_choice",
     )
-    return MessagesReply(req.model, backend, request, bool(req.stream), parsing)
+    return MessagesReply(
+        req.model,
+        backend,
+        request,
+        bool(req.stream),
+        parsing,
+        common.reasoning_for(backend, prompt),
+        show_reasoning=req.thinking is not None and req.thinking.enabled,
+    )
 
 
 def count_tokens(req: CountTokensRequest, registry: ModelRegistry) -> dict[str, Any]:
     """``{"input_tokens": N}`` for a Messages request's conversation and tools."""
     messages, prefill = chat_messages(req)
     backend = common.ready_backend(registry, req.model)
-    return {"input_tokens": len(_prompt(backend, messages, prefill, [t.to_chat() for t in req.tools or ()]))}
+    tools = [t.to_chat() for t in req.tools or ()]
+    return {"input_tokens": len(_prompt(backend, messages, prefill, tools, _thinking(req)))}
 
 
 def tool_use_block(call: ToolCall) -> dict[str, Any]:
     """A parsed call as an Anthropic ``tool_use`` block."""
     return {"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:24]}", "name": call.name, "input": call.input()}
+
+
+def thinking_block(text: str) -> dict[str, Any]:
+    """A ``thinking`` block; its signature is a digest of the text (nothing here checks it when sent back)."""
+    return {"type": "thinking", "thinking": text, "signature": _signature(text)}
+
+
+def _signature(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "replace")).hexdigest()
 
 
 def stop_reason(finish: str | None, stop_sequence: str | None, tool_use: bool = False) -> str:
@@ -156,7 +184,8 @@ class MessagesReply(Reply):
 
     def complete(self, out: Collected) -> dict[str, Any]:
         text, calls, final = out.text, out.tool_calls, out.final
-        content = [{"type": "text", "text": text}] if text and (text.strip() or not calls) else []
+        content = [thinking_block(out.reasoning)] if out.reasoning and self.show_reasoning else []
+        content += [{"type": "text", "text": text}] if text and (text.strip() or not calls) else []
         content += [tool_use_block(c) for c in calls]
         return self._message(
             content,
@@ -191,10 +220,31 @@ class MessagesReply(Reply):
 
         usage = anthropic_usage(Usage(prompt_tokens=len(self.prompt_tokens)), output=False)
         yield "message_start", {"type": "message_start", "message": self._message([], None, None, usage)}
-        if self.tools is None:
+        shows_thinking = self.reasoning is not None and self.show_reasoning
+        if self.tools is None and not shows_thinking:
             yield open_text()
         yield "ping", {"type": "ping"}
+        thinking: list[str] | None = None  # the open thinking block's text
         async for event in events:
+            if isinstance(event, ReasoningDelta):
+                if not shows_thinking:
+                    continue
+                if thinking is None:
+                    if text_open:
+                        yield close_block()
+                    thinking, index = [], index + 1
+                    yield block(
+                        "content_block_start", content_block={"type": "thinking", "thinking": "", "signature": ""}
+                    )
+                thinking.append(event.text)
+                yield block("content_block_delta", delta={"type": "thinking_delta", "thinking": event.text})
+                continue
+            if thinking is not None:  # the answer begins: the thinking block is done, with its signature
+                yield block(
+                    "content_block_delta", delta={"type": "signature_delta", "signature": _signature("".join(thinking))}
+                )
+                yield block("content_block_stop")
+                thinking = None
             if isinstance(event, TextDelta):
                 text = event.text
                 if self.tools is not None and not text_open:

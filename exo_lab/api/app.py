@@ -6,7 +6,7 @@ import logging
 
 import tornado.web
 
-from exo_lab.api import ollama_meta
+from exo_lab.api import embeddings, ollama_meta
 from exo_lab.api.base import NotFoundHandler
 from exo_lab.api.control import (
     ClusterControl,
@@ -17,7 +17,13 @@ from exo_lab.api.control import (
     PreviewsHandler,
     StateHandler,
 )
-from exo_lab.api.handlers import ChatCompletionsHandler, CountTokensHandler, MessagesHandler, ResponsesHandler
+from exo_lab.api.handlers import (
+    ChatCompletionsHandler,
+    CompletionsHandler,
+    CountTokensHandler,
+    MessagesHandler,
+    ResponsesHandler,
+)
 from exo_lab.api.info import HealthHandler, ModelHandler, ModelsHandler
 from exo_lab.api.openapi import OpenApiHandler
 from exo_lab.api.registry import ModelRegistry
@@ -58,6 +64,7 @@ def make_app(
     return tornado.web.Application(
         [
             (r"/v1/chat/completions", ChatCompletionsHandler, kw),
+            (r"/v1/completions", CompletionsHandler, kw),
             (r"/v1/responses", ResponsesHandler, kw),
             (r"/v1/messages", MessagesHandler, kw),
             (r"/v1/messages/count_tokens", CountTokensHandler, kw),
@@ -72,6 +79,7 @@ def make_app(
             (r"/state", StateHandler, kw),
             (r"/events", EventsHandler, kw),
             *ollama_meta.routes(kw),
+            *embeddings.routes(kw),
         ],
         default_handler_class=NotFoundHandler,
         default_handler_args=kw,

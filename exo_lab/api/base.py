@@ -244,7 +244,7 @@ class GenerationHandler(ApiHandler):
             return
         if self.client_gone:
             self.generation.cancel()
-        stream = events(self.generation, reply.tools)
+        stream = events(self.generation, reply.tools, reply.reasoning)
         if not reply.stream:
             out = await collect(stream)
             if self.client_gone:

@@ -11,12 +11,14 @@ from typing import Any
 
 from exo_lab.api.errors import ApiError, bad_request
 from exo_lab.api.events import ToolParsing
+from exo_lab.api.reasoning import ReasoningParsing, reasoning_setup
 from exo_lab.api.registry import Backend, ModelRegistry
 from exo_lab.api.tools import tool_format
 from exo_lab.engine.chat import chat_prompt_tokens
 from exo_lab.engine.generation import EngineBusy, Generation, GenerationRequest
 from exo_lab.engine.guided import SchemaError, json_object, json_schema, shortest_output, tool_calls, vocabulary
 from exo_lab.engine.sampling import SamplingParams
+from exo_lab.models.generation_config import sampling_defaults
 
 DEFAULT_MAX_TOKENS = 4096
 #: a requested token limit above this (and above the model's context) is a mistake, answered with a 400;
@@ -48,12 +50,17 @@ def ready_backend(registry: ModelRegistry, model: str) -> Backend:
 
 
 def chat_tokens(
-    backend: Backend, messages: Sequence[dict[str, Any]], tools: Sequence[dict] | None = None, param: str = "messages"
+    backend: Backend,
+    messages: Sequence[dict[str, Any]],
+    tools: Sequence[dict] | None = None,
+    param: str = "messages",
+    template_kwargs: dict[str, Any] | None = None,
 ) -> list[int]:
-    """Prompt tokens for chat messages (400 when the messages cannot be rendered)."""
+    """Prompt tokens for chat messages (400 when the messages cannot be rendered); ``template_kwargs`` go to the
+    chat template (see :func:`thinking_kwargs`)."""
     try:
-        if tools:
-            return chat_prompt_tokens(backend.tokenizer, messages, tools)
+        if tools or template_kwargs:
+            return chat_prompt_tokens(backend.tokenizer, messages, tools, template_kwargs)
         return backend.chat_tokens(messages)
     except ValueError as exc:
         raise bad_request(str(exc), param) from exc
@@ -61,6 +68,25 @@ def chat_tokens(
         if type(exc).__module__.startswith("jinja2"):
             raise bad_request(f"The model's chat template rejected the messages: {exc}", param) from exc
         raise
+
+
+def thinking_kwargs(enable: bool | None = None, effort: str | None = None) -> dict[str, Any]:
+    """What a request says about thinking, as chat template variables: ``enable_thinking`` (Qwen3, DeepSeek and
+    most thinking templates) and ``reasoning_effort`` (gpt-oss); effort ``none`` turns thinking off."""
+    out: dict[str, Any] = {}
+    if effort == "none":
+        enable = False
+    elif effort is not None:
+        out["reasoning_effort"] = effort
+        enable = True if enable is None else enable
+    if enable is not None:
+        out["enable_thinking"] = enable
+    return out
+
+
+def reasoning_for(backend: Backend, prompt: Sequence[int]) -> ReasoningParsing | None:
+    """How ``backend``'s reasoning is told from its answer after ``prompt`` (None: the model does not think)."""
+    return reasoning_setup(backend.tokenizer, tuple(prompt))
 
 
 def generation_request(
@@ -168,22 +194,70 @@ def tool_setup(
 
 
 def sampling_params(
+    backend: Backend | None,
     temperature: float | None,
     top_p: float | None = None,
     top_k: int | None = None,
     seed: int | None = None,
     default_temperature: float = 1.0,
+    *,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
+    presence_penalty: float | None = None,
+    frequency_penalty: float | None = None,
+    logit_bias: dict[str, float] | None = None,
+    repetition_context: int | None = None,
+    defaults: dict[str, Any] | None = None,
+    bias_param: str = "logit_bias",
 ) -> SamplingParams:
-    """Sampling from a request's fields; a field left out (None) takes its default.
+    """Sampling from a request's fields; a field left out (None) takes the model's default (its
+    ``generation_config.json``), else the family's (``defaults``, ``default_temperature``), else none.
 
     A signed 64-bit ``seed`` (OpenAI's type) is taken modulo 2**64: the sampler's seeds are unsigned.
+    ``logit_bias`` maps token ids (as strings) to biases; an id outside the vocabulary is a 400 naming it.
     """
-    return SamplingParams(
-        default_temperature if temperature is None else temperature,
-        1.0 if top_p is None else top_p,
-        top_k or 0,
-        None if seed is None else seed % 2**64,
-    )
+    model = sampling_defaults(backend.path if backend is not None else None)
+    family = {"temperature": default_temperature, **(defaults or {})}
+
+    def pick(name: str, value: Any, off: Any) -> Any:
+        if value is not None:
+            return value
+        return model.get(name, family.get(name, off))
+
+    bias: list[tuple[int, float]] = []
+    if logit_bias:
+        vocab = vocab_size(backend)
+        for key, value in logit_bias.items():
+            token = int(key)
+            if vocab is not None and not 0 <= token < vocab:
+                raise bad_request(
+                    f"Invalid '{bias_param}': token id {key} is outside this model's vocabulary (0..{vocab - 1}).",
+                    bias_param,
+                )
+            bias.append((token, float(value)))
+    try:
+        return SamplingParams(
+            pick("temperature", temperature, 1.0),
+            pick("top_p", top_p, 1.0) or 1.0,
+            max(pick("top_k", top_k, 0) or 0, 0),
+            None if seed is None else seed % 2**64,
+            min_p=pick("min_p", min_p, 0.0),
+            repetition_penalty=pick("repetition_penalty", repetition_penalty, 1.0),
+            presence_penalty=pick("presence_penalty", presence_penalty, 0.0),
+            frequency_penalty=pick("frequency_penalty", frequency_penalty, 0.0),
+            logit_bias=tuple(bias),
+            repetition_context=pick("repetition_context", repetition_context, 0),
+        )
+    except ValueError as exc:  # a model default out of range (the request's own values were checked already)
+        raise bad_request(f"Invalid sampling parameters: {exc}", None) from exc
+
+
+def vocab_size(backend: Backend | None) -> int | None:
+    tokenizer = getattr(backend, "tokenizer", None)
+    try:
+        return len(tokenizer) if tokenizer is not None else None
+    except TypeError:
+        return None
 
 
 def schema_grammar(schema: Any, param: str) -> Any:

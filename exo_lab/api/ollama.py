@@ -18,10 +18,10 @@ from typing import Any
 
 from exo_lab.api import common
 from exo_lab.api.errors import ApiError, bad_request
-from exo_lab.api.events import Collected, Event, TextDelta, ToolCall, ToolCallEvent
+from exo_lab.api.events import Collected, Event, ReasoningDelta, TextDelta, ToolCall, ToolCallEvent
 from exo_lab.api.registry import Backend, ModelRegistry
 from exo_lab.api.reply import Frame, Reply
-from exo_lab.api.schema.ollama import ChatRequest, GenerateRequest, OllamaRequest
+from exo_lab.api.schema.ollama import ChatRequest, GenerateRequest, OllamaRequest, Options
 from exo_lab.engine.generation import GenerationRequest, Usage
 
 OLLAMA_VERSION = "0.12.0"  # the Ollama API this imitates (clients gate features on it)
@@ -52,11 +52,8 @@ def find_model(registry: ModelRegistry, name: str) -> str:
 
 
 def _generation(backend: Backend, prompt: list[int], req: OllamaRequest, grammar: Any = None) -> GenerationRequest:
-    opts = req.options
-    temperature = DEFAULTS["temperature"] if opts is None or opts.temperature is None else opts.temperature
-    top_p = DEFAULTS["top_p"] if opts is None or opts.top_p is None else (opts.top_p or 1.0)  # 0 is "off"
-    top_k = DEFAULTS["top_k"] if opts is None or opts.top_k is None else max(opts.top_k, 0)
-    num_predict = opts.num_predict if opts is not None else None
+    opts = req.options or Options()
+    num_predict = opts.num_predict
     max_tokens = num_predict if num_predict is not None and num_predict > 0 else None
     if max_tokens is None:  # -1 / -2 / unset: until the context is full
         context = backend.context_length
@@ -67,12 +64,32 @@ def _generation(backend: Backend, prompt: list[int], req: OllamaRequest, grammar
         backend,
         prompt,
         max_tokens,
-        common.sampling_params(temperature, top_p, top_k, opts and opts.seed),
-        opts.stop if opts is not None else (),
+        common.sampling_params(
+            backend,
+            opts.temperature,
+            (opts.top_p or 1.0) if opts.top_p is not None else None,  # 0 is "off"
+            opts.top_k,
+            opts.seed,
+            min_p=opts.min_p,
+            repetition_penalty=1.0 if opts.repeat_last_n == 0 else opts.repeat_penalty,  # 0 turns it off
+            presence_penalty=opts.presence_penalty,
+            frequency_penalty=opts.frequency_penalty,
+            repetition_context=max(opts.repeat_last_n, 0) if opts.repeat_last_n is not None else None,  # -1: all
+            defaults=DEFAULTS,
+            bias_param="options",
+        ),
+        opts.stop,
         max_tokens_param="num_predict",
         grammar=grammar,
         grammar_param="format",
     )
+
+
+def _think(req: OllamaRequest) -> dict[str, Any]:
+    """``think`` as chat template variables: on, off, or a level (``reasoning_effort``)."""
+    if isinstance(req.think, str):
+        return common.thinking_kwargs(effort=req.think)
+    return common.thinking_kwargs(enable=req.think)
 
 
 def parse_chat(req: ChatRequest, registry: ModelRegistry) -> OllamaReply:
@@ -82,9 +99,17 @@ def parse_chat(req: ChatRequest, registry: ModelRegistry) -> OllamaReply:
     if not req.messages:
         return OllamaReply(req.model, backend, None, stream)
     tools = [t.to_json() for t in req.tools or ()]
-    prompt = common.chat_tokens(backend, [m.to_chat() for m in req.messages], tools)
+    prompt = common.chat_tokens(backend, [m.to_chat() for m in req.messages], tools, template_kwargs=_think(req))
     parsing, _ = common.tool_setup(backend, tools, "auto", None)
-    return OllamaReply(req.model, backend, _generation(backend, prompt, req), stream, parsing)
+    return OllamaReply(
+        req.model,
+        backend,
+        _generation(backend, prompt, req),
+        stream,
+        parsing,
+        common.reasoning_for(backend, prompt),
+        show_reasoning=req.think is not False,
+    )
 
 
 def parse_generate(req: GenerateRequest, registry: ModelRegistry) -> OllamaReply:
@@ -102,11 +127,20 @@ def parse_generate(req: GenerateRequest, registry: ModelRegistry) -> OllamaReply
         prompt = backend.encode(text, add_special_tokens=not context) if text else []
     else:
         msgs = ([{"role": "system", "content": req.system}] if req.system else []) + [{"role": "user", "content": text}]
-        prompt = common.chat_tokens(backend, msgs, param="prompt")
+        prompt = common.chat_tokens(backend, msgs, param="prompt", template_kwargs=_think(req))
     prompt = list(context) + prompt
     if not prompt:
         raise bad_request("the prompt encodes to no tokens", "prompt")
-    return OllamaReply(req.model, backend, _generation(backend, prompt, req), stream, key="response", context=True)
+    return OllamaReply(
+        req.model,
+        backend,
+        _generation(backend, prompt, req),
+        stream,
+        reasoning=None if req.raw else common.reasoning_for(backend, prompt),
+        show_reasoning=req.think is not False,
+        key="response",
+        context=True,
+    )
 
 
 def ollama_tool_calls(calls: list[ToolCall]) -> list[dict[str, Any]]:
@@ -139,11 +173,14 @@ class OllamaReply(Reply):
     key: str = "message"  # ``message`` (chat) or ``response`` (generate)
     context: bool = False  # give back ``context``: the prompt and output tokens (generate)
 
-    def _piece(self, text: str, calls: list[ToolCall] | None = None) -> dict[str, Any]:
+    def _piece(self, text: str, calls: list[ToolCall] | None = None, thinking: str = "") -> dict[str, Any]:
         head = {"model": self.model, "created_at": now_iso()}
+        shown = thinking if self.show_reasoning else ""
         if self.key != "message":
-            return {**head, "response": text}
+            return {**head, "response": text, **({"thinking": shown} if shown else {})}
         message: dict[str, Any] = {"role": "assistant", "content": text}
+        if shown:
+            message["thinking"] = shown
         if calls:
             message["tool_calls"] = ollama_tool_calls(calls)
         return {**head, "message": message}
@@ -157,7 +194,7 @@ class OllamaReply(Reply):
 
     def complete(self, out: Collected) -> dict[str, Any]:
         return {
-            **self._piece(out.text, out.tool_calls),
+            **self._piece(out.text, out.tool_calls, out.reasoning),
             **self._done(out.final.tokens, out.final.usage, out.final.finish_reason),
         }
 
@@ -166,6 +203,9 @@ class OllamaReply(Reply):
             if isinstance(event, TextDelta):
                 if event.text:
                     yield None, {**self._piece(event.text), "done": False}
+            elif isinstance(event, ReasoningDelta):
+                if self.show_reasoning:
+                    yield None, {**self._piece("", thinking=event.text), "done": False}
             elif isinstance(event, ToolCallEvent):
                 yield None, {**self._piece("", [event.call]), "done": False}
             elif event.error:

@@ -1,4 +1,9 @@
-"""Ollama's model endpoints: ``GET /``, ``/api/tags``, ``/api/show``, ``/api/ps``, ``/api/version``.
+"""Ollama's model endpoints: ``GET /``, ``/api/tags``, ``/api/show``, ``/api/ps``, ``/api/version``, ``/api/pull``.
+
+``/api/pull`` maps a name onto the model store (:func:`exo_lab.models.resolve`): a model this server serves,
+a directory, ``demo`` or ``synthetic:<preset>`` (made on first use), a name in the store, or a hub id
+(downloaded where the hub is reachable). It answers Ollama's progress lines (one per file) and ``success``;
+a name the store cannot give is Ollama's error. Pulling puts a model in the store; serving it is a launch.
 
 Mounted at ``/api/*`` and ``/ollama/api/*``, with ``/api/chat`` and ``/api/generate``
 (whose requests and answers :mod:`exo_lab.api.ollama` maps).
@@ -14,12 +19,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tornado.ioloop import IOLoop
+
 from exo_lab import __version__
 from exo_lab.api.base import ApiHandler, GenerationHandler
 from exo_lab.api.errors import ApiError
 from exo_lab.api.ollama import OLLAMA_VERSION, find_model, ollama_name, parse_chat, parse_generate
 from exo_lab.api.registry import Backend
-from exo_lab.api.schema.ollama import ChatRequest, GenerateRequest, ShowRequest
+from exo_lab.api.schema.ollama import ChatRequest, GenerateRequest, OllamaPullRequest, ShowRequest
 
 # ------------------------------------------------------------------------------------ model facts
 
@@ -217,6 +224,69 @@ class ShowHandler(OllamaHandler):
         )
 
 
+def pull_model(name: str, registry: Any) -> Path:
+    """The directory of the model ``name`` names (see the module docstring); ModelNotFoundError when none."""
+    from exo_lab.models import ModelNotFoundError, resolve
+
+    try:
+        path = registry.get(find_model(registry, name)).path
+        if path is not None:
+            return Path(path)
+    except ApiError:
+        pass
+    try:
+        return resolve(name)
+    except ModelNotFoundError:
+        if name.endswith(":latest"):
+            return resolve(name[: -len(":latest")])
+        raise
+
+
+def pull_progress(path: Path) -> list[dict[str, Any]]:
+    """Ollama's pull progress for a model already in the store: each file, complete."""
+    lines: list[dict[str, Any]] = [{"status": "pulling manifest"}]
+    for f in sorted(p for p in path.iterdir() if p.is_file()):
+        size = f.stat().st_size
+        digest = hashlib.sha256(f"{f.name}:{size}:{f.stat().st_mtime}".encode()).hexdigest()
+        lines.append(
+            {"status": f"pulling {digest[:12]}", "digest": f"sha256:{digest}", "total": size, "completed": size}
+        )
+    lines += [{"status": "verifying sha256 digest"}, {"status": "writing manifest"}, {"status": "success"}]
+    return lines
+
+
+class PullHandler(OllamaHandler):
+    """``POST /api/pull``: the model into the store (see the module docstring)."""
+
+    schema = OllamaPullRequest
+
+    async def post(self) -> None:
+        from exo_lab.models import ModelNotFoundError
+
+        try:
+            req = self.body()
+        except ApiError as err:
+            self.send_api_error(err)
+            return
+        name = req.model or req.name or ""
+        try:
+            path = await IOLoop.current().run_in_executor(None, pull_model, name, self.registry)
+        except (ModelNotFoundError, ValueError, OSError) as exc:
+            self.send_api_error(
+                ApiError(404, f"pull model manifest: file does not exist: {exc}", code="model_not_found")
+            )
+            return
+        lines = pull_progress(path)
+        if req.stream is False:
+            self.send_json(lines[-1])
+            return
+        self.set_header("Content-Type", "application/x-ndjson")
+        for line in lines:
+            if not await self.send_line(line):
+                return
+        self.finish()
+
+
 def routes(kw: dict[str, Any]) -> list[tuple]:
     """Ollama's routes, under ``/api`` and ``/ollama/api``."""
     out: list[tuple] = [(r"/", RootHandler, kw), (r"/ollama/?", RootHandler, kw)]
@@ -228,5 +298,6 @@ def routes(kw: dict[str, Any]) -> list[tuple]:
             (prefix + r"/show", ShowHandler, kw),
             (prefix + r"/ps", PsHandler, kw),
             (prefix + r"/version", VersionHandler, kw),
+            (prefix + r"/pull", PullHandler, kw),
         ]
     return out

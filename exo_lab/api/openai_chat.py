@@ -4,7 +4,10 @@ Beyond text: content as a list of parts, ``tools`` / ``tool_choice`` (calls
 parsed from the output in the model's own format; ``required`` or a named
 function forces a call with a grammar where the format allows),
 ``response_format`` ``json_object`` / ``json_schema`` (output constrained to
-valid JSON), and ``logprobs`` / ``top_logprobs``.
+valid JSON), ``logprobs`` / ``top_logprobs``, sampling beyond temperature (``presence_penalty``,
+``frequency_penalty``, ``logit_bias``; vLLM's ``min_p``, ``repetition_penalty``), and a thinking
+model's reasoning apart from its answer (``reasoning_content``, in the message and in stream deltas;
+``reasoning_effort`` and vLLM's ``chat_template_kwargs`` go to the chat template).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any
 from exo_lab import __version__
 from exo_lab.api import common
 from exo_lab.api.errors import ApiError
-from exo_lab.api.events import Collected, Event, TextDelta, ToolCallEvent
+from exo_lab.api.events import Collected, Event, ReasoningDelta, TextDelta, ToolCallEvent
 from exo_lab.api.registry import ModelRegistry
 from exo_lab.api.reply import Frame, Reply
 from exo_lab.api.schema.openai import ChatCompletionRequest
@@ -40,7 +43,10 @@ def parse_request(req: ChatCompletionRequest, registry: ModelRegistry) -> ChatRe
     backend = common.ready_backend(registry, req.model)
     tools = [t.to_json() for t in req.tools or ()]
     parsing, forcing = common.tool_setup(backend, tools, *req.tool_mode())
-    prompt = common.chat_tokens(backend, [m.model_dump(exclude_unset=True) for m in req.messages], tools)
+    template_kwargs = {**common.thinking_kwargs(effort=req.reasoning_effort), **(req.chat_template_kwargs or {})}
+    prompt = common.chat_tokens(
+        backend, [m.model_dump(exclude_unset=True) for m in req.messages], tools, template_kwargs=template_kwargs
+    )
     limit, limit_param = (
         (req.max_completion_tokens, "max_completion_tokens")
         if req.max_completion_tokens is not None
@@ -50,7 +56,18 @@ def parse_request(req: ChatCompletionRequest, registry: ModelRegistry) -> ChatRe
         backend,
         prompt,
         limit,
-        common.sampling_params(req.temperature, req.top_p, req.top_k, req.seed),
+        common.sampling_params(
+            backend,
+            req.temperature,
+            req.top_p,
+            req.top_k,
+            req.seed,
+            min_p=req.min_p,
+            repetition_penalty=req.repetition_penalty,
+            presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            logit_bias=req.logit_bias,
+        ),
         req.stop,
         max_tokens_param=limit_param,
         ignore_eos=bool(req.ignore_eos),
@@ -59,17 +76,26 @@ def parse_request(req: ChatCompletionRequest, registry: ModelRegistry) -> ChatRe
         grammar_param="tool_choice" if forcing else "response_format",
     )
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return ChatReply(req.model, backend, request, bool(req.stream), parsing, include_usage, bool(req.logprobs))
+    return ChatReply(
+        req.model,
+        backend,
+        request,
+        bool(req.stream),
+        parsing,
+        common.reasoning_for(backend, prompt),
+        include_usage=include_usage,
+        logprobs=bool(req.logprobs),
+    )
 
 
-def openai_usage(usage: Usage | None) -> dict[str, Any]:
+def openai_usage(usage: Usage | None, reasoning_tokens: int = 0) -> dict[str, Any]:
     u = usage or Usage()
     return {
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
         "total_tokens": u.total_tokens,
         "prompt_tokens_details": {"cached_tokens": 0},
-        "completion_tokens_details": {"reasoning_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": reasoning_tokens},
     }
 
 
@@ -106,6 +132,8 @@ class ChatReply(Reply):
         message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
         if calls:
             message["tool_calls"] = calls
+        if self.reasoning is not None:
+            message["reasoning_content"] = out.reasoning or None
         return {
             "id": self.id,
             "object": "chat.completion",
@@ -120,7 +148,7 @@ class ChatReply(Reply):
                     "finish_reason": "tool_calls" if calls else openai_finish_reason(out.final.finish_reason),
                 }
             ],
-            "usage": openai_usage(out.final.usage),
+            "usage": openai_usage(out.final.usage, out.final.reasoning_tokens),
         }
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> dict[str, Any]:
@@ -147,6 +175,8 @@ class ChatReply(Reply):
                         logprobs=openai_logprobs(list(event.logprobs)) if self.logprobs else None,
                     ),
                 )
+            elif isinstance(event, ReasoningDelta):
+                yield None, self._chunk({"reasoning_content": event.text})
             elif isinstance(event, ToolCallEvent):
                 yield None, self._chunk({"tool_calls": [{"index": event.index, **event.call.to_openai()}]})
             elif event.error:
@@ -155,5 +185,8 @@ class ChatReply(Reply):
                 finish = "tool_calls" if event.tool_calls else openai_finish_reason(event.finish_reason)
                 yield None, self._chunk({}, finish)
                 if self.include_usage:
-                    yield None, {**self._chunk({}), "choices": [], "usage": openai_usage(event.usage)}
+                    yield (
+                        None,
+                        {**self._chunk({}), "choices": [], "usage": openai_usage(event.usage, event.reasoning_tokens)},
+                    )
         yield None, "[DONE]"

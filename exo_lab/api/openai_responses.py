@@ -29,7 +29,7 @@ from typing import Any
 
 from exo_lab.api import common
 from exo_lab.api.errors import bad_request
-from exo_lab.api.events import Collected, Event, TextDelta, ToolCall, ToolCallEvent
+from exo_lab.api.events import Collected, Event, Final, ReasoningDelta, TextDelta, ToolCall, ToolCallEvent
 from exo_lab.api.registry import ModelRegistry
 from exo_lab.api.reply import Frame, Reply
 from exo_lab.api.schema.openai import InputItem, ResponsesContent, ResponsesRequest
@@ -78,12 +78,15 @@ def parse_request(req: ResponsesRequest, registry: ModelRegistry) -> ResponsesRe
     backend = common.ready_backend(registry, req.model)
     tools = [t.to_chat() for t in req.tools or ()]
     parsing, forcing = common.tool_setup(backend, tools, *req.tool_mode())
-    prompt = common.chat_tokens(backend, messages, tools or None, param="input")
+    effort = req.reasoning.effort if req.reasoning is not None else None
+    prompt = common.chat_tokens(
+        backend, messages, tools or None, param="input", template_kwargs=common.thinking_kwargs(effort=effort)
+    )
     request = common.generation_request(
         backend,
         prompt,
         req.max_output_tokens,
-        common.sampling_params(req.temperature, req.top_p),
+        common.sampling_params(backend, req.temperature, req.top_p),
         max_tokens_param="max_output_tokens",
         prompt_param="input",
         grammar=forcing or grammar,
@@ -95,6 +98,7 @@ def parse_request(req: ResponsesRequest, registry: ModelRegistry) -> ResponsesRe
         "temperature": 1.0 if req.temperature is None else req.temperature,
         "top_p": 1.0 if req.top_p is None else req.top_p,
         "text": {"format": fmt.model_dump(by_alias=True, exclude_unset=True) if fmt else {"type": "text"}},
+        "reasoning": {"effort": effort, "summary": req.reasoning.summary if req.reasoning is not None else None},
         "metadata": req.metadata if isinstance(req.metadata, dict) else {},
         "user": req.user,
         "tools": [
@@ -109,18 +113,28 @@ def parse_request(req: ResponsesRequest, registry: ModelRegistry) -> ResponsesRe
         ],
         "tool_choice": _dump(req.tool_choice) if req.tool_choice is not None else ("auto" if tools else "none"),
     }
-    return ResponsesReply(req.model, backend, request, bool(req.stream), parsing, echo)
+    return ResponsesReply(
+        req.model, backend, request, bool(req.stream), parsing, common.reasoning_for(backend, prompt), echo=echo
+    )
 
 
-def responses_usage(usage: Usage | None) -> dict[str, Any]:
+def responses_usage(usage: Usage | None, reasoning_tokens: int = 0) -> dict[str, Any]:
+    """Every field the openai client's ``ResponseUsage`` requires (``cache_write_tokens`` too: nothing is
+    written to a cache a client pays for)."""
     u = usage or Usage()
     return {
         "input_tokens": u.prompt_tokens,
-        "input_tokens_details": {"cached_tokens": 0},
+        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
         "output_tokens": u.completion_tokens,
-        "output_tokens_details": {"reasoning_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
         "total_tokens": u.total_tokens,
     }
+
+
+def _reasoning_item(item_id: str, text: str | None, status: str) -> dict[str, Any]:
+    """A ``reasoning`` output item: the model's thoughts as ``reasoning_text`` content, no summary."""
+    content = [] if text is None else [{"type": "reasoning_text", "text": text}]
+    return {"type": "reasoning", "id": item_id, "summary": [], "content": content, "status": status}
 
 
 def _part(text: str) -> dict[str, Any]:
@@ -146,6 +160,7 @@ class ResponsesReply(Reply):
     echo: dict[str, Any] = field(default_factory=dict)  # request settings echoed in the response object
     id: str = field(default_factory=lambda: f"resp_{uuid.uuid4().hex}")
     message_id: str = field(default_factory=lambda: f"msg_{uuid.uuid4().hex}")
+    reasoning_id: str = field(default_factory=lambda: f"rs_{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
 
     def _item(self, text: str | None, status: str) -> dict[str, Any]:
@@ -153,7 +168,12 @@ class ResponsesReply(Reply):
         return {"type": "message", "id": self.message_id, "status": status, "role": "assistant", "content": content}
 
     def _response(
-        self, status: str, output: list, usage: Usage | None = None, error: dict[str, Any] | None = None
+        self,
+        status: str,
+        output: list,
+        usage: Usage | None = None,
+        error: dict[str, Any] | None = None,
+        reasoning_tokens: int = 0,
     ) -> dict[str, Any]:
         return {
             "id": self.id,
@@ -169,15 +189,16 @@ class ResponsesReply(Reply):
             "reasoning": {"effort": None, "summary": None},
             "store": False,
             "truncation": "disabled",
-            "usage": responses_usage(usage) if usage is not None else None,
+            "usage": responses_usage(usage, reasoning_tokens) if usage is not None else None,
             **self.echo,
         }
 
     def complete(self, out: Collected) -> dict[str, Any]:
         status = "incomplete" if out.final.truncated else "completed"
-        output = [self._item(out.text, status)] if (out.text.strip() or not out.tool_calls) else []
+        output = [_reasoning_item(self.reasoning_id, out.reasoning, status)] if out.reasoning else []
+        output += [self._item(out.text, status)] if (out.text.strip() or not out.tool_calls) else []
         output += [_call_item(c) for c in out.tool_calls]
-        return self._response(status, output, out.final.usage)
+        return self._response(status, output, out.final.usage, reasoning_tokens=out.final.reasoning_tokens)
 
     async def frames(self, events: AsyncIterator[Event]) -> AsyncGenerator[Frame, None]:
         seq = 0
@@ -235,10 +256,43 @@ class ResponsesReply(Reply):
                 logprobs=[],
             )
 
-        if self.tools is None:  # plain text: the message opens at once
+        thought: int | None = None  # output index of the reasoning item while it is open
+        thoughts: list[str] = []
+
+        def close_reasoning(status: str) -> list[Frame]:
+            nonlocal thought
+            assert thought is not None
+            text, where = "".join(thoughts), {"item_id": self.reasoning_id, "output_index": thought}
+            items[thought] = _reasoning_item(self.reasoning_id, text, status)
+            frames = [
+                send("response.reasoning_text.done", **where, content_index=0, text=text),
+                send("response.output_item.done", output_index=thought, item=items[thought]),
+            ]
+            thought = None
+            return frames
+
+        if self.tools is None and self.reasoning is None:  # plain text: the message opens at once
             for frame in open_message():
                 yield frame
         async for event in events:
+            if isinstance(event, ReasoningDelta):
+                if thought is None:
+                    thought = len(items)
+                    items.append(_reasoning_item(self.reasoning_id, None, "in_progress"))
+                    yield send("response.output_item.added", output_index=thought, item=items[thought])
+                thoughts.append(event.text)
+                yield send(
+                    "response.reasoning_text.delta",
+                    item_id=self.reasoning_id,
+                    output_index=thought,
+                    content_index=0,
+                    delta=event.text,
+                )
+                continue
+            if thought is not None:  # the answer begins (or the reply ends): the reasoning is done
+                status = "incomplete" if isinstance(event, Final) and event.truncated else "completed"
+                for frame in close_reasoning(status):
+                    yield frame
             if isinstance(event, TextDelta):
                 text = event.text
                 if (message is None or closed) and text and not text.strip():
@@ -282,4 +336,7 @@ class ResponsesReply(Reply):
                 if message is not None and not closed:
                     for frame in close_message(status):
                         yield frame
-                yield send(f"response.{status}", response=self._response(status, items, event.usage))
+                yield send(
+                    f"response.{status}",
+                    response=self._response(status, items, event.usage, reasoning_tokens=event.reasoning_tokens),
+                )

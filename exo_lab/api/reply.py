@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 from exo_lab.api.errors import ApiError
 from exo_lab.api.events import Collected, Event, ToolParsing
+from exo_lab.api.reasoning import ReasoningParsing
 from exo_lab.engine.backend import Backend
 from exo_lab.engine.generation import GenerationRequest
 
@@ -33,6 +34,8 @@ class Reply:
     request: GenerationRequest | None  # None: answered without generating (see :meth:`immediate`)
     stream: bool
     tools: ToolParsing | None = None  # None: tool calls are not looked for
+    reasoning: ReasoningParsing | None = None  # None: the output is all answer (the model does not think)
+    show_reasoning: bool = True  # False: reasoning is told apart but not shown (the client did not ask for it)
 
     @property
     def prompt_tokens(self) -> tuple[int, ...]:

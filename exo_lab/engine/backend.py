@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from exo_lab.engine.chat import chat_prompt_tokens
-from exo_lab.engine.generation import Chunk, EngineBusy, Generation, GenerationRequest, Usage
+from exo_lab.engine.generation import Chunk, EngineBusy, Generation, GenerationError, GenerationRequest, Usage
 from exo_lab.engine.sampling import SamplingParams
 
 #: finished requests kept in ``Backend.usage_history``
@@ -36,7 +36,8 @@ class Backend(ABC):
     beyond that :meth:`submit` raises :class:`EngineBusy`.
     """
 
-    #: what it does beyond plain generation: ``logprobs``, ``grammar`` (character automata), ``schema`` (llguidance)
+    #: what it does beyond plain generation: ``logprobs``, ``grammar`` (character automata), ``schema`` (llguidance),
+    #: ``embeddings`` (:meth:`embed`)
     features: ClassVar[frozenset[str]] = frozenset()
 
     name: str
@@ -119,6 +120,24 @@ class Backend(ABC):
                 self.usage_history.append((time.time(), final.usage))
                 self.requests_completed += 1
             gen._push(final)
+
+    def embed(self, prompts: Sequence[Sequence[int]]) -> list[list[float]]:
+        """Each prompt's embedding (:mod:`exo_lab.engine.embedding`), as ``embed`` requests queued with the
+        others; backends with ``embeddings`` in :attr:`features` give them (blocking: call it off an event loop).
+
+        Raises NotImplementedError for a backend without them, :class:`EngineBusy` when the queue is full and
+        a RuntimeError when one fails.
+        """
+        if "embeddings" not in self.features:
+            raise NotImplementedError(f"{type(self).__name__} does not compute embeddings")
+        gens = [self.submit(GenerationRequest(tuple(p), max_tokens=1, embed=True)) for p in prompts]
+        out = []
+        for gen in gens:
+            final = list(gen)[-1]
+            if final.error or final.embedding is None:
+                raise GenerationError(final.error or "no embedding came back")
+            out.append(list(final.embedding))
+        return out
 
     # ---------------------------------------------------------------- tokens
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:

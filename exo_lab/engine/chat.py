@@ -129,11 +129,17 @@ def _inline_tools(msgs: list[dict[str, Any]], tools: Sequence[dict[str, Any]]) -
 
 
 def chat_prompt_tokens(
-    tokenizer: Any, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None
+    tokenizer: Any,
+    messages: Sequence[dict[str, Any]],
+    tools: Sequence[dict[str, Any]] | None = None,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> list[int]:
-    """Prompt token ids for ``messages`` (and ``tools``) with the generation prompt appended."""
+    """Prompt token ids for ``messages`` (and ``tools``) with the generation prompt appended.
+
+    ``template_kwargs`` go to the chat template as variables (``enable_thinking``, ``reasoning_effort``).
+    """
     msgs = normalise_messages(messages)
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = dict(template_kwargs or {})
     if tools:
         if template_renders_tools(tokenizer):
             kwargs["tools"] = list(tools)

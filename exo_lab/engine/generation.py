@@ -32,6 +32,8 @@ class GenerationRequest:
     #: what the output must follow: a :class:`~exo_lab.engine.guided.SchemaGrammar` (any JSON object, a JSON
     #: schema, a forced tool call), complete within ``max_tokens`` where it can be; or None
     grammar: Any = None
+    #: compute the prompt's embedding instead of generating (the final chunk's ``embedding``)
+    embed: bool = False
 
     def __post_init__(self) -> None:
         if not self.prompt_tokens:
@@ -86,6 +88,8 @@ class Chunk:
     error: str | None = None
     stop_sequence: str | None = None
     logprobs: tuple[TokenLogprob, ...] = ()
+    #: the prompt's embedding (the final chunk of an ``embed`` request)
+    embedding: tuple[float, ...] | None = None
 
 
 class GenerationError(RuntimeError):

@@ -27,6 +27,7 @@ import mlx.core as mx
 import mlx_lm.generate  # noqa: F401  (import here, not on the engine thread: its module-level stream is thread-local)
 
 from exo_lab.engine.backend import Backend
+from exo_lab.engine.embedding import embed_tokens
 from exo_lab.engine.generation import (  # noqa: F401  (re-exported: the request types' old home)
     Chunk,
     EngineBusy,
@@ -36,7 +37,7 @@ from exo_lab.engine.generation import (  # noqa: F401  (re-exported: the request
     TokenLogprob,
     Usage,
 )
-from exo_lab.engine.sampling import make_sampler
+from exo_lab.engine.sampling import make_penalties, make_sampler
 from exo_lab.engine.stopping import StopMatcher
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ class Engine(Backend):
     """A model loaded with mlx_lm, generating on its own worker thread."""
 
     #: what this backend does beyond plain generation: logprobs, and output constrained by a grammar
-    features = frozenset({"logprobs", "grammar"})
+    features = frozenset({"logprobs", "grammar", "embeddings"})
 
     #: the mlx_lm model (an ``nn.Module`` used through its dynamic attributes); None once released
     model: Any
@@ -199,6 +200,11 @@ class Engine(Backend):
                 self._finish(gen, Chunk("", finish_reason="cancelled", usage=Usage(len(gen.request.prompt_tokens))))
                 continue
             try:
+                if gen.request.embed:  # an embedding, between decode steps: it never joins the batch
+                    vector = embed_tokens(self.model, gen.request.prompt_tokens)
+                    usage = Usage(prompt_tokens=len(gen.request.prompt_tokens))
+                    self._finish(gen, Chunk("", finish_reason="stop", usage=usage, embedding=tuple(vector)))
+                    continue
                 self._admit(gen, active)
             except Exception as exc:
                 log.exception("generation %s could not start", gen.request.id)
@@ -216,14 +222,15 @@ class Engine(Backend):
                 prefill_batch_size=min(8, self.max_batch),
                 stream=self.mlx_stream,
             )
-        processors: list = []
+        penalties = make_penalties(req.sampling, req.prompt_tokens)  # bias and penalties, before any grammar
+        processors: list = [penalties] if penalties is not None else []
         sampler = make_sampler(req.sampling)
         if req.grammar is not None:  # the constraint masks the logits, then picks the token to keep
             from exo_lab.engine.guided import SchemaConstraint, vocabulary
 
             vocab = vocabulary(self.tokenizer, int(self.config.get("vocab_size") or len(self.tokenizer._tokenizer)))
             constraint = SchemaConstraint(req.grammar, vocab, req.max_tokens)
-            processors, sampler = [constraint], constraint.sampler(sampler)
+            processors, sampler = [*processors, constraint], constraint.sampler(sampler)
         guard = _Guard()
         (uid,) = self._batch.insert(
             [list(req.prompt_tokens)],

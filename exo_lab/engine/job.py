@@ -31,6 +31,7 @@ class Job:
     ignore_eos: bool = False
     grammar: dict[str, str] | None = None  #: the constraint the output follows (``SchemaGrammar.to_json()``)
     logprobs: int | None = None  #: alternatives to report per token (0-20), None for none
+    embed: bool = False  #: the prompt's embedding instead of a generation (rank 0's final chunk has it)
 
     def __post_init__(self) -> None:
         problem = self.problem()
@@ -57,10 +58,14 @@ class Job:
             return "grammar must be a constraint object (SchemaGrammar.to_json())"
         if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
             return f"logprobs must be an integer from 0 to {MAX_LOGPROBS}, or absent"
+        if not isinstance(self.embed, bool):
+            return "embed must be true or false"
         return None
 
     def to_json(self) -> dict[str, Any]:
+        extra = {"embed": True} if self.embed else {}
         return {
+            **extra,
             "seq": self.seq,
             "prompt": list(self.prompt),
             "max_tokens": self.max_tokens,
@@ -98,6 +103,7 @@ class Job:
             data.get("ignore_eos", False),
             data.get("grammar"),
             data.get("logprobs"),
+            data.get("embed", False),
         )
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, cast
 
 import mlx.core as mx
@@ -83,6 +84,8 @@ class Batch:
         self.constraints: list[Any] = []  # a SchemaConstraint or None per row (only on the rank that samples)
         self.logprobs: list[int | None] = []  # per row: how many alternatives to report with each token, or None
         self.errors: list[str | None] = []  # per row: why it cannot be sampled (found at admission), or None
+        #: per row: its logits processing (sampling.Penalties: bias, penalties) or None; read where it samples
+        self.processors: list[Callable[[mx.array, mx.array], mx.array] | None] = []
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -96,6 +99,7 @@ class Batch:
         constraint: Any = None,
         logprobs: int | None = None,
         error: str | None = None,
+        processor: Callable[[mx.array, mx.array], mx.array] | None = None,
     ) -> None:
         """Append a prefilled sequence (its per-layer caches, merged with their own ``merge``) as the last row.
 
@@ -114,6 +118,7 @@ class Batch:
         self.constraints.append(constraint)
         self.logprobs.append(logprobs)
         self.errors.append(error)
+        self.processors.append(processor)
 
     def keep(self, rows: list[int]) -> None:
         """Keep only ``rows`` (in this order)."""
@@ -125,6 +130,7 @@ class Batch:
         self.constraints = [self.constraints[i] for i in rows]
         self.logprobs = [self.logprobs[i] for i in rows]
         self.errors = [self.errors[i] for i in rows]
+        self.processors = [self.processors[i] for i in rows]
         if not rows:
             self.cache = None
         else:
@@ -197,6 +203,30 @@ class Lockstep:
             mx.clear_cache()
         return cache
 
+    def embed(self, prompt: list[int]) -> list[float]:
+        """The prompt's embedding (:mod:`exo_lab.engine.embedding`), on every rank: the whole prompt through the
+        pipeline in prefill's chunks, the last stage's normed hidden states averaged, one ``all_sum`` to share."""
+        lay = self.layout
+        cache = self.shard.make_cache()
+        tokens = mx.array(prompt, mx.int32)
+        total = mx.zeros((self.hidden,), mx.float32)
+        pos = 0
+        while pos < len(prompt):
+            n = min(self.prefill_step_size, len(prompt) - pos)
+            out = self._forward(tokens[pos : pos + n][None], cache, logits=False)
+            if lay.last:
+                assert self.shard.norm is not None  # a last stage always holds the norm
+                total = total + self.shard.norm(out)[0].astype(mx.float32).sum(axis=0)
+                out = total
+            mx.eval(out, [c.state for c in cache])
+            pos += n
+        mine = lay.last and lay.rank == lay.stages[-1][0]
+        mean = total / len(prompt)
+        vector = mean / mx.maximum(mx.linalg.norm(mean), 1e-12) if mine else mx.zeros((self.hidden,), mx.float32)
+        shared = mx.distributed.all_sum(vector, group=self.group)
+        mx.eval(shared)
+        return cast("list[float]", shared.tolist())
+
     def step(self, batch: Batch) -> mx.array | None:
         """One decode step of every row of ``batch``: the sampled tokens on the last stage's lead rank, else None.
 
@@ -215,6 +245,16 @@ class Lockstep:
             mx.eval(logits)  # tensor peers: run the step's all-reduces even though the lead samples
             return None
         errors = self.errors = list(batch.errors)
+        if any(p is not None for p in batch.processors):  # bias and penalties, before grammar and sampling
+            logits = mx.concatenate(
+                [
+                    logits[i : i + 1]
+                    if p is None
+                    else self._row(errors, i, partial(p, mx.array([t])), logits[i : i + 1])
+                    for i, (p, t) in enumerate(zip(batch.processors, batch.inputs))
+                ],
+                axis=0,
+            )
         values, dtype = self._sample(batch, logits, errors)
         if not any(errors):
             return mx.array(values, dtype)

@@ -56,7 +56,7 @@ from exo_lab.engine.guided import SchemaConstraint, vocabulary
 from exo_lab.engine.job import Job, JobError
 from exo_lab.engine.lockstep import FAILED, Batch, Layout, Lockstep, describe
 from exo_lab.engine.pairs import Exchange
-from exo_lab.engine.sampling import SamplingParams, make_sampler
+from exo_lab.engine.sampling import SamplingParams, make_penalties, make_sampler
 from exo_lab.engine.shard import ShardSpec, load_shard, tensor_names
 from exo_lab.engine.stopping import StopMatcher
 from exo_lab.models import partial
@@ -198,9 +198,15 @@ class Worker:
             _, _, self.admit_to = ls.share(None, [], self._admissible(0))
         for seq in range(self.admitted + 1, self.admit_to + 1):
             t = time.perf_counter()
-            rows.append(self._admit(self._job(seq), batch))
+            queued = self._job(seq)
+            if queued.job is not None and queued.job.embed:  # an embedding: every rank now, never in the batch
+                self._embed(queued)
+            else:
+                rows.append(self._admit(queued, batch))
             self.admitted = seq
             log.debug("job %d joined (prefill %.3f s)", seq, time.perf_counter() - t)
+        if not rows:  # only embeddings were admitted: nothing to decode
+            return rows
         t = time.perf_counter()
         tokens = ls.step(batch)
         flags = [1 if r.job.stop else 0 for r in rows] if self.rank == 0 else [0] * len(rows)
@@ -241,6 +247,19 @@ class Worker:
                 last, room = last + 1, room - 1
         return last
 
+    def _embed(self, queued: QueuedJob) -> None:
+        """Every rank: the job's prompt through the pipeline (see :meth:`Lockstep.embed`); rank 0 answers with it."""
+        job = queued.job
+        assert job is not None
+        vector = self.lockstep.embed(list(job.prompt))
+        with self.cond:
+            self.jobs.pop(queued.seq, None)
+            self.last_done = max(self.last_done, queued.seq)
+        queued.done = True
+        if self.rank == 0:
+            usage = {"prompt_tokens": len(job.prompt), "total_s": time.perf_counter() - queued.arrived}
+            queued.push({"text": "", "finish_reason": "stop", "usage": usage, "embedding": vector})
+
     def _admit(self, queued: QueuedJob, batch) -> _Row:
         """Prefill ``queued``'s prompt and add it as the last row of ``batch``."""
         job = queued.job
@@ -251,16 +270,26 @@ class Worker:
         if self.rank == 0:
             row.detok = self.tokenizer.detokenizer
             row.stopper = StopMatcher(list(job.stop))
-        constraint, error = None, None
+        constraint, error, penalties = None, None, None
         sampler: Callable[[mx.array], mx.array] = _argmax
         try:  # what fails here fails this job alone, at its first step (see Lockstep.step)
             sampler = make_sampler(params)
+            penalties = make_penalties(params, prompt)
             if job.grammar and self.guide is not None:  # the rank that samples keeps the output in the grammar
                 constraint = SchemaConstraint(job.grammar, self.guide, job.max_tokens)
         except Exception as exc:
             log.exception("job %d cannot be sampled", queued.seq)
             error = describe(exc)
-        batch.add(self.lockstep.prefill(prompt), prompt[-1], sampler, params.greedy, constraint, job.logprobs, error)
+        batch.add(
+            self.lockstep.prefill(prompt),
+            prompt[-1],
+            sampler,
+            params.greedy,
+            constraint,
+            job.logprobs,
+            error,
+            penalties,
+        )
         return row
 
     def _accept(self, row: _Row, token: int, logprob: tuple[float, list[tuple[int, float]]] | None = None) -> bool:

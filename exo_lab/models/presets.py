@@ -56,6 +56,18 @@ PRESETS: dict[str, Preset] = {
         {**_TINY, "head_dim": 32, "rope_theta": 1000000.0, "tie_word_embeddings": True},
         description="Qwen3 architecture (q/k norms, tied head), 4 layers, hidden 128",
     ),
+    "qwen3-think-tiny": Preset(
+        "qwen3",
+        {
+            **_TINY,
+            "vocab_size": bpe.BASE_VOCAB + 64,
+            "head_dim": 32,
+            "rope_theta": 1000000.0,
+            "tie_word_embeddings": True,
+        },
+        extra={"chat": "think"},
+        description="qwen3-tiny as a thinking model: <think> tags in the vocabulary, a template that opens a think block",
+    ),
     "qwen3-moe-tiny": Preset(
         "qwen3_moe",
         {

@@ -71,6 +71,11 @@ HEAD_GAIN = 3.0
 DAMPED_ROW_SCALE = 0.05
 
 
+def chat_family(preset: Preset) -> str:
+    """The tokenizer and chat template family of ``preset``: ``llama``, ``chatml`` or ``think``."""
+    return preset.extra.get("chat", FAMILY[preset.model_type])
+
+
 def _model_class(model_type: str):
     module = importlib.import_module(f"mlx_lm.models.{model_type}")
     return module.Model, module.ModelArgs
@@ -182,7 +187,7 @@ def build_model(
         raise ValueError(
             f"quantize must be 2, 3, 4, 6 or 8 bits or one of {', '.join(QUANT_RECIPES)}, not {quantize!r}"
         )
-    family = FAMILY[p.model_type]
+    family = chat_family(p)
     tok = bpe.build(p.config["vocab_size"], family)
     config = _config(p, dtype, tok)
     model_cls, args_cls = _model_class(p.model_type)
@@ -257,7 +262,7 @@ def create(
     _save_weights(tmp, model)
     del model
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    family = FAMILY[PRESETS[preset].model_type]
+    family = chat_family(PRESETS[preset])
     tok.save(str(tmp / "tokenizer.json"))
     tcfg = bpe.tokenizer_config(family, tok)
     (tmp / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2) + "\n")

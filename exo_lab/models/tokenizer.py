@@ -31,6 +31,9 @@ LLAMA_SPECIALS = [
 ]
 CHATML_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 SPECIAL_TOKENS = LLAMA_SPECIALS + CHATML_SPECIALS
+#: the reasoning tags of the ``think`` family (Qwen3's), added after the trained vocabulary (not special: they
+#: show in decoded text, as Qwen3's do)
+THINK_TOKENS = ["<think>", "</think>"]
 
 
 def _corpus() -> list[str]:
@@ -84,15 +87,23 @@ def build(vocab_size: int, family: str) -> Tokenizer:
 
     Ids beyond the trained vocabulary are padding entries ``<pad_N>`` in the
     BPE vocabulary itself (no merges reach them), so they decode to text.
-    ``family`` is ``"llama"`` (BOS added on encode) or ``"chatml"``.
+    ``family`` is ``"llama"`` (BOS added on encode), ``"chatml"``, or ``"think"`` (chatml with Qwen3's
+    ``<think>`` / ``</think>`` as the first ids after the trained vocabulary).
     """
     data = json.loads(base_tokenizer_json())
     vocab: dict[str, int] = data["model"]["vocab"]
-    if vocab_size < len(vocab):
-        raise ValueError(f"vocab_size {vocab_size} is below the tokenizer's {len(vocab)} ids")
-    for i in range(len(vocab), vocab_size):
-        vocab[f"<pad_{i}>"] = i
+    trained = len(vocab)
+    extra = THINK_TOKENS if family == "think" else []
+    if vocab_size < trained + len(extra):
+        raise ValueError(f"vocab_size {vocab_size} is below the tokenizer's {trained + len(extra)} ids")
+    for i in range(trained, vocab_size):
+        k = i - trained
+        vocab[extra[k] if k < len(extra) else f"<pad_{i}>"] = i
     tok = Tokenizer.from_str(json.dumps(data))
+    if extra:
+        from tokenizers import AddedToken
+
+        tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in extra])
     if family == "llama":
         bos = "<|begin_of_text|>"
         tok.post_processor = processors.TemplateProcessing(
@@ -178,8 +189,28 @@ def _template(open_: str, close: str, trim: bool, bos: bool) -> str:
     )
 
 
+def _thinking(template: str, open_assistant: str) -> str:
+    """``template`` for a thinking model (as Qwen3's thinking models): the generation prompt opens a ``<think>``
+    block, or holds an empty one when ``enable_thinking`` is false; a ``reasoning_effort`` is said in a system
+    line first."""
+    effort = (
+        "{%- if reasoning_effort is defined and reasoning_effort %}"
+        "{{- '<|im_start|>system\\nReasoning: ' + reasoning_effort + '<|im_end|>\\n' }}{%- endif %}"
+    )
+    plain = "{%- if add_generation_prompt %}{{- " + open_assistant + " }}{%- endif %}"
+    assert template.endswith(plain)
+    think = (
+        "{%- if add_generation_prompt %}{{- "
+        + open_assistant
+        + " }}{%- if enable_thinking is defined and enable_thinking is false %}"
+        "{{- '<think>\\n\\n</think>\\n\\n' }}{%- else %}{{- '<think>\\n' }}{%- endif %}{%- endif %}"
+    )
+    return effort + template[: -len(plain)] + think
+
+
 LLAMA_TEMPLATE = _template("'<|start_header_id|>' + {role} + '<|end_header_id|>\\n\\n'", "'<|eot_id|>'", True, True)
 CHATML_TEMPLATE = _template("'<|im_start|>' + {role} + '\\n'", "'<|im_end|>\\n'", False, False)
+THINK_TEMPLATE = _thinking(CHATML_TEMPLATE, "'<|im_start|>' + 'assistant' + '\\n'")
 
 
 def tokenizer_config(family: str, tok: Tokenizer) -> dict:
@@ -189,7 +220,7 @@ def tokenizer_config(family: str, tok: Tokenizer) -> dict:
         template = LLAMA_TEMPLATE
     else:
         specials = {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
-        template = CHATML_TEMPLATE
+        template = THINK_TEMPLATE if family == "think" else CHATML_TEMPLATE
     added = {
         str(tok.token_to_id(t)): {
             "content": t,
@@ -201,6 +232,15 @@ def tokenizer_config(family: str, tok: Tokenizer) -> dict:
         }
         for t in SPECIAL_TOKENS
     }
+    for t in THINK_TOKENS if family == "think" else []:
+        added[str(tok.token_to_id(t))] = {
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": False,
+        }
     return {
         "added_tokens_decoder": added,
         **specials,

@@ -19,8 +19,13 @@ MSGS = [{"role": "user", "content": "hi"}]
 #: per route: bodies the model takes, and bodies it refuses
 EXAMPLES = {
     "/v1/chat/completions": (
-        [{"model": "m", "messages": MSGS, "max_tokens": 3, "stop": ["x"], "top_p": 0.5}],
         [
+            {"model": "m", "messages": MSGS, "max_tokens": 3, "stop": ["x"], "top_p": 0.5},
+            {"model": "m", "messages": MSGS, "logit_bias": {"5": -100}, "min_p": 0.1, "reasoning_effort": "low"},
+        ],
+        [
+            {"model": "m", "messages": MSGS, "presence_penalty": 2.5},
+            {"model": "m", "messages": MSGS, "logit_bias": {"5": 101}},
             {"model": "m", "messages": []},
             {"model": "m", "messages": MSGS, "temperature": 3},
             {"model": "m", "messages": MSGS, "max_tokens": True},
@@ -41,6 +46,16 @@ EXAMPLES = {
     ),
     "/api/generate": ([{"model": "m", "prompt": "hi", "context": [1, 2]}], [{"model": "m", "context": ["a"]}]),
     "/api/show": ([{"model": "m"}], []),
+    "/v1/completions": (
+        [{"model": "m", "prompt": "hi", "logprobs": 2, "echo": True}, {"model": "m", "prompt": [[1, 2], [3]]}],
+        [{"model": "m", "prompt": {"a": 1}}, {"model": "m", "prompt": "hi", "logprobs": 6}],
+    ),
+    "/v1/embeddings": (
+        [{"model": "m", "input": ["a", "b"], "encoding_format": "float"}],
+        [{"model": "m"}, {"model": "m", "input": "a", "encoding_format": "hex"}],
+    ),
+    "/api/embed": ([{"model": "m", "input": ["a"], "truncate": False}], [{"model": "m", "input": []}]),
+    "/api/pull": ([{"model": "m", "stream": False}], [{"model": "m", "stream": "yes"}]),
 }
 
 

@@ -342,3 +342,50 @@ def test_logprobs_from_the_rank_that_samples_match_one_process(cluster, tiny):
         one.close()
         server.stop()
         inst.delete()
+
+
+def test_penalties_and_bias_on_the_rank_that_samples_match_one_process(cluster, tiny, references):
+    """min_p, repetition / presence / frequency penalties and logit_bias, applied where the pipeline samples,
+    give one process's tokens, batched beside plain requests."""
+    from exo_lab.engine.sampling import SamplingParams
+
+    inst = cluster.launch(tiny, plan=pick(cluster, tiny, "pipeline"), name="tiny-pen")
+    try:
+        with exo_lab.Engine(tiny, max_batch=1) as one:
+            changed = []
+            for params in (
+                SamplingParams(repetition_penalty=10.0, frequency_penalty=2.0, presence_penalty=2.0),
+                SamplingParams(logit_bias=((PROMPTS[0][3], 4.0), (references[0][0], -100.0)), frequency_penalty=1.0),
+                SamplingParams(1.5, seed=5, min_p=0.2, frequency_penalty=1.0),
+            ):
+                req = GenerationRequest(tuple(PROMPTS[0]), max_tokens=14, sampling=params, ignore_eos=True)
+                plain = [inst.generate(p, max_tokens=10, temperature=0, ignore_eos=True) for p in PROMPTS[1:3]]
+                got = tokens(inst.submit(req))
+                assert got == tokens(one.submit(req)), params
+                changed.append(got != references[0][:14])
+                assert [tokens(g) for g in plain] == [r[:10] for r in references[1:3]]  # only this row is processed
+            assert changed[1:] == [True, True]  # the bias (and the sampled row) changed the output
+    finally:
+        inst.delete()
+
+
+def test_embeddings_from_a_pipelines_last_rank_match_one_process(cluster, tiny):
+    """The mean-pooled last hidden state, computed by the stage that holds the final norm and shared with
+    rank 0, is one process's embedding; embeddings go between decode steps of running generations."""
+    inst = cluster.launch(tiny, plan=pick(cluster, tiny, "pipeline"), name="tiny-emb")
+    server = exo_lab.serve(inst, port=free_port())
+    try:
+        with exo_lab.Engine(tiny, max_batch=1) as one:
+            prompts = [PROMPTS[0], PROMPTS[1][:40]]
+            want = one.embed(prompts)
+            running = inst.generate(PROMPTS[2], max_tokens=24, temperature=0, ignore_eos=True)
+            got = inst.embed(prompts)
+            assert tokens(running)  # the generation went on around them
+            for a, b in zip(got, want):
+                assert len(a) == 128 and max(abs(x - y) for x, y in zip(a, b)) < 1e-4
+            client = openai.OpenAI(base_url=server.openai_base_url, api_key="x", max_retries=0)
+            r = client.embeddings.create(model="tiny-emb", input=[PROMPTS[0]])
+            assert max(abs(x - y) for x, y in zip(r.data[0].embedding, want[0])) < 1e-4
+    finally:
+        server.stop()
+        inst.delete()

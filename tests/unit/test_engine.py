@@ -152,7 +152,9 @@ def test_timing_is_reported(engine):
 
 def test_engine_is_a_backend_with_the_typed_surface(engine):
     assert isinstance(engine, Backend) and engine.state == "ready" and engine.error is None
-    assert engine.context_length and engine.features == {"logprobs", "grammar"} and engine.path is not None
+    assert (
+        engine.context_length and engine.features == {"logprobs", "grammar", "embeddings"} and engine.path is not None
+    )
     done = engine.requests_completed
     pieces = list(engine.stream("Hello", max_tokens=4, ignore_eos=True))
     assert all(isinstance(p, str) for p in pieces)

@@ -113,6 +113,37 @@ TopLogprobs = Annotated[int, Field(ge=0, le=20), BeforeValidator(_integral)]
 #: maps it onto the sampler's unsigned 64-bit seeds
 Seed = Annotated[int, Field(ge=-(2**63), lt=2**64), BeforeValidator(_integral)]
 
+#: sampling beyond temperature, top-p and top-k (the ranges :class:`~exo_lab.engine.sampling.SamplingParams` takes)
+MinP = Annotated[float, Field(ge=0, le=1)]
+RepetitionPenalty = Annotated[float, Field(gt=0, le=10)]
+Penalty = Annotated[float, Field(ge=-2, le=2)]
+#: the most tokens a ``logit_bias`` may name (OpenAI allows 300)
+MAX_LOGIT_BIAS = 1024
+
+
+def _bias_keys(value: dict[str, float]) -> dict[str, float]:
+    if len(value) > MAX_LOGIT_BIAS:
+        raise fail(f"{{invalid}}: at most {MAX_LOGIT_BIAS} tokens may be biased, got {len(value)}.")
+    for key in value:
+        if not key.isdigit():
+            raise fail(f"{{invalid}}: keys must be token ids (non-negative integers as strings), got {key!r}.")
+    return value
+
+
+#: ``{"token id": bias}`` with biases from -100 to 100 (OpenAI's ``logit_bias``)
+LogitBias = Annotated[
+    dict[str, Annotated[float, Field(ge=-100, le=100)]],
+    AfterValidator(_bias_keys),
+    WithJsonSchema(
+        {
+            "type": "object",
+            "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+            "propertyNames": {"pattern": "^[0-9]+$"},
+            "maxProperties": MAX_LOGIT_BIAS,
+        }
+    ),
+]
+
 #: the most stop sequences a request may give (OpenAI's own limit is 4), and the longest one: every generated
 #: token is matched against each of them, on the thread that generates for every request
 MAX_STOPS = 16

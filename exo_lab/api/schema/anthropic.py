@@ -101,6 +101,26 @@ class AnthropicToolChoice(Part):
     name: str | None = None
 
 
+class ThinkingConfig(Part):
+    """``{"type": "enabled", "budget_tokens"}``, ``{"type": "adaptive"}`` or ``{"type": "disabled"}``.
+
+    The budget is not enforced: a thinking model here thinks until it closes its reasoning itself."""
+
+    type: Literal["enabled", "disabled", "adaptive"]
+    budget_tokens: PositiveInt | None = None
+    display: Literal["summarized", "omitted"] | None = None
+
+    @model_validator(mode="after")
+    def _budget(self) -> ThinkingConfig:
+        if self.type == "enabled" and self.budget_tokens is None:
+            raise fail("{param}: Field required.", "budget_tokens", "missing_required_parameter")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.type != "disabled"
+
+
 class CountTokensRequest(RequestModel):
     """``POST /v1/messages/count_tokens``: the conversation and tools of a Messages request."""
 
@@ -110,6 +130,7 @@ class CountTokensRequest(RequestModel):
     messages: Annotated[list[AnthropicMessage], Field(min_length=1)]
     system: str | list[Block] | None = None
     tools: list[AnthropicTool] | None = None
+    thinking: ThinkingConfig | None = None
 
     @model_validator(mode="after")
     def _system(self) -> CountTokensRequest:

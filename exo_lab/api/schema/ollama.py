@@ -7,7 +7,7 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, PlainValidator, WithJsonSchema, model_validator
 
-from exo_lab.api.schema import Int, Part, RequestModel, Seed, Stops, fail
+from exo_lab.api.schema import Int, MinP, Part, Penalty, RepetitionPenalty, RequestModel, Seed, Stops, fail
 from exo_lab.api.schema.openai import ChatTool
 from exo_lab.engine.chat import ROLES
 
@@ -31,6 +31,11 @@ class Options(Part):
     top_k: Int | None = None
     seed: Seed | None = None
     stop: Stops = ()
+    min_p: MinP | None = None
+    repeat_penalty: RepetitionPenalty | None = None
+    repeat_last_n: Int | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
 
 
 def _no_images(images: Any) -> None:
@@ -44,6 +49,7 @@ class OllamaMessage(Part):
     images: list[Any] | None = None
     tool_calls: list[dict[str, Any]] | None = None
     tool_name: str | None = None
+    thinking: str | None = None  # an earlier reply's reasoning (not sent to the model again)
 
     @model_validator(mode="after")
     def _text_only(self) -> OllamaMessage:
@@ -67,6 +73,8 @@ class OllamaRequest(RequestModel):
     format: Format = None
     options: Options | None = None
     keep_alive: Any = None
+    #: a thinking model's thinking: on (its reasoning in ``thinking``), off, or a level (gpt-oss)
+    think: bool | Literal["low", "medium", "high"] | None = None
 
 
 class ChatRequest(OllamaRequest):
@@ -104,6 +112,56 @@ class ShowRequest(RequestModel):
 
     @model_validator(mode="after")
     def _named(self) -> ShowRequest:
+        if not (self.model or self.name):
+            raise fail("model is required", "model", "missing_required_parameter")
+        return self
+
+
+class OllamaEmbedRequest(RequestModel):
+    """``POST /api/embed``: ``input`` (a string or strings), cut to the context unless ``truncate`` is false."""
+
+    style: ClassVar[str] = "ollama"
+
+    model: str
+    input: str | Annotated[list[str], Field(min_length=1)]
+    truncate: bool | None = None
+    options: dict[str, Any] | None = None
+    keep_alive: Any = None
+    dimensions: Annotated[int, Field(ge=1)] | None = None
+
+    @model_validator(mode="after")
+    def _inputs(self) -> OllamaEmbedRequest:
+        if any(not s for s in self.inputs()):
+            raise fail("input must not be empty", "input")
+        return self
+
+    def inputs(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+class OllamaEmbeddingsRequest(RequestModel):
+    """``POST /api/embeddings`` (Ollama's older route): one ``prompt``."""
+
+    style: ClassVar[str] = "ollama"
+
+    model: str
+    prompt: str
+    options: dict[str, Any] | None = None
+    keep_alive: Any = None
+
+
+class OllamaPullRequest(RequestModel):
+    """``POST /api/pull`` (``name`` is the older spelling of ``model``)."""
+
+    style: ClassVar[str] = "ollama"
+
+    model: str | None = None
+    name: str | None = None
+    insecure: bool | None = None
+    stream: bool | None = None
+
+    @model_validator(mode="after")
+    def _named(self) -> OllamaPullRequest:
         if not (self.model or self.name):
             raise fail("model is required", "model", "missing_required_parameter")
         return self

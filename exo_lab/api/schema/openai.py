@@ -8,9 +8,13 @@ from pydantic import Field, WithJsonSchema, field_validator, model_validator
 
 from exo_lab.api.schema import (
     Int,
+    LogitBias,
+    MinP,
     NonNegativeInt,
     Part,
+    Penalty,
     PositiveInt,
+    RepetitionPenalty,
     RequestModel,
     Seed,
     Stops4,
@@ -22,6 +26,7 @@ from exo_lab.engine.chat import ROLES
 Temperature = Annotated[float, Field(ge=0, le=2)]
 TopP = Annotated[float, Field(gt=0, le=1)]
 JsonSchema = dict[str, Any]
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
 
 
 # ------------------------------------------------------------------------------------ tools
@@ -149,7 +154,17 @@ class ChatCompletionRequest(RequestModel):
     top_p: TopP | None = None
     top_k: NonNegativeInt | None = None
     seed: Seed | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: LogitBias | None = None
+    #: vLLM-style extensions: min-p sampling and a multiplicative repetition penalty
+    min_p: MinP | None = None
+    repetition_penalty: RepetitionPenalty | None = None
     stop: Stops4 = ()
+    #: how much a thinking model thinks (``none`` turns thinking off); goes to the chat template
+    reasoning_effort: ReasoningEffort | None = None
+    #: vLLM-style extension: variables for the chat template (``enable_thinking``, ...)
+    chat_template_kwargs: dict[str, Any] | None = None
     #: vLLM-style extension: generate exactly the token limit
     ignore_eos: bool | None = None
     stream: bool | None = None
@@ -179,6 +194,103 @@ class ChatCompletionRequest(RequestModel):
     def tool_mode(self) -> tuple[str, str | None]:
         """``(mode, forced function name)``, see :func:`tool_mode`."""
         return tool_mode(self.tool_choice, [t.function.name for t in self.tools or () if t.function is not None])
+
+
+# ------------------------------------------------------------------------------------ legacy completions
+
+#: a prompt: text, token ids, or a list of either (one choice each)
+CompletionPrompt = str | list[str] | list[Int] | list[list[Int]]
+#: the most prompts one legacy completion request may hold
+MAX_PROMPTS = 16
+
+
+class CompletionRequest(RequestModel):
+    """``POST /v1/completions`` (legacy): ``prompt`` continued as it is, no chat template."""
+
+    model: str
+    prompt: CompletionPrompt
+    max_tokens: PositiveInt | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    top_k: NonNegativeInt | None = None
+    n: Int | None = None
+    best_of: Int | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
+    echo: bool | None = None
+    stop: Stops4 = ()
+    seed: Seed | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: LogitBias | None = None
+    min_p: MinP | None = None
+    repetition_penalty: RepetitionPenalty | None = None
+    suffix: str | None = None
+    ignore_eos: bool | None = None
+    user: str | None = None
+
+    @field_validator("n", "best_of")
+    @classmethod
+    def _one(cls, n: int | None) -> int | None:
+        if n is not None and n != 1:
+            raise fail("Only 1 is supported: ask for several completions with several requests.")
+        return n
+
+    @model_validator(mode="after")
+    def _together(self) -> CompletionRequest:
+        if self.stream_options is not None and not self.stream:
+            raise fail("'stream_options' is only allowed when 'stream' is true.", "stream_options")
+        if self.suffix:
+            raise fail("'suffix' (fill-in-the-middle) is not supported by this server.", "suffix")
+        prompts = self.prompts()
+        if not prompts or any(p == "" or p == [] for p in prompts):
+            raise fail("'prompt' must not be empty.", "prompt")
+        if len(prompts) > MAX_PROMPTS:
+            raise fail(f"'prompt' holds at most {MAX_PROMPTS} prompts, got {len(prompts)}.", "prompt")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: a string or token ids."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and all(isinstance(t, int) for t in p):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------------ embeddings
+
+#: the most inputs one embeddings request may hold
+MAX_INPUTS = 256
+
+
+class EmbeddingsRequest(RequestModel):
+    """``POST /v1/embeddings``: each input's mean-pooled last hidden state."""
+
+    model: str
+    input: CompletionPrompt
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: PositiveInt | None = None
+    user: str | None = None
+
+    @model_validator(mode="after")
+    def _inputs(self) -> EmbeddingsRequest:
+        inputs = self.inputs()
+        if not inputs or any(i == "" or i == [] for i in inputs):
+            raise fail("'input' must not be empty (nor hold an empty string).", "input")
+        if len(inputs) > MAX_INPUTS:
+            raise fail(f"'input' holds at most {MAX_INPUTS} items, got {len(inputs)}.", "input")
+        return self
+
+    def inputs(self) -> list[str | list[int]]:
+        p = self.input
+        if isinstance(p, str):
+            return [p]
+        if p and all(isinstance(t, int) for t in p):
+            return [list(p)]  # type: ignore[arg-type]
+        return list(p)  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------------------------ responses
@@ -256,6 +368,14 @@ class TextOptions(Part):
     format: TextFormat | None = None
 
 
+class ReasoningOptions(Part):
+    """``{"effort", "summary"}``: how much a thinking model thinks (``none`` turns thinking off)."""
+
+    effort: ReasoningEffort | None = None
+    summary: Literal["auto", "concise", "detailed"] | None = None
+    generate_summary: Literal["auto", "concise", "detailed"] | None = None
+
+
 class ResponsesRequest(RequestModel):
     """``POST /v1/responses``."""
 
@@ -270,6 +390,7 @@ class ResponsesRequest(RequestModel):
     tools: list[ResponsesTool] | None = None
     tool_choice: ToolChoice | None = None
     text: TextOptions | None = None
+    reasoning: ReasoningOptions | None = None
     metadata: dict[str, Any] | Any = None
     user: Any = None
 
