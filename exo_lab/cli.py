@@ -375,8 +375,8 @@ def _bench(args: argparse.Namespace) -> int:
             print(f"wrote {result.save_plot(args.plot)}")
         return 0 if _any_ok(result) else 1
     finally:
-        if cluster is not None and args.local:
-            cluster.close()
+        if cluster is not None:
+            cluster.close()  # stops --local agents; an instance measured with --instance is not ours: it stays
 
 
 def _any_ok(result) -> bool:

@@ -368,12 +368,13 @@ def bench_instance(
     warmup: int = 1,
     progress: bool = True,
     timeout: float = 300.0,
+    ready_timeout: float = 60.0,
 ) -> BenchResult:
     """Sweep an instance already running in ``cluster`` (``exo-lab bench --instance ID``); nothing is launched.
 
     ``instance``: an :class:`~exo_lab.Instance` this process holds (requests go to its ranks; rank 0's own
     timings), or the id of any instance of the cluster (requests go to its owner's API, signed with the
-    cluster key; timings from the stream). Peak memory per node comes from the agents that hold its ranks,
+    cluster key; timings from the stream; one still loading is waited for up to ``ready_timeout`` s). Peak memory per node comes from the agents that hold its ranks,
     predictions from the cost model for its plan when this machine has the model's config.
     """
     pps, tgs, levels = sizes(pp, "pp"), sizes(tg, "tg"), sizes(concurrency, "concurrency")
@@ -393,12 +394,7 @@ def bench_instance(
         )
         described = {"kind": "instance", "id": inst_id, "name": name, "api": None, "held": True}
     else:
-        try:
-            found = cluster_instances.find(cluster, str(instance))
-        except KeyError as exc:
-            raise BenchError(str(exc.args[0])) from None
-        if found.state != "ready":
-            raise BenchError(f"instance {found.id} ({found.name}) is {found.state}, not ready")
+        found = _ready(cluster, str(instance), ready_timeout)
         if not found.api:
             raise BenchError(
                 f"instance {found.id} ({found.name}) has no API to send requests to: its owner "
@@ -474,6 +470,22 @@ def node_memory(cluster: Any, instance_id: str, nodes: Sequence[str], plan: Plan
             entry[key] = sum(vals) if vals else None
         out[node] = entry
     return out
+
+
+def _ready(cluster: Any, instance_id: str, timeout: float) -> cluster_instances.ClusterInstance:
+    """The cluster's instance ``instance_id`` once its owner reports it ready (BenchError if it is not, in time)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            found = cluster_instances.find(cluster, instance_id)
+        except KeyError as exc:
+            raise BenchError(str(exc.args[0])) from None
+        if found.state == "ready":
+            return found
+        if found.state not in ("launching", "loading") or time.monotonic() > deadline:
+            why = f": {found.error}" if found.error else ""
+            raise BenchError(f"instance {found.id} ({found.name}) is {found.state}, not ready{why}")
+        time.sleep(0.5)
 
 
 def _node_name(cluster: Any, node: str) -> str:
