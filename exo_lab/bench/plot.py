@@ -185,7 +185,7 @@ def _label(result: BenchResult, index: int, description: str) -> str:
 def tps_vs_prompt(result: BenchResult) -> Any:
     """Prompt and decode tokens/s against prompt length (log x), one request at a time (the lowest concurrency
     measured): a line per target and generation length, p10-p90 whiskers; dashed: decode."""
-    from bokeh.models import ColumnDataSource, HoverTool
+    from bokeh.models import BasicTickFormatter, ColumnDataSource, HoverTool
     from bokeh.plotting import figure
 
     fig = figure(
@@ -201,6 +201,8 @@ def tps_vs_prompt(result: BenchResult) -> Any:
     fig.xaxis.axis_label = "prompt tokens"
     fig.yaxis.axis_label = "tokens/s per request"
     fig.xaxis.ticker = sorted({pt.pp for p in result.plans for pt in p.points}) or [1]
+    fig.xaxis.formatter = BasicTickFormatter()  # the sizes swept, not powers of ten
+    fig.yaxis.formatter = BasicTickFormatter()
     i = 0
     for p in result.plans:
         ok = [pt for pt in p.points if pt.ok]
@@ -236,7 +238,7 @@ def tps_vs_prompt(result: BenchResult) -> Any:
 
 def tps_vs_concurrency(result: BenchResult) -> Any:
     """Aggregate tokens/s against concurrency for every prompt and generation length (p10-p90 whiskers)."""
-    from bokeh.models import ColumnDataSource, HoverTool
+    from bokeh.models import BasicTickFormatter, ColumnDataSource, HoverTool
     from bokeh.plotting import figure
 
     fig = figure(
@@ -251,6 +253,7 @@ def tps_vs_concurrency(result: BenchResult) -> Any:
     fig.xaxis.axis_label = "concurrent requests"
     fig.yaxis.axis_label = "completion tokens/s"
     fig.xaxis.ticker = sorted({pt.concurrency for p in result.plans for pt in p.points}) or [1]
+    fig.yaxis.formatter = BasicTickFormatter()
     i = 0
     for p in result.plans:
         ok = [pt for pt in p.points if pt.ok]
@@ -278,6 +281,13 @@ def tps_vs_concurrency(result: BenchResult) -> Any:
     return fig
 
 
+def sweep_charts(result: BenchResult) -> list[Any]:
+    """Tokens/s against prompt length and against concurrency (none when no combination ran)."""
+    if not any(pt.ok for p in result.plans for pt in p.points):
+        return []
+    return [tps_vs_prompt(result), tps_vs_concurrency(result)]
+
+
 def plot(result: BenchResult) -> Any:
     """The charts in one bokeh layout (show it with ``bokeh.io.show``): for plans launched here, measured
     against predicted and tokens/s against concurrency; for a sweep, tokens/s against prompt length and
@@ -288,11 +298,7 @@ def plot(result: BenchResult) -> Any:
     title = Div(
         text=f"<b>{result._title()}</b>" + (f" &mdash; {result.calibration.summary()}" if result.calibration else "")
     )
-    sweep = (
-        [tps_vs_prompt(result), tps_vs_concurrency(result)]
-        if any(pt.ok for p in result.plans for pt in p.points)
-        else []
-    )
+    sweep = sweep_charts(result)
     if result.target.get("kind", "plans") != "plans":
         if not sweep:
             return column(Div(text=f"<b>{result._title()}</b>: nothing ran ({result.plans[0].reason})"))

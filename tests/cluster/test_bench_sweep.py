@@ -115,6 +115,13 @@ def test_url_sweeps_every_combination_of_a_second_server(server, tiny_model, tmp
     html = page.read_text()
     assert "exo-bench-sweep-prompt" in html and "exo-bench-sweep-concurrency" in html
     assert BenchResult.from_json(doc).to_json() == doc
+    from exo_lab.ui.dashboard.bench_view import bench_module_charts
+
+    charts = bench_module_charts(doc)  # the dashboard draws the same document
+    assert charts is not None and [c.object.name for c in charts] == [
+        "exo-bench-sweep-prompt",
+        "exo-bench-sweep-concurrency",
+    ]
 
 
 @pytest.mark.slow
