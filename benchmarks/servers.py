@@ -61,6 +61,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="llama-1b")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--model", type=Path, help="an existing model directory instead of a synthetic preset")
     ap.add_argument("--pp", default="128,512")
     ap.add_argument("--tg", default="64")
     ap.add_argument("--concurrency", default="1,4")
@@ -70,7 +71,7 @@ def main() -> int:
 
     from mlx_lm.utils import load_tokenizer
 
-    path = _model(args.preset, args.dtype)
+    path = args.model or _model(args.preset, args.dtype)
     tokenizer = load_tokenizer(path)
     ports = {"exo_lab": _free_port(), "mlx_lm": _free_port()}
     procs = {
@@ -106,7 +107,7 @@ def main() -> int:
             for name in order if r % 2 == 0 else order[::-1]:
                 res = bench_url(
                     urls[name],
-                    api_key=None,
+                    "m" if name == "exo_lab" else str(path),  # mlx_lm.server names a local model by its path
                     pp=args.pp,
                     tg=args.tg,
                     concurrency=args.concurrency,

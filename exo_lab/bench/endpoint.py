@@ -127,10 +127,11 @@ class Endpoint:
             models = [m["id"] for m in json.loads(data)["data"]]
         except (ValueError, KeyError, TypeError):
             raise BenchError(
-                f"{self.display_url}/models did not answer an OpenAI model list; is it an OpenAI-compatible API?"
+                f"{self.display_url}/models did not answer an OpenAI model list; is it an OpenAI-compatible API? "
+                "(if it is, name the model: --model)"
             ) from None
         if not models:
-            raise BenchError(f"{self.display_url} serves no model")
+            raise BenchError(f"{self.display_url}/models lists no model; name the one to use (--model)")
         return models[0]
 
     # -- one request
