@@ -15,6 +15,7 @@ completion tokens of each side are printed; decode tok/s compares rates, not len
 from __future__ import annotations
 
 import argparse
+import signal
 import statistics
 import subprocess
 import sys
@@ -71,6 +72,7 @@ def main() -> int:
 
     from mlx_lm.utils import load_tokenizer
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the two servers on the way out (finally below)
     path = args.model or _model(args.preset, args.dtype)
     tokenizer = load_tokenizer(path)
     ports = {"exo_lab": _free_port(), "mlx_lm": _free_port()}
