@@ -47,8 +47,12 @@ _WORDS = [
 
 
 def words(n: int, seed: int = 0) -> str:
-    """``n`` words of plain English-like text (the filler of every bench prompt)."""
-    return " ".join(_WORDS[(seed + i) % len(_WORDS)] for i in range(n))
+    """``n`` words of plain English-like text (the filler of every bench prompt). Each ``seed`` below 512 gives
+    a text that differs from the others' from its first word on (another start and stride through the words),
+    so that a server's prefix cache cannot serve one request's prompt from another's."""
+    size = len(_WORDS)
+    start, stride = seed % size, 1 + 2 * ((seed // size) % (size // 2))  # odd strides visit every word
+    return " ".join(_WORDS[(start + i * stride) % size] for i in range(n))
 
 
 def exact_prompt(tokenizer: Any, pp: int, seed: int = 0) -> tuple[list[int], dict[str, Any]]:

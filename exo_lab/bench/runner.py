@@ -168,7 +168,7 @@ def _bench_plan(
         res.launch_s = time.perf_counter() - start
         _Bar().update(1)
         res.points, _ = sweep(
-            HeldTarget(inst, None),
+            HeldTarget(inst, cfg["tokenizer"]),
             pps,
             tgs,
             levels,
@@ -287,6 +287,7 @@ def run(
         "launch_timeout": launch_timeout,
         "steps_per_plan": steps,
         "prompts": prompts,
+        "tokenizer": tokenizer,
         "topology": topology,
     }
     results = []

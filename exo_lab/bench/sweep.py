@@ -55,13 +55,38 @@ def sizes(value: Sequence[int] | int | str, what: str) -> list[int]:
 class Target(Protocol):
     timing: str  # "engine" or "stream" (see SweepPoint)
 
-    def prompt(self, pp: int) -> tuple[Any, dict[str, Any]]:
-        """What to send for a ``pp``-token prompt, and how it was built."""
+    def prompt(self, pp: int, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+        """What to send for a ``pp``-token prompt (each ``seed`` another text), and how it was built."""
         ...
 
-    def request(self, prompt: Any, tg: int, count: int) -> tuple[list[Sample], float]:
-        """``count`` requests at once; their samples and the wall time from submitting to the last token."""
+    def request(self, prompts: Sequence[Any], tg: int) -> tuple[list[Sample], float]:
+        """One request per prompt, all at once; their samples and the wall time from submitting to the last token."""
         ...
+
+
+class Prompts:
+    """A fresh prompt for every request (seed 0, 1, 2, ... per length), built before the requests are timed:
+    no two requests of a sweep share a prompt, so a prefix cache on the server cannot make one look faster."""
+
+    def __init__(self, target: Target, first: dict[int, tuple[Any, dict[str, Any]]] | None = None) -> None:
+        self.target = target
+        self.made: dict[tuple[int, int], tuple[Any, dict[str, Any]]] = {(pp, 0): v for pp, v in (first or {}).items()}
+        self.used: dict[int, int] = {}
+
+    def info(self, pp: int) -> dict[str, Any]:
+        """How the ``pp``-token prompts were built (the first one's description)."""
+        return {**self.get(pp, 0)[1], "distinct": self.used.get(pp, 0)}
+
+    def get(self, pp: int, seed: int) -> tuple[Any, dict[str, Any]]:
+        if (pp, seed) not in self.made:
+            self.made[pp, seed] = self.target.prompt(pp, seed)
+        return self.made[pp, seed]
+
+    def take(self, pp: int, count: int) -> list[Any]:
+        """``count`` prompts of ``pp`` tokens no request has had yet."""
+        start = self.used.get(pp, 0)
+        self.used[pp] = start + count
+        return [self.get(pp, seed)[0] for seed in range(start, start + count)]
 
 
 def _at_once(count: int, one: Callable[[int], Sample]) -> tuple[list[Sample], float]:
@@ -97,14 +122,15 @@ class HeldTarget:
         self.backend = backend
         self.tokenizer = tokenizer
 
-    def prompt(self, pp: int) -> tuple[Any, dict[str, Any]]:
-        return exact_prompt(self.tokenizer, pp)
+    def prompt(self, pp: int, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+        return exact_prompt(self.tokenizer, pp, seed)
 
-    def request(self, prompt: Any, tg: int, count: int) -> tuple[list[Sample], float]:
+    def request(self, prompts: Sequence[Any], tg: int) -> tuple[list[Sample], float]:
+        count = len(prompts)
         t0 = time.perf_counter()
         gens = [
-            self.backend.submit(GenerationRequest(tuple(prompt), tg, SamplingParams(temperature=0.0), ignore_eos=True))
-            for _ in range(count)
+            self.backend.submit(GenerationRequest(tuple(p), tg, SamplingParams(temperature=0.0), ignore_eos=True))
+            for p in prompts
         ]
 
         def one(i: int) -> Sample:
@@ -137,14 +163,18 @@ class HttpTarget:
     def __init__(self, endpoint: Endpoint, tokenizer: Any = None) -> None:
         self.endpoint = endpoint
         self.tokenizer = tokenizer
+        self._probed: dict[int, tuple[int, dict[str, Any]]] = {}  # pp -> (words, how)
 
-    def prompt(self, pp: int) -> tuple[Any, dict[str, Any]]:
+    def prompt(self, pp: int, seed: int = 0) -> tuple[Any, dict[str, Any]]:
         if self.tokenizer is not None:
-            _, info = exact_prompt(self.tokenizer, pp)
+            _, info = exact_prompt(self.tokenizer, pp, seed)
             return info["text"], info
-        return self._probe(pp)
+        if pp not in self._probed:
+            self._probed[pp] = self._probe(pp)
+        n, info = self._probed[pp]
+        return words(n, seed), {**info, "text": words(n, seed)}
 
-    def _probe(self, pp: int) -> tuple[str, dict[str, Any]]:
+    def _probe(self, pp: int) -> tuple[int, dict[str, Any]]:
         """A text of about ``pp`` tokens on this server: word counts refined on its own usage counts
         (the chat template's tokens measured with an empty message; a few requests of one token)."""
         seen: dict[int, int] = {}
@@ -156,8 +186,7 @@ class HttpTarget:
 
         base = count(0)
         if not base:  # no usage from this server: about 1.3 tokens a word
-            n = max(1, int(pp / 1.3))
-            return words(n), {"tokens": None, "asked": pp, "method": "estimate", "text": words(n)}
+            return max(1, int(pp / 1.3)), {"tokens": None, "asked": pp, "method": "estimate"}
         n = max(1, pp - base)
         for _ in range(4):
             got = count(n)
@@ -169,14 +198,14 @@ class HttpTarget:
             if n in seen:
                 break
         n = min(seen, key=lambda k: (abs(seen[k] - pp), seen[k] > pp))  # the closest, shorter on a tie
-        return words(n), {"tokens": seen[n], "asked": pp, "template_tokens": base, "method": "probe", "text": words(n)}
+        return n, {"tokens": seen[n], "asked": pp, "template_tokens": base, "method": "probe"}
 
-    def request(self, prompt: Any, tg: int, count: int) -> tuple[list[Sample], float]:
-        return _at_once(count, lambda _: self.endpoint.complete(prompt, tg))
+    def request(self, prompts: Sequence[Any], tg: int) -> tuple[list[Sample], float]:
+        return _at_once(len(prompts), lambda i: self.endpoint.complete(prompts[i], tg))
 
 
 def measure_point(
-    target: Target, prompt: Any, pp: int, tg: int, concurrency: int, repeat: int, bar: Any = None
+    target: Target, prompts: Prompts, pp: int, tg: int, concurrency: int, repeat: int, bar: Any = None
 ) -> tuple[SweepPoint, list[Sample]]:
     """One combination, ``repeat`` times: a :class:`SweepPoint` (failed, with the reason, if a request failed);
     ``bar`` advances once per repeat."""
@@ -186,7 +215,7 @@ def measure_point(
     walls: list[float] = []
     try:
         for _ in range(repeat):
-            got, wall = target.request(prompt, tg, concurrency)
+            got, wall = target.request(prompts.take(pp, concurrency), tg)
             samples += got
             walls.append(wall)
             aggs.append(sum(s.completion_tokens for s in got) / wall)
@@ -225,27 +254,25 @@ def sweep(
     prompts: dict[int, tuple[Any, dict[str, Any]]] | None = None,
     on_point: Callable[[SweepPoint, list[Sample]], None] | None = None,
 ) -> tuple[list[SweepPoint], dict[int, dict[str, Any]]]:
-    """Every ``(pp, tg, concurrency)`` in that order (``warmup`` unmeasured requests first); the points and
-    how each prompt was built. ``predict(pp, tg, c)``: the cost model's numbers for a point, if any."""
-    prompts = dict(prompts or {})
-    for pp in pps:
-        if pp not in prompts:
-            prompts[pp] = target.prompt(pp)
+    """Every ``(pp, tg, concurrency)`` in that order (``warmup`` unmeasured requests first), each request with
+    a prompt of its own (:class:`Prompts`; ``prompts``: the first of each length, made already); the points and
+    how the prompts were built. ``predict(pp, tg, c)``: the cost model's numbers for a point, if any."""
+    source = Prompts(target, prompts)
     if bar is not None:
         bar.set_postfix_str("warm-up")
     for _ in range(warmup):
-        target.request(prompts[pps[0]][0], min(tgs), 1)
+        target.request(source.take(pps[0], 1), min(tgs))
     points = []
     for pp, tg, c in itertools.product(pps, tgs, levels):
         if bar is not None:
             bar.set_postfix_str(f"pp={pp} tg={tg} c={c}")
-        point, samples = measure_point(target, prompts[pp][0], pp, tg, c, repeat, bar)
+        point, samples = measure_point(target, source, pp, tg, c, repeat, bar)
         if predict is not None:
             point.predicted = predict(pp, tg, c)
         if on_point is not None:
             on_point(point, samples)
         points.append(point)
-    return points, {pp: info for pp, (_, info) in prompts.items()}
+    return points, {pp: source.info(pp) for pp in pps}
 
 
 def steps(pps: Sequence[int], tgs: Sequence[int], levels: Sequence[int], repeat: int) -> int:

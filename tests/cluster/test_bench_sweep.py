@@ -110,6 +110,8 @@ def test_url_sweeps_every_combination_of_a_second_server(server, tiny_model, tmp
         assert p["ttft_s"]["n"] == n and p["ttft_s"]["p10"] <= p["ttft_s"]["median"] <= p["ttft_s"]["p90"]
         assert p["decode_tps"]["median"] > 0 and p["prompt_tps"]["median"] > 0 and p["aggregate_tps"]["n"] == 2
     assert doc["plans"][0]["memory"] == {}
+    assert doc["prompt"]["16"]["distinct"] == 1 + 2 * (2 * 1 + 2 * 2)  # the warm-up, then a prompt per request
+    assert doc["prompt"]["32"]["distinct"] == 2 * (2 * 1 + 2 * 2)
     rows = [line for line in stdout.splitlines() if line.startswith("tiny at ")]
     assert len(rows) == 8 and all(line.rstrip().endswith("n/a") for line in rows)
     html = page.read_text()
@@ -130,6 +132,14 @@ def test_url_without_a_tokenizer_sizes_prompts_with_the_servers_counts(server):
     (point,) = res.plans[0].points
     assert res.prompt["40"]["method"] == "probe" and res.target["model"] == "tiny"  # the first of /v1/models
     assert abs(point.prompt_tokens[0] - 40) <= 2, res.prompt
+
+
+def test_no_two_requests_share_a_prompt_prefix():
+    from exo_lab.bench.prompts import words
+
+    starts = {words(3, seed) for seed in range(512)}
+    assert len(starts) == 512  # a prefix cache cannot serve one request's prompt from another's
+    assert words(4) == "the quick brown fox"  # seed 0: the text prompts always had
 
 
 class _NotOpenAI(http.server.BaseHTTPRequestHandler):
