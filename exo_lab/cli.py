@@ -337,32 +337,31 @@ def _preview(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from exo_lab.bench import BenchError
 
-    select = args.plans if args.plans in ("all", "best") else int(args.plans)
-    if args.local:
-        cluster = exo_lab.local_cluster(args.local, cluster_key=args.cluster_key)
-    elif args.connect:
-        cluster = exo_lab.connect(args.connect, cluster_key=args.cluster_key)
-    else:
-        cluster = exo_lab.discover(cluster_key=args.cluster_key)
+    model = args.model or args.model_option
+    if args.url and args.instance:
+        print("exo-lab: error: --url and --instance are two targets: give one", file=sys.stderr)
+        return 2
+    if not (args.url or args.instance or model):
+        print("exo-lab: error: bench needs a model to launch, --instance ID or --url URL", file=sys.stderr)
+        return 2
+    cluster = None
     try:
         try:
-            result = cluster.bench(
-                args.model,
-                pp=args.pp,
-                tg=args.tg,
-                repeat=args.repeat,
-                concurrency=args.concurrency,
-                select=select,
-                strategies=args.strategy.split(",") if args.strategy else None,
-                warmup=args.warmup,
-                calibrate=args.calibrate,
-                progress=not args.no_progress,
-            )
+            if args.url:
+                result = _bench_url(args, model)
+            else:
+                if args.local:
+                    cluster = exo_lab.local_cluster(args.local, cluster_key=args.cluster_key)
+                elif args.connect:
+                    cluster = exo_lab.connect(args.connect, cluster_key=args.cluster_key)
+                else:
+                    cluster = exo_lab.discover(cluster_key=args.cluster_key)
+                result = _bench_cluster(args, cluster, model)
         except BenchError as exc:
             print(f"exo-lab: error: {exc}", file=sys.stderr)
             return 2
         print(result.table())
-        if result.calibration:
+        if result.calibration and cluster is not None:
             for node, where in result.calibration.stored.items():
                 c = result.calibration.constants[node]
                 print(
@@ -372,10 +371,63 @@ def _bench(args: argparse.Namespace) -> int:
                 )
         if args.json:
             print(f"wrote {result.save(args.json)}")
-        return 0 if result.ok else 1
+        if args.plot:
+            print(f"wrote {result.save_plot(args.plot)}")
+        return 0 if _any_ok(result) else 1
     finally:
-        if args.local:
-            cluster.close()
+        if cluster is not None:
+            cluster.close()  # stops --local agents; an instance measured with --instance is not ours: it stays
+
+
+def _any_ok(result) -> bool:
+    return any(p.ok for p in result.plans) and all(pt.ok for p in result.plans for pt in p.points)
+
+
+def _bench_url(args: argparse.Namespace, model: str | None):
+    from exo_lab.bench import bench_url
+
+    tokenizer = None
+    if args.tokenizer:
+        from mlx_lm.utils import load_tokenizer  # MLX: see the note at the top
+
+        tokenizer = load_tokenizer(exo_lab.resolve(args.tokenizer))
+    return bench_url(
+        args.url,
+        model,
+        args.api_key,
+        args.pp,
+        args.tg,
+        args.concurrency,
+        args.repeat,
+        warmup=args.warmup,
+        tokenizer=tokenizer,
+        progress=not args.no_progress,
+    )
+
+
+def _bench_cluster(args: argparse.Namespace, cluster, model: str | None):
+    if args.instance:
+        return cluster.bench(
+            instance=args.instance,
+            pp=args.pp,
+            tg=args.tg,
+            repeat=args.repeat,
+            concurrency=args.concurrency,
+            warmup=args.warmup,
+            progress=not args.no_progress,
+        )
+    return cluster.bench(
+        model,
+        pp=args.pp,
+        tg=args.tg,
+        repeat=args.repeat,
+        concurrency=args.concurrency,
+        select=args.plans if args.plans in ("all", "best") else int(args.plans),
+        strategies=args.strategy.split(",") if args.strategy else None,
+        warmup=args.warmup,
+        calibrate=args.calibrate,
+        progress=not args.no_progress,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -514,21 +566,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_preview)
 
-    p = sub.add_parser("bench", help="launch plans in turn and measure them against their predictions")
-    p.add_argument("model", help="model name/path, 'demo' or 'synthetic:<preset>'")
+    p = sub.add_parser(
+        "bench",
+        help="sweep prompt and generation lengths and concurrency: on plans launched in turn (measured against "
+        "their predictions), an instance already running (--instance) or any OpenAI-compatible server (--url)",
+    )
+    p.add_argument("model", nargs="?", help="model to launch: name/path, 'demo' or 'synthetic:<preset>'")
+    p.add_argument("--model", dest="model_option", metavar="MODEL", help="with --url: the model id it serves")
     p.add_argument("--plans", default="best", help="all, best, or N (the N best launchable plans; default: best)")
     p.add_argument("--strategy", help="only these strategies, comma-separated (single,pipeline,tensor)")
-    p.add_argument("--pp", type=int, default=512, help="prompt tokens, after the chat template (default: 512)")
-    p.add_argument("--tg", type=int, default=128, help="generated tokens, EOS ignored (default: 128)")
-    p.add_argument("--repeat", type=int, default=3, help="runs per measurement; medians are reported (default: 3)")
-    p.add_argument("--warmup", type=int, default=1, help="unmeasured requests after launching (default: 1)")
+    p.add_argument(
+        "--pp", default="512", help="prompt tokens after the chat template, comma-separated sizes (default: 512)"
+    )
+    p.add_argument("--tg", default="128", help="generated tokens (EOS ignored), comma-separated sizes (default: 128)")
+    p.add_argument("--repeat", type=int, default=3, help="runs of each combination (default: 3)")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured requests first (default: 1)")
     p.add_argument("--concurrency", default="1,4,8", help="concurrent request counts (default: 1,4,8)")
     p.add_argument(
         "--calibrate",
         action="store_true",
         help="fit the cost model's per-node factors to the measurements and store them on the nodes",
     )
-    p.add_argument("--json", metavar="PATH", help="write the result document (schema exo_lab.bench/1)")
+    p.add_argument("--json", metavar="PATH", help="write the result document (schema exo_lab.bench/2)")
+    p.add_argument("--plot", metavar="PATH", help="write the charts as a standalone HTML page")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--instance", metavar="ID", help="measure this running instance of the cluster (no launch)")
+    target.add_argument(
+        "--url",
+        help="measure an OpenAI-compatible server (exo_lab, mlx_lm.server, exo, llama.cpp), e.g. http://h:8080/v1",
+    )
+    p.add_argument("--api-key", help="with --url: the server's API key")
+    p.add_argument(
+        "--tokenizer", metavar="MODEL", help="with --url: a local model whose tokenizer makes prompts of exactly --pp"
+    )
     where = p.add_mutually_exclusive_group()
     where.add_argument("--connect", nargs="+", metavar="HOST:PORT", help="agents to bench on (default: discover)")
     where.add_argument("--local", type=int, metavar="N", help="start N local agents on loopback for the run")

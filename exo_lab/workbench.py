@@ -170,12 +170,13 @@ class Cluster(ClusterClient):
 
     def bench(
         self,
-        plans: Any,
-        pp: int = 512,
-        tg: int = 128,
+        plans: Any = None,
+        pp: Any = 512,
+        tg: Any = 128,
         repeat: int = 3,
         concurrency: Any = (1,),
         *,
+        instance: Any = None,
         select: str | int = "all",
         strategies: Any = None,
         warmup: int = 1,
@@ -189,9 +190,17 @@ class Cluster(ClusterClient):
         ``plans``: the result of :meth:`preview`, a list of plans, one plan, or a model (previewed for
         ``pp``); ``select``: ``"all"``, ``"best"`` or how many launchable plans, best first. Prompts are
         exactly ``pp`` tokens after the chat template and generate exactly ``tg`` tokens, ``repeat`` times
-        alone and ``repeat`` times at each ``concurrency``. ``calibrate`` fits the cost model's per-node
-        factors to the measurements and stores them with the node profiles. See :mod:`exo_lab.bench`.
+        alone and ``repeat`` times at each ``concurrency``; ``pp``, ``tg`` and ``concurrency`` take lists,
+        and every combination runs. ``calibrate`` fits the cost model's per-node factors to the measurements
+        and stores them with the node profiles. ``instance`` (an :class:`Instance` or the id of any instance
+        of the cluster) measures what already runs instead of launching. See :mod:`exo_lab.bench`.
         """
+        if instance is not None:
+            if plans is not None:
+                raise bench.BenchError("give plans to launch or an instance already running, not both")
+            return bench.bench_instance(self, instance, pp, tg, concurrency, repeat, warmup=warmup, progress=progress)
+        if plans is None:
+            raise bench.BenchError("give plans (or a model) to launch, or instance= to measure one already running")
         return bench.run(
             self,
             plans,

@@ -40,12 +40,21 @@ from where the planner's :class:`~exo_lab.placement.cost.NodeRates` and
 :func:`~exo_lab.placement.cost.calibrated_link` apply them. Nodes with the same
 host name and profile cache key (one machine's agents) share one set.
 
-The JSON document (``BenchResult.to_json``) carries ``"schema": "exo_lab.bench/1"``
-and the topology, node profiles and model card, so a result can be compared
-with a later one or re-predicted offline; :data:`JSON_SCHEMA` describes it.
+Sweeps (:mod:`exo_lab.bench.sweep`): ``pp``, ``tg`` and ``concurrency`` each take a list, and every
+combination runs on every plan (``points``, with median, p10/p90 and stdev over the requests).
+The same sweep measures what already runs: an instance of the cluster (:func:`bench_instance`,
+``exo-lab bench --instance ID``; peak memory per node from its agents) or any OpenAI-compatible
+server (:func:`bench_url`, ``exo-lab bench --url``: exo_lab, mlx_lm.server, exo, llama.cpp's server
+on the same prompts; timings from the streamed chunks, :mod:`exo_lab.bench.endpoint`).
+
+The JSON document (``BenchResult.to_json``) carries ``"schema": "exo_lab.bench/2"`` (``/1``
+documents, from before sweeps, are still read), what was measured (``target``), the sizes swept
+(``sweep``), and the topology, node profiles and model card, so a result can be compared with a
+later one or re-predicted offline; :data:`JSON_SCHEMA` describes it.
 """
 
 from exo_lab.bench.calibrate import fit_calibration, store_calibration
+from exo_lab.bench.prompts import exact_prompt
 from exo_lab.bench.results import (
     JSON_SCHEMA,
     METRICS,
@@ -56,9 +65,11 @@ from exo_lab.bench.results import (
     ConcurrencyPoint,
     LinkTraffic,
     PlanBench,
+    SweepPoint,
     validate,
 )
-from exo_lab.bench.runner import exact_prompt, link_traffic, run
+from exo_lab.bench.runner import link_traffic, run
+from exo_lab.bench.sweep import bench_instance, bench_url
 from exo_lab.placement.predict import Predictor, aggregate_tps, predict
 
 __all__ = [
@@ -72,7 +83,10 @@ __all__ = [
     "LinkTraffic",
     "PlanBench",
     "Predictor",
+    "SweepPoint",
     "aggregate_tps",
+    "bench_instance",
+    "bench_url",
     "exact_prompt",
     "fit_calibration",
     "link_traffic",

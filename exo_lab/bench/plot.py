@@ -1,4 +1,4 @@
-"""Bokeh charts of a bench result: measured against predicted, and tokens/s against concurrency."""
+"""Bokeh charts of a bench result: measured against predicted, tokens/s against prompt length and concurrency."""
 
 from __future__ import annotations
 
@@ -178,17 +178,132 @@ def concurrency_lines(result: BenchResult) -> Any:
     return fig
 
 
+def _label(result: BenchResult, index: int, description: str) -> str:
+    return (f"#{index} " if result.target.get("kind", "plans") == "plans" else "") + description[:48]
+
+
+def tps_vs_prompt(result: BenchResult) -> Any:
+    """Prompt and decode tokens/s against prompt length (log x), one request at a time (the lowest concurrency
+    measured): a line per target and generation length, p10-p90 whiskers; dashed: decode."""
+    from bokeh.models import BasicTickFormatter, ColumnDataSource, HoverTool
+    from bokeh.plotting import figure
+
+    fig = figure(
+        height=300,
+        width=940,
+        x_axis_type="log",
+        y_axis_type="log",
+        title="tokens/s against prompt length (solid: prompt, dashed: decode)",
+        toolbar_location=None,
+        tools="",
+        name="exo-bench-sweep-prompt",
+    )
+    fig.xaxis.axis_label = "prompt tokens"
+    fig.yaxis.axis_label = "tokens/s per request"
+    fig.xaxis.ticker = sorted({pt.pp for p in result.plans for pt in p.points}) or [1]
+    fig.xaxis.formatter = BasicTickFormatter()  # the sizes swept, not powers of ten
+    fig.yaxis.formatter = BasicTickFormatter()
+    i = 0
+    for p in result.plans:
+        ok = [pt for pt in p.points if pt.ok]
+        if not ok:
+            continue
+        low = min(pt.concurrency for pt in ok)
+        for tg in sorted({pt.tg for pt in ok}):
+            pts = sorted((pt for pt in ok if pt.tg == tg and pt.concurrency == low), key=lambda pt: pt.pp)
+            label = f"{_label(result, p.index, p.description)} tg={tg}"
+            for metric, dash in (("prompt_tps", "solid"), ("decode_tps", "dashed")):
+                rows = [pt for pt in pts if pt.median(metric)]
+                source = ColumnDataSource(
+                    {
+                        "x": [pt.pp for pt in rows],
+                        "y": [pt.median(metric) for pt in rows],
+                        "lo": [getattr(pt, metric)["p10"] for pt in rows],
+                        "hi": [getattr(pt, metric)["p90"] for pt in rows],
+                        "what": [LABELS.get(metric, "prompt tok/s")] * len(rows),
+                        "target": [label] * len(rows),
+                    }
+                )
+                fig.line("x", "y", source=source, color=_color(i), line_width=2, line_dash=dash, legend_label=label)
+                fig.scatter("x", "y", source=source, color=_color(i), size=6, legend_label=label)
+                fig.segment("x", "lo", "x", "hi", source=source, color=_color(i))
+            i += 1
+    fig.add_tools(HoverTool(tooltips=[("", "@target"), ("", "@what"), ("prompt tokens", "@x"), ("tok/s", "@y{0.0}")]))
+    if fig.legend:
+        fig.legend.label_text_font_size = "8pt"
+        fig.legend.click_policy = "hide"
+        fig.add_layout(fig.legend[0], "right")
+    return fig
+
+
+def tps_vs_concurrency(result: BenchResult) -> Any:
+    """Aggregate tokens/s against concurrency for every prompt and generation length (p10-p90 whiskers)."""
+    from bokeh.models import BasicTickFormatter, ColumnDataSource, HoverTool
+    from bokeh.plotting import figure
+
+    fig = figure(
+        height=300,
+        width=940,
+        y_axis_type="log",
+        title="aggregate tokens/s against concurrency, per prompt and generation length",
+        toolbar_location=None,
+        tools="",
+        name="exo-bench-sweep-concurrency",
+    )
+    fig.xaxis.axis_label = "concurrent requests"
+    fig.yaxis.axis_label = "completion tokens/s"
+    fig.xaxis.ticker = sorted({pt.concurrency for p in result.plans for pt in p.points}) or [1]
+    fig.yaxis.formatter = BasicTickFormatter()
+    i = 0
+    for p in result.plans:
+        ok = [pt for pt in p.points if pt.ok]
+        for pp, tg in sorted({(pt.pp, pt.tg) for pt in ok}):
+            pts = sorted((pt for pt in ok if pt.pp == pp and pt.tg == tg), key=lambda pt: pt.concurrency)
+            label = f"{_label(result, p.index, p.description)} pp={pp} tg={tg}"
+            source = ColumnDataSource(
+                {
+                    "x": [pt.concurrency for pt in pts],
+                    "y": [pt.aggregate_tps["median"] for pt in pts],
+                    "lo": [pt.aggregate_tps["p10"] for pt in pts],
+                    "hi": [pt.aggregate_tps["p90"] for pt in pts],
+                    "target": [label] * len(pts),
+                }
+            )
+            fig.line("x", "y", source=source, color=_color(i), line_width=2, legend_label=label)
+            fig.scatter("x", "y", source=source, color=_color(i), size=6, legend_label=label)
+            fig.segment("x", "lo", "x", "hi", source=source, color=_color(i))
+            i += 1
+    fig.add_tools(HoverTool(tooltips=[("", "@target"), ("concurrency", "@x"), ("tok/s", "@y{0.0}")]))
+    if fig.legend:
+        fig.legend.label_text_font_size = "8pt"
+        fig.legend.click_policy = "hide"
+        fig.add_layout(fig.legend[0], "right")
+    return fig
+
+
+def sweep_charts(result: BenchResult) -> list[Any]:
+    """Tokens/s against prompt length and against concurrency (none when no combination ran)."""
+    if not any(pt.ok for p in result.plans for pt in p.points):
+        return []
+    return [tps_vs_prompt(result), tps_vs_concurrency(result)]
+
+
 def plot(result: BenchResult) -> Any:
-    """The three charts in one bokeh layout (show it with ``bokeh.io.show``)."""
+    """The charts in one bokeh layout (show it with ``bokeh.io.show``): for plans launched here, measured
+    against predicted and tokens/s against concurrency; for a sweep, tokens/s against prompt length and
+    against concurrency at every size."""
     from bokeh.layouts import column, row
     from bokeh.models import Div
 
+    title = Div(
+        text=f"<b>{result._title()}</b>" + (f" &mdash; {result.calibration.summary()}" if result.calibration else "")
+    )
+    sweep = sweep_charts(result)
+    if result.target.get("kind", "plans") != "plans":
+        if not sweep:
+            return column(Div(text=f"<b>{result._title()}</b>: nothing ran ({result.plans[0].reason})"))
+        return column(title, *sweep, name="exo-bench")
     if not result.ok:
         return column(Div(text=f"<b>bench {result.model}</b>: no plan ran ({len(result.plans)} skipped or failed)"))
-    title = Div(
-        text=f"<b>bench {result.model}</b> pp={result.pp} tg={result.tg} repeat={result.repeat}"
-        + (f" &mdash; {result.calibration.summary()}" if result.calibration else "")
-    )
-    return column(
-        title, row(decode_bars(result), measured_vs_predicted(result)), concurrency_lines(result), name="exo-bench"
-    )
+    charts = [row(decode_bars(result), measured_vs_predicted(result)), concurrency_lines(result)]
+    return column(title, *charts, *(sweep if result.is_sweep else []), name="exo-bench")

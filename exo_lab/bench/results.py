@@ -17,7 +17,9 @@ from exo_lab.bench.plot import plot as _plot
 from exo_lab.cluster.display import html_table, text_table
 from exo_lab.placement.plan import Plan, Plans
 
-SCHEMA = "exo_lab.bench/1"
+SCHEMA = "exo_lab.bench/2"
+#: older documents this exo_lab still reads (``/1``: one pp and tg, plans only; no sweep points)
+READS = ("exo_lab.bench/1", SCHEMA)
 LINKS_SOURCE = "computed-from-plan"
 
 
@@ -28,19 +30,82 @@ class BenchError(RuntimeError):
 # ----------------------------------------------------------------------------- results
 
 
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0..100) of ``values``, interpolated linearly between the closest ranks."""
+    vals = sorted(values)
+    pos = (len(vals) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(vals) - 1)
+    return vals[lo] + (vals[hi] - vals[lo]) * (pos - lo)
+
+
 def stat(values: Sequence[float]) -> dict[str, Any]:
-    """Median and spread of ``values``: ``{"median", "min", "max", "stdev", "n", "values"}``."""
+    """Median and spread of ``values``: ``{"median", "min", "max", "p10", "p90", "stdev", "n", "values"}``."""
     vals = [float(v) for v in values]
     if not vals:
-        return {"median": None, "min": None, "max": None, "stdev": None, "n": 0, "values": []}
+        return {
+            "median": None,
+            "min": None,
+            "max": None,
+            "p10": None,
+            "p90": None,
+            "stdev": None,
+            "n": 0,
+            "values": [],
+        }
     return {
         "median": statistics.median(vals),
         "min": min(vals),
         "max": max(vals),
+        "p10": percentile(vals, 10),
+        "p90": percentile(vals, 90),
         "stdev": statistics.stdev(vals) if len(vals) > 1 else 0.0,
         "n": len(vals),
         "values": vals,
     }
+
+
+@dataclass
+class SweepPoint:
+    """One combination of a sweep: ``concurrency`` requests of ``pp`` prompt and ``tg`` generated tokens at
+    once, ``repeat`` times. Per-request rates over every request; aggregate tokens/s per repeat.
+
+    ``timing`` says where the timings come from: ``"engine"`` (rank 0's own clock, an instance this
+    process holds) or ``"stream"`` (this client's clock over the streamed chunks of an HTTP answer:
+    TTFT from sending the request to the first chunk with text, decode from the first to the last).
+    ``prompt_tps`` is prompt tokens / TTFT on either, so servers compare like with like."""
+
+    pp: int
+    tg: int
+    concurrency: int
+    status: str = "ok"  # "ok" or "failed"
+    reason: str | None = None
+    timing: str = "engine"
+    ttft_s: dict[str, Any] = field(default_factory=lambda: stat([]))
+    prompt_tps: dict[str, Any] = field(default_factory=lambda: stat([]))
+    decode_tps: dict[str, Any] = field(default_factory=lambda: stat([]))
+    aggregate_tps: dict[str, Any] = field(default_factory=lambda: stat([]))
+    client_ttft_s: dict[str, Any] = field(default_factory=lambda: stat([]))
+    wall_s: dict[str, Any] = field(default_factory=lambda: stat([]))
+    prompt_tokens: list[int] = field(default_factory=list)  # per request, as the server counted them
+    completion_tokens: list[int] = field(default_factory=list)
+    server: dict[str, Any] = field(default_factory=dict)  # timings the server reported itself (llama.cpp's)
+    predicted: dict[str, Any] = field(default_factory=dict)  # METRICS and aggregate_tps, for a known plan
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def median(self, metric: str) -> float | None:
+        m = getattr(self, metric, None)
+        return m.get("median") if isinstance(m, dict) else None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> SweepPoint:
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
 
 
 @dataclass
@@ -102,6 +167,7 @@ class PlanBench:
     links: list[LinkTraffic] = field(default_factory=list)
     concurrency: list[ConcurrencyPoint] = field(default_factory=list)
     launch_s: float | None = None
+    points: list[SweepPoint] = field(default_factory=list)  # every (pp, tg, concurrency) of the sweep
 
     @property
     def ok(self) -> bool:
@@ -115,6 +181,7 @@ class PlanBench:
         d = asdict(self)
         d["links"] = [link.to_json() for link in self.links]
         d["concurrency"] = [c.to_json() for c in self.concurrency]
+        d["points"] = [p.to_json() for p in self.points]
         return d
 
     @classmethod
@@ -122,6 +189,7 @@ class PlanBench:
         data = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
         data["links"] = [LinkTraffic.from_json(x) for x in d.get("links", [])]
         data["concurrency"] = [ConcurrencyPoint.from_json(x) for x in d.get("concurrency", [])]
+        data["points"] = [SweepPoint.from_json(x) for x in d.get("points", [])]
         return cls(**data)
 
 
@@ -173,6 +241,15 @@ class BenchResult:
     exo_lab_version: str = ""
     notes: dict[str, str] = field(default_factory=dict)
     schema: str = SCHEMA
+    #: every size of the sweep: {"pp": [...], "tg": [...], "concurrency": [...]}; ``pp`` and ``tg`` above are the first
+    sweep: dict[str, list[int]] = field(default_factory=dict)
+    #: what was measured: {"kind": "plans"} (launched here), {"kind": "instance", "id", "name", "api"} (already
+    #: running in the cluster) or {"kind": "url", "url", "model"} (any OpenAI-compatible server)
+    target: dict[str, Any] = field(default_factory=lambda: {"kind": "plans"})
+
+    def __post_init__(self) -> None:
+        if not self.sweep:
+            self.sweep = {"pp": [self.pp], "tg": [self.tg], "concurrency": list(self.concurrency)}
 
     # -- JSON
     def to_json(self) -> dict[str, Any]:
@@ -183,9 +260,12 @@ class BenchResult:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> BenchResult:
-        if d.get("schema") != SCHEMA:
-            raise ValueError(f"not an {SCHEMA} document (schema {d.get('schema')!r}); this exo_lab reads {SCHEMA} only")
+        if d.get("schema") not in READS:
+            raise ValueError(
+                f"not an exo_lab bench document (schema {d.get('schema')!r}); this exo_lab reads {', '.join(READS)}"
+            )
         data = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        data["schema"] = SCHEMA  # an older document is read as the current version (its new fields defaulted)
         data["plans"] = [PlanBench.from_json(p) for p in d["plans"]]
         data["calibration"] = Calibration.from_json(d["calibration"]) if d.get("calibration") else None
         return cls(**data)
@@ -269,13 +349,83 @@ class BenchResult:
             )
         return out
 
+    SWEEP_HEADER = [
+        "target",
+        "pp",
+        "tg",
+        "c",
+        "TTFT ms median [p10-p90]",
+        "prompt tok/s",
+        "decode tok/s [p10-p90]",
+        "agg tok/s",
+        "pred decode",
+        "peak RSS MB per node",
+    ]
+
+    @property
+    def is_sweep(self) -> bool:
+        """More than one size, or a target this bench did not launch: the sweep table says it all."""
+        sizes = len(self.sweep.get("pp", [])) * len(self.sweep.get("tg", [])) * len(self.sweep.get("concurrency", []))
+        return sizes > 1 or self.target.get("kind", "plans") != "plans"
+
+    def sweep_rows(self) -> list[list[str]]:
+        """One row per plan (or target) and combination: medians with their p10-p90 spread."""
+        out = []
+        for p in self.plans:
+            label = f"#{p.index} {p.description}" if self.target.get("kind", "plans") == "plans" else p.description
+            if not p.ok and not p.points:
+                out.append([label, "", "", "", p.status, "", "", "", "", p.reason or ""])
+                continue
+            mem = ", ".join(f"{m['name']} {_mb(m.get('peak_rss_bytes'))}" for m in p.memory.values()) or "n/a"
+            for pt in p.points:
+                if not pt.ok:
+                    out.append(
+                        [label, str(pt.pp), str(pt.tg), str(pt.concurrency), "failed", "", "", "", "", pt.reason or ""]
+                    )
+                    continue
+                ttft = pt.ttft_s
+                out.append(
+                    [
+                        label,
+                        str(pt.pp),
+                        str(pt.tg),
+                        str(pt.concurrency),
+                        f"{_ms(ttft.get('median'))} [{_ms(ttft.get('p10'))}-{_ms(ttft.get('p90'))}]",
+                        _num(pt.median("prompt_tps")),
+                        f"{_num(pt.median('decode_tps'))} [{_num(pt.decode_tps.get('p10'))}-"
+                        f"{_num(pt.decode_tps.get('p90'))}]",
+                        _num(pt.median("aggregate_tps")),
+                        _num(pt.predicted.get("decode_tps")),
+                        mem,
+                    ]
+                )
+        return out
+
+    def sweep_table(self) -> str:
+        return text_table(self.SWEEP_HEADER, self.sweep_rows())
+
+    def _title(self) -> str:
+        kind = self.target.get("kind", "plans")
+        where = {"url": f" at {self.target.get('url')}", "instance": f" instance {self.target.get('id')}"}.get(kind, "")
+        sizes = self.sweep or {"pp": [self.pp], "tg": [self.tg], "concurrency": self.concurrency}
+        return (
+            f"bench {self.model}{where}: pp={','.join(map(str, sizes['pp']))} tg={','.join(map(str, sizes['tg']))} "
+            f"repeat={self.repeat} concurrency={','.join(map(str, sizes['concurrency']))}"
+        )
+
     def table(self) -> str:
+        if self.target.get("kind", "plans") != "plans":
+            lines = [self._title(), self.sweep_table()]
+            if self.notes.get("timing"):
+                lines.append(f"timing: {self.notes['timing']}")
+            return "\n".join(lines)
         lines = [
-            f"bench {self.model}: pp={self.pp} tg={self.tg} repeat={self.repeat} "
-            f"concurrency={','.join(map(str, self.concurrency))}",
+            self._title(),
             text_table(self.HEADER, self.rows()),
             f"* {self.notes.get('links', '')}",
         ]
+        if self.is_sweep:
+            lines += ["every combination:", self.sweep_table()]
         skipped = [p for p in self.plans if p.status == "skipped"]
         if skipped:
             lines.append(f"skipped {len(skipped)} plan(s): " + "; ".join(f"#{p.index} {p.reason}" for p in skipped[:3]))
@@ -287,24 +437,42 @@ class BenchResult:
         return self.table()
 
     def _repr_html_(self) -> str:
+        title = f"<b>{html.escape(self._title())}</b>"
+        sweep = html_table(self.SWEEP_HEADER, self.sweep_rows()) if self.is_sweep else ""
+        if self.target.get("kind", "plans") != "plans":
+            return title + sweep
         cal = f"<p>{html.escape(self.calibration.summary())}</p>" if self.calibration else ""
         return (
-            f"<b>bench {html.escape(self.model)}</b> pp={self.pp} tg={self.tg} repeat={self.repeat} "
-            f"concurrency={','.join(map(str, self.concurrency))}"
+            title
             + html_table(self.HEADER, self.rows())
             + f"<small>* {html.escape(self.notes.get('links', ''))}</small>{cal}"
+            + sweep
         )
 
     def plot(self) -> Any:
         """Bokeh layout: decode tok/s per plan (measured and predicted bars), measured against predicted
-        for every metric (log axes, y = x is a perfect prediction), and tokens/s against concurrency."""
+        for every metric (log axes, y = x is a perfect prediction), and tokens/s against concurrency; for a
+        sweep, tokens/s against prompt length and against concurrency for every combination."""
         return _plot(self)
+
+    def save_plot(self, path: str | Path) -> Path:
+        """Write :meth:`plot` as a standalone HTML page (bokeh's resources inlined: it opens offline)."""
+        from bokeh.embed import file_html
+        from bokeh.resources import INLINE
+
+        path = Path(path)
+        path.write_text(file_html(self.plot(), INLINE, title=self._title()))
+        return path
 
 
 def _num(x: float | None) -> str:
     if x is None or not math.isfinite(x):
         return "-"
     return f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}"
+
+
+def _ms(x: float | None) -> str:
+    return _num(None if x is None else 1000 * x)
 
 
 def _mb(x: float | None) -> str:
@@ -361,9 +529,99 @@ _METRICS_OBJ = {
     "properties": {m: {"type": "number", "exclusiveMinimum": 0} for m in METRICS},
 }
 
+_SPREAD = {**_STAT, "required": [*_STAT["required"], "p10", "p90"]}
+_SIZES = {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 1}
+_POINT = {
+    "type": "object",
+    "required": [
+        "pp",
+        "tg",
+        "concurrency",
+        "status",
+        "reason",
+        "timing",
+        "ttft_s",
+        "prompt_tps",
+        "decode_tps",
+        "aggregate_tps",
+        "client_ttft_s",
+        "wall_s",
+        "prompt_tokens",
+        "completion_tokens",
+        "server",
+        "predicted",
+    ],
+    "properties": {
+        "pp": {"type": "integer", "minimum": 1},
+        "tg": {"type": "integer", "minimum": 1},
+        "concurrency": {"type": "integer", "minimum": 1},
+        "status": {"enum": ["ok", "failed"]},
+        "timing": {"enum": ["engine", "stream"]},
+        "prompt_tokens": {"type": "array", "items": {"type": "integer"}},
+        "completion_tokens": {"type": "array", "items": {"type": "integer"}},
+    },
+    "if": {"properties": {"status": {"const": "ok"}}},
+    "then": {
+        "properties": {
+            m: {**_SPREAD, "properties": {**_SPREAD["properties"], "n": {"type": "integer", "minimum": 1}}}
+            for m in ("ttft_s", "prompt_tps", "decode_tps", "aggregate_tps", "wall_s")
+        }
+    },
+}
+#: what a plan this bench launched and measured carries beyond a sweep's points
+_LAUNCHED_OK = {
+    "if": {"properties": {"status": {"const": "ok"}}},
+    "then": {
+        "properties": {
+            "predicted": {**_METRICS_OBJ, "required": [*METRICS, "breakdown", "aggregate_tps"]},
+            "measured": {
+                "type": "object",
+                "required": [
+                    *METRICS,
+                    "engine_prompt_tps",
+                    "total_s",
+                    "client_ttft_s",
+                    "prompt_tokens",
+                    "completion_tokens",
+                ],
+                "properties": {
+                    **{m: _STAT for m in (*METRICS, "engine_prompt_tps", "client_ttft_s")},
+                    "prompt_tokens": {"type": "array", "items": {"type": "integer"}},
+                    "completion_tokens": {"type": "array", "items": {"type": "integer"}},
+                },
+            },
+            "ratios": {"type": "object", "required": list(METRICS)},
+            "launch_s": {"type": "number"},
+            "memory": {
+                "type": "object",
+                "minProperties": 1,
+                "additionalProperties": {
+                    "type": "object",
+                    "required": ["name", "predicted_bytes", "rss_bytes", "peak_rss_bytes", "ranks"],
+                },
+            },
+            "concurrency": {
+                "type": "array",
+                "minItems": 1,
+                "items": {
+                    "type": "object",
+                    "required": [
+                        "concurrency",
+                        "aggregate_tps",
+                        "client_ttft_s",
+                        "wall_s",
+                        "predicted_aggregate_tps",
+                    ],
+                    "properties": {"aggregate_tps": _STAT, "client_ttft_s": _STAT, "wall_s": _STAT},
+                },
+            },
+        }
+    },
+}
+
 JSON_SCHEMA: dict[str, Any] = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "$id": "https://exo-lab.dev/schemas/bench-1.json",
+    "$id": "https://exo-lab.dev/schemas/bench-2.json",
     "title": SCHEMA,
     "type": "object",
     "required": [
@@ -377,6 +635,8 @@ JSON_SCHEMA: dict[str, Any] = {
         "repeat",
         "warmup",
         "concurrency",
+        "sweep",
+        "target",
         "prompt",
         "topology",
         "profiles",
@@ -392,11 +652,21 @@ JSON_SCHEMA: dict[str, Any] = {
         "repeat": {"type": "integer", "minimum": 1},
         "warmup": {"type": "integer", "minimum": 0},
         "concurrency": {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 1},
-        "prompt": {"type": "object", "required": ["tokens", "template_tokens", "method"]},
-        "topology": {"type": "object", "required": ["version", "nodes", "links"]},
+        "sweep": {"type": "object", "required": ["pp", "tg", "concurrency"], "additionalProperties": _SIZES},
+        "target": {
+            "type": "object",
+            "required": ["kind"],
+            "properties": {"kind": {"enum": ["plans", "instance", "url"]}},
+            "allOf": [
+                {"if": {"properties": {"kind": {"const": "url"}}}, "then": {"required": ["url", "model"]}},
+                {"if": {"properties": {"kind": {"const": "instance"}}}, "then": {"required": ["id", "name"]}},
+            ],
+        },
+        "prompt": {"type": "object"},
+        "topology": {"type": "object"},
         "profiles": {"type": "object", "additionalProperties": {"type": "object"}},
-        "card": {"type": "object", "required": ["hidden_size", "num_layers"]},
-        "notes": {"type": "object", "required": ["links"]},
+        "card": {"type": "object"},
+        "notes": {"type": "object"},
         "plans": {
             "type": "array",
             "items": {
@@ -415,10 +685,11 @@ JSON_SCHEMA: dict[str, Any] = {
                     "links",
                     "concurrency",
                     "launch_s",
+                    "points",
                 ],
                 "properties": {
                     "status": {"enum": ["ok", "skipped", "failed"]},
-                    "plan": {"type": "object", "required": ["ranks", "strategy"]},
+                    "points": {"type": "array", "items": _POINT},
                     "links": {
                         "type": "array",
                         "items": {
@@ -435,53 +706,6 @@ JSON_SCHEMA: dict[str, Any] = {
                             "properties": {"source": {"const": LINKS_SOURCE}},
                         },
                     },
-                },
-                "if": {"properties": {"status": {"const": "ok"}}},
-                "then": {
-                    "properties": {
-                        "predicted": {**_METRICS_OBJ, "required": [*METRICS, "breakdown", "aggregate_tps"]},
-                        "measured": {
-                            "type": "object",
-                            "required": [
-                                *METRICS,
-                                "engine_prompt_tps",
-                                "total_s",
-                                "client_ttft_s",
-                                "prompt_tokens",
-                                "completion_tokens",
-                            ],
-                            "properties": {
-                                **{m: _STAT for m in (*METRICS, "engine_prompt_tps", "client_ttft_s")},
-                                "prompt_tokens": {"type": "array", "items": {"type": "integer"}},
-                                "completion_tokens": {"type": "array", "items": {"type": "integer"}},
-                            },
-                        },
-                        "ratios": {"type": "object", "required": list(METRICS)},
-                        "launch_s": {"type": "number"},
-                        "memory": {
-                            "type": "object",
-                            "minProperties": 1,
-                            "additionalProperties": {
-                                "type": "object",
-                                "required": ["name", "predicted_bytes", "rss_bytes", "peak_rss_bytes", "ranks"],
-                            },
-                        },
-                        "concurrency": {
-                            "type": "array",
-                            "minItems": 1,
-                            "items": {
-                                "type": "object",
-                                "required": [
-                                    "concurrency",
-                                    "aggregate_tps",
-                                    "client_ttft_s",
-                                    "wall_s",
-                                    "predicted_aggregate_tps",
-                                ],
-                                "properties": {"aggregate_tps": _STAT, "client_ttft_s": _STAT, "wall_s": _STAT},
-                            },
-                        },
-                    }
                 },
             },
         },
@@ -506,11 +730,26 @@ JSON_SCHEMA: dict[str, Any] = {
             ]
         },
     },
+    "allOf": [
+        {  # plans launched by this bench: the cluster they ran on, and each plan's prediction beside its measurement
+            "if": {"properties": {"target": {"properties": {"kind": {"const": "plans"}}}}},
+            "then": {
+                "properties": {
+                    "prompt": {"required": ["tokens", "template_tokens", "method"]},
+                    "topology": {"required": ["version", "nodes", "links"]},
+                    "card": {"required": ["hidden_size", "num_layers"]},
+                    "notes": {"required": ["links"]},
+                    "plans": {"items": {"properties": {"plan": {"required": ["ranks", "strategy"]}}, **_LAUNCHED_OK}},
+                }
+            },
+        }
+    ],
 }
 
 
 def validate(doc: dict[str, Any]) -> None:
-    """Raise ``ValueError`` unless ``doc`` is a valid ``exo_lab.bench/1`` document."""
+    """Raise ``ValueError`` unless ``doc`` is a valid document of the current version (:data:`SCHEMA`; read an
+    older one with :meth:`BenchResult.from_json`, which brings it to this version)."""
     if doc.get("schema") != SCHEMA:
         raise ValueError(f"schema is {doc.get('schema')!r}, expected {SCHEMA!r}")
     try:

@@ -1,10 +1,9 @@
-"""Running a bench: exact-length prompts, predictions for the same request shape, one plan at a time."""
+"""Running a bench of plans: launch each in turn, sweep it, predictions for the same request shapes."""
 
 from __future__ import annotations
 
 import json
 import logging
-import threading
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -14,6 +13,8 @@ from tqdm.auto import tqdm
 
 from exo_lab._version import __version__
 from exo_lab.bench.calibrate import fit_calibration, store_calibration
+from exo_lab.bench.endpoint import Sample
+from exo_lab.bench.prompts import exact_prompt
 from exo_lab.bench.results import (
     LINKS_SOURCE,
     METRICS,
@@ -22,11 +23,11 @@ from exo_lab.bench.results import (
     ConcurrencyPoint,
     LinkTraffic,
     PlanBench,
+    SweepPoint,
     stat,
 )
-from exo_lab.engine.chat import chat_prompt_tokens
-from exo_lab.engine.generator import GenerationRequest
-from exo_lab.engine.sampling import SamplingParams
+from exo_lab.bench.sweep import ENGINE_NOTE, HeldTarget, node_memory, predictor_for, sizes, sweep
+from exo_lab.bench.sweep import steps as sweep_steps
 from exo_lab.models.card import ModelCard
 from exo_lab.models.store import resolve
 from exo_lab.placement.cost import DTYPE_BYTES
@@ -35,94 +36,6 @@ from exo_lab.placement.predict import Predictor, aggregate_tps
 from exo_lab.placement.preview import model_card
 
 log = logging.getLogger(__name__)
-
-_WORDS = [
-    "the",
-    "quick",
-    "brown",
-    "fox",
-    "jumps",
-    "over",
-    "a",
-    "lazy",
-    "dog",
-    "while",
-    "seven",
-    "curious",
-    "engineers",
-    "measure",
-    "tokens",
-    "per",
-    "second",
-    "across",
-    "every",
-    "node",
-    "of",
-    "the",
-    "cluster",
-    "and",
-    "write",
-    "down",
-    "what",
-    "they",
-    "see",
-    "in",
-    "their",
-    "notebooks",
-]
-
-
-# ----------------------------------------------------------------------------- prompts
-
-
-def exact_prompt(tokenizer: Any, pp: int, seed: int = 0) -> tuple[list[int], dict[str, Any]]:
-    """Prompt token ids of one user message whose chat-templated length is exactly ``pp``.
-
-    Searches the message's length in words (the template's own tokens count); if no text lands
-    exactly, the last content token is repeated to fill the gap (``method: "splice"``).
-    """
-
-    def tokens(text: str) -> list[int]:
-        return chat_prompt_tokens(tokenizer, [{"role": "user", "content": text}])
-
-    def text_of(n: int) -> str:
-        return " ".join(_WORDS[(seed + i) % len(_WORDS)] for i in range(n))
-
-    empty = len(tokens(""))
-    if empty > pp:
-        raise BenchError(f"the chat template alone takes {empty} tokens; use pp >= {empty}")
-    lo, hi = 0, 1
-    while len(tokens(text_of(hi))) <= pp:
-        lo, hi = hi, hi * 2
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if len(tokens(text_of(mid))) <= pp:
-            lo = mid
-        else:
-            hi = mid
-    text = text_of(lo)
-    ids = tokens(text)
-    while len(ids) < pp:  # close the gap with short pieces
-        for extra in (" a", " I", ".", ",", "a", " of", "!", "s"):
-            trial = tokens(text + extra)
-            if len(ids) < len(trial) <= pp:
-                text, ids = text + extra, trial
-                break
-        else:
-            break
-    info = {"tokens": pp, "template_tokens": empty, "method": "search", "text": text}
-    if len(ids) < pp:
-        if not text:
-            raise BenchError(f"cannot build a {pp}-token prompt with this tokenizer")
-        a, b = tokens("x"), tokens("y z")
-        suffix = 0
-        while suffix < min(len(a), len(b)) and a[-1 - suffix] == b[-1 - suffix]:
-            suffix += 1
-        cut = len(ids) - suffix
-        ids = ids[:cut] + [ids[cut - 1]] * (pp - len(ids)) + ids[cut:]
-        info["method"] = "splice"
-    return ids, info
-
 
 # ----------------------------------------------------------------------------- predictions
 
@@ -201,76 +114,19 @@ def _select(
     return out
 
 
-def _request(inst: Any, tokens: list[int], tg: int, count: int) -> tuple[list[Any], list[float], float]:
-    """Submit ``count`` requests at once; (usages, submit-to-first-token times, wall seconds)."""
-    t0 = time.perf_counter()
-    gens = [
-        inst.submit(GenerationRequest(tuple(tokens), tg, SamplingParams(temperature=0.0), ignore_eos=True))
-        for _ in range(count)
-    ]
-    firsts: list[float | None] = [None] * count
-    ends: list[float] = [t0] * count
-    errors: list[str] = []
-
-    def consume(i: int) -> None:
-        last = None
-        for chunk in gens[i]:
-            if chunk.tokens and firsts[i] is None:
-                firsts[i] = time.perf_counter() - t0
-            last = chunk
-        ends[i] = time.perf_counter()
-        if last is None or last.error or last.finish_reason not in ("length", "stop"):
-            errors.append(
-                last.error if last is not None and last.error else f"finish {getattr(last, 'finish_reason', None)}"
-            )
-
-    threads = [threading.Thread(target=consume, args=(i,), daemon=True) for i in range(1, count)]
-    for t in threads:
-        t.start()
-    consume(0)
-    for t in threads:
-        t.join()
-    if errors:
-        raise BenchError(f"generation failed: {errors[0]}")
-    return [g.usage for g in gens], [f for f in firsts if f is not None], max(ends) - t0
-
-
-def _memory(cluster: Any, inst: Any, plan: Plan) -> dict[str, dict[str, Any]]:
-    out = {}
-    for node in plan.nodes:
-        entry: dict[str, Any] = {
-            "name": plan.node_names.get(node, node),
-            "predicted_bytes": plan.memory_bytes.get(node),
-            "rss_bytes": None,
-            "peak_rss_bytes": None,
-            "ranks": 0,
-        }
-        try:
-            data = cluster.request(cluster.address_of(node), "GET", f"/instances/{inst.id}", timeout=5)
-        except Exception as exc:
-            log.debug("memory of %s: %s", node, exc)
-            out[node] = entry
-            continue
-        ranks = data.get("ranks", [])
-        entry["ranks"] = len(ranks)
-        for key in ("rss_bytes", "peak_rss_bytes"):
-            vals = [r[key] for r in ranks if r.get(key) is not None]
-            entry[key] = sum(vals) if vals else None
-        out[node] = entry
-    return out
-
-
 def _bench_plan(
     cluster: Any,
     index: int,
     plan: Plan,
-    tokens: list[int],
     cfg: dict[str, Any],
     predictor: Predictor,
     card: ModelCard,
     bar: Any,
 ) -> PlanBench:
-    pp, tg, repeat = cfg["pp"], cfg["tg"], cfg["repeat"]
+    """Launch ``plan``, sweep every combination on it, delete it. The per-plan fields of the result
+    (``measured``, ``concurrency``, ``ratios``) are the first ``pp`` and ``tg``'s; ``points`` has them all."""
+    pps, tgs, levels, repeat = cfg["pps"], cfg["tgs"], cfg["concurrency"], cfg["repeat"]
+    pp, tg = pps[0], tgs[0]
     res = PlanBench(index, plan.describe(), plan.strategy, "ok", plan.to_json())
     pred = predictor.predict(plan)
     if pred is not None:
@@ -287,59 +143,65 @@ def _bench_plan(
         return res
     bar.set_postfix_str(f"#{index} launching")
     start = time.perf_counter()
-    done = 0
+    done = [0]
     inst = None
+
+    class _Bar:  # counts what the sweep advances, so a failure fills the rest of this plan's share
+        def update(self, n: int) -> None:
+            done[0] += n
+            bar.update(n)
+
+        def set_postfix_str(self, text: str) -> None:
+            bar.set_postfix_str(f"#{index} {text}")
+
+    first: dict[int, tuple[SweepPoint, list[Sample]]] = {}
+
+    def keep_first(point: SweepPoint, samples: list[Sample]) -> None:
+        if point.pp == pp and point.tg == tg:
+            first[point.concurrency] = (point, samples)
+
     try:
         inst = cluster.launch(
             plan.model_ref or plan.model, plan=plan, name=f"bench-{index}", auto_replace=False, wait=False
         )
         inst.wait_ready(timeout=cfg["launch_timeout"], progress=False)
         res.launch_s = time.perf_counter() - start
-        bar.update(1)
-        done += 1
-        bar.set_postfix_str(f"#{index} warm-up")
-        for _ in range(cfg["warmup"]):
-            _request(inst, tokens, tg, 1)
-        bar.update(1)
-        done += 1
-        usages, firsts, walls = [], [], []
-        bar.set_postfix_str(f"#{index} c=1")
-        for _ in range(repeat):
-            u, f, w = _request(inst, tokens, tg, 1)
-            usages += u
-            firsts += f
-            walls.append(w)
-            bar.update(1)
-            done += 1
-        res.measured = _measured(usages, firsts, pp)
-        bad = [u for u in usages if u.prompt_tokens != pp or u.completion_tokens != tg]
-        if bad:
-            raise BenchError(
-                f"asked for {pp} prompt and {tg} generated tokens, got {bad[0].prompt_tokens} "
-                f"and {bad[0].completion_tokens}"
+        _Bar().update(1)
+        res.points, _ = sweep(
+            HeldTarget(inst, cfg["tokenizer"]),
+            pps,
+            tgs,
+            levels,
+            repeat,
+            warmup=cfg["warmup"],
+            bar=_Bar(),
+            predict=predictor_for(cfg["topology"], card, plan),
+            prompts=cfg["prompts"],
+            on_point=keep_first,
+        )
+        _Bar().update(1)  # the warm-up's step
+        failed = next((p for p in res.points if not p.ok), None)
+        if failed is not None:
+            raise BenchError(f"pp={failed.pp} tg={failed.tg} c={failed.concurrency}: {failed.reason}")
+        for p in res.points:
+            if any(n != p.tg for n in p.completion_tokens) or any(n != p.pp for n in p.prompt_tokens):
+                raise BenchError(
+                    f"asked for {p.pp} prompt and {p.tg} generated tokens, got {p.prompt_tokens[0]} "
+                    f"and {min(p.completion_tokens)}"
+                )
+        one, samples = first[1]
+        res.measured = _measured([s.usage for s in samples], [s.client_ttft_s for s in samples], pp)
+        res.concurrency = [
+            ConcurrencyPoint(
+                c,
+                point.aggregate_tps,
+                point.client_ttft_s,
+                point.wall_s,
+                aggregate_tps(pred, tg, c),
             )
-        points = {1: ConcurrencyPoint(1, stat([tg / w for w in walls]), stat(firsts), stat(walls))}
-        for c in cfg["concurrency"]:
-            if c == 1:
-                continue
-            bar.set_postfix_str(f"#{index} c={c}")
-            aggs, cf, cw = [], [], []
-            for _ in range(repeat):
-                u, f, w = _request(inst, tokens, tg, c)
-                if any(x.completion_tokens != tg for x in u):
-                    raise BenchError(
-                        f"a concurrent request generated {min(x.completion_tokens for x in u)} tokens, not {tg}"
-                    )
-                aggs.append(sum(x.completion_tokens for x in u) / w)
-                cf += f
-                cw.append(w)
-                bar.update(1)
-                done += 1
-            points[c] = ConcurrencyPoint(c, stat(aggs), stat(cf), stat(cw))
-        for c, p in points.items():
-            p.predicted_aggregate_tps = aggregate_tps(pred, tg, c) if pred else None
-        res.concurrency = [points[c] for c in sorted(points)]
-        res.memory = _memory(cluster, inst, plan)
+            for c, (point, _) in sorted(first.items())
+        ]
+        res.memory = node_memory(cluster, inst.id, plan.nodes, plan)
         res.ratios = {m: res.median(m) / pred[m] for m in METRICS if res.median(m) and pred.get(m)}
     except (TimeoutError, BenchError, RuntimeError, OSError) as exc:  # a LaunchError is a RuntimeError
         log.warning("bench of plan #%d (%s) failed: %s", index, plan.describe(), exc)
@@ -349,7 +211,7 @@ def _bench_plan(
             inst.delete()
             if inst in getattr(cluster, "instances", []):
                 cluster.instances.remove(inst)
-        bar.update(cfg["steps_per_plan"] - done)
+        bar.update(cfg["steps_per_plan"] - done[0])
     return res
 
 
@@ -374,8 +236,8 @@ def _measured(usages: list[Any], firsts: list[float], pp: int) -> dict[str, Any]
 def run(
     cluster: Any,
     plans: Any,
-    pp: int = 512,
-    tg: int = 128,
+    pp: Sequence[int] | int | str = 512,
+    tg: Sequence[int] | int | str = 128,
     repeat: int = 3,
     concurrency: Sequence[int] | int | str = (1,),
     *,
@@ -390,15 +252,19 @@ def run(
     """Benchmark ``plans`` on ``cluster`` (see the module doc); what ``cluster.bench`` does.
 
     ``plans``: a :class:`Plans`, a list of plans, one plan, or a model (previewed for ``pp``);
+    ``pp``, ``tg``: a size or several (every combination with every ``concurrency`` runs on each plan;
+    the per-plan table, ratios and calibration use the first ``pp`` and ``tg``);
     ``select``: ``"all"``, ``"best"`` or a count of launchable plans, best first; ``strategies``
     keeps only those strategies; ``widget``: a plan comparison widget to show the measurements in.
     """
     from mlx_lm.utils import load_tokenizer  # MLX loads only when a bench runs, not with the package
 
+    pps, tgs = sizes(pp, "pp"), sizes(tg, "tg")
     levels = _levels(concurrency)
-    if pp < 1 or tg < 1 or repeat < 1 or warmup < 0:
+    if repeat < 1 or warmup < 0:
         raise BenchError("need pp >= 1, tg >= 1, repeat >= 1 and warmup >= 0")
-    chosen = _select(cluster, plans, pp, tg, select, strategies)
+    pp0, tg0 = pps[0], tgs[0]
+    chosen = _select(cluster, plans, max(pps), max(tgs), select, strategies)
     refs = {p.model_ref or p.model for _, p in chosen}
     if len(refs) > 1:
         raise BenchError(f"the plans are for different models: {sorted(refs)}")
@@ -407,29 +273,37 @@ def run(
     path = resolve(model_ref)
     config = json.loads((path / "config.json").read_text())
     tokenizer = load_tokenizer(path, eos_token_ids=config.get("eos_token_id"))
-    tokens, prompt_info = exact_prompt(tokenizer, pp)
+    prompts = {p: exact_prompt(tokenizer, p) for p in pps}
     cluster.refresh()
     topology = cluster.topology
-    predictor = Predictor(topology, card, pp, tg)
-    steps = 2 + repeat + repeat * len([c for c in levels if c != 1])
+    predictor = Predictor(topology, card, pp0, tg0)
+    steps = 2 + sweep_steps(pps, tgs, levels, repeat)
     cfg = {
-        "pp": pp,
-        "tg": tg,
+        "pps": pps,
+        "tgs": tgs,
         "repeat": repeat,
         "warmup": warmup,
         "concurrency": levels,
         "launch_timeout": launch_timeout,
         "steps_per_plan": steps,
+        "prompts": prompts,
+        "tokenizer": tokenizer,
+        "topology": topology,
     }
     results = []
     with tqdm(total=steps * len(chosen), desc=f"bench {card.name}", unit="step", disable=not progress) as bar:
         for index, plan in chosen:
-            results.append(_bench_plan(cluster, index, plan, tokens, cfg, predictor, card, bar))
+            results.append(_bench_plan(cluster, index, plan, cfg, predictor, card, bar))
+    prompt_info = dict(prompts[pp0][1])
+    if len(pps) > 1:
+        prompt_info["sweep"] = {
+            str(p): {k: v for k, v in info.items() if k != "text"} for p, (_, info) in prompts.items()
+        }
     result = BenchResult(
         model=card.name,
         model_ref=str(model_ref),
-        pp=pp,
-        tg=tg,
+        pp=pp0,
+        tg=tg0,
         repeat=repeat,
         warmup=warmup,
         concurrency=levels,
@@ -446,7 +320,9 @@ def run(
             "against concurrency shows the queueing, not batching",
             "prefill_tps": "pp / (TTFT - one decode step), as the planner predicts it; engine_prompt_tps "
             "is the engine's pp / TTFT",
+            "timing": ENGINE_NOTE,
         },
+        sweep={"pp": pps, "tg": tgs, "concurrency": levels},
     )
     if calibrate:
         result.calibration = fit_calibration(result, topology, card)
@@ -462,7 +338,7 @@ def _levels(concurrency: Sequence[int] | int | str) -> list[int]:
         concurrency = [int(x) for x in concurrency.split(",") if x.strip()]
     elif isinstance(concurrency, int):
         concurrency = [concurrency]
-    levels = sorted({1, *(int(c) for c in concurrency)})
+    levels = sorted({1, *sizes(concurrency, "concurrency")})
     if levels[0] < 1:
         raise BenchError(f"concurrency levels must be >= 1, got {list(concurrency)}")
     return levels

@@ -88,16 +88,19 @@ def bench_module_charts(doc: Any) -> list[Any] | None:
         return None
     try:
         from exo_lab.bench import BenchResult
-        from exo_lab.bench.plot import concurrency_lines, decode_bars, measured_vs_predicted
+        from exo_lab.bench.plot import concurrency_lines, decode_bars, measured_vs_predicted, sweep_charts
 
         result = BenchResult.from_json(doc)
         if not result.ok:
             return None
+        sweep = [pn.pane.Bokeh(f) for f in sweep_charts(result)] if result.is_sweep else []
+        if result.target.get("kind", "plans") != "plans":  # a running instance or a URL: no plans, no predictions
+            return sweep or None
         figs = [decode_bars(result), measured_vs_predicted(result), concurrency_lines(result)]
     except Exception as exc:
         log.info("bench charts from exo_lab.bench failed (%s); drawing the generic ones", exc)
         return None
-    return [pn.Row(pn.pane.Bokeh(figs[0]), pn.pane.Bokeh(figs[1]), margin=0), pn.pane.Bokeh(figs[2])]
+    return [pn.Row(pn.pane.Bokeh(figs[0]), pn.pane.Bokeh(figs[1]), margin=0), pn.pane.Bokeh(figs[2]), *sweep]
 
 
 def bench_figures(rows: list[dict[str, Any]]) -> list[Any]:
