@@ -36,6 +36,7 @@ from typing import Any
 from mlx_lm.utils import load_tokenizer
 from tqdm.auto import tqdm
 
+from exo_lab.cluster.auth import rank_target
 from exo_lab.cluster.http import LineStream, RequestError, SignedClient
 from exo_lab.engine.backend import STATES, USAGE_HISTORY, Backend  # noqa: F401  (re-exported)
 from exo_lab.engine.generation import Chunk, Generation, TokenLogprob, Usage
@@ -225,7 +226,14 @@ class Instance(Backend):
 
     def _worker(self, rank: int, method: str, path: str, body: Any = None, timeout: float = 5.0) -> Any:
         """A JSON request to rank ``rank``'s control API (:class:`RequestError`, an OSError, when it fails)."""
-        return SignedClient(self.controls[rank], self.cluster.cluster_key, timeout).json(method, path, body)
+        return self._rank_client(rank, timeout).json(method, path, body)
+
+    def _rank_client(self, rank: int, timeout: float | None) -> SignedClient:
+        """A client of rank ``rank``'s control API, its requests signed for that rank of this launch only."""
+        source = self._owner().get("coordinator")
+        return SignedClient(
+            self.controls[rank], self.cluster.cluster_key, timeout, node=rank_target(self.id, rank), source=source
+        )
 
     # ---------------------------------------------------------------- status
     @property
@@ -507,7 +515,7 @@ class Instance(Backend):
     def _send_to_rank0(self, seq: int, body: dict[str, Any]) -> LineStream:
         """Post job ``seq`` to rank 0 (retried: the other ranks hold it already, and rank 0 admits jobs in
         order, so a job it never gets would stall every later one); the instance fails if it cannot."""
-        client = SignedClient(self.controls[0], self.cluster.cluster_key, timeout=None)
+        client = self._rank_client(0, None)
         for attempt in range(3):
             try:
                 return client.stream_lines("POST", "/generate", body)

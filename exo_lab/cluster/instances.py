@@ -121,7 +121,8 @@ def stop(client: ClusterClient, inst: ClusterInstance) -> str:
     """
     if inst.api:
         try:
-            SignedClient(inst.api, client.cluster_key, timeout=30).json("DELETE", f"/instance/{inst.id}")
+            owner = inst.owner.get("coordinator") or None  # the request is signed for that coordinator only
+            SignedClient(inst.api, client.cluster_key, timeout=30, node=owner).json("DELETE", f"/instance/{inst.id}")
             return "owner"
         except RequestError as exc:
             log.info("the owner of %s did not stop it (%s); stopping it on its nodes", inst.id, exc)

@@ -47,7 +47,7 @@ import tornado.web
 from mlx_lm.utils import load_tokenizer
 
 from exo_lab import defaults
-from exo_lab.cluster.auth import Verifier
+from exo_lab.cluster.auth import Verifier, rank_target
 from exo_lab.cluster.fetch import fetched
 from exo_lab.cluster.serving import MIB, GuardedHTTPServer
 from exo_lab.cluster.signed_handler import SignedHandler
@@ -131,7 +131,12 @@ class Worker:
         self.eos = {int(t) for t in config.get("eos_token_ids") or []}
         #: decode steps taken and the most sequences one step decoded
         self.stats = {"decode_steps": 0, "peak_batch": 0}
-        self.verifier = Verifier(config["cluster_key"])
+        # requests must be signed for this rank of this launch: one signed for another rank is refused
+        self.verifier = Verifier(
+            config["cluster_key"],
+            node_id=rank_target(str(config.get("instance_id", "")), self.rank),
+            require_target=True,
+        )
         self.guide = None  # the llguidance vocabulary, on the rank that samples (constrained output)
         self.failure_read = threading.Event()  # someone read the status after the setup failed
 
