@@ -202,7 +202,7 @@ class Control:
 
     def delete(self, instance_id: str) -> dict[str, Any]:
         """Stop an instance of the cluster: ours directly, another coordinator's through it (or its agents)."""
-        ours = next((i for i in self.cluster.instances if i.id == instance_id), None)
+        ours = next((i for i in self.cluster.instances if instance_id in (i.id, i.launch_id)), None)
         if ours is not None:
             self._forget(ours)
             ours.delete()
