@@ -186,12 +186,20 @@ class Verifier:
             if nonce in self._seen:
                 return "replayed request"
             if len(self._seen) >= MAX_NONCES or len(self._seen) % 256 == 0:
-                cutoff = now - 2 * self.window_s
-                self._seen = {n: t for n, t in self._seen.items() if t > cutoff}
+                self._prune(now)
                 if len(self._seen) >= MAX_NONCES:  # that many fresh ones: refuse rather than grow
                     return "too many signed requests at once; retry"
             self._seen[nonce] = now
         return None
+
+    def prune(self) -> None:
+        """Forget the nonces that are out of the window (requests with them are refused by their timestamp)."""
+        with self._lock:
+            self._prune(time.time())
+
+    def _prune(self, now: float) -> None:
+        cutoff = now - 2 * self.window_s
+        self._seen = {n: t for n, t in self._seen.items() if t > cutoff}
 
 
 def header_problem(headers: dict[str, str], window_s: float = WINDOW_S) -> str | None:
