@@ -91,7 +91,8 @@ class Server:
                 key = getattr(self.cluster, "cluster_key", None) if self.control is not None else None
                 guard = self.api_key is None and is_loopback(self.host)  # a keyless server for this machine only
                 owner = getattr(self.cluster, "owner", None) if self.control is not None else None
-                node_id = owner().get("coordinator") if callable(owner) else None  # what members sign for
+                who: dict[str, Any] = owner() if callable(owner) else {}  # type: ignore[assignment]
+                node_id = who.get("coordinator")  # what members sign requests to this API for
                 app = make_app(
                     self.registry, source, self.api_key, self.control, key, browser_guard=guard, node_id=node_id
                 )
