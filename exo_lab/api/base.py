@@ -266,6 +266,14 @@ class ApiHandler(SignedHandler):
         return True
 
 
+def _route_owner(control: Any, model: str) -> dict[str, Any] | None:
+    """The owner serving ``model`` elsewhere (``{"api", "coordinator"?}``), from a Control that may only ``route``."""
+    if hasattr(control, "route_owner"):
+        return control.route_owner(model)
+    url = control.route(model)
+    return {"api": url} if url else None
+
+
 class ParseRequest(Protocol):
     def __call__(self, req: Any, registry: ModelRegistry) -> Reply: ...
 
@@ -288,7 +296,7 @@ class GenerationHandler(ApiHandler):
         model = requested_model(self.request.body)
         if model is None or model in self.registry.names():
             return False
-        owner = await IOLoop.current().run_in_executor(None, control.route_owner, model)
+        owner = await IOLoop.current().run_in_executor(None, _route_owner, control, model)
         if owner is None:
             return False
         target = owner.get("coordinator") or None
