@@ -6,6 +6,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -246,6 +247,11 @@ def test_a_rank_refuses_a_request_signed_for_another_rank(pipeline2):
     other_launch = sign_headers(key, "GET", "/status", target=rank_target("another", 0))
     assert status_of(0, other_launch) == 401
     assert inst._worker(0, "GET", "/status")["state"] == "ready"  # what the instance sends is signed for rank 0
+    # an unsigned job announcing 10 MB is refused from its headers, before its body is read
+    host, port = split_address(inst.controls[0])
+    with socket.create_connection((host, port), timeout=3) as s:
+        s.sendall(f"POST /generate HTTP/1.1\r\nHost: {host}\r\nContent-Length: 10000000\r\n\r\n".encode())
+        assert s.recv(4096).startswith(b"HTTP/1.1 401")
 
 
 def test_served_through_the_openai_api(cluster, models):
