@@ -304,16 +304,21 @@ class Chaos:
             t.join(self.args.deadline + self.args.tokens + 30)
         rd.outcomes = outs
         if kind != "coordinator":
-            # a lost node re-places the instance under a new id (a new launch): follow it by name
+            # a re-placed instance keeps its id (the agents know the new placement by a launch id of its own)
             def current() -> dict:
                 listed = self.call(rd.owner, "GET", "/instances")[1].get("instances", [])
-                return next((i for i in listed if i.get("name") == name), {})
+                return next((i for i in listed if i.get("id") == iid), {})
 
-            wait_for(lambda: current().get("state") in ("ready", "failed", "stopped"), 60, 1)
+            def settled() -> bool:  # ready again, stopped, or failed for good (not while it is being re-placed)
+                now = current()
+                return now.get("state") in ("ready", "stopped") or "re-placing failed" in str(now.get("error"))
+
+            wait_for(settled, 60, 1)
             now = current()
             rd.state_after = str(now.get("state", "gone"))
-            if now.get("id") and now["id"] != iid:
-                rd.note += f" re-placed as {now['id']};"
+            launches = sorted({i for ids in (now.get("launch_ids") or {}).values() for i in ids})
+            if launches and launches != [iid]:
+                rd.note += f" re-placed as launch {', '.join(launches)};"
             if now.get("id"):
                 status, _ = self.call(rd.owner, "DELETE", f"/instance/{now['id']}", timeout=60)
                 rd.note += f" stopped via owner: HTTP {status};"

@@ -17,7 +17,9 @@ a body that is not JSON) and must get a 4xx. A request with no answer within ``-
 
 Every ``--sample-s`` seconds the RSS of every process involved (the server, or this coordinator, the
 agents and the workers: psutil, children recursively) is sampled. After the warm-up (the first 10% of the
-time), RSS is "flat" when no sample of a process exceeds its first sample after warm-up by more than 5%.
+time), RSS is "flat" when no sample of a process exceeds its first sample after warm-up by more than 5%;
+each process's RSS slope (least squares, MiB/min) is printed over the whole run after warm-up and over its
+second half.
 In the pipeline run, this process's RSS includes the client threads.
 
 Exits 1 when any target had an error, a hang, a malformed request that did not get 4xx, or RSS not flat.
@@ -226,6 +228,16 @@ class Sampler(threading.Thread):
             self.halt.wait(self.every)
 
 
+def slope(samples: list[tuple[float, int]]) -> float:
+    """The least-squares slope of RSS over time (bytes per second; 0 with fewer than two samples)."""
+    if len(samples) < 2:
+        return 0.0
+    mt = sum(t for t, _ in samples) / len(samples)
+    mr = sum(r for _, r in samples) / len(samples)
+    var = sum((t - mt) ** 2 for t, _ in samples)
+    return sum((t - mt) * (r - mr) for t, r in samples) / var if var else 0.0
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -291,10 +303,11 @@ def report(name: str, counts: Counts, sampler: Sampler, t0: float, elapsed: floa
     flat = True
     print(
         f"{'process':22s} {'RSS start MiB':>13s} {'end MiB':>9s} {'max MiB':>9s} {'growth':>8s} "
-        f"{'2nd half':>9s}  flat (<=5%)"
+        f"{'2nd half':>9s} {'MiB/min':>8s} {'2nd h.':>7s}  flat (<=5%)"
     )
     for who, samples in sorted(sampler.samples.items()):
-        after = [rss for t, rss in samples if t >= warm]
+        timed = [(t, rss) for t, rss in samples if t >= warm]
+        after = [rss for _, rss in timed]
         if len(after) < 2:
             print(f"{who:22s} (only {len(after)} sample(s) after warm-up: left early or started late)")
             continue
@@ -305,8 +318,8 @@ def report(name: str, counts: Counts, sampler: Sampler, t0: float, elapsed: floa
         flat &= ok
         mib = 1 << 20
         print(
-            f"{who:22s} {start / mib:13.1f} {end / mib:9.1f} {peak / mib:9.1f} {100 * growth:7.1f}% {100 * half:8.1f}%  "
-            f"{'yes' if ok else 'NO'}"
+            f"{who:22s} {start / mib:13.1f} {end / mib:9.1f} {peak / mib:9.1f} {100 * growth:7.1f}% {100 * half:8.1f}% "
+            f"{slope(timed) * 60 / mib:8.3f} {slope(timed[len(timed) // 2 :]) * 60 / mib:7.3f}  {'yes' if ok else 'NO'}"
         )
     good = flat and counts.errored == 0 and counts.hung == 0 and counts.malformed_bad == 0
     print(f"verdict: {'ok' if good else 'FAILED'} (target: 0 errors, 0 hung, malformed all 4xx, RSS flat)")

@@ -176,7 +176,7 @@ class Control:
 
     def delete(self, instance_id: str) -> dict[str, Any]:
         """Stop an instance of the cluster: ours directly, another coordinator's through it (or its agents)."""
-        ours = next((i for i in self.cluster.instances if i.id == instance_id), None)
+        ours = next((i for i in self.cluster.instances if instance_id in (i.id, i.launch_id)), None)
         if ours is not None:
             self._forget(ours)
             ours.delete()
@@ -204,6 +204,12 @@ class Control:
     # serving
     def route(self, model: str) -> str | None:
         """The API URL of another coordinator serving ``model`` (a ready instance first), or None."""
+        owner = self.route_owner(model)
+        return owner["api"] if owner else None
+
+    def route_owner(self, model: str) -> dict[str, Any] | None:
+        """The owner (``{"api", "coordinator", "label"}``) of another coordinator's instance serving ``model``
+        (a ready instance first), or None."""
         own = getattr(self.cluster, "api_url", None)
         candidates = [
             i
@@ -220,7 +226,7 @@ class Control:
         candidates = [i for i in candidates if i["state"] in order]
         if not candidates:
             return None
-        return min(candidates, key=lambda i: order[i["state"]])["owner"]["api"]
+        return dict(min(candidates, key=lambda i: order[i["state"]])["owner"])
 
     def models(self) -> list[dict[str, Any]]:
         """Instances of the cluster served by other coordinators (for ``/v1/models``), one per name."""

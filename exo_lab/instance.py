@@ -36,7 +36,9 @@ from typing import Any
 from mlx_lm.utils import load_tokenizer
 from tqdm.auto import tqdm
 
+from exo_lab.cluster.auth import rank_target
 from exo_lab.cluster.http import LineStream, RequestError, SignedClient
+from exo_lab.cluster.instances import ClusterInstance
 from exo_lab.engine.backend import STATES, USAGE_HISTORY, Backend  # noqa: F401  (re-exported)
 from exo_lab.engine.generation import Chunk, Generation, TokenLogprob, Usage
 from exo_lab.engine.job import Job
@@ -91,6 +93,10 @@ class Instance(Backend):
         self.error: str | None = None
         self.progress: dict[int, tuple[int, int]] = {}
         self.replacements = 0
+        #: the public id: what clients know this instance by, the same across re-placements (:attr:`launch_id`
+        #: is the current placement's id on the agents and ranks)
+        self.id = uuid.uuid4().hex[:10]
+        self.launch_id = self.id
         self._seq = 0
         self._queue: queue.Queue[Generation | None] = queue.Queue()
         self._inflight: set[Generation] = set()  # sent to the ranks, not finished
@@ -108,7 +114,8 @@ class Instance(Backend):
         if not plan.feasible:
             raise LaunchError(f"the plan is infeasible: {plan.reason}")
         self.plan = plan
-        self.id = uuid.uuid4().hex[:10]
+        # the agents and ranks know each placement by its own id; the public id stays across re-placements
+        self.launch_id = self.id if not self.replacements else f"{self.id}-r{self.replacements}"
         self.controls: dict[int, str] = {}
         self._seq = 0  # new workers count jobs from 1
         nodes = plan.nodes
@@ -120,7 +127,7 @@ class Instance(Backend):
                 resp = self._agent(
                     node,
                     "POST",
-                    f"/instances/{self.id}/prepare",
+                    f"/instances/{self.launch_id}/prepare",
                     {
                         "ranks": ranks,
                         "reserve_bytes": plan.memory_bytes.get(node, 0),
@@ -131,7 +138,7 @@ class Instance(Backend):
                 )
                 prepared.append(node)
                 with self._lock:
-                    self._leased.add((self.id, node))
+                    self._leased.add((self.launch_id, node))
                 for rank, ports in resp["ranks"].items():
                     self.controls[int(rank)] = ports["control"]
                     spec = next(r for r in plan.ranks if r.rank == int(rank))
@@ -142,7 +149,7 @@ class Instance(Backend):
             for r in plan.ranks:
                 stages.setdefault(r.stage, []).append(r.rank)
             common = {
-                "instance_id": self.id,
+                "instance_id": self.launch_id,
                 "model_name": self.path.name,
                 "model_path": str(self.path),
                 "num_layers": _num_layers(plan),
@@ -161,12 +168,12 @@ class Instance(Backend):
                 body = {"hostfile": hostfile, "common": common, "ranks": per_rank}
                 if holders and node not in holders:
                     body["sources"] = [self._agent_address(node, h) for h in holders]
-                self._agent(node, "POST", f"/instances/{self.id}/start", body)
+                self._agent(node, "POST", f"/instances/{self.launch_id}/start", body)
         except Exception as exc:
             with self._lock:
                 self._leased.clear()
             for node in prepared:
-                self._agent_quiet(node, "DELETE", f"/instances/{self.id}")
+                self._agent_quiet(node, "DELETE", f"/instances/{self.launch_id}")
             raise LaunchError(f"launching {self.name} failed: {exc}") from exc
         with self._lock:
             if self._closed.is_set():  # deleted or stopped while this launch ran (a re-placement): undo it
@@ -177,7 +184,7 @@ class Instance(Backend):
                 self.state = "loading"
         if closed:
             for node in nodes:
-                self._agent_quiet(node, "DELETE", f"/instances/{self.id}")
+                self._agent_quiet(node, "DELETE", f"/instances/{self.launch_id}")
 
     def _owner(self) -> dict[str, Any]:
         """Who launched this instance (the coordinator), as the agents keep it."""
@@ -188,12 +195,29 @@ class Instance(Backend):
     def _info(self, plan: Plan) -> dict[str, Any]:
         """What the agents keep about this instance and show to anyone who lists it."""
         return {
+            "id": self.id,  # the public id (the agents key this placement by launch_id)
             "model": str(self.model),
             "name": self.name,
             "plan": plan.to_json(),
             "nodes": plan.nodes,
             "max_batch": self.max_batch,
         }
+
+    def cluster_view(self) -> ClusterInstance:
+        """This instance as the cluster lists it (what its agents would say, from here): for the time it is on no
+        agent (being re-placed, or failed), so that it stays listed under its public id."""
+        owner = self._owner()
+        return ClusterInstance(
+            id=self.id,
+            model=str(self.model),
+            name=self.name,
+            owner={k: owner.get(k) for k in ("coordinator", "label", "api")},
+            nodes=list(self.plan.nodes),
+            state=self.state,
+            loaded=self.loaded,
+            error=self.error,
+            plan=self.plan.to_json(),
+        )
 
     def _holders(self, nodes: list[str]) -> list[str]:
         """Nodes of the cluster whose store holds this model (peers fetch shards from them)."""
@@ -225,7 +249,18 @@ class Instance(Backend):
 
     def _worker(self, rank: int, method: str, path: str, body: Any = None, timeout: float = 5.0) -> Any:
         """A JSON request to rank ``rank``'s control API (:class:`RequestError`, an OSError, when it fails)."""
-        return SignedClient(self.controls[rank], self.cluster.cluster_key, timeout).json(method, path, body)
+        return self._rank_client(rank, timeout).json(method, path, body)
+
+    def _rank_client(self, rank: int, timeout: float | None) -> SignedClient:
+        """A client of rank ``rank``'s control API, its requests signed for that rank of this launch only."""
+        source = self._owner().get("coordinator")
+        return SignedClient(
+            self.controls[rank],
+            self.cluster.cluster_key,
+            timeout,
+            node=rank_target(self.launch_id, rank),
+            source=source,
+        )
 
     # ---------------------------------------------------------------- status
     @property
@@ -304,11 +339,11 @@ class Instance(Backend):
     def _deleted_on(self) -> str | None:
         """A node that no longer holds this instance (it answers 404), or None."""
         with self._lock:
-            nodes = [n for i, n in sorted(self._leased) if i == self.id]
+            nodes = [n for i, n in sorted(self._leased) if i == self.launch_id]
         for node in nodes:
             try:
                 self.cluster.request(
-                    self.cluster.address_of(node), "GET", f"/instances/{self.id}", timeout=RENEW_TIMEOUT_S
+                    self.cluster.address_of(node), "GET", f"/instances/{self.launch_id}", timeout=RENEW_TIMEOUT_S
                 )
             except Exception as exc:
                 if getattr(exc, "status", None) == 404:
@@ -340,7 +375,7 @@ class Instance(Backend):
         """Ask the rank's node agent whether its process is alive (None if it is)."""
         node = next(r.node_id for r in self.plan.ranks if r.rank == rank)
         try:
-            data = self._agent(node, "GET", f"/instances/{self.id}")
+            data = self._agent(node, "GET", f"/instances/{self.launch_id}")
         except Exception as exc:
             return f"the node {self.plan.node_names.get(node, node)} of rank {rank} is unreachable ({exc})"
         info = next((r for r in data.get("ranks", []) if r["rank"] == rank), None)
@@ -374,7 +409,7 @@ class Instance(Backend):
         if self.state in ("failed", "stopped", "replacing"):
             return
         deleted = self._deleted_on()  # workers gone because someone deleted the instance: stop, do not re-place
-        if deleted is not None and self._stop_deleted(self.id, deleted):
+        if deleted is not None and self._stop_deleted(self.launch_id, deleted):
             return
         with self._lock:
             if self.state in ("failed", "stopped", "replacing"):
@@ -508,7 +543,7 @@ class Instance(Backend):
     def _send_to_rank0(self, seq: int, body: dict[str, Any]) -> LineStream:
         """Post job ``seq`` to rank 0 (retried: the other ranks hold it already, and rank 0 admits jobs in
         order, so a job it never gets would stall every later one); the instance fails if it cannot."""
-        client = SignedClient(self.controls[0], self.cluster.cluster_key, timeout=None)
+        client = self._rank_client(0, None)
         for attempt in range(3):
             try:
                 return client.stream_lines("POST", "/generate", body)
@@ -585,9 +620,9 @@ class Instance(Backend):
                     pass
             time.sleep(0.3)
         with self._lock:
-            self._leased = {p for p in self._leased if p[0] != self.id}
+            self._leased = {p for p in self._leased if p[0] != self.launch_id}
         for node in self.plan.nodes:
-            self._agent_quiet(node, "DELETE", f"/instances/{self.id}")
+            self._agent_quiet(node, "DELETE", f"/instances/{self.launch_id}")
 
     def delete(self) -> None:
         """Stop every worker and free every reservation."""
@@ -612,7 +647,7 @@ class Instance(Backend):
         out: dict[str, list[int]] = {}
         for node in self.plan.nodes:
             try:
-                data = self._agent(node, "GET", f"/instances/{self.id}")
+                data = self._agent(node, "GET", f"/instances/{self.launch_id}")
                 out[node] = [r["pid"] for r in data["ranks"] if r.get("pid")]
             except Exception:
                 out[node] = []

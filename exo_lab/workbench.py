@@ -83,7 +83,7 @@ class Cluster(ClusterClient):
 
         Returns how it was stopped (``"owner"`` or ``"agents"``); KeyError when there is no such instance.
         """
-        ours = next((i for i in self.instances if i.id == instance_id), None)
+        ours = next((i for i in self.instances if instance_id in (i.id, i.launch_id)), None)
         if ours is not None:
             ours.delete()
             return "owner"

@@ -49,6 +49,7 @@ def make_app(
     control: ClusterControl | None = None,
     cluster_key: str | None = None,
     browser_guard: bool = False,
+    node_id: str | None = None,
 ) -> tornado.web.Application:
     """Routes for ``registry``'s models; ``topology_source()`` gives the cluster's topology for previews.
 
@@ -58,7 +59,8 @@ def make_app(
     cluster member), instances are managed over HTTP and models served elsewhere in the cluster are
     forwarded there (:mod:`exo_lab.api.forward`). ``browser_guard`` (a loopback server without a key) refuses
     what only web pages send: a Host that is not loopback, another site's Origin, a POST body not declared
-    JSON (:mod:`exo_lab.api.guard`).
+    JSON (:mod:`exo_lab.api.guard`). ``node_id``: this coordinator's id (``ClusterClient.owner()``): a request
+    signed for another coordinator is refused, and forwarded requests are signed as coming from it.
     """
     kw = {"registry": registry}
     return tornado.web.Application(
@@ -88,6 +90,7 @@ def make_app(
         api_key=api_key or None,
         control=control,
         cluster_key=cluster_key,
-        verifier=Verifier(cluster_key) if cluster_key else None,
+        verifier=Verifier(cluster_key, node_id=node_id) if cluster_key else None,
+        node_id=node_id,
         browser_guard=browser_guard,
     )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import hmac
+import inspect
 import json
 import logging
 import uuid
@@ -12,7 +14,7 @@ from typing import Any, ClassVar, Protocol
 
 from tornado.ioloop import IOLoop
 from tornado.iostream import StreamClosedError
-from tornado.web import HTTPError
+from tornado.web import HTTPError, stream_request_body
 
 from exo_lab.api import common
 from exo_lab.api.errors import ApiError
@@ -22,7 +24,7 @@ from exo_lab.api.guard import browser_problem, is_json, not_json
 from exo_lab.api.registry import ModelRegistry
 from exo_lab.api.reply import Reply
 from exo_lab.api.schema import RequestModel, parse_json_object
-from exo_lab.cluster.auth import HEADER_SIG
+from exo_lab.cluster.auth import HEADER_SIG, header_problem
 from exo_lab.cluster.signed_handler import SignedHandler
 from exo_lab.engine.generation import Generation
 
@@ -46,12 +48,39 @@ def key_matches(expected: str, headers: Any) -> bool:
     return any(hmac.compare_digest(c.encode(), want) for c in candidates)
 
 
+#: the HTTP methods whose handlers run only once the request is judged whole (see :func:`_judged_first`)
+_METHODS = ("get", "post", "put", "patch", "delete")
+
+
+def _judged_first(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` (a handler's ``get``/``post``/...), run only if the request, its body now in, is admitted:
+    a request that came with signature headers is checked whole here (the signature covers the body)."""
+
+    @functools.wraps(method)
+    async def run(self: ApiHandler, *args: Any, **kwargs: Any) -> None:
+        if not self.judge_whole():
+            return
+        result = method(self, *args, **kwargs)
+        if inspect.isawaitable(result):
+            await result
+
+    run.judged_first = True  # type: ignore[attr-defined]
+    return run
+
+
+@stream_request_body
 class ApiHandler(SignedHandler):
     """Base for API handlers: parses JSON, renders ApiError, checks the API key, cancels on disconnect.
 
     ``family`` picks the error shape: ``openai``, ``anthropic``, ``ollama``, or
     ``auto`` (Anthropic's when the client sends ``anthropic-version``, else OpenAI's).
     The answer to a request signed with the cluster key (another member, the Jupyter panel) is signed.
+
+    Authentication comes before the body: :meth:`prepare` sees the headers only (the body streams in
+    afterwards, :meth:`data_received`), so a request without the API key, or refused by a keyless loopback
+    server's guards, is answered (401, 421, 403, 415) before a byte of its body is read, and the connection
+    closed. A request with signature headers that may be good (present, fresh) is let in to send its body, and
+    judged whole before its handler runs (:meth:`judge_whole`: the signature covers the body).
     """
 
     registry: ModelRegistry
@@ -60,22 +89,34 @@ class ApiHandler(SignedHandler):
     #: the model a POST body must follow (also its schema in ``/openapi.json``)
     schema: ClassVar[type[RequestModel] | None] = None
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in _METHODS:
+            method = cls.__dict__.get(name)
+            if method is not None and not getattr(method, "judged_first", False):
+                setattr(cls, name, _judged_first(method))
+
     def initialize(self, registry: ModelRegistry) -> None:
         self.registry = registry
         self.generation: Generation | None = None
         self.client_gone = False
         self.on_gone: Callable[[], None] | None = None  # what to stop when the client goes (a forwarded request)
         self._signed: bool | None = None  # signed_by_cluster(), once known
+        self._signature_pending = False  # signature headers seen, the body not judged yet
+        self._body = bytearray()
 
     def set_default_headers(self) -> None:
         self.set_header("Content-Type", "application/json")
         if self.family == "anthropic":
             self.set_header("request-id", f"req_{uuid.uuid4().hex[:24]}")
 
+    def data_received(self, chunk: bytes) -> None:
+        self._body += chunk
+
     def signed_by_cluster(self) -> bool:
         """Whether the request carries a valid signature with the cluster key (another member sent it).
 
-        Checked once per request (a signature's nonce counts as used once it is verified)."""
+        Checked once per request, with its whole body (a signature's nonce counts as used once it is verified)."""
         if self._signed is None:
             verifier = self.settings.get("verifier")
             r = self.request
@@ -83,10 +124,33 @@ class ApiHandler(SignedHandler):
         return self._signed
 
     def prepare(self) -> None:
-        """Before any handler: a keyless loopback server's checks against web pages (:mod:`exo_lab.api.guard`),
-        then the API key. A signed request is checked first, so that every answer to it is signed."""
-        if HEADER_SIG in self.request.headers:
-            self.signed_by_cluster()
+        """Before the body is read: a keyless loopback server's checks against web pages (:mod:`exo_lab.api.guard`),
+        then the API key; a request with signature headers that may be good waits for its body
+        (:meth:`judge_whole`)."""
+        self.request.body = b""
+        verifier = self.settings.get("verifier")
+        headers = self.request.headers
+        if verifier is not None and HEADER_SIG in headers and header_problem(dict(headers), verifier.window_s) is None:
+            self._signature_pending = True
+            return
+        self._signed = False  # no signature, or one already known to be bad: judged as unsigned
+        self.admit_unsigned()
+
+    def judge_whole(self) -> bool:
+        """With the body in: check a pending signature (a bad one is judged as unsigned); whether to go on."""
+        self.request.body = bytes(self._body)
+        if self._finished:
+            return False
+        if not self._signature_pending:
+            return True
+        self._signature_pending = False
+        if self.signed_by_cluster():
+            return True
+        self.admit_unsigned()
+        return not self._finished
+
+    def admit_unsigned(self) -> None:
+        """The checks of a request not signed by the cluster: the guards, then the API key (answered if it fails)."""
         if self.settings.get("browser_guard") and not self._guard_passed():
             return
         key = self.settings.get("api_key")
@@ -202,6 +266,14 @@ class ApiHandler(SignedHandler):
         return True
 
 
+def _route_owner(control: Any, model: str) -> dict[str, Any] | None:
+    """The owner serving ``model`` elsewhere (``{"api", "coordinator"?}``), from a Control that may only ``route``."""
+    if hasattr(control, "route_owner"):
+        return control.route_owner(model)
+    url = control.route(model)
+    return {"api": url} if url else None
+
+
 class ParseRequest(Protocol):
     def __call__(self, req: Any, registry: ModelRegistry) -> Reply: ...
 
@@ -224,10 +296,11 @@ class GenerationHandler(ApiHandler):
         model = requested_model(self.request.body)
         if model is None or model in self.registry.names():
             return False
-        url = await IOLoop.current().run_in_executor(None, control.route, model)
-        if url is None:
+        owner = await IOLoop.current().run_in_executor(None, _route_owner, control, model)
+        if owner is None:
             return False
-        await forward(self, url, self.settings.get("cluster_key"))
+        target = owner.get("coordinator") or None
+        await forward(self, owner["api"], self.settings.get("cluster_key"), target, self.settings.get("node_id"))
         return True
 
     async def post(self) -> None:
@@ -280,5 +353,8 @@ class NotFoundHandler(ApiHandler):
 
     def prepare(self) -> None:
         super().prepare()
+        if self._signature_pending:  # no handler will judge the body: refused like an unsigned request
+            self._signature_pending, self._signed = False, False
+            self.admit_unsigned()
         if not self._finished:
             self.send_api_error(ApiError(404, f"Unknown path {self.request.path}.", code="not_found"))

@@ -7,7 +7,8 @@ as it arrives. A forwarded request carries ``X-Exo-Lab-Forwarded`` and is never 
 When the owner cannot be reached the caller gets a 503 in its own API family; when the owner stops
 answering midway through a stream, the stream ends with the family's error frame (never as if complete).
 
-The owner signs its answer (:mod:`exo_lab.cluster.signed_handler`): a streamed answer over its status
+The request is signed for the owner's coordinator id (``X-Exo-Lab-Target``; its API refuses one signed for
+another coordinator). The owner signs its answer (:mod:`exo_lab.cluster.signed_handler`): a streamed answer over its status
 (the streamed body itself is not authenticated), a whole answer over its body too; a whole answer is
 therefore held until it is complete and checked before it is passed on. An answer that is not the
 owner's gets a 502.
@@ -44,15 +45,20 @@ def requested_model(body: bytes) -> str | None:
     return model if isinstance(model, str) and model else None
 
 
-async def forward(handler: Any, api_url: str, cluster_key: str | None) -> None:
-    """Send ``handler``'s request to ``api_url`` and relay the answer (raises ApiError 503 if none comes)."""
+async def forward(
+    handler: Any, api_url: str, cluster_key: str | None, target: str | None = None, source: str | None = None
+) -> None:
+    """Send ``handler``'s request to ``api_url`` and relay the answer (raises ApiError 503 if none comes).
+
+    ``target``: the id of the coordinator serving there (the request is signed for it only, so a relay cannot
+    pass it on to another member's API); ``source``: this coordinator's id."""
     req = handler.request
     body = req.body or b""
     headers = {k: req.headers[k] for k in PASS_REQUEST if k in req.headers}
     headers[FORWARDED] = "1"
     nonce = None
     if cluster_key:
-        headers.update(sign_headers(cluster_key, req.method, req.uri, body))
+        headers.update(sign_headers(cluster_key, req.method, req.uri, body, target=target, source=source))
         nonce = headers[HEADER_NONCE]
     started = False
     status: list[int] = []

@@ -90,7 +90,12 @@ class Server:
                 source = (lambda: self.cluster.topology) if self.cluster is not None else None
                 key = getattr(self.cluster, "cluster_key", None) if self.control is not None else None
                 guard = self.api_key is None and is_loopback(self.host)  # a keyless server for this machine only
-                app = make_app(self.registry, source, self.api_key, self.control, key, browser_guard=guard)
+                owner = getattr(self.cluster, "owner", None) if self.control is not None else None
+                who: dict[str, Any] = owner() if callable(owner) else {}  # type: ignore[assignment]
+                node_id = who.get("coordinator")  # what members sign requests to this API for
+                app = make_app(
+                    self.registry, source, self.api_key, self.control, key, browser_guard=guard, node_id=node_id
+                )
                 # requests of up to 16 MiB; a client has 20 s for its headers and 30 s for its body
                 http = GuardedHTTPServer(app, max_body_bytes=16 * MIB, per_address=512)
                 self._http = http

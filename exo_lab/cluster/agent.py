@@ -8,6 +8,8 @@ HTTP API (tornado, JSON):
 - ``GET /node``: id, name, addresses, ports, profile (memory read live);
 - ``GET /node/links``: latest measurement of every link to every peer;
 - ``GET /node/peers``: peers with their state (``alive`` / ``gone``);
+- ``GET /node/memory``: this process's RSS and the size of every table it keeps (all bounded: see
+  :meth:`NodeAgent.tables`);
 - ``POST /node/hello``: the peer handshake (signed; the answer proves the key);
 - ``POST /node/links/probe``: measure all links now (signed);
 - ``POST /node/peers``: ``{"address": "host:port"}`` adds a manual peer (signed);
@@ -24,6 +26,11 @@ HTTP API (tornado, JSON):
 - ``POST /instances/{id}/lease``: ``{"status": {...}, "owner"?: {...}}`` renews the lease and keeps the
   status; 404 when the instance is unknown (deleted, or its lease ran out) (signed);
 - ``DELETE /instances/{id}``: stop its workers, free its reservation (signed).
+
+The agent's memory stays flat over days: every table it keeps is bounded (nonces by their window and a cap,
+manual peers by :data:`MAX_MANUAL_PEERS`, peers gone for :data:`FORGET_GONE_S` are forgotten with their links,
+instances by their leases), and every :data:`HOUSEKEEPING_S` it prunes them and gives the allocator's free
+pages back to the system (:mod:`exo_lab.cluster.memory`).
 
 An instance whose lease is not renewed within ``lease_s`` is stopped and its memory freed: a
 coordinator that dies leaves nothing behind. Workers exit when their agent dies, and an agent
@@ -75,6 +82,7 @@ from exo_lab.cluster.discovery import Advert, Discovery
 from exo_lab.cluster.fetch import is_plain_name, range_checksums
 from exo_lab.cluster.links import ProbeServer, probe_link
 from exo_lab.cluster.machine import memory_now
+from exo_lab.cluster.memory import release_free_memory
 from exo_lab.cluster.serving import MIB, GuardedHTTPServer
 from exo_lab.cluster.signed_handler import SignedHandler
 from exo_lab.cluster.topology import LinkProfile, NodeInfo
@@ -137,6 +145,14 @@ def is_loopback(ip: str) -> bool:
         return ipaddress.ip_address(ip).is_loopback
     except ValueError:
         return False
+
+
+#: manual peer addresses kept at most (``--peer`` and ``POST /node/peers``; each is contacted every liveness round)
+MAX_MANUAL_PEERS = 64
+#: seconds after which a peer that is gone is forgotten, with its links
+FORGET_GONE_S = 3600.0
+#: seconds between two rounds of housekeeping (pruning tables, returning free memory to the system)
+HOUSEKEEPING_S = 60.0
 
 
 @dataclass
@@ -253,16 +269,53 @@ class NodeAgent:
             return load_or_measure(refresh=self.config.refresh_profile)
 
     async def _worker_loop(self) -> None:
-        """Notice workers that died; stop the instances whose lease ran out (in a thread: it waits for exits)."""
+        """Notice workers that died; stop the instances whose lease ran out (in a thread: it waits for exits);
+        every :data:`HOUSEKEEPING_S`, :meth:`housekeeping`."""
         loop = asyncio.get_running_loop()
+        housekept = time.monotonic()
         while True:
             try:
                 self.workers.poll()
                 for inst in self.workers.expire():
                     loop.run_in_executor(None, self.workers.terminate, inst)
+                if time.monotonic() - housekept >= HOUSEKEEPING_S:
+                    housekept = time.monotonic()
+                    self.housekeeping()
             except Exception:  # keep watching; report why now
                 log.exception("watching the workers failed")
             await asyncio.sleep(0.5)
+
+    def housekeeping(self) -> None:
+        """Forget peers gone for :data:`FORGET_GONE_S` and links to peers or addresses no longer known, drop
+        spent nonces, and give the allocator's free pages back to the system."""
+        now = time.time()
+        for pid, peer in list(self.peers.items()):
+            if peer.info.state == "gone" and now - peer.last_seen > FORGET_GONE_S:
+                log.info("forgetting peer %s (%s): gone for %.0f s", pid, peer.info.name, now - peer.last_seen)
+                del self.peers[pid]
+        for pid, address in list(self.links):
+            peer = self.peers.get(pid)
+            if peer is None or address not in peer.info.addresses:
+                del self.links[(pid, address)]
+        self.verifier.prune()
+        release_free_memory()
+
+    def tables(self) -> dict[str, int]:
+        """How many entries each table of this agent holds (``GET /node/memory``)."""
+        return {
+            "nonces": self.verifier.remembered,
+            "peers": len(self.peers),
+            "manual_peers": len(self.manual),
+            "links": len(self.links),
+            "instances": len(self.workers.instances),
+        }
+
+    def add_manual(self, address: str) -> bool:
+        """Remember ``address`` as a manual peer; False when :data:`MAX_MANUAL_PEERS` are kept already."""
+        if address not in self.manual and len(self.manual) >= MAX_MANUAL_PEERS:
+            return False
+        self.manual.setdefault(address, None)
+        return True
 
     async def stop(self) -> None:
         self._cancel_probes.set()
@@ -453,6 +506,7 @@ class NodeAgent:
                 (r"/node", NodeHandler, kw),
                 (r"/node/hello", HelloHandler, kw),
                 (r"/node/links", LinksHandler, kw),
+                (r"/node/memory", MemoryHandler, kw),
                 (r"/node/links/probe", ProbeHandler, kw),
                 (r"/node/peers", PeersHandler, kw),
                 (r"/node/calibration", CalibrationHandler, kw),
@@ -542,6 +596,15 @@ class HelloHandler(AgentHandler):
         self.send({"node": info.to_json(), "proof": proof(self.agent.key, challenge, info.id)})
 
 
+class MemoryHandler(AgentHandler):
+    """``GET /node/memory``: this process's RSS and the size of each table the agent keeps."""
+
+    def get(self) -> None:
+        if self.authorised(read_only=True):
+            rss = psutil.Process().memory_info().rss
+            self.send({"node": self.agent.id, "rss_bytes": rss, "tables": self.agent.tables()})
+
+
 class LinksHandler(AgentHandler):
     def get(self) -> None:
         if self.authorised(read_only=True):
@@ -570,7 +633,9 @@ class PeersHandler(AgentHandler):
         except (ValueError, KeyError, TypeError):
             self.send({"error": 'send {"address": "host:port"}'}, 400)
             return
-        self.agent.manual[address] = None
+        if not self.agent.add_manual(address):
+            self.send({"error": f"this node keeps {MAX_MANUAL_PEERS} manual peers already"}, 409)
+            return
         peer = await self.agent._contact([address], "manual")
         self.send({"added": address, "peer": peer.info.id if peer else None})
 

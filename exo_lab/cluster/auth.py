@@ -129,17 +129,36 @@ def response_is_authentic(key: str, nonce: str, status: int, body: bytes | None,
     return bool(given) and hmac.compare_digest(response_signature(key, nonce, status, body), given or "")
 
 
+def rank_target(instance_id: str, rank: int) -> str:
+    """The id a rank's control port answers to (what requests to it are signed for): one rank of one launch."""
+    return f"{instance_id}/rank{int(rank)}"
+
+
+#: the most nonces a :class:`Verifier` remembers (a flood of valid requests beyond it is refused, not stored)
+MAX_NONCES = 100_000
+
+
 class Verifier:
     """Checks signatures and remembers nonces for the replay window.
 
-    ``node_id``: this node's id; a request signed for another node id is refused."""
+    ``node_id``: this server's id; a request signed for another id is refused. ``require_target``: a request
+    must be signed for this id (one signed for no id in particular is refused too; for servers whose every
+    client knows whom it calls: rank control ports, whose id is :func:`rank_target`)."""
 
-    def __init__(self, key: str, window_s: float = WINDOW_S, node_id: str | None = None) -> None:
+    def __init__(
+        self, key: str, window_s: float = WINDOW_S, node_id: str | None = None, *, require_target: bool = False
+    ) -> None:
         self.key = key
         self.window_s = window_s
         self.node_id = node_id
+        self.require_target = require_target
         self._seen: dict[str, float] = {}
         self._lock = threading.Lock()
+
+    @property
+    def remembered(self) -> int:
+        """How many nonces are remembered now (bounded by the window and :data:`MAX_NONCES`)."""
+        return len(self._seen)
 
     def problem(self, method: str, path: str, body: bytes, headers: dict[str, str]) -> str | None:
         """Why the request is not authentic, or None if it is (its nonce is then spent)."""
@@ -160,15 +179,27 @@ class Verifier:
             return "bad signature: this node has another cluster key"
         if target and self.node_id and target != self.node_id:
             return f"signed for another node ({target}; this is {self.node_id})"
+        if self.require_target and not target:
+            return f"not signed for this node ({self.node_id}): sign requests for the node they go to"
         now = time.time()
         with self._lock:
             if nonce in self._seen:
                 return "replayed request"
+            if len(self._seen) >= MAX_NONCES or len(self._seen) % 256 == 0:
+                self._prune(now)
+                if len(self._seen) >= MAX_NONCES:  # that many fresh ones: refuse rather than grow
+                    return "too many signed requests at once; retry"
             self._seen[nonce] = now
-            if len(self._seen) > 10_000 or len(self._seen) % 256 == 0:
-                cutoff = now - 2 * self.window_s
-                self._seen = {n: t for n, t in self._seen.items() if t > cutoff}
         return None
+
+    def prune(self) -> None:
+        """Forget the nonces that are out of the window (requests with them are refused by their timestamp)."""
+        with self._lock:
+            self._prune(time.time())
+
+    def _prune(self, now: float) -> None:
+        cutoff = now - 2 * self.window_s
+        self._seen = {n: t for n, t in self._seen.items() if t > cutoff}
 
 
 def header_problem(headers: dict[str, str], window_s: float = WINDOW_S) -> str | None:

@@ -5,6 +5,10 @@ label and the URL of the API that serves it), what it runs, and the status the o
 reported with its lease (see :mod:`exo_lab.cluster.workers`). Reading ``/instances`` from every
 live agent and merging by id gives the cluster's instances, wherever they were launched; this
 is what ``GET /instances``, ``exo-lab instances`` and the dashboards show. Needs no MLX.
+
+An instance keeps its public id across re-placements (its owner sends it as ``info.id``); the agents key
+each placement by its own id (the *launch id*: the public id, then ``<id>-r1``, ``<id>-r2``, ...), which
+:attr:`ClusterInstance.launch_ids` keeps per node for stopping it there.
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ class ClusterInstance:
     reserved_bytes: dict[str, int] = field(default_factory=dict)  # node id -> bytes
     pids: dict[str, list[int]] = field(default_factory=dict)  # node id -> live worker pids
     plan: dict[str, Any] = field(default_factory=dict)
+    #: node id -> the ids the node's agent knows this instance by (its placements' launch ids: one, but for a
+    #: moment during a re-placement)
+    launch_ids: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def api(self) -> str | None:
@@ -57,6 +64,7 @@ class ClusterInstance:
             "reserved_bytes": self.reserved_bytes,
             "pids": self.pids,
             "plan": self.plan,
+            "launch_ids": self.launch_ids,
         }
 
 
@@ -66,10 +74,11 @@ def _merge(per_node: dict[str, list[dict[str, Any]]]) -> list[ClusterInstance]:
         for d in items:
             info = d.get("info") or {}
             status = d.get("status") or {}
-            inst = out.get(d["id"])
+            public = str(info.get("id") or d["id"])  # older owners send no public id: the agents' is the id
+            inst = out.get(public)
             if inst is None:
-                inst = out[d["id"]] = ClusterInstance(
-                    id=d["id"],
+                inst = out[public] = ClusterInstance(
+                    id=public,
                     model=str(info.get("model", "")),
                     name=str(info.get("name") or info.get("model", "")),
                     owner=dict(d.get("owner") or {}),
@@ -82,6 +91,7 @@ def _merge(per_node: dict[str, list[dict[str, Any]]]) -> list[ClusterInstance]:
             if d.get("state") == "failed" and inst.state not in ("failed", "replacing", "stopped"):
                 inst.state = "failed"  # a worker died: the agent knows before the owner reports it
                 inst.error = inst.error or f"a worker on node {node} exited"
+            inst.launch_ids.setdefault(node, []).append(d["id"])
             inst.reserved_bytes[node] = int(d.get("reserved_bytes", 0))
             inst.pids[node] = [r["pid"] for r in d.get("ranks", []) if r.get("pid") and r.get("alive")]
             if node not in inst.nodes:
@@ -101,14 +111,31 @@ def gather(client: ClusterClient) -> list[ClusterInstance]:
             return []
 
     with ThreadPoolExecutor(8) as pool:
-        return _merge(dict(zip(nodes, pool.map(read, nodes))))
+        merged = _merge(dict(zip(nodes, pool.map(read, nodes))))
+    listed = {i.id for i in merged}
+    own = [v for v in _own(client) if v.id not in listed and v.state not in ("stopped",)]
+    return sorted(merged + own, key=lambda i: (i.name, i.id))
+
+
+def _own(client: ClusterClient) -> list[ClusterInstance]:
+    """This coordinator's own instances as it sees them (``Instance.cluster_view``): one being re-placed, or one
+    that failed to be, is on no agent (its workers are stopped) but still there, under its public id."""
+    out = []
+    for inst in list(client.instances):
+        view = getattr(inst, "cluster_view", None)
+        if callable(view):
+            try:
+                out.append(view())
+            except Exception as exc:  # a view is a courtesy: never fail the listing for it
+                log.debug("the view of %r: %s", inst, exc)
+    return out
 
 
 def find(client: ClusterClient, instance_id: str) -> ClusterInstance:
     """The instance ``instance_id`` (KeyError naming those that exist when there is none)."""
     found = gather(client)
     for inst in found:
-        if inst.id == instance_id:
+        if instance_id == inst.id or any(instance_id in ids for ids in inst.launch_ids.values()):
             return inst
     raise KeyError(f"no instance {instance_id!r} in the cluster; instances: {', '.join(i.id for i in found) or 'none'}")
 
@@ -121,15 +148,17 @@ def stop(client: ClusterClient, inst: ClusterInstance) -> str:
     """
     if inst.api:
         try:
-            SignedClient(inst.api, client.cluster_key, timeout=30).json("DELETE", f"/instance/{inst.id}")
+            owner = inst.owner.get("coordinator") or None  # the request is signed for that coordinator only
+            SignedClient(inst.api, client.cluster_key, timeout=30, node=owner).json("DELETE", f"/instance/{inst.id}")
             return "owner"
         except RequestError as exc:
             log.info("the owner of %s did not stop it (%s); stopping it on its nodes", inst.id, exc)
     for node in inst.nodes:
-        try:
-            client.request(client.address_of(node), "DELETE", f"/instances/{inst.id}", timeout=30)
-        except (ClusterError, KeyError) as exc:
-            log.debug("deleting %s on %s: %s", inst.id, node, exc)
+        for iid in inst.launch_ids.get(node) or [inst.id]:
+            try:
+                client.request(client.address_of(node), "DELETE", f"/instances/{iid}", timeout=30)
+            except (ClusterError, KeyError) as exc:
+                log.debug("deleting %s on %s: %s", iid, node, exc)
     return "agents"
 
 

@@ -246,6 +246,7 @@ class WorkerManager:
             cfg = {
                 **common,
                 **per_rank[str(rank)],
+                "instance_id": instance_id,  # what this rank answers to (cluster.auth.rank_target), whatever common says
                 "rank": rank,
                 "control_host": host,
                 "control_port": int(port),

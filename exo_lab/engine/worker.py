@@ -47,7 +47,7 @@ import tornado.web
 from mlx_lm.utils import load_tokenizer
 
 from exo_lab import defaults
-from exo_lab.cluster.auth import Verifier
+from exo_lab.cluster.auth import Verifier, header_problem, rank_target
 from exo_lab.cluster.fetch import fetched
 from exo_lab.cluster.serving import MIB, GuardedHTTPServer
 from exo_lab.cluster.signed_handler import SignedHandler
@@ -131,7 +131,12 @@ class Worker:
         self.eos = {int(t) for t in config.get("eos_token_ids") or []}
         #: decode steps taken and the most sequences one step decoded
         self.stats = {"decode_steps": 0, "peak_batch": 0}
-        self.verifier = Verifier(config["cluster_key"])
+        # requests must be signed for this rank of this launch: one signed for another rank is refused
+        self.verifier = Verifier(
+            config["cluster_key"],
+            node_id=rank_target(str(config.get("instance_id", "")), self.rank),
+            require_target=True,
+        )
         self.guide = None  # the llguidance vocabulary, on the rank that samples (constrained output)
         self.failure_read = threading.Event()  # someone read the status after the setup failed
 
@@ -457,13 +462,28 @@ class Worker:
         self.loaded, self.total = done, total
 
 
+@tornado.web.stream_request_body
 class _Handler(SignedHandler):
-    """Signed requests only; the answers are signed (``/generate``'s NDJSON stream over its status only)."""
+    """Signed requests only; the answers are signed (``/generate``'s NDJSON stream over its status only).
+
+    The body streams in only once the signature headers passed a first check (present, fresh): an unsigned
+    or stale request is refused before its body is read."""
 
     def initialize(self, worker: Worker) -> None:
         self.worker = worker
+        self._chunks: list[bytes] = []
+
+    def prepare(self) -> None:
+        problem = header_problem(dict(self.request.headers), self.worker.verifier.window_s)
+        if problem is not None:
+            self.set_status(401)
+            self.finish({"error": problem})
+
+    def data_received(self, chunk: bytes) -> None:
+        self._chunks.append(chunk)
 
     def check(self) -> bool:
+        self.request.body = b"".join(self._chunks)
         problem = self.signature_problem(self.worker.verifier)
         if problem:
             self.set_status(401)

@@ -241,7 +241,7 @@ class InstancesHandler(ExoLabHandler):
             raise tornado.web.HTTPError(409, NO_CLUSTER_HINT)
         if not info.api_url:
             raise tornado.web.HTTPError(409, NO_API_HINT.format(label=info.label))
-        api = SignedClient(info.api_url, info.cluster_key, timeout=LAUNCH_TIMEOUT_S)
+        api = SignedClient(info.api_url, info.cluster_key, timeout=LAUNCH_TIMEOUT_S, node=info.id)
         raw = await self.views.run(forward, api, "POST", "/instance", json.dumps(body).encode(), (200, 201), info.label)
         self.send({**json.loads(raw or b"{}"), "coordinator": info.id}, 201)
 
@@ -271,7 +271,7 @@ class InstanceHandler(ExoLabHandler):
             if owner is None or not owner.api_url:  # not on the agents, and no owner that could stop it
                 known = ", ".join(i.id for i in gathered if i.state != "stopped") or "none"
                 raise tornado.web.HTTPError(404, f"no instance {instance_id!r} in the cluster; instances: {known}")
-            api = SignedClient(owner.api_url, owner.cluster_key, timeout=30)
+            api = SignedClient(owner.api_url, owner.cluster_key, timeout=30, node=owner.id)
             await self.views.run(forward, api, "DELETE", f"/instance/{instance_id}", None, (200,), owner.label)
             self.send({"id": instance_id, "stopped_by": "owner"})
             return

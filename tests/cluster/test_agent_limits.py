@@ -8,8 +8,9 @@ import time
 
 import pytest
 
+from exo_lab.cluster.agent import MAX_MANUAL_PEERS
 from exo_lab.cluster.auth import sign_headers
-from exo_lab.cluster.http import SignedClient
+from exo_lab.cluster.http import RequestError, SignedClient
 from tests.helpers.leases import start_agent
 
 
@@ -63,3 +64,40 @@ def test_signed_requests_still_work(agent):
     client = SignedClient(address, key)
     assert client.json("POST", "/node/peers", {"address": "127.0.0.1:9"})["added"] == "127.0.0.1:9"
     assert client.json("GET", "/node")["id"]
+
+
+def test_the_agents_tables_stay_bounded_under_many_requests(agent):
+    """Lease renewals, reads and handshakes by the hundred leave every table the size it was (nonces aside: they
+    are kept for their window, see test_auth); manual peers stop at their cap, with a 409."""
+    address, key = agent
+    node = SignedClient(address, key).json("GET", "/node")["id"]
+    client = SignedClient(address, key, node=node, source="soak")
+    owner = {"coordinator": "soak", "label": "a soak", "api": None}
+    client.json(
+        "POST",
+        "/instances/bounded/prepare",
+        {"ranks": [{"rank": 0, "address": "127.0.0.1"}], "reserve_bytes": 0, "owner": owner, "lease_s": 120},
+    )
+    local = SignedClient(address, None)
+    before = local.json("GET", "/node/memory")["tables"]
+    for i in range(200):
+        status = {"state": "ready", "loaded": [i, 200], "error": None}
+        client.json("POST", "/instances/bounded/lease", {"status": status, "owner": owner})
+        client.json("GET", "/instances")
+        local.json("GET", "/node/links")
+        client.json("POST", "/node/hello", {"id": "soak", "challenge": f"c{i}"})
+    after = local.json("GET", "/node/memory")
+    assert {k: v for k, v in after["tables"].items() if k != "nonces"} == {
+        k: v for k, v in before.items() if k != "nonces"
+    }
+    assert after["tables"]["instances"] == 1 and after["tables"]["peers"] == 0
+    assert after["tables"]["nonces"] <= before["nonces"] + 800 and after["rss_bytes"] > 0
+    refused = 0
+    for port in range(1, MAX_MANUAL_PEERS + 10):  # closed ports: contacted, and kept as manual peers, up to the cap
+        try:
+            client.json("POST", "/node/peers", {"address": f"127.0.0.1:{port}"})
+        except RequestError as exc:
+            assert exc.status == 409
+            refused += 1
+    assert local.json("GET", "/node/memory")["tables"]["manual_peers"] == MAX_MANUAL_PEERS and refused >= 9
+    client.json("DELETE", "/instances/bounded")

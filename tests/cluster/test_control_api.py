@@ -7,6 +7,8 @@ what ``a`` launched; every route answers malformed input with a clear error and 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import threading
 
 import anthropic
@@ -188,6 +190,52 @@ def test_launched_on_a_served_and_stopped_through_b(members):
         assert agent["reserved_bytes"] == 0 and not agent["instances"]
     wait_for(lambda: "demo-pp" not in [m.id for m in ob.models.list().data], 10, "demo-pp gone from b's /v1/models")
     events.close()
+
+
+def test_a_killed_worker_comes_back_under_the_same_id_and_answers(members):
+    """A worker of a pipeline is SIGKILLed mid-generation: the instance is re-placed and stays listed, on every
+    member, under the id it was launched with (re-placing, then ready), and answers through b again."""
+    a, b = members
+    body = {"model_id": "demo", "plan": 0, "sharding": "pipeline", "min_nodes": 2, "name": "demo-heal"}
+    status, data = raw(a.server, "POST", "/instance", json.dumps(body).encode(), {"Content-Type": "application/json"})
+    assert status == 201, data
+    iid = json.loads(data)["id"]
+    inst = next(i for i in a.instances if i.id == iid)
+
+    def listed(member) -> dict:
+        return next((i for i in get(url(member), "/instances")[1]["instances"] if i["id"] == iid), {})
+
+    wait_for(lambda: listed(b).get("state") == "ready", 120, "demo-heal ready on b")
+    msgs = [{"role": "user", "content": "Hello there"}]
+    ob = openai.OpenAI(base_url=f"{url(b)}/v1", api_key="none", max_retries=0)
+    before = ob.chat.completions.create(model="demo-heal", messages=msgs, max_tokens=8, temperature=0)
+    victim = listed(b)["pids"][inst.plan.nodes[1]][0]
+    stream = ob.chat.completions.create(
+        model="demo-heal", messages=msgs, max_tokens=2000, temperature=0, stream=True, extra_body={"ignore_eos": True}
+    )
+    next(iter(stream))
+    os.kill(victim, signal.SIGKILL)
+    try:  # the request in flight ends: with an error frame, or cut
+        for _ in stream:
+            pass
+    except (openai.APIError, httpx.HTTPError):
+        pass
+    states = []
+
+    def back() -> bool:
+        now = listed(b), listed(a)
+        states.extend(i.get("state", "gone") for i in now)
+        return all(i.get("state") == "ready" for i in now) and inst.replacements == 1
+
+    wait_for(back, 120, "demo-heal ready again under its id")
+    assert "gone" not in states, states  # listed all along, never lost by its id
+    assert inst.id == iid and inst.launch_id != iid and inst.state == "ready"
+    assert {i for ids in listed(a)["launch_ids"].values() for i in ids} == {inst.launch_id}
+    after = ob.chat.completions.create(model="demo-heal", messages=msgs, max_tokens=8, temperature=0)
+    assert after.choices[0].message.content == before.choices[0].message.content
+    status, data = raw(b.server, "DELETE", f"/instance/{iid}")
+    assert status == 200 and json.loads(data)["via"] == "owner"
+    wait_for(lambda: not listed(b), 30, "demo-heal gone once deleted")
 
 
 def test_owner_unreachable_is_a_503_in_the_callers_family(members):

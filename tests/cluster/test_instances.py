@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -14,6 +16,8 @@ import psutil
 import pytest
 
 import exo_lab
+from exo_lab.cluster.auth import rank_target, sign_headers
+from exo_lab.cluster.http import split_address
 from exo_lab.instance import Instance
 from exo_lab.models import synthetic
 from tests.helpers.net import free_port
@@ -221,6 +225,35 @@ def tokens(chunks) -> list[int]:
     return [t for c in chunks for t in c.tokens]
 
 
+def test_a_rank_refuses_a_request_signed_for_another_rank(pipeline2):
+    """The coordinator signs each request for one rank of one launch: replayed to another rank, it is a 401."""
+    inst = pipeline2
+    key = inst.cluster.cluster_key
+
+    def status_of(rank: int, headers: dict[str, str]) -> int:
+        host, port = split_address(inst.controls[rank])
+        conn = http.client.HTTPConnection(host, port, timeout=5)
+        try:
+            conn.request("GET", "/status", headers=headers)
+            return conn.getresponse().status
+        finally:
+            conn.close()
+
+    for_rank1 = sign_headers(key, "GET", "/status", target=rank_target(inst.launch_id, 1), source="coordinator")
+    assert status_of(0, for_rank1) == 401  # a relay passing rank 1's request on to rank 0
+    assert status_of(1, for_rank1) == 200
+    assert status_of(1, for_rank1) == 401  # and only once
+    assert status_of(0, sign_headers(key, "GET", "/status")) == 401  # signed for no rank in particular
+    other_launch = sign_headers(key, "GET", "/status", target=rank_target("another", 0))
+    assert status_of(0, other_launch) == 401
+    assert inst._worker(0, "GET", "/status")["state"] == "ready"  # what the instance sends is signed for rank 0
+    # an unsigned job announcing 10 MB is refused from its headers, before its body is read
+    host, port = split_address(inst.controls[0])
+    with socket.create_connection((host, port), timeout=3) as s:
+        s.sendall(f"POST /generate HTTP/1.1\r\nHost: {host}\r\nContent-Length: 10000000\r\n\r\n".encode())
+        assert s.recv(4096).startswith(b"HTTP/1.1 401")
+
+
 def test_served_through_the_openai_api(cluster, models):
     path = models["tiny"]
     inst = cluster.launch(
@@ -274,7 +307,7 @@ def test_a_dead_worker_fails_fast_then_the_instance_is_replaced(cluster, models)
     inst = cluster.launch(path, plan=plan, name="resilient")
     server = exo_lab.serve(inst, port=free_port())
     try:
-        old_pids = inst.pids()
+        old_pids, iid = inst.pids(), inst.id
         gen = inst.generate("x", max_tokens=100_000, temperature=0, ignore_eos=True)
         it = iter(gen)
         next(it)
@@ -303,6 +336,7 @@ def test_a_dead_worker_fails_fast_then_the_instance_is_replaced(cluster, models)
                     saw_503 = saw_503 or e.headers.get("Retry-After") is not None
             time.sleep(0.1)
         assert inst.state == "ready" and inst.replacements == 1
+        assert inst.id == iid and inst.launch_id == f"{iid}-r1"  # the same public id; the agents know the new launch
         deadline = time.monotonic() + 10
         while not no_pids_left(old_pids) and time.monotonic() < deadline:
             time.sleep(0.1)

@@ -183,7 +183,8 @@ def test_a_setup_failure_fails_the_instance_with_its_cause(cluster, agents, key,
 def test_a_worker_whose_setup_fails_exits_and_the_agent_reports_why(agents, key, models):
     client = clients(agents, key)[0]
     iid = uuid.uuid4().hex[:10]
-    launch_one_rank(client, iid, models["broken"])  # no coordinator: only the worker reports
+    # no coordinator: only the worker reports (a lease long enough for a slow start on a busy machine)
+    launch_one_rank(client, iid, models["broken"], lease_s=60)
     failed = wait_for(
         lambda: (d := client.json("GET", f"/instances/{iid}"))["state"] == "failed" and d, 20, "the agent sees it fail"
     )

@@ -4,6 +4,7 @@ import time
 
 import pytest
 
+from exo_lab.cluster import auth
 from exo_lab.cluster.auth import (
     HEADER_NONCE,
     HEADER_SIG,
@@ -14,6 +15,7 @@ from exo_lab.cluster.auth import (
     Verifier,
     fingerprint,
     load_or_create_key,
+    rank_target,
     response_is_authentic,
     response_signature,
     sign_headers,
@@ -131,3 +133,28 @@ def test_a_response_signature_binds_the_request_status_and_body():
     streamed = response_signature("secret", "nonce-1", 200, None)  # a streamed answer: the status only
     assert response_is_authentic("secret", "nonce-1", 200, None, streamed)
     assert not response_is_authentic("secret", "nonce-1", 200, b"", streamed)
+
+
+def test_the_nonces_a_verifier_keeps_are_bounded_by_their_window_and_a_cap(monkeypatch):
+    """Thousands of valid requests: the nonce table holds those of the window only, and never more than the cap."""
+    v = Verifier("secret", window_s=0.2)
+    for _ in range(3000):
+        assert v.problem("GET", "/node", b"", sign_headers("secret", "GET", "/node")) is None
+    assert 0 < v.remembered <= 3000
+    time.sleep(0.5)
+    v.prune()
+    assert v.remembered == 0  # all out of the window: forgotten (their requests are refused by timestamp)
+    monkeypatch.setattr(auth, "MAX_NONCES", 512)
+    v = Verifier("secret")
+    answers = [v.problem("GET", "/node", b"", sign_headers("secret", "GET", "/node")) for _ in range(700)]
+    assert answers[:512] == [None] * 512 and v.remembered == 512
+    assert all(a is not None and "too many" in a for a in answers[512:])
+
+
+def test_a_rank_verifier_needs_requests_signed_for_it():
+    """A rank's control port: signed for this rank of this launch, or refused (no target, another rank)."""
+    v = Verifier("secret", node_id=rank_target("abc", 0), require_target=True)
+    ok = sign_headers("secret", "GET", "/status", target=rank_target("abc", 0))
+    assert v.problem("GET", "/status", b"", ok) is None
+    for target in (None, rank_target("abc", 1), rank_target("abc-r1", 0)):
+        assert v.problem("GET", "/status", b"", sign_headers("secret", "GET", "/status", target=target)) is not None
