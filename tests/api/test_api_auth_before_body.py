@@ -31,7 +31,16 @@ KEY = "before-body-api-key"
 CLUSTER_KEY = "c" * 64
 TEN_MB = 10_000_000
 COUNT = json.dumps({"model": "stub", "messages": [{"role": "user", "content": "Hello"}]})
-POSTS = {"/v1/chat/completions": "openai", "/v1/messages": "anthropic", "/api/chat": "ollama"}
+POSTS = {
+    "/v1/chat/completions": "openai",
+    "/v1/completions": "openai",
+    "/v1/embeddings": "openai",
+    "/v1/responses": "openai",
+    "/v1/messages": "anthropic",
+    "/api/chat": "ollama",
+    "/api/embed": "ollama",
+    "/api/pull": "ollama",
+}
 
 
 def registry() -> ModelRegistry:
