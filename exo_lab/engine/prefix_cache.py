@@ -53,14 +53,15 @@ def _copy(a: mx.array) -> mx.array:
 
 def _compact(c: Any) -> tuple[Any, bool] | None:
     """A compact copy of one layer's cache (one sequence) and whether it can be cut shorter; None if unusable."""
+    kind = type(c)  # compared, not narrowed: these caches' arrays are typed as possibly None
     if c.keys is None:
         return None
-    if type(c) is KVCache:
+    if kind is KVCache:
         new = KVCache()
         new.keys, new.values = _copy(c.keys[..., : c.offset, :]), _copy(c.values[..., : c.offset, :])
         new.offset = c.offset
         return new, True
-    if type(c) is RotatingKVCache:
+    if kind is RotatingKVCache:
         new = RotatingKVCache(c.max_size, c.keep)
         if c.offset <= c.max_size and c.keys.shape[2] >= c.offset and c._idx >= c.offset:  # in order, not rotated
             new.keys, new.values = _copy(c.keys[..., : c.offset, :]), _copy(c.values[..., : c.offset, :])
@@ -75,11 +76,12 @@ def _compact(c: Any) -> tuple[Any, bool] | None:
 def _cut(c: Any, n: int) -> Any:
     """A new cache object holding the first ``n`` tokens of ``c`` (sharing its arrays: caches never write into
     arrays they did not allocate with room to spare, and these have none)."""
-    if type(c) is KVCache:
-        new = KVCache()
+    kind = type(c)  # compared, not narrowed (as in _compact)
+    if kind is KVCache:
+        new: Any = KVCache()
         new.keys, new.values, new.offset = c.keys[..., :n, :], c.values[..., :n, :], n
         return new
-    new = RotatingKVCache(c.max_size, c.keep)
+    new = RotatingKVCache(c.max_size, c.keep)  # a rotating cache (cacheable() allows no other)
     if n == c.offset:
         new.keys, new.values, new.offset, new._idx = c.keys, c.values, c.offset, c._idx
     else:

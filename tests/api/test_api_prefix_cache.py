@@ -74,4 +74,6 @@ def test_each_family_reports_cached_tokens(server):
     o = ollama.Client(host=server.url, timeout=60)
     opts = {"temperature": 0, "num_predict": 4}
     full = o.generate(model="tiny", prompt=SYSTEM + " Ollama.", options=opts)
-    assert o.generate(model="tiny", prompt=SYSTEM + " Ollama.", options=opts).prompt_eval_count == full.prompt_eval_count
+    assert (
+        o.generate(model="tiny", prompt=SYSTEM + " Ollama.", options=opts).prompt_eval_count == full.prompt_eval_count
+    )
