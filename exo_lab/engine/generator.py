@@ -404,6 +404,7 @@ class Engine(Backend):
         a parked daemon thread does not, so the worker never returns.
         """
         self.model = None
+        self.prefix_cache.clear()
         mx.synchronize()
         mx.clear_cache()
         self._closed.set()
