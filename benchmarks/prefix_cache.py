@@ -11,6 +11,7 @@ preset). Both sides must produce the same greedy tokens; the script fails otherw
 
     .venv/bin/python benchmarks/prefix_cache.py                   # llama-1b, 10 turns, 2k-token system prompt
     .venv/bin/python benchmarks/prefix_cache.py --short           # tiny preset, 4 turns, 512 tokens: a smoke run
+    .venv/bin/python benchmarks/prefix_cache.py --dtype float32   # llama-1b in float32 (bf16 is slow on CPUs)
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ import exo_lab  # first: it preloads OpenBLAS before mlx is imported
 from exo_lab.engine.generator import GenerationRequest
 from exo_lab.engine.prefix_cache import PrefixCache
 from exo_lab.engine.sampling import SamplingParams
-from exo_lab.models import resolve
+from exo_lab.models import resolve, synthetic
+from exo_lab.paths import models_dir
 
 TARGET = 5.0
 TEXT = (
@@ -63,17 +65,27 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--turns", type=int, default=10)
     ap.add_argument("--system", type=int, default=2048, help="system prompt tokens (default: %(default)s)")
     ap.add_argument("--reply", type=int, default=16, help="tokens per reply (default: %(default)s)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="a synthetic preset in this dtype")
     ap.add_argument("--short", action="store_true", help="tiny preset, 4 turns, 512-token system prompt")
     ap.add_argument("--json", help="write the per-turn numbers here")
     args = ap.parse_args(argv)
     if args.short:
         args.model, args.turns, args.system = "synthetic:tiny", 4, 512
-    eng = exo_lab.Engine(resolve(args.model), max_batch=1)
+    if args.dtype and args.model.startswith("synthetic:"):  # kept beside the other benchmarks' variants
+        preset = args.model.split(":", 1)[1]
+        path = models_dir() / "bench" / f"{preset}-{args.dtype}"
+        if not (path / "config.json").is_file():
+            synthetic.create(path, preset, dtype=args.dtype)
+    else:
+        path = resolve(args.model)
+    eng = exo_lab.Engine(path, max_batch=1)
     cached_cache, empty = eng.prefix_cache, PrefixCache(0)
     messages: list[dict[str, str]] = [{"role": "system", "content": system_prompt(eng.tokenizer, args.system)}]
     ask(eng, eng.chat_tokens([{"role": "user", "content": "warm up"}]), 2, empty)  # untimed
     rows = []
-    print(f"{args.model}: {args.turns} turns, {args.system}-token system prompt, {args.reply}-token replies")
+    print(
+        f"{args.model}{'-' + args.dtype if args.dtype else ''}: {args.turns} turns, {args.system}-token system prompt, {args.reply}-token replies"
+    )
     print(f"{'turn':>4} {'prompt':>7} {'cached':>7} {'TTFT off':>9} {'TTFT on':>9} {'ratio':>7}")
     for turn in range(args.turns):
         messages.append({"role": "user", "content": f"Question {turn + 1}: what happens next in the story?"})
