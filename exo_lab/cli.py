@@ -42,6 +42,7 @@ def _serve(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         max_batch=args.max_batch,
         max_queue=args.max_queue,
+        prefix_cache_bytes=None if args.prefix_cache_mb is None else int(args.prefix_cache_mb * 2**20),
     )
     _announce(server)
     register_server(server)  # the JupyterLab side panel finds it (exo_lab.cluster.coordinators)
@@ -464,6 +465,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="serve one model behind the OpenAI-compatible API")
     api_args(p, None)
+    p.add_argument(
+        "--prefix-cache-mb",
+        type=float,
+        metavar="MB",
+        help="KV caches of finished requests kept for prompts that start alike (default: 1024; 0: none)",
+    )
     p.set_defaults(func=_serve)
 
     p = sub.add_parser(

@@ -42,6 +42,7 @@ from exo_lab.cluster.instances import ClusterInstance
 from exo_lab.engine.backend import STATES, USAGE_HISTORY, Backend  # noqa: F401  (re-exported)
 from exo_lab.engine.generation import Chunk, Generation, TokenLogprob, Usage
 from exo_lab.engine.job import Job
+from exo_lab.engine.prefix_cache import DEFAULT_BYTES as PREFIX_CACHE_BYTES
 from exo_lab.models.store import resolve
 from exo_lab.placement.plan import Plan
 
@@ -77,8 +78,13 @@ class Instance(Backend):
         max_batch: int = 16,
         max_queue: int = 256,
         lease_s: float = LEASE_S,
+        prefix_cache_bytes: int = PREFIX_CACHE_BYTES,
     ) -> None:
         super().__init__(name or str(model), max_batch, max_queue)
+        if prefix_cache_bytes < 0:
+            raise ValueError(f"prefix_cache_bytes must be >= 0, got {prefix_cache_bytes}")
+        #: the bound of each rank's prefix cache of its own layers' KV caches, split by layers (0: none)
+        self.prefix_cache_bytes = prefix_cache_bytes
         self.lease_s = lease_s
         self._leased: set[tuple[str, str]] = set()  # (instance id, node) prepared and not deleted: renewed
         self.cluster = cluster
@@ -161,7 +167,11 @@ class Instance(Backend):
             holders = self._holders(nodes)
             for node in nodes:
                 per_rank = {
-                    str(r.rank): {"layers": list(r.layers), "dtype": None if r.dtype == plan.model_dtype else r.dtype}
+                    str(r.rank): {
+                        "layers": list(r.layers),
+                        "dtype": None if r.dtype == plan.model_dtype else r.dtype,
+                        "prefix_cache_bytes": _rank_share(self.prefix_cache_bytes, r.layers, _num_layers(plan)),
+                    }
                     for r in plan.ranks
                     if r.node_id == node
                 }
@@ -675,6 +685,11 @@ def _logprobs(item: dict[str, Any]) -> tuple[TokenLogprob, ...]:
         TokenLogprob(int(t), text, float(lp), tuple((int(i), s, float(v)) for i, s, v in top))
         for t, text, lp, top in item.get("logprobs") or ()
     )
+
+
+def _rank_share(total: int, layers: Any, num_layers: int) -> int:
+    """A rank's part of the instance's prefix cache bound: in proportion to its layers (0 stays 0: off)."""
+    return max(1, total * (layers[1] - layers[0]) // max(1, num_layers)) if total else 0
 
 
 def _num_layers(plan: Plan) -> int:

@@ -146,11 +146,13 @@ class Cluster(ClusterClient):
         wait: bool = True,
         max_batch: int = 16,
         max_queue: int = 256,
+        prefix_cache_bytes: int | None = None,
     ) -> Instance:
         """Launch ``model`` with ``plan`` (default: the best plan) and return the :class:`Instance`.
 
         Up to ``max_batch`` requests decode together on the ranks; ``max_queue`` more wait (beyond
-        that the API answers 429).
+        that the API answers 429). ``prefix_cache_bytes`` bounds the KV caches the ranks keep of
+        finished requests for reuse (split over the ranks by layers; default 1 GiB, 0: none).
         """
         if plan is None:
             plans = self.preview(model)
@@ -158,8 +160,16 @@ class Cluster(ClusterClient):
                 raise ClusterError(f"no plan fits {model}: {plans.infeasible[:1]}")
             plan = plans.best
         self.serve()  # the instance is served cluster-wide: any member's API forwards to this one
+        extra = {} if prefix_cache_bytes is None else {"prefix_cache_bytes": prefix_cache_bytes}
         inst = Instance(
-            self, str(model), plan, name=name, auto_replace=auto_replace, max_batch=max_batch, max_queue=max_queue
+            self,
+            str(model),
+            plan,
+            name=name,
+            auto_replace=auto_replace,
+            max_batch=max_batch,
+            max_queue=max_queue,
+            **extra,
         )
         self.instances.append(inst)
         assert self.control is not None

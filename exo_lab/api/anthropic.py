@@ -155,12 +155,14 @@ def stop_reason(finish: str | None, stop_sequence: str | None, tool_use: bool = 
 
 
 def anthropic_usage(usage: Usage | None, output: bool = True) -> dict[str, Any]:
+    """Messages usage: ``input_tokens`` are the prompt tokens prefilled, ``cache_read_input_tokens`` those whose
+    KV cache was reused (their sum is the prompt, as Anthropic counts)."""
     u = usage or Usage()
     return {
-        "input_tokens": u.prompt_tokens,
+        "input_tokens": u.prompt_tokens - u.cached_tokens,
         "output_tokens": u.completion_tokens if output else 0,
         "cache_creation_input_tokens": 0,
-        "cache_read_input_tokens": 0,
+        "cache_read_input_tokens": u.cached_tokens,
     }
 
 

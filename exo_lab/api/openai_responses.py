@@ -124,7 +124,7 @@ def responses_usage(usage: Usage | None, reasoning_tokens: int = 0) -> dict[str,
     u = usage or Usage()
     return {
         "input_tokens": u.prompt_tokens,
-        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "input_tokens_details": {"cached_tokens": u.cached_tokens, "cache_write_tokens": 0},
         "output_tokens": u.completion_tokens,
         "output_tokens_details": {"reasoning_tokens": reasoning_tokens},
         "total_tokens": u.total_tokens,

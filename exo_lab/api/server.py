@@ -213,13 +213,15 @@ def serve(
     api_key: str | None = None,
     max_batch: int = 16,
     max_queue: int = 256,
+    prefix_cache_bytes: int | None = None,
 ) -> Server:
     """Serve ``model`` (a name, a path, or an Engine) and return the running Server.
 
     Returns at once; the server runs on its own thread until ``server.stop()``.
     With a ``cluster``, ``GET /instance/previews`` plans on its topology. ``max_batch`` and
     ``max_queue`` size the Engine made for a model given by name (requests decoding together,
-    and waiting; beyond both the API answers 429).
+    and waiting; beyond both the API answers 429); ``prefix_cache_bytes`` bounds its cache of finished
+    requests' KV caches, reused for prompts that start alike (default 1 GiB; 0: none).
     With ``api_key`` (default: ``$EXO_LAB_API_KEY``), every endpoint but
     ``/health`` and ``GET /`` needs ``Authorization: Bearer KEY`` or ``x-api-key: KEY``.
     """
@@ -232,7 +234,8 @@ def serve(
     owned = None
     if isinstance(model, (str, Path)):
         model_name = name or default_name(model)
-        owned = backend = Engine(model, name=model_name, max_batch=max_batch, max_queue=max_queue)
+        extra = {} if prefix_cache_bytes is None else {"prefix_cache_bytes": prefix_cache_bytes}
+        owned = backend = Engine(model, name=model_name, max_batch=max_batch, max_queue=max_queue, **extra)
     else:
         backend = model
         model_name = name or backend.name

@@ -54,6 +54,8 @@ class Usage:
     prompt_tps: float = 0.0
     generation_tps: float = 0.0
     total_s: float = 0.0
+    #: prompt tokens whose KV cache was reused from an earlier request (part of ``prompt_tokens``)
+    cached_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:

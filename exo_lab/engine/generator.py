@@ -9,7 +9,9 @@ decode together; up to ``max_queue`` more wait; beyond that ``submit``
 raises :class:`EngineBusy`. Each request returns a :class:`Generation`
 handle that can be iterated synchronously or asynchronously and cancelled
 from any thread (effective within one token). Greedy output is the same
-alone or batched.
+alone or batched. Finished requests leave their KV caches in a prefix cache
+(:mod:`exo_lab.engine.prefix_cache`, ``prefix_cache_bytes``, 0 for none): a
+prompt that starts like an earlier request's tokens prefills only the rest.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from exo_lab.engine.generation import (  # noqa: F401  (re-exported: the request
     TokenLogprob,
     Usage,
 )
+from exo_lab.engine.prefix_cache import DEFAULT_BYTES, PrefixCache
 from exo_lab.engine.sampling import make_penalties, make_sampler
 from exo_lab.engine.stopping import StopMatcher
 
@@ -95,6 +98,7 @@ class _Active:
     guard: _Guard
     first: float = 0.0
     n: int = 0
+    key: int = 0  # its prefix cache key
 
 
 class Engine(Backend):
@@ -108,11 +112,21 @@ class Engine(Backend):
     #: the model's config.json
     config: dict[str, Any]
 
-    def __init__(self, model: str | Path, name: str | None = None, max_batch: int = 16, max_queue: int = 256) -> None:
+    def __init__(
+        self,
+        model: str | Path,
+        name: str | None = None,
+        max_batch: int = 16,
+        max_queue: int = 256,
+        prefix_cache_bytes: int = DEFAULT_BYTES,
+    ) -> None:
         from exo_lab.models import resolve
 
         super().__init__(name or str(model), max_batch, max_queue)
         self.path = resolve(model)
+        #: KV caches of finished requests, reused for a new prompt's longest common prefix (engine thread only)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
+        self._keys = 0
         #: decode steps taken, tokens they produced, and the most sequences one step decoded
         self._stats = {"decode_steps": 0, "decode_tokens": 0, "peak_batch": 0}
         self._closing = False
@@ -167,6 +181,10 @@ class Engine(Backend):
             self.context_length = config.get("max_position_embeddings")
             self.eos_ids = set(self.tokenizer.eos_token_ids)
             self.mlx_stream = mx.new_stream(mx.default_device())
+            if self.prefix_cache.enabled:
+                from mlx_lm.models.cache import make_prompt_cache
+
+                self.prefix_cache.check(make_prompt_cache(self.model))
         except BaseException as exc:  # reported to the constructor's caller
             self._load_error = exc
             self._loaded.set()
@@ -232,26 +250,51 @@ class Engine(Backend):
             constraint = SchemaConstraint(req.grammar, vocab, req.max_tokens)
             processors, sampler = [*processors, constraint], constraint.sampler(sampler)
         guard = _Guard()
+        prompt = list(req.prompt_tokens)
+        hit = self.prefix_cache.lookup(prompt)
+        layers = self.prefix_cache.take(hit, prompt) if hit is not None else None
+        cached = hit.tokens if hit is not None and layers is not None else 0
+        self.prefix_cache.count(cached)
         (uid,) = self._batch.insert(
-            [list(req.prompt_tokens)],
+            [prompt[cached:]],
             max_tokens=[req.max_tokens],
+            caches=[layers] if layers is not None else None,
+            all_tokens=[prompt[:cached]],  # the tokens the cache holds: they and the rest are the context
             samplers=[guard.sampler(sampler)],
             logits_processors=[[guard.processor(p) for p in processors]],
         )
+        self._keys += 1
         active[uid] = _Active(
             gen,
             uid,
             self.tokenizer.detokenizer,
             StopMatcher(req.stop),
-            Usage(prompt_tokens=len(req.prompt_tokens)),
+            Usage(prompt_tokens=len(prompt), cached_tokens=cached),
             time.perf_counter(),
             guard,
+            key=self._keys,
         )
+
+    def _remove(self, a: _Active) -> None:
+        """Take ``a`` out of the batch, keeping its KV cache in the prefix cache."""
+        if not self.prefix_cache.enabled:
+            self._batch.remove([a.uid])
+            return
+        got = self._batch.remove([a.uid], return_prompt_caches=True).get(a.uid)
+        if got is not None:
+            self._remember(a, *got)
+
+    def _remember(self, a: _Active, layers: Any, tokens: Any) -> None:
+        if layers is not None and tokens is not None and a.guard.error is None:
+            try:
+                self.prefix_cache.store(a.key, list(tokens), layers)
+            except Exception:  # a cache that cannot be kept costs the next request time, nothing more
+                log.exception("keeping the KV cache of %s failed", a.gen.request.id)
 
     def _step(self, active: dict[int, _Active]) -> None:
         """One decode step for the whole batch (joining prompts are prefilled as part of it)."""
         for uid in [u for u, a in active.items() if a.gen.cancelled]:
-            self._batch.remove([uid])
+            self._remove(active[uid])
             self._complete(active.pop(uid), "cancelled")
         if not active:
             return
@@ -293,7 +336,9 @@ class Engine(Backend):
                 finish = "length"  # the batch stopped it at max_tokens
             if finish is not None:
                 if r.finish_reason is None:
-                    self._batch.remove([r.uid])
+                    self._remove(a)
+                elif self.prefix_cache.enabled:  # the batch dropped it and handed back its cache
+                    self._remember(a, r.prompt_cache, r.all_tokens)
                 self._complete(active.pop(r.uid), finish)
         for a in [a for a in active.values() if a.guard.error is not None]:  # failed alone: the others go on
             self._batch.remove([a.uid])
@@ -366,6 +411,7 @@ class Engine(Backend):
         a parked daemon thread does not, so the worker never returns.
         """
         self.model = None
+        self.prefix_cache.clear()
         mx.synchronize()
         mx.clear_cache()
         self._closed.set()

@@ -190,11 +190,14 @@ class Lockstep:
             return out
         return out
 
-    def prefill(self, prompt: list[int]) -> list:
-        """Run all but the last prompt token through this stage; the sequence's per-layer KV cache."""
-        cache = self.shard.make_cache()
+    def prefill(self, prompt: list[int], cache: list | None = None, start: int = 0) -> list:
+        """Run all but the last prompt token through this stage; the sequence's per-layer KV cache.
+
+        ``cache`` (holding the first ``start`` tokens, from the prefix cache) is extended instead of a fresh one.
+        """
+        cache = self.shard.make_cache() if cache is None else cache
         tokens = mx.array(prompt, mx.int32)
-        pos, total = 0, len(prompt)
+        pos, total = start, len(prompt)
         while total - pos > 1:  # the same chunking as mlx_lm's generate_step
             n = min(self.prefill_step_size, total - pos - 1)
             out = self._forward(tokens[pos : pos + n][None], cache, logits=False)

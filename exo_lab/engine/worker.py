@@ -56,6 +56,7 @@ from exo_lab.engine.guided import SchemaConstraint, vocabulary
 from exo_lab.engine.job import Job, JobError
 from exo_lab.engine.lockstep import FAILED, Batch, Layout, Lockstep, describe
 from exo_lab.engine.pairs import Exchange
+from exo_lab.engine.prefix_cache import PrefixCache, agree, row_caches
 from exo_lab.engine.sampling import SamplingParams, make_penalties, make_sampler
 from exo_lab.engine.shard import ShardSpec, load_shard, tensor_names
 from exo_lab.engine.stopping import StopMatcher
@@ -109,6 +110,8 @@ class _Row:
     ended: bool = False
     detok: Any = None
     stopper: Any = None
+    cached: int = 0  # prompt tokens reused from the prefix cache
+    tokens: list[int] = field(default_factory=list)  # the tokens it generated (every rank)
 
 
 class Worker:
@@ -139,6 +142,8 @@ class Worker:
         )
         self.guide = None  # the llguidance vocabulary, on the rank that samples (constrained output)
         self.failure_read = threading.Event()  # someone read the status after the setup failed
+        #: this rank's layers' KV caches of finished jobs, keyed by job seq (rank 0 decides hits: prefix_cache.agree)
+        self.prefix_cache = PrefixCache(int(config.get("prefix_cache_bytes") or 0))
 
     def status(self) -> dict[str, Any]:
         return {
@@ -152,6 +157,7 @@ class Worker:
             **self.stats,
             "fetched_bytes": getattr(self, "fetched_bytes", 0),
             "fetch_progress": getattr(self, "fetch_progress", None),
+            "prefix_cache": self.prefix_cache.summary(),
         }
 
     def enqueue(self, job: QueuedJob) -> QueuedJob:
@@ -220,7 +226,7 @@ class Worker:
         errors = ls.share_errors(failed) if failed else {}  # every rank sees the same FAILED tokens
         logprobs = ls.share_logprobs(batch, tokens_all)
         batch.inputs = tokens_all
-        keep = []
+        keep, errored = [], set(errors)
         for i, (row, token, flag, lp) in enumerate(zip(rows, tokens_all, flags, logprobs)):
             if i in errors:  # its sampling failed on the rank that samples: this job alone ends, on every rank
                 log.warning("job %d failed: %s", row.job.seq, errors[i])
@@ -229,6 +235,8 @@ class Worker:
                 self._end(row, "cancelled")
             elif self._accept(row, token, lp):
                 keep.append(i)
+        if self.prefix_cache.enabled:
+            self._remember(batch, rows, set(keep) | errored)
         batch.keep(keep)
         log.debug("step of %d rows: %.3f s", len(rows), time.perf_counter() - t)
         self.stats["decode_steps"] += 1
@@ -285,8 +293,11 @@ class Worker:
         except Exception as exc:
             log.exception("job %d cannot be sampled", queued.seq)
             error = describe(exc)
+        cache, row.cached = None, 0
+        if self.prefix_cache.enabled:  # every rank, in admission order: all reuse rank 0's choice or none does
+            cache, row.cached = agree(self.prefix_cache, prompt, self.rank, self.group)
         batch.add(
-            self.lockstep.prefill(prompt),
+            self.lockstep.prefill(prompt, cache, row.cached),
             prompt[-1],
             sampler,
             params.greedy,
@@ -297,9 +308,27 @@ class Worker:
         )
         return row
 
+    def _remember(self, batch, rows: list[_Row], staying: set[int]) -> None:
+        """Keep the KV caches of the rows that ended this step (not with an error) in the prefix cache.
+
+        A row's cache holds its prompt and the tokens fed back so far, the first ``offset`` of prompt + generated.
+        """
+        for i, row in enumerate(rows):
+            if i in staying or row.job.job is None:
+                continue
+            try:
+                layers = row_caches(batch.cache or [], i)
+                held = list(row.job.job.prompt) + row.tokens
+                n = int(layers[0].offset) if layers else 0
+                if 0 < n <= len(held):
+                    self.prefix_cache.store(row.job.seq, held[:n], layers)
+            except Exception:  # a cache that cannot be kept costs the next request time, nothing more
+                log.exception("keeping the KV cache of job %d failed", row.job.seq)
+
     def _accept(self, row: _Row, token: int, logprob: tuple[float, list[tuple[int, float]]] | None = None) -> bool:
         """Take ``row``'s new token (rank 0 streams it); False when the row ends with it."""
         row.n += 1
+        row.tokens.append(token)
         if row.n == 1:
             row.first = time.perf_counter()
         if token in self.eos and not row.ignore_eos:  # every rank knows the EOS ids: ends at once everywhere
@@ -367,6 +396,7 @@ class Worker:
             "prompt_tps": row.prompt_tokens / (first - row.start) if first > row.start else 0.0,
             "generation_tps": (n - 1) / (end - first) if n > 1 and end > first else 0.0,
             "total_s": end - job.arrived,
+            "cached_tokens": row.cached,
         }
         job.done = True
         final: dict[str, Any] = {"text": "", "finish_reason": finish, "usage": usage}
@@ -420,6 +450,11 @@ class Worker:
         )
         if samples:
             self.guide = vocabulary(self.tokenizer, int(config["vocab_size"]))
+        if self.prefix_cache.enabled:  # on every rank or none (its bytes are the instance's): off if any rank's is
+            self.prefix_cache.check(self.shard.make_cache())
+            off = mx.distributed.all_sum(mx.array([0 if self.prefix_cache.enabled else 1], mx.int32), group=self.group)
+            if int(off.item()) and self.prefix_cache.enabled:  # type: ignore[arg-type]
+                self.prefix_cache.disabled = "another rank's layers cannot be cut to a prefix"
         self.state = "warming"
         list(self.lockstep.generate([1, 2], 2, make_sampler(SamplingParams()), lambda: False, greedy=True))
         mx.synchronize()

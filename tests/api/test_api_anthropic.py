@@ -30,6 +30,11 @@ def create(client, **kw):
     return client.messages.create(**kw)
 
 
+def prompt_of(usage) -> int:
+    """The prompt's tokens: those prefilled and those read from the prefix cache (Anthropic counts them apart)."""
+    return usage.input_tokens + (usage.cache_read_input_tokens or 0)
+
+
 def test_models_list_and_retrieve(client):
     page = client.models.list()
     assert [m.id for m in page.data] == ["tiny"]
@@ -63,7 +68,7 @@ def test_system_string_and_blocks_are_the_same_prompt(client):
     m1 = create(client, system="Be brief.")
     m2 = create(client, system=[{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}])
     assert m1.content[0].text == m2.content[0].text
-    assert m1.usage.input_tokens == a.input_tokens
+    assert prompt_of(m1.usage) == a.input_tokens
 
 
 def test_content_blocks_equal_string_content(client):
@@ -75,7 +80,7 @@ def test_content_blocks_equal_string_content(client):
 
 def test_count_tokens_matches_usage(client):
     counted = client.messages.count_tokens(model="tiny", messages=MSGS)
-    assert counted.input_tokens == create(client, max_tokens=2).usage.input_tokens
+    assert counted.input_tokens == prompt_of(create(client, max_tokens=2).usage)
 
 
 def test_streaming_event_sequence_and_same_text(client, server):
@@ -98,7 +103,7 @@ def test_streaming_event_sequence_and_same_text(client, server):
     assert (
         start["content"] == []
         and start["stop_reason"] is None
-        and start["usage"]["input_tokens"] == full.usage.input_tokens
+        and start["usage"]["input_tokens"] == prompt_of(full.usage)
     )
     delta = events[-2][1]
     assert delta["delta"] == {"stop_reason": "max_tokens", "stop_sequence": None}
@@ -114,7 +119,7 @@ def test_streaming_with_the_client(client):
         final = stream.get_final_message()
     assert text == full.content[0].text == final.content[0].text
     assert final.stop_reason == "max_tokens" and final.usage.output_tokens == 20
-    assert final.usage.input_tokens == full.usage.input_tokens
+    assert prompt_of(final.usage) == prompt_of(full.usage)
 
 
 def test_stop_sequences(client):
@@ -200,7 +205,7 @@ def test_tool_round_trip_and_counting(client):
     m = create(client, messages=history, tools=[WEATHER], max_tokens=8)
     assert m.usage.output_tokens <= 8 and m.stop_reason in ("max_tokens", "end_turn", "tool_use")
     with_tools = client.messages.count_tokens(model="tiny", messages=history, tools=[WEATHER]).input_tokens
-    assert with_tools == m.usage.input_tokens
+    assert with_tools == prompt_of(m.usage)
     assert with_tools > client.messages.count_tokens(model="tiny", messages=history).input_tokens
     err_result = [
         {

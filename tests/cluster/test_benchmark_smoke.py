@@ -46,3 +46,16 @@ def test_concurrency_benchmark_smoke(tmp_path: Path, where: list[str]) -> None:
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
     assert re.search(r"^ratio 3 streams / 1 stream = \d+\.\d+x", proc.stdout, re.M), proc.stdout
     assert ("distributed instance (pipeline" in proc.stdout) == bool(where)
+
+
+@pytest.mark.slow
+def test_prefix_cache_benchmark_smoke(tmp_path: Path) -> None:
+    script = SCRIPT.parent / "prefix_cache.py"
+    env = {**os.environ, "EXO_LAB_MODELS_DIR": str(tmp_path / "models")}
+    args = ["--model", "synthetic:tiny", "--turns", "2", "--system", "128", "--reply", "4"]
+    proc = subprocess.run(
+        [sys.executable, str(script), *args], env=env, capture_output=True, text=True, timeout=240, check=False
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    assert re.search(r"^ +2 +\d+ +[1-9]\d* .* \d+\.\dx$", proc.stdout, re.M), proc.stdout  # turn 2 hit the cache
+    assert re.search(r"^TTFT off/on from turn 2: geometric mean \d+\.\dx", proc.stdout, re.M), proc.stdout

@@ -12,7 +12,7 @@ from tests.helpers.net import free_port, wait_http
 class ServerProcess:
     """``exo-lab serve`` in a subprocess."""
 
-    def __init__(self, model: Path, name: str = "tiny") -> None:
+    def __init__(self, model: Path, name: str = "tiny", extra: tuple[str, ...] = ()) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.name = name
@@ -28,6 +28,7 @@ class ServerProcess:
                 name,
                 "--port",
                 str(self.port),
+                *extra,
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
