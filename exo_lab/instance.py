@@ -410,7 +410,9 @@ class Instance(Backend):
         try:
             if alive is None:
                 raise LaunchError("the cluster could not be read")
-            plans = self.cluster.preview(self.path, context=self.plan.context, prompt_tokens=self.plan.prompt_tokens)
+            plans = self.cluster.preview(
+                self.path, context=self.plan.context, prompt_tokens=self.plan.prompt_tokens, lossy=self.plan.lossy
+            )
             candidates = [p for p in plans if not (set(p.nodes) & set(dead_nodes))]
             if not candidates:
                 raise LaunchError("the model fits on none of the nodes that remain")

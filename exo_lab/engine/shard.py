@@ -24,6 +24,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
 from exo_lab.engine.families import architecture, family, pair_split_problem, tensor_split_problem, tied_embeddings
+from exo_lab.models import formats, qmatmul
 from exo_lab.models.tensors import read_tensors
 
 log = logging.getLogger(__name__)
@@ -163,6 +164,28 @@ def _quantize(model: nn.Module, quant: dict, weights: dict[str, mx.array]) -> No
     )
 
 
+def convert(shard: nn.Module, fmt: str) -> None:
+    """Hold ``shard``'s (unquantized) weights in the weight format ``fmt`` (:mod:`exo_lab.models.formats`).
+
+    Float formats cast every floating parameter. ``q8``/``q4`` cast to fp32 first, then quantize
+    every linear and embedding whose rows hold whole groups (``mx.quantize``, group 64: fp32
+    scales and biases, so activations stay fp32), computing on every core
+    (:mod:`exo_lab.models.qmatmul`); norms stay fp32.
+    """
+    f = formats.get(fmt)
+    target = getattr(mx, f.activations if f.quantized else f.name)
+    shard.update(tree_map(lambda a: a.astype(target) if mx.issubdtype(a.dtype, mx.floating) else a, shard.parameters()))
+    if f.bits is None:
+        return
+
+    def predicate(_path: str, module: nn.Module) -> bool:
+        weight = getattr(module, "weight", None)
+        return hasattr(module, "to_quantized") and weight is not None and weight.shape[-1] % formats.GROUP_SIZE == 0
+
+    nn.quantize(shard, group_size=formats.GROUP_SIZE, bits=f.bits, class_predicate=predicate)
+    qmatmul.use_cores(shard)
+
+
 def load_shard(
     model_dir: str | Path,
     spec: ShardSpec,
@@ -220,10 +243,7 @@ def load_shard(
         shard_pair(model.model.layers[spec.start : spec.end], pair[0], pair[1])
     shard = Shard(model, spec)
     if spec.dtype and not quant:
-        target = getattr(mx, spec.dtype)
-        shard.update(
-            tree_map(lambda a: a.astype(target) if mx.issubdtype(a.dtype, mx.floating) else a, shard.parameters())
-        )
+        convert(shard, spec.dtype)
     mx.eval(shard.parameters())
     log.info(
         "shard [%d, %d) of %d layers: %.1f MB",

@@ -59,7 +59,7 @@ from exo_lab.engine.pairs import Exchange
 from exo_lab.engine.sampling import SamplingParams, make_sampler
 from exo_lab.engine.shard import ShardSpec, load_shard, tensor_names
 from exo_lab.engine.stopping import StopMatcher
-from exo_lab.models import partial
+from exo_lab.models import formats, partial
 
 log = logging.getLogger("exo_lab.engine.worker")
 
@@ -380,7 +380,8 @@ class Worker:
             )
             if self.rank == 0 or samples:
                 self.tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
-        act = getattr(mx, cfg.get("dtype") or config.get("torch_dtype") or "bfloat16")
+        # hidden states travel in the activation dtype of the rank's weight format (q8/q4: fp32)
+        act = getattr(mx, formats.activation_dtype(cfg.get("dtype") or config.get("torch_dtype") or "bfloat16"))
         self.lockstep = Lockstep(
             self.shard, self.group, layout, config["hidden_size"], act, cfg.get("prefill_step_size", 2048)
         )
