@@ -38,6 +38,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import exo_lab  # noqa: F401  (first: it preloads OpenBLAS before mlx is imported)
+
 # isort: split
 
 import mlx.core as mx
