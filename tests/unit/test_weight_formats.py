@@ -20,6 +20,7 @@ from exo_lab.placement import plan
 from exo_lab.placement.predict import CostContext
 
 GB = 2**30
+LAYERS = synthetic.PRESETS["tiny"].config["num_hidden_layers"]
 
 
 def test_format_table():
@@ -62,7 +63,7 @@ def _logits(shard, prompt: list[int]) -> mx.array:
 
 
 def test_shard_loads_in_every_format_and_stays_close(tiny):
-    spec = lambda fmt: ShardSpec(0, 2, 2, fmt)  # noqa: E731  (tiny: 2 layers)
+    spec = lambda fmt: ShardSpec(0, LAYERS, LAYERS, fmt)  # noqa: E731
     prompt = [(i * 37) % 500 + 5 for i in range(24)]
     ref, _ = load_shard(tiny, spec(None))
     want = _logits(ref, prompt)
@@ -81,9 +82,10 @@ def test_shard_loads_in_every_format_and_stays_close(tiny):
         got = _logits(shard, prompt)
         agree = (mx.argmax(got, -1) == mx.argmax(want, -1)).mean().item()
         cos = ((got * want).sum(-1) / (mx.linalg.norm(got, axis=-1) * mx.linalg.norm(want, axis=-1))).min().item()
-        # measured: bf16 0.96 / 0.996, fp16 1.0 / 0.99995, q8 0.875 / 0.985 (top-1 agreement / worst cosine)
-        assert agree >= {"q8": 0.75}.get(fmt, 0.9), (fmt, agree)
-        assert cos >= {"q8": 0.97, "float32": 0.99999}.get(fmt, 0.99), (fmt, cos)
+        # measured on the 4-layer tiny model (top-1 agreement / worst cosine of 24 positions' logits):
+        # bf16 0.83 / 0.992, fp16 1.0 / 0.9998, q8 0.83 / 0.975; random weights amplify every rounding
+        floor = {"float32": (1.0, 0.99999), "bfloat16": (0.7, 0.98), "float16": (0.95, 0.999), "q8": (0.7, 0.95)}
+        assert agree >= floor[fmt][0] and cos >= floor[fmt][1], (fmt, agree, cos)
 
 
 @pytest.mark.parametrize("bits", [4, 8])
@@ -91,8 +93,8 @@ def test_quantized_format_is_mlx_lm_quantization_and_generates(tiny, tmp_path, b
     """A shard loaded from fp32 in q4/q8 holds the weights ``mlx_lm`` quantization of the same fp32
     checkpoint holds, and decodes the same greedy tokens (M=1: bit-identical matmuls)."""
     stored = synthetic.create(tmp_path / f"q{bits}", "tiny", dtype="float32", quantize=bits)
-    mine, _ = load_shard(tiny, ShardSpec(0, 2, 2, f"q{bits}"))
-    theirs, _ = load_shard(stored, ShardSpec(0, 2, 2, None))
+    mine, _ = load_shard(tiny, ShardSpec(0, LAYERS, LAYERS, f"q{bits}"))
+    theirs, _ = load_shard(stored, ShardSpec(0, LAYERS, LAYERS, None))
     assert mx.array_equal(mine.layers[0].mlp.up_proj["weight"], theirs.layers[0].mlp.up_proj["weight"]).item()
     assert mx.array_equal(mine.layers[1].self_attn.q_proj["scales"], theirs.layers[1].self_attn.q_proj["scales"]).item()
 
