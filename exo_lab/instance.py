@@ -40,6 +40,7 @@ from exo_lab.cluster.http import LineStream, RequestError, SignedClient
 from exo_lab.engine.backend import STATES, USAGE_HISTORY, Backend  # noqa: F401  (re-exported)
 from exo_lab.engine.generation import Chunk, Generation, TokenLogprob, Usage
 from exo_lab.engine.job import Job
+from exo_lab.models import formats
 from exo_lab.models.store import resolve
 from exo_lab.placement.plan import Plan
 
@@ -150,6 +151,8 @@ class Instance(Backend):
                 "backend": plan.backend,
                 "max_batch": self.max_batch,
                 "eos_token_ids": sorted(self.tokenizer.eos_token_ids),
+                # what each rank's hidden states are in: a stage receives in its previous stage's dtype
+                "act_dtypes": {str(r.rank): formats.activation_dtype_of(r.dtype) for r in plan.ranks},
             }
             holders = self._holders(nodes)
             for node in nodes:

@@ -104,6 +104,8 @@ class Shard(nn.Module):
         self.lm_head = model["lm_head"] if (spec.last and not self.tied) else None
         self._embed_scale = partial(self.family.embed_scale, model) if self.family.embed_scale else None
         self._make_cache = partial(_stage_caches, model, spec.start, spec.end)
+        #: hidden states from a previous stage are cast to this (its weight format's activations; None: as they come)
+        self.input_dtype: mx.Dtype | None = None
 
     def hidden(self, x: mx.array, cache: list) -> mx.array:
         """This stage's layers over tokens (first stage) or hidden states: the hidden states after them."""
@@ -113,7 +115,7 @@ class Shard(nn.Module):
             if self._embed_scale is not None:
                 h = self._embed_scale(h)
         else:
-            h = x
+            h = x if self.input_dtype is None or x.dtype == self.input_dtype else x.astype(self.input_dtype)
         masks: dict[str, Any] = {}
         for layer, c, kind in zip(self.layers, cache, self.kinds):
             if kind not in masks:  # from the stage's first layer of this kind, before it runs
@@ -174,6 +176,8 @@ def convert(shard: nn.Module, fmt: str) -> None:
     """
     f = formats.get(fmt)
     target = getattr(mx, f.activations if f.quantized else f.name)
+    if isinstance(shard, Shard):
+        shard.input_dtype = getattr(mx, f.activations)
     shard.update(tree_map(lambda a: a.astype(target) if mx.issubdtype(a.dtype, mx.floating) else a, shard.parameters()))
     if f.bits is None:
         return

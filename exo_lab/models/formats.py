@@ -77,6 +77,11 @@ def activation_dtype(name: str) -> str:
     return get(name).activations
 
 
+def activation_dtype_of(dtype: str) -> str:
+    """:func:`activation_dtype` of a format, or ``dtype`` itself when it names none (a stored dtype)."""
+    return FORMATS[dtype].activations if dtype in FORMATS else dtype
+
+
 def exact_formats(stored: str) -> list[str]:
     """Formats whose weights equal the checkpoint's (dtype ``stored``): the stored dtype and fp32."""
     return [stored] if stored == "float32" else [stored, "float32"]

@@ -113,10 +113,13 @@ def _evaluate(ctx: CostContext, stages: list[Stage], native: bool, split: str = 
             dtypes[n], reasons[n] = card.dtype, "the model's dtype (fits where a faster one may not)"
         else:
             dtypes[n], reasons[n] = ctx.fastest_dtype(n)
-    if len({formats.activation_dtype(d) for d in dtypes.values() if d in formats.FORMATS}) > 1:
-        # hidden states cross stages in one dtype: fp32 everywhere, each node in its fastest fp32-activation format
-        for n in used:
-            dtypes[n], reasons[n] = ctx.fastest_dtype(n, activations="float32")
+    for s in stages:  # a tensor group sums partial results: its ranks compute with one activation dtype
+        if (
+            len({formats.activation_dtype(dtypes[n]) if dtypes[n] in formats.FORMATS else dtypes[n] for n in s.nodes})
+            > 1
+        ):
+            for n in s.nodes:
+                dtypes[n], reasons[n] = ctx.fastest_dtype(n, activations="float32")
 
     # memory: fixed bytes per node (overhead, embedding, head), then bytes per layer
     first, last = stages[0], stages[-1]
