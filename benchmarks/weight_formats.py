@@ -365,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             gc.collect()
             mx.clear_cache()
     bandwidths = [profile.measure_bandwidth(1.0) for _ in range(3)]
+    print(f"memory bandwidth before: {', '.join(f'{b:.1f}' for b in bandwidths)} GB/s", flush=True)
     runs: list[Run] = []
     for rep in range(args.repeat):
         order = fmts if rep % 2 == 0 else fmts[::-1]
@@ -376,8 +377,11 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     r = llama_cpp_run(ggufs[f], f, args.pp, args.tg, int(config["vocab_size"]), os.cpu_count() or 1)
                 runs.append(r)
+                per_token = r.weight_bytes + r.kv_bytes
                 print(
-                    f"  [{rep}] {engine:9s} {f:9s} decode {r.decode_tps:7.2f} tok/s  prefill {r.prefill_tps:7.1f} tok/s",
+                    f"  [{rep}] {engine:9s} {f:9s} decode {r.decode_tps:7.2f} tok/s  prefill {r.prefill_tps:7.1f} tok/s"
+                    f"  {per_token / 1e6:6.0f} MB/token  {r.decode_tps * per_token / 1e9:5.2f} GB/s read"
+                    f"  {r.decode_tps * per_token / 1e9 / max(bandwidths):.2f} of the bandwidth so far",
                     flush=True,
                 )
     bandwidths += [profile.measure_bandwidth(1.0) for _ in range(3)]
