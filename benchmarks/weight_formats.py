@@ -289,7 +289,9 @@ def report(runs: list[Run], fmts: list[str], bandwidth: float, llama_note: str |
     base_dec = _median(base, "decode_tps") if base else 0.0
     base_pre = _median(base, "prefill_tps") if base else 0.0
     rows = []
-    print(f"\nmemory bandwidth (best run, mx.sum over 1 and {os.cpu_count()} CPU streams): {bandwidth:.1f} GB/s")
+    print(
+        f"\nmemory bandwidth (best of mx.sum on 1 and {os.cpu_count()} CPU streams and an fp32 GEMV): {bandwidth:.1f} GB/s"
+    )
     head = (
         f"{'format':9s} {'decode tok/s':>12s} {'MB/token':>9s} {'limit tok/s':>11s} {'of limit':>8s} "
         f"{'prefill tok/s':>13s} {'dec/fp32':>8s} {'pre/fp32':>8s} {'llama.cpp dec':>13s} {'pre':>7s} "
