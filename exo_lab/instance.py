@@ -43,6 +43,7 @@ from exo_lab.engine.backend import STATES, USAGE_HISTORY, Backend  # noqa: F401 
 from exo_lab.engine.generation import Chunk, Generation, TokenLogprob, Usage
 from exo_lab.engine.job import Job
 from exo_lab.engine.prefix_cache import DEFAULT_BYTES as PREFIX_CACHE_BYTES
+from exo_lab.models import formats
 from exo_lab.models.store import resolve
 from exo_lab.placement.plan import Plan
 
@@ -163,6 +164,8 @@ class Instance(Backend):
                 "backend": plan.backend,
                 "max_batch": self.max_batch,
                 "eos_token_ids": sorted(self.tokenizer.eos_token_ids),
+                # what each rank's hidden states are in: a stage receives in its previous stage's dtype
+                "act_dtypes": {str(r.rank): formats.activation_dtype_of(r.dtype) for r in plan.ranks},
             }
             holders = self._holders(nodes)
             for node in nodes:
@@ -455,7 +458,9 @@ class Instance(Backend):
         try:
             if alive is None:
                 raise LaunchError("the cluster could not be read")
-            plans = self.cluster.preview(self.path, context=self.plan.context, prompt_tokens=self.plan.prompt_tokens)
+            plans = self.cluster.preview(
+                self.path, context=self.plan.context, prompt_tokens=self.plan.prompt_tokens, lossy=self.plan.lossy
+            )
             candidates = [p for p in plans if not (set(p.nodes) & set(dead_nodes))]
             if not candidates:
                 raise LaunchError("the model fits on none of the nodes that remain")

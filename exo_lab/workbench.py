@@ -106,12 +106,15 @@ class Cluster(ClusterClient):
         objective: str = "decode",
         batch: int = 1,
         download: bool = True,
+        lossy: bool = False,
     ) -> Plans:
         """Ranked ways to run ``model`` on this cluster (see :func:`exo_lab.placement.plan`).
 
         ``download=False`` plans only for models on this machine, fetching and building nothing
-        (:func:`exo_lab.models.local.local_card`)."""
-        plans = preview(self._topology, model, context, prompt_tokens, batch, objective, download)
+        (:func:`exo_lab.models.local.local_card`). ``lossy=True`` lets nodes compute in weight
+        formats that change the generated tokens (q8, q4, downcasts) where they decode faster
+        (measured, :mod:`exo_lab.models.formats`); by default the weights stay exact."""
+        plans = preview(self._topology, model, context, prompt_tokens, batch, objective, download, lossy=lossy)
         plans.cluster = self
         for p in [*plans.plans, *plans.infeasible]:
             p._cluster = self
@@ -147,15 +150,17 @@ class Cluster(ClusterClient):
         max_batch: int = 16,
         max_queue: int = 256,
         prefix_cache_bytes: int | None = None,
+        lossy: bool = False,
     ) -> Instance:
         """Launch ``model`` with ``plan`` (default: the best plan) and return the :class:`Instance`.
 
         Up to ``max_batch`` requests decode together on the ranks; ``max_queue`` more wait (beyond
         that the API answers 429). ``prefix_cache_bytes`` bounds the KV caches the ranks keep of
-        finished requests for reuse (split over the ranks by layers; default 1 GiB, 0: none).
+        finished requests for reuse (split over the ranks by layers; default 1 GiB, 0: none). ``lossy``: the best
+        plan may use quantized formats (see :meth:`preview`).
         """
         if plan is None:
-            plans = self.preview(model)
+            plans = self.preview(model, lossy=lossy)
             if not plans.plans:
                 raise ClusterError(f"no plan fits {model}: {plans.infeasible[:1]}")
             plan = plans.best

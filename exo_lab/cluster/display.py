@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import html
+import time
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # topology.py renders itself with these functions
@@ -11,6 +12,12 @@ if TYPE_CHECKING:  # topology.py renders itself with these functions
 
 def _gb(n: int | float | None) -> str:
     return f"{(n or 0) / 1e9:.1f}"
+
+
+def measured_when(profile: dict) -> str:
+    """When a profile's memory bandwidth was measured (its best run), UTC, or ``-``."""
+    at = profile.get("memory_bandwidth_measured_at") or profile.get("measured_at")
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(float(at))) if at else "-"
 
 
 def node_rows(topo: Topology) -> list[list[str]]:
@@ -30,6 +37,7 @@ def node_rows(topo: Topology) -> list[list[str]]:
                 str(p.get("blas", "?")),
                 f"{gf.get('float32_m512', 0):.0f}",
                 f"{p.get('memory_bandwidth_gb_per_s', 0) or 0:.1f}",
+                measured_when(p),
             ]
         )
     return rows
@@ -46,6 +54,7 @@ NODE_HEADER = [
     "blas",
     "fp32 GFLOP/s",
     "mem GB/s",
+    "GB/s measured",
 ]
 
 

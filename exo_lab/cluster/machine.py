@@ -41,7 +41,11 @@ class DeviceProfile:
     matmul_shapes: dict[str, list[int]] = field(default_factory=dict)  # key -> [M, K, N] measured
     memory_read_gb_per_s_reduce: float = 0.0
     memory_read_gb_per_s_gemv: float = 0.0
-    memory_bandwidth_gb_per_s: float = 0.0
+    memory_bandwidth_gb_per_s: float = 0.0  # the best of every bandwidth run kept for this hardware
+    memory_read_gb_per_s_parallel: float = 0.0  # mx.sum split over one CPU stream per core
+    memory_bandwidth_measured_at: float = 0.0  # unix time of the run that gave memory_bandwidth_gb_per_s
+    memory_bandwidth_checked_at: float = 0.0  # unix time of the last bandwidth run (re-measures included)
+    memory_bandwidth_runs: int = 0  # bandwidth runs the best is taken over
     measured_at: float = 0.0  # unix time
     measure_seconds: float = 0.0
     cache_key: str = ""

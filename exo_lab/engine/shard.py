@@ -24,6 +24,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
 from exo_lab.engine.families import architecture, family, pair_split_problem, tensor_split_problem, tied_embeddings
+from exo_lab.models import formats, qmatmul
 from exo_lab.models.tensors import read_tensors
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,8 @@ class Shard(nn.Module):
         self.lm_head = model["lm_head"] if (spec.last and not self.tied) else None
         self._embed_scale = partial(self.family.embed_scale, model) if self.family.embed_scale else None
         self._make_cache = partial(_stage_caches, model, spec.start, spec.end)
+        #: hidden states from a previous stage are cast to this (its weight format's activations; None: as they come)
+        self.input_dtype: mx.Dtype | None = None
 
     def hidden(self, x: mx.array, cache: list) -> mx.array:
         """This stage's layers over tokens (first stage) or hidden states: the hidden states after them."""
@@ -112,7 +115,7 @@ class Shard(nn.Module):
             if self._embed_scale is not None:
                 h = self._embed_scale(h)
         else:
-            h = x
+            h = x if self.input_dtype is None or x.dtype == self.input_dtype else x.astype(self.input_dtype)
         masks: dict[str, Any] = {}
         for layer, c, kind in zip(self.layers, cache, self.kinds):
             if kind not in masks:  # from the stage's first layer of this kind, before it runs
@@ -161,6 +164,30 @@ def _quantize(model: nn.Module, quant: dict, weights: dict[str, mx.array]) -> No
         mode=quant.get("mode", "affine"),
         class_predicate=predicate,
     )
+
+
+def convert(shard: nn.Module, fmt: str) -> None:
+    """Hold ``shard``'s (unquantized) weights in the weight format ``fmt`` (:mod:`exo_lab.models.formats`).
+
+    Float formats cast every floating parameter. ``q8``/``q4`` cast to fp32 first, then quantize
+    every linear and embedding whose rows hold whole groups (``mx.quantize``, group 64: fp32
+    scales and biases, so activations stay fp32), computing on every core
+    (:mod:`exo_lab.models.qmatmul`); norms stay fp32.
+    """
+    f = formats.get(fmt)
+    target = getattr(mx, f.activations if f.quantized else f.name)
+    if isinstance(shard, Shard):
+        shard.input_dtype = getattr(mx, f.activations)
+    shard.update(tree_map(lambda a: a.astype(target) if mx.issubdtype(a.dtype, mx.floating) else a, shard.parameters()))
+    if f.bits is None:
+        return
+
+    def predicate(_path: str, module: nn.Module) -> bool:
+        weight = getattr(module, "weight", None)
+        return hasattr(module, "to_quantized") and weight is not None and weight.shape[-1] % formats.GROUP_SIZE == 0
+
+    nn.quantize(shard, group_size=formats.GROUP_SIZE, bits=f.bits, class_predicate=predicate)
+    qmatmul.use_cores(shard)
 
 
 def load_shard(
@@ -220,10 +247,7 @@ def load_shard(
         shard_pair(model.model.layers[spec.start : spec.end], pair[0], pair[1])
     shard = Shard(model, spec)
     if spec.dtype and not quant:
-        target = getattr(mx, spec.dtype)
-        shard.update(
-            tree_map(lambda a: a.astype(target) if mx.issubdtype(a.dtype, mx.floating) else a, shard.parameters())
-        )
+        convert(shard, spec.dtype)
     mx.eval(shard.parameters())
     log.info(
         "shard [%d, %d) of %d layers: %.1f MB",

@@ -60,7 +60,7 @@ from exo_lab.engine.prefix_cache import PrefixCache, agree, row_caches
 from exo_lab.engine.sampling import SamplingParams, make_penalties, make_sampler
 from exo_lab.engine.shard import ShardSpec, load_shard, tensor_names
 from exo_lab.engine.stopping import StopMatcher
-from exo_lab.models import partial
+from exo_lab.models import formats, partial
 
 log = logging.getLogger("exo_lab.engine.worker")
 
@@ -444,7 +444,11 @@ class Worker:
             )
             if self.rank == 0 or samples:
                 self.tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
-        act = getattr(mx, cfg.get("dtype") or config.get("torch_dtype") or "bfloat16")
+        # hidden states arrive in the activation dtype of the previous stage's weight format (q8/q4: fp32)
+        act_name = formats.activation_dtype_of(cfg.get("dtype") or config.get("torch_dtype") or "bfloat16")
+        if layout.stage > 0:
+            act_name = (cfg.get("act_dtypes") or {}).get(str(stages[layout.stage - 1][0]), act_name)
+        act = getattr(mx, act_name)
         self.lockstep = Lockstep(
             self.shard, self.group, layout, config["hidden_size"], act, cfg.get("prefill_step_size", 2048)
         )

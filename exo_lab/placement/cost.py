@@ -8,7 +8,9 @@ For a node ``n`` computing in dtype ``d``:
   profile's ``matmul_weight_read_gb_per_s[d_m1]``, else
   ``min(memory_bandwidth, GFLOP/s[d_m1] * bytes_per_weight / 2)``.
 - ``F_pre(n, d)``: GFLOP/s at prompt-like M = 512 (``matmul_gflops[d_m512]``).
-- ``q4`` models use the ``q4_*`` entries (quantized weights, fp32 activations).
+- ``d`` is a weight format (:mod:`exo_lab.models.formats`: float32, bfloat16, float16, q8, q4);
+  the profile measures each one (``<format>_m1``, ``<format>_m512``). Models stored quantized
+  use the ``q8_*`` entries at 8 bits, else the ``q4_*`` ones.
 
 Ranks that share a host share its cores and memory bandwidth. MLX's CPU
 backend runs one core per process; ``r`` ranks on a host with ``c`` cores run
@@ -63,6 +65,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from exo_lab.models import formats
 from exo_lab.models.card import ModelCard
 
 HOST_SCALING = 0.5
@@ -113,7 +116,11 @@ class NodeRates:
         )
 
     def kernel(self, dtype: str, quantized: bool) -> str:
-        return "q4" if quantized else dtype
+        """The profile's key prefix for computing in ``dtype`` (a weight format; ``quantized``: the
+        checkpoint's own quantization, measured as q4 unless ``dtype`` names q8)."""
+        if quantized:
+            return dtype if dtype in formats.QUANTIZED else "q4"
+        return dtype
 
     def decode_read_rate(self, dtype: str, quantized: bool, bytes_per_weight: float) -> float:
         """Weight bytes per second one process reads at decode (times the calibrated efficiency)."""
@@ -186,14 +193,17 @@ def calibrated_link(link: LinkCost, a: NodeRates | None, b: NodeRates | None) ->
 
 
 def bytes_per_weight(card: ModelCard, dtype: str) -> float:
+    """Bytes one weight takes computing in ``dtype`` (a weight format; a quantized checkpoint: its own)."""
     if card.quantization:
         bits, group = card.quantization.get("bits", 4), card.quantization.get("group_size", 64)
         return bits / 8 + 2 * DTYPE_BYTES.get(card.dtype, 2) / group
+    if dtype in formats.FORMATS:
+        return formats.get(dtype).bytes_per_weight()
     return DTYPE_BYTES.get(dtype, 2)
 
 
 def weight_scale(card: ModelCard, dtype: str) -> float:
-    """Bytes in ``dtype`` per stored byte (upcasting bf16 to fp32 doubles them)."""
+    """Bytes in ``dtype`` per stored byte (upcasting bf16 to fp32 doubles them, q4 of fp32 takes 0.16)."""
     if card.quantization:
         return 1.0
-    return DTYPE_BYTES.get(dtype, 2) / DTYPE_BYTES.get(card.dtype, 2)
+    return bytes_per_weight(card, dtype) / DTYPE_BYTES.get(card.dtype, 2)

@@ -64,6 +64,7 @@ class Plan:
     node_names: dict[str, str] = field(default_factory=dict)
     model_dtype: str = ""
     split: str = "whole"  # how layers were split: proportional, fastest (first), or whole (one stage)
+    lossy: bool = False  # planned with lossy weight formats allowed (q8, q4, downcasts): re-placement keeps it
     model_ref: str = ""  # how to find the model's files (path or name), for launching
     fetch_nodes: list[str] = field(default_factory=list)  # nodes that would first fetch their shard from a peer
     # not a field (so no annotation): the Cluster that previewed this plan (set by Cluster.preview),

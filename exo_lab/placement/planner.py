@@ -16,8 +16,8 @@ Candidates:
   divide, whole quantization groups, the family has a ``shard()``); a size it cannot split comes back
   once in ``Plans.infeasible`` with the reason.
 
-Each candidate is tried with every node in its fastest measured dtype and in
-the model's own dtype, and with two layer splits: in proportion to each
+Each candidate is tried with every node in its fastest measured weight format (with ``lossy``,
+q8, q4 and downcasts too) and in the model's own dtype, and with two layer splits: in proportion to each
 stage's decode speed under its memory cap (balanced stages: what a pipeline
 with several requests in flight needs), and fastest stages first up to their
 caps (least time for one stream, where stages run one after another). Candidates that cannot fit come back in
@@ -31,6 +31,7 @@ import itertools
 import math
 
 from exo_lab.cluster.topology import Topology
+from exo_lab.models import formats
 from exo_lab.models.card import ModelCard
 from exo_lab.placement.cost import PREFILL_CHUNK, RANK_OVERHEAD_BYTES, weight_scale
 from exo_lab.placement.plan import Plan, Plans, RankSpec
@@ -112,6 +113,13 @@ def _evaluate(ctx: CostContext, stages: list[Stage], native: bool, split: str = 
             dtypes[n], reasons[n] = card.dtype, "the model's dtype (fits where a faster one may not)"
         else:
             dtypes[n], reasons[n] = ctx.fastest_dtype(n)
+    for s in stages:  # a tensor group sums partial results: its ranks compute with one activation dtype
+        if (
+            len({formats.activation_dtype(dtypes[n]) if dtypes[n] in formats.FORMATS else dtypes[n] for n in s.nodes})
+            > 1
+        ):
+            for n in s.nodes:
+                dtypes[n], reasons[n] = ctx.fastest_dtype(n, activations="float32")
 
     # memory: fixed bytes per node (overhead, embedding, head), then bytes per layer
     first, last = stages[0], stages[-1]
@@ -155,6 +163,7 @@ def _evaluate(ctx: CostContext, stages: list[Stage], native: bool, split: str = 
         node_names={n: ctx.names[n] for n in used},
         model_dtype=card.dtype,
         split=split if len(stages) > 1 else "whole",
+        lossy=ctx.lossy,
     )
     for s in stages:  # mlx_lm's shard() must be able to split the model this way
         if s.k > 1 and (problem := card.tensor_split_problem(s.k)):
@@ -392,13 +401,18 @@ def plan(
     batch: int = 1,
     objective: str = "decode",
     max_exhaustive: int = 6,
+    lossy: bool = False,
 ) -> Plans:
-    """Ranked plans (best first) to run ``card`` on ``topology``'s live nodes."""
+    """Ranked plans (best first) to run ``card`` on ``topology``'s live nodes.
+
+    ``lossy``: nodes may also compute in formats that change the generated tokens (q8, q4, a
+    downcast; :mod:`exo_lab.models.formats`) where they decode faster (measured); by default
+    weights stay exact (the checkpoint's dtype or fp32)."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, not {objective!r}")
     if prompt_tokens < 1 or context < prompt_tokens or batch < 1:
         raise ValueError("need 1 <= prompt_tokens <= context and batch >= 1")
-    ctx = CostContext(topology, card, context, prompt_tokens, batch)
+    ctx = CostContext(topology, card, context, prompt_tokens, batch, lossy=lossy)
     if not ctx.nodes:
         return Plans([], [], objective, card.name)
     feasible: dict[tuple, Plan] = {}

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from exo_lab.cluster.topology import Topology
+from exo_lab.models import formats
 from exo_lab.models.card import ModelCard
 from exo_lab.placement.cost import (
     DTYPE_BYTES,
@@ -49,9 +50,12 @@ class Stage:
 class CostContext:
     """What the cost model knows for one request shape: node rates, links, the model's sizes."""
 
-    def __init__(self, topology: Topology, card: ModelCard, context: int, prompt_tokens: int, batch: int) -> None:
+    def __init__(
+        self, topology: Topology, card: ModelCard, context: int, prompt_tokens: int, batch: int, lossy: bool = False
+    ) -> None:
         self.topology = topology
         self.card = card
+        self.lossy = lossy  # may a node compute in a format that changes the tokens (q8, q4, a downcast)
         self.context = context
         self.prompt = prompt_tokens
         self.batch = batch
@@ -92,18 +96,25 @@ class CostContext:
         return best.dst_address if best else self.topology.nodes[dst].addresses[0]
 
     def dtype_options(self, node: str) -> list[str]:
+        """Formats ``node`` may compute in: the stored dtype and fp32 (exact), and with ``lossy`` every
+        format of :mod:`exo_lab.models.formats`; a quantized checkpoint only in its own."""
         native = self.card.dtype
-        if self.card.quantization or native == "float32":
+        if self.card.quantization or native not in formats.FORMATS:
             return [native]
-        return [native, "float32"]
+        return formats.lossy_formats(native) if self.lossy else formats.exact_formats(native)
 
     def layers_per_s(self, node: str, dtype: str) -> float:
         """Decode speed of one process in parameters read per second (weights only)."""
         bpw = bytes_per_weight(self.card, dtype)
         return self.rates[node].decode_read_rate(dtype, bool(self.card.quantization), bpw) / bpw
 
-    def fastest_dtype(self, node: str) -> tuple[str, str]:
+    def fastest_dtype(self, node: str, activations: str | None = None) -> tuple[str, str]:
+        """The format ``node`` decodes fastest in (measured), and why; ``activations``: only formats
+        computing with activations in that dtype."""
         opts = self.dtype_options(node)
+        if activations is not None:
+            opts = [d for d in opts if d not in formats.FORMATS or formats.activation_dtype(d) == activations]
+            opts = opts or ["float32"]
         if len(opts) == 1:
             why = "quantized weights" if self.card.quantization else "the model's dtype"
             return opts[0], why
@@ -111,13 +122,15 @@ class CostContext:
         if not speeds:
             return self.card.dtype, "no measurement; the model's dtype"
         best = max(speeds, key=lambda d: speeds[d])
+        lossy = "" if best in formats.exact_formats(self.card.dtype) else " (lossy: allowed)"
         if best == self.card.dtype:
             return best, "the model's dtype is also the fastest measured here"
         other = self.card.dtype
         ratio = speeds[best] / speeds[other] if speeds.get(other) else float("inf")
         return (
             best,
-            f"{best} decodes {ratio:.1f}x faster than {other} on this node (measured), at {weight_scale(self.card, best):.0f}x the memory",
+            f"{best} decodes {ratio:.1f}x faster than {other} on this node (measured), "
+            f"at {weight_scale(self.card, best):.2g}x the memory{lossy}",
         )
 
 

@@ -50,7 +50,11 @@ def preview(
     batch: int = 1,
     objective: str = "decode",
     download: bool = True,
+    lossy: bool = False,
 ) -> Plans:
-    """Ranked plans for ``model`` on ``topology`` (``download=False``: see :func:`model_card`)."""
+    """Ranked plans for ``model`` on ``topology`` (``download=False``: see :func:`model_card`; ``lossy``:
+    see :func:`exo_lab.placement.plan`)."""
     card = model_card(model, download)
-    return plan(topology, card, context=context, prompt_tokens=prompt_tokens, batch=batch, objective=objective)
+    return plan(
+        topology, card, context=context, prompt_tokens=prompt_tokens, batch=batch, objective=objective, lossy=lossy
+    )

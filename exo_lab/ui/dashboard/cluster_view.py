@@ -12,6 +12,7 @@ import pandas as pd
 import panel as pn
 import param
 
+from exo_lab.cluster.display import measured_when
 from exo_lab.cluster.topology import Topology
 from exo_lab.engine.backend import Backend
 from exo_lab.instance import Instance
@@ -93,6 +94,7 @@ def node_frame(topo: Topology) -> pd.DataFrame:
                 "memory (GiB)": round(n.memory_total_bytes / GIB, 1),
                 "fp32 GFLOP/s": round(gf.get("float32_m512") or 0, 1),
                 "memory GB/s": round(p.get("memory_bandwidth_gb_per_s") or 0, 1),
+                "GB/s measured": measured_when(p),
                 "BLAS": p.get("blas") or "",
                 "address": ", ".join(n.addresses),
             }
@@ -108,6 +110,7 @@ def node_frame(topo: Topology) -> pd.DataFrame:
             "memory (GiB)": float,
             "fp32 GFLOP/s": float,
             "memory GB/s": float,
+            "GB/s measured": str,
             "BLAS": str,
             "address": str,
         },

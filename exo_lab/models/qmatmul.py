@@ -1,0 +1,119 @@
+"""Quantized matmuls that use every CPU core: what the q8/q4 weight formats compute with on a CPU.
+
+MLX's CPU ``quantized_matmul`` runs on one thread and is compute-bound (measured on a 2-core
+AVX2 machine: about 1e9 weights/s at M=1, far below memory bandwidth; at M=128 it is 13x
+slower than dequantizing the weights and multiplying with OpenBLAS). So, with fp32 activations
+on the CPU:
+
+- few rows (decode, ``M <= SMALL_M``): ``quantized_matmul`` split by output rows over one MLX CPU
+  stream per core (each stream has its own thread); every output element is the same dot product
+  as on one stream, so the result is bit-identical to ``mx.quantized_matmul``;
+- many rows (prefill): ``mx.dequantize`` (split over the streams the same way), then ``x @ W.T`` on
+  the BLAS, which uses every core.
+
+:class:`CoreQuantizedLinear` and :class:`CoreQuantizedEmbedding` are ``nn.QuantizedLinear`` and
+``nn.QuantizedEmbedding`` that compute this way (:func:`use_cores` swaps them in); the device
+profile measures the q8/q4 formats with the same functions (:mod:`exo_lab.cluster.profile`).
+"""
+
+from __future__ import annotations
+
+import os
+
+import mlx.core as mx
+import mlx.nn as nn
+
+SMALL_M = 8  #: up to this many rows: split quantized_matmul; more: dequantize and use the BLAS
+_streams: list[mx.Stream] = []
+
+
+def cpu_streams(n: int | None = None) -> list[mx.Stream]:
+    """``n`` (default: one per core) CPU streams of this process, made once and shared."""
+    n = n or os.cpu_count() or 1
+    while len(_streams) < n:
+        _streams.append(mx.new_stream(mx.cpu))
+    return _streams[:n]
+
+
+def _parts(rows: int, n: int) -> list[tuple[int, int]]:
+    step = -(-rows // n)
+    return [(a, min(rows, a + step)) for a in range(0, rows, step)]
+
+
+def matmul(
+    x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int, bits: int, streams: int = 0
+) -> mx.array:
+    """``x @ dequantize(w).T`` (what ``mx.quantized_matmul(..., transpose=True)`` gives) on every core.
+
+    ``streams``: how many CPU streams to split over (0: one per core; 1: plain MLX)."""
+    parts = _parts(w.shape[0], max(1, streams or os.cpu_count() or 1))
+    m = x.size // x.shape[-1] if x.ndim else 1
+    if x.dtype != mx.float32 or mx.default_device() != mx.cpu:  # only the fp32 CPU path is sped up
+        return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
+    if m > SMALL_M:
+        if len(parts) == 1:
+            full = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits)
+        else:
+            full = mx.concatenate(
+                [
+                    mx.dequantize(
+                        w[a:b],
+                        scales[a:b],
+                        None if biases is None else biases[a:b],
+                        group_size=group_size,
+                        bits=bits,
+                        stream=s,
+                    )
+                    for (a, b), s in zip(parts, cpu_streams(len(parts)))
+                ]
+            )
+        return x @ full.T
+    if len(parts) == 1:
+        return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
+    outs = [
+        mx.quantized_matmul(
+            x,
+            w[a:b],
+            scales[a:b],
+            None if biases is None else biases[a:b],
+            transpose=True,
+            group_size=group_size,
+            bits=bits,
+            stream=s,
+        )
+        for (a, b), s in zip(parts, cpu_streams(len(parts)))
+    ]
+    return mx.concatenate(outs, axis=-1)
+
+
+class CoreQuantizedLinear(nn.QuantizedLinear):
+    """``nn.QuantizedLinear`` computing with :func:`matmul` (same weights, same results at M <= SMALL_M)."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = matmul(x, self["weight"], self["scales"], self.get("biases"), self.group_size, self.bits)
+        if "bias" in self:
+            y = y + self["bias"]
+        return y
+
+
+class CoreQuantizedEmbedding(nn.QuantizedEmbedding):
+    """``nn.QuantizedEmbedding`` whose ``as_linear`` (a tied head) computes with :func:`matmul`."""
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return matmul(x, self["weight"], self["scales"], self.get("biases"), self.group_size, self.bits)
+
+
+def use_cores(model: nn.Module) -> int:
+    """Make every affine ``QuantizedLinear``/``QuantizedEmbedding`` of ``model`` compute on every core
+    (in place, the arrays shared); how many modules changed."""
+    changed = 0
+    for _, module in model.named_modules():
+        if getattr(module, "mode", "affine") != "affine":
+            continue
+        if type(module) is nn.QuantizedLinear:
+            module.__class__ = CoreQuantizedLinear
+            changed += 1
+        elif type(module) is nn.QuantizedEmbedding:
+            module.__class__ = CoreQuantizedEmbedding
+            changed += 1
+    return changed

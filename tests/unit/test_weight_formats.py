@@ -1,0 +1,214 @@
+"""Weight formats: the format table, loading a shard in each format (real MLX), the multi-core
+quantized matmul, and the planner choosing each node's format from measured speeds."""
+
+from __future__ import annotations
+
+import pytest
+
+import exo_lab  # noqa: F401  (OpenBLAS before MLX)
+
+# isort: split
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from exo_lab.cluster.topology import NodeInfo, Topology
+from exo_lab.engine.shard import ShardSpec, load_shard
+from exo_lab.models import formats, qmatmul, synthetic
+from exo_lab.models.card import card_from_config
+from exo_lab.placement import plan
+from exo_lab.placement.predict import CostContext
+
+GB = 2**30
+LAYERS = synthetic.PRESETS["tiny"].config["num_hidden_layers"]
+
+
+def test_format_table():
+    assert formats.get("q4").bytes_per_weight() == 0.5 + 8 / 64  # fp32 scale and bias per group of 64
+    assert formats.get("q8").bytes_per_weight() == 1 + 8 / 64
+    assert formats.get("bfloat16").bytes_per_weight() == 2
+    assert formats.activation_dtype("q4") == "float32" and formats.activation_dtype("float16") == "float16"
+    assert formats.exact_formats("bfloat16") == ["bfloat16", "float32"]
+    assert formats.exact_formats("float32") == ["float32"]
+    assert formats.lossy_formats("float32") == ["float32", "bfloat16", "float16", "q8", "q4"]
+    with pytest.raises(ValueError, match="q4"):
+        formats.get("q3")
+
+
+# --- the multi-core quantized matmul (real MLX) --------------------------------
+
+
+def test_core_matmul_is_plain_quantized_matmul_at_decode_and_close_at_prefill():
+    w = mx.random.normal((520, 256), key=mx.random.key(3)) * 0.05  # rows split unevenly over streams
+    q = mx.quantize(w, group_size=64, bits=4)
+    for m, exact in ((1, True), (qmatmul.SMALL_M, True), (40, False)):
+        x = mx.random.normal((1, m, 256), key=mx.random.key(m))
+        plain = mx.quantized_matmul(x, *q, transpose=True, group_size=64, bits=4)
+        for streams in (1, 2, 3):
+            mine = qmatmul.matmul(x, *q, 64, 4, streams=streams)
+            assert mine.shape == plain.shape
+            if exact:  # the same dot products, split by output rows: bit-identical
+                assert mx.array_equal(mine, plain).item()
+            else:  # dequantize + BLAS: another summation order
+                assert mx.allclose(mine, plain, atol=1e-4, rtol=1e-4).item()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return synthetic.create(tmp_path_factory.mktemp("formats") / "tiny", "tiny", dtype="float32")
+
+
+def _logits(shard, prompt: list[int]) -> mx.array:
+    return shard(mx.array(prompt)[None], shard.make_cache())[0].astype(mx.float32)
+
+
+def test_shard_loads_in_every_format_and_stays_close(tiny):
+    spec = lambda fmt: ShardSpec(0, LAYERS, LAYERS, fmt)  # noqa: E731
+    prompt = [(i * 37) % 500 + 5 for i in range(24)]
+    ref, _ = load_shard(tiny, spec(None))
+    want = _logits(ref, prompt)
+    for fmt in formats.FORMATS:
+        shard, _ = load_shard(tiny, spec(fmt))
+        linears = [m for _, m in shard.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))]
+        assert linears
+        if formats.get(fmt).quantized:
+            assert all(type(m) is qmatmul.CoreQuantizedLinear and m.bits == formats.get(fmt).bits for m in linears)
+            assert shard.embed_tokens is not None and type(shard.embed_tokens) is qmatmul.CoreQuantizedEmbedding
+            assert shard.embed_tokens["scales"].dtype == mx.float32  # fp32 scales: fp32 activations
+        else:
+            assert all(m.weight.dtype == getattr(mx, fmt) for m in linears)
+        if fmt == "q4":  # on random weights 4 bits change the logits too much to compare (see the next test)
+            continue
+        got = _logits(shard, prompt)
+        agree = (mx.argmax(got, -1) == mx.argmax(want, -1)).mean().item()
+        cos = ((got * want).sum(-1) / (mx.linalg.norm(got, axis=-1) * mx.linalg.norm(want, axis=-1))).min().item()
+        # measured on the 4-layer tiny model (top-1 agreement / worst cosine of 24 positions' logits):
+        # bf16 0.83 / 0.992, fp16 1.0 / 0.9998, q8 0.83 / 0.975; random weights amplify every rounding
+        floor = {"float32": (1.0, 0.99999), "bfloat16": (0.7, 0.98), "float16": (0.95, 0.999), "q8": (0.7, 0.95)}
+        assert agree >= floor[fmt][0] and cos >= floor[fmt][1], (fmt, agree, cos)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_format_is_mlx_lm_quantization_and_generates(tiny, tmp_path, bits):
+    """A shard loaded from fp32 in q4/q8 holds the weights ``mlx_lm`` quantization of the same fp32
+    checkpoint holds, and decodes the same greedy tokens (M=1: bit-identical matmuls)."""
+    stored = synthetic.create(tmp_path / f"q{bits}", "tiny", dtype="float32", quantize=bits)
+    mine, _ = load_shard(tiny, ShardSpec(0, LAYERS, LAYERS, f"q{bits}"))
+    theirs, _ = load_shard(stored, ShardSpec(0, LAYERS, LAYERS, None))
+    assert mx.array_equal(mine.layers[0].mlp.up_proj["weight"], theirs.layers[0].mlp.up_proj["weight"]).item()
+    assert mx.array_equal(mine.layers[1].self_attn.q_proj["scales"], theirs.layers[1].self_attn.q_proj["scales"]).item()
+
+    def greedy(shard, n: int = 12) -> list[int]:
+        cache = shard.make_cache()
+        token, out = 17, []
+        for _ in range(n):
+            token = mx.argmax(shard(mx.array([[token]]), cache)[0, -1]).item()
+            out.append(int(token))
+        return out
+
+    tokens = greedy(mine)
+    assert tokens == greedy(theirs) and len(set(tokens)) > 1
+
+
+# --- the planner's choice --------------------------------------------------------
+
+
+def _card(dtype: str = "bfloat16", **extra):
+    return card_from_config(
+        dict(
+            hidden_size=512,
+            num_hidden_layers=8,
+            intermediate_size=1536,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            vocab_size=32000,
+            model_type="llama",
+            tie_word_embeddings=False,
+            **extra,
+        ),
+        "m",
+        dtype,
+    )
+
+
+def _node(i: int, reads: dict[str, float], cores: int = 1) -> NodeInfo:
+    """A node whose profile says how fast each format reads its weights at M=1 (GB/s)."""
+    return NodeInfo(
+        f"n{i}",
+        f"node{i}",
+        [f"10.0.0.{i + 1}"],
+        profile={
+            "memory_total_bytes": 16 * GB,
+            "memory_available_bytes": 16 * GB,
+            "cpu_count": cores,
+            "hostname": f"host{i}",
+            "mlx_devices": ["cpu"],
+            "memory_bandwidth_gb_per_s": 20.0,
+            "matmul_gflops": {**{f"{k}_m1": v for k, v in reads.items()}, **{f"{k}_m512": 50.0 for k in reads}},
+            "matmul_weight_read_gb_per_s": {f"{k}_m1": v for k, v in reads.items()},
+        },
+    )
+
+
+def _dtypes(topology: Topology, card, **kw) -> dict[str, str]:
+    best = plan(topology, card, context=1024, prompt_tokens=64, **kw).best
+    return {r.node_name: r.dtype for r in best.ranks}
+
+
+def test_default_keeps_weights_exact_and_lossy_takes_the_fastest_measured():
+    # q4 reads 6 GB/s at 0.625 B/weight (9.6 G weights/s) against fp32's 12 GB/s at 4 B (3 G weights/s)
+    reads = {"float32": 12.0, "bfloat16": 3.0, "float16": 2.0, "q8": 7.0, "q4": 6.0}
+    topo = Topology({"n0": _node(0, reads)}, [])
+    assert _dtypes(topo, _card()) == {"node0": "float32"}  # exact: bf16 stored, fp32 faster
+    p = plan(topo, _card(), context=1024, prompt_tokens=64, lossy=True).best
+    assert {r.dtype for r in p.ranks} == {"q4"} and p.lossy
+    assert "q4 decodes" in p.dtype_reasons["n0"] and "lossy" in p.dtype_reasons["n0"]
+    assert " q4" in p.describe()
+    # memory follows the format: q4 of a bf16 checkpoint takes 0.3x its bytes
+    exact = plan(topo, _card(), context=1024, prompt_tokens=64).best
+    assert p.memory_bytes["n0"] < exact.memory_bytes["n0"]
+    # where fp32 decodes fastest, lossy changes nothing
+    slow_q = {**reads, "q8": 1.0, "q4": 0.5}
+    assert _dtypes(Topology({"n0": _node(0, slow_q)}, []), _card(), lossy=True) == {"node0": "float32"}
+    # a format the profile did not measure is never chosen
+    unmeasured = {"float32": 12.0, "bfloat16": 3.0}
+    assert _dtypes(Topology({"n0": _node(0, unmeasured)}, []), _card(), lossy=True) == {"node0": "float32"}
+    # a quantized checkpoint keeps its own format
+    assert _dtypes(topo, _card(quantization={"group_size": 64, "bits": 4}), lossy=True) == {"node0": "bfloat16"}
+
+
+def test_stages_agree_on_the_activation_dtype():
+    """A node fastest in bf16 next to one fastest in q4 (fp32 activations)."""
+    from exo_lab.cluster.topology import LinkProfile
+
+    a = _node(0, {"float32": 1.0, "bfloat16": 9.0, "q4": 1.0})
+    b = _node(1, {"float32": 2.0, "bfloat16": 1.0, "q4": 6.0})
+    links = [LinkProfile("n0", "n1", "10.0.0.1", "10.0.0.2", 0.2, 0.3, 10000, 10000)]
+    topo = Topology({"n0": a, "n1": b}, links)
+    card = _card()
+    plans = plan(topo, card, context=1024, prompt_tokens=64, lossy=True).plans
+    tensor = [p for p in plans if p.strategy == "tensor" and p.num_nodes == 2]
+    pipes = [p for p in plans if p.strategy == "pipeline" and p.num_nodes == 2]
+    assert tensor and pipes
+    for p in tensor:  # one group summing partial results: one activation dtype
+        assert len({formats.activation_dtype(r.dtype) for r in p.ranks}) == 1, p.describe()
+    # a pipeline stage receives in its previous stage's dtype (the worker's act_dtypes): each node its fastest
+    assert any({r.dtype for r in p.ranks} == {"bfloat16", "q4"} for p in pipes)
+    ctx = CostContext(topo, card, 1024, 64, 1, lossy=True)
+    assert ctx.fastest_dtype("n0")[0] == "bfloat16"
+    assert ctx.fastest_dtype("n0", activations="float32")[0] in ("float32", "q4")
+
+
+def test_planner_choice_from_a_real_profile():
+    """Measured here (small budget): the chosen format is the one whose measured M=1 rate decodes fastest."""
+    from exo_lab.cluster.profile import measure_profile
+
+    prof = measure_profile(budget_s=2.0).to_json()
+    assert {f"{f}_m1" for f in formats.FORMATS} <= set(prof["matmul_weight_read_gb_per_s"])
+    topo = Topology({"n0": NodeInfo("n0", "here", ["127.0.0.1"], profile=prof)}, [])
+    card = _card("float32")
+    ctx = CostContext(topo, card, 1024, 64, 1, lossy=True)
+    speeds = {f: ctx.layers_per_s("n0", f) for f in formats.FORMATS}
+    chosen = _dtypes(topo, card, lossy=True)["here"]
+    assert speeds[chosen] == max(speeds.values()), speeds
+    assert _dtypes(topo, card)["here"] == "float32"  # exact by default
