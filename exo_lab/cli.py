@@ -10,6 +10,7 @@ import socket
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import exo_lab
 from exo_lab import _blas, defaults
@@ -334,6 +335,21 @@ def _preview(args: argparse.Namespace) -> int:
     return 0 if plans.plans else 1
 
 
+def _write_traces(result: Any, where: Path) -> None:
+    """Each traced plan's Chrome trace JSON under ``where``, and its per-token breakdown printed."""
+    from exo_lab.engine.trace import Trace
+
+    where.mkdir(parents=True, exist_ok=True)
+    for p in result.plans:
+        if p.trace:
+            trace = Trace.from_json(p.trace)
+            path = trace.save(where / f"trace-plan{p.index}-{trace.id}.json")
+            print(
+                f"plan #{p.index} {p.description}: trace {path} (clocks within +-{trace.uncertainty_ns / 1e3:.0f} us)"
+            )
+            print(trace.table())
+
+
 def _bench(args: argparse.Namespace) -> int:
     from exo_lab.bench import BenchError
 
@@ -357,6 +373,7 @@ def _bench(args: argparse.Namespace) -> int:
                 warmup=args.warmup,
                 calibrate=args.calibrate,
                 progress=not args.no_progress,
+                trace=args.trace is not None,
             )
         except BenchError as exc:
             print(f"exo-lab: error: {exc}", file=sys.stderr)
@@ -370,6 +387,8 @@ def _bench(args: argparse.Namespace) -> int:
                     f"prefill x{c['prefill_efficiency']:.3g}, +{1000 * c['hop_overhead_s']:.3g} ms per message "
                     f"-> {where or 'NOT stored'}"
                 )
+        if args.trace is not None:
+            _write_traces(result, Path(args.trace))
         if args.json:
             print(f"wrote {result.save(args.json)}")
         return 0 if result.ok else 1
@@ -529,6 +548,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="fit the cost model's per-node factors to the measurements and store them on the nodes",
     )
     p.add_argument("--json", metavar="PATH", help="write the result document (schema exo_lab.bench/1)")
+    p.add_argument(
+        "--trace",
+        nargs="?",
+        const=".",
+        metavar="DIR",
+        help="trace one more request per plan on every rank: Chrome trace JSON in DIR (default: .) and the "
+        "per-token breakdown, measured beside predicted",
+    )
     where = p.add_mutually_exclusive_group()
     where.add_argument("--connect", nargs="+", metavar="HOST:PORT", help="agents to bench on (default: discover)")
     where.add_argument("--local", type=int, metavar="N", help="start N local agents on loopback for the run")

@@ -183,6 +183,7 @@ class Cluster(ClusterClient):
         progress: bool = True,
         widget: Any = None,
         launch_timeout: float = 300.0,
+        trace: bool = False,
     ) -> BenchResult:
         """Launch each of ``plans`` in turn and measure it against its predictions (a :class:`~exo_lab.bench.BenchResult`).
 
@@ -190,7 +191,8 @@ class Cluster(ClusterClient):
         ``pp``); ``select``: ``"all"``, ``"best"`` or how many launchable plans, best first. Prompts are
         exactly ``pp`` tokens after the chat template and generate exactly ``tg`` tokens, ``repeat`` times
         alone and ``repeat`` times at each ``concurrency``. ``calibrate`` fits the cost model's per-node
-        factors to the measurements and stores them with the node profiles. See :mod:`exo_lab.bench`.
+        factors to the measurements and stores them with the node profiles; ``trace`` traces one more request
+        per plan on every rank (``result.plans[i].trace``). See :mod:`exo_lab.bench`.
         """
         return bench.run(
             self,
@@ -206,6 +208,7 @@ class Cluster(ClusterClient):
             progress=progress,
             widget=widget,
             launch_timeout=launch_timeout,
+            trace=trace,
         )
 
 

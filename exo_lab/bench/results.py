@@ -102,6 +102,7 @@ class PlanBench:
     links: list[LinkTraffic] = field(default_factory=list)
     concurrency: list[ConcurrencyPoint] = field(default_factory=list)
     launch_s: float | None = None
+    trace: dict[str, Any] | None = None  # a traced request (bench --trace): exo_lab.engine.trace.Trace.to_json()
 
     @property
     def ok(self) -> bool:
@@ -419,6 +420,7 @@ JSON_SCHEMA: dict[str, Any] = {
                 "properties": {
                     "status": {"enum": ["ok", "skipped", "failed"]},
                     "plan": {"type": "object", "required": ["ranks", "strategy"]},
+                    "trace": {"type": ["object", "null"], "required": ["id", "ranks", "spans", "predicted"]},
                     "links": {
                         "type": "array",
                         "items": {

@@ -339,6 +339,13 @@ def _bench_plan(
         for c, p in points.items():
             p.predicted_aggregate_tps = aggregate_tps(pred, tg, c) if pred else None
         res.concurrency = [points[c] for c in sorted(points)]
+        if cfg.get("trace"):  # one more request, traced on every rank, set against the bench's own prediction
+            bar.set_postfix_str(f"#{index} trace")
+            gen = inst.generate(tokens, max_tokens=tg, ignore_eos=True, trace=True)
+            trace = gen.trace
+            if trace is not None:
+                trace.predicted = dict(pred.get("breakdown") or {})
+                res.trace = trace.to_json()
         res.memory = _memory(cluster, inst, plan)
         res.ratios = {m: res.median(m) / pred[m] for m in METRICS if res.median(m) and pred.get(m)}
     except (TimeoutError, BenchError, RuntimeError, OSError) as exc:  # a LaunchError is a RuntimeError
@@ -386,12 +393,15 @@ def run(
     progress: bool = True,
     widget: Any = None,
     launch_timeout: float = 300.0,
+    trace: bool = False,
 ) -> BenchResult:
     """Benchmark ``plans`` on ``cluster`` (see the module doc); what ``cluster.bench`` does.
 
     ``plans``: a :class:`Plans`, a list of plans, one plan, or a model (previewed for ``pp``);
     ``select``: ``"all"``, ``"best"`` or a count of launchable plans, best first; ``strategies``
-    keeps only those strategies; ``widget``: a plan comparison widget to show the measurements in.
+    keeps only those strategies; ``widget``: a plan comparison widget to show the measurements in;
+    ``trace``: one more request per plan traced on every rank (``PlanBench.trace``; with ``calibrate``, the
+    traces also fit the cost model per component, see :mod:`exo_lab.bench.components`).
     """
     from mlx_lm.utils import load_tokenizer  # MLX loads only when a bench runs, not with the package
 
@@ -420,6 +430,7 @@ def run(
         "concurrency": levels,
         "launch_timeout": launch_timeout,
         "steps_per_plan": steps,
+        "trace": trace,
     }
     results = []
     with tqdm(total=steps * len(chosen), desc=f"bench {card.name}", unit="step", disable=not progress) as bar:
