@@ -104,3 +104,32 @@ def test_an_engine_traces_its_steps(engine):
         engine.generate([5, 6], max_tokens=3, ignore_eos=True).text()
     assert rec.trace is engine.last_trace and rec.trace.label == "block"
     assert not TRACER.on  # off again once no recording is left
+
+
+def test_a_trace_draws_as_a_timeline_with_its_breakdown():
+    from bokeh.embed import components
+
+    from exo_lab.ui.display import HOOKS
+    from exo_lab.ui.trace_view import timeline, trace_mimebundle
+
+    tr = pipeline2(steps=8)
+    fig = timeline(tr)
+    script, div = components(fig)  # serialises the model: invalid properties fail here
+    assert "exo-trace-timeline" in script and div
+    lanes = list(fig.y_range.factors)
+    assert len(lanes) == 2 and all("rank" in lane for lane in lanes)  # one lane per rank
+    assert fig.x_range.end < tr.duration_ns / 1e6  # a few steps in view, the rest a zoom away
+    data, _ = trace_mimebundle(tr)
+    assert data["text/html"].startswith("<iframe srcdoc=") and "measured ms" in data["text/html"]
+    assert ("exo_lab.engine.trace", "Trace", trace_mimebundle) in HOOKS
+
+
+def test_the_dashboard_shows_the_last_trace(engine):
+    from exo_lab.ui.dashboard.instances_view import InstancesView
+
+    view = InstancesView()
+    with engine.trace("dashboard") as rec:
+        engine.generate([3, 4, 5], max_tokens=4, ignore_eos=True).text()
+    view.last_trace.update([("tiny", engine)])
+    assert view.last_trace.pane.visible and view.last_trace.shown == rec.trace.id
+    assert "measured ms" in view.last_trace.table.object and view.last_trace.chart.object is not None
