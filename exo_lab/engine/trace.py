@@ -332,7 +332,7 @@ class Trace:
     def hops(self, step: int) -> list[tuple[Span, Span]]:
         """``(send on the sender, recv on the receiver)`` of every pipeline hop in decode ``step``."""
         out = []
-        stages = self._stages()
+        stages = self.stages()
         for a, b in zip(stages, stages[1:]):
             sends = [s for s in self.of(a[-1], "send") if s.step == step]
             recvs = [s for s in self.of(b[0], "recv") if s.step == step]
@@ -352,7 +352,8 @@ class Trace:
             if s.rank == src and r.start_ns + tol < s.start_ns
         ]
 
-    def _stages(self) -> list[list[int]]:
+    def stages(self) -> list[list[int]]:
+        """The ranks of each pipeline stage, in stage order."""
         by: dict[int, list[int]] = {}
         for r in sorted(self.ranks.values(), key=lambda r: r.rank):
             by.setdefault(r.stage, []).append(r.rank)
@@ -371,7 +372,7 @@ class Trace:
             if s.name in ("all_sum", "step"):
                 ends[s.step] = max(ends.get(s.step, 0), s.end_ns)
         out = []
-        stages = self._stages()
+        stages = self.stages()
         for k in steps:
             if k - 1 not in ends or k not in ends:
                 continue
@@ -403,15 +404,48 @@ class Trace:
 
     def predicted_components(self) -> dict[str, float]:
         """The cost model's per-token seconds for this trace's plan, in :meth:`breakdown`'s components."""
-        out = {"compute": 0.0, "link": 0.0, "all-reduce": 0.0, "idle": 0.0}
-        for key, v in self.predicted.items():
-            if key.startswith("compute"):
-                out["compute"] += v
-            elif key.startswith("all-reduce") or key.endswith("(token)"):
-                out["all-reduce"] += v
-            elif key.startswith("link"):
-                out["link"] += v
-        out["token"] = sum(self.predicted.values())
+        return component_sums(self.predicted)
+
+    def stage_compute(self) -> list[float]:
+        """Per pipeline stage: the median over decode steps of its slowest rank's compute (and sampling,
+        without its tensor all-reduces), seconds."""
+        steps = set(self.decode_steps())
+        out = []
+        for ranks in self.stages():
+            per: dict[int, dict[int, int]] = {}
+            for s in self.spans:
+                if s.step in steps and s.rank in ranks and s.name in ("compute", "step", "sample", "all_reduce"):
+                    sign = -1 if s.name == "all_reduce" else 1
+                    per.setdefault(s.step, {}).setdefault(s.rank, 0)
+                    per[s.step][s.rank] += sign * s.dur_ns
+            values = [max(v.values()) / 1e9 for v in per.values()]
+            out.append(statistics.median(values) if values else 0.0)
+        return out
+
+    def step_all_sum(self) -> float | None:
+        """The median over decode steps of the step's ``all_sum`` as its last rank saw it (seconds), or None."""
+        steps = set(self.decode_steps())
+        per: dict[int, dict[int, int]] = {}
+        for s in self.spans:
+            if s.step in steps and s.name == "all_sum":
+                per.setdefault(s.step, {}).setdefault(s.rank, 0)
+                per[s.step][s.rank] += s.dur_ns
+        values = [min(v.values()) / 1e9 for v in per.values() if len(v) == len(self.ranks)]
+        return statistics.median(values) if values else None
+
+    def prefill_transfers(self, src: int, dst: int) -> list[tuple[int, float]]:
+        """``(tokens, seconds)`` of each prefill chunk's hop from ``src`` to ``dst``, where the receiver was
+        waiting before the send started: from the send's start to the data held."""
+        tol = self.uncertainty_ns
+        out = []
+        for step in sorted({s.step for s in self.spans if s.name == "prefill"}):
+            chunks = [c for c in self.of(src, "prefill") if c.step == step]
+            theirs = [c for c in self.of(dst, "prefill") if c.step == step]
+            for mine, other in zip(chunks, theirs):
+                send = [s for s in self.of(src, "send") if mine.start_ns <= s.start_ns <= mine.end_ns]
+                recv = [s for s in self.of(dst, "recv") if other.start_ns <= s.start_ns <= other.end_ns]
+                if send and recv and recv[0].start_ns + tol < send[0].start_ns:
+                    out.append((int(mine.args.get("tokens", 0)), (recv[0].end_ns - send[0].start_ns) / 1e9))
         return out
 
     def breakdown(self) -> list[dict[str, Any]]:
@@ -448,6 +482,22 @@ class Trace:
             f"<Trace {self.id} {self.backend} {len(self.ranks)} ranks, {len(self.spans)} spans, "
             f"{self.duration_ns / 1e6:.1f} ms, clocks within +-{self.uncertainty_ns / 1e3:.0f} us>"
         )
+
+
+def component_sums(breakdown: dict[str, float]) -> dict[str, float]:
+    """A cost-model breakdown (``Plan.breakdown``: seconds per named part) summed into ``compute``, ``link``,
+    ``all-reduce`` (tensor groups' all-reduces and the sampled token's way back, which the step's
+    ``all_sum`` carries), ``idle`` (0: the model predicts none) and ``token``."""
+    out = {"compute": 0.0, "link": 0.0, "all-reduce": 0.0, "idle": 0.0}
+    for key, v in breakdown.items():
+        if key.startswith("compute"):
+            out["compute"] += v
+        elif key.startswith("all-reduce") or key.endswith("(token)"):
+            out["all-reduce"] += v
+        elif key.startswith("link"):
+            out["link"] += v
+    out["token"] = sum(breakdown.values())
+    return out
 
 
 def new_id() -> str:

@@ -17,7 +17,9 @@ import statistics
 
 import pytest
 
+from exo_lab.bench.components import fit_components, store_components
 from exo_lab.models import synthetic
+from exo_lab.placement.preview import model_card
 from exo_lab.sim.cluster import SimCluster
 from exo_lab.sim.spec import SimSpec
 
@@ -27,7 +29,7 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("ip") is None, reason="iproute2 ('ip') is not installed"),
 ]
 
-DELAY_MS = {frozenset("ab"): 50.0, frozenset("bc"): 30.0, frozenset("ca"): 40.0}
+DELAY_MS = {frozenset("ab"): 100.0, frozenset("bc"): 60.0, frozenset("ca"): 80.0}
 SPEC = {
     "name": "trace3",
     "hosts": ["a", "b", "c"],
@@ -39,7 +41,8 @@ SPEC = {
 
 @pytest.fixture(scope="module")
 def traced(tmp_path_factory, models_cache):
-    """One pipeline-3 instance on the sim, traced over a short generation: (trace, plan, node names by id)."""
+    """One pipeline-3 instance on the sim, traced over a short generation: (trace, plan, the components fitted
+    to the trace and stored on the nodes, the nodes' calibrations read back)."""
     model = synthetic.create(models_cache / "trace-tiny", "tiny")
     sim = SimCluster(SimSpec.from_json(SPEC))
     sim.up(wait=120)
@@ -52,12 +55,16 @@ def traced(tmp_path_factory, models_cache):
         inst = cluster.launch(model, plan=plan)
         try:
             inst.wait_ready(timeout=180, progress=False)
-            gen = inst.generate(list(range(5, 25)), max_tokens=12, ignore_eos=True, trace=True)
+            gen = inst.generate(list(range(5, 25)), max_tokens=10, ignore_eos=True, trace=True)
             assert len(gen.text()) > 0 or gen.finish_reason == "length"
             trace = gen.trace
         finally:
             inst.delete()
-        yield trace, plan
+        fit = fit_components([(trace, plan)], cluster.topology, model_card(model))
+        assert fit is not None
+        store_components(cluster, fit)
+        stored = {n: cluster.topology.nodes[n].profile.get("calibration") or {} for n in plan.nodes}
+        yield trace, plan, fit, stored
     finally:
         if cluster is not None:
             cluster.close()
@@ -65,7 +72,7 @@ def traced(tmp_path_factory, models_cache):
 
 
 def test_a_stage_starts_a_step_only_after_its_input_arrived(traced):
-    trace, _ = traced
+    trace = traced[0]
     steps = trace.decode_steps()
     assert len(steps) >= 8, steps
     tol = trace.uncertainty_ns
@@ -87,7 +94,7 @@ def test_a_stage_starts_a_step_only_after_its_input_arrived(traced):
 
 
 def test_the_measured_link_wait_is_the_shaped_delay(traced):
-    trace, plan = traced
+    trace, plan = traced[:2]
     host = {i: name.split("-")[0] for i, name in plan.node_names.items()}
     by_rank = {r.rank: host[next(x.node_id for x in plan.ranks if x.rank == r.rank)] for r in trace.ranks.values()}
     stages = sorted(trace.ranks.values(), key=lambda r: r.stage)
@@ -107,7 +114,7 @@ def test_the_measured_link_wait_is_the_shaped_delay(traced):
 
 
 def test_the_trace_loads_as_chrome_trace_json(traced, tmp_path):
-    trace, _ = traced
+    trace = traced[0]
     path = trace.save(tmp_path / "trace.json")
     data = json.loads(path.read_text())
     events = data["traceEvents"]
@@ -118,3 +125,23 @@ def test_the_trace_loads_as_chrome_trace_json(traced, tmp_path):
     names = {e["pid"]: e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "process_name"}
     assert sorted(names) == sorted(trace.ranks)  # one track per rank
     assert {"recv", "compute", "send", "all_sum", "sample", "prefill"} <= {e["name"] for e in spans}
+
+
+def test_components_are_fitted_separately_stored_and_predict_better(traced):
+    trace, plan, fit, stored = traced
+    names = plan.node_names
+    print(f"\n{fit.table()}")
+    hops = [(a, b, v["latency_s"]) for a, peers in fit.links.items() for b, v in peers.items()]
+    for a, b, latency in hops:
+        shaped = DELAY_MS[frozenset(names[a] + names[b])] / 1e3
+        print(f"link {names[a]}->{names[b]}: fitted latency {1e3 * latency:.1f} ms (shaped {1e3 * shaped:.0f} ms)")
+        assert abs(latency - shaped) <= 0.3 * shaped
+    # a hop is fitted from the steps where its receiver waited for the data (not every hop has them: a
+    # stage still in the previous step's all-reduce when its input arrives waits for none)
+    assert 1 <= len(hops) <= 2 and set(fit.compute) == set(plan.nodes) and len(fit.all_reduce) == 1
+    # the error after is measured on the same trace: compute and the step all-reduce become what was measured
+    assert fit.after["compute"] < 5 and fit.after["all-reduce"] < 5
+    assert fit.after["token"] < fit.before["token"]
+    for a, b, latency in hops:  # stored with the nodes' calibration, read back from their agents
+        assert stored[a]["links"][b]["latency_s"] == pytest.approx(latency)
+    assert all(stored[n]["decode_efficiency"] == pytest.approx(fit.compute[n]) for n in plan.nodes)
