@@ -389,6 +389,12 @@ def _bench(args: argparse.Namespace) -> int:
                 )
         if args.trace is not None:
             _write_traces(result, Path(args.trace))
+        if result.components:
+            from exo_lab.bench.components import COMPONENTS
+
+            before, after = result.components["before"], result.components["after"]
+            print("calibration per component, from the traces (prediction error %, before -> after):")
+            print("  " + ", ".join(f"{c} {before[c]:.1f} -> {after[c]:.1f}" for c in COMPONENTS if c in before))
         if args.json:
             print(f"wrote {result.save(args.json)}")
         return 0 if result.ok else 1

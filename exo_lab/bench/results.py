@@ -170,6 +170,7 @@ class BenchResult:
     card: dict[str, Any] = field(default_factory=dict)
     prompt: dict[str, Any] = field(default_factory=dict)  # how the exact-length prompt was built
     calibration: Calibration | None = None
+    components: dict[str, Any] | None = None  # calibration per component from the traces (bench/components.py)
     created: float = field(default_factory=time.time)
     exo_lab_version: str = ""
     notes: dict[str, str] = field(default_factory=dict)

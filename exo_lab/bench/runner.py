@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from exo_lab._version import __version__
 from exo_lab.bench.calibrate import fit_calibration, store_calibration
+from exo_lab.bench.components import fit_components, store_components
 from exo_lab.bench.results import (
     LINKS_SOURCE,
     METRICS,
@@ -27,6 +28,7 @@ from exo_lab.bench.results import (
 from exo_lab.engine.chat import chat_prompt_tokens
 from exo_lab.engine.generator import GenerationRequest
 from exo_lab.engine.sampling import SamplingParams
+from exo_lab.engine.trace import Trace
 from exo_lab.models.card import ModelCard
 from exo_lab.models.store import resolve
 from exo_lab.placement.cost import DTYPE_BYTES
@@ -463,6 +465,11 @@ def run(
         result.calibration = fit_calibration(result, topology, card)
         if result.calibration is not None:
             result.calibration.stored = store_calibration(cluster, result.calibration, result)
+        traced = [(Trace.from_json(p.trace), Plan.from_json(p.plan)) for p in result.ok if p.trace]
+        fit = fit_components(traced, topology, card) if traced else None  # per component, from the traces
+        if fit is not None:
+            store_components(cluster, fit)
+            result.components = fit.to_json()
     if widget is not None:
         result.show_in(widget)
     return result
