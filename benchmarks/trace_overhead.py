@@ -9,8 +9,9 @@ Two measurements, side by side in one run:
    against the decode step's time: the share of decode time tracing costs when off (none measurable means
    far below run-to-run noise).
 2. **on / off**: the same greedy request (``--tokens`` generated, EOS ignored) alternately traced and not,
-   ``--repeat`` times each, on one process (an Engine) and on a pipeline over ``--nodes`` local node
-   agents (every rank traced; boundaries evaluated separately while tracing); medians of decode tokens/s
+   ``--repeat`` times each, on one process (an Engine), and on a pipeline and a tensor group over
+   ``--nodes`` local node agents (every rank traced; boundaries, and a tensor group's in-layer all-reduces,
+   evaluated separately while tracing); medians of decode tokens/s
    (the engine's own figure) are compared: traced / untraced decode time (the target: under 1.05).
 """
 
@@ -86,12 +87,20 @@ def main() -> None:
     if args.nodes > 1:
         cluster = exo_lab.local_cluster(args.nodes)
         try:
-            plan = next(p for p in cluster.preview(str(path)) if p.strategy == "pipeline" and p.num_nodes == args.nodes)
-            inst = cluster.launch(str(path), plan=plan, name="traced")
-            try:
-                results.append(compare(f"pipeline-{args.nodes}", inst, prompt, args.tokens, args.repeat))
-            finally:
-                inst.delete()
+            for strategy in ("pipeline", "tensor"):
+                plan = next(
+                    (p for p in cluster.preview(str(path)) if p.strategy == strategy and p.num_nodes == args.nodes),
+                    None,
+                )
+                if plan is None:
+                    continue
+                inst = cluster.launch(str(path), plan=plan, name=f"traced-{strategy}")
+                try:
+                    results.append(compare(f"{strategy}-{args.nodes}", inst, prompt, args.tokens, args.repeat))
+                except (AssertionError, RuntimeError) as exc:  # say so, and go on with what was measured
+                    print(f"{strategy}-{args.nodes} failed: {exc!r} (instance {inst.state}: {inst.error})")
+                finally:
+                    inst.delete()
         finally:
             cluster.close()
     print(f"{args.preset} {args.dtype}, {args.tokens} tokens, {args.repeat} runs each way, alternating")

@@ -180,8 +180,8 @@ class Lockstep:
             x = TRACER.ready(
                 "recv", mx.distributed.recv((b, n, self.hidden), self.act_dtype, mine[0], group=self.group)
             )
-        out = self.shard(x, cache) if (logits or not lay.last) else self.shard.hidden(x, cache)
-        out = TRACER.ready("compute", out)
+        shard = self.shard if (logits or not lay.last) else self.shard.hidden
+        out = TRACER.timed("compute", lambda: shard(x, cache))
         if not lay.last:
             if not multi and len(lay.stages[lay.stage + 1]) == 1:
                 return TRACER.ready("send", mx.distributed.send(out, lay.peer(lay.stage + 1), group=self.group))

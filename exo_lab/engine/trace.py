@@ -126,6 +126,19 @@ class Tracer:
             self.spans.append((name, start, time.perf_counter_ns(), self.step, {}))
         return value
 
+    def timed(self, name: str, make: Callable[[], Any]) -> Any:
+        """``make()`` (building MLX arrays); while tracing, built and evaluated inside a span ``name`` (so that
+        spans recorded while it is built, the tensor all-reduces, nest in it)."""
+        if not self.on:
+            return make()
+        import mlx.core as mx
+
+        start = time.perf_counter_ns()
+        value = make()
+        mx.eval(value)
+        self.spans.append((name, start, time.perf_counter_ns(), self.step, {}))
+        return value
+
     def since(self, start_ns: int = 0) -> list[RawSpan]:
         """The spans that ended at or after ``start_ns`` (this process's clock)."""
         return [s for s in list(self.spans) if s[2] >= start_ns]
@@ -133,6 +146,50 @@ class Tracer:
 
 #: this process's tracer
 TRACER = Tracer()
+
+
+class _TracedDistributed:
+    """``mlx.core.distributed`` whose ``all_sum`` (the tensor-sharded linears' all-reduce), while tracing,
+    evaluates its input first and records the all-reduce as an ``all_reduce`` span."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def all_sum(self, x: Any, *, group: Any = None, stream: Any = None) -> Any:
+        if not TRACER.on:
+            return self._real.all_sum(x, group=group, stream=stream)
+        import mlx.core as mx
+
+        mx.eval(x)  # this rank's partial product: part of compute
+        start = time.perf_counter_ns()
+        out = self._real.all_sum(x, group=group, stream=stream)
+        mx.eval(out)
+        TRACER.spans.append(("all_reduce", start, time.perf_counter_ns(), TRACER.step, {}))
+        return out
+
+
+class _TracedCore:
+    """``mlx.core`` as :mod:`mlx.nn.layers.distributed` sees it once :func:`trace_tensor_all_reduces` ran."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+        self.distributed = _TracedDistributed(real.distributed)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+def trace_tensor_all_reduces() -> None:
+    """Let the tensor-sharded linears (:mod:`mlx.nn.layers.distributed`) record their all-reduces while tracing
+    (a rank with a tensor group calls it once); while tracing is off they run as before."""
+    import mlx.core as mx
+    import mlx.nn.layers.distributed as layers
+
+    if not isinstance(layers.mx, _TracedCore):
+        layers.mx = _TracedCore(mx)  # pyright: ignore[reportAttributeAccessIssue]
 
 
 def now_ns() -> int:

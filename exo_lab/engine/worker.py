@@ -60,7 +60,7 @@ from exo_lab.engine.pairs import Exchange
 from exo_lab.engine.sampling import SamplingParams, make_sampler
 from exo_lab.engine.shard import ShardSpec, load_shard, tensor_names
 from exo_lab.engine.stopping import StopMatcher
-from exo_lab.engine.trace import TRACER
+from exo_lab.engine.trace import TRACER, trace_tensor_all_reduces
 from exo_lab.models import partial
 
 log = logging.getLogger("exo_lab.engine.worker")
@@ -366,6 +366,8 @@ class Worker:
         stages = tuple(tuple(s) for s in cfg["stages"])
         layout = Layout(self.rank, stages)
         tensor_group = self.group if len(stages) == 1 and len(stages[0]) > 1 else None
+        if tensor_group is not None:
+            trace_tensor_all_reduces()  # a trace shows this rank's in-layer all-reduces apart from its compute
         pair = None
         mine = stages[layout.stage]
         if len(stages) > 1 and len(mine) > 1:
