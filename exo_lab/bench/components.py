@@ -68,29 +68,31 @@ class ComponentFit:
         return self.table()
 
 
-def measured(trace: Trace) -> dict[str, float]:
-    """Per token, seconds: ``compute`` (summed over stages), ``link`` (per hop, the median of the transfers the
-    receiver waited for; a hop with none counts its critical-path wait), ``all-reduce``, ``token``."""
+def measured(trace: Trace) -> tuple[dict[str, float], list[bool]]:
+    """Per token, seconds: ``compute`` (summed over stages), ``link`` (over the hops whose receiver waited for
+    the data in some decode step: the median of those transfers), ``all-reduce``, ``token``; and which hops
+    count in ``link`` (all of them, with what their receivers did wait, when none has such a step)."""
     rows = {r["component"]: r["measured_ms"] for r in trace.breakdown()}
-    link = 0.0
-    for a in trace.stages()[:-1]:
-        waits = trace.link_waits(a[-1])
-        if waits:
-            link += statistics.median(waits)
-        else:  # no step where the receiver waited first: what it did wait for the data
-            hops = [
-                max(0, r.end_ns - max(s.start_ns, r.start_ns)) / 1e9
-                for k in trace.decode_steps()
-                for s, r in trace.hops(k)
-                if s.rank == a[-1]
-            ]
-            link += statistics.median(hops) if hops else 0.0
+    waits = [trace.link_waits(a[-1]) for a in trace.stages()[:-1]]
+    counted = [bool(w) for w in waits]
+    link = sum(statistics.median(w) for w in waits if w)
+    if not any(counted):
+        counted = [True] * len(waits)
+        link = (rows["link"] or 0.0) / 1e3
     return {
         "compute": sum(trace.stage_compute()),
         "link": link,
         "all-reduce": (rows["all-reduce"] or 0.0) / 1e3,
         "token": (rows["token"] or 0.0) / 1e3,
-    }
+    }, counted
+
+
+def components(breakdown: dict[str, float], counted: list[bool]) -> dict[str, float]:
+    """:func:`~exo_lab.engine.trace.component_sums` of a prediction, its ``link`` over the ``counted`` hops."""
+    out = component_sums(breakdown)
+    hops = [v for k, v in breakdown.items() if k.startswith("link ") and not k.endswith("(token)")]
+    out["link"] = sum(v for v, c in zip(hops, counted) if c)
+    return out
 
 
 def _shape(trace: Trace) -> tuple[int, int]:
@@ -100,10 +102,12 @@ def _shape(trace: Trace) -> tuple[int, int]:
     return max(1, prompt), max(1, len(trace.decode_steps()))
 
 
-def _predict(topology: Topology, card: ModelCard, plan: Plan, trace: Trace) -> dict[str, float] | None:
+def _predict(
+    topology: Topology, card: ModelCard, plan: Plan, trace: Trace, counted: list[bool]
+) -> dict[str, float] | None:
     pp, tg = _shape(trace)
     pred = Predictor(topology, card, pp, tg).predict(plan)
-    return None if pred is None else component_sums(pred["breakdown"])
+    return None if pred is None else components(pred["breakdown"], counted)
 
 
 def _error(pred: dict[str, float] | None, meas: dict[str, float]) -> dict[str, float]:
@@ -114,13 +118,16 @@ def _error(pred: dict[str, float] | None, meas: dict[str, float]) -> dict[str, f
 
 def _fit_line(points: list[tuple[float, float]], bandwidth: float) -> tuple[float, float]:
     """``(latency, bandwidth)`` of ``t = latency + bytes / bandwidth`` through ``points`` (bytes, seconds);
-    with sizes too alike for a slope, the latency alone (``bandwidth`` kept)."""
+    when the sizes are too alike for a slope (their transfer times differ by less than a tenth of the
+    latency at ``bandwidth``) or the slope is implausible (a bandwidth beyond 20x of ``bandwidth`` either
+    way), the median latency alone with ``bandwidth`` kept."""
     xs = [b for b, _ in points]
-    if len(points) >= 3 and max(xs) > 4 * max(1.0, min(xs)):
+    spread = (max(xs) - min(xs)) / bandwidth
+    if len(points) >= 3 and spread > 0.1 * statistics.median(t for _, t in points):
         mx, my = statistics.fmean(xs), statistics.fmean(t for _, t in points)
         sxx = sum((x - mx) ** 2 for x in xs)
         slope = sum((x - mx) * (t - my) for x, t in points) / sxx
-        if slope > 0:
+        if slope > 0 and bandwidth / 20 <= 1.0 / slope <= 20 * bandwidth:
             latency = my - slope * mx
             if latency > 0:
                 return latency, 1.0 / slope
@@ -140,11 +147,13 @@ def fit_components(items: list[tuple[Trace, Plan]], topology: Topology, card: Mo
     groups: dict[str, list[float]] = {}
     before_rows = []
     for trace, plan in items:
-        meas = measured(trace)
+        meas, counted = measured(trace)
         pp, tg = _shape(trace)
         predictor = Predictor(topology, card, pp, tg)
         pred = predictor.predict(plan)
-        before_rows.append((trace, plan, meas, None if pred is None else component_sums(pred["breakdown"])))
+        before_rows.append(
+            (trace, plan, meas, counted, None if pred is None else components(pred["breakdown"], counted))
+        )
         if pred is None:
             continue
         stages, _ = plan_layout(plan)
@@ -180,8 +189,8 @@ def fit_components(items: list[tuple[Trace, Plan]], topology: Topology, card: Mo
     all_reduce = {g: statistics.median(v) for g, v in groups.items()}
     after_topo = with_components(topology, compute, links, all_reduce)
     rows, before, after = [], {}, {}
-    for trace, plan, meas, pred_before in before_rows:
-        pred_after = _predict(after_topo, card, plan, trace)
+    for trace, plan, meas, counted, pred_before in before_rows:
+        pred_after = _predict(after_topo, card, plan, trace, counted)
         rows.append({"trace": trace.id, "measured": meas, "before": pred_before, "after": pred_after})
     for which, out in (("before", before), ("after", after)):
         for c in COMPONENTS:
