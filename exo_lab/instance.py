@@ -572,10 +572,11 @@ class Instance(Backend):
             stream.close()
 
     # ---------------------------------------------------------------- tracing
-    def _trace_switch(self, on: bool) -> None:
+    def _trace_switch(self, on: bool, detail: bool = False) -> None:
         """Every rank's tracer on (clearing it) or off."""
+        body = {"on": on, "detail": detail}
         with ThreadPoolExecutor(max(1, len(self.controls))) as pool:
-            list(pool.map(lambda r: self._worker(r, "POST", "/trace", {"on": on}), sorted(self.controls)))
+            list(pool.map(lambda r: self._worker(r, "POST", "/trace", body), sorted(self.controls)))
 
     def _trace_collect(self, since_ns: int) -> list[tuple[RankInfo, list[RawSpan]]]:
         """Each rank's clock offset (round trips to its control API, :func:`estimate_offset`), then its spans."""

@@ -94,11 +94,12 @@ class Backend(ABC):
     def _on_finish(self, gen: Generation) -> None:  # noqa: B027  (an optional hook, empty by default)
         """Hook run (under the lock) when ``gen`` leaves: forget whatever tracks it."""
 
-    def _trace_switch(self, on: bool) -> None:
-        """Turn tracing on (clearing old spans) or off wherever this backend generates."""
+    def _trace_switch(self, on: bool, detail: bool = False) -> None:
+        """Turn tracing on (clearing old spans; ``detail``: tensor all-reduces too) or off wherever this
+        backend generates."""
         from exo_lab.engine.trace import TRACER
 
-        TRACER.enable(on)
+        TRACER.enable(on, detail)
 
     def _trace_collect(self, since_ns: int) -> list[tuple[RankInfo, list[RawSpan]]]:
         """Every rank's spans that ended since ``since_ns`` (coordinator clock), with its clock's offset."""
@@ -149,11 +150,15 @@ class Backend(ABC):
             threading.Thread(target=gen._end_trace, daemon=True, name="exo-lab-trace").start()
 
     # ---------------------------------------------------------------- tracing
-    def trace_begin(self, label: str = "") -> Recording:
-        """Start recording spans on every rank (see :mod:`exo_lab.engine.trace`); end with :meth:`trace_end`."""
+    def trace_begin(self, label: str = "", detail: bool = False) -> Recording:
+        """Start recording spans on every rank (see :mod:`exo_lab.engine.trace`); end with :meth:`trace_end`.
+
+        ``detail``: also each in-layer all-reduce of a tensor group, apart from compute (an evaluation per
+        all-reduce: it slows a tensor group's decode down; decided by the first of overlapping recordings).
+        """
         with self._trace_lock:
             if self._recording == 0:
-                self._trace_switch(True)
+                self._trace_switch(True, detail)
             self._recording += 1
             return Recording(new_id(), label, now_ns())
 
@@ -177,12 +182,12 @@ class Backend(ABC):
         return rec.trace
 
     @contextmanager
-    def trace(self, label: str = "") -> Iterator[Recording]:
+    def trace(self, label: str = "", detail: bool = False) -> Iterator[Recording]:
         """``with backend.trace() as rec: ...``: every rank's spans while the block runs; ``rec.trace`` after.
 
-        Requests of other callers that run meanwhile are in the trace too.
+        Requests of other callers that run meanwhile are in the trace too. ``detail``: see :meth:`trace_begin`.
         """
-        rec = self.trace_begin(label)
+        rec = self.trace_begin(label, detail)
         try:
             yield rec
         finally:

@@ -17,7 +17,8 @@ The hooks (in :mod:`exo_lab.engine.lockstep`, :mod:`exo_lab.engine.worker`,
 ``compute``     this stage's layers (with a tensor group's all-reduces unless ``all_reduce`` spans
                 are recorded inside it)
 ``send``        handing the hidden states to the next stage
-``all_reduce``  a tensor group's all-reduce inside ``compute``
+``all_reduce``  a tensor group's in-layer all-reduce inside ``compute`` (recorded only in ``detail``:
+                it evaluates each all-reduce apart, which slows a tensor group's decode down)
 ``sample``      sampling the step's tokens (the last stage's lead rank)
 ``all_sum``     the step's small all-reduce giving every rank the tokens, stop flags, admissions
 ``step``        the Engine's whole decode step (one process: prefill of joining prompts inside)
@@ -101,14 +102,16 @@ class Tracer:
 
     def __init__(self) -> None:
         self.on = False
+        self.detail = False  # also a tensor group's in-layer all-reduces (an eval per all-reduce: costly)
         self.step = 0
         self.spans: deque[RawSpan] = deque(maxlen=MAX_SPANS)
 
-    def enable(self, on: bool = True) -> None:
-        """Turn recording on (clearing what an earlier recording left) or off."""
+    def enable(self, on: bool = True, detail: bool = False) -> None:
+        """Turn recording on (clearing what an earlier recording left) or off; ``detail``: record a tensor
+        group's in-layer all-reduces too."""
         if on and not self.on:
             self.spans.clear()
-        self.on = on
+        self.on, self.detail = on, on and detail
 
     def span(self, name: str, **args: Any) -> Any:
         """``with TRACER.span("name", key=value):`` times its block while tracing is on."""
@@ -149,8 +152,8 @@ TRACER = Tracer()
 
 
 class _TracedDistributed:
-    """``mlx.core.distributed`` whose ``all_sum`` (the tensor-sharded linears' all-reduce), while tracing,
-    evaluates its input first and records the all-reduce as an ``all_reduce`` span."""
+    """``mlx.core.distributed`` whose ``all_sum`` (the tensor-sharded linears' all-reduce), while tracing in
+    detail, evaluates its input first and records the all-reduce as an ``all_reduce`` span."""
 
     def __init__(self, real: Any) -> None:
         self._real = real
@@ -159,7 +162,7 @@ class _TracedDistributed:
         return getattr(self._real, name)
 
     def all_sum(self, x: Any, *, group: Any = None, stream: Any = None) -> Any:
-        if not TRACER.on:
+        if not TRACER.detail:
             return self._real.all_sum(x, group=group, stream=stream)
         import mlx.core as mx
 

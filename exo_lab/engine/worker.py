@@ -505,7 +505,7 @@ class TraceHandler(_Handler):
         if self.check():
             b = self.body()
             if "on" in b:
-                TRACER.enable(bool(b["on"]))
+                TRACER.enable(bool(b["on"]), bool(b.get("detail")))
             out: dict[str, Any] = {"rank": self.worker.rank, "on": TRACER.on}
             if "since_ns" in b:
                 out["spans"] = [list(s) for s in TRACER.since(int(b["since_ns"]))]

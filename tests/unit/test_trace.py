@@ -91,6 +91,11 @@ def test_a_tracer_that_is_off_records_nothing():
     with t.span("compute", rows=2):
         pass
     assert [s[0] for s in t.spans] == ["compute"] and t.spans[0][4] == {"rows": 2}
+    assert not t.detail  # a tensor group's in-layer all-reduces only when asked for
+    t.enable(True, detail=True)
+    assert t.detail and t.spans  # already on: kept
+    t.enable(False)
+    assert not t.on and not t.detail
 
 
 def test_an_engine_traces_its_steps(engine):
