@@ -10,6 +10,7 @@ import socket
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import exo_lab
 from exo_lab import _blas, defaults
@@ -335,6 +336,21 @@ def _preview(args: argparse.Namespace) -> int:
     return 0 if plans.plans else 1
 
 
+def _write_traces(result: Any, where: Path) -> None:
+    """Each traced plan's Chrome trace JSON under ``where``, and its per-token breakdown printed."""
+    from exo_lab.engine.trace import Trace
+
+    where.mkdir(parents=True, exist_ok=True)
+    for p in result.plans:
+        if p.trace:
+            trace = Trace.from_json(p.trace)
+            path = trace.save(where / f"trace-plan{p.index}-{trace.id}.json")
+            print(
+                f"plan #{p.index} {p.description}: trace {path} (clocks within +-{trace.uncertainty_ns / 1e3:.0f} us)"
+            )
+            print(trace.table())
+
+
 def _bench(args: argparse.Namespace) -> int:
     from exo_lab.bench import BenchError
 
@@ -344,6 +360,9 @@ def _bench(args: argparse.Namespace) -> int:
         return 2
     if not (args.url or args.instance or model):
         print("exo-lab: error: bench needs a model to launch, --instance ID or --url URL", file=sys.stderr)
+        return 2
+    if args.trace is not None and (args.url or args.instance):
+        print("exo-lab: error: --trace traces the plans bench launches, not --url or --instance", file=sys.stderr)
         return 2
     cluster = None
     try:
@@ -370,6 +389,14 @@ def _bench(args: argparse.Namespace) -> int:
                     f"prefill x{c['prefill_efficiency']:.3g}, +{1000 * c['hop_overhead_s']:.3g} ms per message "
                     f"-> {where or 'NOT stored'}"
                 )
+        if args.trace is not None:
+            _write_traces(result, Path(args.trace))
+        if result.components:
+            from exo_lab.bench.components import COMPONENTS
+
+            before, after = result.components["before"], result.components["after"]
+            print("calibration per component, from the traces (prediction error %, before -> after):")
+            print("  " + ", ".join(f"{c} {before[c]:.1f} -> {after[c]:.1f}" for c in COMPONENTS if c in before))
         if args.json:
             print(f"wrote {result.save(args.json)}")
         if args.plot:
@@ -428,6 +455,7 @@ def _bench_cluster(args: argparse.Namespace, cluster, model: str | None):
         warmup=args.warmup,
         calibrate=args.calibrate,
         progress=not args.no_progress,
+        trace=args.trace is not None,
     )
 
 
@@ -605,6 +633,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="with --url: the server's API key")
     p.add_argument(
         "--tokenizer", metavar="MODEL", help="with --url: a local model whose tokenizer makes prompts of exactly --pp"
+    )
+    p.add_argument(
+        "--trace",
+        nargs="?",
+        const=".",
+        metavar="DIR",
+        help="trace one more request per plan on every rank: Chrome trace JSON in DIR (default: .) and the "
+        "per-token breakdown, measured beside predicted",
     )
     where = p.add_mutually_exclusive_group()
     where.add_argument("--connect", nargs="+", metavar="HOST:PORT", help="agents to bench on (default: discover)")

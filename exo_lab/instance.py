@@ -43,6 +43,7 @@ from exo_lab.engine.backend import STATES, USAGE_HISTORY, Backend  # noqa: F401 
 from exo_lab.engine.generation import Chunk, Generation, TokenLogprob, Usage
 from exo_lab.engine.job import Job
 from exo_lab.engine.prefix_cache import DEFAULT_BYTES as PREFIX_CACHE_BYTES
+from exo_lab.engine.trace import RankInfo, RawSpan, estimate_offset
 from exo_lab.models import formats
 from exo_lab.models.store import resolve
 from exo_lab.placement.plan import Plan
@@ -621,6 +622,30 @@ class Instance(Backend):
         finally:
             reading.join(1.0)
             stream.close()
+
+    # ---------------------------------------------------------------- tracing
+    def _trace_switch(self, on: bool, detail: bool = False) -> None:
+        """Every rank's tracer on (clearing it) or off."""
+        body = {"on": on, "detail": detail}
+        with ThreadPoolExecutor(max(1, len(self.controls))) as pool:
+            list(pool.map(lambda r: self._worker(r, "POST", "/trace", body), sorted(self.controls)))
+
+    def _trace_collect(self, since_ns: int) -> list[tuple[RankInfo, list[RawSpan]]]:
+        """Each rank's clock offset (round trips to its control API, :func:`estimate_offset`), then its spans."""
+
+        def one(rank: int) -> tuple[RankInfo, list[RawSpan]]:
+            client = SignedClient(self.controls[rank], self.cluster.cluster_key, 5.0)
+            offset, uncertainty = estimate_offset(lambda: int(client.json("GET", "/clock")["clock_ns"]))
+            spec = next(r for r in self.plan.ranks if r.rank == rank)
+            info = RankInfo(rank, spec.stage, self.plan.node_names.get(spec.node_id, spec.node_id), offset, uncertainty)
+            got = client.json("POST", "/trace", {"since_ns": since_ns + offset - uncertainty})
+            return info, [(n, int(s), int(e), int(k), a) for n, s, e, k, a in got.get("spans", [])]
+
+        with ThreadPoolExecutor(max(1, len(self.controls))) as pool:
+            return list(pool.map(one, sorted(self.controls)))
+
+    def _trace_context(self) -> tuple[str, dict[str, float]]:
+        return self.plan.describe(), dict(self.plan.breakdown)
 
     # ---------------------------------------------------------------- teardown
     def _stop_workers(self, graceful: bool) -> None:

@@ -199,6 +199,7 @@ class Cluster(ClusterClient):
         progress: bool = True,
         widget: Any = None,
         launch_timeout: float = 300.0,
+        trace: bool = False,
     ) -> BenchResult:
         """Launch each of ``plans`` in turn and measure it against its predictions (a :class:`~exo_lab.bench.BenchResult`).
 
@@ -208,7 +209,8 @@ class Cluster(ClusterClient):
         alone and ``repeat`` times at each ``concurrency``; ``pp``, ``tg`` and ``concurrency`` take lists,
         and every combination runs. ``calibrate`` fits the cost model's per-node factors to the measurements
         and stores them with the node profiles. ``instance`` (an :class:`Instance` or the id of any instance
-        of the cluster) measures what already runs instead of launching. See :mod:`exo_lab.bench`.
+        of the cluster) measures what already runs instead of launching; ``trace``
+        traces one more request per plan on every rank (``result.plans[i].trace``). See :mod:`exo_lab.bench`.
         """
         if instance is not None:
             if plans is not None:
@@ -230,6 +232,7 @@ class Cluster(ClusterClient):
             progress=progress,
             widget=widget,
             launch_timeout=launch_timeout,
+            trace=trace,
         )
 
 

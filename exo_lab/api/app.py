@@ -27,6 +27,7 @@ from exo_lab.api.handlers import (
 from exo_lab.api.info import HealthHandler, ModelHandler, ModelsHandler
 from exo_lab.api.openapi import OpenApiHandler
 from exo_lab.api.registry import ModelRegistry
+from exo_lab.api.traces import TraceHandler, TracesHandler
 from exo_lab.cluster.auth import Verifier
 
 access_log = logging.getLogger("tornado.access")
@@ -72,6 +73,8 @@ def make_app(
             (r"/v1/messages/count_tokens", CountTokensHandler, kw),
             (r"/v1/models", ModelsHandler, kw),
             (r"/v1/models/(.+)", ModelHandler, kw),
+            (r"/v1/traces", TracesHandler, kw),
+            (r"/v1/traces/([^/]*)", TraceHandler, kw),
             (r"/health", HealthHandler, kw),
             (r"/openapi.json", OpenApiHandler, kw),
             (r"/instance/previews", PreviewsHandler, {**kw, "topology_source": topology_source}),

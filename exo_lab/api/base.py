@@ -30,6 +30,18 @@ from exo_lab.engine.generation import Generation
 
 log = logging.getLogger(__name__)
 
+#: the request header that asks for a trace of the request (any value but ``0``, ``false``, ``no``, ``off``);
+#: see :mod:`exo_lab.api.traces`
+TRACE_HEADER = "X-Exo-Trace"
+#: the answer's header naming the trace recorded (``GET /v1/traces/{id}`` once the answer has ended)
+TRACE_ID_HEADER = "X-Exo-Trace-Id"
+
+
+def wants_trace(headers: Any) -> bool:
+    """Whether a request asks for a trace (:data:`TRACE_HEADER`)."""
+    value = headers.get(TRACE_HEADER)
+    return value is not None and value.strip().lower() not in ("", "0", "false", "no", "off")
+
 
 def presented_key(headers: Any) -> str | None:
     """The API key a request carries: ``Authorization: Bearer KEY`` or ``x-api-key: KEY``."""
@@ -311,6 +323,30 @@ class GenerationHandler(ApiHandler):
             if reply.request is None:
                 self.send_json(reply.immediate())
                 return
+        except ApiError as err:
+            self.send_api_error(err)
+            return
+        self._trace: Any = None
+        if wants_trace(self.request.headers):  # every rank records while this request runs
+            rec = await IOLoop.current().run_in_executor(None, reply.backend.trace_begin, "api")
+            self._trace = (reply.backend, rec)
+            self.set_header(TRACE_ID_HEADER, rec.id)
+        try:
+            await self.generate(reply)
+        finally:
+            await self.end_trace()
+
+    async def end_trace(self) -> None:
+        """End this request's trace (once), before its answer ends: its id is readable when the client has it."""
+        if self._trace is not None:
+            backend, rec = self._trace
+            self._trace = None
+            await IOLoop.current().run_in_executor(None, backend.trace_end, rec)
+
+    async def generate(self, reply: Reply) -> None:
+        """Submit the parsed request and answer it."""
+        assert reply.request is not None  # a reply without a request was answered at once
+        try:
             self.generation = common.submit(reply.backend, reply.request)
         except ApiError as err:
             self.send_api_error(err)
@@ -320,6 +356,7 @@ class GenerationHandler(ApiHandler):
         stream = events(self.generation, reply.tools, reply.reasoning)
         if not reply.stream:
             out = await collect(stream)
+            await self.end_trace()
             if self.client_gone:
                 return
             if out.final.error:
@@ -336,6 +373,7 @@ class GenerationHandler(ApiHandler):
                 sent = await (self.send_line(data) if reply.framing == "ndjson" else self.send_sse(data, name))
                 if not sent:
                     return
+        await self.end_trace()
         if not self.client_gone:
             self.finish()
 

@@ -168,6 +168,7 @@ class PlanBench:
     concurrency: list[ConcurrencyPoint] = field(default_factory=list)
     launch_s: float | None = None
     points: list[SweepPoint] = field(default_factory=list)  # every (pp, tg, concurrency) of the sweep
+    trace: dict[str, Any] | None = None  # a traced request (bench --trace): exo_lab.engine.trace.Trace.to_json()
 
     @property
     def ok(self) -> bool:
@@ -237,6 +238,7 @@ class BenchResult:
     card: dict[str, Any] = field(default_factory=dict)
     prompt: dict[str, Any] = field(default_factory=dict)  # how the exact-length prompt was built
     calibration: Calibration | None = None
+    components: dict[str, Any] | None = None  # calibration per component from the traces (bench/components.py)
     created: float = field(default_factory=time.time)
     exo_lab_version: str = ""
     notes: dict[str, str] = field(default_factory=dict)
@@ -690,6 +692,8 @@ JSON_SCHEMA: dict[str, Any] = {
                 "properties": {
                     "status": {"enum": ["ok", "skipped", "failed"]},
                     "points": {"type": "array", "items": _POINT},
+                    "plan": {"type": "object", "required": ["ranks", "strategy"]},
+                    "trace": {"type": ["object", "null"], "required": ["id", "ranks", "spans", "predicted"]},
                     "links": {
                         "type": "array",
                         "items": {

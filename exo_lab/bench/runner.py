@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from exo_lab._version import __version__
 from exo_lab.bench.calibrate import fit_calibration, store_calibration
+from exo_lab.bench.components import fit_components, store_components
 from exo_lab.bench.endpoint import Sample
 from exo_lab.bench.prompts import exact_prompt
 from exo_lab.bench.results import (
@@ -28,6 +29,7 @@ from exo_lab.bench.results import (
 )
 from exo_lab.bench.sweep import ENGINE_NOTE, HeldTarget, node_memory, predictor_for, sizes, sweep
 from exo_lab.bench.sweep import steps as sweep_steps
+from exo_lab.engine.trace import Trace
 from exo_lab.models.card import ModelCard
 from exo_lab.models.store import resolve
 from exo_lab.placement.cost import DTYPE_BYTES
@@ -201,6 +203,14 @@ def _bench_plan(
             )
             for c, (point, _) in sorted(first.items())
         ]
+        if cfg.get("trace"):  # one more request, traced on every rank, set against the bench's own prediction
+            bar.set_postfix_str(f"#{index} trace")
+            tokens, _ = exact_prompt(cfg["tokenizer"], pp, seed=1_000_003 + index)  # a prompt no cache holds
+            gen = inst.generate(tokens, max_tokens=tg, ignore_eos=True, trace=True)
+            trace = gen.trace
+            if trace is not None:
+                trace.predicted = dict(pred.get("breakdown") or {})
+                res.trace = trace.to_json()
         res.memory = node_memory(cluster, inst.id, plan.nodes, plan)
         res.ratios = {m: res.median(m) / pred[m] for m in METRICS if res.median(m) and pred.get(m)}
     except (TimeoutError, BenchError, RuntimeError, OSError) as exc:  # a LaunchError is a RuntimeError
@@ -248,6 +258,7 @@ def run(
     progress: bool = True,
     widget: Any = None,
     launch_timeout: float = 300.0,
+    trace: bool = False,
 ) -> BenchResult:
     """Benchmark ``plans`` on ``cluster`` (see the module doc); what ``cluster.bench`` does.
 
@@ -255,7 +266,9 @@ def run(
     ``pp``, ``tg``: a size or several (every combination with every ``concurrency`` runs on each plan;
     the per-plan table, ratios and calibration use the first ``pp`` and ``tg``);
     ``select``: ``"all"``, ``"best"`` or a count of launchable plans, best first; ``strategies``
-    keeps only those strategies; ``widget``: a plan comparison widget to show the measurements in.
+    keeps only those strategies; ``widget``: a plan comparison widget to show the measurements in;
+    ``trace``: one more request per plan traced on every rank (``PlanBench.trace``; with ``calibrate``, the
+    traces also fit the cost model per component, see :mod:`exo_lab.bench.components`).
     """
     from mlx_lm.utils import load_tokenizer  # MLX loads only when a bench runs, not with the package
 
@@ -289,6 +302,7 @@ def run(
         "prompts": prompts,
         "tokenizer": tokenizer,
         "topology": topology,
+        "trace": trace,
     }
     results = []
     with tqdm(total=steps * len(chosen), desc=f"bench {card.name}", unit="step", disable=not progress) as bar:
@@ -328,6 +342,11 @@ def run(
         result.calibration = fit_calibration(result, topology, card)
         if result.calibration is not None:
             result.calibration.stored = store_calibration(cluster, result.calibration, result)
+        traced = [(Trace.from_json(p.trace), Plan.from_json(p.plan)) for p in result.ok if p.trace]
+        fit = fit_components(traced, topology, card) if traced else None  # per component, from the traces
+        if fit is not None:
+            store_components(cluster, fit)
+            result.components = fit.to_json()
     if widget is not None:
         result.show_in(widget)
     return result

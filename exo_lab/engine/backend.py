@@ -10,20 +10,27 @@ their batching counters and how they close.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
 from exo_lab.engine.chat import chat_prompt_tokens
 from exo_lab.engine.generation import Chunk, EngineBusy, Generation, GenerationError, GenerationRequest, Usage
 from exo_lab.engine.sampling import SamplingParams
+from exo_lab.engine.trace import RankInfo, RawSpan, Recording, Trace, assemble, new_id, now_ns
+
+log = logging.getLogger(__name__)
 
 #: finished requests kept in ``Backend.usage_history``
 USAGE_HISTORY = 256
+#: finished traces kept in ``Backend.traces``
+TRACE_HISTORY = 16
 #: ``state`` values: ``ready`` takes requests; ``launching``, ``loading`` and ``replacing`` pass
 #: (the API answers 503 with Retry-After); ``failed`` and ``stopped`` do not
 STATES = ("launching", "loading", "ready", "replacing", "failed", "stopped")
@@ -63,6 +70,9 @@ class Backend(ABC):
         self.requests_completed = 0  # all finished requests, not only those still in the history
         self._pending = 0  # submitted, not finished
         self._lock = threading.RLock()
+        self.traces: deque[Trace] = deque(maxlen=TRACE_HISTORY)  # the last recordings, oldest first
+        self._recording = 0  # recordings in progress (the ranks trace while any is)
+        self._trace_lock = threading.Lock()  # turning the ranks' tracing on and off
 
     # ---------------------------------------------------------------- what subclasses say
     @abstractmethod
@@ -84,6 +94,23 @@ class Backend(ABC):
 
     def _on_finish(self, gen: Generation) -> None:  # noqa: B027  (an optional hook, empty by default)
         """Hook run (under the lock) when ``gen`` leaves: forget whatever tracks it."""
+
+    def _trace_switch(self, on: bool, detail: bool = False) -> None:
+        """Turn tracing on (clearing old spans; ``detail``: tensor all-reduces too) or off wherever this
+        backend generates."""
+        from exo_lab.engine.trace import TRACER
+
+        TRACER.enable(on, detail)
+
+    def _trace_collect(self, since_ns: int) -> list[tuple[RankInfo, list[RawSpan]]]:
+        """Every rank's spans that ended since ``since_ns`` (coordinator clock), with its clock's offset."""
+        from exo_lab.engine.trace import TRACER
+
+        return [(RankInfo(0, 0, "local"), TRACER.since(since_ns))]
+
+    def _trace_context(self) -> tuple[str, dict[str, float]]:
+        """The plan described, and the cost model's decode seconds per component for it (none here)."""
+        return "one process", {}
 
     # ---------------------------------------------------------------- admission
     def submit(self, request: GenerationRequest) -> Generation:
@@ -120,6 +147,61 @@ class Backend(ABC):
                 self.usage_history.append((time.time(), final.usage))
                 self.requests_completed += 1
             gen._push(final)
+        if gen._traced is not None:  # its recording ends with it (collected on a thread of its own)
+            threading.Thread(target=gen._end_trace, daemon=True, name="exo-lab-trace").start()
+
+    # ---------------------------------------------------------------- tracing
+    def trace_begin(self, label: str = "", detail: bool = False) -> Recording:
+        """Start recording spans on every rank (see :mod:`exo_lab.engine.trace`); end with :meth:`trace_end`.
+
+        ``detail``: also each in-layer all-reduce of a tensor group, apart from compute (an evaluation per
+        all-reduce: it slows a tensor group's decode down; decided by the first of overlapping recordings).
+        """
+        with self._trace_lock:
+            if self._recording == 0:
+                self._trace_switch(True, detail)
+            self._recording += 1
+            return Recording(new_id(), label, now_ns())
+
+    def trace_end(self, rec: Recording) -> Trace:
+        """Collect ``rec``'s spans from every rank (clocks aligned), keep the trace in :attr:`traces`."""
+        end = now_ns()
+        try:
+            per_rank = self._trace_collect(rec.start_ns)
+        finally:
+            with self._trace_lock:
+                self._recording -= 1
+                if self._recording == 0:
+                    try:
+                        self._trace_switch(False)
+                    except Exception as exc:  # a rank gone: its tracer dies with it
+                        log.debug("turning tracing off on %s: %s", self.name, exc)
+        plan, predicted = self._trace_context()
+        rec.trace = assemble(rec.id, self.name, rec.start_ns, end, per_rank, rec.label, plan, predicted, rec.started)
+        with self._lock:
+            self.traces.append(rec.trace)
+        return rec.trace
+
+    @contextmanager
+    def trace(self, label: str = "", detail: bool = False) -> Iterator[Recording]:
+        """``with backend.trace() as rec: ...``: every rank's spans while the block runs; ``rec.trace`` after.
+
+        Requests of other callers that run meanwhile are in the trace too. ``detail``: see :meth:`trace_begin`.
+        """
+        rec = self.trace_begin(label, detail)
+        try:
+            yield rec
+        finally:
+            self.trace_end(rec)
+
+    @property
+    def last_trace(self) -> Trace | None:
+        """The latest trace recorded, or None."""
+        return self.traces[-1] if self.traces else None
+
+    def find_trace(self, trace_id: str) -> Trace | None:
+        """A kept trace by its id, or None."""
+        return next((t for t in list(self.traces) if t.id == trace_id), None)
 
     def embed(self, prompts: Sequence[Sequence[int]]) -> list[list[float]]:
         """Each prompt's embedding (:mod:`exo_lab.engine.embedding`), as ``embed`` requests queued with the
@@ -158,14 +240,26 @@ class Backend(ABC):
         seed: int | None = None,
         stop: Sequence[str] = (),
         ignore_eos: bool = False,
+        trace: bool = False,
     ) -> Generation:
-        """Generate from raw text (or token ids); returns a streaming handle."""
+        """Generate from raw text (or token ids); returns a streaming handle.
+
+        ``trace``: record every rank's spans while it runs; ``gen.trace`` (waits for it) once it is over.
+        """
         tokens = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        return self.submit(
-            GenerationRequest(
-                tuple(tokens), max_tokens, SamplingParams(temperature, top_p, top_k, seed), tuple(stop), ignore_eos
-            )
+        request = GenerationRequest(
+            tuple(tokens), max_tokens, SamplingParams(temperature, top_p, top_k, seed), tuple(stop), ignore_eos
         )
+        if not trace:
+            return self.submit(request)
+        rec = self.trace_begin("generate")
+        try:
+            gen = self.submit(request)
+        except BaseException:
+            self.trace_end(rec)
+            raise
+        gen._traced = (self, rec)
+        return gen
 
     def chat(self, messages: Sequence[dict[str, Any]], **kwargs: Any) -> Generation:
         """Generate a reply to chat ``messages``; same keywords as :meth:`generate`."""

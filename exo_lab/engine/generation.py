@@ -114,6 +114,8 @@ class Generation:
         self._wakers: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self.usage: Usage | None = None
         self.finish_reason: str | None = None
+        self._traced: Any = None  # (backend, Recording) while a trace records this generation
+        self._trace_done = threading.Event()
 
     # producer side (engine thread)
     def _push(self, chunk: Chunk) -> None:
@@ -169,6 +171,24 @@ class Generation:
         finally:
             with self._lock:
                 self._wakers.remove((loop, wake))
+
+    def _end_trace(self) -> None:
+        """End the recording of a traced generation (its backend's ``trace_end``)."""
+        backend, rec = self._traced
+        try:
+            backend.trace_end(rec)
+        finally:
+            self._trace_done.set()
+
+    @property
+    def trace(self) -> Any:
+        """The :class:`~exo_lab.engine.trace.Trace` of a generation made with ``trace=True`` (waits until the
+        generation is over and its spans are collected; None when it was not traced)."""
+        if self._traced is None:
+            return None
+        self._done.wait()  # the trace ends with the generation
+        self._trace_done.wait(60)
+        return self._traced[1].trace
 
     def text(self) -> str:
         """Block until done; the whole generated text (raises on engine errors)."""

@@ -42,6 +42,7 @@ from exo_lab.engine.generation import (  # noqa: F401  (re-exported: the request
 from exo_lab.engine.prefix_cache import DEFAULT_BYTES, PrefixCache
 from exo_lab.engine.sampling import make_penalties, make_sampler
 from exo_lab.engine.stopping import StopMatcher
+from exo_lab.engine.trace import TRACER
 
 log = logging.getLogger(__name__)
 _parked = threading.Condition()  # closed engines' worker threads wait here forever
@@ -223,7 +224,8 @@ class Engine(Backend):
                     usage = Usage(prompt_tokens=len(gen.request.prompt_tokens))
                     self._finish(gen, Chunk("", finish_reason="stop", usage=usage, embedding=tuple(vector)))
                     continue
-                self._admit(gen, active)
+                with TRACER.span("admit", prompt_tokens=len(gen.request.prompt_tokens)):
+                    self._admit(gen, active)
             except Exception as exc:
                 log.exception("generation %s could not start", gen.request.id)
                 self._finish(gen, Chunk("", finish_reason="error", error=f"{type(exc).__name__}: {exc}", usage=Usage()))
@@ -299,7 +301,9 @@ class Engine(Backend):
         if not active:
             return
         try:
-            responses = self._batch.next_generated()
+            TRACER.step = self._stats["decode_steps"]
+            with TRACER.span("step", rows=len(active)):
+                responses = self._batch.next_generated()
         except Exception as exc:  # the batch is unusable: fail what it held, start afresh
             log.exception("batch step failed")
             for a in active.values():

@@ -34,6 +34,7 @@ import mlx.core as mx
 import numpy as np
 
 from exo_lab.engine.shard import Shard
+from exo_lab.engine.trace import TRACER
 
 log = logging.getLogger(__name__)
 
@@ -173,20 +174,25 @@ class Lockstep:
             x = tokens
         elif not multi:
             x = mx.distributed.recv((b, n, self.hidden), self.act_dtype, lay.peer(lay.stage - 1), group=self.group)
+            x = TRACER.ready("recv", x)
         elif lay.rank == mine[0]:
             x = mx.distributed.recv(
                 (b, n, self.hidden), self.act_dtype, lay.stages[lay.stage - 1][-1], group=self.group
             )
+            x = TRACER.ready("recv", x)
             sent = mx.distributed.send(x, mine[1], group=self.group)
             (x,) = mx.depends([x], [sent])
         else:
-            x = mx.distributed.recv((b, n, self.hidden), self.act_dtype, mine[0], group=self.group)
-        out = self.shard(x, cache) if (logits or not lay.last) else self.shard.hidden(x, cache)
+            x = TRACER.ready(
+                "recv", mx.distributed.recv((b, n, self.hidden), self.act_dtype, mine[0], group=self.group)
+            )
+        shard = self.shard if (logits or not lay.last) else self.shard.hidden
+        out = TRACER.timed("compute", lambda: shard(x, cache))
         if not lay.last:
             if not multi and len(lay.stages[lay.stage + 1]) == 1:
-                return mx.distributed.send(out, lay.peer(lay.stage + 1), group=self.group)
+                return TRACER.ready("send", mx.distributed.send(out, lay.peer(lay.stage + 1), group=self.group))
             if lay.rank == mine[-1]:
-                return mx.distributed.send(out, lay.stages[lay.stage + 1][0], group=self.group)
+                return TRACER.ready("send", mx.distributed.send(out, lay.stages[lay.stage + 1][0], group=self.group))
             return out
         return out
 
@@ -200,8 +206,9 @@ class Lockstep:
         pos, total = start, len(prompt)
         while total - pos > 1:  # the same chunking as mlx_lm's generate_step
             n = min(self.prefill_step_size, total - pos - 1)
-            out = self._forward(tokens[pos : pos + n][None], cache, logits=False)
-            mx.eval(out, [c.state for c in cache])
+            with TRACER.span("prefill", tokens=n, pos=pos):
+                out = self._forward(tokens[pos : pos + n][None], cache, logits=False)
+                mx.eval(out, [c.state for c in cache])
             pos += n
             mx.clear_cache()
         return cache
@@ -258,7 +265,8 @@ class Lockstep:
                 ],
                 axis=0,
             )
-        values, dtype = self._sample(batch, logits, errors)
+        with TRACER.span("sample", rows=len(batch)):
+            values, dtype = self._sample(batch, logits, errors)
         if not any(errors):
             return mx.array(values, dtype)
         return mx.array([FAILED if e else v for v, e in zip(values, errors)], mx.int32)
@@ -366,7 +374,8 @@ class Lockstep:
         )
         mine = mx.array([*flags, admit] if self.layout.rank == 0 else [0] * (width + 1), mx.int32)
         both = mx.distributed.all_sum(mx.concatenate([tok, mine]), group=self.group)
-        mx.eval(both)
+        with TRACER.span("all_sum"):
+            mx.eval(both)
         values = cast("list[int]", both.tolist())  # a 1-d int32 array
         return values[:width], values[width : 2 * width], values[-1]
 

@@ -17,7 +17,8 @@ the instance goes on serving the others:
   answered 400 with what is wrong); rank 0 streams NDJSON chunks, the other ranks answer at once
   (every rank must get every job: a rank waits for the jobs rank 0 admits);
 - ``POST /cancel``: ``{"seq"}`` (rank 0 turns it into the shared stop flag);
-- ``POST /shutdown``: ``{"seq"}``: drain, barrier with every rank, exit.
+- ``POST /shutdown``: ``{"seq"}``: drain, barrier with every rank, exit;
+- ``POST /trace``, ``GET /clock``: this rank's spans (:mod:`exo_lab.engine.trace`) and its clock.
 
 A worker never outlives its node agent: a thread checks every half second that its parent is
 still the agent that started it (``agent_pid`` in the config; the parent at start otherwise)
@@ -60,6 +61,7 @@ from exo_lab.engine.prefix_cache import PrefixCache, agree, row_caches
 from exo_lab.engine.sampling import SamplingParams, make_penalties, make_sampler
 from exo_lab.engine.shard import ShardSpec, load_shard, tensor_names
 from exo_lab.engine.stopping import StopMatcher
+from exo_lab.engine.trace import TRACER, trace_tensor_all_reduces
 from exo_lab.models import formats, partial
 
 log = logging.getLogger("exo_lab.engine.worker")
@@ -197,6 +199,7 @@ class Worker:
     def _serve_step(self, batch, rows: list[_Row]) -> list[_Row]:
         """Admit what rank 0 admits, decode one step of the batch, drop the rows that ended; the rows left."""
         ls = self.lockstep
+        TRACER.step = self.stats["decode_steps"]  # the same on every rank: they take their steps together
         if not rows:  # idle: wait for the next job, then agree on how many join
             job = self._job(self.admitted + 1)
             if job.kind == "shutdown":
@@ -213,7 +216,8 @@ class Worker:
             if queued.job is not None and queued.job.embed:  # an embedding: every rank now, never in the batch
                 self._embed(queued)
             else:
-                rows.append(self._admit(queued, batch))
+                with TRACER.span("admit", seq=seq):
+                    rows.append(self._admit(queued, batch))
             self.admitted = seq
             log.debug("job %d joined (prefill %.3f s)", seq, time.perf_counter() - t)
         if not rows:  # only embeddings were admitted: nothing to decode
@@ -426,6 +430,8 @@ class Worker:
         stages = tuple(tuple(s) for s in cfg["stages"])
         layout = Layout(self.rank, stages)
         tensor_group = self.group if len(stages) == 1 and len(stages[0]) > 1 else None
+        if tensor_group is not None:
+            trace_tensor_all_reduces()  # a trace shows this rank's in-layer all-reduces apart from its compute
         pair = None
         mine = stages[layout.stage]
         if len(stages) > 1 and len(mine) > 1:
@@ -579,6 +585,30 @@ class GenerateHandler(_Handler):
             ev.clear()
 
 
+class TraceHandler(_Handler):
+    """``POST /trace``: ``{"on": bool}`` turns this rank's tracer on (clearing it) or off; ``{"since_ns": N}``
+    returns the spans that ended at or after ``N`` (this rank's clock). Always answers the clock."""
+
+    def post(self) -> None:
+        if self.check():
+            b = self.body()
+            if "on" in b:
+                TRACER.enable(bool(b["on"]), bool(b.get("detail")))
+            out: dict[str, Any] = {"rank": self.worker.rank, "on": TRACER.on}
+            if "since_ns" in b:
+                out["spans"] = [list(s) for s in TRACER.since(int(b["since_ns"]))]
+            out["clock_ns"] = time.perf_counter_ns()
+            self.finish(out)
+
+
+class ClockHandler(_Handler):
+    """``GET /clock``: this rank's span clock (``time.perf_counter_ns``), for aligning its trace."""
+
+    def get(self) -> None:
+        if self.check():
+            self.finish({"clock_ns": time.perf_counter_ns()})
+
+
 class CancelHandler(_Handler):
     def post(self) -> None:
         if self.check():
@@ -631,6 +661,8 @@ def main(argv: list[str] | None = None) -> int:
                 (r"/status", StatusHandler, {"worker": worker}),
                 (r"/generate", GenerateHandler, {"worker": worker}),
                 (r"/cancel", CancelHandler, {"worker": worker}),
+                (r"/trace", TraceHandler, {"worker": worker}),
+                (r"/clock", ClockHandler, {"worker": worker}),
                 (r"/shutdown", ShutdownHandler, {"worker": worker}),
             ]
         )

@@ -50,7 +50,11 @@ and ``prefill_efficiency``, which :class:`NodeRates` multiplies ``R_dec`` and
 beyond the link's latency (framework and scheduling); :func:`calibrated_link` adds
 the mean of the two ends' overheads to a link's ``lat``, so each hop pays it once
 and each ring all-reduce ``2 (k - 1)`` times. Without a calibration the factors are
-1 and the overhead 0 (the microbenchmarks and probes taken as they are).
+1 and the overhead 0 (the microbenchmarks and probes taken as they are). A calibration per
+component (fitted from traces, see :mod:`exo_lab.bench.components`) adds ``links`` (a link's fitted
+latency and bandwidth, used instead of the probes' and the overhead) and ``all_reduce`` (the
+measured seconds of a pipeline step's token all-reduce over a group of nodes, used instead of one
+latency back to the first stage).
 
 ``lat`` is the one-way latency (half the measured median RTT), ``BW`` the
 link's slower direction; ranks on the same node talk over loopback
@@ -62,7 +66,7 @@ plus prefill activations per rank.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from exo_lab.models import formats
@@ -91,6 +95,10 @@ class NodeRates:
     decode_efficiency: float = 1.0  # calibration: measured / microbenchmarked decode read rate
     prefill_efficiency: float = 1.0  # calibration: measured / microbenchmarked prefill FLOP/s
     hop_overhead_s: float = 0.0  # calibration: seconds each message to or from this node costs beyond latency
+    # calibration per component (fitted from traces, exo_lab.bench.components): peer node -> (latency_s,
+    # bandwidth_bytes_s) of the link from this node, and the step's all-reduce seconds per group of nodes
+    links: dict[str, tuple[float, float]] = field(default_factory=dict, hash=False, compare=False)
+    all_sum_s: dict[str, float] = field(default_factory=dict, hash=False, compare=False)
 
     @classmethod
     def from_profile(cls, node_id: str, profile: dict[str, Any]) -> NodeRates:
@@ -113,6 +121,12 @@ class NodeRates:
             decode_efficiency=_factor(cal.get("decode_efficiency")),
             prefill_efficiency=_factor(cal.get("prefill_efficiency")),
             hop_overhead_s=_seconds(cal.get("hop_overhead_s")),
+            links={
+                str(peer): (float(v["latency_s"]), float(v["bandwidth_bytes_s"]))
+                for peer, v in (cal.get("links") or {}).items()
+                if _seconds(v.get("latency_s")) > 0 and _factor(v.get("bandwidth_bytes_s")) > 1.0
+            },
+            all_sum_s={str(k): _seconds(v) for k, v in (cal.get("all_reduce") or {}).items() if _seconds(v) > 0},
         )
 
     def kernel(self, dtype: str, quantized: bool) -> str:

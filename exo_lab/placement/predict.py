@@ -77,6 +77,10 @@ class CostContext:
         with the nodes' calibrated per-message overhead."""
         key = (a, b)
         if key not in self._links:
+            fitted = self.rates[a].links.get(b) if a != b and a in self.rates else None
+            if fitted is not None:  # a calibration per component: measured latency and bandwidth, overheads in
+                self._links[key] = LinkCost(*fitted)
+                return self._links[key]
             base: LinkCost | None = LOOPBACK
             if a != b:
                 best = self.topology.best_link(a, b)
@@ -193,7 +197,11 @@ def predict_into(
         pre[key] = link.transfer(ctx.prompt * ctx.hidden_bytes)
     if len(stages) > 1:  # the sampled token goes back to the first stage
         back = ctx.link(stages[-1].nodes[0], stages[0].nodes[0]) or LOOPBACK
-        dec[f"link {ctx.names[stages[-1].nodes[0]]}->{ctx.names[stages[0].nodes[0]]} (token)"] = back.latency_s
+        group = ",".join(sorted({n for s in stages for n in s.nodes}))  # a measured step all-reduce, if fitted
+        measured = ctx.rates[stages[0].nodes[0]].all_sum_s.get(group)
+        dec[f"link {ctx.names[stages[-1].nodes[0]]}->{ctx.names[stages[0].nodes[0]]} (token)"] = (
+            back.latency_s if measured is None else measured
+        )
     t_token = sum(dec.values())
     t_prefill = sum(pre.values())
     plan.decode_tps = 1.0 / t_token

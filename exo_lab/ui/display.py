@@ -15,12 +15,14 @@ from typing import Any
 from exo_lab.ui.instance_monitor import instance_mimebundle
 from exo_lab.ui.plan_comparison import plans_mimebundle
 from exo_lab.ui.topology_widget import topology_mimebundle
+from exo_lab.ui.trace_view import trace_mimebundle
 
 #: (module, class name, display function); by name, so no class is imported to register it
 HOOKS: tuple[tuple[str, str, Callable[..., Any]], ...] = (
     ("exo_lab.cluster.topology", "Topology", topology_mimebundle),
     ("exo_lab.placement.plan", "Plans", plans_mimebundle),
     ("exo_lab.instance", "Instance", instance_mimebundle),
+    ("exo_lab.engine.trace", "Trace", trace_mimebundle),
 )
 
 

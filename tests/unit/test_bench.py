@@ -359,12 +359,18 @@ def test_the_cli_writes_the_json(cluster, tiny_model, tmp_path):
         "--json",
         str(out),
         "--no-progress",
+        "--trace",
+        str(tmp_path / "traces"),
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "decode tok/s" in proc.stdout and f"wrote {out}" in proc.stdout
     doc = json.loads(out.read_text())
     validate(doc)
+    (written,) = (tmp_path / "traces").glob("trace-plan*.json")  # the traced request, as Chrome trace JSON
+    events = json.loads(written.read_text())["traceEvents"]
+    assert {e["pid"] for e in events if e["ph"] == "X"} == {0, 1}  # both ranks
+    assert "per token" in proc.stdout and doc["plans"][0]["trace"]["predicted"]
     assert [p["strategy"] for p in doc["plans"]] == ["pipeline"]
     assert doc["plans"][0]["measured"]["completion_tokens"] == [4]
     assert doc["plans"][0]["measured"]["prompt_tokens"] == [32]

@@ -303,6 +303,7 @@ def test_in_an_ipython_shell_the_package_registers_the_widget_displays():
     assert run.stdout.strip() == str(
         [
             ("exo_lab.cluster.topology", "Topology"),
+            ("exo_lab.engine.trace", "Trace"),
             ("exo_lab.instance", "Instance"),
             ("exo_lab.placement.plan", "Plans"),
         ]

@@ -17,6 +17,7 @@ from exo_lab.engine.backend import Backend
 from exo_lab.ui import instance_monitor as im
 from exo_lab.ui.dashboard.frames import rounded, typed_frame
 from exo_lab.ui.dashboard.instance_rows import LOADING, InstanceRow
+from exo_lab.ui.dashboard.last_trace import LastTrace
 from exo_lab.ui.dashboard.theme import ACCENT, BORDER, CRIT, FG2, SERIES, card, card_title, html_pane
 
 #: Tabulator columns drawn from HTML (the progress bar, the Stop button); every other cell is text
@@ -199,11 +200,13 @@ class InstancesView:
         )
         self.table.on_click(self._on_stop_click, column="stop")
         self.note = html_pane()
+        self.last_trace = LastTrace()  # the newest trace of an instance served here
         self.card = card(
             html_pane(card_title("Instances", "every instance of the cluster, and the models served here")),
             self.table,
             self.tps_fig,
             self.note,
+            self.last_trace.pane,
         )
         self._key: Any = None
 
@@ -235,6 +238,7 @@ class InstancesView:
             )
             for r in rows
         ) + tuple(sorted((stops or {}).items()))
+        key += (self.last_trace.key(served),)
         if key == self._key:
             return False
         self._key = key
@@ -268,4 +272,5 @@ class InstancesView:
         )
         self.table.visible = bool(rows)
         self.tps_fig.visible = bool(served)
+        self.last_trace.update(served)
         return True

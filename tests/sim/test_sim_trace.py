@@ -1,0 +1,147 @@
+"""A traced pipeline-3 on a simulated cluster whose cables are delayed: the spans tell where time goes.
+
+Three hosts joined by three cables (a triangle: every pair of ranks has a path, as MLX's ring needs),
+each cable delayed differently. A pipeline over the three is traced while it generates; in every decode
+step, a stage starts computing only after the previous stage sent (within the clocks' stated
+uncertainty); each hop's measured link time is within 30% of its cable's shaped one-way delay; the
+trace loads as Chrome trace JSON. The per-component calibration (:mod:`exo_lab.bench.components`)
+fits the cables' latencies from the same trace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+
+import pytest
+
+from exo_lab.bench.components import fit_components, store_components
+from exo_lab.models import synthetic
+from exo_lab.placement.preview import model_card
+from exo_lab.sim.cluster import SimCluster
+from exo_lab.sim.spec import SimSpec
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces need root"),
+    pytest.mark.skipif(shutil.which("ip") is None, reason="iproute2 ('ip') is not installed"),
+]
+
+DELAY_MS = {frozenset("ab"): 100.0, frozenset("bc"): 60.0, frozenset("ca"): 80.0}
+SPEC = {
+    "name": "trace3",
+    "hosts": ["a", "b", "c"],
+    "links": [
+        {"a": a, "b": b, "rate": "1gbit", "delay": f"{DELAY_MS[frozenset(a + b)]}ms"} for a, b in ("ab", "bc", "ca")
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory, models_cache):
+    """One pipeline-3 instance on the sim, traced over a short generation: (trace, plan, the components fitted
+    to the trace and stored on the nodes, the nodes' calibrations read back)."""
+    model = synthetic.create(models_cache / "trace-tiny", "tiny")
+    sim = SimCluster(SimSpec.from_json(SPEC))
+    sim.up(wait=120)
+    cluster = None
+    try:
+        cluster = sim.cluster()
+        cluster.wait_for(3, links=True, timeout=90)
+        plans = cluster.preview(model, context=512, prompt_tokens=16)
+        plan = next(p for p in plans if p.strategy == "pipeline" and p.num_stages == 3)
+        inst = cluster.launch(model, plan=plan)
+        try:
+            inst.wait_ready(timeout=180, progress=False)
+            gen = inst.generate(list(range(5, 25)), max_tokens=10, ignore_eos=True, trace=True)
+            assert len(gen.text()) > 0 or gen.finish_reason == "length"
+            trace = gen.trace
+        finally:
+            inst.delete()
+        fit = fit_components([(trace, plan)], cluster.topology, model_card(model))
+        assert fit is not None
+        store_components(cluster, fit)
+        stored = {n: cluster.topology.nodes[n].profile.get("calibration") or {} for n in plan.nodes}
+        yield trace, plan, fit, stored
+    finally:
+        if cluster is not None:
+            cluster.close()
+        sim.down()
+
+
+def test_a_stage_starts_a_step_only_after_its_input_arrived(traced):
+    trace = traced[0]
+    steps = trace.decode_steps()
+    assert len(steps) >= 8, steps
+    tol = trace.uncertainty_ns
+    for info in trace.ranks.values():
+        assert info.uncertainty_ns < 50e6, info  # the probes' round trips bound the offsets
+    stages = sorted(trace.ranks.values(), key=lambda r: r.stage)
+    checked = 0
+    for k in steps:
+        for src, dst in zip(stages, stages[1:]):
+            (send,) = [s for s in trace.of(src.rank, "send") if s.step == k]
+            (recv,) = [s for s in trace.of(dst.rank, "recv") if s.step == k]
+            (compute,) = [s for s in trace.of(dst.rank, "compute") if s.step == k]
+            (before,) = [s for s in trace.of(src.rank, "compute") if s.step == k]
+            assert before.end_ns <= send.start_ns  # on one rank: computed, then sent
+            assert recv.end_ns >= send.start_ns - tol, (k, send, recv, tol)
+            assert compute.start_ns >= recv.end_ns and compute.start_ns >= send.start_ns - tol, (k, send, compute)
+            checked += 1
+    assert checked == 2 * len(steps)
+
+
+def test_the_measured_link_wait_is_the_shaped_delay(traced):
+    trace, plan = traced[:2]
+    host = {i: name.split("-")[0] for i, name in plan.node_names.items()}
+    by_rank = {r.rank: host[next(x.node_id for x in plan.ranks if x.rank == r.rank)] for r in trace.ranks.values()}
+    stages = sorted(trace.ranks.values(), key=lambda r: r.stage)
+    rows = []
+    for src, dst in zip(stages, stages[1:]):
+        shaped = DELAY_MS[frozenset(by_rank[src.rank] + by_rank[dst.rank])]
+        waits = trace.link_waits(src.rank)  # the steps where the receiver waited for the data
+        if waits:
+            rows.append((by_rank[src.rank], by_rank[dst.rank], shaped, 1e3 * statistics.median(waits)))
+    print("\nhop  shaped one-way ms  measured median ms")
+    for a, b, shaped, measured in rows:
+        print(f"{a}->{b}  {shaped:17.1f}  {measured:18.2f}")
+    assert rows, "in no step did a stage wait for its input"
+    for a, b, shaped, measured in rows:
+        assert abs(measured - shaped) <= 0.3 * shaped, (a, b, shaped, measured)
+    print(trace.table())
+
+
+def test_the_trace_loads_as_chrome_trace_json(traced, tmp_path):
+    trace = traced[0]
+    path = trace.save(tmp_path / "trace.json")
+    data = json.loads(path.read_text())
+    events = data["traceEvents"]
+    spans = [e for e in events if e["ph"] == "X"]
+    assert len(spans) == len(trace.spans) > 0
+    for e in spans:
+        assert {"name", "ph", "ts", "dur", "pid", "tid"} <= set(e) and e["dur"] >= 0
+    names = {e["pid"]: e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "process_name"}
+    assert sorted(names) == sorted(trace.ranks)  # one track per rank
+    assert {"recv", "compute", "send", "all_sum", "sample", "prefill"} <= {e["name"] for e in spans}
+
+
+def test_components_are_fitted_separately_stored_and_predict_better(traced):
+    trace, plan, fit, stored = traced
+    names = plan.node_names
+    print(f"\n{fit.table()}")
+    hops = [(a, b, v["latency_s"]) for a, peers in fit.links.items() for b, v in peers.items()]
+    for a, b, latency in hops:
+        shaped = DELAY_MS[frozenset(names[a] + names[b])] / 1e3
+        print(f"link {names[a]}->{names[b]}: fitted latency {1e3 * latency:.1f} ms (shaped {1e3 * shaped:.0f} ms)")
+        assert abs(latency - shaped) <= 0.3 * shaped
+    # a hop is fitted from the steps where its receiver waited for the data (not every hop has them: a
+    # stage still in the previous step's all-reduce when its input arrives waits for none)
+    assert 1 <= len(hops) <= 2 and set(fit.compute) == set(plan.nodes) and len(fit.all_reduce) == 1
+    # the error after is measured on the same trace: compute and the step all-reduce become what was measured
+    assert fit.after["compute"] < 5 and fit.after["all-reduce"] < 5
+    assert fit.after["token"] < fit.before["token"]
+    for a, b, latency in hops:  # stored with the nodes' calibration, read back from their agents
+        assert stored[a]["links"][b]["latency_s"] == pytest.approx(latency)
+    assert all(stored[n]["decode_efficiency"] == pytest.approx(fit.compute[n]) for n in plan.nodes)
