@@ -634,7 +634,7 @@ class Instance(Backend):
         """Each rank's clock offset (round trips to its control API, :func:`estimate_offset`), then its spans."""
 
         def one(rank: int) -> tuple[RankInfo, list[RawSpan]]:
-            client = SignedClient(self.controls[rank], self.cluster.cluster_key, 5.0)
+            client = self._rank_client(rank, 5.0)
             offset, uncertainty = estimate_offset(lambda: int(client.json("GET", "/clock")["clock_ns"]))
             spec = next(r for r in self.plan.ranks if r.rank == rank)
             info = RankInfo(rank, spec.stage, self.plan.node_names.get(spec.node_id, spec.node_id), offset, uncertainty)

@@ -692,7 +692,6 @@ JSON_SCHEMA: dict[str, Any] = {
                 "properties": {
                     "status": {"enum": ["ok", "skipped", "failed"]},
                     "points": {"type": "array", "items": _POINT},
-                    "plan": {"type": "object", "required": ["ranks", "strategy"]},
                     "trace": {"type": ["object", "null"], "required": ["id", "ranks", "spans", "predicted"]},
                     "links": {
                         "type": "array",
