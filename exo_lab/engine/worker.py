@@ -54,8 +54,9 @@ from exo_lab.cluster.signed_handler import SignedHandler
 from exo_lab.engine.families import tied_embeddings
 from exo_lab.engine.guided import SchemaConstraint, vocabulary
 from exo_lab.engine.job import Job, JobError
-from exo_lab.engine.lockstep import FAILED, Batch, Layout, Lockstep, describe
+from exo_lab.engine.lockstep import FAILED, Layout, Lockstep, describe
 from exo_lab.engine.pairs import Exchange
+from exo_lab.engine.pipeline import Group, GroupSchedule, decode_tick, streamed_prefill
 from exo_lab.engine.sampling import SamplingParams, make_sampler
 from exo_lab.engine.shard import ShardSpec, load_shard, tensor_names
 from exo_lab.engine.stopping import StopMatcher
@@ -69,6 +70,9 @@ EXIT_SETUP_FAILED = 3
 EXIT_ORPHANED = 4
 #: how long a failed worker waits for its status to be read before it exits
 FAILED_LINGER_S = 3.0
+#: prefill chunk of a pipeline (tokens): a long prompt streams through the stages in chunks this long (a
+#: 2048-token prompt in 4); one stage prefills in chunks of 2048, as mlx_lm does
+PIPELINE_PREFILL_STEP = 512
 
 
 def _argmax(logprobs: mx.array) -> mx.array:
@@ -172,21 +176,22 @@ class Worker:
             logging.shutdown()
             os._exit(EXIT_SETUP_FAILED)
         self.state = "ready"
-        batch, rows = Batch(), []
+        sched = self.schedule
         try:
             while True:
-                rows = self._serve_step(batch, rows)
+                self._serve_step(sched)
         except Exception as exc:  # reported to the coordinator; the ranks may now be out of step
             log.exception("generation failed")
-            for row in rows:
+            for row in sched.rows():
                 self._fail_row(row, f"{type(exc).__name__}: {exc}")
             self.state = "failed"
             self.error = str(exc)
 
-    def _serve_step(self, batch, rows: list[_Row]) -> list[_Row]:
-        """Admit what rank 0 admits, decode one step of the batch, drop the rows that ended; the rows left."""
+    def _serve_step(self, sched: GroupSchedule) -> None:
+        """One tick of the group schedule (:mod:`exo_lab.engine.pipeline`): every stage computes its group, the
+        landing group takes its tokens, drops the rows that ended and admits what rank 0 admits."""
         ls = self.lockstep
-        if not rows:  # idle: wait for the next job, then agree on how many join
+        if not sched.running:  # idle: wait for the next job, then agree on how many join
             job = self._job(self.admitted + 1)
             if job.kind == "shutdown":
                 ls.barrier()
@@ -195,16 +200,27 @@ class Worker:
                 self.state = "stopped"
                 time.sleep(0.2)
                 os._exit(0)
-            _, _, self.admit_to = ls.share(None, [], self._admissible(0))
-        for seq in range(self.admitted + 1, self.admit_to + 1):
-            t = time.perf_counter()
-            rows.append(self._admit(self._job(seq), batch))
-            self.admitted = seq
-            log.debug("job %d joined (prefill %.3f s)", seq, time.perf_counter() - t)
+            _, _, self.admit_to = ls.share(None, [], self._admissible(sched))
+            self._admit_all(sched.landing())
+            sched.tick += 1
+            return
         t = time.perf_counter()
-        tokens = ls.step(batch)
+        tokens = decode_tick(ls, sched)
+        group = sched.landing()
+        rows = group.rows
         flags = [1 if r.job.stop else 0 for r in rows] if self.rank == 0 else [0] * len(rows)
-        tokens_all, flags, self.admit_to = ls.share(tokens, flags, self._admissible(len(rows)))
+        tokens_all, flags, self.admit_to = ls.share(tokens, flags, self._admissible(sched))
+        if rows:
+            self._land(group, tokens_all, flags)
+            self.stats["decode_steps"] += 1
+        self.stats["peak_batch"] = max(self.stats["peak_batch"], sched.running)
+        self._admit_all(group)
+        log.debug("tick %d (%d rows landing): %.3f s", sched.tick, len(rows), time.perf_counter() - t)
+        sched.tick += 1
+
+    def _land(self, group: Group, tokens_all: list[int], flags: list[int]) -> None:
+        """Give the landing group's rows their tokens (every rank); keep the rows that go on."""
+        ls, batch, rows = self.lockstep, group.batch, group.rows
         failed = [i for i, token in enumerate(tokens_all) if token == FAILED]
         errors = ls.share_errors(failed) if failed else {}  # every rank sees the same FAILED tokens
         logprobs = ls.share_logprobs(batch, tokens_all)
@@ -219,10 +235,15 @@ class Worker:
             elif self._accept(row, token, lp):
                 keep.append(i)
         batch.keep(keep)
-        log.debug("step of %d rows: %.3f s", len(rows), time.perf_counter() - t)
-        self.stats["decode_steps"] += 1
-        self.stats["peak_batch"] = max(self.stats["peak_batch"], len(rows))
-        return [rows[i] for i in keep]
+        group.rows = [rows[i] for i in keep]
+
+    def _admit_all(self, group: Group) -> None:
+        """Admit (prefill) the jobs rank 0 let join, into ``group``."""
+        for seq in range(self.admitted + 1, self.admit_to + 1):
+            t = time.perf_counter()
+            group.rows.append(self._admit(self._job(seq), group.batch))
+            self.admitted = seq
+            log.debug("job %d joined (prefill %.3f s)", seq, time.perf_counter() - t)
 
     def _job(self, seq: int) -> QueuedJob:
         """The job ``seq``, once it has arrived."""
@@ -231,15 +252,16 @@ class Worker:
                 self.cond.wait()
             return self.jobs[seq]
 
-    def _admissible(self, running: int) -> int:
-        """Rank 0: the last sequence number that may join now (generation jobs that arrived, up to ``max_batch``)."""
+    def _admissible(self, sched: GroupSchedule) -> int:
+        """Rank 0: the last sequence number that may join the landing group now (generation jobs that arrived, up
+        to ``max_batch`` in all, keeping the groups balanced: :meth:`GroupSchedule.room`)."""
         if self.rank != 0:
             return 0
-        last, room = self.admitted, self.max_batch - running
+        last = self.admitted
         with self.cond:
-            while room > 0 and (job := self.jobs.get(last + 1)) is not None and job.kind == "generate":
-                last, room = last + 1, room - 1
-        return last
+            while (job := self.jobs.get(last + 1)) is not None and job.kind == "generate":
+                last += 1
+        return self.admitted + sched.room(last - self.admitted, self.max_batch)
 
     def _admit(self, queued: QueuedJob, batch) -> _Row:
         """Prefill ``queued``'s prompt and add it as the last row of ``batch``."""
@@ -260,7 +282,9 @@ class Worker:
         except Exception as exc:
             log.exception("job %d cannot be sampled", queued.seq)
             error = describe(exc)
-        batch.add(self.lockstep.prefill(prompt), prompt[-1], sampler, params.greedy, constraint, job.logprobs, error)
+        batch.add(
+            streamed_prefill(self.lockstep, prompt), prompt[-1], sampler, params.greedy, constraint, job.logprobs, error
+        )
         return row
 
     def _accept(self, row: _Row, token: int, logprob: tuple[float, list[tuple[int, float]]] | None = None) -> bool:
@@ -381,9 +405,9 @@ class Worker:
             if self.rank == 0 or samples:
                 self.tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
         act = getattr(mx, cfg.get("dtype") or config.get("torch_dtype") or "bfloat16")
-        self.lockstep = Lockstep(
-            self.shard, self.group, layout, config["hidden_size"], act, cfg.get("prefill_step_size", 2048)
-        )
+        step = cfg.get("prefill_step_size") or (PIPELINE_PREFILL_STEP if len(stages) > 1 else 2048)
+        self.lockstep = Lockstep(self.shard, self.group, layout, config["hidden_size"], act, step)
+        self.schedule = GroupSchedule(len(stages), layout.stage)
         if samples:
             self.guide = vocabulary(self.tokenizer, int(config["vocab_size"]))
         self.state = "warming"
