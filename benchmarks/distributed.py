@@ -180,6 +180,7 @@ def pick(plans: Any, strategy: str, dtype: str, nodes: int, node: str | None = N
         for p in plans.plans
         if p.strategy == strategy and p.num_nodes == nodes and (node is None or p.nodes == [node])
     ]
+    cands = [p for p in cands if p.split != "fastest"] or cands  # the proportional split, balanced
     same = [p for p in cands if all(r.dtype == dtype for r in p.ranks)]
     return (same or cands or [None])[0]
 
@@ -212,7 +213,9 @@ def main() -> int:
                 ids = {n.name: n.id for n in cluster.nodes}
                 for dt in dtypes:
                     path = model_path(args.preset, dt)
-                    plans = cluster.preview(path, context=args.prompt + args.tokens + 64, prompt_tokens=args.short)
+                    plans = cluster.preview(
+                        path, context=args.prompt + args.tokens + 64, prompt_tokens=args.short, batch=max(args.streams)
+                    )
                     single = pick(plans, "single", DTYPES[dt], 1, ids["a"])
                     if dt not in base:
                         base[dt] = (single, measure(cluster, path, single, args))

@@ -144,12 +144,14 @@ def _evaluate(ctx: CostContext, stages: list[Stage], native: bool, split: str = 
     kv_ctx = sum(kv_layers) / card.num_layers
     speeds = [sum(ctx.layers_per_s(n, dtypes[n]) * node_share(n) * s.ranks_on(n) for n in s.nodes) for s in stages]
     head_layers = (card.embedding_bytes if card.tie_word_embeddings else card.head_bytes) / max(avg_layer, 1.0)
-    extra = [0.0] * (len(stages) - 1) + [head_layers]  # the last stage reads the head for every token
+    # the last stage reads the head for every token: with several sequences in flight (the group schedule runs
+    # at the slowest stage's pace) the stages' times are balanced, head included
+    extra = [0.0] * (len(stages) - 1) + [head_layers] if ctx.batch > 1 else None
 
     def splitter(total: int, speeds: list[float], caps: list[int]) -> list[int] | None:
         if split == "fastest":
             return _fill_fastest(total, speeds, caps)
-        balanced = _split_layers(total, speeds, caps, extra) if len(stages) > 1 else None
+        balanced = _split_layers(total, speeds, caps, extra) if extra and len(stages) > 1 else None
         return balanced or _split_layers(total, speeds, caps)
 
     # layers differ (DeepSeek-V3's first three are dense): caps from the mean layer, and if the exact
