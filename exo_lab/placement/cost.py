@@ -28,14 +28,22 @@ card's cache bytes of those layers at ``T`` tokens (sliding layers stop at their
 layers hold a constant state), and ``k' = k`` unless every tensor rank keeps the whole cache (MLA: 1).
     all-reduce  = 2 per layer for k > 1:  2 (k - 1) * lat + 2 (k - 1) / k * H * act / BW
     hop         = lat + H * act / BW                (between consecutive stages)
-    decode s/token = sum(stage times) + sum(all-reduces) + sum(hops) + return hop (token id, latency only)
+    decode s/token = sum(stage times) + sum(all-reduces) + sum(hops) + S * return hop (token ids, latency only)
 
-Prefill of ``P`` prompt tokens (serial through the pipeline for one request):
+A pipeline of ``S`` stages decodes in the group schedule (:mod:`exo_lab.engine.pipeline`): ``n`` sequences
+in ``S`` groups, each stage computing one group per tick; a tick lasts as long as its slowest busy stage
+(with its ``ceil(n / S)`` rows) plus the return hop, and each group gets a token every ``S`` ticks
+(:func:`pipelined_round_s`): throughput is bounded by the slowest stage, not the sum of the stages. One
+sequence goes through the stages one tick each (the sum above; each tick pays the return hop).
+
+Prefill of ``P`` prompt tokens (a pipeline streams it through the stages in ``c`` chunks of
+``PIPELINE_PREFILL_STEP`` tokens, :func:`streamed_prefill_s`: the first chunk crosses every stage, each later
+one adds the slowest stage's share ``max(stage time / c + hop of a chunk)``):
 
     stage time  = (P * FLOPs[a:b] + attention[a:b](P)) / k / (F_pre * s)
     hop         = lat + P * H * act / BW
     all-reduce  = 2 per layer with P * H * act bytes
-    TTFT        = sum of all of them (+ one decode step for the first token)
+    TTFT        = the streamed stages and hops (+ one decode step for the first token)
 
 where ``FLOPs[a:b]`` is the card's matmul FLOPs per token of those layers (2 per active weight) and
 ``attention[a:b](P)`` 4 FLOPs per causal (query, key) pair and unit of attention width, sliding layers
