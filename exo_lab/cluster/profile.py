@@ -46,7 +46,7 @@ import mlx.core as mx
 from filelock import FileLock
 from tqdm.auto import tqdm
 
-from exo_lab import _blas, defaults, paths
+from exo_lab import _blas, paths
 from exo_lab.cluster.machine import (  # noqa: F401  (re-exported: the profile's facts without MLX)
     DeviceProfile,
     _cgroup_memory,
@@ -92,13 +92,6 @@ def gpu_info() -> tuple[str | None, int | None]:
     return (str(name) if name else None), (int(memory) if memory else None)
 
 
-def host_name() -> str:
-    """The host a node runs on, as the cost model counts hosts (ranks of one host share its cores): the machine's
-    name, or for a simulated host (``EXO_LAB_SIM_HOST``) that host's own, since each has its own cores."""
-    host = defaults.sim_host()
-    return f"{socket.gethostname()}/{defaults.sim() or 'sim'}/{host}" if host else socket.gethostname()
-
-
 def _static_facts() -> dict[str, Any]:
     gpu_name, gpu_memory = gpu_info()
     return {
@@ -106,7 +99,7 @@ def _static_facts() -> dict[str, Any]:
         "cpu_count": cpu_count(),
         "system": platform.system(),
         "machine": platform.machine(),
-        "hostname": host_name(),
+        "hostname": socket.gethostname(),
         "mlx_version": mx.__version__,  # pyright: ignore[reportAttributeAccessIssue]  # in mlx.core, not its stub
         "mlx_devices": mlx_devices(),
         "blas": _blas.name(),
@@ -309,7 +302,7 @@ def load_or_measure(refresh: bool = False, cache_dir: Path | None = None) -> Dev
             log.warning("ignoring unreadable profile cache %s (%s); measuring again", path, err)
         else:
             total, available = memory_now()
-            return replace(profile, memory_total_bytes=total, memory_available_bytes=available, hostname=host_name())
+            return replace(profile, memory_total_bytes=total, memory_available_bytes=available)
     profile = measure_profile()
     directory.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
