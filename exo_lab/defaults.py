@@ -15,6 +15,11 @@ AGENT_PORT = 52416  #: node agent (``exo-lab node``)
 PROBE_PORT = 52417  #: a node agent's link probes (its port + 1 unless told otherwise)
 DASHBOARD_PORT = 52418  #: Panel dashboard (``exo-lab dashboard``)
 
+#: prefill chunk (tokens) of a pipeline: a long prompt streams through the stages in chunks this long (a
+#: 2048-token prompt in 4; :mod:`exo_lab.engine.pipeline`); the cost model predicts TTFT with it. One stage
+#: prefills in chunks of 2048, as mlx_lm does.
+PIPELINE_PREFILL_STEP = 512
+
 # the variables (names, so that code starting a process can set them)
 CLUSTER_KEY = "EXO_LAB_CLUSTER_KEY"
 API_KEY = "EXO_LAB_API_KEY"

@@ -196,6 +196,59 @@ class Lockstep:
             return out
         return out
 
+    def take_in(self, rows: int, n: int) -> mx.array | None:
+        """Receive the hidden states (``[rows, n, hidden]``) this stage computes on next, from the stage before.
+
+        None on the first stage (it starts from tokens). In a multi-rank stage of a pipeline the first rank
+        receives and passes them on to the others, as in :meth:`_forward`. Evaluated before it returns.
+        """
+        lay = self.layout
+        if lay.first:
+            return None
+        mine = lay.stages[lay.stage]
+        shape = (rows, n, self.hidden)
+        if len(mine) == 1:
+            x = mx.distributed.recv(shape, self.act_dtype, lay.peer(lay.stage - 1), group=self.group)
+        elif lay.rank == mine[0]:
+            x = mx.distributed.recv(shape, self.act_dtype, lay.stages[lay.stage - 1][-1], group=self.group)
+            sent = mx.distributed.send(x, mine[1], group=self.group)
+            (x,) = mx.depends([x], [sent])
+        else:
+            x = mx.distributed.recv(shape, self.act_dtype, mine[0], group=self.group)
+        x = TRACER.ready("recv", x)
+        mx.eval(x)
+        return x
+
+    def pass_on(self, out: mx.array) -> None:
+        """Send this stage's output hidden states to the next stage (its last rank sends; nothing on the last stage)."""
+        lay = self.layout
+        if lay.last:
+            return
+        mine = lay.stages[lay.stage]
+        if len(mine) == 1 and len(lay.stages[lay.stage + 1]) == 1:
+            mx.eval(TRACER.ready("send", mx.distributed.send(out, lay.peer(lay.stage + 1), group=self.group)))
+        elif lay.rank == mine[-1]:
+            mx.eval(TRACER.ready("send", mx.distributed.send(out, lay.stages[lay.stage + 1][0], group=self.group)))
+
+    def stage_step(self, batch: Batch, x: mx.array | None) -> tuple[mx.array | None, mx.array | None]:
+        """This stage's part of one decode step of ``batch`` (``x``: its input hidden states; None on the first
+        stage, which embeds the rows' inputs): ``(hidden states for the next stage, sampled tokens)``.
+
+        The hidden states are evaluated (None on the last stage); the tokens are those of :meth:`step`
+        (on the last stage's lead rank, else None). Used by the group schedule (:mod:`exo_lab.engine.pipeline`).
+        """
+        cache = batch.cache
+        assert cache is not None, "a step needs a batch with rows"
+        lay = self.layout
+        inp = mx.array(batch.inputs, mx.int32)[:, None] if lay.first else x
+        assert inp is not None, "a stage after the first needs the hidden states it received"
+        out = TRACER.timed("compute", lambda: self.shard(inp, cache))
+        if not lay.last:
+            self.errors = [None] * len(batch)
+            mx.eval(out)
+            return out, None
+        return None, self._sample_step(batch, out)
+
     def prefill(self, prompt: list[int], cache: list | None = None, start: int = 0) -> list:
         """Run all but the last prompt token through this stage; the sequence's per-layer KV cache.
 
@@ -245,11 +298,16 @@ class Lockstep:
         """
         assert batch.cache is not None, "a step needs a batch with rows"
         out = self._forward(mx.array(batch.inputs, mx.int32)[:, None], batch.cache, logits=True)
-        lay = self.layout
-        self.errors: list[str | None] = [None] * len(batch)
-        if not lay.last:
+        if not self.layout.last:
+            self.errors = [None] * len(batch)
             mx.eval(out)
             return None
+        return self._sample_step(batch, out)
+
+    def _sample_step(self, batch: Batch, out: mx.array) -> mx.array | None:
+        """The last stage's end of a decode step: the sampled tokens on its lead rank (see :meth:`step`)."""
+        lay = self.layout
+        self.errors: list[str | None] = [None] * len(batch)
         logits = out[:, -1, :]
         if lay.rank != lay.stages[-1][0]:
             mx.eval(logits)  # tensor peers: run the step's all-reduces even though the lead samples

@@ -246,6 +246,13 @@ def load_shard(
             raise ValueError(problem)
         shard_pair(model.model.layers[spec.start : spec.end], pair[0], pair[1])
     shard = Shard(model, spec)
+    if tensor_group is not None and tensor_group.size() > 1 and not quant:
+        from exo_lab.engine.vocab import split_vocab
+
+        if split_vocab(shard, tensor_group):  # the model object keeps only the slices too (frees the rest)
+            model.model.embed_tokens = shard.embed_tokens
+            if shard.lm_head is not None:
+                model.lm_head = shard.lm_head
     if spec.dtype and not quant:
         convert(shard, spec.dtype)
     mx.eval(shard.parameters())

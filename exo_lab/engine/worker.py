@@ -55,8 +55,9 @@ from exo_lab.cluster.signed_handler import SignedHandler
 from exo_lab.engine.families import tied_embeddings
 from exo_lab.engine.guided import SchemaConstraint, vocabulary
 from exo_lab.engine.job import Job, JobError
-from exo_lab.engine.lockstep import FAILED, Batch, Layout, Lockstep, describe
+from exo_lab.engine.lockstep import FAILED, Layout, Lockstep, describe
 from exo_lab.engine.pairs import Exchange
+from exo_lab.engine.pipeline import Group, GroupSchedule, decode_tick, streamed_prefill
 from exo_lab.engine.prefix_cache import PrefixCache, agree, row_caches
 from exo_lab.engine.sampling import SamplingParams, make_penalties, make_sampler
 from exo_lab.engine.shard import ShardSpec, load_shard, tensor_names
@@ -72,6 +73,8 @@ EXIT_SETUP_FAILED = 3
 EXIT_ORPHANED = 4
 #: how long a failed worker waits for its status to be read before it exits
 FAILED_LINGER_S = 3.0
+#: prefill chunk of a pipeline (tokens): see :data:`exo_lab.defaults.PIPELINE_PREFILL_STEP`
+PIPELINE_PREFILL_STEP = defaults.PIPELINE_PREFILL_STEP
 
 
 def _argmax(logprobs: mx.array) -> mx.array:
@@ -185,22 +188,23 @@ class Worker:
             logging.shutdown()
             os._exit(EXIT_SETUP_FAILED)
         self.state = "ready"
-        batch, rows = Batch(), []
+        sched = self.schedule
         try:
             while True:
-                rows = self._serve_step(batch, rows)
+                self._serve_step(sched)
         except Exception as exc:  # reported to the coordinator; the ranks may now be out of step
             log.exception("generation failed")
-            for row in rows:
+            for row in sched.rows():
                 self._fail_row(row, f"{type(exc).__name__}: {exc}")
             self.state = "failed"
             self.error = str(exc)
 
-    def _serve_step(self, batch, rows: list[_Row]) -> list[_Row]:
-        """Admit what rank 0 admits, decode one step of the batch, drop the rows that ended; the rows left."""
+    def _serve_step(self, sched: GroupSchedule) -> None:
+        """One tick of the group schedule (:mod:`exo_lab.engine.pipeline`): every stage computes its group, the
+        landing group takes its tokens, drops the rows that ended and admits what rank 0 admits."""
         ls = self.lockstep
         TRACER.step = self.stats["decode_steps"]  # the same on every rank: they take their steps together
-        if not rows:  # idle: wait for the next job, then agree on how many join
+        if not sched.running:  # idle: wait for the next job, then agree on how many join
             job = self._job(self.admitted + 1)
             if job.kind == "shutdown":
                 ls.barrier()
@@ -209,23 +213,27 @@ class Worker:
                 self.state = "stopped"
                 time.sleep(0.2)
                 os._exit(0)
-            _, _, self.admit_to = ls.share(None, [], self._admissible(0))
-        for seq in range(self.admitted + 1, self.admit_to + 1):
-            t = time.perf_counter()
-            queued = self._job(seq)
-            if queued.job is not None and queued.job.embed:  # an embedding: every rank now, never in the batch
-                self._embed(queued)
-            else:
-                with TRACER.span("admit", seq=seq):
-                    rows.append(self._admit(queued, batch))
-            self.admitted = seq
-            log.debug("job %d joined (prefill %.3f s)", seq, time.perf_counter() - t)
-        if not rows:  # only embeddings were admitted: nothing to decode
-            return rows
+            _, _, self.admit_to = ls.share(None, [], self._admissible(sched))
+            self._admit_all(sched.landing())
+            sched.tick += 1
+            return
         t = time.perf_counter()
-        tokens = ls.step(batch)
+        tokens = decode_tick(ls, sched)
+        group = sched.landing()
+        rows = group.rows
         flags = [1 if r.job.stop else 0 for r in rows] if self.rank == 0 else [0] * len(rows)
-        tokens_all, flags, self.admit_to = ls.share(tokens, flags, self._admissible(len(rows)))
+        tokens_all, flags, self.admit_to = ls.share(tokens, flags, self._admissible(sched))
+        if rows:
+            self._land(group, tokens_all, flags)
+            self.stats["decode_steps"] += 1
+        self.stats["peak_batch"] = max(self.stats["peak_batch"], sched.running)
+        self._admit_all(group)
+        log.debug("tick %d (%d rows landing): %.3f s", sched.tick, len(rows), time.perf_counter() - t)
+        sched.tick += 1
+
+    def _land(self, group: Group, tokens_all: list[int], flags: list[int]) -> None:
+        """Give the landing group's rows their tokens (every rank); keep the rows that go on."""
+        ls, batch, rows = self.lockstep, group.batch, group.rows
         failed = [i for i, token in enumerate(tokens_all) if token == FAILED]
         errors = ls.share_errors(failed) if failed else {}  # every rank sees the same FAILED tokens
         logprobs = ls.share_logprobs(batch, tokens_all)
@@ -242,10 +250,20 @@ class Worker:
         if self.prefix_cache.enabled:
             self._remember(batch, rows, set(keep) | errored)
         batch.keep(keep)
-        log.debug("step of %d rows: %.3f s", len(rows), time.perf_counter() - t)
-        self.stats["decode_steps"] += 1
-        self.stats["peak_batch"] = max(self.stats["peak_batch"], len(rows))
-        return [rows[i] for i in keep]
+        group.rows = [rows[i] for i in keep]
+
+    def _admit_all(self, group: Group) -> None:
+        """Admit (prefill) the jobs rank 0 let join, into ``group``."""
+        for seq in range(self.admitted + 1, self.admit_to + 1):
+            t = time.perf_counter()
+            queued = self._job(seq)
+            if queued.job is not None and queued.job.embed:  # an embedding: every rank now, never in a group
+                self._embed(queued)  # (no hidden states are in flight between ticks: the pipeline is free)
+            else:
+                with TRACER.span("admit", seq=seq):
+                    group.rows.append(self._admit(queued, group.batch))
+            self.admitted = seq
+            log.debug("job %d joined (prefill %.3f s)", seq, time.perf_counter() - t)
 
     def _job(self, seq: int) -> QueuedJob:
         """The job ``seq``, once it has arrived."""
@@ -254,15 +272,16 @@ class Worker:
                 self.cond.wait()
             return self.jobs[seq]
 
-    def _admissible(self, running: int) -> int:
-        """Rank 0: the last sequence number that may join now (generation jobs that arrived, up to ``max_batch``)."""
+    def _admissible(self, sched: GroupSchedule) -> int:
+        """Rank 0: the last sequence number that may join the landing group now (generation jobs that arrived, up
+        to ``max_batch`` in all, keeping the groups balanced: :meth:`GroupSchedule.room`)."""
         if self.rank != 0:
             return 0
-        last, room = self.admitted, self.max_batch - running
+        last = self.admitted
         with self.cond:
-            while room > 0 and (job := self.jobs.get(last + 1)) is not None and job.kind == "generate":
-                last, room = last + 1, room - 1
-        return last
+            while (job := self.jobs.get(last + 1)) is not None and job.kind == "generate":
+                last += 1
+        return self.admitted + sched.room(last - self.admitted, self.max_batch)
 
     def _embed(self, queued: QueuedJob) -> None:
         """Every rank: the job's prompt through the pipeline (see :meth:`Lockstep.embed`); rank 0 answers with it."""
@@ -301,7 +320,7 @@ class Worker:
         if self.prefix_cache.enabled:  # every rank, in admission order: all reuse rank 0's choice or none does
             cache, row.cached = agree(self.prefix_cache, prompt, self.rank, self.group)
         batch.add(
-            self.lockstep.prefill(prompt, cache, row.cached),
+            streamed_prefill(self.lockstep, prompt, cache, row.cached),
             prompt[-1],
             sampler,
             params.greedy,
@@ -455,9 +474,9 @@ class Worker:
         if layout.stage > 0:
             act_name = (cfg.get("act_dtypes") or {}).get(str(stages[layout.stage - 1][0]), act_name)
         act = getattr(mx, act_name)
-        self.lockstep = Lockstep(
-            self.shard, self.group, layout, config["hidden_size"], act, cfg.get("prefill_step_size", 2048)
-        )
+        step = cfg.get("prefill_step_size") or (PIPELINE_PREFILL_STEP if len(stages) > 1 else 2048)
+        self.lockstep = Lockstep(self.shard, self.group, layout, config["hidden_size"], act, step)
+        self.schedule = GroupSchedule(len(stages), layout.stage)
         if samples:
             self.guide = vocabulary(self.tokenizer, int(config["vocab_size"]))
         if self.prefix_cache.enabled:  # on every rank or none (its bytes are the instance's): off if any rank's is

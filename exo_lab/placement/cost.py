@@ -30,14 +30,22 @@ card's cache bytes of those layers at ``T`` tokens (sliding layers stop at their
 layers hold a constant state), and ``k' = k`` unless every tensor rank keeps the whole cache (MLA: 1).
     all-reduce  = 2 per layer for k > 1:  2 (k - 1) * lat + 2 (k - 1) / k * H * act / BW
     hop         = lat + H * act / BW                (between consecutive stages)
-    decode s/token = sum(stage times) + sum(all-reduces) + sum(hops) + return hop (token id, latency only)
+    decode s/token = sum(stage times) + sum(all-reduces) + sum(hops) + S * return hop (token ids, latency only)
 
-Prefill of ``P`` prompt tokens (serial through the pipeline for one request):
+A pipeline of ``S`` stages decodes in the group schedule (:mod:`exo_lab.engine.pipeline`): ``n`` sequences
+in ``S`` groups, each stage computing one group per tick; a tick lasts as long as its slowest busy stage
+(with its ``ceil(n / S)`` rows) plus the return hop, and each group gets a token every ``S`` ticks
+(:func:`pipelined_round_s`): throughput is bounded by the slowest stage, not the sum of the stages. One
+sequence goes through the stages one tick each (the sum above; each tick pays the return hop).
+
+Prefill of ``P`` prompt tokens (a pipeline streams it through the stages in ``c`` chunks of
+``PIPELINE_PREFILL_STEP`` tokens, :func:`streamed_prefill_s`: the first chunk crosses every stage, each later
+one adds the slowest stage's share ``max(stage time / c + hop of a chunk)``):
 
     stage time  = (P * FLOPs[a:b] + attention[a:b](P)) / k / (F_pre * s)
     hop         = lat + P * H * act / BW
     all-reduce  = 2 per layer with P * H * act bytes
-    TTFT        = sum of all of them (+ one decode step for the first token)
+    TTFT        = the streamed stages and hops (+ one decode step for the first token)
 
 where ``FLOPs[a:b]`` is the card's matmul FLOPs per token of those layers (2 per active weight) and
 ``attention[a:b](P)`` 4 FLOPs per causal (query, key) pair and unit of attention width, sliding layers
@@ -204,6 +212,35 @@ def calibrated_link(link: LinkCost, a: NodeRates | None, b: NodeRates | None) ->
     """``link`` with the mean calibrated per-message overhead of its ends added to its latency."""
     extra = ((a.hop_overhead_s if a else 0.0) + (b.hop_overhead_s if b else 0.0)) / 2
     return LinkCost(link.latency_s + extra, link.bandwidth_bytes_s) if extra > 0 else link
+
+
+def pipelined_round_s(stage_s: list[float], stage_row_s: list[float], exchange_s: float, sequences: int) -> float:
+    """Seconds for each of ``sequences`` decoding sequences to get one token under the group schedule.
+
+    ``stage_s``: each stage's time for one row (its compute and all-reduces, and its hand-off to the next
+    stage); ``stage_row_s``: what each more row adds to it; ``exchange_s``: what each tick adds (the shared
+    tokens' ``all_sum``). The rows are split into ``G`` balanced groups, one per stage; in tick ``t`` stage
+    ``s`` computes group ``(t - s) mod G``, so a tick lasts as long as its slowest busy stage, and every group
+    gets a token every ``G`` ticks: a pipeline's throughput is bounded by its slowest stage, not the sum of
+    its stages. One sequence goes through the stages one tick each (the sum).
+    """
+    stages = len(stage_s)
+    sizes = [sequences // stages + (1 if g < sequences % stages else 0) for g in range(stages)]
+    total = 0.0
+    for tick in range(stages):
+        busy = [stage_s[s] + (n - 1) * stage_row_s[s] for s in range(stages) if (n := sizes[(tick - s) % stages]) > 0]
+        total += max(busy, default=0.0) + exchange_s
+    return total
+
+
+def streamed_prefill_s(stage_s: list[float], hop_s: list[float], chunks: int) -> float:
+    """Seconds to prefill a prompt streamed through the stages in ``chunks`` equal chunks.
+
+    ``stage_s``: each stage's time for the whole prompt; ``hop_s``: each stage's time to hand one chunk on
+    (0 for the last). The first chunk crosses every stage, each later one adds the slowest stage's share.
+    """
+    per = [t / chunks + h for t, h in zip(stage_s, hop_s)]
+    return sum(per) + (chunks - 1) * max(per)
 
 
 def bytes_per_weight(card: ModelCard, dtype: str) -> float:

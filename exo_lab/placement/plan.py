@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, cast
 
 from exo_lab.cluster.display import text_table
+from exo_lab.placement.cost import pipelined_round_s
 
 STRATEGIES = ("single", "pipeline", "tensor", "pipeline-tensor")
 _SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -61,6 +62,11 @@ class Plan:
     breakdown: dict[str, float] = field(default_factory=dict)  # decode seconds per component
     #: extra seconds per decode step for each sequence decoding beside the first (continuous batching)
     decode_row_s: float = 0.0
+    #: per pipeline stage: one row's decode seconds (compute, all-reduces, hand-off), and each more row's
+    stage_decode_s: list[float] = field(default_factory=list)
+    stage_row_s: list[float] = field(default_factory=list)
+    #: seconds each tick of the group schedule adds (the shared tokens' all_sum)
+    tick_exchange_s: float = 0.0
     node_names: dict[str, str] = field(default_factory=dict)
     model_dtype: str = ""
     split: str = "whole"  # how layers were split: proportional, fastest (first), or whole (one stage)
@@ -113,6 +119,8 @@ class Plan:
         """Predicted aggregate decode tokens/s with ``sequences`` decoding together."""
         if not self.decode_tps:
             return 0.0
+        if self.stage_decode_s:  # the group schedule: bounded by the slowest stage (cost.pipelined_round_s)
+            return sequences / pipelined_round_s(self.stage_decode_s, self.stage_row_s, self.tick_exchange_s, sequences)
         return sequences / (1.0 / self.decode_tps + (sequences - 1) * self.decode_row_s)
 
     def to_json(self) -> dict[str, Any]:

@@ -47,17 +47,28 @@ def _sig(x: float, digits: int = 3) -> float:
     return round(x, -int(math.floor(math.log10(x))) + digits - 1)
 
 
-def _split_layers(total: int, speeds: list[float], caps: list[int]) -> list[int] | None:
-    """Integer layer counts proportional to ``speeds`` under ``caps`` (None if they cannot hold ``total``)."""
+def _split_layers(
+    total: int, speeds: list[float], caps: list[int], extra: list[float] | None = None
+) -> list[int] | None:
+    """Integer layer counts proportional to ``speeds`` under ``caps`` (None if they cannot hold ``total``).
+
+    ``extra``: work each stage has beside its layers, in layers (the last stage's head): the stages' times,
+    layers plus extra over speed, are balanced (a pipeline's group schedule runs at its slowest stage's pace).
+    """
     n = len(speeds)
     if sum(caps) < total or any(c < 1 for c in caps) or total < n:
         return None
+    extra = extra or [0.0] * n
     alloc = [0] * n
     free = list(range(n))
     remaining = total
     while free:
         weight = sum(speeds[i] for i in free)
-        ideal = {i: remaining * speeds[i] / weight for i in free}
+        work = remaining + sum(extra[i] for i in free)
+        ideal = {i: max(0.0, work * speeds[i] / weight - extra[i]) for i in free}
+        if sum(ideal.values()) > 0:  # extra beyond a stage's share: rescale what is left to the layers
+            scale = remaining / sum(ideal.values())
+            ideal = {i: v * scale for i, v in ideal.items()}
         over = [i for i in free if ideal[i] >= caps[i]]
         if not over:
             floors = {i: max(1, int(ideal[i])) for i in free}
@@ -140,7 +151,17 @@ def _evaluate(ctx: CostContext, stages: list[Stage], native: bool, split: str = 
     ]  # batch sequences of context tokens
     kv_ctx = sum(kv_layers) / card.num_layers
     speeds = [sum(ctx.layers_per_s(n, dtypes[n]) * node_share(n) * s.ranks_on(n) for n in s.nodes) for s in stages]
-    splitter = _fill_fastest if split == "fastest" else _split_layers
+    head_layers = (card.embedding_bytes if card.tie_word_embeddings else card.head_bytes) / max(avg_layer, 1.0)
+    # the last stage reads the head for every token: with several sequences in flight (the group schedule runs
+    # at the slowest stage's pace) the stages' times are balanced, head included
+    extra = [0.0] * (len(stages) - 1) + [head_layers] if ctx.batch > 1 else None
+
+    def splitter(total: int, speeds: list[float], caps: list[int]) -> list[int] | None:
+        if split == "fastest":
+            return _fill_fastest(total, speeds, caps)
+        balanced = _split_layers(total, speeds, caps, extra) if extra and len(stages) > 1 else None
+        return balanced or _split_layers(total, speeds, caps)
+
     # layers differ (DeepSeek-V3's first three are dense): caps from the mean layer, and if the exact
     # layers of that split do not fit, from the largest layer (every split under those caps fits)
     alloc: list[int] | None = None

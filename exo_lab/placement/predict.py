@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from exo_lab.cluster.topology import Topology
+from exo_lab.defaults import PIPELINE_PREFILL_STEP
 from exo_lab.models import formats
 from exo_lab.models.card import ModelCard
 from exo_lab.placement.cost import (
@@ -24,7 +25,9 @@ from exo_lab.placement.cost import (
     NodeRates,
     bytes_per_weight,
     calibrated_link,
+    pipelined_round_s,
     share,
+    streamed_prefill_s,
     weight_scale,
 )
 from exo_lab.placement.plan import Plan
@@ -155,6 +158,13 @@ def predict_into(
     dec: dict[str, float] = {}
     pre: dict[str, float] = {}
     row_s = 0.0  # a batched step: each more sequence adds its matmuls, at the rate of a many-row product
+    # per stage, for the group schedule (engine/pipeline.py): one row's decode (with its all-reduces and its
+    # hand-off), each more row, the whole prompt's prefill, and handing one prefill chunk on
+    stage_dec: list[float] = []
+    stage_row: list[float] = []
+    stage_pre: list[float] = []
+    stage_hop: list[float] = []
+    chunks = max(1, -(-(ctx.prompt - 1) // PIPELINE_PREFILL_STEP)) if len(stages) > 1 else 1
     start = 0
     for si, (s, count) in enumerate(zip(stages, alloc)):
         label = "+".join(ctx.names[n] for n in s.nodes) + (f" x{s.k}" if s.k > 1 else "")
@@ -184,31 +194,44 @@ def predict_into(
         row_s += t_row
         dec[f"compute {label}"] = t_dec
         pre[f"compute {label}"] = t_pre
+        stage_row.append(t_row)
         if s.k > 1:
             link = ctx.link(s.nodes[0], s.nodes[0]) if s.local else _worst_link(ctx, s.nodes)
             assert link is not None  # a node's loopback link is always known
             dec[f"all-reduce {label}"] = 2 * count * link.all_reduce(ctx.hidden_bytes, s.k)
             pre[f"all-reduce {label}"] = 2 * count * link.all_reduce(ctx.prompt * ctx.hidden_bytes, s.k)
-    for a, b in zip(stages, stages[1:]):
+            t_dec += dec[f"all-reduce {label}"]
+            t_pre += pre[f"all-reduce {label}"]
+        stage_dec.append(t_dec)
+        stage_pre.append(t_pre)
+        stage_hop.append(0.0)
+    for i, (a, b) in enumerate(zip(stages, stages[1:])):
         link = ctx.link(a.nodes[0], b.nodes[0])
         assert link is not None  # the callers return before predicting when a stage link is not measured
         key = f"link {ctx.names[a.nodes[0]]}->{ctx.names[b.nodes[0]]}"
         dec[key] = link.transfer(ctx.hidden_bytes)
         pre[key] = link.transfer(ctx.prompt * ctx.hidden_bytes)
-    if len(stages) > 1:  # the sampled token goes back to the first stage
+        stage_dec[i] += dec[key]
+        stage_hop[i] = link.transfer(ctx.prompt * ctx.hidden_bytes / chunks)
+    exchange = 0.0
+    if len(stages) > 1:  # each tick, the sampled tokens go back to the first stage (one all_sum)
         back = ctx.link(stages[-1].nodes[0], stages[0].nodes[0]) or LOOPBACK
         group = ",".join(sorted({n for s in stages for n in s.nodes}))  # a measured step all-reduce, if fitted
         measured = ctx.rates[stages[0].nodes[0]].all_sum_s.get(group)
-        dec[f"link {ctx.names[stages[-1].nodes[0]]}->{ctx.names[stages[0].nodes[0]]} (token)"] = (
-            back.latency_s if measured is None else measured
+        exchange = back.latency_s if measured is None else measured
+        dec[f"link {ctx.names[stages[-1].nodes[0]]}->{ctx.names[stages[0].nodes[0]]} (tokens, every tick)"] = (
+            len(stages) * exchange
         )
     t_token = sum(dec.values())
-    t_prefill = sum(pre.values())
+    t_prefill = streamed_prefill_s(stage_pre, stage_hop, chunks)
     plan.decode_tps = 1.0 / t_token
     plan.prefill_tps = ctx.prompt / t_prefill
     plan.ttft_s = t_prefill + t_token
     plan.breakdown = dec
     plan.decode_row_s = row_s
+    plan.stage_decode_s = stage_dec
+    plan.stage_row_s = stage_row
+    plan.tick_exchange_s = exchange
     worst = max(dec, key=lambda k: dec[k])
     plan.bottleneck = f"{worst} ({100 * dec[worst] / t_token:.0f}% of each token)"
 
@@ -286,6 +309,9 @@ class Predictor:
             "ttft_s": out.ttft_s,
             "breakdown": dict(out.breakdown),
             "decode_row_s": out.decode_row_s,
+            "stage_decode_s": list(out.stage_decode_s),
+            "stage_row_s": list(out.stage_row_s),
+            "tick_exchange_s": out.tick_exchange_s,
         }
 
 
@@ -298,10 +324,17 @@ def predict(topology: Topology, card: ModelCard, plan: Plan, pp: int, tg: int) -
 def aggregate_tps(pred: dict[str, Any], tg: int, concurrency: int = 1) -> float:
     """Predicted completion tokens/s of ``concurrency`` requests submitted together.
 
-    The ranks prefill each prompt alone (the batch waits), then decode the requests together: a
-    step costs one token's time plus ``decode_row_s`` for each more sequence in the batch.
+    The ranks prefill each prompt alone (the batch waits), then decode the requests together: one
+    process or one tensor group in steps that cost one token's time plus ``decode_row_s`` for each more
+    sequence, a pipeline in the group schedule (:func:`~exo_lab.placement.cost.pipelined_round_s`:
+    bounded by its slowest stage, not the sum of its stages).
     """
     step = 1.0 / pred["decode_tps"]
     prefill = pred["ttft_s"] - step
-    batched = step + (concurrency - 1) * pred.get("decode_row_s", 0.0)
+    if pred.get("stage_decode_s"):
+        batched = pipelined_round_s(
+            pred["stage_decode_s"], pred["stage_row_s"], pred.get("tick_exchange_s", 0.0), concurrency
+        )
+    else:
+        batched = step + (concurrency - 1) * pred.get("decode_row_s", 0.0)
     return concurrency * tg / (concurrency * prefill + tg * batched)

@@ -11,6 +11,7 @@ import socket
 import threading
 import time
 
+import mlx.core as mx
 import openai
 import pytest
 
@@ -83,6 +84,30 @@ def test_concurrent_requests_share_steps_and_match_one_process(cluster, tiny, re
         stats = inst.stats
         assert stats["peak_batch"] >= 2
         assert stats["decode_steps"] - before < sum(MAX_TOKENS)  # steps were shared
+    finally:
+        inst.delete()
+
+
+def test_pipelined_groups_and_a_long_chunked_prompt_match_one_process(cluster, tiny, references):
+    """The group schedule (one group of rows per stage) with several streams, and a prompt longer than the
+    pipeline's prefill chunk streamed through both stages, give one process's greedy tokens (same chunking)."""
+    from mlx_lm import load
+    from mlx_lm.generate import generate_step
+
+    from exo_lab.engine.worker import PIPELINE_PREFILL_STEP
+
+    long = [(i * 7919) % 8000 + 10 for i in range(2 * PIPELINE_PREFILL_STEP + 150)]  # 3 chunks
+    model = load(str(tiny))[0]
+    ref_long = [
+        int(t) for t, _ in generate_step(mx.array(long), model, max_tokens=10, prefill_step_size=PIPELINE_PREFILL_STEP)
+    ]
+    inst = cluster.launch(tiny, plan=pick(cluster, tiny, "pipeline"))
+    try:
+        gens = [inst.generate(p, max_tokens=n, temperature=0, ignore_eos=True) for p, n in zip(PROMPTS, MAX_TOKENS)]
+        joined = inst.generate(long, max_tokens=10, temperature=0, ignore_eos=True)  # joins the running groups
+        assert [tokens(g) for g in gens] == references
+        assert tokens(joined) == ref_long
+        assert inst.stats["peak_batch"] >= 4
     finally:
         inst.delete()
 

@@ -1,0 +1,274 @@
+"""Does splitting pay? One one-core process against pipeline-2 and tensor-2 on two simulated one-core hosts.
+
+Run (root, iproute2): .venv/bin/python benchmarks/distributed.py
+     [--preset llama-1b] [--dtype fp32,bf16] [--links unshaped,1gbit,100mbit] [--strategies pipeline,tensor]
+     [--streams 1,8] [--tokens 16] [--prompt 2048] [--json out.json]
+Quick: --dtype fp32 --links unshaped --streams 1,8 --tokens 8 --prompt 1024
+
+For each link (``unshaped``: a plain LAN; ``1gbit``: a cable of 1 Gbit/s with 1 ms one-way delay;
+``100mbit``: 100 Mbit/s, 5 ms) a simulated cluster (:class:`exo_lab.sim.SimCluster`) of two hosts ``a``
+(core 0) and ``b`` (core 1), cgroup-pinned, each running a node agent; this process coordinates from the
+root namespace. For each dtype of the synthetic ``--preset`` (made once under ``<models>/bench``):
+
+- **one process**: the planner's single-node plan on ``a`` (one rank, one core), measured once per dtype
+  (in the first link's sim: a one-process plan crosses no link);
+- **pipeline-2** and **tensor-2**: the planner's 2-node plans of that strategy over ``a`` and ``b``.
+
+Each is launched through the agents (a rank per process), warmed up, then measured: **decode** tok/s of
+one stream (``--tokens`` greedy tokens, EOS ignored, a short prompt; tokens after the first over the time
+after it) and the **aggregate** tok/s of ``N`` concurrent streams (all completion tokens over the wall
+time, short prompts; ``--streams``), and **TTFT** of one ``--prompt``-token prompt (prompt tok/s =
+prompt / TTFT). The table gives each as a ratio to the one process, beside the planner's prediction
+(:func:`exo_lab.placement.predict.predict`, :func:`~exo_lab.placement.predict.aggregate_tps`) and its error
+(predicted / measured - 1). Predictions are calibrated on the one-process run of the same dtype: its
+measured decode and prefill rates over the predicted ones become the nodes' ``decode_efficiency`` and
+``prefill_efficiency`` (what ``exo-lab bench --calibrate`` fits), so the error measures how the cost model
+splits, not the microbenchmarks. Targets (issue 15): pipeline-2 with 8 streams >= 1.7x, a 2048-token TTFT
+<= 0.65x, one stream >= 0.9x; tensor-2 one stream >= 1.6x on the unshaped link.
+
+Every figure is one run unless ``--repeat``; on a shared machine they are noisy.
+"""
+
+from __future__ import annotations
+
+import exo_lab  # noqa: F401  (first: OpenBLAS before MLX)
+
+# isort: split
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from exo_lab.models import synthetic
+from exo_lab.models.store import cache_name
+from exo_lab.paths import models_dir
+from exo_lab.placement.predict import Predictor, aggregate_tps
+from exo_lab.placement.preview import model_card
+from exo_lab.sim.cluster import SimCluster
+
+LINKS: dict[str, dict[str, Any] | None] = {
+    "unshaped": None,
+    "1gbit": {"rate": "1gbit", "delay": "1ms"},
+    "100mbit": {"rate": "100mbit", "delay": "5ms"},
+}
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+os.environ.setdefault("TQDM_DISABLE", "1")  # no load progress bars between the lines of the table
+
+
+def spec_for(link: str) -> dict[str, Any]:
+    """Two one-core hosts: on a plain LAN (unshaped), or joined only by a shaped cable."""
+    hosts = [{"name": "a", "cores": [0]}, {"name": "b", "cores": [1]}]
+    shape = LINKS[link]
+    if shape is None:
+        return {"name": "dist-lan", "hosts": hosts, "lan": {}}
+    return {"name": f"dist-{link}", "hosts": hosts, "links": [{"a": "a", "b": "b", **shape}]}
+
+
+def model_path(preset: str, dtype: str) -> Path:
+    path = models_dir() / "bench" / cache_name(f"{preset}-{dtype}")
+    if not (path / "config.json").exists():
+        print(f"creating {path} ...", flush=True)
+        synthetic.create(path, preset, dtype=DTYPES[dtype], overwrite=True)
+    return path
+
+
+def prompt_of(n: int, seed: int) -> list[int]:
+    return [(i * 7919 + seed * 104729) % 5000 + 10 for i in range(n)]
+
+
+def one_stream(inst: Any, prompt: list[int], tokens: int) -> tuple[float, float, int, float]:
+    """(TTFT, decode tok/s, tokens, end time) of one greedy request."""
+    t0 = time.perf_counter()
+    first, n = None, 0
+    for chunk in inst.generate(prompt, max_tokens=tokens, temperature=0, ignore_eos=True):
+        if chunk.error:
+            raise RuntimeError(chunk.error)
+        if chunk.tokens:
+            if first is None:
+                first = time.perf_counter()
+            n += len(chunk.tokens)
+    end = time.perf_counter()
+    assert first is not None, "no token"
+    return first - t0, (n - 1) / (end - first) if n > 1 and end > first else 0.0, n, end
+
+
+def streams_tps(inst: Any, streams: int, tokens: int, short: int) -> float:
+    """Aggregate completion tok/s of ``streams`` concurrent greedy requests (all tokens over the wall time)."""
+    got = [0] * streams
+    errors: list[BaseException] = []
+
+    def run(i: int) -> None:
+        try:
+            got[i] = one_stream(inst, prompt_of(short, i + 1), tokens)[2]
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(streams)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return sum(got) / (time.perf_counter() - t0)
+
+
+def measure(cluster: Any, path: Path, plan: Any, args: argparse.Namespace) -> dict[str, Any]:
+    print(f"  launching {plan.describe()} ...", flush=True)
+    inst = cluster.launch(path, plan=plan, name="bench", max_batch=max(args.streams))
+    out: dict[str, Any] = {"plan": plan.describe()}
+    try:
+        one_stream(inst, prompt_of(8, 0), 2)  # warm-up
+        rep = range(args.repeat)
+        for s in args.streams:
+            if s == 1:
+                out["decode_1"] = statistics.median(
+                    one_stream(inst, prompt_of(args.short, 0), args.tokens)[1] for _ in rep
+                )
+            else:
+                out[f"decode_{s}"] = statistics.median(streams_tps(inst, s, args.tokens, args.short) for _ in rep)
+            print(f"    {s} stream(s): {out[f'decode_{s}']:.2f} tok/s", flush=True)
+        if args.prompt:
+            out["ttft"] = statistics.median(one_stream(inst, prompt_of(args.prompt, 99), 1)[0] for _ in rep)
+            print(f"    TTFT of {args.prompt} tokens: {out['ttft']:.2f} s", flush=True)
+    finally:
+        inst.delete()
+    return out
+
+
+def predictions(cluster: Any, path: Path, plan: Any, base: Any, measured_base: dict, args: argparse.Namespace) -> dict:
+    """The planner's figures for ``plan``, calibrated on the one-process plan ``base``'s measurements."""
+    card = model_card(str(path))
+    out: dict[str, Any] = {}
+    for pp, tg, keys in ((args.short, args.tokens, "decode"), (args.prompt, 1, "ttft")):
+        if keys == "ttft" and not pp:
+            continue
+        pred = Predictor(cluster.topology, card, pp, tg)
+        raw = pred.predict(base)
+        if raw is None:
+            return out
+        rates = {}
+        for node_id, r in pred.ctx.rates.items():
+            eff = {}
+            if keys == "decode" and measured_base.get("decode_1"):
+                eff["decode_efficiency"] = r.decode_efficiency * measured_base["decode_1"] / raw["decode_tps"]
+            if keys == "ttft" and measured_base.get("ttft"):
+                eff["prefill_efficiency"] = r.prefill_efficiency * raw["ttft_s"] / measured_base["ttft"]
+            rates[node_id] = dataclasses.replace(r, **eff)
+        pred.set_rates(rates)
+        got = pred.predict(plan)
+        if got is None:
+            return out
+        if keys == "decode":
+            for s in args.streams:
+                out[f"decode_{s}"] = got["decode_tps"] if s == 1 else aggregate_tps(got, args.tokens, s)
+        else:
+            out["ttft"] = got["ttft_s"]
+    return out
+
+
+def pick(plans: Any, strategy: str, dtype: str, nodes: int, node: str | None = None) -> Any:
+    cands = [
+        p
+        for p in plans.plans
+        if p.strategy == strategy and p.num_nodes == nodes and (node is None or p.nodes == [node])
+    ]
+    cands = [p for p in cands if p.split != "fastest"] or cands  # the proportional split, balanced
+    same = [p for p in cands if all(r.dtype == dtype for r in p.ranks)]
+    return (same or cands or [None])[0]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="llama-1b")
+    ap.add_argument("--dtype", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    ap.add_argument("--links", default="unshaped,1gbit,100mbit", help=f"comma-separated: {', '.join(LINKS)}")
+    ap.add_argument("--strategies", default="pipeline,tensor")
+    ap.add_argument("--streams", default="1,8", help="comma-separated stream counts")
+    ap.add_argument("--tokens", type=int, default=16, help="tokens generated per stream")
+    ap.add_argument("--short", type=int, default=32, help="prompt tokens of the decode runs")
+    ap.add_argument("--prompt", type=int, default=2048, help="prompt tokens of the TTFT run (0: none)")
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    args.streams = [int(s) for s in args.streams.split(",")]
+    dtypes = args.dtype.split(",")
+    links = args.links.split(",")
+    strategies = args.strategies.split(",")
+    rows: list[dict[str, Any]] = []
+    base: dict[str, tuple[Any, dict]] = {}  # dtype -> (plan, measured)
+    for link in links:
+        print(f"sim for link {link} ...", flush=True)
+        with SimCluster(spec_for(link)).up(wait=120) as sim:
+            cluster = sim.cluster()
+            try:
+                cluster.wait_for(2, links=True, timeout=180)
+                ids = {n.name: n.id for n in cluster.nodes}
+                for dt in dtypes:
+                    path = model_path(args.preset, dt)
+                    plans = cluster.preview(
+                        path, context=args.prompt + args.tokens + 64, prompt_tokens=args.short, batch=max(args.streams)
+                    )
+                    single = pick(plans, "single", DTYPES[dt], 1, ids["a"])
+                    if dt not in base:
+                        base[dt] = (single, measure(cluster, path, single, args))
+                        rows.append({"link": "-", "dtype": dt, "strategy": "one process", **base[dt][1]})
+                    for strategy in strategies:
+                        plan = pick(plans, strategy, DTYPES[dt], 2)
+                        if plan is None:
+                            print(f"  no {strategy} plan over a and b for {dt}", flush=True)
+                            continue
+                        got = measure(cluster, path, plan, args)
+                        got["pred"] = predictions(cluster, path, plan, single, base[dt][1], args)
+                        rows.append({"link": link, "dtype": dt, "strategy": strategy, **got})
+            finally:
+                cluster.close()
+    report(rows, args, base)
+    if args.json:
+        args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
+    return 0
+
+
+def report(rows: list[dict[str, Any]], args: argparse.Namespace, base: dict[str, tuple[Any, dict]]) -> None:
+    keys = [f"decode_{s}" for s in args.streams] + (["ttft"] if args.prompt else [])
+    names = {
+        **{f"decode_{s}": ("1 stream" if s == 1 else f"{s} streams") for s in args.streams},
+        "ttft": f"TTFT {args.prompt}",
+    }
+    print(
+        f"\n{args.preset}, {args.tokens} tokens per stream, decode prompts {args.short} tokens; "
+        f"ratios to one one-core process (TTFT: time ratio, lower is better); pred = calibrated prediction, "
+        f"err = pred / measured - 1; one run each unless --repeat, on a shared machine: noisy"
+    )
+    head = f"{'link':9s} {'dtype':5s} {'plan':12s} " + " ".join(f"{names[k]:>27s}" for k in keys)
+    print(head)
+    print(" " * 28 + " ".join(f"{'measured':>10s} {'ratio':>5s} {'pred':>5s} {'err':>4s}" for _ in keys))
+    for r in rows:
+        b = base[r["dtype"]][1]
+        cells = []
+        for k in keys:
+            v, bv = r.get(k), b.get(k)
+            if v is None or not bv:
+                cells.append(f"{'-':>27s}")
+                continue
+            unit = f"{v:7.2f} s " if k == "ttft" else f"{v:6.2f} t/s"
+            ratio = v / bv
+            p = (r.get("pred") or {}).get(k)
+            if p is None:
+                cells.append(f"{unit:>10s} {ratio:5.2f} {'-':>5s} {'-':>4s}")
+            else:
+                cells.append(f"{unit:>10s} {ratio:5.2f} {p / bv:5.2f} {100 * (p / v - 1):+3.0f}%")
+        print(f"{r['link']:9s} {r['dtype']:5s} {r['strategy']:12s} " + " ".join(cells))
+    for r in rows:
+        print(f"  {r['link']:9s} {r['dtype']:5s} {r['plan']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

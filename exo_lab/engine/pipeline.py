@@ -1,0 +1,146 @@
+"""Pipelined stages: every stage of a pipeline busy at once, in decode and in prefill.
+
+Run one step at a time through all stages and stage 2 idles while stage 1 computes. Here:
+
+- **decode** (:class:`GroupSchedule`): the running sequences are split into as many *groups* as there
+  are stages, and the ranks advance in *ticks*. In tick ``t`` stage ``s`` computes group
+  ``(t - s) mod G``; at the end of the tick every stage hands its hidden states to the next
+  (:meth:`~exo_lab.engine.lockstep.Lockstep.pass_on` / ``take_in``) and one ``all_sum``
+  (:meth:`~exo_lab.engine.lockstep.Lockstep.share`) gives every rank the tokens the last stage sampled
+  for group ``(t + 1) mod G`` (the *landing* group), which the first stage computes next. Rows of the
+  landing group end or join (prefilled) only then, when none of its hidden states is in flight, so
+  every rank changes the same group at the same tick. With one stage this is the plain step.
+- **prefill** (:func:`streamed_prefill`): the prompt's chunks (``prefill_step_size`` tokens, all but
+  the last prompt token, as ``mlx_lm``'s ``generate_step`` chunks them) stream through the stages:
+  in sub-step ``k`` stage ``s`` computes chunk ``k - s``, so stage 2 works on chunk 1 while stage 1
+  works on chunk 2.
+
+Each group is its own :class:`~exo_lab.engine.lockstep.Batch` (its own KV caches). Every row sees
+the same operations on the same values as in one process with the same chunking, so greedy tokens
+are those of one process per request.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+
+from exo_lab.engine.lockstep import Batch, Lockstep
+from exo_lab.engine.trace import TRACER
+
+
+@dataclass
+class Group:
+    """Rows that go through the stages together: their batch, the per-row state of the caller, and the hidden
+    states this rank received for them (for its next tick)."""
+
+    batch: Batch = field(default_factory=Batch)
+    rows: list[Any] = field(default_factory=list)
+    hidden: mx.array | None = None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+class GroupSchedule:
+    """Which group each stage computes in each tick (see the module docstring); ``G`` = number of stages."""
+
+    def __init__(self, stages: int, stage: int) -> None:
+        self.stages = stages
+        self.stage = stage
+        self.groups = [Group() for _ in range(stages)]
+        self.tick = 0
+
+    @property
+    def running(self) -> int:
+        """Rows in every group."""
+        return sum(len(g) for g in self.groups)
+
+    def mine(self) -> Group:
+        """The group this rank's stage computes in the current tick."""
+        return self.groups[(self.tick - self.stage) % self.stages]
+
+    def following(self) -> Group:
+        """The group this rank's stage computes in the next tick (its hidden states arrive in this one)."""
+        return self.groups[(self.tick + 1 - self.stage) % self.stages]
+
+    def landing(self) -> Group:
+        """The group the last stage samples in the current tick: its rows end or join at the tick's end."""
+        return self.groups[(self.tick + 1) % self.stages]
+
+    def room(self, arrived: int, max_batch: int) -> int:
+        """How many of ``arrived`` waiting rows may join the landing group now: up to ``max_batch`` in all, and
+        no more than keeps the groups balanced (each holding about ``1 / G`` of the rows)."""
+        room = min(arrived, max_batch - self.running)
+        if room <= 0:
+            return 0
+        target = math.ceil((self.running + room) / self.stages)
+        return max(0, min(room, target - len(self.landing())))
+
+    def rows(self) -> list[Any]:
+        return [r for g in self.groups for r in g.rows]
+
+
+def decode_tick(ls: Lockstep, sched: GroupSchedule) -> mx.array | None:
+    """This rank's part of one tick: compute its group, pass the hidden states on, receive the next ones.
+
+    Returns the tokens sampled for the landing group (on the last stage's lead rank, else None); the caller
+    then shares them (:meth:`Lockstep.share`) and changes the landing group.
+    """
+    group = sched.mine()
+    out = tokens = None
+    if len(group):
+        out, tokens = ls.stage_step(group.batch, group.hidden)
+        group.hidden = None
+    if out is not None:
+        ls.pass_on(out)
+    nxt = sched.following()
+    if len(nxt) and not ls.layout.first:
+        nxt.hidden = ls.take_in(len(nxt), 1)
+    return tokens
+
+
+def prefill_chunks(total: int, step: int) -> list[tuple[int, int]]:
+    """``(start, length)`` of each prefill chunk of a ``total``-token prompt: all but the last token, ``step`` at a
+    time (``mlx_lm``'s ``generate_step`` chunking)."""
+    chunks, pos = [], 0
+    while total - pos > 1:
+        n = min(step, total - pos - 1)
+        chunks.append((pos, n))
+        pos += n
+    return chunks
+
+
+def streamed_prefill(ls: Lockstep, prompt: list[int], cache: list | None = None, start: int = 0) -> list:
+    """Prefill ``prompt`` (all but its last token) with its chunks streamed through the stages; this stage's cache.
+
+    In sub-step ``k`` stage ``s`` computes chunk ``k - s``, then hands it to stage ``s + 1`` and receives chunk
+    ``k + 1 - s`` from stage ``s - 1``. Each chunk meets the same operations as in :meth:`Lockstep.prefill`.
+    ``cache`` (holding the first ``start`` tokens, from the prefix cache) is extended instead of a fresh one.
+    """
+    lay = ls.layout
+    cache = ls.shard.make_cache() if cache is None else cache
+    tokens = mx.array(prompt, mx.int32)
+    chunks = [(start + pos, n) for pos, n in prefill_chunks(len(prompt) - start, ls.prefill_step_size)]
+    s, stages = lay.stage, len(lay.stages)
+    x: mx.array | None = None
+    for k in range(len(chunks) + stages - 1):
+        i = k - s
+        if 0 <= i < len(chunks):
+            start, n = chunks[i]
+            inp = tokens[start : start + n][None] if lay.first else x
+            assert inp is not None, "a stage after the first receives each chunk before it computes it"
+            with TRACER.span("prefill", tokens=n, pos=start):
+                out = ls.shard.hidden(inp, cache)
+                mx.eval(out, [c.state for c in cache])
+            ls.pass_on(out)
+            del out
+            x = None
+            mx.clear_cache()
+        j = k + 1 - s
+        if 0 <= j < len(chunks):
+            x = ls.take_in(1, chunks[j][1])
+    return cache
