@@ -552,7 +552,7 @@ def component_sums(breakdown: dict[str, float]) -> dict[str, float]:
     for key, v in breakdown.items():
         if key.startswith("compute"):
             out["compute"] += v
-        elif key.startswith("all-reduce") or key.endswith("(token)"):
+        elif key.startswith("all-reduce") or key.endswith(("(token)", "(tokens, every tick)")):
             out["all-reduce"] += v
         elif key.startswith("link"):
             out["link"] += v

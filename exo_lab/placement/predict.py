@@ -217,8 +217,8 @@ def predict_into(
     if len(stages) > 1:  # each tick, the sampled tokens go back to the first stage (one all_sum)
         back = ctx.link(stages[-1].nodes[0], stages[0].nodes[0]) or LOOPBACK
         group = ",".join(sorted({n for s in stages for n in s.nodes}))  # a measured step all-reduce, if fitted
-        measured = ctx.rates[stages[0].nodes[0]].all_sum_s.get(group)
-        exchange = back.latency_s if measured is None else measured
+        measured = ctx.rates[stages[0].nodes[0]].all_sum_s.get(group)  # fitted from traces: a token's, all ticks
+        exchange = back.latency_s if measured is None else measured / len(stages)
         dec[f"link {ctx.names[stages[-1].nodes[0]]}->{ctx.names[stages[0].nodes[0]]} (tokens, every tick)"] = (
             len(stages) * exchange
         )
