@@ -45,7 +45,7 @@ QUERY: dict[str, list[dict[str, Any]]] = {
 def route_path(pattern: str) -> str:
     """A tornado route pattern as an OpenAPI path: ``/v1/models/(.+)`` -> ``/v1/models/{model}``."""
     path = re.sub(r"\(\.\+\)", "{model}", pattern.rstrip("$")).replace("/?", "")
-    return re.sub(r"\(\[[^)]*\]\+\)", "{id}", path) or "/"
+    return re.sub(r"\(\[[^)]*\][+*]\)", "{id}", path) or "/"
 
 
 def _tag(path: str) -> str:
