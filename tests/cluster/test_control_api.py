@@ -224,11 +224,13 @@ def test_a_killed_worker_comes_back_under_the_same_id_and_answers(members):
 
     def back() -> bool:
         now = listed(b), listed(a)
-        states.extend(i.get("state", "gone") for i in now)
+        states.append(now[1].get("state", "gone"))
         return all(i.get("state") == "ready" for i in now) and inst.replacements == 1
 
     wait_for(back, 120, "demo-heal ready again under its id")
-    assert "gone" not in states, states  # listed all along, never lost by its id
+    # the owner lists it all along, never lost by its id (another member reads the agents: between the old
+    # placement's stop and the new one's launch it may miss it for a moment)
+    assert "gone" not in states, states
     assert inst.id == iid and inst.launch_id != iid and inst.state == "ready"
     assert {i for ids in listed(a)["launch_ids"].values() for i in ids} == {inst.launch_id}
     after = ob.chat.completions.create(model="demo-heal", messages=msgs, max_tokens=8, temperature=0)
