@@ -141,7 +141,8 @@ def test_components_are_fitted_separately_stored_and_predict_better(traced):
     assert 1 <= len(hops) <= 2 and set(fit.compute) == set(plan.nodes) and len(fit.all_reduce) == 1
     # the error after is measured on the same trace: compute and the step all-reduce become what was measured
     assert fit.after["compute"] < 5 and fit.after["all-reduce"] < 5
-    assert fit.after["token"] < fit.before["token"]
+    # the whole token: within 5% after (before, compensating errors can land near 0 by chance: not a bound)
+    assert fit.after["token"] < max(fit.before["token"], 5.0)
     for a, b, latency in hops:  # stored with the nodes' calibration, read back from their agents
         assert stored[a]["links"][b]["latency_s"] == pytest.approx(latency)
     assert all(stored[n]["decode_efficiency"] == pytest.approx(fit.compute[n]) for n in plan.nodes)
