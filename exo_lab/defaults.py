@@ -28,6 +28,7 @@ MODELS_DIR = "EXO_LAB_MODELS_DIR"
 RUNTIME_DIR = "EXO_LAB_RUNTIME_DIR"
 STATE_DIR = "EXO_LAB_STATE_DIR"
 BLAS = "EXO_LAB_BLAS"
+SMALL_GEMM = "EXO_LAB_SMALL_GEMM"
 WORKER_LOG = "EXO_LAB_WORKER_LOG"
 DASHBOARD_CONNECT = "EXO_LAB_DASHBOARD_CONNECT"
 DASHBOARD_BENCH = "EXO_LAB_DASHBOARD_BENCH"
@@ -45,6 +46,7 @@ VARIABLES: dict[str, str] = {
     RUNTIME_DIR: "coordinator registrations (default: <cache>/run)",
     STATE_DIR: "node agent state: id, key, profile (default: $XDG_STATE_HOME/exo_lab/node)",
     BLAS: "'reference' keeps MLX's bundled BLAS instead of OpenBLAS",
+    SMALL_GEMM: "'0' sends decode-sized fp32 matmuls to OpenBLAS too (default: exo_lab's kernel, exo_lab/native)",
     WORKER_LOG: "log level of shard workers (default: INFO)",
     DASHBOARD_CONNECT: "agents (host:port,...) the dashboard app connects to",
     DASHBOARD_BENCH: "a bench result JSON the dashboard app shows",
@@ -87,6 +89,11 @@ def state_dir(env: Mapping[str, str] | None = None) -> str | None:
 def blas(env: Mapping[str, str] | None = None) -> str:
     """``openblas`` (the default) or ``reference``."""
     return (_get(BLAS, env) or "openblas").lower()
+
+
+def small_gemm(env: Mapping[str, str] | None = None) -> bool:
+    """Whether decode-sized fp32 matmuls use exo_lab's kernel (:mod:`exo_lab.native`); ``0`` turns it off."""
+    return (_get(SMALL_GEMM, env) or "1") not in ("0", "off", "false", "no")
 
 
 def worker_log_level(env: Mapping[str, str] | None = None) -> str:

@@ -1,0 +1,84 @@
+"""The decode-sized fp32 matmul in front of OpenBLAS (exo_lab/native/small_gemm.c): same products, batch-invariant."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from exo_lab import _blas, native
+
+pytestmark = pytest.mark.skipif(
+    _blas.find_openblas() is None or native.library("small_gemm") is None,
+    reason="needs OpenBLAS and a C compiler (Linux x86-64)",
+)
+
+# Runs in a child started as exo_lab starts its workers (LD_PRELOAD from child_env): MLX products of every
+# decode size against float64 numpy, and each row of a batch against the same row alone.
+CHILD = r"""
+import json, sys
+import exo_lab, exo_lab._blas as blas
+import mlx.core as mx, numpy as np
+rng = np.random.default_rng(0)
+out = {"name": blas.name(), "err": [], "invariant": True, "plain_err": 0.0}
+for m, n, k in [(1, 64, 64), (1, 37, 300), (2, 129, 77), (3, 256, 2048), (8, 130, 1001), (16, 64, 64), (17, 96, 40)]:
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    got = np.array(mx.array(x) @ mx.array(w).T)
+    want = x.astype(np.float64) @ w.astype(np.float64).T
+    out["err"].append(float(np.abs(got - want).max() / np.abs(want).max()))
+    for i in range(m if m <= 16 else 0):  # up to 16 rows (the kernel's), each row alone gives exactly its row
+        alone = np.array(mx.array(x[i : i + 1]) @ mx.array(w).T)
+        out["invariant"] &= bool(np.array_equal(alone[0], got[i]))
+x = rng.standard_normal((1, 300)).astype(np.float32)
+w = rng.standard_normal((300, 70)).astype(np.float32)  # x @ W, W not transposed: OpenBLAS's sgemv
+want = x.astype(np.float64) @ w.astype(np.float64)
+out["plain_err"] = float(np.abs(np.array(mx.array(x) @ mx.array(w)) - want).max() / np.abs(want).max())
+print(json.dumps(out))
+"""
+
+
+def _child(env_extra: dict[str, str]) -> dict:
+    env = _blas.child_env({**__import__("os").environ, **env_extra})
+    done = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_workers_get_the_kernel_and_it_computes_the_same_products() -> None:
+    got = _child({})
+    assert got["name"] == "openblas+small_gemm"
+    assert max(got["err"]) < 1e-5, got["err"]
+    assert got["plain_err"] < 1e-5
+    assert got["invariant"], "a row of a decode batch must not depend on the other rows"
+
+
+def test_it_can_be_turned_off() -> None:
+    got = _child({"EXO_LAB_SMALL_GEMM": "0"})
+    assert got["name"] == "openblas"
+    assert max(got["err"]) < 1e-5
+
+
+def test_alpha_beta_and_strides_follow_cblas() -> None:
+    lib = ctypes.CDLL(str(native.library("small_gemm")))
+    f = ctypes.POINTER(ctypes.c_float)
+    rng = np.random.default_rng(1)
+    m, n, k, lda, ldb, ldc = 3, 10, 19, 24, 21, 13
+    a = rng.standard_normal((m, lda)).astype(np.float32)
+    b = rng.standard_normal((n, ldb)).astype(np.float32)
+    c = rng.standard_normal((m, ldc)).astype(np.float32)
+    want = c.astype(np.float64).copy()
+    want[:, :n] = 0.5 * (a[:, :k].astype(np.float64) @ b[:, :k].T) + 2.0 * want[:, :n]
+    ptr = lambda v: v.ctypes.data_as(f)  # noqa: E731
+    lib.exo_small_gemm_nt(m, n, k, ctypes.c_float(0.5), ptr(a), lda, ptr(b), ldb, ctypes.c_float(2.0), ptr(c), ldc)
+    np.testing.assert_allclose(c, want, rtol=1e-5, atol=1e-5)  # columns past n untouched
+
+
+def test_the_library_is_named_by_its_source_and_cpu() -> None:
+    name = native.library_name("small_gemm")
+    assert name.startswith("libsmall_gemm-") and name.endswith(".so")
+    assert native.library("small_gemm").name == name
