@@ -2,8 +2,8 @@
 
 Run (root, iproute2): .venv/bin/python benchmarks/distributed.py
      [--preset llama-1b] [--dtype fp32,bf16] [--links unshaped,1gbit,100mbit] [--strategies pipeline,tensor]
-     [--streams 1,8] [--tokens 16] [--prompt 2048] [--json out.json]
-Quick: --dtype fp32 --links unshaped --streams 1,8 --tokens 8 --prompt 1024
+     [--streams 1,8] [--tokens 48] [--prompt 2048] [--json out.json]
+Quick: --dtype fp32 --links unshaped --streams 1,8 --tokens 32 --prompt 1024
 
 For each link (``unshaped``: a plain LAN; ``1gbit``: a cable of 1 Gbit/s with 1 ms one-way delay;
 ``100mbit``: 100 Mbit/s, 5 ms) a simulated cluster (:class:`exo_lab.sim.SimCluster`) of two hosts ``a``
@@ -16,10 +16,10 @@ root namespace. For each dtype of the synthetic ``--preset`` (made once under ``
 
 Each is launched through the agents (a rank per process), warmed up, then measured: **decode** tok/s of
 one stream (``--tokens`` greedy tokens, EOS ignored, a short prompt; tokens after the first over the time
-after it) and the **aggregate** tok/s of ``N`` concurrent streams (all completion tokens over the wall
+after it) and the **aggregate** decode tok/s of ``N`` concurrent streams (tokens while all of them decode, over that
 time, short prompts; ``--streams``), and **TTFT** of one ``--prompt``-token prompt (prompt tok/s =
 prompt / TTFT). The table gives each as a ratio to the one process, beside the planner's prediction
-(:func:`exo_lab.placement.predict.predict`, :func:`~exo_lab.placement.predict.aggregate_tps`) and its error
+(:func:`exo_lab.placement.predict.predict`, :func:`~exo_lab.placement.predict.decode_aggregate_tps`) and its error
 (predicted / measured - 1). Predictions are calibrated on the one-process run of the same dtype: its
 measured decode and prefill rates over the predicted ones become the nodes' ``decode_efficiency`` and
 ``prefill_efficiency`` (what ``exo-lab bench --calibrate`` fits), so the error measures how the cost model
@@ -48,7 +48,7 @@ from typing import Any
 from exo_lab.models import synthetic
 from exo_lab.models.store import cache_name
 from exo_lab.paths import models_dir
-from exo_lab.placement.predict import Predictor, aggregate_tps
+from exo_lab.placement.predict import Predictor, decode_aggregate_tps
 from exo_lab.placement.preview import model_card
 from exo_lab.sim.cluster import SimCluster
 
@@ -82,30 +82,37 @@ def prompt_of(n: int, seed: int) -> list[int]:
     return [(i * 7919 + seed * 104729) % 5000 + 10 for i in range(n)]
 
 
-def one_stream(inst: Any, prompt: list[int], tokens: int) -> tuple[float, float, int, float]:
-    """(TTFT, decode tok/s, tokens, end time) of one greedy request."""
+def one_stream(
+    inst: Any, prompt: list[int], tokens: int, stamps: list[float] | None = None
+) -> tuple[float, float, int, float]:
+    """(TTFT, decode tok/s, tokens, end time) of one greedy request; ``stamps`` gets each token's arrival time."""
     t0 = time.perf_counter()
     first, n = None, 0
     for chunk in inst.generate(prompt, max_tokens=tokens, temperature=0, ignore_eos=True):
         if chunk.error:
             raise RuntimeError(chunk.error)
         if chunk.tokens:
+            now = time.perf_counter()
             if first is None:
-                first = time.perf_counter()
+                first = now
             n += len(chunk.tokens)
+            if stamps is not None:
+                stamps.extend([now] * len(chunk.tokens))
     end = time.perf_counter()
     assert first is not None, "no token"
     return first - t0, (n - 1) / (end - first) if n > 1 and end > first else 0.0, n, end
 
 
 def streams_tps(inst: Any, streams: int, tokens: int, short: int) -> float:
-    """Aggregate completion tok/s of ``streams`` concurrent greedy requests (all tokens over the wall time)."""
-    got = [0] * streams
+    """Aggregate decode tok/s of ``streams`` concurrent greedy requests: the tokens that arrived while every
+    stream was decoding (after the last one's first token, before the first one's end) over that window,
+    so the prompts' prefills are not counted; all tokens over the wall time when there is no such window."""
+    stamps: list[list[float]] = [[] for _ in range(streams)]
     errors: list[BaseException] = []
 
     def run(i: int) -> None:
         try:
-            got[i] = one_stream(inst, prompt_of(short, i + 1), tokens)[2]
+            one_stream(inst, prompt_of(short, i + 1), tokens, stamps[i])
         except BaseException as exc:  # reported below
             errors.append(exc)
 
@@ -117,7 +124,11 @@ def streams_tps(inst: Any, streams: int, tokens: int, short: int) -> float:
         t.join()
     if errors:
         raise errors[0]
-    return sum(got) / (time.perf_counter() - t0)
+    start, stop = max(s[0] for s in stamps), min(s[-1] for s in stamps)
+    inside = sum(1 for s in stamps for t in s if start < t <= stop)
+    if stop - start > 0 and inside >= streams:
+        return inside / (stop - start)
+    return sum(len(s) for s in stamps) / (time.perf_counter() - t0)
 
 
 def measure(cluster: Any, path: Path, plan: Any, args: argparse.Namespace) -> dict[str, Any]:
@@ -168,7 +179,7 @@ def predictions(cluster: Any, path: Path, plan: Any, base: Any, measured_base: d
             return out
         if keys == "decode":
             for s in args.streams:
-                out[f"decode_{s}"] = got["decode_tps"] if s == 1 else aggregate_tps(got, args.tokens, s)
+                out[f"decode_{s}"] = got["decode_tps"] if s == 1 else decode_aggregate_tps(got, s)
         else:
             out["ttft"] = got["ttft_s"]
     return out
@@ -192,7 +203,7 @@ def main() -> int:
     ap.add_argument("--links", default="unshaped,1gbit,100mbit", help=f"comma-separated: {', '.join(LINKS)}")
     ap.add_argument("--strategies", default="pipeline,tensor")
     ap.add_argument("--streams", default="1,8", help="comma-separated stream counts")
-    ap.add_argument("--tokens", type=int, default=16, help="tokens generated per stream")
+    ap.add_argument("--tokens", type=int, default=48, help="tokens generated per stream")
     ap.add_argument("--short", type=int, default=32, help="prompt tokens of the decode runs")
     ap.add_argument("--prompt", type=int, default=2048, help="prompt tokens of the TTFT run (0: none)")
     ap.add_argument("--repeat", type=int, default=1)

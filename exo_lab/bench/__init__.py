@@ -70,7 +70,7 @@ from exo_lab.bench.results import (
 )
 from exo_lab.bench.runner import link_traffic, run
 from exo_lab.bench.sweep import bench_instance, bench_url
-from exo_lab.placement.predict import Predictor, aggregate_tps, predict
+from exo_lab.placement.predict import Predictor, aggregate_tps, decode_aggregate_tps, predict
 
 __all__ = [
     "JSON_SCHEMA",
@@ -85,6 +85,7 @@ __all__ = [
     "Predictor",
     "SweepPoint",
     "aggregate_tps",
+    "decode_aggregate_tps",
     "bench_instance",
     "bench_url",
     "exact_prompt",

@@ -382,7 +382,7 @@ def save_calibration(calibration: dict[str, Any], key: str | None = None, cache_
 
 def load_or_measure(refresh: bool = False, cache_dir: Path | None = None, recheck: bool = True) -> DeviceProfile:
     """This machine's profile: microbenchmarks from the per-hardware cache (unless
-    ``refresh`` or missing), memory always read live; a cached profile's bandwidth is
+    ``refresh`` or missing), memory and the hostname always read live; a cached profile's bandwidth is
     measured again (``recheck``, :func:`check_bandwidth`) when it :func:`looks_off` or was last
     measured over ``RECHECK_AFTER_S`` ago, and the best run kept in the cache."""
     directory = Path(cache_dir) if cache_dir is not None else paths.cache_dir() / "profiles"
@@ -394,7 +394,11 @@ def load_or_measure(refresh: bool = False, cache_dir: Path | None = None, rechec
             log.warning("ignoring unreadable profile cache %s (%s); measuring again", path, err)
         else:
             total, available = memory_now()
-            profile = replace(profile, memory_total_bytes=total, memory_available_bytes=available)
+            # the hardware's figures come from the cache; which machine this is never does (two simulated
+            # hosts, or two machines of one kind sharing a cache, are two hosts to the planner)
+            profile = replace(
+                profile, memory_total_bytes=total, memory_available_bytes=available, hostname=socket.gethostname()
+            )
             if recheck and (looks_off(profile) or time.time() - profile.memory_bandwidth_checked_at > RECHECK_AFTER_S):
                 profile = check_bandwidth(profile)
                 _store_bandwidth(path, profile)

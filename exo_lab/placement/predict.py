@@ -329,12 +329,20 @@ def aggregate_tps(pred: dict[str, Any], tg: int, concurrency: int = 1) -> float:
     sequence, a pipeline in the group schedule (:func:`~exo_lab.placement.cost.pipelined_round_s`:
     bounded by its slowest stage, not the sum of its stages).
     """
+    prefill = pred["ttft_s"] - 1.0 / pred["decode_tps"]
+    batched = concurrency / decode_aggregate_tps(pred, concurrency)
+    return concurrency * tg / (concurrency * prefill + tg * batched)
+
+
+def decode_aggregate_tps(pred: dict[str, Any], concurrency: int) -> float:
+    """Predicted tokens/s of ``concurrency`` sequences all decoding together (no prefill in between): one
+    process or one tensor group in steps of one token's time plus ``decode_row_s`` per more sequence, a
+    pipeline in the group schedule (:func:`~exo_lab.placement.cost.pipelined_round_s`)."""
     step = 1.0 / pred["decode_tps"]
-    prefill = pred["ttft_s"] - step
     if pred.get("stage_decode_s"):
         batched = pipelined_round_s(
             pred["stage_decode_s"], pred["stage_row_s"], pred.get("tick_exchange_s", 0.0), concurrency
         )
     else:
         batched = step + (concurrency - 1) * pred.get("decode_row_s", 0.0)
-    return concurrency * tg / (concurrency * prefill + tg * batched)
+    return concurrency / batched

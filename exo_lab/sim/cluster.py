@@ -678,8 +678,11 @@ def _check_root_free(plan: layout.Layout) -> None:
 
 
 def enter(host: SimHost, argv: Sequence[str], cgroup: bool = True) -> list[str]:
-    """``argv`` run inside ``host``: its cgroups (when ``cgroup``), its namespace, cgroups visible."""
-    inner = ["ip", "netns", "exec", host.netns, *cgroups.remount(argv)]
+    """``argv`` run inside ``host``: its cgroups (when ``cgroup``), its network namespace, cgroups visible, and
+    its own hostname (its namespace's name, in a UTS namespace: what tells the planner that two simulated
+    hosts are two machines whose ranks do not share cores)."""
+    own_name = ["unshare", "--uts", "--", "sh", "-c", 'hostname "$0" && exec "$@"', host.netns]
+    inner = ["ip", "netns", "exec", host.netns, *own_name, *cgroups.remount(argv)]
     return cgroups.wrap(inner, host.cgroups if cgroup else ())
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -462,6 +463,15 @@ def test_host_limits_are_cgroups(sim: SimCluster) -> None:
     if any("memory" in p for p in paths):
         limit = sim.exec("a", ["cat", f"/sys/fs/cgroup/memory{rel}/memory.limit_in_bytes"]).stdout
         assert int(limit) == 512 << 20
+
+
+@pytest.mark.slow
+@needs_netns
+def test_each_host_is_a_machine_of_its_own_name(sim: SimCluster) -> None:
+    """Hosts differ in hostname (a UTS namespace each): the planner splits cores only between ranks of one host."""
+    names = {h: sim.exec(h, ["hostname"]).stdout.strip() for h in ("a", "b")}
+    assert names == {h: sim.hosts[h].netns for h in ("a", "b")}
+    assert socket.gethostname() not in names.values()
 
 
 def _snapshot_gone(st: state.SimState, root_links_before: set[str]) -> None:

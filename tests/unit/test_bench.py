@@ -21,6 +21,7 @@ from exo_lab.bench import (
     PlanBench,
     Predictor,
     aggregate_tps,
+    decode_aggregate_tps,
     exact_prompt,
     fit_calibration,
     link_traffic,
@@ -374,6 +375,15 @@ def test_the_cli_writes_the_json(cluster, tiny_model, tmp_path):
     assert [p["strategy"] for p in doc["plans"]] == ["pipeline"]
     assert doc["plans"][0]["measured"]["completion_tokens"] == [4]
     assert doc["plans"][0]["measured"]["prompt_tokens"] == [32]
+
+
+def test_predicted_decode_aggregate_has_no_prefill_and_a_pipeline_is_bound_by_its_slowest_stage():
+    pred = {"decode_tps": 10.0, "ttft_s": 0.6, "decode_row_s": 0.02}
+    assert decode_aggregate_tps(pred, 1) == pytest.approx(10.0)
+    assert decode_aggregate_tps(pred, 4) == pytest.approx(4 / (0.1 + 3 * 0.02))
+    piped = {**pred, "stage_decode_s": [0.05, 0.06], "stage_row_s": [0.01, 0.01], "tick_exchange_s": 0.001}
+    # 8 rows in two groups of 4, one per stage: each tick lasts its slower stage, a token for all every 2 ticks
+    assert decode_aggregate_tps(piped, 8) == pytest.approx(8 / (2 * (0.06 + 3 * 0.01 + 0.001)))
 
 
 def test_predicted_aggregate_rate_counts_sequential_prefills_and_batched_steps():

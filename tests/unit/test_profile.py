@@ -137,6 +137,14 @@ def test_cache_measures_once_and_refreshes_memory(counted, tmp_path):
     assert load_or_measure(cache_dir=tmp_path).measured_at == 2.0
 
 
+def test_a_cached_profile_says_which_machine_loads_it(counted, tmp_path, monkeypatch):
+    """The cache is per kind of hardware: a machine (or simulated host) of the same kind loading it is itself."""
+    load_or_measure(cache_dir=tmp_path)
+    monkeypatch.setattr(prof.socket, "gethostname", lambda: "another-host")
+    assert load_or_measure(cache_dir=tmp_path).hostname == "another-host"
+    assert counted == [1]
+
+
 def test_cache_defaults_to_the_exo_lab_cache_dir(counted, tmp_path, monkeypatch):
     monkeypatch.setenv("EXO_LAB_CACHE_DIR", str(tmp_path))
     load_or_measure()
