@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from distributed import DTYPES, model_path, one_stream, pick, prompt_of, spec_for  # noqa: E402
+from distributed import DTYPES, model_path, one_stream, pick, prompt_of, spec_for
 
-from exo_lab.sim.cluster import SimCluster  # noqa: E402
+from exo_lab.sim.cluster import SimCluster
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 
