@@ -57,6 +57,13 @@ def test_workers_get_the_kernel_and_it_computes_the_same_products() -> None:
     assert got["invariant"], "a row of a decode batch must not depend on the other rows"
 
 
+def test_its_threads_sleep_when_idle_unless_told_otherwise() -> None:
+    """Ranks sharing a machine's cores must not spin against each other (OpenMP's default waits busily)."""
+    assert _blas.child_env({})["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert _blas.child_env({"OMP_WAIT_POLICY": "ACTIVE"})["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert "OMP_WAIT_POLICY" not in _blas.child_env({"EXO_LAB_SMALL_GEMM": "0"})
+
+
 def test_it_can_be_turned_off() -> None:
     got = _child({"EXO_LAB_SMALL_GEMM": "0"})
     assert got["name"] == "openblas"
