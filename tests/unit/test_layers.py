@@ -129,7 +129,15 @@ def test_importing_loads_no_mlx(module):
 
 
 def test_the_root_imports_only_blas_version_and_defaults():
-    assert set(_loaded_after("exo_lab")) == {"exo_lab", "exo_lab._blas", "exo_lab._version", "exo_lab.defaults"}
+    """And what loading the BLAS needs: the native kernel's builder and the cache paths (no MLX, no numpy)."""
+    assert set(_loaded_after("exo_lab")) == {
+        "exo_lab",
+        "exo_lab._blas",
+        "exo_lab._version",
+        "exo_lab.defaults",
+        "exo_lab.native",
+        "exo_lab.paths",
+    }
 
 
 def test_public_names_resolve_on_first_use():
@@ -254,7 +262,7 @@ def test_environment_variables_and_ports_are_read_only_through_defaults():
             if isinstance(node.value, int) and not isinstance(node.value, bool) and node.value in ports:
                 found.append(f"{rel}:{node.lineno} hard-codes port {node.value}")
     assert not found, "\n".join(found)
-    assert len(names) == 14 and all(n.startswith("EXO_LAB_") for n in names)
+    assert len(names) == 15 and all(n.startswith("EXO_LAB_") for n in names)
 
 
 def test_every_variable_has_an_accessor(monkeypatch):
