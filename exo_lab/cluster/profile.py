@@ -71,7 +71,7 @@ from exo_lab.models import formats, qmatmul
 
 log = logging.getLogger(__name__)
 
-_SCHEMA = 2  # bump when the microbenchmarks change, so old caches are not reused
+_SCHEMA = 3  # bump when the microbenchmarks change, so old caches are not reused
 _K = 2048
 _N_PROMPT_MAX = 2048
 _N_DECODE_MAX = 32768  # 32768 x 2048 fp32 = 256 MB
@@ -263,6 +263,7 @@ def measure_profile(budget_s: float = 7.0, progress: bool = False) -> DeviceProf
     arrays = {
         "weights": mx.random.uniform(-1.0, 1.0, (n_decode_max, _K), key=mx.random.key(0)),  # <= 256 MB fp32
         "x1": mx.random.uniform(-1.0, 1.0, (1, _K), key=mx.random.key(1)),
+        "x8": mx.random.uniform(-1.0, 1.0, (8, _K), key=mx.random.key(3)),
         "x512": mx.random.uniform(-1.0, 1.0, (512, _K), key=mx.random.key(2)),
     }
     mx.eval(*arrays.values())
@@ -288,7 +289,8 @@ def measure_profile(budget_s: float = 7.0, progress: bool = False) -> DeviceProf
 
     variants = []
     for fmt in formats.FORMATS.values():
-        for m, x, n_max in ((1, arrays["x1"], n_decode_max), (512, arrays["x512"], _N_PROMPT_MAX)):
+        rows = ((1, arrays["x1"], n_decode_max), (8, arrays["x8"], n_decode_max), (512, arrays["x512"], _N_PROMPT_MAX))
+        for m, x, n_max in rows:
             make = quantized(fmt.bits, x) if fmt.bits else plain(getattr(mx, fmt.name), x)
             variants.append((f"{fmt.name}_m{m}", make, n_max))
     bar = _progress_bar(len(variants) + 1) if progress else None
@@ -306,7 +308,7 @@ def measure_profile(budget_s: float = 7.0, progress: bool = False) -> DeviceProf
     read: dict[str, float] = {}
     shapes: dict[str, list[int]] = {}
     for name, make, n_max in variants:
-        m = 1 if name.endswith("_m1") else 512
+        m = int(name.rsplit("_m", 1)[1])
         t0 = time.perf_counter()
         n, seconds, nbytes = _sized_matmul(make, n_max, slice_s())
         log.debug("%s: N=%d, %.3f s per iteration, step %.2f s", name, n, seconds, time.perf_counter() - t0)

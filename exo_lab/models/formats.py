@@ -23,8 +23,8 @@ casting down (fp32 to bf16, bf16 to fp16): the planner uses these *lossy* format
 user allows them (``lossy=True``); by default a rank computes in the checkpoint's own dtype or in
 fp32 (exact weights).
 
-The device profile measures every format's M=1 read rate and M=512 GFLOP/s under the keys
-``<format>_m1`` and ``<format>_m512`` (:mod:`exo_lab.cluster.profile`).
+The device profile measures every format's M=1 read rate, M=8 and M=512 GFLOP/s under the keys
+``<format>_m1``, ``<format>_m8`` and ``<format>_m512`` (:mod:`exo_lab.cluster.profile`).
 """
 
 from __future__ import annotations

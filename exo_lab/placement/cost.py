@@ -7,7 +7,8 @@ For a node ``n`` computing in dtype ``d``:
 - ``R_dec(n, d)``: weight bytes read per second at decode (M = 1). From the
   profile's ``matmul_weight_read_gb_per_s[d_m1]``, else
   ``min(memory_bandwidth, GFLOP/s[d_m1] * bytes_per_weight / 2)``.
-- ``F_pre(n, d)``: GFLOP/s at prompt-like M = 512 (``matmul_gflops[d_m512]``).
+- ``F_pre(n, d)``: GFLOP/s at prompt-like M = 512 (``matmul_gflops[d_m512]``); each more row of a
+  decode batch costs at the rate implied by M = 1 and M = 8 (``d_m8``, :meth:`NodeRates.decode_row_flops`).
 - ``d`` is a weight format (:mod:`exo_lab.models.formats`: float32, bfloat16, float16, q8, q4);
   the profile measures each one (``<format>_m1``, ``<format>_m512``). Models stored quantized
   use the ``q8_*`` entries at 8 bits, else the ``q4_*`` ones.
@@ -154,6 +155,23 @@ class NodeRates:
         else:
             rate = min(self.bandwidth_bytes_s, gf * 1e9 * bytes_per_weight / 2)
         return rate * self.decode_efficiency
+
+    def decode_row_flops(self, dtype: str, quantized: bool, bytes_per_weight: float) -> float:
+        """FLOP/s at which each more row of a decode batch adds time (times the calibrated decode efficiency).
+
+        From the profile's M=1 read rate and M=8 rate: 8 rows take what one takes plus 7 more rows' cost (a
+        decode kernel is read-bound at one row and compute-bound at several, where it runs below the prompt
+        GEMM's rate); never above the prompt rate. Without an M=8 measurement: the prompt rate.
+        """
+        kernel = self.kernel(dtype, quantized)
+        prompt = self.gflops.get(f"{kernel}_m512", 1.0) * 1e9
+        gf8 = self.gflops.get(f"{kernel}_m8")
+        if not gf8:
+            return prompt * self.prefill_efficiency
+        t8 = 16.0 / (gf8 * 1e9)  # seconds per weight for 8 rows (2 FLOP per weight and row)
+        t1 = bytes_per_weight / (self.decode_read_rate(dtype, quantized, bytes_per_weight) / self.decode_efficiency)
+        per_row = max((t8 - t1) / 7, 2.0 / prompt)
+        return 2.0 / per_row * self.decode_efficiency
 
     def prefill_flops(self, dtype: str, quantized: bool) -> float:
         """FLOP/s of one process at prompt-like shapes (times the calibrated efficiency)."""

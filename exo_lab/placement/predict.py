@@ -189,7 +189,8 @@ def predict_into(
             head_flops = card.head_flops_per_token if last else 0.0
             compute = (ctx.prompt * flops_layers / s.k + attn + head_flops) / flops
             t_pre = max(t_pre, compute)
-            t_row = max(t_row, (flops_layers / s.k + head_flops / s.k) / flops)
+            row_flops = r.decode_row_flops(dtypes[node], quant, bpw) * sh
+            t_row = max(t_row, (flops_layers / s.k + head_flops / s.k) / row_flops)
         start = stop
         row_s += t_row
         dec[f"compute {label}"] = t_dec

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from exo_lab.engine.pipeline import GroupSchedule, prefill_chunks
-from exo_lab.placement.cost import pipelined_round_s, streamed_prefill_s
+from exo_lab.placement.cost import NodeRates, pipelined_round_s, streamed_prefill_s
 from exo_lab.placement.planner import _split_layers
 
 
@@ -43,3 +43,22 @@ def test_rows_join_the_landing_group_keeping_the_groups_balanced():
     assert sched.room(10, 8) == 0  # max_batch in all
     assert sched.room(10, 10) == 1  # 2 places left: 1 to this group, the other to the next
     assert GroupSchedule(1, 0).room(8, 16) == 8  # one stage: everyone joins at once
+
+
+def test_a_decode_batch_row_costs_what_the_profile_measured_between_one_and_eight_rows():
+    profile = {
+        "hostname": "h",
+        "cpu_count": 1,
+        "memory_bandwidth_gb_per_s": 20.0,
+        "matmul_gflops": {"float32_m1": 9.0, "float32_m8": 16.0, "float32_m512": 48.0},
+        "matmul_weight_read_gb_per_s": {"float32_m1": 18.0},
+    }
+    r = NodeRates.from_profile("n", profile)
+    # one row reads 4 bytes a weight at 18 GB/s; eight rows take 16 FLOP a weight at 16 GFLOP/s
+    per_row = (16 / 16e9 - 4 / 18e9) / 7
+    assert r.decode_row_flops("float32", False, 4.0) == pytest.approx(2 / per_row)
+    assert r.decode_row_flops("float32", False, 4.0) < r.prefill_flops("float32", False)
+    fast8 = {**profile, "matmul_gflops": {"float32_m1": 9.0, "float32_m8": 400.0, "float32_m512": 48.0}}
+    assert NodeRates.from_profile("n", fast8).decode_row_flops("float32", False, 4.0) == pytest.approx(48e9)
+    old = {**profile, "matmul_gflops": {"float32_m1": 9.0, "float32_m512": 48.0}}  # a profile from before M=8
+    assert NodeRates.from_profile("n", old).decode_row_flops("float32", False, 4.0) == pytest.approx(48e9)
