@@ -46,6 +46,9 @@ class DeviceProfile:
     memory_bandwidth_measured_at: float = 0.0  # unix time of the run that gave memory_bandwidth_gb_per_s
     memory_bandwidth_checked_at: float = 0.0  # unix time of the last bandwidth run (re-measures included)
     memory_bandwidth_runs: int = 0  # bandwidth runs the best is taken over
+    # seconds one message between ranks costs beyond the link (MLX's ring backend, measured on loopback:
+    # :mod:`exo_lab.cluster.collective`); 0 when not measured
+    message_overhead_s: float = 0.0
     measured_at: float = 0.0  # unix time
     measure_seconds: float = 0.0
     cache_key: str = ""

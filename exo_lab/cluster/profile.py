@@ -31,6 +31,9 @@ How the microbenchmarks stay real and bounded:
   per core (each stream has its own thread); ``memory_read_gb_per_s_gemv`` is the fp32 M=1
   rate (OpenBLAS may use every core); ``memory_bandwidth_gb_per_s`` is the largest.
 
+- ``message_overhead_s``: what one message between two ranks costs beyond a plain socket exchange
+  (:mod:`exo_lab.cluster.collective`: one ring rank against a peer that is never late, about 1 s).
+
 Bandwidth measured while other work runs comes out low (a node once reported 6.5 GB/s where
 decode alone implied more), and a low number sticks in the per-hardware cache. So the bandwidth
 is the best of every run kept for this hardware, with the time of the run that gave it
@@ -60,6 +63,7 @@ from filelock import FileLock
 from tqdm.auto import tqdm
 
 from exo_lab import _blas, paths
+from exo_lab.cluster.collective import measure_message_overhead
 from exo_lab.cluster.machine import (  # noqa: F401  (re-exported: the profile's facts without MLX)
     DeviceProfile,
     _cgroup_memory,
@@ -71,7 +75,7 @@ from exo_lab.models import formats, qmatmul
 
 log = logging.getLogger(__name__)
 
-_SCHEMA = 3  # bump when the microbenchmarks change, so old caches are not reused
+_SCHEMA = 4  # bump when the microbenchmarks change, so old caches are not reused
 _K = 2048
 _N_PROMPT_MAX = 2048
 _N_DECODE_MAX = 32768  # 32768 x 2048 fp32 = 256 MB
@@ -299,6 +303,7 @@ def measure_profile(budget_s: float = 7.0, progress: bool = False) -> DeviceProf
     def slice_s() -> float:
         return max(0.0, deadline - time.perf_counter()) / steps_left
 
+    message = measure_message_overhead() or {}  # first: the matmuls' slices share what it leaves of the budget
     reduce_gb_s, parallel_gb_s = _read_rates(arrays["weights"], slice_s())
     steps_left -= 1
     if bar:
@@ -342,6 +347,7 @@ def measure_profile(budget_s: float = 7.0, progress: bool = False) -> DeviceProf
         memory_bandwidth_measured_at=now,
         memory_bandwidth_checked_at=now,
         memory_bandwidth_runs=1,
+        message_overhead_s=float(message.get("message_overhead_s", 0.0)),
         measured_at=now,
         measure_seconds=elapsed,
         **facts,

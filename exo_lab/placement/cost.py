@@ -59,7 +59,11 @@ and ``prefill_efficiency``, which :class:`NodeRates` multiplies ``R_dec`` and
 beyond the link's latency (framework and scheduling); :func:`calibrated_link` adds
 the mean of the two ends' overheads to a link's ``lat``, so each hop pays it once
 and each ring all-reduce ``2 (k - 1)`` times. Without a calibration the factors are
-1 and the overhead 0 (the microbenchmarks and probes taken as they are). A calibration per
+1 (the microbenchmarks and probes taken as they are) and the overhead is the profile's
+``message_overhead_s``: what MLX's ring backend adds to a plain socket exchange, measured on the
+node (:mod:`exo_lab.cluster.collective`; ~75 us on this project's 2-core VM, where the link probes
+see 28 us one way, so a tensor pair's 32 all-reduces per token of a 16-layer model cost ~7 ms, not
+~2). A calibration per
 component (fitted from traces, see :mod:`exo_lab.bench.components`) adds ``links`` (a link's fitted
 latency and bandwidth, used instead of the probes' and the overhead) and ``all_reduce`` (the
 measured seconds of a pipeline step's token all-reduce over a group of nodes, used instead of one
@@ -103,7 +107,7 @@ class NodeRates:
     weight_read_bytes_s: dict[str, float]
     decode_efficiency: float = 1.0  # calibration: measured / microbenchmarked decode read rate
     prefill_efficiency: float = 1.0  # calibration: measured / microbenchmarked prefill FLOP/s
-    hop_overhead_s: float = 0.0  # calibration: seconds each message to or from this node costs beyond latency
+    hop_overhead_s: float = 0.0  # seconds each message to or from this node costs beyond latency (measured or fitted)
     # calibration per component (fitted from traces, exo_lab.bench.components): peer node -> (latency_s,
     # bandwidth_bytes_s) of the link from this node, and the step's all-reduce seconds per group of nodes
     links: dict[str, tuple[float, float]] = field(default_factory=dict, hash=False, compare=False)
@@ -129,7 +133,9 @@ class NodeRates:
             weight_read_bytes_s=reads,
             decode_efficiency=_factor(cal.get("decode_efficiency")),
             prefill_efficiency=_factor(cal.get("prefill_efficiency")),
-            hop_overhead_s=_seconds(cal.get("hop_overhead_s")),
+            hop_overhead_s=_seconds(
+                cal["hop_overhead_s"] if "hop_overhead_s" in cal else profile.get("message_overhead_s")
+            ),
             links={
                 str(peer): (float(v["latency_s"]), float(v["bandwidth_bytes_s"]))
                 for peer, v in (cal.get("links") or {}).items()

@@ -161,6 +161,12 @@ def test_node_rates_and_links_apply_a_calibration():
     assert calibrated_link(link, plain, plain) is link
     junk = NodeRates.from_profile("n0", {**profile, "calibration": {"decode_efficiency": -1, "hop_overhead_s": "x"}})
     assert junk.decode_efficiency == 1.0 and junk.hop_overhead_s == 0.0
+    # uncalibrated, each message costs what the profile measured MLX's ring adding; a fitted overhead wins
+    measured = {**profile, "message_overhead_s": 6e-5}
+    assert NodeRates.from_profile("n0", measured).hop_overhead_s == pytest.approx(6e-5)
+    zero = NodeRates.from_profile("n0", {**measured, "calibration": {"hop_overhead_s": 0.0}})
+    assert zero.hop_overhead_s == 0.0
+    assert calibrated_link(link, NodeRates.from_profile("n0", measured), plain).latency_s == pytest.approx(0.00103)
     # the planner uses them: slower nodes, slower predictions
     card = _card()
     before = make_plans(_topology(), card, context=1024, prompt_tokens=PP).best
