@@ -18,7 +18,7 @@ $(VENV)/.installed: $(VENV)/.created pyproject.toml
 	@$(PY) -m pip install -q 'hatchling>=1.25' editables 'hatch-jupyter-builder>=0.9'  # pyproject's build-system
 	@rm -f exo_lab/labextension/install.json  # a built extension's copy would be added to the wheel twice
 	SKIP_JUPYTER_BUILDER=1 $(PY) -m pip install -q --no-build-isolation -e .
-	@$(PY) -m exo_lab.native  # the decode-sized matmul kernel for this CPU (built on first use otherwise)
+	@$(PY) -m exo_lab.native  # the decode kernels for this CPU: fp32 small GEMM, 16-bit weights (else built on first use)
 	@touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed pyproject.toml

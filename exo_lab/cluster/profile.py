@@ -11,7 +11,9 @@ How the microbenchmarks stay real and bounded:
   hidden) in every weight format of :mod:`exo_lab.models.formats`: float32,
   bfloat16 and float16 (activations in the same dtype), q8 and q4
   (group 64, fp32 activations and scales, computed as the ranks do: :mod:`exo_lab.models.qmatmul`,
-  ``quantized_matmul`` split over one CPU stream per core at M=1, dequantize + BLAS at M=512). M=512 is
+  ``quantized_matmul`` split over one CPU stream per core at M=1, dequantize + BLAS at M=512), bf16w and
+  fp16w (16-bit weights, fp32 activations: :mod:`exo_lab.models.halfmatmul`; only where its kernel
+  works). M=512 is
   prompt-like, M=1 decode-like; the planner picks each node's fastest format
   from these numbers.
 - N (the number of weight rows) is sized per variant: a small probe (N=128)
@@ -71,7 +73,7 @@ from exo_lab.cluster.machine import (  # noqa: F401  (re-exported: the profile's
     cpu_model,
     memory_now,
 )
-from exo_lab.models import formats, qmatmul
+from exo_lab.models import formats, halfmatmul, qmatmul
 
 log = logging.getLogger(__name__)
 
@@ -291,11 +293,26 @@ def measure_profile(budget_s: float = 7.0, progress: bool = False) -> DeviceProf
 
         return make
 
+    def widened(held: mx.Dtype, x: mx.array) -> Callable[[int], tuple[Callable[[], mx.array], int]]:
+        def make(n: int) -> tuple[Callable[[], mx.array], int]:
+            w = arrays["weights"][:n].astype(held)
+            mx.eval(w)
+            return (lambda: halfmatmul.matmul(x, w)), w.nbytes  # as the bf16w/fp16w ranks do
+
+        return make
+
     variants = []
     for fmt in formats.FORMATS.values():
+        if fmt.widened and not halfmatmul.available():
+            continue  # no kernel on this machine: the planner never picks the format here
         rows = ((1, arrays["x1"], n_decode_max), (8, arrays["x8"], n_decode_max), (512, arrays["x512"], _N_PROMPT_MAX))
         for m, x, n_max in rows:
-            make = quantized(fmt.bits, x) if fmt.bits else plain(getattr(mx, fmt.name), x)
+            if fmt.bits:
+                make = quantized(fmt.bits, x)
+            elif fmt.widened:
+                make = widened(getattr(mx, fmt.held), x)
+            else:
+                make = plain(getattr(mx, fmt.name), x)
             variants.append((f"{fmt.name}_m{m}", make, n_max))
     bar = _progress_bar(len(variants) + 1) if progress else None
     steps_left = len(variants) + 1

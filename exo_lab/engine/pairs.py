@@ -21,6 +21,8 @@ from mlx.nn.layers.distributed import (
     shard_linear,
 )
 
+from exo_lab.models import halfmatmul
+
 
 @dataclass(frozen=True)
 class PairGroup:
@@ -78,6 +80,8 @@ class PairReduced(nn.Module):
                 bits=m.bits,
                 **mode,
             )
+        elif m["weight"].dtype in halfmatmul.HALF:
+            y = halfmatmul.matmul(x, m["weight"])
         else:
             y = x @ m["weight"].T
         y = self._exchange(y)

@@ -24,7 +24,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
 from exo_lab.engine.families import architecture, family, pair_split_problem, tensor_split_problem, tied_embeddings
-from exo_lab.models import formats, qmatmul
+from exo_lab.models import formats, halfmatmul, qmatmul
 from exo_lab.models.tensors import read_tensors
 
 log = logging.getLogger(__name__)
@@ -172,13 +172,23 @@ def convert(shard: nn.Module, fmt: str) -> None:
     Float formats cast every floating parameter. ``q8``/``q4`` cast to fp32 first, then quantize
     every linear and embedding whose rows hold whole groups (``mx.quantize``, group 64: fp32
     scales and biases, so activations stay fp32), computing on every core
-    (:mod:`exo_lab.models.qmatmul`); norms stay fp32.
+    (:mod:`exo_lab.models.qmatmul`); norms stay fp32. ``bf16w``/``fp16w`` cast to fp32 first, then hold
+    every linear and embedding in 16 bits, computing with :mod:`exo_lab.models.halfmatmul`.
     """
     f = formats.get(fmt)
-    target = getattr(mx, f.activations if f.quantized else f.name)
+    if f.widened and not halfmatmul.available():
+        raise ValueError(
+            f"weight format {fmt} needs exo_lab's weight_matmul kernel, not built here (python -m exo_lab.native)"
+        )
+    target = getattr(mx, f.activations if f.quantized or f.widened else f.name)
     if isinstance(shard, Shard):
         shard.input_dtype = getattr(mx, f.activations)
     shard.update(tree_map(lambda a: a.astype(target) if mx.issubdtype(a.dtype, mx.floating) else a, shard.parameters()))
+    if f.widened:
+        from exo_lab.engine.vocab import HALF_SWAPS
+
+        halfmatmul.use_half(shard, getattr(mx, f.held), HALF_SWAPS)
+        return
     if f.bits is None:
         return
 

@@ -20,6 +20,8 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from exo_lab.models import halfmatmul
+
 
 def _gather_vocab(local: mx.array, group: mx.distributed.Group) -> mx.array:
     """Every rank's slice of the last axis, concatenated in rank order."""
@@ -60,6 +62,28 @@ class HeadSlice(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         return _gather_vocab(x @ self.weight.T, self._group)
+
+
+class HalfVocabSlice(VocabSlice):
+    """A :class:`VocabSlice` with 16-bit rows (the ``bf16w``/``fp16w`` formats): rows come out fp32, the tied head
+    computes with :func:`exo_lab.models.halfmatmul.matmul`."""
+
+    def __call__(self, tokens: mx.array) -> mx.array:
+        return super().__call__(tokens).astype(mx.float32)
+
+    def as_linear(self, x: mx.array) -> mx.array:
+        return _gather_vocab(halfmatmul.matmul(x, self.weight), self._group)
+
+
+class HalfHeadSlice(HeadSlice):
+    """A :class:`HeadSlice` with 16-bit rows, computing with :func:`exo_lab.models.halfmatmul.matmul`."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return _gather_vocab(halfmatmul.matmul(x, self.weight), self._group)
+
+
+#: what :func:`exo_lab.models.halfmatmul.use_half` swaps in for this module's classes
+HALF_SWAPS: dict[type, type] = {VocabSlice: HalfVocabSlice, HeadSlice: HalfHeadSlice}
 
 
 def split_vocab(shard: Any, group: mx.distributed.Group) -> bool:

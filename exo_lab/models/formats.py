@@ -13,7 +13,15 @@ q8          8-bit affine, group 64, fp32       fp32                 no
             scales and biases
 q4          4-bit affine, group 64, fp32       fp32                 no
             scales and biases
+bf16w       bf16 (linears and embeddings;      fp32                 only if stored
+            norms, biases, experts fp32)
+fp16w       fp16 (as bf16w)                    fp32                 only if stored
 ==========  =================================  ===================  ===============
+
+``bf16w`` and ``fp16w`` compute with exo_lab's CPU kernel (:mod:`exo_lab.models.halfmatmul`): the 16-bit
+weights are widened in registers and multiplied with fp32 activations, so a bf16 checkpoint computes what
+its fp32 upcast (``float32``) computes, from half the memory, reading half the bytes per token. They exist
+on a node only where that kernel was built (the device profile measures them only there).
 
 ``q8`` and ``q4`` are ``mx.quantize`` of the fp32 weights (``nn.QuantizedLinear`` and
 ``nn.QuantizedEmbedding``, the head too when it is tied), so their activations and scales stay fp32:
@@ -37,20 +45,32 @@ FLOAT_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 @dataclass(frozen=True)
 class Format:
-    """One weight format: its name, quantization bits (None: plain floats) and activation dtype."""
+    """One weight format: its name, quantization bits (None: plain floats), activation dtype and, for plain
+    floats, the dtype the weights are held in (the name's, unless it differs from the activations')."""
 
     name: str
     bits: int | None
     activations: str
+    weights: str = ""
 
     @property
     def quantized(self) -> bool:
         return self.bits is not None
 
+    @property
+    def held(self) -> str:
+        """The dtype plain-float weights are held in."""
+        return self.weights or self.name
+
+    @property
+    def widened(self) -> bool:
+        """16-bit weights computing with fp32 activations (exo_lab's kernel)."""
+        return self.bits is None and self.held != self.activations
+
     def bytes_per_weight(self) -> float:
         """Bytes one weight takes in memory (quantized: with its share of the fp32 scale and bias)."""
         if self.bits is None:
-            return float(FLOAT_BYTES[self.name])
+            return float(FLOAT_BYTES[self.held])
         return self.bits / 8 + 2 * FLOAT_BYTES[self.activations] / GROUP_SIZE
 
 
@@ -60,7 +80,10 @@ FORMATS: dict[str, Format] = {
     "float16": Format("float16", None, "float16"),
     "q8": Format("q8", 8, "float32"),
     "q4": Format("q4", 4, "float32"),
+    "bf16w": Format("bf16w", None, "float32", "bfloat16"),
+    "fp16w": Format("fp16w", None, "float32", "float16"),
 }
+WIDENED = tuple(name for name, f in FORMATS.items() if f.widened)
 QUANTIZED = tuple(name for name, f in FORMATS.items() if f.quantized)
 
 
@@ -83,8 +106,11 @@ def activation_dtype_of(dtype: str) -> str:
 
 
 def exact_formats(stored: str) -> list[str]:
-    """Formats whose weights equal the checkpoint's (dtype ``stored``): the stored dtype and fp32."""
-    return [stored] if stored == "float32" else [stored, "float32"]
+    """Formats whose weights equal the checkpoint's (dtype ``stored``): the stored dtype, fp32 and the stored
+    16-bit weights widened to fp32 in registers."""
+    if stored == "float32":
+        return [stored]
+    return [stored, "float32", *(name for name in WIDENED if FORMATS[name].held == stored)]
 
 
 def lossy_formats(stored: str) -> list[str]:

@@ -1,31 +1,55 @@
-"""exo_lab's C code, compiled for this machine the first time it is needed.
+"""exo_lab's C and C++ code, compiled for this machine the first time it is needed.
 
-``small_gemm.c`` is the decode-sized fp32 matmul put in front of OpenBLAS (see that file and
-:mod:`exo_lab._blas`). It is built with the system C compiler (``$CC`` or ``cc``) and
-``-march=native`` into ``exo_lab/native/build/`` (or, when the package is not writable, the user's
-cache), named by a hash of the source, the compiler flags and the CPU's features, so a changed
-source or another CPU builds again. No compiler, no library: callers carry on without it.
+- ``small_gemm.c`` is the decode-sized fp32 matmul put in front of OpenBLAS (see that file and
+  :mod:`exo_lab._blas`), built with the system C compiler (``$CC`` or ``cc``): :func:`library`.
+- ``weight_matmul.cpp`` is an MLX primitive, ``x @ W.T`` with bf16/fp16 weights and fp32 activations, in
+  a Python extension module (nanobind, against the installed MLX's headers and ``libmlx``), built with
+  ``$CXX`` or ``c++``: :func:`extension` (the module, after checking it works with this MLX).
 
-Imports nothing that imports MLX (it runs before MLX is loaded).
+Both are built with ``-march=native`` into ``exo_lab/native/build/`` (or, when the package is not
+writable, the user's cache), named by a hash of the source, the flags, the CPU's features (and for the
+extension the MLX, nanobind and Python versions), so a changed source, another CPU or another MLX
+builds again. No compiler, no library: callers carry on without it.
+
+Imports nothing that imports MLX (it runs before MLX is loaded); :func:`extension` imports MLX.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.machinery
+import importlib.metadata
+import importlib.util
 import logging
 import os
 import platform
 import shutil
 import subprocess
+import sysconfig
 import tempfile
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 log = logging.getLogger(__name__)
 
 HERE = Path(__file__).parent
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 LIBS = ("-ldl",)
+CXX_FLAGS = (
+    "-O3",
+    "-march=native",
+    "-ffp-contract=off",
+    "-fopenmp",
+    "-std=c++20",
+    "-shared",
+    "-fPIC",
+    "-fvisibility=hidden",
+    "-DNDEBUG",
+    "-DNB_DOMAIN=mlx",  # MLX's nanobind domain: its array type is this module's
+)
 _built: dict[str, Path | None] = {}
+_modules: dict[str, ModuleType | None] = {}
 
 
 def _cpu_features() -> str:
@@ -64,16 +88,24 @@ def library(name: str) -> Path | None:
 
 
 def _find_or_build(name: str) -> Path | None:
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+    if not _supported():
         return None
-    file = library_name(name)
+    cc = _compiler()
+    return _build(name, library_name(name), lambda out: [cc, *FLAGS, "-o", out, str(HERE / f"{name}.c"), *LIBS], cc)
+
+
+def _supported() -> bool:
+    return platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64")
+
+
+def _build(name: str, file: str, command: Any, compiler: str | None) -> Path | None:
+    """``file`` in the first build directory that has it, else built there with ``command(output_path)``."""
     dirs = _build_dirs()
     for d in dirs:
         if (d / file).exists():
             return d / file
-    cc = _compiler()
-    if cc is None:
-        log.info("no C compiler: %s is not built (decode matmuls go to the BLAS alone)", name)
+    if compiler is None:
+        log.info("no compiler: %s is not built (its callers carry on without it)", name)
         return None
     for d in dirs:
         try:
@@ -82,7 +114,7 @@ def _find_or_build(name: str) -> Path | None:
             os.close(fd)
         except OSError:
             continue
-        cmd = [cc, *FLAGS, "-o", tmp, str(HERE / f"{name}.c"), *LIBS]
+        cmd = command(tmp)
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             os.unlink(tmp)
@@ -91,3 +123,91 @@ def _find_or_build(name: str) -> Path | None:
         os.replace(tmp, d / file)  # atomic: processes building at once each leave a whole library
         return d / file
     return None
+
+
+def _package_dir(package: str) -> Path | None:
+    spec = importlib.util.find_spec(package)  # finds without importing it
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+def _extension_command(name: str, mlx_dir: Path, nb_dir: Path) -> Any:
+    cxx = shutil.which(os.environ.get("CXX") or "c++") or shutil.which("g++")
+    include = sysconfig.get_paths()["include"]
+
+    def command(out: str) -> list[str]:
+        return [
+            str(cxx),
+            *CXX_FLAGS,
+            f"-I{mlx_dir / 'include'}",
+            f"-I{nb_dir / 'include'}",
+            f"-I{nb_dir / 'ext' / 'robin_map' / 'include'}",
+            f"-I{include}",
+            "-o",
+            out,
+            str(nb_dir / "src" / "nb_combined.cpp"),
+            str(HERE / f"{name}.cpp"),
+            f"-L{mlx_dir / 'lib'}",
+            "-lmlx",
+            f"-Wl,-rpath,{mlx_dir / 'lib'}",
+        ]
+
+    return command, cxx
+
+
+def extension_path(name: str) -> Path | None:
+    """The built extension module ``_<name>`` (built now when missing), or None (no MLX headers, no nanobind,
+    no C++ compiler, not Linux x86-64)."""
+    if name in _built:
+        return _built[name]
+    _built[name] = None
+    mlx_dir, nb_dir = _package_dir("mlx"), _package_dir("nanobind")
+    if not _supported() or mlx_dir is None or nb_dir is None or not (mlx_dir / "include").is_dir():
+        log.info("%s: no MLX headers or no nanobind, not built", name)
+        return None
+    digest = hashlib.sha256((HERE / f"{name}.cpp").read_bytes())
+    for part in (
+        *CXX_FLAGS,
+        _cpu_features(),
+        _version("mlx"),
+        _version("nanobind"),
+        sysconfig.get_config_var("EXT_SUFFIX"),
+    ):
+        digest.update(str(part).encode())
+    command, cxx = _extension_command(name, mlx_dir, nb_dir)
+    _built[name] = found = _build(name, f"_{name}-{digest.hexdigest()[:16]}.so", command, cxx)
+    return found
+
+
+def extension(name: str) -> ModuleType | None:
+    """The extension module ``_<name>`` loaded (imports MLX first: it registers the array type the module
+    takes), or None when it cannot be built or loaded. Whether its functions take this MLX's arrays (the
+    same nanobind ABI) is for the caller to check."""
+    if name in _modules:
+        return _modules[name]
+    _modules[name] = None
+    path = extension_path(name)
+    if path is None:
+        return None
+    import mlx.core  # noqa: F401  (the array type the module's functions take)
+
+    module_name = f"_{name}"
+    try:
+        loader = importlib.machinery.ExtensionFileLoader(module_name, str(path))
+        spec = importlib.util.spec_from_file_location(module_name, path, loader=loader)
+        assert spec is not None
+        module = importlib.util.module_from_spec(spec)
+        loader.exec_module(module)
+    except (ImportError, OSError, AssertionError) as err:
+        log.warning("%s (%s) does not load: %s", name, path, err)
+        return None
+    _modules[name] = module
+    return module

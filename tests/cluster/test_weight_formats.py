@@ -1,5 +1,6 @@
-"""A quantized instance: ranks converting an fp32 checkpoint to q4 at load generate the tokens one
-process computing in q4 generates (greedy, the same layers split over two nodes' real ranks)."""
+"""Weight formats across ranks: ranks converting a checkpoint at load (an fp32 one to q4, a bf16 one to bf16w)
+generate the tokens one process computing in that format generates (greedy, the model split over two nodes'
+real ranks)."""
 
 from __future__ import annotations
 
@@ -52,5 +53,31 @@ def test_q4_pipeline_matches_one_process_q4(tmp_path):
             assert [t for c in chunks for t in c.tokens] == want
         finally:
             inst.close()
+    finally:
+        cluster.close()
+
+
+def test_bf16_checkpoint_in_bf16w_splits_give_one_process_tokens(tmp_path):
+    """A bf16 checkpoint held in 16 bits and computed in fp32 (``bf16w``, exo_lab's kernel): the planner picks it
+    by default (exact weights, half fp32's memory, faster decode), and pipeline-2 and tensor-2 over two nodes'
+    real ranks generate the tokens one process computing in bf16w generates."""
+    tiny = synthetic.create(tmp_path / "tiny-bf16", "tiny", dtype="bfloat16")
+    want = one_process(tiny, "bf16w")
+    cluster = exo_lab.local_cluster(2)
+    try:
+        plans = cluster.preview(tiny, context=1024, prompt_tokens=64)
+        assert plans.best.ranks[0].dtype == "bf16w", plans.best.describe()
+        for strategy in ("pipeline", "tensor"):
+            plan = next(p for p in plans if p.strategy == strategy and p.num_nodes == 2)
+            plan = replace(
+                plan, ranks=[replace(r, dtype="bf16w") for r in plan.ranks], dtypes=dict.fromkeys(plan.dtypes, "bf16w")
+            )
+            inst = cluster.launch(tiny, plan=plan)
+            try:
+                chunks = list(inst.generate(PROMPT, max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
+                assert chunks[-1].error is None, chunks[-1].error
+                assert [t for c in chunks for t in c.tokens] == want, strategy
+            finally:
+                inst.close()
     finally:
         cluster.close()

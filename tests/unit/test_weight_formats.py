@@ -14,7 +14,7 @@ import mlx.nn as nn
 
 from exo_lab.cluster.topology import NodeInfo, Topology
 from exo_lab.engine.shard import ShardSpec, load_shard
-from exo_lab.models import formats, qmatmul, synthetic
+from exo_lab.models import formats, halfmatmul, qmatmul, synthetic
 from exo_lab.models.card import card_from_config
 from exo_lab.placement import plan
 from exo_lab.placement.predict import CostContext
@@ -28,9 +28,11 @@ def test_format_table():
     assert formats.get("q8").bytes_per_weight() == 1 + 8 / 64
     assert formats.get("bfloat16").bytes_per_weight() == 2
     assert formats.activation_dtype("q4") == "float32" and formats.activation_dtype("float16") == "float16"
-    assert formats.exact_formats("bfloat16") == ["bfloat16", "float32"]
+    assert formats.exact_formats("bfloat16") == ["bfloat16", "float32", "bf16w"]
     assert formats.exact_formats("float32") == ["float32"]
-    assert formats.lossy_formats("float32") == ["float32", "bfloat16", "float16", "q8", "q4"]
+    assert formats.lossy_formats("float32") == ["float32", "bfloat16", "float16", "q8", "q4", "bf16w", "fp16w"]
+    assert formats.exact_formats("float16") == ["float16", "float32", "fp16w"]
+    assert formats.get("bf16w").bytes_per_weight() == 2 and formats.activation_dtype("bf16w") == "float32"
     with pytest.raises(ValueError, match="q4"):
         formats.get("q3")
 
@@ -75,6 +77,11 @@ def test_shard_loads_in_every_format_and_stays_close(tiny):
             assert all(type(m) is qmatmul.CoreQuantizedLinear and m.bits == formats.get(fmt).bits for m in linears)
             assert shard.embed_tokens is not None and type(shard.embed_tokens) is qmatmul.CoreQuantizedEmbedding
             assert shard.embed_tokens["scales"].dtype == mx.float32  # fp32 scales: fp32 activations
+        elif formats.get(fmt).widened:
+            held = getattr(mx, formats.get(fmt).held)
+            assert all(type(m) is halfmatmul.HalfLinear and m.weight.dtype == held for m in linears)
+            assert type(shard.embed_tokens) is halfmatmul.HalfEmbedding and shard.embed_tokens.weight.dtype == held
+            assert shard.norm.weight.dtype == mx.float32  # norms stay fp32: fp32 activations
         else:
             assert all(m.weight.dtype == getattr(mx, fmt) for m in linears)
         if fmt == "q4":  # on random weights 4 bits change the logits too much to compare (see the next test)
@@ -84,7 +91,15 @@ def test_shard_loads_in_every_format_and_stays_close(tiny):
         cos = ((got * want).sum(-1) / (mx.linalg.norm(got, axis=-1) * mx.linalg.norm(want, axis=-1))).min().item()
         # measured on the 4-layer tiny model (top-1 agreement / worst cosine of 24 positions' logits):
         # bf16 0.83 / 0.992, fp16 1.0 / 0.9998, q8 0.83 / 0.975; random weights amplify every rounding
-        floor = {"float32": (1.0, 0.99999), "bfloat16": (0.7, 0.98), "float16": (0.95, 0.999), "q8": (0.7, 0.95)}
+        # bf16w / fp16w: the same weights as bf16 / fp16, fp32 activations: closer than those
+        floor = {
+            "float32": (1.0, 0.99999),
+            "bfloat16": (0.7, 0.98),
+            "float16": (0.95, 0.999),
+            "q8": (0.7, 0.95),
+            "bf16w": (0.7, 0.98),
+            "fp16w": (0.95, 0.999),
+        }
         assert agree >= floor[fmt][0] and cos >= floor[fmt][1], (fmt, agree, cos)
 
 
@@ -204,11 +219,13 @@ def test_planner_choice_from_a_real_profile():
     from exo_lab.cluster.profile import measure_profile
 
     prof = measure_profile(budget_s=2.0).to_json()
-    assert {f"{f}_m1" for f in formats.FORMATS} <= set(prof["matmul_weight_read_gb_per_s"])
+    here = [f for f in formats.FORMATS if not formats.get(f).widened or halfmatmul.available()]
+    assert halfmatmul.available()  # this project's machines build the kernel (make setup)
+    assert {f"{f}_m1" for f in here} == set(prof["matmul_weight_read_gb_per_s"])
     topo = Topology({"n0": NodeInfo("n0", "here", ["127.0.0.1"], profile=prof)}, [])
     card = _card("float32")
     ctx = CostContext(topo, card, 1024, 64, 1, lossy=True)
-    speeds = {f: ctx.layers_per_s("n0", f) for f in formats.FORMATS}
+    speeds = {f: ctx.layers_per_s("n0", f) for f in here}
     chosen = _dtypes(topo, card, lossy=True)["here"]
     assert speeds[chosen] == max(speeds.values()), speeds
     assert _dtypes(topo, card)["here"] == "float32"  # exact by default

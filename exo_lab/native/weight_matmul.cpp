@@ -1,0 +1,266 @@
+// x @ W.T with 16-bit weights and fp32 activations, as an MLX primitive (a Python extension module).
+//
+// MLX's CPU matmul takes both operands in one dtype: bf16 or fp16 weights either compute with 16-bit
+// activations in MLX's own kernels (on an AVX2 CPU ~0.07 of what memory bandwidth allows) or are cast to
+// fp32 first, which writes and reads 4 bytes per weight. Here the weights stay 2 bytes in memory and are
+// widened in registers: `weight_matmul(x, w)` (x float32 [..., K], w bfloat16 or float16 [N, K]) returns
+// float32 [..., N].
+//
+// - up to SMALL_M rows (decode): W is streamed once; each output element is one dot product in a fixed
+//   order (8 lanes over k, summed, then the tail), the same for every number of rows and threads, so a
+//   row's result does not depend on the batch it is in (batch-invariant, deterministic);
+// - more rows (prefill): blocks of W are widened to fp32 and multiplied with the BLAS's cblas_sgemm.
+//
+// Products over PARALLEL_WEIGHTS weights are split over OpenMP threads by output columns.
+#include <immintrin.h>
+#include <dlfcn.h>
+#include <omp.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <nanobind/nanobind.h>
+
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/ops.h"
+#include "mlx/primitives.h"
+#include "mlx/utils.h"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+namespace mx = mlx::core;
+
+namespace {
+
+constexpr int SMALL_M = 16;
+constexpr int64_t PARALLEL_WEIGHTS = int64_t(1) << 22;
+constexpr int PREFILL_BLOCK = 256;  // weight rows widened at a time for the BLAS
+
+enum { RowMajor = 101 };
+enum { NoTrans = 111, Trans = 112 };
+using sgemm_fn = void (*)(int, int, int, int, int, int, float, const float*, int, const float*, int, float,
+                          float*, int);
+
+sgemm_fn blas_sgemm() {
+  static sgemm_fn fn = reinterpret_cast<sgemm_fn>(dlsym(RTLD_DEFAULT, "cblas_sgemm"));
+  return fn;
+}
+
+template <bool FP16>
+inline __m256 load8(const uint16_t* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  if constexpr (FP16) {
+    return _mm256_cvtph_ps(h);
+  } else {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+  }
+}
+
+template <bool FP16>
+inline float widen(uint16_t v) {
+  if constexpr (FP16) {
+    return _cvtsh_ss(v);
+  } else {
+    uint32_t bits = uint32_t(v) << 16;
+    float f;
+    __builtin_memcpy(&f, &bits, 4);
+    return f;
+  }
+}
+
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+  return _mm_cvtss_f32(s);
+}
+
+// bf16 weights are widened without shuffles: 16 weights (one 256-bit load) give the even ones (shifted
+// left by 16 bits) and the odd ones (masked) as two fp32 vectors; x is rearranged to match once per call
+// (`split_even_odd`), so each 16-wide chunk of a row of x is [its 8 even elements, its 8 odd ones].
+// fp16 weights are widened 8 at a time (F16C) against x as it is. Either way every output element is
+// the same sequence of operations whatever the number of rows and threads.
+constexpr int CHUNK_BF16 = 16;
+constexpr int CHUNK_FP16 = 8;
+#ifndef NR_ONE
+#define NR_ONE 8
+#endif
+
+std::vector<float> split_even_odd(const float* x, int M, int K) {
+  std::vector<float> out(size_t(M) * K);
+  const int K16 = K & ~15;
+  for (int m = 0; m < M; m++) {
+    const float* src = x + int64_t(m) * K;
+    float* dst = out.data() + int64_t(m) * K;
+    for (int k = 0; k < K16; k += 16)
+      for (int i = 0; i < 8; i++) {
+        dst[k + i] = src[k + 2 * i];
+        dst[k + 8 + i] = src[k + 2 * i + 1];
+      }
+    for (int k = K16; k < K; k++) dst[k] = src[k];
+  }
+  return out;
+}
+
+// Rows [m0, m0 + mr) of x (mr <= 2) times weight rows [n0, n0 + nr) (nr <= 4) into out.
+template <bool FP16, int MR, int NR>
+inline void block(const float* x, const uint16_t* w, float* out, int m0, int mr, int n0, int nr, int K, int ldo) {
+  constexpr int C = FP16 ? CHUNK_FP16 : CHUNK_BF16;
+  const __m256i odd_mask = _mm256_set1_epi32(int(0xFFFF0000u));
+  __m256 acc[MR][NR];
+  for (int i = 0; i < MR; i++)
+    for (int j = 0; j < NR; j++) acc[i][j] = _mm256_setzero_ps();
+  const int KC = K - K % C;
+  for (int k = 0; k < KC; k += C) {
+    if constexpr (FP16) {
+      __m256 wv[NR];
+      for (int j = 0; j < nr; j++) wv[j] = load8<true>(w + int64_t(n0 + j) * K + k);
+      for (int i = 0; i < mr; i++) {
+        __m256 xv = _mm256_loadu_ps(x + int64_t(m0 + i) * K + k);
+        for (int j = 0; j < nr; j++) acc[i][j] = _mm256_fmadd_ps(xv, wv[j], acc[i][j]);
+      }
+    } else {
+      if (mr == 1) {  // one row: each weight vector used once, straight into its accumulator
+        __m256 xe = _mm256_loadu_ps(x + int64_t(m0) * K + k);
+        __m256 xo = _mm256_loadu_ps(x + int64_t(m0) * K + k + 8);
+        for (int j = 0; j < nr; j++) {
+          __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + int64_t(n0 + j) * K + k));
+          __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+          __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(v, odd_mask));
+          acc[0][j] = _mm256_fmadd_ps(xo, wo, _mm256_fmadd_ps(xe, we, acc[0][j]));
+        }
+        continue;
+      }
+      __m256 we[NR], wo[NR];
+      for (int j = 0; j < nr; j++) {
+        __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + int64_t(n0 + j) * K + k));
+        we[j] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+        wo[j] = _mm256_castsi256_ps(_mm256_and_si256(v, odd_mask));
+      }
+      for (int i = 0; i < mr; i++) {
+        __m256 xe = _mm256_loadu_ps(x + int64_t(m0 + i) * K + k);
+        __m256 xo = _mm256_loadu_ps(x + int64_t(m0 + i) * K + k + 8);
+        for (int j = 0; j < nr; j++) acc[i][j] = _mm256_fmadd_ps(xo, wo[j], _mm256_fmadd_ps(xe, we[j], acc[i][j]));
+      }
+    }
+  }
+  for (int i = 0; i < mr; i++) {
+    for (int j = 0; j < nr; j++) {
+      float s = hsum(acc[i][j]);
+      const uint16_t* wr = w + int64_t(n0 + j) * K;
+      const float* xr = x + int64_t(m0 + i) * K;
+      for (int k = KC; k < K; k++) s = __builtin_fmaf(xr[k], widen<FP16>(wr[k]), s);
+      out[int64_t(m0 + i) * ldo + n0 + j] = s;
+    }
+  }
+}
+
+template <bool FP16>
+void small_rows(const float* x_in, const uint16_t* w, float* out, int M, int N, int K) {
+  std::vector<float> split;
+  const float* x = x_in;
+  if constexpr (!FP16) {
+    split = split_even_odd(x_in, M, K);
+    x = split.data();
+  }
+  // one row: 8 weight rows at a time (more accumulators in flight); more rows: 2 x 4 blocks
+  const int nb = M == 1 ? NR_ONE : 4;
+  const int blocks = (N + nb - 1) / nb;
+  auto run = [&](int b) {
+    int n0 = b * nb, nr = N - n0 < nb ? N - n0 : nb;
+    if (M == 1) {
+      block<FP16, 1, NR_ONE>(x, w, out, 0, 1, n0, nr, K, N);
+      return;
+    }
+    for (int m0 = 0; m0 < M; m0 += 2) block<FP16, 2, 4>(x, w, out, m0, M - m0 < 2 ? M - m0 : 2, n0, nr, K, N);
+  };
+  if (int64_t(N) * K >= PARALLEL_WEIGHTS) {
+#pragma omp parallel for schedule(static)
+    for (int b = 0; b < blocks; b++) run(b);
+  } else {
+    for (int b = 0; b < blocks; b++) run(b);
+  }
+}
+
+template <bool FP16>
+void many_rows(const float* x, const uint16_t* w, float* out, int M, int N, int K) {
+  sgemm_fn sgemm = blas_sgemm();
+  if (sgemm == nullptr) throw std::runtime_error("weight_matmul: no cblas_sgemm in this process");
+  std::vector<float> wide(size_t(PREFILL_BLOCK) * K);
+  for (int n0 = 0; n0 < N; n0 += PREFILL_BLOCK) {
+    int nr = N - n0 < PREFILL_BLOCK ? N - n0 : PREFILL_BLOCK;
+    const uint16_t* src = w + int64_t(n0) * K;
+    int64_t count = int64_t(nr) * K, c8 = count & ~int64_t(7);
+    for (int64_t i = 0; i < c8; i += 8) _mm256_storeu_ps(wide.data() + i, load8<FP16>(src + i));
+    for (int64_t i = c8; i < count; i++) wide[i] = widen<FP16>(src[i]);
+    sgemm(RowMajor, NoTrans, Trans, M, nr, K, 1.0f, x, K, wide.data(), K, 0.0f, out + n0, N);
+  }
+}
+
+class WeightMatmul : public mx::Primitive {
+ public:
+  explicit WeightMatmul(mx::Stream stream) : mx::Primitive(stream) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    const mx::array& x = inputs[0];
+    const mx::array& w = inputs[1];
+    mx::array& out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.set_input_array(x);
+    encoder.set_input_array(w);
+    encoder.set_output_array(out);
+    const int K = int(w.shape(1)), N = int(w.shape(0)), M = int(x.size() / K);
+    const bool fp16 = w.dtype() == mx::float16;
+    encoder.dispatch([xp = x.data<float>(), wp = w.data<uint16_t>(), op = out.data<float>(), M, N, K, fp16]() {
+      if (M <= SMALL_M) {
+        fp16 ? small_rows<true>(xp, wp, op, M, N, K) : small_rows<false>(xp, wp, op, M, N, K);
+      } else {
+        fp16 ? many_rows<true>(xp, wp, op, M, N, K) : many_rows<false>(xp, wp, op, M, N, K);
+      }
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("weight_matmul runs on the CPU only");
+  }
+
+  const char* name() const override {
+    return "ExoWeightMatmul";
+  }
+
+  bool is_equivalent(const mx::Primitive&) const override {
+    return true;
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    mx::Shape shape = inputs[0].shape();
+    shape.back() = inputs[1].shape(0);
+    return {shape};
+  }
+};
+
+mx::array weight_matmul(const mx::array& x, const mx::array& w) {
+  if (x.dtype() != mx::float32) throw std::invalid_argument("weight_matmul: x must be float32");
+  if (w.dtype() != mx::bfloat16 && w.dtype() != mx::float16)
+    throw std::invalid_argument("weight_matmul: w must be bfloat16 or float16");
+  if (w.ndim() != 2 || x.ndim() < 1 || x.shape(-1) != w.shape(1))
+    throw std::invalid_argument("weight_matmul: x [..., K] and w [N, K] expected");
+  mx::Stream s = mx::to_stream(std::monostate{}, mx::Device::cpu);
+  mx::array xc = mx::contiguous(x, false, s), wc = mx::contiguous(w, false, s);
+  mx::Shape shape = x.shape();
+  shape.back() = w.shape(0);
+  return mx::array(shape, mx::float32, std::make_shared<WeightMatmul>(s), {xc, wc});
+}
+
+}  // namespace
+
+NB_MODULE(_weight_matmul, m) {
+  m.doc() = "x @ W.T with bf16/fp16 weights and fp32 activations (exo_lab.native)";
+  m.def("weight_matmul", &weight_matmul, "x"_a, "w"_a,
+        "x float32 [..., K] times w bfloat16/float16 [N, K] transposed: float32 [..., N].");
+  m.def("threads", []() { return omp_get_max_threads(); });
+}
