@@ -185,15 +185,17 @@ def predictions(cluster: Any, path: Path, plan: Any, base: Any, measured_base: d
     return out
 
 
-def pick(plans: Any, strategy: str, dtype: str, nodes: int, node: str | None = None) -> Any:
+def pick(plans: Any, strategy: str, nodes: int, node: str | None = None) -> Any:
+    """The planner's best plan of ``strategy`` over ``nodes`` nodes (on ``node``): the proportional split, every
+    rank in one weight format (the planner's fastest for the checkpoint, e.g. bf16w for a bf16 one)."""
     cands = [
         p
         for p in plans.plans
         if p.strategy == strategy and p.num_nodes == nodes and (node is None or p.nodes == [node])
     ]
     cands = [p for p in cands if p.split != "fastest"] or cands  # the proportional split, balanced
-    same = [p for p in cands if all(r.dtype == dtype for r in p.ranks)]
-    return (same or cands or [None])[0]
+    uniform = [p for p in cands if len({r.dtype for r in p.ranks}) == 1]
+    return (uniform or cands or [None])[0]
 
 
 def main() -> int:
@@ -227,12 +229,12 @@ def main() -> int:
                     plans = cluster.preview(
                         path, context=args.prompt + args.tokens + 64, prompt_tokens=args.short, batch=max(args.streams)
                     )
-                    single = pick(plans, "single", DTYPES[dt], 1, ids["a"])
+                    single = pick(plans, "single", 1, ids["a"])
                     if dt not in base:
                         base[dt] = (single, measure(cluster, path, single, args))
                         rows.append({"link": "-", "dtype": dt, "strategy": "one process", **base[dt][1]})
                     for strategy in strategies:
-                        plan = pick(plans, strategy, DTYPES[dt], 2)
+                        plan = pick(plans, strategy, 2)
                         if plan is None:
                             print(f"  no {strategy} plan over a and b for {dt}", flush=True)
                             continue

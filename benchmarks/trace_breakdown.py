@@ -76,7 +76,7 @@ def main() -> int:
             cluster.wait_for(2, links=True, timeout=180)
             plans = cluster.preview(path, context=512, prompt_tokens=32)
             for strategy in ("pipeline", "tensor"):
-                plan = pick(plans, strategy, DTYPES[args.dtype], 2)
+                plan = pick(plans, strategy, 2)
                 if plan is None:
                     print(f"no {strategy} plan over a and b")
                     continue

@@ -9,6 +9,8 @@ weight format, :mod:`exo_lab.models.formats`) in each of
 - ``bfloat16``, ``float16``: MLX's own CPU kernels, activations in the same dtype;
 - ``q8``, ``q4``: ``mx.quantize`` (group 64) of the fp32 weights: ``nn.QuantizedLinear`` /
   ``nn.QuantizedEmbedding`` with fp32 scales, biases and activations;
+- ``bf16w``, ``fp16w``: the 16-bit weights computed with fp32 activations by exo_lab's kernel
+  (:mod:`exo_lab.models.halfmatmul`);
 
 alternating the order of the formats between repeats, one format in memory at a time. For each
 format it prints decode tok/s (greedy, M=1), the bytes one decode step reads (every weight the
@@ -16,13 +18,15 @@ step uses: all layers and the head, the tied embedding once, plus the KV cache),
 limit for that format (bandwidth / bytes per token, bandwidth measured here before and after, the
 best run), decode as a fraction of that limit (target >= 0.7), prefill tok/s and the ratios to fp32.
 
-llama.cpp on the same weights: when ``llama_cpp`` (llama-cpp-python) and ``gguf`` import, the fp32
-weights are written as GGUF (F32, BF16, F16, Q8_0, Q4_0 by the ``gguf`` package) and decoded and
-prefilled with ``n_threads`` = the CPU count, interleaved with the MLX runs; the ratio MLX / llama.cpp
-is printed per format. Without them the output says so.
+llama.cpp on the same weights: when ``gguf`` imports and either ``--llama-bench PATH`` (llama.cpp's
+``llama-bench``, built from source) is given or ``llama_cpp`` (llama-cpp-python) imports, the fp32
+weights are written as GGUF (F32, BF16, F16, Q8_0, Q4_0 by the ``gguf`` package; bf16w/fp16w use the
+BF16/F16 files) and decoded and prefilled with ``n_threads`` = the CPU count, interleaved with the MLX
+runs; the ratio MLX / llama.cpp is printed per format. Without them the output says so.
 
     python benchmarks/weight_formats.py                                   # llama-1b, all formats
     python benchmarks/weight_formats.py --preset tiny --tg 8 --pp 32 --repeat 1
+    python benchmarks/weight_formats.py --formats float32,bf16w,fp16w --llama-bench ~/llama.cpp/build/bin/llama-bench
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import gc
 import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -52,7 +57,15 @@ from exo_lab.models import formats, synthetic
 from exo_lab.paths import models_dir
 
 TARGET_FRACTION = 0.7
-GGUF_TYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16", "q8": "Q8_0", "q4": "Q4_0"}
+GGUF_TYPES = {
+    "float32": "F32",
+    "bfloat16": "BF16",
+    "float16": "F16",
+    "q8": "Q8_0",
+    "q4": "Q4_0",
+    "bf16w": "BF16",  # the same weights as bfloat16 (llama.cpp computes BF16 with fp32 activations too)
+    "fp16w": "F16",
+}
 
 
 @dataclass
@@ -132,17 +145,36 @@ def mlx_run(path: Path, config: dict[str, Any], fmt: str, pp: int, tg: int) -> R
 # --- llama.cpp ---------------------------------------------------------------
 
 
-def llama_cpp_available() -> str | None:
-    """None when llama.cpp can be used here, else why not."""
+def llama_cpp_available(bench: Path | None) -> str | None:
+    """None when llama.cpp can be used here (``bench``: its ``llama-bench`` program, else llama-cpp-python),
+    else why not."""
     try:
         import gguf  # noqa: F401
-        import llama_cpp  # noqa: F401
+
+        if bench is None:
+            import llama_cpp  # noqa: F401
     except ImportError as exc:
         return (
-            f"llama.cpp not measured: {exc.name} is not installed (pip install llama-cpp-python gguf; "
-            "llama-cpp-python builds llama.cpp from source)"
+            f"llama.cpp not measured: {exc.name} is not installed (pip install gguf, and llama-cpp-python or "
+            "--llama-bench PATH: llama.cpp's llama-bench, built from source)"
         )
+    if bench is not None and not os.access(bench, os.X_OK):
+        return f"llama.cpp not measured: {bench} is not an executable llama-bench"
     return None
+
+
+def llama_bench_run(bench: Path, gguf_path: Path, fmt: str, pp: int, tg: int, threads: int) -> Run:
+    """llama.cpp's ``llama-bench`` on ``gguf_path``: its prompt (``pp`` tokens) and generation (``tg``) tests."""
+    out = subprocess.run(
+        [str(bench), "-m", str(gguf_path), "-p", str(pp), "-n", str(tg), "-t", str(threads), "-r", "1", "-o", "json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    tests = json.loads(out)
+    prefill = next(t["avg_ts"] for t in tests if t["n_prompt"] > 0 and t["n_gen"] == 0)
+    decode = next(t["avg_ts"] for t in tests if t["n_gen"] > 0 and t["n_prompt"] == 0)
+    return Run("llama.cpp", fmt, float(decode), float(prefill), float(gguf_path.stat().st_size), 0.0, -1)
 
 
 def write_gguf(path: Path, config: dict[str, Any], out: Path, fmt: str) -> Path:
@@ -345,6 +377,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tg", type=int, default=16, help="decode steps")
     ap.add_argument("--repeat", type=int, default=2, help="runs per format (order alternates)")
     ap.add_argument("--no-llama-cpp", action="store_true", help="skip llama.cpp even when installed")
+    ap.add_argument(
+        "--llama-bench",
+        type=Path,
+        default=os.environ.get("LLAMA_BENCH") or None,
+        help="llama.cpp's llama-bench program (instead of llama-cpp-python); env LLAMA_BENCH",
+    )
     ap.add_argument("--models-dir", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None, help="write every number here")
     args = ap.parse_args(argv)
@@ -358,7 +396,9 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.preset} ({path}), pp={args.pp}, tg={args.tg}, repeat={args.repeat}, blas={_blas.name()}, "
         f"cpus={os.cpu_count()}, mlx {mx.__version__}"  # pyright: ignore[reportAttributeAccessIssue]
     )
-    llama_note = "llama.cpp not measured (--no-llama-cpp)" if args.no_llama_cpp else llama_cpp_available()
+    llama_note = (
+        "llama.cpp not measured (--no-llama-cpp)" if args.no_llama_cpp else llama_cpp_available(args.llama_bench)
+    )
     ggufs: dict[str, Path] = {}
     if llama_note is None:
         for f in fmts:
@@ -376,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
             for engine in engines if rep % 2 == 0 else engines[::-1]:
                 if engine == "mlx":
                     r = mlx_run(path, config, f, args.pp, args.tg)
+                elif args.llama_bench is not None:
+                    r = llama_bench_run(args.llama_bench, ggufs[f], f, args.pp, args.tg, os.cpu_count() or 1)
                 else:
                     r = llama_cpp_run(ggufs[f], f, args.pp, args.tg, int(config["vocab_size"]), os.cpu_count() or 1)
                 runs.append(r)

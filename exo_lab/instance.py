@@ -25,6 +25,7 @@ from __future__ import annotations
 import html
 import json
 import logging
+import os
 import queue
 import threading
 import time
@@ -286,7 +287,8 @@ class Instance(Backend):
 
     def wait_ready(self, timeout: float = 300.0, progress: bool = True) -> Instance:
         """Block until every rank is ready (a progress bar shows layers loaded)."""
-        bar = tqdm(total=max(1, self.loaded[1]), desc=f"loading {self.name}", unit="layer", disable=not progress)
+        off = not progress or os.environ.get("TQDM_DISABLE", "").lower() not in ("", "0", "false")  # as tqdm reads it
+        bar = tqdm(total=max(1, self.loaded[1]), desc=f"loading {self.name}", unit="layer", disable=off)
         deadline = time.monotonic() + timeout
         try:
             while self.state not in ("ready", "failed", "stopped"):
