@@ -126,10 +126,13 @@ def _build(name: str, file: str, command: Any, compiler: str | None) -> Path | N
 
 
 def _package_dir(package: str) -> Path | None:
-    spec = importlib.util.find_spec(package)  # finds without importing it
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
+    """Where ``package`` keeps its C++ headers (``include/``): found without importing it (mlx is a namespace
+    package, so a stray ``mlx`` folder on the path may come first)."""
+    spec = importlib.util.find_spec(package)
+    for location in (spec.submodule_search_locations or []) if spec is not None else []:
+        if (Path(location) / "include").is_dir():
+            return Path(location)
+    return None
 
 
 def _version(dist: str) -> str:
@@ -170,7 +173,7 @@ def extension_path(name: str) -> Path | None:
         return _built[name]
     _built[name] = None
     mlx_dir, nb_dir = _package_dir("mlx"), _package_dir("nanobind")
-    if not _supported() or mlx_dir is None or nb_dir is None or not (mlx_dir / "include").is_dir():
+    if not _supported() or mlx_dir is None or nb_dir is None:
         log.info("%s: no MLX headers or no nanobind, not built", name)
         return None
     digest = hashlib.sha256((HERE / f"{name}.cpp").read_bytes())
