@@ -134,16 +134,15 @@ inline void block(const float* x, const uint16_t* w, float* out, int m0, int mr,
         }
         continue;
       }
-      __m256 we[NR], wo[NR];
+      // several rows: each weight vector widened once and used by every row (x read from L1)
       for (int j = 0; j < nr; j++) {
         __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + int64_t(n0 + j) * K + k));
-        we[j] = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-        wo[j] = _mm256_castsi256_ps(_mm256_and_si256(v, odd_mask));
-      }
-      for (int i = 0; i < mr; i++) {
-        __m256 xe = _mm256_loadu_ps(x + int64_t(m0 + i) * K + k);
-        __m256 xo = _mm256_loadu_ps(x + int64_t(m0 + i) * K + k + 8);
-        for (int j = 0; j < nr; j++) acc[i][j] = _mm256_fmadd_ps(xo, wo[j], _mm256_fmadd_ps(xe, we[j], acc[i][j]));
+        __m256 we = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+        __m256 wo = _mm256_castsi256_ps(_mm256_and_si256(v, odd_mask));
+        for (int i = 0; i < mr; i++) {
+          const float* xr = x + int64_t(m0 + i) * K + k;
+          acc[i][j] = _mm256_fmadd_ps(_mm256_loadu_ps(xr + 8), wo, _mm256_fmadd_ps(_mm256_loadu_ps(xr), we, acc[i][j]));
+        }
       }
     }
   }
@@ -166,8 +165,10 @@ void small_rows(const float* x_in, const uint16_t* w, float* out, int M, int N, 
     split = split_even_odd(x_in, M, K);
     x = split.data();
   }
-  // one row: 8 weight rows at a time (more accumulators in flight); more rows: 2 x 4 blocks
-  const int nb = M == 1 ? NR_ONE : 4;
+  // one row: 8 weight rows at a time (more accumulators in flight); more rows: blocks of 4 rows x 3 weight
+  // rows (bf16: 12 accumulators, each widened weight vector used 4 times) or 2 x 4 (fp16)
+  constexpr int MB = FP16 ? 2 : 4, NB = FP16 ? 4 : 3;
+  const int nb = M == 1 ? NR_ONE : NB;
   const int blocks = (N + nb - 1) / nb;
   auto run = [&](int b) {
     int n0 = b * nb, nr = N - n0 < nb ? N - n0 : nb;
@@ -175,7 +176,7 @@ void small_rows(const float* x_in, const uint16_t* w, float* out, int M, int N, 
       block<FP16, 1, NR_ONE>(x, w, out, 0, 1, n0, nr, K, N);
       return;
     }
-    for (int m0 = 0; m0 < M; m0 += 2) block<FP16, 2, 4>(x, w, out, m0, M - m0 < 2 ? M - m0 : 2, n0, nr, K, N);
+    for (int m0 = 0; m0 < M; m0 += MB) block<FP16, MB, NB>(x, w, out, m0, M - m0 < MB ? M - m0 : MB, n0, nr, K, N);
   };
   if (int64_t(N) * K >= PARALLEL_WEIGHTS) {
 #pragma omp parallel for schedule(static)

@@ -17,9 +17,11 @@ import pytest
 
 from exo_lab.cluster import profile as prof
 from exo_lab.cluster.profile import DeviceProfile, load_or_measure, measure_profile, memory_now
+from exo_lab.models import halfmatmul
 
 GIB = 1 << 30
 KEYS = tuple(f"{f}_m{m}" for f in ("float32", "bfloat16", "float16", "q8", "q4") for m in (1, 8, 512))
+WIDENED_KEYS = tuple(f"{f}_m{m}" for f in ("bf16w", "fp16w") for m in (1, 8, 512))  # where the kernel is built
 
 
 def fake_profile(**changes) -> DeviceProfile:
@@ -164,8 +166,9 @@ def test_measure_profile_is_real_and_bounded():
     elapsed = time.monotonic() - start
     assert elapsed <= 8.5, f"microbenchmarks took {elapsed:.1f} s"
     assert 0 < p.measure_seconds <= elapsed
-    assert set(p.matmul_gflops) == set(KEYS) == set(p.matmul_shapes)
-    assert set(p.matmul_weight_read_gb_per_s) == {k for k in KEYS if k.endswith("_m1")}
+    here = KEYS + (WIDENED_KEYS if halfmatmul.available() else ())
+    assert set(p.matmul_gflops) == set(here) == set(p.matmul_shapes)
+    assert set(p.matmul_weight_read_gb_per_s) == {k for k in here if k.endswith("_m1")}
     rates = [
         *p.matmul_gflops.values(),
         *p.matmul_weight_read_gb_per_s.values(),
