@@ -8,7 +8,8 @@ weight format, :mod:`exo_lab.models.formats`) in each of
 - ``float32``: fp32 weights and activations, MLX matmuls on OpenBLAS (the baseline);
 - ``bfloat16``, ``float16``: MLX's own CPU kernels, activations in the same dtype;
 - ``q8``, ``q4``: ``mx.quantize`` (group 64) of the fp32 weights: ``nn.QuantizedLinear`` /
-  ``nn.QuantizedEmbedding`` with fp32 scales, biases and activations;
+  ``nn.QuantizedEmbedding`` with fp32 scales, biases and activations, computed by exo_lab's kernel
+  (:mod:`exo_lab.models.qmatmul`);
 - ``bf16w``, ``fp16w``: the 16-bit weights computed with fp32 activations by exo_lab's kernel
   (:mod:`exo_lab.models.halfmatmul`);
 

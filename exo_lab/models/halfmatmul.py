@@ -14,45 +14,23 @@ MoE experts) stays fp32. :func:`available` says whether the primitive was built 
 
 from __future__ import annotations
 
-import logging
-from typing import Any
-
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.nn.layers import distributed as mlx_distributed
 
-from exo_lab import native
-
-log = logging.getLogger(__name__)
+from exo_lab.models import kernels
 
 HALF = (mx.bfloat16, mx.float16)
-_state: dict[str, Any] = {}
-
-
-def _module() -> Any:
-    if "module" not in _state:
-        _state["module"] = None
-        ext = native.extension("weight_matmul")
-        if ext is not None:
-            try:
-                x = mx.array([[1.0, -2.0, 3.0]] * 2)
-                for dt in HALF:
-                    got = ext.weight_matmul(x, mx.array([[0.5, 0.25, 2.0]], dtype=dt))
-                    assert got.dtype == mx.float32 and got.tolist() == [[6.0], [6.0]], got
-                _state["module"] = ext
-            except (TypeError, AssertionError, RuntimeError, ValueError) as err:  # another nanobind ABI, a bad build
-                log.warning("weight_matmul does not work with this MLX (%s): 16-bit weight formats off", err)
-    return _state["module"]
 
 
 def available() -> bool:
     """Whether :func:`matmul` can run here (built, works with this MLX, and MLX computes on the CPU)."""
-    return mx.default_device() == mx.cpu and _module() is not None
+    return mx.default_device() == mx.cpu and kernels.module() is not None
 
 
 def matmul(x: mx.array, w: mx.array) -> mx.array:
     """``x @ w.T`` for fp32 ``x`` [..., K] and bf16/fp16 ``w`` [N, K], in fp32 (RuntimeError when unavailable)."""
-    ext = _module()
+    ext = kernels.module()
     if ext is None:
         raise RuntimeError(
             "16-bit weights with fp32 activations need exo_lab's weight_matmul (python -m exo_lab.native)"

@@ -1,15 +1,19 @@
-"""Quantized matmuls that use every CPU core: what the q8/q4 weight formats compute with on a CPU.
+"""Quantized matmuls that keep up with memory: what the q8/q4 weight formats compute with on a CPU.
 
 MLX's CPU ``quantized_matmul`` runs on one thread and is compute-bound (measured on a 2-core
-AVX2 machine: about 1e9 weights/s at M=1, far below memory bandwidth; at M=128 it is 13x
+AVX2 machine: about 1e9 weights/s at M=1, 0.06 of what memory bandwidth allows; at M=128 it is 13x
 slower than dequantizing the weights and multiplying with OpenBLAS). So, with fp32 activations
 on the CPU:
 
-- few rows (decode, ``M <= SMALL_M``): ``quantized_matmul`` split by output rows over one MLX CPU
-  stream per core (each stream has its own thread); every output element is the same dot product
-  as on one stream, so the result is bit-identical to ``mx.quantized_matmul``;
-- many rows (prefill): ``mx.dequantize`` (split over the streams the same way), then ``x @ W.T`` on
-  the BLAS, which uses every core.
+- with fp32 scales and biases (the ``q8``/``q4`` formats): exo_lab's ``quant_matmul`` primitive
+  (:mod:`exo_lab.models.kernels`). Up to ``SMALL_M`` rows (decode) it widens the codes in registers on
+  every core, each output element the same dot product whatever the batch (batch-invariant): ~20x MLX's
+  kernel at M=1 (8 bits) on that machine; more rows (prefill): blocks of weights dequantized to fp32, then
+  the BLAS.
+- where it is not built, or the scales are 16-bit (a stored quantized checkpoint), MLX's kernels: up to
+  ``SMALL_M`` rows ``quantized_matmul`` split by output rows over one MLX CPU stream per core (each stream
+  has its own thread), bit-identical to ``mx.quantized_matmul``; more rows ``mx.dequantize`` (split over
+  the streams the same way), then ``x @ W.T`` on the BLAS, which uses every core.
 
 :class:`CoreQuantizedLinear` and :class:`CoreQuantizedEmbedding` are ``nn.QuantizedLinear`` and
 ``nn.QuantizedEmbedding`` that compute this way (:func:`use_cores` swaps them in); the device
@@ -23,7 +27,9 @@ import os
 import mlx.core as mx
 import mlx.nn as nn
 
-SMALL_M = 8  #: up to this many rows: split quantized_matmul; more: dequantize and use the BLAS
+from exo_lab.models import kernels
+
+SMALL_M = 16  #: up to this many rows: dot products (decode); more: dequantized weights and the BLAS (prefill)
 _streams: list[mx.Stream] = []
 
 
@@ -41,15 +47,25 @@ def _parts(rows: int, n: int) -> list[tuple[int, int]]:
 
 
 def matmul(
-    x: mx.array, w: mx.array, scales: mx.array, biases: mx.array | None, group_size: int, bits: int, streams: int = 0
+    x: mx.array,
+    w: mx.array,
+    scales: mx.array,
+    biases: mx.array | None,
+    group_size: int,
+    bits: int,
+    streams: int = 0,
+    native: bool = True,
 ) -> mx.array:
     """``x @ dequantize(w).T`` (what ``mx.quantized_matmul(..., transpose=True)`` gives) on every core.
 
-    ``streams``: how many CPU streams to split over (0: one per core; 1: plain MLX)."""
+    ``streams``: how many CPU streams to split MLX's kernels over (0: one per core; 1: plain MLX);
+    ``native``: False keeps MLX's kernels where exo_lab's ``quant_matmul`` would run."""
     parts = _parts(w.shape[0], max(1, streams or os.cpu_count() or 1))
     m = x.size // x.shape[-1] if x.ndim else 1
     if x.dtype != mx.float32 or mx.default_device() != mx.cpu:  # only the fp32 CPU path is sped up
         return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
+    if native and _native(scales, biases, group_size, bits):
+        return kernels.module().quant_matmul(x, w, scales, biases, group_size, bits)
     if m > SMALL_M:
         if len(parts) == 1:
             full = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits)
@@ -86,8 +102,19 @@ def matmul(
     return mx.concatenate(outs, axis=-1)
 
 
+def _native(scales: mx.array, biases: mx.array | None, group_size: int, bits: int) -> bool:
+    return (
+        bits in (4, 8)
+        and group_size % 8 == 0
+        and scales.dtype == mx.float32
+        and biases is not None
+        and biases.dtype == mx.float32
+        and kernels.module() is not None
+    )
+
+
 class CoreQuantizedLinear(nn.QuantizedLinear):
-    """``nn.QuantizedLinear`` computing with :func:`matmul` (same weights, same results at M <= SMALL_M)."""
+    """``nn.QuantizedLinear`` computing with :func:`matmul` (same weights)."""
 
     def __call__(self, x: mx.array) -> mx.array:
         y = matmul(x, self["weight"], self["scales"], self.get("biases"), self.group_size, self.bits)

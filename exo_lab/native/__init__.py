@@ -2,8 +2,8 @@
 
 - ``small_gemm.c`` is the decode-sized fp32 matmul put in front of OpenBLAS (see that file and
   :mod:`exo_lab._blas`), built with the system C compiler (``$CC`` or ``cc``): :func:`library`.
-- ``weight_matmul.cpp`` is an MLX primitive, ``x @ W.T`` with bf16/fp16 weights and fp32 activations, in
-  a Python extension module (nanobind, against the installed MLX's headers and ``libmlx``), built with
+- ``weight_matmul.cpp`` holds MLX primitives, ``x @ W.T`` with bf16/fp16 or 8/4-bit quantized weights and
+  fp32 activations, in a Python extension module (nanobind, against the installed MLX's headers and ``libmlx``), built with
   ``$CXX`` or ``c++``: :func:`extension` (the module, after checking it works with this MLX).
 
 Both are built with ``-march=native`` into ``exo_lab/native/build/`` (or, when the package is not

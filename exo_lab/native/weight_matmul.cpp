@@ -1,4 +1,5 @@
-// x @ W.T with 16-bit weights and fp32 activations, as an MLX primitive (a Python extension module).
+// x @ W.T with compact weights (16-bit, or MLX's 8/4-bit affine quantization) and fp32 activations, as MLX
+// primitives (a Python extension module).
 //
 // MLX's CPU matmul takes both operands in one dtype: bf16 or fp16 weights either compute with 16-bit
 // activations in MLX's own kernels (on an AVX2 CPU ~0.07 of what memory bandwidth allows) or are cast to
@@ -10,6 +11,13 @@
 //   order (8 lanes over k, summed, then the tail), the same for every number of rows and threads, so a
 //   row's result does not depend on the batch it is in (batch-invariant, deterministic);
 // - more rows (prefill): blocks of W are widened to fp32 and multiplied with the BLAS's cblas_sgemm.
+//
+// `quant_matmul(x, w, scales, biases, group_size, bits)` is `mx.quantized_matmul(x, w, scales, biases,
+// transpose=True)` for fp32 x, scales and biases, 8 or 4 bits: up to SMALL_M rows (decode) the codes are
+// widened in registers, each group's dot product scaled once (scale * sum(x q) + bias * sum(x)), each output
+// element in a fixed order whatever the batch (batch-invariant); more rows (prefill) dequantize blocks of W
+// and call the BLAS. MLX's own CPU kernel is single-threaded and compute-bound (~0.06 of what memory
+// bandwidth allows on an AVX2 CPU).
 //
 // Products over PARALLEL_WEIGHTS weights are split over OpenMP threads by output columns.
 #include <immintrin.h>
@@ -257,11 +265,191 @@ mx::array weight_matmul(const mx::array& x, const mx::array& w) {
   return mx::array(shape, mx::float32, std::make_shared<WeightMatmul>(s), {xc, wc});
 }
 
+// ---- 8/4-bit affine-quantized weights (MLX's packing: code i of a uint32 at bits [i * BITS, (i + 1) * BITS)) ----
+
+constexpr int QNR = 4;  // weight rows per block: 4 group sums and 4 totals in registers
+
+// 8 codes, widened to fp32, starting at byte p (8 bytes for 8 bits, 4 for 4 bits)
+template <int BITS>
+inline __m256 codes8(const uint8_t* p) {
+  if constexpr (BITS == 8) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  } else {
+    uint32_t word;
+    __builtin_memcpy(&word, p, 4);
+    const __m256i shifts = _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28);
+    __m256i v = _mm256_srlv_epi32(_mm256_set1_epi32(int(word)), shifts);
+    return _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15)));
+  }
+}
+
+// one row of x (its group sums in xsum) times weight rows [n0, n0 + NR) into out[n0 ...]; every output element
+// is the same sequence of operations whatever NR
+template <int BITS, int NR>
+inline void qblock(const float* x, const float* xsum, const uint8_t* w, const float* scales, const float* biases,
+                   float* out, int n0, int K, int gs) {
+  const int G = K / gs;
+  const int64_t row_bytes = int64_t(K) * BITS / 8;
+  __m256 acc[NR];
+  float bsum[NR];
+  const uint8_t* wr[NR];
+  for (int j = 0; j < NR; j++) {
+    acc[j] = _mm256_setzero_ps();
+    bsum[j] = 0.0f;
+    wr[j] = w + int64_t(n0 + j) * row_bytes;
+  }
+  for (int g = 0; g < G; g++) {
+    __m256 gacc[NR];
+    for (int j = 0; j < NR; j++) gacc[j] = _mm256_setzero_ps();
+    for (int k = g * gs; k < (g + 1) * gs; k += 8) {
+      __m256 xv = _mm256_loadu_ps(x + k);
+      for (int j = 0; j < NR; j++) gacc[j] = _mm256_fmadd_ps(xv, codes8<BITS>(wr[j] + k * BITS / 8), gacc[j]);
+    }
+    for (int j = 0; j < NR; j++) {
+      int64_t at = int64_t(n0 + j) * G + g;
+      acc[j] = _mm256_fmadd_ps(gacc[j], _mm256_set1_ps(scales[at]), acc[j]);
+      bsum[j] = __builtin_fmaf(biases[at], xsum[g], bsum[j]);
+    }
+  }
+  for (int j = 0; j < NR; j++) out[n0 + j] = hsum(acc[j]) + bsum[j];
+}
+
+template <int BITS>
+void quant_rows(const float* x, const uint8_t* w, const float* scales, const float* biases, float* out, int M,
+                int N, int K, int gs) {
+  const int G = K / gs;
+  std::vector<float> xsum(size_t(M) * G);  // each row's sum over each group (times the group's bias)
+  for (int m = 0; m < M; m++)
+    for (int g = 0; g < G; g++) {
+      __m256 s = _mm256_setzero_ps();
+      for (int k = g * gs; k < (g + 1) * gs; k += 8) s = _mm256_add_ps(s, _mm256_loadu_ps(x + int64_t(m) * K + k));
+      xsum[size_t(m) * G + g] = hsum(s);
+    }
+  const int blocks = (N + QNR - 1) / QNR;
+  // a block's weight rows stay in L1/L2 while every row of x passes over them
+  auto run = [&](int b) {
+    int n0 = b * QNR, nr = N - n0 < QNR ? N - n0 : QNR;
+    for (int m = 0; m < M; m++) {
+      const float *xm = x + int64_t(m) * K, *sm = xsum.data() + size_t(m) * G;
+      float* om = out + int64_t(m) * N;
+      if (nr == QNR) {
+        qblock<BITS, QNR>(xm, sm, w, scales, biases, om, n0, K, gs);
+      } else {
+        for (int j = 0; j < nr; j++) qblock<BITS, 1>(xm, sm, w, scales, biases, om, n0 + j, K, gs);
+      }
+    }
+  };
+  if (int64_t(N) * K >= PARALLEL_WEIGHTS) {
+#pragma omp parallel for schedule(static)
+    for (int b = 0; b < blocks; b++) run(b);
+  } else {
+    for (int b = 0; b < blocks; b++) run(b);
+  }
+}
+
+// more rows: blocks of PREFILL_BLOCK weight rows dequantized to fp32 (scale * q + bias), then the BLAS
+template <int BITS>
+void quant_many_rows(const float* x, const uint8_t* w, const float* scales, const float* biases, float* out, int M,
+                     int N, int K, int gs) {
+  sgemm_fn sgemm = blas_sgemm();
+  if (sgemm == nullptr) throw std::runtime_error("quant_matmul: no cblas_sgemm in this process");
+  const int G = K / gs;
+  const int64_t row_bytes = int64_t(K) * BITS / 8;
+  std::vector<float> wide(size_t(PREFILL_BLOCK) * K);
+  for (int n0 = 0; n0 < N; n0 += PREFILL_BLOCK) {
+    int nr = N - n0 < PREFILL_BLOCK ? N - n0 : PREFILL_BLOCK;
+#pragma omp parallel for schedule(static)
+    for (int r = 0; r < nr; r++) {
+      const uint8_t* src = w + int64_t(n0 + r) * row_bytes;
+      float* dst = wide.data() + int64_t(r) * K;
+      for (int g = 0; g < G; g++) {
+        const __m256 scale = _mm256_set1_ps(scales[int64_t(n0 + r) * G + g]);
+        const __m256 bias = _mm256_set1_ps(biases[int64_t(n0 + r) * G + g]);
+        for (int k = g * gs; k < (g + 1) * gs; k += 8)
+          _mm256_storeu_ps(dst + k, _mm256_fmadd_ps(codes8<BITS>(src + k * BITS / 8), scale, bias));
+      }
+    }
+    sgemm(RowMajor, NoTrans, Trans, M, nr, K, 1.0f, x, K, wide.data(), K, 0.0f, out + n0, N);
+  }
+}
+
+class QuantMatmul : public mx::Primitive {
+ public:
+  QuantMatmul(mx::Stream stream, int group_size, int bits)
+      : mx::Primitive(stream), group_size_(group_size), bits_(bits) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    const mx::array &x = inputs[0], &w = inputs[1], &scales = inputs[2], &biases = inputs[3];
+    mx::array& out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (const auto& a : inputs) encoder.set_input_array(a);
+    encoder.set_output_array(out);
+    const int N = int(w.shape(0)), K = int(x.shape(-1)), M = int(x.size() / K), gs = group_size_, bits = bits_;
+    encoder.dispatch([xp = x.data<float>(), wp = w.data<uint8_t>(), sp = scales.data<float>(),
+                      bp = biases.data<float>(), op = out.data<float>(), M, N, K, gs, bits]() {
+      if (M <= SMALL_M) {
+        bits == 8 ? quant_rows<8>(xp, wp, sp, bp, op, M, N, K, gs) : quant_rows<4>(xp, wp, sp, bp, op, M, N, K, gs);
+      } else {
+        bits == 8 ? quant_many_rows<8>(xp, wp, sp, bp, op, M, N, K, gs)
+                  : quant_many_rows<4>(xp, wp, sp, bp, op, M, N, K, gs);
+      }
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("quant_matmul runs on the CPU only");
+  }
+
+  const char* name() const override {
+    return "ExoQuantMatmul";
+  }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const QuantMatmul&>(other);
+    return group_size_ == o.group_size_ && bits_ == o.bits_;
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    mx::Shape shape = inputs[0].shape();
+    shape.back() = inputs[1].shape(0);
+    return {shape};
+  }
+
+ private:
+  int group_size_, bits_;
+};
+
+mx::array quant_matmul(const mx::array& x, const mx::array& w, const mx::array& scales, const mx::array& biases,
+                       int group_size, int bits) {
+  if (bits != 8 && bits != 4) throw std::invalid_argument("quant_matmul: bits must be 8 or 4");
+  if (group_size <= 0 || group_size % 8) throw std::invalid_argument("quant_matmul: group_size must be a multiple of 8");
+  if (x.dtype() != mx::float32 || scales.dtype() != mx::float32 || biases.dtype() != mx::float32)
+    throw std::invalid_argument("quant_matmul: x, scales and biases must be float32");
+  if (w.dtype() != mx::uint32 || w.ndim() != 2 || x.ndim() < 1)
+    throw std::invalid_argument("quant_matmul: w must be uint32 [N, K * bits / 32], x [..., K]");
+  const int N = int(w.shape(0)), K = int(x.shape(-1));
+  if (K % group_size || int64_t(w.shape(1)) * 32 != int64_t(K) * bits)
+    throw std::invalid_argument("quant_matmul: w's rows do not hold K codes of this many bits in whole groups");
+  const mx::Shape groups = {N, K / group_size};
+  if (scales.shape() != groups || biases.shape() != groups)
+    throw std::invalid_argument("quant_matmul: scales and biases must be [N, K / group_size]");
+  mx::Stream s = mx::to_stream(std::monostate{}, mx::Device::cpu);
+  std::vector<mx::array> in;
+  for (const auto* a : {&x, &w, &scales, &biases}) in.push_back(mx::contiguous(*a, false, s));
+  mx::Shape shape = x.shape();
+  shape.back() = N;
+  return mx::array(shape, mx::float32, std::make_shared<QuantMatmul>(s, group_size, bits), std::move(in));
+}
+
 }  // namespace
 
 NB_MODULE(_weight_matmul, m) {
-  m.doc() = "x @ W.T with bf16/fp16 weights and fp32 activations (exo_lab.native)";
+  m.doc() = "x @ W.T with 16-bit or 8/4-bit quantized weights and fp32 activations (exo_lab.native)";
   m.def("weight_matmul", &weight_matmul, "x"_a, "w"_a,
         "x float32 [..., K] times w bfloat16/float16 [N, K] transposed: float32 [..., N].");
+  m.def("quant_matmul", &quant_matmul, "x"_a, "w"_a, "scales"_a, "biases"_a, "group_size"_a, "bits"_a,
+        "x float32 [..., K] times MLX's affine-quantized w (uint32 [N, K * bits / 32], float32 scales and biases\n"
+        "[N, K / group_size]) transposed: float32 [..., N].");
   m.def("threads", []() { return omp_get_max_threads(); });
 }

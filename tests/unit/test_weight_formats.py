@@ -11,10 +11,11 @@ import exo_lab  # noqa: F401  (OpenBLAS before MLX)
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from exo_lab.cluster.topology import NodeInfo, Topology
 from exo_lab.engine.shard import ShardSpec, load_shard
-from exo_lab.models import formats, halfmatmul, qmatmul, synthetic
+from exo_lab.models import formats, halfmatmul, kernels, qmatmul, synthetic
 from exo_lab.models.card import card_from_config
 from exo_lab.placement import plan
 from exo_lab.placement.predict import CostContext
@@ -47,12 +48,64 @@ def test_core_matmul_is_plain_quantized_matmul_at_decode_and_close_at_prefill():
         x = mx.random.normal((1, m, 256), key=mx.random.key(m))
         plain = mx.quantized_matmul(x, *q, transpose=True, group_size=64, bits=4)
         for streams in (1, 2, 3):
-            mine = qmatmul.matmul(x, *q, 64, 4, streams=streams)
+            mine = qmatmul.matmul(x, *q, 64, 4, streams=streams, native=False)
             assert mine.shape == plain.shape
             if exact:  # the same dot products, split by output rows: bit-identical
                 assert mx.array_equal(mine, plain).item()
             else:  # dequantize + BLAS: another summation order
                 assert mx.allclose(mine, plain, atol=1e-4, rtol=1e-4).item()
+
+
+needs_kernels = pytest.mark.skipif(kernels.module() is None, reason="exo_lab's weight_matmul extension is not built")
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("group_size", [32, 64, 128])
+def test_native_quant_matmul_is_the_dequantized_product_and_batch_invariant(bits, group_size):
+    n, k = 259, 384  # rows in whole blocks of 4 and a tail; prefill: a block of 256 rows and a tail
+    w = mx.random.normal((n, k), key=mx.random.key(bits)) * 0.05
+    q = mx.quantize(w, group_size=group_size, bits=bits)
+    full = np.array(mx.dequantize(*q, group_size=group_size, bits=bits)).astype(np.float64)
+    x = mx.random.normal((2, 8, k), key=mx.random.key(group_size))  # 16 rows: up to SMALL_M
+    got = qmatmul.matmul(x, *q, group_size, bits)
+    assert got.dtype == mx.float32 and got.shape == (2, 8, n)
+    want = np.array(x).astype(np.float64) @ full.T
+    assert np.abs(np.array(got) - want).max() < 1e-4  # fp32 sums of ~400 products of size ~1
+    plain = mx.quantized_matmul(x, *q, transpose=True, group_size=group_size, bits=bits)
+    assert np.abs(np.array(got) - np.array(plain)).max() < 1e-4
+    for row in (0, 5, 15):  # a row alone gives the bits it gives in the batch
+        alone = qmatmul.matmul(x.reshape(16, k)[row], *q, group_size, bits)
+        assert np.array_equal(np.array(alone), np.array(got).reshape(16, n)[row])
+    strided = x.reshape(16, k)[::2]  # a strided view computes what its copy computes
+    assert np.array_equal(np.array(qmatmul.matmul(strided, *q, group_size, bits)), np.array(got).reshape(16, n)[::2])
+    prompt = mx.random.normal((300, k), key=mx.random.key(7))  # prefill: dequantized blocks of rows and the BLAS
+    big = qmatmul.matmul(prompt, *q, group_size, bits)
+    assert np.abs(np.array(big) - np.array(prompt).astype(np.float64) @ full.T).max() < 1e-4
+
+
+@needs_kernels
+def test_native_quant_matmul_refuses_what_it_cannot_compute_and_matmul_falls_back():
+    ext = kernels.module()
+    w = mx.random.normal((8, 128), key=mx.random.key(0))
+    q, scales, biases = mx.quantize(w, group_size=64, bits=4)
+    x = mx.ones((1, 128))
+    for args, match in (
+        ((x, q, scales, biases, 64, 3), "bits"),
+        ((x, q, scales, biases, 60, 4), "group_size"),
+        ((x.astype(mx.bfloat16), q, scales, biases, 64, 4), "float32"),
+        ((mx.ones((1, 64)), q, scales, biases, 64, 4), "K codes"),
+        ((x, q, scales[:, :1], biases, 64, 4), r"\[N, K / group_size\]"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            ext.quant_matmul(*args)
+    # 16-bit scales (a stored quantized checkpoint) and 2-bit codes: MLX's own kernel, its bits exactly
+    for s, b, bits in ((scales.astype(mx.bfloat16), biases.astype(mx.bfloat16), 4), (None, None, 2)):
+        if s is None:
+            q, s, b = mx.quantize(w, group_size=64, bits=bits)
+        plain = mx.quantized_matmul(x.astype(s.dtype), q, s, b, transpose=True, group_size=64, bits=bits)
+        mine = qmatmul.matmul(x.astype(s.dtype), q, s, b, 64, bits, streams=1)
+        assert mx.array_equal(mine, plain).item()
 
 
 @pytest.fixture(scope="module")
