@@ -69,9 +69,14 @@ lint: setup-test
 typecheck: setup-test
 	$(VENV)/bin/pyright
 
-## test: set up everything, then lint, type-check and run the whole test suite (layer contract included)
+## test: set up everything, then lint, type-check and run the whole test suite (layer contract included):
+## the unit and API tests (no simulated hosts, no MLX ranks, nothing timed against a link) on two pytest
+## workers, a file per worker at a time; then the rest, whose ranks and shaped links want the cores to
+## themselves, in one process. $(PYTEST_ARGS) goes to both runs (a run it leaves without tests passes).
+PARALLEL_TESTS := tests/unit tests/api
 test: setup-test labextension lint typecheck
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadfile $(PARALLEL_TESTS) $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(PY) -m pytest $(addprefix --ignore=,$(PARALLEL_TESTS)) $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 bench: setup
 	$(PY) benchmarks/single_node.py

@@ -29,7 +29,7 @@ pytestmark = [
     pytest.mark.skipif(shutil.which("ip") is None, reason="iproute2 ('ip') is not installed"),
 ]
 
-DELAY_MS = {frozenset("ab"): 100.0, frozenset("bc"): 60.0, frozenset("ca"): 80.0}
+DELAY_MS = {frozenset("ab"): 50.0, frozenset("bc"): 30.0, frozenset("ca"): 40.0}
 SPEC = {
     "name": "trace3",
     "hosts": ["a", "b", "c"],
