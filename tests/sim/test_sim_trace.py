@@ -22,6 +22,7 @@ from exo_lab.models import synthetic
 from exo_lab.placement.preview import model_card
 from exo_lab.sim.cluster import SimCluster
 from exo_lab.sim.spec import SimSpec
+from tests.helpers.caches import private_cache
 
 pytestmark = [
     pytest.mark.slow,
@@ -44,31 +45,33 @@ def traced(tmp_path_factory, models_cache):
     """One pipeline-3 instance on the sim, traced over a short generation: (trace, plan, the components fitted
     to the trace and stored on the nodes, the nodes' calibrations read back)."""
     model = synthetic.create(models_cache / "trace-tiny", "tiny")
-    sim = SimCluster(SimSpec.from_json(SPEC))
-    sim.up(wait=120)
-    cluster = None
-    try:
-        cluster = sim.cluster()
-        cluster.wait_for(3, links=True, timeout=90)
-        plans = cluster.preview(model, context=512, prompt_tokens=16)
-        plan = next(p for p in plans if p.strategy == "pipeline" and p.num_stages == 3)
-        inst = cluster.launch(model, plan=plan)
+    # the fitted components are stored in the nodes' profiles: a private cache keeps them from the user's
+    with private_cache(tmp_path_factory.mktemp("trace-cache")):
+        sim = SimCluster(SimSpec.from_json(SPEC))
+        sim.up(wait=120)
+        cluster = None
         try:
-            inst.wait_ready(timeout=180, progress=False)
-            gen = inst.generate(list(range(5, 25)), max_tokens=10, ignore_eos=True, trace=True)
-            assert len(gen.text()) > 0 or gen.finish_reason == "length"
-            trace = gen.trace
+            cluster = sim.cluster()
+            cluster.wait_for(3, links=True, timeout=90)
+            plans = cluster.preview(model, context=512, prompt_tokens=16)
+            plan = next(p for p in plans if p.strategy == "pipeline" and p.num_stages == 3)
+            inst = cluster.launch(model, plan=plan)
+            try:
+                inst.wait_ready(timeout=180, progress=False)
+                gen = inst.generate(list(range(5, 25)), max_tokens=10, ignore_eos=True, trace=True)
+                assert len(gen.text()) > 0 or gen.finish_reason == "length"
+                trace = gen.trace
+            finally:
+                inst.delete()
+            fit = fit_components([(trace, plan)], cluster.topology, model_card(model))
+            assert fit is not None
+            store_components(cluster, fit)
+            stored = {n: cluster.topology.nodes[n].profile.get("calibration") or {} for n in plan.nodes}
+            yield trace, plan, fit, stored
         finally:
-            inst.delete()
-        fit = fit_components([(trace, plan)], cluster.topology, model_card(model))
-        assert fit is not None
-        store_components(cluster, fit)
-        stored = {n: cluster.topology.nodes[n].profile.get("calibration") or {} for n in plan.nodes}
-        yield trace, plan, fit, stored
-    finally:
-        if cluster is not None:
-            cluster.close()
-        sim.down()
+            if cluster is not None:
+                cluster.close()
+            sim.down()
 
 
 def test_a_stage_starts_a_step_only_after_its_input_arrived(traced):

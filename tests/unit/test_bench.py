@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +11,6 @@ from pathlib import Path
 import pytest
 
 import exo_lab
-from exo_lab import paths
 from exo_lab.bench import (
     SCHEMA,
     BenchError,
@@ -33,6 +30,7 @@ from exo_lab.models.card import card_from_config
 from exo_lab.placement import plan as make_plans
 from exo_lab.placement.cost import LinkCost, NodeRates, calibrated_link
 from exo_lab.placement.plan import Plan
+from tests.helpers.caches import private_cache
 
 REPO = Path(__file__).resolve().parents[2]
 PP, TG, REPEAT, CONCURRENCY = 64, 16, 2, (1, 2)
@@ -216,19 +214,10 @@ def test_calibration_recovers_known_factors_and_lowers_the_error():
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """Two local agents with their own profile cache, so calibrations stay out of the user's cache."""
-    cache = tmp_path_factory.mktemp("bench-cache")
-    profiles = paths.cache_dir() / "profiles"
-    if profiles.is_dir():  # reuse this machine's measured profile (saves ~5 s of microbenchmarks)
-        shutil.copytree(profiles, cache / "profiles", ignore=shutil.ignore_patterns("*.tmp"))
-    old = os.environ.get("EXO_LAB_CACHE_DIR")
-    os.environ["EXO_LAB_CACHE_DIR"] = str(cache)
-    c = exo_lab.local_cluster(2)
-    yield c
-    c.close()
-    if old is None:
-        os.environ.pop("EXO_LAB_CACHE_DIR", None)
-    else:
-        os.environ["EXO_LAB_CACHE_DIR"] = old
+    with private_cache(tmp_path_factory.mktemp("bench-cache")):
+        c = exo_lab.local_cluster(2)
+        yield c
+        c.close()
 
 
 @pytest.fixture(scope="module")
