@@ -70,13 +70,14 @@ typecheck: setup-test
 	$(VENV)/bin/pyright
 
 ## test: set up everything, then lint, type-check and run the whole test suite (layer contract included):
-## the unit and API tests (no simulated hosts, no MLX ranks, nothing timed against a link) on two pytest
-## workers, a file per worker at a time; then the rest, whose ranks and shaped links want the cores to
-## themselves, in one process. $(PYTEST_ARGS) goes to both runs (a run it leaves without tests passes).
-PARALLEL_TESTS := tests/unit tests/api
+## every test but the simulated hosts' on two pytest workers, a file per worker at a time (a module's
+## servers and clusters start once; most of a cluster test is waiting on processes that start and links that
+## answer, not the cores); then the simulated hosts (tests/sim), whose shaped links are timed, in one process.
+## $(PYTEST_ARGS) goes to both runs (a run it leaves without tests passes).
+SERIAL_TESTS := tests/sim
 test: setup-test labextension lint typecheck
-	$(PY) -m pytest -n 2 --dist loadfile $(PARALLEL_TESTS) $(PYTEST_ARGS) || [ $$? -eq 5 ]
-	$(PY) -m pytest $(addprefix --ignore=,$(PARALLEL_TESTS)) $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(PY) -m pytest -n 2 --dist loadfile $(addprefix --ignore=,$(SERIAL_TESTS)) $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	$(PY) -m pytest $(SERIAL_TESTS) $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 bench: setup
 	$(PY) benchmarks/single_node.py
