@@ -2,7 +2,7 @@
 
 Run (root, iproute2): .venv/bin/python benchmarks/distributed.py
      [--preset llama-1b] [--dtype fp32,bf16] [--links unshaped,1gbit,100mbit] [--strategies pipeline,tensor]
-     [--streams 1,8] [--tokens 48] [--prompt 2048] [--json out.json]
+     [--streams 1,8] [--tokens 48] [--prompt 2048] [--repeat 1] [--rounds 1] [--json out.json]
 Quick: --dtype fp32 --links unshaped --streams 1,8 --tokens 32 --prompt 1024
 
 For each link (``unshaped``: a plain LAN; ``1gbit``: a cable of 1 Gbit/s with 1 ms one-way delay;
@@ -26,7 +26,10 @@ measured decode and prefill rates over the predicted ones become the nodes' ``de
 splits, not the microbenchmarks. Targets (issue 15): pipeline-2 with 8 streams >= 1.7x, a 2048-token TTFT
 <= 0.65x, one stream >= 0.9x; tensor-2 one stream >= 1.6x on the unshaped link.
 
-Every figure is one run unless ``--repeat``; on a shared machine they are noisy.
+Every figure is one run unless ``--repeat`` (measurements per launch, their median); on a shared machine
+they are noisy, and the machine's speed drifts by tens of percent within minutes: ``--rounds N`` launches the
+one process and every plan N times in turn, compares each plan with the one process of its round, and gives
+the median ratio with the range of the rounds'.
 """
 
 from __future__ import annotations
@@ -209,7 +212,10 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=48, help="tokens generated per stream")
     ap.add_argument("--short", type=int, default=32, help="prompt tokens of the decode runs")
     ap.add_argument("--prompt", type=int, default=2048, help="prompt tokens of the TTFT run (0: none)")
-    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=1, help="measurements per launch (their median)")
+    ap.add_argument(
+        "--rounds", type=int, default=1, help="launch the one process and every plan this many times, in turn"
+    )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     args.streams = [int(s) for s in args.streams.split(",")]
@@ -217,7 +223,7 @@ def main() -> int:
     links = args.links.split(",")
     strategies = args.strategies.split(",")
     rows: list[dict[str, Any]] = []
-    base: dict[str, tuple[Any, dict]] = {}  # dtype -> (plan, measured)
+    base: dict[tuple[str, int], dict] = {}  # (dtype, round) -> the one process's measurements
     for link in links:
         print(f"sim for link {link} ...", flush=True)
         with SimCluster(spec_for(link)).up(wait=120) as sim:
@@ -231,17 +237,20 @@ def main() -> int:
                         path, context=args.prompt + args.tokens + 64, prompt_tokens=args.short, batch=max(args.streams)
                     )
                     single = pick(plans, "single", 1, ids["a"])
-                    if dt not in base:
-                        base[dt] = (single, measure(cluster, path, single, args))
-                        rows.append({"link": "-", "dtype": dt, "strategy": "one process", **base[dt][1]})
-                    for strategy in strategies:
-                        plan = pick(plans, strategy, 2)
-                        if plan is None:
-                            print(f"  no {strategy} plan over a and b for {dt}", flush=True)
-                            continue
-                        got = measure(cluster, path, plan, args)
-                        got["pred"] = predictions(cluster, path, plan, single, base[dt][1], args)
-                        rows.append({"link": link, "dtype": dt, "strategy": strategy, **got})
+                    for rnd in range(args.rounds):
+                        if (dt, rnd) not in base:
+                            base[dt, rnd] = measure(cluster, path, single, args)
+                            rows.append(
+                                {"round": rnd, "link": "-", "dtype": dt, "strategy": "one process", **base[dt, rnd]}
+                            )
+                        for strategy in strategies:
+                            plan = pick(plans, strategy, 2)
+                            if plan is None:
+                                print(f"  no {strategy} plan over a and b for {dt}", flush=True)
+                                continue
+                            got = measure(cluster, path, plan, args)
+                            got["pred"] = predictions(cluster, path, plan, single, base[dt, rnd], args)
+                            rows.append({"round": rnd, "link": link, "dtype": dt, "strategy": strategy, **got})
             finally:
                 cluster.close()
     report(rows, args, base)
@@ -250,7 +259,10 @@ def main() -> int:
     return 0
 
 
-def report(rows: list[dict[str, Any]], args: argparse.Namespace, base: dict[str, tuple[Any, dict]]) -> None:
+def report(rows: list[dict[str, Any]], args: argparse.Namespace, base: dict[tuple[str, int], dict]) -> None:
+    """The table: per plan and figure the median over rounds of the measurement, of its ratio to the same
+    round's one process (the spread of the ratios beside it with several rounds), of the prediction's ratio
+    and of its error."""
     keys = [f"decode_{s}" for s in args.streams] + (["ttft"] if args.prompt else [])
     names = {
         **{f"decode_{s}": ("1 stream" if s == 1 else f"{s} streams") for s in args.streams},
@@ -258,30 +270,40 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace, base: dict[str,
     }
     print(
         f"\n{args.preset}, {args.tokens} tokens per stream, decode prompts {args.short} tokens; "
-        f"ratios to one one-core process (TTFT: time ratio, lower is better); pred = calibrated prediction, "
-        f"err = pred / measured - 1; one run each unless --repeat, on a shared machine: noisy"
+        f"ratios to one one-core process launched in the same round (TTFT: time ratio, lower is better); "
+        f"pred = calibrated prediction, err = pred / measured - 1; medians of {args.rounds} round(s) "
+        f"(the ratios' range in brackets), each the median of {args.repeat} measurement(s); on a shared machine: noisy"
     )
-    head = f"{'link':9s} {'dtype':5s} {'plan':12s} " + " ".join(f"{names[k]:>27s}" for k in keys)
-    print(head)
-    print(" " * 28 + " ".join(f"{'measured':>10s} {'ratio':>5s} {'pred':>5s} {'err':>4s}" for _ in keys))
+    width = 27 + (12 if args.rounds > 1 else 0)
+    print(f"{'link':9s} {'dtype':5s} {'plan':12s} " + " ".join(f"{names[k]:>{width}s}" for k in keys))
+    spread = f" {'range':>11s}" if args.rounds > 1 else ""
+    print(" " * 28 + " ".join(f"{'measured':>10s} {'ratio':>5s}{spread} {'pred':>5s} {'err':>4s}" for _ in keys))
+    plans: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for r in rows:
-        b = base[r["dtype"]][1]
+        plans.setdefault((r["link"], r["dtype"], r["strategy"]), []).append(r)
+    for (link, dt, strategy), runs in plans.items():
         cells = []
         for k in keys:
-            v, bv = r.get(k), b.get(k)
-            if v is None or not bv:
-                cells.append(f"{'-':>27s}")
+            got = [(r[k], base[dt, r["round"]].get(k), (r.get("pred") or {}).get(k)) for r in runs]
+            got = [(v, bv, p) for v, bv, p in got if v is not None and bv]
+            if not got:
+                cells.append(f"{'-':>{width}s}")
                 continue
+            v = statistics.median(g[0] for g in got)
+            ratios = [g[0] / g[1] for g in got]
             unit = f"{v:7.2f} s " if k == "ttft" else f"{v:6.2f} t/s"
-            ratio = v / bv
-            p = (r.get("pred") or {}).get(k)
-            if p is None:
-                cells.append(f"{unit:>10s} {ratio:5.2f} {'-':>5s} {'-':>4s}")
+            cell = f"{unit:>10s} {statistics.median(ratios):5.2f}"
+            if args.rounds > 1:
+                cell += f" {f'[{min(ratios):.2f}-{max(ratios):.2f}]':>11s}"
+            preds = [(p / bv, p / mv - 1) for mv, bv, p in got if p is not None]
+            if preds:
+                cell += f" {statistics.median(x[0] for x in preds):5.2f} {100 * statistics.median(x[1] for x in preds):+3.0f}%"
             else:
-                cells.append(f"{unit:>10s} {ratio:5.2f} {p / bv:5.2f} {100 * (p / v - 1):+3.0f}%")
-        print(f"{r['link']:9s} {r['dtype']:5s} {r['strategy']:12s} " + " ".join(cells))
-    for r in rows:
-        print(f"  {r['link']:9s} {r['dtype']:5s} {r['plan']}")
+                cell += f" {'-':>5s} {'-':>4s}"
+            cells.append(cell)
+        print(f"{link:9s} {dt:5s} {strategy:12s} " + " ".join(cells))
+    for (link, dt, _), runs in plans.items():
+        print(f"  {link:9s} {dt:5s} {runs[0]['plan']}")
 
 
 if __name__ == "__main__":
