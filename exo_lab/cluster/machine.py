@@ -49,7 +49,11 @@ class DeviceProfile:
     # seconds one message between ranks costs beyond the link (MLX's ring backend, measured on loopback:
     # :mod:`exo_lab.cluster.collective`); 0 when not measured
     message_overhead_s: float = 0.0
-    measured_at: float = 0.0  # unix time
+    # seconds one decoder layer costs per decoded token beyond its weights' reads (MLX's per-operation cost:
+    # :mod:`exo_lab.cluster.layer_overhead`); 0 when not measured
+    layer_overhead_s: float = 0.0
+    measured_at: float = 0.0  # unix time of the last microbenchmark run (the best of the runs is kept)
+    matmul_runs: int = 0  # microbenchmark runs the matmul rates are the best of
     measure_seconds: float = 0.0
     cache_key: str = ""
     # the cost model's constants fitted by ``exo-lab bench --calibrate`` (see :mod:`exo_lab.bench`):

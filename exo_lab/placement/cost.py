@@ -23,12 +23,17 @@ GPU nodes host one rank.
 Per token of decode, at context length ``T``:
 
     stage time  = (A[a:b] / k) / (R_dec * s) + KV[a:b](T) / k' / (R_dec * s)
-                + [last stage] head bytes / (R_dec * s)
+                + [last stage] head bytes / (R_dec * s) + (b - a) * L_op / c_s
 
 where ``A[a:b]`` is the card's *active* bytes of layers ``[a, b)`` (what one token reads: attention,
 dense MLPs, shared experts and ``experts_per_token / experts`` of the routed ones), ``KV[a:b](T)`` the
 card's cache bytes of those layers at ``T`` tokens (sliding layers stop at their window, linear-attention
 layers hold a constant state), and ``k' = k`` unless every tensor rank keeps the whole cache (MLA: 1).
+``L_op`` is the profile's ``layer_overhead_s``: what one layer's ~100 MLX operations cost to build and
+dispatch whatever their size (:mod:`exo_lab.cluster.layer_overhead`; ~0.5-0.7 ms on one core here,
+~11 ms of llama-1b's ~150 per token): every tensor rank pays it in full, so a tensor pair's token takes
+more than half of one process's, and a small model's decode is mostly this. ``c_s`` is the rank's share
+of one core (:func:`cpu_share`: 1 while its host has a core per rank).
     all-reduce  = 2 per layer for k > 1:  2 (k - 1) * lat + 2 (k - 1) / k * H * act / BW
     hop         = lat + H * act / BW                (between consecutive stages)
     decode s/token = sum(stage times) + sum(all-reduces) + sum(hops) + S * return hop (token ids, latency only)
@@ -108,6 +113,7 @@ class NodeRates:
     decode_efficiency: float = 1.0  # calibration: measured / microbenchmarked decode read rate
     prefill_efficiency: float = 1.0  # calibration: measured / microbenchmarked prefill FLOP/s
     hop_overhead_s: float = 0.0  # seconds each message to or from this node costs beyond latency (measured or fitted)
+    layer_overhead_s: float = 0.0  # seconds each decoder layer costs a rank per decode step beyond its reads
     # calibration per component (fitted from traces, exo_lab.bench.components): peer node -> (latency_s,
     # bandwidth_bytes_s) of the link from this node, and the step's all-reduce seconds per group of nodes
     links: dict[str, tuple[float, float]] = field(default_factory=dict, hash=False, compare=False)
@@ -136,6 +142,7 @@ class NodeRates:
             hop_overhead_s=_seconds(
                 cal["hop_overhead_s"] if "hop_overhead_s" in cal else profile.get("message_overhead_s")
             ),
+            layer_overhead_s=_seconds(profile.get("layer_overhead_s")),
             links={
                 str(peer): (float(v["latency_s"]), float(v["bandwidth_bytes_s"]))
                 for peer, v in (cal.get("links") or {}).items()
@@ -211,6 +218,14 @@ def share(ranks_on_host: int, cores: int, gpu: bool) -> float:
     if gpu:
         return 1.0 / ranks_on_host
     return min(ranks_on_host, cores) ** HOST_SCALING / ranks_on_host
+
+
+def cpu_share(ranks_on_host: int, cores: int, gpu: bool) -> float:
+    """Fraction of a core's time each of ``ranks_on_host`` ranks gets for what it runs on one thread (MLX
+    building and dispatching its operations): all of one while there is a core per rank."""
+    if gpu:
+        return 1.0
+    return min(1.0, cores / ranks_on_host)
 
 
 @dataclass(frozen=True)

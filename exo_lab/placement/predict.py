@@ -25,6 +25,7 @@ from exo_lab.placement.cost import (
     NodeRates,
     bytes_per_weight,
     calibrated_link,
+    cpu_share,
     pipelined_round_s,
     share,
     streamed_prefill_s,
@@ -154,6 +155,7 @@ def predict_into(
     The link between consecutive stages must be measured (both callers check it first)."""
     card = ctx.card
     quant = bool(card.quantization)
+    node_cpu_share = node_shares(ctx, stages, cpu=True)
     head_held = card.embedding_bytes if card.tie_word_embeddings else card.head_bytes
     dec: dict[str, float] = {}
     pre: dict[str, float] = {}
@@ -183,7 +185,9 @@ def predict_into(
             bpw = bytes_per_weight(card, dtypes[node])
             read = r.decode_read_rate(dtypes[node], quant, bpw) * sh
             head = head_held * scale if last else 0.0
-            t_dec = max(t_dec, (active * scale / s.k + kv + head / s.k) / read)
+            # each rank runs every operation of its layers, whatever its share of their weights
+            dispatch = count * r.layer_overhead_s / node_cpu_share(node)
+            t_dec = max(t_dec, (active * scale / s.k + kv + head / s.k) / read + dispatch)
             flops = r.prefill_flops(dtypes[node], quant) * sh
             attn = card.attention_flops(ctx.prompt, start, stop) / s.k
             head_flops = card.head_flops_per_token if last else 0.0
@@ -245,8 +249,10 @@ def _worst_link(ctx: CostContext, nodes: tuple[str, ...]) -> LinkCost:
     return max(links, key=lambda link: (link.latency_s, -link.bandwidth_bytes_s))
 
 
-def node_shares(ctx: CostContext, stages: list[Stage]) -> Callable[[str], float]:
-    """The share of its host's compute each node of ``stages`` gets (ranks of one host split its cores)."""
+def node_shares(ctx: CostContext, stages: list[Stage], cpu: bool = False) -> Callable[[str], float]:
+    """The share of its host's compute each node of ``stages`` gets (ranks of one host split its cores and
+    memory bandwidth: :func:`~exo_lab.placement.cost.share`); ``cpu``: of one core's time, for what each rank
+    runs on one thread (:func:`~exo_lab.placement.cost.cpu_share`)."""
     used = list(dict.fromkeys(n for s in stages for n in s.nodes))
     host_ranks: dict[str, int] = {}
     for n in used:
@@ -255,7 +261,7 @@ def node_shares(ctx: CostContext, stages: list[Stage]) -> Callable[[str], float]
 
     def node_share(n: str) -> float:
         r = ctx.rates[n]
-        return share(host_ranks[r.host], r.cores, r.gpu)
+        return (cpu_share if cpu else share)(host_ranks[r.host], r.cores, r.gpu)
 
     return node_share
 

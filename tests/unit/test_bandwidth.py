@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import replace
+
+import pytest
 
 import exo_lab  # noqa: F401  (OpenBLAS before MLX)
 
@@ -104,3 +107,78 @@ def _real(budget_s: float) -> float:
 
 
 _MEASURE = prof.measure_bandwidth
+
+
+# --- the matmuls: measured again when taken under load, the best of each kept ----------------------
+
+
+def test_matmuls_look_low_when_the_bandwidth_outran_every_read_of_their_run():
+    quiet = DeviceProfile(memory_bandwidth_gb_per_s=19.7, memory_read_gb_per_s_gemv=19.7)
+    assert not prof.matmuls_look_low(quiet)
+    # the 1-core sim host's cache: matmuls and reads taken under load, the bandwidth re-checked since
+    loaded = DeviceProfile(memory_bandwidth_gb_per_s=21.6, memory_read_gb_per_s_gemv=12.6)
+    assert prof.matmuls_look_low(loaded)
+    assert not prof.matmuls_look_low(DeviceProfile(memory_bandwidth_gb_per_s=21.6))  # no reads recorded
+
+
+def test_best_of_two_runs_keeps_each_figures_best_and_drops_a_stale_calibration():
+    old = DeviceProfile(
+        matmul_gflops={"bf16w_m1": 7.7, "float32_m512": 60.0},
+        matmul_weight_read_gb_per_s={"bf16w_m1": 7.7},
+        matmul_shapes={"bf16w_m1": [1, 2048, 32768], "float32_m512": [512, 2048, 1024]},
+        memory_read_gb_per_s_gemv=12.6,
+        memory_bandwidth_gb_per_s=21.6,
+        memory_bandwidth_measured_at=500.0,
+        memory_bandwidth_runs=3,
+        message_overhead_s=9e-5,
+        layer_overhead_s=6e-4,
+        measured_at=100.0,
+        matmul_runs=1,
+        calibration={"decode_efficiency": 2.1},
+    )
+    new = DeviceProfile(
+        matmul_gflops={"bf16w_m1": 19.1, "float32_m512": 55.0},
+        matmul_weight_read_gb_per_s={"bf16w_m1": 19.1},
+        matmul_shapes={"bf16w_m1": [1, 2048, 16384], "float32_m512": [512, 2048, 512]},
+        memory_read_gb_per_s_gemv=19.7,
+        memory_bandwidth_gb_per_s=19.7,
+        message_overhead_s=1e-4,
+        layer_overhead_s=4e-4,
+        measured_at=9000.0,
+    )
+    best = prof.best_of(old, new)
+    assert best.matmul_gflops == {"bf16w_m1": 19.1, "float32_m512": 60.0}
+    assert best.matmul_weight_read_gb_per_s == {"bf16w_m1": 19.1}
+    assert best.matmul_shapes == {"bf16w_m1": [1, 2048, 16384], "float32_m512": [512, 2048, 1024]}
+    assert best.memory_read_gb_per_s_gemv == 19.7 and not prof.matmuls_look_low(best)
+    assert best.memory_bandwidth_gb_per_s == 21.6 and best.memory_bandwidth_measured_at == 500.0
+    assert best.memory_bandwidth_runs == 4 and best.memory_bandwidth_checked_at == 9000.0
+    assert best.message_overhead_s == 9e-5 and best.layer_overhead_s == 4e-4
+    assert best.measured_at == 9000.0 and best.matmul_runs == 2
+    assert best.calibration == {}  # fitted against rates that changed
+    same = prof.best_of(best, replace(new, calibration={}))
+    assert prof.best_of(replace(same, calibration={"decode_efficiency": 1.1}), new).calibration == {
+        "decode_efficiency": 1.1
+    }  # nothing beaten: the calibration still holds
+
+
+@pytest.mark.slow
+def test_cached_matmuls_taken_under_load_are_measured_again_and_the_best_stored(tmp_path, monkeypatch):
+    monkeypatch.setattr(prof, "measure_bandwidth", lambda budget_s=0.1: _real(budget_s))
+    monkeypatch.setattr(prof, "measure_profile", lambda: _MEASURE_PROFILE(budget_s=2.0))
+    path = tmp_path / f"{prof.cache_key()}.json"
+    now = time.time()
+    stale = profile(bw=1e6, reads=1e-3, at=now - 2 * prof.RECHECK_AFTER_S, cache_key=prof.cache_key())
+    stale = replace(stale, memory_read_gb_per_s_gemv=1e-3, matmul_gflops={"float32_m1": 1e-3}, matmul_runs=1)
+    path.write_text(json.dumps(stale.to_json()))
+    loaded = prof.load_or_measure(cache_dir=tmp_path)
+    assert loaded.matmul_runs == 2 and loaded.measured_at >= now
+    assert loaded.matmul_gflops["float32_m1"] > 1e-3 and "q4_m512" in loaded.matmul_gflops  # a real run's
+    assert loaded.memory_bandwidth_gb_per_s == 1e6  # the better cached bandwidth kept
+    assert json.loads(path.read_text())["matmul_gflops"] == loaded.matmul_gflops
+    # measured within the hour: loaded as cached even when it still looks low
+    path.write_text(json.dumps(replace(stale, measured_at=now).to_json()))
+    assert prof.load_or_measure(cache_dir=tmp_path).matmul_runs == 1
+
+
+_MEASURE_PROFILE = prof.measure_profile

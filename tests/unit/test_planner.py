@@ -359,6 +359,35 @@ def test_cpu_node_uses_its_cores_as_a_tensor_group():
     assert 1.3 < plans.best.decode_tps / single.decode_tps < 1.5  # the measured 1.39x
 
 
+def test_every_tensor_rank_pays_each_layers_overhead_in_full():
+    """llama-1b-shaped, as measured on two one-core hosts: one process 150 ms per token, 11 of them the
+    16 layers' operations (0.7 ms each); a tensor rank reads half the weights but runs every operation."""
+    card = model(16, hidden=2048, heads=32, kv=8, inter=8192)
+    plain = [node(0, 64, 20, cores=1), node(1, 64, 20, cores=1)]
+    costly = copy.deepcopy(plain)
+    for n in costly:
+        n.profile["layer_overhead_s"] = 7e-4
+    free, paid = (plan(cluster(c, rtt_ms=0.02, mbit=80000), card) for c in (plain, costly))
+
+    def single_and_tensor(plans):
+        return (
+            next(p for p in plans if p.strategy == "single"),
+            next(p for p in plans if p.strategy == "tensor" and p.num_nodes == 2),
+        )
+
+    (free_single, free_tensor), (paid_single, paid_tensor) = single_and_tensor(free), single_and_tensor(paid)
+    assert 1 / paid_single.decode_tps == pytest.approx(1 / free_single.decode_tps + 16 * 7e-4)
+    compute = next(v for k, v in paid_tensor.breakdown.items() if k.startswith("compute"))
+    assert compute == pytest.approx(0.5 / free_single.decode_tps + 16 * 7e-4, rel=0.02)
+    assert paid_tensor.decode_tps / paid_single.decode_tps < free_tensor.decode_tps / free_single.decode_tps
+    shared = [node(0, 64, 20, cores=1, host="h"), node(1, 64, 20, cores=1, host="h")]
+    for n in shared:
+        n.profile["layer_overhead_s"] = 7e-4
+    both = next(p for p in plan(cluster(shared, rtt_ms=0.02, mbit=80000), card) if p.strategy == "tensor")
+    compute = next(v for k, v in both.breakdown.items() if k.startswith("compute"))
+    assert compute > 2 * 16 * 7e-4  # two ranks on one core: each gets half its time for its operations
+
+
 def test_fp32_chosen_on_cpu_when_it_decodes_faster_and_fits():
     a = node(0, 64, 20, cores=1)
     a.profile["matmul_gflops"].update({"float32_m1": 8.5, "bfloat16_m1": 3.0})

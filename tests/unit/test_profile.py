@@ -177,6 +177,8 @@ def test_measure_profile_is_real_and_bounded():
     ]
     assert all(isinstance(v, float) and 0 < v < math.inf for v in rates)
     assert 0 < p.message_overhead_s < 0.05  # two real ring ranks on loopback
+    assert 1e-6 < p.layer_overhead_s < 0.05  # a real stack of Llama layers: their operations' cost
+    assert p.matmul_runs == 1
     assert p.memory_bandwidth_gb_per_s == max(
         p.memory_read_gb_per_s_reduce, p.memory_read_gb_per_s_parallel, p.memory_read_gb_per_s_gemv
     )
