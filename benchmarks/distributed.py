@@ -23,6 +23,7 @@ prompt / TTFT). The table gives each as a ratio to the one process, beside the p
 (predicted / measured - 1). Predictions are calibrated on the one-process run of the same dtype: the
 nodes' ``decode_efficiency`` and ``prefill_efficiency`` (what ``exo-lab bench --calibrate`` fits) are scaled
 until the one process's prediction is its measurement (the profile's per-layer overhead stays as measured),
+and each more row of a batch costs what it cost the one process with the most streams (``row_efficiency``),
 so the error measures how the cost model splits, not the microbenchmarks. Targets (issue 15): pipeline-2 with 8 streams >= 1.7x, a 2048-token TTFT
 <= 0.65x, one stream >= 0.9x; tensor-2 one stream >= 1.6x on the unshaped link.
 
@@ -180,6 +181,18 @@ def predictions(cluster: Any, path: Path, plan: Any, base: Any, measured_base: d
                     eff["prefill_efficiency"] = r.prefill_efficiency * raw["ttft_s"] / measured_base["ttft"]
                 rates[node_id] = dataclasses.replace(r, **eff)
             pred.set_rates(rates)
+        batch = max(args.streams)
+        if keys == "decode" and batch > 1 and measured_base.get(f"decode_{batch}") and raw is not None:
+            # each more row's cost, as the one process's batched decode measured it (one step: it scales)
+            raw = pred.predict(base)
+            assert raw is not None
+            step = 1.0 / raw["decode_tps"]
+            measured_row = (batch / measured_base[f"decode_{batch}"] - step) / (batch - 1)
+            if measured_row > 0 and raw.get("decode_row_s"):
+                factor = raw["decode_row_s"] / measured_row
+                pred.set_rates(
+                    {n: dataclasses.replace(r, row_efficiency=r.row_efficiency * factor) for n, r in rates.items()}
+                )
         got = pred.predict(plan)
         if got is None:
             return out

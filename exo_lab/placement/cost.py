@@ -60,7 +60,9 @@ seeing at most their window and linear-attention layers none (``ModelCard.attent
 Calibration: a node profile's ``calibration`` dict (fitted from measurements by
 ``exo-lab bench --calibrate``, see :mod:`exo_lab.bench`) holds ``decode_efficiency``
 and ``prefill_efficiency``, which :class:`NodeRates` multiplies ``R_dec`` and
-``F_pre`` by, and ``hop_overhead_s``, the time every message between ranks costs
+``F_pre`` by (and ``row_efficiency``, on the rate of each more row of a decode batch: the difference of
+the M=8 and M=1 microbenchmarks, taken moments apart on a machine whose speed drifts, is the noisiest
+figure here; ``benchmarks/distributed.py`` fits it on one process's batched decode), and ``hop_overhead_s``, the time every message between ranks costs
 beyond the link's latency (framework and scheduling); :func:`calibrated_link` adds
 the mean of the two ends' overheads to a link's ``lat``, so each hop pays it once
 and each ring all-reduce ``2 (k - 1)`` times. Without a calibration the factors are
@@ -112,6 +114,7 @@ class NodeRates:
     weight_read_bytes_s: dict[str, float]
     decode_efficiency: float = 1.0  # calibration: measured / microbenchmarked decode read rate
     prefill_efficiency: float = 1.0  # calibration: measured / microbenchmarked prefill FLOP/s
+    row_efficiency: float = 1.0  # calibration: microbenchmarked / measured cost of each more row of a decode batch
     hop_overhead_s: float = 0.0  # seconds each message to or from this node costs beyond latency (measured or fitted)
     layer_overhead_s: float = 0.0  # seconds each decoder layer costs a rank per decode step beyond its reads
     # calibration per component (fitted from traces, exo_lab.bench.components): peer node -> (latency_s,
@@ -139,6 +142,7 @@ class NodeRates:
             weight_read_bytes_s=reads,
             decode_efficiency=_factor(cal.get("decode_efficiency")),
             prefill_efficiency=_factor(cal.get("prefill_efficiency")),
+            row_efficiency=_factor(cal.get("row_efficiency")),
             hop_overhead_s=_seconds(
                 cal["hop_overhead_s"] if "hop_overhead_s" in cal else profile.get("message_overhead_s")
             ),
@@ -170,7 +174,8 @@ class NodeRates:
         return rate * self.decode_efficiency
 
     def decode_row_flops(self, dtype: str, quantized: bool, bytes_per_weight: float) -> float:
-        """FLOP/s at which each more row of a decode batch adds time (times the calibrated decode efficiency).
+        """FLOP/s at which each more row of a decode batch adds time (times the calibrated decode and row
+        efficiencies).
 
         From the profile's M=1 read rate and M=8 rate: 8 rows take what one takes plus 7 more rows' cost (a
         decode kernel is read-bound at one row and compute-bound at several, where it runs below the prompt
@@ -180,11 +185,11 @@ class NodeRates:
         prompt = self.gflops.get(f"{kernel}_m512", 1.0) * 1e9
         gf8 = self.gflops.get(f"{kernel}_m8")
         if not gf8:
-            return prompt * self.prefill_efficiency
+            return prompt * self.prefill_efficiency * self.row_efficiency
         t8 = 16.0 / (gf8 * 1e9)  # seconds per weight for 8 rows (2 FLOP per weight and row)
         t1 = bytes_per_weight / (self.decode_read_rate(dtype, quantized, bytes_per_weight) / self.decode_efficiency)
         per_row = max((t8 - t1) / 7, 2.0 / prompt)
-        return 2.0 / per_row * self.decode_efficiency
+        return 2.0 / per_row * self.decode_efficiency * self.row_efficiency
 
     def prefill_flops(self, dtype: str, quantized: bool) -> float:
         """FLOP/s of one process at prompt-like shapes (times the calibrated efficiency)."""
