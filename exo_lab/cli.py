@@ -386,7 +386,8 @@ def _bench(args: argparse.Namespace) -> int:
                 c = result.calibration.constants[node]
                 print(
                     f"  {cluster.node(node).name}: decode x{c['decode_efficiency']:.3g}, "
-                    f"prefill x{c['prefill_efficiency']:.3g}, +{1000 * c['hop_overhead_s']:.3g} ms per message "
+                    f"prefill x{c['prefill_efficiency']:.3g}, +{1000 * c['hop_overhead_s']:.3g} ms per message, "
+                    f"batch rows x{c.get('row_efficiency', 1.0):.3g} "
                     f"-> {where or 'NOT stored'}"
                 )
         if args.trace is not None:

@@ -12,12 +12,19 @@ from exo_lab.bench.results import METRICS, SCHEMA, BenchResult, Calibration, _er
 from exo_lab.cluster.topology import Topology
 from exo_lab.models.card import ModelCard
 from exo_lab.placement.plan import Plan
-from exo_lab.placement.predict import Predictor
+from exo_lab.placement.predict import Predictor, aggregate_tps
 
 log = logging.getLogger(__name__)
 
-# what is fitted per host group: name, log10 bounds of the search, the NodeRates field
-PARAMETERS = (("decode_efficiency", (-4.0, 1.0)), ("prefill_efficiency", (-4.0, 1.0)), ("hop_overhead_s", (-7.0, -0.5)))
+# what is fitted per host group: name, log10 bounds of the search, the NodeRates field (row_efficiency: only
+# from concurrent requests, which are the only measurements it changes the prediction of)
+PARAMETERS = (
+    ("decode_efficiency", (-4.0, 1.0)),
+    ("prefill_efficiency", (-4.0, 1.0)),
+    ("hop_overhead_s", (-7.0, -0.5)),
+    ("row_efficiency", (-2.0, 2.0)),
+)
+BATCHED = "aggregate_tps"  #: the error of concurrent requests' aggregate tok/s, per concurrency above 1
 SWEEPS = 4
 
 
@@ -35,7 +42,8 @@ def fit_calibration(result: BenchResult, topology: Any = None, card: ModelCard |
     ``result``'s measurements; None when no plan ran. ``topology`` and ``card`` default to the ones
     recorded in ``result`` (so a saved result can be re-fitted offline).
 
-    The objective is the mean absolute percentage error of decode tok/s and TTFT over the plans that ran.
+    The objective is the mean absolute percentage error of decode tok/s and TTFT over the plans that ran, and
+    of the aggregate tok/s of each concurrency above 1 that was measured (what ``row_efficiency`` fits).
     Coordinate descent in log space (a grid over each parameter's range refined by golden-section
     search), starting from the calibration the nodes have now; a step is taken only when it lowers the
     error, so the error after is never above the error before on the same measurements.
@@ -68,12 +76,15 @@ def fit_calibration(result: BenchResult, topology: Any = None, card: ModelCard |
         )
         return [predictor.predict(plan) for _, plan in plans]
 
+    def plan_errors(pb: Any, pred: dict[str, Any]) -> dict[str, float]:
+        return {**_errors(pred, pb.measured), **_batched_errors(pred, pb.concurrency, result.tg)}
+
     def error(th: dict[str, list[float]]) -> float:
         errs = [
             v
             for (pb, _), pred in zip(plans, predictions(th))
             if pred is not None
-            for v in _errors(pred, pb.measured).values()
+            for v in plan_errors(pb, pred).values()
         ]
         return sum(errs) / len(errs) if errs else math.inf
 
@@ -99,7 +110,11 @@ def fit_calibration(result: BenchResult, topology: Any = None, card: ModelCard |
         preds = predictions(th)
         pairs = [(pred, pb.measured) for (pb, _), pred in zip(plans, preds) if pred is not None]
         total, per_metric = _mape(pairs)
-        per_plan = {str(pb.index): _errors(pred, pb.measured) for (pb, _), pred in zip(plans, preds) if pred}
+        per_plan = {str(pb.index): plan_errors(pb, pred) for (pb, _), pred in zip(plans, preds) if pred}
+        batched = [e for errs in per_plan.values() for k, e in errs.items() if k.startswith(BATCHED)]
+        if batched:  # the objective's mean, over every error it counts
+            errs = [e for errs in per_plan.values() for e in errs.values()]
+            total, per_metric = sum(errs) / len(errs), {**per_metric, BATCHED: sum(batched) / len(batched)}
         values = {str(pb.index): {m: pred[m] for m in METRICS} for (pb, _), pred in zip(plans, preds) if pred}
         return {"mape": total, "per_metric": per_metric, "per_plan": per_plan}, values
 
@@ -112,6 +127,19 @@ def fit_calibration(result: BenchResult, topology: Any = None, card: ModelCard |
         if groups[n] in theta
     }
     return Calibration(constants, before, after, predicted_after)
+
+
+def _batched_errors(pred: dict[str, Any], points: list[Any], tg: int) -> dict[str, float]:
+    """Percent error of the predicted aggregate tok/s of each measured concurrency above 1
+    (:func:`~exo_lab.placement.predict.aggregate_tps`), keyed ``aggregate_tps@<concurrency>``."""
+    out = {}
+    for point in points:
+        measured = (point.aggregate_tps or {}).get("median")
+        if point.concurrency > 1 and measured:
+            out[f"{BATCHED}@{point.concurrency}"] = (
+                100.0 * abs(aggregate_tps(pred, tg, point.concurrency) - measured) / measured
+            )
+    return out
 
 
 def _minimise(f: Any, lo: float, hi: float, points: int = 121, tol: float = 1e-3) -> float:

@@ -200,7 +200,7 @@ class Calibration:
 
     constants: dict[
         str, dict[str, Any]
-    ]  # node id -> {"decode_efficiency", "prefill_efficiency", "hop_overhead_s", "group"}
+    ]  # node id -> {"decode_efficiency", "prefill_efficiency", "hop_overhead_s", "row_efficiency", "group"}
     before: dict[str, Any]  # {"mape", "per_metric": {metric: mape}, "per_plan": {index: {metric: error %}}}
     after: dict[str, Any]
     predicted_after: dict[str, dict[str, float]]  # plan index -> METRICS predicted with the factors

@@ -57,7 +57,7 @@ class DeviceProfile:
     measure_seconds: float = 0.0
     cache_key: str = ""
     # the cost model's constants fitted by ``exo-lab bench --calibrate`` (see :mod:`exo_lab.bench`):
-    # ``decode_efficiency``, ``prefill_efficiency`` (factors on the rates above), ``hop_overhead_s``
+    # ``decode_efficiency``, ``prefill_efficiency``, ``row_efficiency`` (factors on the rates above), ``hop_overhead_s``
     # (seconds per message between ranks) and how they were fitted.
     # A new measurement (``--refresh-profile``) drops them: they are relative to the microbenchmarks.
     calibration: dict[str, Any] = field(default_factory=dict)

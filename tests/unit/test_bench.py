@@ -24,7 +24,7 @@ from exo_lab.bench import (
     link_traffic,
     validate,
 )
-from exo_lab.bench.results import stat
+from exo_lab.bench.results import ConcurrencyPoint, stat
 from exo_lab.cluster.topology import LinkProfile, NodeInfo, Topology
 from exo_lab.models.card import card_from_config
 from exo_lab.placement import plan as make_plans
@@ -206,6 +206,39 @@ def test_calibration_recovers_known_factors_and_lowers_the_error():
     assert cal.before["mape"] > 50
     assert cal.after["mape"] < 2.0
     assert set(cal.constants) == {"n0", "n1"}
+
+
+def test_calibration_fits_each_batch_rows_cost_from_concurrent_requests():
+    """A machine whose batched rows cost 4x the microbenchmarks' (row_efficiency 0.25): measured aggregate
+    tok/s at 4 concurrent requests make the fit find it; without them it is left as it was."""
+    card = _card()
+    truth = ({"row_efficiency": 0.25}, {"row_efficiency": 0.25})
+    plain, real = _topology(), _topology(truth)
+    plans = make_plans(plain, card, context=1024, prompt_tokens=PP)
+    chosen = [p for p in plans if p.strategy in ("single", "pipeline", "tensor")][:4]
+    guess, actual = Predictor(plain, card, PP, TG), Predictor(real, card, PP, TG)
+
+    def bench(with_batches: bool) -> BenchResult:
+        benches = []
+        for i, p in enumerate(chosen):
+            pred, meas = guess.predict(p), actual.predict(p)
+            assert pred is not None and meas is not None
+            points = [ConcurrencyPoint(1, stat([aggregate_tps(meas, TG)]), stat([]), stat([]))]
+            if with_batches:
+                points.append(ConcurrencyPoint(4, stat([aggregate_tps(meas, TG, 4)]), stat([]), stat([])))
+            measured = {m: stat([meas[m]]) for m in ("decode_tps", "prefill_tps", "ttft_s")}
+            benches.append(PlanBench(i, p.describe(), p.strategy, "ok", p.to_json(), predicted=pred, measured=measured))
+            benches[-1].concurrency = points
+        return BenchResult("m", "m", PP, TG, 1, 0, [1, 4], benches, topology=plain.to_json(), card=card.to_json())
+
+    cal = fit_calibration(bench(True))
+    assert cal is not None
+    assert cal.before["per_metric"]["aggregate_tps"] > 10 and cal.after["mape"] < 1.0
+    assert all(c["row_efficiency"] == pytest.approx(0.25, rel=0.05) for c in cal.constants.values())
+    assert any(k.startswith("aggregate_tps@4") for k in cal.after["per_plan"]["0"])
+    alone = fit_calibration(bench(False))
+    assert alone is not None and "aggregate_tps" not in alone.after["per_metric"]
+    assert all(c["row_efficiency"] == 1.0 for c in alone.constants.values())  # nothing measured it
 
 
 # ----------------------------------------------------------------------------- on a local cluster
