@@ -30,6 +30,9 @@ class DeviceProfile:
     system: str = ""
     machine: str = ""
     hostname: str = ""
+    # the running kernel's boot id (Linux): nodes reporting the same one run on one physical machine and share
+    # its memory bus (simulated hosts, containers), whatever their hostnames and cores
+    boot_id: str = ""
     mlx_version: str = ""
     mlx_devices: list[str] = field(default_factory=list)
     benchmark_device: str = ""  # the MLX device the numbers below were measured on
@@ -172,6 +175,14 @@ def _memory_stat(path: Path) -> dict[str, int]:
 
 
 # --- static facts ------------------------------------------------------------
+
+
+def boot_id() -> str:
+    """This kernel's boot id (the same in every network namespace and container of one machine), or ``""``."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
 
 
 def cpu_count() -> int:

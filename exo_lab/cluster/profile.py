@@ -75,6 +75,7 @@ from exo_lab.cluster.layer_overhead import measure_layer_overhead
 from exo_lab.cluster.machine import (  # noqa: F401  (re-exported: the profile's facts without MLX)
     DeviceProfile,
     _cgroup_memory,
+    boot_id,
     cpu_count,
     cpu_model,
     memory_now,
@@ -129,6 +130,7 @@ def _static_facts() -> dict[str, Any]:
         "system": platform.system(),
         "machine": platform.machine(),
         "hostname": socket.gethostname(),
+        "boot_id": boot_id(),
         "mlx_version": mx.__version__,  # pyright: ignore[reportAttributeAccessIssue]  # in mlx.core, not its stub
         "mlx_devices": mlx_devices(),
         "blas": _blas.name(),
@@ -490,7 +492,11 @@ def load_or_measure(refresh: bool = False, cache_dir: Path | None = None, rechec
             # the hardware's figures come from the cache; which machine this is never does (two simulated
             # hosts, or two machines of one kind sharing a cache, are two hosts to the planner)
             profile = replace(
-                profile, memory_total_bytes=total, memory_available_bytes=available, hostname=socket.gethostname()
+                profile,
+                memory_total_bytes=total,
+                memory_available_bytes=available,
+                hostname=socket.gethostname(),
+                boot_id=boot_id(),
             )
             if recheck and (looks_off(profile) or time.time() - profile.memory_bandwidth_checked_at > RECHECK_AFTER_S):
                 profile = check_bandwidth(profile)
@@ -507,7 +513,7 @@ def load_or_measure(refresh: bool = False, cache_dir: Path | None = None, rechec
             cached = profile
     profile = measure_profile()
     if cached is not None:
-        profile = replace(best_of(cached, profile), hostname=profile.hostname)
+        profile = replace(best_of(cached, profile), hostname=profile.hostname, boot_id=profile.boot_id)
     directory.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(profile.to_json(), indent=1))

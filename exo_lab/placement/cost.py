@@ -18,7 +18,11 @@ backend runs one core per process; ``r`` ranks on a host with ``c`` cores run
 ``min(r, c) ** HOST_SCALING`` times as fast in aggregate as one (fitted:
 tensor-2 on one 2-core host measured 1.39x, ``2 ** 0.5 = 1.41``), so each rank
 gets ``s(r) = min(r, c) ** HOST_SCALING / r`` of the single-process rates.
-GPU nodes host one rank.
+GPU nodes host one rank. CPU nodes on one physical machine (the same kernel boot id: simulated hosts,
+containers) share its memory bus though not their cores: a tensor group's ranks there, which always
+compute at once, each read at ``s`` over the group's ranks on that machine and their hosts' cores
+(:func:`~exo_lab.placement.predict.bus_shares`); pipeline stages take turns at one sequence and are not
+slowed.
 
 Per token of decode, at context length ``T``:
 
@@ -36,6 +40,7 @@ more than half of one process's, and a small model's decode is mostly this. ``c_
 of one core (:func:`cpu_share`: 1 while its host has a core per rank).
     all-reduce  = 2 per layer for k > 1:  2 (k - 1) * lat + 2 (k - 1) / k * H * act / BW
     hop         = lat + H * act / BW                (between consecutive stages)
+    (each more row of a batch adds its FLOPs, and its H * act bytes to every all-reduce and hop)
     decode s/token = sum(stage times) + sum(all-reduces) + sum(hops) + S * return hop (token ids, latency only)
 
 A pipeline of ``S`` stages decodes in the group schedule (:mod:`exo_lab.engine.pipeline`): ``n`` sequences
@@ -121,6 +126,7 @@ class NodeRates:
     # bandwidth_bytes_s) of the link from this node, and the step's all-reduce seconds per group of nodes
     links: dict[str, tuple[float, float]] = field(default_factory=dict, hash=False, compare=False)
     all_sum_s: dict[str, float] = field(default_factory=dict, hash=False, compare=False)
+    bus: str = ""  # the physical machine whose memory bus the node shares (its boot id), "" for its host alone
 
     @classmethod
     def from_profile(cls, node_id: str, profile: dict[str, Any]) -> NodeRates:
@@ -134,6 +140,7 @@ class NodeRates:
         return cls(
             node_id=node_id,
             host=str(profile.get("hostname") or node_id),
+            bus=str(profile.get("boot_id") or ""),
             cores=int(profile.get("cpu_count") or 1),
             gpu=gpu,
             memory_bytes=mem,

@@ -177,13 +177,14 @@ def predict_into(
         kv_split = s.k if card.kv_splits_with_tensor else 1
         kv = card.kv_bytes(int(ctx.avg_ctx), start, stop) / kv_split
         t_dec = t_pre = t_row = 0.0
+        buses = bus_shares(ctx, s)
         for ti in range(s.k):
             node = s.nodes[0] if s.local else s.nodes[ti]
             r = ctx.rates[node]
             sh = node_share(node)
             scale = weight_scale(card, dtypes[node])
             bpw = bytes_per_weight(card, dtypes[node])
-            read = r.decode_read_rate(dtypes[node], quant, bpw) * sh
+            read = r.decode_read_rate(dtypes[node], quant, bpw) * min(sh, buses.get(node, 1.0))
             head = head_held * scale if last else 0.0
             # each rank runs every operation of its layers, whatever its share of their weights
             dispatch = count * r.layer_overhead_s / node_cpu_share(node)
@@ -196,13 +197,16 @@ def predict_into(
             row_flops = r.decode_row_flops(dtypes[node], quant, bpw) * sh
             t_row = max(t_row, (flops_layers / s.k + head_flops / s.k) / row_flops)
         start = stop
+        if s.k > 1:
+            link = ctx.link(s.nodes[0], s.nodes[0]) if s.local else _worst_link(ctx, s.nodes)
+            assert link is not None  # a node's loopback link is always known
+            # each more row of a batch adds its hidden state to every all-reduce
+            t_row += 2 * count * (link.all_reduce(ctx.hidden_bytes, s.k) - link.all_reduce(0, s.k))
         row_s += t_row
         dec[f"compute {label}"] = t_dec
         pre[f"compute {label}"] = t_pre
         stage_row.append(t_row)
         if s.k > 1:
-            link = ctx.link(s.nodes[0], s.nodes[0]) if s.local else _worst_link(ctx, s.nodes)
-            assert link is not None  # a node's loopback link is always known
             dec[f"all-reduce {label}"] = 2 * count * link.all_reduce(ctx.hidden_bytes, s.k)
             pre[f"all-reduce {label}"] = 2 * count * link.all_reduce(ctx.prompt * ctx.hidden_bytes, s.k)
             t_dec += dec[f"all-reduce {label}"]
@@ -217,6 +221,9 @@ def predict_into(
         dec[key] = link.transfer(ctx.hidden_bytes)
         pre[key] = link.transfer(ctx.prompt * ctx.hidden_bytes)
         stage_dec[i] += dec[key]
+        per_row = link.transfer(ctx.hidden_bytes) - link.transfer(0)  # each more row's hidden state on the hop
+        stage_row[i] += per_row
+        row_s += per_row
         stage_hop[i] = link.transfer(ctx.prompt * ctx.hidden_bytes / chunks)
     exchange = 0.0
     if len(stages) > 1:  # each tick, the sampled tokens go back to the first stage (one all_sum)
@@ -247,6 +254,25 @@ def _worst_link(ctx: CostContext, nodes: tuple[str, ...]) -> LinkCost:
     if len(links) < len(pairs):  # a pair not measured
         return LinkCost(1.0, 1e3)
     return max(links, key=lambda link: (link.latency_s, -link.bandwidth_bytes_s))
+
+
+def bus_shares(ctx: CostContext, stage: Stage) -> dict[str, float]:
+    """The share of its memory bus each rank of a tensor group spread over nodes gets while the group computes
+    (always at once): nodes on one physical machine (the same boot id: simulated hosts, containers) share its
+    bus as ranks of one host do (:func:`~exo_lab.placement.cost.share` over the group's ranks there and the
+    cores of their hosts; measured here: two one-core sim hosts reading at once each read 0.78-0.83 as fast
+    as alone). Nodes that report no boot id share nothing."""
+    if stage.k <= 1 or stage.local:
+        return {}
+    on_bus: dict[str, list[str]] = {}
+    for n in stage.nodes:
+        if (bus := ctx.rates[n].bus) and not ctx.rates[n].gpu:  # a GPU reads its own memory
+            on_bus.setdefault(bus, []).append(n)
+    out = {}
+    for nodes in on_bus.values():
+        hosts = {ctx.rates[n].host: ctx.rates[n].cores for n in nodes}
+        out.update({n: share(len(nodes), sum(hosts.values()), False) for n in nodes})
+    return out
 
 
 def node_shares(ctx: CostContext, stages: list[Stage], cpu: bool = False) -> Callable[[str], float]:

@@ -388,6 +388,38 @@ def test_every_tensor_rank_pays_each_layers_overhead_in_full():
     assert compute > 2 * 16 * 7e-4  # two ranks on one core: each gets half its time for its operations
 
 
+def test_tensor_ranks_on_one_physical_machine_share_its_memory_bus():
+    """Two one-core simulated hosts (one kernel: one boot id) read memory at once in a tensor group, each
+    slower than alone; a pipeline's stages take turns at one sequence and are not slowed."""
+    card = model(16, hidden=2048, heads=32, kv=8, inter=8192)
+    apart = [node(0, 64, 20, cores=1), node(1, 64, 20, cores=1)]
+    together = copy.deepcopy(apart)
+    for n in together:
+        n.profile["boot_id"] = "same-kernel"
+    by = {}
+    for name, nodes in (("apart", apart), ("together", together)):
+        plans = plan(cluster(nodes, rtt_ms=0.02, mbit=80000), card)
+        by[name] = {p.strategy: p for p in plans if p.num_nodes == 2 or p.strategy == "single"}
+    assert by["together"]["single"].decode_tps == pytest.approx(by["apart"]["single"].decode_tps)
+    assert by["together"]["pipeline"].decode_tps == pytest.approx(by["apart"]["pipeline"].decode_tps)
+    tensor_apart, tensor_together = by["apart"]["tensor"], by["together"]["tensor"]
+    read_apart = next(v for k, v in tensor_apart.breakdown.items() if k.startswith("compute"))
+    read_together = next(v for k, v in tensor_together.breakdown.items() if k.startswith("compute"))
+    assert read_together == pytest.approx(read_apart * 2**0.5, rel=0.05)  # share(2 ranks, 2 cores) = 0.71
+    assert tensor_together.decode_row_s == pytest.approx(tensor_apart.decode_row_s)  # rows: FLOPs, not the bus
+
+
+def test_each_more_row_of_a_batch_carries_its_hidden_state_over_the_links():
+    card = model(16, hidden=2048, heads=32, kv=8, inter=8192)
+    nodes = [node(0, 64, 20, cores=1), node(1, 64, 20, cores=1)]
+    fast, slow = (plan(cluster(nodes, rtt_ms=0.02, mbit=mbit), card) for mbit in (80000, 100))
+    hidden_s = {mbit: 2048 * 2 * 8 / (mbit * 1e6) for mbit in (80000, 100)}  # one bf16 row over the link
+    for strategy, per_row in (("tensor", 2 * 16), ("pipeline", 1)):  # a pair's all-reduce moves the row twice
+        f, sl = (next(p for p in plans if p.strategy == strategy and p.num_nodes == 2) for plans in (fast, slow))
+        extra = per_row * (hidden_s[100] - hidden_s[80000])
+        assert sl.decode_row_s - f.decode_row_s == pytest.approx(extra, rel=0.05)
+
+
 def test_fp32_chosen_on_cpu_when_it_decodes_faster_and_fits():
     a = node(0, 64, 20, cores=1)
     a.profile["matmul_gflops"].update({"float32_m1": 8.5, "bfloat16_m1": 3.0})

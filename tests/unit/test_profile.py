@@ -145,6 +145,15 @@ def test_a_cached_profile_says_which_machine_loads_it(counted, tmp_path, monkeyp
     monkeypatch.setattr(prof.socket, "gethostname", lambda: "another-host")
     assert load_or_measure(cache_dir=tmp_path).hostname == "another-host"
     assert counted == [1]
+    # ... and which physical machine it runs on: the kernel's boot id, live (every namespace of it sees one)
+    monkeypatch.setattr(prof, "boot_id", lambda: "another-kernel")
+    assert load_or_measure(cache_dir=tmp_path).boot_id == "another-kernel"
+
+
+def test_boot_id_names_the_running_kernel():
+    from pathlib import Path
+
+    assert prof.boot_id() == Path("/proc/sys/kernel/random/boot_id").read_text().strip() != ""
 
 
 def test_cache_defaults_to_the_exo_lab_cache_dir(counted, tmp_path, monkeypatch):
