@@ -31,6 +31,7 @@ from typing import Any
 
 from exo_lab.cluster.topology import Topology
 from exo_lab.engine.trace import Trace, component_sums
+from exo_lab.models import formats
 from exo_lab.models.card import ModelCard
 from exo_lab.placement.cost import DTYPE_BYTES
 from exo_lab.placement.plan import Plan
@@ -141,7 +142,6 @@ def fit_components(items: list[tuple[Trace, Plan]], topology: Topology, card: Mo
     items = [(t, p) for t, p in items if t.decode_steps()]
     if not items:
         return None
-    hidden_bytes = card.hidden_size * DTYPE_BYTES.get(card.dtype, 2)
     ratios: dict[str, list[float]] = {}
     samples: dict[tuple[str, str], list[tuple[float, float]]] = {}
     groups: dict[str, list[float]] = {}
@@ -166,6 +166,9 @@ def fit_components(items: list[tuple[Trace, Plan]], topology: Topology, card: Mo
         traced = trace.stages()
         for a, b in zip(traced, traced[1:]):
             key = (node_of[a[-1]], node_of[b[0]])
+            # a hidden state travels in the sender's weight format's activations (bf16w, q8: fp32)
+            act = formats.activation_dtype_of(plan.dtypes.get(key[0]) or card.dtype)
+            hidden_bytes = card.hidden_size * DTYPE_BYTES.get(act, 2)
             pts = [(float(hidden_bytes), w) for w in trace.link_waits(a[-1])]
             pts += [(float(n * hidden_bytes), w) for n, w in trace.prefill_transfers(a[-1], b[0])]
             samples.setdefault(key, []).extend(pts)

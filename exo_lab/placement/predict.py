@@ -67,8 +67,7 @@ class CostContext:
         self.names = {n.id: n.name for n in self.nodes}
         self.rates = {n.id: NodeRates.from_profile(n.id, n.profile) for n in self.nodes}
         self._links: dict[tuple[str, str], LinkCost | None] = {}
-        self.act = DTYPE_BYTES.get(card.dtype, 2)
-        self.hidden_bytes = card.hidden_size * self.act
+        self.act = DTYPE_BYTES.get(card.dtype, 2)  # the stored dtype's bytes (a rank's activations: its format's)
         self.avg_ctx: float = min(context, prompt_tokens + context // 4)  # the Predictor's is pp + tg / 2
 
     def set_rates(self, rates: dict[str, NodeRates]) -> None:
@@ -156,6 +155,11 @@ def predict_into(
     card = ctx.card
     quant = bool(card.quantization)
     node_cpu_share = node_shares(ctx, stages, cpu=True)
+
+    def hidden_bytes(node: str) -> float:
+        """One row's hidden state as ``node`` sends it: in its weight format's activations (bf16w, q8: fp32)."""
+        return card.hidden_size * DTYPE_BYTES.get(formats.activation_dtype_of(dtypes[node]), ctx.act)
+
     head_held = card.embedding_bytes if card.tie_word_embeddings else card.head_bytes
     dec: dict[str, float] = {}
     pre: dict[str, float] = {}
@@ -200,15 +204,16 @@ def predict_into(
         if s.k > 1:
             link = ctx.link(s.nodes[0], s.nodes[0]) if s.local else _worst_link(ctx, s.nodes)
             assert link is not None  # a node's loopback link is always known
+            hidden = max(hidden_bytes(n) for n in s.nodes)
             # each more row of a batch adds its hidden state to every all-reduce
-            t_row += 2 * count * (link.all_reduce(ctx.hidden_bytes, s.k) - link.all_reduce(0, s.k))
+            t_row += 2 * count * (link.all_reduce(hidden, s.k) - link.all_reduce(0, s.k))
         row_s += t_row
         dec[f"compute {label}"] = t_dec
         pre[f"compute {label}"] = t_pre
         stage_row.append(t_row)
         if s.k > 1:
-            dec[f"all-reduce {label}"] = 2 * count * link.all_reduce(ctx.hidden_bytes, s.k)
-            pre[f"all-reduce {label}"] = 2 * count * link.all_reduce(ctx.prompt * ctx.hidden_bytes, s.k)
+            dec[f"all-reduce {label}"] = 2 * count * link.all_reduce(hidden, s.k)
+            pre[f"all-reduce {label}"] = 2 * count * link.all_reduce(ctx.prompt * hidden, s.k)
             t_dec += dec[f"all-reduce {label}"]
             t_pre += pre[f"all-reduce {label}"]
         stage_dec.append(t_dec)
@@ -218,13 +223,14 @@ def predict_into(
         link = ctx.link(a.nodes[0], b.nodes[0])
         assert link is not None  # the callers return before predicting when a stage link is not measured
         key = f"link {ctx.names[a.nodes[0]]}->{ctx.names[b.nodes[0]]}"
-        dec[key] = link.transfer(ctx.hidden_bytes)
-        pre[key] = link.transfer(ctx.prompt * ctx.hidden_bytes)
+        hidden = hidden_bytes(a.nodes[0])
+        dec[key] = link.transfer(hidden)
+        pre[key] = link.transfer(ctx.prompt * hidden)
         stage_dec[i] += dec[key]
-        per_row = link.transfer(ctx.hidden_bytes) - link.transfer(0)  # each more row's hidden state on the hop
+        per_row = link.transfer(hidden) - link.transfer(0)  # each more row's hidden state on the hop
         stage_row[i] += per_row
         row_s += per_row
-        stage_hop[i] = link.transfer(ctx.prompt * ctx.hidden_bytes / chunks)
+        stage_hop[i] = link.transfer(ctx.prompt * hidden / chunks)
     exchange = 0.0
     if len(stages) > 1:  # each tick, the sampled tokens go back to the first stage (one all_sum)
         back = ctx.link(stages[-1].nodes[0], stages[0].nodes[0]) or LOOPBACK

@@ -420,6 +420,27 @@ def test_each_more_row_of_a_batch_carries_its_hidden_state_over_the_links():
         assert sl.decode_row_s - f.decode_row_s == pytest.approx(extra, rel=0.05)
 
 
+def test_hidden_states_travel_in_the_senders_activations():
+    """A bf16 checkpoint computed in bf16w sends fp32 hidden states: twice the bytes on every hop."""
+    from dataclasses import replace
+
+    from exo_lab.placement.predict import Predictor
+
+    card = model(16, hidden=2048, heads=32, kv=8, inter=8192)
+    nodes = [node(0, 64, 20, cores=1), node(1, 64, 20, cores=1)]
+    topo = cluster(nodes, rtt_ms=0.02, mbit=100)
+    piped = next(p for p in plan(topo, card) if p.strategy == "pipeline" and p.num_nodes == 2)
+    assert set(piped.dtypes.values()) == {"bfloat16"}
+    widened = replace(piped, dtypes={n: "bf16w" for n in piped.dtypes})
+    predictor = Predictor(topo, card, 512, 128)
+    hop = {
+        name: next(v for k, v in predictor.predict(p)["breakdown"].items() if k == "link node0->node1")
+        for name, p in (("bf16", piped), ("bf16w", widened))
+    }
+    one_row = 2048 * 2 * 8 / 100e6  # seconds for one bf16 row at 100 Mbit/s
+    assert hop["bf16w"] - hop["bf16"] == pytest.approx(one_row, rel=0.05)
+
+
 def test_fp32_chosen_on_cpu_when_it_decodes_faster_and_fits():
     a = node(0, 64, 20, cores=1)
     a.profile["matmul_gflops"].update({"float32_m1": 8.5, "bfloat16_m1": 3.0})
