@@ -6,7 +6,8 @@ slow link can hide in a node's compute factor. A trace (:mod:`exo_lab.engine.tra
 
 - **compute** per stage (the median over decode steps of its slowest rank's compute and sampling): each
   of the stage's nodes gets ``decode_efficiency`` scaled by predicted / measured (the geometric mean over
-  the traces that used it), so the model's compute time for that stage becomes the measured one;
+  the traces that used it) and ``layer_overhead_s`` divided by it, so the model's compute time for that
+  stage (its reads and its layers' operations) becomes the measured one;
 - **link** per hop (``src -> dst`` nodes): each transfer the receiver waited for, from the send's start to
   the data held, with its size (one token's hidden state at decode, a chunk's at prefill): a least-squares
   ``latency + bytes / bandwidth`` when the sizes differ enough, else the latency with the probes' bandwidth;
@@ -15,7 +16,7 @@ slow link can hide in a node's compute factor. A trace (:mod:`exo_lab.engine.tra
 
 :func:`fit_components` returns a :class:`ComponentFit` with the mean absolute error per component (percent,
 over the traces) before and after; :func:`store_components` merges the fitted terms into each node's
-calibration (``POST /node/calibration``: ``decode_efficiency``, ``links``, ``all_reduce``), which the
+calibration (``POST /node/calibration``: ``decode_efficiency``, ``layer_overhead_s``, ``links``, ``all_reduce``), which the
 planner reads (:class:`~exo_lab.placement.cost.NodeRates`). Tensor groups' in-layer all-reduces are
 measured only where the trace has ``all_reduce`` spans; otherwise they stay inside compute.
 """
@@ -33,7 +34,7 @@ from exo_lab.cluster.topology import Topology
 from exo_lab.engine.trace import Trace, component_sums
 from exo_lab.models import formats
 from exo_lab.models.card import ModelCard
-from exo_lab.placement.cost import DTYPE_BYTES
+from exo_lab.placement.cost import DTYPE_BYTES, NodeRates
 from exo_lab.placement.plan import Plan
 from exo_lab.placement.predict import Predictor, plan_layout
 
@@ -215,7 +216,11 @@ def merged(topology: Topology, fit_compute: dict[str, float], links: dict, all_r
             continue
         cal = _calibration(topology, node)
         if node in fit_compute:
+            # the stage's whole compute time scales: its reads (the efficiency) and its operations' cost alike
+            now = NodeRates.from_profile(node, topology.nodes[node].profile)
             cal["decode_efficiency"] = fit_compute[node]
+            if now.layer_overhead_s > 0:
+                cal["layer_overhead_s"] = now.layer_overhead_s * now.decode_efficiency / fit_compute[node]
         if node in links:
             cal["links"] = {
                 **(cal.get("links") or {}),

@@ -33,7 +33,8 @@ where ``A[a:b]`` is the card's *active* bytes of layers ``[a, b)`` (what one tok
 dense MLPs, shared experts and ``experts_per_token / experts`` of the routed ones), ``KV[a:b](T)`` the
 card's cache bytes of those layers at ``T`` tokens (sliding layers stop at their window, linear-attention
 layers hold a constant state), and ``k' = k`` unless every tensor rank keeps the whole cache (MLA: 1).
-``L_op`` is the profile's ``layer_overhead_s``: what one layer's ~100 MLX operations cost to build and
+``L_op`` is the profile's ``layer_overhead_s`` (or the calibration's, fitted from traces with the stage's
+compute: :mod:`exo_lab.bench.components`): what one layer's ~100 MLX operations cost to build and
 dispatch whatever their size (:mod:`exo_lab.cluster.layer_overhead`; ~0.5-0.7 ms on one core here,
 ~11 ms of llama-1b's ~150 per token): every tensor rank pays it in full, so a tensor pair's token takes
 more than half of one process's, and a small model's decode is mostly this. ``c_s`` is the rank's share
@@ -153,7 +154,9 @@ class NodeRates:
             hop_overhead_s=_seconds(
                 cal["hop_overhead_s"] if "hop_overhead_s" in cal else profile.get("message_overhead_s")
             ),
-            layer_overhead_s=_seconds(profile.get("layer_overhead_s")),
+            layer_overhead_s=_seconds(
+                cal["layer_overhead_s"] if "layer_overhead_s" in cal else profile.get("layer_overhead_s")
+            ),
             links={
                 str(peer): (float(v["latency_s"]), float(v["bandwidth_bytes_s"]))
                 for peer, v in (cal.get("links") or {}).items()
