@@ -72,6 +72,10 @@ Every host's command gets the cluster key as ``EXO_LAB_CLUSTER_KEY`` (never in a
 NodeCommand = Sequence[str] | Callable[[SimHost], Sequence[str]]
 HELPER_START_S = 20.0  # a forwarder or the relay must report ready within this
 READY_PATH = "/node"  # polled until it answers with any HTTP status (the agent's node info)
+# kept out of each host's ephemeral range: polling the node's port on 127.0.0.1 before it listens can
+# otherwise pick that very port as the client's own and connect to itself (TCP simultaneous open),
+# and the node then fails to bind it (EADDRINUSE); the node's port and its probe port
+RESERVED_PORTS = "net.ipv4.ip_local_reserved_ports"
 
 
 class SimError(RuntimeError):
@@ -273,6 +277,7 @@ class SimCluster:
             netns.add_bridge(lan_netns, layout.BRIDGE)
         for h in plan.hosts.values():
             self._record("netns", h.netns, lambda h=h: netns.add(h.netns))
+            netns.sysctl(h.netns, {RESERVED_PORTS: f"{h.port}-{h.port + 1}"})
         self._build_lan(plan)
         self._build_root_link(plan)
         self._build_links(plan)

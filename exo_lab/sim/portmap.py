@@ -53,6 +53,8 @@ async def _connect_in(ns: str, port: int) -> socket.socket:
     sock.setblocking(False)
     try:
         await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        if sock.getsockname() == sock.getpeername():  # took the port itself before the node listens on it
+            raise ConnectionRefusedError(f"nothing listens on port {port} yet (the connection met itself)")
     except OSError:
         sock.close()
         raise

@@ -474,6 +474,16 @@ def test_each_host_is_a_machine_of_its_own_name(sim: SimCluster) -> None:
     assert socket.gethostname() not in names.values()
 
 
+@pytest.mark.slow
+@needs_netns
+def test_node_ports_are_never_a_clients_own(sim: SimCluster) -> None:
+    """A client polling a node's port before it listens must not get that port as its ephemeral one."""
+    for name, host in sim.hosts.items():
+        reserved = sim.exec(name, ["cat", "/proc/sys/net/ipv4/ip_local_reserved_ports"]).stdout.strip()
+        assert reserved == f"{host.port}-{host.port + 1}", (name, reserved)
+    assert f"{sim.port}" not in Path("/proc/sys/net/ipv4/ip_local_reserved_ports").read_text()  # the root's: untouched
+
+
 def _snapshot_gone(st: state.SimState, root_links_before: set[str]) -> None:
     """Assert that nothing recorded in ``st`` is left, the root namespace's device and routes included."""
     assert not state.path_for(st.name).exists()
