@@ -30,6 +30,8 @@ import threading
 import time
 from pathlib import Path
 
+from exo_lab.cluster.ports import free_port
+
 log = logging.getLogger(__name__)
 
 #: bytes per ``all_sum``: one token's fp32 hidden state of a 2048-wide model
@@ -47,11 +49,6 @@ def _listener() -> socket.socket:
     srv.bind(("127.0.0.1", 0))
     srv.listen(1)
     return srv
-
-
-def _free_port() -> int:
-    with _listener() as s:
-        return s.getsockname()[1]
 
 
 def _connect(port: int, deadline: float) -> socket.socket:
@@ -105,7 +102,7 @@ def measure_message_overhead(rounds: int = ROUNDS, timeout_s: float = TIMEOUT_S)
     from exo_lab import _blas
 
     deadline = time.monotonic() + timeout_s
-    rank_port = _free_port()
+    rank_port = free_port()
     with _listener() as peer_srv, tempfile.TemporaryDirectory(prefix="exo-lab-collective-") as tmp:
         peer_srv.settimeout(timeout_s)
         hostfile = Path(tmp) / "hosts.json"

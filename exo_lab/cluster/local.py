@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -11,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from exo_lab import _blas, defaults
+from exo_lab.cluster.ports import free_port
 
 
 @dataclass
@@ -34,13 +34,6 @@ class LocalAgents:
     def kill(self) -> None:
         for p in self.processes:
             p.kill()
-
-
-def free_port() -> int:
-    """A TCP port free on loopback now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def agent_command(

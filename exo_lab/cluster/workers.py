@@ -23,7 +23,6 @@ import logging
 import math
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ from typing import Any
 import psutil
 
 from exo_lab import _blas, paths
+from exo_lab.cluster.ports import free_port
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +46,6 @@ WORKER_MODULE = "exo_lab.engine.worker"
 
 class ReservationError(RuntimeError):
     """The node cannot take the ranks it was asked for."""
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host if host not in ("", "0.0.0.0") else "0.0.0.0", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -221,7 +215,7 @@ class WorkerManager:
         for r in ranks:
             addr = r["address"]
             inst.ranks[int(r["rank"])] = RankProcess(
-                int(r["rank"]), f"{addr}:{_free_port(addr)}", f"{addr}:{_free_port(addr)}"
+                int(r["rank"]), f"{addr}:{free_port(addr)}", f"{addr}:{free_port(addr)}"
             )
         self.instances[instance_id] = inst
         return {r.rank: {"ring": r.ring, "control": r.control} for r in inst.ranks.values()}

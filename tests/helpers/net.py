@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 import urllib.request
 
+from exo_lab.cluster.ports import free_port
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+__all__ = ["free_port", "wait_http"]
 
 
 def wait_http(url: str, deadline_s: float = 60.0, proc: subprocess.Popen | None = None) -> None:

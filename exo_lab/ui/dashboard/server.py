@@ -14,6 +14,7 @@ from typing import Any
 
 from exo_lab import defaults
 from exo_lab.api.guard import is_loopback
+from exo_lab.cluster.ports import free_port
 from exo_lab.ui.dashboard.app import create_app
 from exo_lab.ui.dashboard.auth import LOGIN_URL, TokenAuth
 from exo_lab.ui.dashboard.source import DashboardSource
@@ -72,9 +73,7 @@ class DashboardServer:
         from tornado.ioloop import IOLoop
 
         if self.port == 0:
-            with socket.socket() as s:
-                s.bind((self.host, 0))
-                self.port = s.getsockname()[1]
+            self.port = free_port(self.host)
         ready = threading.Event()
         failure: list[BaseException] = []
         self.source.start()

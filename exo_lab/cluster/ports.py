@@ -1,0 +1,47 @@
+"""Free TCP ports that no outgoing connection can be handed.
+
+``bind(0)`` returns a port from the kernel's ephemeral range, the range an
+outgoing connection takes its own port from. A client that polls such a port
+on 127.0.0.1 before its server listens can be given that very port and
+connect to itself (TCP simultaneous open: a loop in a fresh namespace does it
+within a few thousand tries), holding the port when the server binds it
+(EADDRINUSE); any other connection on the machine can take it as well. Ports
+below the ephemeral range are never handed out that way.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import sys
+from pathlib import Path
+
+LOWEST = 10_000  # below: well-known and registered services people run
+PORT_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+TRIES = 64
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The first and last port the kernel gives outgoing connections."""
+    try:
+        first, last = (int(v) for v in PORT_RANGE.read_text().split())
+        return first, last
+    except (OSError, ValueError):
+        return (49152, 65535) if sys.platform == "darwin" else (32768, 60999)  # the systems' defaults
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now, below the ephemeral range where there is room (else any free one)."""
+    bind_host = "0.0.0.0" if host in ("", "0.0.0.0") else host
+    first, _ = ephemeral_range()
+    if first > LOWEST:
+        for port in random.sample(range(LOWEST, first), min(TRIES, first - LOWEST)):
+            with socket.socket() as s:
+                try:
+                    s.bind((bind_host, port))
+                except OSError:
+                    continue
+                return port
+    with socket.socket() as s:
+        s.bind((bind_host, 0))
+        return s.getsockname()[1]

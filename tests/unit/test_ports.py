@@ -1,0 +1,38 @@
+"""Free ports come from below the kernel's ephemeral range, so no outgoing connection is ever handed one."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+from exo_lab.cluster import ports
+
+
+def test_free_port_is_below_the_ephemeral_range_and_free() -> None:
+    first, last = ports.ephemeral_range()
+    assert 0 < first <= last
+    got = {ports.free_port() for _ in range(20)}
+    assert all(ports.LOWEST <= p < first for p in got), (got, first)
+    assert len(got) > 1  # chosen at random: parallel tests do not all try the same port
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", got.pop()))  # free indeed
+
+
+def test_a_taken_port_is_not_returned(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        taken = held.getsockname()[1]
+        monkeypatch.setattr(ports.random, "sample", lambda _r, _k: [taken, taken])
+        free = ports.free_port()  # every candidate taken: falls back to one bind(0) finds
+        assert free != taken
+
+
+def test_without_room_below_the_range_any_free_port_will_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "range").write_text("1024\t65000\n")
+    monkeypatch.setattr(ports, "PORT_RANGE", tmp_path / "range")
+    assert ports.ephemeral_range() == (1024, 65000)
+    assert 0 < ports.free_port("0.0.0.0") <= 65535
+    monkeypatch.setattr(ports, "PORT_RANGE", tmp_path / "missing")
+    assert ports.ephemeral_range()[0] >= 32768  # the system's default
