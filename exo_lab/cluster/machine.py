@@ -37,6 +37,7 @@ class DeviceProfile:
     mlx_devices: list[str] = field(default_factory=list)
     benchmark_device: str = ""  # the MLX device the numbers below were measured on
     blas: str = ""
+    kernels: str = ""  # hash of exo_lab's C/C++ kernel sources the numbers were measured with
     gpu_name: str | None = None
     gpu_memory_bytes: int | None = None
     matmul_gflops: dict[str, float] = field(default_factory=dict)  # "<dtype>_m<M>"

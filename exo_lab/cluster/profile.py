@@ -69,7 +69,7 @@ import mlx.core as mx
 from filelock import FileLock
 from tqdm.auto import tqdm
 
-from exo_lab import _blas, paths
+from exo_lab import _blas, native, paths
 from exo_lab.cluster.collective import measure_message_overhead
 from exo_lab.cluster.layer_overhead import measure_layer_overhead
 from exo_lab.cluster.machine import (  # noqa: F401  (re-exported: the profile's facts without MLX)
@@ -134,6 +134,7 @@ def _static_facts() -> dict[str, Any]:
         "mlx_version": mx.__version__,  # pyright: ignore[reportAttributeAccessIssue]  # in mlx.core, not its stub
         "mlx_devices": mlx_devices(),
         "blas": _blas.name(),
+        "kernels": native.sources_digest(),
         "gpu_name": gpu_name,
         "gpu_memory_bytes": gpu_memory,
     }
@@ -142,7 +143,7 @@ def _static_facts() -> dict[str, Any]:
 def cache_key(facts: dict[str, Any] | None = None) -> str:
     """Hash of what decides the microbenchmark numbers on this machine."""
     facts = facts or _static_facts()
-    keys = ("cpu_model", "cpu_count", "machine", "mlx_version", "blas", "mlx_devices", "gpu_name")
+    keys = ("cpu_model", "cpu_count", "machine", "mlx_version", "blas", "kernels", "mlx_devices", "gpu_name")
     blob = json.dumps([_SCHEMA, *(facts[k] for k in keys)])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -70,6 +70,14 @@ def _build_dirs() -> list[Path]:
     return [HERE / "build", paths.cache_dir() / "native"]
 
 
+def sources_digest() -> str:
+    """A short hash of the C and C++ sources here: what the kernels compute (part of the profile's cache key)."""
+    digest = hashlib.sha256()
+    for path in sorted(HERE.glob("*.c*")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def library_name(name: str) -> str:
     """The file name of ``name``'s library built for this source, these flags and this CPU."""
     digest = hashlib.sha256()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from exo_lab import native
 from exo_lab.cluster import profile as prof
 from exo_lab.cluster.profile import DeviceProfile, load_or_measure, measure_profile, memory_now
 from exo_lab.models import halfmatmul
@@ -68,6 +69,10 @@ def test_static_facts():
     assert prof.mlx_devices()[0] == "cpu"
     key = prof.cache_key()
     assert key == prof.cache_key() and len(key) == 16 and int(key, 16) >= 0
+    facts = prof._static_facts()
+    assert facts["kernels"] == native.sources_digest() and len(facts["kernels"]) == 12
+    # another kernel source computes at other rates: a cached profile is not reused for it
+    assert prof.cache_key({**facts, "kernels": "0" * 12}) != prof.cache_key(facts)
 
 
 def test_memory_now_is_sane():
