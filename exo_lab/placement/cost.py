@@ -268,21 +268,31 @@ def calibrated_link(link: LinkCost, a: NodeRates | None, b: NodeRates | None) ->
     return LinkCost(link.latency_s + extra, link.bandwidth_bytes_s) if extra > 0 else link
 
 
-def pipelined_round_s(stage_s: list[float], stage_row_s: list[float], exchange_s: float, sequences: int) -> float:
+def pipelined_round_s(
+    stage_s: list[float],
+    stage_row_s: list[float],
+    exchange_s: float,
+    sequences: int,
+    stage_bus_s: list[float] | None = None,
+) -> float:
     """Seconds for each of ``sequences`` decoding sequences to get one token under the group schedule.
 
     ``stage_s``: each stage's time for one row (its compute and all-reduces, and its hand-off to the next
     stage); ``stage_row_s``: what each more row adds to it; ``exchange_s``: what each tick adds (the shared
-    tokens' ``all_sum``). The rows are split into ``G`` balanced groups, one per stage; in tick ``t`` stage
-    ``s`` computes group ``(t - s) mod G``, so a tick lasts as long as its slowest busy stage, and every group
-    gets a token every ``G`` ticks: a pipeline's throughput is bounded by its slowest stage, not the sum of
-    its stages. One sequence goes through the stages one tick each (the sum).
+    tokens' ``all_sum``); ``stage_bus_s``: what each stage's reads take longer in a tick where other stages
+    compute too (stages on one machine share its memory bus). The rows are split into ``G`` balanced groups,
+    one per stage; in tick ``t`` stage ``s`` computes group ``(t - s) mod G``, so a tick lasts as long as its
+    slowest busy stage, and every group gets a token every ``G`` ticks: a pipeline's throughput is bounded by
+    its slowest stage, not the sum of its stages. One sequence goes through the stages one tick each (the sum).
     """
     stages = len(stage_s)
+    bus = stage_bus_s or [0.0] * stages
     sizes = [sequences // stages + (1 if g < sequences % stages else 0) for g in range(stages)]
     total = 0.0
     for tick in range(stages):
-        busy = [stage_s[s] + (n - 1) * stage_row_s[s] for s in range(stages) if (n := sizes[(tick - s) % stages]) > 0]
+        active = [(s, n) for s in range(stages) if (n := sizes[(tick - s) % stages]) > 0]
+        shared = len(active) > 1
+        busy = [stage_s[s] + (n - 1) * stage_row_s[s] + (bus[s] if shared else 0.0) for s, n in active]
         total += max(busy, default=0.0) + exchange_s
     return total
 

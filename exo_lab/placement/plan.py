@@ -65,6 +65,8 @@ class Plan:
     #: per pipeline stage: one row's decode seconds (compute, all-reduces, hand-off), and each more row's
     stage_decode_s: list[float] = field(default_factory=list)
     stage_row_s: list[float] = field(default_factory=list)
+    #: per pipeline stage: what its reads take longer in a tick where the other stages compute too (one bus)
+    stage_bus_s: list[float] = field(default_factory=list)
     #: seconds each tick of the group schedule adds (the shared tokens' all_sum)
     tick_exchange_s: float = 0.0
     node_names: dict[str, str] = field(default_factory=dict)
@@ -120,7 +122,9 @@ class Plan:
         if not self.decode_tps:
             return 0.0
         if self.stage_decode_s:  # the group schedule: bounded by the slowest stage (cost.pipelined_round_s)
-            return sequences / pipelined_round_s(self.stage_decode_s, self.stage_row_s, self.tick_exchange_s, sequences)
+            return sequences / pipelined_round_s(
+                self.stage_decode_s, self.stage_row_s, self.tick_exchange_s, sequences, self.stage_bus_s
+            )
         return sequences / (1.0 / self.decode_tps + (sequences - 1) * self.decode_row_s)
 
     def to_json(self) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,6 +170,8 @@ def predict_into(
     stage_row: list[float] = []
     stage_pre: list[float] = []
     stage_hop: list[float] = []
+    stage_bus: list[float] = []  # what a stage's reads take longer while the other stages compute too
+    piped_buses = pipeline_bus_shares(ctx, stages)
     chunks = max(1, -(-(ctx.prompt - 1) // PIPELINE_PREFILL_STEP)) if len(stages) > 1 else 1
     start = 0
     for si, (s, count) in enumerate(zip(stages, alloc)):
@@ -180,7 +182,7 @@ def predict_into(
         flops_layers = card.flops_per_token(start, stop)
         kv_split = s.k if card.kv_splits_with_tensor else 1
         kv = card.kv_bytes(int(ctx.avg_ctx), start, stop) / kv_split
-        t_dec = t_pre = t_row = 0.0
+        t_dec = t_pre = t_row = t_busy = 0.0
         buses = bus_shares(ctx, s)
         for ti in range(s.k):
             node = s.nodes[0] if s.local else s.nodes[ti]
@@ -188,11 +190,14 @@ def predict_into(
             sh = node_share(node)
             scale = weight_scale(card, dtypes[node])
             bpw = bytes_per_weight(card, dtypes[node])
-            read = r.decode_read_rate(dtypes[node], quant, bpw) * min(sh, buses.get(node, 1.0))
+            rate = r.decode_read_rate(dtypes[node], quant, bpw)
             head = head_held * scale if last else 0.0
+            read_bytes = active * scale / s.k + kv + head / s.k
             # each rank runs every operation of its layers, whatever its share of their weights
             dispatch = count * r.layer_overhead_s / node_cpu_share(node)
-            t_dec = max(t_dec, (active * scale / s.k + kv + head / s.k) / read + dispatch)
+            t_dec = max(t_dec, read_bytes / (rate * min(sh, buses.get(node, 1.0))) + dispatch)
+            busy_share = min(sh, buses.get(node, 1.0), piped_buses.get(node, 1.0))
+            t_busy = max(t_busy, read_bytes / (rate * busy_share) + dispatch)
             flops = r.prefill_flops(dtypes[node], quant) * sh
             attn = card.attention_flops(ctx.prompt, start, stop) / s.k
             head_flops = card.head_flops_per_token if last else 0.0
@@ -208,6 +213,7 @@ def predict_into(
             # each more row of a batch adds its hidden state to every all-reduce
             t_row += 2 * count * (link.all_reduce(hidden, s.k) - link.all_reduce(0, s.k))
         row_s += t_row
+        stage_bus.append(t_busy - t_dec)
         dec[f"compute {label}"] = t_dec
         pre[f"compute {label}"] = t_pre
         stage_row.append(t_row)
@@ -249,6 +255,7 @@ def predict_into(
     plan.decode_row_s = row_s
     plan.stage_decode_s = stage_dec
     plan.stage_row_s = stage_row
+    plan.stage_bus_s = stage_bus
     plan.tick_exchange_s = exchange
     worst = max(dec, key=lambda k: dec[k])
     plan.bottleneck = f"{worst} ({100 * dec[worst] / t_token:.0f}% of each token)"
@@ -270,14 +277,27 @@ def bus_shares(ctx: CostContext, stage: Stage) -> dict[str, float]:
     as alone). Nodes that report no boot id share nothing."""
     if stage.k <= 1 or stage.local:
         return {}
+    return _shared_bus(ctx, stage.nodes)
+
+
+def pipeline_bus_shares(ctx: CostContext, stages: list[Stage]) -> dict[str, float]:
+    """The share of its memory bus each node of a pipeline gets in a tick of the group schedule where the
+    stages compute at once (several sequences: one group in each stage), as :func:`bus_shares`. One
+    sequence goes through the stages one at a time: they do not share then."""
+    if len(stages) < 2:
+        return {}
+    return _shared_bus(ctx, list(dict.fromkeys(n for s in stages for n in s.nodes)))
+
+
+def _shared_bus(ctx: CostContext, nodes: Sequence[str]) -> dict[str, float]:
     on_bus: dict[str, list[str]] = {}
-    for n in stage.nodes:
+    for n in nodes:
         if (bus := ctx.rates[n].bus) and not ctx.rates[n].gpu:  # a GPU reads its own memory
             on_bus.setdefault(bus, []).append(n)
     out = {}
-    for nodes in on_bus.values():
-        hosts = {ctx.rates[n].host: ctx.rates[n].cores for n in nodes}
-        out.update({n: share(len(nodes), sum(hosts.values()), False) for n in nodes})
+    for same in on_bus.values():
+        hosts = {ctx.rates[n].host: ctx.rates[n].cores for n in same}
+        out.update({n: share(len(same), sum(hosts.values()), False) for n in same})
     return out
 
 
@@ -380,7 +400,11 @@ def decode_aggregate_tps(pred: dict[str, Any], concurrency: int) -> float:
     step = 1.0 / pred["decode_tps"]
     if pred.get("stage_decode_s"):
         batched = pipelined_round_s(
-            pred["stage_decode_s"], pred["stage_row_s"], pred.get("tick_exchange_s", 0.0), concurrency
+            pred["stage_decode_s"],
+            pred["stage_row_s"],
+            pred.get("tick_exchange_s", 0.0),
+            concurrency,
+            pred.get("stage_bus_s"),
         )
     else:
         batched = step + (concurrency - 1) * pred.get("decode_row_s", 0.0)

@@ -20,6 +20,10 @@ def test_one_sequence_crosses_every_stage_and_many_are_bounded_by_the_slowest():
     # the weights is all (each group reads them again)
     assert 8 / pipelined_round_s([0.05, 0.05], [0.05, 0.05], 0.0, 8) == pytest.approx(2 * 8 / 0.8)
     assert pipelined_round_s([0.5, 0.5], [0.0, 0.0], 0.0, 8) == pytest.approx(pipelined_round_s([1.0], [0.0], 0.0, 8))
+    # stages on one machine read slower while the others compute too: only in ticks where more than one works
+    bus = [0.1, 0.2]
+    assert pipelined_round_s(stages, rows, 0.001, 1, bus) == pytest.approx(1.0 + 2 * 0.001)
+    assert pipelined_round_s(stages, rows, 0.001, 8, bus) == pytest.approx(2 * (0.6 + 0.2 + 3 * 0.02 + 0.001))
 
 
 def test_a_streamed_prompt_costs_the_first_chunk_through_all_stages_then_the_slowest_per_chunk():

@@ -407,6 +407,13 @@ def test_tensor_ranks_on_one_physical_machine_share_its_memory_bus():
     read_together = next(v for k, v in tensor_together.breakdown.items() if k.startswith("compute"))
     assert read_together == pytest.approx(read_apart * 2**0.5, rel=0.05)  # share(2 ranks, 2 cores) = 0.71
     assert tensor_together.decode_row_s == pytest.approx(tensor_apart.decode_row_s)  # rows: FLOPs, not the bus
+    # with many sequences a pipeline's stages compute at once (a group each): then they share the bus too
+    piped_apart, piped_together = by["apart"]["pipeline"], by["together"]["pipeline"]
+    assert piped_apart.stage_bus_s == [0.0, 0.0] and all(t > 0 for t in piped_together.stage_bus_s)
+    assert piped_together.batched_decode_tps(1) == pytest.approx(piped_apart.batched_decode_tps(1))
+    ratio = piped_together.batched_decode_tps(8) / piped_apart.batched_decode_tps(8)
+    read_share = sum(piped_together.stage_bus_s) / sum(piped_together.stage_decode_s)
+    assert 1 / (1 + read_share) - 0.01 < ratio < 0.99  # each stage's reads slow down by its share of the bus
 
 
 def test_each_more_row_of_a_batch_carries_its_hidden_state_over_the_links():
