@@ -19,6 +19,7 @@ from pathlib import Path
 LOWEST = 10_000  # below: well-known and registered services people run
 PORT_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 TRIES = 64
+_rng = random.SystemRandom()  # not the shared generator: a test that seeds it must not make processes agree
 
 
 def ephemeral_range() -> tuple[int, int]:
@@ -35,7 +36,7 @@ def free_port(host: str = "127.0.0.1") -> int:
     bind_host = "0.0.0.0" if host in ("", "0.0.0.0") else host
     first, _ = ephemeral_range()
     if first > LOWEST:
-        for port in random.sample(range(LOWEST, first), min(TRIES, first - LOWEST)):
+        for port in _rng.sample(range(LOWEST, first), min(TRIES, first - LOWEST)):
             with socket.socket() as s:
                 try:
                     s.bind((bind_host, port))

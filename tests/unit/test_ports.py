@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 from pathlib import Path
 
@@ -16,6 +17,10 @@ def test_free_port_is_below_the_ephemeral_range_and_free() -> None:
     got = {ports.free_port() for _ in range(20)}
     assert all(ports.LOWEST <= p < first for p in got), (got, first)
     assert len(got) > 1  # chosen at random: parallel tests do not all try the same port
+    random.seed(0)
+    first_pick = ports.free_port()
+    random.seed(0)
+    assert ports.free_port() != first_pick or ports.free_port() != first_pick  # seeding `random` does not fix it
     with socket.socket() as s:
         s.bind(("127.0.0.1", got.pop()))  # free indeed
 
@@ -24,7 +29,7 @@ def test_a_taken_port_is_not_returned(monkeypatch: pytest.MonkeyPatch) -> None:
     with socket.socket() as held:
         held.bind(("127.0.0.1", 0))
         taken = held.getsockname()[1]
-        monkeypatch.setattr(ports.random, "sample", lambda _r, _k: [taken, taken])
+        monkeypatch.setattr(ports._rng, "sample", lambda _r, _k: [taken, taken])
         free = ports.free_port()  # every candidate taken: falls back to one bind(0) finds
         assert free != taken
 
