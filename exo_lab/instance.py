@@ -489,12 +489,14 @@ class Instance(Backend):
 
     @property
     def stats(self) -> dict[str, int]:
-        """Rank 0's batching counters: ``decode_steps`` taken and ``peak_batch`` (most sequences in one step)."""
+        """Rank 0's batching counters: ``decode_steps`` taken, ``peak_batch`` (most sequences in one step) and
+        ``steps_ahead`` (steps built while the one before computed: :mod:`exo_lab.engine.lookahead`)."""
+        keys = ("decode_steps", "peak_batch", "steps_ahead")
         try:
             status = self._worker(0, "GET", "/status", timeout=2.0)
         except (OSError, KeyError, ValueError):  # not started, gone, or not answering
-            return {"decode_steps": 0, "peak_batch": 0}
-        return {k: int(status.get(k, 0)) for k in ("decode_steps", "peak_batch")}
+            return dict.fromkeys(keys, 0)
+        return {k: int(status.get(k, 0)) for k in keys}
 
     def _dispatch_loop(self) -> None:
         """Number each request and send it to every rank; a thread per request streams it back from rank 0."""

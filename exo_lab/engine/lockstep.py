@@ -306,6 +306,28 @@ class Lockstep:
             return None
         return self._sample_step(batch, out)
 
+    def step_ahead(self, batch: Batch, inputs: mx.array, flags: list[int], admit: int) -> mx.array:
+        """One decode step of ``batch`` built and not evaluated (one-stage instances, rows without grammar,
+        log-probabilities or logits processing; see :mod:`exo_lab.engine.lookahead`): the vector that
+        :meth:`share` shares, lazily. ``inputs`` (int32, one per row) may be the lazy tokens of the step before.
+        """
+        assert batch.cache is not None, "a step needs a batch with rows"
+        lay = self.layout
+        assert len(lay.stages) == 1, "only a one-stage instance steps ahead"
+        logits = self._forward(inputs[:, None], batch.cache, logits=True)[:, -1, :]
+        width = len(batch)
+        if lay.rank == lay.stages[-1][0]:
+            if all(batch.greedy):  # as in _sample: the argmax of the logits is that of the log-probabilities
+                tokens = mx.argmax(logits, axis=-1)
+            else:
+                logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+                tokens = mx.concatenate([s(logprobs[i : i + 1]) for i, s in enumerate(batch.samplers)], axis=0)
+            tok = tokens.astype(mx.int32).reshape(-1)
+        else:  # tensor peers: the step's all-reduces run before the shared vector (it depends on the logits)
+            (tok,) = mx.depends([mx.zeros((width,), mx.int32)], [logits])
+        mine = mx.array([*flags, admit] if lay.rank == 0 else [0] * (width + 1), mx.int32)
+        return mx.distributed.all_sum(mx.concatenate([tok, mine]), group=self.group)
+
     def _sample_step(self, batch: Batch, out: mx.array) -> mx.array | None:
         """The last stage's end of a decode step: the sampled tokens on its lead rank (see :meth:`step`)."""
         lay = self.layout

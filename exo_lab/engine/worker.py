@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
 import tornado.iostream
@@ -56,6 +56,7 @@ from exo_lab.engine.families import tied_embeddings
 from exo_lab.engine.guided import SchemaConstraint, vocabulary
 from exo_lab.engine.job import Job, JobError
 from exo_lab.engine.lockstep import FAILED, Layout, Lockstep, describe
+from exo_lab.engine.lookahead import Step
 from exo_lab.engine.pairs import Exchange
 from exo_lab.engine.pipeline import Group, GroupSchedule, decode_tick, streamed_prefill
 from exo_lab.engine.prefix_cache import PrefixCache, agree, row_caches
@@ -117,6 +118,8 @@ class _Row:
     stopper: Any = None
     cached: int = 0  # prompt tokens reused from the prefix cache
     tokens: list[int] = field(default_factory=list)  # the tokens it generated (every rank)
+    #: no grammar, log-probabilities or logits processing, sampler made: it may decode a step ahead (every rank)
+    plain: bool = False
 
 
 class Worker:
@@ -137,8 +140,8 @@ class Worker:
         self.last_done = 0
         self.max_batch = int(config.get("max_batch", 16))
         self.eos = {int(t) for t in config.get("eos_token_ids") or []}
-        #: decode steps taken and the most sequences one step decoded
-        self.stats = {"decode_steps": 0, "peak_batch": 0}
+        #: decode steps taken, the most sequences one step decoded, steps built ahead (:mod:`exo_lab.engine.lookahead`)
+        self.stats = {"decode_steps": 0, "peak_batch": 0, "steps_ahead": 0}
         # requests must be signed for this rank of this launch: one signed for another rank is refused
         self.verifier = Verifier(
             config["cluster_key"],
@@ -149,6 +152,8 @@ class Worker:
         self.failure_read = threading.Event()  # someone read the status after the setup failed
         #: this rank's layers' KV caches of finished jobs, keyed by job seq (rank 0 decides hits: prefix_cache.agree)
         self.prefix_cache = PrefixCache(int(config.get("prefix_cache_bytes") or 0))
+        #: the decode step built ahead and in flight (see :mod:`exo_lab.engine.lookahead`), or None
+        self.ahead: Step | None = None
 
     def status(self) -> dict[str, Any]:
         return {
@@ -204,6 +209,9 @@ class Worker:
         landing group takes its tokens, drops the rows that ended and admits what rank 0 admits."""
         ls = self.lockstep
         TRACER.step = self.stats["decode_steps"]  # the same on every rank: they take their steps together
+        if self.ahead is not None or self._may_step_ahead(sched):
+            self._serve_ahead(sched)
+            return
         if not sched.running:  # idle: wait for the next job, then agree on how many join
             job = self._job(self.admitted + 1)
             if job.kind == "shutdown":
@@ -230,6 +238,63 @@ class Worker:
         self._admit_all(group)
         log.debug("tick %d (%d rows landing): %.3f s", sched.tick, len(rows), time.perf_counter() - t)
         sched.tick += 1
+
+    def _may_step_ahead(self, sched: GroupSchedule) -> bool:
+        """Whether the next step may be built before this one's tokens are read (:mod:`exo_lab.engine.lookahead`):
+        one stage, rows in the batch, every one plain. The same on every rank (what it reads, every rank has)."""
+        rows = sched.groups[0].rows
+        return sched.stages == 1 and bool(rows) and all(r.plain for r in rows)
+
+    def _serve_ahead(self, sched: GroupSchedule) -> None:
+        """One step with lookahead: the step in flight (built now when none is), the next one built and queued
+        on its lazy tokens when the rows allow, then the step's tokens read and landed, and admissions."""
+        group = sched.groups[0]
+        step = self.ahead or self._build_step(sched, None)
+        self.ahead = None
+        t = time.perf_counter()
+        if self._may_step_ahead(sched):
+            self.ahead = self._build_step(sched, step)
+            mx.async_eval(self.ahead.shared)
+            self.stats["steps_ahead"] += 1
+        with TRACER.span("all_sum"):
+            values = cast("list[int]", step.shared.tolist())
+        tokens, flags, self.admit_to = step.split(values)
+        idx = step.carried(group.rows)
+        if idx:
+            self._land_ahead(group, [tokens[i] for i in idx], [flags[i] for i in idx])
+            self.stats["decode_steps"] += 1
+        self.stats["peak_batch"] = max(self.stats["peak_batch"], len(step.rows))
+        self._admit_all(group)
+        log.debug(
+            "step %d (%d rows, ahead %s): %.3f s", sched.tick, len(idx), self.ahead is not None, time.perf_counter() - t
+        )
+        sched.tick += 1
+
+    def _build_step(self, sched: GroupSchedule, before: Step | None) -> Step:
+        """Build (not evaluate) the next decode step of the one group; ``before`` is the step in flight whose
+        lazy tokens the rows that took part in it take as inputs."""
+        group = sched.groups[0]
+        rows, batch = list(group.rows), group.batch
+        inputs = mx.array(batch.inputs, mx.int32) if before is None else before.inputs_for(rows, batch.inputs)
+        flags = [1 if r.job.stop else 0 for r in rows] if self.rank == 0 else [0] * len(rows)
+        return Step(rows, self.lockstep.step_ahead(batch, inputs, flags, self._admissible(sched)))
+
+    def _land_ahead(self, group: Group, tokens: list[int], flags: list[int]) -> None:
+        """Give the first ``len(tokens)`` rows of the group (those that took part in the step) their tokens; the
+        rows after them joined later and stay. Plain rows only: no failed tokens, no log-probabilities."""
+        batch, rows, m = group.batch, group.rows, len(tokens)
+        keep = []
+        for i, (row, token, flag) in enumerate(zip(rows, tokens, flags)):
+            if flag:  # stopped by rank 0 (cancelled, or a stop string): this step's token is discarded
+                self._end(row, "cancelled")
+            elif self._accept(row, token):
+                keep.append(i)
+        keep += range(m, len(rows))
+        if self.prefix_cache.enabled:
+            self._remember(batch, rows, set(keep))
+        batch.inputs = tokens + batch.inputs[m:]
+        batch.keep(keep)
+        group.rows = [rows[i] for i in keep]
 
     def _land(self, group: Group, tokens_all: list[int], flags: list[int]) -> None:
         """Give the landing group's rows their tokens (every rank); keep the rows that go on."""
@@ -316,6 +381,7 @@ class Worker:
         except Exception as exc:
             log.exception("job %d cannot be sampled", queued.seq)
             error = describe(exc)
+        row.plain = error is None and penalties is None and not job.grammar and job.logprobs is None
         cache, row.cached = None, 0
         if self.prefix_cache.enabled:  # every rank, in admission order: all reuse rank 0's choice or none does
             cache, row.cached = agree(self.prefix_cache, prompt, self.rank, self.group)

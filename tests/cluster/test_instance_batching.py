@@ -61,7 +61,7 @@ def pick(cluster, path, strategy: str):
         p
         for p in plans
         if p.strategy == strategy
-        and p.num_nodes == 2
+        and p.num_nodes == (1 if strategy == "single" else 2)
         and (strategy != "pipeline-tensor" or all(r.tensor_size == 2 for r in p.ranks))
     )
 
@@ -112,8 +112,11 @@ def test_pipelined_groups_and_a_long_chunked_prompt_match_one_process(cluster, t
         inst.delete()
 
 
-def test_joining_leaving_cancelling_and_stopping_mid_batch(cluster, tiny, references):
-    inst = cluster.launch(tiny, plan=pick(cluster, tiny, "pipeline"))
+@pytest.mark.parametrize("strategy", ["pipeline", "single", "tensor"])
+def test_joining_leaving_cancelling_and_stopping_mid_batch(cluster, tiny, references, strategy):
+    """Also on one-stage instances, which build each decode step while the one before computes (lookahead):
+    stop flags and admissions land a step later there, and every row's tokens are still one process's."""
+    inst = cluster.launch(tiny, plan=pick(cluster, tiny, strategy))
     try:
         long = inst.generate("x", max_tokens=100_000, temperature=0, ignore_eos=True)
         it = iter(long)
@@ -136,7 +139,44 @@ def test_joining_leaving_cancelling_and_stopping_mid_batch(cluster, tiny, refere
         for g, ref in zip(others, references[1:4]):
             k = min(16, len(ref))
             assert tokens(g)[:k] == ref[:k]
-        assert inst.stats["peak_batch"] >= 3
+        stats = inst.stats
+        assert stats["peak_batch"] >= 3
+        assert (stats["steps_ahead"] > 0) == (strategy != "pipeline")
+    finally:
+        inst.delete()
+
+
+@pytest.mark.parametrize("strategy", ["single", "tensor"])
+def test_rows_that_need_each_token_pause_the_lookahead_and_match_one_process(cluster, tiny, references, strategy):
+    """A row with log-probabilities or penalties joining a running one-stage batch makes its steps wait for their
+    tokens (no step is built ahead while it runs); every row still gets one process's tokens, and the batch
+    goes ahead again once it has left."""
+    from exo_lab.engine.sampling import SamplingParams
+
+    inst = cluster.launch(tiny, plan=pick(cluster, tiny, strategy), name="tiny-ahead")
+    try:
+        with exo_lab.Engine(tiny, max_batch=1) as one:
+            long = inst.generate(PROMPTS[1], max_tokens=40, temperature=0, ignore_eos=True)
+            it = iter(long)
+            first = next(it)  # decoding (ahead); the next requests join the running batch
+            ahead = inst.stats["steps_ahead"]
+            lp = GenerationRequest(tuple(PROMPTS[0]), max_tokens=8, logprobs=2, ignore_eos=True)
+            pen = GenerationRequest(
+                tuple(PROMPTS[2]), max_tokens=8, sampling=SamplingParams(frequency_penalty=2.0), ignore_eos=True
+            )
+            got_lp, got_pen = list(inst.submit(lp)), tokens(inst.submit(pen))
+            ref_lp = list(one.submit(lp))
+            assert [t for c in got_lp for t in c.tokens] == [t for c in ref_lp for t in c.tokens]
+            assert [lp.logprob for c in got_lp for lp in c.logprobs] == pytest.approx(
+                [lp.logprob for c in ref_lp for lp in c.logprobs], abs=1e-4
+            )
+            assert got_pen == tokens(one.submit(pen))
+            ref_long = tokens(one.generate(PROMPTS[1], max_tokens=40, temperature=0, ignore_eos=True))
+            assert list(first.tokens) + tokens(it) == ref_long
+            after = inst.stats["steps_ahead"]
+            assert after > ahead  # the plain row went ahead before the others joined (and after they left)
+            plain = tokens(inst.generate(PROMPTS[3], max_tokens=6, temperature=0, ignore_eos=True))
+            assert plain == references[3][:6] and inst.stats["steps_ahead"] > after
     finally:
         inst.delete()
 

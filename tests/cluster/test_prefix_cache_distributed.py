@@ -29,14 +29,17 @@ def conversation(backend) -> tuple[list[list[int]], list[int]]:
     return replies, cached
 
 
-def test_pipeline_ranks_reuse_their_caches_and_match_one_process(tmp_path_factory):
+@pytest.mark.parametrize("strategy", ["pipeline", "tensor", "single"])
+def test_ranks_reuse_their_caches_and_match_one_process(tmp_path_factory, strategy):
+    """Also for one-stage instances, whose rows end with one step more in their caches (decoded ahead)."""
     tiny = synthetic.create(tmp_path_factory.mktemp("prefix-dist") / "tiny", "tiny")
     with exo_lab.Engine(tiny, prefix_cache_bytes=0) as eng:
         reference, none = conversation(eng)
     assert none == [0, 0, 0]
     cluster = exo_lab.local_cluster(2)
     try:
-        plan = next(p for p in cluster.preview(tiny, context=2048, prompt_tokens=64) if p.strategy == "pipeline")
+        plans = cluster.preview(tiny, context=2048, prompt_tokens=64)
+        plan = next(p for p in plans if p.strategy == strategy and p.num_nodes == (1 if strategy == "single" else 2))
         inst = cluster.launch(tiny, plan=plan)
         try:
             replies, cached = conversation(inst)
@@ -44,7 +47,7 @@ def test_pipeline_ranks_reuse_their_caches_and_match_one_process(tmp_path_factor
             # turn 2 reuses turn 1's prompt and its reply but the last 2 tokens (+ the first turn's first reply token)
             assert cached[0] == 0 and cached[1] == len(SYSTEM) + 9 + 8 and cached[2] > cached[1]
             status = [inst._worker(r, "GET", "/status")["prefix_cache"] for r in sorted(inst.controls)]
-            assert [s["hits"] for s in status] == [2, 2] and all(s["entries"] >= 1 for s in status)
+            assert [s["hits"] for s in status] == [2] * plan.num_nodes and all(s["entries"] >= 1 for s in status)
         finally:
             inst.delete()
     finally:

@@ -1,0 +1,63 @@
+"""Decode one step ahead: the next step is built while this one computes (one-stage instances).
+
+In lock step (:mod:`exo_lab.engine.lockstep`) a rank builds a step's graph in Python, evaluates it,
+reads the sampled tokens and only then builds the next step: the graph building and the landing
+(streaming, stop checks) leave the compute idle. For a small model that is a third of each token
+(the demo model: 3.5 ms a step, 1.0 of it Python). Here, as ``mlx_lm``'s generators do with
+``async_eval``, step ``t + 1`` is built on the *lazy* tokens of step ``t`` and queued before step
+``t``'s tokens are read, so the Python work of one step runs while the other computes.
+
+A step that is built ahead holds every row of its batch at that time. Rows that end when the step
+before lands (EOS, ``max_tokens``, a stop flag) were computed once more for nothing and are dropped
+afterwards; rows admitted then join the step after. So rank 0's stop flags and admissions take
+effect one step later than without lookahead, and each row's tokens are unchanged (a row's result
+does not depend on the other rows of its batch).
+
+Only instances of one stage (one process, or a tensor group) and only *plain* rows (no grammar, no
+log-probabilities, no penalties or bias: each of these needs the step's tokens in Python before the
+next step) go ahead; every rank decides from the same shared state, so all ranks build the same
+collectives in the same order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+
+
+@dataclass
+class Step:
+    """A decode step built and queued: its rows (in its batch order) and its shared vector (lazy):
+    the sampled tokens, rank 0's stop flags (one per row) and its admission mark, as :meth:`Lockstep.share`."""
+
+    rows: list[Any]
+    shared: mx.array
+
+    def carried(self, rows: list[Any]) -> list[int]:
+        """Where each of ``rows`` that took part in this step sits in it: ``rows`` begins with those (rows
+        that joined later come after them, as a batch appends them)."""
+        at = {id(r): i for i, r in enumerate(self.rows)}
+        out = []
+        for r in rows:
+            i = at.get(id(r))
+            if i is None:
+                break
+            out.append(i)
+        return out
+
+    def inputs_for(self, rows: list[Any], inputs: list[int]) -> mx.array:
+        """The next step's input tokens for ``rows``: this step's (lazy) tokens for the rows that took part,
+        ``inputs`` (the batch's, in row order) for the rows that joined since."""
+        idx = self.carried(rows)
+        mine = self.shared[: len(self.rows)]
+        if idx != list(range(len(self.rows))):
+            mine = mine[mx.array(idx, mx.int32)] if idx else mx.zeros((0,), mx.int32)
+        joined = inputs[len(idx) :]
+        return mx.concatenate([mine, mx.array(joined, mx.int32)]) if joined else mine
+
+    def split(self, values: list[int]) -> tuple[list[int], list[int], int]:
+        """The evaluated shared vector as ``(tokens, flags, admission mark)``."""
+        width = len(self.rows)
+        return values[:width], values[width : 2 * width], values[-1]
