@@ -29,6 +29,7 @@ RUNTIME_DIR = "EXO_LAB_RUNTIME_DIR"
 STATE_DIR = "EXO_LAB_STATE_DIR"
 BLAS = "EXO_LAB_BLAS"
 SMALL_GEMM = "EXO_LAB_SMALL_GEMM"
+LOOKAHEAD = "EXO_LAB_LOOKAHEAD"
 WORKER_LOG = "EXO_LAB_WORKER_LOG"
 DASHBOARD_CONNECT = "EXO_LAB_DASHBOARD_CONNECT"
 DASHBOARD_BENCH = "EXO_LAB_DASHBOARD_BENCH"
@@ -94,6 +95,15 @@ def blas(env: Mapping[str, str] | None = None) -> str:
 def small_gemm(env: Mapping[str, str] | None = None) -> bool:
     """Whether decode-sized fp32 matmuls use exo_lab's kernel (:mod:`exo_lab.native`); ``0`` turns it off."""
     return (_get(SMALL_GEMM, env) or "1") not in ("0", "off", "false", "no")
+
+
+def lookahead(env: Mapping[str, str] | None = None) -> str:
+    """Whether one-stage instances decode a step ahead (:mod:`exo_lab.engine.lookahead`): ``auto`` (the default:
+    where a rank has a core to spare), ``always``, or ``off`` (``0``). Read by each worker at its start."""
+    value = (_get(LOOKAHEAD, env) or "auto").lower()
+    if value in ("0", "off", "false", "no"):
+        return "off"
+    return "always" if value == "always" else "auto"
 
 
 def worker_log_level(env: Mapping[str, str] | None = None) -> str:

@@ -17,14 +17,32 @@ Only instances of one stage (one process, or a tensor group) and only *plain* ro
 log-probabilities, no penalties or bias: each of these needs the step's tokens in Python before the
 next step) go ahead; every rank decides from the same shared state, so all ranks build the same
 collectives in the same order.
+
+It pays only where the Python thread has a core of its own while the step computes
+(:func:`has_spare_core`): on a GPU, or with two cores for each rank on the machine. Ranks that share a
+machine's cores otherwise take them from each other (measured on this project's 2-core machine: one rank
+1.16-1.50x faster ahead, a tensor pair on the same two cores 0.75-0.90x).
 """
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import mlx.core as mx
+
+from exo_lab.cluster.machine import boot_id, cpu_count
+
+
+def has_spare_core(group: mx.distributed.Group) -> bool:
+    """Whether this rank can build a step while one computes: its device is a GPU, or it may run on two cores
+    for each rank of ``group`` on this machine (one kernel boot id). Every rank of ``group`` calls it."""
+    boot = boot_id()
+    mine = zlib.crc32(boot.encode()) & 0x7FFFFFFF if boot else 0
+    ids = cast("list[int]", mx.distributed.all_gather(mx.array([mine], mx.int32), group=group).tolist())
+    sharing = ids.count(mine) if mine else 1
+    return mx.default_device().type == mx.gpu or cpu_count() >= 2 * sharing
 
 
 @dataclass

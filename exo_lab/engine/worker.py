@@ -56,7 +56,7 @@ from exo_lab.engine.families import tied_embeddings
 from exo_lab.engine.guided import SchemaConstraint, vocabulary
 from exo_lab.engine.job import Job, JobError
 from exo_lab.engine.lockstep import FAILED, Layout, Lockstep, describe
-from exo_lab.engine.lookahead import Step
+from exo_lab.engine.lookahead import Step, has_spare_core
 from exo_lab.engine.pairs import Exchange
 from exo_lab.engine.pipeline import Group, GroupSchedule, decode_tick, streamed_prefill
 from exo_lab.engine.prefix_cache import PrefixCache, agree, row_caches
@@ -154,6 +154,7 @@ class Worker:
         self.prefix_cache = PrefixCache(int(config.get("prefix_cache_bytes") or 0))
         #: the decode step built ahead and in flight (see :mod:`exo_lab.engine.lookahead`), or None
         self.ahead: Step | None = None
+        self.lookahead = defaults.lookahead() != "off"
 
     def status(self) -> dict[str, Any]:
         return {
@@ -243,7 +244,7 @@ class Worker:
         """Whether the next step may be built before this one's tokens are read (:mod:`exo_lab.engine.lookahead`):
         one stage, rows in the batch, every one plain. The same on every rank (what it reads, every rank has)."""
         rows = sched.groups[0].rows
-        return sched.stages == 1 and bool(rows) and all(r.plain for r in rows)
+        return self.lookahead and sched.stages == 1 and bool(rows) and all(r.plain for r in rows)
 
     def _serve_ahead(self, sched: GroupSchedule) -> None:
         """One step with lookahead: the step in flight (built now when none is), the next one built and queued
@@ -550,6 +551,10 @@ class Worker:
             off = mx.distributed.all_sum(mx.array([0 if self.prefix_cache.enabled else 1], mx.int32), group=self.group)
             if int(off.item()) and self.prefix_cache.enabled:  # type: ignore[arg-type]
                 self.prefix_cache.disabled = "another rank's layers cannot be cut to a prefix"
+        # every rank decides to step ahead alike (the same collectives in the same order): on only if on everywhere
+        spare = has_spare_core(self.group) or defaults.lookahead() == "always"  # a collective: every rank calls it
+        mine = mx.array([0 if self.lookahead and spare else 1], mx.int32)
+        self.lookahead = not int(mx.distributed.all_sum(mine, group=self.group).item())  # type: ignore[arg-type]
         self.state = "warming"
         list(self.lockstep.generate([1, 2], 2, make_sampler(SamplingParams()), lambda: False, greedy=True))
         mx.synchronize()
