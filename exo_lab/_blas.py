@@ -42,6 +42,13 @@ SMALL_GEMM = "small_gemm"
 #: cluster) otherwise spin against each other (measured: a local pipeline-2 decoded 1.43 tok/s spinning, 3.84
 #: sleeping, one process 5.96 and 5.3). A value the user set wins.
 OMP_WAIT = ("OMP_WAIT_POLICY", "PASSIVE")
+#: OpenBLAS's own threads likewise: after each call they spin for 2**28 cycles (~0.1 s) before they sleep, so a
+#: rank decoding a small model kept a second core busy doing nothing (1.0 core while its Python slept 2 ms between
+#: tiny matmuls). 2**16 cycles (~25 us) still bridges back-to-back calls. Measured on a local cluster of two
+#: nodes with the tiny model, five alternating rounds: pipeline-2 with 4 streams 354 -> 543 tok/s (192-614 ->
+#: 484-550), one stream 135 -> 139 (52-193 -> 130-158); one rank 254 -> 279 (1 stream), 759 -> 674 (4 streams,
+#: within the noise); llama-1b fp32 decode on both cores unchanged. A value the user set wins.
+OPENBLAS_WAIT = ("OPENBLAS_THREAD_TIMEOUT", "16")
 
 
 def find_openblas() -> str | None:
@@ -86,6 +93,7 @@ def preload() -> bool:
     if small is not None:  # first: MLX's cblas_sgemm resolves to it, and it hands the rest to OpenBLAS
         os.environ.setdefault(*OMP_WAIT)  # read once, when the kernel's OpenMP runtime loads with it
         ctypes.CDLL(str(small), mode=ctypes.RTLD_GLOBAL)
+    os.environ.setdefault(*OPENBLAS_WAIT)  # read once, when OpenBLAS initializes (as it loads)
     ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     _loaded_by_us = True
     _connect_small_gemm(path)
@@ -148,6 +156,7 @@ def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
         small = native.library(SMALL_GEMM) if defaults.small_gemm(env) else None
         first = [p for p in ([str(small)] if small else []) + [path] if p not in current]
         env["LD_PRELOAD"] = " ".join(first + current)
+        env.setdefault(*OPENBLAS_WAIT)
         if small:
             env.setdefault(*OMP_WAIT)
     return env

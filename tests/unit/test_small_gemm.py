@@ -64,6 +64,36 @@ def test_its_threads_sleep_when_idle_unless_told_otherwise() -> None:
     assert "OMP_WAIT_POLICY" not in _blas.child_env({"EXO_LAB_SMALL_GEMM": "0"})
 
 
+IDLE_CHILD = r"""
+import json, resource, time
+import exo_lab
+import mlx.core as mx
+a = mx.random.normal((256, 256)); mx.eval(a)
+r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+for _ in range(100):  # a product (OpenBLAS's threads), then 5 ms of nothing, as a rank between small steps
+    mx.eval(a @ a)
+    time.sleep(0.005)
+r1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - t0
+print(json.dumps({"cores": (r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime) / wall}))
+"""
+
+
+def test_openblas_threads_sleep_between_calls_unless_told_otherwise() -> None:
+    """OpenBLAS's threads spin ~0.1 s after each call by default: a rank that computes in short bursts kept a
+    second core busy for nothing. exo_lab's processes have them sleep after 2**16 cycles (a user's value wins)."""
+    assert _blas.child_env({})["OPENBLAS_THREAD_TIMEOUT"] == "16"
+    assert _blas.child_env({"OPENBLAS_THREAD_TIMEOUT": "28"})["OPENBLAS_THREAD_TIMEOUT"] == "28"
+    cores = {}
+    for timeout in ("16", "28"):  # exo_lab's, and OpenBLAS's own default
+        env = _blas.child_env({**__import__("os").environ, "OPENBLAS_THREAD_TIMEOUT": timeout})
+        done = subprocess.run([sys.executable, "-c", IDLE_CHILD], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        cores[timeout] = json.loads(done.stdout.strip().splitlines()[-1])["cores"]
+    if cores["28"] < 0.5:  # OpenBLAS runs one thread here (one core): nothing spins either way
+        pytest.skip(f"OpenBLAS does not spin here ({cores})")
+    assert cores["16"] < 0.5 < cores["28"], cores
+
+
 def test_it_can_be_turned_off() -> None:
     got = _child({"EXO_LAB_SMALL_GEMM": "0"})
     assert got["name"] == "openblas"
