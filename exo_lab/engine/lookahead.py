@@ -21,11 +21,15 @@ collectives in the same order.
 It pays only where the Python thread has a core of its own while the step computes
 (:func:`has_spare_core`): on a GPU, or with two cores for each rank on the machine. Ranks that share a
 machine's cores otherwise take them from each other (measured on this project's 2-core machine: one rank
-1.16-1.50x faster ahead, a tensor pair on the same two cores 0.75-0.90x).
+1.16-1.50x faster ahead, a tensor pair on the same two cores 0.75-0.90x). On a CPU it also has to be worth
+it (:func:`build_share`): where building a step is a sliver of computing it (llama-1b: ~1 ms of ~250), the
+compute's own threads use every core and the build only takes from them (measured 0.95x).
 """
 
 from __future__ import annotations
 
+import statistics
+import time
 import zlib
 from dataclasses import dataclass
 from typing import Any, cast
@@ -33,6 +37,9 @@ from typing import Any, cast
 import mlx.core as mx
 
 from exo_lab.cluster.machine import boot_id, cpu_count
+
+#: on a CPU, step ahead only when building a step's graph takes at least this share of a step
+MIN_BUILD_SHARE = 0.1
 
 
 def has_spare_core(group: mx.distributed.Group) -> bool:
@@ -43,6 +50,31 @@ def has_spare_core(group: mx.distributed.Group) -> bool:
     ids = cast("list[int]", mx.distributed.all_gather(mx.array([mine], mx.int32), group=group).tolist())
     sharing = ids.count(mine) if mine else 1
     return mx.default_device().type == mx.gpu or cpu_count() >= 2 * sharing
+
+
+def build_share(shard: Any, steps: int = 5) -> float:
+    """The median share of one decode step (one row, after a short prompt) that building its graph takes, on a
+    one-stage shard (:class:`~exo_lab.engine.shard.Shard`). Every rank of a tensor group calls it together
+    (the steps hold its all-reduces)."""
+    cache = shard.make_cache()
+    mx.eval(shard(mx.array([[1, 2, 3, 4]], mx.int32), cache))
+    shares = []
+    for i in range(steps):
+        t0 = time.perf_counter()
+        out = shard(mx.array([[5 + i]], mx.int32), cache)
+        built = time.perf_counter()
+        mx.eval(out)
+        shares.append((built - t0) / max(time.perf_counter() - t0, 1e-9))
+    return statistics.median(shares)
+
+
+def pays(group: mx.distributed.Group, shard: Any | None) -> bool:
+    """This rank's vote on stepping ahead: a core to spare (:func:`has_spare_core`), and on a CPU a build that
+    is at least :data:`MIN_BUILD_SHARE` of a step. ``shard``: this rank's, None where the instance has more than
+    one stage (it never steps ahead). Every rank calls it: both measurements are collectives."""
+    spare = has_spare_core(group)
+    share = build_share(shard) if shard is not None else 0.0
+    return shard is not None and spare and (mx.default_device().type == mx.gpu or share >= MIN_BUILD_SHARE)
 
 
 @dataclass

@@ -56,7 +56,7 @@ from exo_lab.engine.families import tied_embeddings
 from exo_lab.engine.guided import SchemaConstraint, vocabulary
 from exo_lab.engine.job import Job, JobError
 from exo_lab.engine.lockstep import FAILED, Layout, Lockstep, describe
-from exo_lab.engine.lookahead import Step, has_spare_core
+from exo_lab.engine.lookahead import Step, pays
 from exo_lab.engine.pairs import Exchange
 from exo_lab.engine.pipeline import Group, GroupSchedule, decode_tick, streamed_prefill
 from exo_lab.engine.prefix_cache import PrefixCache, agree, row_caches
@@ -551,12 +551,13 @@ class Worker:
             off = mx.distributed.all_sum(mx.array([0 if self.prefix_cache.enabled else 1], mx.int32), group=self.group)
             if int(off.item()) and self.prefix_cache.enabled:  # type: ignore[arg-type]
                 self.prefix_cache.disabled = "another rank's layers cannot be cut to a prefix"
-        # every rank decides to step ahead alike (the same collectives in the same order): on only if on everywhere
-        spare = has_spare_core(self.group) or defaults.lookahead() == "always"  # a collective: every rank calls it
-        mine = mx.array([0 if self.lookahead and spare else 1], mx.int32)
-        self.lookahead = not int(mx.distributed.all_sum(mine, group=self.group).item())  # type: ignore[arg-type]
         self.state = "warming"
         list(self.lockstep.generate([1, 2], 2, make_sampler(SamplingParams()), lambda: False, greedy=True))
+        # every rank decides to step ahead alike (the same collectives in the same order): on only if on everywhere
+        worth = pays(self.group, self.shard if len(stages) == 1 else None) or defaults.lookahead() == "always"
+        mine = mx.array([0 if self.lookahead and worth else 1], mx.int32)
+        self.lookahead = not int(mx.distributed.all_sum(mine, group=self.group).item())  # type: ignore[arg-type]
+        log.info("decoding a step ahead: %s", self.lookahead)
         mx.synchronize()
 
     @contextmanager

@@ -39,3 +39,18 @@ def test_a_batch_of_only_new_rows_takes_the_batchs_inputs():
     assert step.carried([new]) == []
     assert step.inputs_for([new], [42]).tolist() == [42]
     assert step.inputs_for([], []).tolist() == []
+
+
+def test_a_lone_rank_has_a_spare_core_with_two_and_measures_its_build_share(tmp_path):
+    from exo_lab.cluster.machine import cpu_count
+    from exo_lab.engine.lookahead import build_share, has_spare_core, pays
+    from exo_lab.engine.shard import ShardSpec, load_shard
+    from exo_lab.models import synthetic
+
+    group = mx.distributed.init()
+    assert has_spare_core(group) == (cpu_count() >= 2)
+    path = synthetic.create(tmp_path / "tiny", "tiny")
+    shard, _ = load_shard(path, ShardSpec(0, 4, 4))
+    share = build_share(shard)
+    assert 0.0 < share < 1.0  # building is part of a step, never all of it
+    assert not pays(group, None)  # more than one stage: never ahead
