@@ -52,7 +52,7 @@ def has_spare_core(group: mx.distributed.Group) -> bool:
     return mx.default_device().type == mx.gpu or cpu_count() >= 2 * sharing
 
 
-def build_share(shard: Any, steps: int = 5) -> float:
+def build_share(shard: Any, steps: int = 3) -> float:
     """The median share of one decode step (one row, after a short prompt) that building its graph takes, on a
     one-stage shard (:class:`~exo_lab.engine.shard.Shard`). Every rank of a tensor group calls it together
     (the steps hold its all-reduces)."""
