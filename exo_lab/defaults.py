@@ -48,6 +48,8 @@ VARIABLES: dict[str, str] = {
     STATE_DIR: "node agent state: id, key, profile (default: $XDG_STATE_HOME/exo_lab/node)",
     BLAS: "'reference' keeps MLX's bundled BLAS instead of OpenBLAS",
     SMALL_GEMM: "'0' sends decode-sized fp32 matmuls to OpenBLAS too (default: exo_lab's kernel, exo_lab/native)",
+    LOOKAHEAD: "one-stage instances build each decode step while the one before computes: 'auto' (default: where "
+    "it pays), 'always', '0' (never)",
     WORKER_LOG: "log level of shard workers (default: INFO)",
     DASHBOARD_CONNECT: "agents (host:port,...) the dashboard app connects to",
     DASHBOARD_BENCH: "a bench result JSON the dashboard app shows",
