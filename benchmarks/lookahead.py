@@ -30,6 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from exo_lab import defaults
+
 sys.path.insert(0, str(Path(__file__).parent))
 from distributed import model_path
 
@@ -71,11 +73,11 @@ def mlx_lm_tps(path: Path, tokens: int) -> float:
 
 def start(lookahead: str) -> Any:
     """A local cluster of two nodes whose workers run with ``EXO_LAB_LOOKAHEAD=lookahead``."""
-    os.environ["EXO_LAB_LOOKAHEAD"] = lookahead
+    os.environ[defaults.LOOKAHEAD] = lookahead
     try:
         return exo_lab.local_cluster(2)
     finally:
-        os.environ.pop("EXO_LAB_LOOKAHEAD", None)
+        os.environ.pop(defaults.LOOKAHEAD, None)
 
 
 def pick(cluster: Any, path: Path, strategy: str) -> Any:

@@ -17,7 +17,7 @@ import openai
 import pytest
 
 import exo_lab
-from exo_lab.cluster.machine import cpu_count
+from exo_lab import defaults
 from exo_lab.engine.generator import EngineBusy, GenerationRequest
 from exo_lab.models import synthetic
 from tests.helpers.net import free_port
@@ -115,9 +115,12 @@ def test_pipelined_groups_and_a_long_chunked_prompt_match_one_process(cluster, t
 
 
 @pytest.mark.parametrize("strategy", ["pipeline", "single", "tensor"])
-def test_joining_leaving_cancelling_and_stopping_mid_batch(cluster, tiny, references, strategy):
-    """Also on one-stage instances, which build each decode step while the one before computes (lookahead):
-    stop flags and admissions land a step later there, and every row's tokens are still one process's."""
+def test_joining_leaving_cancelling_and_stopping_mid_batch(cluster, ahead_cluster, tiny, references, strategy):
+    """Also on one-stage instances building each decode step while the one before computes (lookahead, forced
+    on here whatever the cores): stop flags and admissions land a step later there, and every row's tokens are
+    still one process's."""
+    if strategy != "pipeline":
+        cluster = ahead_cluster
     inst = cluster.launch(tiny, plan=pick(cluster, tiny, strategy))
     try:
         long = inst.generate("x", max_tokens=100_000, temperature=0, ignore_eos=True)
@@ -143,8 +146,7 @@ def test_joining_leaving_cancelling_and_stopping_mid_batch(cluster, tiny, refere
             assert tokens(g)[:k] == ref[:k]
         stats = inst.stats
         assert stats["peak_batch"] >= 3
-        # ahead where each rank has two cores to itself: one rank here, a tensor pair only on 4 cores or more
-        assert (stats["steps_ahead"] > 0) == (strategy == "single" or (strategy == "tensor" and cpu_count() >= 4))
+        assert (stats["steps_ahead"] > 0) == (strategy != "pipeline")  # a pipeline never steps ahead
     finally:
         inst.delete()
 
@@ -152,11 +154,11 @@ def test_joining_leaving_cancelling_and_stopping_mid_batch(cluster, tiny, refere
 @pytest.fixture(scope="module")
 def ahead_cluster():
     """Two local nodes whose workers always decode a step ahead (a tensor pair too, whatever the cores)."""
-    os.environ["EXO_LAB_LOOKAHEAD"] = "always"
+    os.environ[defaults.LOOKAHEAD] = "always"
     try:
         c = exo_lab.local_cluster(2)
     finally:
-        os.environ.pop("EXO_LAB_LOOKAHEAD", None)
+        os.environ.pop(defaults.LOOKAHEAD, None)
     yield c
     c.close()
 
@@ -174,7 +176,6 @@ def test_rows_that_need_each_token_pause_the_lookahead_and_match_one_process(ahe
             long = inst.generate(PROMPTS[1], max_tokens=40, temperature=0, ignore_eos=True)
             it = iter(long)
             first = next(it)  # decoding (ahead); the next requests join the running batch
-            ahead = inst.stats["steps_ahead"]
             lp = GenerationRequest(tuple(PROMPTS[0]), max_tokens=8, logprobs=2, ignore_eos=True)
             pen = GenerationRequest(
                 tuple(PROMPTS[2]), max_tokens=8, sampling=SamplingParams(frequency_penalty=2.0), ignore_eos=True
@@ -189,7 +190,6 @@ def test_rows_that_need_each_token_pause_the_lookahead_and_match_one_process(ahe
             ref_long = tokens(one.generate(PROMPTS[1], max_tokens=40, temperature=0, ignore_eos=True))
             assert list(first.tokens) + tokens(it) == ref_long
             after = inst.stats["steps_ahead"]
-            assert after > ahead  # the plain row went ahead before the others joined (and after they left)
             gens = [inst.generate(p, max_tokens=n, temperature=0, ignore_eos=True) for p, n in zip(PROMPTS, MAX_TOKENS)]
             assert [tokens(g) for g in gens] == references
             assert inst.stats["steps_ahead"] > after
