@@ -19,6 +19,9 @@ DASHBOARD_PORT = 52418  #: Panel dashboard (``exo-lab dashboard``)
 #: 2048-token prompt in 4; :mod:`exo_lab.engine.pipeline`); the cost model predicts TTFT with it. One stage
 #: prefills in chunks of 2048, as mlx_lm does.
 PIPELINE_PREFILL_STEP = 512
+#: on a CPU, a one-stage instance decodes a step ahead only where building a step's graph takes at least this
+#: share of the step (:mod:`exo_lab.engine.lookahead`; the cost model predicts with the same rule)
+LOOKAHEAD_MIN_BUILD_SHARE = 0.1
 
 # the variables (names, so that code starting a process can set them)
 CLUSTER_KEY = "EXO_LAB_CLUSTER_KEY"

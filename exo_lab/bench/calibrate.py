@@ -23,7 +23,25 @@ PARAMETERS = (
     ("prefill_efficiency", (-4.0, 1.0)),
     ("hop_overhead_s", (-7.0, -0.5)),
     ("row_efficiency", (-2.0, 2.0)),
+    ("step_overhead_s", (-6.0, -1.0)),
+    ("request_overhead_s", (-5.0, 0.0)),
 )
+#: the factors on the microbenchmarked rates, which :data:`PRIOR` holds near 1
+FACTORS = ("decode_efficiency", "prefill_efficiency", "row_efficiency")
+#: percentage points of error a factor must pay for each squared decade it moves from 1. A small model's
+#: tokens are mostly fixed costs (each step's and each request's): without this, a fit on it found decode and
+#: prefill 13x and 26x slower than measured, which then made every large model's prediction as wrong
+PRIOR = 2.0
+#: the same for an overhead the profile measured, from its measurement (weaker: the profile measures MLX's part
+#: of each step, not the serving around it); with both, a large model's slow decode is a slower rate, not a
+#: step overhead of a tenth of a second, and a small model's a step overhead, not a rate 13x slower
+OVERHEAD_PRIOR = 0.5
+MEASURED = ("step_overhead_s",)
+#: a factor is fitted only where doubling or halving it moves some predicted figure by this fraction
+SENSITIVITY = 0.05
+#: the orders the coordinate descent visits the parameters in (indices into PARAMETERS): overheads first, and
+#: factors first; the fit keeps the better end
+ORDERS = ((4, 5, 2, 0, 1, 3), (0, 1, 2, 3, 4, 5))
 BATCHED = "aggregate_tps"  #: the error of concurrent requests' aggregate tok/s, per concurrency above 1
 SWEEPS = 4
 
@@ -38,15 +56,18 @@ def _log10(x: float) -> float:
 
 
 def fit_calibration(result: BenchResult, topology: Any = None, card: ModelCard | None = None) -> Calibration | None:
-    """Fit each host group's ``decode_efficiency``, ``prefill_efficiency`` and ``hop_overhead_s`` to
-    ``result``'s measurements; None when no plan ran. ``topology`` and ``card`` default to the ones
-    recorded in ``result`` (so a saved result can be re-fitted offline).
+    """Fit each host group's :data:`PARAMETERS` (efficiency factors on the microbenchmarked rates, the
+    overheads of each message, decode step and request) to ``result``'s measurements; None when no plan ran.
+    ``topology`` and ``card`` default to the ones recorded in ``result`` (so a saved result can be re-fitted
+    offline).
 
     The objective is the mean absolute percentage error of decode tok/s and TTFT over the plans that ran, and
-    of the aggregate tok/s of each concurrency above 1 that was measured (what ``row_efficiency`` fits).
+    of the aggregate tok/s of each concurrency above 1 that was measured (what ``row_efficiency`` fits), plus
+    :data:`PRIOR` times each factor's squared log10: a factor moves from 1 only as far as the measurements pay
+    for it, and a fixed cost is fitted as an overhead, not as a slower rate.
     Coordinate descent in log space (a grid over each parameter's range refined by golden-section
     search), starting from the calibration the nodes have now; a step is taken only when it lowers the
-    error, so the error after is never above the error before on the same measurements.
+    objective.
     """
     ok = result.ok
     if not ok:
@@ -79,6 +100,42 @@ def fit_calibration(result: BenchResult, topology: Any = None, card: ModelCard |
     def plan_errors(pb: Any, pred: dict[str, Any]) -> dict[str, float]:
         return {**_errors(pred, pb.measured), **_batched_errors(pred, pb.concurrency, result.tg)}
 
+    factors = [i for i, name in enumerate(names) if name in FACTORS]
+
+    def values(th: dict[str, list[float]]) -> list[float]:
+        """Every predicted figure the objective compares with a measurement."""
+        out = []
+        for (pb, _), pred in zip(plans, predictions(th)):
+            if pred is not None:
+                out += [pred[m] for m in plan_errors(pb, pred) if m in pred]
+                out += [aggregate_tps(pred, result.tg, p.concurrency) for p in pb.concurrency if p.concurrency > 1]
+        return out
+
+    def governs(th: dict[str, list[float]], g: str, i: int) -> bool:
+        """Whether parameter ``i`` of group ``g`` is an overhead, or a factor whose doubling or halving moves some
+        predicted figure by SENSITIVITY: a factor the measurements hardly depend on stays as it is (a small
+        model's tokens barely read weights)."""
+        if i not in factors:
+            return True
+        now = values(th)
+        for step in (math.log10(2), -math.log10(2)):
+            moved = {k: list(v) for k, v in th.items()}
+            moved[g][i] += step
+            if any(abs(b - a) > SENSITIVITY * abs(a) for a, b in zip(now, values(moved)) if a):
+                return True
+        return False
+
+    # the measured overheads, which OVERHEAD_PRIOR holds the fitted ones near: group -> [(index, log10 value)]
+    measured: dict[str, list[tuple[int, float]]] = {}
+    for n in sorted(used):
+        if n in nodes and groups[n] in start:
+            profile = nodes[n].profile
+            measured[groups[n]] = [
+                (i, _log10(float(profile[name])))
+                for i, name in enumerate(names)
+                if name in MEASURED and float(profile.get(name) or 0.0) > 0
+            ]
+
     def error(th: dict[str, list[float]]) -> float:
         errs = [
             v
@@ -86,25 +143,35 @@ def fit_calibration(result: BenchResult, topology: Any = None, card: ModelCard |
             if pred is not None
             for v in plan_errors(pb, pred).values()
         ]
-        return sum(errs) / len(errs) if errs else math.inf
+        prior = PRIOR * sum(v[i] ** 2 for v in th.values() for i in factors) + OVERHEAD_PRIOR * sum(
+            (th[g][i] - x) ** 2 for g, pairs in measured.items() for i, x in pairs
+        )
+        return sum(errs) / len(errs) + prior if errs else math.inf
 
-    current = error(theta)
-    for _sweep in range(SWEEPS):
-        moved = False
-        for g in fitted:
-            for i, (_name, bounds) in enumerate(PARAMETERS):
+    def descend(order: tuple[int, ...]) -> tuple[float, dict[str, list[float]]]:
+        """Coordinate descent from ``theta``, visiting the parameters in ``order``: its objective and end."""
+        th = {k: list(v) for k, v in theta.items()}
+        current = error(th)
+        for _sweep in range(SWEEPS):
+            moved = False
+            for g in fitted:
+                for i in (i for i in order if governs(th, g, i)):
 
-                def f(x: float, g: str = g, i: int = i) -> float:
-                    trial = {k: list(v) for k, v in theta.items()}
-                    trial[g][i] = x
-                    return error(trial)
+                    def f(x: float, g: str = g, i: int = i) -> float:
+                        trial = {k: list(v) for k, v in th.items()}
+                        trial[g][i] = x
+                        return error(trial)
 
-                x = _minimise(f, *bounds)
-                value = f(x)
-                if value < current - 1e-9:
-                    theta[g][i], current, moved = x, value, True
-        if not moved:
-            break
+                    x = _minimise(f, *PARAMETERS[i][1])
+                    value = f(x)
+                    if value < current - 1e-9:
+                        th[g][i], current, moved = x, value, True
+            if not moved:
+                break
+        return current, th
+
+    # coordinate descent ends in the basin its first parameters lead to: overheads first, and factors first
+    theta = min((descend(order) for order in ORDERS), key=lambda end: end[0])[1]
 
     def report(th: dict[str, list[float]]) -> tuple[dict[str, Any], dict[str, dict[str, float]]]:
         preds = predictions(th)

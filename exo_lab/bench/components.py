@@ -6,8 +6,8 @@ slow link can hide in a node's compute factor. A trace (:mod:`exo_lab.engine.tra
 
 - **compute** per stage (the median over decode steps of its slowest rank's compute and sampling): each
   of the stage's nodes gets ``decode_efficiency`` scaled by predicted / measured (the geometric mean over
-  the traces that used it) and ``layer_overhead_s`` divided by it, so the model's compute time for that
-  stage (its reads and its layers' operations) becomes the measured one;
+  the traces that used it) and ``layer_overhead_s`` and ``step_overhead_s`` divided by it, so the model's
+  compute time for that stage (its reads, its layers' operations and its step's own) becomes the measured one;
 - **link** per hop (``src -> dst`` nodes): each transfer the receiver waited for, from the send's start to
   the data held, with its size (one token's hidden state at decode, a chunk's at prefill): a least-squares
   ``latency + bytes / bandwidth`` when the sizes differ enough, else the latency with the probes' bandwidth;
@@ -219,8 +219,9 @@ def merged(topology: Topology, fit_compute: dict[str, float], links: dict, all_r
             # the stage's whole compute time scales: its reads (the efficiency) and its operations' cost alike
             now = NodeRates.from_profile(node, topology.nodes[node].profile)
             cal["decode_efficiency"] = fit_compute[node]
-            if now.layer_overhead_s > 0:
-                cal["layer_overhead_s"] = now.layer_overhead_s * now.decode_efficiency / fit_compute[node]
+            for term in ("layer_overhead_s", "step_overhead_s"):
+                if getattr(now, term) > 0:
+                    cal[term] = getattr(now, term) * now.decode_efficiency / fit_compute[node]
         if node in links:
             cal["links"] = {
                 **(cal.get("links") or {}),

@@ -56,13 +56,17 @@ class DeviceProfile:
     # seconds one decoder layer costs per decoded token beyond its weights' reads (MLX's per-operation cost:
     # :mod:`exo_lab.cluster.layer_overhead`); 0 when not measured
     layer_overhead_s: float = 0.0
+    # seconds a decode step costs beyond its layers (embedding, norm, head, sampling, reading the tokens back:
+    # :func:`exo_lab.cluster.layer_overhead.measure_step_overhead`); 0 when not measured
+    step_overhead_s: float = 0.0
     measured_at: float = 0.0  # unix time of the last microbenchmark run (the best of the runs is kept)
     matmul_runs: int = 0  # microbenchmark runs the matmul rates are the best of
     measure_seconds: float = 0.0
     cache_key: str = ""
     # the cost model's constants fitted by ``exo-lab bench --calibrate`` (see :mod:`exo_lab.bench`):
     # ``decode_efficiency``, ``prefill_efficiency``, ``row_efficiency`` (factors on the rates above), ``hop_overhead_s``
-    # (seconds per message between ranks) and how they were fitted.
+    # (seconds per message between ranks), ``step_overhead_s`` (seconds per decode step, serving included),
+    # ``request_overhead_s`` (seconds per request before its first token) and how they were fitted.
     # A new measurement (``--refresh-profile``) drops them: they are relative to the microbenchmarks.
     calibration: dict[str, Any] = field(default_factory=dict)
 

@@ -37,6 +37,8 @@ How the microbenchmarks stay real and bounded:
   (:mod:`exo_lab.cluster.collective`: one ring rank against a peer that is never late, about 1 s).
 - ``layer_overhead_s``: what one decoder layer costs per decoded token beyond its weights
   (:mod:`exo_lab.cluster.layer_overhead`: a stack of Llama layers of hidden 64, about 0.2 s).
+- ``step_overhead_s``: what a decode step costs beyond its layers (the same small model whole against its
+  layers alone, about 0.4 s); measured when a cached profile lacks it.
 
 Bandwidth measured while other work runs comes out low (a node once reported 6.5 GB/s where
 decode alone implied more), and a low number sticks in the per-hardware cache. So the bandwidth
@@ -71,7 +73,7 @@ from tqdm.auto import tqdm
 
 from exo_lab import _blas, native, paths
 from exo_lab.cluster.collective import measure_message_overhead
-from exo_lab.cluster.layer_overhead import measure_layer_overhead
+from exo_lab.cluster.layer_overhead import measure_layer_overhead, measure_step_overhead
 from exo_lab.cluster.machine import (  # noqa: F401  (re-exported: the profile's facts without MLX)
     DeviceProfile,
     _cgroup_memory,
@@ -330,7 +332,8 @@ def measure_profile(budget_s: float = 7.0, progress: bool = False) -> DeviceProf
         return max(0.0, deadline - time.perf_counter()) / steps_left
 
     message = measure_message_overhead() or {}  # first: the matmuls' slices share what it leaves of the budget
-    layer_s = _layer_overhead()
+    layer_s = _overhead(measure_layer_overhead, "per-layer")
+    step_s = _overhead(measure_step_overhead, "per-step")
     reduce_gb_s, parallel_gb_s = _read_rates(arrays["weights"], slice_s())
     steps_left -= 1
     if bar:
@@ -376,6 +379,7 @@ def measure_profile(budget_s: float = 7.0, progress: bool = False) -> DeviceProf
         memory_bandwidth_runs=1,
         message_overhead_s=float(message.get("message_overhead_s", 0.0)),
         layer_overhead_s=layer_s,
+        step_overhead_s=step_s,
         measured_at=now,
         matmul_runs=1,
         measure_seconds=elapsed,
@@ -391,12 +395,12 @@ def measure_profile(budget_s: float = 7.0, progress: bool = False) -> DeviceProf
     return profile
 
 
-def _layer_overhead() -> float:
-    """:func:`~exo_lab.cluster.layer_overhead.measure_layer_overhead`, or 0 (not measured) when it fails."""
+def _overhead(measure: Callable[[], float], what: str) -> float:
+    """``measure()`` (:mod:`exo_lab.cluster.layer_overhead`), or 0 (not measured) when it fails."""
     try:
-        return measure_layer_overhead()
+        return measure()
     except Exception as exc:  # mlx_lm missing or changed: the cost model goes without the term
-        log.warning("could not measure the per-layer overhead: %s", exc)
+        log.warning("could not measure the %s overhead: %s", what, exc)
         return 0.0
 
 
@@ -436,6 +440,7 @@ def best_of(old: DeviceProfile, new: DeviceProfile) -> DeviceProfile:
         memory_read_gb_per_s_parallel=max(old.memory_read_gb_per_s_parallel, new.memory_read_gb_per_s_parallel),
         message_overhead_s=lower(old.message_overhead_s, new.message_overhead_s),
         layer_overhead_s=lower(old.layer_overhead_s, new.layer_overhead_s),
+        step_overhead_s=lower(old.step_overhead_s, new.step_overhead_s),
         memory_total_bytes=new.memory_total_bytes,
         memory_available_bytes=new.memory_available_bytes,
         measured_at=new.measured_at,
@@ -501,7 +506,10 @@ def load_or_measure(refresh: bool = False, cache_dir: Path | None = None, rechec
             )
             if recheck and (looks_off(profile) or time.time() - profile.memory_bandwidth_checked_at > RECHECK_AFTER_S):
                 profile = check_bandwidth(profile)
-                _store_bandwidth(path, profile)
+                _store_fields(path, profile, _BANDWIDTH_FIELDS)
+            if recheck and profile.step_overhead_s <= 0:  # cached before it was measured
+                profile = replace(profile, step_overhead_s=_overhead(measure_step_overhead, "per-step"))
+                _store_fields(path, profile, ("step_overhead_s",))
             if not (recheck and matmuls_look_low(profile) and time.time() - profile.measured_at > RECHECK_AFTER_S):
                 return profile
             log.warning(
@@ -530,10 +538,10 @@ _BANDWIDTH_FIELDS = (
 )
 
 
-def _store_bandwidth(path: Path, profile: DeviceProfile) -> None:
-    """Write ``profile``'s bandwidth fields into the cached profile at ``path`` (a better run another
-    process stored meanwhile wins). No lock here: the agent calls :func:`load_or_measure` holding
-    the profiles lock already; the file is replaced whole, never written in place."""
+def _store_fields(path: Path, profile: DeviceProfile, fields: tuple[str, ...]) -> None:
+    """Write ``profile``'s ``fields`` into the cached profile at ``path``. No lock here: the agent calls
+    :func:`load_or_measure` holding the profiles lock already; the file is replaced whole, never written in
+    place. A better bandwidth run another process stored meanwhile wins over this one's."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -541,7 +549,7 @@ def _store_bandwidth(path: Path, profile: DeviceProfile) -> None:
     mine = profile.to_json()
     if float(data.get("memory_bandwidth_gb_per_s") or 0) > profile.memory_bandwidth_gb_per_s:
         mine = {**mine, **{k: data[k] for k in _BANDWIDTH_FIELDS[:2] if k in data}}
-    data.update({k: mine[k] for k in _BANDWIDTH_FIELDS})
+    data.update({k: mine[k] for k in fields})
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, indent=1))
     os.replace(tmp, path)

@@ -37,9 +37,10 @@ from typing import Any, cast
 import mlx.core as mx
 
 from exo_lab.cluster.machine import boot_id, cpu_count
+from exo_lab.defaults import LOOKAHEAD_MIN_BUILD_SHARE
 
 #: on a CPU, step ahead only when building a step's graph takes at least this share of a step
-MIN_BUILD_SHARE = 0.1
+MIN_BUILD_SHARE = LOOKAHEAD_MIN_BUILD_SHARE
 
 
 def has_spare_core(group: mx.distributed.Group) -> bool:

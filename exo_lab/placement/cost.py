@@ -27,7 +27,7 @@ slowed.
 Per token of decode, at context length ``T``:
 
     stage time  = (A[a:b] / k) / (R_dec * s) + KV[a:b](T) / k' / (R_dec * s)
-                + [last stage] head bytes / (R_dec * s) + (b - a) * L_op / c_s
+                + [last stage] head bytes / (R_dec * s) + ((b - a) * L_op + S_op) / c_s
 
 where ``A[a:b]`` is the card's *active* bytes of layers ``[a, b)`` (what one token reads: attention,
 dense MLPs, shared experts and ``experts_per_token / experts`` of the routed ones), ``KV[a:b](T)`` the
@@ -37,7 +37,10 @@ layers hold a constant state), and ``k' = k`` unless every tensor rank keeps the
 compute: :mod:`exo_lab.bench.components`): what one layer's ~100 MLX operations cost to build and
 dispatch whatever their size (:mod:`exo_lab.cluster.layer_overhead`; ~0.5-0.7 ms on one core here,
 ~11 ms of llama-1b's ~150 per token): every tensor rank pays it in full, so a tensor pair's token takes
-more than half of one process's, and a small model's decode is mostly this. ``c_s`` is the rank's share
+more than half of one process's, and a small model's decode is mostly this. ``S_op`` is what each step
+costs a rank once beyond its layers: the profile's ``step_overhead_s`` (embedding, norm, head, sampling,
+reading the tokens back; ~0.13 ms here), or the calibration's, which also holds the serving around it
+(landing and streaming the tokens; :mod:`exo_lab.bench.calibrate`). ``c_s`` is the rank's share
 of one core (:func:`cpu_share`: 1 while its host has a core per rank).
     all-reduce  = 2 per layer for k > 1:  2 (k - 1) * lat + 2 (k - 1) / k * H * act / BW
     hop         = lat + H * act / BW                (between consecutive stages)
@@ -54,10 +57,14 @@ Prefill of ``P`` prompt tokens (a pipeline streams it through the stages in ``c`
 ``PIPELINE_PREFILL_STEP`` tokens, :func:`streamed_prefill_s`: the first chunk crosses every stage, each later
 one adds the slowest stage's share ``max(stage time / c + hop of a chunk)``):
 
-    stage time  = (P * FLOPs[a:b] + attention[a:b](P)) / k / (F_pre * s)
+    stage time  = (P * FLOPs[a:b] + attention[a:b](P)) / k / (F_pre * s) + chunks * (b - a) * L_op / c_s
     hop         = lat + P * H * act / BW
     all-reduce  = 2 per layer with P * H * act bytes
-    TTFT        = the streamed stages and hops (+ one decode step for the first token)
+    TTFT        = R_op + the streamed stages and hops (+ one decode step for the first token)
+
+(each prefill chunk runs every operation of the stage's layers once; ``R_op`` is the first stage's
+calibrated ``request_overhead_s``: handing the request to the ranks, admitting it and streaming the first
+token back, 0 until fitted).
 
 where ``FLOPs[a:b]`` is the card's matmul FLOPs per token of those layers (2 per active weight) and
 ``attention[a:b](P)`` 4 FLOPs per causal (query, key) pair and unit of attention width, sliding layers
@@ -123,6 +130,8 @@ class NodeRates:
     row_efficiency: float = 1.0  # calibration: microbenchmarked / measured cost of each more row of a decode batch
     hop_overhead_s: float = 0.0  # seconds each message to or from this node costs beyond latency (measured or fitted)
     layer_overhead_s: float = 0.0  # seconds each decoder layer costs a rank per decode step beyond its reads
+    step_overhead_s: float = 0.0  # seconds each decode step costs a rank beyond its layers (measured or fitted)
+    request_overhead_s: float = 0.0  # seconds a request costs before its first token beyond its compute (fitted)
     # calibration per component (fitted from traces, exo_lab.bench.components): peer node -> (latency_s,
     # bandwidth_bytes_s) of the link from this node, and the step's all-reduce seconds per group of nodes
     links: dict[str, tuple[float, float]] = field(default_factory=dict, hash=False, compare=False)
@@ -157,6 +166,10 @@ class NodeRates:
             layer_overhead_s=_seconds(
                 cal["layer_overhead_s"] if "layer_overhead_s" in cal else profile.get("layer_overhead_s")
             ),
+            step_overhead_s=_seconds(
+                cal["step_overhead_s"] if "step_overhead_s" in cal else profile.get("step_overhead_s")
+            ),
+            request_overhead_s=_seconds(cal.get("request_overhead_s")),
             links={
                 str(peer): (float(v["latency_s"]), float(v["bandwidth_bytes_s"]))
                 for peer, v in (cal.get("links") or {}).items()

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from exo_lab import defaults
 from exo_lab.cluster.topology import Topology
 from exo_lab.defaults import PIPELINE_PREFILL_STEP
 from exo_lab.models import formats
@@ -21,6 +22,7 @@ from exo_lab.models.card import ModelCard
 from exo_lab.placement.cost import (
     DTYPE_BYTES,
     LOOPBACK,
+    PREFILL_CHUNK,
     LinkCost,
     NodeRates,
     bytes_per_weight,
@@ -173,6 +175,9 @@ def predict_into(
     stage_bus: list[float] = []  # what a stage's reads take longer while the other stages compute too
     piped_buses = pipeline_bus_shares(ctx, stages)
     chunks = max(1, -(-(ctx.prompt - 1) // PIPELINE_PREFILL_STEP)) if len(stages) > 1 else 1
+    # how many times a prefill runs each layer's operations (Lockstep.prefill's chunks, or the pipeline's)
+    pre_chunks = chunks if len(stages) > 1 else max(1, -(-(ctx.prompt - 1) // PREFILL_CHUNK))
+    ahead: bool | None = None  # whether the ranks decode a step ahead (decided at the first rank)
     start = 0
     for si, (s, count) in enumerate(zip(stages, alloc)):
         label = "+".join(ctx.names[n] for n in s.nodes) + (f" x{s.k}" if s.k > 1 else "")
@@ -193,16 +198,20 @@ def predict_into(
             rate = r.decode_read_rate(dtypes[node], quant, bpw)
             head = head_held * scale if last else 0.0
             read_bytes = active * scale / s.k + kv + head / s.k
-            # each rank runs every operation of its layers, whatever its share of their weights
-            dispatch = count * r.layer_overhead_s / node_cpu_share(node)
-            t_dec = max(t_dec, read_bytes / (rate * min(sh, buses.get(node, 1.0))) + dispatch)
+            # each rank runs every operation of its layers, whatever its share of their weights, and its step's own
+            cpu = node_cpu_share(node)
+            layers_s, step_s = count * r.layer_overhead_s / cpu, r.step_overhead_s / cpu
+            reads_s = read_bytes / (rate * min(sh, buses.get(node, 1.0)))
+            if ahead is None:
+                ahead = len(stages) == 1 and steps_ahead(ctx, s, reads_s + layers_s, layers_s + step_s)
+            t_dec = max(t_dec, _step_s(reads_s + layers_s, step_s, ahead))
             busy_share = min(sh, buses.get(node, 1.0), piped_buses.get(node, 1.0))
-            t_busy = max(t_busy, read_bytes / (rate * busy_share) + dispatch)
+            t_busy = max(t_busy, _step_s(read_bytes / (rate * busy_share) + layers_s, step_s, ahead))
             flops = r.prefill_flops(dtypes[node], quant) * sh
             attn = card.attention_flops(ctx.prompt, start, stop) / s.k
             head_flops = card.head_flops_per_token if last else 0.0
             compute = (ctx.prompt * flops_layers / s.k + attn + head_flops) / flops
-            t_pre = max(t_pre, compute)
+            t_pre = max(t_pre, compute + pre_chunks * count * r.layer_overhead_s / node_cpu_share(node))
             row_flops = r.decode_row_flops(dtypes[node], quant, bpw) * sh
             t_row = max(t_row, (flops_layers / s.k + head_flops / s.k) / row_flops)
         start = stop
@@ -250,7 +259,7 @@ def predict_into(
     t_prefill = streamed_prefill_s(stage_pre, stage_hop, chunks)
     plan.decode_tps = 1.0 / t_token
     plan.prefill_tps = ctx.prompt / t_prefill
-    plan.ttft_s = t_prefill + t_token
+    plan.ttft_s = ctx.rates[stages[0].nodes[0]].request_overhead_s + t_prefill + t_token
     plan.breakdown = dec
     plan.decode_row_s = row_s
     plan.stage_decode_s = stage_dec
@@ -259,6 +268,32 @@ def predict_into(
     plan.tick_exchange_s = exchange
     worst = max(dec, key=lambda k: dec[k])
     plan.bottleneck = f"{worst} ({100 * dec[worst] / t_token:.0f}% of each token)"
+
+
+def steps_ahead(ctx: CostContext, stage: Stage, compute_s: float, build_s: float) -> bool:
+    """Whether a one-stage instance on ``stage`` decodes a step ahead (:mod:`exo_lab.engine.lookahead`, as
+    ``EXO_LAB_LOOKAHEAD`` here says): ``always``; or, with ``auto``, when every rank has a core to spare (a GPU,
+    or two cores for each of the stage's ranks on its machine) and, on a CPU, building a step (``build_s``, its
+    operations and its own work) is at least ``LOOKAHEAD_MIN_BUILD_SHARE`` of the step."""
+    mode = defaults.lookahead()
+    if mode != "auto":
+        return mode == "always"
+    machines: dict[str, int] = {}
+    for n in stage.nodes:
+        r = ctx.rates[n]
+        machines[r.bus or r.host] = machines.get(r.bus or r.host, 0) + stage.ranks_on(n)
+    for n in stage.nodes:
+        r = ctx.rates[n]
+        if not r.gpu and r.cores < 2 * machines[r.bus or r.host]:
+            return False
+    gpu = all(ctx.rates[n].gpu for n in stage.nodes)
+    return gpu or build_s >= defaults.LOOKAHEAD_MIN_BUILD_SHARE * (compute_s + build_s)
+
+
+def _step_s(compute_s: float, own_s: float, ahead: bool) -> float:
+    """A decode step of a rank: its compute (reads and its layers' operations) then its own work (sampling,
+    landing and streaming the tokens), or, a step ahead, the two beside each other."""
+    return max(compute_s, own_s) if ahead else compute_s + own_s
 
 
 def _worst_link(ctx: CostContext, nodes: tuple[str, ...]) -> LinkCost:

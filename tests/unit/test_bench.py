@@ -241,6 +241,43 @@ def test_calibration_fits_each_batch_rows_cost_from_concurrent_requests():
     assert all(c["row_efficiency"] == 1.0 for c in alone.constants.values())  # nothing measured it
 
 
+def _bench_made_by(truth: tuple[dict, dict], card, plans, pp: int = PP) -> BenchResult:
+    """Measurements made by the cost model with the constants ``truth``, of ``plans``, as a bench result."""
+    plain, real = _topology(), _topology(truth)
+    guess, actual = Predictor(plain, card, pp, TG), Predictor(real, card, pp, TG)
+    benches = []
+    for i, p in enumerate(plans):
+        pred, meas = guess.predict(p), actual.predict(p)
+        assert pred is not None and meas is not None
+        measured = {m: stat([meas[m]]) for m in ("decode_tps", "prefill_tps", "ttft_s")}
+        benches.append(PlanBench(i, p.describe(), p.strategy, "ok", p.to_json(), predicted=pred, measured=measured))
+    return BenchResult("m", "m", pp, TG, 1, 0, [1], benches, topology=plain.to_json(), card=card.to_json())
+
+
+def test_a_small_models_fixed_costs_are_fitted_as_overheads_and_leave_the_rates_alone():
+    """A small model's tokens are mostly each step's and each request's own cost. Fitted on it, those costs
+    come out as overheads, not as slower rates: the calibration then still predicts a large model right."""
+    from exo_lab.models.presets import PRESETS
+
+    small = card_from_config({**PRESETS["tiny"].config, "model_type": "llama"}, "tiny", "float32")
+    truth = ({"step_overhead_s": 0.003, "request_overhead_s": 0.012},) * 2
+    plans = [p for p in make_plans(_topology(), small, context=1024, prompt_tokens=PP)][:6]
+    cal = fit_calibration(_bench_made_by(truth, small, plans))
+    assert cal is not None and cal.before["mape"] > 50 and cal.after["mape"] < 2.0
+    for const in cal.constants.values():  # (a factor the measurements barely depend on may drift a little)
+        assert const["decode_efficiency"] == pytest.approx(1.0, rel=0.15)
+        assert const["prefill_efficiency"] == pytest.approx(1.0, rel=0.15)
+        assert const["step_overhead_s"] == pytest.approx(0.003, rel=0.1)
+        assert const["request_overhead_s"] == pytest.approx(0.012, rel=0.1)
+    large = _card()
+    fitted = _topology(tuple({k: v for k, v in c.items() if k != "group"} for c in cal.constants.values()))
+    for p in make_plans(_topology(), large, context=1024, prompt_tokens=PP).plans[:4]:
+        want, got = Predictor(_topology(truth), large, PP, TG).predict(p), Predictor(fitted, large, PP, TG).predict(p)
+        assert want is not None and got is not None
+        assert got["decode_tps"] == pytest.approx(want["decode_tps"], rel=0.15)
+        assert got["ttft_s"] == pytest.approx(want["ttft_s"], rel=0.15)
+
+
 # ----------------------------------------------------------------------------- on a local cluster
 
 

@@ -388,6 +388,35 @@ def test_every_tensor_rank_pays_each_layers_overhead_in_full():
     assert compute > 2 * 16 * 7e-4  # two ranks on one core: each gets half its time for its operations
 
 
+def test_each_step_costs_its_own_work_once_and_a_step_ahead_hides_it(monkeypatch):
+    """A 4-layer model of hidden 128 (the demo's shape): each decode step of a rank costs its own work
+    (``step_overhead_s``: sampling, landing the tokens) beside its layers. One process with cores to spare
+    steps ahead (exo_lab.engine.lookahead), so the two overlap; a tensor pair on the same two cores does not,
+    and neither does a process told not to (EXO_LAB_LOOKAHEAD=0)."""
+    card = model(4, hidden=128, heads=4, kv=2, inter=512)
+    layer_s, step_s = 4e-4, 3e-3
+    nodes = [node(0, 64, 20, cores=4)]
+    for n in nodes:
+        n.profile["layer_overhead_s"], n.profile["step_overhead_s"] = layer_s, step_s
+
+    def single(topo):
+        return next(p for p in plan(topo, card) if p.strategy == "single")
+
+    ahead = single(cluster(nodes))
+    assert 1 / ahead.decode_tps == pytest.approx(step_s, rel=0.01)  # longer than the compute: all that shows
+    monkeypatch.setenv("EXO_LAB_LOOKAHEAD", "0")
+    behind = single(cluster(nodes))
+    compute_s = 1 / behind.decode_tps - step_s  # its layers' operations and its reads, then its own work
+    assert 4 * layer_s < compute_s < step_s
+    monkeypatch.delenv("EXO_LAB_LOOKAHEAD")
+    two = [node(0, 64, 20, cores=2)]
+    for n in two:
+        n.profile["layer_overhead_s"], n.profile["step_overhead_s"] = layer_s, step_s
+    pair = next(p for p in plan(cluster(two), card) if p.strategy == "tensor")
+    compute = next(v for k, v in pair.breakdown.items() if k.startswith("compute"))
+    assert compute > step_s + 4 * layer_s  # both ranks' cores busy: no step ahead
+
+
 def test_tensor_ranks_on_one_physical_machine_share_its_memory_bus():
     """Two one-core simulated hosts (one kernel: one boot id) read memory at once in a tensor group, each
     slower than alone; a pipeline's stages take turns at one sequence and are not slowed."""

@@ -173,6 +173,23 @@ def test_unreadable_cache_is_measured_again(counted, tmp_path):
     assert counted == [1]
 
 
+def test_a_cached_profile_without_the_step_overhead_gets_it_measured_once(counted, tmp_path, monkeypatch):
+    measured: list[int] = []
+    monkeypatch.setattr(prof, "measure_step_overhead", lambda: measured.append(1) or 2e-4)
+    load_or_measure(cache_dir=tmp_path)  # measured whole by the fake, which has no step overhead
+    assert load_or_measure(cache_dir=tmp_path).step_overhead_s == 2e-4
+    assert load_or_measure(cache_dir=tmp_path).step_overhead_s == 2e-4
+    assert counted == [1] and measured == [1]
+    assert json.loads((tmp_path / f"{prof.cache_key()}.json").read_text())["step_overhead_s"] == 2e-4
+
+
+def test_a_step_costs_more_than_its_layers():
+    """A one-layer model whole (embedding, head, argmax, the token read back) against its layer alone."""
+    from exo_lab.cluster.layer_overhead import measure_step_overhead
+
+    assert measure_step_overhead(steps=24, layers=1) > 0
+
+
 @pytest.mark.slow
 def test_measure_profile_is_real_and_bounded():
     start = time.monotonic()
@@ -192,6 +209,7 @@ def test_measure_profile_is_real_and_bounded():
     assert all(isinstance(v, float) and 0 < v < math.inf for v in rates)
     assert 0 < p.message_overhead_s < 0.05  # two real ring ranks on loopback
     assert 1e-6 < p.layer_overhead_s < 0.05  # a real stack of Llama layers: their operations' cost
+    assert 0 <= p.step_overhead_s < 0.05  # a whole step of the same model beyond its layers
     assert p.matmul_runs == 1
     assert p.memory_bandwidth_gb_per_s == max(
         p.memory_read_gb_per_s_reduce, p.memory_read_gb_per_s_parallel, p.memory_read_gb_per_s_gemv
