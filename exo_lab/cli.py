@@ -387,7 +387,9 @@ def _bench(args: argparse.Namespace) -> int:
                 print(
                     f"  {cluster.node(node).name}: decode x{c['decode_efficiency']:.3g}, "
                     f"prefill x{c['prefill_efficiency']:.3g}, +{1000 * c['hop_overhead_s']:.3g} ms per message, "
-                    f"batch rows x{c.get('row_efficiency', 1.0):.3g} "
+                    f"batch rows x{c.get('row_efficiency', 1.0):.3g}, "
+                    f"+{1000 * c.get('step_overhead_s', 0.0):.3g} ms per step, "
+                    f"+{1000 * c.get('request_overhead_s', 0.0):.3g} ms per request "
                     f"-> {where or 'NOT stored'}"
                 )
         if args.trace is not None:

@@ -37,6 +37,9 @@ PRIOR = 2.0
 #: step overhead of a tenth of a second, and a small model's a step overhead, not a rate 13x slower
 OVERHEAD_PRIOR = 0.5
 MEASURED = ("step_overhead_s",)
+#: a model that reads less than this per token may be served from the CPU's caches, not its memory: its
+#: measurements say nothing about the rates of a model that does, and the factors on them are not fitted
+CACHE_RESIDENT_BYTES = 256 * 2**20
 #: a factor is fitted only where doubling or halving it moves some predicted figure by this fraction
 SENSITIVITY = 0.05
 #: the orders the coordinate descent visits the parameters in (indices into PARAMETERS): overheads first, and
@@ -113,10 +116,12 @@ def fit_calibration(result: BenchResult, topology: Any = None, card: ModelCard |
 
     def governs(th: dict[str, list[float]], g: str, i: int) -> bool:
         """Whether parameter ``i`` of group ``g`` is an overhead, or a factor whose doubling or halving moves some
-        predicted figure by SENSITIVITY: a factor the measurements hardly depend on stays as it is (a small
-        model's tokens barely read weights)."""
+        predicted figure by SENSITIVITY, of a model too large for the caches: a factor the measurements hardly
+        depend on stays as it is (a small model's tokens barely read weights, and read them from the caches)."""
         if i not in factors:
             return True
+        if card.active_bytes_per_token < CACHE_RESIDENT_BYTES:
+            return False
         now = values(th)
         for step in (math.log10(2), -math.log10(2)):
             moved = {k: list(v) for k, v in th.items()}

@@ -264,9 +264,8 @@ def test_a_small_models_fixed_costs_are_fitted_as_overheads_and_leave_the_rates_
     plans = [p for p in make_plans(_topology(), small, context=1024, prompt_tokens=PP)][:6]
     cal = fit_calibration(_bench_made_by(truth, small, plans))
     assert cal is not None and cal.before["mape"] > 50 and cal.after["mape"] < 2.0
-    for const in cal.constants.values():  # (a factor the measurements barely depend on may drift a little)
-        assert const["decode_efficiency"] == pytest.approx(1.0, rel=0.15)
-        assert const["prefill_efficiency"] == pytest.approx(1.0, rel=0.15)
+    for const in cal.constants.values():  # its weights fit in the caches: nothing said about memory reads
+        assert const["decode_efficiency"] == const["prefill_efficiency"] == const["row_efficiency"] == 1.0
         assert const["step_overhead_s"] == pytest.approx(0.003, rel=0.1)
         assert const["request_overhead_s"] == pytest.approx(0.012, rel=0.1)
     large = _card()
@@ -274,8 +273,8 @@ def test_a_small_models_fixed_costs_are_fitted_as_overheads_and_leave_the_rates_
     for p in make_plans(_topology(), large, context=1024, prompt_tokens=PP).plans[:4]:
         want, got = Predictor(_topology(truth), large, PP, TG).predict(p), Predictor(fitted, large, PP, TG).predict(p)
         assert want is not None and got is not None
-        assert got["decode_tps"] == pytest.approx(want["decode_tps"], rel=0.15)
-        assert got["ttft_s"] == pytest.approx(want["ttft_s"], rel=0.15)
+        assert got["decode_tps"] == pytest.approx(want["decode_tps"], rel=0.02)
+        assert got["ttft_s"] == pytest.approx(want["ttft_s"], rel=0.02)
 
 
 # ----------------------------------------------------------------------------- on a local cluster
