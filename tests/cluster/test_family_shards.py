@@ -112,7 +112,6 @@ def test_instances_batch_rotating_and_linear_caches(model, preset):
         plans = cluster.preview(path, context=2048, prompt_tokens=64)
         inst = cluster.launch(path, plan=next(p for p in plans if p.strategy == "pipeline" and p.num_nodes == 2))
         try:
-            before = inst.stats["decode_steps"]
             gens = [
                 inst.generate(p, max_tokens=n, temperature=0, ignore_eos=True)
                 for p, n in zip(BATCH_PROMPTS, BATCH_TOKENS)
@@ -120,7 +119,8 @@ def test_instances_batch_rotating_and_linear_caches(model, preset):
             chunks = [list(g) for g in gens]
             assert all(c[-1].error is None for c in chunks)
             assert [[t for c in cs for t in c.tokens] for cs in chunks] == refs
-            assert inst.stats["decode_steps"] - before < sum(BATCH_TOKENS)  # rows shared steps
+            # rows decoded together (how many steps they shared depends on when each reached the ranks)
+            assert inst.stats["peak_batch"] >= 2
         finally:
             inst.delete()
     finally:
