@@ -1,5 +1,5 @@
 """Two local clusters that differ in one environment variable of their agents (and so of their workers), the same
-plans launched on both, decode measured in alternating rounds: what ``lookahead.py`` and ``ring_threads.py`` run.
+plans launched on both, decode measured in alternating rounds: what ``lookahead.py`` runs.
 
 Each round measures greedy decode tok/s (EOS ignored) of one stream, and aggregate tok/s of N concurrent streams
 (tokens over the time from the first token of any to the last of all), through ``Instance.generate``; which side

@@ -33,7 +33,6 @@ STATE_DIR = "EXO_LAB_STATE_DIR"
 BLAS = "EXO_LAB_BLAS"
 SMALL_GEMM = "EXO_LAB_SMALL_GEMM"
 LOOKAHEAD = "EXO_LAB_LOOKAHEAD"
-RING_THREADS = "EXO_LAB_RING_THREADS"
 WORKER_LOG = "EXO_LAB_WORKER_LOG"
 DASHBOARD_CONNECT = "EXO_LAB_DASHBOARD_CONNECT"
 DASHBOARD_BENCH = "EXO_LAB_DASHBOARD_BENCH"
@@ -54,8 +53,6 @@ VARIABLES: dict[str, str] = {
     SMALL_GEMM: "'0' sends decode-sized fp32 matmuls to OpenBLAS too (default: exo_lab's kernel, exo_lab/native)",
     LOOKAHEAD: "one-stage instances build each decode step while the one before computes: 'auto' (default: where "
     "it pays), 'always', '0' (never)",
-    RING_THREADS: "'spin' leaves MLX's ring backend threads as MLX starts them (default 'idle': they run only on an "
-    "idle core, exo_lab/cluster/ring_threads.py)",
     WORKER_LOG: "log level of shard workers (default: INFO)",
     DASHBOARD_CONNECT: "agents (host:port,...) the dashboard app connects to",
     DASHBOARD_BENCH: "a bench result JSON the dashboard app shows",
@@ -112,12 +109,6 @@ def lookahead(env: Mapping[str, str] | None = None) -> str:
     if value in ("0", "off", "false", "no"):
         return "off"
     return "always" if value == "always" else "auto"
-
-
-def ring_threads(env: Mapping[str, str] | None = None) -> str:
-    """How MLX's ring backend threads run (:mod:`exo_lab.cluster.ring_threads`): ``idle`` (the default: only on
-    an idle core) or ``spin`` (as MLX starts them). Read by each rank and by the profile's ring measurement."""
-    return "spin" if (_get(RING_THREADS, env) or "idle").lower() == "spin" else "idle"
 
 
 def worker_log_level(env: Mapping[str, str] | None = None) -> str:

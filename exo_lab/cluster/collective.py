@@ -80,9 +80,7 @@ def _rank_main(rounds: int) -> dict[str, float]:
     """Rank 0: ``2 * rounds`` ring ``all_sum`` of ``BYTES`` (fp32) each evaluated on its own; the medians."""
     import mlx.core as mx
 
-    from exo_lab.cluster.ring_threads import init_group
-
-    group = init_group("ring")  # as the ranks' groups are
+    group = mx.distributed.init(backend="ring", strict=True)
     time.sleep(SETTLE_S)
     x = mx.ones((BYTES // 4,), dtype=mx.float32)
     mx.eval(x)

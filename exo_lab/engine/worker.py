@@ -50,7 +50,6 @@ from mlx_lm.utils import load_tokenizer
 from exo_lab import defaults
 from exo_lab.cluster.auth import Verifier, header_problem, rank_target
 from exo_lab.cluster.fetch import fetched
-from exo_lab.cluster.ring_threads import init_group
 from exo_lab.cluster.serving import MIB, GuardedHTTPServer
 from exo_lab.cluster.signed_handler import SignedHandler
 from exo_lab.engine.families import tied_embeddings
@@ -509,8 +508,8 @@ class Worker:
         if world == 1:  # a ring of one cannot form; a single rank needs no group
             os.environ.pop("MLX_HOSTFILE", None)
             self.group = mx.distributed.init()
-        else:  # the ring backend's threads run only on an idle core (they spin while they wait)
-            self.group = init_group(backend, strict=True)
+        else:
+            self.group = mx.distributed.init(backend=backend, strict=True)
         if self.group.rank() != self.rank:
             raise RuntimeError(f"MLX rank {self.group.rank()} != configured rank {self.rank}")
         self.state = "loading"
