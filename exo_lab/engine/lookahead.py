@@ -5,7 +5,10 @@ reads the sampled tokens and only then builds the next step: the graph building 
 (streaming, stop checks) leave the compute idle. For a small model that is a third of each token
 (the demo model: 3.5 ms a step, 1.0 of it Python). Here, as ``mlx_lm``'s generators do with
 ``async_eval``, step ``t + 1`` is built on the *lazy* tokens of step ``t`` and queued before step
-``t``'s tokens are read, so the Python work of one step runs while the other computes.
+``t``'s tokens are read, so the Python work of one step runs while the other computes. A step built when
+none is in flight (a batch's first, or the first after a pause) is queued at once too, before the one
+after it is built: otherwise its tokens are read only once both have computed (on the demo model, a
+request's first token came 10.2 ms after its admission that way, 6.6 ms now).
 
 A step that is built ahead holds every row of its batch at that time. Rows that end when the step
 before lands (EOS, ``max_tokens``, a stop flag) were computed once more for nothing and are dropped

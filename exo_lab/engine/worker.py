@@ -250,7 +250,10 @@ class Worker:
         """One step with lookahead: the step in flight (built now when none is), the next one built and queued
         on its lazy tokens when the rows allow, then the step's tokens read and landed, and admissions."""
         group = sched.groups[0]
-        step = self.ahead or self._build_step(sched, None)
+        step = self.ahead
+        if step is None:  # queued at once, as mlx_lm does: it computes while the step after it is built
+            step = self._build_step(sched, None)
+            mx.async_eval(step.shared)
         self.ahead = None
         t = time.perf_counter()
         if self._may_step_ahead(sched):
