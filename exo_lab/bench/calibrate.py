@@ -214,7 +214,7 @@ def _batched_errors(pred: dict[str, Any], points: list[Any], tg: int) -> dict[st
     return out
 
 
-def _minimise(f: Any, lo: float, hi: float, points: int = 121, tol: float = 1e-3) -> float:
+def _minimise(f: Any, lo: float, hi: float, points: int = 61, tol: float = 1e-3) -> float:
     """Grid search over [lo, hi], then golden-section search around the best grid point."""
     xs = [lo + (hi - lo) * i / (points - 1) for i in range(points)]
     vals = [f(x) for x in xs]
