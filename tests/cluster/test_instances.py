@@ -320,7 +320,9 @@ def test_a_dead_worker_fails_fast_then_the_instance_is_replaced(cluster, models)
         import urllib.error
         import urllib.request
 
-        body = json.dumps({"model": "resilient", "messages": [{"role": "user", "content": "hi"}]}).encode()
+        # one token: a request that lands just after the replacement is served whole within the timeout
+        body = json.dumps({"model": "resilient", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+        body = body.encode()
         saw_503 = False
         deadline = time.monotonic() + 60
         while not (inst.state == "ready" and inst.replacements == 1) and time.monotonic() < deadline:
