@@ -63,7 +63,7 @@ def measure_layer_overhead(steps: int = 48, layers: int = LAYERS) -> float:
     return statistics.median(_timed(layers_step, steps)) / layers
 
 
-def measure_step_overhead(steps: int = 48, layers: int = LAYERS) -> float:
+def measure_step_overhead(steps: int = 24, layers: int = LAYERS) -> float:
     """Seconds a greedy decode step takes here beyond its layers (embedding, norm, head, argmax, reading the
     token): a whole model's steps against its layers' alone, taken in turns, medians over ``steps``, never
     below 0."""

@@ -38,7 +38,7 @@ How the microbenchmarks stay real and bounded:
 - ``layer_overhead_s``: what one decoder layer costs per decoded token beyond its weights
   (:mod:`exo_lab.cluster.layer_overhead`: a stack of Llama layers of hidden 64, about 0.2 s).
 - ``step_overhead_s``: what a decode step costs beyond its layers (the same small model whole against its
-  layers alone, about 0.4 s); measured when a cached profile lacks it.
+  layers alone, about 0.2 s); measured when a cached profile lacks it.
 
 Bandwidth measured while other work runs comes out low (a node once reported 6.5 GB/s where
 decode alone implied more), and a low number sticks in the per-hardware cache. So the bandwidth
