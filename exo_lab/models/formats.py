@@ -24,8 +24,8 @@ its fp32 upcast (``float32``) computes, from half the memory, reading half the b
 on a node only where that kernel was built (the device profile measures them only there).
 
 ``q8`` and ``q4`` are ``mx.quantize`` of the fp32 weights (``nn.QuantizedLinear`` and
-``nn.QuantizedEmbedding``, the head too when it is tied), so their activations and scales stay fp32 (a
-decode step's matmuls round x to 8 bits per group inside the kernel where the CPU has AVX-512 VNNI:
+``nn.QuantizedEmbedding``, the head too when it is tied), so their activations and scales stay fp32 (their
+matmuls round x to 8-bit parts per group inside the kernel where the CPU has AVX-512 VNNI:
 :mod:`exo_lab.models.qmatmul`):
 MLX's CPU ``quantized_matmul`` with bf16 activations is many times slower (measured: see
 ``benchmarks/weight_formats.py``). Quantizing changes the tokens a model generates, and so does

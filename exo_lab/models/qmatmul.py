@@ -6,12 +6,13 @@ slower than dequantizing the weights and multiplying with OpenBLAS). So, with fp
 on the CPU:
 
 - with fp32 scales and biases (the ``q8``/``q4`` formats): exo_lab's ``quant_matmul`` primitive
-  (:mod:`exo_lab.models.kernels`). Up to ``SMALL_M`` rows (decode) it runs on every core, each output
-  element the same dot product whatever the batch (batch-invariant): on a CPU with AVX-512 VNNI it rounds
-  x to 8 bits per group of 64 and multiplies in integers, as llama.cpp does (``int8_activations()``;
-  q4 1.5-1.8x, q8 ~1.5x the decode of widening the codes to fp32 in registers, which it does elsewhere:
-  ~20x MLX's kernel at M=1, 8 bits, on an AVX2 machine); more rows (prefill): blocks of weights
-  dequantized to fp32, then the BLAS, with x as it is.
+  (:mod:`exo_lab.models.kernels`), on every core. On a CPU with AVX-512 VNNI (``int8_activations()``) it
+  rounds x to 8 bits per group of 64 (q8: and the rest to 8 more bits) and multiplies with the codes in
+  integers, as llama.cpp does, for any number of rows: each output element the same operations whatever
+  the batch (batch-invariant, prompt rows included). Elsewhere, up to ``SMALL_M`` rows (decode) it widens
+  the codes to fp32 in registers, each output element the same dot product whatever the batch (~20x MLX's
+  kernel at M=1, 8 bits, on an AVX2 machine); more rows (prefill): blocks of weights dequantized to fp32,
+  then the BLAS.
 - where it is not built, or the scales are 16-bit (a stored quantized checkpoint), MLX's kernels: up to
   ``SMALL_M`` rows ``quantized_matmul`` split by output rows over one MLX CPU stream per core (each stream
   has its own thread), bit-identical to ``mx.quantized_matmul``; more rows ``mx.dequantize`` (split over

@@ -13,13 +13,15 @@
 // - more rows (prefill): blocks of W are widened to fp32 and multiplied with the BLAS's cblas_sgemm.
 //
 // `quant_matmul(x, w, scales, biases, group_size, bits)` is `mx.quantized_matmul(x, w, scales, biases,
-// transpose=True)` for fp32 x, scales and biases, 8 or 4 bits: up to SMALL_M rows (decode) each group's dot
-// product is scaled once (scale * sum(x q) + bias * sum(x)), each output element in a fixed order whatever
-// the batch (batch-invariant). Where the CPU has AVX-512 VNNI (groups of a multiple of 64) x is rounded to
-// 8 bits per group and multiplied with the codes in integers (`int8_quant_rows`); elsewhere the codes are
-// widened to fp32 in registers (4-bit codes as even/odd nibbles against a rearranged x). More rows
-// (prefill) dequantize blocks of W and call the BLAS. MLX's own CPU kernel is single-threaded and compute-bound (~0.06 of what memory
-// bandwidth allows on an AVX2 CPU).
+// transpose=True)` for fp32 x, scales and biases, 8 or 4 bits, each group's dot product scaled once
+// (scale * sum(x q) + bias * sum(x)). Where the CPU has AVX-512 VNNI (groups of a multiple of 64) x is
+// rounded to 8-bit parts per group (one for 4-bit codes, two for 8-bit ones) and multiplied with the codes in
+// integers, for any number of rows, each output element the same operations whatever the batch
+// (`int8_quant_matmul`). Elsewhere, up to SMALL_M rows
+// (decode) the codes are widened to fp32 in registers (4-bit codes as even/odd nibbles against a rearranged
+// x), each output element in a fixed order whatever the batch; more rows (prefill) dequantize blocks of W and
+// call the BLAS. MLX's own CPU kernel is single-threaded and compute-bound (~0.06 of what memory bandwidth
+// allows on an AVX2 CPU).
 //
 // Products over PARALLEL_WEIGHTS weights are split over OpenMP threads by output columns.
 #include <immintrin.h>
@@ -354,89 +356,185 @@ inline void qblock4_even_odd(const float* xeo, const float* xsum, const uint8_t*
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-// With AVX-512 VNNI, decode multiplies the codes with x rounded to 8 bits, as llama.cpp's CPU path does:
-// each group of a row of x is scaled so its largest magnitude is 127 and rounded (round half to even), and
+// With AVX-512 VNNI the codes are multiplied with x rounded to 8 bits, as llama.cpp's CPU path does (for
+// 8-bit codes, with a second 8-bit part for the rest: X_PARTS): each
+// group of a row of x is scaled so its largest magnitude is 127 and rounded (round half to even), and
 // `vpdpbusd` sums 4 unsigned-code x signed-x products a lane per instruction, exactly in integers; each
 // group's integer sums are then scaled once (code scale x x's scale) in fp32, and the biases times x's
-// exact fp32 group sums are added. 64 codes at a time (groups of a multiple of 64), each output element the same
-// sequence of operations whatever the batch; rows one at a time (a row's codes stream through in order,
-// measured ~1.6x faster here than 4 rows interleaved).
+// exact fp32 group sums are added. Decode reads one weight row at a time (its codes stream through in
+// order: measured ~1.6x faster here than 4 rows interleaved); prefill unpacks tiles of weight rows once and
+// multiplies 4 rows of x at a time, with the same operations for each output element.
 constexpr bool INT8_ACTIVATIONS = true;
 
-// x rounded to int8 per group of gs, each 64-wide chunk in the order the codes are unpacked in (8 bits: as is;
-// 4 bits: the chunk's even elements, then its odd ones), and each group's scale (its largest |x| / 127)
+// How many 8-bit parts x is rounded to: 4-bit codes take one (x's rounding stays well below the codes' own);
+// 8-bit codes two, x / step ~ hi + lo / 254 (~15 bits), so q8 stays as close to its fp32 product as with fp32 x
 template <int BITS>
-void int8_rows(const float* x, int M, int K, int gs, int8_t* xq, float* xscale) {
+constexpr int X_PARTS = BITS == 8 ? 2 : 1;
+constexpr float LO_SCALE = 254.0f;
+
+// x rounded to X_PARTS int8 parts per group of gs (a row's parts one after the other, K each), each 64-wide
+// chunk in the order the codes are unpacked in (8 bits: as is; 4 bits: the chunk's even elements, then its odd
+// ones); each group's step (its largest |x| / 127) and exact fp32 sum
+template <int BITS>
+void int8_rows(const float* x, int M, int K, int gs, int8_t* xq, float* xscale, float* xsum) {
   const int G = K / gs;
-  alignas(64) int8_t chunk[64];
+  constexpr int P = X_PARTS<BITS>;
+  alignas(64) int8_t chunk[P][64];
   for (int m = 0; m < M; m++)
     for (int g = 0; g < G; g++) {
       const float* src = x + int64_t(m) * K + int64_t(g) * gs;
-      __m512 amax = _mm512_setzero_ps();
-      for (int k = 0; k < gs; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(src + k)));
+      __m512 amax = _mm512_setzero_ps(), sum = _mm512_setzero_ps();
+      for (int k = 0; k < gs; k += 16) {
+        const __m512 v = _mm512_loadu_ps(src + k);
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+        sum = _mm512_add_ps(sum, v);
+      }
       const float top = _mm512_reduce_max_ps(amax);
+      xsum[int64_t(m) * G + g] = _mm512_reduce_add_ps(sum);
       xscale[int64_t(m) * G + g] = top / 127.0f;
       const __m512 inv = _mm512_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
-      int8_t* dst = xq + int64_t(m) * K + int64_t(g) * gs;
+      int8_t* dst = xq + int64_t(m) * P * K + int64_t(g) * gs;
       for (int c = 0; c < gs; c += 64) {
         for (int i = 0; i < 4; i++) {
-          __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(src + c + 16 * i), inv));
-          _mm_store_si128(reinterpret_cast<__m128i*>(chunk + 16 * i), _mm512_cvtsepi32_epi8(v));
+          const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(src + c + 16 * i), inv);
+          const __m512i hi = _mm512_cvtps_epi32(v);  // round half to even
+          _mm_store_si128(reinterpret_cast<__m128i*>(chunk[0] + 16 * i), _mm512_cvtsepi32_epi8(hi));
+          if constexpr (P == 2) {
+            const __m512 rest = _mm512_mul_ps(_mm512_sub_ps(v, _mm512_cvtepi32_ps(hi)), _mm512_set1_ps(LO_SCALE));
+            _mm_store_si128(reinterpret_cast<__m128i*>(chunk[1] + 16 * i), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(rest)));
+          }
         }
-        for (int i = 0; i < 64; i++) dst[c + i] = BITS == 8 ? chunk[i] : chunk[i < 32 ? 2 * i : 2 * (i - 32) + 1];
+        for (int p = 0; p < P; p++)
+          for (int i = 0; i < 64; i++)
+            dst[int64_t(p) * K + c + i] = BITS == 8 ? chunk[p][i] : chunk[p][i < 32 ? 2 * i : 2 * (i - 32) + 1];
       }
     }
 }
 
-// one row of int8 x (its group scales and exact group sums) times one weight row
+// 64 codes of a weight row starting at code k, as `int8_rows` orders x: 8 bits as they are; 4 bits: 32 bytes
+// in both halves of the register, their low nibbles (even codes), then their high nibbles (odd codes)
 template <int BITS>
-inline float int8_row(const int8_t* xq, const float* xscale, const float* xsum, const uint8_t* w, const float* scales,
-                      const float* biases, int K, int gs) {
-  const int G = K / gs;
-  const __m512i low4 = _mm512_set1_epi8(15);
-  const __m512i high_half = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
-  __m512 acc = _mm512_setzero_ps();
-  for (int g = 0; g < G; g++) {
-    __m512i dot = _mm512_setzero_si512();
-    for (int k = g * gs; k < (g + 1) * gs; k += 64) {
-      __m512i codes;
-      if constexpr (BITS == 8) {
-        codes = _mm512_loadu_si512(w + k);
-      } else {  // 32 bytes in both halves: low nibbles (even codes), then high nibbles (odd codes)
-        __m512i b = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k / 2)));
-        codes = _mm512_and_si512(_mm512_srlv_epi16(b, high_half), low4);
-      }
-      dot = _mm512_dpbusd_epi32(dot, codes, _mm512_loadu_si512(xq + k));
-    }
-    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_set1_ps(scales[g] * xscale[g]), acc);
+inline __m512i codes64(const uint8_t* w, int k) {
+  if constexpr (BITS == 8) {
+    return _mm512_loadu_si512(w + k);
+  } else {
+    const __m512i high_half = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
+    __m512i b = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k / 2)));
+    return _mm512_and_si512(_mm512_srlv_epi16(b, high_half), _mm512_set1_epi8(15));
   }
-  __m512 bsum = _mm512_setzero_ps();  // the biases times x's group sums, 16 groups at a time
+}
+
+// MB rows of int8 x (row i's parts at xq + i * X_PARTS * K, its group steps and exact group sums at xscale / xsum + i * G) times
+// one weight row whose 64-code chunks `codes(k)` gives, into out[i * ldo]. Each output element is the same
+// sequence of operations whatever MB: exact integer dot products, each group's scaled once in fp32, then the
+// biases times x's group sums, 16 groups at a time.
+template <int BITS, int MB, class Codes>
+inline void int8_block(Codes codes, const int8_t* xq, const float* xscale, const float* xsum, const float* scales,
+                       const float* biases, float* out, int64_t ldo, int K, int gs) {
+  constexpr int P = X_PARTS<BITS>;
+  const int G = K / gs;
+  __m512 acc[MB], bsum[MB];
+  for (int i = 0; i < MB; i++) acc[i] = bsum[i] = _mm512_setzero_ps();
+  for (int g = 0; g < G; g++) {
+    __m512i dot[MB][P];
+    for (int i = 0; i < MB; i++)
+      for (int p = 0; p < P; p++) dot[i][p] = _mm512_setzero_si512();
+    for (int k = g * gs; k < (g + 1) * gs; k += 64) {
+      const __m512i c = codes(k);
+      for (int i = 0; i < MB; i++)
+        for (int p = 0; p < P; p++)
+          dot[i][p] = _mm512_dpbusd_epi32(dot[i][p], c, _mm512_loadu_si512(xq + (int64_t(i) * P + p) * K + k));
+    }
+    for (int i = 0; i < MB; i++) {
+      __m512 d = _mm512_cvtepi32_ps(dot[i][0]);
+      if constexpr (P == 2) d = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i][1]), _mm512_set1_ps(1.0f / LO_SCALE), d);
+      acc[i] = _mm512_fmadd_ps(d, _mm512_set1_ps(scales[g] * xscale[int64_t(i) * G + g]), acc[i]);
+    }
+  }
   for (int g = 0; g < G; g += 16) {
     const __mmask16 live = __mmask16(G - g >= 16 ? 0xFFFF : (1u << (G - g)) - 1);
-    bsum = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(live, biases + g), _mm512_maskz_loadu_ps(live, xsum + g), bsum);
+    const __m512 b = _mm512_maskz_loadu_ps(live, biases + g);
+    for (int i = 0; i < MB; i++)
+      bsum[i] = _mm512_fmadd_ps(b, _mm512_maskz_loadu_ps(live, xsum + int64_t(i) * G + g), bsum[i]);
   }
-  return _mm512_reduce_add_ps(acc) + _mm512_reduce_add_ps(bsum);
+  for (int i = 0; i < MB; i++) out[i * ldo] = _mm512_reduce_add_ps(acc[i]) + _mm512_reduce_add_ps(bsum[i]);
 }
 
+// up to SMALL_M rows (decode): one weight row at a time, its codes read once from memory and unpacked from L1
+// for every row of x
 template <int BITS>
-void int8_quant_rows(const float* x, const float* xsum, const uint8_t* w, const float* scales, const float* biases,
-                     float* out, int M, int N, int K, int gs) {
+void int8_quant_rows(const int8_t* xq, const float* xscale, const float* xsum, const uint8_t* w, const float* scales,
+                     const float* biases, float* out, int M, int N, int K, int gs) {
   const int G = K / gs;
   const int64_t row_bytes = int64_t(K) * BITS / 8;
-  std::vector<int8_t> xq(size_t(M) * K);
-  std::vector<float> xscale(size_t(M) * G);
-  int8_rows<BITS>(x, M, K, gs, xq.data(), xscale.data());
-  auto run = [&](int n) {  // the row's codes stay in L1 while every row of x passes over them
+  auto run = [&](int n) {
+    const uint8_t* row = w + int64_t(n) * row_bytes;
+    auto codes = [row](int k) { return codes64<BITS>(row, k); };
     for (int m = 0; m < M; m++)
-      out[int64_t(m) * N + n] =
-          int8_row<BITS>(xq.data() + int64_t(m) * K, xscale.data() + int64_t(m) * G, xsum + int64_t(m) * G,
-                         w + int64_t(n) * row_bytes, scales + int64_t(n) * G, biases + int64_t(n) * G, K, gs);
+      int8_block<BITS, 1>(codes, xq + int64_t(m) * X_PARTS<BITS> * K, xscale + int64_t(m) * G, xsum + int64_t(m) * G, scales + int64_t(n) * G,
+                    biases + int64_t(n) * G, out + int64_t(m) * N + n, N, K, gs);
   };
   if (int64_t(N) * K >= PARALLEL_WEIGHTS) {
 #pragma omp parallel for schedule(static)
     for (int n = 0; n < N; n++) run(n);
   } else {
     for (int n = 0; n < N; n++) run(n);
+  }
+}
+
+// more rows (prefill): tiles of INT8_TILE weight rows unpacked once into a buffer, then every row of x, 4 at a
+// time (each unpacked chunk used 4 times): the same sums as the decode path, so a row gives the same bits
+// whatever the batch it is in
+constexpr int INT8_TILE = 16;
+
+template <int BITS>
+void int8_quant_many_rows(const int8_t* xq, const float* xscale, const float* xsum, const uint8_t* w,
+                          const float* scales, const float* biases, float* out, int M, int N, int K, int gs) {
+  const int G = K / gs;
+  const int64_t row_bytes = int64_t(K) * BITS / 8;
+  const int tiles = (N + INT8_TILE - 1) / INT8_TILE;
+#pragma omp parallel
+  {
+    std::vector<uint8_t> unpacked(size_t(INT8_TILE) * K);
+#pragma omp for schedule(static)
+    for (int t = 0; t < tiles; t++) {
+      const int n0 = t * INT8_TILE, nt = N - n0 < INT8_TILE ? N - n0 : INT8_TILE;
+      for (int j = 0; j < nt; j++)
+        for (int k = 0; k < K; k += 64)
+          _mm512_storeu_si512(unpacked.data() + int64_t(j) * K + k, codes64<BITS>(w + int64_t(n0 + j) * row_bytes, k));
+      for (int m0 = 0; m0 < M; m0 += 4) {
+        const int mb = M - m0 < 4 ? M - m0 : 4;
+        const int8_t* xm = xq + int64_t(m0) * X_PARTS<BITS> * K;
+        const float *sm = xscale + int64_t(m0) * G, *um = xsum + int64_t(m0) * G;
+        for (int j = 0; j < nt; j++) {
+          const uint8_t* row = unpacked.data() + int64_t(j) * K;
+          auto codes = [row](int k) { return _mm512_loadu_si512(row + k); };
+          const float *sc = scales + int64_t(n0 + j) * G, *bi = biases + int64_t(n0 + j) * G;
+          float* o = out + int64_t(m0) * N + n0 + j;
+          switch (mb) {
+            case 4: int8_block<BITS, 4>(codes, xm, sm, um, sc, bi, o, N, K, gs); break;
+            case 3: int8_block<BITS, 3>(codes, xm, sm, um, sc, bi, o, N, K, gs); break;
+            case 2: int8_block<BITS, 2>(codes, xm, sm, um, sc, bi, o, N, K, gs); break;
+            default: int8_block<BITS, 1>(codes, xm, sm, um, sc, bi, o, N, K, gs);
+          }
+        }
+      }
+    }
+  }
+}
+
+// x @ W.T with x rounded to 8 bits per group, for any number of rows
+template <int BITS>
+void int8_quant_matmul(const float* x, const uint8_t* w, const float* scales, const float* biases, float* out, int M,
+                       int N, int K, int gs) {
+  const int G = K / gs;
+  std::vector<int8_t> xq(size_t(M) * X_PARTS<BITS> * K);
+  std::vector<float> xscale(size_t(M) * G), xsum(size_t(M) * G);
+  int8_rows<BITS>(x, M, K, gs, xq.data(), xscale.data(), xsum.data());
+  if (M <= SMALL_M) {
+    int8_quant_rows<BITS>(xq.data(), xscale.data(), xsum.data(), w, scales, biases, out, M, N, K, gs);
+  } else {
+    int8_quant_many_rows<BITS>(xq.data(), xscale.data(), xsum.data(), w, scales, biases, out, M, N, K, gs);
   }
 }
 #else
@@ -454,9 +552,6 @@ void quant_rows(const float* x, const uint8_t* w, const float* scales, const flo
       for (int k = g * gs; k < (g + 1) * gs; k += 8) s = _mm256_add_ps(s, _mm256_loadu_ps(x + int64_t(m) * K + k));
       xsum[size_t(m) * G + g] = hsum(s);
     }
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-  if (gs % 64 == 0) return int8_quant_rows<BITS>(x, xsum.data(), w, scales, biases, out, M, N, K, gs);
-#endif
   const bool even_odd = BITS == 4 && gs % 16 == 0;
   const std::vector<float> xeo = even_odd ? split_even_odd(x, M, K) : std::vector<float>();
   const int blocks = (N + QNR - 1) / QNR;
@@ -529,6 +624,13 @@ class QuantMatmul : public mx::Primitive {
     const int N = int(w.shape(0)), K = int(x.shape(-1)), M = int(x.size() / K), gs = group_size_, bits = bits_;
     encoder.dispatch([xp = x.data<float>(), wp = w.data<uint8_t>(), sp = scales.data<float>(),
                       bp = biases.data<float>(), op = out.data<float>(), M, N, K, gs, bits]() {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+      if (gs % 64 == 0) {
+        bits == 8 ? int8_quant_matmul<8>(xp, wp, sp, bp, op, M, N, K, gs)
+                  : int8_quant_matmul<4>(xp, wp, sp, bp, op, M, N, K, gs);
+        return;
+      }
+#endif
       if (M <= SMALL_M) {
         bits == 8 ? quant_rows<8>(xp, wp, sp, bp, op, M, N, K, gs) : quant_rows<4>(xp, wp, sp, bp, op, M, N, K, gs);
       } else {
