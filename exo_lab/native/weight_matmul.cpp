@@ -15,7 +15,7 @@
 // `quant_matmul(x, w, scales, biases, group_size, bits)` is `mx.quantized_matmul(x, w, scales, biases,
 // transpose=True)` for fp32 x, scales and biases, 8 or 4 bits, each group's dot product scaled once
 // (scale * sum(x q) + bias * sum(x)). Where the CPU has AVX-512 VNNI (groups of a multiple of 64) x is
-// rounded to 8-bit parts per group (one for 4-bit codes, two for 8-bit ones) and multiplied with the codes in
+// rounded to two 8-bit parts per group (~15 bits) and multiplied with the codes in
 // integers, for any number of rows, each output element the same operations whatever the batch
 // (`int8_quant_matmul`). Elsewhere, up to SMALL_M rows
 // (decode) the codes are widened to fp32 in registers (4-bit codes as even/odd nibbles against a rearranged
@@ -356,9 +356,9 @@ inline void qblock4_even_odd(const float* xeo, const float* xsum, const uint8_t*
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-// With AVX-512 VNNI the codes are multiplied with x rounded to 8 bits, as llama.cpp's CPU path does (for
-// 8-bit codes, with a second 8-bit part for the rest: X_PARTS): each
-// group of a row of x is scaled so its largest magnitude is 127 and rounded (round half to even), and
+// With AVX-512 VNNI the codes are multiplied with x rounded to 8 bits, as llama.cpp's CPU path does, and the
+// rest rounded to 8 more bits (X_PARTS): each group of a row of x is scaled so its largest magnitude is 127
+// and rounded (round half to even), and
 // `vpdpbusd` sums 4 unsigned-code x signed-x products a lane per instruction, exactly in integers; each
 // group's integer sums are then scaled once (code scale x x's scale) in fp32, and the biases times x's
 // exact fp32 group sums are added. Decode reads one weight row at a time (its codes stream through in
@@ -366,10 +366,12 @@ inline void qblock4_even_odd(const float* xeo, const float* xsum, const uint8_t*
 // multiplies 4 rows of x at a time, with the same operations for each output element.
 constexpr bool INT8_ACTIVATIONS = true;
 
-// How many 8-bit parts x is rounded to: 4-bit codes take one (x's rounding stays well below the codes' own);
-// 8-bit codes two, x / step ~ hi + lo / 254 (~15 bits), so q8 stays as close to its fp32 product as with fp32 x
-template <int BITS>
-constexpr int X_PARTS = BITS == 8 ? 2 : 1;
+// x is rounded to two 8-bit parts, x / step ~ hi + lo / 254 (~15 bits): its rounding stays far below the codes'
+// own, and the tiny float differences between two splits of a model (a prompt chunked otherwise, a tensor
+// all-reduce's order) stay tiny instead of flipping a rounding of 1/127 of the group's largest |x|. With one
+// part q4 decoded ~1.15x and prefilled 1.6x faster here, but a 2-rank pipeline's tokens on a 520-token
+// prompt differed from one process's (tests/cluster/test_weight_formats.py).
+constexpr int X_PARTS = 2;
 constexpr float LO_SCALE = 254.0f;
 
 // x rounded to X_PARTS int8 parts per group of gs (a row's parts one after the other, K each), each 64-wide
@@ -378,7 +380,7 @@ constexpr float LO_SCALE = 254.0f;
 template <int BITS>
 void int8_rows(const float* x, int M, int K, int gs, int8_t* xq, float* xscale, float* xsum) {
   const int G = K / gs;
-  constexpr int P = X_PARTS<BITS>;
+  constexpr int P = X_PARTS;
   alignas(64) int8_t chunk[P][64];
   for (int m = 0; m < M; m++)
     for (int g = 0; g < G; g++) {
@@ -399,10 +401,8 @@ void int8_rows(const float* x, int M, int K, int gs, int8_t* xq, float* xscale, 
           const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(src + c + 16 * i), inv);
           const __m512i hi = _mm512_cvtps_epi32(v);  // round half to even
           _mm_store_si128(reinterpret_cast<__m128i*>(chunk[0] + 16 * i), _mm512_cvtsepi32_epi8(hi));
-          if constexpr (P == 2) {
-            const __m512 rest = _mm512_mul_ps(_mm512_sub_ps(v, _mm512_cvtepi32_ps(hi)), _mm512_set1_ps(LO_SCALE));
-            _mm_store_si128(reinterpret_cast<__m128i*>(chunk[1] + 16 * i), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(rest)));
-          }
+          const __m512 rest = _mm512_mul_ps(_mm512_sub_ps(v, _mm512_cvtepi32_ps(hi)), _mm512_set1_ps(LO_SCALE));
+          _mm_store_si128(reinterpret_cast<__m128i*>(chunk[1] + 16 * i), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(rest)));
         }
         for (int p = 0; p < P; p++)
           for (int i = 0; i < 64; i++)
@@ -424,14 +424,15 @@ inline __m512i codes64(const uint8_t* w, int k) {
   }
 }
 
-// MB rows of int8 x (row i's parts at xq + i * X_PARTS * K, its group steps and exact group sums at xscale / xsum + i * G) times
+// MB rows of int8 x (row i's parts at xq + i * X_PARTS * K, its group steps and exact group sums at
+// xscale / xsum + i * G) times
 // one weight row whose 64-code chunks `codes(k)` gives, into out[i * ldo]. Each output element is the same
 // sequence of operations whatever MB: exact integer dot products, each group's scaled once in fp32, then the
 // biases times x's group sums, 16 groups at a time.
 template <int BITS, int MB, class Codes>
 inline void int8_block(Codes codes, const int8_t* xq, const float* xscale, const float* xsum, const float* scales,
                        const float* biases, float* out, int64_t ldo, int K, int gs) {
-  constexpr int P = X_PARTS<BITS>;
+  constexpr int P = X_PARTS;
   const int G = K / gs;
   __m512 acc[MB], bsum[MB];
   for (int i = 0; i < MB; i++) acc[i] = bsum[i] = _mm512_setzero_ps();
@@ -447,7 +448,7 @@ inline void int8_block(Codes codes, const int8_t* xq, const float* xscale, const
     }
     for (int i = 0; i < MB; i++) {
       __m512 d = _mm512_cvtepi32_ps(dot[i][0]);
-      if constexpr (P == 2) d = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i][1]), _mm512_set1_ps(1.0f / LO_SCALE), d);
+      d = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i][1]), _mm512_set1_ps(1.0f / LO_SCALE), d);
       acc[i] = _mm512_fmadd_ps(d, _mm512_set1_ps(scales[g] * xscale[int64_t(i) * G + g]), acc[i]);
     }
   }
@@ -471,7 +472,7 @@ void int8_quant_rows(const int8_t* xq, const float* xscale, const float* xsum, c
     const uint8_t* row = w + int64_t(n) * row_bytes;
     auto codes = [row](int k) { return codes64<BITS>(row, k); };
     for (int m = 0; m < M; m++)
-      int8_block<BITS, 1>(codes, xq + int64_t(m) * X_PARTS<BITS> * K, xscale + int64_t(m) * G, xsum + int64_t(m) * G, scales + int64_t(n) * G,
+      int8_block<BITS, 1>(codes, xq + int64_t(m) * X_PARTS * K, xscale + int64_t(m) * G, xsum + int64_t(m) * G, scales + int64_t(n) * G,
                     biases + int64_t(n) * G, out + int64_t(m) * N + n, N, K, gs);
   };
   if (int64_t(N) * K >= PARALLEL_WEIGHTS) {
@@ -504,7 +505,7 @@ void int8_quant_many_rows(const int8_t* xq, const float* xscale, const float* xs
           _mm512_storeu_si512(unpacked.data() + int64_t(j) * K + k, codes64<BITS>(w + int64_t(n0 + j) * row_bytes, k));
       for (int m0 = 0; m0 < M; m0 += 4) {
         const int mb = M - m0 < 4 ? M - m0 : 4;
-        const int8_t* xm = xq + int64_t(m0) * X_PARTS<BITS> * K;
+        const int8_t* xm = xq + int64_t(m0) * X_PARTS * K;
         const float *sm = xscale + int64_t(m0) * G, *um = xsum + int64_t(m0) * G;
         for (int j = 0; j < nt; j++) {
           const uint8_t* row = unpacked.data() + int64_t(j) * K;
@@ -528,7 +529,7 @@ template <int BITS>
 void int8_quant_matmul(const float* x, const uint8_t* w, const float* scales, const float* biases, float* out, int M,
                        int N, int K, int gs) {
   const int G = K / gs;
-  std::vector<int8_t> xq(size_t(M) * X_PARTS<BITS> * K);
+  std::vector<int8_t> xq(size_t(M) * X_PARTS * K);
   std::vector<float> xscale(size_t(M) * G), xsum(size_t(M) * G);
   int8_rows<BITS>(x, M, K, gs, xq.data(), xscale.data(), xsum.data());
   if (M <= SMALL_M) {

@@ -23,23 +23,26 @@ PROMPT = [(i * 7919) % 8000 + 10 for i in range(40)]
 MAX_TOKENS = 10
 
 
-def one_process(path, fmt: str) -> list[int]:
+def one_process(path, fmt: str, prompt: list[int] = PROMPT) -> list[int]:
     """Greedy tokens of the whole model in ``fmt``, as the ranks compute them: the prompt but its last
     token, then one token at a time."""
     layers = synthetic.PRESETS["tiny"].config["num_hidden_layers"]
     shard, _ = load_shard(path, ShardSpec(0, layers, layers, fmt))
     cache = shard.make_cache()
-    mx.eval(shard(mx.array(PROMPT[:-1])[None], cache))
-    token, out = PROMPT[-1], []
+    mx.eval(shard(mx.array(prompt[:-1])[None], cache))
+    token, out = prompt[-1], []
     for _ in range(MAX_TOKENS):
         token = int(mx.argmax(shard(mx.array([[token]]), cache)[0, -1]).item())
         out.append(token)
     return out
 
 
-def test_q4_pipeline_matches_one_process_q4(tmp_path):
+# 40 tokens; and 520: the pipeline prefills 512 + 7 rows (the short chunk as decode rows), one process 519 at once
+@pytest.mark.parametrize("length", [40, 520])
+def test_q4_pipeline_matches_one_process_q4(tmp_path, length):
+    prompt = [(i * 7919) % 8000 + 10 for i in range(length)]
     tiny = synthetic.create(tmp_path / "tiny", "tiny", dtype="float32")
-    want = one_process(tiny, "q4")
+    want = one_process(tiny, "q4", prompt)
     cluster = exo_lab.local_cluster(2)
     try:
         plans = cluster.preview(tiny, context=1024, prompt_tokens=64)
@@ -48,7 +51,7 @@ def test_q4_pipeline_matches_one_process_q4(tmp_path):
         assert "q4" in q4.describe()
         inst = cluster.launch(tiny, plan=q4)
         try:
-            chunks = list(inst.generate(PROMPT, max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
+            chunks = list(inst.generate(prompt, max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
             assert chunks[-1].error is None, chunks[-1].error
             assert [t for c in chunks for t in c.tokens] == want
         finally:

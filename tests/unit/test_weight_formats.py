@@ -65,7 +65,7 @@ def _int8_activations_product(
     x: np.ndarray, w: mx.array, scales: mx.array, biases: mx.array, group_size: int, bits: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """``quant_matmul`` with 8-bit activations, in numpy: each group of a row of x scaled to a largest magnitude
-    of 127 and rounded half to even (8-bit codes: and the rest, times 254, rounded again), its integer dot
+    of 127 and rounded half to even, and the rest, times 254, rounded again; its integer dot
     products with the codes scaled by both scales, plus each group's bias times x's exact sum; and how far
     that may be from the fp32 product (each rounded element is off by at most half of its last step)."""
     m, k = x.shape
@@ -78,10 +78,8 @@ def _int8_activations_product(
     v = xg * np.where(top > 0, np.float32(127) / top, np.float32(0))[..., None]
     xq = np.rint(v).astype(np.float64)
     step = (top / np.float32(127)).astype(np.float64)
-    last = step
-    if bits == 8:  # a second part: the rest, in 254ths of a step
-        xq += np.rint((v - np.rint(v)) * np.float32(254)) / 254
-        last = step / 254
+    xq += np.rint((v - np.rint(v)) * np.float32(254)) / 254  # a second part: the rest, in 254ths of a step
+    last = step / 254
     dots = np.einsum("mgk,ngk->mng", xq, codes)
     rounded = (dots * s[None] * step[:, None]).sum(-1) + (b[None] * xg.astype(np.float64).sum(-1)[:, None]).sum(-1)
     bound = (np.abs(full).reshape(-1, g, group_size).sum(-1)[None] * last[:, None] / 2).sum(-1)
@@ -106,7 +104,7 @@ def test_native_quant_matmul_is_the_dequantized_product_and_batch_invariant(bits
         assert np.abs(np.array(got).reshape(16, n) - rounded).max() < 1e-5  # the same integers, fp32 sums
         error = np.abs(np.array(got).reshape(16, n) - want.reshape(16, n))
         assert (error <= bound + 1e-5).all()  # x's rounding, and no more than it
-        assert error.max() > (1e-3 if bits == 4 else 1e-5)  # it does round
+        assert error.max() > 1e-5  # it does round
     else:
         assert np.abs(np.array(got) - want).max() < 1e-4  # fp32 sums of ~400 products of size ~1
         assert np.abs(np.array(got) - np.array(plain)).max() < 1e-4
@@ -218,7 +216,7 @@ def test_shard_loads_in_every_format_and_stays_close(tiny):
 def test_quantized_format_is_mlx_lm_quantization_and_generates(tiny, tmp_path, bits):
     """A shard loaded from fp32 in q4/q8 holds the weights ``mlx_lm`` quantization of the same fp32
     checkpoint holds, decodes the same greedy tokens with the same kernel (M=1: bit-identical matmuls), and
-    logits close to MLX's own kernel's (which keeps x in fp32 where exo_lab's may round it to 8 bits)."""
+    logits close to MLX's own kernel's (which keeps x in fp32 where exo_lab's may round it to two 8-bit parts)."""
     stored = synthetic.create(tmp_path / f"q{bits}", "tiny", dtype="float32", quantize=bits)
     mine, _ = load_shard(tiny, ShardSpec(0, LAYERS, LAYERS, f"q{bits}"))
     theirs, _ = load_shard(stored, ShardSpec(0, LAYERS, LAYERS, None))
@@ -235,8 +233,8 @@ def test_quantized_format_is_mlx_lm_quantization_and_generates(tiny, tmp_path, b
 
     step = mx.array([[17]])
     ours, mlx = mine(step, mine.make_cache())[0, -1], theirs(step, theirs.make_cache())[0, -1]  # MLX's kernel
-    # measured 0.991 for either (8-bit x); q8 itself against fp32 weights: 0.975 (the test above)
-    assert (ours * mlx).sum().item() / (mx.linalg.norm(ours) * mx.linalg.norm(mlx)).item() > 0.98
+    # measured 0.999999 for either with x in two 8-bit parts (one part: 0.991); q8 against fp32 weights: 0.975
+    assert (ours * mlx).sum().item() / (mx.linalg.norm(ours) * mx.linalg.norm(mlx)).item() > 0.9999
     tokens = greedy(mine)
     qmatmul.use_cores(theirs)
     assert tokens == greedy(theirs) and len(set(tokens)) > 1
@@ -340,7 +338,9 @@ def test_planner_choice_from_a_real_profile():
     assert halfmatmul.available()  # this project's machines build the kernel (make setup)
     assert {f"{f}_m1" for f in here} == set(prof["matmul_weight_read_gb_per_s"])
     topo = Topology({"n0": NodeInfo("n0", "here", ["127.0.0.1"], profile=prof)}, [])
-    card = _card("float32")
+    # Llama-1B-sized, so reading the weights outweighs each step's fixed costs (on a small card two formats'
+    # decode can tie, and then the exact one, prefilling faster, ranks first)
+    card = card_from_config(synthetic.PRESETS["llama-1b"].config, "m", "float32")
     ctx = CostContext(topo, card, 1024, 64, 1, lossy=True)
     speeds = {f: ctx.layers_per_s("n0", f) for f in here}
     chosen = _dtypes(topo, card, lossy=True)["here"]
