@@ -63,12 +63,12 @@ def matmul(
 
     ``streams``: how many CPU streams to split MLX's kernels over (0: one per core; 1: plain MLX);
     ``native``: False keeps MLX's kernels where exo_lab's ``quant_matmul`` would run."""
-    parts = _parts(w.shape[0], max(1, streams or os.cpu_count() or 1))
-    m = x.size // x.shape[-1] if x.ndim else 1
     if x.dtype != mx.float32 or mx.default_device() != mx.cpu:  # only the fp32 CPU path is sped up
         return mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=group_size, bits=bits)
-    if native and _native(scales, biases, group_size, bits):
+    if native and _native(scales, biases, group_size, bits):  # first: a decode step makes ~7 calls a layer
         return kernels.module().quant_matmul(x, w, scales, biases, group_size, bits)
+    parts = _parts(w.shape[0], max(1, streams or os.cpu_count() or 1))
+    m = x.size // x.shape[-1] if x.ndim else 1
     if m > SMALL_M:
         if len(parts) == 1:
             full = mx.dequantize(w, scales, biases, group_size=group_size, bits=bits)
