@@ -34,10 +34,10 @@ def _check(ext: Any) -> None:
         want = mx.quantized_matmul(x32, q, scales, biases, transpose=True, group_size=32, bits=bits)
         got = ext.quant_matmul(x32, q, scales, biases, 32, bits)
         assert mx.allclose(got, want, rtol=1e-5).item(), (bits, got, want)  # another order of the same sums
-        # groups of 64 (decode with 8-bit x where the CPU has VNNI): integers up to 127 round to themselves
+        # groups of 64 (16-bit x where the CPU has VNNI): integers up to 32767 round to themselves
         wide = mx.concatenate([w, w], axis=1)
         q, scales, biases = mx.quantize(wide, group_size=64, bits=bits)
-        x64 = mx.array([[float((i * 37) % 255 - 127) for i in range(64)]] * 2)
+        x64 = mx.array([[32767.0] + [float((i * 9973) % 65535 - 32767) for i in range(1, 64)]] * 2)
         want = mx.quantized_matmul(x64, q, scales, biases, transpose=True, group_size=64, bits=bits)
         got = ext.quant_matmul(x64, q, scales, biases, 64, bits)
         assert mx.allclose(got, want, rtol=1e-5).item(), (bits, got, want)

@@ -6,9 +6,9 @@ slower than dequantizing the weights and multiplying with OpenBLAS). So, with fp
 on the CPU:
 
 - with fp32 scales and biases (the ``q8``/``q4`` formats): exo_lab's ``quant_matmul`` primitive
-  (:mod:`exo_lab.models.kernels`), on every core. On a CPU with AVX-512 VNNI (``int8_activations()``) it
-  rounds x to 8 bits per group of 64 and the rest to 8 more (~15 bits) and multiplies with the codes in
-  integers, as llama.cpp does with one part, for any number of rows: each output element the same operations whatever
+  (:mod:`exo_lab.models.kernels`), on every core. On a CPU with AVX-512 VNNI (``integer_activations()``) it
+  rounds x to 16-bit integers per group of 64 and multiplies them with the codes in integers (``vpdpwssd``;
+  llama.cpp rounds x to 8 bits), for any number of rows: each output element the same operations whatever
   the batch (batch-invariant, prompt rows included). Elsewhere, up to ``SMALL_M`` rows (decode) it widens
   the codes to fp32 in registers, each output element the same dot product whatever the batch (~20x MLX's
   kernel at M=1, 8 bits, on an AVX2 machine); more rows (prefill): blocks of weights dequantized to fp32,

@@ -15,9 +15,9 @@
 // `quant_matmul(x, w, scales, biases, group_size, bits)` is `mx.quantized_matmul(x, w, scales, biases,
 // transpose=True)` for fp32 x, scales and biases, 8 or 4 bits, each group's dot product scaled once
 // (scale * sum(x q) + bias * sum(x)). Where the CPU has AVX-512 VNNI (groups of a multiple of 64) x is
-// rounded to two 8-bit parts per group (~15 bits) and multiplied with the codes in
+// rounded to 16-bit integers per group and multiplied with the codes in
 // integers, for any number of rows, each output element the same operations whatever the batch
-// (`int8_quant_matmul`). Elsewhere, up to SMALL_M rows
+// (`int16_quant_matmul`). Elsewhere, up to SMALL_M rows
 // (decode) the codes are widened to fp32 in registers (4-bit codes as even/odd nibbles against a rearranged
 // x), each output element in a fixed order whatever the batch; more rows (prefill) dequantize blocks of W and
 // call the BLAS. MLX's own CPU kernel is single-threaded and compute-bound (~0.06 of what memory bandwidth
@@ -357,32 +357,33 @@ inline void qblock4_even_odd(const float* xeo, const float* xsum, const uint8_t*
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-// With AVX-512 VNNI the codes are multiplied with x rounded to 8 bits, as llama.cpp's CPU path does, and the
-// rest rounded to 8 more bits (X_PARTS): each group of a row of x is scaled so its largest magnitude is 127
-// and rounded (round half to even), and
-// `vpdpbusd` sums 4 unsigned-code x signed-x products a lane per instruction, exactly in integers; each
-// group's integer sums are then scaled once (code scale x x's scale) in fp32, and the biases times x's
-// exact fp32 group sums are added. Decode reads one weight row at a time (its codes stream through in
-// order: measured ~1.6x faster here than 4 rows interleaved); prefill unpacks tiles of weight rows once and
-// multiplies 4 rows of x at a time, with the same operations for each output element.
-constexpr bool INT8_ACTIVATIONS = true;
+// With AVX-512 VNNI: x is rounded to 16-bit integers per group of gs (each group scaled so its largest
+// magnitude is 32767, round half to even), and `vpdpwssd` sums 2 code x x products a lane per instruction,
+// exactly in integers; each group's integer sums are then scaled once (code scale x x's step) in fp32, and the
+// biases times x's exact fp32 group sums are added. Decode reads one weight row at a time (its codes stream
+// through in order), the next one prefetched; prompts take 4 rows of x at a time through the same operations
+// for each output element, so a row gives the same bits whatever its batch.
+constexpr bool INTEGER_ACTIVATIONS = true;
 
-// x is rounded to two 8-bit parts, x / step ~ hi + lo / 254 (~15 bits): its rounding stays far below the codes'
-// own, and the tiny float differences between two splits of a model (a prompt chunked otherwise, a tensor
-// all-reduce's order) stay tiny instead of flipping a rounding of 1/127 of the group's largest |x|. With one
-// part q4 decoded ~1.15x and prefilled 1.6x faster here, but a 2-rank pipeline's tokens on a 520-token
+// ~15 bits of x: its rounding stays far below the codes' own, and the tiny float differences between two
+// splits of a model (a prompt chunked otherwise, a tensor all-reduce's order) stay tiny instead of flipping a
+// rounding of 1/127 of the group's largest |x|, as one 8-bit part did: a 2-rank pipeline's tokens on a 520-token
 // prompt differed from one process's (tests/cluster/test_weight_formats.py).
-constexpr int X_PARTS = 2;
-constexpr float LO_SCALE = 254.0f;
+constexpr float X_TOP = 32767.0f;
+constexpr int X16_TILE = 16;  // weight rows a prompt's blocks of 4 rows of x go through before the next ones
 
-// x rounded to X_PARTS int8 parts per group of gs (a row's parts one after the other, K each), each 64-wide
-// chunk in the order the codes are unpacked in (8 bits: as is; 4 bits: the chunk's even elements, then its odd
-// ones); each group's step (its largest |x| / 127) and exact fp32 sum
+// x rounded to int16 per group of gs, each 64-wide chunk in the order the codes are widened in (8 bits: as is;
+// 4 bits: the chunk's even elements, then its odd ones); each group's step (its largest |x| / X_TOP) and exact
+// fp32 sum
 template <int BITS>
-void int8_rows(const float* x, int M, int K, int gs, int8_t* xq, float* xscale, float* xsum) {
+void x16_rows(const float* x, int M, int K, int gs, int16_t* xq, float* xscale, float* xsum) {
   const int G = K / gs;
-  constexpr int P = X_PARTS;
-  alignas(64) int8_t chunk[P][64];
+  __m512i even = _mm512_setzero_si512(), odd = _mm512_setzero_si512();
+  if constexpr (BITS == 4) {
+    alignas(64) int16_t e[32], o[32];
+    for (int i = 0; i < 32; i++) e[i] = int16_t(2 * i), o[i] = int16_t(2 * i + 1);
+    even = _mm512_load_si512(e), odd = _mm512_load_si512(o);
+  }
   for (int m = 0; m < M; m++)
     for (int g = 0; g < G; g++) {
       const float* src = x + int64_t(m) * K + int64_t(g) * gs;
@@ -394,66 +395,63 @@ void int8_rows(const float* x, int M, int K, int gs, int8_t* xq, float* xscale, 
       }
       const float top = _mm512_reduce_max_ps(amax);
       xsum[int64_t(m) * G + g] = _mm512_reduce_add_ps(sum);
-      xscale[int64_t(m) * G + g] = top / 127.0f;
-      const __m512 inv = _mm512_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
-      int8_t* dst = xq + int64_t(m) * P * K + int64_t(g) * gs;
+      xscale[int64_t(m) * G + g] = top / X_TOP;
+      const __m512 inv = _mm512_set1_ps(top > 0.0f ? X_TOP / top : 0.0f);
+      int16_t* dst = xq + int64_t(m) * K + int64_t(g) * gs;
       for (int c = 0; c < gs; c += 64) {
-        for (int i = 0; i < 4; i++) {
-          const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(src + c + 16 * i), inv);
-          const __m512i hi = _mm512_cvtps_epi32(v);  // round half to even
-          _mm_store_si128(reinterpret_cast<__m128i*>(chunk[0] + 16 * i), _mm512_cvtsepi32_epi8(hi));
-          const __m512 rest = _mm512_mul_ps(_mm512_sub_ps(v, _mm512_cvtepi32_ps(hi)), _mm512_set1_ps(LO_SCALE));
-          _mm_store_si128(reinterpret_cast<__m128i*>(chunk[1] + 16 * i), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(rest)));
+        __m256i q[4];  // round half to even
+        for (int i = 0; i < 4; i++) q[i] = _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(src + c + 16 * i), inv)));
+        const __m512i lo = _mm512_inserti64x4(_mm512_castsi256_si512(q[0]), q[1], 1);
+        const __m512i hi = _mm512_inserti64x4(_mm512_castsi256_si512(q[2]), q[3], 1);
+        if constexpr (BITS == 8) {
+          _mm512_storeu_si512(dst + c, lo);
+          _mm512_storeu_si512(dst + c + 32, hi);
+        } else {
+          _mm512_storeu_si512(dst + c, _mm512_permutex2var_epi16(lo, even, hi));
+          _mm512_storeu_si512(dst + c + 32, _mm512_permutex2var_epi16(lo, odd, hi));
         }
-        for (int p = 0; p < P; p++)
-          for (int i = 0; i < 64; i++)
-            dst[int64_t(p) * K + c + i] = BITS == 8 ? chunk[p][i] : chunk[p][i < 32 ? 2 * i : 2 * (i - 32) + 1];
       }
     }
 }
 
-// 64 codes of a weight row starting at code k, as `int8_rows` orders x: 8 bits as they are; 4 bits: 32 bytes
-// in both halves of the register, their low nibbles (even codes), then their high nibbles (odd codes)
+// 64 codes of a weight row starting at code k as two registers of 32 16-bit codes, as `x16_rows` orders x:
+// 8 bits as they are; 4 bits: the low nibbles of 32 bytes (even codes), then their high nibbles (odd codes)
 template <int BITS>
-inline __m512i codes64(const uint8_t* w, int k) {
+inline void codes64(const uint8_t* w, int k, __m512i& first, __m512i& second) {
   if constexpr (BITS == 8) {
-    return _mm512_loadu_si512(w + k);
+    first = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k)));
+    second = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k + 32)));
   } else {
-    const __m512i high_half = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1);
-    __m512i b = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k / 2)));
-    return _mm512_and_si512(_mm512_srlv_epi16(b, high_half), _mm512_set1_epi8(15));
+    const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k / 2)));
+    first = _mm512_and_si512(b, _mm512_set1_epi16(15));
+    second = _mm512_srli_epi16(b, 4);
   }
 }
 
-// MB rows of int8 x (row i's parts at xq + i * X_PARTS * K, its group steps and exact group sums at
-// xscale / xsum + i * G) times
-// one weight row whose 64-code chunks `codes(k)` gives, into out[i * ldo]. Each output element is the same
-// sequence of operations whatever MB: exact integer dot products, each group's scaled once in fp32, then the
-// biases times x's group sums, 16 groups at a time.
-template <int BITS, int MB, class Codes>
-inline void int8_block(Codes codes, const int8_t* xq, const float* xscale, const float* xsum, const float* scales,
-                       const float* biases, float* out, int64_t ldo, int K, int gs) {
-  constexpr int P = X_PARTS;
+// MB rows of int16 x (row i at xq + i * K, its group steps and exact group sums at xscale / xsum + i * G) times
+// one weight row, into out[i * ldo]. Each output element is the same sequence of operations whatever MB: exact
+// integer dot products, each group's scaled once in fp32 into one of two chains (even and odd groups, so one
+// fma's latency does not pace a row), then the biases times x's group sums, 16 groups at a time.
+template <int BITS, int MB>
+inline void int16_block(const uint8_t* row, const int16_t* xq, const float* xscale, const float* xsum, const float* scales,
+                        const float* biases, float* out, int64_t ldo, int K, int gs) {
   const int G = K / gs;
   __m512 acc[MB][2], bsum[MB];
   for (int i = 0; i < MB; i++) acc[i][0] = acc[i][1] = bsum[i] = _mm512_setzero_ps();
-  // group g's exact integer sums, scaled, into acc[.][J]: two chains, so one fma's latency does not pace a row
   auto group = [&](int g, auto chain) {
     constexpr int J = decltype(chain)::value;
-    __m512i dot[MB][P];
-    for (int i = 0; i < MB; i++)
-      for (int p = 0; p < P; p++) dot[i][p] = _mm512_setzero_si512();
+    __m512i dot[MB];
+    for (int i = 0; i < MB; i++) dot[i] = _mm512_setzero_si512();
     for (int k = g * gs; k < (g + 1) * gs; k += 64) {
-      const __m512i c = codes(k);
-      for (int i = 0; i < MB; i++)
-        for (int p = 0; p < P; p++)
-          dot[i][p] = _mm512_dpbusd_epi32(dot[i][p], c, _mm512_loadu_si512(xq + (int64_t(i) * P + p) * K + k));
+      __m512i c0, c1;
+      codes64<BITS>(row, k, c0, c1);
+      for (int i = 0; i < MB; i++) {
+        dot[i] = _mm512_dpwssd_epi32(dot[i], c0, _mm512_loadu_si512(xq + int64_t(i) * K + k));
+        dot[i] = _mm512_dpwssd_epi32(dot[i], c1, _mm512_loadu_si512(xq + int64_t(i) * K + k + 32));
+      }
     }
-    for (int i = 0; i < MB; i++) {
-      __m512 d = _mm512_cvtepi32_ps(dot[i][0]);
-      d = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i][1]), _mm512_set1_ps(1.0f / LO_SCALE), d);
-      acc[i][J] = _mm512_fmadd_ps(d, _mm512_set1_ps(scales[g] * xscale[int64_t(i) * G + g]), acc[i][J]);
-    }
+    for (int i = 0; i < MB; i++)
+      acc[i][J] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i]), _mm512_set1_ps(scales[g] * xscale[int64_t(i) * G + g]), acc[i][J]);
   };
   int g = 0;
   for (; g + 1 < G; g += 2) {
@@ -471,93 +469,53 @@ inline void int8_block(Codes codes, const int8_t* xq, const float* xscale, const
     out[i * ldo] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1])) + _mm512_reduce_add_ps(bsum[i]);
 }
 
-// up to SMALL_M rows (decode): one weight row at a time, its codes read once from memory and unpacked from L1
-// for every row of x, the next row prefetched while this one is multiplied
+// x @ W.T with x rounded to 16 bits per group, for any number of rows: one weight row at a time (its codes read
+// once from memory, the next row prefetched), every row of x 4 at a time
 template <int BITS>
-void int8_quant_rows(const int8_t* xq, const float* xscale, const float* xsum, const uint8_t* w, const float* scales,
-                     const float* biases, float* out, int M, int N, int K, int gs) {
+void int16_quant_matmul(const float* x, const uint8_t* w, const float* scales, const float* biases, float* out, int M,
+                       int N, int K, int gs) {
   const int G = K / gs;
+  std::vector<int16_t> xq(size_t(M) * K);
+  std::vector<float> xscale(size_t(M) * G), xsum(size_t(M) * G);
+  x16_rows<BITS>(x, M, K, gs, xq.data(), xscale.data(), xsum.data());
   const int64_t row_bytes = int64_t(K) * BITS / 8;
-  auto run = [&](int n) {
-    const uint8_t* row = w + int64_t(n) * row_bytes;
-    if (n + 1 < N) {  // the next row's codes, scales and biases: measured 1.07-1.1x on a q4 decode step here
-      const char* next = reinterpret_cast<const char*>(row + row_bytes);
-      for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
-      for (int g = 0; g < G; g += 16) {
-        _mm_prefetch(reinterpret_cast<const char*>(scales + int64_t(n + 1) * G + g), _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(biases + int64_t(n + 1) * G + g), _MM_HINT_T0);
-      }
-    }
-    auto codes = [row](int k) { return codes64<BITS>(row, k); };
-    for (int m = 0; m < M; m++)
-      int8_block<BITS, 1>(codes, xq + int64_t(m) * X_PARTS * K, xscale + int64_t(m) * G, xsum + int64_t(m) * G, scales + int64_t(n) * G,
-                    biases + int64_t(n) * G, out + int64_t(m) * N + n, N, K, gs);
-  };
-  if (int64_t(N) * K >= PARALLEL_WEIGHTS) {
-#pragma omp parallel for schedule(static)
-    for (int n = 0; n < N; n++) run(n);
-  } else {
-    for (int n = 0; n < N; n++) run(n);
-  }
-}
-
-// more rows (prefill): tiles of INT8_TILE weight rows unpacked once into a buffer, then every row of x, 4 at a
-// time (each unpacked chunk used 4 times): the same sums as the decode path, so a row gives the same bits
-// whatever the batch it is in
-constexpr int INT8_TILE = 16;
-
-template <int BITS>
-void int8_quant_many_rows(const int8_t* xq, const float* xscale, const float* xsum, const uint8_t* w,
-                          const float* scales, const float* biases, float* out, int M, int N, int K, int gs) {
-  const int G = K / gs;
-  const int64_t row_bytes = int64_t(K) * BITS / 8;
-  const int tiles = (N + INT8_TILE - 1) / INT8_TILE;
-#pragma omp parallel
-  {
-    std::vector<uint8_t> unpacked(size_t(INT8_TILE) * K);
-#pragma omp for schedule(static)
-    for (int t = 0; t < tiles; t++) {
-      const int n0 = t * INT8_TILE, nt = N - n0 < INT8_TILE ? N - n0 : INT8_TILE;
-      for (int j = 0; j < nt; j++)
-        for (int k = 0; k < K; k += 64)
-          _mm512_storeu_si512(unpacked.data() + int64_t(j) * K + k, codes64<BITS>(w + int64_t(n0 + j) * row_bytes, k));
-      for (int m0 = 0; m0 < M; m0 += 4) {
-        const int mb = M - m0 < 4 ? M - m0 : 4;
-        const int8_t* xm = xq + int64_t(m0) * X_PARTS * K;
-        const float *sm = xscale + int64_t(m0) * G, *um = xsum + int64_t(m0) * G;
-        for (int j = 0; j < nt; j++) {
-          const uint8_t* row = unpacked.data() + int64_t(j) * K;
-          auto codes = [row](int k) { return _mm512_loadu_si512(row + k); };
-          const float *sc = scales + int64_t(n0 + j) * G, *bi = biases + int64_t(n0 + j) * G;
-          float* o = out + int64_t(m0) * N + n0 + j;
-          switch (mb) {
-            case 4: int8_block<BITS, 4>(codes, xm, sm, um, sc, bi, o, N, K, gs); break;
-            case 3: int8_block<BITS, 3>(codes, xm, sm, um, sc, bi, o, N, K, gs); break;
-            case 2: int8_block<BITS, 2>(codes, xm, sm, um, sc, bi, o, N, K, gs); break;
-            default: int8_block<BITS, 1>(codes, xm, sm, um, sc, bi, o, N, K, gs);
+  const int tiles = (N + X16_TILE - 1) / X16_TILE;
+  auto run = [&](int t) {
+    const int n0 = t * X16_TILE, nt = N - n0 < X16_TILE ? N - n0 : X16_TILE;
+    for (int m0 = 0; m0 < M; m0 += 4) {
+      const int16_t* xm = xq.data() + int64_t(m0) * K;
+      const float *sm = xscale.data() + int64_t(m0) * G, *um = xsum.data() + int64_t(m0) * G;
+      for (int j = 0; j < nt; j++) {
+        const int n = n0 + j;
+        const uint8_t* row = w + int64_t(n) * row_bytes;
+        if (m0 == 0 && n + 1 < N) {  // the next row's codes, scales and biases, on the first pass over the tile
+          const char* next = reinterpret_cast<const char*>(row + row_bytes);
+          for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
+          for (int g = 0; g < G; g += 16) {
+            _mm_prefetch(reinterpret_cast<const char*>(scales + int64_t(n + 1) * G + g), _MM_HINT_T0);
+            _mm_prefetch(reinterpret_cast<const char*>(biases + int64_t(n + 1) * G + g), _MM_HINT_T0);
           }
+        }
+        const float *sc = scales + int64_t(n) * G, *bi = biases + int64_t(n) * G;
+        float* o = out + int64_t(m0) * N + n;
+        switch (M - m0 < 4 ? M - m0 : 4) {
+          case 4: int16_block<BITS, 4>(row, xm, sm, um, sc, bi, o, N, K, gs); break;
+          case 3: int16_block<BITS, 3>(row, xm, sm, um, sc, bi, o, N, K, gs); break;
+          case 2: int16_block<BITS, 2>(row, xm, sm, um, sc, bi, o, N, K, gs); break;
+          default: int16_block<BITS, 1>(row, xm, sm, um, sc, bi, o, N, K, gs);
         }
       }
     }
-  }
-}
-
-// x @ W.T with x rounded to 8 bits per group, for any number of rows
-template <int BITS>
-void int8_quant_matmul(const float* x, const uint8_t* w, const float* scales, const float* biases, float* out, int M,
-                       int N, int K, int gs) {
-  const int G = K / gs;
-  std::vector<int8_t> xq(size_t(M) * X_PARTS * K);
-  std::vector<float> xscale(size_t(M) * G), xsum(size_t(M) * G);
-  int8_rows<BITS>(x, M, K, gs, xq.data(), xscale.data(), xsum.data());
-  if (M <= SMALL_M) {
-    int8_quant_rows<BITS>(xq.data(), xscale.data(), xsum.data(), w, scales, biases, out, M, N, K, gs);
+  };
+  if (int64_t(N) * K * (M < 4 ? M : 4) >= PARALLEL_WEIGHTS) {
+#pragma omp parallel for schedule(static)
+    for (int t = 0; t < tiles; t++) run(t);
   } else {
-    int8_quant_many_rows<BITS>(xq.data(), xscale.data(), xsum.data(), w, scales, biases, out, M, N, K, gs);
+    for (int t = 0; t < tiles; t++) run(t);
   }
 }
 #else
-constexpr bool INT8_ACTIVATIONS = false;
+constexpr bool INTEGER_ACTIVATIONS = false;
 #endif
 
 template <int BITS>
@@ -645,8 +603,8 @@ class QuantMatmul : public mx::Primitive {
                       bp = biases.data<float>(), op = out.data<float>(), M, N, K, gs, bits]() {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
       if (gs % 64 == 0) {
-        bits == 8 ? int8_quant_matmul<8>(xp, wp, sp, bp, op, M, N, K, gs)
-                  : int8_quant_matmul<4>(xp, wp, sp, bp, op, M, N, K, gs);
+        bits == 8 ? int16_quant_matmul<8>(xp, wp, sp, bp, op, M, N, K, gs)
+                  : int16_quant_matmul<4>(xp, wp, sp, bp, op, M, N, K, gs);
         return;
       }
 #endif
@@ -714,6 +672,6 @@ NB_MODULE(_weight_matmul, m) {
         "x float32 [..., K] times MLX's affine-quantized w (uint32 [N, K * bits / 32], float32 scales and biases\n"
         "[N, K / group_size]) transposed: float32 [..., N].");
   m.def("threads", []() { return omp_get_max_threads(); });
-  m.def("int8_activations", []() { return INT8_ACTIVATIONS; },
-        "Whether quant_matmul's decode rounds x to 8 bits per group (groups of a multiple of 64; AVX-512 VNNI).");
+  m.def("integer_activations", []() { return INTEGER_ACTIVATIONS; },
+        "Whether quant_matmul rounds x to 16-bit integers per group (groups of a multiple of 64; AVX-512 VNNI).");
 }
