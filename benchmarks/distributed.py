@@ -8,7 +8,8 @@ Quick: --dtype fp32 --links unshaped --streams 1,8 --tokens 32 --prompt 1024
 For each link (``unshaped``: a plain LAN; ``1gbit``: a cable of 1 Gbit/s with 1 ms one-way delay;
 ``100mbit``: 100 Mbit/s, 5 ms) a simulated cluster (:class:`exo_lab.sim.SimCluster`) of two hosts ``a``
 (core 0) and ``b`` (core 1), cgroup-pinned, each running a node agent; this process coordinates from the
-root namespace. For each dtype of the synthetic ``--preset`` (made once under ``<models>/bench``):
+root namespace. For each dtype of the synthetic ``--preset`` (made once under ``<models>/bench``; ``q8``/``q4``:
+the fp32 checkpoint, every rank of every plan converting it to that weight format at load):
 
 - **one process**: the planner's single-node plan on ``a`` (one rank, one core), measured once per dtype
   (in the first link's sim: a one-process plan crosses no link);
@@ -62,6 +63,8 @@ LINKS: dict[str, dict[str, Any] | None] = {
     "100mbit": {"rate": "100mbit", "delay": "5ms"},
 }
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+#: weight formats every rank converts the fp32 checkpoint to at load (lossy: the planner's choice with lossy=True)
+FORMATS = ("q8", "q4")
 CALIBRATION_PASSES = 6
 os.environ.setdefault("TQDM_DISABLE", "1")  # no load progress bars between the lines of the table
 
@@ -76,6 +79,7 @@ def spec_for(link: str) -> dict[str, Any]:
 
 
 def model_path(preset: str, dtype: str) -> Path:
+    dtype = "fp32" if dtype in FORMATS else dtype  # q8/q4: converted from the fp32 checkpoint by each rank
     path = models_dir() / "bench" / cache_name(f"{preset}-{dtype}")
     if not (path / "config.json").exists():
         print(f"creating {path} ...", flush=True)
@@ -217,10 +221,18 @@ def pick(plans: Any, strategy: str, nodes: int, node: str | None = None) -> Any:
     return (uniform or cands or [None])[0]
 
 
+def in_format(plan: Any, fmt: str) -> Any:
+    """``plan`` with every rank computing in weight format ``fmt`` (for ``--dtype q8/q4``; otherwise as planned)."""
+    if plan is None or fmt not in FORMATS:
+        return plan
+    ranks = [dataclasses.replace(r, dtype=fmt) for r in plan.ranks]
+    return dataclasses.replace(plan, ranks=ranks, dtypes=dict.fromkeys(plan.dtypes, fmt))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="llama-1b")
-    ap.add_argument("--dtype", default="fp32,bf16", help="comma-separated: fp32, bf16")
+    ap.add_argument("--dtype", default="fp32,bf16", help="comma-separated: fp32, bf16, q8, q4 (of the fp32 checkpoint)")
     ap.add_argument("--links", default="unshaped,1gbit,100mbit", help=f"comma-separated: {', '.join(LINKS)}")
     ap.add_argument("--strategies", default="pipeline,tensor")
     ap.add_argument("--streams", default="1,8", help="comma-separated stream counts")
@@ -251,7 +263,7 @@ def main() -> int:
                     plans = cluster.preview(
                         path, context=args.prompt + args.tokens + 64, prompt_tokens=args.short, batch=max(args.streams)
                     )
-                    single = pick(plans, "single", 1, ids["a"])
+                    single = in_format(pick(plans, "single", 1, ids["a"]), dt)
                     for rnd in range(args.rounds):
                         if (dt, rnd) not in base:
                             base[dt, rnd] = measure(cluster, path, single, args)
@@ -259,7 +271,7 @@ def main() -> int:
                                 {"round": rnd, "link": "-", "dtype": dt, "strategy": "one process", **base[dt, rnd]}
                             )
                         for strategy in strategies:
-                            plan = pick(plans, strategy, 2)
+                            plan = in_format(pick(plans, strategy, 2), dt)
                             if plan is None:
                                 print(f"  no {strategy} plan over a and b for {dt}", flush=True)
                                 continue

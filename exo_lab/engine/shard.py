@@ -170,8 +170,8 @@ def convert(shard: nn.Module, fmt: str) -> None:
     """Hold ``shard``'s (unquantized) weights in the weight format ``fmt`` (:mod:`exo_lab.models.formats`).
 
     Float formats cast every floating parameter. ``q8``/``q4`` cast to fp32 first, then quantize
-    every linear and embedding whose rows hold whole groups (``mx.quantize``, group 64: fp32
-    scales and biases, so activations stay fp32), computing on every core
+    every linear and embedding whose rows hold whole groups, a tensor rank's slices too (``mx.quantize``,
+    group 64: fp32 scales and biases, so activations stay fp32), computing on every core
     (:mod:`exo_lab.models.qmatmul`); norms stay fp32. ``bf16w``/``fp16w`` cast to fp32 first, then hold
     every linear and embedding in 16 bits, computing with :mod:`exo_lab.models.halfmatmul`.
     """
@@ -197,6 +197,9 @@ def convert(shard: nn.Module, fmt: str) -> None:
         return hasattr(module, "to_quantized") and weight is not None and weight.shape[-1] % formats.GROUP_SIZE == 0
 
     nn.quantize(shard, group_size=formats.GROUP_SIZE, bits=f.bits, class_predicate=predicate)
+    from exo_lab.engine.vocab import QUANT_SWAPS
+
+    qmatmul.quantize_sharded(shard, formats.GROUP_SIZE, f.bits, QUANT_SWAPS)  # a tensor rank's slices
     qmatmul.use_cores(shard)
 
 
@@ -256,7 +259,7 @@ def load_shard(
             raise ValueError(problem)
         shard_pair(model.model.layers[spec.start : spec.end], pair[0], pair[1])
     shard = Shard(model, spec)
-    if tensor_group is not None and tensor_group.size() > 1 and not quant:
+    if tensor_group is not None and tensor_group.size() > 1:
         from exo_lab.engine.vocab import split_vocab
 
         if split_vocab(shard, tensor_group):  # the model object keeps only the slices too (frees the rest)

@@ -19,8 +19,10 @@ on the CPU:
   the streams the same way), then ``x @ W.T`` on the BLAS, which uses every core.
 
 :class:`CoreQuantizedLinear` and :class:`CoreQuantizedEmbedding` are ``nn.QuantizedLinear`` and
-``nn.QuantizedEmbedding`` that compute this way (:func:`use_cores` swaps them in); the device
-profile measures the q8/q4 formats with the same functions (:mod:`exo_lab.cluster.profile`).
+``nn.QuantizedEmbedding`` that compute this way, the ``CoreQuantized*Sharded*`` classes MLX's tensor-sharded
+quantized linears (:func:`use_cores` swaps them in); :func:`quantize_sharded` quantizes tensor-sharded
+fp32 linears in place. The device profile measures the q8/q4 formats with the same functions
+(:mod:`exo_lab.cluster.profile`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import os
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.nn.layers import distributed as mlx_distributed
 
 from exo_lab.models import kernels
 
@@ -133,17 +136,69 @@ class CoreQuantizedEmbedding(nn.QuantizedEmbedding):
         return matmul(x, self["weight"], self["scales"], self.get("biases"), self.group_size, self.bits)
 
 
+class CoreQuantizedAllToShardedLinear(mlx_distributed.QuantizedAllToShardedLinear):
+    """A tensor-sharded quantized column slice (no communication forward) computing with :func:`matmul`."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = matmul(x, self["weight"], self["scales"], self.get("biases"), self.group_size, self.bits)
+        return y + self["bias"] if "bias" in self else y
+
+
+class CoreQuantizedShardedToAllLinear(mlx_distributed.QuantizedShardedToAllLinear):
+    """A tensor-sharded quantized row slice computing with :func:`matmul`, its partial sums all-reduced."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        # through the module MLX's own sharded linears use, so a trace's all-reduce hook sees it too
+        part = matmul(x, self["weight"], self["scales"], self.get("biases"), self.group_size, self.bits)
+        y = mlx_distributed.mx.distributed.all_sum(part, group=self.group)
+        return y + self["bias"] if "bias" in self else y
+
+
+#: the classes :func:`use_cores` swaps in, by the class they replace
+CORE_SWAPS: dict[type, type] = {
+    nn.QuantizedLinear: CoreQuantizedLinear,
+    nn.QuantizedEmbedding: CoreQuantizedEmbedding,
+    mlx_distributed.QuantizedAllToShardedLinear: CoreQuantizedAllToShardedLinear,
+    mlx_distributed.QuantizedShardedToAllLinear: CoreQuantizedShardedToAllLinear,
+}
+#: the classes :func:`quantize_sharded` swaps in, by the (fp32) tensor-sharded class they replace
+SHARDED_SWAPS: dict[type, type] = {
+    mlx_distributed.AllToShardedLinear: CoreQuantizedAllToShardedLinear,
+    mlx_distributed.ShardedToAllLinear: CoreQuantizedShardedToAllLinear,
+}
+
+
 def use_cores(model: nn.Module) -> int:
-    """Make every affine ``QuantizedLinear``/``QuantizedEmbedding`` of ``model`` compute on every core
-    (in place, the arrays shared); how many modules changed."""
+    """Make every affine quantized linear, embedding and tensor-sharded linear of ``model`` compute on every
+    core (in place, the arrays shared); how many modules changed."""
     changed = 0
     for _, module in model.named_modules():
-        if getattr(module, "mode", "affine") != "affine":
+        core = CORE_SWAPS.get(type(module))
+        if core is None or getattr(module, "mode", "affine") != "affine":
             continue
-        if type(module) is nn.QuantizedLinear:
-            module.__class__ = CoreQuantizedLinear
-            changed += 1
-        elif type(module) is nn.QuantizedEmbedding:
-            module.__class__ = CoreQuantizedEmbedding
-            changed += 1
+        module.__class__ = core
+        changed += 1
+    return changed
+
+
+def quantize_sharded(model: nn.Module, group_size: int, bits: int, swaps: dict[type, type] | None = None) -> int:
+    """Quantize ``model``'s tensor-sharded linears (and each class in ``swaps``, which must then compute with
+    ``weight``, ``scales``, ``biases``, ``group_size`` and ``bits``) whose rows hold whole groups, in place
+    (affine, fp32 scales and biases, computing with :func:`matmul`); how many modules changed.
+
+    ``nn.quantize`` leaves them alone: MLX's sharded linears cannot quantize themselves. A slice's groups are
+    the unsplit weight's wherever the split falls on a group boundary, so the ranks hold what one process
+    quantizing the whole weight holds."""
+    table = {**SHARDED_SWAPS, **(swaps or {})}
+    changed = 0
+    for _, module in model.named_modules():
+        swap = table.get(type(module))
+        weight = module.get("weight") if isinstance(module, nn.Module) else None
+        if swap is None or weight is None or weight.shape[-1] % group_size:
+            continue
+        q, scales, biases = mx.quantize(weight.astype(mx.float32), group_size=group_size, bits=bits)
+        module.__class__ = swap
+        module.weight, module.scales, module.biases = q, scales, biases
+        module.group_size, module.bits, module.mode = group_size, bits, "affine"
+        changed += 1
     return changed

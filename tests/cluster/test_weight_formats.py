@@ -37,6 +37,22 @@ def one_process(path, fmt: str, prompt: list[int] = PROMPT) -> list[int]:
     return out
 
 
+def in_format(plan, fmt: str):
+    """``plan`` with every rank computing in ``fmt``."""
+    return replace(plan, ranks=[replace(r, dtype=fmt) for r in plan.ranks], dtypes=dict.fromkeys(plan.dtypes, fmt))
+
+
+def launched_tokens(cluster, path, plan, prompt: list[int] = PROMPT) -> list[int]:
+    """Greedy tokens of ``plan`` launched on ``cluster`` (closed after)."""
+    inst = cluster.launch(path, plan=plan)
+    try:
+        chunks = list(inst.generate(prompt, max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
+        assert chunks[-1].error is None, chunks[-1].error
+        return [t for c in chunks for t in c.tokens]
+    finally:
+        inst.close()
+
+
 # 40 tokens; and 520: the pipeline prefills 512 + 7 rows (the short chunk as decode rows), one process 519 at once
 @pytest.mark.parametrize("length", [40, 520])
 def test_q4_pipeline_matches_one_process_q4(tmp_path, length):
@@ -47,15 +63,9 @@ def test_q4_pipeline_matches_one_process_q4(tmp_path, length):
     try:
         plans = cluster.preview(tiny, context=1024, prompt_tokens=64)
         pipe = next(p for p in plans if p.strategy == "pipeline" and p.num_nodes == 2)
-        q4 = replace(pipe, ranks=[replace(r, dtype="q4") for r in pipe.ranks], dtypes=dict.fromkeys(pipe.dtypes, "q4"))
+        q4 = in_format(pipe, "q4")
         assert "q4" in q4.describe()
-        inst = cluster.launch(tiny, plan=q4)
-        try:
-            chunks = list(inst.generate(prompt, max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
-            assert chunks[-1].error is None, chunks[-1].error
-            assert [t for c in chunks for t in c.tokens] == want
-        finally:
-            inst.close()
+        assert launched_tokens(cluster, tiny, q4, prompt) == want
     finally:
         cluster.close()
 
@@ -72,15 +82,25 @@ def test_bf16_checkpoint_in_bf16w_splits_give_one_process_tokens(tmp_path):
         assert plans.best.ranks[0].dtype == "bf16w", plans.best.describe()
         for strategy in ("pipeline", "tensor"):
             plan = next(p for p in plans if p.strategy == strategy and p.num_nodes == 2)
-            plan = replace(
-                plan, ranks=[replace(r, dtype="bf16w") for r in plan.ranks], dtypes=dict.fromkeys(plan.dtypes, "bf16w")
-            )
-            inst = cluster.launch(tiny, plan=plan)
-            try:
-                chunks = list(inst.generate(PROMPT, max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True))
-                assert chunks[-1].error is None, chunks[-1].error
-                assert [t for c in chunks for t in c.tokens] == want, strategy
-            finally:
-                inst.close()
+            assert launched_tokens(cluster, tiny, in_format(plan, "bf16w")) == want, strategy
+    finally:
+        cluster.close()
+
+
+def test_tensor_ranks_in_q4_hold_quantized_slices_and_give_one_process_tokens(tmp_path):
+    """tensor-2 over two nodes' real ranks in q4: from an fp32 checkpoint each rank quantizes its slices of the
+    linears and of the vocabulary (once they stayed fp32, and the ranks generated fp32's tokens), and from the
+    same weights stored quantized each rank splits the quantized vocabulary rows; both generate the tokens one
+    process computing in q4 generates."""
+    tiny = synthetic.create(tmp_path / "tiny", "tiny", dtype="float32")
+    stored = synthetic.create(tmp_path / "tiny-q4", "tiny", dtype="float32", quantize=4)
+    want = one_process(tiny, "q4")
+    assert want != one_process(tiny, "float32")  # the format shows in the tokens
+    cluster = exo_lab.local_cluster(2)
+    try:
+        for path, fmt in ((tiny, "q4"), (stored, None)):
+            plans = cluster.preview(path, context=1024, prompt_tokens=64)
+            plan = next(p for p in plans if p.strategy == "tensor" and p.num_nodes == 2)
+            assert launched_tokens(cluster, path, in_format(plan, fmt) if fmt else plan) == want, path
     finally:
         cluster.close()

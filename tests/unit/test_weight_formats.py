@@ -163,6 +163,32 @@ def test_native_quant_matmul_refuses_what_it_cannot_compute_and_matmul_falls_bac
         assert mx.array_equal(mine, plain).item()
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_tensor_sharded_linears_quantize_to_what_one_process_holds(bits):
+    """MLX's tensor-sharded linears cannot quantize themselves (``nn.quantize`` skips them): ``quantize_sharded``
+    quantizes a slice to the whole weight's groups and computes with the same kernel, so each slice's product
+    is one process's, bit for bit (here over a group of one: the slice is the whole weight)."""
+    from mlx.nn.layers.distributed import shard_linear
+
+    group = mx.distributed.init()
+    linear = nn.Linear(256, 96, bias=True)
+    model = nn.Sequential(
+        shard_linear(linear, "all-to-sharded", group=group), shard_linear(linear, "sharded-to-all", group=group)
+    )
+    whole = nn.QuantizedLinear.from_linear(linear, group_size=64, bits=bits)
+    qmatmul.use_cores(whole)
+    assert qmatmul.quantize_sharded(model, 64, bits) == 2
+    assert [type(m) for m in model.layers] == [
+        qmatmul.CoreQuantizedAllToShardedLinear,
+        qmatmul.CoreQuantizedShardedToAllLinear,
+    ]
+    x = mx.random.normal((3, 256), key=mx.random.key(1))
+    for sliced in model.layers:
+        assert sliced["scales"].dtype == mx.float32 and mx.array_equal(sliced["weight"], whole["weight"]).item()
+        assert mx.array_equal(sliced(x), whole(x)).item()
+    assert qmatmul.quantize_sharded(model, 64, bits) == 0  # already quantized: left alone
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     return synthetic.create(tmp_path_factory.mktemp("formats") / "tiny", "tiny", dtype="float32")
