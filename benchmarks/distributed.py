@@ -221,12 +221,16 @@ def pick(plans: Any, strategy: str, nodes: int, node: str | None = None) -> Any:
     return (uniform or cands or [None])[0]
 
 
-def in_format(plan: Any, fmt: str) -> Any:
-    """``plan`` with every rank computing in weight format ``fmt`` (for ``--dtype q8/q4``; otherwise as planned)."""
+def in_format(plan: Any, fmt: str, predictor: Predictor | None = None) -> Any:
+    """``plan`` with every rank computing in weight format ``fmt`` (for ``--dtype q8/q4``; otherwise as planned),
+    its predicted figures ``predictor``'s for that format when given (a trace compares with them)."""
     if plan is None or fmt not in FORMATS:
         return plan
     ranks = [dataclasses.replace(r, dtype=fmt) for r in plan.ranks]
-    return dataclasses.replace(plan, ranks=ranks, dtypes=dict.fromkeys(plan.dtypes, fmt))
+    out = dataclasses.replace(plan, ranks=ranks, dtypes=dict.fromkeys(plan.dtypes, fmt))
+    for key, value in ((predictor.predict(out) if predictor else None) or {}).items():
+        setattr(out, key, value)
+    return out
 
 
 def main() -> int:

@@ -1,7 +1,8 @@
 """Where a token's time goes on two one-core simulated hosts: traced pipeline-2 and tensor-2 of one model.
 
 Run (root, iproute2): .venv/bin/python benchmarks/trace_breakdown.py [--preset llama-1b] [--dtype fp32]
-     [--link unshaped] [--tokens 24] [--out DIR]
+     [--link unshaped] [--strategies pipeline,tensor] [--tokens 24] [--out DIR]
+     (``--dtype q8``/``q4``: the fp32 checkpoint, every rank converting it at load)
 
 The same cluster as ``benchmarks/distributed.py`` (hosts ``a`` on core 0 and ``b`` on core 1, each running a
 node agent; ``--link`` as there). For each of the planner's pipeline-2 and tensor-2 plans over ``a`` and ``b``:
@@ -24,8 +25,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from distributed import DTYPES, model_path, one_stream, pick, prompt_of, spec_for
+from distributed import DTYPES, FORMATS, in_format, model_path, one_stream, pick, prompt_of, spec_for
 
+from exo_lab.placement.predict import Predictor
+from exo_lab.placement.preview import model_card
 from exo_lab.sim.cluster import SimCluster
 
 os.environ.setdefault("TQDM_DISABLE", "1")
@@ -64,9 +67,10 @@ def run(cluster: Any, path: Path, plan: Any, args: argparse.Namespace) -> None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="llama-1b")
-    ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES) + list(FORMATS))
     ap.add_argument("--link", default="unshaped")
     ap.add_argument("--tokens", type=int, default=24)
+    ap.add_argument("--strategies", default="pipeline,tensor")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     path = model_path(args.preset, args.dtype)
@@ -75,8 +79,11 @@ def main() -> int:
         try:
             cluster.wait_for(2, links=True, timeout=180)
             plans = cluster.preview(path, context=512, prompt_tokens=32)
-            for strategy in ("pipeline", "tensor"):
-                plan = pick(plans, strategy, 2)
+            card = model_card(str(path))
+            for strategy in args.strategies.split(","):
+                plan = in_format(
+                    pick(plans, strategy, 2), args.dtype, Predictor(cluster.topology, card, 32, args.tokens)
+                )
                 if plan is None:
                     print(f"no {strategy} plan over a and b")
                     continue

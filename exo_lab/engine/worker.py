@@ -53,6 +53,7 @@ from exo_lab.cluster.fetch import fetched
 from exo_lab.cluster.serving import MIB, GuardedHTTPServer
 from exo_lab.cluster.signed_handler import SignedHandler
 from exo_lab.engine.families import tied_embeddings
+from exo_lab.engine.group import form_group
 from exo_lab.engine.guided import SchemaConstraint, vocabulary
 from exo_lab.engine.job import Job, JobError
 from exo_lab.engine.lockstep import FAILED, Layout, Lockstep, describe
@@ -512,7 +513,7 @@ class Worker:
             os.environ.pop("MLX_HOSTFILE", None)
             self.group = mx.distributed.init()
         else:
-            self.group = mx.distributed.init(backend=backend, strict=True)
+            self.group = form_group(backend)
         if self.group.rank() != self.rank:
             raise RuntimeError(f"MLX rank {self.group.rank()} != configured rank {self.rank}")
         self.state = "loading"
