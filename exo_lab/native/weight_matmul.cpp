@@ -257,6 +257,14 @@ class WeightMatmul : public mx::Primitive {
   }
 };
 
+// ``a`` row-major for a kernel: an evaluated row-contiguous array (the weights) as it is, else through
+// mx::contiguous (a no-op copy when it turns out contiguous, but one more operation for MLX to dispatch per
+// product: 3 of the 4 a quantized product made, ~450 of a llama-1b decode step's ~2500)
+mx::array row_major(const mx::array& a, mx::Stream s) {
+  if (a.is_available() && a.flags().row_contiguous) return a;
+  return mx::contiguous(a, false, s);
+}
+
 mx::array weight_matmul(const mx::array& x, const mx::array& w) {
   if (x.dtype() != mx::float32) throw std::invalid_argument("weight_matmul: x must be float32");
   if (w.dtype() != mx::bfloat16 && w.dtype() != mx::float16)
@@ -264,7 +272,7 @@ mx::array weight_matmul(const mx::array& x, const mx::array& w) {
   if (w.ndim() != 2 || x.ndim() < 1 || x.shape(-1) != w.shape(1))
     throw std::invalid_argument("weight_matmul: x [..., K] and w [N, K] expected");
   mx::Stream s = mx::to_stream(std::monostate{}, mx::Device::cpu);
-  mx::array xc = mx::contiguous(x, false, s), wc = mx::contiguous(w, false, s);
+  mx::array xc = row_major(x, s), wc = row_major(w, s);
   mx::Shape shape = x.shape();
   shape.back() = w.shape(0);
   return mx::array(shape, mx::float32, std::make_shared<WeightMatmul>(s), {xc, wc});
@@ -656,7 +664,7 @@ mx::array quant_matmul(const mx::array& x, const mx::array& w, const mx::array& 
     throw std::invalid_argument("quant_matmul: scales and biases must be [N, K / group_size]");
   mx::Stream s = mx::to_stream(std::monostate{}, mx::Device::cpu);
   std::vector<mx::array> in;
-  for (const auto* a : {&x, &w, &scales, &biases}) in.push_back(mx::contiguous(*a, false, s));
+  for (const auto* a : {&x, &w, &scales, &biases}) in.push_back(row_major(*a, s));
   mx::Shape shape = x.shape();
   shape.back() = N;
   return mx::array(shape, mx::float32, std::make_shared<QuantMatmul>(s, group_size, bits), std::move(in));
