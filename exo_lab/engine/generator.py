@@ -28,6 +28,7 @@ from typing import Any, cast
 import mlx.core as mx
 import mlx_lm.generate  # noqa: F401  (import here, not on the engine thread: its module-level stream is thread-local)
 
+from exo_lab import defaults
 from exo_lab.engine.backend import Backend
 from exo_lab.engine.embedding import embed_tokens
 from exo_lab.engine.generation import (  # noqa: F401  (re-exported: the request types' old home)
@@ -240,6 +241,7 @@ class Engine(Backend):
                 max_tokens=256,
                 completion_batch_size=self.max_batch,
                 prefill_batch_size=min(8, self.max_batch),
+                prefill_step_size=defaults.prefill_step(1, self.mlx_stream.device == mx.gpu),
                 stream=self.mlx_stream,
             )
         penalties = make_penalties(req.sampling, req.prompt_tokens)  # bias and penalties, before any grammar

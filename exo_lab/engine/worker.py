@@ -545,7 +545,7 @@ class Worker:
         if layout.stage > 0:
             act_name = (cfg.get("act_dtypes") or {}).get(str(stages[layout.stage - 1][0]), act_name)
         act = getattr(mx, act_name)
-        step = cfg.get("prefill_step_size") or (PIPELINE_PREFILL_STEP if len(stages) > 1 else 2048)
+        step = cfg.get("prefill_step_size") or defaults.prefill_step(len(stages), mx.default_device() == mx.gpu)
         self.lockstep = Lockstep(self.shard, self.group, layout, config["hidden_size"], act, step)
         self.schedule = GroupSchedule(len(stages), layout.stage)
         if samples:

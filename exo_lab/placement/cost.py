@@ -109,6 +109,7 @@ HOST_SCALING = 0.5
 LOOPBACK_LAT_S = 0.0001
 LOOPBACK_BW_BYTES_S = 4e9
 RANK_OVERHEAD_BYTES = 300 * 2**20
+#: the longest prefill chunk (a one-stage GPU instance's): what the activation memory is planned for
 PREFILL_CHUNK = 2048
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 

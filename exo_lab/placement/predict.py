@@ -22,7 +22,6 @@ from exo_lab.models.card import ModelCard
 from exo_lab.placement.cost import (
     DTYPE_BYTES,
     LOOPBACK,
-    PREFILL_CHUNK,
     LinkCost,
     NodeRates,
     bytes_per_weight,
@@ -176,7 +175,8 @@ def predict_into(
     piped_buses = pipeline_bus_shares(ctx, stages)
     chunks = max(1, -(-(ctx.prompt - 1) // PIPELINE_PREFILL_STEP)) if len(stages) > 1 else 1
     # how many times a prefill runs each layer's operations (Lockstep.prefill's chunks, or the pipeline's)
-    pre_chunks = chunks if len(stages) > 1 else max(1, -(-(ctx.prompt - 1) // PREFILL_CHUNK))
+    one_step = defaults.prefill_step(1, ctx.rates[stages[0].nodes[0]].gpu)
+    pre_chunks = chunks if len(stages) > 1 else max(1, -(-(ctx.prompt - 1) // one_step))
     ahead: bool | None = None  # whether the ranks decode a step ahead (decided at the first rank)
     start = 0
     for si, (s, count) in enumerate(zip(stages, alloc)):
