@@ -15,21 +15,23 @@ AGENT_PORT = 52416  #: node agent (``exo-lab node``)
 PROBE_PORT = 52417  #: a node agent's link probes (its port + 1 unless told otherwise)
 DASHBOARD_PORT = 52418  #: Panel dashboard (``exo-lab dashboard``)
 
-#: prefill chunk (tokens) of a pipeline: a long prompt streams through the stages in chunks this long (a
-#: 2048-token prompt in 4; :mod:`exo_lab.engine.pipeline`); the cost model predicts TTFT with it
-PIPELINE_PREFILL_STEP = 512
-#: prefill chunk (tokens) of one stage on a GPU (mlx_lm's) and on a CPU, where MLX's attention materializes each
-#: chunk's query-by-key scores: on this project's 2-core machine a 2048-token llama-1b prompt prefilled 1.23x
-#: (fp32: 65.2 -> 53.2 s) and 1.31x (q4: 73-76 -> 57-58 s) faster in chunks of 512 than at once
+#: prefill chunk (tokens): a long prompt runs through the layers in chunks this long, and streams through a
+#: pipeline's stages in them (:mod:`exo_lab.engine.pipeline`: stage 2 works on chunk 1 while stage 1 works on chunk
+#: 2); the cost model predicts TTFT with the same chunks. On a CPU 256 whatever the stages: MLX's CPU attention
+#: materializes each chunk's query-by-key scores, and a 2048-token llama-1b prompt on this project's 2-core machine
+#: prefilled in 65.2 s at once, 53.0 in chunks of 512, 52.3 of 256, 54.3 of 128 (fp32; q4: 73-76, 57.7, 53.9 s),
+#: and a pipeline's first and last chunks cross the stages alone (8 chunks of a 2048-token prompt, not 4). On a
+#: GPU, mlx_lm's 2048 for one stage and 512 for a pipeline.
+CPU_PREFILL_STEP = 256
 GPU_PREFILL_STEP = 2048
-CPU_PREFILL_STEP = 512
+GPU_PIPELINE_PREFILL_STEP = 512
 
 
 def prefill_step(stages: int, gpu: bool) -> int:
     """Tokens per prefill chunk of an instance of ``stages`` stages computing on a GPU (else a CPU)."""
-    if stages > 1:
-        return PIPELINE_PREFILL_STEP
-    return GPU_PREFILL_STEP if gpu else CPU_PREFILL_STEP
+    if not gpu:
+        return CPU_PREFILL_STEP
+    return GPU_PIPELINE_PREFILL_STEP if stages > 1 else GPU_PREFILL_STEP
 
 
 #: on a CPU, a one-stage instance decodes a step ahead only where building a step's graph takes at least this

@@ -75,8 +75,6 @@ EXIT_SETUP_FAILED = 3
 EXIT_ORPHANED = 4
 #: how long a failed worker waits for its status to be read before it exits
 FAILED_LINGER_S = 3.0
-#: prefill chunk of a pipeline (tokens): see :data:`exo_lab.defaults.PIPELINE_PREFILL_STEP`
-PIPELINE_PREFILL_STEP = defaults.PIPELINE_PREFILL_STEP
 
 
 def _argmax(logprobs: mx.array) -> mx.array:

@@ -54,7 +54,7 @@ in ``S`` groups, each stage computing one group per tick; a tick lasts as long a
 sequence goes through the stages one tick each (the sum above; each tick pays the return hop).
 
 Prefill of ``P`` prompt tokens (a pipeline streams it through the stages in ``c`` chunks of
-``PIPELINE_PREFILL_STEP`` tokens, :func:`streamed_prefill_s`: the first chunk crosses every stage, each later
+``exo_lab.defaults.prefill_step`` tokens, :func:`streamed_prefill_s`: the first chunk crosses every stage, each later
 one adds the slowest stage's share ``max(stage time / c + hop of a chunk)``):
 
     stage time  = (P * FLOPs[a:b] + attention[a:b](P)) / k / (F_pre * s) + chunks * (b - a) * L_op / c_s

@@ -16,7 +16,6 @@ from typing import Any
 
 from exo_lab import defaults
 from exo_lab.cluster.topology import Topology
-from exo_lab.defaults import PIPELINE_PREFILL_STEP
 from exo_lab.models import formats
 from exo_lab.models.card import ModelCard
 from exo_lab.placement.cost import (
@@ -173,10 +172,10 @@ def predict_into(
     stage_hop: list[float] = []
     stage_bus: list[float] = []  # what a stage's reads take longer while the other stages compute too
     piped_buses = pipeline_bus_shares(ctx, stages)
-    chunks = max(1, -(-(ctx.prompt - 1) // PIPELINE_PREFILL_STEP)) if len(stages) > 1 else 1
-    # how many times a prefill runs each layer's operations (Lockstep.prefill's chunks, or the pipeline's)
-    one_step = defaults.prefill_step(1, ctx.rates[stages[0].nodes[0]].gpu)
-    pre_chunks = chunks if len(stages) > 1 else max(1, -(-(ctx.prompt - 1) // one_step))
+    # how many chunks a prefill runs each layer's operations in (Lockstep.prefill's, streamed through a pipeline)
+    step = defaults.prefill_step(len(stages), ctx.rates[stages[0].nodes[0]].gpu)
+    pre_chunks = max(1, -(-(ctx.prompt - 1) // step))
+    chunks = pre_chunks if len(stages) > 1 else 1  # the chunks streamed through the stages
     ahead: bool | None = None  # whether the ranks decode a step ahead (decided at the first rank)
     start = 0
     for si, (s, count) in enumerate(zip(stages, alloc)):

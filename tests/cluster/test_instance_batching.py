@@ -96,13 +96,13 @@ def test_pipelined_groups_and_a_long_chunked_prompt_match_one_process(cluster, t
     from mlx_lm import load
     from mlx_lm.generate import generate_step
 
-    from exo_lab.engine.worker import PIPELINE_PREFILL_STEP
+    from exo_lab.defaults import prefill_step
 
-    long = [(i * 7919) % 8000 + 10 for i in range(2 * PIPELINE_PREFILL_STEP + 150)]  # 3 chunks
+    step = prefill_step(2, gpu=False)
+
+    long = [(i * 7919) % 8000 + 10 for i in range(2 * step + 150)]  # 3 chunks
     model = load(str(tiny))[0]
-    ref_long = [
-        int(t) for t, _ in generate_step(mx.array(long), model, max_tokens=10, prefill_step_size=PIPELINE_PREFILL_STEP)
-    ]
+    ref_long = [int(t) for t, _ in generate_step(mx.array(long), model, max_tokens=10, prefill_step_size=step)]
     inst = cluster.launch(tiny, plan=pick(cluster, tiny, "pipeline"))
     try:
         gens = [inst.generate(p, max_tokens=n, temperature=0, ignore_eos=True) for p, n in zip(PROMPTS, MAX_TOKENS)]

@@ -53,7 +53,7 @@ def launched_tokens(cluster, path, plan, prompt: list[int] = PROMPT) -> list[int
         inst.close()
 
 
-# 40 tokens; and 520: the pipeline prefills 512 + 7 rows (the short chunk as decode rows), one process 519 at once
+# 40 tokens; and 520: the pipeline prefills 256 + 256 + 7 rows (the short chunk as decode rows), one process 519 at once
 @pytest.mark.parametrize("length", [40, 520])
 def test_q4_pipeline_matches_one_process_q4(tmp_path, length):
     prompt = [(i * 7919) % 8000 + 10 for i in range(length)]
