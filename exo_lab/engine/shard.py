@@ -24,7 +24,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
 from exo_lab.engine.families import architecture, family, pair_split_problem, tensor_split_problem, tied_embeddings
-from exo_lab.models import formats, halfmatmul, qmatmul
+from exo_lab.models import formats, fused, halfmatmul, qmatmul
 from exo_lab.models.tensors import read_tensors
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,8 @@ def _stage_caches(model: Any, start: int, end: int) -> list:
 class Shard(nn.Module):
     """Layers ``[start, end)`` of a model, with embedding/head where the stage needs them."""
 
+    rope_tables: list[fused.RopeTable]  #: the layers' rotation tables (set outside the module tree)
+
     def __init__(self, model: Any, spec: ShardSpec) -> None:
         """``model`` is an mlx_lm model (an ``nn.Module`` used through its dynamic attributes)."""
         super().__init__()
@@ -106,6 +108,7 @@ class Shard(nn.Module):
         self._make_cache = partial(_stage_caches, model, spec.start, spec.end)
         #: hidden states from a previous stage are cast to this (its weight format's activations; None: as they come)
         self.input_dtype: mx.Dtype | None = None
+        object.__setattr__(self, "rope_tables", [])  # sized before the layers run (exo_lab.models.fused)
 
     def hidden(self, x: mx.array, cache: list) -> mx.array:
         """This stage's layers over tokens (first stage) or hidden states: the hidden states after them."""
@@ -116,6 +119,7 @@ class Shard(nn.Module):
                 h = self._embed_scale(h)
         else:
             h = x if self.input_dtype is None or x.dtype == self.input_dtype else x.astype(self.input_dtype)
+        fused.prepare(self.rope_tables, cache)
         masks: dict[str, Any] = {}
         for layer, c, kind in zip(self.layers, cache, self.kinds):
             if kind not in masks:  # from the stage's first layer of this kind, before it runs
@@ -268,6 +272,7 @@ def load_shard(
                 model.lm_head = shard.lm_head
     if spec.dtype and not quant:
         convert(shard, spec.dtype)
+    object.__setattr__(shard, "rope_tables", fused.use_fused(shard))
     mx.eval(shard.parameters())
     log.info(
         "shard [%d, %d) of %d layers: %.1f MB",

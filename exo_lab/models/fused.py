@@ -1,0 +1,215 @@
+"""RoPE and RMSNorm as one operation each on a CPU, bit-identical to MLX's.
+
+MLX has no CPU kernel for ``mx.fast.rope`` or ``mx.fast.rms_norm``: each call builds its fallback from plain
+operations, ~25 for a rotation (positions, angles, ``cos``, ``sin``, slices, products, a concatenation), twice
+per attention layer per step, and ~9 for a norm: ~1100 of a llama-1b decode step's ~2150. A rank's Python
+thread dispatches each one; on a one-core host the computation waits for it. :func:`use_fused` swaps a
+shard's ``nn.RoPE``, ``mlx_lm``'s ``Llama3RoPE`` and ``nn.RMSNorm`` for subclasses computing with exo_lab's
+``table_rope`` and ``rms_norm`` primitives (:mod:`exo_lab.native`'s ``cpu_fallbacks.cpp``): one operation per
+call, the fallback's result bit for bit, so the tokens stay ``mlx_lm``'s.
+
+A rotation's table (:class:`RopeTable`, one per rotation: dims, traditional, base, scale, frequencies) holds
+row ``p`` = the cosines and sines of position ``p``, computed by ``mx.fast.rope`` itself (an identity
+rotated: its first half gives the cosines, its second the sines), so they are MLX's to the bit. It grows
+(doubling) to the positions a call needs: an ``int`` offset says them; a batch cache's per-row offsets (an
+array) do not without waiting for it, so the shard, which holds the caches, sizes the tables before its
+layers run (:func:`prepare`), from each cache's write index. Where it cannot (another cache type), the layers
+rotate with ``mx.fast.rope``. Activations other than fp32, and the GPU, always use MLX's.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from exo_lab import native
+
+log = logging.getLogger(__name__)
+
+MIN_POSITIONS = 4096  #: a new table's rows
+_state: dict[str, Any] = {}
+
+
+def module() -> Any:
+    """The checked ``cpu_fallbacks`` extension, or None (not built here, or not this MLX's ABI)."""
+    if "module" not in _state:
+        _state["module"] = None
+        ext = native.extension("cpu_fallbacks")
+        if ext is not None:
+            try:
+                table = RopeTable(8, False, 10000.0, 1.0, None, ext)
+                table.ensure(8)
+                x = mx.arange(2 * 3 * 5 * 8, dtype=mx.float32).reshape(2, 3, 5, 8) / 7
+                want = mx.fast.rope(x, 8, traditional=False, base=10000.0, scale=1.0, offset=2)
+                got = ext.table_rope(x, table.cos, table.sin, mx.array(2, mx.int32), 8, False)
+                assert mx.array_equal(got, want).item(), "not mx.fast.rope's result"
+                w = mx.arange(1, 9, dtype=mx.float32) / 3
+                assert mx.array_equal(ext.rms_norm(x, w, 1e-5), mx.fast.rms_norm(x, w, 1e-5)).item(), "not rms_norm's"
+                _state["module"] = ext
+            except (TypeError, AssertionError, RuntimeError, ValueError, AttributeError) as err:
+                log.warning("exo_lab's cpu_fallbacks do not work with this MLX (%s): MLX's own instead", err)
+    return _state["module"]
+
+
+def available() -> bool:
+    """Whether the fused operations run here: on the CPU, with the extension built and checked."""
+    return mx.default_device() == mx.cpu and module() is not None
+
+
+class RopeTable:
+    """Cosines and sines (float32 ``[positions, dims / 2]`` each) of one rotation, as ``mx.fast.rope`` computes
+    them, for positions ``0 .. rows - 1``."""
+
+    def __init__(
+        self, dims: int, traditional: bool, base: float | None, scale: float, freqs: mx.array | None, ext: Any = None
+    ) -> None:
+        self.dims, self.traditional, self.base, self.scale, self.freqs = dims, traditional, base, scale, freqs
+        self.ext = ext
+        self.cos = self.sin = mx.zeros((0, dims // 2), mx.float32)
+        #: the positions the next layers' array offsets stay below (:func:`prepare`); None: unknown
+        self.bound: int | None = None
+
+    @property
+    def rows(self) -> int:
+        return int(self.cos.shape[0])
+
+    def ensure(self, positions: int) -> None:
+        """Cover positions below ``positions`` (doubling the rows from :data:`MIN_POSITIONS`)."""
+        if positions <= self.rows:
+            return
+        rows = max(MIN_POSITIONS, self.rows)
+        while rows < positions:
+            rows *= 2
+        half = self.dims // 2
+        one, zero = mx.ones((1, 1, rows, half), mx.float32), mx.zeros((1, 1, rows, half), mx.float32)
+        if self.traditional:  # pairs (1, 0): rotated to (cos, sin)
+            identity = mx.stack([one, zero], axis=-1).reshape(1, 1, rows, self.dims)
+        else:  # halves 1 and 0: rotated to cos and sin
+            identity = mx.concatenate([one, zero], axis=-1)
+        out = mx.fast.rope(
+            identity,
+            self.dims,
+            traditional=self.traditional,
+            base=self.base,
+            scale=self.scale,
+            offset=0,
+            freqs=self.freqs,
+        )[0, 0]
+        if self.traditional:
+            out = out.reshape(rows, half, 2)
+            cos, sin = out[..., 0], out[..., 1]
+        else:
+            cos, sin = out[:, :half], out[:, half:]
+        self.cos, self.sin = mx.contiguous(cos), mx.contiguous(sin)
+        mx.eval(self.cos, self.sin)
+
+    def rotate(self, x: mx.array, offset: int | mx.array) -> mx.array | None:
+        """``x`` rotated from ``offset``, or None where the table cannot (the caller uses ``mx.fast.rope``)."""
+        if x.dtype != mx.float32 or x.ndim != 4 or self.ext is None:
+            return None
+        if isinstance(offset, int):
+            self.ensure(offset + x.shape[2])
+            off = mx.array(offset, mx.int32)
+        else:
+            if self.bound is None or offset.dtype != mx.int32:
+                return None
+            self.ensure(self.bound + x.shape[2])
+            off = offset
+        return self.ext.table_rope(x, self.cos, self.sin, off, self.dims, self.traditional)
+
+
+class _TableRotation:
+    """What the table subclasses share: rotate with ``_table``, else as the parent class does."""
+
+    _table: RopeTable
+
+    def __call__(self, x: mx.array, offset: int | mx.array = 0) -> mx.array:
+        out = self._table.rotate(x, offset)
+        return super().__call__(x, offset) if out is None else out  # type: ignore[misc]
+
+
+class TableRoPE(_TableRotation, nn.RoPE):
+    """``nn.RoPE`` rotating from a :class:`RopeTable`."""
+
+
+class FusedRMSNorm(nn.RMSNorm):
+    """``nn.RMSNorm`` as one operation for fp32 activations and weight."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        w = self["weight"]
+        if x.dtype != mx.float32 or w.dtype != mx.float32:
+            return super().__call__(x)
+        return module().rms_norm(x, w, self.eps)
+
+
+def _llama3_class() -> type | None:
+    try:
+        from mlx_lm.models.rope_utils import Llama3RoPE
+    except ImportError:  # pragma: no cover - mlx_lm is a dependency
+        return None
+    return Llama3RoPE
+
+
+def _swaps() -> dict[type, tuple[type, Any]]:
+    """Each swappable rotation class: its table subclass and how to read its table's parameters."""
+    swaps: dict[type, tuple[type, Any]] = {
+        nn.RoPE: (TableRoPE, lambda m: (m.dims, m.traditional, m.base, m.scale, None)),
+    }
+    llama3 = _llama3_class()
+    if llama3 is not None:
+        table_llama3 = type("TableLlama3RoPE", (_TableRotation, llama3), {"__doc__": "Llama3RoPE from a table."})
+        swaps[llama3] = (table_llama3, lambda m: (m.dims, m.traditional, None, 1.0, m._freqs))
+    return swaps
+
+
+def use_fused(model: nn.Module) -> list[RopeTable]:
+    """Make ``model``'s ``nn.RoPE`` and ``Llama3RoPE`` rotations rotate from tables (layers with the same rotation
+    share one) and its ``nn.RMSNorm`` norms compute as one operation, in place; the tables (none where
+    :func:`available` is false: nothing changes then)."""
+    if not available():
+        return []
+    ext = module()
+    swaps = _swaps()
+    tables: dict[tuple, RopeTable] = {}
+    for _, m in model.named_modules():
+        if type(m) is nn.RMSNorm:
+            m.__class__ = FusedRMSNorm
+            continue
+        swap = swaps.get(type(m))
+        if swap is None:
+            continue
+        cls, params = swap
+        dims, traditional, base, scale, freqs = params(m)
+        key = (dims, traditional, base, scale, None if freqs is None else tuple(freqs.tolist()))
+        if key not in tables:
+            tables[key] = RopeTable(dims, traditional, base, scale, freqs, ext)
+        m.__class__ = cls
+        m._table = tables[key]
+    return list(tables.values())
+
+
+def position_bound(caches: list) -> int | None:
+    """An upper bound of the per-row offsets of ``caches`` (mlx_lm caches) before this step's tokens: the
+    largest write index of a batch cache (a row's offset is it less the row's left padding) or ``int`` offset;
+    None when a cache with array offsets has no such index."""
+    bound = 0
+    for c in caches:
+        offset = getattr(c, "offset", 0)
+        if isinstance(offset, int):
+            bound = max(bound, offset)
+        elif type(c).__name__ == "BatchKVCache" and isinstance(getattr(c, "_idx", None), int):
+            bound = max(bound, c._idx)
+        else:
+            return None
+    return bound
+
+
+def prepare(tables: list[RopeTable], caches: list) -> None:
+    """Before a shard's layers run over ``caches``: tell each table how far the layers' offsets reach."""
+    if tables:
+        bound = position_bound(caches)
+        for t in tables:
+            t.bound = bound

@@ -1,0 +1,234 @@
+// MLX's CPU fallbacks for rotary position embedding and RMS normalization, as one MLX primitive each.
+//
+// On the CPU MLX has no kernel for `mx.fast.rope` or `mx.fast.rms_norm`: each call builds its fallback from
+// plain operations, ~25 for a rotation (positions, angles, cos, sin, two slices, four products, a difference,
+// a sum, a concatenation and their broadcasts), twice per attention layer per step, and ~9 for a norm. Each
+// operation costs the rank's Python thread its dispatch, which on a one-core host the computation waits for.
+// Both functions here give the fallback's result bit for bit (built with -ffp-contract=off: each product and
+// sum rounded, as MLX's separate operations round them).
+//
+// `table_rope(x, cos, sin, offset, dims, traditional)`: x float32 [B, H, T, D] (any strides), cos and sin
+// float32 [P, dims / 2] (row p: position p, as MLX's own rope computes them: exo_lab.models.fused builds the
+// table by rotating an identity through `mx.fast.rope`), offset int32 [] or [B]. Position (b, t) is
+// offset[b] + t; a negative one (a left-padded row) reads |position|'s row with the sine negated, as MLX's
+// sine and cosine are odd and even; one past the table gets NaNs (the caller sizes it). Each output element
+// is the fallback's arithmetic in its order, `x1 * cos - x2 * sin` and `x1 * sin + x2 * cos`. Returns
+// float32 [B, H, T, D], row-contiguous.
+//
+// `rms_norm(x, w, eps)`: x float32 [..., N], w float32 [N]: `x * rsqrt(mean(x * x) + eps) * w` as the
+// fallback computes it: the squares summed in order, times 1 / N, plus eps, one over the square root.
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include <nanobind/nanobind.h>
+
+#include "mlx/allocator.h"
+#include "mlx/backend/cpu/encoder.h"
+#include "mlx/mlx.h"
+#include "mlx/primitives.h"
+
+namespace mx = mlx::core;
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace {
+
+struct Geometry {
+  int B, H, T, D, half, P, offsets;
+  int64_t so;  // the offsets' stride
+  int64_t sb, sh, st, sd;  // x's strides, in elements
+  bool traditional;
+};
+
+void rotate(const float* x, const float* cs, const float* sn, const int32_t* off, float* out, const Geometry& g) {
+  for (int b = 0; b < g.B; b++) {
+    const int32_t base = off[g.offsets == 1 ? 0 : b * g.so];
+    for (int h = 0; h < g.H; h++) {
+      for (int t = 0; t < g.T; t++) {
+        const int64_t pos = int64_t(base) + t;
+        const int64_t row = pos < 0 ? -pos : pos;
+        float* o = out + ((int64_t(b) * g.H + h) * g.T + t) * g.D;
+        if (row >= g.P) {  // the caller sizes the table; a position past it gets NaNs, never another's angles
+          for (int i = 0; i < g.D; i++) o[i] = std::numeric_limits<float>::quiet_NaN();
+          continue;
+        }
+        const float* c = cs + row * g.half;
+        const float* s = sn + row * g.half;
+        const float sign = pos < 0 ? -1.0f : 1.0f;
+        const float* xr = x + b * g.sb + h * g.sh + t * g.st;
+        for (int i = 0; i < g.half; i++) {
+          const int64_t i1 = g.traditional ? 2 * i : i, i2 = g.traditional ? 2 * i + 1 : i + g.half;
+          const float x1 = xr[i1 * g.sd], x2 = xr[i2 * g.sd], ci = c[i], si = sign * s[i];
+          const float a = x1 * ci, bb = x2 * si;
+          o[i1] = a - bb;
+          const float e = x1 * si, f = x2 * ci;
+          o[i2] = e + f;
+        }
+        for (int i = 2 * g.half; i < g.D; i++) o[i] = xr[i * g.sd];
+      }
+    }
+  }
+}
+
+class TableRope : public mx::Primitive {
+ public:
+  TableRope(mx::Stream stream, int dims, bool traditional)
+      : mx::Primitive(stream), dims_(dims), traditional_(traditional) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    const mx::array &x = inputs[0], &cs = inputs[1], &sn = inputs[2], &off = inputs[3];
+    mx::array& out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (const auto& a : inputs) encoder.set_input_array(a);
+    encoder.set_output_array(out);
+    Geometry g{int(x.shape(0)), int(x.shape(1)), int(x.shape(2)), int(x.shape(3)), dims_ / 2, int(cs.shape(0)),
+               int(off.size()), off.ndim() ? off.strides(0) : 0, x.strides(0), x.strides(1), x.strides(2), x.strides(3), traditional_};
+    encoder.dispatch([xp = x.data<float>(), cp = cs.data<float>(), sp = sn.data<float>(), op = off.data<int32_t>(),
+                      outp = out.data<float>(), g]() { rotate(xp, cp, sp, op, outp, g); });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("table_rope runs on the CPU only");
+  }
+
+  const char* name() const override {
+    return "ExoTableRope";
+  }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    const auto& o = static_cast<const TableRope&>(other);
+    return dims_ == o.dims_ && traditional_ == o.traditional_;
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape()};
+  }
+
+ private:
+  int dims_;
+  bool traditional_;
+};
+
+
+// x's rows through its strides (a norm's input is usually row-contiguous: then row r starts at r * N)
+struct Rows {
+  std::vector<int64_t> shape, strides;  // all but the last axis
+  int64_t step;                         // the last axis's stride
+
+  int64_t start(int64_t r) const {
+    int64_t at = 0;
+    for (int a = int(shape.size()) - 1; a >= 0; a--) {
+      at += (r % shape[a]) * strides[a];
+      r /= shape[a];
+    }
+    return at;
+  }
+};
+
+void normalize(const float* x, const Rows& layout, const float* w, float* out, int64_t rows, int N, float eps) {
+  const float inv_n = float(1.0 / double(N));
+  const int64_t d = layout.step;
+  for (int64_t r = 0; r < rows; r++) {
+    const float* xr = x + layout.start(r);
+    float* o = out + r * N;
+    float sum = 0.0f;
+    for (int i = 0; i < N; i++) {
+      const float sq = xr[i * d] * xr[i * d];
+      sum = sum + sq;
+    }
+    const float mean = sum * inv_n;
+    const float v = mean + eps;
+    const float scale = 1.0f / std::sqrt(v);
+    for (int i = 0; i < N; i++) {
+      const float y = xr[i * d] * scale;
+      o[i] = y * w[i];
+    }
+  }
+}
+
+class RmsNorm : public mx::Primitive {
+ public:
+  RmsNorm(mx::Stream stream, float eps) : mx::Primitive(stream), eps_(eps) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    const mx::array &x = inputs[0], &w = inputs[1];
+    mx::array& out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    for (const auto& a : inputs) encoder.set_input_array(a);
+    encoder.set_output_array(out);
+    const int N = int(x.shape(-1));
+    const int64_t rows = int64_t(x.size()) / N;
+    Rows layout{{}, {}, x.strides().back()};
+    for (int a = 0; a + 1 < x.ndim(); a++) {
+      layout.shape.push_back(x.shape(a));
+      layout.strides.push_back(x.strides(a));
+    }
+    encoder.dispatch([xp = x.data<float>(), layout = std::move(layout), wp = w.data<float>(), op = out.data<float>(),
+                      rows, N, eps = eps_]() { normalize(xp, layout, wp, op, rows, N, eps); });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("rms_norm runs on the CPU only");
+  }
+
+  const char* name() const override {
+    return "ExoRmsNorm";
+  }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return eps_ == static_cast<const RmsNorm&>(other).eps_;
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape()};
+  }
+
+ private:
+  float eps_;
+};
+
+mx::array row_major(const mx::array& a, mx::Stream s) {
+  if (a.is_available() && a.flags().row_contiguous) return a;
+  return mx::contiguous(a, false, s);
+}
+
+mx::array table_rope(const mx::array& x, const mx::array& cs, const mx::array& sn, const mx::array& offset, int dims,
+                     bool traditional) {
+  if (x.dtype() != mx::float32 || cs.dtype() != mx::float32 || sn.dtype() != mx::float32)
+    throw std::invalid_argument("table_rope: x, cos and sin must be float32");
+  if (x.ndim() != 4) throw std::invalid_argument("table_rope: x must be [B, H, T, D]");
+  if (dims <= 0 || dims % 2 || dims > x.shape(3)) throw std::invalid_argument("table_rope: dims must be even, <= D");
+  if (cs.ndim() != 2 || cs.shape(1) != dims / 2 || sn.shape() != cs.shape())
+    throw std::invalid_argument("table_rope: cos and sin must be [P, dims / 2]");
+  if (offset.dtype() != mx::int32 || offset.ndim() > 1 || (offset.size() != 1 && int(offset.size()) != x.shape(0)))
+    throw std::invalid_argument("table_rope: offset must be int32 [] or [B]");
+  mx::Stream s = mx::to_stream(std::monostate{}, mx::Device::cpu);
+  // x and the offsets are read through their strides (the attention's transposed heads need no copy)
+  std::vector<mx::array> in = {x, row_major(cs, s), row_major(sn, s), offset};
+  return mx::array(x.shape(), mx::float32, std::make_shared<TableRope>(s, dims, traditional), std::move(in));
+}
+
+mx::array rms_norm(const mx::array& x, const mx::array& w, float eps) {
+  if (x.dtype() != mx::float32 || w.dtype() != mx::float32) throw std::invalid_argument("rms_norm: x and w must be float32");
+  if (x.ndim() < 1 || w.ndim() != 1 || w.shape(0) != x.shape(-1) || x.shape(-1) == 0)
+    throw std::invalid_argument("rms_norm: x [..., N] and w [N] expected");
+  mx::Stream s = mx::to_stream(std::monostate{}, mx::Device::cpu);
+  return mx::array(x.shape(), mx::float32, std::make_shared<RmsNorm>(s, eps), {x, row_major(w, s)});
+}
+
+}  // namespace
+
+NB_MODULE(_cpu_fallbacks, m) {
+  m.doc() = "MLX's CPU fallbacks for rotary position embedding and RMS normalization as one primitive each";
+  m.def("rms_norm", &rms_norm, "x"_a, "w"_a, "eps"_a,
+        "x float32 [..., N] normalized and scaled by w float32 [N]: mx.fast.rms_norm's result, bit for bit.");
+  m.def("table_rope", &table_rope, "x"_a, "cos"_a, "sin"_a, "offset"_a, "dims"_a, "traditional"_a,
+        "x float32 [B, H, T, D] rotated by positions offset + t: mx.fast.rope's result, bit for bit.");
+}

@@ -1,0 +1,136 @@
+"""RoPE and RMSNorm as one operation each (exo_lab.models.fused): bit-identical to MLX's CPU fallbacks, on
+every layout and offset a shard gives them, and a shard's step with far fewer operations."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+import exo_lab  # noqa: F401  (OpenBLAS before MLX)
+
+# isort: split
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm import load
+from mlx_lm.models.cache import make_prompt_cache
+from mlx_lm.models.rope_utils import Llama3RoPE
+
+from exo_lab.engine.shard import ShardSpec, load_shard
+from exo_lab.models import fused
+
+pytestmark = pytest.mark.skipif(not fused.available(), reason="exo_lab's cpu_fallbacks extension is not built")
+
+LLAMA3 = {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+class Holder(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+
+def rotations(traditional: bool) -> list[nn.Module]:
+    return [
+        nn.RoPE(64, traditional=traditional, base=500000.0),
+        nn.RoPE(32, traditional=traditional, base=10000.0, scale=0.5),  # part of each head rotated
+        Llama3RoPE(64, 131072, traditional, 500000.0, LLAMA3),
+    ]
+
+
+def same(a: mx.array, b: mx.array) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and mx.array_equal(a, b, equal_nan=False).item()
+
+
+@pytest.mark.parametrize("traditional", [False, True])
+def test_rotation_is_mlx_rope_bit_for_bit(traditional):
+    """Contiguous and transposed heads, offsets that grow the table past its first rows, per-row offsets
+    (a left-padded row's negative positions too): each the result ``mx.fast.rope`` gives."""
+    mx.random.seed(3)
+    heads = mx.random.normal((3, 70, 8, 64)).transpose(0, 2, 1, 3)  # as the attention makes them
+    plain = mx.random.normal((3, 8, 70, 64))
+    for rope in rotations(traditional):
+        offsets = (0, 7, fused.MIN_POSITIONS - 30, 3 * fused.MIN_POSITIONS + 5)
+        rows = mx.array([-3, 17, 5000], mx.int32)
+        want = {(o, i): rope(x, o) for o in offsets for i, x in enumerate((heads, plain))}
+        want_rows = rope(heads, rows)
+        tables = fused.use_fused(Holder(rope))
+        assert type(rope).__name__.startswith("Table") and len(tables) == 1
+        for (o, i), w in want.items():
+            assert same(rope((heads, plain)[i], o), w), (type(rope).__name__, o, i)
+        assert tables[0].rows == 4 * fused.MIN_POSITIONS  # doubled to cover the largest offset
+        tables[0].bound = 5000
+        assert same(rope(heads, rows), want_rows)
+
+
+def test_array_offsets_without_a_bound_rotate_with_mlx():
+    rope = nn.RoPE(64, base=10000.0)
+    x = mx.random.normal((2, 4, 1, 64))
+    rows = mx.array([3, 9], mx.int32)
+    want = rope(x, rows)
+    (table,) = fused.use_fused(Holder(rope))
+    assert table.rotate(x, rows) is None  # no bound: the table cannot know where the rows are
+    assert same(rope(x, rows), want)
+    assert table.rotate(x.astype(mx.bfloat16), 3) is None  # 16-bit activations: MLX's arithmetic
+    table.bound = 9
+    assert table.rotate(x, rows) is not None
+
+
+def test_positions_past_the_table_are_nan_not_another_position():
+    table = fused.RopeTable(8, False, 10000.0, 1.0, None, fused.module())
+    table.ensure(10)
+    x = mx.ones((2, 1, 1, 8))
+    out = fused.module().table_rope(x, table.cos, table.sin, mx.array([5, table.rows], mx.int32), 8, False)
+    assert not mx.isnan(out[0]).any().item() and mx.isnan(out[1]).all().item()
+
+
+def test_norm_is_mlx_rms_norm_bit_for_bit():
+    mx.random.seed(4)
+    for shape in ((3, 7, 2048), (5, 1536), (2, 4, 3, 896)):
+        w = mx.random.normal((shape[-1],))
+        x = mx.random.normal(shape) * 3
+        strided = mx.random.normal(shape[::-1]).T if len(shape) == 2 else x[:, ::2]
+        for a in (x, strided, x + 1):
+            for eps in (1e-5, 1e-6):
+                assert same(fused.module().rms_norm(a, w, eps), mx.fast.rms_norm(a, w, eps))
+    norm = nn.RMSNorm(64, eps=1e-5)
+    norm.weight = mx.random.normal((64,))
+    h = mx.random.normal((2, 5, 64))
+    want, want16 = norm(h), norm(h.astype(mx.bfloat16))
+    fused.use_fused(Holder(norm))
+    assert type(norm) is fused.FusedRMSNorm
+    assert same(norm(h), want) and same(norm(h.astype(mx.bfloat16)), want16)
+
+
+def step_ops(out: mx.array, path: Path) -> dict[str, int]:
+    mx.export_to_dot(str(path), out)
+    names = re.findall(r'label ="([^" ]+)', path.read_text())
+    return {n: names.count(n) for n in set(names)}
+
+
+def test_a_shard_gives_mlx_lm_logits_with_far_fewer_operations(tiny_model, tmp_path):
+    """The tiny model's shard (fused) against ``mlx_lm`` (MLX's fallbacks): the same logits bit for bit over a
+    chunked prompt and batched decode steps, with one operation per rotation and norm."""
+    layers = 4
+    shard, _ = load_shard(tiny_model, ShardSpec(0, layers, layers, None))
+    model = load(str(tiny_model))[0]
+    assert shard.rope_tables and type(shard.layers[0].input_layernorm) is fused.FusedRMSNorm
+    prompt = mx.array([[5, 17, 2, 99, 3, 41, 7, 8, 12, 60, 11]])
+    cache, ref_cache = shard.make_cache(), make_prompt_cache(model)
+    for chunk in (prompt[:, :6], prompt[:, 6:]):  # int offsets
+        got, want = shard(chunk, cache), model(chunk, cache=ref_cache)
+        assert same(got, want)
+    cache = [c.merge([c]) for c in cache]  # batch caches: per-row offsets, the shard gives the bound
+    ref_cache = [c.merge([c]) for c in ref_cache]
+    token = mx.array([[9]])
+    for _ in range(3):
+        got, want = shard(token, cache), model(token, cache=ref_cache)
+        assert same(got, want)
+        token = mx.argmax(want[:, -1:], axis=-1)
+    ops = step_ops(shard(token, cache), tmp_path / "fused.dot")
+    ref = step_ops(model(token, cache=ref_cache), tmp_path / "mlx.dot")
+    assert ops.get("ExoTableRope") == 2 * layers and ops.get("ExoRmsNorm") == 2 * layers + 1
+    assert "Cos" not in ops and "Rsqrt" not in ops and "Cos" in ref and "Rsqrt" in ref
+    assert sum(ops.values()) < 0.7 * sum(ref.values())
