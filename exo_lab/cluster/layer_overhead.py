@@ -1,12 +1,12 @@
 """What a decode step costs beyond reading weights: MLX's per-operation cost per layer and per step, measured.
 
-A decode step runs ~100 MLX operations per layer (projections, norms, RoPE, attention, the cache's
-update, the residuals; on a CPU the fused ``mx.fast`` norms, RoPE and attention fall back to several
-operations each). Each costs a few microseconds to build and dispatch whatever its size: ~0.7 ms per
-layer on this project's 2-core VM, 11 ms of llama-1b's ~150 ms per token on one core. A tensor rank
-pays it in full for its half of every layer, so a tensor pair's token costs more than half of one
-process's (measured: a tensor rank's shapes of llama-1b 87 ms against the whole model's 159 and a
-16-layer model of hidden 64's 12); a small model's decode is almost all of it.
+A decode step runs ~60 MLX operations per layer (projections, norms, RoPE, attention, the cache's
+update, the residuals; on a CPU ``mx.fast``'s attention falls back to several operations, its norms and
+RoPE would too but exo_lab computes them as one each: :mod:`exo_lab.models.fused`, swapped into the layers
+measured here as into a shard's). Each costs a few microseconds to build and dispatch whatever its size: on
+one core of this project's 2-core VM ~0.13 ms per layer (~0.29 ms with MLX's norms and RoPE), ~2 ms of
+llama-1b's ~57 ms per q4 token. A tensor rank pays it in full for its half of every layer, so a tensor
+pair's token costs more than half of one process's; a small model's decode is almost all of it.
 
 :func:`measure_layer_overhead` times decode steps through a stack of Llama layers of hidden 64 (weights
 of a few kilobytes: what is left is the per-operation cost) after a short prompt, and divides by the layers.
@@ -27,6 +27,7 @@ from typing import Any, cast
 
 import mlx.core as mx
 
+from exo_lab.models import fused
 from exo_lab.models.presets import PRESETS
 
 HIDDEN = 64
@@ -54,6 +55,7 @@ def _model(layers: int) -> Any:
     )
     model = llama.Model(args)
     mx.eval(model.parameters())
+    fused.use_fused(model)  # as load_shard does
     return model
 
 

@@ -86,7 +86,7 @@ from exo_lab.models import formats, halfmatmul, qmatmul
 
 log = logging.getLogger(__name__)
 
-_SCHEMA = 6  # bump when the microbenchmarks change, so old caches are not reused (6: the layer overhead)
+_SCHEMA = 7  # bump when the microbenchmarks change, so old caches are not reused (7: layers with fused RoPE, RMSNorm)
 _K = 2048
 _N_PROMPT_MAX = 2048
 _N_DECODE_MAX = 32768  # 32768 x 2048 fp32 = 256 MB

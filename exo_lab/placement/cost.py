@@ -34,9 +34,9 @@ dense MLPs, shared experts and ``experts_per_token / experts`` of the routed one
 card's cache bytes of those layers at ``T`` tokens (sliding layers stop at their window, linear-attention
 layers hold a constant state), and ``k' = k`` unless every tensor rank keeps the whole cache (MLA: 1).
 ``L_op`` is the profile's ``layer_overhead_s`` (or the calibration's, fitted from traces with the stage's
-compute: :mod:`exo_lab.bench.components`): what one layer's ~100 MLX operations cost to build and
-dispatch whatever their size (:mod:`exo_lab.cluster.layer_overhead`; ~0.5-0.7 ms on one core here,
-~11 ms of llama-1b's ~150 per token): every tensor rank pays it in full, so a tensor pair's token takes
+compute: :mod:`exo_lab.bench.components`): what one layer's ~60 MLX operations cost to build and
+dispatch whatever their size (:mod:`exo_lab.cluster.layer_overhead`; ~0.13 ms on one core here,
+~2 ms of llama-1b's ~57 per q4 token): every tensor rank pays it in full, so a tensor pair's token takes
 more than half of one process's, and a small model's decode is mostly this. ``S_op`` is what each step
 costs a rank once beyond its layers: the profile's ``step_overhead_s`` (embedding, norm, head, sampling,
 reading the tokens back; ~0.13 ms here), or the calibration's, which also holds the serving around it
