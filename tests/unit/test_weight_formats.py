@@ -111,6 +111,8 @@ def test_native_quant_matmul_is_the_dequantized_product_and_batch_invariant(bits
         assert np.array_equal(np.array(alone), np.array(got).reshape(16, n)[row])
     strided = x.reshape(16, k)[::2]  # a strided view computes what its copy computes
     assert np.array_equal(np.array(qmatmul.matmul(strided, *q, group_size, bits)), np.array(got).reshape(16, n)[::2])
+    columns = mx.contiguous(x.reshape(16, k).T).T  # column-major: read through its strides, no copy in the graph
+    assert np.array_equal(np.array(qmatmul.matmul(columns, *q, group_size, bits)), np.array(got).reshape(16, n))
     prompt = mx.random.normal((300, k), key=mx.random.key(7))  # prefill
     big = qmatmul.matmul(prompt, *q, group_size, bits)
     if kernels.module().integer_activations() and group_size % 64 == 0:  # 4 rows of x at once
