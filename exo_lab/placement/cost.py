@@ -215,6 +215,21 @@ class NodeRates:
         per_row = max((t8 - t1) / 7, 2.0 / prompt)
         return 2.0 / per_row * self.decode_efficiency * self.row_efficiency
 
+    def bus_bound(self, dtype: str, quantized: bool, bytes_per_weight: float) -> float:
+        """The share of a one-row decode product's time spent waiting on memory, the rest computing: what a
+        memory bus shared with other readers slows (1 where the profile has no M=8 measurement).
+
+        From the profile's M=1 read rate and M=8 rate, a row's time taken as its read plus its compute: 8 rows
+        add 7 rows' compute. Measured on one core here: fp32 ~0.8 (two one-core fp32 processes at once each
+        read at 0.78-0.83 of the speed alone), q4 ~0.3 (two q4 processes each decode as fast as alone).
+        """
+        gf8 = self.gflops.get(f"{self.kernel(dtype, quantized)}_m8")
+        if not gf8:
+            return 1.0
+        t1 = bytes_per_weight / (self.decode_read_rate(dtype, quantized, bytes_per_weight) / self.decode_efficiency)
+        compute = (16.0 / (gf8 * 1e9) - t1) / 7  # one more row's seconds per weight
+        return min(1.0, max(0.0, 1.0 - compute / t1))
+
     def prefill_flops(self, dtype: str, quantized: bool) -> float:
         """FLOP/s of one process at prompt-like shapes (times the calibrated efficiency)."""
         key = f"{self.kernel(dtype, quantized)}_m512"

@@ -200,12 +200,13 @@ def predict_into(
             # each rank runs every operation of its layers, whatever its share of their weights, and its step's own
             cpu = node_cpu_share(node)
             layers_s, step_s = count * r.layer_overhead_s / cpu, r.step_overhead_s / cpu
-            reads_s = read_bytes / (rate * min(sh, buses.get(node, 1.0)))
+            bound = r.bus_bound(dtypes[node], quant, bpw)
+            reads_s = _read_s(read_bytes, rate, sh, buses.get(node, 1.0), bound)
             if ahead is None:
                 ahead = len(stages) == 1 and steps_ahead(ctx, s, reads_s + layers_s, layers_s + step_s)
             t_dec = max(t_dec, _step_s(reads_s + layers_s, step_s, ahead))
-            busy_share = min(sh, buses.get(node, 1.0), piped_buses.get(node, 1.0))
-            t_busy = max(t_busy, _step_s(read_bytes / (rate * busy_share) + layers_s, step_s, ahead))
+            busy_bus = min(buses.get(node, 1.0), piped_buses.get(node, 1.0))
+            t_busy = max(t_busy, _step_s(_read_s(read_bytes, rate, sh, busy_bus, bound) + layers_s, step_s, ahead))
             flops = r.prefill_flops(dtypes[node], quant) * sh
             attn = card.attention_flops(ctx.prompt, start, stop) / s.k
             head_flops = card.head_flops_per_token if last else 0.0
@@ -289,6 +290,15 @@ def steps_ahead(ctx: CostContext, stage: Stage, compute_s: float, build_s: float
     return gpu or build_s >= defaults.LOOKAHEAD_MIN_BUILD_SHARE * (compute_s + build_s)
 
 
+def _read_s(read_bytes: float, rate: float, host_share: float, bus_share: float, bound: float) -> float:
+    """Seconds a rank takes to read ``read_bytes`` at ``rate`` with ``host_share`` of its host, on a memory bus
+    that gives it ``bus_share`` of its speed (the machine's other readers): only the part of the time spent
+    waiting on memory (``bound``, :meth:`~exo_lab.placement.cost.NodeRates.bus_bound`) slows with the bus."""
+    alone = read_bytes / (rate * host_share)
+    slower = min(1.0, bus_share / host_share)
+    return alone * (bound / slower + 1.0 - bound)
+
+
 def _step_s(compute_s: float, own_s: float, ahead: bool) -> float:
     """A decode step of a rank: its compute (reads and its layers' operations) then its own work (sampling,
     landing and streaming the tokens), or, a step ahead, the two beside each other."""
@@ -308,7 +318,8 @@ def bus_shares(ctx: CostContext, stage: Stage) -> dict[str, float]:
     (always at once): nodes on one physical machine (the same boot id: simulated hosts, containers) share its
     bus as ranks of one host do (:func:`~exo_lab.placement.cost.share` over the group's ranks there and the
     cores of their hosts; measured here: two one-core sim hosts reading at once each read 0.78-0.83 as fast
-    as alone). Nodes that report no boot id share nothing."""
+    as alone). The share slows only the part of a rank's reading that waits on memory (:func:`_read_s`): q4
+    on one core is compute-bound and hardly slows. Nodes that report no boot id share nothing."""
     if stage.k <= 1 or stage.local:
         return {}
     return _shared_bus(ctx, stage.nodes)

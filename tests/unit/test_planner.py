@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from exo_lab.cluster.topology import LinkProfile, NodeInfo, Topology
 from exo_lab.models.card import card_from_config
 from exo_lab.placement import plan
+from exo_lab.placement.cost import NodeRates
 from exo_lab.placement.planner import _split_layers
 from tests.helpers.family_configs import FAMILY_CONFIGS
 from tests.helpers.paths import SPECS
@@ -443,6 +444,30 @@ def test_tensor_ranks_on_one_physical_machine_share_its_memory_bus():
     ratio = piped_together.batched_decode_tps(8) / piped_apart.batched_decode_tps(8)
     read_share = sum(piped_together.stage_bus_s) / sum(piped_together.stage_decode_s)
     assert 1 / (1 + read_share) - 0.01 < ratio < 0.99  # each stage's reads slow down by its share of the bus
+
+
+def test_a_compute_bound_kernel_hardly_slows_on_a_shared_bus():
+    """The bus slows only the part of a rank's reading that waits on memory, told by the profile's M=8 rate
+    against its M=1 read: a kernel whose 8 rows take ~5.7x one row's time (q4 on one core here) is mostly
+    computing, one whose 8 rows take ~2.4x (fp32) mostly waiting on memory."""
+    card = model(16, hidden=2048, heads=32, kv=8, inter=8192)
+    slowdown = {}
+    for name, m8 in (("memory", 66.7), ("compute", 27.1)):  # 20 GFLOP/s at M=1: 20 GB/s of bf16 weights
+        apart = [node(0, 64, 20, cores=1), node(1, 64, 20, cores=1)]
+        for n in apart:
+            n.profile["matmul_gflops"]["bfloat16_m8"] = m8
+        together = copy.deepcopy(apart)
+        for n in together:
+            n.profile["boot_id"] = "same-kernel"
+        reads = []
+        for nodes in (apart, together):
+            tensor = next(p for p in plan(cluster(nodes, rtt_ms=0.02, mbit=80000), card) if p.strategy == "tensor")
+            reads.append(next(v for k, v in tensor.breakdown.items() if k.startswith("compute")))
+        bound = NodeRates.from_profile("n0", apart[0].profile).bus_bound("bfloat16", False, 2.0)
+        assert bound == pytest.approx({"memory": 0.8, "compute": 0.3}[name], abs=0.01)
+        slowdown[name] = reads[1] / reads[0]
+        assert slowdown[name] == pytest.approx(bound * 2**0.5 + 1 - bound, rel=0.05)  # only the waiting slows
+    assert slowdown["compute"] < 1.15 < 1.3 < slowdown["memory"] < 2**0.5
 
 
 def test_each_more_row_of_a_batch_carries_its_hidden_state_over_the_links():
