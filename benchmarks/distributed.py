@@ -2,7 +2,7 @@
 
 Run (root, iproute2): .venv/bin/python benchmarks/distributed.py
      [--preset llama-1b] [--dtype fp32,bf16] [--links unshaped,1gbit,100mbit] [--strategies pipeline,tensor]
-     [--streams 1,8] [--tokens 48] [--prompt 2048] [--repeat 1] [--rounds 1] [--json out.json]
+     [--streams 1,8] [--tokens 48] [--prompt 2048] [--repeat 1] [--rounds 1] [--plan-batch N] [--json out.json]
 Quick: --dtype fp32 --links unshaped --streams 1,8 --tokens 32 --prompt 1024
 
 For each link (``unshaped``: a plain LAN; ``1gbit``: a cable of 1 Gbit/s with 1 ms one-way delay;
@@ -13,7 +13,9 @@ the fp32 checkpoint, every rank of every plan converting it to that weight forma
 
 - **one process**: the planner's single-node plan on ``a`` (one rank, one core), measured once per dtype
   (in the first link's sim: a one-process plan crosses no link);
-- **pipeline-2** and **tensor-2**: the planner's 2-node plans of that strategy over ``a`` and ``b``.
+- **pipeline-2** and **tensor-2**: the planner's 2-node plans of that strategy over ``a`` and ``b``, planned
+  for the most ``--streams`` sequences at once (``--plan-batch 1``: for one; a pipeline's split then balances
+  its layers, not its layers and the last stage's head, which only several sequences in flight keep busy).
 
 Each is launched through the agents (a rank per process), warmed up, then measured: **decode** tok/s of
 one stream (``--tokens`` greedy tokens, EOS ignored, a short prompt; tokens after the first over the time
@@ -248,6 +250,12 @@ def main() -> int:
     ap.add_argument(
         "--rounds", type=int, default=1, help="launch the one process and every plan this many times, in turn"
     )
+    ap.add_argument(
+        "--plan-batch",
+        type=int,
+        default=0,
+        help="the sequences the planner plans for (default: the most streams; 1: the split for one sequence)",
+    )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     args.streams = [int(s) for s in args.streams.split(",")]
@@ -266,7 +274,10 @@ def main() -> int:
                 for dt in dtypes:
                     path = model_path(args.preset, dt)
                     plans = cluster.preview(
-                        path, context=args.prompt + args.tokens + 64, prompt_tokens=args.short, batch=max(args.streams)
+                        path,
+                        context=args.prompt + args.tokens + 64,
+                        prompt_tokens=args.short,
+                        batch=args.plan_batch or max(args.streams),
                     )
                     single = in_format(pick(plans, "single", 1, ids["a"]), dt)
                     for rnd in range(args.rounds):
