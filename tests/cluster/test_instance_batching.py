@@ -245,6 +245,10 @@ def test_concurrent_api_streams_on_a_pipeline(cluster, tiny):
             )
             got[i] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
 
+        # a request decoding throughout: the API's streams join a running batch however fast each one finishes
+        hold = inst.generate("x", max_tokens=100_000, temperature=0, ignore_eos=True)
+        held = iter(hold)
+        next(held)
         threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(msgs))]
         for t in threads:
             t.start()
@@ -252,6 +256,11 @@ def test_concurrent_api_streams_on_a_pipeline(cluster, tiny):
             t.join(60)
         assert got == expected
         assert inst.stats["peak_batch"] >= 2
+        hold.cancel()
+        assert list(held)[-1].finish_reason == "cancelled"
+        deadline = time.monotonic() + 5
+        while inst.pending and time.monotonic() < deadline:
+            time.sleep(0.02)
         # a client that goes away mid-stream frees its place in the batch at once
         body = json.dumps(
             {"model": "tiny-pipe", "messages": msgs[0], "max_tokens": 100000, "stream": True, "temperature": 0}
