@@ -38,10 +38,23 @@ _CANDIDATES = (
 
 _loaded_by_us = False
 SMALL_GEMM = "small_gemm"
-#: the kernel's OpenMP threads sleep when idle instead of spinning: ranks sharing a machine's cores (a local
-#: cluster) otherwise spin against each other (measured: a local pipeline-2 decoded 1.43 tok/s spinning, 3.84
-#: sleeping, one process 5.96 and 5.3). A value the user set wins.
-OMP_WAIT = ("OMP_WAIT_POLICY", "PASSIVE")
+#: the kernels' OpenMP threads spin ~45 us (1000 of libgomp's spins, ~45 ns each here) after a product, then
+#: sleep. libgomp's own default spins 300000 times (~15 ms): ranks sharing a machine's cores (a local cluster)
+#: spun against each other (a local pipeline-2 decoded 1.43 tok/s spinning, 3.84 sleeping, one process 5.96 and
+#: 5.3). Sleeping at once (``OMP_WAIT_POLICY=PASSIVE``, the default until now) woke the helper thread for each of
+#: a decode step's ~113 products: a q4 llama-1b step on 2 cores took 32-33 ms with it and 30.5-31 ms with the
+#: short spin, which bridges the gaps between one product and the next. A value the user set for either
+#: variable wins.
+OMP_SPIN = ("GOMP_SPINCOUNT", "1000")
+OMP_VARIABLES = ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")
+
+
+def _set_omp_wait(env: dict[str, str] | os._Environ[str]) -> None:
+    """``GOMP_SPINCOUNT`` into ``env`` unless the user chose how OpenMP's idle threads wait."""
+    if not any(v in env for v in OMP_VARIABLES):
+        env[OMP_SPIN[0]] = OMP_SPIN[1]
+
+
 #: OpenBLAS's own threads likewise: after each call they spin for 2**28 cycles (~0.1 s) before they sleep, so a
 #: rank decoding a small model kept a second core busy doing nothing (1.0 core while its Python slept 2 ms between
 #: tiny matmuls). 2**16 cycles (~25 us) still bridges back-to-back calls. Measured on a local cluster of two
@@ -91,7 +104,7 @@ def preload() -> bool:
         return False
     small = small_gemm_library()
     if small is not None:  # first: MLX's cblas_sgemm resolves to it, and it hands the rest to OpenBLAS
-        os.environ.setdefault(*OMP_WAIT)  # read once, when the kernel's OpenMP runtime loads with it
+        _set_omp_wait(os.environ)  # read once, when the kernel's OpenMP runtime loads with it
         ctypes.CDLL(str(small), mode=ctypes.RTLD_GLOBAL)
     os.environ.setdefault(*OPENBLAS_WAIT)  # read once, when OpenBLAS initializes (as it loads)
     ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
@@ -158,5 +171,5 @@ def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
         env["LD_PRELOAD"] = " ".join(first + current)
         env.setdefault(*OPENBLAS_WAIT)
         if small:
-            env.setdefault(*OMP_WAIT)
+            _set_omp_wait(env)
     return env

@@ -402,8 +402,9 @@ inline void qblock4_even_odd(const float* xeo, const float* xsum, const uint8_t*
 // magnitude is 32767, round half to even), and `vpdpwssd` sums 2 code x x products a lane per instruction,
 // exactly in integers; each group's integer sums are then scaled once (code scale x x's step) in fp32, and the
 // biases times x's exact fp32 group sums are added. Decode reads one weight row at a time (its codes stream
-// through in order), the next one prefetched; prompts take 4 rows of x at a time through the same operations
-// for each output element, so a row gives the same bits whatever its batch.
+// through in order, prefetched PREFETCH_AHEAD bytes ahead); prompts take 4 rows of x at a time through the same
+// operations for each output element, so a row gives the same bits whatever its batch. 4-bit codes in groups of
+// 64 go two groups at a time (`int16_block_paired`), 8-bit ones one (`int16_block`), neither widened by a shuffle.
 constexpr bool INTEGER_ACTIVATIONS = true;
 
 // ~15 bits of x: its rounding stays far below the codes' own, and the tiny float differences between two
@@ -412,20 +413,35 @@ constexpr bool INTEGER_ACTIVATIONS = true;
 // prompt differed from one process's (tests/cluster/test_weight_formats.py).
 constexpr float X_TOP = 32767.0f;
 constexpr int X16_TILE = 16;  // weight rows a prompt's blocks of 4 rows of x go through before the next ones
+#ifndef PREFETCH_AHEAD_BYTES
+#define PREFETCH_AHEAD_BYTES 2048
+#endif
+// How far ahead of the codes being multiplied their cache lines are prefetched (rows are contiguous, so past
+// a row's end this is the next rows'). The hardware prefetcher alone left a decoding core waiting on memory:
+// one thread multiplied codes streamed from memory at ~0.5 of both its in-cache rate and a plain read's;
+// fetching the next row at a row's start did not help; 1-8 KB ahead took it to ~0.85 (a C++ harness, q4,
+// 128 MB of codes).
+constexpr int64_t PREFETCH_AHEAD = PREFETCH_AHEAD_BYTES;
 
-// x rounded to int16 per group of gs, each 64-wide chunk in the order the codes are widened in (8 bits: as is;
-// 4 bits: the chunk's even elements, then its odd ones); each group's step (its largest |x| / X_TOP) and exact
-// fp32 sum
-template <int BITS>
+// How x's int16 elements are ordered for the codes they meet (`x16_rows`, `codes64`, `int16_block_paired`):
+// EVEN_ODD: each 64-wide chunk's even elements, then its odd ones (a 16-bit lane of the weights holds codes
+// 2L and 2L + 1: 8 bits as they are, 4 bits widened to one byte each). PAIRED (4 bits, groups of 64, an even
+// number of groups): two groups' 128 codes are 64 bytes, 32 16-bit lanes of 4 codes each (lane L: codes
+// 4L .. 4L + 3, the first group in lanes 0-15); its four nibbles give four registers, and x is ordered to match:
+// register j holds elements 4L + j of the first group in lanes 0-15, of the second in lanes 16-31.
+enum class XOrder { EvenOdd, Paired };
+
+// x rounded to int16 per group of gs in `order`; each group's step (its largest |x| / X_TOP) and exact fp32 sum
+template <XOrder ORDER>
 void x16_rows(const float* x, int M, int K, int gs, int16_t* xq, float* xscale, float* xsum) {
   const int G = K / gs;
-  __m512i even = _mm512_setzero_si512(), odd = _mm512_setzero_si512();
-  if constexpr (BITS == 4) {
-    alignas(64) int16_t e[32], o[32];
-    for (int i = 0; i < 32; i++) e[i] = int16_t(2 * i), o[i] = int16_t(2 * i + 1);
-    even = _mm512_load_si512(e), odd = _mm512_load_si512(o);
-  }
-  for (int m = 0; m < M; m++)
+  alignas(64) int16_t e[32], o[32], paired[4][32];
+  for (int i = 0; i < 32; i++) e[i] = int16_t(2 * i), o[i] = int16_t(2 * i + 1);
+  for (int j = 0; j < 4; j++)  // of the two groups' 128 elements (two pairs of registers lo/hi: 0-63, 64-127)
+    for (int i = 0; i < 32; i++) paired[j][i] = int16_t((i < 16 ? 0 : 64) + 4 * (i % 16) + j);
+  const __m512i even = _mm512_load_si512(e), odd = _mm512_load_si512(o);
+  for (int m = 0; m < M; m++) {
+    alignas(64) int16_t q[128];  // a group (or two, PAIRED) rounded, in x's own order
     for (int g = 0; g < G; g++) {
       const float* src = x + int64_t(m) * K + int64_t(g) * gs;
       __m512 amax = _mm512_setzero_ps(), sum = _mm512_setzero_ps();
@@ -440,28 +456,44 @@ void x16_rows(const float* x, int M, int K, int gs, int16_t* xq, float* xscale, 
       const __m512 inv = _mm512_set1_ps(top > 0.0f ? X_TOP / top : 0.0f);
       int16_t* dst = xq + int64_t(m) * K + int64_t(g) * gs;
       for (int c = 0; c < gs; c += 64) {
-        __m256i q[4];  // round half to even
-        for (int i = 0; i < 4; i++) q[i] = _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(src + c + 16 * i), inv)));
-        const __m512i lo = _mm512_inserti64x4(_mm512_castsi256_si512(q[0]), q[1], 1);
-        const __m512i hi = _mm512_inserti64x4(_mm512_castsi256_si512(q[2]), q[3], 1);
-        if constexpr (BITS == 8) {
-          _mm512_storeu_si512(dst + c, lo);
-          _mm512_storeu_si512(dst + c + 32, hi);
-        } else {
+        __m256i r[4];  // round half to even
+        for (int i = 0; i < 4; i++) r[i] = _mm512_cvtsepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(src + c + 16 * i), inv)));
+        const __m512i lo = _mm512_inserti64x4(_mm512_castsi256_si512(r[0]), r[1], 1);
+        const __m512i hi = _mm512_inserti64x4(_mm512_castsi256_si512(r[2]), r[3], 1);
+        if constexpr (ORDER == XOrder::EvenOdd) {
           _mm512_storeu_si512(dst + c, _mm512_permutex2var_epi16(lo, even, hi));
           _mm512_storeu_si512(dst + c + 32, _mm512_permutex2var_epi16(lo, odd, hi));
+        } else {  // gs == 64: the pair's first group waits in q, the second completes it
+          _mm512_store_si512(q + (g % 2) * 64, lo);
+          _mm512_store_si512(q + (g % 2) * 64 + 32, hi);
+        }
+      }
+      if constexpr (ORDER == XOrder::Paired) {
+        if (g % 2 == 1) {
+          const __m512i a = _mm512_load_si512(q), b = _mm512_load_si512(q + 32);  // first group: 0-63
+          const __m512i c2 = _mm512_load_si512(q + 64), d = _mm512_load_si512(q + 96);  // second: 64-127
+          int16_t* pair = dst - gs;
+          for (int j = 0; j < 4; j++) {
+            // lanes 0-15 from the first group (indices 4L + j < 64: a/b), 16-31 from the second (c2/d)
+            const __m512i idx = _mm512_load_si512(paired[j]);
+            const __m512i first = _mm512_permutex2var_epi16(a, idx, b);  // valid in lanes 0-15
+            const __m512i second = _mm512_permutex2var_epi16(c2, _mm512_sub_epi16(idx, _mm512_set1_epi16(64)), d);
+            _mm512_storeu_si512(pair + 32 * j, _mm512_mask_blend_epi16(0xFFFF0000u, first, second));
+          }
         }
       }
     }
+  }
 }
 
-// 64 codes of a weight row starting at code k as two registers of 32 16-bit codes, as `x16_rows` orders x:
-// 8 bits as they are; 4 bits: the low nibbles of 32 bytes (even codes), then their high nibbles (odd codes)
+// 64 codes of a weight row starting at code k as two registers of 32 16-bit codes, in x's EvenOdd order: a
+// 16-bit lane holds 2 codes (8 bits: two bytes; 4 bits: one byte, widened)
 template <int BITS>
 inline void codes64(const uint8_t* w, int k, __m512i& first, __m512i& second) {
   if constexpr (BITS == 8) {
-    first = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k)));
-    second = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k + 32)));
+    const __m512i v = _mm512_loadu_si512(w + k);
+    first = _mm512_and_si512(v, _mm512_set1_epi16(0xFF));
+    second = _mm512_srli_epi16(v, 8);
   } else {
     const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k / 2)));
     first = _mm512_and_si512(b, _mm512_set1_epi16(15));
@@ -469,21 +501,45 @@ inline void codes64(const uint8_t* w, int k, __m512i& first, __m512i& second) {
   }
 }
 
+// A weight row's last step for MB rows of x: the biases times x's group sums (16 groups at a time) added to the
+// two chains of scaled group sums, into out[i * ldo]
+template <int MB>
+inline void finish(const __m512 (&acc)[MB][2], const float* biases, const float* xsum, float* out, int64_t ldo, int G) {
+  __m512 bsum[MB];
+  for (int i = 0; i < MB; i++) bsum[i] = _mm512_setzero_ps();
+  for (int g = 0; g < G; g += 16) {
+    const __mmask16 live = __mmask16(G - g >= 16 ? 0xFFFF : (1u << (G - g)) - 1);
+    const __m512 b = _mm512_maskz_loadu_ps(live, biases + g);
+    for (int i = 0; i < MB; i++)
+      bsum[i] = _mm512_fmadd_ps(b, _mm512_maskz_loadu_ps(live, xsum + int64_t(i) * G + g), bsum[i]);
+  }
+  for (int i = 0; i < MB; i++)
+    out[i * ldo] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1])) + _mm512_reduce_add_ps(bsum[i]);
+}
+
 // MB rows of int16 x (row i at xq + i * K, its group steps and exact group sums at xscale / xsum + i * G) times
 // one weight row, into out[i * ldo]. Each output element is the same sequence of operations whatever MB: exact
 // integer dot products, each group's scaled once in fp32 into one of two chains (even and odd groups, so one
 // fma's latency does not pace a row), then the biases times x's group sums, 16 groups at a time.
-template <int BITS, int MB>
+template <int BITS, int MB, int GS>
 inline void int16_block(const uint8_t* row, const int16_t* xq, const float* xscale, const float* xsum, const float* scales,
-                        const float* biases, float* out, int64_t ldo, int K, int gs) {
+                        const float* biases, float* out, int64_t ldo, int K, int group_size, bool prefetch) {
+  const int gs = GS ? GS : group_size;
   const int G = K / gs;
-  __m512 acc[MB][2], bsum[MB];
-  for (int i = 0; i < MB; i++) acc[i][0] = acc[i][1] = bsum[i] = _mm512_setzero_ps();
+  const int groups_ahead = int(PREFETCH_AHEAD / (int64_t(gs) * BITS / 8));
+  __m512 acc[MB][2];
+  for (int i = 0; i < MB; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
   auto group = [&](int g, auto chain) {
     constexpr int J = decltype(chain)::value;
     __m512i dot[MB];
     for (int i = 0; i < MB; i++) dot[i] = _mm512_setzero_si512();
+    if (prefetch && g % 16 == 0) {  // the scales and biases as far ahead as the codes
+      _mm_prefetch(reinterpret_cast<const char*>(scales + g + groups_ahead), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(biases + g + groups_ahead), _MM_HINT_T0);
+    }
     for (int k = g * gs; k < (g + 1) * gs; k += 64) {
+      if (prefetch && (BITS == 8 || k % 128 == 0))  // one cache line of codes, PREFETCH_AHEAD bytes on
+        _mm_prefetch(reinterpret_cast<const char*>(row + int64_t(k) * BITS / 8) + PREFETCH_AHEAD, _MM_HINT_T0);
       __m512i c0, c1;
       codes64<BITS>(row, k, c0, c1);
       for (int i = 0; i < MB; i++) {
@@ -500,25 +556,75 @@ inline void int16_block(const uint8_t* row, const int16_t* xq, const float* xsca
     group(g + 1, std::integral_constant<int, 1>());
   }
   if (g < G) group(g, std::integral_constant<int, 0>());
-  for (int g = 0; g < G; g += 16) {
-    const __mmask16 live = __mmask16(G - g >= 16 ? 0xFFFF : (1u << (G - g)) - 1);
-    const __m512 b = _mm512_maskz_loadu_ps(live, biases + g);
-    for (int i = 0; i < MB; i++)
-      bsum[i] = _mm512_fmadd_ps(b, _mm512_maskz_loadu_ps(live, xsum + int64_t(i) * G + g), bsum[i]);
+  finish<MB>(acc, biases, xsum, out, ldo, G);
+}
+
+// int16_block for 4-bit codes in groups of 64, an even number of them, x in PAIRED order: each 64 bytes (two
+// groups) is one load, four nibble registers (a mask and a shift each, no widening shuffle) and four
+// `vpdpwssd`; the pair's integer sums (the first group's in lanes 0-7, the second's in 8-15) are scaled in one
+// fma by their two groups' scales (x's step included). The same sequence of operations for every output element
+// whatever MB.
+template <int MB, bool PREFETCH>
+inline void int16_block_paired(const uint8_t* row, const int16_t* xq, const float* xscale, const float* xsum,
+                               const float* scales, const float* biases, float* out, int64_t ldo, int K) {
+  const int G = K / 64;
+  constexpr int GROUPS_AHEAD = int(PREFETCH_AHEAD / 32);
+  const __m512i low4 = _mm512_set1_epi16(15);
+  __m512 acc[MB][2], step[MB];
+  for (int i = 0; i < MB; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  auto pair = [&](int g, int p, auto chain) {  // groups g and g + 1 (pair p of their 16) into chain J: the pairs
+    constexpr int J = decltype(chain)::value;  // alternate, so one fma's latency does not pace a row
+    const uint8_t* at = row + int64_t(g) * 32;
+    if constexpr (PREFETCH) _mm_prefetch(reinterpret_cast<const char*>(at) + PREFETCH_AHEAD, _MM_HINT_T0);
+    const __m512i v = _mm512_loadu_si512(at);
+    const __m512i c0 = _mm512_and_si512(v, low4), c1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+    const __m512i c2 = _mm512_and_si512(_mm512_srli_epi16(v, 8), low4), c3 = _mm512_srli_epi16(v, 12);
+    const __m512i pick = _mm512_inserti64x4(_mm512_set1_epi32(2 * p), _mm256_set1_epi32(2 * p + 1), 1);
+    for (int i = 0; i < MB; i++) {
+      const int16_t* xp = xq + int64_t(i) * K + int64_t(g) * 64;
+      __m512i dot = _mm512_dpwssd_epi32(_mm512_setzero_si512(), c0, _mm512_loadu_si512(xp));
+      dot = _mm512_dpwssd_epi32(dot, c1, _mm512_loadu_si512(xp + 32));
+      dot = _mm512_dpwssd_epi32(dot, c2, _mm512_loadu_si512(xp + 64));
+      dot = _mm512_dpwssd_epi32(dot, c3, _mm512_loadu_si512(xp + 96));
+      acc[i][J] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(pick, step[i]), acc[i][J]);
+    }
+  };
+  for (int g0 = 0; g0 < G; g0 += 16) {  // 16 groups: their scales times x's steps once, then 8 pairs
+    const __mmask16 live = __mmask16(G - g0 >= 16 ? 0xFFFF : (1u << (G - g0)) - 1);
+    const __m512 sc = _mm512_maskz_loadu_ps(live, scales + g0);
+    for (int i = 0; i < MB; i++) step[i] = _mm512_mul_ps(sc, _mm512_maskz_loadu_ps(live, xscale + int64_t(i) * G + g0));
+    if constexpr (PREFETCH) {
+      _mm_prefetch(reinterpret_cast<const char*>(scales + g0 + GROUPS_AHEAD), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(biases + g0 + GROUPS_AHEAD), _MM_HINT_T0);
+    }
+    if (G - g0 >= 16) {
+#pragma GCC unroll 4
+      for (int p = 0; p < 8; p += 2) {
+        pair(g0 + 2 * p, p, std::integral_constant<int, 0>());
+        pair(g0 + 2 * p + 2, p + 1, std::integral_constant<int, 1>());
+      }
+    } else {
+      for (int p = 0; 2 * p < G - g0; p++) {
+        if (p % 2 == 0) {
+          pair(g0 + 2 * p, p, std::integral_constant<int, 0>());
+        } else {
+          pair(g0 + 2 * p, p, std::integral_constant<int, 1>());
+        }
+      }
+    }
   }
-  for (int i = 0; i < MB; i++)
-    out[i * ldo] = _mm512_reduce_add_ps(_mm512_add_ps(acc[i][0], acc[i][1])) + _mm512_reduce_add_ps(bsum[i]);
+  finish<MB>(acc, biases, xsum, out, ldo, G);
 }
 
 // x @ W.T with x rounded to 16 bits per group, for any number of rows: one weight row at a time (its codes read
 // once from memory, the next row prefetched), every row of x 4 at a time
-template <int BITS>
+template <int BITS, int GS, bool PAIRED = false>
 void int16_quant_matmul(const float* x, const uint8_t* w, const float* scales, const float* biases, float* out, int M,
                        int N, int K, int gs) {
   const int G = K / gs;
   std::vector<int16_t> xq(size_t(M) * K);
   std::vector<float> xscale(size_t(M) * G), xsum(size_t(M) * G);
-  x16_rows<BITS>(x, M, K, gs, xq.data(), xscale.data(), xsum.data());
+  x16_rows<PAIRED ? XOrder::Paired : XOrder::EvenOdd>(x, M, K, gs, xq.data(), xscale.data(), xsum.data());
   const int64_t row_bytes = int64_t(K) * BITS / 8;
   const int tiles = (N + X16_TILE - 1) / X16_TILE;
   auto run = [&](int t) {
@@ -529,21 +635,23 @@ void int16_quant_matmul(const float* x, const uint8_t* w, const float* scales, c
       for (int j = 0; j < nt; j++) {
         const int n = n0 + j;
         const uint8_t* row = w + int64_t(n) * row_bytes;
-        if (m0 == 0 && n + 1 < N) {  // the next row's codes, scales and biases, on the first pass over the tile
-          const char* next = reinterpret_cast<const char*>(row + row_bytes);
-          for (int64_t b = 0; b < row_bytes; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
-          for (int g = 0; g < G; g += 16) {
-            _mm_prefetch(reinterpret_cast<const char*>(scales + int64_t(n + 1) * G + g), _MM_HINT_T0);
-            _mm_prefetch(reinterpret_cast<const char*>(biases + int64_t(n + 1) * G + g), _MM_HINT_T0);
-          }
-        }
         const float *sc = scales + int64_t(n) * G, *bi = biases + int64_t(n) * G;
         float* o = out + int64_t(m0) * N + n;
+        const bool first = m0 == 0;  // the first pass over the tile reads it from memory: prefetch ahead
+        if constexpr (PAIRED) {
+          switch (M - m0 < 4 ? M - m0 : 4) {
+            case 4: first ? int16_block_paired<4, true>(row, xm, sm, um, sc, bi, o, N, K) : int16_block_paired<4, false>(row, xm, sm, um, sc, bi, o, N, K); break;
+            case 3: first ? int16_block_paired<3, true>(row, xm, sm, um, sc, bi, o, N, K) : int16_block_paired<3, false>(row, xm, sm, um, sc, bi, o, N, K); break;
+            case 2: first ? int16_block_paired<2, true>(row, xm, sm, um, sc, bi, o, N, K) : int16_block_paired<2, false>(row, xm, sm, um, sc, bi, o, N, K); break;
+            default: first ? int16_block_paired<1, true>(row, xm, sm, um, sc, bi, o, N, K) : int16_block_paired<1, false>(row, xm, sm, um, sc, bi, o, N, K);
+          }
+          continue;
+        }
         switch (M - m0 < 4 ? M - m0 : 4) {
-          case 4: int16_block<BITS, 4>(row, xm, sm, um, sc, bi, o, N, K, gs); break;
-          case 3: int16_block<BITS, 3>(row, xm, sm, um, sc, bi, o, N, K, gs); break;
-          case 2: int16_block<BITS, 2>(row, xm, sm, um, sc, bi, o, N, K, gs); break;
-          default: int16_block<BITS, 1>(row, xm, sm, um, sc, bi, o, N, K, gs);
+          case 4: int16_block<BITS, 4, GS>(row, xm, sm, um, sc, bi, o, N, K, gs, first); break;
+          case 3: int16_block<BITS, 3, GS>(row, xm, sm, um, sc, bi, o, N, K, gs, first); break;
+          case 2: int16_block<BITS, 2, GS>(row, xm, sm, um, sc, bi, o, N, K, gs, first); break;
+          default: int16_block<BITS, 1, GS>(row, xm, sm, um, sc, bi, o, N, K, gs, first);
         }
       }
     }
@@ -646,8 +754,15 @@ class QuantMatmul : public mx::Primitive {
       const float* xp = layout.rows(x0, int64_t(M) * K, copy);
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
       if (gs % 64 == 0) {
-        bits == 8 ? int16_quant_matmul<8>(xp, wp, sp, bp, op, M, N, K, gs)
-                  : int16_quant_matmul<4>(xp, wp, sp, bp, op, M, N, K, gs);
+        if (gs == 64 && bits == 4 && (K / gs) % 2 == 0) {  // the q4 format: two groups at a time
+          int16_quant_matmul<4, 64, true>(xp, wp, sp, bp, op, M, N, K, gs);
+        } else if (gs == 64) {  // the q8 format's groups (or an odd number of 4-bit ones), one step each
+          bits == 8 ? int16_quant_matmul<8, 64>(xp, wp, sp, bp, op, M, N, K, gs)
+                    : int16_quant_matmul<4, 64>(xp, wp, sp, bp, op, M, N, K, gs);
+        } else {
+          bits == 8 ? int16_quant_matmul<8, 0>(xp, wp, sp, bp, op, M, N, K, gs)
+                    : int16_quant_matmul<4, 0>(xp, wp, sp, bp, op, M, N, K, gs);
+        }
         return;
       }
 #endif

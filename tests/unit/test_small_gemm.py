@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import subprocess
 import sys
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 
 from exo_lab import _blas, native
+from exo_lab.models import kernels
 
 pytestmark = pytest.mark.skipif(
     _blas.find_openblas() is None or native.library("small_gemm") is None,
@@ -57,11 +59,45 @@ def test_workers_get_the_kernel_and_it_computes_the_same_products() -> None:
     assert got["invariant"], "a row of a decode batch must not depend on the other rows"
 
 
-def test_its_threads_sleep_when_idle_unless_told_otherwise() -> None:
-    """Ranks sharing a machine's cores must not spin against each other (OpenMP's default waits busily)."""
-    assert _blas.child_env({})["OMP_WAIT_POLICY"] == "PASSIVE"
-    assert _blas.child_env({"OMP_WAIT_POLICY": "ACTIVE"})["OMP_WAIT_POLICY"] == "ACTIVE"
-    assert "OMP_WAIT_POLICY" not in _blas.child_env({"EXO_LAB_SMALL_GEMM": "0"})
+def test_its_threads_spin_briefly_when_idle_unless_told_otherwise() -> None:
+    """Ranks sharing a machine's cores must not spin against each other (libgomp's default spins ~15 ms), nor
+    sleep between one product of a decode step and the next: a spin of ~45 us, unless the user chose."""
+    assert _blas.child_env({})["GOMP_SPINCOUNT"] == "1000"
+    assert "OMP_WAIT_POLICY" not in _blas.child_env({})
+    for chosen in ({"OMP_WAIT_POLICY": "PASSIVE"}, {"GOMP_SPINCOUNT": "0"}, {"OMP_WAIT_POLICY": "ACTIVE"}):
+        env = _blas.child_env(chosen)
+        assert {k: env.get(k) for k in _blas.OMP_VARIABLES} == {k: chosen.get(k) for k in _blas.OMP_VARIABLES}
+    assert "GOMP_SPINCOUNT" not in _blas.child_env({"EXO_LAB_SMALL_GEMM": "0"})
+
+
+IDLE_OMP_CHILD = r"""
+import json, resource, time
+import exo_lab
+import mlx.core as mx
+from exo_lab.models import kernels
+w, s, b = mx.quantize(mx.random.normal((4096, 2048)), group_size=64, bits=4)
+x = mx.random.normal((1, 2048)); mx.eval(w, s, b, x)
+r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+for _ in range(100):  # a product on every core, then 5 ms of nothing, as a rank between steps
+    mx.eval(kernels.module().quant_matmul(x, w, s, b, 64, 4))
+    time.sleep(0.005)
+r1, wall = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - t0
+print(json.dumps({"cores": (r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime) / wall}))
+"""
+
+
+@pytest.mark.skipif(kernels.module() is None or kernels.module().threads() < 2, reason="no kernel, or one thread")
+def test_the_kernels_threads_sleep_soon_after_a_product() -> None:
+    """Between steps (5 ms here) the helper thread sleeps: with libgomp's own default it spins ~15 ms."""
+    cores = {}
+    for name, env in (("ours", {}), ("libgomp", {"GOMP_SPINCOUNT": "300000"})):
+        full = _blas.child_env({k: v for k, v in os.environ.items() if k not in _blas.OMP_VARIABLES} | env)
+        done = subprocess.run(
+            [sys.executable, "-c", IDLE_OMP_CHILD], env=full, capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 0, done.stderr
+        cores[name] = json.loads(done.stdout.strip().splitlines()[-1])["cores"]
+    assert cores["ours"] < 0.6 < cores["libgomp"], cores
 
 
 IDLE_CHILD = r"""
