@@ -6,12 +6,13 @@
  * 20 GB/s. This library defines cblas_sgemm and is loaded before OpenBLAS (exo_lab._blas), so MLX
  * calls it. For row-major x @ W.T with at most SMALL_M rows it streams W once, each output element
  * one dot product in a fixed order (the same for every M and every thread count: batch-invariant
- * and deterministic); for M = 1 with W not transposed it calls OpenBLAS's sgemv; everything else
- * goes to OpenBLAS's own cblas_sgemm.
+ * and deterministic); x @ W with W not transposed (attention's probabilities @ values) likewise, each
+ * output element one fma chain; everything else goes to OpenBLAS's own cblas_sgemm.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <immintrin.h>
+#include <math.h>
 #include <stddef.h>
 
 enum { RowMajor = 101, ColMajor = 102 };
@@ -21,16 +22,13 @@ enum { NoTrans = 111, Trans = 112 };
 
 typedef void (*sgemm_fn)(int, int, int, int, int, int, float, const float *, int, const float *, int, float,
                          float *, int);
-typedef void (*sgemv_fn)(int, int, int, int, float, const float *, int, const float *, int, float, float *, int);
 
 static sgemm_fn real_sgemm;
-static sgemv_fn real_sgemv;
 
 /* OpenBLAS's functions: the next definitions after this library (LD_PRELOAD="this openblas"), or those of
  * the library exo_small_gemm_use names (exo_lab._blas calls it after loading both with ctypes). */
 static void resolve(void) {
     if (real_sgemm) return;
-    real_sgemv = (sgemv_fn)dlsym(RTLD_NEXT, "cblas_sgemv");
     real_sgemm = (sgemm_fn)dlsym(RTLD_NEXT, "cblas_sgemm");
 }
 
@@ -38,10 +36,8 @@ int exo_small_gemm_use(const char *blas_path) {
     void *h = dlopen(blas_path, RTLD_NOW | RTLD_GLOBAL | RTLD_NOLOAD);
     if (!h) h = dlopen(blas_path, RTLD_NOW | RTLD_GLOBAL);
     if (!h) return 0;
-    sgemv_fn v = (sgemv_fn)dlsym(h, "cblas_sgemv");
     sgemm_fn m = (sgemm_fn)dlsym(h, "cblas_sgemm");
-    if (!v || !m) return 0;
-    real_sgemv = v;
+    if (!m) return 0;
     real_sgemm = m;
     return 1;
 }
@@ -132,6 +128,48 @@ void exo_small_gemm_nt(int M, int N, int K, float alpha, const float *A, int lda
             store(C + (size_t)m * ldc + n, dot1(A + (size_t)m * lda, B + (size_t)n * ldb, K), alpha, beta);
 }
 
+/* Columns [n0, n0 + W * 8) of row a @ B into c: W vectors of 8 columns, each column one fma chain over k in order. */
+#define NN_COLUMNS(W)                                                                                          \
+    static inline void nn_columns##W(const float *a, const float *B, int ldb, int K, int n0, float alpha,     \
+                                     float beta, float *c) {                                                  \
+        __m256 acc[W];                                                                                        \
+        for (int j = 0; j < W; j++) acc[j] = _mm256_setzero_ps();                                             \
+        for (int k = 0; k < K; k++) {                                                                         \
+            const __m256 ak = _mm256_set1_ps(a[k]);                                                           \
+            const float *b = B + (size_t)k * ldb + n0;                                                        \
+            for (int j = 0; j < W; j++) acc[j] = _mm256_fmadd_ps(ak, _mm256_loadu_ps(b + 8 * j), acc[j]);    \
+        }                                                                                                     \
+        for (int j = 0; j < W; j++) {                                                                         \
+            float out[8];                                                                                     \
+            _mm256_storeu_ps(out, acc[j]);                                                                    \
+            for (int i = 0; i < 8; i++) store(c + n0 + 8 * j + i, out[i], alpha, beta);                       \
+        }                                                                                                     \
+    }
+NN_COLUMNS(8)
+NN_COLUMNS(1)
+
+/* C[M, N] = alpha * A[M, K] @ B[K, N] + beta * C, all row-major: each (m, n) one fma chain over k in order (a
+ * vector lane, or fmaf for the last N % 8 columns: the same roundings), so the same for every M, N and thread
+ * count. What attention's probabilities @ values is at decode (M = 1, N = the head size), where OpenBLAS's sgemv
+ * took ~4 us a call for ~32 K products (MLX calls it once per query head and layer). */
+void exo_small_gemm_nn(int M, int N, int K, float alpha, const float *A, int lda, const float *B, int ldb,
+                       float beta, float *C, int ldc) {
+    int blocks = N / 64;
+    for (int m = 0; m < M; m++) {
+        const float *a = A + (size_t)m * lda;
+        float *c = C + (size_t)m * ldc;
+#pragma omp parallel for schedule(static) if ((size_t)N * K >= PARALLEL_WEIGHTS)
+        for (int b = 0; b < blocks; b++) nn_columns8(a, B, ldb, K, 64 * b, alpha, beta, c);
+        int n = 64 * blocks;
+        for (; n + 8 <= N; n += 8) nn_columns1(a, B, ldb, K, n, alpha, beta, c);
+        for (; n < N; n++) {
+            float s = 0.0f;
+            for (int k = 0; k < K; k++) s = fmaf(a[k], B[(size_t)k * ldb + n], s);
+            store(c + n, s, alpha, beta);
+        }
+    }
+}
+
 void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha, const float *A, int lda,
                  const float *B, int ldb, float beta, float *C, int ldc) {
     resolve();
@@ -140,10 +178,8 @@ void cblas_sgemm(int order, int ta, int tb, int M, int N, int K, float alpha, co
             exo_small_gemm_nt(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
             return;
         }
-        if (M == 1 && real_sgemv) { /* y[N] = B[K, N].T @ x[K] */
-            real_sgemv(RowMajor, Trans, K, N, alpha, B, ldb, A, 1, beta, C, 1);
-            return;
-        }
+        exo_small_gemm_nn(M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+        return;
     }
     real_sgemm(order, ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 }

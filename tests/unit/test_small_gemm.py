@@ -36,10 +36,14 @@ for m, n, k in [(1, 64, 64), (1, 37, 300), (2, 129, 77), (3, 256, 2048), (8, 130
     for i in range(m if m <= 16 else 0):  # up to 16 rows (the kernel's), each row alone gives exactly its row
         alone = np.array(mx.array(x[i : i + 1]) @ mx.array(w).T)
         out["invariant"] &= bool(np.array_equal(alone[0], got[i]))
-x = rng.standard_normal((1, 300)).astype(np.float32)
-w = rng.standard_normal((300, 70)).astype(np.float32)  # x @ W, W not transposed: OpenBLAS's sgemv
-want = x.astype(np.float64) @ w.astype(np.float64)
-out["plain_err"] = float(np.abs(np.array(mx.array(x) @ mx.array(w)) - want).max() / np.abs(want).max())
+for m, n, k in [(1, 70, 300), (1, 64, 512), (3, 130, 33), (16, 7, 5)]:  # x @ W, W not transposed (attention's p @ v)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    want = x.astype(np.float64) @ w.astype(np.float64)
+    got = np.array(mx.array(x) @ mx.array(w))
+    out["plain_err"] = max(out["plain_err"], float(np.abs(got - want).max() / np.abs(want).max()))
+    for i in range(m):
+        out["invariant"] &= bool(np.array_equal(np.array(mx.array(x[i : i + 1]) @ mx.array(w))[0], got[i]))
 print(json.dumps(out))
 """
 
@@ -149,6 +153,27 @@ def test_alpha_beta_and_strides_follow_cblas() -> None:
     ptr = lambda v: v.ctypes.data_as(f)  # noqa: E731
     lib.exo_small_gemm_nt(m, n, k, ctypes.c_float(0.5), ptr(a), lda, ptr(b), ldb, ctypes.c_float(2.0), ptr(c), ldc)
     np.testing.assert_allclose(c, want, rtol=1e-5, atol=1e-5)  # columns past n untouched
+
+
+def test_x_at_w_is_one_fma_chain_per_element() -> None:
+    """x @ W with W not transposed: every element the fma chain over k in order, whichever columns block it."""
+    lib = ctypes.CDLL(str(native.library("small_gemm")))
+    f = ctypes.POINTER(ctypes.c_float)
+    rng = np.random.default_rng(2)
+    m, n, k, lda, ldb, ldc = 2, 75, 33, 40, 80, 77  # a block of 64 columns, one of 8, 3 more
+    a = rng.standard_normal((m, lda)).astype(np.float32)
+    b = rng.standard_normal((k, ldb)).astype(np.float32)
+    c = rng.standard_normal((m, ldc)).astype(np.float32)
+    want = c.copy()
+    for i in range(m):
+        for j in range(n):
+            s = np.float32(0.0)
+            for t in range(k):  # fma: the product exact, one rounding (float64 holds it exactly)
+                s = np.float32(np.float64(a[i, t]) * np.float64(b[t, j]) + np.float64(s))
+            want[i, j] = np.float32(np.float32(0.5) * s) + np.float32(np.float32(2.0) * c[i, j])
+    ptr = lambda v: v.ctypes.data_as(f)  # noqa: E731
+    lib.exo_small_gemm_nn(m, n, k, ctypes.c_float(0.5), ptr(a), lda, ptr(b), ldb, ctypes.c_float(2.0), ptr(c), ldc)
+    assert np.array_equal(c, want)  # columns past n untouched
 
 
 def test_the_library_is_named_by_its_source_and_cpu() -> None:
