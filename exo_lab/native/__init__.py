@@ -6,7 +6,8 @@
   fp32 activations, in a Python extension module (nanobind, against the installed MLX's headers and ``libmlx``), built with
   ``$CXX`` or ``c++``: :func:`extension` (the module, after checking it works with this MLX).
 - ``cpu_fallbacks.cpp``: MLX primitives for RoPE and RMSNorm, which MLX's CPU runs as fallbacks of plain
-  operations (:mod:`exo_lab.models.fused`), an extension module built the same way.
+  operations, and softmax, which it runs one element at a time (:mod:`exo_lab.models.fused`), an extension
+  module built the same way.
 
 Both are built with ``-march=native`` into ``exo_lab/native/build/`` (or, when the package is not
 writable, the user's cache), named by a hash of the source, the flags, the CPU's features (and for the

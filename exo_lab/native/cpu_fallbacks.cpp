@@ -1,4 +1,5 @@
-// MLX's CPU fallbacks for rotary position embedding and RMS normalization, as one MLX primitive each.
+// MLX's CPU fallbacks for rotary position embedding and RMS normalization, and its CPU softmax, as one MLX
+// primitive each.
 //
 // On the CPU MLX has no kernel for `mx.fast.rope` or `mx.fast.rms_norm`: each call builds its fallback from
 // plain operations, ~25 for a rotation (positions, angles, cos, sin, two slices, four products, a difference,
@@ -17,6 +18,13 @@
 //
 // `rms_norm(x, w, eps)`: x float32 [..., N], w float32 [N]: `x * rsqrt(mean(x * x) + eps) * w` as the
 // fallback computes it: the squares summed in order, times 1 / N, plus eps, one over the square root.
+//
+// `softmax(x)`: x float32 [..., N] softmaxed over its last axis as MLX's CPU Softmax computes it for float32
+// (mlx/backend/cpu/softmax.cpp): MLX's Linux wheel runs its exp one element at a time, each of the polynomial's
+// six fmas a call to libm's software fma (~12 ns an element; a 2000-token llama-1b decode step spent ~10 ms in
+// it). Here the same exp in 8 lanes with the CPU's fma (one rounding each, as libm's), the sum in order.
+#include <immintrin.h>
+
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -131,6 +139,16 @@ struct Rows {
   }
 };
 
+// x's layout as rows of its last axis
+Rows rows_of(const mx::array& x) {
+  Rows layout{{}, {}, x.strides().back()};
+  for (int a = 0; a + 1 < x.ndim(); a++) {
+    layout.shape.push_back(x.shape(a));
+    layout.strides.push_back(x.strides(a));
+  }
+  return layout;
+}
+
 void normalize(const float* x, const Rows& layout, const float* w, float* out, int64_t rows, int N, float eps) {
   const float inv_n = float(1.0 / double(N));
   const int64_t d = layout.step;
@@ -165,12 +183,7 @@ class RmsNorm : public mx::Primitive {
     encoder.set_output_array(out);
     const int N = int(x.shape(-1));
     const int64_t rows = int64_t(x.size()) / N;
-    Rows layout{{}, {}, x.strides().back()};
-    for (int a = 0; a + 1 < x.ndim(); a++) {
-      layout.shape.push_back(x.shape(a));
-      layout.strides.push_back(x.strides(a));
-    }
-    encoder.dispatch([xp = x.data<float>(), layout = std::move(layout), wp = w.data<float>(), op = out.data<float>(),
+    encoder.dispatch([xp = x.data<float>(), layout = rows_of(x), wp = w.data<float>(), op = out.data<float>(),
                       rows, N, eps = eps_]() { normalize(xp, layout, wp, op, rows, N, eps); });
   }
 
@@ -192,6 +205,116 @@ class RmsNorm : public mx::Primitive {
 
  private:
   float eps_;
+};
+
+// MLX's CPU exp for one float (mlx/backend/cpu/simd/math.h, as its Linux wheel runs it: one element at a time):
+// 2**(x / ln 2) as 2**round-half-up(y) (an exponent's bits) times a degree-6 polynomial in the rest, each fma
+// rounded once; NaN stays, above 88 is inf, below -88 is 0. Written so that GCC vectorizes it: every lane does
+// the same roundings as MLX's scalar loop.
+inline float mlx_exp(float in) {
+  const float x = in * 1.442695f;
+  const float ipart = float(std::floor(double(x) + 0.5));  // MLX adds a double 0.5: exact, then floors
+  const float fpart = x - ipart;
+  float p = 1.535336188319500e-4f;
+  p = std::fma(p, fpart, 1.339887440266574e-3f);
+  p = std::fma(p, fpart, 9.618437357674640e-3f);
+  p = std::fma(p, fpart, 5.550332471162809e-2f);
+  p = std::fma(p, fpart, 2.402264791363012e-1f);
+  p = std::fma(p, fpart, 6.931472028550421e-1f);
+  p = std::fma(p, fpart, 1.000000000000000f);
+  const float clamped = std::fmin(std::fmax(ipart, -255.0f), 255.0f);  // out of range: selected away below
+  const int32_t bits = (int32_t(clamped) + 127) * (1 << 23);
+  float two;
+  __builtin_memcpy(&two, &bits, 4);
+  float r = std::isnan(in) ? in : two * p;
+  r = in > 88.0f ? std::numeric_limits<float>::infinity() : r;
+  return in < -88.0f ? 0.0f : r;
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+// mlx_exp for 8 floats at once, each lane the same roundings (round-half-up as floor plus the exact fraction's
+// comparison with 0.5, which is what the double sum and floor give)
+inline __m256 mlx_exp8(__m256 in) {
+  const __m256 x = _mm256_mul_ps(in, _mm256_set1_ps(1.442695f));
+  const __m256 fl = _mm256_floor_ps(x);
+  const __m256 up = _mm256_cmp_ps(_mm256_sub_ps(x, fl), _mm256_set1_ps(0.5f), _CMP_GE_OQ);
+  const __m256 ipart = _mm256_add_ps(fl, _mm256_and_ps(up, _mm256_set1_ps(1.0f)));
+  const __m256 fpart = _mm256_sub_ps(x, ipart);
+  __m256 p = _mm256_set1_ps(1.535336188319500e-4f);
+  p = _mm256_fmadd_ps(p, fpart, _mm256_set1_ps(1.339887440266574e-3f));
+  p = _mm256_fmadd_ps(p, fpart, _mm256_set1_ps(9.618437357674640e-3f));
+  p = _mm256_fmadd_ps(p, fpart, _mm256_set1_ps(5.550332471162809e-2f));
+  p = _mm256_fmadd_ps(p, fpart, _mm256_set1_ps(2.402264791363012e-1f));
+  p = _mm256_fmadd_ps(p, fpart, _mm256_set1_ps(6.931472028550421e-1f));
+  p = _mm256_fmadd_ps(p, fpart, _mm256_set1_ps(1.000000000000000f));
+  const __m256 clamped = _mm256_min_ps(_mm256_max_ps(ipart, _mm256_set1_ps(-255.0f)), _mm256_set1_ps(255.0f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(clamped), _mm256_set1_epi32(127)), 23);
+  __m256 r = _mm256_mul_ps(_mm256_castsi256_ps(bits), p);
+  r = _mm256_blendv_ps(r, in, _mm256_cmp_ps(in, in, _CMP_UNORD_Q));
+  r = _mm256_blendv_ps(r, _mm256_set1_ps(std::numeric_limits<float>::infinity()), _mm256_cmp_ps(in, _mm256_set1_ps(88.0f), _CMP_GT_OQ));
+  return _mm256_blendv_ps(r, _mm256_setzero_ps(), _mm256_cmp_ps(in, _mm256_set1_ps(-88.0f), _CMP_LT_OQ));
+}
+#endif
+
+// Rows of x (through its strides) softmaxed into out as MLX's CPU Softmax does for float32: the running maximum
+// (a NaN wins), exp(x - max) per element, their sum in order, its reciprocal, each exp times it.
+void softmax_rows(const float* x, const Rows& layout, float* out, int64_t rows, int N) {
+  for (int64_t r = 0; r < rows; r++) {
+    const float* xr = x + layout.start(r);
+    const int64_t d = layout.step;
+    float* o = out + r * N;
+    float top = -std::numeric_limits<float>::infinity();
+    for (int i = 0; i < N; i++) {
+      const float v = xr[i * d];
+      top = std::isnan(v) ? v : (v > top ? v : top);
+    }
+    int i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    if (d == 1)
+      for (; i + 8 <= N; i += 8)
+        _mm256_storeu_ps(o + i, mlx_exp8(_mm256_sub_ps(_mm256_loadu_ps(xr + i), _mm256_set1_ps(top))));
+#endif
+    for (; i < N; i++) o[i] = mlx_exp(xr[i * d] - top);
+    float sum = 0.0f;
+    for (int i = 0; i < N; i++) sum = sum + o[i];
+    const float scale = 1 / sum;
+    for (int i = 0; i < N; i++) o[i] = o[i] * scale;
+  }
+}
+
+class Softmax : public mx::Primitive {
+ public:
+  explicit Softmax(mx::Stream stream) : mx::Primitive(stream) {}
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    const mx::array& x = inputs[0];
+    mx::array& out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.set_input_array(x);
+    encoder.set_output_array(out);
+    const int N = int(x.shape(-1));
+    const int64_t rows = int64_t(x.size()) / N;
+    encoder.dispatch([xp = x.data<float>(), layout = rows_of(x), op = out.data<float>(), rows, N]() {
+      softmax_rows(xp, layout, op, rows, N);
+    });
+  }
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("softmax runs on the CPU only");
+  }
+
+  const char* name() const override {
+    return "ExoSoftmax";
+  }
+
+  bool is_equivalent(const mx::Primitive&) const override {
+    return true;
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape()};
+  }
 };
 
 mx::array row_major(const mx::array& a, mx::Stream s) {
@@ -223,6 +346,13 @@ mx::array rms_norm(const mx::array& x, const mx::array& w, float eps) {
   return mx::array(x.shape(), mx::float32, std::make_shared<RmsNorm>(s, eps), {x, row_major(w, s)});
 }
 
+mx::array softmax(const mx::array& x) {
+  if (x.dtype() != mx::float32) throw std::invalid_argument("softmax: x must be float32");
+  if (x.ndim() < 1 || x.shape(-1) == 0) throw std::invalid_argument("softmax: x [..., N] with N > 0 expected");
+  mx::Stream s = mx::to_stream(std::monostate{}, mx::Device::cpu);
+  return mx::array(x.shape(), mx::float32, std::make_shared<Softmax>(s), {x});
+}
+
 }  // namespace
 
 NB_MODULE(_cpu_fallbacks, m) {
@@ -231,4 +361,7 @@ NB_MODULE(_cpu_fallbacks, m) {
         "x float32 [..., N] normalized and scaled by w float32 [N]: mx.fast.rms_norm's result, bit for bit.");
   m.def("table_rope", &table_rope, "x"_a, "cos"_a, "sin"_a, "offset"_a, "dims"_a, "traditional"_a,
         "x float32 [B, H, T, D] rotated by positions offset + t: mx.fast.rope's result, bit for bit.");
+  m.def("softmax", &softmax, "x"_a,
+        "x float32 [..., N] softmaxed over its last axis: mx.softmax(x, axis=-1, precise=True)'s result on the CPU,\n"
+        "bit for bit.");
 }

@@ -1,11 +1,14 @@
-"""RoPE and RMSNorm as one operation each (exo_lab.models.fused): bit-identical to MLX's CPU fallbacks, on
-every layout and offset a shard gives them, and a shard's step with far fewer operations."""
+"""RoPE, RMSNorm and attention's softmax as one operation each (exo_lab.models.fused): bit-identical to MLX's CPU
+fallbacks, on every layout, offset and mask a shard gives them, and a shard's step with far fewer operations."""
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import exo_lab  # noqa: F401  (OpenBLAS before MLX)
@@ -15,6 +18,8 @@ import exo_lab  # noqa: F401  (OpenBLAS before MLX)
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm import load
+from mlx_lm.models import base
+from mlx_lm.models import llama as mlx_lm_llama
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.models.rope_utils import Llama3RoPE
 
@@ -104,6 +109,74 @@ def test_norm_is_mlx_rms_norm_bit_for_bit():
     assert same(norm(h), want) and same(norm(h.astype(mx.bfloat16)), want16)
 
 
+def test_softmax_is_mlx_softmax_bit_for_bit():
+    """MLX's CPU softmax (its exp one element at a time) against exo_lab's vectorized one: every scale of scores,
+    rows shorter and longer than a vector, strided rows, -inf, NaN and values past exp's range."""
+    rng = np.random.default_rng(0)
+    ext = fused.module()
+    for shape in ((7,), (3, 513), (1, 8, 4, 1, 512), (2, 32, 17, 300), (4, 2049)):
+        for scale in (0.01, 1.0, 10.0, 60.0, 300.0):
+            x = mx.array((rng.standard_normal(shape) * scale).astype(np.float32))
+            assert same(ext.softmax(x), mx.softmax(x, axis=-1, precise=True)), (shape, scale)
+    x = mx.array(rng.standard_normal((64, 96)).astype(np.float32) * 40)
+    assert same(ext.softmax(x.T), mx.softmax(x.T, axis=-1, precise=True))  # rows through their strides
+    # scores over exp's whole range, past -88 (zeros) included
+    halves = mx.array([[(k + 0.5) / 1.442695 for k in range(-130, 130)]], mx.float32)
+    assert same(ext.softmax(halves), mx.softmax(halves, axis=-1, precise=True))
+    special = mx.array(
+        [
+            [0.0, -mx.inf, 1.0, 2.0],
+            [mx.nan, 1, 2, 3],
+            [-mx.inf, -mx.inf, 0, 0],
+            [100, -100, 0.5, -0.5],
+            [-1e30, 0, 3, 3],
+        ],
+        mx.float32,
+    )
+    assert mx.array_equal(ext.softmax(special), mx.softmax(special, axis=-1, precise=True), equal_nan=True).item()
+
+
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "queries", "keys", "dim"),
+    [(32, 8, 1, 160, 64), (8, 8, 5, 37, 16), (4, 1, 7, 7, 8), (6, 2, 1, 513, 32)],
+)
+def test_attention_is_mlx_attention_bit_for_bit(heads, kv_heads, queries, keys, dim):
+    """fused.attention against mx.fast.scaled_dot_product_attention on a CPU: grouped heads, a cache's keys sliced
+    from a longer buffer, no mask, causal, boolean and additive masks, per-head ones."""
+    rng = np.random.default_rng(heads * keys)
+
+    def normal(*shape: int, scale: float = 1.0) -> mx.array:
+        return mx.array((rng.standard_normal(shape) * scale).astype(np.float32))
+
+    q = normal(2, heads, queries, dim, scale=3.0)
+    k = normal(2, kv_heads, keys + 20, dim, scale=3.0)[:, :, :keys]  # as a cache's buffer, sliced
+    v = normal(2, kv_heads, keys + 20, dim)[:, :, :keys]
+    masks = [
+        None,
+        "causal",
+        mx.array(rng.random((2, 1, queries, keys)) > 0.3),
+        normal(queries, keys, scale=5.0),
+        mx.array(rng.random((2, heads, queries, keys)) > 0.5),
+    ]
+    for mask in masks:
+        want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=mask)
+        assert same(fused.attention(q, k, v, None, 0.125, mask), want), mask if isinstance(mask, str) else type(mask)
+    sinks = normal(heads)  # anything it does not spell out goes to mlx_lm's
+    want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=None, sinks=sinks)
+    assert same(fused.attention(q, k, v, None, 0.125, None, sinks=sinks), want)
+
+
+@contextlib.contextmanager
+def mlx_attention() -> Iterator[None]:
+    """mlx_lm's llama computing attention with MLX's own (a shard points the module at fused.attention)."""
+    mine = mlx_lm_llama.scaled_dot_product_attention
+    mlx_lm_llama.scaled_dot_product_attention = base.scaled_dot_product_attention
+    try:
+        yield
+    finally:
+        mlx_lm_llama.scaled_dot_product_attention = mine
+
+
 def step_ops(out: mx.array, path: Path) -> dict[str, int]:
     mx.export_to_dot(str(path), out)
     names = re.findall(r'label ="([^" ]+)', path.read_text())
@@ -119,18 +192,25 @@ def test_a_shard_gives_mlx_lm_logits_with_far_fewer_operations(tiny_model, tmp_p
     assert shard.rope_tables and type(shard.layers[0].input_layernorm) is fused.FusedRMSNorm
     prompt = mx.array([[5, 17, 2, 99, 3, 41, 7, 8, 12, 60, 11]])
     cache, ref_cache = shard.make_cache(), make_prompt_cache(model)
+    assert mlx_lm_llama.scaled_dot_product_attention is fused.attention
     for chunk in (prompt[:, :6], prompt[:, 6:]):  # int offsets
-        got, want = shard(chunk, cache), model(chunk, cache=ref_cache)
+        got = shard(chunk, cache)
+        with mlx_attention():
+            want = model(chunk, cache=ref_cache)
         assert same(got, want)
     cache = [c.merge([c]) for c in cache]  # batch caches: per-row offsets, the shard gives the bound
     ref_cache = [c.merge([c]) for c in ref_cache]
     token = mx.array([[9]])
     for _ in range(3):
-        got, want = shard(token, cache), model(token, cache=ref_cache)
+        got = shard(token, cache)
+        with mlx_attention():
+            want = model(token, cache=ref_cache)
         assert same(got, want)
         token = mx.argmax(want[:, -1:], axis=-1)
     ops = step_ops(shard(token, cache), tmp_path / "fused.dot")
-    ref = step_ops(model(token, cache=ref_cache), tmp_path / "mlx.dot")
+    with mlx_attention():
+        ref = step_ops(model(token, cache=ref_cache), tmp_path / "mlx.dot")
     assert ops.get("ExoTableRope") == 2 * layers and ops.get("ExoRmsNorm") == 2 * layers + 1
+    assert ops.get("ExoSoftmax") == layers and "Softmax" not in ops and ref.get("Softmax") == layers
     assert "Cos" not in ops and "Rsqrt" not in ops and "Cos" in ref and "Rsqrt" in ref
     assert sum(ops.values()) < 0.7 * sum(ref.values())
