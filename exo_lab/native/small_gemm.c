@@ -49,6 +49,22 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* hsum of 4 accumulators at once, each in hsum's order ((v0 + v4) + (v2 + v6)) + ((v1 + v5) + (v3 + v7)): the
+ * same bits, a few shuffles for four outputs instead of a reduction each (attention's scores at decode are
+ * one-row products of a head's 64 or 128 values: the reductions were much of their time). */
+static inline __m128 hsum4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+    /* lanes i + 4 added to lanes i: [a0's 4 | a1's 4], [a2's | a3's] */
+    __m256 p01 = _mm256_add_ps(_mm256_permute2f128_ps(a0, a1, 0x20), _mm256_permute2f128_ps(a0, a1, 0x31));
+    __m256 p23 = _mm256_add_ps(_mm256_permute2f128_ps(a2, a3, 0x20), _mm256_permute2f128_ps(a2, a3, 0x31));
+    /* lanes 0 + 2 and 1 + 3 of each: [a0 a0 a2 a2 | a1 a1 a3 a3] */
+    __m256 q = _mm256_add_ps(_mm256_shuffle_ps(p01, p23, _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm256_shuffle_ps(p01, p23, _MM_SHUFFLE(3, 2, 3, 2)));
+    /* the two halves of each: [a0 a2 . . | a1 a3 . .] */
+    __m256 r = _mm256_add_ps(_mm256_shuffle_ps(q, q, _MM_SHUFFLE(2, 0, 2, 0)), _mm256_shuffle_ps(q, q, _MM_SHUFFLE(3, 1, 3, 1)));
+    __m128 lo = _mm256_castps256_ps128(r), hi = _mm256_extractf128_ps(r, 1);
+    return _mm_unpacklo_ps(lo, hi); /* [a0 a1 a2 a3] */
+}
+
 static inline void store(float *c, float dot, float alpha, float beta) {
     *c = beta == 0.0f ? alpha * dot : alpha * dot + beta * *c;
 }
@@ -88,11 +104,13 @@ static void block4(int M, int K, float alpha, const float *A, int lda, const flo
             a12 = _mm256_fmadd_ps(y1, v2, a12);
             a13 = _mm256_fmadd_ps(y1, v3, a13);
         }
-        __m256 acc[2][4] = {{a00, a01, a02, a03}, {a10, a11, a12, a13}};
+        float sums[2][4];
+        _mm_storeu_ps(sums[0], hsum4(a00, a01, a02, a03));
+        _mm_storeu_ps(sums[1], hsum4(a10, a11, a12, a13));
         for (int i = 0; i < 2; i++) {
             const float *x = i ? x1 : x0;
             for (int j = 0; j < 4; j++) {
-                float s = hsum(acc[i][j]);
+                float s = sums[i][j];
                 for (int k = K8; k < K; k++) s += x[k] * ws[j][k];
                 store(C + (size_t)(m + i) * ldc + n + j, s, alpha, beta);
             }
@@ -108,9 +126,10 @@ static void block4(int M, int K, float alpha, const float *A, int lda, const flo
             a2 = _mm256_fmadd_ps(y0, _mm256_loadu_ps(w2 + k), a2);
             a3 = _mm256_fmadd_ps(y0, _mm256_loadu_ps(w3 + k), a3);
         }
-        __m256 acc[4] = {a0, a1, a2, a3};
+        float sums[4];
+        _mm_storeu_ps(sums, hsum4(a0, a1, a2, a3));
         for (int j = 0; j < 4; j++) {
-            float s = hsum(acc[j]);
+            float s = sums[j];
             for (int k = K8; k < K; k++) s += x0[k] * ws[j][k];
             store(C + (size_t)m * ldc + n + j, s, alpha, beta);
         }
