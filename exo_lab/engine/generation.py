@@ -134,7 +134,10 @@ class Generation:
 
     # consumer side
     def cancel(self) -> None:
-        """Stop generating; takes effect within one token."""
+        """Stop generating; takes effect within one token. Chunks the engine made before it and the consumer has
+        not read yet are dropped (a fast model runs ahead of a reader: once the tiny model had made 6 more tokens
+        by the time a cancel from another thread returned); the last chunk says ``cancelled``, or why it ended
+        first, with the usage of every token made."""
         self._cancel.set()
 
     @property
@@ -145,9 +148,15 @@ class Generation:
     def done(self) -> bool:
         return self._done.is_set()
 
+    def _dropped(self, chunk: Chunk) -> bool:
+        """Whether a chunk read now is one a cancel drops (not the last)."""
+        return chunk.finish_reason is None and self._cancel.is_set()
+
     def __iter__(self) -> Iterator[Chunk]:
         while True:
             chunk = self._events.get()
+            if self._dropped(chunk):
+                continue
             yield chunk
             if chunk.finish_reason is not None:
                 return
@@ -164,6 +173,8 @@ class Generation:
                 except queue.Empty:
                     await wake.wait()
                     wake.clear()
+                    continue
+                if self._dropped(chunk):
                     continue
                 yield chunk
                 if chunk.finish_reason is not None:

@@ -65,12 +65,13 @@ def test_cancel_from_another_thread_within_one_token(engine):
     gen = engine.generate("x", max_tokens=100_000, temperature=0, ignore_eos=True)
     it = iter(gen)
     next(it)
+    time.sleep(0.2)  # the engine runs ahead of this reader: its chunks wait unread
     t = threading.Thread(target=gen.cancel)
     t.start()
     t.join()
     rest = list(it)
-    assert rest[-1].finish_reason == "cancelled"
-    assert len(rest) <= 3  # at most the token in flight, then the end
+    assert [c.finish_reason for c in rest] == ["cancelled"]  # the unread chunks dropped, then the end
+    assert gen.usage.completion_tokens > 2  # every token made is counted
     # the engine is free for the next request
     assert engine.generate("y", max_tokens=3, temperature=0).text()
 
