@@ -48,6 +48,7 @@ STATE_DIR = "EXO_LAB_STATE_DIR"
 BLAS = "EXO_LAB_BLAS"
 SMALL_GEMM = "EXO_LAB_SMALL_GEMM"
 LOOKAHEAD = "EXO_LAB_LOOKAHEAD"
+PEER_LINK = "EXO_LAB_PEER_LINK"
 WORKER_LOG = "EXO_LAB_WORKER_LOG"
 DASHBOARD_CONNECT = "EXO_LAB_DASHBOARD_CONNECT"
 DASHBOARD_BENCH = "EXO_LAB_DASHBOARD_BENCH"
@@ -68,6 +69,8 @@ VARIABLES: dict[str, str] = {
     SMALL_GEMM: "'0' sends decode-sized fp32 matmuls to OpenBLAS too (default: exo_lab's kernel, exo_lab/native)",
     LOOKAHEAD: "one-stage instances build each decode step while the one before computes: 'auto' (default: where "
     "it pays), 'always', '0' (never)",
+    PEER_LINK: "'0' sends a tensor pair's all-reduces through MLX's ring (default: a socket of the pair's own, "
+    "exo_lab/native/peer_sum.cpp)",
     WORKER_LOG: "log level of shard workers (default: INFO)",
     DASHBOARD_CONNECT: "agents (host:port,...) the dashboard app connects to",
     DASHBOARD_BENCH: "a bench result JSON the dashboard app shows",
@@ -115,6 +118,12 @@ def blas(env: Mapping[str, str] | None = None) -> str:
 def small_gemm(env: Mapping[str, str] | None = None) -> bool:
     """Whether decode-sized fp32 matmuls use exo_lab's kernel (:mod:`exo_lab.native`); ``0`` turns it off."""
     return (_get(SMALL_GEMM, env) or "1") not in ("0", "off", "false", "no")
+
+
+def peer_link(env: Mapping[str, str] | None = None) -> bool:
+    """Whether a tensor pair's all-reduces go over a socket of its own (:mod:`exo_lab.engine.peer_link`); ``0``
+    keeps MLX's ring."""
+    return (_get(PEER_LINK, env) or "1") not in ("0", "off", "false", "no")
 
 
 def lookahead(env: Mapping[str, str] | None = None) -> str:

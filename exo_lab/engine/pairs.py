@@ -21,6 +21,7 @@ from mlx.nn.layers.distributed import (
     shard_linear,
 )
 
+from exo_lab.engine.peer_link import SUMMABLE, PeerLink
 from exo_lab.models import halfmatmul
 
 
@@ -44,8 +45,11 @@ class Exchange:
     world: mx.distributed.Group
     peer: int
     lower: bool
+    link: PeerLink | None = None  # the pair's own socket (:mod:`exo_lab.engine.peer_link`), else MLX's ring
 
     def __call__(self, x: mx.array) -> mx.array:
+        if self.link is not None and x.dtype in SUMMABLE:
+            return self.link.sum(x)
         if self.lower:
             sent = mx.distributed.send(x, self.peer, group=self.world)
             (x_after,) = mx.depends([x], [sent])

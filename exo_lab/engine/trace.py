@@ -174,12 +174,12 @@ class _TracedDistributed:
         return out
 
 
-class _TracedCore:
-    """``mlx.core`` as :mod:`mlx.nn.layers.distributed` sees it once :func:`trace_tensor_all_reduces` ran."""
+class CoreWith:
+    """``mlx.core`` with another ``distributed`` (what :mod:`mlx.nn.layers.distributed` sees as ``mx``)."""
 
-    def __init__(self, real: Any) -> None:
+    def __init__(self, real: Any, distributed: Any) -> None:
         self._real = real
-        self.distributed = _TracedDistributed(real.distributed)
+        self.distributed = distributed
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._real, name)
@@ -188,11 +188,10 @@ class _TracedCore:
 def trace_tensor_all_reduces() -> None:
     """Let the tensor-sharded linears (:mod:`mlx.nn.layers.distributed`) record their all-reduces while tracing
     (a rank with a tensor group calls it once); while tracing is off they run as before."""
-    import mlx.core as mx
     import mlx.nn.layers.distributed as layers
 
-    if not isinstance(layers.mx, _TracedCore):
-        layers.mx = _TracedCore(mx)  # pyright: ignore[reportAttributeAccessIssue]
+    if not isinstance(layers.mx.distributed, _TracedDistributed):  # over a peer link's, if one is routed
+        layers.mx = CoreWith(layers.mx, _TracedDistributed(layers.mx.distributed))  # pyright: ignore[reportAttributeAccessIssue]
 
 
 def now_ns() -> int:

@@ -59,6 +59,7 @@ from exo_lab.engine.job import Job, JobError
 from exo_lab.engine.lockstep import FAILED, Layout, Lockstep, describe
 from exo_lab.engine.lookahead import Step, pays
 from exo_lab.engine.pairs import Exchange
+from exo_lab.engine.peer_link import PeerLink, open_link, route_tensor_all_reduces
 from exo_lab.engine.pipeline import Group, GroupSchedule, decode_tick, streamed_prefill
 from exo_lab.engine.prefix_cache import PrefixCache, agree, row_caches
 from exo_lab.engine.sampling import SamplingParams, make_penalties, make_sampler
@@ -154,6 +155,8 @@ class Worker:
         #: the decode step built ahead and in flight (see :mod:`exo_lab.engine.lookahead`), or None
         self.ahead: Step | None = None
         self.lookahead = defaults.lookahead() != "off"
+        #: the socket this rank's tensor pair sums over (:mod:`exo_lab.engine.peer_link`), or None (MLX's ring)
+        self.peer_link: PeerLink | None = None
 
     def status(self) -> dict[str, Any]:
         return {
@@ -168,6 +171,7 @@ class Worker:
             "fetched_bytes": getattr(self, "fetched_bytes", 0),
             "fetch_progress": getattr(self, "fetch_progress", None),
             "prefix_cache": self.prefix_cache.summary(),
+            "peer_link": self.peer_link is not None,
         }
 
     def enqueue(self, job: QueuedJob) -> QueuedJob:
@@ -518,16 +522,20 @@ class Worker:
         stages = tuple(tuple(s) for s in cfg["stages"])
         layout = Layout(self.rank, stages)
         tensor_group = self.group if len(stages) == 1 and len(stages[0]) > 1 else None
+        mine = stages[layout.stage]
+        if len(stages) > 1 and len(mine) > 2:
+            raise RuntimeError("a pipeline stage can hold a tensor pair (2 ranks), not more")
+        peer = mine[1 - mine.index(self.rank)] if len(mine) == 2 else None
+        # a pair sums over a socket of its own (every rank takes part in making the links, where there are pairs)
+        self.peer_link = open_link(self.group, peer) if any(len(s) == 2 for s in stages) else None
         if tensor_group is not None:
+            if self.peer_link is not None:
+                route_tensor_all_reduces(self.peer_link)
             trace_tensor_all_reduces()  # a trace shows this rank's in-layer all-reduces apart from its compute
         pair = None
-        mine = stages[layout.stage]
-        if len(stages) > 1 and len(mine) > 1:
-            if len(mine) != 2:
-                raise RuntimeError("a pipeline stage can hold a tensor pair (2 ranks), not more")
-            index = mine.index(self.rank)
-            peer = mine[1 - index]
-            pair = (index, Exchange(self.group, peer, lower=self.rank < peer))
+        if len(stages) > 1 and peer is not None:
+            exchange = Exchange(self.group, peer, lower=self.rank < peer, link=self.peer_link)
+            pair = (mine.index(self.rank), exchange)
         start, end = cfg["layers"]
         spec = ShardSpec(start, end, cfg["num_layers"], cfg.get("dtype"))
         samples = self.rank == layout.stages[-1][0]  # the last stage's lead rank samples every token

@@ -37,30 +37,24 @@ from exo_lab import native
 log = logging.getLogger(__name__)
 
 MIN_POSITIONS = 4096  #: a new table's rows
-_state: dict[str, Any] = {}
+
+
+def _check(ext: Any) -> None:
+    table = RopeTable(8, False, 10000.0, 1.0, None, ext)
+    table.ensure(8)
+    x = mx.arange(2 * 3 * 5 * 8, dtype=mx.float32).reshape(2, 3, 5, 8) / 7
+    want = mx.fast.rope(x, 8, traditional=False, base=10000.0, scale=1.0, offset=2)
+    got = ext.table_rope(x, table.cos, table.sin, mx.array(2, mx.int32), 8, False)
+    assert mx.array_equal(got, want).item(), "not mx.fast.rope's result"
+    w = mx.arange(1, 9, dtype=mx.float32) / 3
+    assert mx.array_equal(ext.rms_norm(x, w, 1e-5), mx.fast.rms_norm(x, w, 1e-5)).item(), "not rms_norm's"
+    scores = (x - 3) * 9
+    assert mx.array_equal(ext.softmax(scores), mx.softmax(scores, axis=-1, precise=True)).item(), "softmax"
 
 
 def module() -> Any:
     """The checked ``cpu_fallbacks`` extension, or None (not built here, or not this MLX's ABI)."""
-    if "module" not in _state:
-        _state["module"] = None
-        ext = native.extension("cpu_fallbacks")
-        if ext is not None:
-            try:
-                table = RopeTable(8, False, 10000.0, 1.0, None, ext)
-                table.ensure(8)
-                x = mx.arange(2 * 3 * 5 * 8, dtype=mx.float32).reshape(2, 3, 5, 8) / 7
-                want = mx.fast.rope(x, 8, traditional=False, base=10000.0, scale=1.0, offset=2)
-                got = ext.table_rope(x, table.cos, table.sin, mx.array(2, mx.int32), 8, False)
-                assert mx.array_equal(got, want).item(), "not mx.fast.rope's result"
-                w = mx.arange(1, 9, dtype=mx.float32) / 3
-                assert mx.array_equal(ext.rms_norm(x, w, 1e-5), mx.fast.rms_norm(x, w, 1e-5)).item(), "not rms_norm's"
-                scores = (x - 3) * 9
-                assert mx.array_equal(ext.softmax(scores), mx.softmax(scores, axis=-1, precise=True)).item(), "softmax"
-                _state["module"] = ext
-            except (TypeError, AssertionError, RuntimeError, ValueError, AttributeError) as err:
-                log.warning("exo_lab's cpu_fallbacks do not work with this MLX (%s): MLX's own instead", err)
-    return _state["module"]
+    return native.checked_extension("cpu_fallbacks", _check, "MLX's own")
 
 
 def available() -> bool:

@@ -19,8 +19,6 @@ from exo_lab import native
 
 log = logging.getLogger(__name__)
 
-_state: dict[str, Any] = {}
-
 
 def _check(ext: Any) -> None:
     x = mx.array([[1.0, -2.0, 3.0, 0.5, 1.0, 2.0, -1.0, 4.0]] * 2)
@@ -45,13 +43,4 @@ def _check(ext: Any) -> None:
 
 def module() -> Any:
     """The checked extension module, or None (see the module docstring)."""
-    if "module" not in _state:
-        _state["module"] = None
-        ext = native.extension("weight_matmul")
-        if ext is not None:
-            try:
-                _check(ext)
-                _state["module"] = ext
-            except (TypeError, AssertionError, RuntimeError, ValueError, AttributeError) as err:
-                log.warning("exo_lab's weight_matmul does not work with this MLX (%s): MLX's own kernels instead", err)
-    return _state["module"]
+    return native.checked_extension("weight_matmul", _check, "MLX's own kernels")

@@ -8,6 +8,8 @@
 - ``cpu_fallbacks.cpp``: MLX primitives for RoPE and RMSNorm, which MLX's CPU runs as fallbacks of plain
   operations, and softmax, which it runs one element at a time (:mod:`exo_lab.models.fused`), an extension
   module built the same way.
+- ``peer_sum.cpp``: a tensor pair's all-reduce over one TCP socket, as an MLX primitive
+  (:mod:`exo_lab.engine.peer_link`), an extension module built the same way.
 
 Both are built with ``-march=native`` into ``exo_lab/native/build/`` (or, when the package is not
 writable, the user's cache), named by a hash of the source, the flags, the CPU's features (and for the
@@ -30,6 +32,7 @@ import shutil
 import subprocess
 import sysconfig
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -199,6 +202,25 @@ def extension_path(name: str) -> Path | None:
     command, cxx = _extension_command(name, mlx_dir, nb_dir)
     _built[name] = found = _build(name, f"_{name}-{digest.hexdigest()[:16]}.so", command, cxx)
     return found
+
+
+_checked: dict[str, ModuleType | None] = {}
+
+
+def checked_extension(name: str, check: Callable[[ModuleType], None], instead: str) -> ModuleType | None:
+    """The extension module ``_<name>`` once ``check(module)`` passed (its functions take this MLX's arrays
+    and give the results they should), or None, with a warning saying ``instead`` (what runs in its place).
+    Checked once per process."""
+    if name not in _checked:
+        _checked[name] = None
+        ext = extension(name)
+        if ext is not None:
+            try:
+                check(ext)
+                _checked[name] = ext
+            except (TypeError, AssertionError, RuntimeError, ValueError, AttributeError, OSError) as err:
+                log.warning("exo_lab's %s does not work with this MLX (%s): %s instead", name, err, instead)
+    return _checked[name]
 
 
 def extension(name: str) -> ModuleType | None:

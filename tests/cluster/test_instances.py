@@ -111,6 +111,7 @@ def test_tensor_parallel_fp32_gives_the_same_tokens(cluster, models):
     try:
         assert {r.tensor_size for r in inst.plan.ranks} == {2}
         assert tokens_of(inst, SHORT, 24) == reference(path, SHORT, 24)
+        assert all(inst._worker(r.rank, "GET", "/status", timeout=5)["peer_link"] for r in inst.plan.ranks)
     finally:
         inst.delete()
 
@@ -363,6 +364,7 @@ def test_pipeline_of_tensor_pairs_gives_the_same_tokens(cluster, models):
         assert len(inst.plan.ranks) == 4
         for prompt in (SHORT, LONG[:300]):
             assert tokens_of(inst, prompt, 16) == reference(path, prompt, 16)
+        assert all(inst._worker(r.rank, "GET", "/status", timeout=5)["peer_link"] for r in inst.plan.ranks)
     finally:
         inst.delete()
 

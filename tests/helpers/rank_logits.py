@@ -3,7 +3,8 @@
 Usage: MLX_RANK=r MLX_HOSTFILE=hosts.json python tests/rank_logits.py MODEL_DIR SPLITS_JSON PROMPT_JSON OUT.npy [N]
 
 With N > 0 the ranks then generate N greedy tokens in lock step (``Lockstep.generate``) and the
-sampling rank writes them to OUT with the suffix ``.tokens.json``.
+sampling rank writes them to OUT with the suffix ``.tokens.json``. A tensor pair sums over its own socket
+(:mod:`exo_lab.engine.peer_link`) unless ``EXO_LAB_PEER_LINK=0``.
 """
 
 import json
@@ -18,6 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from exo_lab.engine.lockstep import Layout, Lockstep
+from exo_lab.engine.peer_link import open_link, route_tensor_all_reduces
 from exo_lab.engine.shard import ShardSpec, load_shard
 
 
@@ -28,6 +30,9 @@ def main() -> None:
     rank = group.rank()
     cfg = json.loads(Path(model_dir, "config.json").read_text())
     if splits == "tensor":  # every rank holds every layer, split by heads and MLP
+        link = open_link(group, 1 - rank) if group.size() == 2 else None
+        if link is not None:  # a pair sums over its own socket, as a worker's does
+            route_tensor_all_reduces(link)
         spec = ShardSpec(0, cfg["num_hidden_layers"], cfg["num_hidden_layers"])
         shard, _ = load_shard(model_dir, spec, tensor_group=group)
         layout = Layout(rank, (tuple(range(group.size())),))

@@ -262,7 +262,7 @@ def test_environment_variables_and_ports_are_read_only_through_defaults():
             if isinstance(node.value, int) and not isinstance(node.value, bool) and node.value in ports:
                 found.append(f"{rel}:{node.lineno} hard-codes port {node.value}")
     assert not found, "\n".join(found)
-    assert len(names) == 16 and all(n.startswith("EXO_LAB_") for n in names)
+    assert len(names) == 17 and all(n.startswith("EXO_LAB_") for n in names)
 
 
 def test_every_variable_has_an_accessor(monkeypatch):
@@ -291,6 +291,8 @@ def test_every_variable_has_an_accessor(monkeypatch):
     assert defaults.blas() == "openblas" and defaults.blas({defaults.BLAS: "Reference"}) == "reference"
     monkeypatch.setenv(defaults.WORKER_LOG, "debug")
     assert defaults.worker_log_level() == "DEBUG"
+    monkeypatch.delenv(defaults.PEER_LINK, raising=False)
+    assert defaults.peer_link() and not defaults.peer_link({defaults.PEER_LINK: "0"})
 
 
 def test_in_an_ipython_shell_the_package_registers_the_widget_displays():

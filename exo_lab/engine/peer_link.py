@@ -1,0 +1,185 @@
+"""A TCP socket between the two ranks of a tensor pair, carrying their all-reduces.
+
+A tensor pair sums two partial results twice per layer. Through MLX's ring backend each sum is a trip
+through three threads on each side (on this project's 2-core machine ~150-180 us for 8 KB, where a plain
+socket exchange takes ~20 us; :mod:`exo_lab.cluster.collective`), 32 times per llama-1b decode step. A
+:class:`PeerLink` is one socket between the two ranks over which ``peer_sum.cpp`` (:mod:`exo_lab.native`)
+exchanges and adds on the stream's own thread: the same bits as the ring's sum of two.
+
+:func:`open_link` is a collective over the world group: every rank calls it, the lower rank of each pair
+listens on its hostfile address and publishes the port and a one-time token through one ``all_sum``, the
+higher connects and presents the token, and a second ``all_sum`` makes every rank agree: links everywhere
+they were wanted, or none (each pair's ranks must sum the same way). ``EXO_LAB_PEER_LINK=0`` keeps the ring.
+:func:`route_tensor_all_reduces` points the tensor-sharded linears (:mod:`mlx.nn.layers.distributed`) at the
+link.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from exo_lab import defaults, native
+from exo_lab.engine.trace import CoreWith
+
+log = logging.getLogger(__name__)
+
+#: seconds the pair's ranks get to connect
+CONNECT_TIMEOUT_S = 30.0
+#: the dtypes the native sum adds
+SUMMABLE = (mx.float32, mx.bfloat16, mx.float16)
+
+
+def module() -> Any:
+    """The checked ``peer_sum`` extension, or None (not built here, or not this MLX's ABI)."""
+    return native.checked_extension("peer_sum", _check, "MLX's ring")
+
+
+def _check(ext: Any) -> None:
+    """One sum over a socket pair, the peer's bytes written ahead."""
+    a, b = socket.socketpair()
+    with a, b:
+        mine = mx.arange(6, dtype=mx.float32) / 3
+        theirs = mx.arange(6, dtype=mx.float32) * 7
+        b.sendall(np.array(theirs).tobytes())
+        got = ext.peer_sum(mine, a.fileno())
+        mx.eval(got)
+        assert b.recv(mine.nbytes, socket.MSG_WAITALL) == np.array(mine).tobytes(), "sent other bytes"
+        assert mx.array_equal(got, mine + theirs).item(), "not the sum"
+
+
+@dataclass
+class PeerLink:
+    """A connected socket to the pair's other rank."""
+
+    sock: socket.socket
+    peer: int
+
+    def sum(self, x: mx.array) -> mx.array:
+        """``x`` plus the peer's ``x`` (the same bits on both ranks); both must call it alike."""
+        return module().peer_sum(x, self.sock.fileno())
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def hostfile_address(rank: int, env: Mapping[str, str] | None = None) -> str | None:
+    """The IP address of ``rank`` in the ring's hostfile (``MLX_HOSTFILE``), or None."""
+    path = (os.environ if env is None else env).get("MLX_HOSTFILE")
+    if not path:
+        return None
+    try:
+        host = str(json.loads(Path(path).read_text())[rank][0]).rsplit(":", 1)[0]
+    except (OSError, ValueError, TypeError, IndexError, KeyError):
+        return None
+    return host.strip("[]")
+
+
+def _wanted(peer: int | None) -> bool:
+    return peer is not None and defaults.peer_link() and mx.default_device() == mx.cpu and module() is not None
+
+
+def open_link(group: mx.distributed.Group, peer: int | None) -> PeerLink | None:
+    """The link to ``peer`` (this rank's pair partner; None: none), or None where the ring stays.
+
+    A collective over ``group``: every rank calls it, each with its own partner or None."""
+    rank, world = group.rank(), group.size()
+    want = _wanted(peer)
+    listener: socket.socket | None = None
+    token = secrets.randbits(31)
+    offer = [0] * (3 * world)  # per rank: listening port, token, wants a link
+    offer[3 * rank + 2] = int(want)
+    if want and peer is not None and rank < peer:
+        host = hostfile_address(rank)
+        try:
+            listener = socket.create_server((host or "127.0.0.1", 0))
+            offer[3 * rank : 3 * rank + 2] = [listener.getsockname()[1], token]
+        except OSError as err:
+            log.warning("no peer link: cannot listen on %s (%s)", host, err)
+            offer[3 * rank + 2] = 0
+    offers = [int(v) for v in np.array(mx.distributed.all_sum(mx.array(offer, mx.int32), group=group))]
+    paired = peer is not None and bool(offers[3 * rank + 2]) and bool(offers[3 * peer + 2])
+    link = None
+    if paired:
+        assert peer is not None
+        try:
+            link = _accept(listener, token, peer) if rank < peer else _connect(peer, offers[3 * peer : 3 * peer + 2])
+        except OSError as err:
+            log.warning("no peer link to rank %d: %s", peer, err)
+    if listener is not None:
+        listener.close()
+    failed = mx.array([int(paired and link is None)], mx.int32)
+    if mx.distributed.all_sum(failed, group=group).item():
+        if link is not None:
+            link.close()
+        log.warning("a pair's link failed to connect: every pair sums through MLX's ring")
+        return None
+    if link is not None:
+        log.info("tensor pair with rank %d: all-reduces over a socket of their own", peer)
+    return link
+
+
+def _accept(listener: socket.socket | None, token: int, peer: int) -> PeerLink:
+    if listener is None:
+        raise OSError("not listening")
+    deadline = time.monotonic() + CONNECT_TIMEOUT_S
+    while True:
+        listener.settimeout(max(0.01, deadline - time.monotonic()))
+        sock, _ = listener.accept()  # socket.timeout (an OSError) once the time is up
+        sock.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            presented = sock.recv(4, socket.MSG_WAITALL)
+        except OSError:
+            presented = b""
+        if presented == token.to_bytes(4, "big"):
+            return _ready(sock, peer)
+        sock.close()  # not our peer: keep waiting for it
+
+
+def _connect(peer: int, port_token: list[int]) -> PeerLink:
+    port, token = port_token
+    host = hostfile_address(peer) or "127.0.0.1"
+    sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
+    sock.sendall(token.to_bytes(4, "big"))
+    return _ready(sock, peer)
+
+
+def _ready(sock: socket.socket, peer: int) -> PeerLink:
+    sock.settimeout(None)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return PeerLink(sock, peer)
+
+
+class LinkedDistributed:
+    """``mlx.core.distributed`` whose ``all_sum`` over a 2-rank group goes through a :class:`PeerLink`."""
+
+    def __init__(self, real: Any, link: PeerLink) -> None:
+        self._real = real
+        self._link = link
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def all_sum(self, x: Any, *, group: Any = None, stream: Any = None) -> Any:
+        if x.dtype in SUMMABLE and stream is None and (group is None or group.size() == 2):
+            return self._link.sum(x)
+        return self._real.all_sum(x, group=group, stream=stream)
+
+
+def route_tensor_all_reduces(link: PeerLink) -> None:
+    """The tensor-sharded linears' all-reduces go through ``link`` (a rank of a 2-rank tensor group calls it
+    once, before :func:`exo_lab.engine.trace.trace_tensor_all_reduces`)."""
+    import mlx.nn.layers.distributed as layers
+
+    layers.mx = CoreWith(layers.mx, LinkedDistributed(layers.mx.distributed, link))  # pyright: ignore[reportAttributeAccessIssue]

@@ -1,0 +1,70 @@
+"""A tensor pair's own socket (``exo_lab.engine.peer_link``): two real ranks form an MLX ring on loopback, connect
+their link, and sum over it: the ring's bits, for small and large messages; a rank that wants no link leaves both
+on the ring."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.helpers.net import free_port
+
+pytestmark = pytest.mark.slow
+
+RANK = """
+import json
+import exo_lab
+import mlx.core as mx
+from exo_lab.engine.group import form_group
+from exo_lab.engine.peer_link import open_link
+group = form_group("ring")
+rank = group.rank()
+link = open_link(group, 1 - rank)
+same = []
+for shape, dtype in [((1, 2048), mx.float32), ((3, 5, 64), mx.bfloat16), ((7, 33), mx.float16), ((1024, 1024), mx.float32)]:
+    mx.random.seed(rank)
+    x = (mx.random.normal(shape) * 50).astype(dtype)
+    ring = mx.distributed.all_sum(x, group=group)
+    mine = link.sum(x) if link is not None else ring
+    same.append(bool(mx.array_equal(mine, ring).item()) and mine.dtype == dtype)
+strided = mx.arange(24, dtype=mx.float32).reshape(4, 6).T * (rank + 1)  # not row-contiguous
+if link is not None:
+    same.append(bool(mx.array_equal(link.sum(strided), mx.distributed.all_sum(strided, group=group)).item()))
+print(json.dumps({"link": link is not None, "same": same}))
+"""
+
+
+def ranks(tmp_path, envs):
+    hosts = tmp_path / "hosts.json"
+    hosts.write_text(json.dumps([[f"127.0.0.1:{free_port()}"] for _ in range(2)]))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RANK],
+            env={**os.environ, "MLX_RANK": str(r), "MLX_HOSTFILE": str(hosts), **envs[r]},
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    try:
+        return [json.loads(p.communicate(timeout=90)[0].strip().splitlines()[-1]) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+def test_a_pair_sums_over_its_link_with_the_rings_bits(tmp_path):
+    for out in ranks(tmp_path, [{}, {}]):
+        assert out["link"], out
+        assert out["same"] == [True] * 5, out
+
+
+def test_a_rank_that_wants_no_link_keeps_both_on_the_ring(tmp_path):
+    outs = ranks(tmp_path, [{}, {"EXO_LAB_PEER_LINK": "0"}])
+    assert [o["link"] for o in outs] == [False, False]
+    assert all(o["same"] == [True] * 4 for o in outs), outs
