@@ -283,8 +283,12 @@ class LinkCost:
         return self.latency_s + nbytes / self.bandwidth_bytes_s
 
     def all_reduce(self, nbytes: float, k: int) -> float:
+        """Seconds to sum ``nbytes`` over ``k`` ranks: a pair sends its bytes both ways at once over a socket of
+        its own (:mod:`exo_lab.engine.peer_link`), more ranks go round MLX's ring (there and back again)."""
         if k <= 1:
             return 0.0
+        if k == 2:
+            return self.latency_s + nbytes / self.bandwidth_bytes_s
         return 2 * (k - 1) * self.latency_s + 2 * (k - 1) / k * nbytes / self.bandwidth_bytes_s
 
 
