@@ -302,9 +302,10 @@ def test_a_reservation_is_a_count_of_bytes(cluster, bad):
     assert "bogus2" not in json.dumps(cluster.request(addr, "GET", "/instances"))
 
 
-def test_a_dead_worker_fails_fast_then_the_instance_is_replaced(cluster, models):
+@pytest.mark.parametrize("strategy", ["pipeline", "tensor"])  # tensor: the peer dies under a pair's own socket
+def test_a_dead_worker_fails_fast_then_the_instance_is_replaced(cluster, models, strategy):
     path = models["tiny"]
-    plan = pick(cluster.preview(path, context=2048, prompt_tokens=64), "pipeline", 2)
+    plan = pick(cluster.preview(path, context=2048, prompt_tokens=64), strategy, 2)
     inst = cluster.launch(path, plan=plan, name="resilient")
     server = exo_lab.serve(inst, port=free_port())
     try:
