@@ -33,6 +33,7 @@ from typing import Any, cast
 import mlx.core as mx
 import numpy as np
 
+from exo_lab.engine.peer_link import PeerLink
 from exo_lab.engine.shard import Shard
 from exo_lab.engine.trace import TRACER
 
@@ -150,9 +151,12 @@ class Lockstep:
         hidden_size: int,
         act_dtype: mx.Dtype,
         prefill_step_size: int = 2048,
+        link: PeerLink | None = None,
     ) -> None:
         self.shard = shard
         self.group = group
+        #: a 2-rank instance's pair socket (:mod:`exo_lab.engine.peer_link`): each step's shared vector goes over it
+        self.link = link if group.size() == 2 else None
         self.layout = layout
         self.hidden = hidden_size
         self.act_dtype = act_dtype
@@ -326,7 +330,13 @@ class Lockstep:
         else:  # tensor peers: the step's all-reduces run before the shared vector (it depends on the logits)
             (tok,) = mx.depends([mx.zeros((width,), mx.int32)], [logits])
         mine = mx.array([*flags, admit] if lay.rank == 0 else [0] * (width + 1), mx.int32)
-        return mx.distributed.all_sum(mx.concatenate([tok, mine]), group=self.group)
+        return self._shared(mx.concatenate([tok, mine]))
+
+    def _shared(self, vector: mx.array) -> mx.array:
+        """A step's int32 vector summed over every rank: over the pair's socket where there is one."""
+        if self.link is not None:
+            return self.link.sum(vector)
+        return mx.distributed.all_sum(vector, group=self.group)
 
     def _sample_step(self, batch: Batch, out: mx.array) -> mx.array | None:
         """The last stage's end of a decode step: the sampled tokens on its lead rank (see :meth:`step`)."""
@@ -458,7 +468,7 @@ class Lockstep:
             else mx.zeros((width,), mx.int32)
         )
         mine = mx.array([*flags, admit] if self.layout.rank == 0 else [0] * (width + 1), mx.int32)
-        both = mx.distributed.all_sum(mx.concatenate([tok, mine]), group=self.group)
+        both = self._shared(mx.concatenate([tok, mine]))
         with TRACER.span("all_sum"):
             mx.eval(both)
         values = cast("list[int]", both.tolist())  # a 1-d int32 array

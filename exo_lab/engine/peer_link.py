@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 #: seconds the pair's ranks get to connect
 CONNECT_TIMEOUT_S = 30.0
 #: the dtypes the native sum adds
-SUMMABLE = (mx.float32, mx.bfloat16, mx.float16)
+SUMMABLE = (mx.float32, mx.bfloat16, mx.float16, mx.int32)
 
 
 def module() -> Any:

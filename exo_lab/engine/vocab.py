@@ -22,6 +22,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import mlx.nn.layers.distributed as mlx_distributed
 
 from exo_lab.models import halfmatmul, qmatmul
 
@@ -55,7 +56,8 @@ class VocabSlice(nn.Module):
         mine = (local >= 0) & (local < n)
         rows = self._rows(mx.where(mine, local, 0))
         part = mx.where(mine[..., None], rows, mx.zeros_like(rows))
-        return mx.distributed.all_sum(part, group=self._group)
+        # as the sharded linears sum: over a tensor pair's own socket where one is routed (engine/peer_link.py)
+        return mlx_distributed.mx.distributed.all_sum(part, group=self._group)
 
     def as_linear(self, x: mx.array) -> mx.array:
         return _gather_vocab(self._logits(x), self._group)

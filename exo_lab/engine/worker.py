@@ -552,7 +552,7 @@ class Worker:
             act_name = (cfg.get("act_dtypes") or {}).get(str(stages[layout.stage - 1][0]), act_name)
         act = getattr(mx, act_name)
         step = cfg.get("prefill_step_size") or defaults.prefill_step(len(stages), mx.default_device() == mx.gpu)
-        self.lockstep = Lockstep(self.shard, self.group, layout, config["hidden_size"], act, step)
+        self.lockstep = Lockstep(self.shard, self.group, layout, config["hidden_size"], act, step, self.peer_link)
         self.schedule = GroupSchedule(len(stages), layout.stage)
         if samples:
             self.guide = vocabulary(self.tokenizer, int(config["vocab_size"]))

@@ -7,7 +7,7 @@
 // reads the peer's (both at once, non-blocking, sleeping in poll() while neither can move, so a message of
 // any size passes however small the socket buffers), then adds them. Addition commutes exactly, so both
 // ranks hold the same bits, and they are the bits of MLX's ring for two ranks (float32 added as float32;
-// bfloat16 and float16 through float32 and rounded back, as MLX's own types add).
+// bfloat16 and float16 through float32 and rounded back, as MLX's own types add; int32 exactly).
 //
 // Both ranks must evaluate the same sums in the same order, as with any collective. A socket that fails or
 // closes (the peer is gone) ends the process with a message on stderr, as MLX's ring does: the partial sums
@@ -139,6 +139,9 @@ class PeerSum : public mx::Primitive {
         case mx::float16:
           add(reinterpret_cast<const mx::float16_t*>(mine), reinterpret_cast<mx::float16_t*>(op), count);
           break;
+        case mx::int32:  // wrapping, as two's complement adds
+          add(reinterpret_cast<const uint32_t*>(mine), reinterpret_cast<uint32_t*>(op), count);
+          break;
         default:
           break;  // refused when the operation was made
       }
@@ -167,8 +170,8 @@ class PeerSum : public mx::Primitive {
 };
 
 mx::array peer_sum(const mx::array& x, int fd) {
-  if (x.dtype() != mx::float32 && x.dtype() != mx::bfloat16 && x.dtype() != mx::float16)
-    throw std::invalid_argument("peer_sum: x must be float32, bfloat16 or float16");
+  if (x.dtype() != mx::float32 && x.dtype() != mx::bfloat16 && x.dtype() != mx::float16 && x.dtype() != mx::int32)
+    throw std::invalid_argument("peer_sum: x must be float32, bfloat16, float16 or int32");
   if (fd < 0) throw std::invalid_argument("peer_sum: fd must be an open socket");
   mx::Stream s = mx::to_stream(std::monostate{}, mx::Device::cpu);
   return mx::array(x.shape(), x.dtype(), std::make_shared<PeerSum>(s, fd), {x});

@@ -45,12 +45,15 @@ def exchange(mine: mx.array, theirs: mx.array) -> tuple[mx.array, bytes]:
     return out, got[0]
 
 
-@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.float16, mx.int32])
 @pytest.mark.parametrize("shape", [(1, 2048), (5, 3, 64), (2048, 1024)])  # the last: 2-8 MB, past socket buffers
 def test_the_sum_is_mlx_addition_of_both_sides(shape, dtype):
     mx.random.seed(1)
     mine = (mx.random.normal(shape) * 30).astype(dtype)
     theirs = (mx.random.normal(shape) * 30).astype(dtype)
+    if dtype == mx.int32:  # the steps' shared vectors: tokens, flags; and a sum that wraps
+        mine = mine.at[0, 0].add(2**31 - 100)
+        theirs = theirs.at[0, 0].add(2**31 - 100)
     out, sent = exchange(mine, theirs)
     assert out.dtype == dtype and out.shape == mine.shape
     assert mx.array_equal(out, mine + theirs).item()
@@ -76,9 +79,9 @@ def test_two_sums_of_one_array_are_two_messages():
     assert sorted([first.tolist(), second.tolist()]) == [[0, 2, 4, 6], [4, 6, 8, 10]]
 
 
-@pytest.mark.parametrize("bad", [mx.arange(4), mx.array([True, False])])
+@pytest.mark.parametrize("bad", [mx.arange(4, dtype=mx.int64), mx.array([True, False]), mx.ones(2, mx.uint8)])
 def test_other_dtypes_are_refused(bad):
-    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+    with pytest.raises(ValueError, match="float32, bfloat16, float16 or int32"):
         peer_link.module().peer_sum(bad, 0)
 
 
