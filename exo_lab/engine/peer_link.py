@@ -11,7 +11,8 @@ listens on its hostfile address and publishes the port and a one-time token thro
 higher connects and presents the token, and a second ``all_sum`` makes every rank agree: links everywhere
 they were wanted, or none (each pair's ranks must sum the same way). ``EXO_LAB_PEER_LINK=0`` keeps the ring.
 :func:`route_tensor_all_reduces` points the tensor-sharded linears (:mod:`mlx.nn.layers.distributed`) at the
-link.
+link, and with them the split embedding's sum (:mod:`exo_lab.engine.vocab`); a 2-rank instance's
+:class:`~exo_lab.engine.lockstep.Lockstep` sums each step's shared vector (int32) over it too.
 """
 
 from __future__ import annotations
