@@ -5,9 +5,9 @@
 - ``weight_matmul.cpp`` holds MLX primitives, ``x @ W.T`` with bf16/fp16 or 8/4-bit quantized weights and
   fp32 activations, in a Python extension module (nanobind, against the installed MLX's headers and ``libmlx``), built with
   ``$CXX`` or ``c++``: :func:`extension` (the module, after checking it works with this MLX).
-- ``cpu_fallbacks.cpp``: MLX primitives for RoPE and RMSNorm, which MLX's CPU runs as fallbacks of plain
-  operations, and softmax, which it runs one element at a time (:mod:`exo_lab.models.fused`), an extension
-  module built the same way.
+- ``cpu_fallbacks.cpp``: MLX primitives for RoPE, RMSNorm and a decode step's attention, which MLX's CPU runs
+  as fallbacks of plain operations, and softmax, which it runs one element at a time
+  (:mod:`exo_lab.models.fused`), an extension module built the same way.
 - ``peer_sum.cpp``: a tensor pair's all-reduce over one TCP socket, as an MLX primitive
   (:mod:`exo_lab.engine.peer_link`), an extension module built the same way.
 

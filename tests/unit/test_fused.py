@@ -166,6 +166,51 @@ def test_attention_is_mlx_attention_bit_for_bit(heads, kv_heads, queries, keys, 
     assert same(fused.attention(q, k, v, None, 0.125, None, sinks=sinks), want)
 
 
+@pytest.mark.parametrize(
+    ("rows", "heads", "kv_heads", "keys", "dim"),
+    [(1, 32, 8, 1, 64), (3, 8, 8, 70, 128), (2, 6, 2, 33, 72), (1, 24, 3, 2100, 64), (2, 4, 4, 9, 5)],
+)
+def test_decode_attention_is_mlx_attention_bit_for_bit(rows, heads, kv_heads, keys, dim):
+    """One query position (a decode step) as one ExoDecodeAttention: MLX's fast attention's bits for grouped heads
+    sharing their keys (4 at a time and the rest), heads with a tail past 8 lanes, both threads (2100 keys), a
+    cache's buffer sliced, keys and values not contiguous along the head, per-row boolean and additive masks."""
+    rng = np.random.default_rng(rows * keys + dim)
+
+    def normal(*shape: int, scale: float = 1.0) -> mx.array:
+        return mx.array((rng.standard_normal(shape) * scale).astype(np.float32))
+
+    q = normal(rows, heads, 1, dim, scale=3.0)
+    buffers = [normal(rows, kv_heads, keys + 20, dim, scale=3.0)[:, :, :keys] for _ in range(2)]
+    strided = [normal(rows, kv_heads, dim, keys).swapaxes(2, 3) for _ in range(2)]
+    masks = [None, "causal", mx.array(rng.random((rows, 1, 1, keys)) > 0.3), normal(rows, heads, 1, keys, scale=5.0)]
+    for k, v in (buffers, strided):
+        for mask in masks:
+            got = fused.attention(q, k, v, None, 0.125, mask)
+            want = mx.fast.scaled_dot_product_attention(q, k, v, scale=0.125, mask=mask)
+            assert same(got, want), mask if isinstance(mask, str) else type(mask)
+    ext = fused.module()
+    with pytest.raises(ValueError, match="one query|q \\[B, Hq, 1, D\\]"):
+        ext.decode_attention(normal(1, 4, 2, 8), normal(1, 4, 3, 8), normal(1, 4, 3, 8), 1.0)
+    with pytest.raises(ValueError, match="multiple of Hkv"):
+        ext.decode_attention(normal(1, 6, 1, 8), normal(1, 4, 3, 8), normal(1, 4, 3, 8), 1.0)
+    with pytest.raises(ValueError, match="broadcast"):
+        ext.decode_attention(normal(1, 4, 1, 8), normal(1, 4, 3, 8), normal(1, 4, 3, 8), 1.0, normal(1, 1, 1, 3))
+
+
+def test_decode_attention_off_keeps_the_composed_fallback(monkeypatch, tmp_path):
+    """``fused.DECODE = False``: a decode step's attention is the fallback's operations again, the same bits."""
+    rng = np.random.default_rng(5)
+    shapes = ((1, 8, 1, 64), (1, 2, 40, 64), (1, 2, 40, 64))
+    q, k, v = (mx.array(rng.standard_normal(s).astype(np.float32)) for s in shapes)
+    one = fused.attention(q, k, v, None, 0.125, None)
+    assert step_ops(one, tmp_path / "one.dot") == {"ExoDecodeAttention": 1}
+    monkeypatch.setattr(fused, "DECODE", False)
+    composed = fused.attention(q, k, v, None, 0.125, None)
+    ops = step_ops(composed, tmp_path / "composed.dot")
+    assert ops.get("ExoSoftmax") == 1 and ops.get("Matmul") == 2
+    assert same(one, composed)
+
+
 @contextlib.contextmanager
 def mlx_attention() -> Iterator[None]:
     """mlx_lm's llama computing attention with MLX's own (a shard points the module at fused.attention)."""
@@ -211,6 +256,8 @@ def test_a_shard_gives_mlx_lm_logits_with_far_fewer_operations(tiny_model, tmp_p
     with mlx_attention():
         ref = step_ops(model(token, cache=ref_cache), tmp_path / "mlx.dot")
     assert ops.get("ExoTableRope") == 2 * layers and ops.get("ExoRmsNorm") == 2 * layers + 1
-    assert ops.get("ExoSoftmax") == layers and "Softmax" not in ops and ref.get("Softmax") == layers
+    # a decode step's attention is one operation: scale, scores, mask, softmax and values
+    assert ops.get("ExoDecodeAttention") == layers and "ExoSoftmax" not in ops
+    assert "Softmax" not in ops and ref.get("Softmax") == layers
     assert "Cos" not in ops and "Rsqrt" not in ops and "Cos" in ref and "Rsqrt" in ref
     assert sum(ops.values()) < 0.7 * sum(ref.values())
