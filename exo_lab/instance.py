@@ -9,7 +9,9 @@ streams each request's tokens back from rank 0, and watches the workers: if one 
 the request in flight ends with an error, the other workers are stopped, and
 (with ``auto_replace``) the model is re-planned on the nodes that remain. A launch
 that fails while loading on nodes that are all alive (a bad model, a bad config)
-is not re-placed: it would fail the same way.
+is not re-placed: it would fail the same way; one whose rank could not bind its port (another process took it
+between the agent choosing it and the rank binding it) is launched again on the same plan with new ports, at
+most :data:`PORT_RELAUNCHES` times.
 
 Each node holds the instance on a lease (see :mod:`exo_lab.cluster.workers`): the
 instance tells the agents who launched it (``ClusterClient.owner()``) and what it is,
@@ -57,6 +59,15 @@ LEASE_S = 10.0
 RENEW_EVERY_S = 2.0
 #: timeout of one renewal (or of the check whether a node still holds the instance)
 RENEW_TIMEOUT_S = 3.0
+#: launches of one placement again after a rank found its port taken (each with new ports)
+PORT_RELAUNCHES = 2
+#: how a rank says its port was taken: MLX's ring backend, and Python's socket (the control API)
+_PORT_TAKEN = ("Couldn't bind socket (error: 98)", "[Errno 98]", "Address already in use")
+
+
+def port_taken(problem: str) -> bool:
+    """Whether a rank's failure ``problem`` is a port another process took (so a launch with new ports may work)."""
+    return any(marker in problem for marker in _PORT_TAKEN)
 
 
 class LaunchError(RuntimeError):
@@ -102,6 +113,7 @@ class Instance(Backend):
         self.error: str | None = None
         self.progress: dict[int, tuple[int, int]] = {}
         self.replacements = 0
+        self._port_relaunches = 0
         #: the public id: what clients know this instance by, the same across re-placements (:attr:`launch_id`
         #: is the current placement's id on the agents and ranks)
         self.id = uuid.uuid4().hex[:10]
@@ -432,15 +444,37 @@ class Instance(Backend):
                 return
             log.warning("instance %s failed: %s", self.name, problem)
             was_ready = self.state == "ready"
+            relaunch = (
+                not was_ready
+                and self.auto_replace
+                and port_taken(problem)
+                and self._port_relaunches < PORT_RELAUNCHES
+                and not self._closed.is_set()
+            )
             self.error = problem
-            self.state = "failed"
+            self.state = "replacing" if relaunch else "failed"  # wait_ready waits on through a relaunch
             inflight = list(self._inflight)
         for gen in inflight:
             if not gen.done:
                 self._finish(gen, Chunk("", finish_reason="error", error=f"instance failed: {problem}", usage=Usage()))
         self._stop_workers(graceful=False)
-        if self.auto_replace and not self._closed.is_set():
+        if relaunch:
+            threading.Thread(target=self._relaunch, daemon=True).start()
+        elif self.auto_replace and not self._closed.is_set():
             threading.Thread(target=self._replace, args=(was_ready,), daemon=True).start()
+
+    def _relaunch(self) -> None:
+        """Launch the same plan again, with new ports (a rank's port was taken before it could bind it)."""
+        try:
+            self._port_relaunches += 1
+            self.replacements += 1
+            log.info("instance %s: a rank's port was taken; launching it again with new ports", self.name)
+            self._start(self.plan)
+        except Exception as exc:
+            with self._lock:
+                if self.state != "stopped":
+                    self.state = "failed"
+                    self.error = f"{self.error}; launching again failed: {exc}"
 
     def _replace(self, was_ready: bool = True) -> None:
         """Re-plan on the nodes that remain; a launch that failed while loading is re-placed only if a node was lost."""

@@ -352,6 +352,37 @@ def test_a_dead_worker_fails_fast_then_the_instance_is_replaced(cluster, models,
         inst.delete()
 
 
+def test_a_rank_whose_port_was_taken_is_launched_again_with_new_ports(cluster, models, monkeypatch):
+    """Another process binds a rank's ring port between the agent choosing it and the rank binding it (here the
+    test, right after the prepare): the rank fails to bind, and the instance launches the same plan again with
+    new ports instead of failing (a failure of any other kind while loading still fails it: test_leases.py)."""
+    path = models["tiny"]
+    plan = pick(cluster.preview(path, context=2048, prompt_tokens=64), "pipeline", 2)
+    held: list[socket.socket] = []
+    real = Instance._agent
+
+    def agent(self: Instance, node_id: str, method: str, route: str, body=None):
+        resp = real(self, node_id, method, route, body)
+        if route.endswith("/prepare") and not held:
+            host, port = split_address(next(iter(resp["ranks"].values()))["ring"])
+            taker = socket.socket()
+            taker.bind((host, port))
+            taker.listen()
+            held.append(taker)
+        return resp
+
+    monkeypatch.setattr(Instance, "_agent", agent)
+    inst = cluster.launch(path, plan=plan, name="port-taken")
+    try:
+        assert held and inst.state == "ready" and inst.replacements == 1
+        assert inst.plan is plan and inst.launch_id == f"{inst.id}-r1"
+        assert tokens_of(inst, SHORT, 8) == reference(path, SHORT, 8)
+    finally:
+        inst.delete()
+        for s in held:
+            s.close()
+
+
 def test_pipeline_of_tensor_pairs_gives_the_same_tokens(cluster, models):
     path = models["tiny"]
     plans = cluster.preview(path, context=2048, prompt_tokens=64)
