@@ -30,6 +30,8 @@
 #include <type_traits>
 
 #include <cstdint>
+#include <cstdlib>
+#include <new>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -486,16 +488,38 @@ void x16_rows(const float* x, int M, int K, int gs, int16_t* xq, float* xscale, 
   }
 }
 
+// ``v`` kept in a register: GCC otherwise folds a load of the codes into each of the instructions that take
+// them apart, reading the same 64 bytes up to four times, and loads, not arithmetic, paced the decode kernel
+// (one core, codes in cache: 17.8 -> 26.2 GB/s with x's rows 64-byte aligned as well)
+inline __m512i loaded_once(__m512i v) {
+  __asm__("" : "+v"(v));
+  return v;
+}
+
+// x's int16 rows, 64-byte aligned so that no load of 32 of them spans two cache lines
+struct AlignedX16 {
+  explicit AlignedX16(size_t n) : data_(static_cast<int16_t*>(std::aligned_alloc(64, (n * 2 + 63) / 64 * 64))) {
+    if (data_ == nullptr) throw std::bad_alloc();
+  }
+  ~AlignedX16() { std::free(data_); }
+  AlignedX16(const AlignedX16&) = delete;
+  AlignedX16& operator=(const AlignedX16&) = delete;
+  int16_t* data() const { return data_; }
+
+ private:
+  int16_t* data_;
+};
+
 // 64 codes of a weight row starting at code k as two registers of 32 16-bit codes, in x's EvenOdd order: a
 // 16-bit lane holds 2 codes (8 bits: two bytes; 4 bits: one byte, widened)
 template <int BITS>
 inline void codes64(const uint8_t* w, int k, __m512i& first, __m512i& second) {
   if constexpr (BITS == 8) {
-    const __m512i v = _mm512_loadu_si512(w + k);
+    const __m512i v = loaded_once(_mm512_loadu_si512(w + k));
     first = _mm512_and_si512(v, _mm512_set1_epi16(0xFF));
     second = _mm512_srli_epi16(v, 8);
   } else {
-    const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k / 2)));
+    const __m512i b = loaded_once(_mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k / 2))));
     first = _mm512_and_si512(b, _mm512_set1_epi16(15));
     second = _mm512_srli_epi16(b, 4);
   }
@@ -576,7 +600,7 @@ inline void int16_block_paired(const uint8_t* row, const int16_t* xq, const floa
     constexpr int J = decltype(chain)::value;  // alternate, so one fma's latency does not pace a row
     const uint8_t* at = row + int64_t(g) * 32;
     if constexpr (PREFETCH) _mm_prefetch(reinterpret_cast<const char*>(at) + PREFETCH_AHEAD, _MM_HINT_T0);
-    const __m512i v = _mm512_loadu_si512(at);
+    const __m512i v = loaded_once(_mm512_loadu_si512(at));
     const __m512i c0 = _mm512_and_si512(v, low4), c1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
     const __m512i c2 = _mm512_and_si512(_mm512_srli_epi16(v, 8), low4), c3 = _mm512_srli_epi16(v, 12);
     const __m512i pick = _mm512_inserti64x4(_mm512_set1_epi32(2 * p), _mm256_set1_epi32(2 * p + 1), 1);
@@ -617,50 +641,73 @@ inline void int16_block_paired(const uint8_t* row, const int16_t* xq, const floa
 }
 
 // x @ W.T with x rounded to 16 bits per group, for any number of rows: one weight row at a time (its codes read
-// once from memory, the next row prefetched), every row of x 4 at a time
+// once from memory, prefetched ahead), every row of x 4 at a time. Decode (up to 4 rows of x) takes a thread's
+// weight rows as two interleaved halves, so two streams of codes come from memory at once: one stream left
+// bandwidth unused (a harness, q4 8192 x 2048 matrices, two threads: 28-31 -> 35-38 GB/s; three or more streams,
+// or halves taken 4 or 16 rows at a time, were slower). Prompts go over tiles of X16_TILE rows, which stay in
+// cache while every 4 rows of x pass over them.
 template <int BITS, int GS, bool PAIRED = false>
 void int16_quant_matmul(const float* x, const uint8_t* w, const float* scales, const float* biases, float* out, int M,
                        int N, int K, int gs) {
   const int G = K / gs;
-  std::vector<int16_t> xq(size_t(M) * K);
+  AlignedX16 xq(size_t(M) * K);
   std::vector<float> xscale(size_t(M) * G), xsum(size_t(M) * G);
   x16_rows<PAIRED ? XOrder::Paired : XOrder::EvenOdd>(x, M, K, gs, xq.data(), xscale.data(), xsum.data());
   const int64_t row_bytes = int64_t(K) * BITS / 8;
-  const int tiles = (N + X16_TILE - 1) / X16_TILE;
-  auto run = [&](int t) {
-    const int n0 = t * X16_TILE, nt = N - n0 < X16_TILE ? N - n0 : X16_TILE;
-    for (int m0 = 0; m0 < M; m0 += 4) {
-      const int16_t* xm = xq.data() + int64_t(m0) * K;
-      const float *sm = xscale.data() + int64_t(m0) * G, *um = xsum.data() + int64_t(m0) * G;
-      for (int j = 0; j < nt; j++) {
-        const int n = n0 + j;
-        const uint8_t* row = w + int64_t(n) * row_bytes;
-        const float *sc = scales + int64_t(n) * G, *bi = biases + int64_t(n) * G;
-        float* o = out + int64_t(m0) * N + n;
-        const bool first = m0 == 0;  // the first pass over the tile reads it from memory: prefetch ahead
-        if constexpr (PAIRED) {
-          switch (M - m0 < 4 ? M - m0 : 4) {
-            case 4: first ? int16_block_paired<4, true>(row, xm, sm, um, sc, bi, o, N, K) : int16_block_paired<4, false>(row, xm, sm, um, sc, bi, o, N, K); break;
-            case 3: first ? int16_block_paired<3, true>(row, xm, sm, um, sc, bi, o, N, K) : int16_block_paired<3, false>(row, xm, sm, um, sc, bi, o, N, K); break;
-            case 2: first ? int16_block_paired<2, true>(row, xm, sm, um, sc, bi, o, N, K) : int16_block_paired<2, false>(row, xm, sm, um, sc, bi, o, N, K); break;
-            default: first ? int16_block_paired<1, true>(row, xm, sm, um, sc, bi, o, N, K) : int16_block_paired<1, false>(row, xm, sm, um, sc, bi, o, N, K);
-          }
-          continue;
-        }
-        switch (M - m0 < 4 ? M - m0 : 4) {
-          case 4: int16_block<BITS, 4, GS>(row, xm, sm, um, sc, bi, o, N, K, gs, first); break;
-          case 3: int16_block<BITS, 3, GS>(row, xm, sm, um, sc, bi, o, N, K, gs, first); break;
-          case 2: int16_block<BITS, 2, GS>(row, xm, sm, um, sc, bi, o, N, K, gs, first); break;
-          default: int16_block<BITS, 1, GS>(row, xm, sm, um, sc, bi, o, N, K, gs, first);
-        }
+  auto one = [&](int n, int m0) {  // weight row n times rows m0 .. m0 + 3 of x
+    const int16_t* xm = xq.data() + int64_t(m0) * K;
+    const float *sm = xscale.data() + int64_t(m0) * G, *um = xsum.data() + int64_t(m0) * G;
+    const uint8_t* row = w + int64_t(n) * row_bytes;
+    const float *sc = scales + int64_t(n) * G, *bi = biases + int64_t(n) * G;
+    float* o = out + int64_t(m0) * N + n;
+    const bool first = m0 == 0;  // the first pass over a row reads it from memory: prefetch ahead
+    if constexpr (PAIRED) {
+      switch (M - m0 < 4 ? M - m0 : 4) {
+        case 4: first ? int16_block_paired<4, true>(row, xm, sm, um, sc, bi, o, N, K) : int16_block_paired<4, false>(row, xm, sm, um, sc, bi, o, N, K); break;
+        case 3: first ? int16_block_paired<3, true>(row, xm, sm, um, sc, bi, o, N, K) : int16_block_paired<3, false>(row, xm, sm, um, sc, bi, o, N, K); break;
+        case 2: first ? int16_block_paired<2, true>(row, xm, sm, um, sc, bi, o, N, K) : int16_block_paired<2, false>(row, xm, sm, um, sc, bi, o, N, K); break;
+        default: first ? int16_block_paired<1, true>(row, xm, sm, um, sc, bi, o, N, K) : int16_block_paired<1, false>(row, xm, sm, um, sc, bi, o, N, K);
       }
+      return;
+    }
+    switch (M - m0 < 4 ? M - m0 : 4) {
+      case 4: int16_block<BITS, 4, GS>(row, xm, sm, um, sc, bi, o, N, K, gs, first); break;
+      case 3: int16_block<BITS, 3, GS>(row, xm, sm, um, sc, bi, o, N, K, gs, first); break;
+      case 2: int16_block<BITS, 2, GS>(row, xm, sm, um, sc, bi, o, N, K, gs, first); break;
+      default: int16_block<BITS, 1, GS>(row, xm, sm, um, sc, bi, o, N, K, gs, first);
     }
   };
-  if (int64_t(N) * K * (M < 4 ? M : 4) >= PARALLEL_WEIGHTS) {
+  const bool parallel = int64_t(N) * K * (M < 4 ? M : 4) >= PARALLEL_WEIGHTS;
+  if (M <= 4) {  // decode: each weight row read once, a thread's rows as two interleaved halves
+    auto halves = [&](int a, int b) {
+      const int per = (b - a + 1) / 2;
+      for (int r = 0; r < per; r++) {
+        one(a + r, 0);
+        if (a + per + r < b) one(a + per + r, 0);
+      }
+    };
+    if (parallel) {
+#pragma omp parallel
+      {
+        const int64_t T = omp_get_num_threads(), id = omp_get_thread_num();
+        halves(int(N * id / T), int(N * (id + 1) / T));
+      }
+    } else {
+      halves(0, N);
+    }
+    return;
+  }
+  auto tile = [&](int t) {  // X16_TILE weight rows stay in cache while every 4 rows of x pass over them
+    const int n0 = t * X16_TILE, nt = N - n0 < X16_TILE ? N - n0 : X16_TILE;
+    for (int m0 = 0; m0 < M; m0 += 4)
+      for (int j = 0; j < nt; j++) one(n0 + j, m0);
+  };
+  const int tiles = (N + X16_TILE - 1) / X16_TILE;
+  if (parallel) {
 #pragma omp parallel for schedule(static)
-    for (int t = 0; t < tiles; t++) run(t);
+    for (int t = 0; t < tiles; t++) tile(t);
   } else {
-    for (int t = 0; t < tiles; t++) run(t);
+    for (int t = 0; t < tiles; t++) tile(t);
   }
 }
 #else

@@ -126,6 +126,25 @@ def test_native_quant_matmul_is_the_dequantized_product_and_batch_invariant(bits
 
 
 @needs_kernels
+@pytest.mark.parametrize("bits", [8, 4])
+def test_native_quant_matmul_on_every_core_gives_a_row_the_bits_of_its_prompt(bits):
+    """A matrix past PARALLEL_WEIGHTS: decode (up to 4 rows) splits the weight rows over the threads, each
+    thread's as two interleaved halves (an odd count: one half a row short); a prompt goes over tiles."""
+    n, k = 2053, 2048
+    q = mx.quantize(mx.random.normal((n, k), key=mx.random.key(11)) * 0.05, group_size=64, bits=bits)
+    prompt = mx.random.normal((24, k), key=mx.random.key(12))
+    big = np.array(qmatmul.matmul(prompt, *q, 64, bits))
+    if kernels.module().integer_activations():
+        rounded, _ = _integer_activations_product(np.array(prompt), *q, 64, bits)
+        assert np.abs(big - rounded).max() < 1e-4  # sums of 2048 products: fp32 chains
+    else:
+        full = np.array(mx.dequantize(*q, group_size=64, bits=bits), dtype=np.float64)
+        assert np.abs(big - np.array(prompt, dtype=np.float64) @ full.T).max() < 1e-3
+    for rows in (slice(0, 1), slice(3, 5), slice(20, 24)):
+        assert np.array_equal(np.array(qmatmul.matmul(prompt[rows], *q, 64, bits)), big[rows])
+
+
+@needs_kernels
 def test_quant_matmul_multiplies_16_bit_activations_exactly_where_the_cpu_has_vnni():
     flags = set(Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split())
     ext = kernels.module()
