@@ -488,8 +488,8 @@ void x16_rows(const float* x, int M, int K, int gs, int16_t* xq, float* xscale, 
   }
 }
 
-// ``v`` kept in a register: GCC otherwise folds a load of the codes into each of the instructions that take
-// them apart, reading the same 64 bytes up to four times, and loads, not arithmetic, paced the decode kernel
+// ``v`` kept in a register: GCC otherwise folds a load of the 4-bit codes into each of the instructions that
+// take them apart, reading the same 64 bytes up to four times, and loads, not arithmetic, paced the q4 kernel
 // (one core, codes in cache: 17.8 -> 26.2 GB/s with x's rows 64-byte aligned as well)
 inline __m512i loaded_once(__m512i v) {
   __asm__("" : "+v"(v));
@@ -515,7 +515,7 @@ struct AlignedX16 {
 template <int BITS>
 inline void codes64(const uint8_t* w, int k, __m512i& first, __m512i& second) {
   if constexpr (BITS == 8) {
-    const __m512i v = loaded_once(_mm512_loadu_si512(w + k));
+    const __m512i v = _mm512_loadu_si512(w + k);
     first = _mm512_and_si512(v, _mm512_set1_epi16(0xFF));
     second = _mm512_srli_epi16(v, 8);
   } else {
@@ -641,11 +641,12 @@ inline void int16_block_paired(const uint8_t* row, const int16_t* xq, const floa
 }
 
 // x @ W.T with x rounded to 16 bits per group, for any number of rows: one weight row at a time (its codes read
-// once from memory, prefetched ahead), every row of x 4 at a time. Decode (up to 4 rows of x) takes a thread's
-// weight rows as two interleaved halves, so two streams of codes come from memory at once: one stream left
-// bandwidth unused (a harness, q4 8192 x 2048 matrices, two threads: 28-31 -> 35-38 GB/s; three or more streams,
-// or halves taken 4 or 16 rows at a time, were slower). Prompts go over tiles of X16_TILE rows, which stay in
-// cache while every 4 rows of x pass over them.
+// once from memory, prefetched ahead), every row of x 4 at a time. q4 decode (up to 4 rows of x) takes a
+// thread's weight rows as two interleaved halves, so two streams of codes come from memory at once: one stream
+// left bandwidth unused (a harness, q4 8192 x 2048 matrices: one thread 15 -> 20 GB/s, two 28-31 -> 35-38; three
+// or more streams, or halves taken 4 or 16 rows at a time, were slower; a q4 llama-1b step on one core 1.11x
+// faster, q8's no faster). Prompts go over tiles of X16_TILE rows, which stay in cache while every 4 rows of x
+// pass over them.
 template <int BITS, int GS, bool PAIRED = false>
 void int16_quant_matmul(const float* x, const uint8_t* w, const float* scales, const float* biases, float* out, int M,
                        int N, int K, int gs) {
@@ -678,7 +679,7 @@ void int16_quant_matmul(const float* x, const uint8_t* w, const float* scales, c
     }
   };
   const bool parallel = int64_t(N) * K * (M < 4 ? M : 4) >= PARALLEL_WEIGHTS;
-  if (M <= 4) {  // decode: each weight row read once, a thread's rows as two interleaved halves
+  if (PAIRED && M <= 4) {  // q4 decode: each weight row read once, a thread's rows as two interleaved halves
     auto halves = [&](int a, int b) {
       const int per = (b - a + 1) / 2;
       for (int r = 0; r < per; r++) {
