@@ -193,6 +193,32 @@ def test_a_step_costs_more_than_its_layers():
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("burst", ["first", "second"])
+def test_a_burst_during_one_decode_product_does_not_set_its_format_s_rate(monkeypatch, burst):
+    """Each M=1 product is timed again after all the others and keeps its faster run: one of float32's two M=1
+    timings (the first product measured, and the last) is made ten times slower, as a burst of other work would
+    make it, and the profile holds the other."""
+    real, runs = prof._sized_matmul, []
+    here = KEYS + (WIDENED_KEYS if halfmatmul.available() else ())
+    decode = [k for k in here if k.endswith("_m1")]
+    slow = 0 if burst == "first" else len(here) + len(decode) - 1
+
+    def timed(make, n_max, slice_s):
+        n, seconds, nbytes = real(make, n_max, slice_s)
+        runs.append((n, seconds * (10 if len(runs) == slow else 1), nbytes))
+        return runs[-1]
+
+    monkeypatch.setattr(prof, "_sized_matmul", timed)
+    p = measure_profile(budget_s=3.0)
+    assert len(runs) == len(here) + len(decode)  # every product once, the M=1 ones twice (float32's last)
+    n, seconds, nbytes = runs[-1 if burst == "first" else 0]
+    assert p.matmul_weight_read_gb_per_s["float32_m1"] == p.memory_read_gb_per_s_gemv == nbytes / seconds / 1e9
+    assert p.matmul_shapes["float32_m1"] == [1, prof._K, n]
+    n, seconds, nbytes = runs[slow]
+    assert p.matmul_weight_read_gb_per_s["float32_m1"] > nbytes / seconds / 1e9
+
+
+@pytest.mark.slow
 def test_measure_profile_is_real_and_bounded():
     start = time.monotonic()
     p = measure_profile()
