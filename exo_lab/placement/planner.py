@@ -89,9 +89,13 @@ def _split_layers(
             for i in free:
                 alloc[i] = floors[i]
             break
-        for i in over:
-            alloc[i] = caps[i]
-            remaining -= caps[i]
+        take = {i: caps[i] for i in over}
+        short = len(free) - len(over) - (remaining - sum(take.values()))  # the other stages keep a layer each
+        for _ in range(max(0, short)):  # from the capped stages holding the most
+            take[max(take, key=lambda j: (take[j], -j))] -= 1
+        for i, layers in take.items():
+            alloc[i] = layers
+            remaining -= layers
             free.remove(i)
     if any(a < 1 for a in alloc) or sum(alloc) != total:
         return None
