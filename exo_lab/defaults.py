@@ -19,18 +19,24 @@ DASHBOARD_PORT = 52418  #: Panel dashboard (``exo-lab dashboard``)
 #: pipeline's stages in them (:mod:`exo_lab.engine.pipeline`: stage 2 works on chunk 1 while stage 1 works on chunk
 #: 2); the cost model predicts TTFT with the same chunks. On a CPU 256 whatever the stages: MLX's CPU attention
 #: materializes each chunk's query-by-key scores, and a 2048-token llama-1b prompt on this project's 2-core machine
-#: prefilled in 65.2 s at once, 53.0 in chunks of 512, 52.3 of 256, 54.3 of 128 (fp32; q4: 73-76, 57.7, 53.9 s),
-#: and a pipeline's first and last chunks cross the stages alone (8 chunks of a 2048-token prompt, not 4). On a
-#: GPU, mlx_lm's 2048 for one stage and 512 for a pipeline.
+#: prefilled in 65.2 s at once, 53.0 in chunks of 512, 52.3 of 256, 54.3 of 128 (fp32), and a pipeline's first and
+#: last chunks cross the stages alone (8 chunks of a 2048-token prompt, not 4). On a GPU, mlx_lm's 2048 for one
+#: stage and 512 for a pipeline.
 CPU_PREFILL_STEP = 256
+#: the chunk where every rank computes in q8/q4 on a CPU: exo_lab's ``quant_matmul`` is as fast on 64 rows of x as
+#: on 256 (llama-1b q4, a 2048-token prompt on one core: 43.9 tok/s in chunks of 64, 42.4 of 256; fp32 and bf16w
+#: lose 22% at 64), and a pipeline's last stage computes the last chunk after the other stages are done: a quarter
+#: of the chunk, a quarter of that wait
+CPU_QUANTIZED_PREFILL_STEP = 64
 GPU_PREFILL_STEP = 2048
 GPU_PIPELINE_PREFILL_STEP = 512
 
 
-def prefill_step(stages: int, gpu: bool) -> int:
-    """Tokens per prefill chunk of an instance of ``stages`` stages computing on a GPU (else a CPU)."""
+def prefill_step(stages: int, gpu: bool, quantized: bool = False) -> int:
+    """Tokens per prefill chunk of an instance of ``stages`` stages computing on a GPU (else a CPU);
+    ``quantized``: every rank computes in q8/q4 (``exo_lab.models.formats.all_quantized``)."""
     if not gpu:
-        return CPU_PREFILL_STEP
+        return CPU_QUANTIZED_PREFILL_STEP if quantized else CPU_PREFILL_STEP
     return GPU_PIPELINE_PREFILL_STEP if stages > 1 else GPU_PREFILL_STEP
 
 

@@ -180,6 +180,8 @@ class Instance(Backend):
                 "eos_token_ids": sorted(self.tokenizer.eos_token_ids),
                 # what each rank's hidden states are in: a stage receives in its previous stage's dtype
                 "act_dtypes": {str(r.rank): formats.activation_dtype_of(r.dtype) for r in plan.ranks},
+                # every rank in q8/q4: the prompt's chunks are finer on a CPU (defaults.prefill_step), alike on all
+                "quantized": formats.all_quantized(r.dtype for r in plan.ranks),
             }
             holders = self._holders(nodes)
             for node in nodes:

@@ -551,7 +551,8 @@ class Worker:
         if layout.stage > 0:
             act_name = (cfg.get("act_dtypes") or {}).get(str(stages[layout.stage - 1][0]), act_name)
         act = getattr(mx, act_name)
-        step = cfg.get("prefill_step_size") or defaults.prefill_step(len(stages), mx.default_device() == mx.gpu)
+        gpu, quantized = mx.default_device() == mx.gpu, bool(cfg.get("quantized"))
+        step = cfg.get("prefill_step_size") or defaults.prefill_step(len(stages), gpu, quantized)
         self.lockstep = Lockstep(self.shard, self.group, layout, config["hidden_size"], act, step, self.peer_link)
         self.schedule = GroupSchedule(len(stages), layout.stage)
         if samples:

@@ -39,6 +39,7 @@ The device profile measures every format's M=1 read rate, M=8 and M=512 GFLOP/s 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 GROUP_SIZE = 64
@@ -105,6 +106,13 @@ def activation_dtype(name: str) -> str:
 def activation_dtype_of(dtype: str) -> str:
     """:func:`activation_dtype` of a format, or ``dtype`` itself when it names none (a stored dtype)."""
     return FORMATS[dtype].activations if dtype in FORMATS else dtype
+
+
+def all_quantized(names: Iterable[str | None]) -> bool:
+    """Whether every one of these rank formats is q8 or q4 (None or a stored dtype is not): their prompts run in
+    finer chunks on a CPU (``exo_lab.defaults.prefill_step``)."""
+    names = list(names)
+    return bool(names) and all(n in FORMATS and FORMATS[n].quantized for n in names)
 
 
 def exact_formats(stored: str) -> list[str]:

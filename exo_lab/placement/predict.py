@@ -173,7 +173,8 @@ def predict_into(
     stage_bus: list[float] = []  # what a stage's reads take longer while the other stages compute too
     piped_buses = pipeline_bus_shares(ctx, stages)
     # how many chunks a prefill runs each layer's operations in (Lockstep.prefill's, streamed through a pipeline)
-    step = defaults.prefill_step(len(stages), ctx.rates[stages[0].nodes[0]].gpu)
+    quantized = formats.all_quantized(dtypes[n] for s in stages for n in s.nodes)
+    step = defaults.prefill_step(len(stages), ctx.rates[stages[0].nodes[0]].gpu, quantized)
     pre_chunks = max(1, -(-(ctx.prompt - 1) // step))
     chunks = pre_chunks if len(stages) > 1 else 1  # the chunks streamed through the stages
     ahead: bool | None = None  # whether the ranks decode a step ahead (decided at the first rank)

@@ -14,6 +14,8 @@ import exo_lab
 
 import mlx.core as mx
 
+from exo_lab import defaults
+from exo_lab.engine.pipeline import prefill_chunks
 from exo_lab.engine.shard import ShardSpec, load_shard
 from exo_lab.models import synthetic
 
@@ -53,7 +55,8 @@ def launched_tokens(cluster, path, plan, prompt: list[int] = PROMPT) -> list[int
         inst.close()
 
 
-# 40 tokens; and 520: the pipeline prefills 256 + 256 + 7 rows (the short chunk as decode rows), one process 519 at once
+# 40 tokens; and 520: the pipeline prefills 8 chunks of 64 + 7 (q4 on every rank: finer chunks, the short one as
+# decode rows), one process 519 at once
 @pytest.mark.parametrize("length", [40, 520])
 def test_q4_pipeline_matches_one_process_q4(tmp_path, length):
     prompt = [(i * 7919) % 8000 + 10 for i in range(length)]
@@ -65,7 +68,18 @@ def test_q4_pipeline_matches_one_process_q4(tmp_path, length):
         pipe = next(p for p in plans if p.strategy == "pipeline" and p.num_nodes == 2)
         q4 = in_format(pipe, "q4")
         assert "q4" in q4.describe()
-        assert launched_tokens(cluster, tiny, q4, prompt) == want
+        inst = cluster.launch(tiny, plan=q4)
+        try:
+            gen = inst.generate(prompt, max_tokens=MAX_TOKENS, temperature=0, ignore_eos=True, trace=True)
+            chunks = list(gen)
+            assert chunks[-1].error is None, chunks[-1].error
+            assert [t for c in chunks for t in c.tokens] == want
+            step = defaults.CPU_QUANTIZED_PREFILL_STEP  # every rank in q8/q4: finer chunks
+            for rank in (0, 1):  # both stages
+                sizes = [s.args["tokens"] for s in gen.trace.of(rank, "prefill")]
+                assert sizes == [n for _, n in prefill_chunks(length, step)], (rank, sizes)
+        finally:
+            inst.close()
     finally:
         cluster.close()
 

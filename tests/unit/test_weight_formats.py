@@ -376,6 +376,33 @@ def test_stages_agree_on_the_activation_dtype():
     assert ctx.fastest_dtype("n0", activations="float32")[0] in ("float32", "q4")
 
 
+def test_q8_q4_everywhere_prefills_in_finer_chunks_and_the_prediction_follows(monkeypatch):
+    """Every rank in q8/q4 on a CPU: chunks of 64 tokens (``quant_matmul`` is as fast on 64 rows as on 256), so a
+    pipeline's last stage waits for a quarter of the last chunk; a mixed or float plan keeps 256."""
+    from exo_lab import defaults
+    from exo_lab.cluster.topology import LinkProfile
+
+    assert formats.all_quantized(["q4", "q8"])
+    assert not formats.all_quantized(["q4", "float32"]) and not formats.all_quantized(["q4", None])
+    assert not formats.all_quantized([])
+    assert defaults.prefill_step(2, False, quantized=True) == defaults.CPU_QUANTIZED_PREFILL_STEP == 64
+    assert defaults.prefill_step(2, False) == defaults.CPU_PREFILL_STEP == 256
+    assert defaults.prefill_step(2, True, quantized=True) == defaults.GPU_PIPELINE_PREFILL_STEP
+    reads = {"float32": 1.0, "bfloat16": 1.0, "q4": 6.0}
+    links = [LinkProfile("n0", "n1", "10.0.0.1", "10.0.0.2", 0.2, 0.3, 10000, 10000)]
+    topo = Topology({"n0": _node(0, reads), "n1": _node(1, reads)}, links)
+
+    def pipeline_ttft() -> float:
+        plans = plan(topo, _card(), context=4096, prompt_tokens=2048, lossy=True).plans
+        pipe = next(p for p in plans if p.strategy == "pipeline" and p.num_nodes == 2)
+        assert {r.dtype for r in pipe.ranks} == {"q4"}, pipe.describe()
+        return pipe.ttft_s
+
+    fine = pipeline_ttft()
+    monkeypatch.setattr(defaults, "CPU_QUANTIZED_PREFILL_STEP", 256)
+    assert pipeline_ttft() > fine
+
+
 def test_planner_choice_from_a_real_profile():
     """Measured here (small budget): the chosen format is the one whose measured M=1 rate decodes fastest."""
     from exo_lab.cluster.profile import measure_profile
