@@ -1,5 +1,6 @@
-"""RoPE, RMSNorm and attention's softmax as one operation each (exo_lab.models.fused): bit-identical to MLX's CPU
-fallbacks, on every layout, offset and mask a shard gives them, and a shard's step with far fewer operations."""
+"""RoPE, RMSNorm, attention's softmax and swiglu as one operation each (exo_lab.models.fused): bit-identical to
+MLX's CPU fallbacks, on every layout, offset and mask a shard gives them, and a shard's step with far fewer
+operations."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import exo_lab  # noqa: F401  (OpenBLAS before MLX)
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm import load
-from mlx_lm.models import base
+from mlx_lm.models import activations, base
 from mlx_lm.models import llama as mlx_lm_llama
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.models.rope_utils import Llama3RoPE
@@ -136,6 +137,32 @@ def test_softmax_is_mlx_softmax_bit_for_bit():
     assert mx.array_equal(ext.softmax(special), mx.softmax(special, axis=-1, precise=True), equal_nan=True).item()
 
 
+def test_swiglu_is_mlx_lm_swiglu_bit_for_bit():
+    """mlx_lm's compiled swiglu (MLX's sigmoid, its exp one element at a time) against exo_lab's vectorized one:
+    every scale of gate, rows shorter and longer than a vector, strided inputs, signed zeros, infinities, NaN,
+    subnormals and values past exp's range; other dtypes and shapes go to mlx_lm's."""
+    rng = np.random.default_rng(1)
+    ext = fused.module()
+    for shape in ((7,), (1, 1, 8192), (3, 513), (2, 5, 300)):
+        for scale in (0.01, 1.0, 10.0, 60.0, 300.0):
+            gate = mx.array((rng.standard_normal(shape) * scale).astype(np.float32))
+            x = mx.array(rng.standard_normal(shape).astype(np.float32))
+            assert same(ext.swiglu(gate, x), activations.swiglu(gate, x)), (shape, scale)
+    g = mx.array(rng.standard_normal((64, 96)).astype(np.float32) * 20)
+    x = mx.array(rng.standard_normal((96, 64)).astype(np.float32))
+    assert same(ext.swiglu(g.T, x), activations.swiglu(g.T, x))  # through their strides
+    edges = [0.0, -0.0, mx.inf, -mx.inf, mx.nan, 88.0, -88.0, 88.1, -88.1, 1e-40, -1e-40, 1e-30, -1e30, 3.4e38]
+    halves = [(k + 0.5) / 1.442695 for k in range(-130, 130)]  # exp's rounding boundaries
+    gate = mx.array(edges + halves, mx.float32)
+    x = mx.ones_like(gate) * 1.5
+    assert mx.array_equal(ext.swiglu(gate, x), activations.swiglu(gate, x), equal_nan=True).item()
+    half = gate.astype(mx.bfloat16)
+    got = fused.swiglu(half, half)  # not fp32: mlx_lm's own
+    assert got.dtype == mx.bfloat16 and mx.array_equal(got, activations.swiglu(half, half), equal_nan=True).item()
+    with pytest.raises(ValueError, match="one shape"):
+        ext.swiglu(gate, gate[:3])
+
+
 @pytest.mark.parametrize(
     ("heads", "kv_heads", "queries", "keys", "dim"),
     [(32, 8, 1, 160, 64), (8, 8, 5, 37, 16), (4, 1, 7, 7, 8), (6, 2, 1, 513, 32)],
@@ -213,13 +240,16 @@ def test_decode_attention_off_keeps_the_composed_fallback(monkeypatch, tmp_path)
 
 @contextlib.contextmanager
 def mlx_attention() -> Iterator[None]:
-    """mlx_lm's llama computing attention with MLX's own (a shard points the module at fused.attention)."""
-    mine = mlx_lm_llama.scaled_dot_product_attention
-    mlx_lm_llama.scaled_dot_product_attention = base.scaled_dot_product_attention
+    """mlx_lm's llama computing attention and swiglu with MLX's own (a shard points the module at fused's)."""
+    mine = mlx_lm_llama.scaled_dot_product_attention, mlx_lm_llama.swiglu
+    mlx_lm_llama.scaled_dot_product_attention, mlx_lm_llama.swiglu = (
+        base.scaled_dot_product_attention,
+        activations.swiglu,
+    )
     try:
         yield
     finally:
-        mlx_lm_llama.scaled_dot_product_attention = mine
+        mlx_lm_llama.scaled_dot_product_attention, mlx_lm_llama.swiglu = mine
 
 
 def step_ops(out: mx.array, path: Path) -> dict[str, int]:
@@ -230,7 +260,7 @@ def step_ops(out: mx.array, path: Path) -> dict[str, int]:
 
 def test_a_shard_gives_mlx_lm_logits_with_far_fewer_operations(tiny_model, tmp_path):
     """The tiny model's shard (fused) against ``mlx_lm`` (MLX's fallbacks): the same logits bit for bit over a
-    chunked prompt and batched decode steps, with one operation per rotation and norm."""
+    chunked prompt and batched decode steps, with one operation per rotation, norm and activation."""
     layers = 4
     shard, _ = load_shard(tiny_model, ShardSpec(0, layers, layers, None))
     model = load(str(tiny_model))[0]
@@ -258,6 +288,7 @@ def test_a_shard_gives_mlx_lm_logits_with_far_fewer_operations(tiny_model, tmp_p
     assert ops.get("ExoTableRope") == 2 * layers and ops.get("ExoRmsNorm") == 2 * layers + 1
     # a decode step's attention is one operation: scale, scores, mask, softmax and values
     assert ops.get("ExoDecodeAttention") == layers and "ExoSoftmax" not in ops
+    assert ops.get("ExoSwiglu") == layers and "ExoSwiglu" not in ref  # the MLP's activation: exo_lab's
     assert "Softmax" not in ops and ref.get("Softmax") == layers
     assert "Cos" not in ops and "Rsqrt" not in ops and "Cos" in ref and "Rsqrt" in ref
     assert sum(ops.values()) < 0.7 * sum(ref.values())
