@@ -415,6 +415,11 @@ constexpr bool INTEGER_ACTIVATIONS = true;
 // prompt differed from one process's (tests/cluster/test_weight_formats.py).
 constexpr float X_TOP = 32767.0f;
 constexpr int X16_TILE = 16;  // weight rows a prompt's blocks of 4 rows of x go through before the next ones
+// q4 weight rows decoded side by side (`int16_block_paired`'s NR). One row of x: 4 (one core, q4 matrices from
+// memory: 1 row at a time 12-19 GB/s, falling as K grew; 2 rows 18 GB/s whatever K; 4 rows 20-21.5; a llama-1b
+// step 48 -> 40 ms; 3 rows no better than 2). 2-4 rows of x: 2 (4 weight rows spill registers: 10% slower).
+constexpr int DECODE_ROWS_TOGETHER = 4;
+constexpr int BATCH_ROWS_TOGETHER = 2;
 #ifndef PREFETCH_AHEAD_BYTES
 #define PREFETCH_AHEAD_BYTES 2048
 #endif
@@ -583,43 +588,57 @@ inline void int16_block(const uint8_t* row, const int16_t* xq, const float* xsca
   finish<MB>(acc, biases, xsum, out, ldo, G);
 }
 
-// int16_block for 4-bit codes in groups of 64, an even number of them, x in PAIRED order: each 64 bytes (two
-// groups) is one load, four nibble registers (a mask and a shift each, no widening shuffle) and four
+// int16_block for 4-bit codes in groups of 64, an even number of them, x in PAIRED order, NR weight rows at once
+// (rows[r], its scales / biases at scales[r] / biases[r], out at out[r] + i * ldo): each 64 bytes (two groups)
+// of a row is one load, four nibble registers (a mask and a shift each, no widening shuffle) and four
 // `vpdpwssd`; the pair's integer sums (the first group's in lanes 0-7, the second's in 8-15) are scaled in one
-// fma by their two groups' scales (x's step included). The same sequence of operations for every output element
-// whatever MB.
-template <int MB, bool PREFETCH>
-inline void int16_block_paired(const uint8_t* row, const int16_t* xq, const float* xscale, const float* xsum,
-                               const float* scales, const float* biases, float* out, int64_t ldo, int K) {
+// fma by their two groups' scales (x's step included). The NR rows share each load of x: with x from cache at
+// 4 loads for every 64 bytes of codes, one row at a time slowed as K grew (x no longer in L1: 8192 x 2048 at
+// 19.6 GB/s on one core, 2048 x 8192 at 12.3). The same sequence of operations for every output element
+// whatever MB and NR.
+template <int MB, int NR, bool PREFETCH>
+inline void int16_block_paired(const uint8_t* const (&rows)[NR], const int16_t* xq, const float* xscale,
+                               const float* xsum, const float* const (&scales)[NR], const float* const (&biases)[NR],
+                               float* const (&out)[NR], int64_t ldo, int K) {
   const int G = K / 64;
   constexpr int GROUPS_AHEAD = int(PREFETCH_AHEAD / 32);
   const __m512i low4 = _mm512_set1_epi16(15);
-  __m512 acc[MB][2], step[MB];
-  for (int i = 0; i < MB; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  __m512 acc[NR][MB][2], step[NR][MB];
+  for (int r = 0; r < NR; r++)
+    for (int i = 0; i < MB; i++) acc[r][i][0] = acc[r][i][1] = _mm512_setzero_ps();
   auto pair = [&](int g, int p, auto chain) {  // groups g and g + 1 (pair p of their 16) into chain J: the pairs
     constexpr int J = decltype(chain)::value;  // alternate, so one fma's latency does not pace a row
-    const uint8_t* at = row + int64_t(g) * 32;
-    if constexpr (PREFETCH) _mm_prefetch(reinterpret_cast<const char*>(at) + PREFETCH_AHEAD, _MM_HINT_T0);
-    const __m512i v = loaded_once(_mm512_loadu_si512(at));
-    const __m512i c0 = _mm512_and_si512(v, low4), c1 = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-    const __m512i c2 = _mm512_and_si512(_mm512_srli_epi16(v, 8), low4), c3 = _mm512_srli_epi16(v, 12);
+    __m512i c[NR][4];
+    for (int r = 0; r < NR; r++) {
+      const uint8_t* at = rows[r] + int64_t(g) * 32;
+      // rows side by side: into L2 only (with L1 as well, x was evicted from it: 2 rows 15 -> 19 GB/s at K 8192)
+      if constexpr (PREFETCH) _mm_prefetch(reinterpret_cast<const char*>(at) + PREFETCH_AHEAD, NR > 1 ? _MM_HINT_T1 : _MM_HINT_T0);
+      const __m512i v = loaded_once(_mm512_loadu_si512(at));
+      c[r][0] = _mm512_and_si512(v, low4), c[r][1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+      c[r][2] = _mm512_and_si512(_mm512_srli_epi16(v, 8), low4), c[r][3] = _mm512_srli_epi16(v, 12);
+    }
     const __m512i pick = _mm512_inserti64x4(_mm512_set1_epi32(2 * p), _mm256_set1_epi32(2 * p + 1), 1);
     for (int i = 0; i < MB; i++) {
       const int16_t* xp = xq + int64_t(i) * K + int64_t(g) * 64;
-      __m512i dot = _mm512_dpwssd_epi32(_mm512_setzero_si512(), c0, _mm512_loadu_si512(xp));
-      dot = _mm512_dpwssd_epi32(dot, c1, _mm512_loadu_si512(xp + 32));
-      dot = _mm512_dpwssd_epi32(dot, c2, _mm512_loadu_si512(xp + 64));
-      dot = _mm512_dpwssd_epi32(dot, c3, _mm512_loadu_si512(xp + 96));
-      acc[i][J] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_permutexvar_ps(pick, step[i]), acc[i][J]);
+      __m512i dot[NR];
+      for (int j = 0; j < 4; j++) {
+        const __m512i xj = _mm512_loadu_si512(xp + 32 * j);
+        for (int r = 0; r < NR; r++)
+          dot[r] = j == 0 ? _mm512_dpwssd_epi32(_mm512_setzero_si512(), c[r][0], xj) : _mm512_dpwssd_epi32(dot[r], c[r][j], xj);
+      }
+      for (int r = 0; r < NR; r++)
+        acc[r][i][J] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r]), _mm512_permutexvar_ps(pick, step[r][i]), acc[r][i][J]);
     }
   };
   for (int g0 = 0; g0 < G; g0 += 16) {  // 16 groups: their scales times x's steps once, then 8 pairs
     const __mmask16 live = __mmask16(G - g0 >= 16 ? 0xFFFF : (1u << (G - g0)) - 1);
-    const __m512 sc = _mm512_maskz_loadu_ps(live, scales + g0);
-    for (int i = 0; i < MB; i++) step[i] = _mm512_mul_ps(sc, _mm512_maskz_loadu_ps(live, xscale + int64_t(i) * G + g0));
-    if constexpr (PREFETCH) {
-      _mm_prefetch(reinterpret_cast<const char*>(scales + g0 + GROUPS_AHEAD), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(biases + g0 + GROUPS_AHEAD), _MM_HINT_T0);
+    for (int r = 0; r < NR; r++) {
+      const __m512 sc = _mm512_maskz_loadu_ps(live, scales[r] + g0);
+      for (int i = 0; i < MB; i++) step[r][i] = _mm512_mul_ps(sc, _mm512_maskz_loadu_ps(live, xscale + int64_t(i) * G + g0));
+      if constexpr (PREFETCH) {
+        _mm_prefetch(reinterpret_cast<const char*>(scales[r] + g0 + GROUPS_AHEAD), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(biases[r] + g0 + GROUPS_AHEAD), _MM_HINT_T0);
+      }
     }
     if (G - g0 >= 16) {
 #pragma GCC unroll 4
@@ -637,16 +656,15 @@ inline void int16_block_paired(const uint8_t* row, const int16_t* xq, const floa
       }
     }
   }
-  finish<MB>(acc, biases, xsum, out, ldo, G);
+  for (int r = 0; r < NR; r++) finish<MB>(acc[r], biases[r], xsum, out[r], ldo, G);
 }
 
-// x @ W.T with x rounded to 16 bits per group, for any number of rows: one weight row at a time (its codes read
-// once from memory, prefetched ahead), every row of x 4 at a time. q4 decode (up to 4 rows of x) takes a
-// thread's weight rows as two interleaved halves, so two streams of codes come from memory at once: one stream
-// left bandwidth unused (a harness, q4 8192 x 2048 matrices: one thread 15 -> 20 GB/s, two 28-31 -> 35-38; three
-// or more streams, or halves taken 4 or 16 rows at a time, were slower; a q4 llama-1b step on one core 1.11x
-// faster, q8's no faster). Prompts go over tiles of X16_TILE rows, which stay in cache while every 4 rows of x
-// pass over them.
+// x @ W.T with x rounded to 16 bits per group, for any number of rows: weight rows with their codes read once
+// from memory, prefetched ahead, every row of x 4 at a time. q4 decode (up to 4 rows of x) takes a thread's
+// weight rows as DECODE_ROWS_TOGETHER (one row of x) or BATCH_ROWS_TOGETHER (2-4) interleaved parts, a row of
+// each through the kernel side by side: that many streams of codes come from memory at once (one stream left
+// bandwidth unused), and the rows share each load of x. Prompts go over tiles of X16_TILE rows, which stay in
+// cache while every 4 rows of x pass over them.
 template <int BITS, int GS, bool PAIRED = false>
 void int16_quant_matmul(const float* x, const uint8_t* w, const float* scales, const float* biases, float* out, int M,
                        int N, int K, int gs) {
@@ -655,53 +673,85 @@ void int16_quant_matmul(const float* x, const uint8_t* w, const float* scales, c
   std::vector<float> xscale(size_t(M) * G), xsum(size_t(M) * G);
   x16_rows<PAIRED ? XOrder::Paired : XOrder::EvenOdd>(x, M, K, gs, xq.data(), xscale.data(), xsum.data());
   const int64_t row_bytes = int64_t(K) * BITS / 8;
-  auto one = [&](int n, int m0) {  // weight row n times rows m0 .. m0 + 3 of x
+  // weight rows n[0 .. NR) times rows m0 .. m0 + 3 of x (fewer at the end); NR > 1 for 4-bit PAIRED codes only
+  auto rows_at = [&](auto count, const int (&n)[decltype(count)::value], int m0) {
+    constexpr int NR = decltype(count)::value;
     const int16_t* xm = xq.data() + int64_t(m0) * K;
     const float *sm = xscale.data() + int64_t(m0) * G, *um = xsum.data() + int64_t(m0) * G;
-    const uint8_t* row = w + int64_t(n) * row_bytes;
-    const float *sc = scales + int64_t(n) * G, *bi = biases + int64_t(n) * G;
-    float* o = out + int64_t(m0) * N + n;
+    const uint8_t* rs[NR];
+    const float *ss[NR], *bs[NR];
+    float* os[NR];
+    for (int r = 0; r < NR; r++) {
+      rs[r] = w + int64_t(n[r]) * row_bytes, os[r] = out + int64_t(m0) * N + n[r];
+      ss[r] = scales + int64_t(n[r]) * G, bs[r] = biases + int64_t(n[r]) * G;
+    }
     const bool first = m0 == 0;  // the first pass over a row reads it from memory: prefetch ahead
-    if constexpr (PAIRED) {
-      switch (M - m0 < 4 ? M - m0 : 4) {
-        case 4: first ? int16_block_paired<4, true>(row, xm, sm, um, sc, bi, o, N, K) : int16_block_paired<4, false>(row, xm, sm, um, sc, bi, o, N, K); break;
-        case 3: first ? int16_block_paired<3, true>(row, xm, sm, um, sc, bi, o, N, K) : int16_block_paired<3, false>(row, xm, sm, um, sc, bi, o, N, K); break;
-        case 2: first ? int16_block_paired<2, true>(row, xm, sm, um, sc, bi, o, N, K) : int16_block_paired<2, false>(row, xm, sm, um, sc, bi, o, N, K); break;
-        default: first ? int16_block_paired<1, true>(row, xm, sm, um, sc, bi, o, N, K) : int16_block_paired<1, false>(row, xm, sm, um, sc, bi, o, N, K);
+    const int mb = M - m0 < 4 ? M - m0 : 4;
+    if constexpr (PAIRED && NR == DECODE_ROWS_TOGETHER) {  // one row of x only
+      int16_block_paired<1, NR, true>(rs, xm, sm, um, ss, bs, os, N, K);
+    } else if constexpr (PAIRED) {
+      switch (mb) {
+        case 4: first ? int16_block_paired<4, NR, true>(rs, xm, sm, um, ss, bs, os, N, K) : int16_block_paired<4, NR, false>(rs, xm, sm, um, ss, bs, os, N, K); break;
+        case 3: first ? int16_block_paired<3, NR, true>(rs, xm, sm, um, ss, bs, os, N, K) : int16_block_paired<3, NR, false>(rs, xm, sm, um, ss, bs, os, N, K); break;
+        case 2: first ? int16_block_paired<2, NR, true>(rs, xm, sm, um, ss, bs, os, N, K) : int16_block_paired<2, NR, false>(rs, xm, sm, um, ss, bs, os, N, K); break;
+        default: first ? int16_block_paired<1, NR, true>(rs, xm, sm, um, ss, bs, os, N, K) : int16_block_paired<1, NR, false>(rs, xm, sm, um, ss, bs, os, N, K);
+      }
+    } else {
+      static_assert(NR == 1, "8-bit codes and groups other than 64 go one weight row at a time");
+      switch (mb) {
+        case 4: int16_block<BITS, 4, GS>(rs[0], xm, sm, um, ss[0], bs[0], os[0], N, K, gs, first); break;
+        case 3: int16_block<BITS, 3, GS>(rs[0], xm, sm, um, ss[0], bs[0], os[0], N, K, gs, first); break;
+        case 2: int16_block<BITS, 2, GS>(rs[0], xm, sm, um, ss[0], bs[0], os[0], N, K, gs, first); break;
+        default: int16_block<BITS, 1, GS>(rs[0], xm, sm, um, ss[0], bs[0], os[0], N, K, gs, first);
+      }
+    }
+  };
+  auto one = [&](int n, int m0) { rows_at(std::integral_constant<int, 1>(), {n}, m0); };
+  const bool parallel = int64_t(N) * K * (M < 4 ? M : 4) >= PARALLEL_WEIGHTS;
+  if constexpr (PAIRED) {  // q4 decode: each weight row read once, a thread's rows as interleaved parts
+    if (M <= 4) {
+      auto parts = [&](auto count, int a, int b) {  // rows a .. b as NR interleaved parts, one row of each at a time
+        constexpr int NR = decltype(count)::value;
+        const int per = (b - a + NR - 1) / NR;
+        for (int r = 0; r < per; r++) {
+          int n[NR];
+          bool all = true;
+          for (int j = 0; j < NR; j++) n[j] = a + j * per + r, all = all && n[j] < b;
+          if (all) {
+            rows_at(count, n, 0);
+          } else {
+            for (int j = 0; j < NR; j++)
+              if (n[j] < b) one(n[j], 0);
+          }
+        }
+      };
+      auto rows = [&](int a, int b) {
+        if (M == 1) {
+          parts(std::integral_constant<int, DECODE_ROWS_TOGETHER>(), a, b);
+        } else {
+          parts(std::integral_constant<int, BATCH_ROWS_TOGETHER>(), a, b);
+        }
+      };
+      if (parallel) {
+#pragma omp parallel
+        {
+          const int64_t T = omp_get_num_threads(), id = omp_get_thread_num();
+          rows(int(N * id / T), int(N * (id + 1) / T));
+        }
+      } else {
+        rows(0, N);
       }
       return;
     }
-    switch (M - m0 < 4 ? M - m0 : 4) {
-      case 4: int16_block<BITS, 4, GS>(row, xm, sm, um, sc, bi, o, N, K, gs, first); break;
-      case 3: int16_block<BITS, 3, GS>(row, xm, sm, um, sc, bi, o, N, K, gs, first); break;
-      case 2: int16_block<BITS, 2, GS>(row, xm, sm, um, sc, bi, o, N, K, gs, first); break;
-      default: int16_block<BITS, 1, GS>(row, xm, sm, um, sc, bi, o, N, K, gs, first);
-    }
-  };
-  const bool parallel = int64_t(N) * K * (M < 4 ? M : 4) >= PARALLEL_WEIGHTS;
-  if (PAIRED && M <= 4) {  // q4 decode: each weight row read once, a thread's rows as two interleaved halves
-    auto halves = [&](int a, int b) {
-      const int per = (b - a + 1) / 2;
-      for (int r = 0; r < per; r++) {
-        one(a + r, 0);
-        if (a + per + r < b) one(a + per + r, 0);
-      }
-    };
-    if (parallel) {
-#pragma omp parallel
-      {
-        const int64_t T = omp_get_num_threads(), id = omp_get_thread_num();
-        halves(int(N * id / T), int(N * (id + 1) / T));
-      }
-    } else {
-      halves(0, N);
-    }
-    return;
   }
-  auto tile = [&](int t) {  // X16_TILE weight rows stay in cache while every 4 rows of x pass over them
-    const int n0 = t * X16_TILE, nt = N - n0 < X16_TILE ? N - n0 : X16_TILE;
-    for (int m0 = 0; m0 < M; m0 += 4)
-      for (int j = 0; j < nt; j++) one(n0 + j, m0);
+  auto tile = [&](int t) {  // X16_TILE weight rows stay in cache while every 4 rows of x pass over them (4-bit
+    const int n0 = t * X16_TILE, nt = N - n0 < X16_TILE ? N - n0 : X16_TILE;  // codes: two rows side by side)
+    for (int m0 = 0; m0 < M; m0 += 4) {
+      int j = 0;
+      if constexpr (PAIRED)
+        for (; j + 1 < nt; j += 2) rows_at(std::integral_constant<int, BATCH_ROWS_TOGETHER>(), {n0 + j, n0 + j + 1}, m0);
+      for (; j < nt; j++) one(n0 + j, m0);
+    }
   };
   const int tiles = (N + X16_TILE - 1) / X16_TILE;
   if (parallel) {

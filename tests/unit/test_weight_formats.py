@@ -129,7 +129,8 @@ def test_native_quant_matmul_is_the_dequantized_product_and_batch_invariant(bits
 @pytest.mark.parametrize("bits", [8, 4])
 def test_native_quant_matmul_on_every_core_gives_a_row_the_bits_of_its_prompt(bits):
     """A matrix past PARALLEL_WEIGHTS: decode (up to 4 rows) splits the weight rows over the threads, each
-    thread's as two interleaved halves (an odd count: one half a row short); a prompt goes over tiles."""
+    thread's as 4 (one row of x) or 2 interleaved parts decoded side by side (1026 rows: the last parts a row
+    short, their rows one at a time); a prompt goes over tiles."""
     n, k = 2053, 2048
     q = mx.quantize(mx.random.normal((n, k), key=mx.random.key(11)) * 0.05, group_size=64, bits=bits)
     prompt = mx.random.normal((24, k), key=mx.random.key(12))
