@@ -550,34 +550,46 @@ inline void finish(const __m512 (&acc)[MB][2], const float* biases, const float*
 // one weight row, into out[i * ldo]. Each output element is the same sequence of operations whatever MB: exact
 // integer dot products, each group's scaled once in fp32 into one of two chains (even and odd groups, so one
 // fma's latency does not pace a row), then the biases times x's group sums, 16 groups at a time.
-template <int BITS, int MB, int GS>
-inline void int16_block(const uint8_t* row, const int16_t* xq, const float* xscale, const float* xsum, const float* scales,
-                        const float* biases, float* out, int64_t ldo, int K, int group_size, bool prefetch) {
+template <int BITS, int MB, int GS, int NR = 1>
+inline void int16_block(const uint8_t* const (&rows)[NR], const int16_t* xq, const float* xscale, const float* xsum,
+                        const float* const (&scales)[NR], const float* const (&biases)[NR], float* const (&out)[NR],
+                        int64_t ldo, int K, int group_size, bool prefetch) {
   const int gs = GS ? GS : group_size;
   const int G = K / gs;
   const int groups_ahead = int(PREFETCH_AHEAD / (int64_t(gs) * BITS / 8));
-  __m512 acc[MB][2];
-  for (int i = 0; i < MB; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+  __m512 acc[NR][MB][2];
+  for (int r = 0; r < NR; r++)
+    for (int i = 0; i < MB; i++) acc[r][i][0] = acc[r][i][1] = _mm512_setzero_ps();
   auto group = [&](int g, auto chain) {
     constexpr int J = decltype(chain)::value;
-    __m512i dot[MB];
-    for (int i = 0; i < MB; i++) dot[i] = _mm512_setzero_si512();
+    __m512i dot[NR][MB];
+    for (int r = 0; r < NR; r++)
+      for (int i = 0; i < MB; i++) dot[r][i] = _mm512_setzero_si512();
     if (prefetch && g % 16 == 0) {  // the scales and biases as far ahead as the codes
-      _mm_prefetch(reinterpret_cast<const char*>(scales + g + groups_ahead), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(biases + g + groups_ahead), _MM_HINT_T0);
-    }
-    for (int k = g * gs; k < (g + 1) * gs; k += 64) {
-      if (prefetch && (BITS == 8 || k % 128 == 0))  // one cache line of codes, PREFETCH_AHEAD bytes on
-        _mm_prefetch(reinterpret_cast<const char*>(row + int64_t(k) * BITS / 8) + PREFETCH_AHEAD, _MM_HINT_T0);
-      __m512i c0, c1;
-      codes64<BITS>(row, k, c0, c1);
-      for (int i = 0; i < MB; i++) {
-        dot[i] = _mm512_dpwssd_epi32(dot[i], c0, _mm512_loadu_si512(xq + int64_t(i) * K + k));
-        dot[i] = _mm512_dpwssd_epi32(dot[i], c1, _mm512_loadu_si512(xq + int64_t(i) * K + k + 32));
+      for (int r = 0; r < NR; r++) {
+        _mm_prefetch(reinterpret_cast<const char*>(scales[r] + g + groups_ahead), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(biases[r] + g + groups_ahead), _MM_HINT_T0);
       }
     }
-    for (int i = 0; i < MB; i++)
-      acc[i][J] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[i]), _mm512_set1_ps(scales[g] * xscale[int64_t(i) * G + g]), acc[i][J]);
+    for (int k = g * gs; k < (g + 1) * gs; k += 64) {
+      __m512i c[NR][2];
+      for (int r = 0; r < NR; r++) {
+        if (prefetch && (BITS == 8 || k % 128 == 0))  // one cache line of codes, PREFETCH_AHEAD bytes on (side
+          _mm_prefetch(reinterpret_cast<const char*>(rows[r] + int64_t(k) * BITS / 8) + PREFETCH_AHEAD,  // by side:
+                       NR > 1 ? _MM_HINT_T1 : _MM_HINT_T0);  // into L2 only, as in int16_block_paired)
+        codes64<BITS>(rows[r], k, c[r][0], c[r][1]);
+      }
+      for (int i = 0; i < MB; i++) {
+        const __m512i x0 = _mm512_loadu_si512(xq + int64_t(i) * K + k), x1 = _mm512_loadu_si512(xq + int64_t(i) * K + k + 32);
+        for (int r = 0; r < NR; r++) {
+          dot[r][i] = _mm512_dpwssd_epi32(dot[r][i], c[r][0], x0);
+          dot[r][i] = _mm512_dpwssd_epi32(dot[r][i], c[r][1], x1);
+        }
+      }
+    }
+    for (int r = 0; r < NR; r++)
+      for (int i = 0; i < MB; i++)
+        acc[r][i][J] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot[r][i]), _mm512_set1_ps(scales[r][g] * xscale[int64_t(i) * G + g]), acc[r][i][J]);
   };
   int g = 0;
   for (; g + 1 < G; g += 2) {
@@ -585,7 +597,7 @@ inline void int16_block(const uint8_t* row, const int16_t* xq, const float* xsca
     group(g + 1, std::integral_constant<int, 1>());
   }
   if (g < G) group(g, std::integral_constant<int, 0>());
-  finish<MB>(acc, biases, xsum, out, ldo, G);
+  for (int r = 0; r < NR; r++) finish<MB>(acc[r], biases[r], xsum, out[r], ldo, G);
 }
 
 // int16_block for 4-bit codes in groups of 64, an even number of them, x in PAIRED order, NR weight rows at once
@@ -673,7 +685,7 @@ void int16_quant_matmul(const float* x, const uint8_t* w, const float* scales, c
   std::vector<float> xscale(size_t(M) * G), xsum(size_t(M) * G);
   x16_rows<PAIRED ? XOrder::Paired : XOrder::EvenOdd>(x, M, K, gs, xq.data(), xscale.data(), xsum.data());
   const int64_t row_bytes = int64_t(K) * BITS / 8;
-  // weight rows n[0 .. NR) times rows m0 .. m0 + 3 of x (fewer at the end); NR > 1 for 4-bit PAIRED codes only
+  // weight rows n[0 .. NR) times rows m0 .. m0 + 3 of x (fewer at the end)
   auto rows_at = [&](auto count, const int (&n)[decltype(count)::value], int m0) {
     constexpr int NR = decltype(count)::value;
     const int16_t* xm = xq.data() + int64_t(m0) * K;
@@ -696,19 +708,20 @@ void int16_quant_matmul(const float* x, const uint8_t* w, const float* scales, c
         case 2: first ? int16_block_paired<2, NR, true>(rs, xm, sm, um, ss, bs, os, N, K) : int16_block_paired<2, NR, false>(rs, xm, sm, um, ss, bs, os, N, K); break;
         default: first ? int16_block_paired<1, NR, true>(rs, xm, sm, um, ss, bs, os, N, K) : int16_block_paired<1, NR, false>(rs, xm, sm, um, ss, bs, os, N, K);
       }
+    } else if constexpr (NR == DECODE_ROWS_TOGETHER) {  // one row of x only
+      int16_block<BITS, 1, GS, NR>(rs, xm, sm, um, ss, bs, os, N, K, gs, first);
     } else {
-      static_assert(NR == 1, "8-bit codes and groups other than 64 go one weight row at a time");
       switch (mb) {
-        case 4: int16_block<BITS, 4, GS>(rs[0], xm, sm, um, ss[0], bs[0], os[0], N, K, gs, first); break;
-        case 3: int16_block<BITS, 3, GS>(rs[0], xm, sm, um, ss[0], bs[0], os[0], N, K, gs, first); break;
-        case 2: int16_block<BITS, 2, GS>(rs[0], xm, sm, um, ss[0], bs[0], os[0], N, K, gs, first); break;
-        default: int16_block<BITS, 1, GS>(rs[0], xm, sm, um, ss[0], bs[0], os[0], N, K, gs, first);
+        case 4: int16_block<BITS, 4, GS, NR>(rs, xm, sm, um, ss, bs, os, N, K, gs, first); break;
+        case 3: int16_block<BITS, 3, GS, NR>(rs, xm, sm, um, ss, bs, os, N, K, gs, first); break;
+        case 2: int16_block<BITS, 2, GS, NR>(rs, xm, sm, um, ss, bs, os, N, K, gs, first); break;
+        default: int16_block<BITS, 1, GS, NR>(rs, xm, sm, um, ss, bs, os, N, K, gs, first);
       }
     }
   };
   auto one = [&](int n, int m0) { rows_at(std::integral_constant<int, 1>(), {n}, m0); };
   const bool parallel = int64_t(N) * K * (M < 4 ? M : 4) >= PARALLEL_WEIGHTS;
-  if constexpr (PAIRED) {  // q4 decode: each weight row read once, a thread's rows as interleaved parts
+  {  // decode: each weight row read once, a thread's rows as interleaved parts
     if (M <= 4) {
       auto parts = [&](auto count, int a, int b) {  // rows a .. b as NR interleaved parts, one row of each at a time
         constexpr int NR = decltype(count)::value;
