@@ -18,10 +18,13 @@ How the microbenchmarks stay real and bounded:
   from these numbers.
 - N (the number of weight rows) is sized per variant: a small probe (N=128)
   gives the rate, then N is the largest power of two whose iteration takes
-  about a quarter of the variant's time slice, capped at 2048 for M=512 and at
-  32768 for M=1. M=1 uses up to 16 matrices' worth of rows (256 MB fp32, less
-  when available memory is under 2 GiB) so the weights do not fit in cache, as
-  in decode over many layers. The shapes used are recorded in
+  about a quarter of the variant's time slice, capped at 2048 for M=512; M=1 and M=8 take every row
+  of the *stream* when they fit half the slice. The stream is one buffer of :func:`uncached_bytes`
+  (twice the CPU's last-level cache, at least 256 MB, at most 1/8 of the available memory) that the
+  M=1 and M=8 weights of every format are views of (a constant fill: no NaNs or subnormals in any
+  format), so their weights come from memory, as a decode over many layers reads them: on a cloud host
+  with a 480 MiB L3 the 32 MB of q4 weights these products read before sat in the cache and read at
+  ~40 GB/s where a model's read at ~25. The shapes used are recorded in
   ``matmul_shapes`` ([M, K, N]); GFLOP/s = 2·M·K·N / t.
 - Each variant gets an equal share of what is left of 90% of the budget: one
   warm-up, then the timed iterations that fit in its slice (at least 1, at
@@ -30,7 +33,7 @@ How the microbenchmarks stay real and bounded:
   each node's format, are timed a second time after all the others (in reverse order) and
   keep the faster run: a burst of other work during one slice no longer decides a format.
 - Weight-read bandwidth (M=1) = weight bytes (with q4 scales and biases) / t.
-  ``memory_read_gb_per_s_reduce`` is ``mx.sum`` over the same (<= 256 MB) fp32 array (MLX
+  ``memory_read_gb_per_s_reduce`` is ``mx.sum`` over the stream as fp32 (MLX
   CPU: one core); ``memory_read_gb_per_s_parallel`` the same sum split over one CPU stream
   per core (each stream has its own thread); ``memory_read_gb_per_s_gemv`` is the fp32 M=1
   rate (OpenBLAS may use every core); ``memory_bandwidth_gb_per_s`` is the largest.
@@ -82,17 +85,22 @@ from exo_lab.cluster.machine import (  # noqa: F401  (re-exported: the profile's
     boot_id,
     cpu_count,
     cpu_model,
+    last_level_cache_bytes,
     memory_now,
 )
 from exo_lab.models import formats, halfmatmul, qmatmul
 
 log = logging.getLogger(__name__)
 
-_SCHEMA = 7  # bump when the microbenchmarks change, so old caches are not reused (7: layers with fused RoPE, RMSNorm)
+_SCHEMA = 8  # bump when the microbenchmarks change, so old caches are not reused (8: reads past the last-level cache)
 _K = 2048
 _N_PROMPT_MAX = 2048
-_N_DECODE_MAX = 32768  # 32768 x 2048 fp32 = 256 MB
+#: bytes a read of memory covers at least, whatever the caches say (Apple's system-level caches reach 96 MB)
+_UNCACHED_MIN = 256 * 2**20
+#: ... and at least this on a node with little memory (2048 rows of fp32)
+_UNCACHED_FLOOR = 2048 * 2048 * 4
 _N_PROBE = 128
+_N_STREAM_PROBE = 4096
 _MAX_ITERS = 10
 _Q_GROUP = formats.GROUP_SIZE
 OFF_FACTOR = 1.2  #: a read rate this much above the profile's bandwidth means the bandwidth is off
@@ -175,16 +183,19 @@ def _best_seconds(fn: Callable[[], mx.array], slice_s: float, warm: bool = False
 
 
 def _sized_matmul(
-    make: Callable[[int], tuple[Callable[[], mx.array], int]], n_max: int, slice_s: float
+    make: Callable[[int], tuple[Callable[[], mx.array], int]], n_max: int, slice_s: float, probe_rows: int = _N_PROBE
 ) -> tuple[int, float, int]:
-    """Probe with N=128, pick N for ~slice/4 per iteration, time it: (N, seconds, weight bytes)."""
+    """Probe with N=``probe_rows``, pick N for ~slice/4 per iteration (N=``n_max`` when that takes at most half the
+    slice), time it: (N, seconds, weight bytes)."""
     start = time.perf_counter()
-    n = min(_N_PROBE, n_max)
+    n = min(probe_rows, n_max)
     fn, nbytes = make(n)
     _seconds(fn)  # warm-up (first-call costs)
     probe = _seconds(fn)
     per_row = probe / n
     target = max(n, min(n_max, 2 ** int(math.log2(max(1.0, slice_s / 4 / max(per_row, 1e-12))))))
+    if n_max * per_row <= slice_s / 2:
+        target = n_max  # every row the variant has (a decode-like product: all of the stream)
     remaining = lambda: max(0.0, slice_s - (time.perf_counter() - start))  # noqa: E731
     if target == n:
         return n, _best_seconds(fn, remaining(), warm=True, best=probe), nbytes
@@ -192,13 +203,42 @@ def _sized_matmul(
     return target, _best_seconds(fn, remaining()), nbytes
 
 
-def _decode_rows(available_bytes: int) -> int:
-    """Rows of the M=1 weights: 32768 (256 MB fp32), halved until they take at
-    most 1/8 of the available memory (a small simulated node), at least 2048."""
-    rows = _N_DECODE_MAX
-    while rows > _N_PROMPT_MAX and rows * _K * 4 > available_bytes // 8:
-        rows //= 2
-    return rows
+def uncached_bytes(available_bytes: int, cache_bytes: int | None = None) -> int:
+    """Bytes a read must cover to time memory rather than the caches: twice the last-level cache
+    (``cache_bytes``, default this machine's), at least 256 MB, at most 1/8 of ``available_bytes`` (a small
+    simulated node) but at least 16 MB; a multiple of one fp32 row of K=2048."""
+    cache = last_level_cache_bytes() if cache_bytes is None else cache_bytes
+    wanted = max(_UNCACHED_MIN, 2 * cache)
+    size = max(_UNCACHED_FLOOR, min(wanted, available_bytes // 8))
+    return size - size % (_K * 4)
+
+
+def _stream_rows(fmt: formats.Format) -> tuple[int, list[tuple[mx.Dtype, int]]]:
+    """32-bit words one weight row of ``fmt`` takes, and its arrays as (dtype, elements per row): the weight,
+    or a quantized format's codes, scales and biases."""
+    if fmt.bits:
+        parts = [(mx.uint32, _K * fmt.bits // 32), (mx.float32, _K // _Q_GROUP), (mx.float32, _K // _Q_GROUP)]
+    else:
+        parts = [(getattr(mx, fmt.held), _K)]
+    return sum(n * d.size // 4 for d, n in parts), parts
+
+
+def stream_capacity(stream: mx.array, fmt: formats.Format) -> int:
+    """How many weight rows of ``fmt`` :func:`stream_weights` can lay over ``stream``."""
+    return stream.size // _stream_rows(fmt)[0]
+
+
+def stream_weights(stream: mx.array, fmt: formats.Format, n: int) -> list[mx.array]:
+    """``n`` rows of ``fmt``'s weights (K=2048) as views of ``stream``'s bytes (fp32, row-contiguous; no copy):
+    ``[weight]``, or a quantized format's ``[codes, scales, biases]``, one after the other in the stream."""
+    _, parts = _stream_rows(fmt)
+    flat = stream.reshape(-1)
+    out, word = [], 0
+    for dtype, per_row in parts:
+        words = n * per_row * dtype.size // 4
+        out.append(flat[word : word + words].view(dtype).reshape(n, per_row))
+        word += words
+    return out
 
 
 def _read_rates(weights: mx.array, slice_s: float) -> tuple[float, float]:
@@ -214,9 +254,9 @@ def _read_rates(weights: mx.array, slice_s: float) -> tuple[float, float]:
 
 def measure_bandwidth(budget_s: float = RECHECK_S, rows: int | None = None) -> float:
     """Memory read GB/s now: the best of ``mx.sum`` on one stream, on one stream per core, and an
-    fp32 M=1 matmul (the BLAS's GEMV, on every core), over ``rows`` x 2048 fp32 (default: 64 MB,
-    at most 1/8 of the available memory)."""
-    rows = rows or min(8192, _decode_rows(memory_now()[1]))
+    fp32 M=1 matmul (the BLAS's GEMV, on every core), over ``rows`` x 2048 fp32 (default:
+    :func:`uncached_bytes`)."""
+    rows = rows or uncached_bytes(memory_now()[1]) // (_K * 4)
     weights = mx.full((rows, _K), 0.5, mx.float32)  # its pages written now, so the runs read memory
     x = mx.full((1, _K), 0.5, mx.float32)
     mx.eval(weights, x)
@@ -278,9 +318,10 @@ def measure_profile(budget_s: float = 7.0, progress: bool = False) -> DeviceProf
     facts = _static_facts()
     start = time.perf_counter()
     deadline = start + 0.9 * budget_s
-    n_decode_max = _decode_rows(memory_now()[1])
     arrays = {
-        "weights": mx.random.uniform(-1.0, 1.0, (n_decode_max, _K), key=mx.random.key(0)),  # <= 256 MB fp32
+        "weights": mx.random.uniform(-1.0, 1.0, (_N_PROMPT_MAX, _K), key=mx.random.key(0)),  # the M=512 products'
+        # the M=1 and M=8 products' weights: their pages written now, so the runs read memory
+        "stream": mx.full((uncached_bytes(memory_now()[1]) // (_K * 4), _K), 0.5, mx.float32),
         "x1": mx.random.uniform(-1.0, 1.0, (1, _K), key=mx.random.key(1)),
         "x8": mx.random.uniform(-1.0, 1.0, (8, _K), key=mx.random.key(3)),
         "x512": mx.random.uniform(-1.0, 1.0, (512, _K), key=mx.random.key(2)),
@@ -314,19 +355,37 @@ def measure_profile(budget_s: float = 7.0, progress: bool = False) -> DeviceProf
 
         return make
 
+    def streamed(fmt: formats.Format, x: mx.array) -> Callable[[int], tuple[Callable[[], mx.array], int]]:
+        """A decode-like product: ``n`` rows of the stream's weights in ``fmt``, computed as the ranks do."""
+
+        def make(n: int) -> tuple[Callable[[], mx.array], int]:
+            ws = stream_weights(arrays["stream"], fmt, n)
+            nbytes = sum(w.nbytes for w in ws)
+            if bits := fmt.bits:
+                wq, scales, biases = ws
+                return (lambda: qmatmul.matmul(x, wq, scales, biases, _Q_GROUP, bits)), nbytes
+            if fmt.widened:
+                return (lambda: halfmatmul.matmul(x, ws[0])), nbytes  # as the bf16w/fp16w ranks do
+            xs = x.astype(ws[0].dtype)
+            mx.eval(xs)
+            return (lambda: xs @ ws[0].T), nbytes
+
+        return make
+
     variants = []
     for fmt in formats.FORMATS.values():
         if fmt.widened and not halfmatmul.available():
             continue  # no kernel on this machine: the planner never picks the format here
-        rows = ((1, arrays["x1"], n_decode_max), (8, arrays["x8"], n_decode_max), (512, arrays["x512"], _N_PROMPT_MAX))
-        for m, x, n_max in rows:
-            if fmt.bits:
-                make = quantized(fmt.bits, x)
-            elif fmt.widened:
-                make = widened(getattr(mx, fmt.held), x)
-            else:
-                make = plain(getattr(mx, fmt.name), x)
-            variants.append((f"{fmt.name}_m{m}", make, n_max))
+        rows = stream_capacity(arrays["stream"], fmt)
+        variants.append((f"{fmt.name}_m1", streamed(fmt, arrays["x1"]), rows))
+        variants.append((f"{fmt.name}_m8", streamed(fmt, arrays["x8"]), rows))
+        if fmt.bits:
+            prompt = quantized(fmt.bits, arrays["x512"])
+        elif fmt.widened:
+            prompt = widened(getattr(mx, fmt.held), arrays["x512"])
+        else:
+            prompt = plain(getattr(mx, fmt.name), arrays["x512"])
+        variants.append((f"{fmt.name}_m512", prompt, _N_PROMPT_MAX))
     # the M=1 products choose each node's format: a burst of other work in one slice would keep a format off
     # the plans until the next run (a bf16w read at 3.8 GB/s beside fp16w's 30.9 once put a bf16 checkpoint in
     # fp32), so each is measured again after all the others, in reverse order, and keeps the faster run
@@ -340,7 +399,7 @@ def measure_profile(budget_s: float = 7.0, progress: bool = False) -> DeviceProf
     message = measure_message_overhead() or {}  # first: the matmuls' slices share what it leaves of the budget
     layer_s = _overhead(measure_layer_overhead, "per-layer")
     step_s = _overhead(measure_step_overhead, "per-step")
-    reduce_gb_s, parallel_gb_s = _read_rates(arrays["weights"], slice_s())
+    reduce_gb_s, parallel_gb_s = _read_rates(arrays["stream"], slice_s())
     steps_left -= 1
     if bar:
         bar.update()
@@ -351,7 +410,8 @@ def measure_profile(budget_s: float = 7.0, progress: bool = False) -> DeviceProf
     for name, make, n_max in [*variants, *again]:
         m = int(name.rsplit("_m", 1)[1])
         t0 = time.perf_counter()
-        n, seconds, nbytes = _sized_matmul(make, n_max, slice_s())
+        # a decode-like product is probed on 4096 rows: 128 time the call more than its reads
+        n, seconds, nbytes = _sized_matmul(make, n_max, slice_s(), _N_PROBE if m == 512 else _N_STREAM_PROBE)
         log.debug("%s: N=%d, %.3f s per iteration, step %.2f s", name, n, seconds, time.perf_counter() - t0)
         if 2 * m * _K * n / seconds / 1e9 > gflops.get(name, 0.0):
             gflops[name] = 2 * m * _K * n / seconds / 1e9

@@ -13,12 +13,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import mlx.core as mx
 import pytest
 
 from exo_lab import native
 from exo_lab.cluster import profile as prof
+from exo_lab.cluster.machine import last_level_cache_bytes
 from exo_lab.cluster.profile import DeviceProfile, load_or_measure, measure_profile, memory_now
-from exo_lab.models import halfmatmul
+from exo_lab.models import formats, halfmatmul
 
 GIB = 1 << 30
 KEYS = tuple(f"{f}_m{m}" for f in ("float32", "bfloat16", "float16", "q8", "q4") for m in (1, 8, 512))
@@ -111,10 +113,35 @@ def test_cgroup_v1_tightest_level_wins(tmp_path):
     assert prof._cgroup_memory(proc, host_total=64 * GIB) == (2 * GIB, GIB)
 
 
-def test_decode_rows_shrink_on_small_nodes():
-    assert prof._decode_rows(64 * GIB) == 32768
-    assert prof._decode_rows(GIB) == 16384
-    assert prof._decode_rows(0) == 2048
+def test_reads_of_memory_cover_twice_the_last_level_cache_within_an_eighth_of_memory():
+    mib = 2**20
+    assert prof.uncached_bytes(64 * GIB, cache_bytes=480 * mib) == 960 * mib  # a cloud host's L3
+    assert prof.uncached_bytes(64 * GIB, cache_bytes=32 * mib) == 256 * mib  # never under 256 MB
+    assert prof.uncached_bytes(GIB, cache_bytes=480 * mib) == 128 * mib  # a small simulated node
+    assert prof.uncached_bytes(0, cache_bytes=0) == 16 * mib
+    assert prof.uncached_bytes(3 * GIB + 5, cache_bytes=0) % (prof._K * 4) == 0  # whole fp32 rows
+
+
+def test_last_level_cache_is_the_largest_data_cache(tmp_path):
+    for index, (kind, size) in enumerate(
+        [("Data", "48K"), ("Instruction", "4096M"), ("Unified", "2048K"), ("Unified", "491520K")]
+    ):
+        (tmp_path / f"index{index}").mkdir()
+        (tmp_path / f"index{index}" / "type").write_text(kind + "\n")
+        (tmp_path / f"index{index}" / "size").write_text(size + "\n")
+    assert last_level_cache_bytes(tmp_path) == 480 * 2**20
+    assert last_level_cache_bytes(tmp_path / "missing") == 0
+
+
+def test_decode_like_products_read_views_of_one_stream():
+    """Every format's M=1 weights lie over the stream's bytes, one array after the other."""
+    stream = mx.full((64, prof._K), 0.5, mx.float32)
+    for fmt in formats.FORMATS.values():
+        n = prof.stream_capacity(stream, fmt)
+        ws = prof.stream_weights(stream, fmt, n)
+        assert sum(w.nbytes for w in ws) <= stream.nbytes < sum(w.nbytes for w in ws) + sum(w.nbytes for w in ws) / n
+        assert [w.shape[0] for w in ws] == [n] * len(ws)
+        assert mx.isfinite(ws[-1].astype(mx.float32)).all().item()  # a constant fill: no NaN in any format
 
 
 @pytest.fixture
@@ -203,8 +230,8 @@ def test_a_burst_during_one_decode_product_does_not_set_its_format_s_rate(monkey
     decode = [k for k in here if k.endswith("_m1")]
     slow = 0 if burst == "first" else len(here) + len(decode) - 1
 
-    def timed(make, n_max, slice_s):
-        n, seconds, nbytes = real(make, n_max, slice_s)
+    def timed(make, n_max, slice_s, probe_rows=prof._N_PROBE):
+        n, seconds, nbytes = real(make, n_max, slice_s, probe_rows)
         runs.append((n, seconds * (10 if len(runs) == slow else 1), nbytes))
         return runs[-1]
 
