@@ -24,7 +24,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
 from exo_lab.engine.families import architecture, family, pair_split_problem, tensor_split_problem, tied_embeddings
-from exo_lab.models import formats, fused, halfmatmul, qmatmul
+from exo_lab.models import formats, fused, halfmatmul, qmatmul, shared_rows
 from exo_lab.models.tensors import read_tensors
 
 log = logging.getLogger(__name__)
@@ -273,6 +273,7 @@ def load_shard(
     if spec.dtype and not quant:
         convert(shard, spec.dtype)
     object.__setattr__(shard, "rope_tables", fused.use_fused(shard))
+    shared_rows.share_rows(shard)  # q|k|v and gate|up as one product each where exo_lab's kernel computes them
     mx.eval(shard.parameters())
     log.info(
         "shard [%d, %d) of %d layers: %.1f MB",

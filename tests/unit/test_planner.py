@@ -12,7 +12,7 @@ from exo_lab.cluster.topology import LinkProfile, NodeInfo, Topology
 from exo_lab.models.card import card_from_config
 from exo_lab.placement import plan
 from exo_lab.placement.cost import NodeRates
-from exo_lab.placement.planner import _split_layers
+from exo_lab.placement.planner import _sig, _split_layers
 from tests.helpers.family_configs import FAMILY_CONFIGS
 from tests.helpers.paths import SPECS
 
@@ -163,7 +163,8 @@ def test_adding_a_node_never_makes_the_best_worse(spec, mspec, extra):
     bigger, _ = build([*spec, extra], mspec)
     after = plan(bigger, card, context=2048, prompt_tokens=256)
     if before.plans:
-        assert after.plans and after.best.decode_tps >= before.best.decode_tps * (1 - 1e-9)
+        # plans rank by decode to 3 significant digits, then by fewer nodes and ranks: a plan that far off is a tie
+        assert after.plans and _sig(after.best.decode_tps) >= _sig(before.best.decode_tps)
 
 
 def family_model(family: str, layers: int, hidden: int, experts: int, dense: int, quant_bits: int):

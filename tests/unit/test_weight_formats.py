@@ -231,7 +231,7 @@ def test_shard_loads_in_every_format_and_stays_close(tiny):
         linears = [m for _, m in shard.named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))]
         assert linears
         if formats.get(fmt).quantized:
-            assert all(type(m) is qmatmul.CoreQuantizedLinear and m.bits == formats.get(fmt).bits for m in linears)
+            assert all(isinstance(m, qmatmul.CoreQuantizedLinear) and m.bits == formats.get(fmt).bits for m in linears)
             assert shard.embed_tokens is not None and type(shard.embed_tokens) is qmatmul.CoreQuantizedEmbedding
             assert shard.embed_tokens["scales"].dtype == mx.float32  # fp32 scales: fp32 activations
         elif formats.get(fmt).widened:
