@@ -26,14 +26,17 @@ from exo_lab.models import qmatmul
 
 #: attribute names of the members of a group, in the order their rows are laid out
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+#: the arrays a member's rows are made of
+PARTS = ("weight", "scales", "biases")
 
 
 class RowGroup:
     """The concatenated weights of a group of sibling products and the columns of its last product."""
 
-    def __init__(self, members: list[nn.Module]) -> None:
+    def __init__(self, members: list[Any]) -> None:
         first = members[0]
-        self.group_size, self.bits = first.group_size, first.bits
+        self.group_size: int = first.group_size
+        self.bits: int = first.bits
         self.weight, self.scales, self.biases = (mx.concatenate([m[k] for m in members]) for k in PARTS)
         ends = [0]
         for m in members:
@@ -61,8 +64,6 @@ class RowGroup:
             self._input = None  # every member took its columns: hold nothing past the step
         return out
 
-
-PARTS = ("weight", "scales", "biases")
 
 
 class _SharesRows:
@@ -112,8 +113,9 @@ def share_rows(model: nn.Module) -> int:
     made = 0
     for _, parent in model.named_modules():
         for names in GROUPS:
-            members = [parent.get(n) if isinstance(parent, dict) else None for n in names]
-            if any(m is None for m in members) or not _groupable(members):
+            found = [parent.get(n) if isinstance(parent, dict) else None for n in names]
+            members: list[Any] = [m for m in found if m is not None]
+            if len(members) < len(names) or not _groupable(members):
                 continue
             group = RowGroup(members)
             for index, m in enumerate(members):
