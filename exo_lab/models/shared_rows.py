@@ -65,7 +65,6 @@ class RowGroup:
         return out
 
 
-
 class _SharesRows:
     """A quantized linear whose rows are part of a :class:`RowGroup`."""
 
