@@ -101,7 +101,8 @@ def test_the_kernels_threads_sleep_soon_after_a_product() -> None:
         )
         assert done.returncode == 0, done.stderr
         cores[name] = json.loads(done.stdout.strip().splitlines()[-1])["cores"]
-    assert cores["ours"] < 0.6 < cores["libgomp"], cores
+    # libgomp's spinning helper takes what the core gives it: 0.58 of a core once in CI, with a test beside it
+    assert cores["ours"] < 0.6 and cores["libgomp"] > 2 * cores["ours"] + 0.2, cores
 
 
 IDLE_CHILD = r"""
