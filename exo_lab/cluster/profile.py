@@ -92,7 +92,7 @@ from exo_lab.models import formats, halfmatmul, qmatmul
 
 log = logging.getLogger(__name__)
 
-_SCHEMA = 8  # bump when the microbenchmarks change, so old caches are not reused (8: reads past the last-level cache)
+_SCHEMA = 9  # bump when the microbenchmarks change, so old caches are not reused (9: M=1 reads the whole stream)
 _K = 2048
 _N_PROMPT_MAX = 2048
 #: bytes a read of memory covers at least, whatever the caches say (Apple's system-level caches reach 96 MB)
@@ -101,6 +101,8 @@ _UNCACHED_MIN = 256 * 2**20
 _UNCACHED_FLOOR = 2048 * 2048 * 4
 _N_PROBE = 128
 _N_STREAM_PROBE = 4096
+#: an M=1 product reads the whole stream when one pass takes at most this (formats that read, not compute)
+_WHOLE_STREAM_S = 0.15
 _MAX_ITERS = 10
 _Q_GROUP = formats.GROUP_SIZE
 OFF_FACTOR = 1.2  #: a read rate this much above the profile's bandwidth means the bandwidth is off
@@ -183,10 +185,14 @@ def _best_seconds(fn: Callable[[], mx.array], slice_s: float, warm: bool = False
 
 
 def _sized_matmul(
-    make: Callable[[int], tuple[Callable[[], mx.array], int]], n_max: int, slice_s: float, probe_rows: int = _N_PROBE
+    make: Callable[[int], tuple[Callable[[], mx.array], int]],
+    n_max: int,
+    slice_s: float,
+    probe_rows: int = _N_PROBE,
+    whole_s: float = 0.0,
 ) -> tuple[int, float, int]:
     """Probe with N=``probe_rows``, pick N for ~slice/4 per iteration (N=``n_max`` when that takes at most half the
-    slice), time it: (N, seconds, weight bytes)."""
+    slice, or at most ``whole_s``), time it: (N, seconds, weight bytes)."""
     start = time.perf_counter()
     n = min(probe_rows, n_max)
     fn, nbytes = make(n)
@@ -194,13 +200,14 @@ def _sized_matmul(
     probe = _seconds(fn)
     per_row = probe / n
     target = max(n, min(n_max, 2 ** int(math.log2(max(1.0, slice_s / 4 / max(per_row, 1e-12))))))
-    if n_max * per_row <= slice_s / 2:
+    if n_max * per_row <= max(slice_s / 2, whole_s):
         target = n_max  # every row the variant has (a decode-like product: all of the stream)
     remaining = lambda: max(0.0, slice_s - (time.perf_counter() - start))  # noqa: E731
     if target == n:
         return n, _best_seconds(fn, remaining(), warm=True, best=probe), nbytes
     fn, nbytes = make(target)
-    return target, _best_seconds(fn, remaining()), nbytes
+    # views of the stream have no first-call costs the probe did not pay: no warm-up pass over all of it
+    return target, _best_seconds(fn, remaining(), warm=whole_s > 0), nbytes
 
 
 def uncached_bytes(available_bytes: int, cache_bytes: int | None = None) -> int:
@@ -238,6 +245,7 @@ def stream_weights(stream: mx.array, fmt: formats.Format, n: int) -> list[mx.arr
         words = n * per_row * dtype.size // 4
         out.append(flat[word : word + words].view(dtype).reshape(n, per_row))
         word += words
+    mx.eval(out)  # views now (~0.2 ms); evaluated inside a product's graph they were copied (0.7 s for 1 GB)
     return out
 
 
@@ -410,8 +418,11 @@ def measure_profile(budget_s: float = 7.0, progress: bool = False) -> DeviceProf
     for name, make, n_max in [*variants, *again]:
         m = int(name.rsplit("_m", 1)[1])
         t0 = time.perf_counter()
-        # a decode-like product is probed on 4096 rows: 128 time the call more than its reads
-        n, seconds, nbytes = _sized_matmul(make, n_max, slice_s(), _N_PROBE if m == 512 else _N_STREAM_PROBE)
+        # a decode-like product is probed on 4096 rows (128 time the call more than its reads); an M=1 product
+        # reads the whole stream unless that is slow (then the format computes, not reads): in a slice cut short
+        # by other work, fewer rows sat in the cache and their format read faster than the others
+        probe, whole = (_N_PROBE, 0.0) if m == 512 else (_N_STREAM_PROBE, _WHOLE_STREAM_S if m == 1 else 0.0)
+        n, seconds, nbytes = _sized_matmul(make, n_max, slice_s(), probe, whole)
         log.debug("%s: N=%d, %.3f s per iteration, step %.2f s", name, n, seconds, time.perf_counter() - t0)
         if 2 * m * _K * n / seconds / 1e9 > gflops.get(name, 0.0):
             gflops[name] = 2 * m * _K * n / seconds / 1e9

@@ -230,8 +230,8 @@ def test_a_burst_during_one_decode_product_does_not_set_its_format_s_rate(monkey
     decode = [k for k in here if k.endswith("_m1")]
     slow = 0 if burst == "first" else len(here) + len(decode) - 1
 
-    def timed(make, n_max, slice_s, probe_rows=prof._N_PROBE):
-        n, seconds, nbytes = real(make, n_max, slice_s, probe_rows)
+    def timed(make, n_max, slice_s, probe_rows=prof._N_PROBE, whole_s=0.0):
+        n, seconds, nbytes = real(make, n_max, slice_s, probe_rows, whole_s)
         runs.append((n, seconds * (10 if len(runs) == slow else 1), nbytes))
         return runs[-1]
 
