@@ -18,8 +18,10 @@ How the microbenchmarks stay real and bounded:
   from these numbers.
 - N (the number of weight rows) is sized per variant: a small probe (N=128)
   gives the rate, then N is the largest power of two whose iteration takes
-  about a quarter of the variant's time slice, capped at 2048 for M=512; M=1 and M=8 take every row
-  of the *stream* when they fit half the slice. The stream is one buffer of :func:`uncached_bytes`
+  about a quarter of the variant's time slice, capped at 2048 for M=512; M=8 takes every row of the
+  *stream* when that fits half the slice, M=1 whenever one pass takes at most 0.15 s (every format that
+  reads rather than computes: a slice cut short by other work once left fp32's GEMV 128 MB, in the cache,
+  and bf16w 16 MB, and a bf16 checkpoint went to fp32). The stream is one buffer of :func:`uncached_bytes`
   (twice the CPU's last-level cache, at least 256 MB, at most 1/8 of the available memory) that the
   M=1 and M=8 weights of every format are views of (a constant fill: no NaNs or subnormals in any
   format), so their weights come from memory, as a decode over many layers reads them: on a cloud host
