@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import re
 import socket
 import subprocess
 import sys
@@ -123,8 +124,13 @@ def test_out_of_file_descriptors_it_waits_instead_of_spinning_and_recovers():
         assert wait_for(lambda: _answers(srv), 10, "served again once descriptors are free")
     finally:
         err = srv.stop()
-    assert err.count("out of file descriptors") == 1, err  # logged once per episode, not per accept
-    assert "accepting again" in err
+    # Logged once per episode, not per accept: the first episode spans the whole 2 s wait in one warning.
+    # Once the held clients close, the backlog's accepts may briefly run out again (the server closes
+    # its ends as it reads their EOFs): that is a second episode, logged as one too.
+    episodes = err.count("out of file descriptors")
+    recoveries = re.findall(r"accepting again after ([0-9.]+) s", err)
+    assert 1 <= episodes <= 3 and len(recoveries) == episodes, err
+    assert float(recoveries[0]) >= 2.0, err
 
 
 def _answers(srv: Server) -> bool:
