@@ -155,7 +155,8 @@ class Lockstep:
     ) -> None:
         self.shard = shard
         self.group = group
-        #: a 2-rank instance's pair socket (:mod:`exo_lab.engine.peer_link`): each step's shared vector goes over it
+        #: a 2-rank instance's pair socket (:mod:`exo_lab.engine.peer_link`): each step's shared vector goes over
+        #: it, and a 2-rank pipeline's hidden states
         self.link = link if group.size() == 2 else None
         self.layout = layout
         self.hidden = hidden_size
@@ -163,6 +164,18 @@ class Lockstep:
         self.prefill_step_size = prefill_step_size
         self._masked: mx.array | None = None  # the last sampled step's logits, after grammar masks
         self._logprobs: mx.array | None = None  # and their log-probabilities, where sampling computed them
+
+    def _send(self, x: mx.array, dst: int) -> mx.array:
+        """``x``, sent to rank ``dst`` when evaluated: over the pair's link where there is one, else MLX's ring."""
+        if self.link is not None and dst == self.link.peer:
+            return self.link.send(x)
+        return mx.distributed.send(x, dst, group=self.group)
+
+    def _recv(self, shape: tuple[int, ...], src: int) -> mx.array:
+        """Hidden states of ``shape`` from rank ``src`` (in the activation dtype), as :meth:`_send` sent them."""
+        if self.link is not None and src == self.link.peer:
+            return self.link.recv(shape, self.act_dtype)
+        return mx.distributed.recv(shape, self.act_dtype, src, group=self.group)
 
     def _forward(self, tokens: mx.array, cache: list, logits: bool) -> mx.array:
         """This stage's part of one forward pass over ``tokens`` (shape ``[batch, n]``).
@@ -179,26 +192,22 @@ class Lockstep:
         if lay.first:
             x = tokens
         elif not multi:
-            x = mx.distributed.recv((b, n, self.hidden), self.act_dtype, lay.peer(lay.stage - 1), group=self.group)
+            x = self._recv((b, n, self.hidden), lay.peer(lay.stage - 1))
             x = TRACER.ready("recv", x)
         elif lay.rank == mine[0]:
-            x = mx.distributed.recv(
-                (b, n, self.hidden), self.act_dtype, lay.stages[lay.stage - 1][-1], group=self.group
-            )
+            x = self._recv((b, n, self.hidden), lay.stages[lay.stage - 1][-1])
             x = TRACER.ready("recv", x)
-            sent = mx.distributed.send(x, mine[1], group=self.group)
+            sent = self._send(x, mine[1])
             (x,) = mx.depends([x], [sent])
         else:
-            x = TRACER.ready(
-                "recv", mx.distributed.recv((b, n, self.hidden), self.act_dtype, mine[0], group=self.group)
-            )
+            x = TRACER.ready("recv", self._recv((b, n, self.hidden), mine[0]))
         shard = self.shard if (logits or not lay.last) else self.shard.hidden
         out = TRACER.timed("compute", lambda: shard(x, cache))
         if not lay.last:
             if not multi and len(lay.stages[lay.stage + 1]) == 1:
-                return TRACER.ready("send", mx.distributed.send(out, lay.peer(lay.stage + 1), group=self.group))
+                return TRACER.ready("send", self._send(out, lay.peer(lay.stage + 1)))
             if lay.rank == mine[-1]:
-                return TRACER.ready("send", mx.distributed.send(out, lay.stages[lay.stage + 1][0], group=self.group))
+                return TRACER.ready("send", self._send(out, lay.stages[lay.stage + 1][0]))
             return out
         return out
 
@@ -214,13 +223,13 @@ class Lockstep:
         mine = lay.stages[lay.stage]
         shape = (rows, n, self.hidden)
         if len(mine) == 1:
-            x = mx.distributed.recv(shape, self.act_dtype, lay.peer(lay.stage - 1), group=self.group)
+            x = self._recv(shape, lay.peer(lay.stage - 1))
         elif lay.rank == mine[0]:
-            x = mx.distributed.recv(shape, self.act_dtype, lay.stages[lay.stage - 1][-1], group=self.group)
-            sent = mx.distributed.send(x, mine[1], group=self.group)
+            x = self._recv(shape, lay.stages[lay.stage - 1][-1])
+            sent = self._send(x, mine[1])
             (x,) = mx.depends([x], [sent])
         else:
-            x = mx.distributed.recv(shape, self.act_dtype, mine[0], group=self.group)
+            x = self._recv(shape, mine[0])
         x = TRACER.ready("recv", x)
         mx.eval(x)
         return x
@@ -232,9 +241,9 @@ class Lockstep:
             return
         mine = lay.stages[lay.stage]
         if len(mine) == 1 and len(lay.stages[lay.stage + 1]) == 1:
-            mx.eval(TRACER.ready("send", mx.distributed.send(out, lay.peer(lay.stage + 1), group=self.group)))
+            mx.eval(TRACER.ready("send", self._send(out, lay.peer(lay.stage + 1))))
         elif lay.rank == mine[-1]:
-            mx.eval(TRACER.ready("send", mx.distributed.send(out, lay.stages[lay.stage + 1][0], group=self.group)))
+            mx.eval(TRACER.ready("send", self._send(out, lay.stages[lay.stage + 1][0])))
 
     def stage_step(self, batch: Batch, x: mx.array | None) -> tuple[mx.array | None, mx.array | None]:
         """This stage's part of one decode step of ``batch`` (``x``: its input hidden states; None on the first

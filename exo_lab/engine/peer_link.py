@@ -1,4 +1,4 @@
-"""A TCP socket between the two ranks of a tensor pair, carrying their all-reduces.
+"""A TCP socket between two ranks: a tensor pair's all-reduces, a 2-rank pipeline's hidden states.
 
 A tensor pair sums two partial results twice per layer. Through MLX's ring backend each sum is a trip
 through three threads on each side (on this project's 2-core machine ~150-180 us for 8 KB, where a plain
@@ -12,7 +12,9 @@ higher connects and presents the token, and a second ``all_sum`` makes every ran
 they were wanted, or none (each pair's ranks must sum the same way). ``EXO_LAB_PEER_LINK=0`` keeps the ring.
 :func:`route_tensor_all_reduces` points the tensor-sharded linears (:mod:`mlx.nn.layers.distributed`) at the
 link, and with them the split embedding's sum (:mod:`exo_lab.engine.vocab`); a 2-rank instance's
-:class:`~exo_lab.engine.lockstep.Lockstep` sums each step's shared vector (int32) over it too.
+:class:`~exo_lab.engine.lockstep.Lockstep` sums each step's shared vector (int32) over it too, and a 2-rank
+pipeline's stages hand their hidden states over it (``peer_send``/``peer_recv``): waiting for the other stage,
+a rank sleeps in ``poll()`` where the ring's socket thread would spin on a core for the whole wait.
 """
 
 from __future__ import annotations
@@ -70,6 +72,14 @@ class PeerLink:
     def sum(self, x: mx.array) -> mx.array:
         """``x`` plus the peer's ``x`` (the same bits on both ranks); both must call it alike."""
         return module().peer_sum(x, self.sock.fileno())
+
+    def send(self, x: mx.array) -> mx.array:
+        """``x``, its bytes sent to the peer when evaluated (as ``mx.distributed.send``); the peer reads them with :meth:`recv`."""
+        return module().peer_send(x, self.sock.fileno())
+
+    def recv(self, shape: tuple[int, ...], dtype: mx.Dtype) -> mx.array:
+        """The array the peer sends next (:meth:`send`), read when evaluated (as ``mx.distributed.recv``)."""
+        return module().peer_recv(list(shape), dtype, self.sock.fileno())
 
     def close(self) -> None:
         self.sock.close()

@@ -526,8 +526,12 @@ class Worker:
         if len(stages) > 1 and len(mine) > 2:
             raise RuntimeError("a pipeline stage can hold a tensor pair (2 ranks), not more")
         peer = mine[1 - mine.index(self.rank)] if len(mine) == 2 else None
-        # a pair sums over a socket of its own (every rank takes part in making the links, where there are pairs)
-        self.peer_link = open_link(self.group, peer) if any(len(s) == 2 for s in stages) else None
+        # a pair sums over a socket of its own (every rank takes part in making the links, where there are pairs);
+        # a 2-rank pipeline's stages hand hidden states over one
+        two_stages = len(stages) == 2 and all(len(s) == 1 for s in stages)
+        partner = stages[1 - layout.stage][0] if two_stages else peer
+        wanted = two_stages or any(len(s) == 2 for s in stages)
+        self.peer_link = open_link(self.group, partner) if wanted else None
         if tensor_group is not None:
             if self.peer_link is not None:
                 route_tensor_all_reduces(self.peer_link)

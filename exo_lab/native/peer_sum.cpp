@@ -1,15 +1,23 @@
-// The all-reduce of a tensor pair (two ranks sharing each layer) over one TCP socket, as an MLX primitive.
+// A pair of ranks' messages over one TCP socket, as MLX primitives: a tensor pair's all-reduce, and the hidden
+// states a 2-rank pipeline hands from stage to stage.
 //
 // MLX's ring backend hands each message from the stream's thread to a pool thread and on to a socket thread
 // that polls without sleeping, and back: on this project's 2-core machine a 2-rank `all_sum` of 8 KB took
 // ~150-180 us where a plain socket exchange of the same bytes took ~20 us, and a llama-1b decode step has 32.
-// `peer_sum(x, fd)` does the exchange on the stream's thread itself: it writes x's bytes to the socket and
-// reads the peer's (both at once, non-blocking, sleeping in poll() while neither can move, so a message of
-// any size passes however small the socket buffers), then adds them. Addition commutes exactly, so both
-// ranks hold the same bits, and they are the bits of MLX's ring for two ranks (float32 added as float32;
-// bfloat16 and float16 through float32 and rounded back, as MLX's own types add; int32 exactly).
+// And while a pipeline stage waits for the other's hidden states, the ring's socket thread spins on `recv()`
+// for the whole wait: one core each, two busy cores where one computes. Where cores are metered (this
+// project's VM is throttled for 100 ms at a time once both of its cores run flat out), the spinning costs the
+// computing rank its time too.
 //
-// Both ranks must evaluate the same sums in the same order, as with any collective. A socket that fails or
+// Here the stream's thread does the socket work itself, sleeping in poll() while the socket cannot move:
+// - `peer_sum(x, fd)` writes x's bytes to the socket and reads the peer's (both at once, non-blocking, so a
+//   message of any size passes however small the socket buffers), then adds them. Addition commutes exactly,
+//   so both ranks hold the same bits, and they are the bits of MLX's ring for two ranks (float32 added as
+//   float32; bfloat16 and float16 through float32 and rounded back, as MLX's own types add; int32 exactly).
+// - `peer_send(x, fd)` writes x's bytes (an array sharing x's data, as MLX's `send` returns);
+//   `peer_recv(shape, dtype, fd)` reads the bytes of one such array.
+//
+// Both ranks must evaluate the same messages in the same order, as with any collective. A socket that fails or
 // closes (the peer is gone) ends the process with a message on stderr, as MLX's ring does: the partial sums
 // cannot be recovered, and the instance's supervisor sees the rank exit.
 #include <poll.h>
@@ -23,9 +31,11 @@
 #include <cstring>
 #include <optional>
 #include <stdexcept>
+#include <string>
 #include <vector>
 
 #include <nanobind/nanobind.h>
+#include <nanobind/stl/vector.h>
 
 #include "mlx/allocator.h"
 #include "mlx/backend/cpu/encoder.h"
@@ -39,7 +49,7 @@ using namespace nb::literals;
 namespace {
 
 [[noreturn]] void fail(const char* what, int err) {
-  std::fprintf(stderr, "exo_lab peer_sum: %s%s%s: the tensor pair's all-reduce cannot go on\n", what,
+  std::fprintf(stderr, "exo_lab peer_sum: %s%s%s: the pair's messages cannot go on\n", what,
                err ? ": " : "", err ? std::strerror(err) : "");
   std::fflush(stderr);
   std::_Exit(70);
@@ -49,13 +59,13 @@ bool transient(int err) {
   return err == EAGAIN || err == EWOULDBLOCK || err == EINTR;
 }
 
-// Writes n bytes of `out` and reads n bytes into `in`, whichever can move, until both are done.
-void exchange(int fd, const char* out, char* in, size_t n) {
+// Writes n_out bytes of `out` and reads n_in bytes into `in`, whichever can move, until both are done.
+void exchange(int fd, const char* out, size_t n_out, char* in, size_t n_in) {
   size_t sent = 0, got = 0;
-  while (sent < n || got < n) {
+  while (sent < n_out || got < n_in) {
     bool moved = false;
-    if (sent < n) {
-      ssize_t k = ::send(fd, out + sent, n - sent, MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (sent < n_out) {
+      ssize_t k = ::send(fd, out + sent, n_out - sent, MSG_DONTWAIT | MSG_NOSIGNAL);
       if (k > 0) {
         sent += size_t(k);
         moved = true;
@@ -63,8 +73,8 @@ void exchange(int fd, const char* out, char* in, size_t n) {
         fail("send", errno);
       }
     }
-    if (got < n) {
-      ssize_t k = ::recv(fd, in + got, n - got, MSG_DONTWAIT);
+    if (got < n_in) {
+      ssize_t k = ::recv(fd, in + got, n_in - got, MSG_DONTWAIT);
       if (k > 0) {
         got += size_t(k);
         moved = true;
@@ -75,7 +85,7 @@ void exchange(int fd, const char* out, char* in, size_t n) {
       }
     }
     if (moved) continue;
-    pollfd p{fd, short((sent < n ? POLLOUT : 0) | (got < n ? POLLIN : 0)), 0};
+    pollfd p{fd, short((sent < n_out ? POLLOUT : 0) | (got < n_in ? POLLIN : 0)), 0};
     if (::poll(&p, 1, -1) < 0 && errno != EINTR) fail("poll", errno);
   }
 }
@@ -128,7 +138,7 @@ class PeerSum : public mx::Primitive {
         view->gather(xp, rows.data());
         mine = rows.data();
       }
-      exchange(fd, mine, op, n);  // the peer's partial lands in the output, which then becomes the sum
+      exchange(fd, mine, n, op, n);  // the peer's partial lands in the output, which then becomes the sum
       switch (dtype) {
         case mx::float32:
           add(reinterpret_cast<const float*>(mine), reinterpret_cast<float*>(op), count);
@@ -169,19 +179,108 @@ class PeerSum : public mx::Primitive {
   int fd_;
 };
 
+// A primitive that is one message of its own: two of the same array must not be merged into one.
+class Message : public mx::Primitive {
+ public:
+  Message(mx::Stream stream, int fd) : mx::Primitive(stream), fd_(fd) {}
+
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("the pair's messages run on the CPU only");
+  }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return this == &other;
+  }
+
+ protected:
+  int fd_;
+};
+
+class PeerSend : public Message {
+ public:
+  using Message::Message;
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    const mx::array& x = inputs[0];
+    outputs[0].copy_shared_buffer(x);
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.set_input_array(x);
+    std::optional<Strided> view;
+    if (!x.flags().row_contiguous) view = Strided{x.shape(), x.strides(), x.itemsize()};
+    encoder.dispatch([fd = fd_, xp = x.data<char>(), n = x.nbytes(), view = std::move(view)]() {
+      std::vector<char> rows;
+      const char* bytes = xp;
+      if (view) {
+        rows.resize(n);
+        view->gather(xp, rows.data());
+        bytes = rows.data();
+      }
+      exchange(fd, bytes, n, nullptr, 0);
+    });
+  }
+
+  const char* name() const override {
+    return "ExoPeerSend";
+  }
+
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    return {inputs[0].shape()};
+  }
+};
+
+class PeerRecv : public Message {
+ public:
+  using Message::Message;
+
+  void eval_cpu(const std::vector<mx::array>&, std::vector<mx::array>& outputs) override {
+    mx::array& out = outputs[0];
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& encoder = mx::cpu::get_command_encoder(stream());
+    encoder.set_output_array(out);
+    encoder.dispatch([fd = fd_, op = out.data<char>(), n = out.nbytes()]() { exchange(fd, nullptr, 0, op, n); });
+  }
+
+  const char* name() const override {
+    return "ExoPeerRecv";
+  }
+};
+
+mx::Stream cpu_stream() {
+  return mx::to_stream(std::monostate{}, mx::Device::cpu);
+}
+
+void check_fd(int fd, const char* op) {
+  if (fd < 0) throw std::invalid_argument(std::string(op) + ": fd must be an open socket");
+}
+
+mx::array peer_send(const mx::array& x, int fd) {
+  check_fd(fd, "peer_send");
+  return mx::array(x.shape(), x.dtype(), std::make_shared<PeerSend>(cpu_stream(), fd), {x});
+}
+
+mx::array peer_recv(const std::vector<int>& dims, mx::Dtype dtype, int fd) {
+  check_fd(fd, "peer_recv");
+  for (auto d : dims)
+    if (d < 0) throw std::invalid_argument("peer_recv: a dimension is negative");
+  return mx::array(mx::Shape(dims.begin(), dims.end()), dtype, std::make_shared<PeerRecv>(cpu_stream(), fd), {});
+}
+
 mx::array peer_sum(const mx::array& x, int fd) {
   if (x.dtype() != mx::float32 && x.dtype() != mx::bfloat16 && x.dtype() != mx::float16 && x.dtype() != mx::int32)
     throw std::invalid_argument("peer_sum: x must be float32, bfloat16, float16 or int32");
-  if (fd < 0) throw std::invalid_argument("peer_sum: fd must be an open socket");
-  mx::Stream s = mx::to_stream(std::monostate{}, mx::Device::cpu);
-  return mx::array(x.shape(), x.dtype(), std::make_shared<PeerSum>(s, fd), {x});
+  check_fd(fd, "peer_sum");
+  return mx::array(x.shape(), x.dtype(), std::make_shared<PeerSum>(cpu_stream(), fd), {x});
 }
 
 }  // namespace
 
 NB_MODULE(_peer_sum, m) {
-  m.doc() = "A tensor pair's all-reduce over one TCP socket, as an MLX primitive";
+  m.doc() = "A pair of ranks' messages over one TCP socket, as MLX primitives";
   m.def("peer_sum", &peer_sum, "x"_a, "fd"_a,
         "x plus the peer's x of the same shape and dtype, exchanged over the connected socket fd (both ranks\n"
         "get the same bits).");
+  m.def("peer_send", &peer_send, "x"_a, "fd"_a,
+        "x, its bytes written to the connected socket fd when evaluated (the peer reads them with peer_recv).");
+  m.def("peer_recv", &peer_recv, "shape"_a, "dtype"_a, "fd"_a,
+        "An array of shape and dtype read from the connected socket fd when evaluated (the peer's peer_send).");
 }

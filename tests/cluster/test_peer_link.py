@@ -1,6 +1,6 @@
-"""A tensor pair's own socket (``exo_lab.engine.peer_link``): two real ranks form an MLX ring on loopback, connect
-their link, and sum over it: the ring's bits, for small and large messages; a rank that wants no link leaves both
-on the ring."""
+"""A pair's own socket (``exo_lab.engine.peer_link``): two real ranks form an MLX ring on loopback, connect
+their link, and sum and send over it: the ring's bits, for small and large messages; a rank that wants no link
+leaves both on the ring."""
 
 from __future__ import annotations
 
@@ -34,7 +34,20 @@ for shape, dtype in [((1, 2048), mx.float32), ((3, 5, 64), mx.bfloat16), ((7, 33
 strided = mx.arange(24, dtype=mx.float32).reshape(4, 6).T * (rank + 1)  # not row-contiguous
 if link is not None:
     same.append(bool(mx.array_equal(link.sum(strided), mx.distributed.all_sum(strided, group=group)).item()))
-print(json.dumps({"link": link is not None, "same": same}))
+moved = []  # rank 0 sends over the link and over the ring, rank 1 receives both: the same bytes
+if link is not None:
+    for shape, dtype in [((1, 1, 2048), mx.float32), ((2, 9, 64), mx.bfloat16), ((1024, 1024), mx.float32)]:
+        mx.random.seed(99)
+        x = (mx.random.normal(shape) * 50).astype(dtype)
+        if rank == 0:
+            mx.eval(link.send(x.T))  # a strided view goes in row order
+            mx.eval(mx.distributed.send(x.T, 1, group=group))
+        else:
+            over_link = link.recv(x.T.shape, dtype)
+            mx.eval(over_link)
+            over_ring = mx.distributed.recv(x.T.shape, dtype, 0, group=group)
+            moved.append(bool(mx.array_equal(over_link, over_ring).item() and mx.array_equal(over_link, x.T).item()))
+print(json.dumps({"link": link is not None, "same": same, "moved": moved}))
 """
 
 
@@ -58,10 +71,12 @@ def ranks(tmp_path, envs):
                 p.kill()
 
 
-def test_a_pair_sums_over_its_link_with_the_rings_bits(tmp_path):
-    for out in ranks(tmp_path, [{}, {}]):
+def test_a_pair_sums_and_sends_over_its_link_with_the_rings_bits(tmp_path):
+    outs = ranks(tmp_path, [{}, {}])
+    for out in outs:
         assert out["link"], out
         assert out["same"] == [True] * 5, out
+    assert [o["moved"] for o in outs] == [[], [True] * 3], outs
 
 
 def test_a_rank_that_wants_no_link_keeps_both_on_the_ring(tmp_path):
