@@ -1,4 +1,5 @@
-"""``peer_sum`` (``exo_lab/native/peer_sum.cpp``): a partial result plus the peer's, exchanged over a socket.
+"""``peer_sum`` (``exo_lab/native/peer_sum.cpp``): a partial result plus the peer's, exchanged over a socket;
+``peer_send`` / ``peer_recv``: an array's bytes one way.
 
 The peer is played here by another thread (or, for a peer that goes away, by a closed socket in a child
 process): it writes its bytes and reads ours while MLX evaluates the sum."""
@@ -90,6 +91,59 @@ def test_a_negative_fd_is_refused():
         peer_link.module().peer_sum(mx.ones(2), -1)
 
 
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.int64, mx.bool_])  # any dtype: bytes
+@pytest.mark.parametrize("shape", [(1, 1, 2048), (1, 512, 2048)])  # the last: a 4 MB prompt chunk, past the buffers
+def test_send_writes_the_bytes_and_returns_the_array(shape, dtype):
+    x = (mx.random.normal(shape) * 30).astype(dtype)
+    a, b = socket.socketpair()
+    got: list[bytes] = []
+    with a, b:
+        t = threading.Thread(target=lambda: got.append(b.recv(x.nbytes, socket.MSG_WAITALL)))
+        t.start()
+        sent = peer_link.module().peer_send(x, a.fileno())
+        mx.eval(sent)
+        t.join(timeout=30)
+    assert got == [raw(x)]
+    assert sent.dtype == dtype and mx.array_equal(sent, x).item()
+
+
+@pytest.mark.parametrize("dtype", [mx.float32, mx.bfloat16, mx.int64, mx.bool_])
+@pytest.mark.parametrize("shape", [(1, 1, 2048), (1, 512, 2048), (0, 3)])
+def test_recv_reads_an_array_of_the_shape_and_dtype(shape, dtype):
+    x = (mx.random.normal(shape) * 30).astype(dtype)
+    a, b = socket.socketpair()
+    with a, b:
+        t = threading.Thread(target=b.sendall, args=(raw(x),))
+        t.start()
+        got = peer_link.module().peer_recv(list(shape), dtype, a.fileno())
+        mx.eval(got)
+        t.join(timeout=30)
+    assert got.shape == x.shape and got.dtype == dtype
+    assert mx.array_equal(got, x).item()
+
+
+def test_a_strided_send_goes_in_row_order_and_messages_keep_their_order():
+    x = mx.arange(12, dtype=mx.float32).reshape(3, 4)
+    a, b = socket.socketpair()
+    with a, b:
+        mx.eval(peer_link.module().peer_send(x.T, a.fileno()))
+        mx.eval(peer_link.module().peer_send(x, a.fileno()))
+        first = peer_link.module().peer_recv([4, 3], mx.float32, b.fileno())
+        mx.eval(first)
+        second = peer_link.module().peer_recv([3, 4], mx.float32, b.fileno())
+        mx.eval(second)
+    assert mx.array_equal(first, x.T).item() and mx.array_equal(second, x).item()
+
+
+def test_bad_receives_are_refused():
+    with pytest.raises(ValueError, match="negative"):
+        peer_link.module().peer_recv([2, -1], mx.float32, 0)
+    with pytest.raises(ValueError, match="open socket"):
+        peer_link.module().peer_recv([2], mx.float32, -1)
+    with pytest.raises(ValueError, match="open socket"):
+        peer_link.module().peer_send(mx.ones(2), -1)
+
+
 GONE = """
 import socket
 import mlx.core as mx
@@ -101,8 +155,13 @@ print("not reached")
 """
 
 
-def test_a_peer_that_is_gone_ends_the_process_with_a_message():
-    done = subprocess.run([sys.executable, "-c", GONE], capture_output=True, text=True, timeout=60)
+GONE_RECV = GONE.replace("peer_sum(mx.ones(1000), a.fileno())", "peer_recv([1000], mx.float32, a.fileno())")
+
+
+@pytest.mark.parametrize("script", [GONE, GONE_RECV], ids=["sum", "recv"])
+def test_a_peer_that_is_gone_ends_the_process_with_a_message(script):
+    assert script.count("a.fileno()") == 1
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 70
     assert "not reached" not in done.stdout
     assert "peer_sum" in done.stderr and "messages cannot go on" in done.stderr
