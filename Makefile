@@ -73,9 +73,12 @@ typecheck: setup-test
 ## every test but the simulated hosts' on two pytest workers, a file per worker at a time (a module's
 ## servers and clusters start once; most of a cluster test is waiting on processes that start and links that
 ## answer, not the cores); then the simulated hosts (tests/sim), whose shaped links are timed, in one process.
-## $(PYTEST_ARGS) goes to both runs (a run it leaves without tests passes).
+## $(PYTEST_ARGS) goes to both runs (a run it leaves without tests passes). This machine's device profile is
+## measured first, on a quiet machine, as a user's node measures it: measured by the first test that needs it,
+## beside the other worker's tests, its products read slowly enough to mislead the planner.
 SERIAL_TESTS := tests/sim
 test: setup-test labextension lint typecheck
+	$(PY) -c "from exo_lab.cluster.profile import load_or_measure; load_or_measure()"
 	$(PY) -m pytest -n 2 --dist loadfile $(addprefix --ignore=,$(SERIAL_TESTS)) $(PYTEST_ARGS) || [ $$? -eq 5 ]
 	$(PY) -m pytest $(SERIAL_TESTS) $(PYTEST_ARGS) || [ $$? -eq 5 ]
 

@@ -75,8 +75,8 @@ VARIABLES: dict[str, str] = {
     SMALL_GEMM: "'0' sends decode-sized fp32 matmuls to OpenBLAS too (default: exo_lab's kernel, exo_lab/native)",
     LOOKAHEAD: "one-stage instances build each decode step while the one before computes: 'auto' (default: where "
     "it pays), 'always', '0' (never)",
-    PEER_LINK: "'0' sends a tensor pair's all-reduces and a 2-rank pipeline's hidden states through MLX's ring "
-    "(default: a socket of the pair's own, exo_lab/native/peer_sum.cpp)",
+    PEER_LINK: "'0' sends a tensor pair's all-reduces and a pipeline's hidden states through MLX's ring "
+    "(default: sockets of their own, exo_lab/native/peer_sum.cpp)",
     WORKER_LOG: "log level of shard workers (default: INFO)",
     DASHBOARD_CONNECT: "agents (host:port,...) the dashboard app connects to",
     DASHBOARD_BENCH: "a bench result JSON the dashboard app shows",
@@ -127,7 +127,7 @@ def small_gemm(env: Mapping[str, str] | None = None) -> bool:
 
 
 def peer_link(env: Mapping[str, str] | None = None) -> bool:
-    """Whether a pair of ranks (a tensor pair, a 2-rank pipeline) sends over a socket of its own
+    """Whether a tensor pair, and a pipeline's neighbouring one-rank stages, send over sockets of their own
     (:mod:`exo_lab.engine.peer_link`); ``0`` keeps MLX's ring."""
     return (_get(PEER_LINK, env) or "1") not in ("0", "off", "false", "no")
 

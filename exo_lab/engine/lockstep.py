@@ -25,7 +25,7 @@ bit-identical logits to one process.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, cast
@@ -33,7 +33,7 @@ from typing import Any, cast
 import mlx.core as mx
 import numpy as np
 
-from exo_lab.engine.peer_link import PeerLink
+from exo_lab.engine.peer_link import PeerLink, chain_sum
 from exo_lab.engine.shard import Shard
 from exo_lab.engine.trace import TRACER
 
@@ -151,13 +151,13 @@ class Lockstep:
         hidden_size: int,
         act_dtype: mx.Dtype,
         prefill_step_size: int = 2048,
-        link: PeerLink | None = None,
+        links: Mapping[int, PeerLink] | None = None,
     ) -> None:
         self.shard = shard
         self.group = group
-        #: a 2-rank instance's pair socket (:mod:`exo_lab.engine.peer_link`): each step's shared vector goes over
-        #: it, and a 2-rank pipeline's hidden states
-        self.link = link if group.size() == 2 else None
+        #: sockets of this rank's own to other ranks (:mod:`exo_lab.engine.peer_link`), by rank: a tensor pair's,
+        #: or those between a pipeline's neighbouring one-rank stages, which carry its hidden states
+        self.links = dict(links or {})
         self.layout = layout
         self.hidden = hidden_size
         self.act_dtype = act_dtype
@@ -167,14 +167,14 @@ class Lockstep:
 
     def _send(self, x: mx.array, dst: int) -> mx.array:
         """``x``, sent to rank ``dst`` when evaluated: over the pair's link where there is one, else MLX's ring."""
-        if self.link is not None and dst == self.link.peer:
-            return self.link.send(x)
+        if dst in self.links:
+            return self.links[dst].send(x)
         return mx.distributed.send(x, dst, group=self.group)
 
     def _recv(self, shape: tuple[int, ...], src: int) -> mx.array:
         """Hidden states of ``shape`` from rank ``src`` (in the activation dtype), as :meth:`_send` sent them."""
-        if self.link is not None and src == self.link.peer:
-            return self.link.recv(shape, self.act_dtype)
+        if src in self.links:
+            return self.links[src].recv(shape, self.act_dtype)
         return mx.distributed.recv(shape, self.act_dtype, src, group=self.group)
 
     def _forward(self, tokens: mx.array, cache: list, logits: bool) -> mx.array:
@@ -343,8 +343,15 @@ class Lockstep:
 
     def _shared(self, vector: mx.array) -> mx.array:
         """A step's int32 vector summed over every rank: over the pair's socket where there is one."""
-        if self.link is not None:
-            return self.link.sum(vector)
+        if self.group.size() == 2 and self.links:
+            (link,) = self.links.values()
+            return link.sum(vector)
+        lay = self.layout
+        chain = [s[0] for s in lay.stages]
+        if self.links and len(chain) == self.group.size():  # one-rank stages, linked to their neighbours
+            before = self.links[chain[lay.stage - 1]] if not lay.first else None
+            after = self.links[chain[lay.stage + 1]] if not lay.last else None
+            return chain_sum(vector, before, after)
         return mx.distributed.all_sum(vector, group=self.group)
 
     def _sample_step(self, batch: Batch, out: mx.array) -> mx.array | None:

@@ -1,4 +1,4 @@
-"""A TCP socket between two ranks: a tensor pair's all-reduces, a 2-rank pipeline's hidden states.
+"""TCP sockets between two ranks: a tensor pair's all-reduces, a pipeline's hidden states between neighbours.
 
 A tensor pair sums two partial results twice per layer. Through MLX's ring backend each sum is a trip
 through three threads on each side (on this project's 2-core machine ~150-180 us for 8 KB, where a plain
@@ -12,9 +12,12 @@ higher connects and presents the token, and a second ``all_sum`` makes every ran
 they were wanted, or none (each pair's ranks must sum the same way). ``EXO_LAB_PEER_LINK=0`` keeps the ring.
 :func:`route_tensor_all_reduces` points the tensor-sharded linears (:mod:`mlx.nn.layers.distributed`) at the
 link, and with them the split embedding's sum (:mod:`exo_lab.engine.vocab`); a 2-rank instance's
-:class:`~exo_lab.engine.lockstep.Lockstep` sums each step's shared vector (int32) over it too, and a 2-rank
-pipeline's stages hand their hidden states over it (``peer_send``/``peer_recv``): waiting for the other stage,
-a rank sleeps in ``poll()`` where the ring's socket thread would spin on a core for the whole wait.
+:class:`~exo_lab.engine.lockstep.Lockstep` sums each step's shared vector (int32) over it too.
+
+A pipeline of one-rank stages links each two neighbouring stages (:func:`open_chain`): they hand their hidden
+states over the links (``peer_send``/``peer_recv``), and each step's shared vector goes along the chain and back
+(:func:`chain_sum`). Waiting for another stage, a rank sleeps in ``poll()``, where the ring's socket thread
+would spin on a core for the whole wait.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import os
 import secrets
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,9 +80,10 @@ class PeerLink:
         """``x``, its bytes sent to the peer when evaluated (as ``mx.distributed.send``); the peer reads them with :meth:`recv`."""
         return module().peer_send(x, self.sock.fileno())
 
-    def recv(self, shape: tuple[int, ...], dtype: mx.Dtype) -> mx.array:
-        """The array the peer sends next (:meth:`send`), read when evaluated (as ``mx.distributed.recv``)."""
-        return module().peer_recv(list(shape), dtype, self.sock.fileno())
+    def recv(self, shape: tuple[int, ...], dtype: mx.Dtype, after: Sequence[mx.array] = ()) -> mx.array:
+        """The array the peer sends next (:meth:`send`), read when evaluated (as ``mx.distributed.recv``), after
+        the arrays in ``after``."""
+        return module().peer_recv(list(shape), dtype, self.sock.fileno(), list(after))
 
     def close(self) -> None:
         self.sock.close()
@@ -137,8 +141,43 @@ def open_link(group: mx.distributed.Group, peer: int | None) -> PeerLink | None:
         log.warning("a pair's link failed to connect: every pair sums through MLX's ring")
         return None
     if link is not None:
-        log.info("tensor pair with rank %d: all-reduces over a socket of their own", peer)
+        log.info("rank %d: messages over a socket of our own", peer)
     return link
+
+
+def open_chain(group: mx.distributed.Group, chain: Sequence[int]) -> dict[int, PeerLink]:
+    """Links between neighbours of ``chain`` (the ranks of a pipeline of one-rank stages, in order), by peer rank.
+
+    A collective over ``group``, two :func:`open_link` rounds: the boundaries after even positions, then after
+    odd ones. All of them, or none (each round agrees everywhere; a failed round closes the first's too)."""
+    i = chain.index(group.rank())
+    links: dict[int, PeerLink] = {}
+    for parity in (0, 1):
+        j = i + 1 if (i - parity) % 2 == 0 else i - 1
+        partner = chain[j] if 0 <= j < len(chain) else None
+        link = open_link(group, partner)
+        wanted = mx.array([int(partner is not None), int(link is not None)], mx.int32)
+        counts = [int(v) for v in np.array(mx.distributed.all_sum(wanted, group=group))]
+        if counts[0] != counts[1]:  # every wanted link opened, or the chain stays on the ring
+            for opened in [*links.values(), *([link] if link else [])]:
+                opened.close()
+            return {}
+        if link is not None:
+            links[link.peer] = link
+    return links
+
+
+def chain_sum(x: mx.array, before: PeerLink | None, after: PeerLink | None) -> mx.array:
+    """``x`` summed over a chain of ranks (this rank's links to the one before and after it, None at the ends):
+    partial sums go forward to the last rank, the total comes back. Exact for integers (int32: the steps'
+    shared vectors); every rank calls it alike."""
+    part = x if before is None else x + before.recv(x.shape, x.dtype)
+    total = part
+    if after is not None:
+        total = after.recv(x.shape, x.dtype, after=[after.send(part)])
+    if before is not None:
+        (total,) = mx.depends([total], [before.send(total)])
+    return total
 
 
 def _accept(listener: socket.socket | None, token: int, peer: int) -> PeerLink:

@@ -59,7 +59,7 @@ from exo_lab.engine.job import Job, JobError
 from exo_lab.engine.lockstep import FAILED, Layout, Lockstep, describe
 from exo_lab.engine.lookahead import Step, pays
 from exo_lab.engine.pairs import Exchange
-from exo_lab.engine.peer_link import PeerLink, open_link, route_tensor_all_reduces
+from exo_lab.engine.peer_link import PeerLink, open_chain, open_link, route_tensor_all_reduces
 from exo_lab.engine.pipeline import Group, GroupSchedule, decode_tick, streamed_prefill
 from exo_lab.engine.prefix_cache import PrefixCache, agree, row_caches
 from exo_lab.engine.sampling import SamplingParams, make_penalties, make_sampler
@@ -157,6 +157,8 @@ class Worker:
         self.lookahead = defaults.lookahead() != "off"
         #: the socket this rank's tensor pair sums over (:mod:`exo_lab.engine.peer_link`), or None (MLX's ring)
         self.peer_link: PeerLink | None = None
+        #: a pipeline of one-rank stages: the sockets to the stages before and after this one, by rank
+        self.stage_links: dict[int, PeerLink] = {}
 
     def status(self) -> dict[str, Any]:
         return {
@@ -171,7 +173,7 @@ class Worker:
             "fetched_bytes": getattr(self, "fetched_bytes", 0),
             "fetch_progress": getattr(self, "fetch_progress", None),
             "prefix_cache": self.prefix_cache.summary(),
-            "peer_link": self.peer_link is not None,
+            "peer_link": self.peer_link is not None or bool(self.stage_links),
         }
 
     def enqueue(self, job: QueuedJob) -> QueuedJob:
@@ -527,11 +529,11 @@ class Worker:
             raise RuntimeError("a pipeline stage can hold a tensor pair (2 ranks), not more")
         peer = mine[1 - mine.index(self.rank)] if len(mine) == 2 else None
         # a pair sums over a socket of its own (every rank takes part in making the links, where there are pairs);
-        # a 2-rank pipeline's stages hand hidden states over one
-        two_stages = len(stages) == 2 and all(len(s) == 1 for s in stages)
-        partner = stages[1 - layout.stage][0] if two_stages else peer
-        wanted = two_stages or any(len(s) == 2 for s in stages)
-        self.peer_link = open_link(self.group, partner) if wanted else None
+        # a pipeline of one-rank stages hands hidden states over a socket between each two neighbours
+        if len(stages) > 1 and all(len(s) == 1 for s in stages):
+            self.stage_links = open_chain(self.group, [s[0] for s in stages])
+        elif any(len(s) == 2 for s in stages):
+            self.peer_link = open_link(self.group, peer)
         if tensor_group is not None:
             if self.peer_link is not None:
                 route_tensor_all_reduces(self.peer_link)
@@ -557,7 +559,8 @@ class Worker:
         act = getattr(mx, act_name)
         gpu, quantized = mx.default_device() == mx.gpu, bool(cfg.get("quantized"))
         step = cfg.get("prefill_step_size") or defaults.prefill_step(len(stages), gpu, quantized)
-        self.lockstep = Lockstep(self.shard, self.group, layout, config["hidden_size"], act, step, self.peer_link)
+        links = self.stage_links or ({peer: self.peer_link} if self.peer_link and peer is not None else {})
+        self.lockstep = Lockstep(self.shard, self.group, layout, config["hidden_size"], act, step, links)
         self.schedule = GroupSchedule(len(stages), layout.stage)
         if samples:
             self.guide = vocabulary(self.tokenizer, int(config["vocab_size"]))

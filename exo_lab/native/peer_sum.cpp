@@ -1,5 +1,5 @@
 // A pair of ranks' messages over one TCP socket, as MLX primitives: a tensor pair's all-reduce, and the hidden
-// states a 2-rank pipeline hands from stage to stage.
+// states a pipeline's stage hands to the next.
 //
 // MLX's ring backend hands each message from the stream's thread to a pool thread and on to a socket thread
 // that polls without sleeping, and back: on this project's 2-core machine a 2-rank `all_sum` of 8 KB took
@@ -15,7 +15,8 @@
 //   so both ranks hold the same bits, and they are the bits of MLX's ring for two ranks (float32 added as
 //   float32; bfloat16 and float16 through float32 and rounded back, as MLX's own types add; int32 exactly).
 // - `peer_send(x, fd)` writes x's bytes (an array sharing x's data, as MLX's `send` returns);
-//   `peer_recv(shape, dtype, fd)` reads the bytes of one such array.
+//   `peer_recv(shape, dtype, fd, after)` reads the bytes of one such array (evaluated after the arrays in
+//   `after`: a receive has no inputs, and one ordered before a send it waits for would wait forever).
 //
 // Both ranks must evaluate the same messages in the same order, as with any collective. A socket that fails or
 // closes (the peer is gone) ends the process with a message on stderr, as MLX's ring does: the partial sums
@@ -258,11 +259,11 @@ mx::array peer_send(const mx::array& x, int fd) {
   return mx::array(x.shape(), x.dtype(), std::make_shared<PeerSend>(cpu_stream(), fd), {x});
 }
 
-mx::array peer_recv(const std::vector<int>& dims, mx::Dtype dtype, int fd) {
+mx::array peer_recv(const std::vector<int>& dims, mx::Dtype dtype, int fd, const std::vector<mx::array>& after) {
   check_fd(fd, "peer_recv");
   for (auto d : dims)
     if (d < 0) throw std::invalid_argument("peer_recv: a dimension is negative");
-  return mx::array(mx::Shape(dims.begin(), dims.end()), dtype, std::make_shared<PeerRecv>(cpu_stream(), fd), {});
+  return mx::array(mx::Shape(dims.begin(), dims.end()), dtype, std::make_shared<PeerRecv>(cpu_stream(), fd), after);
 }
 
 mx::array peer_sum(const mx::array& x, int fd) {
@@ -281,6 +282,7 @@ NB_MODULE(_peer_sum, m) {
         "get the same bits).");
   m.def("peer_send", &peer_send, "x"_a, "fd"_a,
         "x, its bytes written to the connected socket fd when evaluated (the peer reads them with peer_recv).");
-  m.def("peer_recv", &peer_recv, "shape"_a, "dtype"_a, "fd"_a,
-        "An array of shape and dtype read from the connected socket fd when evaluated (the peer's peer_send).");
+  m.def("peer_recv", &peer_recv, "shape"_a, "dtype"_a, "fd"_a, "after"_a = std::vector<mx::array>{},
+        "An array of shape and dtype read from the connected socket fd when evaluated (the peer's peer_send),\n"
+        "after the arrays in after (its only inputs).");
 }

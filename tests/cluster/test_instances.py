@@ -81,9 +81,8 @@ def test_pipeline_gives_the_same_tokens_as_one_process(cluster, models, nodes):
         assert len({r.layers for r in inst.plan.ranks}) == nodes
         for prompt in (SHORT, LONG):
             assert tokens_of(inst, prompt, 24) == reference(path, prompt, 24)
-        # two stages hand their hidden states over a socket of their own; three go around MLX's ring
-        links = [inst._worker(r.rank, "GET", "/status", timeout=5)["peer_link"] for r in inst.plan.ranks]
-        assert links == [nodes == 2] * nodes
+        # neighbouring stages hand their hidden states over sockets of their own, not MLX's ring
+        assert all(inst._worker(r.rank, "GET", "/status", timeout=5)["peer_link"] for r in inst.plan.ranks)
     finally:
         pids = inst.pids()
         inst.delete()

@@ -51,17 +51,46 @@ print(json.dumps({"link": link is not None, "same": same, "moved": moved}))
 """
 
 
-def ranks(tmp_path, envs):
+CHAIN = """
+import json
+import exo_lab
+import mlx.core as mx
+from exo_lab.engine.group import form_group
+from exo_lab.engine.peer_link import chain_sum, open_chain
+group = form_group("ring")
+rank, world = group.rank(), group.size()
+chain = [2, 0, 1][:world]  # a pipeline's stages need not be in rank order
+links = open_chain(group, chain)
+i = chain.index(rank)
+before = links.get(chain[i - 1]) if i > 0 else None
+after = links.get(chain[i + 1]) if i + 1 < world else None
+sums = []
+for n in (1, 7, 4096):
+    x = mx.arange(n, dtype=mx.int32) * (rank + 3) + (2**31 - 1 - 5 * n)  # sums that wrap
+    got = chain_sum(x, before, after) if links else mx.distributed.all_sum(x, group=group)
+    sums.append(bool(mx.array_equal(got, mx.distributed.all_sum(x, group=group)).item()))
+# a hidden state down the chain: each stage adds its rank and passes it on; the last compares with the ring
+h = mx.zeros((1, 3, 64)) if before is None else before.recv((1, 3, 64), mx.float32)
+h = h + rank
+if after is not None:
+    mx.eval(after.send(h))
+total = mx.distributed.all_sum(mx.array([float(rank)]), group=group).item()
+passed = after is not None or bool(mx.array_equal(h, mx.full((1, 3, 64), total)).item())
+print(json.dumps({"links": sorted(links), "sums": sums, "passed": passed}))
+"""
+
+
+def ranks(tmp_path, envs, script=RANK, world=2):
     hosts = tmp_path / "hosts.json"
-    hosts.write_text(json.dumps([[f"127.0.0.1:{free_port()}"] for _ in range(2)]))
+    hosts.write_text(json.dumps([[f"127.0.0.1:{free_port()}"] for _ in range(world)]))
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", RANK],
+            [sys.executable, "-c", script],
             env={**os.environ, "MLX_RANK": str(r), "MLX_HOSTFILE": str(hosts), **envs[r]},
             stdout=subprocess.PIPE,
             text=True,
         )
-        for r in range(2)
+        for r in range(world)
     ]
     try:
         return [json.loads(p.communicate(timeout=90)[0].strip().splitlines()[-1]) for p in procs]
@@ -83,3 +112,14 @@ def test_a_rank_that_wants_no_link_keeps_both_on_the_ring(tmp_path):
     outs = ranks(tmp_path, [{}, {"EXO_LAB_PEER_LINK": "0"}])
     assert [o["link"] for o in outs] == [False, False]
     assert all(o["same"] == [True] * 4 for o in outs), outs
+
+
+def test_a_chain_of_stages_links_neighbours_and_sums_along_it(tmp_path):
+    outs = ranks(tmp_path, [{}] * 3, script=CHAIN, world=3)
+    assert [o["links"] for o in outs] == [[1, 2], [0], [0]]  # the chain 2 - 0 - 1
+    assert all(o["sums"] == [True] * 3 and o["passed"] for o in outs), outs
+
+
+def test_a_chain_where_one_rank_wants_no_link_stays_on_the_ring(tmp_path):
+    outs = ranks(tmp_path, [{}, {}, {"EXO_LAB_PEER_LINK": "0"}], script=CHAIN, world=3)
+    assert [o["links"] for o in outs] == [[], [], []]
