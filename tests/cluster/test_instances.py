@@ -81,6 +81,12 @@ def test_pipeline_gives_the_same_tokens_as_one_process(cluster, models, nodes):
         assert len({r.layers for r in inst.plan.ranks}) == nodes
         for prompt in (SHORT, LONG):
             assert tokens_of(inst, prompt, 24) == reference(path, prompt, 24)
+        # rows at once: a group per stage, each tick's tokens shared (along the chain of stages, with three)
+        prompts = [SHORT, SHORT[7:], LONG[:300], SHORT[::2], SHORT[3:40]]
+        gens = [inst.generate(p, max_tokens=12 + 3 * i, temperature=0, ignore_eos=True) for i, p in enumerate(prompts)]
+        together = [[t for c in g for t in c.tokens] for g in gens]
+        assert together == [reference(path, p, 12 + 3 * i) for i, p in enumerate(prompts)]
+        assert inst.stats["peak_batch"] >= 2
         # neighbouring stages hand their hidden states over sockets of their own, not MLX's ring
         assert all(inst._worker(r.rank, "GET", "/status", timeout=5)["peer_link"] for r in inst.plan.ranks)
     finally:
