@@ -570,7 +570,8 @@ def load_or_measure(refresh: bool = False, cache_dir: Path | None = None, rechec
     cached: DeviceProfile | None = None
     if not refresh and path.exists():
         try:
-            profile = DeviceProfile.from_json(json.loads(path.read_text()))
+            raw = json.loads(path.read_text())
+            profile = DeviceProfile.from_json(raw)
         except (OSError, ValueError, TypeError) as err:
             log.warning("ignoring unreadable profile cache %s (%s); measuring again", path, err)
         else:
@@ -585,9 +586,15 @@ def load_or_measure(refresh: bool = False, cache_dir: Path | None = None, rechec
                 boot_id=boot_id(),
             )
             if recheck and (looks_off(profile) or time.time() - profile.memory_bandwidth_checked_at > RECHECK_AFTER_S):
-                profile = check_bandwidth(profile)
-                _store_fields(path, profile, _BANDWIDTH_FIELDS)
-            if recheck and profile.step_overhead_s <= 0:  # cached before it was measured
+                try:
+                    profile = check_bandwidth(profile)
+                except Exception as exc:  # a re-check is a refinement: the cached profile still answers
+                    log.warning("could not measure the memory bandwidth again (%s): keeping the cached one", exc)
+                else:
+                    _store_fields(path, profile, _BANDWIDTH_FIELDS)
+            # cached before it was measured (a measured 0, a step no slower than its layers under load, stays:
+            # measured again on every load, it cost each preview a model built and stepped)
+            if recheck and "step_overhead_s" not in raw:
                 profile = replace(profile, step_overhead_s=_overhead(measure_step_overhead, "per-step"))
                 _store_fields(path, profile, ("step_overhead_s",))
             if not (recheck and matmuls_look_low(profile) and time.time() - profile.measured_at > RECHECK_AFTER_S):

@@ -203,11 +203,40 @@ def test_unreadable_cache_is_measured_again(counted, tmp_path):
 def test_a_cached_profile_without_the_step_overhead_gets_it_measured_once(counted, tmp_path, monkeypatch):
     measured: list[int] = []
     monkeypatch.setattr(prof, "measure_step_overhead", lambda: measured.append(1) or 2e-4)
-    load_or_measure(cache_dir=tmp_path)  # measured whole by the fake, which has no step overhead
+    load_or_measure(cache_dir=tmp_path)  # measured whole by the fake
+    cached = tmp_path / f"{prof.cache_key()}.json"
+    old = json.loads(cached.read_text())
+    del old["step_overhead_s"]  # as a profile cached before the step overhead was measured
+    cached.write_text(json.dumps(old))
     assert load_or_measure(cache_dir=tmp_path).step_overhead_s == 2e-4
     assert load_or_measure(cache_dir=tmp_path).step_overhead_s == 2e-4
     assert counted == [1] and measured == [1]
     assert json.loads((tmp_path / f"{prof.cache_key()}.json").read_text())["step_overhead_s"] == 2e-4
+
+
+def test_a_measured_step_overhead_of_zero_is_not_measured_on_every_load(counted, tmp_path, monkeypatch):
+    """Under load a step can measure no slower than its layers (0): that is a measurement, not a missing one."""
+    measured: list[int] = []
+    monkeypatch.setattr(prof, "measure_step_overhead", lambda: measured.append(1) or 2e-4)
+    first = load_or_measure(cache_dir=tmp_path)  # the fake measured 0
+    assert first.step_overhead_s == 0.0
+    assert load_or_measure(cache_dir=tmp_path).step_overhead_s == 0.0
+    assert measured == []
+
+
+def test_a_failing_bandwidth_recheck_keeps_the_cached_profile(counted, tmp_path, monkeypatch):
+    load_or_measure(cache_dir=tmp_path)
+
+    def fails(*_a: object, **_k: object) -> float:
+        raise RuntimeError("[malloc] Unable to allocate")
+
+    monkeypatch.setattr(prof, "measure_bandwidth", fails)
+    monkeypatch.setattr(prof, "RECHECK_AFTER_S", -1.0)  # due now
+    before = json.loads((tmp_path / f"{prof.cache_key()}.json").read_text())
+    again = load_or_measure(cache_dir=tmp_path)
+    assert again.memory_bandwidth_gb_per_s == before["memory_bandwidth_gb_per_s"]
+    assert json.loads((tmp_path / f"{prof.cache_key()}.json").read_text()) == before
+    assert counted == [1]
 
 
 def test_a_step_costs_more_than_its_layers():
