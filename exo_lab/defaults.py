@@ -55,6 +55,7 @@ BLAS = "EXO_LAB_BLAS"
 SMALL_GEMM = "EXO_LAB_SMALL_GEMM"
 LOOKAHEAD = "EXO_LAB_LOOKAHEAD"
 PEER_LINK = "EXO_LAB_PEER_LINK"
+WORKER_BATCH = "EXO_LAB_WORKER_BATCH"
 WORKER_LOG = "EXO_LAB_WORKER_LOG"
 DASHBOARD_CONNECT = "EXO_LAB_DASHBOARD_CONNECT"
 DASHBOARD_BENCH = "EXO_LAB_DASHBOARD_BENCH"
@@ -77,6 +78,8 @@ VARIABLES: dict[str, str] = {
     "it pays), 'always', '0' (never)",
     PEER_LINK: "'0' sends a tensor pair's all-reduces and a pipeline's hidden states through MLX's ring "
     "(default: sockets of their own, exo_lab/native/peer_sum.cpp)",
+    WORKER_BATCH: "'0' leaves a shard worker's threads under the default scheduling policy (default: SCHED_BATCH, "
+    "so that on a shared core they take turns by time slice: exo_lab/engine/thread_policy.py)",
     WORKER_LOG: "log level of shard workers (default: INFO)",
     DASHBOARD_CONNECT: "agents (host:port,...) the dashboard app connects to",
     DASHBOARD_BENCH: "a bench result JSON the dashboard app shows",
@@ -130,6 +133,12 @@ def peer_link(env: Mapping[str, str] | None = None) -> bool:
     """Whether a tensor pair, and a pipeline's neighbouring one-rank stages, send over sockets of their own
     (:mod:`exo_lab.engine.peer_link`); ``0`` keeps MLX's ring."""
     return (_get(PEER_LINK, env) or "1") not in ("0", "off", "false", "no")
+
+
+def worker_batch(env: Mapping[str, str] | None = None) -> bool:
+    """Whether a shard worker's threads run under ``SCHED_BATCH`` (:mod:`exo_lab.engine.thread_policy`); ``0``
+    keeps the default policy."""
+    return (_get(WORKER_BATCH, env) or "1") not in ("0", "off", "false", "no")
 
 
 def lookahead(env: Mapping[str, str] | None = None) -> str:

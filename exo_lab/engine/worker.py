@@ -65,6 +65,7 @@ from exo_lab.engine.prefix_cache import PrefixCache, agree, row_caches
 from exo_lab.engine.sampling import SamplingParams, make_penalties, make_sampler
 from exo_lab.engine.shard import ShardSpec, load_shard, tensor_names
 from exo_lab.engine.stopping import StopMatcher
+from exo_lab.engine.thread_policy import batch_threads
 from exo_lab.engine.trace import TRACER, trace_tensor_all_reduces
 from exo_lab.models import formats, partial
 
@@ -761,6 +762,8 @@ def main(argv: list[str] | None = None) -> int:
         level=defaults.worker_log_level(), format=f"%(asctime)s rank{config.get('rank')} %(levelname)s %(message)s"
     )
     exit_with_parent(int(config.get("agent_pid") or os.getppid()))
+    if defaults.worker_batch():  # before the compute thread starts: it, and the threads it starts, inherit it
+        log.info("%d threads under SCHED_BATCH", batch_threads())
     worker = Worker(config)
     compute = threading.Thread(target=worker.run, name="exo-lab-rank", daemon=True)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -89,6 +90,8 @@ def test_pipeline_gives_the_same_tokens_as_one_process(cluster, models, nodes):
         assert inst.stats["peak_batch"] >= 2
         # neighbouring stages hand their hidden states over sockets of their own, not MLX's ring
         assert all(inst._worker(r.rank, "GET", "/status", timeout=5)["peer_link"] for r in inst.plan.ranks)
+        # and every thread of every rank takes turns by time slice (engine/thread_policy.py)
+        assert thread_policies(inst.pids()) == {os.SCHED_BATCH}
     finally:
         pids = inst.pids()
         inst.delete()
@@ -97,6 +100,16 @@ def test_pipeline_gives_the_same_tokens_as_one_process(cluster, models, nodes):
     while not no_pids_left(pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert no_pids_left(pids), pids
+
+
+def thread_policies(pids: dict) -> set[int]:
+    """The scheduling policies of every thread of the processes ``pids`` (by node)."""
+    found = set()
+    for p in (p for ps in pids.values() for p in ps):
+        for tid in os.listdir(f"/proc/{p}/task"):
+            with contextlib.suppress(ProcessLookupError, FileNotFoundError):  # a thread that ended meanwhile
+                found.add(os.sched_getscheduler(int(tid)))
+    return found
 
 
 def test_uneven_layer_ranges_and_other_architectures(cluster, models):
