@@ -55,6 +55,7 @@ from typing import Any
 from exo_lab.models import synthetic
 from exo_lab.models.store import cache_name
 from exo_lab.paths import models_dir
+from exo_lab.placement.cost import rows_extra_s
 from exo_lab.placement.predict import Predictor, decode_aggregate_tps
 from exo_lab.placement.preview import model_card
 from exo_lab.sim.cluster import SimCluster
@@ -194,9 +195,12 @@ def predictions(cluster: Any, path: Path, plan: Any, base: Any, measured_base: d
             raw = pred.predict(base)
             assert raw is not None
             step = 1.0 / raw["decode_tps"]
-            measured_row = (batch / measured_base[f"decode_{batch}"] - step) / (batch - 1)
-            if measured_row > 0 and raw.get("decode_row_s"):
-                factor = raw["decode_row_s"] / measured_row
+            measured_rows = batch / measured_base[f"decode_{batch}"] - step  # what the more rows added to a step
+            predicted_rows = rows_extra_s(
+                batch, raw.get("decode_row_s", 0.0), raw.get("decode_pass_s", 0.0), raw.get("rows_per_pass", 0)
+            )
+            if measured_rows > 0 and predicted_rows > 0:
+                factor = predicted_rows / measured_rows
                 pred.set_rates(
                     {n: dataclasses.replace(r, row_efficiency=r.row_efficiency * factor) for n, r in rates.items()}
                 )

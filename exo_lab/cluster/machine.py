@@ -43,6 +43,9 @@ class DeviceProfile:
     matmul_gflops: dict[str, float] = field(default_factory=dict)  # "<dtype>_m<M>"
     matmul_weight_read_gb_per_s: dict[str, float] = field(default_factory=dict)  # M=1 keys only
     matmul_shapes: dict[str, list[int]] = field(default_factory=dict)  # key -> [M, K, N] measured
+    # per weight format: rows of a decode batch that one pass over the weights computes (exo_lab's q8/q4 kernel
+    # multiplying in integers: 4); a format not named computes a batch's rows in one pass as far as one knows
+    decode_rows_per_pass: dict[str, int] = field(default_factory=dict)
     memory_read_gb_per_s_reduce: float = 0.0
     memory_read_gb_per_s_gemv: float = 0.0
     memory_bandwidth_gb_per_s: float = 0.0  # the best of every bandwidth run kept for this hardware

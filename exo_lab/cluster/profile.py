@@ -90,11 +90,11 @@ from exo_lab.cluster.machine import (  # noqa: F401  (re-exported: the profile's
     last_level_cache_bytes,
     memory_now,
 )
-from exo_lab.models import formats, halfmatmul, qmatmul
+from exo_lab.models import formats, halfmatmul, kernels, qmatmul
 
 log = logging.getLogger(__name__)
 
-_SCHEMA = 9  # bump when the microbenchmarks change, so old caches are not reused (9: M=1 reads the whole stream)
+_SCHEMA = 10  # bump when the microbenchmarks change, so old caches are not reused (10: decode rows per pass)
 _K = 2048
 _N_PROMPT_MAX = 2048
 #: bytes a read of memory covers at least, whatever the caches say (Apple's system-level caches reach 96 MB)
@@ -151,6 +151,7 @@ def _static_facts() -> dict[str, Any]:
         "mlx_devices": mlx_devices(),
         "blas": _blas.name(),
         "kernels": native.sources_digest(),
+        "decode_rows_per_pass": kernels.decode_rows_per_pass(),
         "gpu_name": gpu_name,
         "gpu_memory_bytes": gpu_memory,
     }

@@ -44,3 +44,17 @@ def _check(ext: Any) -> None:
 def module() -> Any:
     """The checked extension module, or None (see the module docstring)."""
     return native.checked_extension("weight_matmul", _check, "MLX's own kernels")
+
+
+#: rows of x that ``quant_matmul`` computes per pass over the weights where it multiplies in integers (one
+#: decode pass reads and unpacks each weight row once for up to 4 rows; more rows take more passes)
+INTEGER_ROWS_PER_PASS = 4
+
+
+def decode_rows_per_pass() -> dict[str, int]:
+    """Per weight format computed with ``quant_matmul``: the rows of a decode batch one pass over the weights
+    computes (the cost model's :func:`~exo_lab.placement.cost.rows_extra_s`); empty where that is not known."""
+    ext = module()
+    if ext is None or not ext.integer_activations():
+        return {}
+    return {"q8": INTEGER_ROWS_PER_PASS, "q4": INTEGER_ROWS_PER_PASS}

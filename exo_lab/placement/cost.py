@@ -8,7 +8,8 @@ For a node ``n`` computing in dtype ``d``:
   profile's ``matmul_weight_read_gb_per_s[d_m1]``, else
   ``min(memory_bandwidth, GFLOP/s[d_m1] * bytes_per_weight / 2)``.
 - ``F_pre(n, d)``: GFLOP/s at prompt-like M = 512 (``matmul_gflops[d_m512]``); each more row of a
-  decode batch costs at the rate implied by M = 1 and M = 8 (``d_m8``, :meth:`NodeRates.decode_row_flops`).
+  decode batch costs at the rate implied by M = 1 and M = 8 (``d_m8``), and where a kernel computes a few
+  rows per pass over its weights, each more pass too (:meth:`NodeRates.decode_row_costs`).
 - ``d`` is a weight format (:mod:`exo_lab.models.formats`: float32, bfloat16, float16, q8, q4);
   the profile measures each one (``<format>_m1``, ``<format>_m512``). Models stored quantized
   use the ``q8_*`` entries at 8 bits, else the ``q4_*`` ones.
@@ -99,6 +100,7 @@ plus prefill activations per rank.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,6 +140,8 @@ class NodeRates:
     links: dict[str, tuple[float, float]] = field(default_factory=dict, hash=False, compare=False)
     all_sum_s: dict[str, float] = field(default_factory=dict, hash=False, compare=False)
     bus: str = ""  # the physical machine whose memory bus the node shares (its boot id), "" for its host alone
+    #: per weight format: rows of a decode batch one pass over the weights computes (absent: all of them)
+    rows_per_pass: dict[str, int] = field(default_factory=dict, hash=False, compare=False)
 
     @classmethod
     def from_profile(cls, node_id: str, profile: dict[str, Any]) -> NodeRates:
@@ -152,6 +156,7 @@ class NodeRates:
             node_id=node_id,
             host=str(profile.get("hostname") or node_id),
             bus=str(profile.get("boot_id") or ""),
+            rows_per_pass={str(k): int(v) for k, v in (profile.get("decode_rows_per_pass") or {}).items()},
             cores=int(profile.get("cpu_count") or 1),
             gpu=gpu,
             memory_bytes=mem,
@@ -197,23 +202,34 @@ class NodeRates:
             rate = min(self.bandwidth_bytes_s, gf * 1e9 * bytes_per_weight / 2)
         return rate * self.decode_efficiency
 
-    def decode_row_flops(self, dtype: str, quantized: bool, bytes_per_weight: float) -> float:
-        """FLOP/s at which each more row of a decode batch adds time (times the calibrated decode and row
-        efficiencies).
+    def decode_row_costs(self, dtype: str, quantized: bool, bytes_per_weight: float) -> tuple[float, float, int]:
+        """What more rows of a decode batch add: ``(row, pass, rows_per_pass)``, the FLOP/s at which each more
+        row adds time and at which each more pass over the weights does (both times the calibrated decode and
+        row efficiencies), and how many rows one pass computes (0: all of them).
 
-        From the profile's M=1 read rate and M=8 rate: 8 rows take what one takes plus 7 more rows' cost (a
+        A kernel that computes ``R`` rows per pass over its weights (the profile's ``decode_rows_per_pass``;
+        exo_lab's q8/q4 kernel: 4, where unpacking the codes is most of its work) takes ``P p + M c`` for
+        ``M`` rows in ``P = ceil(M / R)`` passes, one row ``p + c``: from the profile's M=1 read rate and M=8
+        rate, ``c = (t8 - P8 t1) / (8 - P8)``. Elsewhere 8 rows take what one takes plus 7 more rows' cost (a
         decode kernel is read-bound at one row and compute-bound at several, where it runs below the prompt
-        GEMM's rate); never above the prompt rate. Without an M=8 measurement: the prompt rate.
+        GEMM's rate). A row never costs less than at the prompt rate. Without an M=8 measurement: the prompt
+        rate, in one pass.
         """
         kernel = self.kernel(dtype, quantized)
         prompt = self.gflops.get(f"{kernel}_m512", 1.0) * 1e9
         gf8 = self.gflops.get(f"{kernel}_m8")
+        scale = self.decode_efficiency * self.row_efficiency
         if not gf8:
-            return prompt * self.prefill_efficiency * self.row_efficiency
+            return prompt * self.prefill_efficiency * self.row_efficiency, math.inf, 0
         t8 = 16.0 / (gf8 * 1e9)  # seconds per weight for 8 rows (2 FLOP per weight and row)
         t1 = bytes_per_weight / (self.decode_read_rate(dtype, quantized, bytes_per_weight) / self.decode_efficiency)
-        per_row = max((t8 - t1) / 7, 2.0 / prompt)
-        return 2.0 / per_row * self.decode_efficiency * self.row_efficiency
+        per_pass = self.rows_per_pass.get(dtype, 0) if not quantized else 0
+        passes = -(-8 // per_pass) if per_pass else 1
+        if passes == 1:
+            per_pass = 0
+        row = max((t8 - passes * t1) / (8 - passes), 2.0 / prompt)
+        again = max(t1 - row, 0.0) if per_pass else 0.0  # a pass's own cost beyond its rows'
+        return 2.0 / row * scale, (2.0 / again * scale if again else math.inf), per_pass
 
     def bus_bound(self, dtype: str, quantized: bool, bytes_per_weight: float) -> float:
         """The share of a one-row decode product's time spent waiting on memory, the rest computing: what a
@@ -301,17 +317,27 @@ def calibrated_link(link: LinkCost, a: NodeRates | None, b: NodeRates | None) ->
     return LinkCost(link.latency_s + extra, link.bandwidth_bytes_s) if extra > 0 else link
 
 
+def rows_extra_s(rows: int, row_s: float, pass_s: float = 0.0, rows_per_pass: int = 0) -> float:
+    """What ``rows`` decoding together add to one row's step: ``row_s`` for each more row, and ``pass_s`` for
+    each more pass over the weights where a pass computes ``rows_per_pass`` rows (0: all of them)."""
+    passes = -(-rows // rows_per_pass) if rows_per_pass else 1
+    return (rows - 1) * row_s + (passes - 1) * pass_s
+
+
 def pipelined_round_s(
     stage_s: list[float],
     stage_row_s: list[float],
     exchange_s: float,
     sequences: int,
     stage_bus_s: list[float] | None = None,
+    stage_pass_s: list[float] | None = None,
+    rows_per_pass: int = 0,
 ) -> float:
     """Seconds for each of ``sequences`` decoding sequences to get one token under the group schedule.
 
     ``stage_s``: each stage's time for one row (its compute and all-reduces, and its hand-off to the next
-    stage); ``stage_row_s``: what each more row adds to it; ``exchange_s``: what each tick adds (the shared
+    stage); ``stage_row_s``: what each more row adds to it (``stage_pass_s``: each more pass over its weights,
+    of ``rows_per_pass`` rows each: :func:`rows_extra_s`); ``exchange_s``: what each tick adds (the shared
     tokens' ``all_sum``); ``stage_bus_s``: what each stage's reads take longer in a tick where other stages
     compute too (stages on one machine share its memory bus). The rows are split into ``G`` balanced groups,
     one per stage; in tick ``t`` stage ``s`` computes group ``(t - s) mod G``, so a tick lasts as long as its
@@ -320,12 +346,16 @@ def pipelined_round_s(
     """
     stages = len(stage_s)
     bus = stage_bus_s or [0.0] * stages
+    again = stage_pass_s or [0.0] * stages
     sizes = [sequences // stages + (1 if g < sequences % stages else 0) for g in range(stages)]
     total = 0.0
     for tick in range(stages):
         active = [(s, n) for s in range(stages) if (n := sizes[(tick - s) % stages]) > 0]
         shared = len(active) > 1
-        busy = [stage_s[s] + (n - 1) * stage_row_s[s] + (bus[s] if shared else 0.0) for s, n in active]
+        busy = [
+            stage_s[s] + rows_extra_s(n, stage_row_s[s], again[s], rows_per_pass) + (bus[s] if shared else 0.0)
+            for s, n in active
+        ]
         total += max(busy, default=0.0) + exchange_s
     return total
 

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, cast
 
 from exo_lab.cluster.display import text_table
-from exo_lab.placement.cost import pipelined_round_s
+from exo_lab.placement.cost import pipelined_round_s, rows_extra_s
 
 STRATEGIES = ("single", "pipeline", "tensor", "pipeline-tensor")
 _SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -62,9 +62,13 @@ class Plan:
     breakdown: dict[str, float] = field(default_factory=dict)  # decode seconds per component
     #: extra seconds per decode step for each sequence decoding beside the first (continuous batching)
     decode_row_s: float = 0.0
+    #: and for each more pass over the weights, a pass computing ``rows_per_pass`` rows (0: all; cost.rows_extra_s)
+    decode_pass_s: float = 0.0
+    rows_per_pass: int = 0
     #: per pipeline stage: one row's decode seconds (compute, all-reduces, hand-off), and each more row's
     stage_decode_s: list[float] = field(default_factory=list)
     stage_row_s: list[float] = field(default_factory=list)
+    stage_pass_s: list[float] = field(default_factory=list)
     #: per pipeline stage: what its reads take longer in a tick where the other stages compute too (one bus)
     stage_bus_s: list[float] = field(default_factory=list)
     #: seconds each tick of the group schedule adds (the shared tokens' all_sum)
@@ -123,9 +127,17 @@ class Plan:
             return 0.0
         if self.stage_decode_s:  # the group schedule: bounded by the slowest stage (cost.pipelined_round_s)
             return sequences / pipelined_round_s(
-                self.stage_decode_s, self.stage_row_s, self.tick_exchange_s, sequences, self.stage_bus_s
+                self.stage_decode_s,
+                self.stage_row_s,
+                self.tick_exchange_s,
+                sequences,
+                self.stage_bus_s,
+                self.stage_pass_s,
+                self.rows_per_pass,
             )
-        return sequences / (1.0 / self.decode_tps + (sequences - 1) * self.decode_row_s)
+        return sequences / (
+            1.0 / self.decode_tps + rows_extra_s(sequences, self.decode_row_s, self.decode_pass_s, self.rows_per_pass)
+        )
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)

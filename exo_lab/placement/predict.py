@@ -27,6 +27,7 @@ from exo_lab.placement.cost import (
     calibrated_link,
     cpu_share,
     pipelined_round_s,
+    rows_extra_s,
     share,
     streamed_prefill_s,
     weight_scale,
@@ -164,10 +165,13 @@ def predict_into(
     dec: dict[str, float] = {}
     pre: dict[str, float] = {}
     row_s = 0.0  # a batched step: each more sequence adds its matmuls, at the rate of a many-row product
+    pass_s = 0.0  # and each more pass over the weights, where a kernel computes a few rows per pass
+    per_pass = 0  # how many (0: all of them): the fewest of any rank's
     # per stage, for the group schedule (engine/pipeline.py): one row's decode (with its all-reduces and its
     # hand-off), each more row, the whole prompt's prefill, and handing one prefill chunk on
     stage_dec: list[float] = []
     stage_row: list[float] = []
+    stage_pass: list[float] = []
     stage_pre: list[float] = []
     stage_hop: list[float] = []
     stage_bus: list[float] = []  # what a stage's reads take longer while the other stages compute too
@@ -187,7 +191,7 @@ def predict_into(
         flops_layers = card.flops_per_token(start, stop)
         kv_split = s.k if card.kv_splits_with_tensor else 1
         kv = card.kv_bytes(int(ctx.avg_ctx), start, stop) / kv_split
-        t_dec = t_pre = t_row = t_busy = 0.0
+        t_dec = t_pre = t_row = t_pass = t_busy = 0.0
         buses = bus_shares(ctx, s)
         for ti in range(s.k):
             node = s.nodes[0] if s.local else s.nodes[ti]
@@ -213,8 +217,11 @@ def predict_into(
             head_flops = card.head_flops_per_token if last else 0.0
             compute = (ctx.prompt * flops_layers / s.k + attn + head_flops) / flops
             t_pre = max(t_pre, compute + pre_chunks * count * r.layer_overhead_s / node_cpu_share(node))
-            row_flops = r.decode_row_flops(dtypes[node], quant, bpw) * sh
-            t_row = max(t_row, (flops_layers / s.k + head_flops / s.k) / row_flops)
+            flops_row = (flops_layers / s.k + head_flops / s.k) / sh
+            row_rate, pass_rate, rows = r.decode_row_costs(dtypes[node], quant, bpw)
+            t_row = max(t_row, flops_row / row_rate)
+            t_pass = max(t_pass, flops_row / pass_rate)
+            per_pass = rows if not per_pass else min(per_pass, rows or per_pass)
         start = stop
         if s.k > 1:
             link = ctx.link(s.nodes[0], s.nodes[0]) if s.local else _worst_link(ctx, s.nodes)
@@ -223,10 +230,12 @@ def predict_into(
             # each more row of a batch adds its hidden state to every all-reduce
             t_row += 2 * count * (link.all_reduce(hidden, s.k) - link.all_reduce(0, s.k))
         row_s += t_row
+        pass_s += t_pass
         stage_bus.append(t_busy - t_dec)
         dec[f"compute {label}"] = t_dec
         pre[f"compute {label}"] = t_pre
         stage_row.append(t_row)
+        stage_pass.append(t_pass)
         if s.k > 1:
             dec[f"all-reduce {label}"] = 2 * count * link.all_reduce(hidden, s.k)
             pre[f"all-reduce {label}"] = 2 * count * link.all_reduce(ctx.prompt * hidden, s.k)
@@ -263,8 +272,11 @@ def predict_into(
     plan.ttft_s = ctx.rates[stages[0].nodes[0]].request_overhead_s + t_prefill + t_token
     plan.breakdown = dec
     plan.decode_row_s = row_s
+    plan.decode_pass_s = pass_s if per_pass else 0.0
+    plan.rows_per_pass = per_pass
     plan.stage_decode_s = stage_dec
     plan.stage_row_s = stage_row
+    plan.stage_pass_s = stage_pass if per_pass else [0.0] * len(stage_pass)
     plan.stage_bus_s = stage_bus
     plan.tick_exchange_s = exchange
     worst = max(dec, key=lambda k: dec[k])
@@ -414,8 +426,11 @@ class Predictor:
             "ttft_s": out.ttft_s,
             "breakdown": dict(out.breakdown),
             "decode_row_s": out.decode_row_s,
+            "decode_pass_s": out.decode_pass_s,
+            "rows_per_pass": out.rows_per_pass,
             "stage_decode_s": list(out.stage_decode_s),
             "stage_row_s": list(out.stage_row_s),
+            "stage_pass_s": list(out.stage_pass_s),
             "tick_exchange_s": out.tick_exchange_s,
         }
 
@@ -451,7 +466,11 @@ def decode_aggregate_tps(pred: dict[str, Any], concurrency: int) -> float:
             pred.get("tick_exchange_s", 0.0),
             concurrency,
             pred.get("stage_bus_s"),
+            pred.get("stage_pass_s"),
+            pred.get("rows_per_pass", 0),
         )
     else:
-        batched = step + (concurrency - 1) * pred.get("decode_row_s", 0.0)
+        batched = step + rows_extra_s(
+            concurrency, pred.get("decode_row_s", 0.0), pred.get("decode_pass_s", 0.0), pred.get("rows_per_pass", 0)
+        )
     return concurrency / batched
