@@ -14,6 +14,7 @@ from __future__ import annotations
 import random
 import socket
 import sys
+from collections.abc import Collection
 from pathlib import Path
 
 LOWEST = 10_000  # below: well-known and registered services people run
@@ -31,18 +32,26 @@ def ephemeral_range() -> tuple[int, int]:
         return (49152, 65535) if sys.platform == "darwin" else (32768, 60999)  # the systems' defaults
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port free on ``host`` now, below the ephemeral range where there is room (else any free one)."""
+def free_port(host: str = "127.0.0.1", exclude: Collection[int] = ()) -> int:
+    """A TCP port free on ``host`` now, below the ephemeral range where there is room (else any free one).
+
+    ``exclude``: ports already handed out that nothing has bound yet (a bind test cannot see them)."""
     bind_host = "0.0.0.0" if host in ("", "0.0.0.0") else host
     first, _ = ephemeral_range()
     if first > LOWEST:
         for port in _rng.sample(range(LOWEST, first), min(TRIES, first - LOWEST)):
+            if port in exclude:
+                continue
             with socket.socket() as s:
                 try:
                     s.bind((bind_host, port))
                 except OSError:
                     continue
                 return port
-    with socket.socket() as s:
-        s.bind((bind_host, 0))
-        return s.getsockname()[1]
+    for _ in range(TRIES):
+        with socket.socket() as s:
+            s.bind((bind_host, 0))
+            port = s.getsockname()[1]
+        if port not in exclude:
+            return port
+    raise OSError(f"no free TCP port on {host} outside the {len(exclude)} handed out")

@@ -185,6 +185,15 @@ class WorkerManager:
     def reserved_bytes(self) -> int:
         return sum(i.reserved_bytes for i in self.instances.values() if i.state != "stopped")
 
+    def ports_handed_out(self) -> set[int]:
+        """The ring and control ports of every instance this node holds (some not bound yet: workers not started)."""
+        return {
+            int(address.rsplit(":", 1)[1])
+            for inst in self.instances.values()
+            for r in inst.ranks.values()
+            for address in (r.ring, r.control)
+        }
+
     def run_dir(self, instance_id: str) -> Path:
         """Where an instance's hostfile, rank configs, logs and pid files live."""
         return self.state_dir / "instances" / instance_id
@@ -212,11 +221,14 @@ class WorkerManager:
             )
         inst = LocalInstance(instance_id, reserve_bytes, owner=owner, info=dict(info or {}), lease_s=lease_s)
         inst.renew()
+        handed = self.ports_handed_out()  # a worker binds its ports only once it starts: a bind test misses them
         for r in ranks:
             addr = r["address"]
-            inst.ranks[int(r["rank"])] = RankProcess(
-                int(r["rank"]), f"{addr}:{free_port(addr)}", f"{addr}:{free_port(addr)}"
-            )
+            ring = free_port(addr, handed)
+            handed.add(ring)
+            control = free_port(addr, handed)
+            handed.add(control)
+            inst.ranks[int(r["rank"])] = RankProcess(int(r["rank"]), f"{addr}:{ring}", f"{addr}:{control}")
         self.instances[instance_id] = inst
         return {r.rank: {"ring": r.ring, "control": r.control} for r in inst.ranks.values()}
 

@@ -19,7 +19,7 @@ import pytest
 import exo_lab
 from exo_lab.cluster.auth import rank_target, sign_headers
 from exo_lab.cluster.http import split_address
-from exo_lab.instance import Instance
+from exo_lab.instance import PORT_RELAUNCHES, Instance
 from exo_lab.models import synthetic
 from tests.helpers.net import free_port
 from tests.helpers.ranks import ranks_logits, single_process_logits
@@ -395,8 +395,10 @@ def test_a_rank_whose_port_was_taken_is_launched_again_with_new_ports(cluster, m
     monkeypatch.setattr(Instance, "_agent", agent)
     inst = cluster.launch(path, plan=plan, name="port-taken")
     try:
-        assert held and inst.state == "ready" and inst.replacements == 1
-        assert inst.plan is plan and inst.launch_id == f"{inst.id}-r1"
+        # the relaunch's ports can be taken too: each agent picks its own, and agents sharing a host cannot see
+        # the ports the others handed out before their workers bind them (CI once saw it: launched a third time)
+        assert held and inst.state == "ready" and 1 <= inst.replacements <= PORT_RELAUNCHES
+        assert inst.plan is plan and inst.launch_id == f"{inst.id}-r{inst.replacements}"
         assert tokens_of(inst, SHORT, 8) == reference(path, SHORT, 8)
     finally:
         inst.delete()
