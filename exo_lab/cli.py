@@ -267,6 +267,7 @@ def _node(args: argparse.Namespace) -> int:
         peers=args.peer,
         mdns=not args.no_mdns,
         probe_interval_s=args.probe_interval,
+        probe_while_serving=args.probe_while_serving,
         refresh_profile=args.refresh_profile,
         parent_pid=args.exit_with_parent,
     )
@@ -566,6 +567,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peer", action="append", default=[], metavar="HOST:PORT", help="a peer to join without mDNS")
     p.add_argument("--no-mdns", action="store_true", help="do not advertise or browse with mDNS")
     p.add_argument("--probe-interval", type=float, default=60.0, help="seconds between link measurements")
+    p.add_argument(
+        "--probe-while-serving",
+        action="store_true",
+        help="measure links on schedule even while an instance serving requests uses them (default: wait until it is quiet)",
+    )
     p.add_argument("--refresh-profile", action="store_true", help="re-run the device microbenchmarks")
     p.add_argument("--exit-with-parent", type=int, metavar="PID", help=argparse.SUPPRESS)
     p.set_defaults(func=_node)

@@ -122,6 +122,7 @@ class Instance(Backend):
         self._queue: queue.Queue[Generation | None] = queue.Queue()
         self._inflight: set[Generation] = set()  # sent to the ranks, not finished
         self._closed = threading.Event()
+        self._renew_now = threading.Event()  # renew the leases before the next round: news for the agents
         self._rings: dict[int, str] = {}  # rank -> its ring port (kept across re-launches)
         self._start(plan)
         threading.Thread(target=self._dispatch_loop, name=f"exo-lab-instance-{self.name}", daemon=True).start()
@@ -331,14 +332,21 @@ class Instance(Backend):
 
     # ---------------------------------------------------------------- leases
     def lease_status(self) -> dict[str, Any]:
-        """What each renewal tells the agents: ``{"state", "loaded": [done, total], "error"}``."""
+        """What each renewal tells the agents: ``{"state", "loaded": [done, total], "error", "requests"}``
+        (``requests``: in flight or queued; the agents leave the links of a serving instance unprobed)."""
         done, total = self.loaded
-        return {"state": self.state, "loaded": [done, total], "error": self.error}
+        requests = len(self._inflight) + self._queue.qsize()
+        return {"state": self.state, "loaded": [done, total], "error": self.error, "requests": requests}
 
     def _lease_loop(self) -> None:
-        """Renew the lease on every node every :data:`RENEW_EVERY_S` s, on a thread nothing else blocks."""
+        """Renew the lease on every node every :data:`RENEW_EVERY_S` s (at once when requests arrive at an idle
+        instance), on a thread nothing else blocks."""
         with ThreadPoolExecutor(8, thread_name_prefix=f"exo-lab-renew-{self.name}") as pool:
-            while not self._closed.wait(RENEW_EVERY_S):
+            while True:
+                self._renew_now.wait(RENEW_EVERY_S)
+                self._renew_now.clear()
+                if self._closed.is_set():
+                    return
                 try:
                     self._renew_leases(pool)
                 except Exception:  # keep renewing; report why now
@@ -389,6 +397,7 @@ class Instance(Backend):
                 return False
             self._leased.clear()
             self._closed.set()
+            self._renew_now.set()
             log.warning("instance %s: %s", self.name, problem)
             self.error = problem
             self.state = "stopped"
@@ -518,7 +527,10 @@ class Instance(Backend):
             raise RuntimeError(f"instance {self.name} is {self.state}: {self.error}")
 
     def _enqueue(self, gen: Generation) -> None:
+        idle = not self._inflight and self._queue.empty()
         self._queue.put(gen)
+        if idle:
+            self._renew_now.set()
 
     def _on_finish(self, gen: Generation) -> None:
         self._inflight.discard(gen)
@@ -709,6 +721,7 @@ class Instance(Backend):
         if self.state == "stopped":
             return
         self._closed.set()
+        self._renew_now.set()
         self._queue.put(None)
         with self._lock:
             inflight = list(self._inflight)

@@ -3,6 +3,12 @@
 It reports its profile, finds peers (mDNS and manual ``--peer``), checks they
 are alive, measures every link to them, and runs the shard workers of the
 instances coordinators launch on it (:mod:`exo_lab.cluster.workers`).
+Links are measured when a peer appears, on request, and again once a measurement is
+``probe_interval_s`` old, but not while this node or the peer serves requests: a probe's
+transfers would take the link and the CPU from the instance's collectives, and disturb what it
+measures. A serving node starts no scheduled probe and answers probes with "busy" (a probe
+under way stops at its next exchange); the link keeps its last measurement and is measured
+again once both nodes have been quiet for :data:`exo_lab.cluster.workers.SERVING_QUIET_S`.
 HTTP API (tornado, JSON):
 
 - ``GET /node``: id, name, addresses, ports, profile (memory read live);
@@ -80,7 +86,7 @@ from exo_lab.cluster.auth import (
 )
 from exo_lab.cluster.discovery import Advert, Discovery
 from exo_lab.cluster.fetch import is_plain_name, range_checksums
-from exo_lab.cluster.links import ProbeServer, probe_link
+from exo_lab.cluster.links import ProbeDeferred, ProbeServer, probe_link
 from exo_lab.cluster.machine import memory_now
 from exo_lab.cluster.memory import release_free_memory
 from exo_lab.cluster.serving import MIB, GuardedHTTPServer
@@ -153,6 +159,8 @@ MAX_MANUAL_PEERS = 64
 FORGET_GONE_S = 3600.0
 #: seconds between two rounds of housekeeping (pruning tables, returning free memory to the system)
 HOUSEKEEPING_S = 60.0
+#: seconds between two looks for links due to be measured again
+PROBE_CHECK_S = 2.0
 
 
 @dataclass
@@ -186,6 +194,8 @@ class AgentConfig:
     gone_after_s: float = 6.0
     probe_samples: int = 50
     probe_bytes: int = 4 << 20
+    #: measure links on schedule and answer probes even while this node serves requests
+    probe_while_serving: bool = False
     refresh_profile: bool = False
     parent_pid: int | None = None  # exit when this process is gone (agents of a local cluster)
 
@@ -208,11 +218,14 @@ class NodeAgent:
         self.links: dict[tuple[str, str], LinkProfile] = {}
         self.started_at = time.time()
         self._http: HTTPServer | None = None
-        self._probe_server = ProbeServer(self.verifier)
+        #: whether an instance on this node serves requests (set on the event loop, read by probe threads)
+        self.serving = False
+        self._probe_server = ProbeServer(self.verifier, busy=lambda: self.serving)
         self._discovery: Discovery | None = None
         self._tasks: list[asyncio.Task] = []
         self._probe_lock = asyncio.Lock()
         self._cancel_probes = threading.Event()
+        self._probed_at: dict[str, float] = {}  # peer id -> time.time() of its last complete probe
         self._client = AsyncHTTPClient(force_instance=True)
         self.stopped = asyncio.Event()
         self.workers = WorkerManager(config.state_dir, self.key, config.host)
@@ -276,6 +289,7 @@ class NodeAgent:
         while True:
             try:
                 self.workers.poll()
+                self.note_serving()
                 for inst in self.workers.expire():
                     loop.run_in_executor(None, self.workers.terminate, inst)
                 if time.monotonic() - housekept >= HOUSEKEEPING_S:
@@ -457,32 +471,53 @@ class NodeAgent:
             self._mark_gone(peer)
 
     # links
-    async def probe_peer(self, peer_id: str) -> list[LinkProfile]:
-        """Measure every address of one peer (one probe at a time per agent)."""
+    def note_serving(self) -> None:
+        """Update :attr:`serving` from the instances' last renewals."""
+        instances = self.workers.instances.values()
+        self.serving = not self.config.probe_while_serving and any(i.serving for i in instances)
+
+    async def probe_peer(self, peer_id: str, scheduled: bool = False) -> list[LinkProfile]:
+        """Measure every address of one peer (one probe at a time per agent); its links as they stand after.
+
+        A probe the peer defers (it serves requests) keeps the links' last measurements, and so does a
+        ``scheduled`` one that this node's serving stops, or finds due no more once it holds the lock."""
         peer = self.peers.get(peer_id)
         if peer is None or peer.info.state != "alive" or not peer.info.probe_port:
             return []
         probe_port = peer.info.probe_port
         loop = asyncio.get_running_loop()
-        out = []
+        defer = (lambda: self.serving) if scheduled else None
+        measured = []
         async with self._probe_lock:
-            for address in peer.info.addresses:
-                link = await loop.run_in_executor(
-                    None,
-                    lambda a=address: probe_link(
-                        self.key,
-                        self.id,
-                        peer_id,
-                        a,
-                        probe_port,
-                        self.config.probe_samples,
-                        self.config.probe_bytes,
-                        cancel=self._cancel_probes,
-                    ),
-                )
-                self.links[(peer_id, address)] = link
-                out.append(link)
-        return out
+            if scheduled and peer_id not in self.probes_due():
+                return self._links_of(peer_id)
+            try:
+                for address in peer.info.addresses:
+                    link = await loop.run_in_executor(
+                        None,
+                        lambda a=address: probe_link(
+                            self.key,
+                            self.id,
+                            peer_id,
+                            a,
+                            probe_port,
+                            self.config.probe_samples,
+                            self.config.probe_bytes,
+                            cancel=self._cancel_probes,
+                            defer=defer,
+                        ),
+                    )
+                    measured.append(link)
+            except ProbeDeferred as why:
+                log.info("link probe to %s deferred: %s", peer.info.name, why)
+                return self._links_of(peer_id)
+            for link in measured:
+                self.links[(peer_id, link.dst_address)] = link
+            self._probed_at[peer_id] = time.time()
+        return measured
+
+    def _links_of(self, peer_id: str) -> list[LinkProfile]:
+        return [link for (pid, _), link in self.links.items() if pid == peer_id]
 
     async def probe_all(self) -> list[LinkProfile]:
         out = []
@@ -490,11 +525,24 @@ class NodeAgent:
             out += await self.probe_peer(peer_id)
         return out
 
+    def probes_due(self) -> list[str]:
+        """Live peers whose links were measured ``probe_interval_s`` ago or more (or never); none while this
+        node serves requests."""
+        if self.serving:
+            return []
+        now = time.time()
+        return [
+            pid
+            for pid, peer in self.peers.items()
+            if peer.info.state == "alive" and now - self._probed_at.get(pid, 0.0) >= self.config.probe_interval_s
+        ]
+
     async def _probe_loop(self) -> None:
         while True:
-            await asyncio.sleep(self.config.probe_interval_s)
+            await asyncio.sleep(min(self.config.probe_interval_s, PROBE_CHECK_S))
             try:
-                await self.probe_all()
+                for peer_id in self.probes_due():
+                    await self.probe_peer(peer_id, scheduled=True)
             except Exception:  # keep probing later; report why now
                 log.exception("link probe round failed")
 
@@ -852,6 +900,7 @@ class LeaseHandler(AgentHandler):
         except KeyError:
             self.send({"error": f"no instance {iid} on this node (deleted, or its lease ran out)"}, 404)
             return
+        self.agent.note_serving()
         self.send({"renewed": True, "lease_s": inst.lease_s, "state": inst.state})
 
 

@@ -7,7 +7,10 @@ hello line, then:
 - ``E`` + 63 bytes: echoed back (RTT samples; median and p95 are reported);
 - ``U`` + 8-byte length + payload: acknowledged with ``A`` once all arrived
   (send throughput, prober -> peer);
-- ``D`` + 8-byte length: the peer sends that many bytes (receive throughput).
+- ``D`` + 8-byte length: the peer answers ``A`` and sends that many bytes (receive throughput).
+
+A peer that serves requests answers the hello, and any exchange after it, with ``B`` (busy) and
+closes: the prober defers the probe (:class:`ProbeDeferred`) and keeps the link's last measurement.
 
 Each throughput is the best of ``transfers`` runs: on a busy machine a transfer is only ever slowed down
 (a node's own work, another probe), so the fastest one is the nearest to what the link carries.
@@ -26,6 +29,7 @@ import statistics
 import struct
 import threading
 import time
+from collections.abc import Callable
 
 from exo_lab.cluster.auth import Verifier, sign_headers
 from exo_lab.cluster.topology import LinkProfile
@@ -37,11 +41,15 @@ CHUNK = 1 << 16
 _ZEROS = bytes(CHUNK)
 
 
-class ProbeServer:
-    """The peer side of link probes (asyncio)."""
+BUSY = b"B"
 
-    def __init__(self, verifier: Verifier) -> None:
+
+class ProbeServer:
+    """The peer side of link probes (asyncio); while ``busy()`` it defers them."""
+
+    def __init__(self, verifier: Verifier, busy: Callable[[], bool] = lambda: False) -> None:
         self.verifier = verifier
+        self.busy = busy
         self.server: asyncio.base_events.Server | None = None
 
     async def start(self, host: str, port: int) -> int:
@@ -64,15 +72,26 @@ class ProbeServer:
                 writer.write(f"NO {problem}\n".encode())
                 await writer.drain()
                 return
+            if self.busy():
+                writer.write(b"BUSY serving requests\n")
+                await writer.drain()
+                return
             writer.write(b"OK\n")
             await writer.drain()
             while True:
                 cmd = await reader.readexactly(1)
-                if cmd == b"E":
-                    writer.write(b"E" + await reader.readexactly(FRAME - 1))
-                    await writer.drain()
-                elif cmd == b"U":
-                    (n,) = struct.unpack("<Q", await reader.readexactly(8))
+                # each exchange's header is read whole before a busy answer: closing on unread bytes resets
+                # the connection, and the prober would see an error instead of the answer
+                if cmd not in (b"E", b"U", b"D"):
+                    return
+                header = await reader.readexactly(FRAME - 1 if cmd == b"E" else 8)
+                busy = self.busy()
+                writer.write(BUSY if busy else cmd + header if cmd == b"E" else b"A")  # echo, or go ahead
+                await writer.drain()
+                if busy:
+                    return
+                n = 0 if cmd == b"E" else struct.unpack("<Q", header)[0]
+                if cmd == b"U":
                     while n:
                         got = await reader.read(min(n, 1 << 20))
                         if not got:
@@ -81,14 +100,11 @@ class ProbeServer:
                     writer.write(b"A")
                     await writer.drain()
                 elif cmd == b"D":
-                    (n,) = struct.unpack("<Q", await reader.readexactly(8))
                     while n:
                         k = min(n, CHUNK)
                         writer.write(_ZEROS[:k])
                         n -= k
                         await writer.drain()
-                else:
-                    return
         except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, ValueError, OSError):
             return
         finally:
@@ -109,6 +125,27 @@ class ProbeCancelled(Exception):
     """The agent is shutting down."""
 
 
+class ProbeDeferred(Exception):
+    """The probe gave way to requests being served, at either end: the link keeps its last measurement."""
+
+
+def _go_on(cancel: threading.Event, defer: Callable[[], bool] | None) -> None:
+    """Raise when the probe should stop: its agent stops, or (``defer``) this node serves requests."""
+    if cancel.is_set():
+        raise ProbeCancelled("agent stopping")
+    if defer is not None and defer():
+        raise ProbeDeferred("this node serves requests")
+
+
+def _answer(sock: socket.socket, expected: bytes) -> None:
+    """Read the peer's one-byte answer: ``expected``, or busy (:class:`ProbeDeferred`)."""
+    got = _recv_exact(sock, 1)
+    if got == BUSY:
+        raise ProbeDeferred("the peer serves requests")
+    if got != expected:
+        raise ConnectionError(f"bad probe answer {got!r}")
+
+
 def probe_link(
     key: str,
     src: str,
@@ -120,11 +157,13 @@ def probe_link(
     timeout_s: float = 10.0,
     cancel: threading.Event | None = None,
     transfers: int = 3,
+    defer: Callable[[], bool] | None = None,
 ) -> LinkProfile:
     """Measure RTT and throughput to ``address:port`` (each direction the best of ``transfers`` runs of
     ``transfer_bytes``); errors come back in the profile.
 
-    ``cancel`` (set by a stopping agent) ends the probe within one chunk.
+    ``cancel`` (set by a stopping agent) ends the probe within one chunk. :class:`ProbeDeferred` when the
+    peer answers busy, or ``defer()`` turns true (checked as often as ``cancel``).
     """
     cancel = cancel or threading.Event()
     link = LinkProfile(src=src, dst=dst, src_address=None, dst_address=address, measured_at=time.time())
@@ -139,16 +178,18 @@ def probe_link(
                 if not got:
                     break
                 reply += got
+            if reply.startswith(b"BUSY"):
+                raise ProbeDeferred("the peer serves requests")
             if not reply.startswith(b"OK"):
                 raise PermissionError(reply.decode(errors="replace").strip() or "probe refused")
             frame = b"E" + bytes(FRAME - 1)
             rtts = []
             for i in range(samples + 2):
-                if cancel.is_set():
-                    raise ProbeCancelled("agent stopping")
+                _go_on(cancel, defer)
                 t = time.perf_counter()
                 sock.sendall(frame)
-                _recv_exact(sock, FRAME)
+                _answer(sock, b"E")
+                _recv_exact(sock, FRAME - 1)
                 if i >= 2:  # the first round trips warm up the path
                     rtts.append((time.perf_counter() - t) * 1000)
             rtts.sort()
@@ -156,31 +197,34 @@ def probe_link(
             link.rtt_ms_p95 = rtts[min(len(rtts) - 1, int(0.95 * len(rtts)))]
             if transfer_bytes > 0:
                 runs = range(max(1, transfers))
-                link.send_mbit_per_s = max(_send_rate(sock, transfer_bytes, cancel) for _ in runs)
-                link.recv_mbit_per_s = max(_recv_rate(sock, transfer_bytes, cancel) for _ in runs)
+                link.send_mbit_per_s = max(_send_rate(sock, transfer_bytes, cancel, defer) for _ in runs)
+                link.recv_mbit_per_s = max(_recv_rate(sock, transfer_bytes, cancel, defer) for _ in runs)
     except (OSError, ConnectionError, PermissionError, ValueError, ProbeCancelled) as exc:
         link.error = f"{type(exc).__name__}: {exc}"
     return link
 
 
-def _send_rate(sock: socket.socket, n: int, cancel: threading.Event) -> float:
-    t = time.perf_counter()
+def _send_rate(sock: socket.socket, n: int, cancel: threading.Event, defer: Callable[[], bool] | None) -> float:
+    _go_on(cancel, defer)
     sock.sendall(b"U" + struct.pack("<Q", n))
+    _answer(sock, b"A")  # go ahead
+    t = time.perf_counter()
     left = n
     while left:
-        if cancel.is_set():
+        if cancel.is_set():  # a payload cut short ends the connection: only a stopping agent cuts it
             raise ProbeCancelled("agent stopping")
         k = min(left, CHUNK)
         sock.sendall(_ZEROS[:k])
         left -= k
-    if _recv_exact(sock, 1) != b"A":
-        raise ConnectionError("bad upload acknowledgement")
+    _answer(sock, b"A")
     return n * 8 / (time.perf_counter() - t) / 1e6
 
 
-def _recv_rate(sock: socket.socket, n: int, cancel: threading.Event) -> float:
+def _recv_rate(sock: socket.socket, n: int, cancel: threading.Event, defer: Callable[[], bool] | None) -> float:
+    _go_on(cancel, defer)
     t = time.perf_counter()
     sock.sendall(b"D" + struct.pack("<Q", n))
+    _answer(sock, b"A")
     left = n
     while left:
         if cancel.is_set():

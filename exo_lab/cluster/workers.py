@@ -10,7 +10,9 @@ Every instance is leased from ``prepare`` on: its coordinator renews the lease
 (``POST /instances/{id}/lease``, with the status it sees) every few seconds, and
 :meth:`WorkerManager.expire` hands back the instances whose lease ran out (their
 coordinator died or lost the node) so that the agent stops their workers and
-frees their memory. Nothing outlives its owner: a worker exits when its agent is
+frees their memory. The status says how many requests the instance has in flight: the
+agent of a node whose instance is :attr:`LocalInstance.serving` leaves its links unprobed.
+Nothing outlives its owner: a worker exits when its agent is
 gone (:mod:`exo_lab.engine.worker` watches its parent), and an agent started on a
 state dir kills the workers a previous agent there left behind
 (:meth:`WorkerManager.clean_leftovers`, from the pid files in each instance's run dir).
@@ -42,6 +44,8 @@ DEFAULT_LEASE_S = 10.0
 #: the longest lease a coordinator may ask for (a day)
 MAX_LEASE_S = 86400.0
 WORKER_MODULE = "exo_lab.engine.worker"
+#: an instance counts as serving until this long after a renewal last said it had requests in flight
+SERVING_QUIET_S = 10.0
 
 
 class ReservationError(RuntimeError):
@@ -142,12 +146,22 @@ class LocalInstance:
     lease_deadline: float = 0.0
     #: the last status the coordinator reported with a renewal
     status: dict[str, Any] = field(default_factory=dict)
+    #: ``time.monotonic()`` when a status last said requests were in flight (0: never)
+    busy_at: float = 0.0
 
     def renew(self, status: dict[str, Any] | None = None) -> None:
         """Extend the lease by ``lease_s`` from now (and keep ``status`` when given)."""
         self.lease_deadline = time.monotonic() + self.lease_s
         if status is not None:
             self.status = status
+            requests = status.get("requests")
+            if isinstance(requests, int) and requests > 0:
+                self.busy_at = time.monotonic()
+
+    @property
+    def serving(self) -> bool:
+        """Whether it had requests in flight within the last :data:`SERVING_QUIET_S`."""
+        return self.busy_at > 0 and time.monotonic() - self.busy_at < SERVING_QUIET_S
 
     @property
     def lease_expires_in(self) -> float:

@@ -152,6 +152,9 @@ def test_the_coordinator_renews_and_stops_when_deleted_on_an_agent(cluster, agen
         gen = inst.generate("x", max_tokens=100_000, temperature=0, ignore_eos=True)
         it = iter(gen)
         next(it)
+        wait_for(  # the instance renewed at once to say it serves a request: the agents hold their link probes
+            lambda: a.json("GET", f"/instances/{inst.id}")["status"]["requests"] == 1, 1.5, "a renewal says so"
+        )
 
         b.json("DELETE", f"/instances/{inst.id}")  # someone else, behind the coordinator's back
         wait_for(lambda: inst.state == "stopped", 5, "the instance stops")
