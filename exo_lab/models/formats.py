@@ -25,7 +25,7 @@ on a node only where that kernel was built (the device profile measures them onl
 
 ``q8`` and ``q4`` are ``mx.quantize`` of the fp32 weights (``nn.QuantizedLinear`` and
 ``nn.QuantizedEmbedding``, the head too when it is tied), so their activations and scales stay fp32 (their
-matmuls round x to 16-bit integers per group inside the kernel where the CPU has AVX-512 VNNI:
+matmuls round x to 16-bit integers per group inside the kernel where the CPU has AVX-512 VNNI or AVX2:
 :mod:`exo_lab.models.qmatmul`):
 MLX's CPU ``quantized_matmul`` with bf16 activations is many times slower (measured: see
 ``benchmarks/weight_formats.py``). Quantizing changes the tokens a model generates, and so does

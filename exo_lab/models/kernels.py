@@ -32,7 +32,7 @@ def _check(ext: Any) -> None:
         want = mx.quantized_matmul(x32, q, scales, biases, transpose=True, group_size=32, bits=bits)
         got = ext.quant_matmul(x32, q, scales, biases, 32, bits)
         assert mx.allclose(got, want, rtol=1e-5).item(), (bits, got, want)  # another order of the same sums
-        # groups of 64 (16-bit x where the CPU has VNNI): integers up to 32767 round to themselves
+        # groups of 64 (16-bit x where the CPU has VNNI or AVX2): integers up to 32767 round to themselves
         wide = mx.concatenate([w, w], axis=1)
         q, scales, biases = mx.quantize(wide, group_size=64, bits=bits)
         x64 = mx.array([[32767.0] + [float((i * 9973) % 65535 - 32767) for i in range(1, 64)]] * 2)

@@ -6,13 +6,13 @@ slower than dequantizing the weights and multiplying with OpenBLAS). So, with fp
 on the CPU:
 
 - with fp32 scales and biases (the ``q8``/``q4`` formats): exo_lab's ``quant_matmul`` primitive
-  (:mod:`exo_lab.models.kernels`), on every core. On a CPU with AVX-512 VNNI (``integer_activations()``) it
-  rounds x to 16-bit integers per group of 64 and multiplies them with the codes in integers (``vpdpwssd``;
-  llama.cpp rounds x to 8 bits), for any number of rows: each output element the same operations whatever
-  the batch (batch-invariant, prompt rows included). Elsewhere, up to ``SMALL_M`` rows (decode) it widens
-  the codes to fp32 in registers, each output element the same dot product whatever the batch (~20x MLX's
-  kernel at M=1, 8 bits, on an AVX2 machine); more rows (prefill): blocks of weights dequantized to fp32,
-  then the BLAS.
+  (:mod:`exo_lab.models.kernels`), on every core. On a CPU with AVX-512 VNNI or AVX2 (``integer_activations()``)
+  it rounds x to 16-bit integers per group of 64 and multiplies them with the codes in integers (``vpdpwssd``,
+  or ``vpmaddwd`` and an add; llama.cpp rounds x to 8 bits), for any number of rows: each output element the
+  same operations whatever the batch (batch-invariant, prompt rows included). Elsewhere (or groups not a
+  multiple of 64), up to ``SMALL_M`` rows (decode) it widens the codes to fp32 in registers, each output element
+  the same dot product whatever the batch; more rows (prefill): blocks of weights dequantized to fp32, then
+  the BLAS.
 - where it is not built, or the scales are 16-bit (a stored quantized checkpoint), MLX's kernels: up to
   ``SMALL_M`` rows ``quantized_matmul`` split by output rows over one MLX CPU stream per core (each stream
   has its own thread), bit-identical to ``mx.quantized_matmul``; more rows ``mx.dequantize`` (split over

@@ -14,9 +14,9 @@
 //
 // `quant_matmul(x, w, scales, biases, group_size, bits)` is `mx.quantized_matmul(x, w, scales, biases,
 // transpose=True)` for fp32 x, scales and biases, 8 or 4 bits, each group's dot product scaled once
-// (scale * sum(x q) + bias * sum(x)). Where the CPU has AVX-512 VNNI (groups of a multiple of 64) x is
-// rounded to 16-bit integers per group and multiplied with the codes in
-// integers, for any number of rows, each output element the same operations whatever the batch
+// (scale * sum(x q) + bias * sum(x)). Where the CPU has AVX-512 VNNI or AVX2 (groups of a multiple of 64) x is
+// rounded to 16-bit integers per group and multiplied with the codes in integers (`vpdpwssd`; `vpmaddwd` and
+// an add), for any number of rows, each output element the same operations whatever the batch
 // (`int16_quant_matmul`). Elsewhere, up to SMALL_M rows
 // (decode) the codes are widened to fp32 in registers (4-bit codes as even/odd nibbles against a rearranged
 // x), each output element in a fixed order whatever the batch; more rows (prefill) dequantize blocks of W and
@@ -429,6 +429,8 @@ constexpr int BATCH_ROWS_TOGETHER = 2;
 // fetching the next row at a row's start did not help; 1-8 KB ahead took it to ~0.85 (a C++ harness, q4,
 // 128 MB of codes).
 constexpr int64_t PREFETCH_AHEAD = PREFETCH_AHEAD_BYTES;
+// 16 32-bit lanes: no group of a quantized checkpoint overflows them
+constexpr int MAX_INT16_GROUP = 1 << 20;
 
 // How x's int16 elements are ordered for the codes they meet (`x16_rows`, `codes64`, `int16_block_paired`):
 // EVEN_ODD: each 64-wide chunk's even elements, then its odd ones (a 16-bit lane of the weights holds codes
@@ -500,20 +502,6 @@ inline __m512i loaded_once(__m512i v) {
   __asm__("" : "+v"(v));
   return v;
 }
-
-// x's int16 rows, 64-byte aligned so that no load of 32 of them spans two cache lines
-struct AlignedX16 {
-  explicit AlignedX16(size_t n) : data_(static_cast<int16_t*>(std::aligned_alloc(64, (n * 2 + 63) / 64 * 64))) {
-    if (data_ == nullptr) throw std::bad_alloc();
-  }
-  ~AlignedX16() { std::free(data_); }
-  AlignedX16(const AlignedX16&) = delete;
-  AlignedX16& operator=(const AlignedX16&) = delete;
-  int16_t* data() const { return data_; }
-
- private:
-  int16_t* data_;
-};
 
 // 64 codes of a weight row starting at code k as two registers of 32 16-bit codes, in x's EvenOdd order: a
 // 16-bit lane holds 2 codes (8 bits: two bytes; 4 bits: one byte, widened)
@@ -671,6 +659,227 @@ inline void int16_block_paired(const uint8_t* const (&rows)[NR], const int16_t* 
   for (int r = 0; r < NR; r++) finish<MB>(acc[r], biases[r], xsum, out[r], ldo, G);
 }
 
+#define EXO_INT16_ACTIVATIONS 1
+#elif defined(__AVX2__) && defined(__FMA__)
+// With AVX2: the same 16-bit x as with VNNI (the same rounding, so the same integers), its exact integer dot
+// products with the codes by `vpmaddwd` (2 products a 32-bit lane) and a 32-bit add, 8 lanes; each group's sum
+// then scaled once in fp32 into one chain per output element, and the biases times x's group sums. Where codes
+// are widened to fp32 instead (`qblock4_even_odd`) a thread multiplies ~3 weights a cycle whatever their bytes,
+// so q8 and q4 stay compute-bound far below what memory allows; the integers take ~half the instructions.
+constexpr bool INTEGER_ACTIVATIONS = true;
+constexpr float X_TOP = 32767.0f;
+constexpr int X16_TILE = 16;  // weight rows a prompt's blocks of 4 rows of x go through before the next ones
+// q4 weight rows decoded side by side (several streams of codes from memory at once; the rows share each load
+// of x): one row of x (llama-1b's 112 layer products, one core: 1 row 15.4 GB/s, 2 rows 17.7, 3 16.5, 4 15.5:
+// 16 registers spill), then 2-4 rows
+#ifndef DECODE_ROWS_TOGETHER_AVX2
+#define DECODE_ROWS_TOGETHER_AVX2 2
+#endif
+constexpr int DECODE_ROWS_TOGETHER = DECODE_ROWS_TOGETHER_AVX2;
+constexpr int BATCH_ROWS_TOGETHER = 2;
+#ifndef PREFETCH_AHEAD_BYTES
+#define PREFETCH_AHEAD_BYTES 2048
+#endif
+constexpr int64_t PREFETCH_AHEAD = PREFETCH_AHEAD_BYTES;
+// the longest group whose 32-bit lanes cannot overflow: a lane sums gs / 4 products of up to 255 x 32768
+constexpr int MAX_INT16_GROUP = 1024;
+
+// How x's int16 elements are ordered for the codes they meet: EVEN_ODD: each 32-wide chunk's 16 even
+// elements, then its 16 odd ones (a 16-bit lane of codes holds codes 2L and 2L + 1: 8 bits as they are, 4 bits
+// widened to one byte each). PAIRED (4 bits, groups of 64): a group's 64 codes are 32 bytes, 16 16-bit lanes of
+// 4 codes each (lane L: codes 4L .. 4L + 3), four registers by a mask and a shift; x's element 4L + j of the
+// group at 16 j + L. (With VNNI two groups go at a time, hence the name; here one group is one register.)
+enum class XOrder { EvenOdd, Paired };
+
+inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_shuffle_ps(m, m, 1));
+  return _mm_cvtss_f32(m);
+}
+
+// x rounded to int16 per group of gs in `order`; each group's step (its largest |x| / X_TOP) and exact fp32 sum
+template <XOrder ORDER>
+void x16_rows(const float* x, int M, int K, int gs, int16_t* xq, float* xscale, float* xsum) {
+  const int G = K / gs;
+  const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  alignas(32) int32_t r[64];  // 64 elements rounded (round half to even), in x's own order
+  for (int m = 0; m < M; m++) {
+    for (int g = 0; g < G; g++) {
+      const float* src = x + int64_t(m) * K + int64_t(g) * gs;
+      __m256 amax = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
+      for (int k = 0; k < gs; k += 8) {
+        const __m256 v = _mm256_loadu_ps(src + k);
+        amax = _mm256_max_ps(amax, _mm256_and_ps(v, magnitude));
+        sum = _mm256_add_ps(sum, v);
+      }
+      const float top = hmax(amax);
+      xsum[int64_t(m) * G + g] = hsum(sum);
+      xscale[int64_t(m) * G + g] = top / X_TOP;
+      const __m256 inv = _mm256_set1_ps(top > 0.0f ? X_TOP / top : 0.0f);
+      int16_t* dst = xq + int64_t(m) * K + int64_t(g) * gs;
+      for (int c = 0; c < gs; c += 64) {
+        for (int i = 0; i < 8; i++)
+          _mm256_store_si256(reinterpret_cast<__m256i*>(r + 8 * i), _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(src + c + 8 * i), inv)));
+        auto at = [&](int i) { return int16_t(r[i] < -32768 ? -32768 : r[i] > 32767 ? 32767 : r[i]); };  // saturated
+        if constexpr (ORDER == XOrder::EvenOdd) {
+          for (int h = 0; h < 64; h += 32)
+            for (int i = 0; i < 16; i++) dst[c + h + i] = at(h + 2 * i), dst[c + h + 16 + i] = at(h + 2 * i + 1);
+        } else {
+          for (int j = 0; j < 4; j++)
+            for (int l = 0; l < 16; l++) dst[c + 16 * j + l] = at(4 * l + j);
+        }
+      }
+    }
+  }
+}
+
+// ``v`` kept in a register: GCC otherwise folds a load of the codes into each of the instructions that take
+// them apart, reading the same bytes several times
+inline __m256i loaded_once(__m256i v) {
+  __asm__("" : "+x"(v));
+  return v;
+}
+
+// 32 codes of a weight row starting at code k as two registers of 16 16-bit codes, in x's EvenOdd order
+template <int BITS>
+inline void codes32(const uint8_t* w, int k, __m256i& first, __m256i& second) {
+  if constexpr (BITS == 8) {
+    const __m256i v = loaded_once(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k)));
+    first = _mm256_and_si256(v, _mm256_set1_epi16(0xFF));
+    second = _mm256_srli_epi16(v, 8);
+  } else {
+    const __m256i b = loaded_once(_mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w + k / 2))));
+    first = _mm256_and_si256(b, _mm256_set1_epi16(15));
+    second = _mm256_srli_epi16(b, 4);
+  }
+}
+
+// A weight row's last step for MB rows of x: the biases times x's group sums (8 groups at a time) added to the
+// chain of scaled group sums, into out[i * ldo]
+template <int MB>
+inline void finish(const __m256 (&acc)[MB], const float* biases, const float* xsum, float* out, int64_t ldo, int G) {
+  __m256 bsum[MB];
+  for (int i = 0; i < MB; i++) bsum[i] = _mm256_setzero_ps();
+  for (int g = 0; g < G; g += 8) {
+    const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(G - g), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256 b = _mm256_maskload_ps(biases + g, live);
+    for (int i = 0; i < MB; i++)
+      bsum[i] = _mm256_fmadd_ps(b, _mm256_maskload_ps(xsum + int64_t(i) * G + g, live), bsum[i]);
+  }
+  for (int i = 0; i < MB; i++) out[i * ldo] = hsum(acc[i]) + hsum(bsum[i]);
+}
+
+// MB rows of int16 x (row i at xq + i * K, its group steps and exact group sums at xscale / xsum + i * G) times
+// NR weight rows (rows[r], its scales / biases at scales[r] / biases[r], out at out[r] + i * ldo), x in EvenOdd
+// order. Each output element is the same sequence of operations whatever MB and NR.
+template <int BITS, int MB, int GS, int NR = 1>
+inline void int16_block(const uint8_t* const (&rows)[NR], const int16_t* xq, const float* xscale, const float* xsum,
+                        const float* const (&scales)[NR], const float* const (&biases)[NR], float* const (&out)[NR],
+                        int64_t ldo, int K, int group_size, bool prefetch) {
+  const int gs = GS ? GS : group_size;
+  const int G = K / gs;
+  const int groups_ahead = int(PREFETCH_AHEAD / (int64_t(gs) * BITS / 8));
+  __m256 acc[NR][MB];
+  for (int r = 0; r < NR; r++)
+    for (int i = 0; i < MB; i++) acc[r][i] = _mm256_setzero_ps();
+  for (int g = 0; g < G; g++) {
+    __m256i dot[NR][MB];
+    for (int r = 0; r < NR; r++)
+      for (int i = 0; i < MB; i++) dot[r][i] = _mm256_setzero_si256();
+    if (prefetch && g % 16 == 0) {  // the scales and biases as far ahead as the codes
+      for (int r = 0; r < NR; r++) {
+        _mm_prefetch(reinterpret_cast<const char*>(scales[r] + g + groups_ahead), _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(biases[r] + g + groups_ahead), _MM_HINT_T0);
+      }
+    }
+    for (int k = g * gs; k < (g + 1) * gs; k += 32) {
+      __m256i c[NR][2];
+      for (int r = 0; r < NR; r++) {
+        if (prefetch && k % (512 / BITS) == 0)  // one cache line of codes, PREFETCH_AHEAD bytes on
+          _mm_prefetch(reinterpret_cast<const char*>(rows[r] + int64_t(k) * BITS / 8) + PREFETCH_AHEAD, NR > 1 ? _MM_HINT_T1 : _MM_HINT_T0);
+        codes32<BITS>(rows[r], k, c[r][0], c[r][1]);
+      }
+      for (int i = 0; i < MB; i++) {
+        const __m256i x0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(xq + int64_t(i) * K + k));
+        const __m256i x1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(xq + int64_t(i) * K + k + 16));
+        for (int r = 0; r < NR; r++)
+          dot[r][i] = _mm256_add_epi32(dot[r][i], _mm256_add_epi32(_mm256_madd_epi16(c[r][0], x0), _mm256_madd_epi16(c[r][1], x1)));
+      }
+    }
+    for (int r = 0; r < NR; r++)
+      for (int i = 0; i < MB; i++)
+        acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r][i]), _mm256_set1_ps(scales[r][g] * xscale[int64_t(i) * G + g]), acc[r][i]);
+  }
+  for (int r = 0; r < NR; r++) finish<MB>(acc[r], biases[r], xsum, out[r], ldo, G);
+}
+
+// int16_block for 4-bit codes in groups of 64, x in PAIRED order: each group of a row is one 32-byte load and
+// four nibble registers (a mask and a shift each, no widening shuffle) against four registers of x; the NR
+// rows share each load of x. The same sequence of operations for every output element whatever MB and NR.
+template <int MB, int NR, bool PREFETCH>
+inline void int16_block_paired(const uint8_t* const (&rows)[NR], const int16_t* xq, const float* xscale,
+                               const float* xsum, const float* const (&scales)[NR], const float* const (&biases)[NR],
+                               float* const (&out)[NR], int64_t ldo, int K) {
+  const int G = K / 64;
+  constexpr int GROUPS_AHEAD = int(PREFETCH_AHEAD / 32);
+  const __m256i low4 = _mm256_set1_epi16(15);
+  __m256 acc[NR][MB];
+  for (int r = 0; r < NR; r++)
+    for (int i = 0; i < MB; i++) acc[r][i] = _mm256_setzero_ps();
+  for (int g = 0; g < G; g++) {
+    __m256i v[NR];
+    for (int r = 0; r < NR; r++) {
+      const uint8_t* at = rows[r] + int64_t(g) * 32;
+      if constexpr (PREFETCH) {
+        if (g % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(at) + PREFETCH_AHEAD, NR > 1 ? _MM_HINT_T1 : _MM_HINT_T0);
+        if (g % 16 == 0) {
+          _mm_prefetch(reinterpret_cast<const char*>(scales[r] + g + GROUPS_AHEAD), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(biases[r] + g + GROUPS_AHEAD), _MM_HINT_T0);
+        }
+      }
+      v[r] = loaded_once(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)));
+    }
+    __m256i dot[NR][MB];
+    for (int j = 0; j < 4; j++) {
+      __m256i c[NR];
+      for (int r = 0; r < NR; r++)
+        c[r] = j == 3 ? _mm256_srli_epi16(v[r], 12) : _mm256_and_si256(j ? _mm256_srli_epi16(v[r], 4 * j) : v[r], low4);
+      for (int i = 0; i < MB; i++) {
+        const __m256i xj = _mm256_load_si256(reinterpret_cast<const __m256i*>(xq + int64_t(i) * K + int64_t(g) * 64 + 16 * j));
+        for (int r = 0; r < NR; r++) {
+          const __m256i p = _mm256_madd_epi16(c[r], xj);
+          dot[r][i] = j == 0 ? p : _mm256_add_epi32(dot[r][i], p);
+        }
+      }
+    }
+    for (int r = 0; r < NR; r++)
+      for (int i = 0; i < MB; i++)
+        acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot[r][i]), _mm256_set1_ps(scales[r][g] * xscale[int64_t(i) * G + g]), acc[r][i]);
+  }
+  for (int r = 0; r < NR; r++) finish<MB>(acc[r], biases[r], xsum, out[r], ldo, G);
+}
+
+#define EXO_INT16_ACTIVATIONS 1
+#else
+constexpr bool INTEGER_ACTIVATIONS = false;
+#endif
+
+#ifdef EXO_INT16_ACTIVATIONS
+// x's int16 rows, 64-byte aligned so that no load of 32 of them spans two cache lines
+struct AlignedX16 {
+  explicit AlignedX16(size_t n) : data_(static_cast<int16_t*>(std::aligned_alloc(64, (n * 2 + 63) / 64 * 64))) {
+    if (data_ == nullptr) throw std::bad_alloc();
+  }
+  ~AlignedX16() { std::free(data_); }
+  AlignedX16(const AlignedX16&) = delete;
+  AlignedX16& operator=(const AlignedX16&) = delete;
+  int16_t* data() const { return data_; }
+
+ private:
+  int16_t* data_;
+};
+
 // x @ W.T with x rounded to 16 bits per group, for any number of rows: weight rows with their codes read once
 // from memory, prefetched ahead, every row of x 4 at a time. q4 decode (up to 4 rows of x) takes a thread's
 // weight rows as DECODE_ROWS_TOGETHER (one row of x) or BATCH_ROWS_TOGETHER (2-4) interleaved parts, a row of
@@ -699,7 +908,8 @@ void int16_quant_matmul(const float* x, const uint8_t* w, const float* scales, c
     }
     const bool first = m0 == 0;  // the first pass over a row reads it from memory: prefetch ahead
     const int mb = M - m0 < 4 ? M - m0 : 4;
-    if constexpr (PAIRED && NR == DECODE_ROWS_TOGETHER) {  // one row of x only
+    constexpr bool ONE_ROW = NR == DECODE_ROWS_TOGETHER && NR != BATCH_ROWS_TOGETHER;  // only ever one row of x
+    if constexpr (PAIRED && ONE_ROW) {
       int16_block_paired<1, NR, true>(rs, xm, sm, um, ss, bs, os, N, K);
     } else if constexpr (PAIRED) {
       switch (mb) {
@@ -708,7 +918,7 @@ void int16_quant_matmul(const float* x, const uint8_t* w, const float* scales, c
         case 2: first ? int16_block_paired<2, NR, true>(rs, xm, sm, um, ss, bs, os, N, K) : int16_block_paired<2, NR, false>(rs, xm, sm, um, ss, bs, os, N, K); break;
         default: first ? int16_block_paired<1, NR, true>(rs, xm, sm, um, ss, bs, os, N, K) : int16_block_paired<1, NR, false>(rs, xm, sm, um, ss, bs, os, N, K);
       }
-    } else if constexpr (NR == DECODE_ROWS_TOGETHER) {  // one row of x only
+    } else if constexpr (ONE_ROW) {
       int16_block<BITS, 1, GS, NR>(rs, xm, sm, um, ss, bs, os, N, K, gs, first);
     } else {
       switch (mb) {
@@ -774,9 +984,8 @@ void int16_quant_matmul(const float* x, const uint8_t* w, const float* scales, c
     for (int t = 0; t < tiles; t++) tile(t);
   }
 }
-#else
-constexpr bool INTEGER_ACTIVATIONS = false;
 #endif
+
 
 template <int BITS>
 void quant_rows(const float* x, const uint8_t* w, const float* scales, const float* biases, float* out, int M,
@@ -863,8 +1072,8 @@ class QuantMatmul : public mx::Primitive {
                       bp = biases.data<float>(), op = out.data<float>(), M, N, K, gs, bits]() {
       std::vector<float> copy;
       const float* xp = layout.rows(x0, int64_t(M) * K, copy);
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-      if (gs % 64 == 0) {
+#ifdef EXO_INT16_ACTIVATIONS
+      if (gs % 64 == 0 && gs <= MAX_INT16_GROUP) {
         if (gs == 64 && bits == 4 && (K / gs) % 2 == 0) {  // the q4 format: two groups at a time
           int16_quant_matmul<4, 64, true>(xp, wp, sp, bp, op, M, N, K, gs);
         } else if (gs == 64) {  // the q8 format's groups (or an odd number of 4-bit ones), one step each

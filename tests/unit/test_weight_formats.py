@@ -149,7 +149,7 @@ def test_native_quant_matmul_on_every_core_gives_a_row_the_bits_of_its_prompt(bi
 def test_quant_matmul_multiplies_16_bit_activations_exactly_where_the_cpu_has_vnni():
     flags = set(Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split())
     ext = kernels.module()
-    assert ext.integer_activations() == {"avx512_vnni", "avx512bw"}.issubset(flags)
+    assert ext.integer_activations() == ({"avx512_vnni", "avx512bw"}.issubset(flags) or {"avx2", "fma"}.issubset(flags))
     # integers up to 32767 in every group round to themselves: the product is the exact one
     w = mx.random.normal((33, 256), key=mx.random.key(1)) * 0.05
     x = mx.array(np.random.default_rng(0).integers(-32767, 32768, (3, 256)).astype(np.float32))
