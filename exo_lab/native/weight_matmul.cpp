@@ -671,12 +671,16 @@ constexpr float X_TOP = 32767.0f;
 constexpr int X16_TILE = 16;  // weight rows a prompt's blocks of 4 rows of x go through before the next ones
 // q4 weight rows decoded side by side (several streams of codes from memory at once; the rows share each load
 // of x): one row of x (llama-1b's 112 layer products, one core: 1 row 15.4 GB/s, 2 rows 17.7, 3 16.5, 4 15.5:
-// 16 registers spill), then 2-4 rows
+// 16 registers spill), then 2-4 rows and prompts (one: 4 rows of x against 2 weight rows spill too; a 64-row
+// prompt through the 112 products on two cores 1.01-1.23 s with 2, 0.91 with 1)
 #ifndef DECODE_ROWS_TOGETHER_AVX2
 #define DECODE_ROWS_TOGETHER_AVX2 2
 #endif
 constexpr int DECODE_ROWS_TOGETHER = DECODE_ROWS_TOGETHER_AVX2;
-constexpr int BATCH_ROWS_TOGETHER = 2;
+#ifndef BATCH_ROWS_TOGETHER_AVX2
+#define BATCH_ROWS_TOGETHER_AVX2 1
+#endif
+constexpr int BATCH_ROWS_TOGETHER = BATCH_ROWS_TOGETHER_AVX2;
 #ifndef PREFETCH_AHEAD_BYTES
 #define PREFETCH_AHEAD_BYTES 2048
 #endif
@@ -968,11 +972,12 @@ void int16_quant_matmul(const float* x, const uint8_t* w, const float* scales, c
     }
   }
   auto tile = [&](int t) {  // X16_TILE weight rows stay in cache while every 4 rows of x pass over them (4-bit
-    const int n0 = t * X16_TILE, nt = N - n0 < X16_TILE ? N - n0 : X16_TILE;  // codes: two rows side by side)
+    const int n0 = t * X16_TILE, nt = N - n0 < X16_TILE ? N - n0 : X16_TILE;  // codes: two rows side by side
+                                                                               // where BATCH_ROWS_TOGETHER is 2)
     for (int m0 = 0; m0 < M; m0 += 4) {
       int j = 0;
-      if constexpr (PAIRED)
-        for (; j + 1 < nt; j += 2) rows_at(std::integral_constant<int, BATCH_ROWS_TOGETHER>(), {n0 + j, n0 + j + 1}, m0);
+      if constexpr (PAIRED && BATCH_ROWS_TOGETHER == 2)
+        for (; j + 1 < nt; j += 2) rows_at(std::integral_constant<int, 2>(), {n0 + j, n0 + j + 1}, m0);
       for (; j < nt; j++) one(n0 + j, m0);
     }
   };
