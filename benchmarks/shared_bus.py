@@ -1,15 +1,16 @@
 """Do this machine's cores share what a decode needs? One core's decode products alone, then every core's at once.
 
-Run: .venv/bin/python benchmarks/shared_bus.py [--formats q4,q8,float32] [--layers 8] [--seconds 8]
+Run: .venv/bin/python benchmarks/shared_bus.py [--formats q4,q8,float32] [--layers 8] [--seconds 8] [--rows 1]
 
 Each process, pinned to its own core, builds ``--layers`` Llama-3.2-1B-shaped layers (q, k, v, o, gate, up,
 down; random weights, more bytes than the caches hold) in a weight format, computed as a rank computes them
 (:mod:`exo_lab.models.qmatmul` for q8/q4, :mod:`exo_lab.models.halfmatmul` for bf16w/fp16w, ``x @ W.T``
-otherwise), and times one decode row through all of them for ``--seconds``: first on one core alone, then on
-every core at once. It prints the median time of each, the weight bytes read per second, and what that bounds:
+otherwise), and times ``--rows`` decode rows (1: one stream, read-bound; 8: eight streams, where a kernel computes
+more) through all of them for ``--seconds``: first on one core alone, then on every core at once. It prints the median time of each, the weight bytes read per second, and what that bounds:
 a decode split over these cores (the simulated hosts of ``distributed.py``, one per core, on one machine) runs
 its products at most ``cores * alone / together`` times as fast as one core. Separate machines do not share a
-bus; simulated hosts on one machine do.
+bus; simulated hosts on one machine do. Virtual CPUs may also share a physical core's execution units (the
+hypervisor's hyperthreads), which slows compute-bound products (``--rows 8``) more than read-bound ones.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ from exo_lab.models.formats import FORMATS
 LAYER = ((2048, 2048), (512, 2048), (512, 2048), (2048, 2048), (8192, 2048), (8192, 2048), (2048, 8192))
 
 
-def decode_products(fmt_name: str, layers: int) -> tuple[Callable[[], None], int]:
-    """A function running one decode row through ``layers`` layers' products in ``fmt_name``, and their bytes."""
+def decode_products(fmt_name: str, layers: int, rows: int = 1) -> tuple[Callable[[], None], int]:
+    """A function running ``rows`` decode rows through ``layers`` layers' products in ``fmt_name``, and their
+    bytes."""
     import mlx.core as mx
 
     from exo_lab.models import formats, halfmatmul, qmatmul
@@ -56,7 +58,7 @@ def decode_products(fmt_name: str, layers: int) -> tuple[Callable[[], None], int
     for i in range(layers):
         for n, k in LAYER:
             w = mx.random.uniform(-1.0, 1.0, (n, k), key=mx.random.key(i * 7 + n + k))
-            fn, arrays = product(mx.random.uniform(-1.0, 1.0, (1, k), key=mx.random.key(k)), w)
+            fn, arrays = product(mx.random.uniform(-1.0, 1.0, (rows, k), key=mx.random.key(k)), w)
             mx.eval(*arrays)
             fns.append(fn)
             weights += arrays
@@ -67,10 +69,10 @@ def decode_products(fmt_name: str, layers: int) -> tuple[Callable[[], None], int
     return run, sum(a.nbytes for a in weights)
 
 
-def timed(core: int, fmt: str, layers: int, seconds: float, start: Any, out: Any) -> None:
-    """On ``core``: build the products, wait for the others, time decode rows for ``seconds``."""
+def timed(core: int, fmt: str, layers: int, rows: int, seconds: float, start: Any, out: Any) -> None:
+    """On ``core``: build the products, wait for the others, time decode steps of ``rows`` rows for ``seconds``."""
     os.sched_setaffinity(0, {core})
-    run, nbytes = decode_products(fmt, layers)
+    run, nbytes = decode_products(fmt, layers, rows)
     run()
     start.wait()
     times, end = [], time.perf_counter() + seconds
@@ -81,11 +83,12 @@ def timed(core: int, fmt: str, layers: int, seconds: float, start: Any, out: Any
     out.put((core, statistics.median(times), nbytes))
 
 
-def measure(cores: list[int], fmt: str, layers: int, seconds: float) -> list[tuple[int, float, int]]:
-    """``(core, median seconds of one decode row, weight bytes)`` of one process per core, all at once."""
+def measure(cores: list[int], fmt: str, layers: int, seconds: float, rows: int = 1) -> list[tuple[int, float, int]]:
+    """``(core, median seconds of one decode step of ``rows`` rows, weight bytes)`` of one process per core, all
+    at once."""
     ctx = mp.get_context("spawn")
     start, out = ctx.Barrier(len(cores)), ctx.Queue()
-    procs = [ctx.Process(target=timed, args=(c, fmt, layers, seconds, start, out)) for c in cores]
+    procs = [ctx.Process(target=timed, args=(c, fmt, layers, rows, seconds, start, out)) for c in cores]
     for p in procs:
         p.start()
     results = []
@@ -107,7 +110,10 @@ def main() -> int:
     ap.add_argument("--formats", default="q4,q8,float32", help=f"comma-separated, of: {', '.join(FORMATS)}")
     ap.add_argument("--layers", type=int, default=8, help="layers of products (8: q4 reads ~270 MB a row)")
     ap.add_argument("--seconds", type=float, default=8.0, help="timed seconds of each run")
+    ap.add_argument("--rows", type=int, default=1, help="rows of x a step (1: one stream; 8: eight streams)")
     args = ap.parse_args()
+    if args.rows < 1:
+        ap.error("--rows must be at least 1")
     unknown = [f for f in args.formats.split(",") if f not in FORMATS]
     if unknown:
         ap.error(f"unknown formats {unknown}: choose from {', '.join(FORMATS)}")
@@ -115,13 +121,16 @@ def main() -> int:
     if len(cores) < 2:
         print("one core: nothing to share")
         return 0
-    print(f"{args.layers} Llama-3.2-1B layers' products, one decode row; median of {args.seconds:.0f} s; cores {cores}")
+    print(
+        f"{args.layers} Llama-3.2-1B layers' products, {args.rows} decode row(s); median of {args.seconds:.0f} s; "
+        f"cores {cores}"
+    )
     print(
         f"{'format':8} {'alone ms':>9} {'GB/s':>6} {'together ms':>12} {'GB/s (sum)':>11} {'slower':>7} {'split bound':>12}"
     )
     for fmt in args.formats.split(","):
-        (_, alone, nbytes), *_ = measure(cores[:1], fmt, args.layers, args.seconds)
-        together = measure(cores, fmt, args.layers, args.seconds)
+        (_, alone, nbytes), *_ = measure(cores[:1], fmt, args.layers, args.seconds, args.rows)
+        together = measure(cores, fmt, args.layers, args.seconds, args.rows)
         slowest = max(t for _, t, _ in together)
         total = sum(n / t for _, t, n in together)
         print(
