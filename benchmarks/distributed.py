@@ -11,8 +11,9 @@ For each link (``unshaped``: a plain LAN; ``1gbit``: a cable of 1 Gbit/s with 1 
 root namespace. For each dtype of the synthetic ``--preset`` (made once under ``<models>/bench``; ``q8``/``q4``:
 the fp32 checkpoint, every rank of every plan converting it to that weight format at load):
 
-- **one process**: the planner's single-node plan on ``a`` (one rank, one core), measured once per dtype
-  (in the first link's sim: a one-process plan crosses no link);
+- **one process**: the planner's single-node plan on ``a`` (one rank, one core), kept up beside each plan
+  and measured in turn with it (``--apart``: measured alone, once per dtype and round, in the first link's
+  sim: a one-process plan crosses no link);
 - **pipeline-2** and **tensor-2**: the planner's 2-node plans of that strategy over ``a`` and ``b``, planned
   for the most ``--streams`` sequences at once (``--plan-batch 1``: for one; a pipeline's split then balances
   its layers, not its layers and the last stage's head, which only several sequences in flight keep busy).
@@ -30,10 +31,12 @@ and each more row of a batch costs what it cost the one process with the most st
 so the error measures how the cost model splits, not the microbenchmarks. Targets (issue 15): pipeline-2 with 8 streams >= 1.7x, a 2048-token TTFT
 <= 0.65x, one stream >= 0.9x; tensor-2 one stream >= 1.6x on the unshaped link.
 
-Every figure is one run unless ``--repeat`` (measurements per launch, their median); on a shared machine
-they are noisy, and the machine's speed drifts by tens of percent within minutes: ``--rounds N`` launches the
-one process and every plan N times in turn, compares each plan with the one process of its round, and gives
-the median ratio with the range of the rounds'.
+Every figure is one run unless ``--repeat`` (measurements per launch, their median). On a shared machine
+they are noisy, and the machine's speed drifts by tens of percent within minutes (this project's AVX2 host:
+one process 14-19 tok/s, tensor-2 19-28 within an hour), so launches minutes apart do not compare: the one
+process stays up (idle, it takes no core) while each plan is measured, the two take turns on every figure
+(the order swapped every other repeat), and each ratio is the median of the pairs' ratios, with their range.
+``--rounds N`` launches the one process and every plan N times in turn.
 """
 
 from __future__ import annotations
@@ -143,29 +146,45 @@ def streams_tps(inst: Any, streams: int, tokens: int, short: int) -> float:
     return sum(len(s) for s in stamps) / (time.perf_counter() - t0)
 
 
-def measure(cluster: Any, path: Path, plan: Any, args: argparse.Namespace) -> dict[str, Any]:
+def launch(cluster: Any, path: Path, plan: Any, args: argparse.Namespace, name: str) -> Any:
+    """``plan`` launched through the agents and warmed up."""
     print(f"  launching {plan.describe()} ...", flush=True)
-    inst = cluster.launch(path, plan=plan, name="bench", max_batch=max(args.streams))
-    out: dict[str, Any] = {"plan": plan.describe()}
+    inst = cluster.launch(path, plan=plan, name=name, max_batch=max(args.streams))
     try:
         # warm-up: a whole request (a 2-token one left the first measured stream up to 25% slow)
         one_stream(inst, prompt_of(args.short, 0), min(args.tokens, 16))
-        rep = range(args.repeat)
-        for s in args.streams:
-            if s == 1:
-                out["decode_1"] = statistics.median(
-                    one_stream(inst, prompt_of(args.short, 0), args.tokens)[1] for _ in rep
-                )
-            else:
-                out[f"decode_{s}"] = statistics.median(streams_tps(inst, s, args.tokens, args.short) for _ in rep)
-            print(f"    {s} stream(s): {out[f'decode_{s}']:.2f} tok/s", flush=True)
-        if args.prompt:
-            # a new prompt each time: a repeated one would come from the prefix cache
-            out["ttft"] = statistics.median(one_stream(inst, prompt_of(args.prompt, 99 + i), 1)[0] for i in rep)
-            print(f"    TTFT of {args.prompt} tokens: {out['ttft']:.2f} s", flush=True)
-    finally:
+    except BaseException:
         inst.delete()
-    return out
+        raise
+    return inst
+
+
+def measure(insts: list[tuple[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Each figure of each of ``insts`` (plan described, instance), the instances measured in turn (in the other order every other repeat,
+    so that a drifting machine slows each alike): per instance the median of its repeats, and under ``runs``
+    every repeat (a plan's ratio to the one process measured beside it is the median of the pairs' ratios)."""
+    figures: list[tuple[str, Any]] = []
+    for s in args.streams:
+        if s == 1:
+            figures.append(("decode_1", lambda inst, i: one_stream(inst, prompt_of(args.short, 0), args.tokens)[1]))
+        else:
+            figures.append((f"decode_{s}", lambda inst, i, s=s: streams_tps(inst, s, args.tokens, args.short)))
+    if args.prompt:
+        # a new prompt each time: a repeated one would come from the prefix cache
+        figures.append(("ttft", lambda inst, i: one_stream(inst, prompt_of(args.prompt, 99 + i), 1)[0]))
+    outs: list[dict[str, Any]] = [{"plan": plan, "runs": {}} for plan, _ in insts]
+    for key, figure in figures:
+        runs: list[list[float]] = [[] for _ in insts]
+        for i in range(args.repeat):
+            order = range(len(insts)) if i % 2 == 0 else reversed(range(len(insts)))
+            for k in order:
+                runs[k].append(figure(insts[k][1], i))
+        for out, got in zip(outs, runs):
+            out[key] = statistics.median(got)
+            out["runs"][key] = got
+        unit = "s" if key == "ttft" else "tok/s"
+        print(f"    {key}: " + "; ".join(f"{o['plan']} {o[key]:.2f} {unit}" for o in outs), flush=True)
+    return outs
 
 
 def predictions(cluster: Any, path: Path, plan: Any, base: Any, measured_base: dict, args: argparse.Namespace) -> dict:
@@ -260,6 +279,11 @@ def main() -> int:
         default=0,
         help="the sequences the planner plans for (default: the most streams; 1: the split for one sequence)",
     )
+    ap.add_argument(
+        "--apart",
+        action="store_true",
+        help="measure the one process once a round, alone (default: kept up beside each plan, measured in turn)",
+    )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     args.streams = [int(s) for s in args.streams.split(",")]
@@ -285,64 +309,112 @@ def main() -> int:
                     )
                     single = in_format(pick(plans, "single", 1, ids["a"]), dt)
                     for rnd in range(args.rounds):
-                        if (dt, rnd) not in base:
-                            base[dt, rnd] = measure(cluster, path, single, args)
+                        if args.apart and (dt, rnd) not in base:
+                            one = launch(cluster, path, single, args, "one")
+                            try:
+                                (base[dt, rnd],) = measure([(single.describe(), one)], args)
+                            finally:
+                                one.delete()
                             rows.append(
                                 {"round": rnd, "link": "-", "dtype": dt, "strategy": "one process", **base[dt, rnd]}
                             )
-                        for strategy in strategies:
-                            plan = in_format(pick(plans, strategy, 2), dt)
-                            if plan is None:
-                                print(f"  no {strategy} plan over a and b for {dt}", flush=True)
-                                continue
-                            got = measure(cluster, path, plan, args)
-                            got["pred"] = predictions(cluster, path, plan, single, base[dt, rnd], args)
-                            rows.append({"round": rnd, "link": link, "dtype": dt, "strategy": strategy, **got})
+                        one = None if args.apart else launch(cluster, path, single, args, "one")
+                        try:
+                            for strategy in strategies:
+                                plan = in_format(pick(plans, strategy, 2), dt)
+                                if plan is None:
+                                    print(f"  no {strategy} plan over a and b for {dt}", flush=True)
+                                    continue
+                                inst = launch(cluster, path, plan, args, "bench")
+                                try:
+                                    if one is None:
+                                        (got,) = measure([(plan.describe(), inst)], args)
+                                        beside = base[dt, rnd]
+                                    else:
+                                        beside, got = measure([(single.describe(), one), (plan.describe(), inst)], args)
+                                        rows.append(
+                                            {
+                                                "round": rnd,
+                                                "link": link,
+                                                "dtype": dt,
+                                                "strategy": "one process",
+                                                **beside,
+                                            }
+                                        )
+                                finally:
+                                    inst.delete()
+                                got["base"], got["paired"] = beside, one is not None
+                                got["pred"] = predictions(cluster, path, plan, single, beside, args)
+                                rows.append({"round": rnd, "link": link, "dtype": dt, "strategy": strategy, **got})
+                        finally:
+                            if one is not None:
+                                one.delete()
             finally:
                 cluster.close()
-    report(rows, args, base)
+    report(rows, args)
     if args.json:
         args.json.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows}, indent=1))
     return 0
 
 
-def report(rows: list[dict[str, Any]], args: argparse.Namespace, base: dict[tuple[str, int], dict]) -> None:
-    """The table: per plan and figure the median over rounds of the measurement, of its ratio to the same
-    round's one process (the spread of the ratios beside it with several rounds), of the prediction's ratio
-    and of its error."""
+def pair_ratios(row: dict[str, Any], key: str) -> list[float]:
+    """``row``'s measurements of ``key`` over the one process's beside them: each pair's ratio where both were
+    measured in turn, else the medians' (``--apart``)."""
+    mine, theirs = row["runs"].get(key), row["base"]["runs"].get(key)
+    if row.get("paired") and mine and theirs and len(mine) == len(theirs):
+        return [m / t for m, t in zip(mine, theirs) if t]
+    return [row[key] / row["base"][key]] if row.get(key) is not None and row["base"].get(key) else []
+
+
+def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    """The table: per plan and figure the median over rounds of the measurement, of its ratio to the one process
+    measured beside it (the spread of the ratios beside it with several rounds or repeats), of the prediction's
+    ratio and of its error."""
     keys = [f"decode_{s}" for s in args.streams] + (["ttft"] if args.prompt else [])
     names = {
         **{f"decode_{s}": ("1 stream" if s == 1 else f"{s} streams") for s in args.streams},
         "ttft": f"TTFT {args.prompt}",
     }
+    how = (
+        "measured alone, once a round"
+        if args.apart
+        else f"kept up beside each plan, the two measured in turn: each ratio the median of {args.rounds * args.repeat} pairs'"
+    )
     print(
         f"\n{args.preset}, {args.tokens} tokens per stream, decode prompts {args.short} tokens; "
-        f"ratios to one one-core process launched in the same round (TTFT: time ratio, lower is better); "
-        f"pred = calibrated prediction, err = pred / measured - 1; medians of {args.rounds} round(s) "
-        f"(the ratios' range in brackets), each the median of {args.repeat} measurement(s); on a shared machine: noisy"
+        f"ratios to one one-core process ({how}; TTFT: time ratio, lower is better); "
+        f"pred = calibrated prediction, err = pred / measured - 1; measured: the median of {args.rounds} round(s) "
+        f"of {args.repeat} measurement(s); on a shared machine: noisy"
     )
-    width = 27 + (12 if args.rounds > 1 else 0)
+    spread = args.rounds * (1 if args.apart else args.repeat) > 1
+    width = 27 + (12 if spread else 0)
     print(f"{'link':9s} {'dtype':5s} {'plan':12s} " + " ".join(f"{names[k]:>{width}s}" for k in keys))
-    spread = f" {'range':>11s}" if args.rounds > 1 else ""
-    print(" " * 28 + " ".join(f"{'measured':>10s} {'ratio':>5s}{spread} {'pred':>5s} {'err':>4s}" for _ in keys))
+    head = f" {'range':>11s}" if spread else ""
+    print(" " * 28 + " ".join(f"{'measured':>10s} {'ratio':>5s}{head} {'pred':>5s} {'err':>4s}" for _ in keys))
     plans: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for r in rows:
         plans.setdefault((r["link"], r["dtype"], r["strategy"]), []).append(r)
     for (link, dt, strategy), runs in plans.items():
         cells = []
         for k in keys:
-            got = [(r[k], base[dt, r["round"]].get(k), (r.get("pred") or {}).get(k)) for r in runs]
-            got = [(v, bv, p) for v, bv, p in got if v is not None and bv]
-            if not got:
+            values = [r[k] for r in runs if r.get(k) is not None]
+            if not values:
                 cells.append(f"{'-':>{width}s}")
                 continue
-            v = statistics.median(g[0] for g in got)
-            ratios = [g[0] / g[1] for g in got]
+            v = statistics.median(values)
             unit = f"{v:7.2f} s " if k == "ttft" else f"{v:6.2f} t/s"
+            ratios = [x for r in runs if "base" in r for x in pair_ratios(r, k)]
+            if not ratios:  # the one process itself
+                cells.append(f"{unit:>10s}".ljust(width))
+                continue
             cell = f"{unit:>10s} {statistics.median(ratios):5.2f}"
-            if args.rounds > 1:
+            if spread:
                 cell += f" {f'[{min(ratios):.2f}-{max(ratios):.2f}]':>11s}"
-            preds = [(p / bv, p / mv - 1) for mv, bv, p in got if p is not None]
+            preds = [
+                (p / r["base"][k], p / r[k] - 1)
+                for r in runs
+                if (p := (r.get("pred") or {}).get(k)) is not None and r.get(k) and r["base"].get(k)
+            ]
             if preds:
                 cell += f" {statistics.median(x[0] for x in preds):5.2f} {100 * statistics.median(x[1] for x in preds):+3.0f}%"
             else:
