@@ -46,6 +46,7 @@ import exo_lab  # noqa: F401  (first: OpenBLAS before MLX)
 # isort: split
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import statistics
@@ -72,6 +73,8 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 #: weight formats every rank converts the fp32 checkpoint to at load (lossy: the planner's choice with lossy=True)
 FORMATS = ("q8", "q4")
 CALIBRATION_PASSES = 6
+#: the seeds of the TTFT runs' prompts, each used once
+TTFT_SEEDS = itertools.count(99)
 os.environ.setdefault("TQDM_DISABLE", "1")  # no load progress bars between the lines of the table
 
 
@@ -170,8 +173,10 @@ def measure(insts: list[tuple[str, Any]], args: argparse.Namespace) -> list[dict
         else:
             figures.append((f"decode_{s}", lambda inst, i, s=s: streams_tps(inst, s, args.tokens, args.short)))
     if args.prompt:
-        # a new prompt each time: a repeated one would come from the prefix cache
-        figures.append(("ttft", lambda inst, i: one_stream(inst, prompt_of(args.prompt, 99 + i), 1)[0]))
+        # a new prompt each repeat (the same for the instances of one pair): a repeated one would come from the
+        # prefix cache, also of the one process kept up across plans
+        seeds = [next(TTFT_SEEDS) for _ in range(args.repeat)]
+        figures.append(("ttft", lambda inst, i: one_stream(inst, prompt_of(args.prompt, seeds[i]), 1)[0]))
     outs: list[dict[str, Any]] = [{"plan": plan, "runs": {}} for plan, _ in insts]
     for key, figure in figures:
         runs: list[list[float]] = [[] for _ in insts]
