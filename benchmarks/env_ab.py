@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from distributed import model_path
+from distributed import in_format, model_path
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 PROMPT = [(i * 7919) % 5000 + 10 for i in range(64)]
@@ -76,9 +76,11 @@ def compare(
     tokens: int,
     rounds: int,
     extra: Callable[[Path, str, int], float | None] | None = None,
+    dtype: str = "fp32",
 ) -> list[dict[str, Any]]:
     """Rows of median tok/s per side (``sides``: name -> value of ``variable``, the first the baseline) for each
-    model, strategy and stream count; ``extra(path, strategy, streams)`` adds a reference figure to each row."""
+    model, strategy and stream count; ``extra(path, strategy, streams)`` adds a reference figure to each row.
+    ``dtype``: what every rank computes in (``q8``/``q4``: converted from the fp32 checkpoint at load)."""
     clusters = {name: start(variable, value) for name, value in sides.items()}
     base_name, new_name = list(sides)
     rows: list[dict[str, Any]] = []
@@ -87,7 +89,9 @@ def compare(
             path = model_path(name, "fp32")
             for strategy in strategies:
                 plan = pick(clusters[new_name], path, strategy)
-                insts = {k: c.launch(str(path), plan=pick(c, path, strategy)) for k, c in clusters.items()}
+                insts = {
+                    k: c.launch(str(path), plan=in_format(pick(c, path, strategy), dtype)) for k, c in clusters.items()
+                }
                 try:
                     for inst in insts.values():  # warm up
                         decode_tps(inst, 1, 8)

@@ -56,6 +56,7 @@ SMALL_GEMM = "EXO_LAB_SMALL_GEMM"
 LOOKAHEAD = "EXO_LAB_LOOKAHEAD"
 PEER_LINK = "EXO_LAB_PEER_LINK"
 WORKER_BATCH = "EXO_LAB_WORKER_BATCH"
+ROW_POOL = "EXO_LAB_ROW_POOL"
 WORKER_LOG = "EXO_LAB_WORKER_LOG"
 DASHBOARD_CONNECT = "EXO_LAB_DASHBOARD_CONNECT"
 DASHBOARD_BENCH = "EXO_LAB_DASHBOARD_BENCH"
@@ -80,6 +81,8 @@ VARIABLES: dict[str, str] = {
     "(default: sockets of their own, exo_lab/native/peer_sum.cpp)",
     WORKER_BATCH: "'0' leaves a shard worker's threads under the default scheduling policy (default: SCHED_BATCH, "
     "so that on a shared core they take turns by time slice: exo_lab/engine/thread_policy.py)",
+    ROW_POOL: "'0' splits a decode product's weight rows over OpenMP's threads in fixed halves (default: chunks the "
+    "calling thread and helper threads claim as they come, exo_lab/native/weight_matmul.cpp's RowPool)",
     WORKER_LOG: "log level of shard workers (default: INFO)",
     DASHBOARD_CONNECT: "agents (host:port,...) the dashboard app connects to",
     DASHBOARD_BENCH: "a bench result JSON the dashboard app shows",

@@ -23,17 +23,22 @@
 // call the BLAS. MLX's own CPU kernel is single-threaded and compute-bound (~0.06 of what memory bandwidth
 // allows on an AVX2 CPU).
 //
-// Products over PARALLEL_WEIGHTS weights are split over OpenMP threads by output columns.
+// Products over PARALLEL_WEIGHTS weights are split over threads by output columns: a decode product's rows in
+// chunks that the calling thread and helper threads claim as they come (`RowPool`), prompts over OpenMP.
 #include <immintrin.h>
 #include <dlfcn.h>
 #include <omp.h>
 #include <type_traits>
 
+#include <atomic>
+#include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <new>
 #include <stdexcept>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <nanobind/nanobind.h>
@@ -53,6 +58,119 @@ namespace {
 constexpr int SMALL_M = 16;
 constexpr int64_t PARALLEL_WEIGHTS = int64_t(1) << 22;
 constexpr int PREFILL_BLOCK = 256;  // weight rows widened at a time for the BLAS
+
+// A decode product's weight rows, split over a machine's cores, as chunks that the calling thread and the
+// helpers claim as they come. Under OpenMP each thread got a fixed half and the caller waited at the end for
+// the helper's: on a VM, a helper that had gone to sleep between two products (a step has ~113, with norms,
+// rotations and attention between them) woke tens of microseconds late, and one whose vCPU the host stopped
+// held its half for as long. Here the caller starts at once and takes whatever is left; a helper that wakes
+// late finds less, or nothing, and the caller waits only for chunks a helper is already computing. Each
+// output element is computed by one thread in the same order whichever claims it, so results do not change.
+class RowPool {
+ public:
+  // the pool of this process: one thread fewer helpers than OpenMP's threads (the caller is one of them)
+  static RowPool& get() {
+    static RowPool* pool = new RowPool(omp_get_max_threads() - 1);  // never destroyed: helpers are detached
+    return *pool;
+  }
+
+  // EXO_LAB_ROW_POOL=0 (read once): OpenMP's fixed halves instead, the split this replaced (for benchmarks)
+  static bool enabled() {
+    static const bool on = [] {
+      const char* v = std::getenv("EXO_LAB_ROW_POOL");
+      return v == nullptr || *v == 0 || std::string(v) != "0";
+    }();
+    return on;
+  }
+
+  int threads() const { return int(helpers_) + 1; }
+
+  // fn(i) for every chunk i in [0, chunks), over the caller and the helpers; returns when every chunk is done.
+  // A call while another runs (two streams at once) computes its chunks on the calling thread alone.
+  template <class F>
+  void run(int chunks, F&& fn) {
+    std::unique_lock lock(busy_, std::try_to_lock);
+    if (helpers_ == 0 || chunks <= 1 || !lock.owns_lock()) {
+      for (int i = 0; i < chunks; i++) fn(i);
+      return;
+    }
+    auto call = [](void* f, int i) { (*static_cast<std::remove_reference_t<F>*>(f))(i); };
+    fn_ = &fn;
+    call_ = call;
+    done_.store(0, std::memory_order_relaxed);
+    const uint64_t gen = (gen_ = (gen_ + 1) & GEN_MASK);
+    word_.store(gen << 40 | uint64_t(chunks) << 20, std::memory_order_release);
+    signal_.store(uint32_t(gen), std::memory_order_seq_cst);
+    if (sleeping_.load(std::memory_order_seq_cst) > 0) signal_.notify_all();
+    const int mine = claim(gen);
+    done_.fetch_add(mine, std::memory_order_acq_rel);
+    while (done_.load(std::memory_order_acquire) < chunks) _mm_pause();  // chunks a helper is computing
+  }
+
+ private:
+  static constexpr uint64_t GEN_MASK = (uint64_t(1) << 24) - 1;  // word: generation 24 bits, chunks 20, next 20
+  static constexpr uint64_t FIELD = (uint64_t(1) << 20) - 1;
+  static constexpr std::chrono::microseconds SPIN{50};  // a helper waits this long for the next product, then sleeps  // pauses a helper waits for the next product before it sleeps (~0.1 ms)
+
+  explicit RowPool(int helpers) : helpers_(helpers < 0 ? 0 : unsigned(helpers)) {
+    for (unsigned h = 0; h < helpers_; h++) std::thread([this] { serve(); }).detach();
+  }
+
+  // claim and compute chunks of generation gen until none is left; how many this thread computed
+  int claim(uint64_t gen) {
+    int count = 0;
+    uint64_t w = word_.load(std::memory_order_acquire);
+    for (;;) {
+      if ((w >> 40) != gen || (w & FIELD) >= ((w >> 20) & FIELD)) return count;
+      if (!word_.compare_exchange_weak(w, w + 1, std::memory_order_acq_rel, std::memory_order_acquire)) continue;
+      call_(fn_, int(w & FIELD));  // valid: the caller waits for this chunk before it sets the next product
+      count++;
+      w = word_.load(std::memory_order_acquire);
+    }
+  }
+
+  void serve() {
+    uint32_t seen = signal_.load(std::memory_order_acquire);
+    for (;;) {
+      uint32_t now = signal_.load(std::memory_order_acquire);
+      for (auto until = std::chrono::steady_clock::now() + SPIN; now == seen;) {
+        for (int i = 0; i < 64 && now == seen; i++) {
+          _mm_pause();
+          now = signal_.load(std::memory_order_acquire);
+        }
+        if (std::chrono::steady_clock::now() >= until) break;
+      }
+      if (now == seen) {
+        sleeping_.fetch_add(1, std::memory_order_seq_cst);
+        if (signal_.load(std::memory_order_seq_cst) == seen) signal_.wait(seen, std::memory_order_seq_cst);
+        sleeping_.fetch_sub(1, std::memory_order_seq_cst);
+        continue;
+      }
+      seen = now;
+      const int mine = claim(now);
+      if (mine) done_.fetch_add(mine, std::memory_order_acq_rel);
+    }
+  }
+
+  const unsigned helpers_;
+  std::mutex busy_;
+  uint64_t gen_ = 0;
+  void* fn_ = nullptr;
+  void (*call_)(void*, int) = nullptr;
+  std::atomic<uint64_t> word_{0};
+  std::atomic<int> done_{0};
+  std::atomic<uint32_t> signal_{0};
+  std::atomic<int> sleeping_{0};
+};
+
+// weight rows a decode chunk holds: about CHUNK_BYTES of codes, a multiple of `parts` (the rows a thread
+// streams side by side)
+constexpr int64_t CHUNK_BYTES = int64_t(1) << 17;
+inline int chunk_rows(int64_t row_bytes, int parts) {
+  int64_t rows = CHUNK_BYTES / (row_bytes > 0 ? row_bytes : 1);
+  rows = rows < 4 * parts ? 4 * parts : rows;
+  return int(rows / parts * parts);
+}
 
 enum { RowMajor = 101 };
 enum { NoTrans = 111, Trans = 112 };
@@ -959,12 +1077,15 @@ void int16_quant_matmul(const float* x, const uint8_t* w, const float* scales, c
           parts(std::integral_constant<int, BATCH_ROWS_TOGETHER>(), a, b);
         }
       };
-      if (parallel) {
+      if (parallel && !RowPool::enabled()) {
 #pragma omp parallel
         {
           const int64_t T = omp_get_num_threads(), id = omp_get_thread_num();
           rows(int(N * id / T), int(N * (id + 1) / T));
         }
+      } else if (parallel) {
+        const int per = chunk_rows(row_bytes, M == 1 ? DECODE_ROWS_TOGETHER : BATCH_ROWS_TOGETHER);
+        RowPool::get().run(int((N + per - 1) / per), [&](int c) { rows(c * per, (c + 1) * per < N ? (c + 1) * per : N); });
       } else {
         rows(0, N);
       }
