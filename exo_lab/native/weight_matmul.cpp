@@ -104,16 +104,26 @@ class RowPool {
     if (sleeping_.load(std::memory_order_seq_cst) > 0) signal_.notify_all();
     const int mine = claim(gen);
     done_.fetch_add(mine, std::memory_order_acq_rel);
-    while (done_.load(std::memory_order_acquire) < chunks) _mm_pause();  // chunks a helper is computing
+    wait_done(chunks);
   }
 
  private:
   static constexpr uint64_t GEN_MASK = (uint64_t(1) << 24) - 1;  // word: generation 24 bits, chunks 20, next 20
   static constexpr uint64_t FIELD = (uint64_t(1) << 20) - 1;
-  static constexpr std::chrono::microseconds SPIN{50};  // a helper waits this long for the next product, then sleeps  // pauses a helper waits for the next product before it sleeps (~0.1 ms)
+  static constexpr std::chrono::microseconds SPIN{50};  // a helper waits this long for the next product, then sleeps
 
   explicit RowPool(int helpers) : helpers_(helpers < 0 ? 0 : unsigned(helpers)) {
     for (unsigned h = 0; h < helpers_; h++) std::thread([this] { serve(); }).detach();
+  }
+
+  // until every chunk is done: spin while a helper finishes its last chunks, then yield the core (ranks sharing a
+  // machine's cores: a helper preempted in a chunk may be waiting for this one)
+  void wait_done(int chunks) {
+    const auto until = std::chrono::steady_clock::now() + SPIN;
+    while (done_.load(std::memory_order_acquire) < chunks) {
+      for (int i = 0; i < 64 && done_.load(std::memory_order_acquire) < chunks; i++) _mm_pause();
+      if (std::chrono::steady_clock::now() >= until) std::this_thread::yield();
+    }
   }
 
   // claim and compute chunks of generation gen until none is left; how many this thread computed
