@@ -173,9 +173,24 @@ class RowPool {
   std::atomic<int> sleeping_{0};
 };
 
+// run(b) for every block b in [0, blocks) of about block_bytes of weights each, over the machine's cores: the
+// pool's chunks of about CHUNK_BYTES (or, with EXO_LAB_ROW_POOL=0, OpenMP's fixed shares)
+constexpr int64_t CHUNK_BYTES = int64_t(1) << 17;
+template <class F>
+void parallel_blocks(int blocks, int64_t block_bytes, F&& run) {
+  if (!RowPool::enabled()) {
+#pragma omp parallel for schedule(static)
+    for (int b = 0; b < blocks; b++) run(b);
+    return;
+  }
+  const int per = int(CHUNK_BYTES / (block_bytes > 0 ? block_bytes : 1)) > 1 ? int(CHUNK_BYTES / block_bytes) : 1;
+  RowPool::get().run((blocks + per - 1) / per, [&](int c) {
+    for (int b = c * per, end = (c + 1) * per < blocks ? (c + 1) * per : blocks; b < end; b++) run(b);
+  });
+}
+
 // weight rows a decode chunk holds: about CHUNK_BYTES of codes, a multiple of `parts` (the rows a thread
 // streams side by side)
-constexpr int64_t CHUNK_BYTES = int64_t(1) << 17;
 inline int chunk_rows(int64_t row_bytes, int parts) {
   int64_t rows = CHUNK_BYTES / (row_bytes > 0 ? row_bytes : 1);
   rows = rows < 4 * parts ? 4 * parts : rows;
@@ -322,8 +337,7 @@ void small_rows(const float* x_in, const uint16_t* w, float* out, int M, int N, 
     for (int m0 = 0; m0 < M; m0 += MB) block<FP16, MB, NB>(x, w, out, m0, M - m0 < MB ? M - m0 : MB, n0, nr, K, N);
   };
   if (int64_t(N) * K >= PARALLEL_WEIGHTS) {
-#pragma omp parallel for schedule(static)
-    for (int b = 0; b < blocks; b++) run(b);
+    parallel_blocks(blocks, int64_t(nb) * K * 2, run);
   } else {
     for (int b = 0; b < blocks; b++) run(b);
   }
@@ -1158,8 +1172,7 @@ void quant_rows(const float* x, const uint8_t* w, const float* scales, const flo
     }
   };
   if (int64_t(N) * K >= PARALLEL_WEIGHTS) {
-#pragma omp parallel for schedule(static)
-    for (int b = 0; b < blocks; b++) run(b);
+    parallel_blocks(blocks, int64_t(QNR) * K * BITS / 8, run);
   } else {
     for (int b = 0; b < blocks; b++) run(b);
   }

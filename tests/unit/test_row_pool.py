@@ -1,5 +1,6 @@
-"""exo_lab's decode kernels split a product's weight rows over the cores as chunks claimed as they come
-(``RowPool`` in exo_lab/native/weight_matmul.cpp): the bits must not depend on who computed which chunk."""
+"""exo_lab's decode kernels (q8/q4 and 16-bit weights) split a product's weight rows over the cores as chunks
+claimed as they come (``RowPool`` in exo_lab/native/weight_matmul.cpp): the bits must not depend on who computed
+which chunk."""
 
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ needs_kernels = pytest.mark.skipif(kernels.module() is None, reason="exo_lab's w
 
 #: (weight rows, columns, rows of x, bits): past PARALLEL_WEIGHTS, row counts that leave a short last chunk
 SHAPES = [(4099, 2048, 1, 4), (2053, 8192, 1, 4), (3001, 2048, 2, 4), (2049, 2048, 4, 8), (5003, 1024, 3, 8)]
+#: (weight rows, columns, rows of x, dtype) of 16-bit weights' decode products (bf16w, fp16w)
+HALF = [(4099, 2048, 1, "bfloat16"), (2053, 4096, 5, "float16"), (3001, 2048, 16, "bfloat16")]
 
 DIGEST = """
 import exo_lab, hashlib, mlx.core as mx
@@ -32,13 +35,17 @@ for n, k, m, bits in {shapes!r}:
     q = mx.quantize(mx.random.normal((n, k), key=mx.random.key(n)) * 0.05, group_size=64, bits=bits)
     x = mx.random.normal((m, k), key=mx.random.key(m + k))
     h.update(bytes(memoryview(kernels.module().quant_matmul(x, *q, 64, bits))))
+for n, k, m, dtype in {half!r}:
+    w = (mx.random.normal((n, k), key=mx.random.key(n)) * 0.05).astype(getattr(mx, dtype))
+    x = mx.random.normal((m, k), key=mx.random.key(m + k))
+    h.update(bytes(memoryview(kernels.module().weight_matmul(x, w))))
 print(h.hexdigest())
 """
 
 
 def _digest(env: dict[str, str]) -> str:
     out = subprocess.run(
-        [sys.executable, "-c", DIGEST.format(shapes=SHAPES)],
+        [sys.executable, "-c", DIGEST.format(shapes=SHAPES, half=HALF)],
         env={**os.environ, **env},
         capture_output=True,
         text=True,
