@@ -1,5 +1,6 @@
 """Two local clusters that differ in one environment variable of their agents (and so of their workers), the same
-plans launched on both, decode measured in alternating rounds: what ``lookahead.py`` runs.
+plans launched on both, decode measured in alternating rounds: what ``lookahead.py`` runs. With ``hosts=True``
+each cluster is two simulated one-core hosts instead (``distributed.py``'s, on a plain LAN; root).
 
 Each round measures greedy decode tok/s (EOS ignored) of one stream, and aggregate tok/s of N concurrent streams
 (tokens over the time from the first token of any to the last of all), through ``Instance.generate``; which side
@@ -23,6 +24,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
 from distributed import in_format, model_path
+
+from exo_lab.sim.cluster import SimCluster
 
 os.environ.setdefault("TQDM_DISABLE", "1")
 PROMPT = [(i * 7919) % 5000 + 10 for i in range(64)]
@@ -48,13 +51,38 @@ def decode_tps(inst: Any, streams: int, tokens: int) -> float:
     return (sum(len(s) for s in stamps) - streams) / (end - start)
 
 
-def start(variable: str, value: str | None) -> Any:
-    """A local cluster of two nodes whose agents (and workers) run with ``variable=value`` (None: unset)."""
+class SimSide:
+    """A cluster of two simulated one-core hosts (``a`` on core 0, ``b`` on core 1, a plain LAN): ``close``
+    ends it, as a local cluster's does."""
+
+    def __init__(self, name: str) -> None:
+        hosts = [{"name": "a", "cores": [0]}, {"name": "b", "cores": [1]}]
+        self.sim = SimCluster({"name": name, "hosts": hosts, "lan": {}}).up(wait=120)
+        try:
+            self.cluster = self.sim.cluster()
+            self.cluster.wait_for(2, links=True, timeout=180)
+        except BaseException:
+            self.sim.down()
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.cluster, name)
+
+    def close(self) -> None:
+        try:
+            self.cluster.close()
+        finally:
+            self.sim.down()
+
+
+def start(variable: str, value: str | None, hosts: str | None = None) -> Any:
+    """A local cluster of two nodes whose agents (and workers) run with ``variable=value`` (None: unset); with
+    ``hosts`` (a sim name), two simulated one-core hosts (:class:`SimSide`)."""
     before = os.environ.pop(variable, None)
     if value is not None:
         os.environ[variable] = value
     try:
-        return exo_lab.local_cluster(2)
+        return SimSide(hosts) if hosts else exo_lab.local_cluster(2)
     finally:
         os.environ.pop(variable, None)
         if before is not None:
@@ -77,50 +105,64 @@ def compare(
     rounds: int,
     extra: Callable[[Path, str, int], float | None] | None = None,
     dtype: str = "fp32",
+    hosts: bool = False,
+    together: bool = False,
 ) -> list[dict[str, Any]]:
     """Rows of median tok/s per side (``sides``: name -> value of ``variable``, the first the baseline) for each
     model, strategy and stream count; ``extra(path, strategy, streams)`` adds a reference figure to each row.
-    ``dtype``: what every rank computes in (``q8``/``q4``: converted from the fp32 checkpoint at load)."""
-    clusters = {name: start(variable, value) for name, value in sides.items()}
+    ``dtype``: what every rank computes in (``q8``/``q4``: converted from the fp32 checkpoint at load).
+    ``hosts``: each side on two simulated one-core hosts (:class:`SimSide`) instead of a local cluster.
+    ``together``: every strategy's plan launched at once and measured in each round (else one after another)."""
+    clusters = {}
+    try:
+        for i, (name, value) in enumerate(sides.items()):
+            clusters[name] = start(variable, value, f"ab-{i}" if hosts else None)
+    except BaseException:
+        for c in clusters.values():
+            c.close()
+        raise
     base_name, new_name = list(sides)
     rows: list[dict[str, Any]] = []
     try:
         for name in models:
             path = model_path(name, "fp32")
-            for strategy in strategies:
-                plan = pick(clusters[new_name], path, strategy)
-                insts = {
-                    k: c.launch(str(path), plan=in_format(pick(c, path, strategy), dtype)) for k, c in clusters.items()
-                }
+            for batch in [strategies] if together else [[s] for s in strategies]:
+                plans = {s: pick(clusters[new_name], path, s) for s in batch}
+                insts: dict[tuple[str, str], Any] = {}
+                got: dict[tuple[str, str, int], list[float]] = {}
                 try:
+                    for s in batch:
+                        for k, c in clusters.items():
+                            insts[s, k] = c.launch(str(path), plan=in_format(pick(c, path, s), dtype), name=f"ab-{s}")
                     for inst in insts.values():  # warm up
                         decode_tps(inst, 1, 8)
-                    got: dict[tuple[str, int], list[float]] = {}
                     for r in range(rounds):
-                        order = list(insts) if r % 2 == 0 else list(reversed(insts))
-                        for n in streams:
-                            for k in order:
-                                got.setdefault((k, n), []).append(decode_tps(insts[k], n, tokens))
-                        print(f"  {name} {strategy} round {r + 1}/{rounds} done", file=sys.stderr)
+                        order = list(clusters) if r % 2 == 0 else list(reversed(clusters))
+                        for s in batch:
+                            for n in streams:
+                                for k in order:
+                                    got.setdefault((s, k, n), []).append(decode_tps(insts[s, k], n, tokens))
+                        print(f"  {name} {'+'.join(batch)} round {r + 1}/{rounds} done", file=sys.stderr)
                 finally:
                     for inst in insts.values():
                         inst.delete()
-                for n in streams:
-                    base, new = (statistics.median(got[(k, n)]) for k in (base_name, new_name))
-                    rows.append(
-                        {
-                            "model": name,
-                            "plan": plan.describe(),
-                            "strategy": strategy,
-                            "streams": n,
-                            f"{base_name}_tps": base,
-                            f"{new_name}_tps": new,
-                            "ratio": new / base,
-                            f"{new_name}_runs": got[(new_name, n)],
-                            f"{base_name}_runs": got[(base_name, n)],
-                            "reference_tps": extra(path, strategy, n) if extra else None,
-                        }
-                    )
+                for s in batch:
+                    for n in streams:
+                        base, new = (statistics.median(got[(s, k, n)]) for k in (base_name, new_name))
+                        rows.append(
+                            {
+                                "model": name,
+                                "plan": plans[s].describe(),
+                                "strategy": s,
+                                "streams": n,
+                                f"{base_name}_tps": base,
+                                f"{new_name}_tps": new,
+                                "ratio": new / base,
+                                f"{new_name}_runs": got[(s, new_name, n)],
+                                f"{base_name}_runs": got[(s, base_name, n)],
+                                "reference_tps": extra(path, s, n) if extra else None,
+                            }
+                        )
     finally:
         for c in clusters.values():
             c.close()

@@ -78,7 +78,7 @@ VARIABLES: dict[str, str] = {
     BLAS: "'reference' keeps MLX's bundled BLAS instead of OpenBLAS",
     SMALL_GEMM: "'0' sends decode-sized fp32 matmuls to OpenBLAS too (default: exo_lab's kernel, exo_lab/native)",
     LOOKAHEAD: "one-stage instances build each decode step while the one before computes: 'auto' (default: where "
-    "it pays), 'always', '0' (never)",
+    "it pays), 'always', '0' (never; nor do a pipeline's stages build a step before its input comes)",
     PEER_LINK: "'0' sends a tensor pair's all-reduces and a pipeline's hidden states through MLX's ring "
     "(default: sockets of their own, exo_lab/native/peer_sum.cpp)",
     WORKER_BATCH: "'0' leaves a shard worker's threads under the default scheduling policy (default: SCHED_BATCH, "
@@ -148,7 +148,8 @@ def worker_batch(env: Mapping[str, str] | None = None) -> bool:
 
 def lookahead(env: Mapping[str, str] | None = None) -> str:
     """Whether one-stage instances decode a step ahead (:mod:`exo_lab.engine.lookahead`): ``auto`` (the default:
-    where a rank has a core to spare), ``always``, or ``off`` (``0``). Read by each worker at its start."""
+    where a rank has a core to spare), ``always``, or ``off`` (``0``; a pipeline's stages then also wait for a
+    step's input before they build it: :mod:`exo_lab.engine.pipeline`). Read by each worker at its start."""
     value = (_get(LOOKAHEAD, env) or "auto").lower()
     if value in ("0", "off", "false", "no"):
         return "off"

@@ -538,13 +538,20 @@ class Instance(Backend):
     @property
     def stats(self) -> dict[str, int]:
         """Rank 0's batching counters: ``decode_steps`` taken, ``peak_batch`` (most sequences in one step) and
-        ``steps_ahead`` (steps built while the one before computed: :mod:`exo_lab.engine.lookahead`)."""
+        ``steps_ahead`` (steps built while the one before computed: :mod:`exo_lab.engine.lookahead`); and
+        ``steps_prebuilt`` over every rank (a pipeline stage's steps built before their input came:
+        :mod:`exo_lab.engine.pipeline`)."""
         keys = ("decode_steps", "peak_batch", "steps_ahead")
+        out: dict[str, int] = dict.fromkeys((*keys, "steps_prebuilt"), 0)
         try:
             status = self._worker(0, "GET", "/status", timeout=2.0)
+            out.update({k: int(status.get(k, 0)) for k in keys})
+            for rank in sorted(self.controls):
+                status = status if rank == 0 else self._worker(rank, "GET", "/status", timeout=2.0)
+                out["steps_prebuilt"] += int(status.get("steps_prebuilt", 0))
         except (OSError, KeyError, ValueError):  # not started, gone, or not answering
-            return dict.fromkeys(keys, 0)
-        return {k: int(status.get(k, 0)) for k in keys}
+            pass
+        return out
 
     def _dispatch_loop(self) -> None:
         """Number each request and send it to every rank; a thread per request streams it back from rank 0."""

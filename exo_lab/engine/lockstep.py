@@ -217,22 +217,40 @@ class Lockstep:
         None on the first stage (it starts from tokens). In a multi-rank stage of a pipeline the first rank
         receives and passes them on to the others, as in :meth:`_forward`. Evaluated before it returns.
         """
-        lay = self.layout
-        if lay.first:
+        if self.layout.first:
             return None
+        x = TRACER.ready("recv", self._incoming((rows, n, self.hidden)))
+        mx.eval(x)
+        return x
+
+    def take_in_built(self, batch: Batch) -> tuple[mx.array, mx.array]:
+        """:meth:`take_in` of one decode step of ``batch`` (not on the first stage), with this stage's forward pass
+        over it built while it is on its way: ``(hidden states, evaluated; the forward's output, lazy)``.
+
+        The graph is built before this rank waits for its input, so the next :meth:`stage_step` (given the
+        output) only evaluates it. Built ahead of the batch's next step only: the group schedule changes a
+        group's rows where the first stage computes it next, never here (:mod:`exo_lab.engine.pipeline`).
+        """
+        assert batch.cache is not None, "a step needs a batch with rows"
+        x = self._incoming((len(batch), 1, self.hidden))
+        mx.async_eval(x)
+        out = self.shard(x, batch.cache)
+        x = TRACER.ready("recv", x)
+        mx.eval(x)
+        return x, out
+
+    def _incoming(self, shape: tuple[int, ...]) -> mx.array:
+        """The hidden states of ``shape`` this stage receives from the stage before (lazy; see :meth:`take_in`)."""
+        lay = self.layout
         mine = lay.stages[lay.stage]
-        shape = (rows, n, self.hidden)
         if len(mine) == 1:
-            x = self._recv(shape, lay.peer(lay.stage - 1))
-        elif lay.rank == mine[0]:
+            return self._recv(shape, lay.peer(lay.stage - 1))
+        if lay.rank == mine[0]:
             x = self._recv(shape, lay.stages[lay.stage - 1][-1])
             sent = self._send(x, mine[1])
             (x,) = mx.depends([x], [sent])
-        else:
-            x = self._recv(shape, mine[0])
-        x = TRACER.ready("recv", x)
-        mx.eval(x)
-        return x
+            return x
+        return self._recv(shape, mine[0])
 
     def pass_on(self, out: mx.array) -> None:
         """Send this stage's output hidden states to the next stage (its last rank sends; nothing on the last stage)."""
@@ -245,10 +263,13 @@ class Lockstep:
         elif lay.rank == mine[-1]:
             mx.eval(TRACER.ready("send", self._send(out, lay.stages[lay.stage + 1][0])))
 
-    def stage_step(self, batch: Batch, x: mx.array | None) -> tuple[mx.array | None, mx.array | None]:
+    def stage_step(
+        self, batch: Batch, x: mx.array | None, built: mx.array | None = None
+    ) -> tuple[mx.array | None, mx.array | None]:
         """This stage's part of one decode step of ``batch`` (``x``: its input hidden states; None on the first
         stage, which embeds the rows' inputs): ``(hidden states for the next stage, sampled tokens)``.
 
+        ``built``: the step's forward output, built on ``x`` as it arrived (:meth:`take_in_built`).
         The hidden states are evaluated (None on the last stage); the tokens are those of :meth:`step`
         (on the last stage's lead rank, else None). Used by the group schedule (:mod:`exo_lab.engine.pipeline`).
         """
@@ -257,7 +278,7 @@ class Lockstep:
         lay = self.layout
         inp = mx.array(batch.inputs, mx.int32)[:, None] if lay.first else x
         assert inp is not None, "a stage after the first needs the hidden states it received"
-        out = TRACER.timed("compute", lambda: self.shard(inp, cache))
+        out = TRACER.timed("compute", lambda: self.shard(inp, cache) if built is None else built)
         if not lay.last:
             self.errors = [None] * len(batch)
             mx.eval(out)
@@ -476,6 +497,10 @@ class Lockstep:
 
     def share(self, tokens: mx.array | None, flags: list[int], admit: int) -> tuple[list[int], list[int], int]:
         """All ranks learn the step's tokens (last stage's lead), and rank 0's stop flags and admission mark."""
+        return self.read_shared(self.shared_vector(tokens, flags, admit))
+
+    def shared_vector(self, tokens: mx.array | None, flags: list[int], admit: int) -> mx.array:
+        """What :meth:`share` shares, built and not evaluated: ``[tokens, flags, admission mark]`` (int32)."""
         width = len(flags)
         lead = self.layout.stages[-1][0]
         tok = (
@@ -484,10 +509,14 @@ class Lockstep:
             else mx.zeros((width,), mx.int32)
         )
         mine = mx.array([*flags, admit] if self.layout.rank == 0 else [0] * (width + 1), mx.int32)
-        both = self._shared(mx.concatenate([tok, mine]))
+        return self._shared(mx.concatenate([tok, mine]))
+
+    def read_shared(self, vector: mx.array) -> tuple[list[int], list[int], int]:
+        """A :meth:`shared_vector` evaluated: ``(tokens, flags, admission mark)``."""
         with TRACER.span("all_sum"):
-            mx.eval(both)
-        values = cast("list[int]", both.tolist())  # a 1-d int32 array
+            mx.eval(vector)
+        values = cast("list[int]", vector.tolist())  # a 1-d int32 array
+        width = (len(values) - 1) // 2
         return values[:width], values[width : 2 * width], values[-1]
 
     def _row_logprobs(self, i: int) -> mx.array:

@@ -16,7 +16,8 @@ afterwards; rows admitted then join the step after. So rank 0's stop flags and a
 effect one step later than without lookahead, and each row's tokens are unchanged (a row's result
 does not depend on the other rows of its batch).
 
-Only instances of one stage (one process, or a tensor group) and only *plain* rows (no grammar, no
+Only instances of one stage (one process, or a tensor group; a pipeline's stages build their steps before
+their input comes instead, see :mod:`exo_lab.engine.pipeline`) and only *plain* rows (no grammar, no
 log-probabilities, no penalties or bias: each of these needs the step's tokens in Python before the
 next step) go ahead; every rank decides from the same shared state, so all ranks build the same
 collectives in the same order.

@@ -15,6 +15,16 @@ Run one step at a time through all stages and stage 2 idles while stage 1 comput
   in sub-step ``k`` stage ``s`` computes chunk ``k - s``, so stage 2 works on chunk 1 while stage 1
   works on chunk 2.
 
+A stage builds each decode step's graph before its input comes, so that only evaluating it is left once the
+input is there (a stage waits for the one before: on one core per stage the build is then free):
+
+- a stage after the first computes next the group whose hidden states it receives in this tick, which never
+  lands in it (only the group the first stage computes next does): it builds that step on the lazy receive
+  (:meth:`~exo_lab.engine.lockstep.Lockstep.take_in_built`);
+- the first stage computes next the landing group itself, on the tokens of this tick's shared vector: it
+  builds that step on the lazy vector over twins of the group's caches (:class:`Speculation`) and keeps it
+  once the group has landed with the same rows, which is every tick but those where a row ends or joins.
+
 Each group is its own :class:`~exo_lab.engine.lockstep.Batch` (its own KV caches). Every row sees
 the same operations on the same values as in one process with the same chunking, so greedy tokens
 are those of one process per request.
@@ -22,6 +32,7 @@ are those of one process per request.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +51,8 @@ class Group:
     batch: Batch = field(default_factory=Batch)
     rows: list[Any] = field(default_factory=list)
     hidden: mx.array | None = None
+    #: this stage's forward pass over ``hidden``, built while they were on their way (lazy), or None
+    built: mx.array | None = None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -84,23 +97,75 @@ class GroupSchedule:
         return [r for g in self.groups for r in g.rows]
 
 
-def decode_tick(ls: Lockstep, sched: GroupSchedule) -> mx.array | None:
+def decode_tick(ls: Lockstep, sched: GroupSchedule, prebuild: bool = False) -> mx.array | None:
     """This rank's part of one tick: compute its group, pass the hidden states on, receive the next ones.
 
-    Returns the tokens sampled for the landing group (on the last stage's lead rank, else None); the caller
-    then shares them (:meth:`Lockstep.share`) and changes the landing group.
+    With ``prebuild`` a stage after the first builds its next step's graph on the hidden states it is about to
+    receive, before it waits for them (:meth:`Lockstep.take_in_built`; not while tracing all-reduces apart,
+    which evaluates as it builds). Returns the tokens sampled for the landing group (on the last stage's lead
+    rank, else None); the caller then shares them (:meth:`Lockstep.share`) and changes the landing group.
     """
     group = sched.mine()
     out = tokens = None
     if len(group):
-        out, tokens = ls.stage_step(group.batch, group.hidden)
-        group.hidden = None
+        out, tokens = ls.stage_step(group.batch, group.hidden, group.built)
+        group.hidden = group.built = None
     if out is not None:
         ls.pass_on(out)
     nxt = sched.following()
     if len(nxt) and not ls.layout.first:
-        nxt.hidden = ls.take_in(len(nxt), 1)
+        if prebuild and not TRACER.detail:
+            nxt.hidden, nxt.built = ls.take_in_built(nxt.batch)
+        else:
+            nxt.hidden = ls.take_in(len(nxt), 1)
     return tokens
+
+
+def fork(cache: Any) -> Any:
+    """A twin of an ``mlx_lm`` layer cache that a step can advance while ``cache`` stays as it is: its attributes,
+    with a new handle on each array (MLX updates an array in place through its handle) and lists copied."""
+    twin = copy.copy(cache)
+    for name, value in vars(cache).items():
+        if isinstance(value, mx.array):
+            setattr(twin, name, mx.array(value))
+        elif isinstance(value, list):
+            setattr(twin, name, [mx.array(v) if isinstance(v, mx.array) else v for v in value])
+    return twin
+
+
+@dataclass
+class Speculation:
+    """The first stage's next step of the landing group, built before the tick's tokens are read.
+
+    The first stage computes next the group that lands now, on the tokens the last stage sampled for it, so it
+    can build that step on the shared vector before it is evaluated (the tokens lazy) over twins of the group's
+    caches (:func:`fork`). Once the group has landed it is kept when the group holds the same rows (none ended,
+    none joined: the step is then exactly what building it afterwards gives) and dropped otherwise, the caches
+    as they were. Only built, never evaluated before then: the dropped twins cost nothing, and the kept ones are
+    the caches' only handles when the step runs, so MLX updates their buffers in place.
+    """
+
+    rows: list[Any]
+    cache: list
+    out: mx.array
+
+    @classmethod
+    def build(cls, ls: Lockstep, group: Group, shared: mx.array) -> Speculation:
+        """The step of ``group`` (the landing group, on a one-rank first stage) on the lazy ``shared`` vector
+        (:meth:`Lockstep.shared_vector`; a failed row's negative token is clamped: that row ends, so the step
+        is dropped)."""
+        assert group.batch.cache is not None, "a step needs a batch with rows"
+        cache = [fork(c) for c in group.batch.cache]
+        tokens = mx.maximum(shared[: len(group)], 0)
+        return cls(list(group.rows), cache, ls.shard(tokens[:, None], cache))
+
+    def settle(self, group: Group) -> bool:
+        """Once ``group`` has landed: keep the step (its caches, and its output as ``group.built``) where it holds
+        the same rows; whether it was kept."""
+        same = len(group.rows) == len(self.rows) and all(a is b for a, b in zip(group.rows, self.rows))
+        if same:
+            group.batch.cache, group.built = self.cache, self.out
+        return same
 
 
 def prefill_chunks(total: int, step: int) -> list[tuple[int, int]]:

@@ -60,7 +60,7 @@ from exo_lab.engine.lockstep import FAILED, Layout, Lockstep, describe
 from exo_lab.engine.lookahead import Step, pays
 from exo_lab.engine.pairs import Exchange
 from exo_lab.engine.peer_link import PeerLink, open_chain, open_link, route_tensor_all_reduces
-from exo_lab.engine.pipeline import Group, GroupSchedule, decode_tick, streamed_prefill
+from exo_lab.engine.pipeline import Group, GroupSchedule, Speculation, decode_tick, streamed_prefill
 from exo_lab.engine.prefix_cache import PrefixCache, agree, row_caches
 from exo_lab.engine.sampling import SamplingParams, make_penalties, make_sampler
 from exo_lab.engine.shard import ShardSpec, load_shard, tensor_names
@@ -141,8 +141,9 @@ class Worker:
         self.last_done = 0
         self.max_batch = int(config.get("max_batch", 16))
         self.eos = {int(t) for t in config.get("eos_token_ids") or []}
-        #: decode steps taken, the most sequences one step decoded, steps built ahead (:mod:`exo_lab.engine.lookahead`)
-        self.stats = {"decode_steps": 0, "peak_batch": 0, "steps_ahead": 0}
+        #: decode steps taken, the most sequences one step decoded, steps built ahead (:mod:`exo_lab.engine.lookahead`),
+        #: steps this pipeline stage built before their input arrived (:func:`~exo_lab.engine.pipeline.decode_tick`)
+        self.stats = {"decode_steps": 0, "peak_batch": 0, "steps_ahead": 0, "steps_prebuilt": 0}
         # requests must be signed for this rank of this launch: one signed for another rank is refused
         self.verifier = Verifier(
             config["cluster_key"],
@@ -156,6 +157,8 @@ class Worker:
         #: the decode step built ahead and in flight (see :mod:`exo_lab.engine.lookahead`), or None
         self.ahead: Step | None = None
         self.lookahead = defaults.lookahead() != "off"
+        #: a pipeline's later stages build each step's graph before its input arrives (``off`` keeps them from it)
+        self.prebuild = self.lookahead
         #: the socket this rank's tensor pair sums over (:mod:`exo_lab.engine.peer_link`), or None (MLX's ring)
         self.peer_link: PeerLink | None = None
         #: a pipeline of one-rank stages: the sockets to the stages before and after this one, by rank
@@ -233,16 +236,23 @@ class Worker:
             sched.tick += 1
             return
         t = time.perf_counter()
-        tokens = decode_tick(ls, sched)
+        tokens = decode_tick(ls, sched, prebuild=self.prebuild)
+        self.stats["steps_prebuilt"] += sched.following().built is not None
         group = sched.landing()
         rows = group.rows
         flags = [1 if r.job.stop else 0 for r in rows] if self.rank == 0 else [0] * len(rows)
-        tokens_all, flags, self.admit_to = ls.share(tokens, flags, self._admissible(sched))
+        shared = ls.shared_vector(tokens, flags, self._admissible(sched))
+        # a one-rank first stage computes the landing group next: its step is built before the tokens arrive
+        ahead = self.prebuild and rows and sched.stages > 1 and ls.layout.first and len(ls.layout.stages[0]) == 1
+        spec = Speculation.build(ls, group, shared) if ahead else None
+        tokens_all, flags, self.admit_to = ls.read_shared(shared)
         if rows:
             self._land(group, tokens_all, flags)
             self.stats["decode_steps"] += 1
         self.stats["peak_batch"] = max(self.stats["peak_batch"], sched.running)
         self._admit_all(group)
+        if spec is not None:
+            self.stats["steps_prebuilt"] += spec.settle(group)
         log.debug("tick %d (%d rows landing): %.3f s", sched.tick, len(rows), time.perf_counter() - t)
         sched.tick += 1
 

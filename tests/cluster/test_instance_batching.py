@@ -149,6 +149,8 @@ def test_joining_leaving_cancelling_and_stopping_mid_batch(cluster, ahead_cluste
         stats = inst.stats
         assert stats["peak_batch"] >= 3
         assert (stats["steps_ahead"] > 0) == (strategy != "pipeline")  # a pipeline never steps ahead
+        # its last stage builds each step while the hidden states come
+        assert (stats["steps_prebuilt"] > 0) == (strategy == "pipeline")
     finally:
         inst.delete()
 

@@ -150,9 +150,10 @@ def test_measured_links_match_the_shapes(sim, ids):
         rows.append(
             (f"{a}-{b}", want_rtt, lk.rtt_ms_median, lk.rtt_ms_p95, want_mbit, lk.send_mbit_per_s, lk.recv_mbit_per_s)
         )
-        # 30%: the cables are Python forwarders, and on a fresh machine each node measures its profile (every
-        # weight format, several seconds of both cores) while its links are probed, which delays the forwarders
-        assert abs(lk.rtt_ms_median - want_rtt) <= max(0.3 * want_rtt, 1.0), rows[-1]
+        # 30% below: the shaped delay holds. Above, 30% or 1.5 ms: the cables are Python forwarders, and on a fresh
+        # machine each node measures its profile (every weight format, several seconds of both cores) while its
+        # links are probed, which delays the forwarders (a 4 ms cable measured 5.2 ms on a VM whose host was busy)
+        assert -0.3 * want_rtt <= lk.rtt_ms_median - want_rtt <= max(0.3 * want_rtt, 1.5), rows[-1]
         assert abs(got_mbit - want_mbit) <= 0.25 * want_mbit, rows[-1]
     lan = [lk for lk in topo.links if lk.ok and lk.dst_address == sim.hosts["b"].lan_addr and lk.src == ids["a"]]
     assert lan and lan[0].rtt_ms_median < 1.0
