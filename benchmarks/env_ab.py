@@ -90,9 +90,11 @@ def start(variable: str, value: str | None, hosts: str | None = None) -> Any:
 
 
 def pick(cluster: Any, path: Path, strategy: str) -> Any:
-    """The planner's best plan of ``strategy`` (``single``: one node; else both)."""
+    """The planner's best plan of ``strategy`` (``single``: one node; else both; a pipeline's proportional split,
+    as ``distributed.py`` takes it, where one is offered)."""
     plans = cluster.preview(str(path), context=2048, prompt_tokens=len(PROMPT))
-    return next(p for p in plans if p.strategy == strategy and p.num_nodes == (1 if strategy == "single" else 2))
+    cands = [p for p in plans if p.strategy == strategy and p.num_nodes == (1 if strategy == "single" else 2)]
+    return next((p for p in cands if p.split != "fastest"), cands[0])
 
 
 def compare(
