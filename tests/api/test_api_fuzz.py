@@ -95,8 +95,10 @@ def keep_short(path: str, body):
         value = body.get(key)
         if key in body and isinstance(value, int) and not isinstance(value, bool) and value > 6:
             body[key] = 6
-    if path.endswith(("/chat/completions", "/responses")):
-        body.setdefault("max_tokens" if path.endswith("completions") else "max_output_tokens", 4)
+    if path.endswith(("/chat/completions", "/responses")):  # absent or null: no limit but the context's
+        limit = "max_tokens" if path.endswith("completions") else "max_output_tokens"
+        if body.get(limit) is None:
+            body[limit] = 4
     if path.startswith(("/api", "/ollama")):
         options = body.get("options")
         if options is None:
