@@ -25,6 +25,9 @@ input is there (a stage waits for the one before: on one core per stage the buil
   builds that step on the lazy vector over twins of the group's caches (:class:`Speculation`) and keeps it
   once the group has landed with the same rows, which is every tick but those where a row ends or joins.
 
+Not while tracing: a traced stage builds once its input is there, so its ``compute`` spans (from which
+calibration fits each stage's compute) hold the build, as they did before.
+
 Each group is its own :class:`~exo_lab.engine.lockstep.Batch` (its own KV caches). Every row sees
 the same operations on the same values as in one process with the same chunking, so greedy tokens
 are those of one process per request.
@@ -101,8 +104,7 @@ def decode_tick(ls: Lockstep, sched: GroupSchedule, prebuild: bool = False) -> m
     """This rank's part of one tick: compute its group, pass the hidden states on, receive the next ones.
 
     With ``prebuild`` a stage after the first builds its next step's graph on the hidden states it is about to
-    receive, before it waits for them (:meth:`Lockstep.take_in_built`; not while tracing all-reduces apart,
-    which evaluates as it builds). Returns the tokens sampled for the landing group (on the last stage's lead
+    receive, before it waits for them (:meth:`Lockstep.take_in_built`; the worker does not while tracing). Returns the tokens sampled for the landing group (on the last stage's lead
     rank, else None); the caller then shares them (:meth:`Lockstep.share`) and changes the landing group.
     """
     group = sched.mine()
@@ -114,7 +116,7 @@ def decode_tick(ls: Lockstep, sched: GroupSchedule, prebuild: bool = False) -> m
         ls.pass_on(out)
     nxt = sched.following()
     if len(nxt) and not ls.layout.first:
-        if prebuild and not TRACER.detail:
+        if prebuild:
             nxt.hidden, nxt.built = ls.take_in_built(nxt.batch)
         else:
             nxt.hidden = ls.take_in(len(nxt), 1)

@@ -236,14 +236,17 @@ class Worker:
             sched.tick += 1
             return
         t = time.perf_counter()
-        tokens = decode_tick(ls, sched, prebuild=self.prebuild)
+        # not while tracing: a traced stage builds once its input is there, so that its `compute` spans (from which
+        # calibration fits each stage's compute) hold the build as they did
+        prebuild = self.prebuild and not TRACER.on
+        tokens = decode_tick(ls, sched, prebuild=prebuild)
         self.stats["steps_prebuilt"] += sched.following().built is not None
         group = sched.landing()
         rows = group.rows
         flags = [1 if r.job.stop else 0 for r in rows] if self.rank == 0 else [0] * len(rows)
         shared = ls.shared_vector(tokens, flags, self._admissible(sched))
         # a one-rank first stage computes the landing group next: its step is built before the tokens arrive
-        ahead = self.prebuild and rows and sched.stages > 1 and ls.layout.first and len(ls.layout.stages[0]) == 1
+        ahead = prebuild and rows and sched.stages > 1 and ls.layout.first and len(ls.layout.stages[0]) == 1
         spec = Speculation.build(ls, group, shared) if ahead else None
         tokens_all, flags, self.admit_to = ls.read_shared(shared)
         if rows:
