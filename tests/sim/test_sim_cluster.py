@@ -20,6 +20,7 @@ import urllib.request
 import pytest
 
 from exo_lab.cluster.auth import sign_headers
+from exo_lab.cluster.topology import LinkProfile
 from exo_lab.sim import layout
 from exo_lab.sim.cluster import SimCluster
 from exo_lab.sim.spec import SimSpec
@@ -123,43 +124,58 @@ def test_the_cluster_connects_at_lan_addresses_and_follows_peers(sim, ids):
         one.close()
 
 
+def _probe(sim, name: str) -> list[LinkProfile]:
+    """Have host ``name``'s agent measure all its links now; the ones measured."""
+    h = sim.hosts[name]
+    status, body = http(
+        h.local_url + "/node/links/probe",
+        "POST",
+        b"{}",
+        sign_headers(sim.cluster_key, "POST", "/node/links/probe", b"{}"),
+    )
+    assert status == 200, body
+    return [lk for lk in map(LinkProfile.from_json, body["links"]) if lk.ok]
+
+
 def test_measured_links_match_the_shapes(sim, ids):
     cluster = sim.cluster()
     cluster.wait_for(4, links=True, timeout=60)
-    for h in sim.hosts.values():  # one node at a time, so probes do not share a cable
-        status, _ = http(
-            h.local_url + "/node/links/probe",
-            "POST",
-            b"{}",
-            sign_headers(sim.cluster_key, "POST", "/node/links/probe", b"{}"),
-        )
-        assert status == 200
-    topo = cluster.refresh().topology
+    cluster.close()
     rows = []
     for link in SPEC["links"]:
         a, b = link["a"], link["b"]
         cable_addr = next(hl.addr for hl in sim.hosts[b].links if hl.peer == a)
-        measured = [
-            lk for lk in topo.links if lk.src == ids[a] and lk.dst == ids[b] and lk.ok and lk.dst_address == cable_addr
-        ]
-        assert measured, f"no measurement over the {a}-{b} cable"
-        lk = measured[0]
         want_rtt = 2 * float(link["delay"].removesuffix("ms"))
         want_mbit = float(link["rate"].removesuffix("mbit"))
-        got_mbit = min(lk.send_mbit_per_s, lk.recv_mbit_per_s)
-        rows.append(
-            (f"{a}-{b}", want_rtt, lk.rtt_ms_median, lk.rtt_ms_p95, want_mbit, lk.send_mbit_per_s, lk.recv_mbit_per_s)
-        )
-        # 30% below: the shaped delay holds. Above, 30% or 1.5 ms: the cables are Python forwarders, and on a fresh
-        # machine each node measures its profile (every weight format, several seconds of both cores) while its
-        # links are probed, which delays the forwarders (a 4 ms cable measured 5.2 ms on a VM whose host was busy)
-        assert -0.3 * want_rtt <= lk.rtt_ms_median - want_rtt <= max(0.3 * want_rtt, 1.5), rows[-1]
-        assert abs(got_mbit - want_mbit) <= 0.25 * want_mbit, rows[-1]
-    lan = [lk for lk in topo.links if lk.ok and lk.dst_address == sim.hosts["b"].lan_addr and lk.src == ids["a"]]
-    assert lan and lan[0].rtt_ms_median < 1.0
-    print("\ncable  shaped RTT ms  measured median / p95  shaped Mbit/s  measured send / recv")
+        # The cables are Python forwarders: a busy host (on a fresh machine each node measures its profile, several
+        # seconds of both cores) makes a probe slower than its cable, never faster. So a probe under the shape fails
+        # at once (the shaping does not hold), and one over it is retried, a node at a time so probes do not share
+        # a cable; a cable shaped twice or not rate-limited stays out of bounds on every try.
+        for tries in range(1, 5):
+            lk = next((lk for lk in _probe(sim, a) if lk.dst == ids[b] and lk.dst_address == cable_addr), None)
+            assert lk and lk.rtt_ms_median is not None, f"no measurement over the {a}-{b} cable"
+            got_mbit = lk.bandwidth_mbit_per_s
+            row = (
+                f"{a}-{b}",
+                want_rtt,
+                lk.rtt_ms_median,
+                lk.rtt_ms_p95,
+                want_mbit,
+                lk.send_mbit_per_s,
+                lk.recv_mbit_per_s,
+                tries,
+            )
+            assert lk.rtt_ms_median >= 0.7 * want_rtt and got_mbit <= 1.25 * want_mbit, row
+            if lk.rtt_ms_median - want_rtt <= max(0.3 * want_rtt, 1.5) and got_mbit >= 0.75 * want_mbit:
+                break
+        else:
+            raise AssertionError(f"{row}: slower than its shape on every try")
+        rows.append(row)
+    lan = [lk for lk in _probe(sim, "a") if lk.dst_address == sim.hosts["b"].lan_addr]
+    assert lan and (lan[0].rtt_ms_median or 0) < 1.0
+    print("\ncable  shaped RTT ms  measured median / p95  shaped Mbit/s  measured send / recv  tries")
     for r in rows:
-        print(f"{r[0]:5s}  {r[1]:13.1f}  {r[2]:8.2f} / {r[3]:6.2f}  {r[4]:13.0f}  {r[5]:8.1f} / {r[6]:6.1f}")
+        print(f"{r[0]:5s}  {r[1]:13.1f}  {r[2]:8.2f} / {r[3]:6.2f}  {r[4]:13.0f}  {r[5]:8.1f} / {r[6]:6.1f}  {r[7]:5d}")
     print(f"LAN a-b: {lan[0].rtt_ms_median:.3f} ms, {lan[0].send_mbit_per_s:.0f} / {lan[0].recv_mbit_per_s:.0f} Mbit/s")
 
 
