@@ -907,7 +907,12 @@ template <int MB>
 inline void finish(const __m256 (&acc)[MB], const float* biases, const float* xsum, float* out, int64_t ldo, int G) {
   __m256 bsum[MB];
   for (int i = 0; i < MB; i++) bsum[i] = _mm256_setzero_ps();
-  for (int g = 0; g < G; g += 8) {
+  int g = 0;  // whole blocks of 8 groups by plain loads: AMD's masked loads (vmaskmovps) cost a llama-1b q4 decode
+  for (; g + 8 <= G; g += 8) {  // step on two cores ~5%
+    const __m256 b = _mm256_loadu_ps(biases + g);
+    for (int i = 0; i < MB; i++) bsum[i] = _mm256_fmadd_ps(b, _mm256_loadu_ps(xsum + int64_t(i) * G + g), bsum[i]);
+  }
+  if (g < G) {  // the last G % 8 groups masked: the same sums in the same order
     const __m256i live = _mm256_cmpgt_epi32(_mm256_set1_epi32(G - g), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     const __m256 b = _mm256_maskload_ps(biases + g, live);
     for (int i = 0; i < MB; i++)

@@ -86,9 +86,10 @@ def _integer_activations_product(
 
 @needs_kernels
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize(("group_size", "k"), [(32, 384), (64, 384), (64, 448), (128, 384)])
+@pytest.mark.parametrize(("group_size", "k"), [(32, 384), (64, 384), (64, 448), (64, 640), (128, 384)])
 def test_native_quant_matmul_is_the_dequantized_product_and_batch_invariant(bits, group_size, k):
-    """k=384 in groups of 64: 4 bits two groups at a time (PAIRED); 448: an odd number of groups, one at a time."""
+    """k=384 in groups of 64: 4 bits two groups at a time (PAIRED); 448: an odd number of groups, one at a time;
+    640: the biases of a block of 8 groups, then of the 2 left (AVX2: plain loads, then masked ones)."""
     n = 259  # rows in whole blocks of 4 and a tail; prefill: a block of 256 rows and a tail
     w = mx.random.normal((n, k), key=mx.random.key(bits)) * 0.05
     q = mx.quantize(w, group_size=group_size, bits=bits)
