@@ -2,7 +2,7 @@
 
 Run (root, iproute2): .venv/bin/python benchmarks/distributed.py
      [--preset llama-1b] [--dtype fp32,bf16] [--links unshaped,1gbit,100mbit] [--strategies pipeline,tensor]
-     [--streams 1,8] [--tokens 48] [--prompt 2048] [--repeat 1] [--rounds 1] [--plan-batch N] [--json out.json]
+     [--streams 1,8] [--tokens 48] [--prompt 2048] [--repeat 1] [--rounds 1] [--plan-batch N] [--objective ttft] [--json out.json]
 Quick: --dtype fp32 --links unshaped --streams 1,8 --tokens 32 --prompt 1024
 
 For each link (``unshaped``: a plain LAN; ``1gbit``: a cable of 1 Gbit/s with 1 ms one-way delay;
@@ -16,7 +16,8 @@ the fp32 checkpoint, every rank of every plan converting it to that weight forma
   sim: a one-process plan crosses no link);
 - **pipeline-2** and **tensor-2**: the planner's 2-node plans of that strategy over ``a`` and ``b``, planned
   for the most ``--streams`` sequences at once (``--plan-batch 1``: for one; a pipeline's split then balances
-  its layers, not its layers and the last stage's head, which only several sequences in flight keep busy).
+  its layers, not its layers and the last stage's head, which only several sequences in flight keep busy;
+  ``--objective ttft``: the plans ranked by TTFT, whose pipeline balances its layers for a prompt's chunks).
 
 Each is launched through the agents (a rank per process), warmed up, then measured: **decode** tok/s of
 one stream (``--tokens`` greedy tokens, EOS ignored, a short prompt; tokens after the first over the time
@@ -285,6 +286,13 @@ def main() -> int:
         help="the sequences the planner plans for (default: the most streams; 1: the split for one sequence)",
     )
     ap.add_argument(
+        "--objective",
+        choices=("decode", "ttft"),
+        default="decode",
+        help="what the planner ranks by: decode (tokens/s of the sequences planned for) or ttft (of a --prompt "
+        "token prompt: a pipeline then balances its layers for prompts)",
+    )
+    ap.add_argument(
         "--apart",
         action="store_true",
         help="measure the one process once a round, alone (default: kept up beside each plan, measured in turn)",
@@ -309,8 +317,10 @@ def main() -> int:
                     plans = cluster.preview(
                         path,
                         context=args.prompt + args.tokens + 64,
-                        prompt_tokens=args.short,
+                        # ranked by TTFT: for the TTFT run's prompt (a short one's TTFT is the same on either split)
+                        prompt_tokens=args.prompt if args.objective == "ttft" and args.prompt else args.short,
                         batch=args.plan_batch or max(args.streams),
+                        objective=args.objective,
                     )
                     single = in_format(pick(plans, "single", 1, ids["a"]), dt)
                     for rnd in range(args.rounds):

@@ -75,7 +75,9 @@ class Plan:
     tick_exchange_s: float = 0.0
     node_names: dict[str, str] = field(default_factory=dict)
     model_dtype: str = ""
-    split: str = "whole"  # how layers were split: proportional, fastest (first), or whole (one stage)
+    #: how layers were split: proportional (to the stages' speeds; with several sequences the head balanced in),
+    #: fastest (first), layers (proportional, the head left out: balanced for prompts), or whole (one stage)
+    split: str = "whole"
     lossy: bool = False  # planned with lossy weight formats allowed (q8, q4, downcasts): re-placement keeps it
     model_ref: str = ""  # how to find the model's files (path or name), for launching
     fetch_nodes: list[str] = field(default_factory=list)  # nodes that would first fetch their shard from a peer
@@ -118,7 +120,7 @@ class Plan:
             dt = rs[0].dtype
             note = f" {_SHORT.get(dt, dt)}" if self.model_dtype and dt != self.model_dtype else ""
             parts.append(f"{'+'.join(names)}{tp}[{rs[0].layers[0]}:{rs[0].layers[1]}]{note}")
-        split = " (fastest-first)" if self.split == "fastest" else ""
+        split = {"fastest": " (fastest-first)", "layers": " (balanced for prompts)"}.get(self.split, "")
         return f"{self.strategy}: " + " -> ".join(parts) + split
 
     def batched_decode_tps(self, sequences: int) -> float:

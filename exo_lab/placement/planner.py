@@ -19,10 +19,14 @@ Candidates:
 Each candidate is tried with every node in its fastest measured weight format (with ``lossy``,
 q8, q4 and downcasts too) and in the model's own dtype, and with two layer splits: in proportion to each
 stage's decode speed under its memory cap (balanced stages: what a pipeline
-with several requests in flight needs), and fastest stages first up to their
-caps (least time for one stream, where stages run one after another). Candidates that cannot fit come back in
-``Plans.infeasible`` with the reason. See :mod:`exo_lab.placement.cost` for
-the formulas.
+with several requests in flight needs; planned for several sequences, the last stage's head is balanced in),
+and fastest stages first up to their caps (least time for one stream, where stages run one after another).
+Planned for several sequences, a third split balances the layers alone: a prompt's chunks stream through the
+stages without the head, so that split gives the shorter TTFT and the other more tokens/s (llama-1b on two
+one-core hosts: a[0:8] -> b[8:16] against a[0:10] -> b[10:16]). The objective ranks: ``decode`` by the tokens/s
+of all the sequences planned for, decoding together; ``ttft`` by the time to a prompt's first token.
+Candidates that cannot fit come back in ``Plans.infeasible`` with the reason. See :mod:`exo_lab.placement.cost`
+for the formulas.
 """
 
 from __future__ import annotations
@@ -163,7 +167,11 @@ def _evaluate(ctx: CostContext, stages: list[Stage], native: bool, split: str = 
     def splitter(total: int, speeds: list[float], caps: list[int]) -> list[int] | None:
         if split == "fastest":
             return _fill_fastest(total, speeds, caps)
-        balanced = _split_layers(total, speeds, caps, extra) if extra and len(stages) > 1 else None
+        # "layers": the stages' layers balanced without the head, as a prompt's chunks meet them (the head computes
+        # the last token only): the split for the TTFT of a plan for several sequences, whose decode balances the head
+        balanced = (
+            _split_layers(total, speeds, caps, extra) if extra and len(stages) > 1 and split != "layers" else None
+        )
         return balanced or _split_layers(total, speeds, caps)
 
     # layers differ (DeepSeek-V3's first three are dense): caps from the mean layer, and if the exact
@@ -443,7 +451,7 @@ def plan(
     feasible: dict[tuple, Plan] = {}
     infeasible: dict[tuple, Plan] = {}
     for stages in _candidates(ctx, max_exhaustive):
-        for split in ("proportional", "fastest") if len(stages) > 1 else ("proportional",):
+        for split in _splits(ctx, stages):
             for native in (False, True):
                 p = _evaluate(ctx, stages, native, split)
                 bucket = feasible if p.feasible else infeasible
@@ -455,19 +463,34 @@ def plan(
     return Plans(ranked, bad, objective, card.name)
 
 
+def _splits(ctx: CostContext, stages: list[Stage]) -> tuple[str, ...]:
+    """How a plan over ``stages`` may split the layers: in proportion to the stages' speeds (with several sequences,
+    the head's reads balanced in: decode), fastest first, and with several sequences the layers alone (prompts)."""
+    if len(stages) == 1:
+        return ("proportional",)
+    return ("proportional", "fastest", "layers") if ctx.batch > 1 else ("proportional", "fastest")
+
+
+def _decode_rate(p: Plan) -> float:
+    """What the decode objective ranks by: the tokens/s of all the sequences planned for, decoding together (one
+    sequence's own rate when planned for one)."""
+    return p.batched_decode_tps(p.batch) if p.batch > 1 else p.decode_tps
+
+
 def _rank_key(p: Plan, objective: str) -> tuple:
     """Objective first; ties go to plans whose nodes already hold the files, then to fewer nodes."""
     if objective == "ttft":
-        return (_sig(p.ttft_s), len(p.fetch_nodes), p.num_nodes, len(p.ranks), -p.decode_tps, p.describe())
-    return (-_sig(p.decode_tps), len(p.fetch_nodes), p.num_nodes, len(p.ranks), p.ttft_s, p.describe())
+        return (_sig(p.ttft_s), len(p.fetch_nodes), p.num_nodes, len(p.ranks), -_decode_rate(p), p.describe())
+    return (-_sig(_decode_rate(p)), len(p.fetch_nodes), p.num_nodes, len(p.ranks), p.ttft_s, p.describe())
 
 
 def _explain(plans: list[Plan], objective: str) -> None:
     if not plans:
         return
     best = plans[0]
-    metric = (lambda p: p.decode_tps) if objective == "decode" else (lambda p: 1 / p.ttft_s)
-    unit = "decode tok/s" if objective == "decode" else "TTFT"
+    metric = _decode_rate if objective == "decode" else (lambda p: 1 / p.ttft_s)
+    batch = f" ({best.batch} sequences)" if best.batch > 1 else ""
+    unit = f"decode tok/s{batch}" if objective == "decode" else "TTFT"
     for i, p in enumerate(plans):
         where = f"{p.num_nodes} node{'s' if p.num_nodes > 1 else ''}"
         if i == 0:

@@ -567,3 +567,28 @@ def test_tensor_pairs_inside_a_pipeline_are_offered_for_dense_models_only():
     moe = pipeline_of_pairs(plan(topo, family_model("qwen3_moe", 8, 1024, 16, 0, 0)))
     assert moe and not any(p.feasible for p in moe)
     assert all("tensor pairs inside a pipeline" in (p.reason or "") for p in moe)
+
+
+def test_several_sequences_rank_by_their_aggregate_and_prompts_get_a_split_of_their_own():
+    """llama-1b's shape (a head of ~4 layers' bytes) on two equal one-core nodes, planned for 8 sequences: decode
+    balances the head into the last stage (a[0:10] -> b[10:16], the group schedule runs at the slowest stage's
+    pace), a prompt's chunks never meet the head (a[0:8] -> b[8:16]); each objective ranks its own split first."""
+    from exo_lab.models.presets import PRESETS, card_config
+
+    card = card_from_config(card_config(PRESETS["llama-1b"]), "llama-1b", "float32")
+    topo = cluster([node(0, 64, 100, cores=1), node(1, 64, 100, cores=1)])
+
+    def pipelines(objective: str) -> list:
+        plans = plan(topo, card, context=4096, prompt_tokens=2048, batch=8, objective=objective)
+        return [p for p in plans if p.strategy == "pipeline"]
+
+    decode, ttft = pipelines("decode"), pipelines("ttft")
+    assert [r.layers for r in decode[0].ranks] == [(0, 10), (10, 16)] and decode[0].split == "proportional"
+    assert [r.layers for r in ttft[0].ranks] == [(0, 8), (8, 16)] and ttft[0].split == "layers"
+    assert "balanced for prompts" in ttft[0].describe()
+    # the same plans, ranked by the objective's figure: 8 sequences' tokens/s, or the TTFT
+    assert decode[0].batched_decode_tps(8) > ttft[0].batched_decode_tps(8)
+    assert ttft[0].ttft_s < decode[0].ttft_s
+    assert decode[0].decode_tps == pytest.approx(ttft[0].decode_tps, rel=0.01)  # one sequence: the stages in turn
+    # one sequence: no head to balance, so no split of its own
+    assert {p.split for p in plan(topo, card, batch=1)} <= {"whole", "proportional", "fastest"}

@@ -129,6 +129,7 @@ function drawTable(parent, state, select) {
     html("span", "exo-plan-meta", `${row.num_nodes} node${row.num_nodes === 1 ? "" : "s"} · ` +
       `${row.num_ranks} rank${row.num_ranks === 1 ? "" : "s"}`, top);
     if (row.split === "fastest") html("span", "exo-split", "fastest-first", top);
+    if (row.split === "layers") html("span", "exo-split", "balanced for prompts", top);
     stageChips(row, plan).title = row.description;
 
     memoryCell(row, html("div", "c-mem", null, tr));
