@@ -14,10 +14,12 @@ weight format, :mod:`exo_lab.models.formats`) in each of
   (:mod:`exo_lab.models.halfmatmul`);
 
 alternating the order of the formats between repeats, one format in memory at a time. For each
-format it prints decode tok/s (greedy, M=1), the bytes one decode step reads (every weight the
-step uses: all layers and the head, the tied embedding once, plus the KV cache), the memory-bandwidth
-limit for that format (bandwidth / bytes per token, bandwidth measured here before and after, the
-best run), decode as a fraction of that limit (target >= 0.7), prefill tok/s and the ratios to fp32.
+format it prints decode tok/s (greedy, M=1) as exo_lab's one-process instance decodes on this machine: a step
+ahead (each step built while the one before computes, :mod:`exo_lab.engine.lookahead`) where the instance
+would, else in lock step (both are measured and printed, and must give the same tokens), the bytes one decode
+step reads (every weight the step uses: all layers and the head, the tied embedding once, plus the KV cache),
+the memory-bandwidth limit for that format (bandwidth / bytes per token, bandwidth measured here before and
+after, the best run), decode as a fraction of that limit (target >= 0.7), prefill tok/s and the ratios to fp32.
 
 llama.cpp on the same weights: when ``gguf`` imports and either ``--llama-bench PATH`` (llama.cpp's
 ``llama-bench``, built from source) is given or ``llama_cpp`` (llama-cpp-python) imports, the fp32
@@ -51,8 +53,9 @@ import exo_lab  # noqa: F401  (first: it preloads OpenBLAS before mlx is importe
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
-from exo_lab import _blas
+from exo_lab import _blas, defaults
 from exo_lab.cluster import profile
+from exo_lab.engine import lookahead
 from exo_lab.engine.shard import ShardSpec, load_shard
 from exo_lab.models import formats, synthetic
 from exo_lab.paths import models_dir
@@ -80,6 +83,9 @@ class Run:
     weight_bytes: float  # read per decode step
     kv_bytes: float  # KV cache read per decode step (mean over the decode)
     first_token: int
+    lock_tps: float = 0.0  # mlx: decode in lock step (each step built after the last one's token was read)
+    ahead_tps: float = 0.0  # mlx: decode one step ahead (built on the last step's lazy token)
+    ahead: bool = False  # mlx: whether exo_lab's one-process instance decodes a step ahead here (decode_tps is that)
 
 
 def ensure_model(root: Path, preset: str) -> Path:
@@ -111,8 +117,36 @@ def prompt_tokens(n: int, vocab: int) -> list[int]:
     return [(7919 * i + 13) % min(vocab, 32000) + 1 for i in range(n)]
 
 
+def decode_lock_step(shard: Any, cache: Any, token: int, tg: int) -> tuple[float, int]:
+    """``tg`` greedy steps, each built once the last one's token is read; (seconds, last token)."""
+    start = time.perf_counter()
+    for _ in range(tg):
+        token = int(mx.argmax(shard(mx.array([[token]]), cache)[0, -1]).item())
+    return time.perf_counter() - start, token
+
+
+def decode_ahead(shard: Any, cache: Any, token: int, tg: int) -> tuple[float, int]:
+    """``tg`` greedy steps one ahead, as exo_lab's one-stage instances decode where it pays
+    (:mod:`exo_lab.engine.lookahead`): step ``t + 1`` is built on step ``t``'s lazy token and queued before that
+    token is read, so building a step runs while the one before computes; (seconds, last token)."""
+    start = time.perf_counter()
+    step = mx.argmax(shard(mx.array([[token]], mx.int32), cache)[:, -1], axis=-1)
+    mx.async_eval(step)
+    for i in range(tg):
+        after = None
+        if i + 1 < tg:
+            after = mx.argmax(shard(step[:, None].astype(mx.int32), cache)[:, -1], axis=-1)
+            mx.async_eval(after)
+        token = int(step.item())
+        step = after
+    return time.perf_counter() - start, token
+
+
 def mlx_run(path: Path, config: dict[str, Any], fmt: str, pp: int, tg: int) -> Run:
-    """Load ``path`` in ``fmt``, prefill ``pp`` tokens, then decode ``tg`` (greedy); timed."""
+    """Load ``path`` in ``fmt``, prefill ``pp`` tokens, then decode ``tg`` (greedy) in lock step, and after the
+    same prompt again ``tg`` one step ahead; timed. Its decode figure is what exo_lab's one-process instance would do
+    on this machine (:func:`exo_lab.engine.lookahead.pays`: ahead where a core is spare and building a step is a
+    big enough share of it), both kept."""
     layers = int(config["num_hidden_layers"])
     shard, _ = load_shard(path, ShardSpec(0, layers, layers, fmt))
     params = dict(tree_flatten(shard.parameters()))
@@ -120,27 +154,32 @@ def mlx_run(path: Path, config: dict[str, Any], fmt: str, pp: int, tg: int) -> R
     if shard.lm_head is not None and shard.embed_tokens is not None:  # untied: the embedding reads one row
         weight_bytes -= sum(v.nbytes for k, v in params.items() if k.startswith("embed_tokens."))
     ids = prompt_tokens(pp, int(config["vocab_size"]))
-    # warm-up (first-call costs, kernel set-up), not timed
+    # warm-up (first-call costs, kernel set-up), not timed; then whether the instance would step ahead
     cache = shard.make_cache()
     mx.eval(shard(mx.array(ids[:8])[None], cache))
     for _ in range(2):
         mx.eval(shard(mx.array([[1]]), cache))
+    mode = defaults.lookahead()
+    ahead = mode == "always" or (mode == "auto" and lookahead.pays(mx.distributed.init(), shard))
     cache = shard.make_cache()
     start = time.perf_counter()
     logits = shard(mx.array(ids)[None], cache)
     token = mx.argmax(logits[0, -1]).item()
     prefill_s = time.perf_counter() - start
     first = int(token)
-    start = time.perf_counter()
-    for _ in range(tg):
-        logits = shard(mx.array([[token]]), cache)
-        token = mx.argmax(logits[0, -1]).item()
-    decode_s = time.perf_counter() - start
+    lock_s, last = decode_lock_step(shard, cache, first, tg)
     kv = sum(float(c.nbytes) for c in cache) * (pp + tg / 2) / (pp + tg)
+    cache = shard.make_cache()  # the same prompt again (untimed), then the same decode a step ahead
+    mx.eval(shard(mx.array(ids)[None], cache))
+    ahead_s, last_ahead = decode_ahead(shard, cache, first, tg)
+    if last_ahead != last:
+        raise RuntimeError(f"{fmt}: decoding a step ahead gave other tokens ({last_ahead} != {last})")
     del shard, params, cache, logits
     gc.collect()
     mx.clear_cache()
-    return Run("mlx", fmt, tg / decode_s, pp / prefill_s, weight_bytes, kv, first)
+    lock_tps, ahead_tps = tg / lock_s, tg / ahead_s
+    decode = ahead_tps if ahead else lock_tps
+    return Run("mlx", fmt, decode, pp / prefill_s, weight_bytes, kv, first, lock_tps, ahead_tps, ahead)
 
 
 # --- llama.cpp ---------------------------------------------------------------
@@ -326,7 +365,7 @@ def report(runs: list[Run], fmts: list[str], bandwidth: float, llama_note: str |
         f"\nmemory bandwidth (best of mx.sum on 1 and {os.cpu_count()} CPU streams and an fp32 GEMV): {bandwidth:.1f} GB/s"
     )
     head = (
-        f"{'format':9s} {'decode tok/s':>12s} {'MB/token':>9s} {'limit tok/s':>11s} {'of limit':>8s} "
+        f"{'format':9s} {'decode tok/s':>12s} {'lock step':>9s} {'ahead':>7s} {'MB/token':>9s} {'limit tok/s':>11s} {'of limit':>8s} "
         f"{'prefill tok/s':>13s} {'dec/fp32':>8s} {'pre/fp32':>8s} {'llama.cpp dec':>13s} {'pre':>7s} "
         f"{'mlx/llama dec':>13s} {'pre':>5s}"
     )
@@ -339,9 +378,13 @@ def report(runs: list[Run], fmts: list[str], bandwidth: float, llama_note: str |
         dec, pre = _median(mine, "decode_tps"), _median(mine, "prefill_tps")
         per_token = _median(mine, "weight_bytes") + _median(mine, "kv_bytes")
         limit = bandwidth * 1e9 / per_token
+        lock, ahead = _median(mine, "lock_tps"), _median(mine, "ahead_tps")
         row: dict[str, Any] = {
             "format": fmt,
             "decode_tps": dec,
+            "decode_lock_step_tps": lock,
+            "decode_ahead_tps": ahead,
+            "steps_ahead": sum(r.ahead for r in mine) / len(mine),  # the repeats whose instance would step ahead
             "prefill_tps": pre,
             "bytes_per_token": per_token,
             "limit_tps": limit,
@@ -358,9 +401,13 @@ def report(runs: list[Run], fmts: list[str], bandwidth: float, llama_note: str |
             lc_cells = f"{ld:13.2f} {lp:7.1f} {dec / ld:13.2f} {pre / lp:5.2f}"
         rows.append(row)
         print(
-            f"{fmt:9s} {dec:12.2f} {per_token / 1e6:9.0f} {limit:11.2f} {dec / limit:8.2f} {pre:13.1f} "
+            f"{fmt:9s} {dec:11.2f}{'*' if row['steps_ahead'] >= 0.5 else ' '} {lock:9.2f} {ahead:7.2f} {per_token / 1e6:9.0f} {limit:11.2f} {dec / limit:8.2f} {pre:13.1f} "
             f"{row['decode_vs_fp32'] or 0:8.2f} {row['prefill_vs_fp32'] or 0:8.2f} {lc_cells}"
         )
+    print(
+        "decode tok/s: as exo_lab's one-process instance decodes here, in lock step or a step ahead (*: ahead, in "
+        "most repeats: a core to spare and the graph's building a big enough share of a step)"
+    )
     below = [r["format"] for r in rows if r["fraction_of_limit"] < TARGET_FRACTION]
     print(f"\ntarget: decode >= {TARGET_FRACTION} of the bandwidth limit; below it: {', '.join(below) or 'none'}")
     fastest = max(rows, key=lambda r: r["decode_tps"])["format"] if rows else "-"
@@ -424,7 +471,9 @@ def main(argv: list[str] | None = None) -> int:
                 runs.append(r)
                 per_token = r.weight_bytes + r.kv_bytes
                 print(
-                    f"  [{rep}] {engine:9s} {f:9s} decode {r.decode_tps:7.2f} tok/s  prefill {r.prefill_tps:7.1f} tok/s"
+                    f"  [{rep}] {engine:9s} {f:9s} decode {r.decode_tps:7.2f} tok/s"
+                    + (f" (lock step {r.lock_tps:.2f}, ahead {r.ahead_tps:.2f})" if engine == "mlx" else "")
+                    + f"  prefill {r.prefill_tps:7.1f} tok/s"
                     f"  {per_token / 1e6:6.0f} MB/token  {r.decode_tps * per_token / 1e9:5.2f} GB/s read"
                     f"  {r.decode_tps * per_token / 1e9 / max(bandwidths):.2f} of the bandwidth so far",
                     flush=True,

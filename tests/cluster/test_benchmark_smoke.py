@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -59,3 +60,25 @@ def test_prefix_cache_benchmark_smoke(tmp_path: Path) -> None:
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
     assert re.search(r"^ +2 +\d+ +[1-9]\d* .* \d+\.\dx$", proc.stdout, re.M), proc.stdout  # turn 2 hit the cache
     assert re.search(r"^TTFT off/on from turn 2: geometric mean \d+\.\dx", proc.stdout, re.M), proc.stdout
+
+
+@pytest.mark.slow
+def test_weight_formats_benchmark_reports_the_decode_an_instance_would_do(tmp_path: Path) -> None:
+    """Each format is decoded in lock step and a step ahead (the same tokens, or the script fails), and its decode
+    figure, and so its fraction of the bandwidth limit, is the one exo_lab's one-process instance would use."""
+    script = SCRIPT.parent / "weight_formats.py"
+    out = tmp_path / "formats.json"
+    args = ["--preset", "tiny", "--formats", "float32,q4", "--pp", "32", "--tg", "8", "--repeat", "1"]
+    args += ["--no-llama-cpp", "--models-dir", str(tmp_path / "models"), "--json", str(out)]
+    proc = subprocess.run(
+        [sys.executable, str(script), *args], capture_output=True, text=True, timeout=240, check=False
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    doc = json.loads(out.read_text())
+    assert [r["format"] for r in doc["rows"]] == ["float32", "q4"]
+    for row, run in zip(doc["rows"], doc["runs"], strict=True):
+        assert run["fmt"] == row["format"] and run["lock_tps"] > 0 and run["ahead_tps"] > 0
+        chosen = run["ahead_tps"] if run["ahead"] else run["lock_tps"]
+        assert row["decode_tps"] == chosen and row["steps_ahead"] == float(run["ahead"])
+        assert row["fraction_of_limit"] == pytest.approx(row["decode_tps"] / row["limit_tps"])
+    assert re.search(r"^q4 +\d+\.\d\d[* ] +\d+\.\d\d +\d+\.\d\d ", proc.stdout, re.M), proc.stdout
