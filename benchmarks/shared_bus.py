@@ -1,6 +1,7 @@
 """Do this machine's cores share what a decode needs? One core's decode products alone, then every core's at once.
 
 Run: .venv/bin/python benchmarks/shared_bus.py [--formats q4,q8,float32] [--layers 8] [--seconds 8] [--rows 1]
+     [--cached KB]
 
 Each process, pinned to its own core, builds ``--layers`` Llama-3.2-1B-shaped layers (q, k, v, o, gate, up,
 down; random weights, more bytes than the caches hold) in a weight format, computed as a rank computes them
@@ -10,7 +11,9 @@ more) through all of them for ``--seconds``: first on one core alone, then on ev
 a decode split over these cores (the simulated hosts of ``distributed.py``, one per core, on one machine) runs
 its products at most ``cores * alone / together`` times as fast as one core. Separate machines do not share a
 bus; simulated hosts on one machine do. Virtual CPUs may also share a physical core's execution units (the
-hypervisor's hyperthreads), which slows compute-bound products (``--rows 8``) more than read-bound ones.
+hypervisor's hyperthreads), which slows compute-bound products (``--rows 8``) more than read-bound ones;
+``--cached 256`` runs one projection that stays in each core's cache, so only execution units are shared: on
+separate physical cores it is not slower together, on one core's two hyperthreads about twice as slow.
 """
 
 from __future__ import annotations
@@ -31,11 +34,14 @@ from exo_lab.models.formats import FORMATS
 
 #: (output rows, input columns) of a Llama-3.2-1B layer's projections: q, k, v, o, gate, up, down
 LAYER = ((2048, 2048), (512, 2048), (512, 2048), (2048, 2048), (8192, 2048), (8192, 2048), (2048, 8192))
+#: how many times a step runs the cached projection of ``--cached`` (a step of a few milliseconds)
+CACHED_CALLS = 64
 
 
-def decode_products(fmt_name: str, layers: int, rows: int = 1) -> tuple[Callable[[], None], int]:
+def decode_products(fmt_name: str, layers: int, rows: int = 1, cached_kb: int = 0) -> tuple[Callable[[], None], int]:
     """A function running ``rows`` decode rows through ``layers`` layers' products in ``fmt_name``, and their
-    bytes."""
+    bytes. ``cached_kb``: instead, one projection of about that many KB of weights (2048 columns), which stays in
+    the core's cache, run ``CACHED_CALLS`` times: the products' compute alone, no memory read."""
     import mlx.core as mx
 
     from exo_lab.models import formats, halfmatmul, qmatmul
@@ -55,6 +61,17 @@ def decode_products(fmt_name: str, layers: int, rows: int = 1) -> tuple[Callable
         return (lambda: xs @ ws.T), [ws]
 
     fns, weights = [], []
+    if cached_kb:
+        k = 2048
+        n = max(8, int(cached_kb * 1024 / (k * fmt.bytes_per_weight())) // 8 * 8)
+        w = mx.random.uniform(-1.0, 1.0, (n, k), key=mx.random.key(n))
+        fn, arrays = product(mx.random.uniform(-1.0, 1.0, (rows, k), key=mx.random.key(k)), w)
+        mx.eval(*arrays)
+
+        def again() -> None:
+            mx.eval([fn() for _ in range(CACHED_CALLS)])
+
+        return again, sum(a.nbytes for a in arrays) * CACHED_CALLS
     for i in range(layers):
         for n, k in LAYER:
             w = mx.random.uniform(-1.0, 1.0, (n, k), key=mx.random.key(i * 7 + n + k))
@@ -69,10 +86,10 @@ def decode_products(fmt_name: str, layers: int, rows: int = 1) -> tuple[Callable
     return run, sum(a.nbytes for a in weights)
 
 
-def timed(core: int, fmt: str, layers: int, rows: int, seconds: float, start: Any, out: Any) -> None:
+def timed(core: int, fmt: str, layers: int, rows: int, seconds: float, start: Any, out: Any, cached_kb: int) -> None:
     """On ``core``: build the products, wait for the others, time decode steps of ``rows`` rows for ``seconds``."""
     os.sched_setaffinity(0, {core})
-    run, nbytes = decode_products(fmt, layers, rows)
+    run, nbytes = decode_products(fmt, layers, rows, cached_kb)
     run()
     start.wait()
     times, end = [], time.perf_counter() + seconds
@@ -83,12 +100,14 @@ def timed(core: int, fmt: str, layers: int, rows: int, seconds: float, start: An
     out.put((core, statistics.median(times), nbytes))
 
 
-def measure(cores: list[int], fmt: str, layers: int, seconds: float, rows: int = 1) -> list[tuple[int, float, int]]:
+def measure(
+    cores: list[int], fmt: str, layers: int, seconds: float, rows: int = 1, cached_kb: int = 0
+) -> list[tuple[int, float, int]]:
     """``(core, median seconds of one decode step of ``rows`` rows, weight bytes)`` of one process per core, all
-    at once."""
+    at once (``cached_kb``: :func:`decode_products`'s)."""
     ctx = mp.get_context("spawn")
     start, out = ctx.Barrier(len(cores)), ctx.Queue()
-    procs = [ctx.Process(target=timed, args=(c, fmt, layers, rows, seconds, start, out)) for c in cores]
+    procs = [ctx.Process(target=timed, args=(c, fmt, layers, rows, seconds, start, out, cached_kb)) for c in cores]
     for p in procs:
         p.start()
     results = []
@@ -111,6 +130,14 @@ def main() -> int:
     ap.add_argument("--layers", type=int, default=8, help="layers of products (8: q4 reads ~270 MB a row)")
     ap.add_argument("--seconds", type=float, default=8.0, help="timed seconds of each run")
     ap.add_argument("--rows", type=int, default=1, help="rows of x a step (1: one stream; 8: eight streams)")
+    ap.add_argument(
+        "--cached",
+        type=int,
+        default=0,
+        metavar="KB",
+        help="one projection of about KB of weights that stays in each core's cache, instead of --layers: the "
+        "products' compute alone (0: off; try 256)",
+    )
     args = ap.parse_args()
     if args.rows < 1:
         ap.error("--rows must be at least 1")
@@ -121,16 +148,18 @@ def main() -> int:
     if len(cores) < 2:
         print("one core: nothing to share")
         return 0
-    print(
-        f"{args.layers} Llama-3.2-1B layers' products, {args.rows} decode row(s); median of {args.seconds:.0f} s; "
-        f"cores {cores}"
+    what = (
+        f"one {args.cached} KB projection in cache, {CACHED_CALLS} times"
+        if args.cached
+        else f"{args.layers} Llama-3.2-1B layers' products"
     )
+    print(f"{what}, {args.rows} decode row(s); median of {args.seconds:.0f} s; cores {cores}")
     print(
         f"{'format':8} {'alone ms':>9} {'GB/s':>6} {'together ms':>12} {'GB/s (sum)':>11} {'slower':>7} {'split bound':>12}"
     )
     for fmt in args.formats.split(","):
-        (_, alone, nbytes), *_ = measure(cores[:1], fmt, args.layers, args.seconds, args.rows)
-        together = measure(cores, fmt, args.layers, args.seconds, args.rows)
+        (_, alone, nbytes), *_ = measure(cores[:1], fmt, args.layers, args.seconds, args.rows, args.cached)
+        together = measure(cores, fmt, args.layers, args.seconds, args.rows, args.cached)
         slowest = max(t for _, t, _ in together)
         total = sum(n / t for _, t, n in together)
         print(
