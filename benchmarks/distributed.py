@@ -2,7 +2,8 @@
 
 Run (root, iproute2): .venv/bin/python benchmarks/distributed.py
      [--preset llama-1b] [--dtype fp32,bf16] [--links unshaped,1gbit,100mbit] [--strategies pipeline,tensor]
-     [--streams 1,8] [--tokens 48] [--prompt 2048] [--repeat 1] [--rounds 1] [--plan-batch N] [--objective ttft] [--json out.json]
+     [--streams 1,8] [--tokens 48] [--prompt 2048] [--repeat 1] [--rounds 1] [--plan-batch N] [--objective ttft]
+     [--no-core-check] [--json out.json]
 Quick: --dtype fp32 --links unshaped --streams 1,8 --tokens 32 --prompt 1024
 
 For each link (``unshaped``: a plain LAN; ``1gbit``: a cable of 1 Gbit/s with 1 ms one-way delay;
@@ -37,7 +38,11 @@ they are noisy, and the machine's speed drifts by tens of percent within minutes
 one process 14-19 tok/s, tensor-2 19-28 within an hour), so launches minutes apart do not compare: the one
 process stays up (idle, it takes no core) while each plan is measured, the two take turns on every figure
 (the order swapped every other repeat), and each ratio is the median of the pairs' ratios, with their range.
-``--rounds N`` launches the one process and every plan N times in turn.
+``--rounds N`` launches the one process and every plan N times in turn. After each plan's measurements (its
+instance idle) it measures how many times one core's compute the hosts' two cores give at that moment
+(:func:`core_scaling`: q4 products kept in each core's cache, ``shared_bus.py --cached``): a VM's two vCPUs may be
+cores of their own (2x) or one core's two hyperthreads (~1x), and the hypervisor moves them between the two
+within minutes, which caps what a split's compute-bound work can gain (``--no-core-check``: skip it).
 """
 
 from __future__ import annotations
@@ -64,6 +69,9 @@ from exo_lab.placement.cost import rows_extra_s
 from exo_lab.placement.predict import Predictor, decode_aggregate_tps
 from exo_lab.placement.preview import model_card
 from exo_lab.sim.cluster import SimCluster
+
+sys.path.insert(0, str(Path(__file__).parent))
+from shared_bus import measure as measure_cores
 
 LINKS: dict[str, dict[str, Any] | None] = {
     "unshaped": None,
@@ -265,6 +273,18 @@ def in_format(plan: Any, fmt: str, predictor: Predictor | None = None) -> Any:
     return out
 
 
+def core_scaling(seconds: float = 2.0) -> float:
+    """How many times one core's compute cores 0 and 1 (the hosts' cores) give right now: q4 products kept in each
+    core's cache (``shared_bus.py --cached 256``), one process on each core at once against one alone. 2.0: each
+    has a core of its own; ~1.0: they are one physical core's two hyperthreads (a VM's vCPUs can be either, and
+    the hypervisor moves them), which caps what work bound by compute gains from a split."""
+    ((_, before, _),) = measure_cores([0], "q4", 0, seconds, 1, 256)
+    together = measure_cores([0, 1], "q4", 0, seconds, 1, 256)
+    ((_, after, _),) = measure_cores([0], "q4", 0, seconds, 1, 256)
+    alone = min(before, after)  # a core alone, measured either side of the two at once: its faster run
+    return sum(alone / t for _, t, _ in together)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="llama-1b")
@@ -296,6 +316,11 @@ def main() -> int:
         "--apart",
         action="store_true",
         help="measure the one process once a round, alone (default: kept up beside each plan, measured in turn)",
+    )
+    ap.add_argument(
+        "--no-core-check",
+        action="store_true",
+        help="skip measuring, after each plan, how many times one core's compute the two hosts' cores give",
     )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -356,6 +381,8 @@ def main() -> int:
                                                 **beside,
                                             }
                                         )
+                                    if not args.no_core_check:
+                                        got["cores_x"] = core_scaling()
                                 finally:
                                     inst.delete()
                                 got["base"], got["paired"] = beside, one is not None
@@ -437,7 +464,15 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
             cells.append(cell)
         print(f"{link:9s} {dt:5s} {strategy:12s} " + " ".join(cells))
     for (link, dt, _), runs in plans.items():
-        print(f"  {link:9s} {dt:5s} {runs[0]['plan']}")
+        cores = [r["cores_x"] for r in runs if r.get("cores_x")]
+        beside = f"; cores 0 and 1 after it: {', '.join(f'{c:.2f}x' for c in cores)} one core" if cores else ""
+        print(f"  {link:9s} {dt:5s} {runs[0]['plan']}{beside}")
+    if any(r.get("cores_x") for r in rows):
+        print(
+            "  (q4 products in each core's cache, a process on each core at once against one alone: 2.00x when the "
+            "two vCPUs are cores of their own, ~1.0x when they are one core's hyperthreads, which caps a split's "
+            "compute-bound work: tensor-2's one stream above all)"
+        )
 
 
 if __name__ == "__main__":
