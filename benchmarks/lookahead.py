@@ -1,7 +1,7 @@
 """Decoding a step ahead (one-stage instances) against reading each step's tokens first, side by side.
 
 Run: .venv/bin/python benchmarks/lookahead.py [--models tiny,qwen3-moe-tiny,llama-1b] [--strategies single,tensor]
-     [--tokens 200] [--streams 1,4] [--rounds 3] [--ahead auto] [--dtype fp32] [--json OUT]
+     [--tokens 200] [--streams 1,4] [--rounds 3] [--ahead auto] [--dtype fp32|q8|q4] [--json OUT]
 
 Two local clusters of two nodes on loopback: one whose agents (and so workers) run with
 ``EXO_LAB_LOOKAHEAD=0`` (the baseline: every step's tokens read before the next step is built), one with
@@ -52,7 +52,9 @@ def main() -> int:
     ap.add_argument("--streams", default="1,4")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--ahead", default="auto", choices=["auto", "always"], help="EXO_LAB_LOOKAHEAD of the ahead side")
-    ap.add_argument("--dtype", default="fp32", help="what the ranks compute in: fp32, or q8/q4 (converted at load)")
+    ap.add_argument(
+        "--dtype", default="fp32", choices=["fp32", "q8", "q4"], help="what the ranks compute in (q8/q4: converted at load)"
+    )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 

@@ -44,8 +44,8 @@ def prefill_step(stages: int, gpu: bool, quantized: bool = False) -> int:
 #: share of the step (:mod:`exo_lab.engine.lookahead`; the cost model predicts with the same rule). Measured on
 #: two cores, served, ahead / not: llama-1b fp32 (a share of ~0.004) 0.95x, q8 (0.036-0.049) 0.97x, q4
 #: (0.051-0.073) 1.08x and 1.13x, the tiny models (0.16-0.18) 1.11-1.31x. On an AVX2 host (benchmarks/lookahead.py
-#: --dtype, six rounds): q8 (0.034-0.061, so 0.05 was a coin toss) 1.14x, bf16w (0.016-0.024) 1.01x; fp32
-#: (0.011-0.015) 0.98x in a step loop
+#: --dtype, six rounds): q8 (0.034-0.061, so 0.05 was a coin toss) 1.14x, fp32 (0.011-0.015) 1.01x (0.98x in a
+#: step loop); bf16w's share there 0.016-0.024
 LOOKAHEAD_MIN_BUILD_SHARE = 0.03
 
 # the variables (names, so that code starting a process can set them)
