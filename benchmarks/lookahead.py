@@ -53,7 +53,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--ahead", default="auto", choices=["auto", "always"], help="EXO_LAB_LOOKAHEAD of the ahead side")
     ap.add_argument(
-        "--dtype", default="fp32", choices=["fp32", "q8", "q4"], help="what the ranks compute in (q8/q4: converted at load)"
+        "--dtype",
+        default="fp32",
+        choices=["fp32", "q8", "q4"],
+        help="what the ranks compute in (q8/q4: converted at load)",
     )
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
