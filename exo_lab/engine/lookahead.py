@@ -57,10 +57,11 @@ def has_spare_core(group: mx.distributed.Group) -> bool:
     return mx.default_device().type == mx.gpu or cpu_count() >= 2 * sharing
 
 
-def build_share(shard: Any, steps: int = 3) -> float:
+def build_share(shard: Any, steps: int = 5) -> float:
     """The median share of one decode step (one row, after a short prompt) that building its graph takes, on a
     one-stage shard (:class:`~exo_lab.engine.shard.Shard`). Every rank of a tensor group calls it together
-    (the steps hold its all-reduces)."""
+    (the steps hold its all-reduces). Five steps: llama-1b q8's medians of three ranged 0.034-0.061 on a noisy
+    2-core host, around the threshold it is compared with."""
     cache = shard.make_cache()
     mx.eval(shard(mx.array([[1, 2, 3, 4]], mx.int32), cache))
     shares = []
