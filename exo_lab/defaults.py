@@ -47,6 +47,11 @@ def prefill_step(stages: int, gpu: bool, quantized: bool = False) -> int:
 #: --dtype, six rounds): q8 (0.034-0.061, so 0.05 was a coin toss) 1.14x, fp32 (0.011-0.015) 1.01x (0.98x in a
 #: step loop); bf16w's share there 0.016-0.024
 LOOKAHEAD_MIN_BUILD_SHARE = 0.03
+#: the largest all-reduce (or gather, all ranks' parts together) a tensor group of more than two ranks sends
+#: along a chain of its own sockets (:mod:`exo_lab.engine.peer_link`; a decode step's: up to 32 rows of a
+#: 2048-wide model in fp32); larger ones go round MLX's ring, whose hops carry a k-th of the bytes each, not all
+#: of them. The cost model predicts with the same rule.
+CHAIN_MAX_BYTES = 256 * 1024
 
 # the variables (names, so that code starting a process can set them)
 CLUSTER_KEY = "EXO_LAB_CLUSTER_KEY"

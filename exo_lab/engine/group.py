@@ -6,9 +6,9 @@ collective, and its main thread dispatches the next operations of the step; on a
 the polling threads take turns with the main thread, so the step's next operations arrive late (on a local
 cluster, they take turns with the other ranks' compute). At nice 19 a polling thread runs when the core has
 nothing else to do, which is when the rank waits for the message. A low priority does not make the spinning
-free where CPU time is metered (a VM throttled once its cores all run flat out): a tensor pair, and a
-pipeline's neighbouring one-rank stages, send over sockets of their own instead (:mod:`exo_lab.engine.peer_link`),
-sleeping while they wait.
+free where CPU time is metered (a VM throttled once its cores all run flat out): a tensor pair, a larger tensor
+group's decode-sized sums, and a pipeline's neighbouring one-rank stages, send over sockets of their own instead
+(:mod:`exo_lab.engine.peer_link`), sleeping while they wait.
 
 Measured on this project's 2-core machine, llama-1b in q4 over a tensor group of two one-core processes, a
 decode step's eval: on loopback 38.8-39.3 -> 34.6-35.3 ms (four alternations), between two simulated hosts

@@ -33,7 +33,7 @@ from typing import Any, cast
 import mlx.core as mx
 import numpy as np
 
-from exo_lab.engine.peer_link import PeerLink, chain_sum
+from exo_lab.engine.peer_link import ChainLinks, PeerLink
 from exo_lab.engine.shard import Shard
 from exo_lab.engine.trace import TRACER
 
@@ -156,7 +156,8 @@ class Lockstep:
         self.shard = shard
         self.group = group
         #: sockets of this rank's own to other ranks (:mod:`exo_lab.engine.peer_link`), by rank: a tensor pair's,
-        #: or those between a pipeline's neighbouring one-rank stages, which carry its hidden states
+        #: those between a pipeline's neighbouring one-rank stages, which carry its hidden states, or those along
+        #: a one-stage tensor group of more than two ranks
         self.links = dict(links or {})
         self.layout = layout
         self.hidden = hidden_size
@@ -368,11 +369,10 @@ class Lockstep:
             (link,) = self.links.values()
             return link.sum(vector)
         lay = self.layout
-        chain = [s[0] for s in lay.stages]
-        if self.links and len(chain) == self.group.size():  # one-rank stages, linked to their neighbours
-            before = self.links[chain[lay.stage - 1]] if not lay.first else None
-            after = self.links[chain[lay.stage + 1]] if not lay.last else None
-            return chain_sum(vector, before, after)
+        # linked neighbours: one-rank stages in order, or the ranks of a one-stage tensor group
+        chain = list(lay.stages[0]) if len(lay.stages) == 1 else [s[0] for s in lay.stages]
+        if self.links and len(chain) == self.group.size():
+            return ChainLinks.of(self.links, chain, lay.rank).sum(vector)
         return mx.distributed.all_sum(vector, group=self.group)
 
     def _sample_step(self, batch: Batch, out: mx.array) -> mx.array | None:

@@ -1,4 +1,4 @@
-"""TCP sockets between two ranks: a tensor pair's all-reduces, a pipeline's hidden states between neighbours.
+"""TCP sockets between ranks: a tensor group's all-reduces, a pipeline's hidden states between neighbours.
 
 A tensor pair sums two partial results twice per layer. Through MLX's ring backend each sum is a trip
 through three threads on each side (on this project's 2-core machine ~150-180 us for 8 KB, where a plain
@@ -18,6 +18,13 @@ A pipeline of one-rank stages links each two neighbouring stages (:func:`open_ch
 states over the links (``peer_send``/``peer_recv``), and each step's shared vector goes along the chain and back
 (:func:`chain_sum`). Waiting for another stage, a rank sleeps in ``poll()``, where the ring's socket thread
 would spin on a core for the whole wait.
+
+A one-stage tensor group of more than two ranks is linked along a chain of its ranks the same way
+(:class:`ChainLinks`): a decode step's all-reduces, its logits' gather and its shared vector go along it, the
+same bits on every rank (the last rank's sum in rank order), up to ``defaults.CHAIN_MAX_BYTES``; larger sums (a
+prompt's) go round the ring, whose hops carry a share of the bytes. On a host with fewer cores than ranks the
+ring's spinning socket threads had each rank wait for the others' time slices: a tiny model over four tensor
+ranks on two cores took 10-22 s for 32 tokens, and 0.4-0.5 s along the chain.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import mlx.core as mx
 import numpy as np
@@ -45,6 +52,7 @@ log = logging.getLogger(__name__)
 CONNECT_TIMEOUT_S = 30.0
 #: the dtypes the native sum adds
 SUMMABLE = (mx.float32, mx.bfloat16, mx.float16, mx.int32)
+CHAIN_MAX_BYTES = defaults.CHAIN_MAX_BYTES
 
 
 def module() -> Any:
@@ -71,6 +79,7 @@ class PeerLink:
 
     sock: socket.socket
     peer: int
+    size: ClassVar[int] = 2  # the ranks its sums add
 
     def sum(self, x: mx.array) -> mx.array:
         """``x`` plus the peer's ``x`` (the same bits on both ranks); both must call it alike."""
@@ -212,24 +221,63 @@ def _ready(sock: socket.socket, peer: int) -> PeerLink:
 
 
 class LinkedDistributed:
-    """``mlx.core.distributed`` whose ``all_sum`` over a 2-rank group goes through a :class:`PeerLink`."""
+    """``mlx.core.distributed`` whose ``all_sum`` over the tensor group goes through this rank's own sockets: a
+    pair's :class:`PeerLink`, or a larger group's :class:`ChainLinks` for sums of up to
+    :data:`CHAIN_MAX_BYTES` (larger ones, a prompt's, go round MLX's ring, which moves fewer bytes a hop)."""
 
-    def __init__(self, real: Any, link: PeerLink) -> None:
+    def __init__(self, real: Any, links: PeerLink | ChainLinks) -> None:
         self._real = real
-        self._link = link
+        self._links = links
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._real, name)
 
     def all_sum(self, x: Any, *, group: Any = None, stream: Any = None) -> Any:
-        if x.dtype in SUMMABLE and stream is None and (group is None or group.size() == 2):
-            return self._link.sum(x)
+        pair = isinstance(self._links, PeerLink)
+        ours = group is None or group.size() == self._links.size
+        if x.dtype in SUMMABLE and stream is None and ours and (pair or x.nbytes <= CHAIN_MAX_BYTES):
+            return self._links.sum(x)
         return self._real.all_sum(x, group=group, stream=stream)
 
+    def all_gather(self, x: Any, *, group: Any = None, stream: Any = None) -> Any:
+        """A larger group's gather of up to :data:`CHAIN_MAX_BYTES` in all along its chain: each rank's ``x`` in
+        its own slot of zeros, summed (adding zeros leaves every value as it was); else MLX's."""
+        chain = isinstance(self._links, ChainLinks)
+        ours = chain and (group is None or group.size() == self._links.size)
+        if ours and x.dtype in SUMMABLE and stream is None and x.nbytes * self._links.size <= CHAIN_MAX_BYTES:
+            rank, k = (group or self._real.init()).rank(), self._links.size
+            zeros = mx.zeros_like(x)
+            slots = mx.concatenate([x if i == rank else zeros for i in range(k)], axis=0)
+            return self._links.sum(slots)
+        return self._real.all_gather(x, group=group, stream=stream)
 
-def route_tensor_all_reduces(link: PeerLink) -> None:
-    """The tensor-sharded linears' all-reduces go through ``link`` (a rank of a 2-rank tensor group calls it
-    once, before :func:`exo_lab.engine.trace.trace_tensor_all_reduces`)."""
+
+@dataclass
+class ChainLinks:
+    """A tensor group of more than two ranks linked along a chain (:func:`open_chain` over its ranks): this
+    rank's links to the ranks before and after it (None at the ends)."""
+
+    before: PeerLink | None
+    after: PeerLink | None
+    size: int
+
+    @classmethod
+    def of(cls, links: Mapping[int, PeerLink], chain: Sequence[int], rank: int) -> ChainLinks:
+        i = chain.index(rank)
+        return cls(
+            links.get(chain[i - 1]) if i > 0 else None,
+            links.get(chain[i + 1]) if i + 1 < len(chain) else None,
+            len(chain),
+        )
+
+    def sum(self, x: mx.array) -> mx.array:
+        """``x`` summed over the chain (:func:`chain_sum`): every rank gets the last rank's bits."""
+        return chain_sum(x, self.before, self.after)
+
+
+def route_tensor_all_reduces(links: PeerLink | ChainLinks) -> None:
+    """The tensor-sharded linears' all-reduces go through ``links`` (a rank of a tensor group calls it once,
+    before :func:`exo_lab.engine.trace.trace_tensor_all_reduces`)."""
     import mlx.nn.layers.distributed as layers
 
-    layers.mx = CoreWith(layers.mx, LinkedDistributed(layers.mx.distributed, link))  # pyright: ignore[reportAttributeAccessIssue]
+    layers.mx = CoreWith(layers.mx, LinkedDistributed(layers.mx.distributed, links))  # pyright: ignore[reportAttributeAccessIssue]

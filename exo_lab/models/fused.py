@@ -38,6 +38,7 @@ cores; a q4 step on one core at 160 tokens of context 54.0 -> 50.9 ms, at 2000 6
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from typing import Any
@@ -283,7 +284,10 @@ def _decode_in_one() -> bool:
     return DECODE and _small_gemm
 
 
+@functools.cache
 def _mlx_lm_swiglu() -> Any:
+    """``mlx_lm``'s own ``swiglu``, kept from before :func:`_point` (whose first call asks for it) could point its
+    module at ours: a model with a layer class of ``mlx_lm.models.activations`` has it do that."""
     from mlx_lm.models import activations
 
     return activations.swiglu

@@ -104,6 +104,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from exo_lab import defaults
 from exo_lab.models import formats
 from exo_lab.models.card import ModelCard
 
@@ -300,11 +301,15 @@ class LinkCost:
 
     def all_reduce(self, nbytes: float, k: int) -> float:
         """Seconds to sum ``nbytes`` over ``k`` ranks: a pair sends its bytes both ways at once over a socket of
-        its own (:mod:`exo_lab.engine.peer_link`), more ranks go round MLX's ring (there and back again)."""
+        its own (:mod:`exo_lab.engine.peer_link`); more ranks send a decode step's sums (up to
+        ``CHAIN_MAX_BYTES``) along a chain of such sockets and back, every hop carrying all of them, and larger
+        ones round MLX's ring (there and back again, a hop carrying a k-th)."""
         if k <= 1:
             return 0.0
         if k == 2:
             return self.latency_s + nbytes / self.bandwidth_bytes_s
+        if nbytes <= defaults.CHAIN_MAX_BYTES:
+            return 2 * (k - 1) * (self.latency_s + nbytes / self.bandwidth_bytes_s)
         return 2 * (k - 1) * self.latency_s + 2 * (k - 1) / k * nbytes / self.bandwidth_bytes_s
 
 

@@ -170,6 +170,8 @@ def test_tensor_over_four_ranks_gives_the_same_tokens(cluster, models, tmp_path)
     inst = cluster.launch(path, plan=plan)
     try:
         assert tokens_of(inst, SHORT, 16) == reference(path, SHORT, 16)
+        # a step's sums go along a chain of the ranks' own sockets, not round MLX's ring (engine/peer_link.py)
+        assert all(inst._worker(r.rank, "GET", "/status", timeout=5)["peer_link"] for r in inst.plan.ranks)
     finally:
         inst.delete()
 

@@ -80,6 +80,42 @@ print(json.dumps({"links": sorted(links), "sums": sums, "passed": passed}))
 """
 
 
+TENSOR_CHAIN = """
+import hashlib, json
+import exo_lab
+import mlx.core as mx
+import mlx.nn.layers.distributed as layers
+from exo_lab import defaults
+from exo_lab.engine.group import form_group
+from exo_lab.engine.peer_link import ChainLinks, open_chain, route_tensor_all_reduces
+group = form_group("ring")
+rank, world = group.rank(), group.size()
+chain = list(range(world))
+links = open_chain(group, chain)
+route_tensor_all_reduces(ChainLinks.of(links, chain, rank))
+d = layers.mx.distributed  # what the sharded linears call
+def part(r, shape, dtype):
+    return (mx.random.normal(shape, key=mx.random.key(r)) * 30).astype(dtype)
+out = {"links": sorted(links), "exact": [], "ring": [], "gather": [], "digests": []}
+for shape, dtype in [((1, 2048), mx.float32), ((4, 1, 2048), mx.bfloat16), ((3, 8), mx.float16)]:
+    got = d.all_sum(part(rank, shape, dtype), group=group)
+    along = part(0, shape, dtype)
+    for r in range(1, world):
+        along = along + part(r, shape, dtype)  # the chain's order: rank 0's, plus rank 1's, ...
+    out["exact"].append(bool(mx.array_equal(got, along).item()))
+    out["digests"].append(hashlib.sha256(bytes(memoryview(mx.contiguous(got.astype(mx.float32))))).hexdigest())
+    gathered = d.all_gather(part(rank, shape, dtype), group=group)
+    ring = mx.distributed.all_gather(part(rank, shape, dtype), group=group)
+    out["gather"].append(bool(mx.array_equal(gathered, ring).item()) and gathered.shape == ring.shape)
+n = defaults.CHAIN_MAX_BYTES // 4 + 1  # past the chain's limit: MLX's ring, as it sums
+big = part(rank, (n,), mx.float32)
+out["ring"].append(bool(mx.array_equal(d.all_sum(big, group=group), mx.distributed.all_sum(big, group=group)).item()))
+ints = mx.arange(5, dtype=mx.int32) * (rank + 1)
+out["ring"].append(bool(mx.array_equal(d.all_sum(ints, group=group), mx.distributed.all_sum(ints, group=group)).item()))
+print(json.dumps(out))
+"""
+
+
 def ranks(tmp_path, envs, script=RANK, world=2):
     hosts = tmp_path / "hosts.json"
     hosts.write_text(json.dumps([[f"127.0.0.1:{free_port()}"] for _ in range(world)]))
@@ -123,3 +159,13 @@ def test_a_chain_of_stages_links_neighbours_and_sums_along_it(tmp_path):
 def test_a_chain_where_one_rank_wants_no_link_stays_on_the_ring(tmp_path):
     outs = ranks(tmp_path, [{}, {}, {"EXO_LAB_PEER_LINK": "0"}], script=CHAIN, world=3)
     assert [o["links"] for o in outs] == [[], [], []]
+
+
+def test_a_tensor_group_of_three_sums_and_gathers_along_its_chain(tmp_path):
+    """Beyond a pair, a tensor group's small all-reduces go along a chain of sockets: in rank order, the same
+    bits on every rank; gathers give the ring's; sums past CHAIN_MAX_BYTES go round the ring."""
+    outs = ranks(tmp_path, [{}] * 3, script=TENSOR_CHAIN, world=3)
+    assert [o["links"] for o in outs] == [[1], [0, 2], [1]]
+    for o in outs:
+        assert o["exact"] == [True] * 3 and o["gather"] == [True] * 3 and o["ring"] == [True] * 2, o
+    assert len({tuple(o["digests"]) for o in outs}) == 1, outs

@@ -4,7 +4,8 @@ Usage: MLX_RANK=r MLX_HOSTFILE=hosts.json python tests/rank_logits.py MODEL_DIR 
 
 With N > 0 the ranks then generate N greedy tokens in lock step (``Lockstep.generate``) and the
 sampling rank writes them to OUT with the suffix ``.tokens.json``. A tensor pair sums over its own socket
-(:mod:`exo_lab.engine.peer_link`) unless ``EXO_LAB_PEER_LINK=0``.
+(:mod:`exo_lab.engine.peer_link`), a larger tensor group along a chain of them, and a pipeline's
+neighbouring stages hand hidden states over them, unless ``EXO_LAB_PEER_LINK=0``.
 """
 
 import json
@@ -19,7 +20,7 @@ import mlx.core as mx
 import numpy as np
 
 from exo_lab.engine.lockstep import Layout, Lockstep
-from exo_lab.engine.peer_link import open_link, route_tensor_all_reduces
+from exo_lab.engine.peer_link import ChainLinks, open_chain, open_link, route_tensor_all_reduces
 from exo_lab.engine.shard import ShardSpec, load_shard
 
 
@@ -29,19 +30,27 @@ def main() -> None:
     group = mx.distributed.init(backend="ring", strict=True)
     rank = group.rank()
     cfg = json.loads(Path(model_dir, "config.json").read_text())
+    links = {}
     if splits == "tensor":  # every rank holds every layer, split by heads and MLP
+        ranks = list(range(group.size()))
         link = open_link(group, 1 - rank) if group.size() == 2 else None
         if link is not None:  # a pair sums over its own socket, as a worker's does
             route_tensor_all_reduces(link)
+        elif group.size() > 2:  # more ranks sum a step's small all-reduces along a chain of sockets, as workers do
+            links = open_chain(group, ranks)
+            if links:
+                route_tensor_all_reduces(ChainLinks.of(links, ranks, rank))
         spec = ShardSpec(0, cfg["num_hidden_layers"], cfg["num_hidden_layers"])
         shard, _ = load_shard(model_dir, spec, tensor_group=group)
-        layout = Layout(rank, (tuple(range(group.size())),))
+        layout = Layout(rank, (tuple(ranks),))
     else:
         start = sum(splits[:rank])
         spec = ShardSpec(start, start + splits[rank], cfg["num_hidden_layers"])
         shard, _ = load_shard(model_dir, spec)
         layout = Layout(rank, tuple((i,) for i in range(group.size())))
-    ls = Lockstep(shard, group, layout, cfg["hidden_size"], getattr(mx, cfg["torch_dtype"]), prefill_step_size=64)
+        links = open_chain(group, list(range(group.size())))  # neighbours hand hidden states over, as workers do
+    act = getattr(mx, cfg["torch_dtype"])
+    ls = Lockstep(shard, group, layout, cfg["hidden_size"], act, prefill_step_size=64, links=links)
     cache = shard.make_cache()
     tokens = mx.array(prompt, mx.int32)
     pos = 0
