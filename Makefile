@@ -76,8 +76,10 @@ typecheck: setup-test
 ## $(PYTEST_ARGS) goes to both runs (a run it leaves without tests passes). This machine's device profile is
 ## measured first, on a quiet machine, as a user's node measures it: measured by the first test that needs it,
 ## beside the other worker's tests, its products read slowly enough to mislead the planner.
+## The extension's build (node) and the type check (pyright, ~40 s) take a core each, side by side.
 SERIAL_TESTS := tests/sim
-test: setup-test labextension lint typecheck
+test: setup-test
+	$(MAKE) --no-print-directory -j2 labextension lint typecheck
 	$(PY) -c "from exo_lab.cluster.profile import load_or_measure; load_or_measure()"
 	$(PY) -m pytest -n 2 --dist loadfile $(addprefix --ignore=,$(SERIAL_TESTS)) $(PYTEST_ARGS) || [ $$? -eq 5 ]
 	$(PY) -m pytest $(SERIAL_TESTS) $(PYTEST_ARGS) || [ $$? -eq 5 ]
