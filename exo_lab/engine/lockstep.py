@@ -69,6 +69,12 @@ class Layout:
     def last(self) -> bool:
         return self.stage == len(self.stages) - 1
 
+    @property
+    def chain(self) -> list[int]:
+        """Every rank, stage by stage: each two neighbours exchange (a pair's ranks, or a stage's last and the next
+        stage's first), so sockets along it carry all of a step's messages (:mod:`exo_lab.engine.peer_link`)."""
+        return [r for s in self.stages for r in s]
+
     def peer(self, stage: int) -> int:
         """The rank of ``stage`` this rank exchanges hidden states with (same tensor index)."""
         mine = self.stages[self.stage]
@@ -155,9 +161,8 @@ class Lockstep:
     ) -> None:
         self.shard = shard
         self.group = group
-        #: sockets of this rank's own to other ranks (:mod:`exo_lab.engine.peer_link`), by rank: a tensor pair's,
-        #: those between a pipeline's neighbouring one-rank stages, which carry its hidden states, or those along
-        #: a one-stage tensor group of more than two ranks
+        #: sockets of this rank's own to its neighbours along :attr:`Layout.chain` (:mod:`exo_lab.engine.peer_link`),
+        #: by rank: a tensor pair's, and those that carry hidden states between stages
         self.links = dict(links or {})
         self.layout = layout
         self.hidden = hidden_size
@@ -369,10 +374,8 @@ class Lockstep:
             (link,) = self.links.values()
             return link.sum(vector)
         lay = self.layout
-        # linked neighbours: one-rank stages in order, or the ranks of a one-stage tensor group
-        chain = list(lay.stages[0]) if len(lay.stages) == 1 else [s[0] for s in lay.stages]
-        if self.links and len(chain) == self.group.size():
-            return ChainLinks.of(self.links, chain, lay.rank).sum(vector)
+        if self.links and len(lay.chain) == self.group.size():  # linked along every rank
+            return ChainLinks.of(self.links, lay.chain, lay.rank).sum(vector)
         return mx.distributed.all_sum(vector, group=self.group)
 
     def _sample_step(self, batch: Batch, out: mx.array) -> mx.array | None:

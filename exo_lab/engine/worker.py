@@ -59,7 +59,7 @@ from exo_lab.engine.job import Job, JobError
 from exo_lab.engine.lockstep import FAILED, Layout, Lockstep, describe
 from exo_lab.engine.lookahead import Step, pays
 from exo_lab.engine.pairs import Exchange
-from exo_lab.engine.peer_link import ChainLinks, PeerLink, open_chain, open_link, route_tensor_all_reduces
+from exo_lab.engine.peer_link import ChainLinks, PeerLink, open_chain, route_tensor_all_reduces
 from exo_lab.engine.pipeline import Group, GroupSchedule, Speculation, decode_tick, streamed_prefill
 from exo_lab.engine.prefix_cache import PrefixCache, agree, row_caches
 from exo_lab.engine.sampling import SamplingParams, make_penalties, make_sampler
@@ -161,8 +161,7 @@ class Worker:
         self.prebuild = self.lookahead
         #: the socket this rank's tensor pair sums over (:mod:`exo_lab.engine.peer_link`), or None (MLX's ring)
         self.peer_link: PeerLink | None = None
-        #: a pipeline of one-rank stages: the sockets to the stages before and after this one, by rank; a one-stage
-        #: tensor group of more than two ranks: to the ranks before and after this one in the group
+        #: the sockets to this rank's neighbours along the stages' ranks in order (:attr:`Layout.chain`), by rank
         self.stage_links: dict[int, PeerLink] = {}
 
     def status(self) -> dict[str, Any]:
@@ -543,15 +542,12 @@ class Worker:
         if len(stages) > 1 and len(mine) > 2:
             raise RuntimeError("a pipeline stage can hold a tensor pair (2 ranks), not more")
         peer = mine[1 - mine.index(self.rank)] if len(mine) == 2 else None
-        # a pair sums over a socket of its own (every rank takes part in making the links, where there are pairs);
-        # a pipeline of one-rank stages hands hidden states over a socket between each two neighbours; a tensor
-        # group of more than two ranks sums a step's small all-reduces along a chain of such sockets
-        if len(stages) > 1 and all(len(s) == 1 for s in stages):
-            self.stage_links = open_chain(self.group, [s[0] for s in stages])
-        elif any(len(s) == 2 for s in stages):
-            self.peer_link = open_link(self.group, peer)
-        elif tensor_group is not None:
-            self.stage_links = open_chain(self.group, mine)
+        # sockets of the ranks' own along the stages' ranks in order, whose neighbours are the ranks that exchange:
+        # a pair (it sums over its socket), a stage's last rank and the next stage's first (hidden states); a
+        # step's shared vector goes along the whole chain, as a tensor group's small all-reduces do along its own
+        if len(layout.chain) > 1:
+            self.stage_links = open_chain(self.group, layout.chain)
+            self.peer_link = self.stage_links.get(peer) if peer is not None else None
         if tensor_group is not None:
             if self.peer_link is not None:
                 route_tensor_all_reduces(self.peer_link)
@@ -579,7 +575,7 @@ class Worker:
         act = getattr(mx, act_name)
         gpu, quantized = mx.default_device() == mx.gpu, bool(cfg.get("quantized"))
         step = cfg.get("prefill_step_size") or defaults.prefill_step(len(stages), gpu, quantized)
-        links = self.stage_links or ({peer: self.peer_link} if self.peer_link and peer is not None else {})
+        links = self.stage_links
         self.lockstep = Lockstep(self.shard, self.group, layout, config["hidden_size"], act, step, links)
         self.schedule = GroupSchedule(len(stages), layout.stage)
         if samples:

@@ -112,6 +112,16 @@ big = part(rank, (n,), mx.float32)
 out["ring"].append(bool(mx.array_equal(d.all_sum(big, group=group), mx.distributed.all_sum(big, group=group)).item()))
 ints = mx.arange(5, dtype=mx.int32) * (rank + 1)
 out["ring"].append(bool(mx.array_equal(d.all_sum(ints, group=group), mx.distributed.all_sum(ints, group=group)).item()))
+# one graph with sums along the chain and round the ring, each depending on the one before (int32: exact either way)
+def ipart(r, size, salt):
+    return mx.arange(size, dtype=mx.int32) * (r + 1) + salt
+a = d.all_sum(ipart(rank, 8, 1), group=group)
+b = d.all_sum(ipart(rank, n, 0) + a[0], group=group)
+c = d.all_sum(ipart(rank, 8, 2) + b[-1], group=group)
+k = sum(r + 1 for r in range(world))
+a0 = world * 1
+b_last = k * (n - 1) + world * a0
+out["mixed"] = c.tolist() == [k * i + world * (2 + b_last) for i in range(8)]
 print(json.dumps(out))
 """
 
@@ -167,5 +177,5 @@ def test_a_tensor_group_of_three_sums_and_gathers_along_its_chain(tmp_path):
     outs = ranks(tmp_path, [{}] * 3, script=TENSOR_CHAIN, world=3)
     assert [o["links"] for o in outs] == [[1], [0, 2], [1]]
     for o in outs:
-        assert o["exact"] == [True] * 3 and o["gather"] == [True] * 3 and o["ring"] == [True] * 2, o
+        assert o["exact"] == [True] * 3 and o["gather"] == [True] * 3 and o["ring"] == [True] * 2 and o["mixed"], o
     assert len({tuple(o["digests"]) for o in outs}) == 1, outs
