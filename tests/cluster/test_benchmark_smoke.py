@@ -82,23 +82,3 @@ def test_weight_formats_benchmark_reports_the_decode_an_instance_would_do(tmp_pa
         assert row["decode_tps"] == chosen and row["steps_ahead"] == float(run["ahead"])
         assert row["fraction_of_limit"] == pytest.approx(row["decode_tps"] / row["limit_tps"])
     assert re.search(r"^q4 +\d+\.\d\d[* ] +\d+\.\d\d +\d+\.\d\d ", proc.stdout, re.M), proc.stdout
-
-
-@pytest.mark.slow
-def test_tensor_chain_benchmark_smoke(tmp_path: Path) -> None:
-    """Four tensor ranks over two nodes, their sums round MLX's ring and along a chain: one round of each."""
-    script = SCRIPT.parent / "tensor_chain.py"
-    env = {**os.environ, "EXO_LAB_MODELS_DIR": str(tmp_path / "models")}
-    out_json = tmp_path / "rows.json"
-    proc = subprocess.run(
-        [sys.executable, str(script), "--tokens", "2", "--rounds", "1", "--json", str(out_json)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-    assert proc.returncode == 0, f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
-    assert re.search(r"^tiny-mha +1 +\d+\.\d\d +\d+\.\d\d +\d+\.\d\dx$", proc.stdout, re.M), proc.stdout
-    (row,) = json.loads(out_json.read_text())
-    assert row["ratio"] == row["chain_tps"] / row["ring_tps"] > 0 and len(row["runs"]["chain"]) == 1
