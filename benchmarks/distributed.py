@@ -22,9 +22,10 @@ the fp32 checkpoint, every rank of every plan converting it to that weight forma
 
 Each is launched through the agents (a rank per process), warmed up, then measured: **decode** tok/s of
 one stream (``--tokens`` greedy tokens, EOS ignored, a short prompt; tokens after the first over the time
-after it) and the **aggregate** decode tok/s of ``N`` concurrent streams (tokens while all of them decode, over that
-time, short prompts; ``--streams``), and **TTFT** of one ``--prompt``-token prompt (prompt tok/s =
-prompt / TTFT). The table gives each as a ratio to the one process, beside the planner's prediction
+after it), beside it the pace of its **fast steps** (one token over the 10% quantile of the times between its
+tokens: what the plan does where nothing else on the host interrupts it), the **aggregate** decode tok/s of
+``N`` concurrent streams (tokens while all of them decode, over that time, short prompts; ``--streams``), and
+**TTFT** of one ``--prompt``-token prompt (prompt tok/s = prompt / TTFT). The table gives each as a ratio to the one process, beside the planner's prediction
 (:func:`exo_lab.placement.predict.predict`, :func:`~exo_lab.placement.predict.decode_aggregate_tps`) and its error
 (predicted / measured - 1). Predictions are calibrated on the one-process run of the same dtype: the
 nodes' ``decode_efficiency`` and ``prefill_efficiency`` (what ``exo-lab bench --calibrate`` fits) are scaled
@@ -82,6 +83,8 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 #: weight formats every rank converts the fp32 checkpoint to at load (lossy: the planner's choice with lossy=True)
 FORMATS = ("q8", "q4")
 CALIBRATION_PASSES = 6
+#: the quantile of a stream's times between tokens whose pace is its fast steps' (``fast_1``)
+FAST_STEPS = 0.1
 #: the seeds of the TTFT runs' prompts, each used once
 TTFT_SEEDS = itertools.count(99)
 os.environ.setdefault("TQDM_DISABLE", "1")  # no load progress bars between the lines of the table
@@ -128,6 +131,18 @@ def one_stream(
     end = time.perf_counter()
     assert first is not None, "no token"
     return first - t0, (n - 1) / (end - first) if n > 1 and end > first else 0.0, n, end
+
+
+def stream_figures(inst: Any, prompt: list[int], tokens: int) -> dict[str, float]:
+    """One greedy stream's decode tok/s (``decode_1``) and its fast steps' (``fast_1``): one token over the
+    ``FAST_STEPS`` quantile of the times between its tokens, the pace of the steps no other work on the host
+    interrupted (a tensor group's ranks wait for each other at every all-reduce, so an interruption of either
+    core stalls both; one process on one core feels only its own)."""
+    stamps: list[float] = []
+    tps = one_stream(inst, prompt, tokens, stamps)[1]
+    gaps = sorted(b - a for a, b in zip(stamps[1:], stamps[2:]))  # from the second token: the first is TTFT's
+    fast = gaps[int(FAST_STEPS * (len(gaps) - 1))] if gaps else 0.0
+    return {"decode_1": tps, "fast_1": 1.0 / fast if fast > 0 else 0.0}
 
 
 def streams_tps(inst: Any, streams: int, tokens: int, short: int) -> float:
@@ -178,7 +193,7 @@ def measure(insts: list[tuple[str, Any]], args: argparse.Namespace) -> list[dict
     figures: list[tuple[str, Any]] = []
     for s in args.streams:
         if s == 1:
-            figures.append(("decode_1", lambda inst, i: one_stream(inst, prompt_of(args.short, 0), args.tokens)[1]))
+            figures.append(("decode_1", lambda inst, i: stream_figures(inst, prompt_of(args.short, 0), args.tokens)))
         else:
             figures.append((f"decode_{s}", lambda inst, i, s=s: streams_tps(inst, s, args.tokens, args.short)))
     if args.prompt:
@@ -188,16 +203,20 @@ def measure(insts: list[tuple[str, Any]], args: argparse.Namespace) -> list[dict
         figures.append(("ttft", lambda inst, i: one_stream(inst, prompt_of(args.prompt, seeds[i]), 1)[0]))
     outs: list[dict[str, Any]] = [{"plan": plan, "runs": {}} for plan, _ in insts]
     for key, figure in figures:
-        runs: list[list[float]] = [[] for _ in insts]
+        runs: list[dict[str, list[float]]] = [{} for _ in insts]
         for i in range(args.repeat):
             order = range(len(insts)) if i % 2 == 0 else reversed(range(len(insts)))
             for k in order:
-                runs[k].append(figure(insts[k][1], i))
+                got = figure(insts[k][1], i)
+                for name, value in (got if isinstance(got, dict) else {key: got}).items():
+                    runs[k].setdefault(name, []).append(value)
         for out, got in zip(outs, runs):
-            out[key] = statistics.median(got)
-            out["runs"][key] = got
-        unit = "s" if key == "ttft" else "tok/s"
-        print(f"    {key}: " + "; ".join(f"{o['plan']} {o[key]:.2f} {unit}" for o in outs), flush=True)
+            for name, values in got.items():
+                out[name] = statistics.median(values)
+                out["runs"][name] = values
+        for name in runs[0]:
+            unit = "s" if name == "ttft" else "tok/s"
+            print(f"    {name}: " + "; ".join(f"{o['plan']} {o[name]:.2f} {unit}" for o in outs), flush=True)
     return outs
 
 
@@ -412,9 +431,11 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     """The table: per plan and figure the median over rounds of the measurement, of its ratio to the one process
     measured beside it (the spread of the ratios beside it with several rounds or repeats), of the prediction's
     ratio and of its error."""
-    keys = [f"decode_{s}" for s in args.streams] + (["ttft"] if args.prompt else [])
+    keys = [f"decode_{s}" for s in args.streams] + (["fast_1"] if 1 in args.streams else [])
+    keys += ["ttft"] if args.prompt else []
     names = {
         **{f"decode_{s}": ("1 stream" if s == 1 else f"{s} streams") for s in args.streams},
+        "fast_1": "1 stream, fast steps",
         "ttft": f"TTFT {args.prompt}",
     }
     how = (
@@ -467,6 +488,12 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         cores = [r["cores_x"] for r in runs if r.get("cores_x")]
         beside = f"; cores 0 and 1 after it: {', '.join(f'{c:.2f}x' for c in cores)} one core" if cores else ""
         print(f"  {link:9s} {dt:5s} {runs[0]['plan']}{beside}")
+    if "fast_1" in keys:
+        print(
+            f"  (fast steps: one token over the {FAST_STEPS:.0%} quantile of a stream's times between tokens, the pace "
+            "of the steps nothing else on the host interrupted; a tensor group's ranks wait for each other at every "
+            "all-reduce, so an interruption of either core stalls both, where one process feels only its own core's)"
+        )
     if any(r.get("cores_x") for r in rows):
         print(
             "  (q4 products in each core's cache, a process on each core at once against one alone: 2.00x when the "

@@ -534,6 +534,12 @@ class Trace:
         lines = [f"{'per token':12s} {'measured ms':>12s} {'predicted ms':>13s}"]
         for r in self.breakdown():
             lines.append(f"{r['component']:12s} {ms(r['measured_ms']):>12s} {ms(r['predicted_ms']):>13s}")
+        tokens = sorted(r["token"] for r in self.per_step())
+        if len(tokens) >= 2:  # how far the slow steps are from the fast ones: what else the hosts ran meanwhile
+            at = [tokens[int(q * (len(tokens) - 1))] * 1e3 for q in (0.1, 0.5, 0.9)]
+            lines.append(
+                f"token spread: p10 {at[0]:.3f}, median {at[1]:.3f}, p90 {at[2]:.3f} ms over {len(tokens)} steps"
+            )
         return "\n".join(lines)
 
     def __repr__(self) -> str:

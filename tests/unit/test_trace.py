@@ -13,8 +13,9 @@ from exo_lab.engine.trace import TRACER, RankInfo, Trace, Tracer, assemble, esti
 MS = 1_000_000
 
 
-def pipeline2(steps: int = 4, compute=(3, 2), hop=5, reduce_=1) -> Trace:
-    """Two stages (ranks 0 and 1), ``steps`` decode steps after one admission step, times in ms."""
+def pipeline2(steps: int = 4, compute=(3, 2), hop=5, reduce_=1, slow: frozenset[int] = frozenset()) -> Trace:
+    """Two stages (ranks 0 and 1), ``steps`` decode steps after one admission step, times in ms; in the steps in
+    ``slow`` the first stage computes 20 ms longer."""
     raw: dict[int, list] = {0: [], 1: []}
     t = 0
     raw[0].append(("admit", t, t + 10 * MS, 0, {}))
@@ -22,10 +23,11 @@ def pipeline2(steps: int = 4, compute=(3, 2), hop=5, reduce_=1) -> Trace:
     t = 10 * MS
     for k in range(steps + 1):
         if k:
-            raw[0].append(("compute", t, t + compute[0] * MS, k, {}))
-            raw[0].append(("send", t + compute[0] * MS, t + compute[0] * MS + MS // 10, k, {}))
-            raw[1].append(("recv", t, t + (compute[0] + hop) * MS, k, {}))
-            c1 = t + (compute[0] + hop) * MS
+            first = compute[0] + (20 if k in slow else 0)
+            raw[0].append(("compute", t, t + first * MS, k, {}))
+            raw[0].append(("send", t + first * MS, t + first * MS + MS // 10, k, {}))
+            raw[1].append(("recv", t, t + (first + hop) * MS, k, {}))
+            c1 = t + (first + hop) * MS
             raw[1].append(("compute", c1, c1 + compute[1] * MS, k, {}))
             raw[1].append(("sample", c1 + compute[1] * MS, c1 + compute[1] * MS, k, {}))
             t = c1 + compute[1] * MS
@@ -56,6 +58,12 @@ def test_spans_move_onto_the_coordinators_clock_and_sum_per_token():
     assert rows["all-reduce"]["predicted_ms"] == pytest.approx(1.0)  # the token's way back rides the all_sum
     assert tr.link_waits(0) == pytest.approx([0.005] * 4)
     assert "measured ms" in tr.table()
+    assert "token spread: p10 11.000, median 11.000, p90 11.000 ms over 4 steps" in tr.table()
+
+
+def test_the_table_shows_how_far_the_slow_steps_are_from_the_fast_ones():
+    tr = pipeline2(steps=10, slow=frozenset({2, 5, 9}))
+    assert "token spread: p10 11.000, median 11.000, p90 31.000 ms over 10 steps" in tr.table()
 
 
 def test_chrome_export_has_one_track_per_rank_and_round_trips():
