@@ -11,7 +11,8 @@ listens on its hostfile address and publishes the port and a one-time token thro
 higher connects and presents the token, and a second ``all_sum`` makes every rank agree: links everywhere
 they were wanted, or none (each pair's ranks must sum the same way). ``EXO_LAB_PEER_LINK=0`` keeps the ring.
 :func:`route_tensor_all_reduces` points the tensor-sharded linears (:mod:`mlx.nn.layers.distributed`) at the
-link, and with them the split embedding's sum (:mod:`exo_lab.engine.vocab`); a 2-rank instance's
+link, and with them the split embedding's sum and the split head's gather of the logits (:mod:`exo_lab.engine.vocab`,
+``peer_gather``: the ring's bytes, without its threads); a 2-rank instance's
 :class:`~exo_lab.engine.lockstep.Lockstep` sums each step's shared vector (int32) over it too.
 
 Every instance of more than one rank links its ranks along its stages' ranks in order (``Layout.chain``,
@@ -73,6 +74,11 @@ def _check(ext: Any) -> None:
         mx.eval(got)
         assert b.recv(mine.nbytes, socket.MSG_WAITALL) == np.array(mine).tobytes(), "sent other bytes"
         assert mx.array_equal(got, mine + theirs).item(), "not the sum"
+        b.sendall(np.array(theirs).tobytes())
+        got = ext.peer_gather(mine.reshape(2, 3), a.fileno(), False)
+        mx.eval(got)
+        assert b.recv(mine.nbytes, socket.MSG_WAITALL) == np.array(mine).tobytes(), "gathered, sent other bytes"
+        assert mx.array_equal(got, mx.concatenate([theirs, mine]).reshape(4, 3)).item(), "not the gather"
 
 
 @dataclass
@@ -86,6 +92,11 @@ class PeerLink:
     def sum(self, x: mx.array) -> mx.array:
         """``x`` plus the peer's ``x`` (the same bits on both ranks); both must call it alike."""
         return module().peer_sum(x, self.sock.fileno())
+
+    def gather(self, x: mx.array, first: bool) -> mx.array:
+        """The pair's ``x`` concatenated along the first axis in rank order (``first``: this rank's comes first),
+        as ``mx.distributed.all_gather`` over the pair; both must call it alike."""
+        return module().peer_gather(x, self.sock.fileno(), first)
 
     def send(self, x: mx.array) -> mx.array:
         """``x``, its bytes sent to the peer when evaluated (as ``mx.distributed.send``); the peer reads them with :meth:`recv`."""
@@ -223,8 +234,8 @@ def _ready(sock: socket.socket, peer: int) -> PeerLink:
 
 
 class LinkedDistributed:
-    """``mlx.core.distributed`` whose ``all_sum`` over the tensor group goes through this rank's own sockets: a
-    pair's :class:`PeerLink`, or a larger group's :class:`ChainLinks` for sums of up to
+    """``mlx.core.distributed`` whose ``all_sum`` and ``all_gather`` over the tensor group go through this rank's
+    own sockets: a pair's :class:`PeerLink`, or a larger group's :class:`ChainLinks` for sums of up to
     :data:`CHAIN_MAX_BYTES` (larger ones, a prompt's, go round MLX's ring, which moves fewer bytes a hop)."""
 
     def __init__(self, real: Any, links: PeerLink | ChainLinks) -> None:
@@ -242,11 +253,14 @@ class LinkedDistributed:
         return self._real.all_sum(x, group=group, stream=stream)
 
     def all_gather(self, x: Any, *, group: Any = None, stream: Any = None) -> Any:
-        """A larger group's gather of up to :data:`CHAIN_MAX_BYTES` in all along its chain: each rank's ``x`` in
-        its own slot of zeros, summed (adding zeros leaves every value as it was); else MLX's."""
+        """A pair's gather over its socket (the same bytes as MLX's); a larger group's of up to
+        :data:`CHAIN_MAX_BYTES` in all along its chain: each rank's ``x`` in its own slot of zeros, summed (adding
+        zeros leaves every value as it was); else MLX's."""
+        ours = group is None or group.size() == self._links.size
+        if isinstance(self._links, PeerLink) and ours and stream is None and x.ndim > 0:
+            return self._links.gather(x, (group or self._real.init()).rank() == 0)
         chain = isinstance(self._links, ChainLinks)
-        ours = chain and (group is None or group.size() == self._links.size)
-        if ours and x.dtype in SUMMABLE and stream is None and x.nbytes * self._links.size <= CHAIN_MAX_BYTES:
+        if chain and ours and x.dtype in SUMMABLE and stream is None and x.nbytes * self._links.size <= CHAIN_MAX_BYTES:
             rank, k = (group or self._real.init()).rank(), self._links.size
             zeros = mx.zeros_like(x)
             slots = mx.concatenate([x if i == rank else zeros for i in range(k)], axis=0)

@@ -30,7 +30,7 @@ from exo_lab.models import halfmatmul, qmatmul
 def _gather_vocab(local: mx.array, group: mx.distributed.Group) -> mx.array:
     """Every rank's slice of the last axis, concatenated in rank order."""
     k = group.size()
-    # along a larger tensor group's own sockets where they are routed, as the sums (engine/peer_link.py)
+    # over a pair's or a larger group's own sockets where they are routed, as the sums (engine/peer_link.py)
     parts = mlx_distributed.mx.distributed.all_gather(local, group=group)  # [k * batch, ..., V / k]
     parts = parts.reshape(k, *local.shape)
     return mx.moveaxis(parts, 0, -2).reshape(*local.shape[:-1], k * local.shape[-1])

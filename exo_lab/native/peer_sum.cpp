@@ -1,5 +1,5 @@
-// A pair of ranks' messages over one TCP socket, as MLX primitives: a tensor pair's all-reduce, and the hidden
-// states a pipeline's stage hands to the next.
+// A pair of ranks' messages over one TCP socket, as MLX primitives: a tensor pair's all-reduce and gather, and
+// the hidden states a pipeline's stage hands to the next.
 //
 // MLX's ring backend hands each message from the stream's thread to a pool thread and on to a socket thread
 // that polls without sleeping, and back: on this project's 2-core machine a 2-rank `all_sum` of 8 KB took
@@ -14,6 +14,8 @@
 //   message of any size passes however small the socket buffers), then adds them. Addition commutes exactly,
 //   so both ranks hold the same bits, and they are the bits of MLX's ring for two ranks (float32 added as
 //   float32; bfloat16 and float16 through float32 and rounded back, as MLX's own types add; int32 exactly).
+// - `peer_gather(x, fd, first)` writes x's bytes and reads the peer's the same way, into the two halves of one
+//   array in rank order: the bytes of MLX's ring's `all_gather` for two ranks (a tensor pair's logits).
 // - `peer_send(x, fd)` writes x's bytes (an array sharing x's data, as MLX's `send` returns);
 //   `peer_recv(shape, dtype, fd, after)` reads the bytes of one such array (evaluated after the arrays in
 //   `after`: a receive has no inputs, and one ordered before a send it waits for would wait forever).
@@ -116,21 +118,43 @@ struct Strided {
   }
 };
 
-class PeerSum : public mx::Primitive {
+// A primitive that is one message of its own: two of the same array must not be merged into one.
+class Message : public mx::Primitive {
  public:
-  PeerSum(mx::Stream stream, int fd) : mx::Primitive(stream), fd_(fd) {}
+  Message(mx::Stream stream, int fd) : mx::Primitive(stream), fd_(fd) {}
 
-  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
-    const mx::array& x = inputs[0];
-    mx::array& out = outputs[0];
+  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
+    throw std::runtime_error("the pair's messages run on the CPU only");
+  }
+
+  bool is_equivalent(const mx::Primitive& other) const override {
+    return this == &other;
+  }
+
+ protected:
+  // out allocated, x and out registered with the stream's encoder (returned); view: x's strides where x is a
+  // view, whose bytes go in row order
+  mx::cpu::CommandEncoder& begin(const mx::array& x, mx::array& out, std::optional<Strided>& view) {
     out.set_data(mx::allocator::malloc(out.nbytes()));
     auto& encoder = mx::cpu::get_command_encoder(stream());
     encoder.set_input_array(x);
     encoder.set_output_array(out);
-    // sent in row order: a view is gathered first (a matmul's output already is in order: no copy)
-    std::optional<Strided> view;
     if (!x.flags().row_contiguous) view = Strided{x.shape(), x.strides(), x.itemsize()};
-    encoder.dispatch([fd = fd_, xp = x.data<char>(), op = out.data<char>(), n = x.nbytes(), count = x.size(),
+    return encoder;
+  }
+
+  int fd_;
+};
+
+class PeerSum : public Message {
+ public:
+  using Message::Message;
+
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    const mx::array& x = inputs[0];
+    mx::array& out = outputs[0];
+    std::optional<Strided> view;  // sent in row order: a view is gathered first (a matmul's output is: no copy)
+    begin(x, out, view).dispatch([fd = fd_, xp = x.data<char>(), op = out.data<char>(), n = x.nbytes(), count = x.size(),
                       dtype = x.dtype(), view = std::move(view)]() {
       std::vector<char> rows;
       const char* mine = xp;
@@ -159,42 +183,49 @@ class PeerSum : public mx::Primitive {
     });
   }
 
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("peer_sum runs on the CPU only");
-  }
-
   const char* name() const override {
     return "ExoPeerSum";
-  }
-
-  // every sum is a message of its own: two of the same array must not be merged into one
-  bool is_equivalent(const mx::Primitive& other) const override {
-    return this == &other;
   }
 
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
     return {inputs[0].shape()};
   }
-
- private:
-  int fd_;
 };
 
-// A primitive that is one message of its own: two of the same array must not be merged into one.
-class Message : public mx::Primitive {
+// The pair's x side by side along the first axis, in rank order: this rank's bytes copied into its slot, the
+// peer's read into the other while this rank's are written (the bytes MLX's ring gathers for two ranks).
+class PeerGather : public Message {
  public:
-  Message(mx::Stream stream, int fd) : mx::Primitive(stream), fd_(fd) {}
+  PeerGather(mx::Stream stream, int fd, bool first) : Message(stream, fd), first_(first) {}
 
-  void eval_gpu(const std::vector<mx::array>&, std::vector<mx::array>&) override {
-    throw std::runtime_error("the pair's messages run on the CPU only");
+  void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
+    const mx::array& x = inputs[0];
+    mx::array& out = outputs[0];
+    std::optional<Strided> view;
+    begin(x, out, view).dispatch([fd = fd_, first = first_, xp = x.data<char>(), op = out.data<char>(), n = x.nbytes(),
+                      view = std::move(view)]() {
+      char* mine = first ? op : op + n;
+      if (view) {
+        view->gather(xp, mine);
+      } else {
+        std::memcpy(mine, xp, n);
+      }
+      exchange(fd, mine, n, first ? op + n : op, n);
+    });
   }
 
-  bool is_equivalent(const mx::Primitive& other) const override {
-    return this == &other;
+  const char* name() const override {
+    return "ExoPeerGather";
   }
 
- protected:
-  int fd_;
+  std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
+    mx::Shape shape = inputs[0].shape();
+    shape[0] *= 2;
+    return {shape};
+  }
+
+ private:
+  bool first_;
 };
 
 class PeerSend : public Message {
@@ -273,6 +304,14 @@ mx::array peer_sum(const mx::array& x, int fd) {
   return mx::array(x.shape(), x.dtype(), std::make_shared<PeerSum>(cpu_stream(), fd), {x});
 }
 
+mx::array peer_gather(const mx::array& x, int fd, bool first) {
+  if (x.ndim() == 0) throw std::invalid_argument("peer_gather: x must have at least one dimension");
+  check_fd(fd, "peer_gather");
+  mx::Shape shape = x.shape();
+  shape[0] *= 2;
+  return mx::array(shape, x.dtype(), std::make_shared<PeerGather>(cpu_stream(), fd, first), {x});
+}
+
 }  // namespace
 
 NB_MODULE(_peer_sum, m) {
@@ -280,6 +319,9 @@ NB_MODULE(_peer_sum, m) {
   m.def("peer_sum", &peer_sum, "x"_a, "fd"_a,
         "x plus the peer's x of the same shape and dtype, exchanged over the connected socket fd (both ranks\n"
         "get the same bits).");
+  m.def("peer_gather", &peer_gather, "x"_a, "fd"_a, "first"_a,
+        "The pair's x concatenated along the first axis in rank order (first: this rank's x comes first),\n"
+        "exchanged over the connected socket fd (as MLX's all_gather of two ranks).");
   m.def("peer_send", &peer_send, "x"_a, "fd"_a,
         "x, its bytes written to the connected socket fd when evaluated (the peer reads them with peer_recv).");
   m.def("peer_recv", &peer_recv, "shape"_a, "dtype"_a, "fd"_a, "after"_a = std::vector<mx::array>{},

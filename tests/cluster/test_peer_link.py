@@ -1,5 +1,5 @@
 """A pair's own socket (``exo_lab.engine.peer_link``): two real ranks form an MLX ring on loopback, connect
-their link, and sum and send over it: the ring's bits, for small and large messages; a rank that wants no link
+their link, and sum, gather and send over it: the ring's bits, for small and large messages; a rank that wants no link
 leaves both on the ring."""
 
 from __future__ import annotations
@@ -34,6 +34,13 @@ for shape, dtype in [((1, 2048), mx.float32), ((3, 5, 64), mx.bfloat16), ((7, 33
 strided = mx.arange(24, dtype=mx.float32).reshape(4, 6).T * (rank + 1)  # not row-contiguous
 if link is not None:
     same.append(bool(mx.array_equal(link.sum(strided), mx.distributed.all_sum(strided, group=group)).item()))
+gathered = []  # the pair's gather over the link: the ring's bytes, in rank order (a view and 4 MB included)
+if link is not None:
+    for shape, dtype in [((1, 64128), mx.float32), ((2, 3, 5), mx.int32), ((1024, 1024), mx.float32)]:
+        mx.random.seed(rank + 7)
+        x = (mx.random.normal(shape) * 50).astype(dtype)
+        gathered.append(bool(mx.array_equal(link.gather(x, rank == 0), mx.distributed.all_gather(x, group=group)).item()))
+    gathered.append(bool(mx.array_equal(link.gather(strided, rank == 0), mx.distributed.all_gather(strided, group=group)).item()))
 moved = []  # rank 0 sends over the link and over the ring, rank 1 receives both: the same bytes
 if link is not None:
     for shape, dtype in [((1, 1, 2048), mx.float32), ((2, 9, 64), mx.bfloat16), ((1024, 1024), mx.float32)]:
@@ -47,7 +54,7 @@ if link is not None:
             mx.eval(over_link)
             over_ring = mx.distributed.recv(x.T.shape, dtype, 0, group=group)
             moved.append(bool(mx.array_equal(over_link, over_ring).item() and mx.array_equal(over_link, x.T).item()))
-print(json.dumps({"link": link is not None, "same": same, "moved": moved}))
+print(json.dumps({"link": link is not None, "same": same, "gathered": gathered, "moved": moved}))
 """
 
 
@@ -151,6 +158,7 @@ def test_a_pair_sums_and_sends_over_its_link_with_the_rings_bits(tmp_path):
     for out in outs:
         assert out["link"], out
         assert out["same"] == [True] * 5, out
+        assert out["gathered"] == [True] * 4, out
     assert [o["moved"] for o in outs] == [[], [True] * 3], outs
 
 
