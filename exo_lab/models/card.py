@@ -6,6 +6,7 @@ loaded), so it is cheap even for models far larger than the machine.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import struct
@@ -177,9 +178,14 @@ class ModelCard:
 
     def caches(self) -> list[LayerCache]:
         """What each layer caches (a dense KV cache per layer for cards without ``layer_caches``)."""
+        return list(self._caches)
+
+    @functools.cached_property
+    def _caches(self) -> tuple[LayerCache, ...]:
+        # read once: the planner asks for them hundreds of times a plan it weighs (five nodes: 1176 plans, 2.63 -> 0.93 s)
         if self.layer_caches is not None:
-            return [LayerCache.from_json(c) for c in self.layer_caches]
-        return [LayerCache(2 * self.num_key_value_heads * self.head_dim * self.activation_bytes)] * self.num_layers
+            return tuple(LayerCache.from_json(c) for c in self.layer_caches)
+        return (LayerCache(2 * self.num_key_value_heads * self.head_dim * self.activation_bytes),) * self.num_layers
 
     def kv_bytes_per_layer(self, context: int) -> list[int]:
         """Cache bytes of each layer at ``context`` tokens (sliding layers stop at their window,
