@@ -141,6 +141,14 @@ class NodeInfo:
         return cls(**d)
 
 
+def best_of(paths: list[LinkProfile]) -> LinkProfile | None:
+    """The fastest working one of ``paths`` (between the same two nodes): highest bandwidth, then lowest latency."""
+    ok = [link for link in paths if link.ok]
+    if not ok:
+        return None
+    return max(ok, key=lambda link: (round(link.bandwidth_mbit_per_s, -1), -(link.rtt_ms_median or 0)))
+
+
 @dataclass
 class Topology:
     """Nodes by id and every measured link."""
@@ -160,12 +168,18 @@ class Topology:
         out += [link.reversed() for link in self.links if link.src == b and link.dst == a]
         return out
 
+    def paths(self) -> dict[tuple[str, str], list[LinkProfile]]:
+        """:meth:`links_between` for every pair of nodes at once (one pass over the links)."""
+        forward: dict[tuple[str, str], list[LinkProfile]] = {}
+        backward: dict[tuple[str, str], list[LinkProfile]] = {}
+        for link in self.links:
+            forward.setdefault((link.src, link.dst), []).append(link)
+            backward.setdefault((link.dst, link.src), []).append(link.reversed())
+        return {key: forward.get(key, []) + backward.get(key, []) for key in {*forward, *backward}}
+
     def best_link(self, a: str, b: str) -> LinkProfile | None:
         """The fastest working path from ``a`` to ``b``: highest bandwidth, then lowest latency."""
-        ok = [link for link in self.links_between(a, b) if link.ok]
-        if not ok:
-            return None
-        return max(ok, key=lambda link: (round(link.bandwidth_mbit_per_s, -1), -(link.rtt_ms_median or 0)))
+        return best_of(self.links_between(a, b))
 
     def to_networkx(self):
         """An undirected ``networkx.Graph``: node attrs from NodeInfo, edge attrs from the best link."""

@@ -295,7 +295,7 @@ def _backend(ctx: CostContext, used: list[str]) -> str:
     if all("gpu" in (p.get("mlx_devices") or []) and p.get("system") == "Linux" for p in profiles) and len(used) > 1:
         return "nccl"
     if len(used) > 1 and all(
-        (link := ctx.topology.best_link(a, b)) is not None and link.rdma for a, b in itertools.combinations(used, 2)
+        (link := ctx.best_link(a, b)) is not None and link.rdma for a, b in itertools.combinations(used, 2)
     ):
         return "jaccl"
     return "ring"

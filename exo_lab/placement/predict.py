@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from exo_lab import defaults
-from exo_lab.cluster.topology import Topology
+from exo_lab.cluster.topology import LinkProfile, Topology, best_of
 from exo_lab.models import formats
 from exo_lab.models.card import ModelCard
 from exo_lab.placement.cost import (
@@ -68,6 +68,8 @@ class CostContext:
         self.names = {n.id: n.name for n in self.nodes}
         self.rates = {n.id: NodeRates.from_profile(n.id, n.profile) for n in self.nodes}
         self._links: dict[tuple[str, str], LinkCost | None] = {}
+        self._best: dict[tuple[str, str], LinkProfile | None] = {}
+        self._paths: dict[tuple[str, str], list[LinkProfile]] | None = None
         self.act = DTYPE_BYTES.get(card.dtype, 2)  # the stored dtype's bytes (a rank's activations: its format's)
         self.avg_ctx: float = min(context, prompt_tokens + context // 4)  # the Predictor's is pp + tg / 2
 
@@ -75,6 +77,16 @@ class CostContext:
         """Use these node rates (calibration candidates); links carry the nodes' calibrated overheads."""
         self.rates = rates
         self._links.clear()
+
+    def best_link(self, a: str, b: str) -> LinkProfile | None:
+        """The topology's fastest working path from ``a`` to ``b``, looked up once per pair: the topology scans
+        every link for it, and a plan over many nodes weighs thousands of candidates."""
+        if self._paths is None:
+            self._paths = self.topology.paths()
+        key = (a, b)
+        if key not in self._best:
+            self._best[key] = best_of(self._paths.get(key, []))
+        return self._best[key]
 
     def link(self, a: str, b: str) -> LinkCost | None:
         """Latency and bandwidth between ranks on ``a`` and ``b`` (loopback when equal; None: not measured),
@@ -87,7 +99,7 @@ class CostContext:
                 return self._links[key]
             base: LinkCost | None = LOOPBACK
             if a != b:
-                best = self.topology.best_link(a, b)
+                best = self.best_link(a, b)
                 base = (
                     None
                     if best is None or not best.bandwidth_mbit_per_s
@@ -100,7 +112,7 @@ class CostContext:
         if src == dst:
             node = self.topology.nodes[dst]
             return node.addresses[0] if node.addresses else "127.0.0.1"
-        best = self.topology.best_link(src, dst)
+        best = self.best_link(src, dst)
         return best.dst_address if best else self.topology.nodes[dst].addresses[0]
 
     def dtype_options(self, node: str) -> list[str]:

@@ -25,6 +25,17 @@ def test_best_link_prefers_bandwidth_and_flips_reverse_measurements():
     assert t.best_link("a", "c") is None  # only a failed measurement
 
 
+def test_every_pairs_paths_at_once_are_those_between_them():
+    t = topo()
+    t.links.append(LinkProfile("b", "a", "10.0.0.1", "10.0.0.0", 0.1, 0.2, 900, 900))  # measured both ways
+    paths = t.paths()
+    for a in "abc":
+        for b in "abc":
+            if a != b:
+                assert paths.get((a, b), []) == t.links_between(a, b), (a, b)
+    assert [p.src_address for p in paths["a", "b"]] == ["10.0.0.0", "10.9.0.1", "10.0.0.0"]  # then the flipped one
+
+
 def test_json_round_trip_and_validation():
     t = topo()
     again = Topology.from_json(t.to_json())
