@@ -32,7 +32,8 @@ nodes' ``decode_efficiency`` and ``prefill_efficiency`` (what ``exo-lab bench --
 until the one process's prediction is its measurement (the profile's per-layer overhead stays as measured),
 and each more row of a batch costs what it cost the one process with the most streams (``row_efficiency``),
 so the error measures how the cost model splits, not the microbenchmarks. Targets (issue 15): pipeline-2 with 8 streams >= 1.7x, a 2048-token TTFT
-<= 0.65x, one stream >= 0.9x; tensor-2 one stream >= 1.6x on the unshaped link.
+<= 0.65x, one stream >= 0.9x; tensor-2 one stream >= 1.6x on the unshaped link; every prediction within 20%.
+The report ends with a line per link and dtype saying which of them the run met (:func:`target_lines`).
 
 Every figure is one run unless ``--repeat`` (measurements per launch, their median). On a shared machine
 they are noisy, and the machine's speed drifts by tens of percent within minutes (this project's AVX2 host:
@@ -87,6 +88,15 @@ CALIBRATION_PASSES = 6
 FAST_STEPS = 0.1
 #: the seeds of the TTFT runs' prompts, each used once
 TTFT_SEEDS = itertools.count(99)
+#: issue 15's targets, on the unshaped link: (strategy, figure, ">=" or "<=", ratio to the one process)
+TARGETS = (
+    ("pipeline", "decode_8", ">=", 1.7),
+    ("pipeline", "ttft", "<=", 0.65),
+    ("pipeline", "decode_1", ">=", 0.9),
+    ("tensor", "decode_1", ">=", 1.6),
+)
+#: and every prediction within this of its measurement (decode and TTFT, one stream and 8)
+PREDICTION_ERROR = 0.2
 os.environ.setdefault("TQDM_DISABLE", "1")  # no load progress bars between the lines of the table
 
 
@@ -427,6 +437,49 @@ def pair_ratios(row: dict[str, Any], key: str) -> list[float]:
     return [row[key] / row["base"][key]] if row.get(key) is not None and row["base"].get(key) else []
 
 
+def ratios_of(runs: list[dict[str, Any]], key: str) -> list[float]:
+    """Every pair's ratio of ``key`` over the rounds of one plan (empty for the one process itself)."""
+    return [x for r in runs if "base" in r for x in pair_ratios(r, key)]
+
+
+def errors_of(runs: list[dict[str, Any]], key: str) -> list[tuple[float, float]]:
+    """(predicted ratio, prediction error) of ``key`` in each of one plan's rounds where it was predicted."""
+    return [
+        (p / r["base"][key], p / r[key] - 1)
+        for r in runs
+        if (p := (r.get("pred") or {}).get(key)) is not None and r.get(key) and r["base"].get(key)
+    ]
+
+
+def target_lines(plans: dict[tuple[str, str, str], list[dict[str, Any]]], names: dict[str, str]) -> list[str]:
+    """For each link and dtype measured: on the unshaped link each of :data:`TARGETS` whose plan and figure were
+    measured, its median ratio and whether it is met; on every link how many of the predictions are within
+    :data:`PREDICTION_ERROR` of their measurements."""
+    lines = []
+    for link, dt in dict.fromkeys((link, dt) for link, dt, _ in plans):
+        parts = []
+        for strategy, key, way, bound in TARGETS if link == "unshaped" else ():
+            ratios = ratios_of(plans.get((link, dt, strategy), []), key)
+            if ratios:
+                v = statistics.median(ratios)
+                met = v >= bound if way == ">=" else v <= bound
+                parts.append(f"{strategy} {names[key]} {v:.2f}x ({way} {bound}): {'met' if met else 'NOT met'}")
+        errors = [
+            (f"{strategy} {names[key]}", statistics.median(e for _, e in errs))
+            for (ln, d, strategy), runs in plans.items()
+            if (ln, d) == (link, dt)
+            for key in names
+            if key != "fast_1" and (errs := errors_of(runs, key))
+        ]
+        if errors:
+            off = [f"{what} {100 * e:+.0f}%" for what, e in errors if abs(e) > PREDICTION_ERROR]
+            within = f"predictions within {PREDICTION_ERROR:.0%}: {len(errors) - len(off)} of {len(errors)}"
+            parts.append(within + (f" (off: {', '.join(off)})" if off else ""))
+        if parts:
+            lines.append(f"  targets, {link} {dt}: " + "; ".join(parts))
+    return lines
+
+
 def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     """The table: per plan and figure the median over rounds of the measurement, of its ratio to the one process
     measured beside it (the spread of the ratios beside it with several rounds or repeats), of the prediction's
@@ -466,18 +519,14 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
                 continue
             v = statistics.median(values)
             unit = f"{v:7.2f} s " if k == "ttft" else f"{v:6.2f} t/s"
-            ratios = [x for r in runs if "base" in r for x in pair_ratios(r, k)]
+            ratios = ratios_of(runs, k)
             if not ratios:  # the one process itself
                 cells.append(f"{unit:>10s}".ljust(width))
                 continue
             cell = f"{unit:>10s} {statistics.median(ratios):5.2f}"
             if spread:
                 cell += f" {f'[{min(ratios):.2f}-{max(ratios):.2f}]':>11s}"
-            preds = [
-                (p / r["base"][k], p / r[k] - 1)
-                for r in runs
-                if (p := (r.get("pred") or {}).get(k)) is not None and r.get(k) and r["base"].get(k)
-            ]
+            preds = errors_of(runs, k)
             if preds:
                 cell += f" {statistics.median(x[0] for x in preds):5.2f} {100 * statistics.median(x[1] for x in preds):+3.0f}%"
             else:
@@ -488,6 +537,8 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         cores = [r["cores_x"] for r in runs if r.get("cores_x")]
         beside = f"; cores 0 and 1 after it: {', '.join(f'{c:.2f}x' for c in cores)} one core" if cores else ""
         print(f"  {link:9s} {dt:5s} {runs[0]['plan']}{beside}")
+    for line in target_lines(plans, names):
+        print(line)
     if "fast_1" in keys:
         print(
             f"  (fast steps: one token over the {FAST_STEPS:.0%} quantile of a stream's times between tokens, the pace "

@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "shared_bus.py"
+from tests.helpers.scripts import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def shared_bus():
-    spec = importlib.util.spec_from_file_location("shared_bus", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["shared_bus"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("shared_bus")
 
 
 @pytest.mark.parametrize("fmt", ["q4", "float32"])
