@@ -1,8 +1,8 @@
 """A decode product's weight rows over a machine's cores: chunks claimed as they come (``RowPool``) against
-OpenMP's fixed halves, side by side.
+OpenMP's fixed halves, or against the pool's earlier chunks of 128 KB, side by side.
 
 Run: .venv/bin/python benchmarks/row_pool.py [--models llama-1b] [--dtype q4] [--strategies single,tensor]
-     [--tokens 128] [--streams 1,4] [--rounds 4] [--json OUT]
+     [--tokens 128] [--streams 1,4] [--rounds 4] [--baseline openmp|small-chunks] [--json OUT]
 
 Two local clusters of two nodes on loopback (``env_ab.py``): one whose agents (and so workers) run with
 ``EXO_LAB_ROW_POOL=0`` (the baseline: each thread of the kernel's OpenMP team computes a fixed share of a decode
@@ -11,7 +11,9 @@ product's rows, and the calling thread waits at the end for the others'), one wi
 the helper threads do, so a helper that wakes late, or whose core the host takes, holds no fixed share). The same
 plan is launched on both (``single``: one node, the kernel's threads on every core; ``tensor``: both nodes, two
 ranks sharing the cores), every rank computing in ``--dtype`` (q4 and q8 take the integer kernel the pool
-splits); rounds alternate which goes first. Prints the medians of greedy decode tok/s of one stream and the
+splits); rounds alternate which goes first. ``--baseline small-chunks`` sets ``EXO_LAB_POOL_CHUNKS=0`` instead: the
+pool's chunks of 128 KB whatever the product (each a restart of a thread's streams of weights from memory) against
+its default of three chunks to a thread's even share. Prints the medians of greedy decode tok/s of one stream and the
 aggregate of N streams through ``Instance.generate``, and pool / baseline.
 """
 
@@ -30,6 +32,9 @@ from exo_lab import defaults
 sys.path.insert(0, str(Path(__file__).parent))
 from env_ab import compare, print_rows
 
+#: baseline name: (the variable its agents set, its value)
+BASELINES = {"openmp": (defaults.ROW_POOL, "0"), "small-chunks": (defaults.POOL_CHUNKS, "0")}
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -39,11 +44,13 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=128, help="tokens per stream")
     ap.add_argument("--streams", default="1,4", help="comma-separated concurrent stream counts")
     ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--baseline", default="openmp", choices=list(BASELINES), help="what the pool is set against")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args()
+    variable, value = BASELINES[args.baseline]
     rows = compare(
-        defaults.ROW_POOL,
-        {"openmp": "0", "pool": None},
+        variable,
+        {args.baseline: value, "pool": None},
         models=args.models.split(","),
         strategies=args.strategies.split(","),
         streams=[int(n) for n in args.streams.split(",")],
@@ -51,7 +58,7 @@ def main() -> int:
         rounds=args.rounds,
         dtype=args.dtype,
     )
-    print_rows(rows, "openmp", "pool")
+    print_rows(rows, args.baseline, "pool")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

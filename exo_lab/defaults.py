@@ -66,6 +66,7 @@ LOOKAHEAD = "EXO_LAB_LOOKAHEAD"
 PEER_LINK = "EXO_LAB_PEER_LINK"
 WORKER_BATCH = "EXO_LAB_WORKER_BATCH"
 ROW_POOL = "EXO_LAB_ROW_POOL"
+POOL_CHUNKS = "EXO_LAB_POOL_CHUNKS"
 WORKER_LOG = "EXO_LAB_WORKER_LOG"
 DASHBOARD_CONNECT = "EXO_LAB_DASHBOARD_CONNECT"
 DASHBOARD_BENCH = "EXO_LAB_DASHBOARD_BENCH"
@@ -92,6 +93,8 @@ VARIABLES: dict[str, str] = {
     "so that on a shared core they take turns by time slice: exo_lab/engine/thread_policy.py)",
     ROW_POOL: "'0' splits a decode product's weight rows over OpenMP's threads in fixed halves (default: chunks the "
     "calling thread and helper threads claim as they come, exo_lab/native/weight_matmul.cpp's RowPool)",
+    POOL_CHUNKS: "chunks to each thread's even share of a decode product in the RowPool (default: 3); '0': chunks of "
+    "128 KB whatever the product (the split before)",
     WORKER_LOG: "log level of shard workers (default: INFO)",
     DASHBOARD_CONNECT: "agents (host:port,...) the dashboard app connects to",
     DASHBOARD_BENCH: "a bench result JSON the dashboard app shows",

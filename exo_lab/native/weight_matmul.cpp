@@ -30,6 +30,7 @@
 #include <omp.h>
 #include <type_traits>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -173,18 +174,24 @@ class RowPool {
   std::atomic<int> sleeping_{0};
 };
 
-// A decode product's chunks for the pool: CHUNKS_PER_THREAD to a thread's even share, of at least CHUNK_BYTES.
-// A thread's streams of weights restart from memory at each new chunk; with chunks of 128 KB alone a llama-1b
-// q4 decode step on two cores took ~12% longer than with 2-4 to a share (6 a share: ~3%). Three still leave
-// most of a share to the caller when a helper wakes late.
+// A decode product's chunks for the pool: EXO_LAB_POOL_CHUNKS (default 3) to a thread's even share, of at
+// least CHUNK_BYTES. A thread's streams of weights restart from memory at each new chunk: with chunks of 128 KB
+// alone (EXO_LAB_POOL_CHUNKS=0, the split before) a llama-1b q4 decode step on two cores took ~12% longer than
+// with 2-4 to a share (6 a share: ~3%). Three still leave most of a share to the caller when a helper wakes late.
 constexpr int64_t CHUNK_BYTES = int64_t(1) << 17;
-constexpr int CHUNKS_PER_THREAD = 3;
+inline int chunks_per_thread() {
+  static const int n = [] {
+    const char* v = std::getenv("EXO_LAB_POOL_CHUNKS");
+    return v == nullptr || *v == 0 ? 3 : std::max(0, std::atoi(v));
+  }();
+  return n;
+}
 
 // items (weight rows or blocks of rows, item_bytes each) a chunk of a product of `items` holds: a multiple of
 // `multiple`, at least min_items
 inline int chunk_items(int items, int64_t item_bytes, int multiple, int min_items) {
-  const int64_t shares = int64_t(RowPool::get().threads()) * CHUNKS_PER_THREAD;
-  const int64_t even = (int64_t(items) + shares - 1) / shares;
+  const int64_t shares = int64_t(RowPool::get().threads()) * chunks_per_thread();
+  const int64_t even = shares > 0 ? (int64_t(items) + shares - 1) / shares : 0;
   const int64_t least = CHUNK_BYTES / (item_bytes > 0 ? item_bytes : 1);
   int64_t n = even > least ? even : least;
   n = n < min_items ? min_items : n;

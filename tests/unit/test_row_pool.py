@@ -60,6 +60,8 @@ def test_the_pool_gives_the_bits_of_one_thread_and_of_openmps_halves():
     pooled = _digest({"OMP_NUM_THREADS": "2"})
     assert pooled == _digest({"OMP_NUM_THREADS": "1"})  # no helper: the caller computes every chunk
     assert pooled == _digest({"OMP_NUM_THREADS": "2", defaults.ROW_POOL: "0"})  # OpenMP's fixed halves
+    for chunks in ("0", "1", "7"):  # chunks of 128 KB whatever the product; one, seven to a thread's share
+        assert pooled == _digest({"OMP_NUM_THREADS": "2", defaults.POOL_CHUNKS: chunks}), chunks
 
 
 @needs_kernels
