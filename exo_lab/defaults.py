@@ -67,6 +67,7 @@ PEER_LINK = "EXO_LAB_PEER_LINK"
 WORKER_BATCH = "EXO_LAB_WORKER_BATCH"
 ROW_POOL = "EXO_LAB_ROW_POOL"
 POOL_CHUNKS = "EXO_LAB_POOL_CHUNKS"
+LANES = "EXO_LAB_LANES"
 WORKER_LOG = "EXO_LAB_WORKER_LOG"
 DASHBOARD_CONNECT = "EXO_LAB_DASHBOARD_CONNECT"
 DASHBOARD_BENCH = "EXO_LAB_DASHBOARD_BENCH"
@@ -95,6 +96,8 @@ VARIABLES: dict[str, str] = {
     "calling thread and helper threads claim as they come, exo_lab/native/weight_matmul.cpp's RowPool)",
     POOL_CHUNKS: "chunks to each thread's even share of a decode product in the RowPool (default: 3); '0': chunks of "
     "128 KB whatever the product (the split before)",
+    LANES: "'0' keeps q4 weights in MLX's order (default: where exo_lab's AVX2 kernel has it, each block of 8 groups "
+    "of a row laid out a group a lane at load, exo_lab/models/qmatmul.py's use_lanes)",
     WORKER_LOG: "log level of shard workers (default: INFO)",
     DASHBOARD_CONNECT: "agents (host:port,...) the dashboard app connects to",
     DASHBOARD_BENCH: "a bench result JSON the dashboard app shows",
@@ -142,6 +145,12 @@ def blas(env: Mapping[str, str] | None = None) -> str:
 def small_gemm(env: Mapping[str, str] | None = None) -> bool:
     """Whether decode-sized fp32 matmuls use exo_lab's kernel (:mod:`exo_lab.native`); ``0`` turns it off."""
     return (_get(SMALL_GEMM, env) or "1") not in ("0", "off", "false", "no")
+
+
+def lanes(env: Mapping[str, str] | None = None) -> bool:
+    """Whether q4 weights are laid out in lane order at load where exo_lab's kernel has it
+    (:func:`exo_lab.models.qmatmul.use_lanes`); ``0`` keeps MLX's order."""
+    return (_get(LANES, env) or "1") not in ("0", "off", "false", "no")
 
 
 def peer_link(env: Mapping[str, str] | None = None) -> bool:

@@ -94,7 +94,7 @@ from exo_lab.models import formats, halfmatmul, kernels, qmatmul
 
 log = logging.getLogger(__name__)
 
-_SCHEMA = 10  # bump when the microbenchmarks change, so old caches are not reused (10: decode rows per pass)
+_SCHEMA = 11  # bump when the microbenchmarks change, so old caches are not reused (11: q4 in lane order)
 _K = 2048
 _N_PROMPT_MAX = 2048
 #: bytes a read of memory covers at least, whatever the caches say (Apple's system-level caches reach 96 MB)
@@ -352,8 +352,10 @@ def measure_profile(budget_s: float = 7.0, progress: bool = False) -> DeviceProf
     def quantized(bits: int, x: mx.array) -> Callable[[int], tuple[Callable[[], mx.array], int]]:
         def make(n: int) -> tuple[Callable[[], mx.array], int]:
             wq, scales, biases = mx.quantize(arrays["weights"][:n], group_size=_Q_GROUP, bits=bits)
+            lanes = qmatmul.lanes_for(_K, _Q_GROUP, bits)  # laid out as the ranks hold it
+            wq = qmatmul.to_lanes(wq) if lanes else wq
             mx.eval(wq, scales, biases)
-            fn = lambda: qmatmul.matmul(x, wq, scales, biases, _Q_GROUP, bits)  # noqa: E731  (as the q8/q4 ranks do)
+            fn = lambda: qmatmul.matmul(x, wq, scales, biases, _Q_GROUP, bits, lanes=lanes)  # noqa: E731  (as the ranks do)
             return fn, wq.nbytes + scales.nbytes + biases.nbytes
 
         return make
@@ -373,8 +375,9 @@ def measure_profile(budget_s: float = 7.0, progress: bool = False) -> DeviceProf
             ws = stream_weights(arrays["stream"], fmt, n)
             nbytes = sum(w.nbytes for w in ws)
             if bits := fmt.bits:
-                wq, scales, biases = ws
-                return (lambda: qmatmul.matmul(x, wq, scales, biases, _Q_GROUP, bits)), nbytes
+                wq, scales, biases = ws  # a constant fill: the same in lane order (where the ranks use it)
+                lanes = qmatmul.lanes_for(_K, _Q_GROUP, bits)
+                return (lambda: qmatmul.matmul(x, wq, scales, biases, _Q_GROUP, bits, lanes=lanes)), nbytes
             if fmt.widened:
                 return (lambda: halfmatmul.matmul(x, ws[0])), nbytes  # as the bf16w/fp16w ranks do
             xs = x.astype(ws[0].dtype)

@@ -273,6 +273,9 @@ def load_shard(
     if spec.dtype and not quant:
         convert(shard, spec.dtype)
     object.__setattr__(shard, "rope_tables", fused.use_fused(shard))
+    from exo_lab.engine.vocab import LANE_CLASSES
+
+    qmatmul.use_lanes(shard, LANE_CLASSES)  # q4 rows laid out for exo_lab's AVX2 kernel, where it has one
     shared_rows.share_rows(shard)  # q|k|v and gate|up as one product each where exo_lab's kernel computes them
     mx.eval(shard.parameters())
     log.info(

@@ -107,7 +107,7 @@ class QuantVocabSlice(VocabSlice):
 
     def _rows(self, index: mx.array) -> mx.array:
         return mx.dequantize(
-            self["weight"][index],
+            qmatmul.rows_in_order(self, self["weight"][index]),
             self["scales"][index],
             self["biases"][index],
             group_size=self.group_size,
@@ -115,7 +115,7 @@ class QuantVocabSlice(VocabSlice):
         )
 
     def _logits(self, x: mx.array) -> mx.array:
-        return qmatmul.matmul(x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits)
+        return qmatmul.module_matmul(self, x)
 
 
 class QuantHeadSlice(HeadSlice):
@@ -125,13 +125,15 @@ class QuantHeadSlice(HeadSlice):
     bits: int
 
     def _logits(self, x: mx.array) -> mx.array:
-        return qmatmul.matmul(x, self["weight"], self["scales"], self["biases"], self.group_size, self.bits)
+        return qmatmul.module_matmul(self, x)
 
 
 #: what :func:`exo_lab.models.halfmatmul.use_half` swaps in for this module's classes
 HALF_SWAPS: dict[type, type] = {VocabSlice: HalfVocabSlice, HeadSlice: HalfHeadSlice}
 #: what :func:`exo_lab.models.qmatmul.quantize_sharded` swaps in for this module's classes
 QUANT_SWAPS: dict[type, type] = {VocabSlice: QuantVocabSlice, HeadSlice: QuantHeadSlice}
+#: the quantized slices whose weights :func:`exo_lab.models.qmatmul.use_lanes` may lay out
+LANE_CLASSES: tuple[type, ...] = (QuantVocabSlice, QuantHeadSlice)
 
 
 def _splittable(module: nn.Module, k: int) -> bool:

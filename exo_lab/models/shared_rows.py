@@ -37,6 +37,7 @@ class RowGroup:
         first = members[0]
         self.group_size: int = first.group_size
         self.bits: int = first.bits
+        self.lanes: bool = getattr(first, "lanes", False)  # the rows in lane order (qmatmul.use_lanes)
         self.weight, self.scales, self.biases = (mx.concatenate([m[k] for m in members]) for k in PARTS)
         ends = [0]
         for m in members:
@@ -56,7 +57,7 @@ class RowGroup:
         if self._input is not x or self._columns[index] is None:
             if x.dtype != mx.float32 or mx.default_device() != mx.cpu:
                 return None
-            y = qmatmul.matmul(x, self.weight, self.scales, self.biases, self.group_size, self.bits)
+            y = qmatmul.matmul(x, self.weight, self.scales, self.biases, self.group_size, self.bits, lanes=self.lanes)
             self._input = x
             self._columns = list(mx.split(y, self.ends[1:-1], axis=-1))
         out, self._columns[index] = self._columns[index], None
@@ -99,6 +100,7 @@ def _groupable(members: list[Any]) -> bool:
         type(m) in SHARING
         and getattr(m, "mode", "affine") == "affine"
         and (m.group_size, m.bits) == (first.group_size, first.bits)
+        and getattr(m, "lanes", False) == getattr(first, "lanes", False)
         and m["weight"].shape[1:] == first["weight"].shape[1:]
         and "biases" in m
         and qmatmul._native(m["scales"], m["biases"], m.group_size, m.bits)

@@ -595,8 +595,14 @@ constexpr int MAX_INT16_GROUP = 1 << 20;
 // 2L and 2L + 1: 8 bits as they are, 4 bits widened to one byte each). PAIRED (4 bits, groups of 64, an even
 // number of groups): two groups' 128 codes are 64 bytes, 32 16-bit lanes of 4 codes each (lane L: codes
 // 4L .. 4L + 3, the first group in lanes 0-15); its four nibbles give four registers, and x is ordered to match:
-// register j holds elements 4L + j of the first group in lanes 0-15, of the second in lanes 16-31.
-enum class XOrder { EvenOdd, Paired };
+// register j holds elements 4L + j of the first group in lanes 0-15, of the second in lanes 16-31. (LANES is
+// the AVX2 kernel's; not built here.)
+enum class XOrder { EvenOdd, Paired, Lanes };
+constexpr int LANE_GROUPS = 0;  // no lane layout (`lane_order`) here: 16 32-bit lanes
+template <int MB, int NR, bool PREFETCH>
+void int16_block_lanes(const uint8_t* const (&rows)[NR], const int16_t* xq, const float* xscale, const float* xsum,
+                       const float* const (&scales)[NR], const float* const (&biases)[NR], float* const (&out)[NR],
+                       int64_t ldo, int K);
 
 // x rounded to int16 per group of gs in `order`; each group's step (its largest |x| / X_TOP) and exact fp32 sum
 template <XOrder ORDER>
@@ -851,7 +857,11 @@ constexpr int MAX_INT16_GROUP = 1024;
 // widened to one byte each). PAIRED (4 bits, groups of 64): a group's 64 codes are 32 bytes, 16 16-bit lanes of
 // 4 codes each (lane L: codes 4L .. 4L + 3), four registers by a mask and a shift; x's element 4L + j of the
 // group at 16 j + L. (With VNNI two groups go at a time, hence the name; here one group is one register.)
-enum class XOrder { EvenOdd, Paired };
+// LANES (4 bits, groups of 64, weights in lane order: `int16_block_lanes`): each block of 8 groups is 32 registers
+// of x, register 4w + n holding, in its 16-bit lanes 2j and 2j + 1, elements 8w + n and 8w + 4 + n of group j.
+enum class XOrder { EvenOdd, Paired, Lanes };
+// groups a block of the lane layout holds side by side (one a 32-bit lane)
+constexpr int LANE_GROUPS = 8;
 
 inline float hmax(__m256 v) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -887,6 +897,10 @@ void x16_rows(const float* x, int M, int K, int gs, int16_t* xq, float* xscale, 
         if constexpr (ORDER == XOrder::EvenOdd) {
           for (int h = 0; h < 64; h += 32)
             for (int i = 0; i < 16; i++) dst[c + h + i] = at(h + 2 * i), dst[c + h + 16 + i] = at(h + 2 * i + 1);
+        } else if constexpr (ORDER == XOrder::Lanes) {  // gs 64: the group is lane j of its block of 8
+          int16_t* block = xq + int64_t(m) * K + int64_t(g / LANE_GROUPS) * LANE_GROUPS * 64;
+          const int j = g % LANE_GROUPS;
+          for (int e = 0; e < 64; e++) block[16 * (4 * (e >> 3) + (e & 3)) + 2 * j + ((e >> 2) & 1)] = at(e);
         } else {
           for (int j = 0; j < 4; j++)
             for (int l = 0; l < 16; l++) dst[c + 16 * j + l] = at(4 * l + j);
@@ -1036,9 +1050,77 @@ inline void int16_block_paired(const uint8_t* const (&rows)[NR], const int16_t* 
   for (int r = 0; r < NR; r++) finish<MB>(acc[r], bsum[r], biases[r], xsum, out[r], ldo, G);
 }
 
+// int16_block_paired's products with the weights in lane order (`lane_order`: 4 bits, groups of 64, a multiple of
+// 8 of them): a block of 8 groups is 8 loads of 32 bytes, load w holding word w (codes 8w .. 8w + 7) of each of
+// the 8 groups, one a 32-bit lane. Its nibbles against x in LANES order sum each group's exact integer dot
+// product in its own lane, so a block's 8 groups take one conversion and one fma (scales times x's steps, 8 at
+// a time), where one group at a time took a conversion, a broadcast and an fma each: with 3 shifts, 3 masks, 4
+// `vpmaddwd` and 4 additions per 64 codes, the loop is paced by the multiplies (the decode loop over 800 MB of
+// codes on two threads: 39-41 GB/s against 32-36). Integer sums are exact, so how many chains add them
+// (ACC) does not change a bit; each output element is the same operations whatever MB and NR.
+template <int MB, int NR, bool PREFETCH>
+inline void int16_block_lanes(const uint8_t* const (&rows)[NR], const int16_t* xq, const float* xscale,
+                              const float* xsum, const float* const (&scales)[NR], const float* const (&biases)[NR],
+                              float* const (&out)[NR], int64_t ldo, int K) {
+  const int G = K / 64;
+  constexpr int GROUPS_AHEAD = int(PREFETCH_AHEAD / 32);
+  constexpr int ACC = MB == 1 ? 2 : 1;  // chains of integer sums (registers allowing)
+  const __m256i low4 = _mm256_set1_epi16(15);
+  __m256 acc[NR][MB], bsum[NR][MB];
+  for (int r = 0; r < NR; r++)
+    for (int i = 0; i < MB; i++) acc[r][i] = bsum[r][i] = _mm256_setzero_ps();
+  for (int g0 = 0; g0 < G; g0 += LANE_GROUPS) {
+    for (int r = 0; r < NR; r++) {
+      bias_block<MB>(bsum[r], biases[r], xsum, G, g0);
+      if constexpr (PREFETCH) {
+        if (g0 % 16 == 0) {
+          _mm_prefetch(reinterpret_cast<const char*>(scales[r] + g0 + GROUPS_AHEAD), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(biases[r] + g0 + GROUPS_AHEAD), _MM_HINT_T0);
+        }
+      }
+    }
+    __m256i dot[NR][MB][ACC];
+    for (int r = 0; r < NR; r++)
+      for (int i = 0; i < MB; i++)
+        for (int a = 0; a < ACC; a++) dot[r][i][a] = _mm256_setzero_si256();
+    const int16_t* xb = xq + int64_t(g0) * 64;
+#pragma GCC unroll 1  // unrolled, GCC hoists all 8 loads' nibbles and spills them (0.7x)
+    for (int w = 0; w < 8; w++) {
+      __m256i v[NR];
+      for (int r = 0; r < NR; r++) {
+        const uint8_t* at = rows[r] + int64_t(g0) * 32 + 32 * w;
+        if constexpr (PREFETCH)
+          if (w % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(at) + PREFETCH_AHEAD, NR > 1 ? _MM_HINT_T1 : _MM_HINT_T0);
+        v[r] = loaded_once(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(at)));
+      }
+#pragma GCC unroll 4  // whole, so that n % ACC is a constant and the sums stay in registers
+      for (int n = 0; n < 4; n++) {
+        __m256i c[NR];
+        for (int r = 0; r < NR; r++)
+          c[r] = n == 3 ? _mm256_srli_epi16(v[r], 12) : _mm256_and_si256(n ? _mm256_srli_epi16(v[r], 4 * n) : v[r], low4);
+        for (int i = 0; i < MB; i++) {
+          const __m256i xn = _mm256_load_si256(reinterpret_cast<const __m256i*>(xb + int64_t(i) * K + 16 * (4 * w + n)));
+          for (int r = 0; r < NR; r++) dot[r][i][n % ACC] = _mm256_add_epi32(dot[r][i][n % ACC], _mm256_madd_epi16(c[r], xn));
+        }
+      }
+    }
+    for (int r = 0; r < NR; r++) {
+      const __m256 sc = _mm256_loadu_ps(scales[r] + g0);
+      for (int i = 0; i < MB; i++) {
+        __m256i d = dot[r][i][0];
+        for (int a = 1; a < ACC; a++) d = _mm256_add_epi32(d, dot[r][i][a]);
+        const __m256 step = _mm256_mul_ps(sc, _mm256_loadu_ps(xscale + int64_t(i) * G + g0));
+        acc[r][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), step, acc[r][i]);
+      }
+    }
+  }
+  for (int r = 0; r < NR; r++) finish<MB>(acc[r], bsum[r], biases[r], xsum, out[r], ldo, G);
+}
+
 #define EXO_INT16_ACTIVATIONS 1
 #else
 constexpr bool INTEGER_ACTIVATIONS = false;
+constexpr int LANE_GROUPS = 0;
 #endif
 
 #ifdef EXO_INT16_ACTIVATIONS
@@ -1061,14 +1143,16 @@ struct AlignedX16 {
 // weight rows as DECODE_ROWS_TOGETHER (one row of x) or BATCH_ROWS_TOGETHER (2-4) interleaved parts, a row of
 // each through the kernel side by side: that many streams of codes come from memory at once (one stream left
 // bandwidth unused), and the rows share each load of x. Prompts go over tiles of X16_TILE rows, which stay in
-// cache while every 4 rows of x pass over them.
-template <int BITS, int GS, bool PAIRED = false>
+// cache while every 4 rows of x pass over them. ORDER: PAIRED and LANES are 4-bit groups of 64 (LANES: the
+// weights in lane order), EVEN_ODD any other.
+template <int BITS, int GS, XOrder ORDER = XOrder::EvenOdd>
 void int16_quant_matmul(const float* x, const uint8_t* w, const float* scales, const float* biases, float* out, int M,
                        int N, int K, int gs) {
+  constexpr bool PAIRED = ORDER == XOrder::Paired, LANES = ORDER == XOrder::Lanes;
   const int G = K / gs;
   AlignedX16 xq(size_t(M) * K);
   std::vector<float> xscale(size_t(M) * G), xsum(size_t(M) * G);
-  x16_rows<PAIRED ? XOrder::Paired : XOrder::EvenOdd>(x, M, K, gs, xq.data(), xscale.data(), xsum.data());
+  x16_rows<ORDER>(x, M, K, gs, xq.data(), xscale.data(), xsum.data());
   const int64_t row_bytes = int64_t(K) * BITS / 8;
   // weight rows n[0 .. NR) times rows m0 .. m0 + 3 of x (fewer at the end)
   auto rows_at = [&](auto count, const int (&n)[decltype(count)::value], int m0) {
@@ -1085,15 +1169,29 @@ void int16_quant_matmul(const float* x, const uint8_t* w, const float* scales, c
     const bool first = m0 == 0;  // the first pass over a row reads it from memory: prefetch ahead
     const int mb = M - m0 < 4 ? M - m0 : 4;
     constexpr bool ONE_ROW = NR == DECODE_ROWS_TOGETHER && NR != BATCH_ROWS_TOGETHER;  // only ever one row of x
-    if constexpr (PAIRED && ONE_ROW) {
+    // kernel(MB, PREFETCH) for this pass's rows of x, as compile-time constants
+    auto by_rows = [&](auto kernel) {
+      using Yes = std::true_type;
+      using No = std::false_type;
+      switch (mb) {
+        case 4: first ? kernel(std::integral_constant<int, 4>(), Yes()) : kernel(std::integral_constant<int, 4>(), No()); break;
+        case 3: first ? kernel(std::integral_constant<int, 3>(), Yes()) : kernel(std::integral_constant<int, 3>(), No()); break;
+        case 2: first ? kernel(std::integral_constant<int, 2>(), Yes()) : kernel(std::integral_constant<int, 2>(), No()); break;
+        default: first ? kernel(std::integral_constant<int, 1>(), Yes()) : kernel(std::integral_constant<int, 1>(), No());
+      }
+    };
+    if constexpr (LANES && ONE_ROW) {
+      int16_block_lanes<1, NR, true>(rs, xm, sm, um, ss, bs, os, N, K);
+    } else if constexpr (LANES) {
+      by_rows([&](auto rows_of_x, auto prefetch) {
+        int16_block_lanes<decltype(rows_of_x)::value, NR, decltype(prefetch)::value>(rs, xm, sm, um, ss, bs, os, N, K);
+      });
+    } else if constexpr (PAIRED && ONE_ROW) {
       int16_block_paired<1, NR, true>(rs, xm, sm, um, ss, bs, os, N, K);
     } else if constexpr (PAIRED) {
-      switch (mb) {
-        case 4: first ? int16_block_paired<4, NR, true>(rs, xm, sm, um, ss, bs, os, N, K) : int16_block_paired<4, NR, false>(rs, xm, sm, um, ss, bs, os, N, K); break;
-        case 3: first ? int16_block_paired<3, NR, true>(rs, xm, sm, um, ss, bs, os, N, K) : int16_block_paired<3, NR, false>(rs, xm, sm, um, ss, bs, os, N, K); break;
-        case 2: first ? int16_block_paired<2, NR, true>(rs, xm, sm, um, ss, bs, os, N, K) : int16_block_paired<2, NR, false>(rs, xm, sm, um, ss, bs, os, N, K); break;
-        default: first ? int16_block_paired<1, NR, true>(rs, xm, sm, um, ss, bs, os, N, K) : int16_block_paired<1, NR, false>(rs, xm, sm, um, ss, bs, os, N, K);
-      }
+      by_rows([&](auto rows_of_x, auto prefetch) {
+        int16_block_paired<decltype(rows_of_x)::value, NR, decltype(prefetch)::value>(rs, xm, sm, um, ss, bs, os, N, K);
+      });
     } else if constexpr (ONE_ROW) {
       int16_block<BITS, 1, GS, NR>(rs, xm, sm, um, ss, bs, os, N, K, gs, first);
     } else {
@@ -1235,10 +1333,19 @@ void quant_many_rows(const float* x, const uint8_t* w, const float* scales, cons
   }
 }
 
+#ifdef EXO_INT16_ACTIVATIONS
+// int16_quant_matmul in lane order where this CPU's kernels have it (LG > 0: instantiated only then)
+template <int LG>
+void lane_quant_matmul(const float* x, const uint8_t* w, const float* scales, const float* biases, float* out, int M,
+                       int N, int K) {
+  if constexpr (LG > 0) int16_quant_matmul<4, 64, XOrder::Lanes>(x, w, scales, biases, out, M, N, K, 64);
+}
+#endif
+
 class QuantMatmul : public mx::Primitive {
  public:
-  QuantMatmul(mx::Stream stream, int group_size, int bits)
-      : mx::Primitive(stream), group_size_(group_size), bits_(bits) {}
+  QuantMatmul(mx::Stream stream, int group_size, int bits, bool lanes)
+      : mx::Primitive(stream), group_size_(group_size), bits_(bits), lanes_(lanes) {}
 
   void eval_cpu(const std::vector<mx::array>& inputs, std::vector<mx::array>& outputs) override {
     const mx::array &x = inputs[0], &w = inputs[1], &scales = inputs[2], &biases = inputs[3];
@@ -1249,13 +1356,17 @@ class QuantMatmul : public mx::Primitive {
     encoder.set_output_array(out);
     const int N = int(w.shape(0)), K = int(x.shape(-1)), M = int(x.size() / K), gs = group_size_, bits = bits_;
     encoder.dispatch([x0 = x.data<float>(), layout = Layout(x), wp = w.data<uint8_t>(), sp = scales.data<float>(),
-                      bp = biases.data<float>(), op = out.data<float>(), M, N, K, gs, bits]() {
+                      bp = biases.data<float>(), op = out.data<float>(), M, N, K, gs, bits, lanes = lanes_]() {
       std::vector<float> copy;
       const float* xp = layout.rows(x0, int64_t(M) * K, copy);
 #ifdef EXO_INT16_ACTIVATIONS
+      if (lanes) {  // checked by quant_matmul: 4 bits, groups of 64, a multiple of LANE_GROUPS of them
+        lane_quant_matmul<LANE_GROUPS>(xp, wp, sp, bp, op, M, N, K);
+        return;
+      }
       if (gs % 64 == 0 && gs <= MAX_INT16_GROUP) {
         if (gs == 64 && bits == 4 && (K / gs) % 2 == 0) {  // the q4 format: two groups at a time
-          int16_quant_matmul<4, 64, true>(xp, wp, sp, bp, op, M, N, K, gs);
+          int16_quant_matmul<4, 64, XOrder::Paired>(xp, wp, sp, bp, op, M, N, K, gs);
         } else if (gs == 64) {  // the q8 format's groups (or an odd number of 4-bit ones), one step each
           bits == 8 ? int16_quant_matmul<8, 64>(xp, wp, sp, bp, op, M, N, K, gs)
                     : int16_quant_matmul<4, 64>(xp, wp, sp, bp, op, M, N, K, gs);
@@ -1285,7 +1396,7 @@ class QuantMatmul : public mx::Primitive {
 
   bool is_equivalent(const mx::Primitive& other) const override {
     const auto& o = static_cast<const QuantMatmul&>(other);
-    return group_size_ == o.group_size_ && bits_ == o.bits_;
+    return group_size_ == o.group_size_ && bits_ == o.bits_ && lanes_ == o.lanes_;
   }
 
   std::vector<mx::Shape> output_shapes(const std::vector<mx::array>& inputs) override {
@@ -1296,10 +1407,11 @@ class QuantMatmul : public mx::Primitive {
 
  private:
   int group_size_, bits_;
+  bool lanes_;
 };
 
 mx::array quant_matmul(const mx::array& x, const mx::array& w, const mx::array& scales, const mx::array& biases,
-                       int group_size, int bits) {
+                       int group_size, int bits, bool lanes) {
   if (bits != 8 && bits != 4) throw std::invalid_argument("quant_matmul: bits must be 8 or 4");
   if (group_size <= 0 || group_size % 8) throw std::invalid_argument("quant_matmul: group_size must be a multiple of 8");
   if (x.dtype() != mx::float32 || scales.dtype() != mx::float32 || biases.dtype() != mx::float32)
@@ -1312,12 +1424,15 @@ mx::array quant_matmul(const mx::array& x, const mx::array& w, const mx::array& 
   const mx::Shape groups = {N, K / group_size};
   if (scales.shape() != groups || biases.shape() != groups)
     throw std::invalid_argument("quant_matmul: scales and biases must be [N, K / group_size]");
+  if (lanes && !(LANE_GROUPS > 0 && bits == 4 && group_size == 64 && (K / 64) % LANE_GROUPS == 0))
+    throw std::invalid_argument("quant_matmul: lane order needs this CPU's lane kernel (lane_groups() > 0), 4 bits, "
+                                "groups of 64 and a multiple of lane_groups() groups a row");
   mx::Stream s = mx::to_stream(std::monostate{}, mx::Device::cpu);
   std::vector<mx::array> in = {x};  // read through its layout (Layout)
   for (const auto* a : {&w, &scales, &biases}) in.push_back(row_major(*a, s));
   mx::Shape shape = x.shape();
   shape.back() = N;
-  return mx::array(shape, mx::float32, std::make_shared<QuantMatmul>(s, group_size, bits), std::move(in));
+  return mx::array(shape, mx::float32, std::make_shared<QuantMatmul>(s, group_size, bits, lanes), std::move(in));
 }
 
 }  // namespace
@@ -1327,8 +1442,12 @@ NB_MODULE(_weight_matmul, m) {
   m.def("weight_matmul", &weight_matmul, "x"_a, "w"_a,
         "x float32 [..., K] times w bfloat16/float16 [N, K] transposed: float32 [..., N].");
   m.def("quant_matmul", &quant_matmul, "x"_a, "w"_a, "scales"_a, "biases"_a, "group_size"_a, "bits"_a,
+        "lanes"_a = false,
         "x float32 [..., K] times MLX's affine-quantized w (uint32 [N, K * bits / 32], float32 scales and biases\n"
-        "[N, K / group_size]) transposed: float32 [..., N].");
+        "[N, K / group_size]) transposed: float32 [..., N]. lanes: w's rows are in lane order (each block of\n"
+        "lane_groups() groups holding word i of each group side by side, for i in 0..7).");
+  m.def("lane_groups", []() { return LANE_GROUPS; },
+        "Groups of 64 4-bit codes a block of the lane order holds (0: quant_matmul has no lane kernel here).");
   m.def("threads", []() { return omp_get_max_threads(); });
   m.def("integer_activations", []() { return INTEGER_ACTIVATIONS; },
         "Whether quant_matmul rounds x to 16-bit integers per group (groups of a multiple of 64; AVX-512 VNNI).");

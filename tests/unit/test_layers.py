@@ -262,7 +262,7 @@ def test_environment_variables_and_ports_are_read_only_through_defaults():
             if isinstance(node.value, int) and not isinstance(node.value, bool) and node.value in ports:
                 found.append(f"{rel}:{node.lineno} hard-codes port {node.value}")
     assert not found, "\n".join(found)
-    assert len(names) == 20 and all(n.startswith("EXO_LAB_") for n in names)
+    assert len(names) == 21 and all(n.startswith("EXO_LAB_") for n in names)
 
 
 def test_every_variable_has_an_accessor(monkeypatch):
