@@ -331,17 +331,23 @@ def llama_cpp_run(gguf_path: Path, fmt: str, pp: int, tg: int, vocab: int, threa
         verbose=False,
     )
     ids = prompt_tokens(pp, vocab)
+
+    def last_token() -> int:  # greedy on the last evaluated token's logits (llama.cpp's own buffer: later
+        # llama-cpp-python versions keep no ``scores`` without ``logits_all``, which would compute every row's)
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+        return int(np.argmax(logits))
+
     llm.eval(ids[:8])  # warm-up
     llm.reset()
     start = time.perf_counter()
     llm.eval(ids)
-    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    token = last_token()
     prefill_s = time.perf_counter() - start
     first = token
     start = time.perf_counter()
     for _ in range(tg):
         llm.eval([token])
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = last_token()
     decode_s = time.perf_counter() - start
     size = gguf_path.stat().st_size
     llm.close()
