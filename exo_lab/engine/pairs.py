@@ -11,7 +11,7 @@ bits afterwards.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import cast
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -22,7 +22,7 @@ from mlx.nn.layers.distributed import (
 )
 
 from exo_lab.engine.peer_link import SUMMABLE, PeerLink
-from exo_lab.models import halfmatmul
+from exo_lab.models import halfmatmul, qmatmul
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,9 @@ class PairReduced(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         m = self.inner
-        if isinstance(m, QuantizedShardedToAllLinear):
-            mode: dict[str, Any] = {"mode": m.mode} if hasattr(m, "mode") else {}
+        if isinstance(m, QuantizedShardedToAllLinear) and getattr(m, "mode", "affine") == "affine":
+            y = qmatmul.module_matmul(m, x)  # exo_lab's kernel where it computes, in the weight's order (lanes)
+        elif isinstance(m, QuantizedShardedToAllLinear):  # another quantization mode (mxfp4): MLX's kernel
             y = mx.quantized_matmul(
                 x,
                 m["weight"],
@@ -82,7 +83,7 @@ class PairReduced(nn.Module):
                 transpose=True,
                 group_size=m.group_size,
                 bits=m.bits,
-                **mode,
+                mode=m.mode,
             )
         elif m["weight"].dtype in halfmatmul.HALF:
             y = halfmatmul.matmul(x, m["weight"])

@@ -129,3 +129,22 @@ def test_q4_shard_in_lane_order_gives_the_greedy_tokens_of_mlx_order(tmp_path, m
     none, without = tokens()
     assert laid == 1 + 2 * 6 and none == 0  # the embedding, each layer's products but o (128 codes a row)
     assert with_lanes == without
+
+
+@needs_lanes
+def test_a_tensor_pairs_row_slice_computes_in_its_weights_order():
+    """A pair's row slice (``PairReduced``, a pipeline stage's tensor pair) multiplies through qmatmul, so a laid
+    out slice gives what the same slice in MLX's order gives."""
+    from exo_lab.engine.pairs import PairReduced
+
+    def reduced() -> PairReduced:
+        mx.random.seed(9)
+        inner = nn.QuantizedLinear.from_linear(nn.Linear(512, 64, bias=False), group_size=64, bits=4)
+        inner.scales, inner.biases = inner.scales.astype(mx.float32), inner.biases.astype(mx.float32)
+        inner.__class__ = qmatmul.CoreQuantizedShardedToAllLinear  # what quantize_sharded makes of a rank's slice
+        return PairReduced(inner, lambda y: y)  # type: ignore[arg-type]  (the exchange: this rank alone)
+
+    plain, laid = reduced(), reduced()
+    assert qmatmul.use_lanes(laid) == 1
+    x = mx.random.normal((2, 512), key=mx.random.key(10))
+    assert mx.allclose(laid(x), plain(x), rtol=1e-5, atol=1e-5).item()
