@@ -4,7 +4,9 @@ real ranks)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -17,7 +19,7 @@ import mlx.core as mx
 from exo_lab import defaults
 from exo_lab.engine.pipeline import prefill_chunks
 from exo_lab.engine.shard import ShardSpec, load_shard
-from exo_lab.models import synthetic
+from exo_lab.models import qmatmul, synthetic
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +30,7 @@ MAX_TOKENS = 10
 def one_process(path, fmt: str, prompt: list[int] = PROMPT) -> list[int]:
     """Greedy tokens of the whole model in ``fmt``, as the ranks compute them: the prompt but its last
     token, then one token at a time."""
-    layers = synthetic.PRESETS["tiny"].config["num_hidden_layers"]
+    layers = json.loads((Path(path) / "config.json").read_text())["num_hidden_layers"]
     shard, _ = load_shard(path, ShardSpec(0, layers, layers, fmt))
     cache = shard.make_cache()
     mx.eval(shard(mx.array(prompt[:-1])[None], cache))
@@ -116,5 +118,27 @@ def test_tensor_ranks_in_q4_hold_quantized_slices_and_give_one_process_tokens(tm
             plans = cluster.preview(path, context=1024, prompt_tokens=64)
             plan = next(p for p in plans if p.strategy == "tensor" and p.num_nodes == 2)
             assert launched_tokens(cluster, path, in_format(plan, fmt) if fmt else plan) == want, path
+    finally:
+        cluster.close()
+
+
+@pytest.mark.skipif(qmatmul.lane_groups() == 0, reason="no lane kernel on this CPU (AVX2 only)")
+def test_q4_in_lane_order_splits_give_one_process_tokens(tmp_path, monkeypatch):
+    """A model whose rows come in blocks of 8 groups (hidden 512; a tied head): every rank lays its q4 rows out
+    in lane order (exo_lab.models.qmatmul.use_lanes) at load, its slices of a tensor split and of the vocabulary
+    too, and pipeline-2 and tensor-2 generate the tokens one process in q4 generates."""
+    base = synthetic.PRESETS["qwen3-tiny"]
+    config = {**base.config, "hidden_size": 512, "intermediate_size": 1024, "num_attention_heads": 16}
+    monkeypatch.setitem(synthetic.PRESETS, "lanes-tiny", replace(base, config=config, description="hidden 512"))
+    model = synthetic.create(tmp_path / "lanes-tiny", "lanes-tiny", dtype="float32")
+    shard, _ = load_shard(model, ShardSpec(0, 4, 4, "q4"))
+    assert sum(1 for _, m in shard.named_modules() if getattr(m, "lanes", False)) == 1 + 4 * 7
+    want = one_process(model, "q4")
+    cluster = exo_lab.local_cluster(2)
+    try:
+        plans = cluster.preview(model, context=1024, prompt_tokens=64)
+        for strategy in ("pipeline", "tensor"):
+            plan = next(p for p in plans if p.strategy == strategy and p.num_nodes == 2)
+            assert launched_tokens(cluster, model, in_format(plan, "q4")) == want, strategy
     finally:
         cluster.close()
