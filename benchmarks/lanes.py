@@ -2,6 +2,7 @@
 """q4 rows in lane order against MLX's order: decode and prompt tok/s of one model, one process, side by side.
 
 Run: .venv/bin/python benchmarks/lanes.py [--preset llama-1b] [--pp 256] [--tg 64] [--rounds 3] [--json OUT]
+     .venv/bin/python benchmarks/lanes.py --served [--streams 1,2,4] [--strategies single] [--tokens 64]
 
 One synthetic model (fp32 on disk, shared with ``weight_formats.py``) is loaded in q4 the way a shard worker
 loads it (``load_shard``) with ``EXO_LAB_LANES=0`` (the baseline: the codes in MLX's order, each group of a row
@@ -11,6 +12,11 @@ kernel scales 8 groups' exact integer sums at once). Each round loads and times 
 first: a ``--pp``-token prompt in one call, then ``--tg`` greedy tokens as the one-process instance decodes
 (``weight_formats.mlx_run``: a step ahead where it would, else in lock step). Both must give the same first
 token. Prints the medians and lanes / baseline.
+
+``--served``: two local clusters of two nodes on loopback instead (``env_ab.py``), one whose agents (and so
+workers) run with ``EXO_LAB_LANES=0``; the same plan (``--strategies``) launched on both in q4, greedy decode tok/s
+of one stream and the aggregate of N concurrent streams (``--streams``: 2-4 streams decode 2-4 rows of x a pass),
+rounds alternating which goes first.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from exo_lab.models import qmatmul
 from exo_lab.paths import models_dir
 
 sys.path.insert(0, str(Path(__file__).parent))
+from env_ab import compare, print_rows
 from weight_formats import ensure_model, mlx_run
 
 #: the two sides: their name and the value of EXO_LAB_LANES (None: unset, the default)
@@ -57,10 +64,29 @@ def main() -> int:
     ap.add_argument("--tg", type=int, default=64, help="greedy tokens decoded")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", help="write the runs here")
+    ap.add_argument("--served", action="store_true", help="served decode on two local clusters instead")
+    ap.add_argument("--streams", default="1,2,4", help="--served: comma-separated concurrent stream counts")
+    ap.add_argument("--strategies", default="single", help="--served: comma-separated: single, tensor, pipeline")
+    ap.add_argument("--tokens", type=int, default=64, help="--served: tokens per stream")
     args = ap.parse_args()
     if qmatmul.lane_groups() == 0:
         print("no lane kernel here (exo_lab's AVX2 kernel only; or EXO_LAB_LANES=0): nothing to compare")
         return 1
+    if args.served:
+        rows = compare(
+            defaults.LANES,
+            dict(SIDES),
+            models=[args.preset],
+            strategies=args.strategies.split(","),
+            streams=[int(n) for n in args.streams.split(",")],
+            tokens=args.tokens,
+            rounds=args.rounds,
+            dtype="q4",
+        )
+        print_rows(rows, SIDES[0][0], SIDES[1][0])
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
+        return 0
     path = ensure_model(models_dir() / "bench", args.preset)
     config = json.loads((path / "config.json").read_text())
     runs: dict[str, list[dict[str, float]]] = {name: [] for name, _ in SIDES}
