@@ -20,7 +20,8 @@ on the CPU:
 
 Where that kernel is AVX2's, :func:`use_lanes` lays q4 rows out at load in lane order (:func:`to_lanes`: each
 block of 8 groups holds a group a 32-bit lane), so a block's 8 exact integer sums are scaled in one conversion
-and one fma: a llama-1b q4 step 1.02-1.05x, its prompts 1.25x on this project's 2-core host.
+and one fma: llama-1b q4 decode 1.09x (served, 2 streams: 1.22x), its prompts 1.24x on this project's 2-core host
+(``benchmarks/lanes.py``).
 
 :class:`CoreQuantizedLinear` and :class:`CoreQuantizedEmbedding` are ``nn.QuantizedLinear`` and
 ``nn.QuantizedEmbedding`` that compute this way, the ``CoreQuantized*Sharded*`` classes MLX's tensor-sharded
